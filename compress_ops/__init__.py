@@ -1,0 +1,31 @@
+"""compress_ops: Triton kernels for compressed neural networks as PyTorch custom ops.
+
+    import compress_ops as co
+    co.compress_(model, co.Sparse24Config())
+    print(co.report(model))
+"""
+
+from compress_ops import nn, ops  # noqa: F401  (ops registers torch.ops.compress_ops.*)
+from compress_ops.api import (
+    Recipe,
+    Report,
+    ReportRow,
+    Sparse24Config,
+    UnsupportedModule,
+    compress_,
+    report,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Recipe",
+    "Report",
+    "ReportRow",
+    "Sparse24Config",
+    "UnsupportedModule",
+    "compress_",
+    "report",
+    "nn",
+    "ops",
+]

@@ -1,0 +1,207 @@
+"""Configs, ``compress_()``, ``Recipe`` and ``report()``.
+
+Data flows one way: config -> transform (``_TRANSFORMS``) -> module -> op -> kernel.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from compress_ops.nn.base import CompressedLinear
+from compress_ops.nn.sparse24 import Sparse24Linear
+
+__all__ = [
+    "Sparse24Config",
+    "Recipe",
+    "compress_",
+    "report",
+    "Report",
+    "ReportRow",
+    "UnsupportedModule",
+]
+
+SKIPPED_ATTR = "_compress_ops_skipped"
+
+
+class UnsupportedModule(Exception):
+    """Raised by a transform for a module it leaves dense; the message says why."""
+
+
+@dataclass(frozen=True)
+class Sparse24Config:
+    """2:4 structured sparsity for ``nn.Linear`` (along ``in_features``).
+
+    ``prune=True`` keeps the two largest-magnitude weights of every group of four; with
+    ``prune=False`` the weights must already be 2:4 (``ValueError`` otherwise).
+    """
+
+    prune: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prune, bool):
+            raise TypeError(f"prune must be a bool, got {type(self.prune).__name__}")
+
+
+def _sparse24_transform(module: nn.Module, config: Sparse24Config) -> nn.Module:
+    if type(module) is not nn.Linear:
+        raise UnsupportedModule(f"{type(module).__name__} is not a plain nn.Linear")
+    return Sparse24Linear.from_dense(module, config)
+
+
+# config type -> (module types it looks at, transform)
+_TRANSFORMS: dict[type, tuple[tuple[type, ...], Callable[[nn.Module, object], nn.Module]]] = {
+    Sparse24Config: ((nn.Linear,), _sparse24_transform),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Per-layer configs: ``{regex: config or None}``, matched against module names.
+
+    The first rule whose pattern ``re.fullmatch``-es a module's qualified name decides; ``None``
+    keeps that module dense. Modules that match no rule are left alone.
+    """
+
+    rules: dict[str, object]
+    _compiled: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rules, dict):
+            raise TypeError("Recipe takes a dict {regex: config or None}")
+        compiled = []
+        for pattern, cfg in self.rules.items():
+            try:
+                rx = re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"bad Recipe pattern {pattern!r}: {exc}") from exc
+            if cfg is not None and type(cfg) not in _TRANSFORMS:
+                raise TypeError(f"Recipe rule {pattern!r}: unknown config {cfg!r}")
+            compiled.append((rx, cfg))
+        object.__setattr__(self, "_compiled", tuple(compiled))
+
+    def config_for(self, name: str) -> tuple[bool, object]:
+        """``(matched, config)`` for a module name."""
+        for rx, cfg in self._compiled:
+            if rx.fullmatch(name):
+                return True, cfg
+        return False, None
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def compress_(
+    model: nn.Module,
+    config: object,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> nn.Module:
+    """Replace the modules of ``model`` that ``config`` handles, in place; return the model.
+
+    ``config`` is one config (applied to every module of the types it handles) or a
+    :class:`Recipe`. ``filter_fn(module, name)`` returning False keeps a module dense. A module
+    the transform cannot handle is left dense and listed by :func:`report` with the reason.
+    If ``model`` itself is replaced (a bare ``nn.Linear``), the new module is returned.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, Recipe) and type(config) not in _TRANSFORMS:
+        raise TypeError(f"unknown config {config!r}; expected one of "
+                        f"{[t.__name__ for t in _TRANSFORMS]} or a Recipe")
+    skipped: dict[str, str] = dict(getattr(model, SKIPPED_ATTR, {}))
+    replaced_root: nn.Module | None = None
+    for name, module in list(model.named_modules()):
+        if isinstance(module, CompressedLinear):
+            continue
+        if isinstance(config, Recipe):
+            matched, cfg = config.config_for(name)
+            if not matched:
+                continue
+            if cfg is None:
+                if isinstance(module, nn.Linear):
+                    skipped[name] = "kept dense by recipe"
+                continue
+        else:
+            cfg = config
+        targets, transform = _TRANSFORMS[type(cfg)]
+        if not isinstance(module, targets):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            skipped[name] = "excluded by filter_fn"
+            continue
+        try:
+            new = transform(module, cfg)
+        except UnsupportedModule as exc:
+            skipped[name] = str(exc)
+            continue
+        skipped.pop(name, None)
+        if name:
+            _set_submodule(model, name, new)
+        else:
+            replaced_root = new
+    result = replaced_root if replaced_root is not None else model
+    object.__setattr__(result, SKIPPED_ATTR, skipped)
+    return result
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    name: str
+    kind: str
+    dense_bytes: int
+    stored_bytes: int
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.stored_bytes / self.dense_bytes if self.dense_bytes else 1.0
+
+
+class Report(list):
+    """Rows of :func:`report`; ``str()`` renders a table with a total line."""
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(r.dense_bytes for r in self)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(r.stored_bytes for r in self)
+
+    def __str__(self) -> str:
+        head = ("layer", "kind", "dense B", "stored B", "ratio", "note")
+        rows = [(r.name or "<root>", r.kind, str(r.dense_bytes), str(r.stored_bytes),
+                 f"{r.ratio:.4f}", r.note) for r in self]
+        total = self.stored_bytes / self.dense_bytes if self.dense_bytes else 1.0
+        rows.append(("TOTAL", "", str(self.dense_bytes), str(self.stored_bytes),
+                     f"{total:.4f}", ""))
+        widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*row) for row in rows]
+        return "\n".join(line.rstrip() for line in lines)
+
+
+def report(model: nn.Module) -> Report:
+    """Per weight-bearing layer: name, kind, dense bytes, stored bytes (weights only), ratio.
+
+    Compressed modules report their stored buffers; dense ``nn.Linear`` layers report
+    ``kind="dense"`` with the reason ``compress_`` left them dense, if it tried.
+    """
+    skipped = getattr(model, SKIPPED_ATTR, {})
+    rows = Report()
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedLinear):
+            rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
+                                  module.stored_weight_bytes()))
+        elif isinstance(module, nn.Linear):
+            nbytes = module.weight.numel() * module.weight.element_size()
+            rows.append(ReportRow(name, "dense", nbytes, nbytes, skipped.get(name, "")))
+    return rows

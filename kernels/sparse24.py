@@ -1,0 +1,654 @@
+"""2:4 structured sparsity: packing format and Triton matmul kernels.
+
+Format
+------
+A weight ``W[N, K]`` is 2:4 sparse along K when every group of four consecutive weights of a row,
+``W[n, 4g : 4g + 4]``, holds at most two nonzeros. It is stored as
+
+* ``values[N, Kp / 2]`` (the weight's dtype): the two kept weights of group ``g`` at
+  ``values[n, 2g]`` and ``values[n, 2g + 1]``, in increasing position order. A group with fewer
+  than two nonzeros stores zeros at unused positions, so every group holds exactly two entries.
+* ``meta[N, Kp / 32]`` (int32): the in-group position (0..3) of every stored value, two bits
+  each. The position of ``values[n, j]`` is ``(meta[n, j // 16] >> (2 * (j % 16))) & 3``: one
+  32-bit word covers 16 values = 8 groups = 32 dense columns; within a word, bits ``[4i, 4i + 4)``
+  describe group ``i`` (low two bits: first value, high two bits: second value). Positions of the
+  two values of a group are distinct and increasing.
+
+``Kp`` is K rounded up to a multiple of :data:`K_ALIGN` (32, one metadata word). ``pack_sparse24``
+pads with zeros, so the padding is invisible: kernels mask activations at ``k >= K``. Stored
+bytes per weight: ``esize / 2 + 1 / 8`` (fp16: 1.125 B, i.e. 0.5625x of dense).
+
+Kernels
+-------
+``y[M, N] = x[M, K] @ W^T (+ bias)`` reading only ``values`` and ``meta``:
+
+* :func:`_sparse24_gemv_kernel` (small M, memory-bound): never builds a dense tile. Each kept
+  weight ``values[n, j]`` is multiplied by its own activation ``x[m, 4 * (j // 2) + pos]``,
+  gathered from the (L1/L2-resident) activation rows; fp32 accumulate, one program per
+  ``BLOCK_N`` output features.
+* :func:`_sparse24_matmul_kernel` (large M, compute-bound): tiled GEMM with grouped program order
+  (L2 reuse of the weight tiles across M), software pipelining (``num_stages``), optional split-K
+  for skinny M. Each ``[BLOCK_K, BLOCK_N]`` weight tile is decompressed in registers from its
+  compact ``values``/``meta`` tiles and fed to ``tl.dot`` (tensor cores).
+
+Roofline for one call (M, N, K), activations of ``e`` bytes:
+FLOPs (dense-equivalent) ``2 M N K``; useful FLOPs ``M N K``; minimum bytes
+``N K (e / 2 + 1 / 8) + M K e + M N e (+ N e bias)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+K_ALIGN = 32  # dense columns per metadata word; pack pads K up to a multiple of this
+_VALUES_PER_WORD = 16
+
+__all__ = [
+    "K_ALIGN",
+    "mask_2to4",
+    "prune_2to4",
+    "is_2to4",
+    "pack_sparse24",
+    "unpack_sparse24",
+    "value_columns",
+    "sparse24_matmul",
+    "sparse24_bytes",
+    "KernelConfig",
+    "select_config",
+    "get_autotune_configs",
+    "audit_specs",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Format
+# ---------------------------------------------------------------------------------------------
+
+
+def _padded_k(k: int) -> int:
+    return -(-k // K_ALIGN) * K_ALIGN
+
+
+def _check_weight(w: torch.Tensor, name: str = "w") -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [N, K], got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {w.dtype}")
+
+
+def _grouped(w: torch.Tensor) -> torch.Tensor:
+    """``w[N, K]`` zero-padded to ``[N, Kp / 4, 4]``."""
+    n, k = w.shape
+    kp = _padded_k(k)
+    if kp != k:
+        w = torch.nn.functional.pad(w, (0, kp - k))
+    return w.reshape(n, kp // 4, 4)
+
+
+def mask_2to4(w: torch.Tensor) -> torch.Tensor:
+    """Boolean mask keeping the two largest ``|w|`` of every group of four along K.
+
+    Ties are broken towards the lower index (stable sort), so the mask is deterministic.
+    Raises ``ValueError`` on NaN/Inf weights (their magnitude has no order).
+    """
+    _check_weight(w)
+    if not torch.isfinite(w).all():
+        raise ValueError("w contains NaN or Inf; 2:4 magnitude pruning needs finite weights")
+    n, k = w.shape
+    g = _grouped(w.detach()).abs()
+    order = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., :2]
+    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order, True)
+    return mask.reshape(n, -1)[:, :k]
+
+
+def prune_2to4(w: torch.Tensor) -> torch.Tensor:
+    """``w`` with all but the two largest ``|w|`` of every group of four set to zero."""
+    return w * mask_2to4(w)
+
+
+def is_2to4(w: torch.Tensor) -> bool:
+    """True when every group of four consecutive weights of a row has at most two nonzeros."""
+    _check_weight(w)
+    return bool(((_grouped(w) != 0).sum(-1) <= 2).all())
+
+
+def pack_sparse24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress a 2:4-sparse ``w[N, K]`` into ``(values[N, Kp/2], meta[N, Kp/32] int32)``.
+
+    ``w`` must already be 2:4 (use :func:`prune_2to4` first); otherwise ``ValueError`` names the
+    first offending row and group. The layout is in the module docstring.
+    """
+    _check_weight(w)
+    n, k = w.shape
+    g = _grouped(w)
+    nnz = (g != 0).sum(-1)
+    bad = (nnz > 2).nonzero()
+    if bad.numel():
+        r, c = bad[0].tolist()
+        raise ValueError(
+            f"w is not 2:4 sparse: row {r}, columns {4 * c}..{4 * c + 3} hold {int(nnz[r, c])} "
+            "nonzeros (at most 2 allowed); prune it first (prune_2to4) or set prune=True"
+        )
+    # Positions of the nonzeros first (in increasing order), then zero positions as filler.
+    pos = torch.sort((g == 0).to(torch.int8), dim=-1, stable=True).indices[..., :2]
+    pos = torch.sort(pos, dim=-1).values  # [N, G, 2], distinct, increasing
+    values = torch.gather(g, -1, pos).reshape(n, -1).contiguous()
+    fields = pos.reshape(n, -1, _VALUES_PER_WORD).to(torch.int64)
+    shifts = 2 * torch.arange(_VALUES_PER_WORD, device=w.device, dtype=torch.int64)
+    words = (fields << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as int32
+    return values, words.to(torch.int32).contiguous()
+
+
+def _positions(meta: torch.Tensor) -> torch.Tensor:
+    """In-group position of every stored value: ``[N, Kp / 2]`` int64 in 0..3."""
+    shifts = 2 * torch.arange(_VALUES_PER_WORD, device=meta.device, dtype=torch.int32)
+    return ((meta.unsqueeze(-1) >> shifts) & 3).reshape(meta.shape[0], -1).to(torch.int64)
+
+
+def value_columns(meta: torch.Tensor) -> torch.Tensor:
+    """Dense column of every stored value: ``[N, Kp / 2]`` int64, ``4 * (j // 2) + position``."""
+    pos = _positions(meta)
+    j = torch.arange(pos.shape[1], device=meta.device, dtype=torch.int64)
+    return pos + 4 * (j // 2)
+
+
+def unpack_sparse24(
+    values: torch.Tensor, meta: torch.Tensor, k: int | None = None
+) -> torch.Tensor:
+    """Dense ``W[N, K]`` from its compressed form (``K = Kp`` when ``k`` is None).
+
+    Pure torch ops (scatter), so it traces under ``torch.compile`` and runs on any device.
+    """
+    check_compressed(values, meta)
+    n, half = values.shape
+    kp = 2 * half
+    if k is None:
+        k = kp
+    if not 0 <= kp - k < K_ALIGN:
+        raise ValueError(f"k={k} does not match values of padded width {kp}")
+    pos = _positions(meta).reshape(n, kp // 4, 2)
+    dense = values.new_zeros(n, kp // 4, 4)
+    dense.scatter_(-1, pos, values.reshape(n, kp // 4, 2))
+    return dense.reshape(n, kp)[:, :k]
+
+
+def check_compressed(values: torch.Tensor, meta: torch.Tensor) -> None:
+    """Validate a ``(values, meta)`` pair: shapes, dtypes and devices, with named errors."""
+    if not isinstance(values, torch.Tensor) or not isinstance(meta, torch.Tensor):
+        raise TypeError("values and meta must be torch.Tensors")
+    if values.dim() != 2 or not values.is_floating_point():
+        raise TypeError(
+            f"values must be a 2-D floating tensor [N, Kp/2], got {values.dtype} "
+            f"shape {tuple(values.shape)}"
+        )
+    if meta.dtype != torch.int32 or meta.dim() != 2:
+        raise TypeError(
+            f"meta must be a 2-D int32 tensor [N, Kp/32], got {meta.dtype} shape "
+            f"{tuple(meta.shape)}"
+        )
+    n, half = values.shape
+    if half % (K_ALIGN // 2) != 0:
+        raise ValueError(
+            f"values must have Kp/2 columns with Kp a multiple of {K_ALIGN}, got {half}"
+        )
+    if tuple(meta.shape) != (n, 2 * half // K_ALIGN):
+        raise ValueError(
+            f"meta shape {tuple(meta.shape)} does not match values {tuple(values.shape)}: "
+            f"expected ({n}, {2 * half // K_ALIGN})"
+        )
+    if meta.device != values.device:
+        raise ValueError(f"values on {values.device} but meta on {meta.device}")
+
+
+def sparse24_bytes(n: int, k: int, dtype: torch.dtype) -> int:
+    """Stored bytes of a packed ``[N, K]`` weight (values + metadata, padding included)."""
+    kp = _padded_k(k)
+    esize = torch.empty((), dtype=dtype).element_size()
+    return n * (kp // 2) * esize + n * (kp // K_ALIGN) * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sparse24_gemv_kernel(
+    # pointers
+    x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
+    # sizes
+    M, N, K, KP_HALF,
+    # strides
+    stride_xm, stride_vn, stride_mn, stride_ym,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+):
+    """Small-M path: y[M, N] = x[M, K] @ W^T (+ bias), W 2:4 compressed.
+
+    Grid: (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)). Each program walks the whole K for BLOCK_N
+    output features and BLOCK_M rows. BLOCK_KH stored values (2 * BLOCK_KH dense columns) per
+    step; each stored value multiplies its own gathered activation, so no dense tile exists.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    rows_n = offs_n.to(tl.int64)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None, None] * stride_xm  # [BM, 1, 1]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, KP_HALF, BLOCK_KH):
+        offs_j = j0 + tl.arange(0, BLOCK_KH)  # stored-value index along the row
+        j_mask = offs_j < KP_HALF
+        vn_mask = n_mask[:, None] & j_mask[None, :]
+        v = tl.load(values_ptr + rows_n[:, None] * stride_vn + offs_j[None, :],
+                    mask=vn_mask, other=0.0)
+        word = tl.load(meta_ptr + rows_n[:, None] * stride_mn + (offs_j // 16)[None, :],
+                       mask=vn_mask, other=0)
+        pos = (word >> ((offs_j % 16) * 2)[None, :]) & 3
+        col = (offs_j // 2 * 4)[None, :] + pos  # dense column of each stored value [BN, BKH]
+        xg = tl.load(x_rows + col[None, :, :],
+                     mask=m_mask[:, None, None] & (vn_mask & (col < K))[None, :, :],
+                     other=0.0)  # [BM, BN, BKH]
+        acc += tl.sum(xg.to(tl.float32) * v.to(tl.float32)[None, :, :], axis=2)
+
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+        acc += b.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, g0,
+                     stride_vn, stride_mn, KP_HALF,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dense ``[BLOCK_N, BLOCK_K]`` tile of W starting at group ``g0`` (dense column 4 * g0).
+
+    Loads the compact tiles (values ``[BLOCK_N, BLOCK_K / 2]`` contiguous along K, one int32
+    metadata word per 8 groups) and expands them with joins, which keep the four positions of a
+    group inside one thread: no shared-memory round trip, no gathers.
+    """
+    G: tl.constexpr = BLOCK_K // 4
+    offs_g = g0 + tl.arange(0, G)
+    g_mask = n_mask[:, None] & (offs_g < KP_HALF // 2)[None, :]
+    vbase = values_ptr + rows_n[:, None] * stride_vn + 2 * offs_g[None, :]
+    v0 = tl.load(vbase, mask=g_mask, other=0.0)  # first kept value of each group
+    v1 = tl.load(vbase + 1, mask=g_mask, other=0.0)  # second kept value
+    word = tl.load(meta_ptr + rows_n[:, None] * stride_mn + (offs_g // 8)[None, :],
+                   mask=g_mask, other=0)
+    nib = word >> ((offs_g % 8) * 4)[None, :]
+    p0 = nib & 3
+    p1 = (nib >> 2) & 3
+    zero = tl.zeros_like(v0)
+    w0 = tl.where(p0 == 0, v0, zero)
+    w1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+    w2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+    w3 = tl.where(p1 == 3, v1, zero)
+    # join(join(w0, w2), join(w1, w3))[n, g, i, t] = w_{2i + t}
+    w = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _sparse24_matmul_kernel(
+    # pointers
+    x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
+    # sizes
+    M, N, K, KP_HALF,
+    # strides
+    stride_xm, stride_vn, stride_mn, stride_ym,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr = False,
+):
+    """Tiled GEMM path: y[M, N] = x[M, K] @ W^T (+ bias), W 2:4 compressed.
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K). Programs are ordered in groups of
+    GROUP_M row-tiles so consecutive programs share weight tiles in L2. With SPLIT_K > 1 each
+    program reduces a K slice and adds its fp32 partial sum into ``y`` (fp32, zeroed) atomically.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows_n = offs_n.to(tl.int64)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+
+    # K range of this split, in whole BLOCK_K tiles.
+    k_tiles = tl.cdiv(2 * KP_HALF, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_begin = pid_k * tiles_per_split
+    t_end = min(t_begin + tiles_per_split, k_tiles)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(t_begin, t_end):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
+                    other=0.0)
+        w = _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, t * (BLOCK_K // 4),
+                             stride_vn, stride_mn, KP_HALF, BLOCK_N, BLOCK_K)
+        if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
+            acc = tl.dot(a.to(tl.float32), tl.trans(w).to(tl.float32), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        if pid_k == 0:
+            b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+            acc += b.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: tuned defaults (JSON per GPU name), optional autotuning, audit specs
+# ---------------------------------------------------------------------------------------------
+
+_CONFIG_FILE = Path(__file__).parent / "configs" / "sparse24.json"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of one path. ``block_k`` counts dense columns for both paths."""
+
+    path: str  # "gemv" or "gemm"
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+    split_k: int = 1
+
+    def __post_init__(self) -> None:
+        if self.path not in ("gemv", "gemm"):
+            raise ValueError(f"path must be 'gemv' or 'gemm', got {self.path!r}")
+        for name in ("block_m", "block_n", "block_k", "num_warps", "group_m", "split_k"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two, got {v}")
+        if self.block_k < K_ALIGN:
+            raise ValueError(f"block_k must be >= {K_ALIGN}, got {self.block_k}")
+        if self.path == "gemm" and self.block_m < 16:
+            raise ValueError("gemm path needs block_m >= 16 (tl.dot)")
+
+    @property
+    def name(self) -> str:
+        s = (f"{self.path}_m{self.block_m}n{self.block_n}k{self.block_k}"
+             f"w{self.num_warps}s{self.num_stages}")
+        return s + (f"sk{self.split_k}" if self.split_k > 1 else "")
+
+
+def m_bucket(m: int) -> int:
+    """Next power of two of M (>= 1): the key for configs and autotuning."""
+    return 1 if m <= 1 else 1 << (m - 1).bit_length()
+
+
+@functools.cache
+def _load_defaults() -> dict:
+    return json.loads(_CONFIG_FILE.read_text())
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "interpreter"
+
+
+def select_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
+    """Tuned default for this shape: the GPU's own table if shipped, else ``default``.
+
+    Tables map an M bucket (power of two, or ``"max"``) to a config; the path switches to the
+    GEMV kernel at ``m <= gemv_max_m``. Split-K is raised when the M x N tile grid would leave
+    the GPU's multiprocessors idle (skinny problems).
+    """
+    tables = _load_defaults()
+    table = tables.get(_device_name(device), tables["default"])
+    bucket = m_bucket(m)
+    if m <= table["gemv_max_m"]:
+        cfg = KernelConfig(path="gemv", **table["gemv"][str(min(bucket, table["gemv_max_m"]))])
+    else:
+        keys = sorted(int(b) for b in table["gemm"])
+        key = next((b for b in keys if b >= bucket), keys[-1])
+        cfg = KernelConfig(path="gemm", **table["gemm"][str(key)])
+    if cfg.path == "gemm" and cfg.split_k == 1 and device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        k_tiles = triton.cdiv(_padded_k(k), cfg.block_k)
+        split = 1
+        while tiles * split < sms and split * 2 <= min(16, k_tiles // 4):
+            split *= 2
+        if split > 1:
+            cfg = KernelConfig(**{**cfg.__dict__, "split_k": split})
+    return cfg
+
+
+def get_autotune_configs(m: int) -> list[KernelConfig]:
+    """Candidate configs for an M bucket (searched when ``COMPRESS_OPS_AUTOTUNE=1``)."""
+    bucket = m_bucket(m)
+    if bucket <= 4:
+        return [KernelConfig("gemv", bucket, bn, bk, 4, 1)
+                for bn in (8, 16, 32) for bk in (128, 256)]
+    out = []
+    if bucket <= 64:  # skinny: small tiles, split-K to fill the machine
+        for bm in ((16,) if bucket <= 16 else (32, 64)):
+            for bn, bk, w in ((64, 64, 4), (128, 64, 4), (128, 64, 8)):
+                for sk in (1, 2, 4, 8):
+                    out.append(KernelConfig("gemm", bm, bn, bk, w, 4, 8, sk))
+    else:  # tiles that the audit shows compile without spills on sm_80 and sm_90
+        for bm, bn, bk, w in ((64, 128, 64, 4), (64, 128, 64, 8), (64, 256, 64, 8),
+                              (128, 64, 64, 4), (128, 128, 64, 8)):
+            for s in (3, 4):
+                out.append(KernelConfig("gemm", bm, bn, bk, w, s, 8, 1))
+    return out
+
+
+_TUNED: dict[tuple, KernelConfig] = {}
+
+
+def _autotune(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+              bias: torch.Tensor | None) -> KernelConfig:
+    m, n, k = x2.shape[0], values.shape[0], x2.shape[1]
+    key = (m_bucket(m), n, k, x2.dtype, bias is not None, _device_name(x2.device))
+    if key not in _TUNED:
+        timings = []
+        for cfg in get_autotune_configs(m):
+            try:
+                ms = triton.testing.do_bench(
+                    lambda cfg=cfg: _launch(x2, values, meta, bias, cfg), warmup=5, rep=20)
+            except Exception:  # a config that does not fit this GPU (shared memory) is skipped
+                continue
+            timings.append((ms, cfg))
+        _TUNED[key] = min(timings, key=lambda t: t[0])[1]
+    return _TUNED[key]
+
+
+_SIG_COMMON = {
+    "x_ptr": "*{dt}", "values_ptr": "*{dt}", "meta_ptr": "*i32", "bias_ptr": "*{dt}",
+    "y_ptr": "*{yt}", "M": "i32", "N": "i32", "K": "i32", "KP_HALF": "i32",
+    "stride_xm": "i32", "stride_vn": "i32", "stride_mn": "i32", "stride_ym": "i32",
+}
+_ALIGNED = ["x_ptr", "values_ptr", "meta_ptr", "bias_ptr", "y_ptr", "KP_HALF",
+            "stride_xm", "stride_vn", "stride_ym"]
+
+
+def audit_specs() -> list[dict]:
+    """Every (kernel, config, dtype) the static GPU audit compiles: defaults + autotune space."""
+    # SPLIT_K only changes the grid and the epilogue (store vs atomic add): every split > 1
+    # compiles to the same code as split 2, so configs are audited with split_k in {1, 2}.
+    cfgs: dict[str, tuple[KernelConfig, tuple[str, ...]]] = {}
+    for m in (1, 2, 4, 16, 64, 256):
+        for cfg in get_autotune_configs(m):
+            cfg = KernelConfig(**{**cfg.__dict__, "split_k": min(cfg.split_k, 2)})
+            cfgs[cfg.name] = (cfg, ("fp16",))
+    for table in _load_defaults().values():
+        for path in ("gemv", "gemm"):
+            for c in table[path].values():
+                cfg = KernelConfig(path, **{**c, "split_k": min(c.get("split_k", 1), 2)})
+                cfgs[cfg.name] = (cfg, ("fp16", "bf16"))
+    specs = []
+    for cfg, dtypes in cfgs.values():
+        for dt in dtypes:
+            yt = "fp32" if cfg.split_k > 1 else dt
+            sig = {k: v.format(dt=dt, yt=yt) for k, v in _SIG_COMMON.items()}
+            if cfg.path == "gemv":
+                fn = _sparse24_gemv_kernel
+                consts = {"HAS_BIAS": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                          "BLOCK_KH": cfg.block_k // 2}
+                expect = "-"
+            else:
+                fn = _sparse24_matmul_kernel
+                consts = {"HAS_BIAS": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                          "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
+                          "SPLIT_K": cfg.split_k, "DOT_PRECISION": "tf32",
+                          "UPCAST_DOT": False}
+                expect = "HGMMA" if cfg.block_m >= 64 else "HMMA"
+            sig.update({c: "constexpr" for c in consts})
+            specs.append({"kernel": fn.__name__, "config": f"{cfg.name}/{dt}", "fn": fn,
+                          "signature": sig, "constexprs": consts, "aligned": _ALIGNED,
+                          "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                          "expect_mma": expect})
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+
+_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_empty = torch.empty  # output allocator; tests swap in a NaN-filled one to catch unwritten tiles
+
+
+def check_inputs(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+    """Named ``TypeError``/``ValueError`` for every bad input of :func:`sparse24_matmul`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _ACT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    check_compressed(values, meta)
+    if values.dtype != x.dtype:
+        raise TypeError(f"values dtype {values.dtype} must match x dtype {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., K]")
+    kp = 2 * values.shape[1]
+    k = x.shape[-1]
+    if not kp - K_ALIGN < k <= kp:
+        raise ValueError(
+            f"x last dim (K={k}) does not match the packed weight: values hold Kp={kp} columns, "
+            f"so K must be in ({kp - K_ALIGN}, {kp}]"
+        )
+    if values.device != x.device:
+        raise ValueError(f"x on {x.device} but values/meta on {values.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (values.shape[0],):
+            raise ValueError(f"bias shape {tuple(bias.shape)} must be ({values.shape[0]},)")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"x on {x.device} but bias on {bias.device}")
+
+
+def _launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+            bias: torch.Tensor | None, cfg: KernelConfig) -> torch.Tensor:
+    m, k = x2.shape
+    n, kp_half = values.shape
+    if cfg.split_k > 1:  # fp32 workspace that the K slices add into
+        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
+    else:
+        y = _empty((m, n), device=x2.device, dtype=x2.dtype)
+    b = bias if bias is not None else values  # dummy pointer, never read
+    args = (x2, values, meta, b, y, m, n, k, kp_half,
+            x2.stride(0), values.stride(0), meta.stride(0), y.stride(0))
+    if cfg.path == "gemv":
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
+        _sparse24_gemv_kernel[grid](
+            *args, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_KH=cfg.block_k // 2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        if x2.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+            precision = "ieee"
+        else:
+            precision = "tf32"
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+        _sparse24_matmul_kernel[grid](
+            *args, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k,
+            DOT_PRECISION=precision,
+            UPCAST_DOT=x2.device.type == "cpu" and x2.dtype == torch.bfloat16,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y.to(x2.dtype) if cfg.split_k > 1 else y
+
+
+def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                    bias: torch.Tensor | None = None, *,
+                    config: KernelConfig | None = None) -> torch.Tensor:
+    """``y[..., N] = x[..., K] @ W^T (+ bias)`` with ``W`` given as ``pack_sparse24`` output.
+
+    Runs the Triton kernel on ``x``'s device (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
+    ``config`` overrides the tuned default (tests use it to force a path); with
+    ``COMPRESS_OPS_AUTOTUNE=1`` on CUDA the configs of :func:`get_autotune_configs` are timed
+    once per (M bucket, N, K, dtype) and the fastest is kept.
+
+    K is taken from ``x``: it must lie in ``(Kp - 32, Kp]``. The packed columns past the true K
+    are zero (``pack_sparse24`` pads with zeros), so a caller holding the true K (the module
+    does) must check ``x.shape[-1]`` against it.
+    """
+    check_inputs(x, values, meta, bias)
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = values.shape[0]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*lead, n)
+    x2 = x2.contiguous()
+    values = values.contiguous()
+    meta = meta.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    if config is None:
+        if x.device.type == "cuda" and os.environ.get("COMPRESS_OPS_AUTOTUNE") == "1":
+            config = _autotune(x2, values, meta, bias)
+        else:
+            config = select_config(m, n, k, x.device)
+    return _launch(x2, values, meta, bias, config).reshape(*lead, n)

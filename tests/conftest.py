@@ -1,0 +1,60 @@
+"""Test-suite setup: the Triton interpreter on machines without CUDA, hypothesis profiles.
+
+``TRITON_INTERPRET`` must be set before triton is first imported, so this runs before any
+project import.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+
+def _has_cuda() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return False
+    if shutil.which("nvidia-smi") is None:
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "gpu",
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """Where kernels run: CUDA when present, else the CPU under the Triton interpreter."""
+    return DEVICE
+
+
+@pytest.fixture
+def triton_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route CPU tensors of the ops through the Triton kernel (interpreter)."""
+    monkeypatch.setenv("COMPRESS_OPS_CPU_BACKEND", "triton")

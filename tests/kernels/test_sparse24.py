@@ -1,0 +1,253 @@
+"""kernels/sparse24.py: the 2:4 format and the Triton kernels against the float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from compress_ops.kernels import sparse24 as sp
+from compress_ops.reference import sparse24_linear_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) + 0.1).to(dtype)  # never all-zero, no exact zeros
+
+
+def _tol(dtype: torch.dtype, k: int) -> float:
+    """Relative (to ||ref||) tolerance from dtype and reduction length (DESIGN.md)."""
+    return {torch.float32: 1e-5 * math.sqrt(k), torch.float16: 2e-3,
+            torch.bfloat16: 1.6e-2}[dtype]
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def poison(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernel outputs start as NaN, so any element the kernel does not write fails."""
+
+    def nan_empty(*shape, **kw):
+        return torch.full(*shape, float("nan"), **kw)
+
+    monkeypatch.setattr(sp, "_empty", nan_empty)
+
+
+# --------------------------------------------------------------------------------------------
+# Format
+# --------------------------------------------------------------------------------------------
+
+
+@given(n=st.integers(1, 24), k=st.integers(1, 100), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**16))
+def test_mask_keeps_two_largest_of_every_group(n, k, dtype, seed):
+    w = _rand(n, k, dtype=dtype, seed=seed)
+    mask = sp.mask_2to4(w)
+    assert mask.shape == w.shape and mask.dtype == torch.bool
+    kp = -(-k // 4) * 4
+    m4 = torch.nn.functional.pad(mask, (0, kp - k)).reshape(n, -1, 4)
+    a4 = torch.nn.functional.pad(w.float().abs(), (0, kp - k), value=-1.0).reshape(n, -1, 4)
+    real = torch.nn.functional.pad(torch.ones(n, k, dtype=torch.bool), (0, kp - k)).reshape(
+        n, -1, 4)
+    # at most two kept per group, exactly min(2, real columns) kept
+    assert torch.equal(m4.sum(-1), real.sum(-1).clamp(max=2))
+    # every kept magnitude >= every dropped magnitude of the same group
+    kept_min = torch.where(m4, a4, torch.inf).amin(-1)
+    dropped_max = torch.where(~m4 & real, a4, -torch.inf).amax(-1)
+    assert (kept_min >= dropped_max).all()
+    assert sp.is_2to4(sp.prune_2to4(w))
+
+
+def test_mask_ties_are_deterministic_lowest_index():
+    w = torch.ones(3, 8)
+    mask = sp.mask_2to4(w)
+    assert mask.tolist() == [[True, True, False, False] * 2] * 3
+    w = torch.tensor([[1.0, -2.0, 2.0, 0.5]])
+    assert sp.mask_2to4(w).tolist() == [[False, True, True, False]]
+
+
+def test_mask_rejects_nonfinite():
+    w = torch.randn(2, 8)
+    w[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sp.mask_2to4(w)
+
+
+@given(n=st.integers(1, 24), k=st.integers(1, 130), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**16))
+def test_pack_unpack_round_trip(n, k, dtype, seed):
+    w = sp.prune_2to4(_rand(n, k, dtype=dtype, seed=seed))
+    values, meta = sp.pack_sparse24(w)
+    kp = -(-k // sp.K_ALIGN) * sp.K_ALIGN
+    assert values.shape == (n, kp // 2) and values.dtype == dtype
+    assert meta.shape == (n, kp // 32) and meta.dtype == torch.int32
+    assert torch.equal(sp.unpack_sparse24(values, meta, k), w)
+    # positions within a group are distinct and increasing
+    pos = sp._positions(meta).reshape(n, -1, 2)
+    assert (pos[..., 0] < pos[..., 1]).all()
+    # value_columns points every stored value at its dense column
+    dense = torch.nn.functional.pad(w, (0, kp - k))
+    assert torch.equal(torch.gather(dense, 1, sp.value_columns(meta)), values)
+
+
+def test_pack_handles_groups_with_fewer_than_two_nonzeros():
+    w = torch.zeros(2, 32)
+    w[0, 2] = 5.0  # one nonzero in group 0
+    w[1, 7] = -1.0  # one nonzero in group 1
+    values, meta = sp.pack_sparse24(w)
+    assert torch.equal(sp.unpack_sparse24(values, meta), w)
+    assert values[0, :2].tolist() == [0.0, 5.0] or values[0, :2].tolist() == [5.0, 0.0]
+
+
+def test_meta_bit_layout_is_documented_layout():
+    # group 0 keeps positions (1, 3), group 1 keeps (0, 2), the other groups all-zero -> (0, 1)
+    w = torch.zeros(1, 32)
+    w[0, 1], w[0, 3], w[0, 4], w[0, 6] = 1.0, 2.0, 3.0, 4.0
+    values, meta = sp.pack_sparse24(w)
+    assert values[0, :4].tolist() == [1.0, 2.0, 3.0, 4.0]
+    nibbles = [(1 | 3 << 2), (0 | 2 << 2)] + [(0 | 1 << 2)] * 6
+    word = sum(nib << (4 * i) for i, nib in enumerate(nibbles))
+    word = word - 2**32 if word >= 2**31 else word
+    assert meta.tolist() == [[word]]
+
+
+def test_pack_rejects_dense_weight_naming_the_group():
+    w = torch.ones(2, 8)
+    with pytest.raises(ValueError, match=r"row 0, columns 0\.\.3 hold 4 nonzeros"):
+        sp.pack_sparse24(w)
+
+
+@pytest.mark.parametrize(
+    ("values", "meta", "exc", "match"),
+    [
+        (torch.zeros(4, 16), torch.zeros(4, 2, dtype=torch.int32), ValueError, "meta shape"),
+        (torch.zeros(4, 16), torch.zeros(4, 1, dtype=torch.int64), TypeError, "int32"),
+        (torch.zeros(4, 10), torch.zeros(4, 1, dtype=torch.int32), ValueError, "multiple of"),
+        (torch.zeros(4, 16, dtype=torch.int32), torch.zeros(4, 1, dtype=torch.int32),
+         TypeError, "values"),
+    ],
+)
+def test_unpack_rejects_inconsistent_pairs(values, meta, exc, match):
+    with pytest.raises(exc, match=match):
+        sp.unpack_sparse24(values, meta)
+
+
+def test_stored_bytes_ratio_fp16():
+    # values + metadata = 1/2 + 1/16 of dense fp16
+    assert sp.sparse24_bytes(4096, 4096, torch.float16) / (4096 * 4096 * 2) == 0.5625
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels (Triton: CUDA, or the interpreter on CPU)
+# --------------------------------------------------------------------------------------------
+
+CONFIGS = {
+    "default": None,
+    "gemv_m1": sp.KernelConfig("gemv", 1, 16, 64),
+    "gemv_m4": sp.KernelConfig("gemv", 4, 8, 128),
+    "gemm_16": sp.KernelConfig("gemm", 16, 32, 64),
+    "gemm_32_splitk": sp.KernelConfig("gemm", 32, 64, 32, split_k=4),
+    "gemm_64": sp.KernelConfig("gemm", 64, 32, 64, group_m=2),
+}
+
+
+@given(
+    m=st.sampled_from([1, 2, 3, 5, 16, 17, 40, 70]),
+    n=st.integers(1, 80),
+    k=st.integers(1, 150),
+    dtype=st.sampled_from(DTYPES),
+    has_bias=st.booleans(),
+    cfg=st.sampled_from(sorted(CONFIGS)),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_matches_float64_reference(device, poison, m, n, k, dtype, has_bias, cfg, seed):
+    w = sp.prune_2to4(_rand(n, k, dtype=dtype, seed=seed))
+    values, meta = (t.to(device) for t in sp.pack_sparse24(w))
+    x = _rand(m, k, dtype=dtype, seed=seed + 1).to(device)
+    bias = _rand(n, dtype=dtype, seed=seed + 2).to(device) if has_bias else None
+    y = sp.sparse24_matmul(x, values, meta, bias, config=CONFIGS[cfg])
+    ref = sparse24_linear_ref(x, values, meta, bias, dtype=torch.float64)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert torch.isfinite(y).all()
+    assert _rel_err(y, ref) <= _tol(dtype, k)
+
+
+@pytest.mark.parametrize("cfg", ["gemv_m4", "gemm_16", "gemm_32_splitk"])
+def test_kernel_blocks_cover_ragged_grid(device, poison, cfg):
+    # M, N, K all off the block grid, several blocks in every direction
+    m = {"gemv_m4": 6, "gemm_16": 37, "gemm_32_splitk": 70}[cfg]
+    n, k = 75, 301
+    w = sp.prune_2to4(_rand(n, k, seed=3))
+    values, meta = (t.to(device) for t in sp.pack_sparse24(w))
+    x = _rand(m, k, seed=4).to(device)
+    bias = _rand(n, seed=5).to(device)
+    y = sp.sparse24_matmul(x, values, meta, bias, config=CONFIGS[cfg])
+    ref = sparse24_linear_ref(x, values, meta, bias, dtype=torch.float64)
+    assert torch.isfinite(y).all()
+    assert _rel_err(y, ref) <= _tol(torch.float32, k)
+
+
+def test_kernel_leading_dims_noncontiguous_and_empty(device):
+    n, k = 24, 64
+    w = sp.prune_2to4(_rand(n, k, seed=7))
+    values, meta = (t.to(device) for t in sp.pack_sparse24(w))
+    x = _rand(2, k, 3, seed=8).to(device).transpose(1, 2)  # [2, 3, K], non-contiguous
+    assert not x.is_contiguous()
+    y = sp.sparse24_matmul(x, values, meta)
+    ref = sparse24_linear_ref(x, values, meta, dtype=torch.float64)
+    assert y.shape == (2, 3, n)
+    assert _rel_err(y, ref) <= _tol(torch.float32, k)
+    empty = sp.sparse24_matmul(x[:, :0], values, meta)
+    assert empty.shape == (2, 0, n)
+
+
+def test_select_config_paths():
+    cpu = torch.device("cpu")
+    assert sp.select_config(1, 4096, 4096, cpu).path == "gemv"
+    assert sp.select_config(4, 4096, 4096, cpu).path == "gemv"
+    assert sp.select_config(5, 4096, 4096, cpu).path == "gemm"
+    assert sp.select_config(5000, 4096, 4096, cpu).block_m >= 64
+    assert sp.m_bucket(1) == 1 and sp.m_bucket(17) == 32 and sp.m_bucket(64) == 64
+
+
+def test_kernel_config_validation():
+    with pytest.raises(ValueError, match="power of two"):
+        sp.KernelConfig("gemm", 16, 48, 64)
+    with pytest.raises(ValueError, match="block_m >= 16"):
+        sp.KernelConfig("gemm", 8, 32, 64)
+    with pytest.raises(ValueError, match="path"):
+        sp.KernelConfig("dense", 16, 32, 64)
+
+
+def test_autotune_space_is_valid():
+    for m in (1, 2, 3, 8, 16, 64, 1000):
+        cfgs = sp.get_autotune_configs(m)
+        assert cfgs and all(isinstance(c, sp.KernelConfig) for c in cfgs)
+        assert all((c.path == "gemv") == (m <= 4) for c in cfgs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"x": torch.ones(2, 64, dtype=torch.int32)}, TypeError, "x must be float16"),
+        ({"x": torch.randn(2, 100)}, ValueError, r"K=100"),
+        ({"x": torch.randn(2, 64, dtype=torch.float16)}, TypeError, "values dtype"),
+        ({"bias": torch.randn(7)}, ValueError, r"bias shape"),
+        ({"bias": torch.randn(8, dtype=torch.float64)}, TypeError, "bias dtype"),
+        ({"meta": torch.zeros(8, 3, dtype=torch.int32)}, ValueError, "meta shape"),
+        ({"x": torch.randn(2, 64, device="meta")}, ValueError, "x on meta"),
+    ],
+)
+def test_launcher_rejects_bad_inputs(kwargs, exc, match):
+    values, meta = sp.pack_sparse24(sp.prune_2to4(torch.randn(8, 64)))
+    args = {"x": torch.randn(2, 64), "values": values, "meta": meta, "bias": None}
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        sp.sparse24_matmul(**args)

@@ -465,20 +465,22 @@ def select_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
 def get_autotune_configs(m: int) -> list[KernelConfig]:
     """Candidate configs for an M bucket (searched when ``COMPRESS_OPS_AUTOTUNE=1``)."""
     bucket = m_bucket(m)
-    if bucket <= 4:
+    if bucket <= 4:  # the [BM, BN, BK/2] gather tile spills past 8192 elements (audit)
         return [KernelConfig("gemv", bucket, bn, bk, 4, 1)
-                for bn in (8, 16, 32) for bk in (128, 256)]
-    out = []
+                for bn in (8, 16, 32) for bk in (128, 256) if bucket * bn * bk // 2 <= 8192]
+    # Tiles that the audit shows compile without spills on sm_80 and sm_90 (split-K included).
     if bucket <= 64:  # skinny: small tiles, split-K to fill the machine
-        for bm in ((16,) if bucket <= 16 else (32, 64)):
-            for bn, bk, w in ((64, 64, 4), (128, 64, 4), (128, 64, 8)):
-                for sk in (1, 2, 4, 8):
-                    out.append(KernelConfig("gemm", bm, bn, bk, w, 4, 8, sk))
-    else:  # tiles that the audit shows compile without spills on sm_80 and sm_90
-        for bm, bn, bk, w in ((64, 128, 64, 4), (64, 128, 64, 8), (64, 256, 64, 8),
-                              (128, 64, 64, 4), (128, 128, 64, 8)):
-            for s in (3, 4):
-                out.append(KernelConfig("gemm", bm, bn, bk, w, s, 8, 1))
+        tiles = {16: ((16, 64, 64, 4), (16, 128, 64, 4), (16, 128, 64, 8)),
+                 32: ((32, 64, 64, 4), (32, 128, 64, 4)),
+                 64: ((64, 64, 64, 4), (64, 128, 64, 8))}
+        bms = {16: (16,), 32: (32,), 64: (32, 64)}[max(bucket, 16)]
+        return [KernelConfig("gemm", bm, bn, bk, w, 4, 8, sk)
+                for bm_tile in bms for bm, bn, bk, w in tiles[bm_tile] for sk in (1, 2, 4, 8)]
+    out = []
+    for bm, bn, bk, w in ((64, 128, 64, 4), (64, 128, 64, 8), (128, 64, 64, 4),
+                          (128, 128, 64, 8)):
+        for s in (3, 4):
+            out.append(KernelConfig("gemm", bm, bn, bk, w, s, 8, 1))
     return out
 
 
@@ -523,8 +525,10 @@ def audit_specs() -> list[dict]:
     for table in _load_defaults().values():
         for path in ("gemv", "gemm"):
             for c in table[path].values():
-                cfg = KernelConfig(path, **{**c, "split_k": min(c.get("split_k", 1), 2)})
-                cfgs[cfg.name] = (cfg, ("fp16", "bf16"))
+                # select_config may raise split_k at run time: audit both epilogues
+                for sk in ((1, 2) if path == "gemm" else (1,)):
+                    cfg = KernelConfig(path, **{**c, "split_k": sk})
+                    cfgs[cfg.name] = (cfg, ("fp16", "bf16"))
     specs = []
     for cfg, dtypes in cfgs.values():
         for dt in dtypes:

@@ -1,0 +1,96 @@
+"""compress_ops/api.py: configs, compress_, Recipe, report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import compress_ops as co
+from compress_ops.nn import Sparse24Linear
+
+from .models import MLP, Block
+
+
+def test_compress_replaces_every_linear_and_keeps_outputs_close_to_pruned_dense():
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(4, 64)
+    out = co.compress_(model, co.Sparse24Config())
+    assert out is model
+    assert all(isinstance(m, Sparse24Linear) for m in (model.fc1, model.fc2, model.head))
+    # the model's own dense reference: every layer through F.linear on its dense weight
+    ref = x.double()
+    for m in (model.fc1, model.fc2, model.head):
+        b = None if m.bias is None else m.bias.double()
+        ref = torch.nn.functional.linear(ref, m.dense_weight().double(), b)
+        ref = torch.relu(ref) if m is model.fc1 else ref
+        ref = torch.nn.functional.gelu(ref) if m is model.fc2 else ref
+    torch.testing.assert_close(model(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_filter_fn_and_report():
+    model = MLP()
+    co.compress_(model, co.Sparse24Config(), filter_fn=lambda m, name: name != "head")
+    assert isinstance(model.fc1, Sparse24Linear) and type(model.head) is nn.Linear
+    rows = {r.name: r for r in co.report(model)}
+    assert rows["head"].kind == "dense" and rows["head"].note == "excluded by filter_fn"
+    assert rows["fc1"].kind == "sparse24"
+    # fc1: 64 in -> 64 padded columns: (32 values * 4 B + 2 words * 4 B) per row
+    assert rows["fc1"].dense_bytes == 96 * 64 * 4
+    assert rows["fc1"].stored_bytes == 96 * (32 * 4 + 2 * 4)
+    text = str(co.report(model))
+    assert "TOTAL" in text and "fc1" in text and "excluded by filter_fn" in text
+
+
+def test_report_ratio_fp16_meets_target():
+    model = nn.Sequential(nn.Linear(256, 512), nn.Linear(512, 256)).half()
+    co.compress_(model, co.Sparse24Config())
+    rep = co.report(model)
+    assert all(abs(r.ratio - 0.5625) < 1e-12 for r in rep)
+    assert rep.stored_bytes / rep.dense_bytes <= 0.57
+
+
+def test_recipe_first_match_wins_and_none_keeps_dense():
+    model = Block()
+    recipe = co.Recipe({r"(q|k|v)": None, r"up|down": co.Sparse24Config()})
+    co.compress_(model, recipe)
+    assert type(model.q) is nn.Linear and type(model.o) is nn.Linear
+    assert isinstance(model.up, Sparse24Linear) and isinstance(model.down, Sparse24Linear)
+    notes = {r.name: r.note for r in co.report(model)}
+    assert notes["q"] == "kept dense by recipe" and notes["o"] == ""
+
+
+def test_unsupported_modules_are_left_dense_with_a_reason():
+    model = nn.Sequential(nn.Linear(32, 32))
+    model.add_module("attn", nn.MultiheadAttention(32, 4))
+    co.compress_(model, co.Sparse24Config())
+    assert isinstance(model[0], Sparse24Linear)
+    assert type(model.attn.out_proj) is not Sparse24Linear  # its weight is read directly
+    notes = {r.name: r.note for r in co.report(model)}
+    assert "not a plain nn.Linear" in notes["attn.out_proj"]
+    out, _ = model.attn(torch.randn(3, 1, 32), torch.randn(3, 1, 32), torch.randn(3, 1, 32))
+    assert out.shape == (3, 1, 32)
+
+
+def test_compressing_twice_is_a_no_op_and_root_linear_is_returned():
+    model = MLP()
+    co.compress_(model, co.Sparse24Config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    co.compress_(model, co.Sparse24Config())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    new = co.compress_(nn.Linear(32, 8), co.Sparse24Config())
+    assert isinstance(new, Sparse24Linear)
+
+
+def test_config_and_argument_validation():
+    with pytest.raises(TypeError, match="prune"):
+        co.Sparse24Config(prune="yes")
+    with pytest.raises(TypeError, match="unknown config"):
+        co.compress_(MLP(), object())
+    with pytest.raises(TypeError, match="nn.Module"):
+        co.compress_("model", co.Sparse24Config())
+    with pytest.raises(ValueError, match="bad Recipe pattern"):
+        co.Recipe({"(": None})
+    with pytest.raises(TypeError, match="unknown config"):
+        co.Recipe({"fc1": 3})

@@ -1,0 +1,114 @@
+"""compress_ops/ops.py: torch.ops.compress_ops.sparse24_linear — op rules from DESIGN.md."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import compress_ops  # noqa: F401  (registers the ops)
+from compress_ops.kernels import sparse24 as sp
+from compress_ops.reference import sparse24_linear_ref
+
+op = torch.ops.compress_ops.sparse24_linear
+
+
+def _packed(n: int, k: int, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = sp.prune_2to4((torch.randn(n, k, generator=g) + 0.05).to(dtype))
+    values, meta = sp.pack_sparse24(w)
+    return w, values, meta
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_matches_reference_on_both_cpu_backends(monkeypatch, backend, dtype):
+    monkeypatch.setenv("COMPRESS_OPS_CPU_BACKEND", backend)
+    w, values, meta = _packed(20, 70, dtype)
+    x = torch.randn(3, 5, 70).to(dtype)
+    b = torch.randn(20).to(dtype)
+    y = op(x, values, meta, b)
+    ref = sparse24_linear_ref(x, values, meta, b, dtype=torch.float64)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert y.shape == (3, 5, 20) and y.dtype == dtype
+    assert ((y.double() - ref).norm() / ref.norm()).item() < tol
+
+
+def test_cpu_backend_env_is_validated(monkeypatch):
+    monkeypatch.setenv("COMPRESS_OPS_CPU_BACKEND", "cuda")
+    _, values, meta = _packed(8, 32)
+    with pytest.raises(ValueError, match="COMPRESS_OPS_CPU_BACKEND"):
+        op(torch.randn(2, 32), values, meta, None)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_opcheck(monkeypatch, backend, with_bias):
+    monkeypatch.setenv("COMPRESS_OPS_CPU_BACKEND", backend)
+    _, values, meta = _packed(12, 40)
+    x = torch.randn(4, 40, requires_grad=True)
+    b = torch.randn(12, requires_grad=True) if with_bias else None
+    torch.library.opcheck(op, (x, values, meta, b))
+    torch.library.opcheck(op, (x.detach(), values.clone().requires_grad_(), meta, b))
+
+
+def test_m_zero_and_leading_dims():
+    _, values, meta = _packed(12, 40)
+    assert op(torch.randn(0, 40), values, meta, None).shape == (0, 12)
+    assert op(torch.randn(2, 0, 40), values, meta, None).shape == (2, 0, 12)
+    assert op(torch.randn(40), values, meta, None).shape == (12,)
+
+
+def test_autograd_matches_dense_reference():
+    w, values, meta = _packed(16, 50, seed=3)
+    x = torch.randn(2, 3, 50, dtype=torch.float64).float().requires_grad_()
+    b = torch.randn(16, requires_grad=True)
+    v = values.clone().requires_grad_()
+    y = op(x, v, meta, b)
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    xr = x.detach().double().requires_grad_()
+    wr = w.double().requires_grad_()
+    br = b.detach().double().requires_grad_()
+    F.linear(xr, wr, br).backward(g.double())
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad.double(), br.grad, rtol=1e-5, atol=1e-5)
+    # values' gradient is the dense weight gradient at the kept positions
+    kp = 2 * values.shape[1]
+    dense_grad = F.pad(wr.grad, (0, kp - 50))
+    expect = torch.gather(dense_grad, 1, sp.value_columns(meta))
+    torch.testing.assert_close(v.grad.double(), expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "exc", "match"),
+    [
+        (lambda a: a.update(x=a["x"].to(torch.int64)), TypeError, "x must be float16"),
+        (lambda a: a.update(x=torch.randn(3, 33)), ValueError, "K=33"),
+        (lambda a: a.update(meta=a["meta"][:, :1]), ValueError, "meta shape"),
+        (lambda a: a.update(values=a["values"][:5]), ValueError, "meta shape"),
+        (lambda a: a.update(values=a["values"].half()), TypeError, "values dtype"),
+        (lambda a: a.update(bias=torch.randn(5)), ValueError, "bias shape"),
+        (lambda a: a.update(x=a["x"].to("meta")), ValueError, "x on meta"),
+        (lambda a: a.update(bias=torch.randn(12, device="meta")), ValueError, "bias on meta"),
+    ],
+)
+def test_bad_inputs_raise_named_errors(mutate, exc, match):
+    _, values, meta = _packed(12, 70)
+    args = {"x": torch.randn(3, 70), "values": values, "meta": meta, "bias": torch.randn(12)}
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        op(args["x"], args["values"], args["meta"], args["bias"])
+
+
+def test_fake_impl_checks_shapes_under_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _, values, meta = _packed(12, 70)
+    with FakeTensorMode() as mode:
+        fv, fm = mode.from_tensor(values), mode.from_tensor(meta)
+        y = op(torch.empty(5, 7, 70), fv, fm, None)
+        assert y.shape == (5, 7, 12)
+        with pytest.raises(ValueError, match="K=97"):
+            op(torch.empty(5, 97), fv, fm, None)

@@ -1,0 +1,35 @@
+# make demo / make test create .venv and install on first use, then run.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint audit bench dashboard clean
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m compress_ops demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+audit: $(STAMP)
+	env -u TRITON_INTERPRET $(BIN)/python perf/audit.py
+
+bench: $(STAMP)
+	$(BIN)/python -m compress_ops bench
+
+dashboard: $(STAMP)
+	$(BIN)/python perf/dashboard.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Glue to the rest of the ecosystem (installed as ``compress_ops.integrations``)."""

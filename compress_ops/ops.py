@@ -11,8 +11,10 @@ Device routing, the same for every op:
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
+import torch.nn.functional as F
 
 from compress_ops.kernels import sparse24 as _sp
 from compress_ops.reference import sparse24_linear_ref
@@ -39,12 +41,49 @@ def _use_triton(x: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+# values id -> (weakref to values, (values version, meta ptr, meta version, K), sparse weight)
+_SEMI_STRUCTURED_CACHE: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
+
+
+def _semi_structured_eligible(x: torch.Tensor, values: torch.Tensor) -> bool:
+    """The explicit large-M route rule: CUDA, fp16/bf16, shapes torch's 2:4 GEMM accepts, and
+    M at or above the crossover measured for this GPU (none shipped yet: never)."""
+    if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    min_m = _sp.semi_structured_min_m(x.device)
+    n, k = values.shape[0], x.shape[-1]
+    m = x.numel() // max(k, 1)
+    return min_m is not None and m >= min_m and n % 64 == 0 and k % 64 == 0
+
+
+def _semi_structured_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` on torch's semi-structured sparse weight, converted once per ``values``.
+
+    The converted copy (about as large as ``values`` + ``meta``) lives as long as ``values``;
+    it is rebuilt when ``values`` or ``meta`` change (version counters).
+    """
+    k = x.shape[-1]
+    stamp = (values._version, meta.data_ptr(), meta._version, k)
+    entry = _SEMI_STRUCTURED_CACHE.get(id(values))
+    if entry is None or entry[0]() is not values or entry[1] != stamp:
+        dense = _sp.unpack_sparse24(values, meta, k)
+        sparse = torch.sparse.to_sparse_semi_structured(dense)
+        if entry is None:
+            weakref.finalize(values, _SEMI_STRUCTURED_CACHE.pop, id(values), None)
+        entry = (weakref.ref(values), stamp, sparse)
+        _SEMI_STRUCTURED_CACHE[id(values)] = entry
+    return F.linear(x, entry[2], bias)
+
+
 @torch.library.custom_op("compress_ops::sparse24_linear", mutates_args=())
 def sparse24_linear(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``y[..., N] = x[..., K] @ W^T + bias`` with ``W`` 2:4-packed (``pack_sparse24``)."""
     _sp.check_inputs(x, values, meta, bias)
+    if _semi_structured_eligible(x, values):
+        return _semi_structured_linear(x, values, meta, bias)
     if _use_triton(x):
         return _sp.sparse24_matmul(x, values, meta, bias)
     return sparse24_linear_ref(x, values, meta, bias)

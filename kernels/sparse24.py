@@ -63,6 +63,7 @@ __all__ = [
     "sparse24_bytes",
     "KernelConfig",
     "select_config",
+    "semi_structured_min_m",
     "get_autotune_configs",
     "audit_specs",
 ]
@@ -460,6 +461,19 @@ def select_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
         if split > 1:
             cfg = KernelConfig(**{**cfg.__dict__, "split_k": split})
     return cfg
+
+
+def semi_structured_min_m(device: torch.device) -> int | None:
+    """Smallest M from which torch's semi-structured (cuSPARSELt/CUTLASS) 2:4 GEMM beats ours.
+
+    Read from the GPU's table in ``configs/sparse24.json`` (``semi_structured_min_m``); ``None``
+    (the shipped default) means the crossover has not been measured on this GPU and the Triton
+    kernel is always used. ``perf/bench_sparse24.py`` measures both providers to set it.
+    """
+    if device.type != "cuda":
+        return None
+    tables = _load_defaults()
+    return tables.get(_device_name(device), tables["default"]).get("semi_structured_min_m")
 
 
 def get_autotune_configs(m: int) -> list[KernelConfig]:

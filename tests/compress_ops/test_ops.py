@@ -112,3 +112,29 @@ def test_fake_impl_checks_shapes_under_fake_tensors():
         assert y.shape == (5, 7, 12)
         with pytest.raises(ValueError, match="K=97"):
             op(torch.empty(5, 97), fv, fm, None)
+
+
+def test_semi_structured_route_is_off_without_a_measured_crossover():
+    from compress_ops.ops import _semi_structured_eligible
+
+    _, values, meta = _packed(128, 128, torch.float16)
+    assert sp.semi_structured_min_m(torch.device("cpu")) is None
+    assert not _semi_structured_eligible(torch.randn(4096, 128, dtype=torch.float16), values)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_semi_structured_route_matches_reference_when_forced(monkeypatch):
+    import compress_ops.ops as ops_mod
+
+    monkeypatch.setattr(sp, "semi_structured_min_m", lambda device: 1)
+    _, values, meta = _packed(256, 256, torch.float16)
+    values, meta = values.cuda(), meta.cuda()
+    x = torch.randn(512, 256, dtype=torch.float16, device="cuda")
+    assert ops_mod._semi_structured_eligible(x, values)
+    try:
+        y = op(x, values, meta, None)
+    except RuntimeError as exc:  # no cuSPARSELt/CUTLASS 2:4 kernel in this build
+        pytest.skip(f"semi-structured sparse unavailable: {exc}")
+    ref = sparse24_linear_ref(x, values, meta, None, dtype=torch.float64)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3
+    assert op(x, values, meta, None).data_ptr() != y.data_ptr()  # cached weight, fresh output

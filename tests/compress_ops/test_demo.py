@@ -1,0 +1,19 @@
+"""python -m compress_ops demo: the main job runs, checks and prints its table."""
+
+from __future__ import annotations
+
+from compress_ops.__main__ import main
+
+
+def test_demo_prints_table_and_passes(capsys):
+    rc = main(["demo", "--compile-backend", "aot_eager", "--batch", "1", "--seq", "8"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "sparse24" in out and "blocks.0.up" in out and "OK:" in out
+    model_row = next(line for line in out.splitlines() if line.startswith("sparse24  <model>"))
+    assert "0.5312" in model_row  # fp32 layers: (2 + 1/8) / 4 bytes per weight
+
+
+def test_cli_usage(capsys):
+    assert main([]) == 0
+    assert main(["frobnicate"]) == 2

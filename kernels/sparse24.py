@@ -260,8 +260,12 @@ def _sparse24_gemv_kernel(
         vn_mask = n_mask[:, None] & j_mask[None, :]
         v = tl.load(values_ptr + rows_n[:, None] * stride_vn + offs_j[None, :],
                     mask=vn_mask, other=0.0)
-        word = tl.load(meta_ptr + rows_n[:, None] * stride_mn + (offs_j // 16)[None, :],
-                       mask=vn_mask, other=0)
+        # one metadata word per 16 values, loaded once and broadcast in registers
+        offs_w = j0 // 16 + tl.arange(0, BLOCK_KH // 16)
+        words = tl.load(meta_ptr + rows_n[:, None] * stride_mn + offs_w[None, :],
+                        mask=n_mask[:, None] & (offs_w < KP_HALF // 16)[None, :], other=0)
+        word = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, BLOCK_KH // 16, 16)),
+                          (BLOCK_N, BLOCK_KH))
         pos = (word >> ((offs_j % 16) * 2)[None, :]) & 3
         col = (offs_j // 2 * 4)[None, :] + pos  # dense column of each stored value [BN, BKH]
         xg = tl.load(x_rows + col[None, :, :],
@@ -479,9 +483,13 @@ def semi_structured_min_m(device: torch.device) -> int | None:
 def get_autotune_configs(m: int) -> list[KernelConfig]:
     """Candidate configs for an M bucket (searched when ``COMPRESS_OPS_AUTOTUNE=1``)."""
     bucket = m_bucket(m)
-    if bucket <= 4:  # the [BM, BN, BK/2] gather tile spills past 8192 elements (audit)
-        return [KernelConfig("gemv", bucket, bn, bk, 4, 1)
+    if bucket <= 4:
+        # The gather kernel ([BM, BN, BK/2] tile spills past 8192 elements: audit), and the
+        # BLOCK_M = 16 tensor-core tiles with split-K: which wins at decode is measured.
+        gemv = [KernelConfig("gemv", bucket, bn, bk, 4, 1)
                 for bn in (8, 16, 32) for bk in (128, 256) if bucket * bn * bk // 2 <= 8192]
+        return gemv + [KernelConfig("gemm", 16, bn, 64, 4, 4, 8, sk)
+                       for bn in (64, 128) for sk in (1, 4, 8)]
     # Tiles that the audit shows compile without spills on sm_80 and sm_90 (split-K included).
     if bucket <= 64:  # skinny: small tiles, split-K to fill the machine
         tiles = {16: ((16, 64, 64, 4), (16, 128, 64, 4), (16, 128, 64, 8)),

@@ -3,15 +3,17 @@
 Device routing, the same for every op:
 
 * CUDA tensors run the Triton launcher from ``compress_ops.kernels``.
-* CPU tensors run the fastest correct CPU path (for 2:4: unpack once per call + ``F.linear``);
-  ``COMPRESS_OPS_CPU_BACKEND=triton`` routes them through the Triton kernel instead, which
-  needs ``TRITON_INTERPRET=1`` (set by the test suite when there is no GPU).
+* CPU tensors run the fastest correct CPU path that keeps memory compressed (for 2:4: unpack
+  per call + ``F.linear``); ``COMPRESS_OPS_CPU_DENSE_CACHE=1`` trades memory for dense speed
+  (see :func:`cpu_dense_cache`); ``COMPRESS_OPS_CPU_BACKEND=triton`` routes them through the
+  Triton kernel instead, which needs ``TRITON_INTERPRET=1`` (set by the tests without a GPU).
 """
 
 from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from compress_ops.kernels import sparse24 as _sp
 from compress_ops.reference import sparse24_linear_ref
 
-__all__ = ["sparse24_linear", "cpu_backend"]
+__all__ = ["sparse24_linear", "cpu_backend", "cpu_dense_cache"]
 
 
 def cpu_backend() -> str:
@@ -41,8 +43,38 @@ def _use_triton(x: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-# values id -> (weakref to values, (values version, meta ptr, meta version, K), sparse weight)
-_SEMI_STRUCTURED_CACHE: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
+# (kind, id(values)) -> (weakref to values, stamp, derived weight)
+_DERIVED: dict[tuple[str, int], tuple[weakref.ref, tuple, torch.Tensor]] = {}
+
+
+def _derived_weight(kind: str, values: torch.Tensor, meta: torch.Tensor, k: int,
+                    build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``build(dense W)``, computed once per packed weight and kept while ``values`` lives.
+
+    The entry is rebuilt when ``values`` or ``meta`` change (version counters, meta storage)
+    and dropped when ``values`` is freed. Used only by the opt-in/measured routes below.
+    """
+    key = (kind, id(values))
+    stamp = (values._version, meta.data_ptr(), meta._version, k)
+    entry = _DERIVED.get(key)
+    if entry is None or entry[0]() is not values or entry[1] != stamp:
+        with torch.no_grad():
+            derived = build(_sp.unpack_sparse24(values, meta, k))
+        if entry is None or entry[0]() is not values:
+            weakref.finalize(values, _DERIVED.pop, key, None)
+        entry = (weakref.ref(values), stamp, derived)
+        _DERIVED[key] = entry
+    return entry[2]
+
+
+def cpu_dense_cache() -> bool:
+    """``COMPRESS_OPS_CPU_DENSE_CACHE=1``: keep an unpacked dense copy per weight on the CPU.
+
+    Off by default: it costs the dense weight's bytes in memory (for fp16 1.78x the packed
+    weight), which is what compression is meant to save. On, the CPU path runs at dense
+    ``F.linear`` speed instead of unpacking the weight on every call.
+    """
+    return os.environ.get("COMPRESS_OPS_CPU_DENSE_CACHE", "0") == "1"
 
 
 def _semi_structured_eligible(x: torch.Tensor, values: torch.Tensor) -> bool:
@@ -56,36 +88,23 @@ def _semi_structured_eligible(x: torch.Tensor, values: torch.Tensor) -> bool:
     return min_m is not None and m >= min_m and n % 64 == 0 and k % 64 == 0
 
 
-def _semi_structured_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                            bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` on torch's semi-structured sparse weight, converted once per ``values``.
-
-    The converted copy (about as large as ``values`` + ``meta``) lives as long as ``values``;
-    it is rebuilt when ``values`` or ``meta`` change (version counters).
-    """
-    k = x.shape[-1]
-    stamp = (values._version, meta.data_ptr(), meta._version, k)
-    entry = _SEMI_STRUCTURED_CACHE.get(id(values))
-    if entry is None or entry[0]() is not values or entry[1] != stamp:
-        dense = _sp.unpack_sparse24(values, meta, k)
-        sparse = torch.sparse.to_sparse_semi_structured(dense)
-        if entry is None:
-            weakref.finalize(values, _SEMI_STRUCTURED_CACHE.pop, id(values), None)
-        entry = (weakref.ref(values), stamp, sparse)
-        _SEMI_STRUCTURED_CACHE[id(values)] = entry
-    return F.linear(x, entry[2], bias)
-
-
 @torch.library.custom_op("compress_ops::sparse24_linear", mutates_args=())
 def sparse24_linear(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``y[..., N] = x[..., K] @ W^T + bias`` with ``W`` 2:4-packed (``pack_sparse24``)."""
     _sp.check_inputs(x, values, meta, bias)
+    k = x.shape[-1]
     if _semi_structured_eligible(x, values):
-        return _semi_structured_linear(x, values, meta, bias)
+        # torch's 2:4 format (cuSPARSELt/CUTLASS), converted once per weight; about as large as
+        # values + meta, held in addition to them while this route is in use.
+        w = _derived_weight("semi_structured", values, meta, k,
+                            torch.sparse.to_sparse_semi_structured)
+        return F.linear(x, w, bias)
     if _use_triton(x):
         return _sp.sparse24_matmul(x, values, meta, bias)
+    if cpu_dense_cache():
+        return F.linear(x, _derived_weight("dense", values, meta, k, lambda w: w), bias)
     return sparse24_linear_ref(x, values, meta, bias)
 
 

@@ -138,3 +138,32 @@ def test_semi_structured_route_matches_reference_when_forced(monkeypatch):
     ref = sparse24_linear_ref(x, values, meta, None, dtype=torch.float64)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3
     assert op(x, values, meta, None).data_ptr() != y.data_ptr()  # cached weight, fresh output
+
+
+def test_cpu_dense_cache_is_correct_rebuilds_on_change_and_is_freed(monkeypatch):
+    import gc
+
+    import compress_ops.ops as ops_mod
+
+    monkeypatch.setenv("COMPRESS_OPS_CPU_DENSE_CACHE", "1")
+    _, values, meta = _packed(16, 40, seed=5)
+    x = torch.randn(3, 40)
+    ref = sparse24_linear_ref(x, values, meta, None, dtype=torch.float64)
+    y = op(x, values, meta, None)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
+    assert ("dense", id(values)) in ops_mod._DERIVED
+    with torch.no_grad():
+        values.mul_(2.0)  # in-place change bumps the version: the cache must not go stale
+    torch.testing.assert_close(op(x, values, meta, None), 2 * y)
+    key = ("dense", id(values))
+    del values
+    gc.collect()
+    assert key not in ops_mod._DERIVED
+
+
+def test_cpu_dense_cache_is_off_by_default():
+    import compress_ops.ops as ops_mod
+
+    _, values, meta = _packed(16, 40, seed=6)
+    op(torch.randn(2, 40), values, meta, None)
+    assert ("dense", id(values)) not in ops_mod._DERIVED

@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# One prepared GPU check (< 8 minutes on an H100/H200): install, CUDA test suite, benchmarks.
+#
+#   bash perf/gpu_check.sh                              # on the GPU machine, from anywhere
+#   COMPRESS_OPS_GIT_SHA=<sha> bash perf/gpu_check.sh   # name the commit when .git is absent
+#   GPU_CHECK_DRY=1 bash perf/gpu_check.sh              # CPU rehearsal: tests/perf + --quick bench
+#
+# Steps (each under `timeout`; a failing step is recorded and the next one still runs):
+#   1. pip install -e . (no index, no deps, no build isolation: the image brings torch/triton)
+#   2. nvidia-smi and the versions torch/triton see
+#   3. pytest on CUDA (TRITON_INTERPRET unset, HYPOTHESIS_PROFILE=gpu)
+#   4. perf/bench.py -> perf/results/<date>-<gpu>.json (rewritten after every row, so a timeout
+#      still leaves the rows measured so far)
+#   5. a summary; with $OUT set, logs go to $OUT/gpu_check/ and the results file is written to
+#      $OUT/results/ (the device tool returns what is under $OUT), then copied to perf/results/.
+#
+# Time limits (seconds), overridable: GPU_CHECK_INSTALL_TIMEOUT (60), GPU_CHECK_TEST_TIMEOUT
+# (240), GPU_CHECK_BENCH_TIMEOUT (150). Exit status: 0 when every step passed, else 1.
+set -u
+set -o pipefail
+
+cd "$(dirname "$0")/.." || exit 2
+REPO=$(pwd)
+DRY=${GPU_CHECK_DRY:-0}
+T_INSTALL=${GPU_CHECK_INSTALL_TIMEOUT:-60}
+T_TEST=${GPU_CHECK_TEST_TIMEOUT:-240}
+T_BENCH=${GPU_CHECK_BENCH_TIMEOUT:-150}
+
+if [ "$DRY" = "1" ] && [ -x "$REPO/.venv/bin/python" ]; then
+    PY=${PYTHON:-$REPO/.venv/bin/python}
+else
+    PY=${PYTHON:-python3}
+fi
+
+if [ -n "${OUT:-}" ]; then
+    LOG_DIR="$OUT/gpu_check"
+else
+    LOG_DIR=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+fi
+mkdir -p "$LOG_DIR"
+
+START=$(date +%s)
+SUMMARY=()
+note() { SUMMARY+=("$1"); echo "== $1"; }
+elapsed() { echo $(( $(date +%s) - START )); }
+section() { echo; echo "=================== $1 (t=$(elapsed)s) ==================="; }
+
+unset TRITON_INTERPRET
+unset COMPRESS_OPS_CPU_BACKEND
+export PYTHONUNBUFFERED=1
+if [ -z "${COMPRESS_OPS_GIT_SHA:-}" ]; then
+    if SHA=$(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null); then
+        [ -n "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null)" ] \
+            && SHA="$SHA+dirty"
+        export COMPRESS_OPS_GIT_SHA="$SHA"
+    fi
+fi
+echo "gpu_check: repo=$REPO python=$PY dry=$DRY logs=$LOG_DIR sha=${COMPRESS_OPS_GIT_SHA:-unknown}"
+
+# 1. install --------------------------------------------------------------------------------
+section "install"
+if [ "$DRY" = "1" ]; then
+    note "install: skipped (dry run uses the existing environment)"
+    RC_INSTALL=0
+else
+    timeout -k 10 "$T_INSTALL" "$PY" -m pip install --disable-pip-version-check -q \
+        --no-index --no-deps --no-build-isolation -e . 2>&1 | tee "$LOG_DIR/install.log"
+    RC_INSTALL=$?
+    if [ $RC_INSTALL -ne 0 ]; then
+        echo "editable install failed (rc=$RC_INSTALL); trying a regular install"
+        timeout -k 10 "$T_INSTALL" "$PY" -m pip install --disable-pip-version-check -q \
+            --no-index --no-deps --no-build-isolation . 2>&1 | tee -a "$LOG_DIR/install.log"
+        RC_INSTALL=$?
+    fi
+    note "install: rc=$RC_INSTALL"
+fi
+
+# 2. machine ----------------------------------------------------------------------------------
+section "machine"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi 2>&1 | tee "$LOG_DIR/nvidia-smi.log"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit \
+        --format=csv 2>&1 | tee -a "$LOG_DIR/nvidia-smi.log"
+else
+    echo "nvidia-smi not found" | tee "$LOG_DIR/nvidia-smi.log"
+fi
+"$PY" - <<'EOF' 2>&1 | tee "$LOG_DIR/versions.log"
+import torch, triton
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+print("cuda available:", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device:", p.name, f"{p.total_memory / 2**30:.0f} GiB", p.multi_processor_count, "SMs")
+try:
+    import compress_ops, compress_ops.kernels.sparse24  # noqa: F401
+    print("compress_ops imports from", compress_ops.__file__)
+except Exception as e:
+    print("compress_ops import FAILED:", type(e).__name__, e)
+EOF
+if [ "$DRY" = "1" ]; then
+    DEVICE=cpu
+else
+    DEVICE=cuda
+    if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        note "machine: WARNING torch sees no CUDA device"
+    fi
+fi
+
+# 3. tests -------------------------------------------------------------------------------------
+section "tests"
+if [ "$DRY" = "1" ]; then
+    TEST_PATHS=(tests/perf)
+else
+    TEST_PATHS=(tests)
+fi
+# SIGINT first: pytest then still prints what failed before the limit.
+HYPOTHESIS_PROFILE=gpu timeout -s INT -k 20 "$T_TEST" "$PY" -m pytest -x -q -p no:cacheprovider \
+    "${TEST_PATHS[@]}" 2>&1 | tee "$LOG_DIR/pytest.log"
+RC_TEST=$?
+TEST_LINE=$(grep -E "(passed|failed|error|no tests ran)" "$LOG_DIR/pytest.log" | tail -n 1)
+if [ $RC_TEST -eq 124 ] || [ $RC_TEST -eq 137 ] || [ $RC_TEST -eq 130 ]; then
+    note "tests: TIMED OUT after ${T_TEST}s (rc=$RC_TEST); last: ${TEST_LINE:-none}"
+else
+    note "tests: rc=$RC_TEST ${TEST_LINE:-}"
+fi
+
+# 4. benchmarks -------------------------------------------------------------------------------
+section "benchmarks"
+BENCH_ARGS=(--device "$DEVICE")
+[ "$DRY" = "1" ] && BENCH_ARGS+=(--quick)
+RESULT=$("$PY" - "$DEVICE" <<'EOF'
+import sys
+import torch
+sys.path.insert(0, "perf")
+import runner
+print(runner.results_path(runner.device_name(torch.device(sys.argv[1]))))
+EOF
+)
+if [ -z "$RESULT" ]; then
+    RESULT="perf/results/$(date +%F)-unknown.json"
+fi
+# Write straight under $OUT when set (it comes back even if this script is cut short), else
+# into perf/results/. A rehearsal (dry run) never writes into the committed results.
+FINAL="$RESULT"
+if [ -n "${OUT:-}" ]; then
+    RESULT="$OUT/results/$(basename "$FINAL")"
+elif [ "$DRY" = "1" ]; then
+    RESULT="$LOG_DIR/results/$(basename "$FINAL")"
+fi
+timeout -s INT -k 20 "$T_BENCH" "$PY" perf/bench.py "${BENCH_ARGS[@]}" --out "$RESULT" 2>&1 \
+    | tee "$LOG_DIR/bench.log"
+RC_BENCH=$?
+ROWS=$("$PY" - "$RESULT" <<'EOF' 2>&1
+import json, sys
+sys.path.insert(0, "perf")
+import runner
+obj, problems = runner.load_results(sys.argv[1])
+if obj is None:
+    print("no results file:", "; ".join(problems))
+else:
+    rows = obj.get("rows", [])
+    timed = sum(1 for r in rows if r.get("median_us"))
+    print(f"{len(rows)} rows ({timed} timed), complete={obj['meta'].get('complete')}, "
+          f"{len(problems)} schema problems, errors={obj['meta'].get('errors')}")
+EOF
+)
+if [ $RC_BENCH -eq 124 ] || [ $RC_BENCH -eq 137 ] || [ $RC_BENCH -eq 130 ]; then
+    note "bench: TIMED OUT after ${T_BENCH}s (rc=$RC_BENCH); $ROWS -> $RESULT"
+else
+    note "bench: rc=$RC_BENCH; $ROWS -> $RESULT"
+fi
+if [ "$DRY" != "1" ] && [ "$RESULT" != "$FINAL" ] && [ -f "$RESULT" ]; then
+    mkdir -p "$(dirname "$FINAL")"
+    cp "$RESULT" "$FINAL" && note "copied to $FINAL"
+fi
+
+# 5. summary ----------------------------------------------------------------------------------
+section "summary"
+{
+    echo "gpu_check finished in $(elapsed)s (dry=$DRY, sha=${COMPRESS_OPS_GIT_SHA:-unknown})"
+    for line in "${SUMMARY[@]}"; do echo "  $line"; done
+    echo "logs: $LOG_DIR"
+} | tee "$LOG_DIR/summary.txt"
+
+[ $RC_INSTALL -eq 0 ] && [ $RC_TEST -eq 0 ] && [ $RC_BENCH -eq 0 ]

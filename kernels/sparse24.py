@@ -243,6 +243,9 @@ def _sparse24_gemv_kernel(
     Grid: (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)). Each program walks the whole K for BLOCK_N
     output features and BLOCK_M rows. BLOCK_KH stored values (2 * BLOCK_KH dense columns) per
     step; each stored value multiplies its own gathered activation, so no dense tile exists.
+
+    Roofline: 2 M N K dense-equivalent FLOPs (M N K useful); minimum bytes
+    N K (e / 2 + 1 / 8) + M K e + M N e. Memory-bound at decode: the goal is HBM bandwidth.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -334,6 +337,9 @@ def _sparse24_matmul_kernel(
     Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K). Programs are ordered in groups of
     GROUP_M row-tiles so consecutive programs share weight tiles in L2. With SPLIT_K > 1 each
     program reduces a K slice and adds its fp32 partial sum into ``y`` (fp32, zeroed) atomically.
+
+    Roofline: 2 M N K FLOPs on the tensor cores (the dense tile includes the zeros); minimum
+    bytes N K (e / 2 + 1 / 8) + M K e + M N e. Compute-bound from M of a few hundred.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)

@@ -26,6 +26,7 @@ Roofline per call: dense-equivalent FLOPs ``2 M N K``; minimum bytes = stored we
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -180,6 +181,15 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
                     provider="ours",
                     min_bytes=ours_bytes + act, backend=ours_backend, note=note, **common))
 
+            if op is not None and not cuda and ours_backend == "cpu-reference":
+                # the opt-in CPU route that keeps a dense copy per weight (memory for speed)
+                with _env("COMPRESS_OPS_CPU_DENSE_CACHE", "1"):
+                    yield _logged(log, _time_provider(
+                        lambda x=x, v=values, mt=meta: op(x, v, mt, None), x, ref, time_it,
+                        provider="ours-dense-cache", min_bytes=n * k * e + act,
+                        backend="cpu-dense-cache",
+                        note="COMPRESS_OPS_CPU_DENSE_CACHE=1: holds a dense copy", **common))
+
             for provider, ws, snote in semi:
                 if ws is None:
                     yield _logged(log, runner.make_row(
@@ -192,6 +202,54 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
         del wp, values, meta, semi
         if cuda:
             torch.cuda.empty_cache()
+
+    if cuda and op is not None and not quick:
+        # Last (a time limit cuts only these rows): the autotuned kernel on the fp16 cases, so a
+        # GPU run also says which config wins per M bucket (the data for tuned defaults).
+        yield from _autotuned(op, device, cases, time_it, env, peaks, log)
+
+
+def _autotuned(op: Callable, device: torch.device, cases: list[Case],
+               time_it: Callable[[Callable[[], object]], runner.Timing], env: Env,
+               peaks: Peaks, log: Callable[[str], None]) -> Iterator[Row]:
+    from compress_ops.kernels import sparse24 as sp
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    for c in (c for c in cases if c.dtype == torch.float16):
+        e = runner.element_size(c.dtype)
+        w = torch.randn(c.n, c.k, device=device, generator=gen).to(c.dtype) * c.k**-0.5
+        wp = sp.prune_2to4(w)
+        values, meta = sp.pack_sparse24(wp)
+        x = torch.randn(c.m, c.k, device=device, generator=gen).to(c.dtype)
+        ref = F.linear(x, wp)
+        common = dict(kernel=KERNEL, shape={"M": c.m, "N": c.n, "K": c.k}, dtype=c.dtype,
+                      flops=2.0 * c.m * c.n * c.k, env=env, peaks=peaks)
+        with _env("COMPRESS_OPS_AUTOTUNE", "1"):
+            try:
+                op(x, values, meta, None)  # tunes once for this (M bucket, N, K, dtype)
+                key = (sp.m_bucket(c.m), c.n, c.k, c.dtype, False, sp._device_name(device))
+                note = f"autotuned config={sp._TUNED[key].name}"
+            except Exception as ex:  # noqa: BLE001
+                note = f"autotune failed: {type(ex).__name__}: {ex}"[:300]
+            yield _logged(log, _time_provider(
+                lambda x=x, v=values, mt=meta: op(x, v, mt, None), x, ref, time_it,
+                provider="ours-autotuned",
+                min_bytes=sp.sparse24_bytes(c.n, c.k, c.dtype) + c.m * (c.k + c.n) * e,
+                backend="cuda", note=note, **common))
+        del w, wp, values, meta, x, ref
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _make_semi(wp: torch.Tensor) -> list[tuple[str, object | None, str]]:

@@ -17,3 +17,9 @@ def test_demo_prints_table_and_passes(capsys):
 def test_cli_usage(capsys):
     assert main([]) == 0
     assert main(["frobnicate"]) == 2
+
+
+def test_cli_bench_quick_writes_results(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    assert out.is_file() and '"rows"' in out.read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -13,6 +14,10 @@ from compress_ops.kernels import sparse24 as sp
 from compress_ops.reference import sparse24_linear_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The "gpu" hypothesis profile (real kernels, no interpreter) also draws larger shapes.
+LARGE = os.environ.get("HYPOTHESIS_PROFILE") == "gpu"
+MS = [1, 2, 3, 5, 16, 17, 40, 70] + ([129, 300, 1000] if LARGE else [])
+MAX_N, MAX_K = (600, 1100) if LARGE else (80, 150)
 
 
 def _rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
@@ -159,9 +164,9 @@ CONFIGS = {
 
 
 @given(
-    m=st.sampled_from([1, 2, 3, 5, 16, 17, 40, 70]),
-    n=st.integers(1, 80),
-    k=st.integers(1, 150),
+    m=st.sampled_from(MS),
+    n=st.integers(1, MAX_N),
+    k=st.integers(1, MAX_K),
     dtype=st.sampled_from(DTYPES),
     has_bias=st.booleans(),
     cfg=st.sampled_from(sorted(CONFIGS)),

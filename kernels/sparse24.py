@@ -289,16 +289,27 @@ def _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, g0,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Dense ``[BLOCK_N, BLOCK_K]`` tile of W starting at group ``g0`` (dense column 4 * g0).
 
-    Loads the compact tiles (values ``[BLOCK_N, BLOCK_K / 2]`` contiguous along K, one int32
-    metadata word per 8 groups) and expands them with joins, which keep the four positions of a
-    group inside one thread: no shared-memory round trip, no gathers.
+    The two stored values of a group are adjacent, so one integer twice their width loads both
+    (``[BLOCK_N, BLOCK_K / 4]`` pairs, contiguous along K: vector loads, no strided 16-bit
+    loads); one int32 metadata word covers 8 groups. The four positions are expanded with
+    joins, which keep a group inside one thread: no shared-memory round trip, no gathers.
     """
     G: tl.constexpr = BLOCK_K // 4
+    VT: tl.constexpr = values_ptr.dtype.element_ty
     offs_g = g0 + tl.arange(0, G)
     g_mask = n_mask[:, None] & (offs_g < KP_HALF // 2)[None, :]
-    vbase = values_ptr + rows_n[:, None] * stride_vn + 2 * offs_g[None, :]
-    v0 = tl.load(vbase, mask=g_mask, other=0.0)  # first kept value of each group
-    v1 = tl.load(vbase + 1, mask=g_mask, other=0.0)  # second kept value
+    if VT.primitive_bitwidth == 16:
+        pair_ptr = values_ptr.to(tl.pointer_type(tl.int32))
+        pairs = tl.load(pair_ptr + rows_n[:, None] * (stride_vn // 2) + offs_g[None, :],
+                        mask=g_mask, other=0)
+        v0 = (pairs & 0xFFFF).to(tl.uint16).to(VT, bitcast=True)  # little endian: 1st value
+        v1 = ((pairs >> 16) & 0xFFFF).to(tl.uint16).to(VT, bitcast=True)
+    else:
+        pair_ptr = values_ptr.to(tl.pointer_type(tl.int64))
+        pairs = tl.load(pair_ptr + rows_n[:, None] * (stride_vn // 2) + offs_g[None, :],
+                        mask=g_mask, other=0)
+        v0 = (pairs & 0xFFFFFFFF).to(tl.uint32).to(VT, bitcast=True)
+        v1 = ((pairs >> 32) & 0xFFFFFFFF).to(tl.uint32).to(VT, bitcast=True)
     word = tl.load(meta_ptr + rows_n[:, None] * stride_mn + (offs_g // 8)[None, :],
                    mask=g_mask, other=0)
     nib = word >> ((offs_g % 8) * 4)[None, :]
@@ -575,10 +586,13 @@ def audit_specs() -> list[dict]:
                           "UPCAST_DOT": False}
                 expect = "HGMMA" if cfg.block_m >= 64 else "HMMA"
             sig.update({c: "constexpr" for c in consts})
-            specs.append({"kernel": fn.__name__, "config": f"{cfg.name}/{dt}", "fn": fn,
-                          "signature": sig, "constexprs": consts, "aligned": _ALIGNED,
-                          "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                          "expect_mma": expect})
+            # K % 16 == 0 (every real layer: vector loads of x) and a ragged K (masked scalar
+            # loads): Triton compiles each as its own specialization, so audit both.
+            for kname, aligned in (("k16", _ALIGNED + ["K"]), ("kany", _ALIGNED)):
+                specs.append({"kernel": fn.__name__, "config": f"{cfg.name}/{dt}/{kname}",
+                              "fn": fn, "signature": sig, "constexprs": consts,
+                              "aligned": aligned, "num_warps": cfg.num_warps,
+                              "num_stages": cfg.num_stages, "expect_mma": expect})
     return specs
 
 
@@ -676,6 +690,8 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         return x.new_empty(*lead, n)
     x2 = x2.contiguous()
     values = values.contiguous()
+    if values.data_ptr() % (2 * values.element_size()):  # pair loads: a group = one word
+        values = values.clone()
     meta = meta.contiguous()
     bias = bias.contiguous() if bias is not None else None
     if config is None:

@@ -257,3 +257,19 @@ def test_launcher_rejects_bad_inputs(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         sp.sparse24_matmul(**args)
+
+
+def test_kernel_accepts_values_at_an_odd_element_offset(device):
+    # The GEMM path loads a group's two values as one word; a values view starting at an odd
+    # element must still give the right answer (the launcher re-aligns it).
+    n, k = 20, 64
+    w = sp.prune_2to4(_rand(n, k, dtype=torch.float16, seed=11))
+    values, meta = sp.pack_sparse24(w)
+    storage = torch.empty(values.numel() + 1, dtype=values.dtype, device=device)
+    shifted = storage[1:].view_as(values)
+    shifted.copy_(values)
+    assert shifted.data_ptr() % 4 != 0
+    x = _rand(24, k, dtype=torch.float16, seed=12)
+    y = sp.sparse24_matmul(x.to(device), shifted, meta.to(device), config=CONFIGS["gemm_16"])
+    ref = sparse24_linear_ref(x, values, meta, dtype=torch.float64)
+    assert _rel_err(y.cpu(), ref) <= _tol(torch.float16, k)

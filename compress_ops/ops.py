@@ -35,7 +35,16 @@ def cpu_backend() -> str:
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" or (x.device.type == "cpu" and cpu_backend() == "triton")
+    if x.device.type == "cuda":
+        return True
+    if x.device.type == "cpu" and cpu_backend() == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "COMPRESS_OPS_CPU_BACKEND=triton runs the Triton kernel on CPU tensors, which "
+                "needs TRITON_INTERPRET=1 set before triton is first imported"
+            )
+        return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,7 +54,17 @@ def device() -> str:
     return DEVICE
 
 
-@pytest.fixture
-def triton_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route CPU tensors of the ops through the Triton kernel (interpreter)."""
+@pytest.fixture(params=["reference", "triton"])
+def op_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Device to run an op on, covering both implementations of every op.
+
+    ``reference``: CPU tensors, the CPU path. ``triton``: the Triton kernel — on CUDA when a GPU
+    is present, else CPU tensors routed through the interpreter.
+    """
+    if request.param == "reference":
+        monkeypatch.setenv("COMPRESS_OPS_CPU_BACKEND", "reference")
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
     monkeypatch.setenv("COMPRESS_OPS_CPU_BACKEND", "triton")
+    return "cpu"

@@ -24,12 +24,10 @@ def _reset_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("make", [MLP, Block], ids=["mlp", "block"])
-def test_fullgraph_aot_eager_matches_eager(monkeypatch, make, backend):
-    monkeypatch.setenv("COMPRESS_OPS_CPU_BACKEND", backend)
-    model = _compressed(make())
-    x = torch.randn(2, 8, 64)
+def test_fullgraph_aot_eager_matches_eager(op_device, make):
+    model = _compressed(make()).to(op_device)
+    x = torch.randn(2, 8, 64, device=op_device)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

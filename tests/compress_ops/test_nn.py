@@ -21,14 +21,12 @@ def _linear(k: int = 70, n: int = 24, bias: bool = True, dtype=torch.float32, se
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_from_dense_matches_pruned_linear(monkeypatch, bias, backend):
-    monkeypatch.setenv("COMPRESS_OPS_CPU_BACKEND", backend)
-    lin = _linear(bias=bias)
+def test_from_dense_matches_pruned_linear(op_device, bias):
+    lin = _linear(bias=bias).to(op_device)
     m = Sparse24Linear.from_dense(lin, co.Sparse24Config())
     pruned = sp.prune_2to4(lin.weight.detach())
     assert torch.equal(m.dense_weight(), pruned)
-    x = torch.randn(2, 5, 70)
+    x = torch.randn(2, 5, 70, device=op_device)
     ref = F.linear(x.double(), pruned.double(), None if lin.bias is None else lin.bias.double())
     torch.testing.assert_close(m(x).double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(m(x), F.linear(x, m.dense_weight(), m.bias), rtol=1e-5,

@@ -20,13 +20,11 @@ def _packed(n: int, k: int, dtype=torch.float32, seed: int = 0):
     return w, values, meta
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_op_matches_reference_on_both_cpu_backends(monkeypatch, backend, dtype):
-    monkeypatch.setenv("COMPRESS_OPS_CPU_BACKEND", backend)
-    w, values, meta = _packed(20, 70, dtype)
-    x = torch.randn(3, 5, 70).to(dtype)
-    b = torch.randn(20).to(dtype)
+def test_op_matches_reference_on_both_backends(op_device, dtype):
+    w, values, meta = (t.to(op_device) for t in _packed(20, 70, dtype))
+    x = torch.randn(3, 5, 70).to(dtype).to(op_device)
+    b = torch.randn(20).to(dtype).to(op_device)
     y = op(x, values, meta, b)
     ref = sparse24_linear_ref(x, values, meta, b, dtype=torch.float64)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -41,13 +39,11 @@ def test_cpu_backend_env_is_validated(monkeypatch):
         op(torch.randn(2, 32), values, meta, None)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_opcheck(monkeypatch, backend, with_bias):
-    monkeypatch.setenv("COMPRESS_OPS_CPU_BACKEND", backend)
-    _, values, meta = _packed(12, 40)
-    x = torch.randn(4, 40, requires_grad=True)
-    b = torch.randn(12, requires_grad=True) if with_bias else None
+def test_opcheck(op_device, with_bias):
+    _, values, meta = (t.to(op_device) for t in _packed(12, 40))
+    x = torch.randn(4, 40, device=op_device, requires_grad=True)
+    b = torch.randn(12, device=op_device, requires_grad=True) if with_bias else None
     torch.library.opcheck(op, (x, values, meta, b))
     torch.library.opcheck(op, (x.detach(), values.clone().requires_grad_(), meta, b))
 

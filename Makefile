@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint audit bench dashboard clean
+# The GPU machine's image brings its own Triton; audit the kernels with that version too.
+GPU_IMAGE_TRITON ?= 3.6.0
+GPU_TRITON_DIR := .triton-$(GPU_IMAGE_TRITON)
+
+.PHONY: demo test lint audit audit-gpu-image bench dashboard clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -25,6 +29,13 @@ lint: $(STAMP)
 audit: $(STAMP)
 	env -u TRITON_INTERPRET $(BIN)/python perf/audit.py
 
+$(GPU_TRITON_DIR)/.installed:
+	$(BIN)/python -m pip install -q --no-deps --target $(GPU_TRITON_DIR) triton==$(GPU_IMAGE_TRITON)
+	touch $@
+
+audit-gpu-image: $(STAMP) $(GPU_TRITON_DIR)/.installed
+	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR)/$(GPU_TRITON_DIR) $(BIN)/python perf/audit.py
+
 bench: $(STAMP)
 	$(BIN)/python -m compress_ops bench
 
@@ -32,4 +43,4 @@ dashboard: $(STAMP)
 	$(BIN)/python perf/dashboard.py
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(GPU_TRITON_DIR) *.egg-info .pytest_cache .ruff_cache .hypothesis

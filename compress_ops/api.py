@@ -58,12 +58,14 @@ _TRANSFORMS: dict[type, tuple[tuple[type, ...], Callable[[nn.Module, object], nn
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Recipe:
     """Per-layer configs: ``{regex: config or None}``, matched against module names.
 
     The first rule whose pattern ``re.fullmatch``-es a module's qualified name decides; ``None``
-    keeps that module dense. Modules that match no rule are left alone.
+    keeps that module dense. Modules that match no rule are left alone. Rules match the layers
+    themselves, not their containers: ``{"encoder": None}`` keeps nothing dense, use
+    ``{"encoder[.].*": None}``.
     """
 
     rules: dict[str, object]
@@ -72,6 +74,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if not isinstance(self.rules, dict):
             raise TypeError("Recipe takes a dict {regex: config or None}")
+        object.__setattr__(self, "rules", dict(self.rules))  # later edits of the caller's dict
+        # must not desynchronise rules and the compiled patterns
         compiled = []
         for pattern, cfg in self.rules.items():
             try:
@@ -89,6 +93,13 @@ class Recipe:
             if rx.fullmatch(name):
                 return True, cfg
         return False, None
+
+
+def _config_for(config: object, name: str) -> tuple[bool, object]:
+    """``(matched, config or None)`` of a module name under a config or a Recipe."""
+    if isinstance(config, Recipe):
+        return config.config_for(name)
+    return True, config
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -116,36 +127,56 @@ def compress_(
         raise TypeError(f"unknown config {config!r}; expected one of "
                         f"{[t.__name__ for t in _TRANSFORMS]} or a Recipe")
     skipped: dict[str, str] = dict(getattr(model, SKIPPED_ATTR, {}))
+    # A module reachable under several names (shared) is transformed once and replaced at every
+    # name; a weight tied to another module (e.g. an embedding) is left alone.
+    names: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+        modules[id(module)] = module
+    owners: dict[int, list[str]] = {}
+    for mid, module in modules.items():
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), []).append(names[mid][0])
     replaced_root: nn.Module | None = None
-    for name, module in list(model.named_modules()):
+    for mid, aliases in names.items():
+        module = modules[mid]
         if isinstance(module, CompressedLinear):
             continue
-        if isinstance(config, Recipe):
-            matched, cfg = config.config_for(name)
-            if not matched:
-                continue
+        decisions = {_config_for(config, name) for name in aliases}
+        # Look only at layers some matching config handles (or, for notes, dense Linears).
+        if not any(matched and (isinstance(module, _TRANSFORMS[type(cfg)][0]) if cfg else
+                                isinstance(module, nn.Linear)) for matched, cfg in decisions):
+            continue
+        reason = None
+        if len(decisions) > 1:
+            reason = f"shared under {aliases} with different recipe rules"
+        else:
+            ((_, cfg),) = decisions
             if cfg is None:
-                if isinstance(module, nn.Linear):
-                    skipped[name] = "kept dense by recipe"
+                reason = "kept dense by recipe"
+            elif filter_fn is not None and not all(filter_fn(module, n) for n in aliases):
+                reason = "excluded by filter_fn"
+            else:
+                weight = getattr(module, "weight", None)
+                tied = [o for o in owners.get(id(weight), []) if o not in aliases]
+                if tied:
+                    reason = f"weight tied to {tied[0]}; compressing would break the tie"
+        if reason is None:
+            try:
+                new = _TRANSFORMS[type(cfg)][1](module, cfg)
+            except UnsupportedModule as exc:
+                reason = str(exc)
+        for name in aliases:
+            if reason is not None:
+                skipped[name] = reason
                 continue
-        else:
-            cfg = config
-        targets, transform = _TRANSFORMS[type(cfg)]
-        if not isinstance(module, targets):
-            continue
-        if filter_fn is not None and not filter_fn(module, name):
-            skipped[name] = "excluded by filter_fn"
-            continue
-        try:
-            new = transform(module, cfg)
-        except UnsupportedModule as exc:
-            skipped[name] = str(exc)
-            continue
-        skipped.pop(name, None)
-        if name:
-            _set_submodule(model, name, new)
-        else:
-            replaced_root = new
+            skipped.pop(name, None)
+            if name:
+                _set_submodule(model, name, new)
+            else:
+                replaced_root = new
     result = replaced_root if replaced_root is not None else model
     object.__setattr__(result, SKIPPED_ATTR, skipped)
     return result
@@ -195,7 +226,10 @@ def report(model: nn.Module) -> Report:
     Compressed modules report their stored buffers; dense ``nn.Linear`` layers report
     ``kind="dense"`` with the reason ``compress_`` left them dense, if it tried.
     """
-    skipped = getattr(model, SKIPPED_ATTR, {})
+    skipped: dict[str, str] = {}
+    for prefix, sub in model.named_modules():  # notes of compress_ calls on submodules too
+        for name, note in getattr(sub, SKIPPED_ATTR, {}).items():
+            skipped.setdefault(".".join(p for p in (prefix, name) if p), note)
     rows = Report()
     for name, module in model.named_modules():
         if isinstance(module, CompressedLinear):

@@ -56,15 +56,24 @@ def _use_triton(x: torch.Tensor) -> bool:
 _DERIVED: dict[tuple[str, int], tuple[weakref.ref, tuple, torch.Tensor]] = {}
 
 
+def _tensor_stamp(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's current contents: storage, view, dtype and, where tracked,
+    the version counter (``.data`` swaps change the pointer, in-place ops the version).
+    Inference tensors have no version counter; they cannot be changed in place outside
+    ``torch.inference_mode``."""
+    version = None if t.is_inference() else t._version
+    return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype, version)
+
+
 def _derived_weight(kind: str, values: torch.Tensor, meta: torch.Tensor, k: int,
                     build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``build(dense W)``, computed once per packed weight and kept while ``values`` lives.
 
-    The entry is rebuilt when ``values`` or ``meta`` change (version counters, meta storage)
-    and dropped when ``values`` is freed. Used only by the opt-in/measured routes below.
+    The entry is rebuilt when ``values`` or ``meta`` change (see :func:`_tensor_stamp`) and
+    dropped when ``values`` is freed. Used only by the opt-in/measured routes below.
     """
     key = (kind, id(values))
-    stamp = (values._version, meta.data_ptr(), meta._version, k)
+    stamp = (_tensor_stamp(values), _tensor_stamp(meta), k)
     entry = _DERIVED.get(key)
     if entry is None or entry[0]() is not values or entry[1] != stamp:
         with torch.no_grad():
@@ -125,13 +134,15 @@ def _(x, values, meta, bias):
 
 def _sparse24_setup_context(ctx, inputs, output) -> None:
     x, values, meta, bias = inputs
-    ctx.save_for_backward(x, values, meta)
+    # x is needed only for the values gradient: a frozen compressed base keeps no activations.
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, values, meta)
+    ctx.k = x.shape[-1]
     ctx.has_bias = bias is not None
 
 
 def _sparse24_backward(ctx, grad):
     x, values, meta = ctx.saved_tensors
-    k = x.shape[-1]
+    k = ctx.k
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
         w = _sp.unpack_sparse24(values, meta, k).to(grad.dtype)

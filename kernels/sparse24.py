@@ -287,32 +287,33 @@ def _sparse24_gemv_kernel(
 def _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, g0,
                      stride_vn, stride_mn, KP_HALF,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Dense ``[BLOCK_N, BLOCK_K]`` tile of W starting at group ``g0`` (dense column 4 * g0).
+    """Dense K-major ``[BLOCK_K, BLOCK_N]`` tile of W^T starting at group ``g0`` (column 4 g0).
 
     The two stored values of a group are adjacent, so one integer twice their width loads both
-    (``[BLOCK_N, BLOCK_K / 4]`` pairs, contiguous along K: vector loads, no strided 16-bit
+    (``[BLOCK_K / 4, BLOCK_N]`` pairs, contiguous along K: vector loads, no strided 16-bit
     loads); one int32 metadata word covers 8 groups. The four positions are expanded with
-    joins, which keep a group inside one thread: no shared-memory round trip, no gathers.
+    joins, which keep a group inside one thread: no shared-memory round trip, no gathers. The
+    tile is built K-major, ready to be the B operand of ``tl.dot`` with no ``tl.trans``
+    (Triton 3.6 cannot lower a transposed joined tile to a wgmma shared layout).
     """
     G: tl.constexpr = BLOCK_K // 4
     VT: tl.constexpr = values_ptr.dtype.element_ty
     offs_g = g0 + tl.arange(0, G)
-    g_mask = n_mask[:, None] & (offs_g < KP_HALF // 2)[None, :]
+    g_mask = (offs_g < KP_HALF // 2)[:, None] & n_mask[None, :]
+    pair_offs = rows_n[None, :] * (stride_vn // 2) + offs_g[:, None]
     if VT.primitive_bitwidth == 16:
-        pair_ptr = values_ptr.to(tl.pointer_type(tl.int32))
-        pairs = tl.load(pair_ptr + rows_n[:, None] * (stride_vn // 2) + offs_g[None, :],
-                        mask=g_mask, other=0)
+        pairs = tl.load(values_ptr.to(tl.pointer_type(tl.int32)) + pair_offs, mask=g_mask,
+                        other=0)
         v0 = (pairs & 0xFFFF).to(tl.uint16).to(VT, bitcast=True)  # little endian: 1st value
         v1 = ((pairs >> 16) & 0xFFFF).to(tl.uint16).to(VT, bitcast=True)
     else:
-        pair_ptr = values_ptr.to(tl.pointer_type(tl.int64))
-        pairs = tl.load(pair_ptr + rows_n[:, None] * (stride_vn // 2) + offs_g[None, :],
-                        mask=g_mask, other=0)
+        pairs = tl.load(values_ptr.to(tl.pointer_type(tl.int64)) + pair_offs, mask=g_mask,
+                        other=0)
         v0 = (pairs & 0xFFFFFFFF).to(tl.uint32).to(VT, bitcast=True)
         v1 = ((pairs >> 32) & 0xFFFFFFFF).to(tl.uint32).to(VT, bitcast=True)
-    word = tl.load(meta_ptr + rows_n[:, None] * stride_mn + (offs_g // 8)[None, :],
+    word = tl.load(meta_ptr + rows_n[None, :] * stride_mn + (offs_g // 8)[:, None],
                    mask=g_mask, other=0)
-    nib = word >> ((offs_g % 8) * 4)[None, :]
+    nib = word >> ((offs_g % 8) * 4)[:, None]
     p0 = nib & 3
     p1 = (nib >> 2) & 3
     zero = tl.zeros_like(v0)
@@ -320,9 +321,10 @@ def _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, g0,
     w1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
     w2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
     w3 = tl.where(p1 == 3, v1, zero)
-    # join(join(w0, w2), join(w1, w3))[n, g, i, t] = w_{2i + t}
+    # join(join(w0, w2), join(w1, w3))[g, n, i, t] = w_{2i + t}; permuted to [g, i, t, n] the
+    # row index g * 4 + 2i + t is the dense column.
     w = tl.join(tl.join(w0, w2), tl.join(w1, w3))
-    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+    return tl.reshape(tl.permute(w, (0, 2, 3, 1)), (BLOCK_K, BLOCK_N))
 
 
 @triton.jit
@@ -384,10 +386,9 @@ def _sparse24_matmul_kernel(
         w = _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, t * (BLOCK_K // 4),
                              stride_vn, stride_mn, KP_HALF, BLOCK_N, BLOCK_K)
         if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
-            acc = tl.dot(a.to(tl.float32), tl.trans(w).to(tl.float32), acc,
-                         input_precision="ieee")
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         if pid_k == 0:
@@ -406,6 +407,7 @@ def _sparse24_matmul_kernel(
 # ---------------------------------------------------------------------------------------------
 
 _CONFIG_FILE = Path(__file__).parent / "configs" / "sparse24.json"
+SPLIT_K_MAX_M = 64  # select_config adds split-K only up to here (the audited epilogues)
 
 
 @dataclass(frozen=True)
@@ -461,7 +463,7 @@ def select_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
 
     Tables map an M bucket (power of two, or ``"max"``) to a config; the path switches to the
     GEMV kernel at ``m <= gemv_max_m``. Split-K is raised when the M x N tile grid would leave
-    the GPU's multiprocessors idle (skinny problems).
+    the GPU's multiprocessors idle (skinny problems, ``m <= SPLIT_K_MAX_M``).
     """
     tables = _load_defaults()
     table = tables.get(_device_name(device), tables["default"])
@@ -472,7 +474,7 @@ def select_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
         keys = sorted(int(b) for b in table["gemm"])
         key = next((b for b in keys if b >= bucket), keys[-1])
         cfg = KernelConfig(path="gemm", **table["gemm"][str(key)])
-    if cfg.path == "gemm" and cfg.split_k == 1 and device.type == "cuda":
+    if cfg.path == "gemm" and cfg.split_k == 1 and device.type == "cuda" and m <= SPLIT_K_MAX_M:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         k_tiles = triton.cdiv(_padded_k(k), cfg.block_k)
@@ -565,7 +567,8 @@ def audit_specs() -> list[dict]:
         for path in ("gemv", "gemm"):
             for c in table[path].values():
                 # select_config may raise split_k at run time: audit both epilogues
-                for sk in ((1, 2) if path == "gemm" else (1,)):
+                split = path == "gemm" and c["block_m"] <= SPLIT_K_MAX_M
+                for sk in ((1, 2) if split else (1,)):
                     cfg = KernelConfig(path, **{**c, "split_k": sk})
                     cfgs[cfg.name] = (cfg, ("fp16", "bf16"))
     specs = []

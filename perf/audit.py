@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _SPECS[:] = collect_specs(args.family or FAMILIES)
     jobs = [(i, arch) for i in range(len(_SPECS)) for arch in (args.arch or [80, 90])]
-    print(f"auditing {len(jobs)} compiles ({len(_SPECS)} specs) on {args.jobs} processes",
+    print(f"auditing {len(jobs)} compiles ({len(_SPECS)} specs) with triton {triton.__version__} "
+          f"on {args.jobs} processes",
           flush=True)
     with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool:
         rows = list(pool.map(_compile_indexed, jobs))

@@ -15,7 +15,7 @@
 #      $OUT/results/ (the device tool returns what is under $OUT), then copied to perf/results/.
 #
 # Time limits (seconds), overridable: GPU_CHECK_INSTALL_TIMEOUT (60), GPU_CHECK_TEST_TIMEOUT
-# (240), GPU_CHECK_BENCH_TIMEOUT (150). Exit status: 0 when every step passed, else 1.
+# (270), GPU_CHECK_BENCH_TIMEOUT (150). Exit status: 0 when every step passed, else 1.
 set -u
 set -o pipefail
 
@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
 DRY=${GPU_CHECK_DRY:-0}
 T_INSTALL=${GPU_CHECK_INSTALL_TIMEOUT:-60}
-T_TEST=${GPU_CHECK_TEST_TIMEOUT:-240}
+T_TEST=${GPU_CHECK_TEST_TIMEOUT:-270}
 T_BENCH=${GPU_CHECK_BENCH_TIMEOUT:-150}
 
 if [ "$DRY" = "1" ] && [ -x "$REPO/.venv/bin/python" ]; then

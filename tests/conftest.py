@@ -37,7 +37,8 @@ settings.register_profile(
 )
 settings.register_profile(
     "gpu",
-    max_examples=60,
+    max_examples=50,
+    derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.function_scoped_fixture],

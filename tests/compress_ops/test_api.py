@@ -94,3 +94,58 @@ def test_config_and_argument_validation():
         co.Recipe({"(": None})
     with pytest.raises(TypeError, match="unknown config"):
         co.Recipe({"fc1": 3})
+
+
+def test_shared_linear_is_compressed_once_and_replaced_everywhere():
+    shared = nn.Linear(32, 32)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    x = torch.randn(4, 32)
+    co.compress_(model, co.Sparse24Config())
+    assert isinstance(model[0], Sparse24Linear) and model[0] is model[2]
+    rows = co.report(model)
+    assert [r.name for r in rows] == ["0"]  # one module, reported once
+
+
+def test_tied_weight_is_left_dense_with_a_reason():
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(64, 32)
+            self.head = nn.Linear(32, 64, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(t))
+
+    model = TiedLM()
+    co.compress_(model, co.Sparse24Config())
+    assert type(model.head) is nn.Linear and model.head.weight is model.embed.weight
+    notes = {r.name: r.note for r in co.report(model)}
+    assert "tied to embed" in notes["head"]
+
+
+def test_shared_module_with_conflicting_rules_stays_dense():
+    shared = nn.Linear(32, 32)
+    model = nn.Sequential()
+    model.add_module("a", shared)
+    model.add_module("b", shared)
+    co.compress_(model, co.Recipe({"a": co.Sparse24Config(), "b": None}))
+    assert type(model.a) is nn.Linear
+    assert "different recipe rules" in co.report(model)[0].note
+
+
+def test_recipe_is_hashable_and_copies_its_rules():
+    rules = {"fc1": co.Sparse24Config()}
+    recipe = co.Recipe(rules)
+    hash(recipe)
+    rules["fc2"] = co.Sparse24Config()  # the caller's later edit does not leak into the recipe
+    model = MLP()
+    co.compress_(model, recipe)
+    assert isinstance(model.fc1, Sparse24Linear) and type(model.fc2) is nn.Linear
+
+
+def test_report_keeps_notes_of_compress_calls_on_submodules():
+    model = nn.Sequential(MLP())
+    co.compress_(model[0], co.Sparse24Config(), filter_fn=lambda m, name: name != "head")
+    notes = {r.name: r.note for r in co.report(model)}
+    assert notes["0.head"] == "excluded by filter_fn"

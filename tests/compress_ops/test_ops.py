@@ -163,3 +163,31 @@ def test_cpu_dense_cache_is_off_by_default():
     _, values, meta = _packed(16, 40, seed=6)
     op(torch.randn(2, 40), values, meta, None)
     assert ("dense", id(values)) not in ops_mod._DERIVED
+
+
+def test_cpu_dense_cache_follows_data_swaps_and_inference_tensors(monkeypatch):
+    from compress_ops.nn import Sparse24Linear
+
+    monkeypatch.setenv("COMPRESS_OPS_CPU_DENSE_CACHE", "1")
+    m = Sparse24Linear.from_dense(torch.nn.Linear(40, 16))
+    x = torch.randn(3, 40)
+    m(x)
+    m.values.data = m.values.clone() * 3  # same tensor object and version, new storage
+    torch.testing.assert_close(m(x), F.linear(x, m.dense_weight(), m.bias))
+    with torch.inference_mode():
+        mi = Sparse24Linear.from_dense(torch.nn.Linear(40, 16))
+        xi = torch.randn(3, 40)
+        torch.testing.assert_close(mi(xi), F.linear(xi, mi.dense_weight(), mi.bias))
+    torch.testing.assert_close(mi(xi), F.linear(xi, mi.dense_weight(), mi.bias))
+
+
+def test_frozen_base_saves_no_activation_for_backward():
+    _, values, meta = _packed(16, 40)
+    x = torch.randn(8, 40, requires_grad=True)
+    y = op(x, values, meta, None)
+    assert all(t is None or t.shape != x.shape for t in y.grad_fn.saved_tensors)
+    y.sum().backward()  # the activation gradient still flows
+    assert x.grad is not None and x.grad.shape == x.shape
+    v = values.clone().requires_grad_()
+    y = op(x, v, meta, None)  # training the values needs x, so it is saved then
+    assert any(t is not None and t.shape == x.shape for t in y.grad_fn.saved_tensors)

@@ -102,6 +102,7 @@ def test_shared_linear_is_compressed_once_and_replaced_everywhere():
     x = torch.randn(4, 32)
     co.compress_(model, co.Sparse24Config())
     assert isinstance(model[0], Sparse24Linear) and model[0] is model[2]
+    torch.testing.assert_close(model(x), model[0](torch.relu(model[0](x))))
     rows = co.report(model)
     assert [r.name for r in rows] == ["0"]  # one module, reported once
 

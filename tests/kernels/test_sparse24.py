@@ -184,19 +184,37 @@ def test_kernel_matches_float64_reference(device, poison, m, n, k, dtype, has_bi
     assert _rel_err(y, ref) <= _tol(dtype, k)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cfg", ["gemv_m4", "gemm_16", "gemm_32_splitk"])
-def test_kernel_blocks_cover_ragged_grid(device, poison, cfg):
+def test_kernel_blocks_cover_ragged_grid(device, poison, cfg, dtype):
     # M, N, K all off the block grid, several blocks in every direction
     m = {"gemv_m4": 6, "gemm_16": 37, "gemm_32_splitk": 70}[cfg]
     n, k = 75, 301
-    w = sp.prune_2to4(_rand(n, k, seed=3))
+    w = sp.prune_2to4(_rand(n, k, dtype=dtype, seed=3))
     values, meta = (t.to(device) for t in sp.pack_sparse24(w))
-    x = _rand(m, k, seed=4).to(device)
-    bias = _rand(n, seed=5).to(device)
+    x = _rand(m, k, dtype=dtype, seed=4).to(device)
+    bias = _rand(n, dtype=dtype, seed=5).to(device)
     y = sp.sparse24_matmul(x, values, meta, bias, config=CONFIGS[cfg])
     ref = sparse24_linear_ref(x, values, meta, bias, dtype=torch.float64)
-    assert torch.isfinite(y).all()
-    assert _rel_err(y, ref) <= _tol(torch.float32, k)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    assert _rel_err(y, ref) <= _tol(dtype, k)
+
+
+def test_every_autotune_config_computes_the_right_answer(device):
+    # Autotuning picks by speed only; every candidate must be correct (ragged M, N, K).
+    n, k = 40, 100
+    w = sp.prune_2to4(_rand(n, k, dtype=torch.float16, seed=21))
+    values, meta = (t.to(device) for t in sp.pack_sparse24(w))
+    seen = set()
+    for m in (1, 2, 3, 9, 33, 100):
+        x = _rand(m, k, dtype=torch.float16, seed=22).to(device)
+        ref = sparse24_linear_ref(x, values, meta, dtype=torch.float64)
+        for cfg in sp.get_autotune_configs(m):
+            if cfg.name in seen:
+                continue
+            seen.add(cfg.name)
+            y = sp.sparse24_matmul(x, values, meta, config=cfg)
+            assert _rel_err(y, ref) <= _tol(torch.float16, k), cfg.name
 
 
 def test_kernel_leading_dims_noncontiguous_and_empty(device):
@@ -259,17 +277,18 @@ def test_launcher_rejects_bad_inputs(kwargs, exc, match):
         sp.sparse24_matmul(**args)
 
 
-def test_kernel_accepts_values_at_an_odd_element_offset(device):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_kernel_accepts_values_at_an_odd_element_offset(device, dtype):
     # The GEMM path loads a group's two values as one word; a values view starting at an odd
     # element must still give the right answer (the launcher re-aligns it).
     n, k = 20, 64
-    w = sp.prune_2to4(_rand(n, k, dtype=torch.float16, seed=11))
+    w = sp.prune_2to4(_rand(n, k, dtype=dtype, seed=11))
     values, meta = sp.pack_sparse24(w)
     storage = torch.empty(values.numel() + 1, dtype=values.dtype, device=device)
     shifted = storage[1:].view_as(values)
     shifted.copy_(values)
-    assert shifted.data_ptr() % 4 != 0
-    x = _rand(24, k, dtype=torch.float16, seed=12)
+    assert shifted.data_ptr() % (2 * shifted.element_size()) != 0
+    x = _rand(24, k, dtype=dtype, seed=12)
     y = sp.sparse24_matmul(x.to(device), shifted, meta.to(device), config=CONFIGS["gemm_16"])
     ref = sparse24_linear_ref(x, values, meta, dtype=torch.float64)
-    assert _rel_err(y.cpu(), ref) <= _tol(torch.float16, k)
+    assert _rel_err(y.cpu(), ref) <= _tol(dtype, k)

@@ -452,12 +452,14 @@ def _load_defaults() -> dict:
     return json.loads(_CONFIG_FILE.read_text())
 
 
+@functools.lru_cache(maxsize=64)
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "interpreter"
 
 
+@functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode (~10 us kernels)
 def select_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
     """Tuned default for this shape: the GPU's own table if shipped, else ``default``.
 

@@ -111,7 +111,7 @@ section "tests"
 if [ "$DRY" = "1" ]; then
     TEST_PATHS=(tests/perf)
 else
-    TEST_PATHS=(tests)
+    TEST_PATHS=(tests/kernels tests/compress_ops tests/perf)  # kernels first: -x and a time limit
 fi
 # SIGINT first: pytest then still prints what failed before the limit.
 HYPOTHESIS_PROFILE=gpu timeout -s INT -k 20 "$T_TEST" "$PY" -m pytest -x -q -p no:cacheprovider \

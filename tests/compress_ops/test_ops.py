@@ -191,3 +191,14 @@ def test_frozen_base_saves_no_activation_for_backward():
     v = values.clone().requires_grad_()
     y = op(x, v, meta, None)  # training the values needs x, so it is saved then
     assert any(t is not None and t.shape == x.shape for t in y.grad_fn.saved_tensors)
+
+
+def test_cpu_path_chunks_large_weights_exactly(monkeypatch):
+    import compress_ops.ops as ops_mod
+
+    monkeypatch.setattr(ops_mod, "_CPU_CHUNK_ELEMS", 64 * 64)  # force several row chunks
+    _, values, meta = _packed(300, 70, seed=9)
+    x, b = torch.randn(2, 3, 70), torch.randn(300)
+    y = op(x, values, meta, b)
+    assert y.shape == (2, 3, 300)
+    torch.testing.assert_close(y, sparse24_linear_ref(x, values, meta, b), rtol=1e-6, atol=1e-6)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from compress_ops._text import format_table
 from compress_ops.nn.base import CompressedLinear
 from compress_ops.nn.sparse24 import Sparse24Linear
 
@@ -213,11 +214,7 @@ class Report(list):
         total = self.stored_bytes / self.dense_bytes if self.dense_bytes else 1.0
         rows.append(("TOTAL", "", str(self.dense_bytes), str(self.stored_bytes),
                      f"{total:.4f}", ""))
-        widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*row) for row in rows]
-        return "\n".join(line.rstrip() for line in lines)
+        return format_table(head, rows)
 
 
 def report(model: nn.Module) -> Report:

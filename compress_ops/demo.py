@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import compress_ops as co
+from compress_ops._text import format_table
 from compress_ops.nn.base import CompressedLinear
 
 
@@ -161,11 +162,7 @@ def format_rows(rows: list[Row]) -> str:
              f"{r.stored_bytes / r.dense_bytes:.4f}", f"{r.max_rel_err:.2e}",
              f"{r.eager_us:.1f}", "-" if r.compiled_us is None else f"{r.compiled_us:.1f}",
              r.device) for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*r) for r in body]
-    return "\n".join(line.rstrip() for line in lines)
+    return format_table(head, body)
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -34,6 +34,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from compress_ops._text import format_table as _format_table
+
 FAMILIES = ["sparse24"]
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -115,11 +117,7 @@ def format_table(rows: list[AuditRow]) -> str:
     body = [[r.kernel, r.config, f"sm_{r.arch}", str(r.registers), str(r.shared_bytes),
              str(r.spill_loads), str(r.spill_stores), r.mma,
              "ok" if r.ok else "FAIL: " + r.problems] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
-    return "\n".join(lines)
+    return _format_table(head, body)
 
 
 _SPECS: list[dict] = []

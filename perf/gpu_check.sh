@@ -113,9 +113,15 @@ if [ "$DRY" = "1" ]; then
 else
     TEST_PATHS=(tests/kernels tests/compress_ops tests/perf)  # kernels first: -x and a time limit
 fi
+# Triton JIT-compiles every kernel specialization the tests draw: spread the test files over
+# worker processes when pytest-xdist is there (the GPU image has it), one file per worker.
+XDIST=()
+if [ "$DRY" != "1" ] && "$PY" -c "import xdist" 2>/dev/null; then
+    XDIST=(-n "${GPU_CHECK_TEST_WORKERS:-6}" --dist loadfile)
+fi
 # SIGINT first: pytest then still prints what failed before the limit.
 HYPOTHESIS_PROFILE=gpu timeout -s INT -k 20 "$T_TEST" "$PY" -m pytest -x -q -p no:cacheprovider \
-    "${TEST_PATHS[@]}" 2>&1 | tee "$LOG_DIR/pytest.log"
+    "${XDIST[@]}" "${TEST_PATHS[@]}" 2>&1 | tee "$LOG_DIR/pytest.log"
 RC_TEST=$?
 TEST_LINE=$(grep -E "(passed|failed|error|no tests ran)" "$LOG_DIR/pytest.log" | tail -n 1)
 if [ $RC_TEST -eq 124 ] || [ $RC_TEST -eq 137 ] || [ $RC_TEST -eq 130 ]; then

@@ -139,7 +139,7 @@ def sparse24_linear(
                             torch.sparse.to_sparse_semi_structured)
         return F.linear(x, w, bias)
     if _use_triton(x):
-        return _sp.sparse24_matmul(x, values, meta, bias)
+        return _sp.run_checked(x, values, meta, bias)
     if cpu_dense_cache():
         return F.linear(x, _derived_weight("dense", values, meta, k, lambda w: w), bias)
     return _sparse24_linear_cpu(x, values, meta, bias)

@@ -531,12 +531,7 @@ def validate_results(obj: Any) -> list[str]:
     if "meta" in obj and not isinstance(meta, dict):
         problems.append("meta is not an object")
     elif isinstance(meta, dict):
-        for k in META_FIELDS:
-            if k not in meta:
-                problems.append(f"meta: missing field {k!r}")
-        for k in meta:
-            if k not in META_FIELDS and k not in OPTIONAL_META_FIELDS:
-                problems.append(f"meta: unknown field {k!r}")
+        problems.extend(_field_problems("meta", meta, META_FIELDS, OPTIONAL_META_FIELDS))
 
     rows = obj.get("rows")
     if "rows" in obj and not isinstance(rows, list):
@@ -547,17 +542,18 @@ def validate_results(obj: Any) -> list[str]:
     return problems
 
 
+def _field_problems(where: str, obj: dict, required, optional) -> list[str]:
+    """Missing required and unknown fields of one object, named."""
+    out = [f"{where}: missing field {k!r}" for k in required if k not in obj]
+    out += [f"{where}: unknown field {k!r}" for k in obj if k not in required and k not in optional]
+    return out
+
+
 def _validate_row(i: int, r: Any) -> list[str]:
     if not isinstance(r, dict):
         return [f"row {i}: is {type(r).__name__}, expected an object"]
     where = f"row {i} ({r.get('kernel', '?')}/{r.get('provider', '?')})"
-    out = []
-    for k in ROW_FIELDS:
-        if k not in r:
-            out.append(f"{where}: missing field {k!r}")
-    for k in r:
-        if k not in ROW_FIELDS and k not in OPTIONAL_ROW_FIELDS:
-            out.append(f"{where}: unknown field {k!r}")
+    out = _field_problems(where, r, ROW_FIELDS, OPTIONAL_ROW_FIELDS)
     for k in _STR_FIELDS:
         if k in r and not isinstance(r[k], str):
             out.append(f"{where}: field {k!r} should be a string, got {r[k]!r}")

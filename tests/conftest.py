@@ -27,22 +27,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile(
-    "ci",
-    max_examples=40,
+_COMMON = dict(
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.function_scoped_fixture],
 )
-settings.register_profile(
-    "gpu",
-    max_examples=50,
-    derandomize=True,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                           HealthCheck.function_scoped_fixture],
-)
+settings.register_profile("ci", max_examples=40, **_COMMON)
+settings.register_profile("gpu", max_examples=50, **_COMMON)  # with larger shapes (tests)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -39,14 +39,23 @@ FLOPs (dense-equivalent) ``2 M N K``; useful FLOPs ``M N K``; minimum bytes
 from __future__ import annotations
 
 import functools
-import json
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+from compress_ops.kernels._tuning import (
+    SPLIT_K_MAX_M,
+    KernelConfig,
+    auto_split_k,
+    autotune,
+    device_name,
+    device_table,
+    load_tables,
+    m_bucket,
+    table_config,
+)
 
 K_ALIGN = 32  # dense columns per metadata word; pack pads K up to a multiple of this
 _VALUES_PER_WORD = 16
@@ -406,85 +415,22 @@ def _sparse24_matmul_kernel(
 # Configs: tuned defaults (JSON per GPU name), optional autotuning, audit specs
 # ---------------------------------------------------------------------------------------------
 
-_CONFIG_FILE = Path(__file__).parent / "configs" / "sparse24.json"
-SPLIT_K_MAX_M = 64  # select_config adds split-K only up to here (the audited epilogues)
+_FAMILY = "sparse24"
 
 
-@dataclass(frozen=True)
-class KernelConfig:
-    """Launch parameters of one path. ``block_k`` counts dense columns for both paths."""
-
-    path: str  # "gemv" or "gemm"
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int = 4
-    num_stages: int = 3
-    group_m: int = 8
-    split_k: int = 1
-
-    def __post_init__(self) -> None:
-        if self.path not in ("gemv", "gemm"):
-            raise ValueError(f"path must be 'gemv' or 'gemm', got {self.path!r}")
-        for name in ("block_m", "block_n", "block_k", "num_warps", "group_m", "split_k"):
-            v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"{name} must be a power of two, got {v}")
-        if self.block_k < K_ALIGN:
-            raise ValueError(f"block_k must be >= {K_ALIGN}, got {self.block_k}")
-        if self.path == "gemm" and self.block_m < 16:
-            raise ValueError("gemm path needs block_m >= 16 (tl.dot)")
-
-    @property
-    def name(self) -> str:
-        s = (f"{self.path}_m{self.block_m}n{self.block_n}k{self.block_k}"
-             f"w{self.num_warps}s{self.num_stages}")
-        return s + (f"sk{self.split_k}" if self.split_k > 1 else "")
-
-
-def m_bucket(m: int) -> int:
-    """Next power of two of M (>= 1): the key for configs and autotuning."""
-    return 1 if m <= 1 else 1 << (m - 1).bit_length()
-
-
-@functools.cache
 def _load_defaults() -> dict:
-    return json.loads(_CONFIG_FILE.read_text())
-
-
-@functools.lru_cache(maxsize=64)
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "interpreter"
+    return load_tables(_FAMILY)
 
 
 @functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode (~10 us kernels)
 def select_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
-    """Tuned default for this shape: the GPU's own table if shipped, else ``default``.
-
-    Tables map an M bucket (power of two, or ``"max"``) to a config; the path switches to the
-    GEMV kernel at ``m <= gemv_max_m``. Split-K is raised when the M x N tile grid would leave
-    the GPU's multiprocessors idle (skinny problems, ``m <= SPLIT_K_MAX_M``).
+    """Tuned default for this shape from ``configs/sparse24.json`` (the GPU's own table if
+    shipped, else ``default``): the GEMV kernel up to ``gemv_max_m``, else the GEMM tile of M's
+    bucket, with split-K raised when the tile grid would leave multiprocessors idle.
     """
-    tables = _load_defaults()
-    table = tables.get(_device_name(device), tables["default"])
-    bucket = m_bucket(m)
-    if m <= table["gemv_max_m"]:
-        cfg = KernelConfig(path="gemv", **table["gemv"][str(min(bucket, table["gemv_max_m"]))])
-    else:
-        keys = sorted(int(b) for b in table["gemm"])
-        key = next((b for b in keys if b >= bucket), keys[-1])
-        cfg = KernelConfig(path="gemm", **table["gemm"][str(key)])
-    if cfg.path == "gemm" and cfg.split_k == 1 and device.type == "cuda" and m <= SPLIT_K_MAX_M:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-        k_tiles = triton.cdiv(_padded_k(k), cfg.block_k)
-        split = 1
-        while tiles * split < sms and split * 2 <= min(16, k_tiles // 4):
-            split *= 2
-        if split > 1:
-            cfg = KernelConfig(**{**cfg.__dict__, "split_k": split})
+    cfg = table_config(device_table(_FAMILY, device), m)
+    if cfg.path == "gemm":
+        cfg = auto_split_k(cfg, m, n, _padded_k(k), device)
     return cfg
 
 
@@ -497,8 +443,7 @@ def semi_structured_min_m(device: torch.device) -> int | None:
     """
     if device.type != "cuda":
         return None
-    tables = _load_defaults()
-    return tables.get(_device_name(device), tables["default"]).get("semi_structured_min_m")
+    return device_table(_FAMILY, device).get("semi_structured_min_m")
 
 
 def get_autotune_configs(m: int) -> list[KernelConfig]:
@@ -527,24 +472,12 @@ def get_autotune_configs(m: int) -> list[KernelConfig]:
     return out
 
 
-_TUNED: dict[tuple, KernelConfig] = {}
-
-
 def _autotune(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
               bias: torch.Tensor | None) -> KernelConfig:
     m, n, k = x2.shape[0], values.shape[0], x2.shape[1]
-    key = (m_bucket(m), n, k, x2.dtype, bias is not None, _device_name(x2.device))
-    if key not in _TUNED:
-        timings = []
-        for cfg in get_autotune_configs(m):
-            try:
-                ms = triton.testing.do_bench(
-                    lambda cfg=cfg: _launch(x2, values, meta, bias, cfg), warmup=5, rep=20)
-            except Exception:  # a config that does not fit this GPU (shared memory) is skipped
-                continue
-            timings.append((ms, cfg))
-        _TUNED[key] = min(timings, key=lambda t: t[0])[1]
-    return _TUNED[key]
+    key = (_FAMILY, m_bucket(m), n, k, x2.dtype, bias is not None, device_name(x2.device))
+    return autotune(key, get_autotune_configs(m),
+                    lambda cfg: _launch(x2, values, meta, bias, cfg))
 
 
 _SIG_COMMON = {
@@ -563,7 +496,7 @@ def audit_specs() -> list[dict]:
     cfgs: dict[str, tuple[KernelConfig, tuple[str, ...]]] = {}
     for m in (1, 2, 4, 16, 64, 256):
         for cfg in get_autotune_configs(m):
-            cfg = KernelConfig(**{**cfg.__dict__, "split_k": min(cfg.split_k, 2)})
+            cfg = cfg.with_split_k(min(cfg.split_k, 2))
             cfgs[cfg.name] = (cfg, ("fp16",))
     for table in _load_defaults().values():
         for path in ("gemv", "gemm"):

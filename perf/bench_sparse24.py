@@ -226,9 +226,8 @@ def _autotuned(op: Callable, device: torch.device, cases: list[Case],
                       flops=2.0 * c.m * c.n * c.k, env=env, peaks=peaks)
         with _env("COMPRESS_OPS_AUTOTUNE", "1"):
             try:
-                op(x, values, meta, None)  # tunes once for this (M bucket, N, K, dtype)
-                key = (sp.m_bucket(c.m), c.n, c.k, c.dtype, False, sp._device_name(device))
-                note = f"autotuned config={sp._TUNED[key].name}"
+                # tunes once for this (M bucket, N, K, dtype); the op then reuses the choice
+                note = f"autotuned config={sp._autotune(x, values, meta, None).name}"
             except Exception as ex:  # noqa: BLE001
                 note = f"autotune failed: {type(ex).__name__}: {ex}"[:300]
             yield _logged(log, _time_provider(

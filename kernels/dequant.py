@@ -1,0 +1,713 @@
+"""Low-bit weights: b-bit packing, affine (int8/int4/int2) and codebook formats, Triton matmuls.
+
+Packed fields
+-------------
+A weight ``W[N, K]`` is stored as unsigned b-bit integers ``q[N, Kp]`` (``b`` in {2, 3, 4, 8}),
+``Kp`` = K rounded up to the group size (whole-row groups: to 32). Padding columns hold ``q`` of
+a zero weight; kernels also mask activations at ``k >= K``. ``q`` is packed along K into
+``qweight[N, Kp * b / 32]`` int32: every 32 dense columns of a row take exactly ``b`` words.
+
+* ``b`` in {2, 4, 8} (contiguous fields): column ``c`` is field ``c % (32 / b)`` of word
+  ``c // (32 / b)``, at bits ``[(c % (32 / b)) * b, ... + b)`` (little-endian: for int8 the
+  bytes of ``qweight.view(torch.uint8)`` are ``q`` itself).
+* ``b`` = 3 (bit planes): the 32 columns of block ``j`` use words ``3j, 3j + 1, 3j + 2``; word
+  ``3j + p`` holds bit ``p`` of column ``32j + i`` at bit ``i``. Exactly 3 bits per weight, and
+  every tile of 32 columns stays word aligned.
+
+Affine format (int-b quantization)
+----------------------------------
+``W[n, c] = (q[n, c] - z[n, g]) * s[n, g]`` with ``g = c // group_size``: ``scales[N, Kp / gs]``
+and, for asymmetric grids, ``zeros[N, Kp / gs]`` (both in the activation dtype; a zero point may
+be fractional). Symmetric grids store no zeros: ``z = 2**(b - 1)`` (offset binary, so ``q`` in
+``[0, 2**b)`` covers ``[-2**(b-1), 2**(b-1) - 1]``). ``group_size`` is 32, 64, 128, 256 or the
+whole (padded) row, ``Kp``. Bytes per weight: ``b / 8 + (1 or 2) * e / group_size``
+(int4, group 128, fp16 scales and zeros: 0.5 + 0.03125 = 0.2656x of fp16).
+
+Codebook format (weight sharing)
+--------------------------------
+``W[n, c] = codebook[n // rows_per_group, q[n, c]]``: ``codebook[R, 2**b]`` in the activation
+dtype, ``R`` row groups (``R`` divides N; ``R = 1``: one table for the layer), ``q`` packed as
+above (``b`` in {2, 3, 4, 8}).
+
+Kernels
+-------
+``y[M, N] = x[M, K] @ W^T (+ bias)`` reading only the packed form; both modes share the kernels
+(a ``MODE`` constexpr picks affine-asymmetric, affine-symmetric or codebook):
+
+* :func:`_lowbit_gemv_kernel` (small M, memory-bound): loads each packed word once and walks
+  its fields (``tl.static_range``), multiplying field ``i`` of a ``[U, BLOCK_N]`` word tile by
+  the activations at columns ``u * fields + i``; FMA into a ``[BLOCK_M, U, BLOCK_N]`` fp32
+  accumulator reduced once at the end; optional split-K (fp32 atomic adds).
+* :func:`_lowbit_matmul_kernel` (large M, compute-bound): tiled ``tl.dot`` GEMM; each
+  ``[BLOCK_K, BLOCK_N]`` weight tile is unpacked and dequantized (or looked up) in registers,
+  grouped program order, ``num_stages`` pipelining, optional split-K.
+
+Roofline for one call (M, N, K), activations of ``e`` bytes: ``2 M N K`` FLOPs; minimum bytes
+``N Kp b / 8 + N (Kp / gs) e (1 + asym)`` (affine) or ``N Kp b / 8 + R 2**b e`` (codebook)
+``+ M K e + M N e``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from compress_ops.kernels._tuning import (
+    SPLIT_K_MAX_M,
+    KernelConfig,
+    auto_split_k,
+    autotune,
+    device_name,
+    device_table,
+    load_tables,
+    m_bucket,
+    table_config,
+)
+
+__all__ = [
+    "BITS",
+    "GROUP_SIZES",
+    "MODE_ASYM",
+    "MODE_SYM",
+    "MODE_CODEBOOK",
+    "padded_k",
+    "effective_group_size",
+    "pack_bits",
+    "unpack_bits",
+    "dequantize",
+    "codebook_weight",
+    "lowbit_bytes",
+    "codebook_bytes",
+    "check_affine_inputs",
+    "check_codebook_inputs",
+    "dequant_matmul",
+    "codebook_matmul",
+    "select_config",
+    "get_autotune_configs",
+    "audit_specs",
+]
+
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128, 256)  # or the whole (padded) row
+MODE_ASYM, MODE_SYM, MODE_CODEBOOK = 0, 1, 2
+_WORD_COLS = 32  # dense columns per b words (the packing unit)
+_FAMILY = "dequant"
+
+
+# ---------------------------------------------------------------------------------------------
+# Format
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+
+
+def _fields_per_word(bits: int) -> int:
+    return 32 if bits == 3 else 32 // bits  # bit planes: a "unit" is 32 columns in 3 words
+
+
+def padded_k(k: int, group_size: int | None) -> int:
+    """Packed width of a K-column row: K rounded up to ``group_size`` (None: to 32)."""
+    unit = _WORD_COLS if group_size is None else max(group_size, _WORD_COLS)
+    return -(-k // unit) * unit
+
+
+def effective_group_size(k: int, group_size: int | None) -> int:
+    """The group size actually stored: ``group_size``, or the padded row when the row fits in
+    one group (``None``, or ``group_size >= K``), so one group never spans padding alone."""
+    if group_size is not None:
+        if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES} or None (whole row), "
+                             f"got {group_size!r}")
+        if padded_k(k, None) > group_size:
+            return group_size
+    return padded_k(k, None)
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned b-bit integers ``q[N, Kp]`` (``Kp % 32 == 0``) into int32 ``[N, Kp b / 32]``.
+
+    ``ValueError`` if any value is outside ``[0, 2**bits)``.
+    """
+    _check_bits(bits)
+    if q.dim() != 2 or q.is_floating_point() or q.dtype == torch.bool:
+        raise TypeError(f"q must be a 2-D integer tensor, got {q.dtype} {tuple(q.shape)}")
+    n, kp = q.shape
+    if kp % _WORD_COLS:
+        raise ValueError(f"q must have a multiple of {_WORD_COLS} columns, got {kp}")
+    if q.numel() and (q.min() < 0 or q.max() >= 2**bits):
+        raise ValueError(f"q values must lie in [0, {2**bits}) for bits={bits}")
+    q = q.to(torch.int64)
+    if bits == 3:
+        blocks = q.reshape(n, kp // 32, 1, 32)
+        planes = (blocks >> torch.arange(3, device=q.device)[:, None]) & 1  # [N, B, 3, 32]
+        words = (planes << torch.arange(32, device=q.device)).sum(-1)  # [N, B, 3]
+    else:
+        per = 32 // bits
+        shifts = bits * torch.arange(per, device=q.device)
+        words = (q.reshape(n, kp // per, per) << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as int32
+    return words.reshape(n, -1).to(torch.int32).contiguous()
+
+
+def unpack_bits(qweight: torch.Tensor, bits: int, k: int | None = None) -> torch.Tensor:
+    """Unsigned fields ``q[N, K]`` (int32) of ``qweight`` (``K = Kp`` when ``k`` is None)."""
+    _check_bits(bits)
+    _check_qweight(qweight, bits)
+    n, w = qweight.shape
+    kp = w * 32 // bits
+    k = kp if k is None else k
+    if not 0 <= kp - k < kp or k < 1:
+        raise ValueError(f"k={k} does not fit a packed row of {kp} columns")
+    if bits == 3:
+        words = qweight.reshape(n, kp // 32, 3, 1)
+        bit = (words >> torch.arange(32, device=qweight.device, dtype=torch.int32)) & 1
+        q = (bit << torch.arange(3, device=qweight.device, dtype=torch.int32)[:, None]).sum(2)
+        q = q.to(torch.int32)
+    else:
+        shifts = bits * torch.arange(32 // bits, device=qweight.device, dtype=torch.int32)
+        q = (qweight.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return q.reshape(n, kp)[:, :k]
+
+
+def _check_qweight(qweight: torch.Tensor, bits: int, name: str = "qweight") -> None:
+    if not isinstance(qweight, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(qweight).__name__}")
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise TypeError(f"{name} must be a 2-D int32 tensor [N, Kp*bits/32], got "
+                        f"{qweight.dtype} shape {tuple(qweight.shape)}")
+    if qweight.shape[1] % bits or qweight.shape[1] == 0:
+        raise ValueError(f"{name} has {qweight.shape[1]} words per row: not a whole number of "
+                         f"32-column blocks of {bits}-bit fields ({bits} words each)")
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+               bits: int, group_size: int, k: int | None = None, *,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense ``W[N, K] = (q - z) * s`` of the affine format, in ``dtype`` (default: scales')."""
+    check_affine(qweight, scales, zeros, bits, group_size)
+    dtype = dtype or scales.dtype
+    n = qweight.shape[0]
+    q = unpack_bits(qweight, bits).to(dtype).reshape(n, scales.shape[1], -1)
+    s = scales.to(dtype)[:, :, None]
+    z = zeros.to(dtype)[:, :, None] if zeros is not None else 2.0 ** (bits - 1)
+    w = ((q - z) * s).reshape(n, -1)
+    return w if k is None else w[:, :k]
+
+
+def codebook_weight(indices: torch.Tensor, codebook: torch.Tensor, bits: int,
+                    k: int | None = None, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense ``W[N, K] = codebook[n // rows_per_group, q]`` in ``dtype`` (default: codebook's)."""
+    check_codebook(indices, codebook, bits)
+    n = indices.shape[0]
+    q = unpack_bits(indices, bits, k).to(torch.int64)
+    table = codebook.to(dtype or codebook.dtype)
+    rows = torch.arange(n, device=indices.device) // (n // codebook.shape[0])
+    return table[rows[:, None], q]
+
+
+def check_affine(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bits: int, group_size: int) -> None:
+    """Validate an affine packed weight (shapes, dtypes, devices), with named errors."""
+    _check_bits(bits)
+    _check_qweight(qweight, bits)
+    n, w = qweight.shape
+    kp = w * 32 // bits
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size not in GROUP_SIZES and group_size != kp:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES} or the packed row width "
+                         f"{kp} (one group per row), got {group_size}")
+    if kp % group_size:
+        raise ValueError(f"packed row width {kp} is not a multiple of group_size {group_size}; "
+                         "pack with the group size (K is padded to it)")
+    if not isinstance(scales, torch.Tensor) or not scales.is_floating_point():
+        raise TypeError("scales must be a floating-point torch.Tensor")
+    if tuple(scales.shape) != (n, kp // group_size):
+        raise ValueError(f"scales shape {tuple(scales.shape)} must be (N, Kp/group_size) = "
+                         f"({n}, {kp // group_size})")
+    if scales.device != qweight.device:
+        raise ValueError(f"scales on {scales.device} but qweight on {qweight.device}")
+    if zeros is not None:
+        if not isinstance(zeros, torch.Tensor):
+            raise TypeError(f"zeros must be a torch.Tensor or None, got {type(zeros).__name__}")
+        if zeros.shape != scales.shape:
+            raise ValueError(f"zeros shape {tuple(zeros.shape)} must match scales "
+                             f"{tuple(scales.shape)}")
+        if zeros.dtype != scales.dtype:
+            raise TypeError(f"zeros dtype {zeros.dtype} must match scales dtype {scales.dtype}")
+        if zeros.device != qweight.device:
+            raise ValueError(f"zeros on {zeros.device} but qweight on {qweight.device}")
+
+
+def check_codebook(indices: torch.Tensor, codebook: torch.Tensor, bits: int) -> None:
+    """Validate a codebook packed weight (shapes, dtypes, devices), with named errors."""
+    _check_bits(bits)
+    _check_qweight(indices, bits, "indices")
+    n = indices.shape[0]
+    if not isinstance(codebook, torch.Tensor) or not codebook.is_floating_point():
+        raise TypeError("codebook must be a floating-point torch.Tensor")
+    if codebook.dim() != 2 or codebook.shape[1] != 2**bits:
+        raise ValueError(f"codebook shape {tuple(codebook.shape)} must be (R, 2**bits) = "
+                         f"(R, {2**bits})")
+    r = codebook.shape[0]
+    if r < 1 or n % r:
+        raise ValueError(f"codebook has {r} row groups, which must divide N={n}")
+    if codebook.device != indices.device:
+        raise ValueError(f"codebook on {codebook.device} but indices on {indices.device}")
+
+
+def lowbit_bytes(n: int, k: int, bits: int, group_size: int | None, dtype: torch.dtype,
+                 symmetric: bool = False) -> int:
+    """Stored bytes of an affine weight: packed fields + scales (+ zeros)."""
+    gs = effective_group_size(k, group_size)
+    kp = padded_k(k, gs)
+    per_group = (1 if symmetric else 2) * dtype.itemsize
+    return n * kp * bits // 8 + n * (kp // gs) * per_group
+
+
+def codebook_bytes(n: int, k: int, bits: int, row_groups: int, dtype: torch.dtype) -> int:
+    """Stored bytes of a codebook weight: packed indices + the table(s)."""
+    return n * padded_k(k, None) * bits // 8 + row_groups * 2**bits * dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _field(w0, w1, w2, i: tl.constexpr, BITS: tl.constexpr):
+    """Field ``i`` of a packing unit: one word (contiguous fields) or three bit planes."""
+    if BITS == 3:
+        return ((w0 >> i) & 1) | (((w1 >> i) & 1) << 1) | (((w2 >> i) & 1) << 2)
+    else:
+        return (w0 >> (i * BITS)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _lowbit_gemv_kernel(
+    # pointers: s_ptr holds the scales (affine) or the codebook; z_ptr the zeros (asymmetric)
+    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+    # sizes
+    M, N, K, KP, group_size, rows_per_group,
+    # strides
+    stride_xm, stride_qn, stride_sn, stride_ym,
+    # meta-parameters
+    BITS: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """Small-M path: y[M, N] = x[M, K] @ W^T (+ bias), W packed b-bit (affine or codebook).
+
+    Grid: (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K). Each program walks its K slice in
+    BLOCK_K columns = U packing units (a unit: one word of 32 / b fields, or 32 columns in three
+    bit-plane words). Each word is loaded once; its fields are extracted in registers and
+    multiplied with the activations of their columns: no dense weight tile, no tensor cores.
+
+    Roofline: 2 M N K FLOPs; minimum bytes N Kp b / 8 + scales/zeros or codebook + M K e +
+    M N e. Memory-bound at decode: the goal is HBM bandwidth.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    COLS: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # columns per unit
+    WORDS: tl.constexpr = 3 if BITS == 3 else 1  # words per unit
+    U: tl.constexpr = BLOCK_K // COLS
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    rows_n = offs_n.to(tl.int64)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
+    if MODE == 2:
+        lut_rows = s_ptr + (rows_n // rows_per_group)[None, :] * stride_sn  # [1, BN]
+
+    k_tiles = tl.cdiv(KP, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_begin = pid_k * tiles_per_split
+    t_end = min(t_begin + tiles_per_split, k_tiles)
+
+    acc = tl.zeros((BLOCK_M, U, BLOCK_N), dtype=tl.float32)
+    for t in range(t_begin, t_end):
+        offs_u = t * U + tl.arange(0, U)  # unit index along the row
+        un_mask = (offs_u < KP // COLS)[:, None] & n_mask[None, :]
+        w_ptrs = q_ptr + rows_n[None, :] * stride_qn + (offs_u * WORDS)[:, None]
+        w0 = tl.load(w_ptrs, mask=un_mask, other=0)  # [U, BN]
+        if BITS == 3:
+            w1 = tl.load(w_ptrs + 1, mask=un_mask, other=0)
+            w2 = tl.load(w_ptrs + 2, mask=un_mask, other=0)
+        else:
+            w1 = w0
+            w2 = w0
+        if MODE != 2:  # a unit never spans two groups (group_size >= 32)
+            grp = (offs_u * COLS) // group_size
+            s_off = rows_n[None, :] * stride_sn + grp[:, None]
+            s = tl.load(s_ptr + s_off, mask=un_mask, other=0.0).to(tl.float32)
+            if MODE == 0:
+                zs = tl.load(z_ptr + s_off, mask=un_mask, other=0.0).to(tl.float32) * s
+            else:
+                zs = s * (1 << (BITS - 1))
+        for i in tl.static_range(COLS):
+            q = _field(w0, w1, w2, i, BITS)
+            if MODE == 2:
+                w = tl.load(lut_rows + q, mask=un_mask, other=0.0).to(tl.float32)
+            else:
+                w = q.to(tl.float32) * s - zs
+            cols = offs_u * COLS + i
+            xv = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & (cols < K)[None, :],
+                         other=0.0).to(tl.float32)  # [BM, U]
+            acc += xv[:, :, None] * w[None, :, :]
+
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        if pid_k == 0:
+            b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+            out += b.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tl.atomic_add(y_ptrs, out, mask=y_mask, sem="relaxed")
+
+
+@triton.jit
+def _lowbit_matmul_kernel(
+    # pointers: s_ptr holds the scales (affine) or the codebook; z_ptr the zeros (asymmetric)
+    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+    # sizes
+    M, N, K, KP, group_size, rows_per_group,
+    # strides
+    stride_xm, stride_qn, stride_sn, stride_ym,
+    # meta-parameters
+    BITS: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr = False,
+):
+    """Tiled GEMM path: y[M, N] = x[M, K] @ W^T (+ bias), W packed b-bit (affine or codebook).
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K), programs in groups of GROUP_M
+    row-tiles for L2 reuse of the weight. Each K-major ``[BLOCK_K, BLOCK_N]`` weight tile is
+    unpacked from its words (each word read by the fields it holds, from L1), dequantized
+    ``(q - z) * s`` in fp32 or looked up in the codebook, cast to the activation dtype and fed
+    to ``tl.dot``. SPLIT_K > 1 adds fp32 partial sums into ``y`` (fp32, zeroed) atomically.
+
+    Roofline: 2 M N K FLOPs on the tensor cores; minimum bytes N Kp b / 8 + scales/zeros or
+    codebook + M K e + M N e. Compute-bound from M of a few hundred.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    COLS: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows_n = offs_n.to(tl.int64)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    q_rows = q_ptr + rows_n[None, :] * stride_qn  # [1, BN]
+    if MODE == 2:
+        lut_rows = s_ptr + (rows_n // rows_per_group)[None, :] * stride_sn
+
+    k_tiles = tl.cdiv(KP, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_begin = pid_k * tiles_per_split
+    t_end = min(t_begin + tiles_per_split, k_tiles)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(t_begin, t_end):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
+                    other=0.0)
+        kn_mask = (offs_k < KP)[:, None] & n_mask[None, :]
+        if BITS == 3:
+            w_ptrs = q_rows + ((offs_k // 32) * 3)[:, None]
+            shift = (offs_k % 32)[:, None]
+            q = ((tl.load(w_ptrs, mask=kn_mask, other=0) >> shift) & 1) \
+                | (((tl.load(w_ptrs + 1, mask=kn_mask, other=0) >> shift) & 1) << 1) \
+                | (((tl.load(w_ptrs + 2, mask=kn_mask, other=0) >> shift) & 1) << 2)
+        else:
+            words = tl.load(q_rows + (offs_k // COLS)[:, None], mask=kn_mask, other=0)
+            q = (words >> ((offs_k % COLS) * BITS)[:, None]) & ((1 << BITS) - 1)
+        if MODE == 2:
+            w = tl.load(lut_rows + q, mask=kn_mask, other=0.0)
+        else:
+            s_off = rows_n[None, :] * stride_sn + (offs_k // group_size)[:, None]
+            s = tl.load(s_ptr + s_off, mask=kn_mask, other=0.0).to(tl.float32)
+            if MODE == 0:
+                z = tl.load(z_ptr + s_off, mask=kn_mask, other=0.0).to(tl.float32)
+            else:
+                z = 1 << (BITS - 1)
+            w = (q.to(tl.float32) - z) * s
+        if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        if pid_k == 0:
+            b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+            acc += b.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: tuned defaults (configs/dequant.json), optional autotuning, audit specs
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode
+def select_config(m: int, n: int, kp: int, device: torch.device) -> KernelConfig:
+    """Tuned default for this shape from ``configs/dequant.json``: the GEMV kernel up to
+    ``gemv_max_m``, else the GEMM tile of M's bucket; split-K raised (both paths) when the
+    tile grid would leave multiprocessors idle."""
+    cfg = table_config(device_table(_FAMILY, device), m)
+    return auto_split_k(cfg, m, n, kp, device)
+
+
+def get_autotune_configs(m: int) -> list[KernelConfig]:
+    """Candidate configs for an M bucket (searched when ``COMPRESS_OPS_AUTOTUNE=1``)."""
+    bucket = m_bucket(m)
+    if bucket <= 4:
+        # [BLOCK_M, U, BLOCK_N] fp32 accumulator: U = BLOCK_K / 4 for int8, the widest case
+        gemv = [KernelConfig("gemv", bucket, bn, bk, 4, 2, 8, sk)
+                for bn in (32, 64) for bk in (128, 256) for sk in (1, 4)
+                if bucket * bn * bk <= 16384]
+        return gemv + [KernelConfig("gemm", 16, 64, 64, 4, 4, 8, sk) for sk in (1, 4)]
+    if bucket <= 64:
+        bm = max(16, bucket)
+        return [KernelConfig("gemm", bm, bn, 64, 4, 4, 8, sk)
+                for bn in (64, 128) for sk in (1, 2, 4)]
+    return [KernelConfig("gemm", bm, bn, 64, w, s, 8, 1)
+            for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for s in (3, 4)]
+
+
+def _autotune(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+              z: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+              group: int) -> KernelConfig:
+    m, n, k = x2.shape[0], q.shape[0], x2.shape[1]
+    key = (_FAMILY, mode, bits, group, m_bucket(m), n, k, x2.dtype, bias is not None,
+           device_name(x2.device))
+    return autotune(key, get_autotune_configs(m),
+                    lambda cfg: _launch(mode, x2, q, s, z, bias, bits, group, cfg))
+
+
+_SIG_COMMON = {
+    "x_ptr": "*{dt}", "q_ptr": "*i32", "s_ptr": "*{dt}", "z_ptr": "*{dt}", "bias_ptr": "*{dt}",
+    "y_ptr": "*{yt}", "M": "i32", "N": "i32", "K": "i32", "KP": "i32", "group_size": "i32",
+    "rows_per_group": "i32", "stride_xm": "i32", "stride_qn": "i32", "stride_sn": "i32",
+    "stride_ym": "i32",
+}
+_ALIGNED = ["x_ptr", "q_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "KP", "group_size",
+            "stride_xm", "stride_ym", "K"]
+# (bits, mode) variants the audit compiles for every config: int4 asymmetric (the default),
+# int8 symmetric, int2 asymmetric, 4-bit and 3-bit (bit-plane) codebooks.
+_AUDIT_VARIANTS = ((4, MODE_ASYM), (8, MODE_SYM), (2, MODE_ASYM), (4, MODE_CODEBOOK),
+                   (3, MODE_CODEBOOK))
+
+
+def audit_specs() -> list[dict]:
+    """Every (kernel, config, variant) the static GPU audit compiles: the shipped defaults (with
+    both epilogues where split-K may be raised) in every variant, the autotune space in int4."""
+    cfgs: dict[str, tuple[KernelConfig, tuple]] = {}
+    for m in (1, 2, 4, 16, 64, 256):
+        for cfg in get_autotune_configs(m):
+            cfg = cfg.with_split_k(min(cfg.split_k, 2))
+            cfgs.setdefault(cfg.name, (cfg, ((4, MODE_ASYM, "fp16"),)))
+    for table in load_tables(_FAMILY).values():
+        for path in ("gemv", "gemm"):
+            for c in table[path].values():
+                for sk in ((1, 2) if c["block_m"] <= SPLIT_K_MAX_M else (1,)):
+                    cfg = KernelConfig(path, **{**c, "split_k": sk})
+                    variants = tuple((b, md, "fp16") for b, md in _AUDIT_VARIANTS)
+                    cfgs[cfg.name] = (cfg, variants + ((4, MODE_ASYM, "bf16"),))
+    specs = []
+    names = {MODE_ASYM: "asym", MODE_SYM: "sym", MODE_CODEBOOK: "cb"}
+    for cfg, variants in cfgs.values():
+        for bits, mode, dt in variants:
+            yt = "fp32" if cfg.split_k > 1 else dt
+            sig = {k: v.format(dt=dt, yt=yt) for k, v in _SIG_COMMON.items()}
+            consts = {"BITS": bits, "MODE": mode, "HAS_BIAS": True, "BLOCK_M": cfg.block_m,
+                      "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SPLIT_K": cfg.split_k}
+            if cfg.path == "gemv":
+                fn, expect = _lowbit_gemv_kernel, "-"
+            else:
+                fn = _lowbit_matmul_kernel
+                consts.update(GROUP_M=cfg.group_m, DOT_PRECISION="tf32", UPCAST_DOT=False)
+                expect = "HGMMA" if cfg.block_m >= 64 else "HMMA"
+            sig.update({c: "constexpr" for c in consts})
+            specs.append({"kernel": fn.__name__,
+                          "config": f"{cfg.name}/{names[mode]}{bits}/{dt}",
+                          "fn": fn, "signature": sig, "constexprs": consts,
+                          "aligned": _ALIGNED, "num_warps": cfg.num_warps,
+                          "num_stages": cfg.num_stages, "expect_mma": expect})
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_empty = torch.empty  # output allocator; tests swap in a NaN-filled one to catch unwritten tiles
+
+
+def _check_x_bias(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, kp: int,
+                  group: int, bias: torch.Tensor | None, table_name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _ACT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., K]")
+    if table.dtype != x.dtype:
+        raise TypeError(f"{table_name} dtype {table.dtype} must match x dtype {x.dtype}")
+    k = x.shape[-1]
+    unit = _WORD_COLS if group == kp else group
+    if not kp - unit < k <= kp:
+        raise ValueError(f"x last dim (K={k}) does not match the packed weight: it holds "
+                         f"Kp={kp} columns, so K must be in ({kp - unit}, {kp}]")
+    if packed.device != x.device:
+        raise ValueError(f"x on {x.device} but the packed weight on {packed.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (packed.shape[0],):
+            raise ValueError(f"bias shape {tuple(bias.shape)} must be ({packed.shape[0]},)")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"x on {x.device} but bias on {bias.device}")
+
+
+def check_affine_inputs(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                        zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                        group_size: int) -> None:
+    """Named ``TypeError``/``ValueError`` for every bad input of :func:`dequant_matmul`."""
+    check_affine(qweight, scales, zeros, bits, group_size)
+    kp = qweight.shape[1] * 32 // bits
+    _check_x_bias(x, qweight, scales, kp, group_size, bias, "scales")
+
+
+def check_codebook_inputs(x: torch.Tensor, indices: torch.Tensor, codebook: torch.Tensor,
+                          bias: torch.Tensor | None, bits: int) -> None:
+    """Named ``TypeError``/``ValueError`` for every bad input of :func:`codebook_matmul`."""
+    check_codebook(indices, codebook, bits)
+    kp = indices.shape[1] * 32 // bits
+    _check_x_bias(x, indices, codebook, kp, kp, bias, "codebook")
+
+
+def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+            z: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group: int,
+            cfg: KernelConfig) -> torch.Tensor:
+    """``group``: the group size (affine) or rows per codebook row group (codebook)."""
+    m, k = x2.shape
+    n = q.shape[0]
+    kp = q.shape[1] * 32 // bits
+    if cfg.split_k > 1:  # fp32 workspace that the K slices add into
+        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
+    else:
+        y = _empty((m, n), device=x2.device, dtype=x2.dtype)
+    group_size, rows_per_group = (kp, group) if mode == MODE_CODEBOOK else (group, 1)
+    zp = z if z is not None else s  # dummy pointers, never read
+    bp = bias if bias is not None else s
+    args = (x2, q, s, zp, bp, y, m, n, k, kp, group_size, rows_per_group,
+            x2.stride(0), q.stride(0), s.stride(0), y.stride(0))
+    meta = dict(BITS=bits, MODE=mode, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.path == "gemv":
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
+        _lowbit_gemv_kernel[grid](*args, **meta)
+    else:
+        if x2.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+            precision = "ieee"
+        else:
+            precision = "tf32"
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+        _lowbit_matmul_kernel[grid](
+            *args, GROUP_M=cfg.group_m, DOT_PRECISION=precision,
+            UPCAST_DOT=x2.device.type == "cpu" and x2.dtype == torch.bfloat16, **meta)
+    return y.to(x2.dtype) if cfg.split_k > 1 else y
+
+
+def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
+         bias: torch.Tensor | None, bits: int, group: int,
+         config: KernelConfig | None) -> torch.Tensor:
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = q.shape[0]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*lead, n)
+    x2, q, s = x2.contiguous(), q.contiguous(), s.contiguous()
+    z = z.contiguous() if z is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    if config is None:
+        if x.device.type == "cuda" and os.environ.get("COMPRESS_OPS_AUTOTUNE") == "1":
+            config = _autotune(mode, x2, q, s, z, bias, bits, group)
+        else:
+            config = select_config(m, n, q.shape[1] * 32 // bits, x.device)
+    return _launch(mode, x2, q, s, z, bias, bits, group, config).reshape(*lead, n)
+
+
+def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                   zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                   group_size: int, *, config: KernelConfig | None = None,
+                   checked: bool = False) -> torch.Tensor:
+    """``y[..., N] = x[..., K] @ dequantize(qweight, scales, zeros)^T (+ bias)``.
+
+    Runs the Triton kernel on ``x``'s device (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
+    ``zeros=None`` is the symmetric grid. ``config`` overrides the tuned default;
+    ``COMPRESS_OPS_AUTOTUNE=1`` (CUDA) times :func:`get_autotune_configs` once per shape.
+    ``checked=True`` skips validation for inputs that already passed
+    :func:`check_affine_inputs` (the op validates once per call).
+    """
+    if not checked:
+        check_affine_inputs(x, qweight, scales, zeros, bias, bits, group_size)
+    mode = MODE_SYM if zeros is None else MODE_ASYM
+    return _run(mode, x, qweight, scales, zeros, bias, bits, group_size, config)
+
+
+def codebook_matmul(x: torch.Tensor, indices: torch.Tensor, codebook: torch.Tensor,
+                    bias: torch.Tensor | None, bits: int, *,
+                    config: KernelConfig | None = None, checked: bool = False) -> torch.Tensor:
+    """``y[..., N] = x[..., K] @ codebook_weight(indices, codebook)^T (+ bias)``.
+
+    Same devices, configs and ``checked`` as :func:`dequant_matmul`.
+    """
+    if not checked:
+        check_codebook_inputs(x, indices, codebook, bias, bits)
+    rows_per_group = indices.shape[0] // codebook.shape[0]
+    return _run(MODE_CODEBOOK, x, indices, codebook, None, bias, bits, rows_per_group, config)

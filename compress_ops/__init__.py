@@ -7,6 +7,8 @@
 
 from compress_ops import nn, ops  # noqa: F401  (ops registers torch.ops.compress_ops.*)
 from compress_ops.api import (
+    CodebookConfig,
+    QuantConfig,
     Recipe,
     Report,
     ReportRow,
@@ -19,6 +21,8 @@ from compress_ops.api import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CodebookConfig",
+    "QuantConfig",
     "Recipe",
     "Report",
     "ReportRow",

@@ -12,11 +12,16 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from compress_ops._text import format_table
+from compress_ops.kernels.dequant import BITS, GROUP_SIZES
 from compress_ops.nn.base import CompressedLinear
+from compress_ops.nn.quant import CodebookLinear, QuantLinear
 from compress_ops.nn.sparse24 import Sparse24Linear
+from compress_ops.quantize import fit_codebook
 
 __all__ = [
     "Sparse24Config",
+    "QuantConfig",
+    "CodebookConfig",
     "Recipe",
     "compress_",
     "report",
@@ -47,15 +52,114 @@ class Sparse24Config:
             raise TypeError(f"prune must be a bool, got {type(self.prune).__name__}")
 
 
-def _sparse24_transform(module: nn.Module, config: Sparse24Config) -> nn.Module:
+def _check_bits(bits: object, allowed: tuple[int, ...]) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
+        raise ValueError(f"bits must be one of {allowed}, got {bits!r}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only affine quantization of ``nn.Linear``: ``bits`` in {2, 3, 4, 8}, one scale
+    (and, unless ``symmetric``, one zero point) per ``group_size`` input features of a row
+    (32, 64, 128, 256, or ``None`` for the whole row). ``search_steps`` > 0 searches a
+    shrunk range per group (least squared error); 0 is plain min/max round-to-nearest.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    search_steps: int = 20
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, BITS)
+        if self.group_size is not None and (isinstance(self.group_size, bool)
+                                            or self.group_size not in GROUP_SIZES):
+            raise ValueError(f"group_size must be one of {GROUP_SIZES} or None (whole row), "
+                             f"got {self.group_size!r}")
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__}")
+        if isinstance(self.search_steps, bool) or not isinstance(self.search_steps, int) \
+                or self.search_steps < 0:
+            raise ValueError(f"search_steps must be an int >= 0, got {self.search_steps!r}")
+
+
+@dataclass(frozen=True)
+class CodebookConfig:
+    """Weight sharing for ``nn.Linear``: every weight becomes one of ``2**bits`` values
+    (``bits`` in {2, 3, 4, 8}) found by k-means (``iters`` Lloyd steps from quantiles).
+
+    ``row_groups`` > 1 fits one table per equal group of output rows. ``shared=True`` fits one
+    table over every layer this config compresses in one ``compress_`` call (under a
+    ``Recipe``: the layers of its rule) and stores it once.
+    """
+
+    bits: int = 4
+    row_groups: int = 1
+    iters: int = 25
+    shared: bool = False
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, BITS)
+        for name in ("row_groups", "iters"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "row_groups"
+                                                                     else 0):
+                raise ValueError(f"{name} must be an int >= {1 if name == 'row_groups' else 0}, "
+                                 f"got {v!r}")
+        if not isinstance(self.shared, bool):
+            raise TypeError(f"shared must be a bool, got {type(self.shared).__name__}")
+        if self.shared and self.row_groups != 1:
+            raise ValueError("a shared codebook has one row group (row_groups=1)")
+
+
+def _plain_linear(module: nn.Module) -> None:
     if type(module) is not nn.Linear:
         raise UnsupportedModule(f"{type(module).__name__} is not a plain nn.Linear")
+
+
+def _sparse24_transform(module: nn.Module, config: Sparse24Config) -> nn.Module:
+    _plain_linear(module)
     return Sparse24Linear.from_dense(module, config)
 
 
+def _quant_transform(module: nn.Module, config: QuantConfig) -> nn.Module:
+    _plain_linear(module)
+    return QuantLinear.from_dense(module, config)
+
+
+def _codebook_transform(module: nn.Module, config: CodebookConfig,
+                        codebook: object = None) -> nn.Module:
+    _plain_linear(module)
+    if config.row_groups > 1 and module.out_features % config.row_groups:
+        raise UnsupportedModule(f"out_features={module.out_features} is not divisible by "
+                                f"row_groups={config.row_groups}")
+    return CodebookLinear.from_dense(module, config, codebook=codebook)
+
+
+def _codebook_prepare(modules: list[nn.Module], config: CodebookConfig) -> dict[int, dict]:
+    """Shared codebooks: one k-means table over every layer the config compresses."""
+    if not config.shared:
+        return {}
+    linears = [m for m in modules if type(m) is nn.Linear]
+    kinds = {(m.weight.dtype, m.weight.device) for m in linears}
+    if len(kinds) > 1:
+        raise UnsupportedModule(f"a shared codebook needs one dtype and device, got {kinds}")
+    if not linears:
+        return {}
+    cb = fit_codebook([m.weight.detach() for m in linears], config.bits, 1, config.iters)
+    return {id(m): {"codebook": cb} for m in linears}
+
+
 # config type -> (module types it looks at, transform)
-_TRANSFORMS: dict[type, tuple[tuple[type, ...], Callable[[nn.Module, object], nn.Module]]] = {
+_TRANSFORMS: dict[type, tuple[tuple[type, ...], Callable[..., nn.Module]]] = {
     Sparse24Config: ((nn.Linear,), _sparse24_transform),
+    QuantConfig: ((nn.Linear,), _quant_transform),
+    CodebookConfig: ((nn.Linear,), _codebook_transform),
+}
+# config type -> fn(modules it will transform, config) -> {id(module): extra transform kwargs};
+# for transforms that look at several layers at once (shared codebooks).
+_PREPARE: dict[type, Callable[[list[nn.Module], object], dict[int, dict]]] = {
+    CodebookConfig: _codebook_prepare,
 }
 
 
@@ -140,7 +244,8 @@ def compress_(
         for param in module._parameters.values():
             if param is not None:
                 owners.setdefault(id(param), []).append(names[mid][0])
-    replaced_root: nn.Module | None = None
+    # 1. plan: the config (or the reason to stay dense) of every layer in scope
+    plan: list[tuple[int, list[str], object, str | None]] = []
     for mid, aliases in names.items():
         module = modules[mid]
         if isinstance(module, CompressedLinear):
@@ -151,6 +256,7 @@ def compress_(
                                 isinstance(module, nn.Linear)) for matched, cfg in decisions):
             continue
         reason = None
+        cfg = None
         if len(decisions) > 1:
             reason = f"shared under {aliases} with different recipe rules"
         else:
@@ -164,9 +270,28 @@ def compress_(
                 tied = [o for o in owners.get(id(weight), []) if o not in aliases]
                 if tied:
                     reason = f"weight tied to {tied[0]}; compressing would break the tie"
+        plan.append((mid, aliases, cfg, reason))
+    # 2. prepare: transforms that look at several layers at once (e.g. a shared codebook over
+    # every layer compressed with an equal config)
+    extras: dict[int, dict] = {}
+    groups: dict[object, list[int]] = {}
+    for mid, _, cfg, reason in plan:
+        if reason is None and type(cfg) in _PREPARE:
+            groups.setdefault(cfg, []).append(mid)
+    prepare_failed: dict[int, str] = {}
+    for cfg, mids in groups.items():
+        try:
+            extras.update(_PREPARE[type(cfg)]([modules[m] for m in mids], cfg))
+        except UnsupportedModule as exc:
+            prepare_failed.update(dict.fromkeys(mids, str(exc)))
+    # 3. apply
+    replaced_root: nn.Module | None = None
+    for mid, aliases, cfg, reason in plan:
+        module = modules[mid]
+        reason = reason or prepare_failed.get(mid)
         if reason is None:
             try:
-                new = _TRANSFORMS[type(cfg)][1](module, cfg)
+                new = _TRANSFORMS[type(cfg)][1](module, cfg, **extras.get(mid, {}))
             except UnsupportedModule as exc:
                 reason = str(exc)
         for name in aliases:
@@ -228,7 +353,14 @@ def report(model: nn.Module) -> Report:
         for name, note in getattr(sub, SKIPPED_ATTR, {}).items():
             skipped.setdefault(".".join(p for p in (prefix, name) if p), note)
     rows = Report()
+    tables: dict[int, str] = {}  # id(shared codebook) -> first layer that holds it
     for name, module in model.named_modules():
+        if isinstance(module, CodebookLinear):
+            first = tables.setdefault(id(module.codebook), name)
+            if first != name:  # a shared table is stored once: count it at its first holder
+                rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
+                                      module.index_bytes(), f"codebook shared with {first}"))
+                continue
         if isinstance(module, CompressedLinear):
             rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
                                   module.stored_weight_bytes()))

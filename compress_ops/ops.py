@@ -3,8 +3,10 @@
 Device routing, the same for every op:
 
 * CUDA tensors run the Triton launcher from ``compress_ops.kernels``.
-* CPU tensors run the fastest correct CPU path that keeps memory compressed (for 2:4: unpack
-  per call + ``F.linear``); ``COMPRESS_OPS_CPU_DENSE_CACHE=1`` trades memory for dense speed
+* CPU tensors run the fastest correct CPU path that keeps memory compressed (2:4 and codebook:
+  decompress in row chunks + ``F.linear``; affine low-bit: torch's native weight-only kernels
+  where measured faster, else the same chunked path, see :func:`dequant_cpu_route`);
+  ``COMPRESS_OPS_CPU_DENSE_CACHE=1`` trades memory for dense speed
   (see :func:`cpu_dense_cache`); ``COMPRESS_OPS_CPU_BACKEND=triton`` routes them through the
   Triton kernel instead, which needs ``TRITON_INTERPRET=1`` (set by the tests without a GPU).
 """
@@ -18,10 +20,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from compress_ops.kernels import dequant as _dq
 from compress_ops.kernels import sparse24 as _sp
-from compress_ops.reference import sparse24_linear_ref
 
-__all__ = ["sparse24_linear", "cpu_backend", "cpu_dense_cache"]
+__all__ = ["sparse24_linear", "dequant_linear", "codebook_linear", "cpu_backend",
+           "cpu_dense_cache", "dequant_cpu_route"]
 
 
 def cpu_backend() -> str:
@@ -52,35 +55,40 @@ def _use_triton(x: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-# (kind, id(values)) -> (weakref to values, stamp, derived weight)
-_DERIVED: dict[tuple[str, int], tuple[weakref.ref, tuple, torch.Tensor]] = {}
+# (kind, id(first tensor)) -> (weakref to it, stamp of every input, derived object)
+_DERIVED: dict[tuple[str, int], tuple[weakref.ref, tuple, object]] = {}
 
 
-def _tensor_stamp(t: torch.Tensor) -> tuple:
+def _tensor_stamp(t: torch.Tensor | None) -> tuple | None:
     """What identifies a tensor's current contents: storage, view, dtype and, where tracked,
     the version counter (``.data`` swaps change the pointer, in-place ops the version).
     Inference tensors have no version counter; they cannot be changed in place outside
     ``torch.inference_mode``."""
+    if t is None:
+        return None
     version = None if t.is_inference() else t._version
     return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype, version)
 
 
-def _derived_weight(kind: str, values: torch.Tensor, meta: torch.Tensor, k: int,
-                    build: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``build(dense W)``, computed once per packed weight and kept while ``values`` lives.
+def _derived(kind: str, tensors: tuple[torch.Tensor | None, ...], extra: tuple,
+             build: Callable[[], object]) -> object:
+    """``build()``, computed once per packed weight (``tensors[0]`` and its companions) and kept
+    while ``tensors[0]`` lives.
 
-    The entry is rebuilt when ``values`` or ``meta`` change (see :func:`_tensor_stamp`) and
-    dropped when ``values`` is freed. Used only by the opt-in/measured routes below.
+    The entry is rebuilt when any of ``tensors`` (or ``extra``) change (see
+    :func:`_tensor_stamp`) and dropped when ``tensors[0]`` is freed. Used only by the
+    measured/opt-in routes below, each of which says what the entry costs in memory.
     """
-    key = (kind, id(values))
-    stamp = (_tensor_stamp(values), _tensor_stamp(meta), k)
+    owner = tensors[0]
+    key = (kind, id(owner))
+    stamp = (tuple(_tensor_stamp(t) for t in tensors), extra)
     entry = _DERIVED.get(key)
-    if entry is None or entry[0]() is not values or entry[1] != stamp:
+    if entry is None or entry[0]() is not owner or entry[1] != stamp:
         with torch.no_grad():
-            derived = build(_sp.unpack_sparse24(values, meta, k))
-        if entry is None or entry[0]() is not values:
-            weakref.finalize(values, _DERIVED.pop, key, None)
-        entry = (weakref.ref(values), stamp, derived)
+            derived = build()
+        if entry is None or entry[0]() is not owner:
+            weakref.finalize(owner, _DERIVED.pop, key, None)
+        entry = (weakref.ref(owner), stamp, derived)
         _DERIVED[key] = entry
     return entry[2]
 
@@ -88,9 +96,9 @@ def _derived_weight(kind: str, values: torch.Tensor, meta: torch.Tensor, k: int,
 def cpu_dense_cache() -> bool:
     """``COMPRESS_OPS_CPU_DENSE_CACHE=1``: keep an unpacked dense copy per weight on the CPU.
 
-    Off by default: it costs the dense weight's bytes in memory (for fp16 1.78x the packed
-    weight), which is what compression is meant to save. On, the CPU path runs at dense
-    ``F.linear`` speed instead of unpacking the weight on every call.
+    Off by default: it costs the dense weight's bytes in memory (fp16: 1.78x a 2:4 weight,
+    3.8x an int4 g128 weight), which is what compression is meant to save. On, the CPU path
+    runs at dense ``F.linear`` speed instead of decompressing the weight on every call.
     """
     return os.environ.get("COMPRESS_OPS_CPU_DENSE_CACHE", "0") == "1"
 
@@ -112,17 +120,26 @@ def _semi_structured_eligible(x: torch.Tensor, values: torch.Tensor) -> bool:
 _CPU_CHUNK_ELEMS = 2**21
 
 
+def _chunked_linear(x: torch.Tensor, n: int, k_packed: int,
+                    rows: Callable[[int, int], torch.Tensor],
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` with ``W[r0:r1] = rows(r0, r1)`` built (decompressed) one
+    cache-sized row chunk at a time: the dense weight never exists whole."""
+    step = max(64, _CPU_CHUNK_ELEMS // k_packed)
+    if n <= 2 * step:
+        return F.linear(x, rows(0, n), bias)
+    return torch.cat([F.linear(x, rows(r, min(r + step, n)),
+                               None if bias is None else bias[r:r + step])
+                      for r in range(0, n, step)], dim=-1)
+
+
 def _sparse24_linear_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                          bias: torch.Tensor | None) -> torch.Tensor:
     """The CPU path: the reference, unpacked in row chunks for large weights."""
-    n, kp = values.shape[0], 2 * values.shape[1]
-    rows = max(64, _CPU_CHUNK_ELEMS // kp)
-    if n <= 2 * rows:
-        return sparse24_linear_ref(x, values, meta, bias)
-    return torch.cat([
-        sparse24_linear_ref(x, values[r:r + rows], meta[r:r + rows],
-                            None if bias is None else bias[r:r + rows])
-        for r in range(0, n, rows)], dim=-1)
+    k = x.shape[-1]
+    return _chunked_linear(
+        x, values.shape[0], 2 * values.shape[1],
+        lambda r0, r1: _sp.unpack_sparse24(values[r0:r1], meta[r0:r1], k).to(x.dtype), bias)
 
 
 @torch.library.custom_op("compress_ops::sparse24_linear", mutates_args=())
@@ -135,13 +152,15 @@ def sparse24_linear(
     if _semi_structured_eligible(x, values):
         # torch's 2:4 format (cuSPARSELt/CUTLASS), converted once per weight; about as large as
         # values + meta, held in addition to them while this route is in use.
-        w = _derived_weight("semi_structured", values, meta, k,
-                            torch.sparse.to_sparse_semi_structured)
+        w = _derived("semi_structured", (values, meta), (k,),
+                     lambda: torch.sparse.to_sparse_semi_structured(
+                         _sp.unpack_sparse24(values, meta, k)))
         return F.linear(x, w, bias)
     if _use_triton(x):
         return _sp.run_checked(x, values, meta, bias)
     if cpu_dense_cache():
-        return F.linear(x, _derived_weight("dense", values, meta, k, lambda w: w), bias)
+        w = _derived("dense", (values, meta), (k,), lambda: _sp.unpack_sparse24(values, meta, k))
+        return F.linear(x, w, bias)
     return _sparse24_linear_cpu(x, values, meta, bias)
 
 
@@ -180,3 +199,198 @@ def _sparse24_backward(ctx, grad):
 
 
 sparse24_linear.register_autograd(_sparse24_backward, setup_context=_sparse24_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Low-bit affine (int8 / int4 / int2) and codebook linears
+# --------------------------------------------------------------------------------------------
+
+# Largest M at which torch's native CPU weight-only kernels beat dequantize + F.linear, per
+# activation dtype (measured on the 2-core AVX2 CI machine with perf/bench_dequant.py --device
+# cpu, N = K = 4096; the table in perf/README.md). Their fp32 kernels fall far behind from M of
+# a few rows; with 16-bit activations they beat even dense F.linear at every measured M.
+_NATIVE_MAX_M: dict[tuple[int, torch.dtype], int] = {
+    (8, torch.float32): 4,
+    (4, torch.float32): 1,
+    (8, torch.bfloat16): 2**62,
+    (4, torch.bfloat16): 2**62,
+    (8, torch.float16): 2**62,
+    (4, torch.float16): 2**62,
+}
+
+
+def dequant_cpu_route(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor | None,
+                      bits: int, group_size: int) -> str:
+    """Which CPU path :func:`dequant_linear` takes: ``"dense-cache"`` (opt-in),
+    ``"native-int8"`` (``torch._weight_int8pack_mm``: symmetric int8 with one group per row),
+    ``"native-int4"`` (``torch._weight_int4pack_mm_for_cpu``: int4 with groups of 32..256 and
+    N % 16 == 0) where measured faster than ``"dequant"`` (row-chunked dequantize +
+    ``F.linear``), else ``"dequant"``."""
+    if cpu_dense_cache():
+        return "dense-cache"
+    n, kp = qweight.shape[0], qweight.shape[1] * 32 // bits
+    m = x.numel() // max(x.shape[-1], 1)
+    max_m = _NATIVE_MAX_M.get((bits, x.dtype), 0)
+    if m > max_m:
+        return "dequant"
+    if bits == 8 and zeros is None and group_size == kp:
+        return "native-int8"
+    if bits == 4 and group_size in (32, 64, 128, 256) and n % 16 == 0:
+        return "native-int4"
+    return "dequant"
+
+
+def _native_int8_weight(qweight: torch.Tensor, k: int) -> torch.Tensor:
+    # offset binary -> two's complement: flip the top bit of every byte (int8: bytes = fields)
+    return torch.bitwise_xor(qweight.view(torch.uint8)[:, :k], 0x80).view(torch.int8).contiguous()
+
+
+def _native_int4_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # tinygemm form: W = (q - 8) * s + zero', so zero' = (8 - z) * s
+    q = _dq.unpack_bits(qweight, 4)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+    s = scales.float()
+    z = zeros.float() if zeros is not None else torch.full_like(s, 8.0)
+    sz = torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    return packed, sz
+
+
+def _dequant_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                        zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                        group_size: int) -> torch.Tensor:
+    k = x.shape[-1]
+    n, kp = qweight.shape[0], qweight.shape[1] * 32 // bits
+    route = dequant_cpu_route(x, qweight, zeros, bits, group_size)
+    if route == "dense-cache":
+        w = _derived("dense", (qweight, scales, zeros), (bits, group_size, k),
+                     lambda: _dq.dequantize(qweight, scales, zeros, bits, group_size, k))
+        return F.linear(x, w, bias)
+    if route == "dequant":
+        def rows(r0: int, r1: int) -> torch.Tensor:
+            z = None if zeros is None else zeros[r0:r1]
+            return _dq.dequantize(qweight[r0:r1], scales[r0:r1], z, bits, group_size, k,
+                                  dtype=x.dtype)
+        return _chunked_linear(x, n, kp, rows, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    if route == "native-int8":
+        # An int8 [N, K] copy, built once per weight: the size of qweight (+100% of it).
+        w8 = _derived("native-int8", (qweight,), (k,), lambda: _native_int8_weight(qweight, k))
+        y = torch._weight_int8pack_mm(x2, w8, scales[:, 0])
+    else:
+        # torch's int4 CPU packing, converted once per weight: about the size of qweight.
+        packed, sz = _derived("native-int4", (qweight, scales, zeros), (x.dtype,),
+                              lambda: _native_int4_weight(qweight, scales, zeros, x.dtype))
+        if kp != k:
+            x2 = F.pad(x2, (0, kp - k))
+        y = torch._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, n)
+
+
+@torch.library.custom_op("compress_ops::dequant_linear", mutates_args=())
+def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                   zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                   group_size: int) -> torch.Tensor:
+    """``y[..., N] = x[..., K] @ ((q - z) * s)^T + bias``, ``q`` b-bit packed
+    (``compress_ops.kernels.dequant``); ``zeros=None`` is the symmetric grid."""
+    _dq.check_affine_inputs(x, qweight, scales, zeros, bias, bits, group_size)
+    if _use_triton(x):
+        return _dq.dequant_matmul(x, qweight, scales, zeros, bias, bits, group_size,
+                                  checked=True)
+    return _dequant_linear_cpu(x, qweight, scales, zeros, bias, bits, group_size)
+
+
+@dequant_linear.register_fake
+def _(x, qweight, scales, zeros, bias, bits, group_size):
+    _dq.check_affine_inputs(x, qweight, scales, zeros, bias, bits, group_size)
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def _dequant_setup_context(ctx, inputs, output) -> None:
+    x, qweight, scales, zeros, bias, bits, group_size = inputs
+    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.meta = (bits, group_size, x.shape[-1], bias is not None)
+
+
+def _dequant_backward(ctx, grad):
+    qweight, scales, zeros = ctx.saved_tensors
+    bits, group_size, k, has_bias = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad @ _dq.dequantize(qweight, scales, zeros, bits, group_size, k,
+                                       dtype=grad.dtype)
+    if has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, None, None, grad_bias, None, None
+
+
+dequant_linear.register_autograd(_dequant_backward, setup_context=_dequant_setup_context)
+
+
+def _codebook_linear_cpu(x: torch.Tensor, indices: torch.Tensor, codebook: torch.Tensor,
+                         bias: torch.Tensor | None, bits: int) -> torch.Tensor:
+    k = x.shape[-1]
+    n, kp = indices.shape[0], indices.shape[1] * 32 // bits
+    if cpu_dense_cache():
+        w = _derived("dense", (indices, codebook), (bits, k),
+                     lambda: _dq.codebook_weight(indices, codebook, bits, k))
+        return F.linear(x, w, bias)
+    rpg = n // codebook.shape[0]
+
+    def rows(r0: int, r1: int) -> torch.Tensor:
+        g0, g1 = r0 // rpg, -(-r1 // rpg)  # row groups the chunk touches
+        w = _dq.codebook_weight(indices[g0 * rpg:g1 * rpg], codebook[g0:g1], bits, k,
+                                dtype=x.dtype)
+        return w[r0 - g0 * rpg:r1 - g0 * rpg]
+
+    return _chunked_linear(x, n, kp, rows, bias)
+
+
+@torch.library.custom_op("compress_ops::codebook_linear", mutates_args=())
+def codebook_linear(x: torch.Tensor, indices: torch.Tensor, codebook: torch.Tensor,
+                    bias: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """``y[..., N] = x[..., K] @ codebook[n // (N / R), q]^T + bias``, ``q`` b-bit packed."""
+    _dq.check_codebook_inputs(x, indices, codebook, bias, bits)
+    if _use_triton(x):
+        return _dq.codebook_matmul(x, indices, codebook, bias, bits, checked=True)
+    return _codebook_linear_cpu(x, indices, codebook, bias, bits)
+
+
+@codebook_linear.register_fake
+def _(x, indices, codebook, bias, bits):
+    _dq.check_codebook_inputs(x, indices, codebook, bias, bits)
+    return x.new_empty(*x.shape[:-1], indices.shape[0])
+
+
+def _codebook_setup_context(ctx, inputs, output) -> None:
+    x, indices, codebook, bias, bits = inputs
+    # x is needed only for the codebook gradient (fine-tuning the shared values).
+    ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, indices, codebook)
+    ctx.meta = (bits, x.shape[-1], bias is not None)
+
+
+def _codebook_backward(ctx, grad):
+    x, indices, codebook = ctx.saved_tensors
+    bits, k, has_bias = ctx.meta
+    grad_x = grad_codebook = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad @ _dq.codebook_weight(indices, codebook, bits, k, dtype=grad.dtype)
+    if ctx.needs_input_grad[2]:
+        # dL/dcodebook[r, c] = sum of dL/dW[n, k] over the weights of row group r that use c
+        n = indices.shape[0]
+        r = codebook.shape[0]
+        g = grad.reshape(-1, n).t().float() @ x.reshape(-1, k).float()  # dL/dW [N, K]
+        q = _dq.unpack_bits(indices, bits, k).to(torch.int64)
+        flat = q + (torch.arange(n, device=q.device) // (n // r))[:, None] * 2**bits
+        grad_codebook = torch.zeros(r * 2**bits, device=g.device, dtype=torch.float32)
+        grad_codebook.index_add_(0, flat.reshape(-1), g.reshape(-1))
+        grad_codebook = grad_codebook.reshape(r, 2**bits).to(codebook.dtype)
+    if has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, grad_codebook, grad_bias, None
+
+
+codebook_linear.register_autograd(_codebook_backward, setup_context=_codebook_setup_context)

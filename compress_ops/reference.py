@@ -1,7 +1,7 @@
 """Dense references of every op, in plain PyTorch (float64-capable).
 
 Tests compare kernels against these on the same compressed weights; the CPU path of an op runs
-its reference in the activation dtype when that is the fastest correct option.
+the same decompression (in row chunks) when that is the fastest correct option.
 """
 
 from __future__ import annotations
@@ -9,9 +9,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from compress_ops.kernels.dequant import codebook_weight, dequantize
 from compress_ops.kernels.sparse24 import unpack_sparse24
 
-__all__ = ["sparse24_linear_ref"]
+__all__ = ["sparse24_linear_ref", "dequant_linear_ref", "codebook_linear_ref"]
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    b = bias.to(dtype) if bias is not None else None
+    return F.linear(x.to(dtype), w.to(dtype), b)
 
 
 def sparse24_linear_ref(
@@ -24,6 +31,22 @@ def sparse24_linear_ref(
 ) -> torch.Tensor:
     """``x @ unpack(values, meta)^T + bias`` computed in ``dtype`` (default: ``x.dtype``)."""
     dtype = dtype or x.dtype
-    w = unpack_sparse24(values, meta, x.shape[-1]).to(dtype)
-    b = bias.to(dtype) if bias is not None else None
-    return F.linear(x.to(dtype), w, b)
+    return _linear(x, unpack_sparse24(values, meta, x.shape[-1]), bias, dtype)
+
+
+def dequant_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                       group_size: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ ((q - z) * s)^T + bias`` with the weight dequantized and multiplied in ``dtype``."""
+    dtype = dtype or x.dtype
+    w = dequantize(qweight, scales, zeros, bits, group_size, x.shape[-1], dtype=dtype)
+    return _linear(x, w, bias, dtype)
+
+
+def codebook_linear_ref(x: torch.Tensor, indices: torch.Tensor, codebook: torch.Tensor,
+                        bias: torch.Tensor | None, bits: int, *,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ codebook[group, q]^T + bias`` computed in ``dtype`` (default: ``x.dtype``)."""
+    dtype = dtype or x.dtype
+    w = codebook_weight(indices, codebook, bits, x.shape[-1], dtype=dtype)
+    return _linear(x, w, bias, dtype)

@@ -1,6 +1,7 @@
 """Drop-in compressed modules."""
 
 from compress_ops.nn.base import CompressedLinear
+from compress_ops.nn.quant import CodebookLinear, QuantLinear
 from compress_ops.nn.sparse24 import Sparse24Linear
 
-__all__ = ["CompressedLinear", "Sparse24Linear"]
+__all__ = ["CompressedLinear", "CodebookLinear", "QuantLinear", "Sparse24Linear"]

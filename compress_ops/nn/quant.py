@@ -1,0 +1,220 @@
+"""``QuantLinear`` (int8/int4/int2 weights) and ``CodebookLinear`` (k-means weight sharing)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+import compress_ops.ops  # noqa: F401  (registers torch.ops.compress_ops.*)
+from compress_ops.kernels.dequant import (
+    BITS,
+    codebook_bytes,
+    codebook_weight,
+    dequantize,
+    effective_group_size,
+    lowbit_bytes,
+    padded_k,
+)
+from compress_ops.nn.base import CompressedLinear
+from compress_ops.quantize import encode_codebook, fit_codebook, quantize_affine
+
+if TYPE_CHECKING:
+    from compress_ops.api import CodebookConfig, QuantConfig
+
+
+def _check_sizes(in_features: int, out_features: int, bits: int) -> None:
+    if in_features < 1 or out_features < 1:
+        raise ValueError(
+            f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+
+
+def _bias(module: nn.Module, bias: bool, n: int, device, dtype) -> None:
+    if bias:
+        module.bias = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
+    else:
+        module.register_parameter("bias", None)
+
+
+class QuantLinear(CompressedLinear):
+    """``y = x @ W^T + b`` with ``W = (q - z) * s``: b-bit weights, one scale (and zero point)
+    per ``group_size`` input features of a row.
+
+    Buffers (format of :mod:`compress_ops.kernels.dequant`): ``qweight [out, Kp*bits/32]``
+    int32, ``scales [out, Kp/group]`` and, for asymmetric grids, ``zeros`` (both in the compute
+    dtype). ``group_size`` is the stored (effective) group size; ``None`` at construction means
+    one group per row. A freshly constructed module holds an all-zero weight; load a state_dict
+    or use :meth:`from_dense`.
+    """
+
+    kind = "quant"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        _check_sizes(in_features, out_features, bits)
+        dtype = dtype or torch.get_default_dtype()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = effective_group_size(in_features, group_size)
+        self.symmetric = symmetric
+        kp = padded_k(in_features, self.group_size)
+        groups = kp // self.group_size
+        zero_q = 2 ** (bits - 1)  # offset binary: q = 2**(b-1) is a zero weight
+        fields = 32 // bits if bits != 3 else None
+        if fields is not None:
+            word = sum(zero_q << (bits * i) for i in range(fields))
+            word = word - 2**32 if word >= 2**31 else word
+            qweight = torch.full((out_features, kp * bits // 32), word, dtype=torch.int32,
+                                 device=device)
+        else:  # bit planes of the value 4 = 0b100: plane 2 all ones
+            qweight = torch.zeros(out_features, kp // 32, 3, dtype=torch.int32, device=device)
+            qweight[..., 2] = -1
+            qweight = qweight.reshape(out_features, -1)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", torch.ones(out_features, groups, device=device,
+                                                  dtype=dtype))
+        if symmetric:
+            self.register_buffer("zeros", None)
+        else:
+            self.register_buffer("zeros", torch.full((out_features, groups), float(zero_q),
+                                                     device=device, dtype=dtype))
+        _bias(self, bias, out_features, device, dtype)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, config: QuantConfig | None = None) -> QuantLinear:
+        """Quantize ``linear`` with ``config`` (round-to-nearest, per-group range search)."""
+        from compress_ops.api import QuantConfig
+
+        config = config or QuantConfig()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        qw = quantize_affine(w, config.bits, config.group_size, symmetric=config.symmetric,
+                             search_steps=config.search_steps)
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  bits=config.bits, group_size=qw.group_size, symmetric=config.symmetric,
+                  device=w.device, dtype=w.dtype)
+        mod.qweight.copy_(qw.qweight)
+        mod.scales.copy_(qw.scales)
+        if qw.zeros is not None:
+            mod.zeros.copy_(qw.zeros)
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.detach())
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_in_features(x)
+        return torch.ops.compress_ops.dequant_linear(x, self.qweight, self.scales, self.zeros,
+                                                     self.bias, self.bits, self.group_size)
+
+    def dense_weight(self) -> torch.Tensor:
+        return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                          self.in_features)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def stored_weight_bytes(self) -> int:
+        return lowbit_bytes(self.out_features, self.in_features, self.bits, self.group_size,
+                            self.scales.dtype, self.symmetric)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}, "
+                f"symmetric={self.symmetric}, dtype={self.scales.dtype}")
+
+
+class CodebookLinear(CompressedLinear):
+    """``y = x @ W^T + b`` with ``W[n, k] = codebook[n // (out / R), q[n, k]]``: every weight is
+    one of ``2**bits`` shared values (k-means), per group of rows (``R = row_groups``).
+
+    Buffers: ``indices [out, Kp*bits/32]`` int32 (packed like :class:`QuantLinear`'s fields)
+    and ``codebook [R, 2**bits]`` in the compute dtype. Several modules may hold the same
+    ``codebook`` tensor (``CodebookConfig(shared=True)`` under a ``Recipe``): it is stored once
+    in memory, once in ``torch.save`` files, and counted once by ``report``.
+    """
+
+    kind = "codebook"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 bits: int = 4, row_groups: int = 1,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        _check_sizes(in_features, out_features, bits)
+        if row_groups < 1 or out_features % row_groups:
+            raise ValueError(f"row_groups={row_groups} must divide out_features={out_features}")
+        dtype = dtype or torch.get_default_dtype()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        kp = padded_k(in_features, None)
+        self.register_buffer("indices", torch.zeros(out_features, kp * bits // 32,
+                                                    dtype=torch.int32, device=device))
+        self.register_buffer("codebook", torch.zeros(row_groups, 2**bits, device=device,
+                                                     dtype=dtype))
+        _bias(self, bias, out_features, device, dtype)
+
+    @property
+    def row_groups(self) -> int:
+        return self.codebook.shape[0]
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, config: CodebookConfig | None = None, *,
+                   codebook: torch.Tensor | None = None) -> CodebookLinear:
+        """Fit a k-means codebook to ``linear``'s weight (or use the given shared ``codebook``
+        ``[1, 2**bits]``, which the module then holds by reference) and encode the weight."""
+        from compress_ops.api import CodebookConfig
+
+        config = config or CodebookConfig()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        if codebook is None:
+            codebook = fit_codebook([w], config.bits, config.row_groups, config.iters)
+        elif codebook.shape != (1, 2**config.bits) or codebook.dtype != w.dtype:
+            raise ValueError(f"a shared codebook must be [1, {2**config.bits}] {w.dtype}, got "
+                             f"{tuple(codebook.shape)} {codebook.dtype}")
+        enc = encode_codebook(w, codebook, config.bits)
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  bits=config.bits, row_groups=codebook.shape[0], device=w.device,
+                  dtype=w.dtype)
+        mod.indices.copy_(enc.indices)
+        mod.codebook = codebook  # by reference: shared tables stay one tensor
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.detach())
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_in_features(x)
+        return torch.ops.compress_ops.codebook_linear(x, self.indices, self.codebook, self.bias,
+                                                      self.bits)
+
+    def dense_weight(self) -> torch.Tensor:
+        return codebook_weight(self.indices, self.codebook, self.bits, self.in_features)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.codebook.dtype
+
+    def stored_weight_bytes(self) -> int:
+        return codebook_bytes(self.out_features, self.in_features, self.bits, self.row_groups,
+                              self.codebook.dtype)
+
+    def index_bytes(self) -> int:
+        """Bytes of the packed indices alone (a shared codebook is counted once elsewhere)."""
+        return codebook_bytes(self.out_features, self.in_features, self.bits, 0,
+                              self.codebook.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, bits={self.bits}, "
+                f"row_groups={self.row_groups}, dtype={self.codebook.dtype}")

@@ -240,9 +240,9 @@ def dequant_cpu_route(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tenso
     return "dequant"
 
 
-def _native_int8_weight(qweight: torch.Tensor, k: int) -> torch.Tensor:
+def _native_int8_weight(qweight: torch.Tensor) -> torch.Tensor:
     # offset binary -> two's complement: flip the top bit of every byte (int8: bytes = fields)
-    return torch.bitwise_xor(qweight.view(torch.uint8)[:, :k], 0x80).view(torch.int8).contiguous()
+    return torch.bitwise_xor(qweight.view(torch.uint8), 0x80).view(torch.int8)
 
 
 def _native_int4_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -274,16 +274,16 @@ def _dequant_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
         return _chunked_linear(x, n, kp, rows, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
+    if kp != k:  # both kernels take the padded width (torch's int8 one crashes on K = 70)
+        x2 = F.pad(x2, (0, kp - k))
     if route == "native-int8":
-        # An int8 [N, K] copy, built once per weight: the size of qweight (+100% of it).
-        w8 = _derived("native-int8", (qweight,), (k,), lambda: _native_int8_weight(qweight, k))
-        y = torch._weight_int8pack_mm(x2, w8, scales[:, 0])
+        # An int8 [N, Kp] copy, built once per weight: the size of qweight (+100% of it).
+        w8 = _derived("native-int8", (qweight,), (), lambda: _native_int8_weight(qweight))
+        y = torch._weight_int8pack_mm(x2, w8, scales[:, 0].contiguous())
     else:
         # torch's int4 CPU packing, converted once per weight: about the size of qweight.
         packed, sz = _derived("native-int4", (qweight, scales, zeros), (x.dtype,),
                               lambda: _native_int4_weight(qweight, scales, zeros, x.dtype))
-        if kp != k:
-            x2 = F.pad(x2, (0, kp - k))
         y = torch._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz)
     if bias is not None:
         y = y + bias

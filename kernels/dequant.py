@@ -120,8 +120,9 @@ def padded_k(k: int, group_size: int | None) -> int:
 
 def effective_group_size(k: int, group_size: int | None) -> int:
     """The group size actually stored: ``group_size``, or the padded row when the row fits in
-    one group (``None``, or ``group_size >= K``), so one group never spans padding alone."""
-    if group_size is not None:
+    one group (``None``, or ``group_size >= K``), so one group never spans padding alone.
+    The padded row width itself is accepted (an effective size given back)."""
+    if group_size is not None and group_size != padded_k(k, None):
         if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
             raise ValueError(f"group_size must be one of {GROUP_SIZES} or None (whole row), "
                              f"got {group_size!r}")

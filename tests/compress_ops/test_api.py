@@ -150,3 +150,88 @@ def test_report_keeps_notes_of_compress_calls_on_submodules():
     co.compress_(model[0], co.Sparse24Config(), filter_fn=lambda m, name: name != "head")
     notes = {r.name: r.note for r in co.report(model)}
     assert notes["0.head"] == "excluded by filter_fn"
+
+
+# --------------------------------------------------------------------------------------------
+# Low-bit and codebook configs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "exc", "match"),
+    [
+        (lambda: co.QuantConfig(bits=5), ValueError, "bits must be one of"),
+        (lambda: co.QuantConfig(bits=True), ValueError, "bits must be one of"),
+        (lambda: co.QuantConfig(group_size=100), ValueError, "group_size must be one of"),
+        (lambda: co.QuantConfig(symmetric=1), TypeError, "symmetric"),
+        (lambda: co.QuantConfig(search_steps=-1), ValueError, "search_steps"),
+        (lambda: co.CodebookConfig(bits=1), ValueError, "bits must be one of"),
+        (lambda: co.CodebookConfig(row_groups=0), ValueError, "row_groups"),
+        (lambda: co.CodebookConfig(iters=-2), ValueError, "iters"),
+        (lambda: co.CodebookConfig(shared=True, row_groups=2), ValueError, "one row group"),
+    ],
+)
+def test_lowbit_config_validation(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+@pytest.mark.parametrize("config", [co.QuantConfig(), co.QuantConfig(bits=8, symmetric=True),
+                                    co.CodebookConfig(bits=3)], ids=["int4", "int8", "cb3"])
+def test_compress_with_lowbit_configs_matches_the_effective_dense_model(config):
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(4, 64)
+    dense_out = model(x)
+    co.compress_(model, config)
+    kind = "quant" if isinstance(config, co.QuantConfig) else "codebook"
+    assert all(r.kind == kind for r in co.report(model))
+    ref = x.double()
+    for m in (model.fc1, model.fc2, model.head):
+        b = None if m.bias is None else m.bias.double()
+        ref = torch.nn.functional.linear(ref, m.dense_weight().double(), b)
+        ref = torch.relu(ref) if m is model.fc1 else ref
+        ref = torch.nn.functional.gelu(ref) if m is model.fc2 else ref
+    out = model(x)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert ((out - dense_out).norm() / dense_out.norm()) < 0.25
+
+
+def test_shared_codebook_under_a_recipe_is_one_tensor_stored_once(tmp_path):
+    torch.manual_seed(0)
+    model = Block()
+    originals = [model.up.weight.detach().clone(), model.down.weight.detach().clone()]
+    shared = co.CodebookConfig(bits=4, shared=True)
+    co.compress_(model, co.Recipe({r"up|down": shared, r"q|k|v|o": co.QuantConfig(bits=8)}))
+    from compress_ops.nn import CodebookLinear, QuantLinear
+
+    assert isinstance(model.up, CodebookLinear) and isinstance(model.q, QuantLinear)
+    assert model.up.codebook is model.down.codebook  # one table, fit over both layers
+    rows = {r.name: r for r in co.report(model)}
+    assert rows["down"].note == "codebook shared with up"
+    assert rows["down"].stored_bytes == model.down.index_bytes()
+    assert rows["up"].stored_bytes == model.up.index_bytes() + 16 * 4
+    # torch.save keeps the shared storage once
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["up.codebook"].data_ptr() == loaded["down.codebook"].data_ptr()
+    # the shared table is the k-means fit of both layers' weights together
+    from compress_ops.quantize import fit_codebook
+
+    torch.testing.assert_close(model.up.codebook, fit_codebook(originals, 4))
+
+
+def test_unshared_codebooks_are_per_layer():
+    model = MLP()
+    co.compress_(model, co.CodebookConfig(bits=2))
+    assert model.fc1.codebook is not model.fc2.codebook
+    assert all(r.note == "" for r in co.report(model))
+
+
+def test_shared_codebook_refuses_mixed_dtypes_with_a_reason():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32).double())
+    co.compress_(model, co.CodebookConfig(shared=True))
+    notes = [r.note for r in co.report(model)]
+    assert all("one dtype and device" in n for n in notes)
+    assert all(type(m) is nn.Linear for m in model)

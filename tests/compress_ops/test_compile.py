@@ -12,9 +12,17 @@ import compress_ops as co
 from .models import MLP, Block
 
 
-def _compressed(model: torch.nn.Module) -> torch.nn.Module:
+FAMILIES = {
+    "sparse24": co.Sparse24Config(),
+    "int4": co.QuantConfig(bits=4, group_size=32),
+    "int8sym": co.QuantConfig(bits=8, group_size=None, symmetric=True),
+    "codebook": co.CodebookConfig(bits=3),
+}
+
+
+def _compressed(model: torch.nn.Module, family: str = "sparse24") -> torch.nn.Module:
     torch.manual_seed(0)
-    return co.compress_(model, co.Sparse24Config()).eval()
+    return co.compress_(model, FAMILIES[family]).eval()
 
 
 @pytest.fixture(autouse=True)
@@ -24,9 +32,10 @@ def _reset_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("make", [MLP, Block], ids=["mlp", "block"])
-def test_fullgraph_aot_eager_matches_eager(op_device, make):
-    model = _compressed(make()).to(op_device)
+def test_fullgraph_aot_eager_matches_eager(op_device, make, family):
+    model = _compressed(make(), family).to(op_device)
     x = torch.randn(2, 8, 64, device=op_device)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
@@ -34,8 +43,9 @@ def test_fullgraph_aot_eager_matches_eager(op_device, make):
 
 
 @pytest.mark.slow
-def test_fullgraph_inductor_matches_eager_with_grad():
-    model = _compressed(Block())
+@pytest.mark.parametrize("family", ["sparse24", "int4", "codebook"])
+def test_fullgraph_inductor_matches_eager_with_grad(family):
+    model = _compressed(Block(), family)
     x = torch.randn(2, 8, 64, requires_grad=True)
     compiled = torch.compile(model, fullgraph=True)
     y = compiled(x)
@@ -47,8 +57,9 @@ def test_fullgraph_inductor_matches_eager_with_grad():
     torch.testing.assert_close(g, x.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_marked_dynamic_batch_compiles_once():
-    model = _compressed(MLP())
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_marked_dynamic_batch_compiles_once(family):
+    model = _compressed(MLP(), family)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, backend=counter)
     for m in (3, 17, 64):

@@ -108,6 +108,14 @@ def _layer_inputs(model: nn.Module, tokens: torch.Tensor) -> dict[str, torch.Ten
 # The families the demo applies: (name, config). Later families add their entries here.
 FAMILIES: list[tuple[str, object]] = [
     ("sparse24", co.Sparse24Config()),
+    ("int8", co.QuantConfig(bits=8, group_size=None, symmetric=True)),
+    ("int4-g128", co.QuantConfig(bits=4, group_size=128)),
+    ("int2-g32", co.QuantConfig(bits=2, group_size=32)),
+    ("codebook4", co.CodebookConfig(bits=4)),
+    # one 3-bit k-means table shared by every FFN layer of the model, int4 for the rest
+    ("cb3-shared-ffn", co.Recipe({
+        r"blocks\.\d+\.(up|down)": co.CodebookConfig(bits=3, shared=True),
+        r".*": co.QuantConfig(bits=4, group_size=128)})),
 ]
 
 

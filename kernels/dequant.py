@@ -315,6 +315,8 @@ def _lowbit_gemv_kernel(
     BLOCK_K columns = U packing units (a unit: one word of 32 / b fields, or 32 columns in three
     bit-plane words). Each word is loaded once; its fields are extracted in registers and
     multiplied with the activations of their columns: no dense weight tile, no tensor cores.
+    A tile lies inside one scale group (the launcher caps BLOCK_K at the group size), so the
+    affine modes accumulate ``sum x q`` and ``sum x`` and apply ``s`` and ``z s`` once per tile.
 
     Roofline: 2 M N K FLOPs; minimum bytes N Kp b / 8 + scales/zeros or codebook + M K e +
     M N e. Memory-bound at decode: the goal is HBM bandwidth.
@@ -339,7 +341,7 @@ def _lowbit_gemv_kernel(
     t_begin = pid_k * tiles_per_split
     t_end = min(t_begin + tiles_per_split, k_tiles)
 
-    acc = tl.zeros((BLOCK_M, U, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t_begin, t_end):
         offs_u = t * U + tl.arange(0, U)  # unit index along the row
         un_mask = (offs_u < KP // COLS)[:, None] & n_mask[None, :]
@@ -351,26 +353,35 @@ def _lowbit_gemv_kernel(
         else:
             w1 = w0
             w2 = w0
-        if MODE != 2:  # a unit never spans two groups (group_size >= 32)
-            grp = (offs_u * COLS) // group_size
-            s_off = rows_n[None, :] * stride_sn + grp[:, None]
-            s = tl.load(s_ptr + s_off, mask=un_mask, other=0.0).to(tl.float32)
-            if MODE == 0:
-                zs = tl.load(z_ptr + s_off, mask=un_mask, other=0.0).to(tl.float32) * s
-            else:
-                zs = s * (1 << (BITS - 1))
+        part = tl.zeros((BLOCK_M, U, BLOCK_N), dtype=tl.float32)
+        xsum = tl.zeros((BLOCK_M, U), dtype=tl.float32)
         for i in tl.static_range(COLS):
             q = _field(w0, w1, w2, i, BITS)
             if MODE == 2:
                 w = tl.load(lut_rows + q, mask=un_mask, other=0.0).to(tl.float32)
             else:
-                w = q.to(tl.float32) * s - zs
+                w = q.to(tl.float32)
             cols = offs_u * COLS + i
             xv = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & (cols < K)[None, :],
                          other=0.0).to(tl.float32)  # [BM, U]
-            acc += xv[:, :, None] * w[None, :, :]
+            part += xv[:, :, None] * w[None, :, :]
+            if MODE != 2:
+                xsum += xv
+        if MODE == 2:
+            acc += tl.sum(part, axis=1)
+        else:
+            # the tile lies in one group (BLOCK_K <= group_size, or one group per row):
+            # sum_k x (q - z) s = s * (sum_k x q) - s z * (sum_k x)
+            grp = (t * BLOCK_K) // group_size
+            s_ptrs = rows_n * stride_sn + grp
+            s = tl.load(s_ptr + s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+            if MODE == 0:
+                zs = tl.load(z_ptr + s_ptrs, mask=n_mask, other=0.0).to(tl.float32) * s
+            else:
+                zs = s * (1 << (BITS - 1))
+            acc += tl.sum(part, axis=1) * s[None, :] - tl.sum(xsum, axis=1)[:, None] * zs[None, :]
 
-    out = tl.sum(acc, axis=1)
+    out = acc
     if HAS_BIAS:
         if pid_k == 0:
             b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
@@ -458,11 +469,11 @@ def _lowbit_matmul_kernel(
             q = (words >> ((offs_k % COLS) * BITS)[:, None]) & ((1 << BITS) - 1)
         if MODE == 2:
             w = tl.load(lut_rows + q, mask=kn_mask, other=0.0)
-        else:
-            s_off = rows_n[None, :] * stride_sn + (offs_k // group_size)[:, None]
-            s = tl.load(s_ptr + s_off, mask=kn_mask, other=0.0).to(tl.float32)
+        else:  # the tile lies in one scale group (see the launcher): [1, BN] scales
+            s_off = rows_n * stride_sn + (t * BLOCK_K) // group_size
+            s = tl.load(s_ptr + s_off, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             if MODE == 0:
-                z = tl.load(z_ptr + s_off, mask=kn_mask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + s_off, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             else:
                 z = 1 << (BITS - 1)
             w = (q.to(tl.float32) - z) * s
@@ -498,20 +509,22 @@ def select_config(m: int, n: int, kp: int, device: torch.device) -> KernelConfig
 
 
 def get_autotune_configs(m: int) -> list[KernelConfig]:
-    """Candidate configs for an M bucket (searched when ``COMPRESS_OPS_AUTOTUNE=1``)."""
+    """Candidate configs for an M bucket (searched when ``COMPRESS_OPS_AUTOTUNE=1``): tiles the
+    audit compiles without spills."""
     bucket = m_bucket(m)
     if bucket <= 4:
-        # [BLOCK_M, U, BLOCK_N] fp32 accumulator: U = BLOCK_K / 4 for int8, the widest case
-        gemv = [KernelConfig("gemv", bucket, bn, bk, 4, 2, 8, sk)
-                for bn in (32, 64) for bk in (128, 256) for sk in (1, 4)
-                if bucket * bn * bk <= 16384]
+        # GEMV: its [BLOCK_M, U, BLOCK_N] partial sums (U = BLOCK_K / 4 for int8) stay small
+        gemv = [KernelConfig("gemv", bucket, bn, bk, 4, 1, 8, sk)
+                for bn, bk in ((16, 128), (32, 128), (32, 256), (64, 128))
+                for sk in (1, 4) if bucket * bn * bk <= 4096 * (1 if bucket > 1 else 2)
+                and (bucket, bn) != (2, 16)]  # spills on sm_90 (audit)
         return gemv + [KernelConfig("gemm", 16, 64, 64, 4, 4, 8, sk) for sk in (1, 4)]
     if bucket <= 64:
         bm = max(16, bucket)
-        return [KernelConfig("gemm", bm, bn, 64, 4, 4, 8, sk)
-                for bn in (64, 128) for sk in (1, 2, 4)]
-    return [KernelConfig("gemm", bm, bn, 64, w, s, 8, 1)
-            for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 64, 4)) for s in (3, 4)]
+        return [KernelConfig("gemm", bm, bn, bk, w, 4, 8, sk)
+                for bn, bk, w in ((64, 32, 4), (128, 64, 8)) for sk in (1, 2, 4)]
+    return [KernelConfig("gemm", bm, bn, 32, w, s, 8, 1)
+            for bm, bn, w in ((64, 128, 8), (128, 128, 8)) for s in (3, 4)]
 
 
 def _autotune(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
@@ -539,20 +552,29 @@ _AUDIT_VARIANTS = ((4, MODE_ASYM), (8, MODE_SYM), (2, MODE_ASYM), (4, MODE_CODEB
 
 
 def audit_specs() -> list[dict]:
-    """Every (kernel, config, variant) the static GPU audit compiles: the shipped defaults (with
-    both epilogues where split-K may be raised) in every variant, the autotune space in int4."""
+    """Every (kernel, config, variant) the static GPU audit compiles.
+
+    Shipped defaults: every (bits, mode) variant in fp16, plus bf16 int4; the variants that
+    only change the epilogue or the tile's K (split-K > 1, where ``select_config`` may raise it;
+    BLOCK_K = 32, which the launcher uses for group size 32) and the autotune space: int4.
+    """
+    int4 = ((4, MODE_ASYM, "fp16"),)
+    every = tuple((b, md, "fp16") for b, md in _AUDIT_VARIANTS) + ((4, MODE_ASYM, "bf16"),)
     cfgs: dict[str, tuple[KernelConfig, tuple]] = {}
-    for m in (1, 2, 4, 16, 64, 256):
+    for m in (1, 2, 4, 16, 32, 64, 256):
         for cfg in get_autotune_configs(m):
             cfg = cfg.with_split_k(min(cfg.split_k, 2))
-            cfgs.setdefault(cfg.name, (cfg, ((4, MODE_ASYM, "fp16"),)))
+            cfgs.setdefault(cfg.name, (cfg, int4))
     for table in load_tables(_FAMILY).values():
         for path in ("gemv", "gemm"):
-            for c in table[path].values():
-                for sk in ((1, 2) if c["block_m"] <= SPLIT_K_MAX_M else (1,)):
-                    cfg = KernelConfig(path, **{**c, "split_k": sk})
-                    variants = tuple((b, md, "fp16") for b, md in _AUDIT_VARIANTS)
-                    cfgs[cfg.name] = (cfg, variants + ((4, MODE_ASYM, "bf16"),))
+            for bucket, c in table[path].items():
+                cfg = KernelConfig(path, **c)
+                cfgs[cfg.name] = (cfg, every)
+                if int(bucket) <= SPLIT_K_MAX_M:
+                    cfgs.setdefault(cfg.with_split_k(2).name, (cfg.with_split_k(2), int4))
+                if cfg.block_k > 32:
+                    k32 = KernelConfig(**{**cfg.__dict__, "block_k": 32})
+                    cfgs.setdefault(k32.name, (k32, int4))
     specs = []
     names = {MODE_ASYM: "asym", MODE_SYM: "sym", MODE_CODEBOOK: "cb"}
     for cfg, variants in cfgs.values():
@@ -641,6 +663,8 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
     else:
         y = _empty((m, n), device=x2.device, dtype=x2.dtype)
     group_size, rows_per_group = (kp, group) if mode == MODE_CODEBOOK else (group, 1)
+    if group_size < kp and cfg.block_k > group_size:  # a K tile must lie in one scale group
+        cfg = KernelConfig(**{**cfg.__dict__, "block_k": group_size})
     zp = z if z is not None else s  # dummy pointers, never read
     bp = bias if bias is not None else s
     args = (x2, q, s, zp, bp, y, m, n, k, kp, group_size, rows_per_group,

@@ -26,7 +26,6 @@ Roofline per call: dense-equivalent FLOPs ``2 M N K``; minimum bytes = stored we
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -74,15 +73,6 @@ def case_grid(device: torch.device, quick: bool = False) -> list[Case]:
 def dtypes(device: torch.device, quick: bool = False) -> list[torch.dtype]:
     """Dtypes the run uses (their matmul peaks are measured)."""
     return sorted({c.dtype for c in case_grid(device, quick)}, key=str)
-
-
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """``max |y - ref| / max |ref|`` in fp32."""
-    y, ref = y.float(), ref.float()
-    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
-_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
 def _import_op() -> tuple[Callable | None, str | None]:
@@ -160,13 +150,13 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
 
             # dense baseline
             t = time_it(lambda x=x, w=wp: F.linear(x, w))
-            yield _logged(log, runner.make_row(
+            yield runner.logged(log, runner.make_row(
                 provider=dense_name, median_us=t.median_us, min_bytes=n * k * e + act,
                 backend=dense_backend, samples=t.samples, **common))
 
             # ours
             if op is None:
-                yield _logged(log, runner.make_row(
+                yield runner.logged(log, runner.make_row(
                     provider="ours", median_us=None, min_bytes=ours_bytes + act,
                     backend=ours_backend, note=op_err, **common))
             else:
@@ -176,15 +166,15 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
                         note = f"config={select_config(m, n, k, device).name}"
                     except Exception as ex:  # noqa: BLE001
                         note = f"select_config failed: {type(ex).__name__}: {ex}"
-                yield _logged(log, _time_provider(
+                yield runner.logged(log, runner.time_provider(
                     lambda x=x, v=values, mt=meta: op(x, v, mt, None), x, ref, time_it,
                     provider="ours",
                     min_bytes=ours_bytes + act, backend=ours_backend, note=note, **common))
 
             if op is not None and not cuda and ours_backend == "cpu-reference":
                 # the opt-in CPU route that keeps a dense copy per weight (memory for speed)
-                with _env("COMPRESS_OPS_CPU_DENSE_CACHE", "1"):
-                    yield _logged(log, _time_provider(
+                with runner.env_var("COMPRESS_OPS_CPU_DENSE_CACHE", "1"):
+                    yield runner.logged(log, runner.time_provider(
                         lambda x=x, v=values, mt=meta: op(x, v, mt, None), x, ref, time_it,
                         provider="ours-dense-cache", min_bytes=n * k * e + act,
                         backend="cpu-dense-cache",
@@ -192,11 +182,11 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
 
             for provider, ws, snote in semi:
                 if ws is None:
-                    yield _logged(log, runner.make_row(
+                    yield runner.logged(log, runner.make_row(
                         provider=provider, median_us=None, min_bytes=semi_bytes + act,
                         backend="cuda", note=snote, **common))
                     continue
-                yield _logged(log, _time_semi(provider, ws, snote, x, ref, time_it,
+                yield runner.logged(log, _time_semi(provider, ws, snote, x, ref, time_it,
                                               min_bytes=semi_bytes + act, **common))
             del x, ref
         del wp, values, meta, semi
@@ -224,31 +214,18 @@ def _autotuned(op: Callable, device: torch.device, cases: list[Case],
         ref = F.linear(x, wp)
         common = dict(kernel=KERNEL, shape={"M": c.m, "N": c.n, "K": c.k}, dtype=c.dtype,
                       flops=2.0 * c.m * c.n * c.k, env=env, peaks=peaks)
-        with _env("COMPRESS_OPS_AUTOTUNE", "1"):
+        with runner.env_var("COMPRESS_OPS_AUTOTUNE", "1"):
             try:
                 # tunes once for this (M bucket, N, K, dtype); the op then reuses the choice
                 note = f"autotuned config={sp._autotune(x, values, meta, None).name}"
             except Exception as ex:  # noqa: BLE001
                 note = f"autotune failed: {type(ex).__name__}: {ex}"[:300]
-            yield _logged(log, _time_provider(
+            yield runner.logged(log, runner.time_provider(
                 lambda x=x, v=values, mt=meta: op(x, v, mt, None), x, ref, time_it,
                 provider="ours-autotuned",
                 min_bytes=sp.sparse24_bytes(c.n, c.k, c.dtype) + c.m * (c.k + c.n) * e,
                 backend="cuda", note=note, **common))
         del w, wp, values, meta, x, ref
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _make_semi(wp: torch.Tensor) -> list[tuple[str, object | None, str]]:
@@ -280,38 +257,8 @@ def _time_semi(provider: str, ws: object, note: str, x: torch.Tensor, ref: torch
         mp = -(-m // 64) * 64
         xin = torch.cat([x, x.new_zeros(mp - m, x.shape[1])]) if mp != m else x
         note += f"; unpadded M={m} failed ({type(ex).__name__}), x padded to {mp} rows"
-    return _time_provider(lambda: F.linear(xin, ws), x, ref, time_it, provider=provider,
+    return runner.time_provider(lambda: F.linear(xin, ws), x, ref, time_it, provider=provider,
                           backend="cuda", note=note, **common)
-
-
-def _time_provider(fn: Callable[[], torch.Tensor], x: torch.Tensor, ref: torch.Tensor,
-                   time_it: Callable[[Callable[[], object]], runner.Timing], *, provider: str,
-                   backend: str, note: str | None, min_bytes: float, dtype: torch.dtype,
-                   **common) -> Row:
-    """Check one call against the dense result, then time it; errors become a null row."""
-    try:
-        y = fn()[: x.shape[0]]
-        err = _rel_err(y, ref)
-        if not err <= _TOL[dtype]:
-            note = f"{note}; MISMATCH vs dense: rel err {err:.3g}" if note else "MISMATCH"
-        t = time_it(fn)
-    except Exception as ex:  # noqa: BLE001 - a failing provider must not stop the run
-        msg = f"error: {type(ex).__name__}: {ex}"[:300]
-        return runner.make_row(provider=provider, median_us=None, min_bytes=min_bytes,
-                               backend=backend, dtype=dtype,
-                               note=f"{note}; {msg}" if note else msg, **common)
-    return runner.make_row(provider=provider, median_us=t.median_us, min_bytes=min_bytes,
-                           backend=backend, dtype=dtype, samples=t.samples, note=note,
-                           max_rel_err=err, **common)
-
-
-def _logged(log: Callable[[str], None], row: Row) -> Row:
-    s = row.shape
-    t = f"{row.median_us:10.1f} us" if row.median_us is not None else "         - us"
-    gb = f"{row.gbps:8.1f} GB/s" if row.gbps is not None else ""
-    log(f"  {row.kernel} {row.provider:<30} M={s['M']:<5} N={s['N']:<6} K={s['K']:<6} "
-        f"{row.dtype:<9} {t} {gb}  {row.note or ''}")
-    return row
 
 
 def main(argv: list[str] | None = None) -> int:

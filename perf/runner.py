@@ -28,6 +28,7 @@ why in ``note``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -37,7 +38,7 @@ import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -581,3 +582,60 @@ def load_results(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
     except (OSError, ValueError) as e:
         return None, [f"cannot read: {e}"]
     return obj, validate_results(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for the family benchmarks
+# ---------------------------------------------------------------------------------------------
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |y - ref| / max |ref|`` in fp32."""
+    y, ref = y.float(), ref.float()
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def time_provider(fn: Callable[[], torch.Tensor], x: torch.Tensor, ref: torch.Tensor,
+                   time_it: Callable[[Callable[[], object]], Timing], *, provider: str,
+                   backend: str, note: str | None, min_bytes: float, dtype: torch.dtype,
+                   **common) -> Row:
+    """Check one call against the dense result, then time it; errors become a null row."""
+    try:
+        y = fn()[: x.shape[0]]
+        err = rel_err(y, ref)
+        if not err <= TOL[dtype]:
+            note = f"{note}; MISMATCH vs dense: rel err {err:.3g}" if note else "MISMATCH"
+        t = time_it(fn)
+    except Exception as ex:  # noqa: BLE001 - a failing provider must not stop the run
+        msg = f"error: {type(ex).__name__}: {ex}"[:300]
+        return make_row(provider=provider, median_us=None, min_bytes=min_bytes,
+                               backend=backend, dtype=dtype,
+                               note=f"{note}; {msg}" if note else msg, **common)
+    return make_row(provider=provider, median_us=t.median_us, min_bytes=min_bytes,
+                           backend=backend, dtype=dtype, samples=t.samples, note=note,
+                           max_rel_err=err, **common)
+
+
+def logged(log: Callable[[str], None], row: Row) -> Row:
+    s = row.shape
+    t = f"{row.median_us:10.1f} us" if row.median_us is not None else "         - us"
+    gb = f"{row.gbps:8.1f} GB/s" if row.gbps is not None else ""
+    log(f"  {row.kernel} {row.provider:<30} M={s['M']:<5} N={s['N']:<6} K={s['K']:<6} "
+        f"{row.dtype:<9} {t} {gb}  {row.note or ''}")
+    return row

@@ -11,7 +11,6 @@ import compress_ops as co
 
 from .models import MLP, Block
 
-
 FAMILIES = {
     "sparse24": co.Sparse24Config(),
     "int4": co.QuantConfig(bits=4, group_size=32),

@@ -1,0 +1,246 @@
+"""Benchmark of the low-bit linears (int8 / int4 / int2 affine, 4-bit codebook) against dense.
+
+One kernel name, ``lowbit_linear``: the providers are the formats. Every weight is quantized
+from the same Gaussian ``W`` (``compress_ops.quantize``), and every provider is checked against
+``F.linear`` with its own dequantized weight before it is timed.
+
+CUDA (fp16; M in {1, 4, 16, 128, 2048}; (N, K) in {(8192, 8192), (4096, 4096)}):
+
+* ``cublas-dense`` -- ``F.linear`` with the fp16 weight (the speedup baseline),
+* ``ours-int8`` (symmetric, one scale per row), ``ours-int4-g128`` (asymmetric),
+  ``ours-int2-g128`` (asymmetric), ``ours-codebook4`` (one 16-entry table per layer) --
+  the ops, i.e. the Triton kernels with the shipped configs (the note names the config),
+* ``ours-int4-g128-autotuned`` (full runs) -- ``COMPRESS_OPS_AUTOTUNE=1``.
+
+CPU (the issue's comparison; N = K = 4096, M in {1, 64}, fp32 and bf16):
+
+* ``dense`` -- ``F.linear`` in the activation dtype (fp32 or bf16 weight),
+* ``ours-int8`` / ``ours-int4-g128`` -- the ops as shipped (the note names the CPU route),
+* ``torch-int8pack`` / ``torch-int4pack`` -- torch's native weight-only kernels called
+  directly on pre-converted weights (``torch._weight_int8pack_mm``,
+  ``torch._weight_int4pack_mm_for_cpu``),
+* ``ours-int8-dequant`` / ``ours-int4-dequant`` -- the op forced onto its row-chunked
+  dequantize + ``F.linear`` route,
+* ``ours-int4-dense-cache`` -- ``COMPRESS_OPS_CPU_DENSE_CACHE=1`` (holds a dense copy).
+
+The CPU route rule (``compress_ops.ops.dequant_cpu_route``) must be within 10% of the best
+compressed option of each case; these rows are the measurement behind it.
+
+Roofline per call: ``2 M N K`` FLOPs; minimum bytes = stored weight (``lowbit_bytes`` /
+``codebook_bytes``; ``N K e`` dense) + ``M K e + M N e``.
+
+    python perf/bench_dequant.py [--quick] [--device cpu|cuda] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import runner  # noqa: E402
+from runner import Env, Peaks, Row  # noqa: E402
+
+KERNEL = "lowbit_linear"
+BASELINES = ("cublas-dense", "dense")
+
+# provider -> (bits, group_size, symmetric); codebook providers: (bits, None, None)
+FORMATS: dict[str, tuple[int, int | None, bool | None]] = {
+    "ours-int8": (8, None, True),
+    "ours-int4-g128": (4, 128, False),
+    "ours-int2-g128": (2, 128, False),
+    "ours-codebook4": (4, None, None),
+}
+CPU_FORMATS = ("ours-int8", "ours-int4-g128")
+
+
+@dataclass(frozen=True)
+class Case:
+    m: int
+    n: int
+    k: int
+    dtype: torch.dtype
+
+
+def case_grid(device: torch.device, quick: bool = False) -> list[Case]:
+    if device.type == "cuda":
+        if quick:
+            ms, nks, dts = (1, 128), ((4096, 4096),), (torch.float16,)
+        else:
+            ms, nks, dts = (1, 4, 16, 128, 2048), ((8192, 8192), (4096, 4096)), (torch.float16,)
+    elif quick:
+        ms, nks, dts = (1, 16), ((256, 512),), (torch.float32, torch.bfloat16)
+    else:
+        ms, nks, dts = (1, 64), ((4096, 4096),), (torch.float32, torch.bfloat16)
+    return [Case(m, n, k, dt) for dt in dts for (n, k) in nks for m in ms]
+
+
+def dtypes(device: torch.device, quick: bool = False) -> list[torch.dtype]:
+    return sorted({c.dtype for c in case_grid(device, quick)}, key=str)
+
+
+def _formats(w: torch.Tensor, names: tuple[str, ...]) -> dict[str, dict]:
+    """Packed weights of ``w`` per provider: op args, stored bytes, the dense weight."""
+    from compress_ops.kernels import dequant as dq
+    from compress_ops.quantize import encode_codebook, fit_codebook, quantize_affine
+
+    n, k = w.shape
+    out = {}
+    for name in names:
+        bits, group, sym = FORMATS[name]
+        if sym is None:
+            cb = fit_codebook([w], bits, iters=10)
+            enc = encode_codebook(w, cb, bits)
+            args = (enc.indices, enc.codebook, bits)
+            out[name] = dict(op="codebook", args=args,
+                             bytes=dq.codebook_bytes(n, k, bits, 1, w.dtype),
+                             dense=dq.codebook_weight(enc.indices, enc.codebook, bits, k))
+        else:
+            a = quantize_affine(w, bits, group, symmetric=sym, search_steps=10)
+            args = (a.qweight, a.scales, a.zeros, a.bits, a.group_size)
+            out[name] = dict(op="dequant", args=args,
+                             bytes=dq.lowbit_bytes(n, k, bits, group, w.dtype, sym),
+                             dense=dq.dequantize(a.qweight, a.scales, a.zeros, bits,
+                                                 a.group_size, k))
+    return out
+
+
+def _kp(fmt: dict) -> int:
+    """Packed row width of a format's weight."""
+    packed, bits = fmt["args"][0], fmt["args"][2 if fmt["op"] == "codebook" else 3]
+    return packed.shape[1] * 32 // bits
+
+
+def _call(fmt: dict, x: torch.Tensor) -> torch.Tensor:
+    if fmt["op"] == "codebook":
+        idx, cb, bits = fmt["args"]
+        return torch.ops.compress_ops.codebook_linear(x, idx, cb, None, bits)
+    qw, s, z, bits, gs = fmt["args"]
+    return torch.ops.compress_ops.dequant_linear(x, qw, s, z, None, bits, gs)
+
+
+def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
+        log: Callable[[str], None] = print) -> Iterator[Row]:
+    """Time every provider on every case; yields rows as they are measured."""
+    import compress_ops  # noqa: F401  (registers the ops)
+    from compress_ops import ops as ops_mod
+    from compress_ops.kernels import dequant as dq
+
+    cuda = device.type == "cuda"
+    budget = 0.3 if quick else 3.0
+
+    def time_it(fn: Callable[[], object]) -> runner.Timing:
+        return runner.time_fn(fn, device, max_seconds=budget)
+
+    groups: dict[tuple[int, int, torch.dtype], list[int]] = {}
+    for c in case_grid(device, quick):
+        groups.setdefault((c.n, c.k, c.dtype), []).append(c.m)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for (n, k, dtype), ms in groups.items():
+        e = runner.element_size(dtype)
+        w = (torch.randn(n, k, device=device, generator=gen) * k**-0.5).to(dtype)
+        fmts = _formats(w, tuple(FORMATS) if cuda else CPU_FORMATS)
+        native = {} if cuda else _native_weights(fmts)
+        for m in ms:
+            x = torch.randn(m, k, device=device, generator=gen).to(dtype)
+            act = m * k * e + m * n * e
+            common = dict(kernel=KERNEL, shape={"M": m, "N": n, "K": k}, dtype=dtype,
+                          flops=2.0 * m * n * k, env=env, peaks=peaks)
+            t = time_it(lambda x=x, w=w: F.linear(x, w))
+            yield runner.logged(log, runner.make_row(
+                provider="cublas-dense" if cuda else "dense", median_us=t.median_us,
+                min_bytes=n * k * e + act, backend="cuda" if cuda else "cpu-dense",
+                samples=t.samples, **common))
+            for name, fmt in fmts.items():
+                ref = F.linear(x, fmt["dense"])
+                if cuda:
+                    cfg = dq.select_config(m, n, _kp(fmt), device)
+                    note, backend = f"config={cfg.name}", "cuda"
+                else:
+                    qw, _, z, bits, gs = fmt["args"]
+                    note, backend = f"route={ops_mod.dequant_cpu_route(x, qw, z, bits, gs)}", "cpu"
+                yield runner.logged(log, runner.time_provider(
+                    lambda x=x, f=fmt: _call(f, x), x, ref, time_it, provider=name,
+                    min_bytes=fmt["bytes"] + act, backend=backend, note=note, **common))
+                if not cuda:
+                    yield from _cpu_alternatives(name, fmt, native, x, ref, time_it, act,
+                                                 common, log)
+            if cuda and not quick:
+                fmt = fmts["ours-int4-g128"]
+                with runner.env_var("COMPRESS_OPS_AUTOTUNE", "1"):
+                    qw, s, z, bits, gs = fmt["args"]
+                    tuned = dq._autotune(dq.MODE_ASYM, x, qw, s, z, None, bits, gs)
+                    note = f"autotuned config={tuned.name}"
+                    yield runner.logged(log, runner.time_provider(
+                        lambda x=x, f=fmt: _call(f, x), x, F.linear(x, fmt["dense"]), time_it,
+                        provider="ours-int4-g128-autotuned", min_bytes=fmt["bytes"] + act,
+                        backend="cuda", note=note, **common))
+            del x
+        del w, fmts, native
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _native_weights(fmts: dict[str, dict]) -> dict[str, tuple]:
+    """torch's native CPU weight formats, converted once (outside the timings)."""
+    from compress_ops import ops as ops_mod
+
+    out: dict[str, tuple] = {}
+    if "ours-int8" in fmts:
+        qw, s, _, _, _ = fmts["ours-int8"]["args"]
+        out["ours-int8"] = (ops_mod._native_int8_weight(qw), s[:, 0].contiguous())
+    if "ours-int4-g128" in fmts:
+        qw, s, z, _, gs = fmts["ours-int4-g128"]["args"]
+        out["ours-int4-g128"] = (*ops_mod._native_int4_weight(qw, s, z, s.dtype), gs)
+    return out
+
+
+def _cpu_alternatives(name: str, fmt: dict, native: dict, x: torch.Tensor, ref: torch.Tensor,
+                      time_it, act: int, common: dict, log) -> Iterator[Row]:
+    """The other CPU options for the same weight: torch's native kernel, the forced dequant
+    route, the dense cache (int4 only)."""
+    from compress_ops import ops as ops_mod
+
+    bits = fmt["args"][3]
+    if name in native:
+        if bits == 8:
+            w8, s = native[name]
+            fn = lambda x=x: torch._weight_int8pack_mm(x, w8, s)  # noqa: E731
+            provider = "torch-int8pack"
+        else:
+            packed, sz, gs = native[name]
+            fn = lambda x=x: torch._weight_int4pack_mm_for_cpu(x, packed, gs, sz)  # noqa: E731
+            provider = "torch-int4pack"
+        yield runner.logged(log, runner.time_provider(
+            fn, x, ref, time_it, provider=provider, min_bytes=fmt["bytes"] + act, backend="cpu",
+            note="pre-converted weight (+1x the packed bytes)", **common))
+    old = ops_mod._NATIVE_MAX_M
+    ops_mod._NATIVE_MAX_M = {}
+    try:
+        yield runner.logged(log, runner.time_provider(
+            lambda x=x: _call(fmt, x), x, ref, time_it, provider=f"{name}-dequant",
+            min_bytes=fmt["bytes"] + act, backend="cpu", note="route=dequant", **common))
+    finally:
+        ops_mod._NATIVE_MAX_M = old
+    if bits == 4:
+        with runner.env_var("COMPRESS_OPS_CPU_DENSE_CACHE", "1"):
+            yield runner.logged(log, runner.time_provider(
+                lambda x=x: _call(fmt, x), x, ref, time_it, provider=f"{name}-dense-cache",
+                min_bytes=x.shape[1] * ref.shape[1] * x.element_size() + act,
+                backend="cpu-dense-cache", note="holds a dense copy", **common))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run only this family through ``perf/bench.py`` (same options)."""
+    import bench
+
+    return bench.main(["--families", "dequant", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -205,17 +205,18 @@ sparse24_linear.register_autograd(_sparse24_backward, setup_context=_sparse24_se
 # Low-bit affine (int8 / int4 / int2) and codebook linears
 # --------------------------------------------------------------------------------------------
 
-# Largest M at which torch's native CPU weight-only kernels beat dequantize + F.linear, per
-# activation dtype (measured on the 2-core AVX2 CI machine with perf/bench_dequant.py --device
-# cpu, N = K = 4096; the table in perf/README.md). Their fp32 kernels fall far behind from M of
-# a few rows; with 16-bit activations they beat even dense F.linear at every measured M.
+# Largest M at which torch's native CPU weight-only kernels beat the row-chunked dequantize +
+# F.linear route, per (bits, activation dtype); measured on the 2-core AVX2 CI machine, N = K =
+# 4096 (perf/bench_dequant.py --device cpu; README). With bf16 activations they beat even dense
+# F.linear at M = 1 and 64 (int8 2.2x / 1.8x, int4 3.5x / 2.5x of dense bf16); their fp32 and
+# fp16 kernels are slower than dequantizing from M of 2-4 rows (fp32 M = 64: 1.0 s and 1.8 s
+# against 0.1 s), and fp16 int4 even at M = 1 (92 ms against 39 ms).
 _NATIVE_MAX_M: dict[tuple[int, torch.dtype], int] = {
-    (8, torch.float32): 4,
+    (8, torch.float32): 2,
     (4, torch.float32): 1,
     (8, torch.bfloat16): 2**62,
     (4, torch.bfloat16): 2**62,
-    (8, torch.float16): 2**62,
-    (4, torch.float16): 2**62,
+    (8, torch.float16): 1,
 }
 
 

@@ -10,8 +10,12 @@ def test_demo_prints_table_and_passes(capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "sparse24" in out and "blocks.0.up" in out and "OK:" in out
-    model_row = next(line for line in out.splitlines() if line.startswith("sparse24  <model>"))
-    assert "0.5312" in model_row  # fp32 layers: (2 + 1/8) / 4 bytes per weight
+    rows = {line.split()[0]: line for line in out.splitlines() if "<model>" in line}
+    assert "0.5312" in rows["sparse24"]  # fp32 layers: (2 + 1/8) / 4 bytes per weight
+    for family in ("int8", "int4-g128", "int2-g32", "codebook4", "cb3-shared-ffn"):
+        assert family in rows, out
+    ratio = {f: float(rows[f].split()[4]) for f in rows}
+    assert ratio["int2-g32"] < ratio["int4-g128"] < ratio["int8"] < ratio["sparse24"] < 1
 
 
 def test_cli_usage(capsys):

@@ -19,14 +19,14 @@ from compress_ops.kernels import sparse24 as sp
 PERF_DIR = Path(__file__).resolve().parents[2] / "perf"
 
 
-def _audit(config: str, expect_mma: str | None = None) -> dict:
+def _audit(config: str, expect_mma: str | None = None, family: str = "sparse24") -> dict:
     code = f"""
 import json, sys
 sys.path.insert(0, {str(PERF_DIR)!r})
 import audit
 from dataclasses import asdict
-from compress_ops.kernels import sparse24 as sp
-spec = next(s for s in sp.audit_specs() if s["config"] == {config!r})
+from compress_ops.kernels import {family} as fam
+spec = next(s for s in fam.audit_specs() if s["config"] == {config!r})
 if {expect_mma!r} is not None:
     spec = dict(spec, expect_mma={expect_mma!r})
 print(json.dumps(asdict(audit.compile_spec(spec, 90))))
@@ -43,6 +43,13 @@ def test_audit_sees_hgmma_and_no_spills_in_a_shipped_gemm_config():
     assert row["ok"], row["problems"]
     assert "HGMMA" in row["mma"] and row["spill_loads"] == row["spill_stores"] == 0
     assert 0 < row["registers"] <= 255 and 0 < row["shared_bytes"] <= 227 * 1024
+
+
+def test_audit_passes_the_shipped_large_m_dequant_and_codebook_tiles():
+    for variant in ("asym4", "cb3"):
+        row = _audit(f"gemm_m128n128k32w8s3/{variant}/fp16", family="dequant")
+        assert row["ok"], row["problems"]
+        assert "HGMMA" in row["mma"] and row["spill_loads"] == row["spill_stores"] == 0
 
 
 def test_audit_flags_a_kernel_without_the_expected_mma():

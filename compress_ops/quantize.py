@@ -131,23 +131,31 @@ def quantize_affine(w: torch.Tensor, bits: int, group_size: int | None = 128, *,
                         None if z is None else z.to(dtype).contiguous(), bits, gs)
 
 
-def kmeans_1d(values: torch.Tensor, k: int, iters: int = 25, *,
+def kmeans_1d(values: torch.Tensor, k: int, iters: int = 25, *, init: str = "quantile",
               history: list[float] | None = None) -> torch.Tensor:
     """Lloyd's k-means on the rows of ``values[R, P]`` (each row its own 1-D problem).
 
-    Initialised at the ``(j + 1/2) / k`` quantiles of each row (deterministic); in 1-D the
-    nearest centroid is found by binary search over the midpoints of the sorted centroids.
-    Empty clusters keep their centroid. Returns sorted centroids ``[R, k]``. With ``history``,
-    appends the total squared error before every iteration and after the last: Lloyd's steps
-    never increase it.
+    Deterministic initialisation: ``"quantile"`` puts centroid ``j`` at the ``(j + 1/2) / k``
+    quantile of its row (dense where the mass is), ``"uniform"`` spreads them evenly over
+    ``[min, max]`` (the min/max round-to-nearest grid, so the result is never worse than
+    that grid). In 1-D the nearest centroid is found by binary search over the midpoints of the
+    sorted centroids. Empty clusters keep their centroid. Returns sorted centroids ``[R, k]``.
+    With ``history``, appends the total squared error before every iteration and after the
+    last: Lloyd's steps never increase it.
     """
     if values.dim() != 2 or values.shape[1] == 0:
         raise ValueError("values must be [R, P] with P >= 1")
     v = _work(values).contiguous()
     r, p = v.shape
-    srt = v.sort(dim=1).values
-    pos = ((torch.arange(k, device=v.device, dtype=v.dtype) + 0.5) / k * p).long().clamp_max(p - 1)
-    c = srt[:, pos].contiguous()
+    if init == "quantile":
+        srt = v.sort(dim=1).values
+        pos = ((torch.arange(k, device=v.device, dtype=v.dtype) + 0.5) / k * p).long()
+        c = srt[:, pos.clamp_max(p - 1)].contiguous()
+    elif init == "uniform":
+        lo, hi = v.amin(1, keepdim=True), v.amax(1, keepdim=True)
+        c = lo + (hi - lo) * torch.linspace(0, 1, k, device=v.device, dtype=v.dtype)
+    else:
+        raise ValueError(f"init must be 'quantile' or 'uniform', got {init!r}")
     for it in range(iters + 1):
         mids = ((c[:, 1:] + c[:, :-1]) / 2).contiguous()
         idx = torch.searchsorted(mids, v)
@@ -164,6 +172,12 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 25, *,
             break
         c = new.sort(dim=1).values
     return c
+
+
+def _row_errors(values: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    mids = ((c[:, 1:] + c[:, :-1]) / 2).contiguous()
+    idx = torch.searchsorted(mids, values)
+    return ((values - torch.gather(c, 1, idx)) ** 2).sum(1)
 
 
 def assign_codebook(w: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -186,6 +200,9 @@ def fit_codebook(weights: list[torch.Tensor], bits: int, row_groups: int = 1,
                  iters: int = 25, dtype: torch.dtype | None = None) -> torch.Tensor:
     """One k-means codebook (``2**bits`` values) per row group, fit over ``weights``.
 
+    Runs :func:`kmeans_1d` from the quantile and the uniform start and keeps, per row group,
+    the table with the lower error (so never worse than the min/max uniform grid).
+
     One weight with ``row_groups = R``: R tables over equal groups of rows. Several weights
     (cross-layer sharing): ``row_groups`` must be 1 and one table is fit over all of them.
     Returned in ``dtype`` (default: the first weight's).
@@ -206,7 +223,14 @@ def fit_codebook(weights: list[torch.Tensor], bits: int, row_groups: int = 1,
         if row_groups < 1 or n % row_groups:
             raise ValueError(f"row_groups={row_groups} must divide out_features={n}")
         values = _work(weights[0]).reshape(row_groups, -1)
-    return kmeans_1d(values, 2**bits, iters).to(dtype).contiguous()
+    # Lloyd from both deterministic starts; each row group keeps the better table (quantiles
+    # win on bell-shaped weights at few bits, the uniform grid on heavy tails at many bits).
+    values = values.contiguous()
+    best = kmeans_1d(values, 2**bits, iters, init="quantile")
+    other = kmeans_1d(values, 2**bits, iters, init="uniform")
+    take = _row_errors(values, other) < _row_errors(values, best)
+    best = torch.where(take[:, None], other, best)
+    return best.to(dtype).contiguous()
 
 
 def encode_codebook(w: torch.Tensor, codebook: torch.Tensor, bits: int) -> CodebookWeight:

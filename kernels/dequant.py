@@ -556,7 +556,8 @@ def audit_specs() -> list[dict]:
 
     Shipped defaults: every (bits, mode) variant in fp16, plus bf16 int4; the variants that
     only change the epilogue or the tile's K (split-K > 1, where ``select_config`` may raise it;
-    BLOCK_K = 32, which the launcher uses for group size 32) and the autotune space: int4.
+    a smaller BLOCK_K, which the launcher uses for groups smaller than the tile) and the
+    autotune space: int4.
     """
     int4 = ((4, MODE_ASYM, "fp16"),)
     every = tuple((b, md, "fp16") for b, md in _AUDIT_VARIANTS) + ((4, MODE_ASYM, "bf16"),)
@@ -572,9 +573,10 @@ def audit_specs() -> list[dict]:
                 cfgs[cfg.name] = (cfg, every)
                 if int(bucket) <= SPLIT_K_MAX_M:
                     cfgs.setdefault(cfg.with_split_k(2).name, (cfg.with_split_k(2), int4))
-                if cfg.block_k > 32:
-                    k32 = KernelConfig(**{**cfg.__dict__, "block_k": 32})
-                    cfgs.setdefault(k32.name, (k32, int4))
+                for bk in (32, 64, 128):  # the launcher caps BLOCK_K at the group size
+                    if bk < cfg.block_k:
+                        small = KernelConfig(**{**cfg.__dict__, "block_k": bk})
+                        cfgs.setdefault(small.name, (small, int4))
     specs = []
     names = {MODE_ASYM: "asym", MODE_SYM: "sym", MODE_CODEBOOK: "cb"}
     for cfg, variants in cfgs.values():

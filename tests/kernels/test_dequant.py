@@ -160,10 +160,23 @@ def test_sqnr_on_gaussian_weights(bits, group, min_db):
 def test_kmeans_never_increases_error(r, p, bits, seed):
     torch.manual_seed(seed)
     v = torch.distributions.StudentT(2.5).sample((r, p)) + 0.01 * seed
-    hist: list[float] = []
-    c = qz.kmeans_1d(v, 2**bits, iters=15, history=hist)
-    assert c.shape == (r, 2**bits) and (c[:, 1:] >= c[:, :-1]).all()
-    assert all(b <= a * (1 + 1e-9) + 1e-9 for a, b in zip(hist, hist[1:], strict=False))
+    for init in ("quantile", "uniform"):
+        hist: list[float] = []
+        c = qz.kmeans_1d(v, 2**bits, iters=15, init=init, history=hist)
+        assert c.shape == (r, 2**bits) and (c[:, 1:] >= c[:, :-1]).all()
+        assert all(b <= a * (1 + 1e-9) + 1e-9 for a, b in zip(hist, hist[1:], strict=False))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fitted_codebook_is_never_worse_than_the_min_max_grid(bits):
+    """The uniform start is the min/max round-to-nearest grid: Lloyd only improves on it."""
+    torch.manual_seed(bits)
+    w = torch.distributions.StudentT(3.0).sample((8, 256))
+    cb = qz.fit_codebook([w], bits, row_groups=8, dtype=torch.float64)
+    e_cb = float(((dq.codebook_weight(qz.encode_codebook(w, cb, bits).indices, cb, bits, 256)
+                   - w.double()) ** 2).sum())
+    e_grid = _sq_err(w.double(), qz.quantize_affine(w.double(), bits, None, search_steps=0))
+    assert e_cb <= e_grid * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -551,18 +551,18 @@ _AUDIT_VARIANTS = ((4, MODE_ASYM), (8, MODE_SYM), (2, MODE_ASYM), (4, MODE_CODEB
                    (3, MODE_CODEBOOK))
 
 
-def audit_specs() -> list[dict]:
+def audit_specs(defaults_only: bool = False) -> list[dict]:
     """Every (kernel, config, variant) the static GPU audit compiles.
 
     Shipped defaults: every (bits, mode) variant in fp16, plus bf16 int4; the variants that
     only change the epilogue or the tile's K (split-K > 1, where ``select_config`` may raise it;
-    a smaller BLOCK_K, which the launcher uses for groups smaller than the tile) and the
-    autotune space: int4.
+    the smaller BLOCK_K the launcher uses for groups smaller than the tile) and the autotune
+    space (unless ``defaults_only``): int4.
     """
     int4 = ((4, MODE_ASYM, "fp16"),)
     every = tuple((b, md, "fp16") for b, md in _AUDIT_VARIANTS) + ((4, MODE_ASYM, "bf16"),)
     cfgs: dict[str, tuple[KernelConfig, tuple]] = {}
-    for m in (1, 2, 4, 16, 32, 64, 256):
+    for m in () if defaults_only else (1, 2, 4, 16, 32, 64, 256):
         for cfg in get_autotune_configs(m):
             cfg = cfg.with_split_k(min(cfg.split_k, 2))
             cfgs.setdefault(cfg.name, (cfg, int4))
@@ -573,7 +573,8 @@ def audit_specs() -> list[dict]:
                 cfgs[cfg.name] = (cfg, every)
                 if int(bucket) <= SPLIT_K_MAX_M:
                     cfgs.setdefault(cfg.with_split_k(2).name, (cfg.with_split_k(2), int4))
-                for bk in (32, 64, 128):  # the launcher caps BLOCK_K at the group size
+                # the launcher's smaller tiles for groups smaller than BLOCK_K
+                for bk in (32, 64, 128) if path == "gemm" else (32,):
                     if bk < cfg.block_k:
                         small = KernelConfig(**{**cfg.__dict__, "block_k": bk})
                         cfgs.setdefault(small.name, (small, int4))
@@ -592,11 +593,16 @@ def audit_specs() -> list[dict]:
                 consts.update(GROUP_M=cfg.group_m, DOT_PRECISION="tf32", UPCAST_DOT=False)
                 expect = "HGMMA" if cfg.block_m >= 64 else "HMMA"
             sig.update({c: "constexpr" for c in consts})
-            specs.append({"kernel": fn.__name__,
-                          "config": f"{cfg.name}/{names[mode]}{bits}/{dt}",
-                          "fn": fn, "signature": sig, "constexprs": consts,
-                          "aligned": _ALIGNED, "num_warps": cfg.num_warps,
-                          "num_stages": cfg.num_stages, "expect_mma": expect})
+            # K % 16 == 0, and for the defaults' int4 also a ragged K (its own specialization)
+            kinds = [("", _ALIGNED)]
+            if variants is every and (bits, mode, dt) == (4, MODE_ASYM, "fp16"):
+                kinds.append(("/kany", [a for a in _ALIGNED if a != "K"]))
+            for kname, aligned in kinds:
+                specs.append({"kernel": fn.__name__,
+                              "config": f"{cfg.name}/{names[mode]}{bits}/{dt}{kname}",
+                              "fn": fn, "signature": sig, "constexprs": consts,
+                              "aligned": aligned, "num_warps": cfg.num_warps,
+                              "num_stages": cfg.num_stages, "expect_mma": expect})
     return specs
 
 
@@ -666,7 +672,9 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         y = _empty((m, n), device=x2.device, dtype=x2.dtype)
     group_size, rows_per_group = (kp, group) if mode == MODE_CODEBOOK else (group, 1)
     if group_size < kp and cfg.block_k > group_size:  # a K tile must lie in one scale group
-        cfg = KernelConfig(**{**cfg.__dict__, "block_k": group_size})
+        # GEMV: 32-column tiles (BLOCK_K = 64 at BLOCK_M >= 2 spills on sm_90: audit)
+        bk = group_size if cfg.path == "gemm" else _WORD_COLS
+        cfg = KernelConfig(**{**cfg.__dict__, "block_k": bk})
     zp = z if z is not None else s  # dummy pointers, never read
     bp = bias if bias is not None else s
     args = (x2, q, s, zp, bp, y, m, n, k, kp, group_size, rows_per_group,

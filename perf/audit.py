@@ -12,7 +12,7 @@ in Triton's wheel), and checks:
 
 Prints one row per (kernel, config, arch) and exits non-zero on any violation.
 
-    python perf/audit.py [--json out.json] [--family sparse24] [--arch 90]
+    python perf/audit.py [--json out.json] [--family sparse24] [--arch 90] [--defaults-only]
 """
 
 from __future__ import annotations
@@ -104,11 +104,11 @@ def compile_spec(spec: dict, arch: int) -> AuditRow:
                     not problems, "; ".join(problems))
 
 
-def collect_specs(families: list[str]) -> list[dict]:
+def collect_specs(families: list[str], defaults_only: bool = False) -> list[dict]:
     specs = []
     for fam in families:
         mod = importlib.import_module(f"compress_ops.kernels.{fam}")
-        specs.extend(mod.audit_specs())
+        specs.extend(mod.audit_specs(defaults_only=defaults_only))
     return specs
 
 
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", action="append", help="kernel family (default: all)")
     p.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default: both)")
     p.add_argument("--json", help="write the rows as JSON here")
+    p.add_argument("--defaults-only", action="store_true",
+                   help="only the shipped default configs (not the autotune space)")
     p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1,
                    help="parallel compiles (default: all cores)")
     args = p.parse_args(argv)
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if not _CUOBJDUMP.exists():
         print(f"cuobjdump not found at {_CUOBJDUMP}", file=sys.stderr)
         return 2
-    _SPECS[:] = collect_specs(args.family or FAMILIES)
+    _SPECS[:] = collect_specs(args.family or FAMILIES, args.defaults_only)
     jobs = [(i, arch) for i in range(len(_SPECS)) for arch in (args.arch or [80, 90])]
     print(f"auditing {len(jobs)} compiles ({len(_SPECS)} specs) with triton {triton.__version__} "
           f"on {args.jobs} processes",

@@ -574,7 +574,7 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                 if int(bucket) <= SPLIT_K_MAX_M:
                     cfgs.setdefault(cfg.with_split_k(2).name, (cfg.with_split_k(2), int4))
                 # the launcher's smaller tiles for groups smaller than BLOCK_K
-                for bk in (32, 64, 128) if path == "gemm" else (32,):
+                for bk in (32, 64, 128) if path == "gemm" or cfg.block_m == 1 else (32,):
                     if bk < cfg.block_k:
                         small = KernelConfig(**{**cfg.__dict__, "block_k": bk})
                         cfgs.setdefault(small.name, (small, int4))
@@ -672,8 +672,8 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         y = _empty((m, n), device=x2.device, dtype=x2.dtype)
     group_size, rows_per_group = (kp, group) if mode == MODE_CODEBOOK else (group, 1)
     if group_size < kp and cfg.block_k > group_size:  # a K tile must lie in one scale group
-        # GEMV: 32-column tiles (BLOCK_K = 64 at BLOCK_M >= 2 spills on sm_90: audit)
-        bk = group_size if cfg.path == "gemm" else _WORD_COLS
+        # GEMV at BLOCK_M >= 2: 32-column tiles (BLOCK_K = 64 there spills on sm_90: audit)
+        bk = group_size if cfg.path == "gemm" or cfg.block_m == 1 else _WORD_COLS
         cfg = KernelConfig(**{**cfg.__dict__, "block_k": bk})
     zp = z if z is not None else s  # dummy pointers, never read
     bp = bias if bias is not None else s

@@ -90,7 +90,9 @@ class CodebookConfig:
 
     ``row_groups`` > 1 fits one table per equal group of output rows. ``shared=True`` fits one
     table over every layer this config compresses in one ``compress_`` call (under a
-    ``Recipe``: the layers of its rule) and stores it once.
+    ``Recipe``: the layers of every rule with an equal config) and stores it once; the layers
+    must share one dtype and device. Compress after moving the model: ``.to()`` converts each
+    module's buffers separately, so the layers then hold equal copies instead of one table.
     """
 
     bits: int = 4
@@ -284,16 +286,20 @@ def compress_(
             extras.update(_PREPARE[type(cfg)]([modules[m] for m in mids], cfg))
         except UnsupportedModule as exc:
             prepare_failed.update(dict.fromkeys(mids, str(exc)))
-    # 3. apply
-    replaced_root: nn.Module | None = None
+    # 3. build every replacement first, so that an unexpected error leaves the model untouched
+    built: list[tuple[list[str], nn.Module | None, str | None]] = []
     for mid, aliases, cfg, reason in plan:
-        module = modules[mid]
         reason = reason or prepare_failed.get(mid)
+        new = None
         if reason is None:
             try:
-                new = _TRANSFORMS[type(cfg)][1](module, cfg, **extras.get(mid, {}))
+                new = _TRANSFORMS[type(cfg)][1](modules[mid], cfg, **extras.get(mid, {}))
             except UnsupportedModule as exc:
                 reason = str(exc)
+        built.append((aliases, new, reason))
+    # 4. swap them in
+    replaced_root: nn.Module | None = None
+    for aliases, new, reason in built:
         for name in aliases:
             if reason is not None:
                 skipped[name] = reason

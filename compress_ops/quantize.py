@@ -97,17 +97,30 @@ def quantize_affine(w: torch.Tensor, bits: int, group_size: int | None = 128, *,
     qmax = 2**bits - 1
     half = 2 ** (bits - 1)
 
+    def stored(t: torch.Tensor) -> torch.Tensor:  # the value the storage dtype keeps
+        return t.to(dtype).to(wf.dtype)
+
+    def usable(t: torch.Tensor) -> torch.Tensor:
+        return torch.isfinite(t) & (t > 0)
+
     def grid(alpha: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         if symmetric:
             amax = torch.maximum(hi.abs(), lo.abs()) * alpha
             # levels (q - 2**(b-1)) * s: +-max|w| maps to +-(2**(b-1) - 1) (int2: +-1)
-            s = (amax / max(half - 1, 1)).clamp_min(1e-12)
-            return s.to(dtype).to(wf.dtype), None
+            s = stored(amax / max(half - 1, 1))
+            return torch.where(usable(s), s, torch.ones_like(s)), None  # all-zero groups: s = 1
         lo_a, hi_a = lo * alpha, hi * alpha
-        s = ((hi_a - lo_a) / qmax).clamp_min(1e-12)
-        z = -lo_a / s
-        s_st = s.to(dtype).to(wf.dtype)
-        return s_st, z.to(dtype).to(wf.dtype)
+        s = stored((hi_a - lo_a) / qmax)
+        z = stored(-lo_a / s)
+        # Degenerate groups (constant, all zero, or so narrow and far from zero that the zero
+        # point leaves the storage dtype's range): widen the range to include zero, which keeps
+        # z in [0, 2**b - 1] and represents a constant (and zero) exactly.
+        ok = usable(s) & torch.isfinite(z) & (z.abs() <= 2 ** (bits + 1))
+        lo0, hi0 = lo_a.clamp(max=0), hi_a.clamp(min=0)
+        s0 = stored((hi0 - lo0) / qmax)
+        s0 = torch.where(usable(s0), s0, torch.ones_like(s0))
+        z0 = stored(-lo0 / s0)
+        return torch.where(ok, s, s0), torch.where(ok, z, z0)
 
     def quant(s: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         zz = z if z is not None else torch.full_like(s, half)

@@ -235,3 +235,33 @@ def test_shared_codebook_refuses_mixed_dtypes_with_a_reason():
     notes = [r.note for r in co.report(model)]
     assert all("one dtype and device" in n for n in notes)
     assert all(type(m) is nn.Linear for m in model)
+
+
+def test_a_failing_transform_leaves_the_model_untouched(monkeypatch):
+    import compress_ops.api as api
+
+    model = MLP()
+    before = [type(m) for m in model.modules()]
+    calls = []
+
+    def boom(module, config):
+        calls.append(module)
+        if len(calls) == 2:
+            raise RuntimeError("transform failed")
+        return Sparse24Linear.from_dense(module, config)
+
+    monkeypatch.setitem(api._TRANSFORMS, co.Sparse24Config, ((nn.Linear,), boom))
+    with pytest.raises(RuntimeError, match="transform failed"):
+        co.compress_(model, co.Sparse24Config())
+    assert [type(m) for m in model.modules()] == before  # nothing swapped in
+
+
+def test_fp16_model_with_dead_rows_quantizes():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 64)).half()
+    with torch.no_grad():
+        model[2].weight[3] = 0.0  # a dead row: an all-zero group in fp16
+        model[0].weight[:, :32] = 0.5  # constant groups
+    co.compress_(model, co.QuantConfig(bits=4, group_size=32))
+    assert all(r.kind == "quant" for r in co.report(model))
+    w = model[2].dense_weight()
+    assert torch.isfinite(w).all() and (w[3] == 0).all()

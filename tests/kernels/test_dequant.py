@@ -126,8 +126,9 @@ def test_rtn_error_is_at_most_half_a_step(n, k, bits, group, sym, seed):
     w_hat = dq.dequantize(a.qweight, a.scales, a.zeros, bits, a.group_size, k)
     step = a.scales.repeat_interleave(a.group_size, 1)[:, :k]
     assert ((w - w_hat).abs() <= step / 2 * (1 + 1e-9) + 1e-12).all()
-    if not sym:  # min/max grid: the extremes of every group land on 0 and 2**b - 1
-        assert int(q.min()) == 0 and (k == 1 or int(q.max()) == 2**bits - 1)
+    if not sym and k > 1:  # min/max grid: a group's extremes land on 0 and 2**b - 1 (a
+        # one-column group is constant: its range is widened to include zero)
+        assert int(q.min()) == 0 and int(q.max()) == 2**bits - 1
 
 
 @given(bits=st.sampled_from([2, 3, 4]), group=st.sampled_from(GROUPS), sym=st.booleans(),
@@ -331,3 +332,32 @@ def test_audit_specs_cover_every_shipped_config():
                 assert KernelConfig(path, **c).name in names
     variants = {s["config"].split("/", 1)[1] for s in specs}
     assert {"asym4/fp16", "sym8/fp16", "asym2/fp16", "cb4/fp16", "cb3/fp16"} <= variants
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_degenerate_groups_quantize_finitely_and_exactly(dtype, sym, bits):
+    """All-zero, constant and narrow far-from-zero groups (dead neurons, pruned rows) in 16-bit
+    storage: scales and zero points stay finite, zeros come back exactly, constants up to the
+    rounding of their scale."""
+    w = torch.randn(6, 64, generator=_gen(0)).to(dtype)
+    w[0] = 0.0  # all-zero row
+    w[1, :32] = 0.75  # constant group
+    w[2, 32:] = -3.0  # negative constant group
+    w[3] = 1000.0 + torch.linspace(0, 1e-3, 64)  # narrow, far from zero
+    w[4, :32] = 1e-9  # below fp16's smallest subnormal
+    a = qz.quantize_affine(w, bits, 32, symmetric=sym)
+    assert torch.isfinite(a.scales).all() and (a.scales > 0).all()
+    assert a.zeros is None or torch.isfinite(a.zeros).all()
+    w_hat = dq.dequantize(a.qweight, a.scales, a.zeros, bits, a.group_size, 64,
+                          dtype=torch.float32)
+    assert torch.isfinite(w_hat).all()
+    assert (w_hat[0] == 0).all()
+    if not sym:  # a constant is a grid end point: only the scale's rounding is left
+        rtol = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6}[dtype]
+        torch.testing.assert_close(w_hat[1, :32], w[1, :32].float(), rtol=rtol, atol=0)
+        torch.testing.assert_close(w_hat[2, 32:], w[2, 32:].float(), rtol=rtol, atol=0)
+    rel = (w_hat[3] - w[3].float()).abs().max() / 1000.0
+    assert rel < 0.5 if bits == 2 else rel < 0.1
+    assert (w_hat[5] - w[5].float()).norm() / w[5].float().norm() < {2: 0.8, 4: 0.2, 8: 0.02}[bits]

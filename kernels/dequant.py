@@ -56,6 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
+from compress_ops.kernels import _launch as _launch_mod
+from compress_ops.kernels._launch import check_activation, dot_meta
 from compress_ops.kernels._tuning import (
     SPLIT_K_MAX_M,
     KernelConfig,
@@ -610,45 +612,14 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_empty = torch.empty  # output allocator; tests swap in a NaN-filled one to catch unwritten tiles
-
-
-def _check_x_bias(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor, kp: int,
-                  group: int, bias: torch.Tensor | None, table_name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _ACT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension [..., K]")
-    if table.dtype != x.dtype:
-        raise TypeError(f"{table_name} dtype {table.dtype} must match x dtype {x.dtype}")
-    k = x.shape[-1]
-    unit = _WORD_COLS if group == kp else group
-    if not kp - unit < k <= kp:
-        raise ValueError(f"x last dim (K={k}) does not match the packed weight: it holds "
-                         f"Kp={kp} columns, so K must be in ({kp - unit}, {kp}]")
-    if packed.device != x.device:
-        raise ValueError(f"x on {x.device} but the packed weight on {packed.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (packed.shape[0],):
-            raise ValueError(f"bias shape {tuple(bias.shape)} must be ({packed.shape[0]},)")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"x on {x.device} but bias on {bias.device}")
-
-
 def check_affine_inputs(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                         zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                         group_size: int) -> None:
     """Named ``TypeError``/``ValueError`` for every bad input of :func:`dequant_matmul`."""
     check_affine(qweight, scales, zeros, bits, group_size)
     kp = qweight.shape[1] * 32 // bits
-    _check_x_bias(x, qweight, scales, kp, group_size, bias, "scales")
+    unit = _WORD_COLS if group_size == kp else group_size
+    check_activation(x, qweight.shape[0], kp, unit, scales, "scales", bias)
 
 
 def check_codebook_inputs(x: torch.Tensor, indices: torch.Tensor, codebook: torch.Tensor,
@@ -656,7 +627,7 @@ def check_codebook_inputs(x: torch.Tensor, indices: torch.Tensor, codebook: torc
     """Named ``TypeError``/``ValueError`` for every bad input of :func:`codebook_matmul`."""
     check_codebook(indices, codebook, bits)
     kp = indices.shape[1] * 32 // bits
-    _check_x_bias(x, indices, codebook, kp, kp, bias, "codebook")
+    check_activation(x, indices.shape[0], kp, _WORD_COLS, codebook, "codebook", bias)
 
 
 def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
@@ -666,10 +637,7 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
     m, k = x2.shape
     n = q.shape[0]
     kp = q.shape[1] * 32 // bits
-    if cfg.split_k > 1:  # fp32 workspace that the K slices add into
-        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
-    else:
-        y = _empty((m, n), device=x2.device, dtype=x2.dtype)
+    y = _launch_mod.output(m, n, x2, cfg.split_k)
     group_size, rows_per_group = (kp, group) if mode == MODE_CODEBOOK else (group, 1)
     if group_size < kp and cfg.block_k > group_size:  # a K tile must lie in one scale group
         # GEMV at BLOCK_M >= 2: 32-column tiles (BLOCK_K = 64 there spills on sm_90: audit)
@@ -686,15 +654,9 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
         _lowbit_gemv_kernel[grid](*args, **meta)
     else:
-        if x2.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-            precision = "ieee"
-        else:
-            precision = "tf32"
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-        _lowbit_matmul_kernel[grid](
-            *args, GROUP_M=cfg.group_m, DOT_PRECISION=precision,
-            UPCAST_DOT=x2.device.type == "cpu" and x2.dtype == torch.bfloat16, **meta)
-    return y.to(x2.dtype) if cfg.split_k > 1 else y
+        _lowbit_matmul_kernel[grid](*args, GROUP_M=cfg.group_m, **dot_meta(x2), **meta)
+    return _launch_mod.finish(y, x2, cfg.split_k)
 
 
 def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from compress_ops.kernels import _launch as _launch_mod
+from compress_ops.kernels._launch import check_activation, dot_meta
 from compress_ops.kernels._tuning import (
     SPLIT_K_MAX_M,
     KernelConfig,
@@ -541,50 +543,20 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
 # Launcher
 # ---------------------------------------------------------------------------------------------
 
-_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_empty = torch.empty  # output allocator; tests swap in a NaN-filled one to catch unwritten tiles
-
-
 def check_inputs(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                  bias: torch.Tensor | None) -> None:
     """Named ``TypeError``/``ValueError`` for every bad input of :func:`sparse24_matmul`."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _ACT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     check_compressed(values, meta)
-    if values.dtype != x.dtype:
-        raise TypeError(f"values dtype {values.dtype} must match x dtype {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension [..., K]")
-    kp = 2 * values.shape[1]
-    k = x.shape[-1]
-    if not kp - K_ALIGN < k <= kp:
-        raise ValueError(
-            f"x last dim (K={k}) does not match the packed weight: values hold Kp={kp} columns, "
-            f"so K must be in ({kp - K_ALIGN}, {kp}]"
-        )
-    if values.device != x.device:
-        raise ValueError(f"x on {x.device} but values/meta on {values.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (values.shape[0],):
-            raise ValueError(f"bias shape {tuple(bias.shape)} must be ({values.shape[0]},)")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"x on {x.device} but bias on {bias.device}")
+    check_activation(x, values.shape[0], 2 * values.shape[1], K_ALIGN, values, "values", bias)
 
 
 def _launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
             bias: torch.Tensor | None, cfg: KernelConfig) -> torch.Tensor:
     m, k = x2.shape
     n, kp_half = values.shape
-    if cfg.split_k > 1:  # fp32 workspace that the K slices add into
-        y = torch.zeros((m, n), device=x2.device, dtype=torch.float32)
-    else:
-        y = _empty((m, n), device=x2.device, dtype=x2.dtype)
+    y = _launch_mod.output(m, n, x2, cfg.split_k)
     b = bias if bias is not None else values  # dummy pointer, never read
     args = (x2, values, meta, b, y, m, n, k, kp_half,
             x2.stride(0), values.stride(0), meta.stride(0), y.stride(0))
@@ -594,18 +566,12 @@ def _launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
             *args, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             BLOCK_KH=cfg.block_k // 2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
-        if x2.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-            precision = "ieee"
-        else:
-            precision = "tf32"
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
         _sparse24_matmul_kernel[grid](
             *args, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k,
-            DOT_PRECISION=precision,
-            UPCAST_DOT=x2.device.type == "cpu" and x2.dtype == torch.bfloat16,
+            BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, **dot_meta(x2),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y.to(x2.dtype) if cfg.split_k > 1 else y
+    return _launch_mod.finish(y, x2, cfg.split_k)
 
 
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,

@@ -3,7 +3,6 @@ and the Triton kernels against the float64 reference on the same packed weights.
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -16,6 +15,9 @@ from compress_ops.kernels import dequant as dq
 from compress_ops.kernels._tuning import KernelConfig
 from compress_ops.reference import codebook_linear_ref, dequant_linear_ref
 
+from .tolerances import rel_err as _rel_err
+from .tolerances import tol as _tol
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LARGE = os.environ.get("HYPOTHESIS_PROFILE") == "gpu"
 MS = [1, 2, 3, 4, 5, 16, 17, 40] + ([129, 300, 1000] if LARGE else [])
@@ -23,19 +25,6 @@ MAX_N, MAX_K = (600, 1100) if LARGE else (72, 200)
 GROUPS = [32, 64, 128, None]
 
 
-def _tol(dtype: torch.dtype, k: int) -> float:
-    return {torch.float32: 1e-5 * math.sqrt(k), torch.float16: 2e-3,
-            torch.bfloat16: 1.6e-2}[dtype]
-
-
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture
-def poison(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Kernel outputs start as NaN, so any element the kernel does not write fails."""
-    monkeypatch.setattr(dq, "_empty", lambda *s, **kw: torch.full(*s, float("nan"), **kw))
 
 
 def _gen(seed: int) -> torch.Generator:

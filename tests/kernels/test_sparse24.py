@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -12,6 +11,9 @@ from hypothesis import strategies as st
 
 from compress_ops.kernels import sparse24 as sp
 from compress_ops.reference import sparse24_linear_ref
+
+from .tolerances import rel_err as _rel_err
+from .tolerances import tol as _tol
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The "gpu" hypothesis profile (real kernels, no interpreter) also draws larger shapes.
@@ -25,24 +27,6 @@ def _rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> tor
     return (torch.randn(*shape, generator=g) + 0.1).to(dtype)  # never all-zero, no exact zeros
 
 
-def _tol(dtype: torch.dtype, k: int) -> float:
-    """Relative (to ||ref||) tolerance from dtype and reduction length (DESIGN.md)."""
-    return {torch.float32: 1e-5 * math.sqrt(k), torch.float16: 2e-3,
-            torch.bfloat16: 1.6e-2}[dtype]
-
-
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture
-def poison(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Kernel outputs start as NaN, so any element the kernel does not write fails."""
-
-    def nan_empty(*shape, **kw):
-        return torch.full(*shape, float("nan"), **kw)
-
-    monkeypatch.setattr(sp, "_empty", nan_empty)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from torch import nn
 from compress_ops._text import format_table
 from compress_ops.kernels.dequant import BITS, GROUP_SIZES
 from compress_ops.nn.base import CompressedLinear
+from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
 from compress_ops.nn.quant import CodebookLinear, QuantLinear
 from compress_ops.nn.sparse24 import Sparse24Linear
 from compress_ops.quantize import fit_codebook
@@ -22,6 +23,7 @@ __all__ = [
     "Sparse24Config",
     "QuantConfig",
     "CodebookConfig",
+    "LowRankConfig",
     "Recipe",
     "compress_",
     "report",
@@ -114,6 +116,39 @@ class CodebookConfig:
             raise ValueError("a shared codebook has one row group (row_groups=1)")
 
 
+@dataclass(frozen=True)
+class LowRankConfig:
+    """Low-rank factorization of ``nn.Linear`` (truncated SVD, ``W ~ U @ V``) and ``nn.Conv2d``
+    (Tucker-2: 1x1 reduce, k x k core, 1x1 restore).
+
+    Exactly one of ``rank`` (Linear: r; Conv2d: ``(r, r)``, both clamped to the layer) and
+    ``energy`` (the smallest rank keeping that fraction of ``||W||_F**2``; for convs, per
+    channel mode). ``method``: ``"auto"``, ``"exact"`` or ``"randomized"`` SVD (see
+    :func:`compress_ops.factorize.svd_factors`). A layer whose factors would not hold fewer
+    parameters than the dense weight stays dense, and ``report()`` says why. A ``residual``
+    (keeping a compressed remainder next to the factors) is not implemented; the op already
+    takes a dense base weight for it.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    method: str = "auto"
+
+    def __post_init__(self) -> None:
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("LowRankConfig needs exactly one of rank and energy")
+        if self.rank is not None and (isinstance(self.rank, bool)
+                                      or not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        if self.energy is not None and (isinstance(self.energy, bool)
+                                        or not isinstance(self.energy, (int, float))
+                                        or not 0.0 < self.energy <= 1.0):
+            raise ValueError(f"energy must be a number in (0, 1], got {self.energy!r}")
+        if self.method not in ("auto", "exact", "randomized"):
+            raise ValueError(f"method must be 'auto', 'exact' or 'randomized', "
+                             f"got {self.method!r}")
+
+
 def _plain_linear(module: nn.Module) -> None:
     if type(module) is not nn.Linear:
         raise UnsupportedModule(f"{type(module).__name__} is not a plain nn.Linear")
@@ -152,11 +187,43 @@ def _codebook_prepare(modules: list[nn.Module], config: CodebookConfig) -> dict[
     return {id(m): {"codebook": cb} for m in linears}
 
 
+def _no_saving(kind: str, factor_params: int, dense_params: int, rank: object) -> None:
+    if factor_params >= dense_params:
+        raise UnsupportedModule(
+            f"{kind} rank {rank}: factors hold {factor_params} parameters >= dense "
+            f"{dense_params}; kept dense")
+
+
+def _lowrank_transform(module: nn.Module, config: LowRankConfig) -> nn.Module:
+    if type(module) is nn.Conv2d:
+        if module.groups != 1:
+            raise UnsupportedModule(f"Tucker-2 needs groups=1, got groups={module.groups}")
+        c_out, c_in, kh, kw = module.weight.shape
+        if config.rank is not None:
+            r_out, r_in = min(config.rank, c_out), min(config.rank, c_in)
+            _no_saving("Tucker-2", c_in * r_in + r_out * r_in * kh * kw + r_out * c_out,
+                       module.weight.numel(), (r_out, r_in))
+        new = LowRankConv2d.from_dense(module, config)
+        r_out, r_in = new.ranks
+        _no_saving("Tucker-2", c_in * r_in + r_out * r_in * kh * kw + r_out * c_out,
+                   module.weight.numel(), (r_out, r_in))
+        return new
+    _plain_linear(module)
+    n, k = module.out_features, module.in_features
+    if config.rank is not None:
+        r = min(config.rank, n, k)
+        _no_saving("SVD", r * (n + k), n * k, r)
+    new = LowRankLinear.from_dense(module, config)
+    _no_saving("SVD", new.rank * (n + k), n * k, new.rank)
+    return new
+
+
 # config type -> (module types it looks at, transform)
 _TRANSFORMS: dict[type, tuple[tuple[type, ...], Callable[..., nn.Module]]] = {
     Sparse24Config: ((nn.Linear,), _sparse24_transform),
     QuantConfig: ((nn.Linear,), _quant_transform),
     CodebookConfig: ((nn.Linear,), _codebook_transform),
+    LowRankConfig: ((nn.Linear, nn.Conv2d), _lowrank_transform),
 }
 # config type -> fn(modules it will transform, config) -> {id(module): extra transform kwargs};
 # for transforms that look at several layers at once (shared codebooks).
@@ -250,7 +317,7 @@ def compress_(
     plan: list[tuple[int, list[str], object, str | None]] = []
     for mid, aliases in names.items():
         module = modules[mid]
-        if isinstance(module, CompressedLinear):
+        if isinstance(module, (CompressedLinear, LowRankConv2d)):
             continue
         decisions = {_config_for(config, name) for name in aliases}
         # Look only at layers some matching config handles (or, for notes, dense Linears).
@@ -351,13 +418,16 @@ class Report(list):
 def report(model: nn.Module) -> Report:
     """Per weight-bearing layer: name, kind, dense bytes, stored bytes (weights only), ratio.
 
-    Compressed modules report their stored buffers; dense ``nn.Linear`` layers report
-    ``kind="dense"`` with the reason ``compress_`` left them dense, if it tried.
+    Compressed modules report their stored tensors; dense ``nn.Linear`` layers (and
+    ``nn.Conv2d`` layers, once a conv config has looked at the model) report ``kind="dense"``
+    with the reason ``compress_`` left them dense, if it tried.
     """
     skipped: dict[str, str] = {}
     for prefix, sub in model.named_modules():  # notes of compress_ calls on submodules too
         for name, note in getattr(sub, SKIPPED_ATTR, {}).items():
             skipped.setdefault(".".join(p for p in (prefix, name) if p), note)
+    # Conv2d layers are listed once some conv was compressed (or compress_ left one dense)
+    compressed_convs = any(isinstance(m, LowRankConv2d) for m in model.modules())
     rows = Report()
     tables: dict[int, str] = {}  # id(shared codebook) -> first layer that holds it
     for name, module in model.named_modules():
@@ -367,10 +437,11 @@ def report(model: nn.Module) -> Report:
                 rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
                                       module.index_bytes(), f"codebook shared with {first}"))
                 continue
-        if isinstance(module, CompressedLinear):
+        if isinstance(module, (CompressedLinear, LowRankConv2d)):
             rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
                                   module.stored_weight_bytes()))
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d)
+                                               and (name in skipped or compressed_convs)):
             nbytes = module.weight.numel() * module.weight.element_size()
             rows.append(ReportRow(name, "dense", nbytes, nbytes, skipped.get(name, "")))
     return rows

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from compress_ops.kernels.dequant import codebook_weight, dequantize
 from compress_ops.kernels.sparse24 import unpack_sparse24
 
-__all__ = ["sparse24_linear_ref", "dequant_linear_ref", "codebook_linear_ref"]
+__all__ = ["sparse24_linear_ref", "dequant_linear_ref", "codebook_linear_ref",
+           "lowrank_linear_ref"]
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
@@ -50,3 +51,15 @@ def codebook_linear_ref(x: torch.Tensor, indices: torch.Tensor, codebook: torch.
     dtype = dtype or x.dtype
     w = codebook_weight(indices, codebook, bits, x.shape[-1], dtype=dtype)
     return _linear(x, w, bias, dtype)
+
+
+def lowrank_linear_ref(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                       weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(x @ v^T) @ u^T (+ x @ weight^T) + bias`` computed in ``dtype`` (default: ``x.dtype``),
+    the intermediate ``x @ v^T`` kept in ``dtype`` (as two unfused GEMMs would)."""
+    dtype = dtype or x.dtype
+    y = _linear(_linear(x, v, None, dtype), u, bias, dtype)
+    if weight is not None:
+        y = y + F.linear(x.to(dtype), weight.to(dtype))
+    return y

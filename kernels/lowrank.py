@@ -1,0 +1,469 @@
+"""Low-rank linears: ``y = (x @ V^T) @ U^T (+ x @ W^T) (+ bias)`` in one Triton launch.
+
+Format
+------
+A weight ``W[N, K]`` of rank ``r`` is stored as its two factors, ``U[N, r]`` and ``V[r, K]``,
+in the activation dtype (``W ~ U @ V``; a truncated SVD puts ``sqrt(sigma)`` in both). Bytes:
+``r (N + K) e``, i.e. ``r (N + K) / (N K)`` of the dense weight. An optional dense base
+``W0[N, K]`` adds ``x @ W0^T`` (the shape of a LoRA adapter, or of a low-rank correction of a
+compressed weight).
+
+Kernel
+------
+:func:`_lowrank_matmul_kernel` runs on a grid ``(M tiles, N groups, SPLIT_K)``:
+
+* Without a base weight a program computes ``t = x[tile] @ V^T`` (``[BLOCK_M, BLOCK_R]``, fp32,
+  ``BLOCK_R`` = r padded to a power of two >= 16) over its K range once, keeps it in registers,
+  and then loops over its ``n_per_program`` N tiles: ``y[tile] = t @ U[N tile]^T``. The
+  intermediate never goes to HBM.
+
+  ``n_per_program`` spans the two strategies of the design question: ``1`` recomputes ``t``
+  for every N tile (most parallel: ``cdiv(N, BLOCK_N)`` programs per M tile, but every one of
+  them streams all of ``V`` from L2), ``cdiv(N, BLOCK_N)`` computes it once per M tile and loops
+  N inside the program (the minimum of FLOPs and of V reads, but only ``cdiv(M, BLOCK_M)``
+  programs). The launcher picks it from the SM count (:func:`plan_grid`).
+* With a base weight a program owns one N tile and runs one K loop that loads each ``x`` tile
+  once and feeds it to both ``tl.dot(x, W0^T)`` and ``tl.dot(x, V^T)``; then
+  ``acc += t @ U^T``. Recomputing ``t`` per N tile costs ``BLOCK_R / BLOCK_N`` of the base
+  GEMM's FLOPs.
+* ``SPLIT_K > 1`` splits the K loop; since everything after it is linear, each split adds
+  ``t_split @ U^T`` into a zeroed fp32 ``y`` (atomics), so small M can use more SMs.
+
+Roofline for one call (M, N, K, r), activations of ``e`` bytes:
+FLOPs ``2 M r (K + N)`` (+ ``2 M N K`` with a base; the kernel recomputes ``2 M K r`` once per
+N group). Minimum bytes ``r (N + K) e + M K e + M N e`` (+ ``N K e``). Two unfused GEMMs move the
+same plus ``2 M r e`` (``t`` written and read back) in two launches. At small M both are
+bound by reading ``U`` and ``V`` (and launch latency); recomputing ``t`` per N tile multiplies
+the L2 reads of ``V`` by the number of N groups, which is what ``plan_grid`` trades against
+parallelism.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from compress_ops.kernels import _launch as _launch_mod
+from compress_ops.kernels._launch import check_activation, dot_meta
+from compress_ops.kernels._tuning import autotune, device_name, load_tables, m_bucket
+
+__all__ = [
+    "MAX_RANK",
+    "LowRankKernelConfig",
+    "padded_rank",
+    "lowrank_bytes",
+    "check_inputs",
+    "plan_grid",
+    "fused_route",
+    "lowrank_matmul",
+    "select_config",
+    "get_autotune_configs",
+    "audit_specs",
+]
+
+MAX_RANK = 256  # the kernel's largest padded rank (a [BLOCK_M, 256] fp32 tile in registers)
+_FAMILY = "lowrank"
+_SPLIT_K_MAX_M = 64
+
+
+@dataclass(frozen=True)
+class LowRankKernelConfig:
+    """Launch parameters. ``n_per_program``: N tiles per program without a base weight
+    (``0``: chosen by :func:`plan_grid`); ``split_k``: K splits (``0``: chosen by it too)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    n_per_program: int = 0
+    split_k: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k", "num_warps"):
+            v = getattr(self, name)
+            if v < (1 if name == "num_warps" else 16) or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two"
+                                 f"{'' if name == 'num_warps' else ' >= 16'}, got {v}")
+        if self.n_per_program < 0 or self.split_k < 0 or self.num_stages < 1:
+            raise ValueError("n_per_program and split_k must be >= 0, num_stages >= 1")
+
+    @property
+    def name(self) -> str:
+        s = (f"m{self.block_m}n{self.block_n}k{self.block_k}"
+             f"w{self.num_warps}s{self.num_stages}")
+        if self.n_per_program:
+            s += f"np{self.n_per_program}"
+        return s + (f"sk{self.split_k}" if self.split_k != 1 else "")
+
+    def replace(self, **kw) -> LowRankKernelConfig:
+        return LowRankKernelConfig(**{**self.__dict__, **kw})
+
+
+def padded_rank(r: int) -> int:
+    """``BLOCK_R``: r rounded up to a power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, 1 << (r - 1).bit_length())
+
+
+def lowrank_bytes(n: int, k: int, r: int, dtype: torch.dtype) -> int:
+    """Stored bytes of the factors ``U[N, r]`` and ``V[r, K]``: ``r (N + K)`` elements."""
+    return r * (n + k) * dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_factor(t: object, name: str, shape_doc: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape_doc}, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D {shape_doc}, got shape {tuple(t.shape)}")
+
+
+def check_inputs(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                 weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    """Named ``TypeError``/``ValueError`` for every bad input of :func:`lowrank_matmul` (and of
+    the op, which accepts any rank; the kernel's limit is :data:`MAX_RANK`)."""
+    _check_factor(u, "u", "[N, r]")
+    _check_factor(v, "v", "[r, K]")
+    n, r = u.shape
+    if r < 1 or v.shape[0] != r:
+        raise ValueError(f"u [N, r] and v [r, K] must share a rank r >= 1, got u "
+                         f"{tuple(u.shape)} and v {tuple(v.shape)}")
+    if v.dtype != u.dtype:
+        raise TypeError(f"v dtype {v.dtype} must match u dtype {u.dtype}")
+    if v.device != u.device:
+        raise ValueError(f"u on {u.device} but v on {v.device}")
+    k = v.shape[1]
+    if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != k:
+        raise ValueError(f"x last dim (K={x.shape[-1]}) must equal v.shape[1] (K={k})")
+    check_activation(x, n, k, 1, u, "u", bias)
+    if weight is not None:
+        _check_factor(weight, "weight", "[N, K]")
+        if tuple(weight.shape) != (n, k):
+            raise ValueError(f"weight shape {tuple(weight.shape)} must be (N, K) = ({n}, {k})")
+        if weight.dtype != x.dtype:
+            raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+        if weight.device != x.device:
+            raise ValueError(f"x on {x.device} but weight on {weight.device}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k,
+                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    if HAS_BIAS:
+        if pid_k == 0:
+            b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+            acc += b.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _lowrank_matmul_kernel(
+    # pointers: w_ptr is the optional dense base weight
+    x_ptr, v_ptr, u_ptr, w_ptr, bias_ptr, y_ptr,
+    # sizes
+    M, N, K, R, n_per_program,
+    # strides (unit stride along the last dim of every tensor)
+    stride_xm, stride_vr, stride_un, stride_wn, stride_ym,
+    # meta-parameters
+    HAS_BASE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr = False,
+):
+    """y[M, N] = (x[M, K] @ V[R, K]^T) @ U[N, R]^T (+ x @ W[N, K]^T) (+ bias).
+
+    Grid: (cdiv(M, BLOCK_M), N groups, SPLIT_K). Without a base weight a program computes
+    t = x @ V^T ([BLOCK_M, BLOCK_R], fp32) over its K split once and writes ``n_per_program``
+    N tiles ``t @ U^T``; with one it owns the single N tile ``pid(1)`` and loads each x tile
+    once for both ``x @ W^T`` and ``x @ V^T``. SPLIT_K > 1 atomically adds fp32 partial tiles
+    into a zeroed fp32 ``y``.
+
+    Roofline: 2 M R (K + N) (+ 2 M N K) FLOPs; minimum bytes R (N + K) e + M K e + M N e
+    (+ N K e with a base weight).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    vt_cols = v_ptr + offs_r[None, :] * stride_vr  # V^T tile [BLOCK_K, BLOCK_R]
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_begin = pid_k * tiles_per_split
+    t_end = min(t_begin + tiles_per_split, k_tiles)
+
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if HAS_BASE:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        wt_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn  # W^T tile [BK, BN]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(t_begin, t_end):
+            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            vt = tl.load(vt_cols + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :],
+                         other=0.0)
+            wt = tl.load(wt_cols + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :],
+                         other=0.0)
+            t = _dot(a, vt, t, DOT_PRECISION, UPCAST_DOT)
+            acc = _dot(a, wt, acc, DOT_PRECISION, UPCAST_DOT)
+        ut = tl.load(u_ptr + offs_n.to(tl.int64)[None, :] * stride_un + offs_r[:, None],
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = _dot(t.to(x_ptr.dtype.element_ty), ut, acc, DOT_PRECISION, UPCAST_DOT)
+        _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k,
+                    HAS_BIAS, SPLIT_K)
+    else:
+        for kt in range(t_begin, t_end):
+            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            vt = tl.load(vt_cols + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :],
+                         other=0.0)
+            t = _dot(a, vt, t, DOT_PRECISION, UPCAST_DOT)
+        tt = t.to(x_ptr.dtype.element_ty)  # what two unfused GEMMs would write to HBM
+        j_begin = pid_n * n_per_program
+        j_end = min(j_begin + n_per_program, tl.cdiv(N, BLOCK_N))
+        for j in range(j_begin, j_end):
+            offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            ut = tl.load(u_ptr + offs_n.to(tl.int64)[None, :] * stride_un + offs_r[:, None],
+                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = _dot(tt, ut, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION,
+                       UPCAST_DOT)
+            _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym,
+                        pid_k, HAS_BIAS, SPLIT_K)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs: tuned defaults (configs/lowrank.json), grid planning, autotuning, audit specs
+# ---------------------------------------------------------------------------------------------
+
+
+def _table(device: torch.device) -> dict:
+    tables = load_tables(_FAMILY)
+    return tables.get(device_name(device), tables["default"])
+
+
+def _rank_class(r_pad: int, table: dict) -> str:
+    keys = sorted(int(c) for c in table["rank"])
+    return str(next((c for c in keys if c >= r_pad), keys[-1]))
+
+
+@functools.lru_cache(maxsize=4096)
+def select_config(m: int, r_pad: int, device: torch.device) -> LowRankKernelConfig:
+    """Tuned tile for M's bucket and the padded rank's class (``configs/lowrank.json``)."""
+    table = _table(device)["rank"][_rank_class(r_pad, _table(device))]
+    bucket = m_bucket(m)
+    keys = sorted(int(b) for b in table)
+    key = next((b for b in keys if b >= bucket), keys[-1])
+    return LowRankKernelConfig(**table[str(key)])
+
+
+def fused_route(m: int, r: int, has_base: bool, device: torch.device) -> bool:
+    """Whether the op runs the fused kernel (else two or three cuBLAS GEMMs): ranks up to
+    :data:`MAX_RANK` and M up to the table's ``fused_max_m`` (``fused_max_m_base`` with a base
+    weight), the crossover for this GPU."""
+    if r > MAX_RANK:
+        return False
+    table = _table(device)
+    return m <= table["fused_max_m_base" if has_base else "fused_max_m"]
+
+
+def plan_grid(cfg: LowRankKernelConfig, m: int, n: int, k: int, has_base: bool,
+              device: torch.device) -> tuple[int, int]:
+    """``(n_per_program, split_k)`` for a launch, where ``cfg`` leaves them to the launcher (0).
+
+    With a base weight: one N tile per program. Without: as many N tiles per program as keep
+    about two programs per SM (fewer recomputations of ``x @ V^T`` once the M tiles fill the
+    GPU; one per program while they do not). Split-K (CUDA, M <= 64) doubles while the grid
+    leaves SMs idle and each split keeps >= 4 K tiles.
+    """
+    n_tiles = triton.cdiv(n, cfg.block_n)
+    m_tiles = triton.cdiv(m, cfg.block_m)
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 1)
+    per = cfg.n_per_program
+    if has_base:
+        per = 1
+    elif per == 0:
+        per = max(1, min(n_tiles, (m_tiles * n_tiles) // (2 * sms)))
+    split = cfg.split_k
+    if split == 0:
+        split = 1
+        groups = m_tiles * triton.cdiv(n_tiles, per)
+        k_tiles = triton.cdiv(k, cfg.block_k)
+        if device.type == "cuda" and m <= _SPLIT_K_MAX_M:
+            while groups * split < sms and split * 2 <= min(16, k_tiles // 4):
+                split *= 2
+    return per, split
+
+
+def get_autotune_configs(m: int, r_pad: int) -> list[LowRankKernelConfig]:
+    """Candidates for an (M bucket, padded rank) pair (``COMPRESS_OPS_AUTOTUNE=1``): both
+    extremes of ``n_per_program`` (recompute per N tile, loop all of N) and the planned one."""
+    bucket = m_bucket(m)
+    big_r = r_pad >= 128
+    if bucket <= 16:
+        tiles = [(16, 64, 64 if big_r else 128, 4), (16, 128, 64, 4)]
+    elif bucket <= 64:
+        tiles = [(max(16, bucket), 64, 64, 4), (max(16, bucket), 128, 64, 8)]
+    else:
+        tiles = [(64, 128, 32, 8)] + ([] if big_r else [(128, 128, 32, 8)])
+    out = []
+    for bm, bn, bk, w in tiles:
+        if big_r and (bn >= 128 or bm >= 64):
+            w = 8  # a [BLOCK_M, 256] fp32 t tile on 4 warps spills (audit)
+        for per in (0, 1, 1 << 20):  # planned, recompute per tile, whole N per program
+            for sk in ((0, 1) if bucket <= _SPLIT_K_MAX_M else (1,)):
+                out.append(LowRankKernelConfig(bm, bn, bk, w, 3, per, sk))
+    return out
+
+
+_SIG = {
+    "x_ptr": "*{dt}", "v_ptr": "*{dt}", "u_ptr": "*{dt}", "w_ptr": "*{dt}", "bias_ptr": "*{dt}",
+    "y_ptr": "*{yt}", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "n_per_program": "i32",
+    "stride_xm": "i32", "stride_vr": "i32", "stride_un": "i32", "stride_wn": "i32",
+    "stride_ym": "i32",
+}
+_ALIGNED = ["x_ptr", "v_ptr", "u_ptr", "w_ptr", "bias_ptr", "y_ptr", "stride_xm", "stride_vr",
+            "stride_wn", "stride_ym", "N", "K"]
+
+
+def audit_specs(defaults_only: bool = False) -> list[dict]:
+    """Every (config, rank class, base?, dtype) the static GPU audit compiles: each shipped
+    tile at the largest padded rank of its class, with and without a base weight, fp16 (and
+    bf16 for the no-base default), split-K 2 for buckets <= 64; plus, unless
+    ``defaults_only``, the autotune space (fp16, no base)."""
+    entries: dict[str, tuple] = {}
+    for table in load_tables(_FAMILY).values():
+        for rclass, buckets in table["rank"].items():
+            for bucket, c in buckets.items():
+                cfg = LowRankKernelConfig(**c)
+                for base in (False, True):
+                    for dt in ("fp16", "bf16") if not base else ("fp16",):
+                        entries.setdefault(f"{cfg.name}/r{rclass}/{dt}{'/base' if base else ''}",
+                                           (cfg, int(rclass), base, dt, 1))
+                    if int(bucket) <= _SPLIT_K_MAX_M:
+                        entries.setdefault(
+                            f"{cfg.name}sk2/r{rclass}/fp16{'/base' if base else ''}",
+                            (cfg, int(rclass), base, "fp16", 2))
+    if not defaults_only:
+        for m in (1, 16, 64, 256):
+            for r_pad in (64, 256):
+                for cfg in get_autotune_configs(m, r_pad):
+                    cfg = cfg.replace(n_per_program=0, split_k=1)
+                    entries.setdefault(f"{cfg.name}/r{r_pad}/fp16",
+                                       (cfg, r_pad, False, "fp16", 1))
+    specs = []
+    for name, (cfg, r_pad, base, dt, split) in entries.items():
+        yt = "fp32" if split > 1 else dt
+        sig = {k: v.format(dt=dt, yt=yt) for k, v in _SIG.items()}
+        consts = {"HAS_BASE": base, "HAS_BIAS": True, "BLOCK_M": cfg.block_m,
+                  "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "BLOCK_R": r_pad,
+                  "SPLIT_K": split, "DOT_PRECISION": "tf32", "UPCAST_DOT": False}
+        sig.update({c: "constexpr" for c in consts})
+        specs.append({"kernel": _lowrank_matmul_kernel.__name__, "config": name,
+                      "fn": _lowrank_matmul_kernel, "signature": sig, "constexprs": consts,
+                      "aligned": _ALIGNED, "num_warps": cfg.num_warps,
+                      "num_stages": cfg.num_stages,
+                      "expect_mma": "HGMMA" if cfg.block_m >= 64 else "HMMA"})
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+
+
+def _launch(x2: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None,
+            bias: torch.Tensor | None, cfg: LowRankKernelConfig) -> torch.Tensor:
+    m, k = x2.shape
+    n, r = u.shape
+    per, split = plan_grid(cfg, m, n, k, w is not None, x2.device)
+    y = _launch_mod.output(m, n, x2, split)
+    n_groups = triton.cdiv(triton.cdiv(n, cfg.block_n), per)
+    grid = (triton.cdiv(m, cfg.block_m), n_groups, split)
+    wp = w if w is not None else u  # dummy pointers, never read
+    bp = bias if bias is not None else u
+    _lowrank_matmul_kernel[grid](
+        x2, v, u, wp, bp, y, m, n, k, r, per,
+        x2.stride(0), v.stride(0), u.stride(0), wp.stride(0), y.stride(0),
+        HAS_BASE=w is not None, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=padded_rank(r), SPLIT_K=split,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_meta(x2))
+    return _launch_mod.finish(y, x2, split)
+
+
+def lowrank_matmul(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
+                   config: LowRankKernelConfig | None = None,
+                   checked: bool = False) -> torch.Tensor:
+    """``y[..., N] = (x[..., K] @ v^T) @ u^T (+ x @ weight^T) (+ bias)`` in one launch.
+
+    Runs on ``x``'s device (CUDA, or the CPU under ``TRITON_INTERPRET=1``); ranks up to
+    :data:`MAX_RANK`. ``config`` overrides the tuned default; ``COMPRESS_OPS_AUTOTUNE=1`` (CUDA)
+    times :func:`get_autotune_configs` once per shape. ``checked=True`` skips validation.
+    """
+    if not checked:
+        check_inputs(x, u, v, weight, bias)
+    r = u.shape[1]
+    if r > MAX_RANK:
+        raise ValueError(f"rank r={r} is above the fused kernel's limit MAX_RANK={MAX_RANK}; "
+                         f"compress_ops.ops.lowrank_linear runs two GEMMs for it")
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = u.shape[0]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*lead, n)
+    x2, u, v = x2.contiguous(), u.contiguous(), v.contiguous()
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
+    if config is None:
+        if x.device.type == "cuda" and os.environ.get("COMPRESS_OPS_AUTOTUNE") == "1":
+            key = (_FAMILY, m_bucket(m), n, k, r, x.dtype, weight is not None,
+                   bias is not None, device_name(x.device))
+            config = autotune(key, get_autotune_configs(m, padded_rank(r)),
+                              lambda c: _launch(x2, u, v, weight, bias, c))
+        else:
+            config = select_config(m, padded_rank(r), x.device)
+    return _launch(x2, u, v, weight, bias, config).reshape(*lead, n)

@@ -82,7 +82,7 @@ class LowRankKernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     n_per_program: int = 0
-    split_k: int = 1
+    split_k: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps"):
@@ -99,7 +99,7 @@ class LowRankKernelConfig:
              f"w{self.num_warps}s{self.num_stages}")
         if self.n_per_program:
             s += f"np{self.n_per_program}"
-        return s + (f"sk{self.split_k}" if self.split_k != 1 else "")
+        return s + (f"sk{self.split_k}" if self.split_k else "")
 
     def replace(self, **kw) -> LowRankKernelConfig:
         return LowRankKernelConfig(**{**self.__dict__, **kw})
@@ -309,18 +309,20 @@ def fused_route(m: int, r: int, has_base: bool, device: torch.device) -> bool:
 
 
 def plan_grid(cfg: LowRankKernelConfig, m: int, n: int, k: int, has_base: bool,
-              device: torch.device) -> tuple[int, int]:
+              device: torch.device, sms: int | None = None) -> tuple[int, int]:
     """``(n_per_program, split_k)`` for a launch, where ``cfg`` leaves them to the launcher (0).
 
     With a base weight: one N tile per program. Without: as many N tiles per program as keep
     about two programs per SM (fewer recomputations of ``x @ V^T`` once the M tiles fill the
     GPU; one per program while they do not). Split-K (CUDA, M <= 64) doubles while the grid
-    leaves SMs idle and each split keeps >= 4 K tiles.
+    leaves SMs idle and each split keeps >= 4 K tiles. ``sms``: the device's multiprocessor
+    count (default: queried; 1 off CUDA).
     """
     n_tiles = triton.cdiv(n, cfg.block_n)
     m_tiles = triton.cdiv(m, cfg.block_m)
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count
-           if device.type == "cuda" else 1)
+    if sms is None:
+        sms = (torch.cuda.get_device_properties(device).multi_processor_count
+               if device.type == "cuda" else 1)
     per = cfg.n_per_program
     if has_base:
         per = 1
@@ -331,7 +333,7 @@ def plan_grid(cfg: LowRankKernelConfig, m: int, n: int, k: int, has_base: bool,
         split = 1
         groups = m_tiles * triton.cdiv(n_tiles, per)
         k_tiles = triton.cdiv(k, cfg.block_k)
-        if device.type == "cuda" and m <= _SPLIT_K_MAX_M:
+        if (device.type == "cuda" or sms > 1) and m <= _SPLIT_K_MAX_M:
             while groups * split < sms and split * 2 <= min(16, k_tiles // 4):
                 split *= 2
     return per, split
@@ -390,7 +392,7 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
         for m in (1, 16, 64, 256):
             for r_pad in (64, 256):
                 for cfg in get_autotune_configs(m, r_pad):
-                    cfg = cfg.replace(n_per_program=0, split_k=1)
+                    cfg = cfg.replace(n_per_program=0, split_k=0)
                     entries.setdefault(f"{cfg.name}/r{r_pad}/fp16",
                                        (cfg, r_pad, False, "fp16", 1))
     specs = []

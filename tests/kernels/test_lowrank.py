@@ -1,0 +1,141 @@
+"""kernels/lowrank.py: the fused low-rank Triton kernel against the float64 reference of the same
+factors, its grid planning, configs and errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from compress_ops.kernels import lowrank as lr
+from compress_ops.reference import lowrank_linear_ref
+
+from .tolerances import rel_err, tol
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LARGE = os.environ.get("HYPOTHESIS_PROFILE") == "gpu"
+MS = [1, 2, 5, 16, 17, 40] + ([129, 300, 1000] if LARGE else [])
+MAX_N, MAX_K = (600, 1100) if LARGE else (90, 150)
+RANKS = [1, 3, 16, 17, 32, 64, 100, 128, 256]
+
+
+def _factors(m: int, n: int, k: int, r: int, dtype: torch.dtype, base: bool, bias: bool,
+             seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    u = (torch.randn(n, r, generator=g) / r**0.5).to(dtype)
+    v = (torch.randn(r, k, generator=g) / k**0.5).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype) if base else None
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    return x, u, v, w, b
+
+
+def _tol(dtype: torch.dtype, k: int) -> float:
+    # two chained reductions, the intermediate rounded to the activation dtype
+    return 2 * tol(dtype, k)
+
+
+@given(m=st.sampled_from(MS), n=st.integers(1, MAX_N), k=st.integers(1, MAX_K),
+       r=st.sampled_from(RANKS), dtype=st.sampled_from(DTYPES), base=st.booleans(),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_kernel_matches_float64_reference(poison, device, m, n, k, r, dtype, base, bias, seed):
+    x, u, v, w, b = (t.to(device) if t is not None else None
+                     for t in _factors(m, n, k, r, dtype, base, bias, seed))
+    y = lr.lowrank_matmul(x, u, v, w, b)
+    ref = lowrank_linear_ref(x, u, v, w, b, dtype=torch.float64)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert rel_err(y, ref) < _tol(dtype, k)
+
+
+@pytest.mark.parametrize("per", [1, 2, 3, 1 << 20])
+@pytest.mark.parametrize("split", [1, 2, 3])
+@pytest.mark.parametrize("base", [False, True])
+def test_every_grid_strategy_is_exact(poison, device, per, split, base):
+    """N tiles per program (recompute per tile .. whole N) and split-K: same result."""
+    x, u, v, w, b = (t.to(device) if t is not None else None
+                     for t in _factors(20, 150, 130, 24, torch.float32, base, True, 1))
+    cfg = lr.LowRankKernelConfig(16, 32, 32, 4, 2, per, split)
+    y = lr.lowrank_matmul(x, u, v, w, b, config=cfg)
+    ref = lowrank_linear_ref(x, u, v, w, b, dtype=torch.float64)
+    assert rel_err(y, ref) < _tol(torch.float32, 130)
+
+
+def test_leading_dims_non_contiguous_and_m_zero(device):
+    x, u, v, _, b = (t.to(device) if t is not None else None
+                     for t in _factors(12, 40, 70, 5, torch.float32, False, True, 2))
+    x3 = x.reshape(3, 4, 70).transpose(0, 1)  # non-contiguous [4, 3, 70]
+    y = lr.lowrank_matmul(x3, u.t().contiguous().t(), v, None, b)
+    ref = lowrank_linear_ref(x3, u, v, None, b, dtype=torch.float64)
+    assert y.shape == (4, 3, 40) and rel_err(y, ref) < 1e-5
+    assert lr.lowrank_matmul(x[:0], u, v, None, b).shape == (0, 40)
+
+
+def test_plan_grid_spans_recompute_to_loop_n():
+    cpu = torch.device("cpu")
+    cfg = lr.LowRankKernelConfig(64, 128, 32)
+    # 132 SMs, one M tile: recompute x @ V^T per N tile (32 programs), then split K 8 ways
+    assert lr.plan_grid(cfg, 16, 4096, 4096, False, cpu, sms=132) == (1, 8)
+    # many M tiles: several N tiles per program, about two programs per SM, no split-K
+    per, split = lr.plan_grid(cfg, 8192, 4096, 4096, False, cpu, sms=132)
+    assert per == 128 * 32 // 264 and split == 1
+    # one SM (the interpreter): whole N per program
+    assert lr.plan_grid(cfg, 16, 4096, 4096, False, cpu) == (16, 1)
+    # a base weight pins one N tile per program; explicit settings are kept
+    assert lr.plan_grid(cfg, 8192, 4096, 4096, True, cpu, sms=132)[0] == 1
+    assert lr.plan_grid(cfg.replace(n_per_program=3, split_k=2), 16, 512, 512, False, cpu,
+                        sms=132) == (3, 2)
+
+
+def test_select_config_and_route_tables():
+    cpu = torch.device("cpu")
+    assert lr.select_config(1, 16, cpu).block_m == 16
+    assert lr.select_config(5000, 256, cpu).block_m == 64  # r = 256 tiles stay small
+    assert lr.fused_route(1, 32, False, cpu)
+    assert not lr.fused_route(1, 257, False, cpu)  # past MAX_RANK: two GEMMs
+    assert not lr.fused_route(10**6, 32, False, cpu)
+    assert [lr.padded_rank(r) for r in (1, 16, 17, 100, 256)] == [16, 16, 32, 128, 256]
+    assert lr.lowrank_bytes(4096, 4096, 128, torch.float16) == 128 * 8192 * 2
+
+
+def test_autotune_space_and_config_validation():
+    for m in (1, 16, 64, 256):
+        for r in (16, 256):
+            cfgs = lr.get_autotune_configs(m, r)
+            assert cfgs and len({c.name for c in cfgs}) == len(cfgs)
+    with pytest.raises(ValueError, match="block_m"):
+        lr.LowRankKernelConfig(8, 64, 64)
+    with pytest.raises(ValueError, match="num_warps"):
+        lr.LowRankKernelConfig(16, 64, 64, num_warps=3)
+    with pytest.raises(ValueError, match="n_per_program"):
+        lr.LowRankKernelConfig(16, 64, 64, n_per_program=-1)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "exc", "match"),
+    [
+        (lambda a: a.update(u=torch.randn(12, 5, 1)), ValueError, "u must be 2-D"),
+        (lambda a: a.update(v=torch.randn(4, 70)), ValueError, "share a rank"),
+        (lambda a: a.update(v=torch.randn(5, 70).half()), TypeError, "v dtype"),
+        (lambda a: a.update(x=torch.randn(3, 71)), ValueError, "K=71"),
+        (lambda a: a.update(x=torch.randn(3, 70).double()), TypeError, "x must be float16"),
+        (lambda a: a.update(weight=torch.randn(12, 69)), ValueError, "weight shape"),
+        (lambda a: a.update(weight=torch.randn(12, 70).half()), TypeError, "weight dtype"),
+        (lambda a: a.update(bias=torch.randn(13)), ValueError, "bias shape"),
+        (lambda a: a.update(u=[[1.0]]), TypeError, "u must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs_raise_named_errors(mutate, exc, match):
+    args = {"x": torch.randn(3, 70), "u": torch.randn(12, 5), "v": torch.randn(5, 70),
+            "weight": None, "bias": torch.randn(12)}
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        lr.check_inputs(*args.values())
+
+
+def test_launcher_refuses_ranks_past_its_limit():
+    x, u, v, _, _ = _factors(2, 8, 16, lr.MAX_RANK + 1, torch.float32, False, False, 0)
+    with pytest.raises(ValueError, match="MAX_RANK"):
+        lr.lowrank_matmul(x, u, v)

@@ -227,7 +227,7 @@ class LowRankConv2d(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The composed ``[C_out, C_in, kh, kw]`` kernel."""
-        return torch.einsum("oa,abhw,ib->oihw", self.restore_weight[:, :, 0, 0], self.core,
+        return torch.einsum("oa,abhw,bi->oihw", self.restore_weight[:, :, 0, 0], self.core,
                             self.reduce_weight[:, :, 0, 0])
 
     @property

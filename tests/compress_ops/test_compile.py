@@ -16,6 +16,7 @@ FAMILIES = {
     "int4": co.QuantConfig(bits=4, group_size=32),
     "int8sym": co.QuantConfig(bits=8, group_size=None, symmetric=True),
     "codebook": co.CodebookConfig(bits=3),
+    "lowrank": co.LowRankConfig(rank=16),
 }
 
 
@@ -42,7 +43,7 @@ def test_fullgraph_aot_eager_matches_eager(op_device, make, family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sparse24", "int4", "codebook"])
+@pytest.mark.parametrize("family", ["sparse24", "int4", "codebook", "lowrank"])
 def test_fullgraph_inductor_matches_eager_with_grad(family):
     model = _compressed(Block(), family)
     x = torch.randn(2, 8, 64, requires_grad=True)

@@ -112,6 +112,7 @@ FAMILIES: list[tuple[str, object]] = [
     ("int4-g128", co.QuantConfig(bits=4, group_size=128)),
     ("int2-g32", co.QuantConfig(bits=2, group_size=32)),
     ("codebook4", co.CodebookConfig(bits=4)),
+    ("lowrank-r64", co.LowRankConfig(rank=64)),
     # one 3-bit k-means table shared by every FFN layer of the model, int4 for the rest
     ("cb3-shared-ffn", co.Recipe({
         r"blocks\.\d+\.(up|down)": co.CodebookConfig(bits=3, shared=True),

@@ -12,7 +12,8 @@ def test_demo_prints_table_and_passes(capsys):
     assert "sparse24" in out and "blocks.0.up" in out and "OK:" in out
     rows = {line.split()[0]: line for line in out.splitlines() if "<model>" in line}
     assert "0.5312" in rows["sparse24"]  # fp32 layers: (2 + 1/8) / 4 bytes per weight
-    for family in ("int8", "int4-g128", "int2-g32", "codebook4", "cb3-shared-ffn"):
+    for family in ("int8", "int4-g128", "int2-g32", "codebook4", "cb3-shared-ffn",
+                   "lowrank-r64"):
         assert family in rows, out
     ratio = {f: float(rows[f].split()[4]) for f in rows}
     assert ratio["int2-g32"] < ratio["int4-g128"] < ratio["int8"] < ratio["sparse24"] < 1

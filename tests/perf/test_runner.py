@@ -125,16 +125,19 @@ def test_quick_cpu_bench_writes_valid_rows(tmp_path: Path) -> None:
     assert obj["meta"]["complete"] is True and obj["meta"]["errors"] == []
     rows = obj["rows"]
     providers = {k: {r["provider"] for r in rows if r["kernel"] == k}
-                 for k in ("sparse24_linear", "lowbit_linear")}
+                 for k in ("sparse24_linear", "lowbit_linear", "lowrank_linear")}
     assert providers["sparse24_linear"] == {"ours", "ours-dense-cache", "dense"}
     assert providers["lowbit_linear"] == {
         "dense", "ours-int8", "ours-int4-g128", "torch-int8pack", "torch-int4pack",
         "ours-int8-dequant", "ours-int4-g128-dequant", "ours-int4-g128-dense-cache"}
+    assert providers["lowrank_linear"] == {"dense", "ours"}
     assert {r["backend"] for r in rows} <= {"cpu", "cpu-reference", "cpu-interpreter",
                                             "cpu-dense", "cpu-dense-cache"}
     # every lowbit row names the CPU route it took
     assert all("route=" in r["note"] for r in rows if r["provider"].startswith("ours-int")
                and not r["provider"].endswith("dense-cache"))
+    assert all(r["note"] == "route=unfused" for r in rows
+               if r["kernel"] == "lowrank_linear" and r["provider"] == "ours")
     for r in rows:
         assert r["shape"]["N"] * r["shape"]["K"] <= 256 * 512
         assert r["median_us"] > 0 and r["samples"] >= runner.MIN_SAMPLES_SLOW

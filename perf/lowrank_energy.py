@@ -36,7 +36,7 @@ ENERGIES = (0.5, 0.8, 0.9, 0.95, 0.99)
 
 def _task(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     basis = torch.linalg.qr(torch.randn(256, 24, generator=gen))[0]
-    centers = torch.randn(10, 24, generator=gen) * 0.45
+    centers = torch.randn(10, 24, generator=gen) * 0.8
 
     def sample(count: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.randint(0, 10, (count,), generator=gen)

@@ -87,7 +87,8 @@ def svd_factors(weight: torch.Tensor, rank: int | None = None, energy: float | N
     float32), ``"randomized"`` (``torch.svd_lowrank``, 16 extra columns, 4 power iterations;
     for ``energy`` it widens the sketch until the captured energy reaches the target), or
     ``"auto"`` (randomized when ``min(N, K) >= RANDOMIZED_MIN_DIM`` and the rank it needs is
-    at most a quarter of it, else exact). By Eckart-Young the exact result's error
+    at most a quarter of it, else exact; for ``energy``, exact as soon as the sketch would
+    have to grow past half of ``min(N, K)``). By Eckart-Young the exact result's error
     ``||W - u @ v||_F**2`` is the sum of the discarded ``sigma**2``.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -109,7 +110,8 @@ def svd_factors(weight: torch.Tensor, rank: int | None = None, energy: float | N
     a = weight.detach().to(work)
     total = float(a.double().pow(2).sum())
 
-    if method == "auto":
+    auto = method == "auto"
+    if auto:
         need = rank if rank is not None else max(1, full // 16)
         method = "randomized" if full >= RANDOMIZED_MIN_DIM and need * 4 <= full else "exact"
     if method == "randomized":
@@ -119,10 +121,14 @@ def svd_factors(weight: torch.Tensor, rank: int | None = None, energy: float | N
             r = rank if rank is not None else energy_rank(s, energy, total)
             if r <= len(s) - (_OVERSAMPLE if q < full else 0) or q >= full:
                 break
+            if auto and 2 * q > full // 2:  # the energy needs a large rank: exact is cheaper
+                q = 0
+                break
             q = min(full, 2 * q)  # the sketch missed the energy target: widen it
-        r = min(r, len(s))
-        uf, vf = _split(u, s, vv.t(), r, dtype)
-        return SVDFactors(uf, vf, s.to(dtype=torch.float64), total, "randomized")
+        if q:
+            r = min(r, len(s))
+            uf, vf = _split(u, s, vv.t(), r, dtype)
+            return SVDFactors(uf, vf, s.to(dtype=torch.float64), total, "randomized")
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     r = rank if rank is not None else min(energy_rank(s, energy, total), full)
     uf, vf = _split(u, s, vh, r, dtype)

@@ -88,6 +88,14 @@ def test_auto_method_choice_and_errors():
     assert fz.svd_factors(big, rank=8).method == "exact"
     f = fz.svd_factors(torch.randn(fz.RANDOMIZED_MIN_DIM + 40, fz.RANDOMIZED_MIN_DIM), rank=16)
     assert f.method == "randomized" and f.u.dtype == torch.float32
+    # energy on a large matrix: randomized while the rank stays small, exact for a flat one
+    dim = fz.RANDOMIZED_MIN_DIM
+    decaying = _spectrum_matrix(dim, dim, 0.9, 4).float()
+    f = fz.svd_factors(decaying, energy=0.99)
+    assert f.method == "randomized" and f.rank == fz.svd_factors(decaying, energy=0.99,
+                                                                  method="exact").rank
+    flat = torch.randn(dim, dim)
+    assert fz.svd_factors(flat, energy=0.9).method == "exact"
     with pytest.raises(ValueError, match="exactly one"):
         fz.svd_factors(small)
     with pytest.raises(ValueError, match="exactly one"):

@@ -21,7 +21,8 @@ Kernel
   for every N tile (most parallel: ``cdiv(N, BLOCK_N)`` programs per M tile, but every one of
   them streams all of ``V`` from L2), ``cdiv(N, BLOCK_N)`` computes it once per M tile and loops
   N inside the program (the minimum of FLOPs and of V reads, but only ``cdiv(M, BLOCK_M)``
-  programs). The launcher picks it from the SM count (:func:`plan_grid`).
+  programs). The launcher picks it, and split-K, from a model of the L2 traffic over the grids
+  that fill the GPU (:func:`plan_grid`).
 * With a base weight a program owns one N tile and runs one K loop that loads each ``x`` tile
   once and feeds it to both ``tl.dot(x, W0^T)`` and ``tl.dot(x, V^T)``; then
   ``acc += t @ U^T``. Recomputing ``t`` per N tile costs ``BLOCK_R / BLOCK_N`` of the base
@@ -308,35 +309,57 @@ def fused_route(m: int, r: int, has_base: bool, device: torch.device) -> bool:
     return m <= table["fused_max_m_base" if has_base else "fused_max_m"]
 
 
-def plan_grid(cfg: LowRankKernelConfig, m: int, n: int, k: int, has_base: bool,
+@functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode
+def plan_grid(cfg: LowRankKernelConfig, m: int, n: int, k: int, r: int, has_base: bool,
               device: torch.device, sms: int | None = None) -> tuple[int, int]:
     """``(n_per_program, split_k)`` for a launch, where ``cfg`` leaves them to the launcher (0).
 
-    With a base weight: one N tile per program. Without: as many N tiles per program as keep
-    about two programs per SM (fewer recomputations of ``x @ V^T`` once the M tiles fill the
-    GPU; one per program while they do not). Split-K (CUDA, M <= 64) doubles while the grid
-    leaves SMs idle and each split keeps >= 4 K tiles. ``sms``: the device's multiprocessor
-    count (default: queried; 1 off CUDA).
+    With a base weight: one N tile per program (split-K raised while the grid leaves SMs idle,
+    M <= 64). Without one, the plan minimises a model of the L2 traffic among the grids that
+    fill the GPU (at least ``sms`` programs, where possible): every N group of an M tile reads
+    all of ``V`` and its ``x`` tile (``R K + BLOCK_M K`` elements: the recomputation), every
+    K split reads all of ``U`` (``N R``). One N tile per program (recompute everywhere) is the
+    most parallel and the most traffic; all of N per program the least traffic and the least
+    parallel; split-K (M <= 64 only: the audited epilogues; >= 4 K tiles per split) buys
+    parallelism with ``U`` reads instead of ``V`` reads. With many M tiles no split is needed
+    and each program takes as many N tiles as keep about two programs per SM.
+    ``sms``: the device's multiprocessor count (default: queried; 1 off CUDA).
     """
     n_tiles = triton.cdiv(n, cfg.block_n)
     m_tiles = triton.cdiv(m, cfg.block_m)
     if sms is None:
         sms = (torch.cuda.get_device_properties(device).multi_processor_count
                if device.type == "cuda" else 1)
-    per = cfg.n_per_program
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    max_split = max(1, min(16, k_tiles // 4)) if m <= _SPLIT_K_MAX_M else 1
+    pows = sorted({1 << i for i in range(n_tiles.bit_length()) if 1 << i <= n_tiles} | {n_tiles})
+    pers = [cfg.n_per_program] if cfg.n_per_program else pows
     if has_base:
-        per = 1
-    elif per == 0:
-        per = max(1, min(n_tiles, (m_tiles * n_tiles) // (2 * sms)))
-    split = cfg.split_k
-    if split == 0:
-        split = 1
-        groups = m_tiles * triton.cdiv(n_tiles, per)
-        k_tiles = triton.cdiv(k, cfg.block_k)
-        if (device.type == "cuda" or sms > 1) and m <= _SPLIT_K_MAX_M:
-            while groups * split < sms and split * 2 <= min(16, k_tiles // 4):
+        pers = [1]
+    splits = ([cfg.split_k] if cfg.split_k else
+              [1 << i for i in range(5) if 1 << i <= max_split])
+    if has_base or m > _SPLIT_K_MAX_M:
+        if not cfg.n_per_program and not has_base:
+            pers = [max(1, min(n_tiles, (m_tiles * n_tiles) // (2 * sms)))]
+        splits = splits if cfg.split_k else [1]
+        if has_base and not cfg.split_k:  # fill the SMs with K splits (skinny problems)
+            split = 1
+            while m_tiles * n_tiles * split < sms and split * 2 <= max_split:
                 split *= 2
-    return per, split
+            splits = [split]
+
+    def programs(per: int, split: int) -> int:
+        return m_tiles * triton.cdiv(n_tiles, per) * split
+
+    def traffic(per: int, split: int) -> int:
+        groups = triton.cdiv(n_tiles, per)
+        return m_tiles * (groups * (r + cfg.block_m) * k + split * n * r)
+
+    cands = [(per, split) for per in pers for split in splits]
+    full = [c for c in cands if programs(*c) >= sms]
+    if full:  # the least traffic among grids that fill the GPU (ties: fewer programs)
+        return min(full, key=lambda c: (traffic(*c), programs(*c)))
+    return max(cands, key=lambda c: (programs(*c), -traffic(*c)))
 
 
 def get_autotune_configs(m: int, r_pad: int) -> list[LowRankKernelConfig]:
@@ -420,7 +443,7 @@ def _launch(x2: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor 
             bias: torch.Tensor | None, cfg: LowRankKernelConfig) -> torch.Tensor:
     m, k = x2.shape
     n, r = u.shape
-    per, split = plan_grid(cfg, m, n, k, w is not None, x2.device)
+    per, split = plan_grid(cfg, m, n, k, r, w is not None, x2.device)
     y = _launch_mod.output(m, n, x2, split)
     n_groups = triton.cdiv(triton.cdiv(n, cfg.block_n), per)
     grid = (triton.cdiv(m, cfg.block_m), n_groups, split)

@@ -130,7 +130,7 @@ def _case(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, ba
         for provider, per in (("ours-fused", 0), ("ours-recompute", 1),
                               ("ours-loop-n", n_tiles)):
             cfg = tile.replace(n_per_program=per)
-            p, s = lr.plan_grid(cfg, m, n, k, False, device)
+            p, s = lr.plan_grid(cfg, m, n, k, r, False, device)
             yield row(lambda cfg=cfg: lr.lowrank_matmul(x, u, v, config=cfg), provider,
                       "cuda", f"config={cfg.name} planned=({p},{s})")
 

@@ -73,19 +73,43 @@ def test_leading_dims_non_contiguous_and_m_zero(device):
     assert lr.lowrank_matmul(x[:0], u, v, None, b).shape == (0, 40)
 
 
-def test_plan_grid_spans_recompute_to_loop_n():
+def _traffic(cfg, m, n, k, r, per, split):
+    """The plan's L2 traffic model (elements), written out independently."""
+    m_tiles, n_tiles = -(-m // cfg.block_m), -(-n // cfg.block_n)
+    return m_tiles * (-(-n_tiles // per) * (r + cfg.block_m) * k + split * n * r)
+
+
+@pytest.mark.parametrize(("m", "r"), [(1, 32), (16, 128), (64, 256)])
+def test_plan_grid_fills_the_gpu_with_the_least_modelled_traffic(m, r):
+    cpu = torch.device("cpu")
+    cfg = lr.select_config(m, lr.padded_rank(r), cpu)
+    n = k = 4096
+    n_tiles, m_tiles = -(-n // cfg.block_n), -(-m // cfg.block_m)
+    per, split = lr.plan_grid(cfg, m, n, k, r, False, cpu, sms=132)
+    assert m_tiles * -(-n_tiles // per) * split >= 132
+    assert 1 <= split <= 16 and 1 <= per <= n_tiles
+    # no other power-of-two grid that fills 132 SMs moves fewer bytes
+    k_split_max = min(16, -(-k // cfg.block_k) // 4)
+    best = min(_traffic(cfg, m, n, k, r, p, s) for p in [2**i for i in range(7)] + [n_tiles]
+               for s in (1, 2, 4, 8, 16) if p <= n_tiles and s <= k_split_max
+               and m_tiles * -(-n_tiles // p) * s >= 132)
+    assert _traffic(cfg, m, n, k, r, per, split) == best
+    # which beats recomputing x @ V^T for every N tile at the same split
+    assert per > 1 and best < _traffic(cfg, m, n, k, r, 1, split)
+
+
+def test_plan_grid_large_m_base_weight_interpreter_and_explicit_settings():
     cpu = torch.device("cpu")
     cfg = lr.LowRankKernelConfig(64, 128, 32)
-    # 132 SMs, one M tile: recompute x @ V^T per N tile (32 programs), then split K 8 ways
-    assert lr.plan_grid(cfg, 16, 4096, 4096, False, cpu, sms=132) == (1, 8)
     # many M tiles: several N tiles per program, about two programs per SM, no split-K
-    per, split = lr.plan_grid(cfg, 8192, 4096, 4096, False, cpu, sms=132)
-    assert per == 128 * 32 // 264 and split == 1
-    # one SM (the interpreter): whole N per program
-    assert lr.plan_grid(cfg, 16, 4096, 4096, False, cpu) == (16, 1)
-    # a base weight pins one N tile per program; explicit settings are kept
-    assert lr.plan_grid(cfg, 8192, 4096, 4096, True, cpu, sms=132)[0] == 1
-    assert lr.plan_grid(cfg.replace(n_per_program=3, split_k=2), 16, 512, 512, False, cpu,
+    assert lr.plan_grid(cfg, 8192, 4096, 4096, 64, False, cpu, sms=132) == (128 * 32 // 264, 1)
+    # one SM (the interpreter): the least traffic is all of N in one program
+    assert lr.plan_grid(cfg, 16, 4096, 4096, 64, False, cpu) == (32, 1)
+    # a base weight pins one N tile per program; split-K fills idle SMs at small M
+    assert lr.plan_grid(cfg, 8192, 4096, 4096, 64, True, cpu, sms=132) == (1, 1)
+    assert lr.plan_grid(cfg, 16, 4096, 4096, 64, True, cpu, sms=132) == (1, 8)
+    # explicit settings are kept
+    assert lr.plan_grid(cfg.replace(n_per_program=3, split_k=2), 16, 512, 512, 64, False, cpu,
                         sms=132) == (3, 2)
 
 

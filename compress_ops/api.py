@@ -123,8 +123,9 @@ class LowRankConfig:
 
     Exactly one of ``rank`` (Linear: r; Conv2d: ``(r, r)``, both clamped to the layer) and
     ``energy`` (the smallest rank keeping that fraction of ``||W||_F**2``; for convs, per
-    channel mode). ``method``: ``"auto"``, ``"exact"`` or ``"randomized"`` SVD (see
-    :func:`compress_ops.factorize.svd_factors`). A layer whose factors would not hold fewer
+    channel mode). ``method``: ``"auto"``, ``"exact"`` or ``"randomized"`` SVD of linears (see
+    :func:`compress_ops.factorize.svd_factors`); Tucker-2 always takes exact SVDs of the
+    (small) channel unfoldings. A layer whose factors would not hold fewer
     parameters than the dense weight stays dense, and ``report()`` says why. A ``residual``
     (keeping a compressed remainder next to the factors) is not implemented; the op already
     takes a dense base weight for it.
@@ -195,6 +196,9 @@ def _no_saving(kind: str, factor_params: int, dense_params: int, rank: object) -
 
 
 def _lowrank_transform(module: nn.Module, config: LowRankConfig) -> nn.Module:
+    if isinstance(module, nn.Conv2d) and type(module) is not nn.Conv2d:
+        raise UnsupportedModule(f"{type(module).__name__} is not a plain nn.Conv2d (its forward "
+                                f"may do more than the conv)")
     if type(module) is nn.Conv2d:
         if module.groups != 1:
             raise UnsupportedModule(f"Tucker-2 needs groups=1, got groups={module.groups}")
@@ -313,6 +317,9 @@ def compress_(
         for param in module._parameters.values():
             if param is not None:
                 owners.setdefault(id(param), []).append(names[mid][0])
+    rule_types = {t for cfg in (config.rules.values() if isinstance(config, Recipe) else ())
+                  if cfg is not None for t in _TRANSFORMS[type(cfg)][0]}
+    none_types = tuple(rule_types) or (nn.Linear,)
     # 1. plan: the config (or the reason to stay dense) of every layer in scope
     plan: list[tuple[int, list[str], object, str | None]] = []
     for mid, aliases in names.items():
@@ -320,9 +327,10 @@ def compress_(
         if isinstance(module, (CompressedLinear, LowRankConv2d)):
             continue
         decisions = {_config_for(config, name) for name in aliases}
-        # Look only at layers some matching config handles (or, for notes, dense Linears).
-        if not any(matched and (isinstance(module, _TRANSFORMS[type(cfg)][0]) if cfg else
-                                isinstance(module, nn.Linear)) for matched, cfg in decisions):
+        # Look only at layers some matching config handles (or, for "kept dense" notes, layers
+        # of a type some config of the recipe handles).
+        if not any(matched and isinstance(module, _TRANSFORMS[type(cfg)][0] if cfg else
+                                          none_types) for matched, cfg in decisions):
             continue
         reason = None
         cfg = None

@@ -117,7 +117,10 @@ def svd_factors(weight: torch.Tensor, rank: int | None = None, energy: float | N
     if method == "randomized":
         q = min(full, (rank if rank is not None else max(8, full // 16)) + _OVERSAMPLE)
         while True:
-            u, s, vv = torch.svd_lowrank(a, q=q, niter=_POWER_ITERS)
+            # a fixed sketch: the caller's RNG stream is untouched, the factors reproducible
+            with torch.random.fork_rng(devices=[a.device] if a.device.type == "cuda" else []):
+                torch.manual_seed(0)
+                u, s, vv = torch.svd_lowrank(a, q=q, niter=_POWER_ITERS)
             r = rank if rank is not None else energy_rank(s, energy, total)
             if r <= len(s) - (_OVERSAMPLE if q < full else 0) or q >= full:
                 break

@@ -13,6 +13,7 @@ Device routing, the same for every op (low-rank: see :func:`lowrank_route`):
 
 from __future__ import annotations
 
+import math
 import os
 import weakref
 from collections.abc import Callable
@@ -414,7 +415,7 @@ def lowrank_route(x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor | None)
     r = u.shape[1]
     if x.device.type == "cuda":
         return "fused" if _lr.fused_route(m, r, weight is not None, x.device) else "unfused"
-    if _use_triton(x) and r <= _lr.MAX_RANK:
+    if r <= _lr.MAX_RANK and _use_triton(x):
         return "fused"
     return "unfused"
 
@@ -456,17 +457,18 @@ def _lowrank_backward(ctx, grad):
     x, u, v, weight = ctx.saved_tensors
     need_x, need_u, need_v, need_w, need_b = ctx.needs_input_grad
     grad_x = grad_u = grad_v = grad_w = grad_b = None
-    n = grad.shape[-1]
-    g2 = grad.reshape(-1, n)
+    n, k = u.shape[0], v.shape[1]
+    m = math.prod(grad.shape[:-1])
+    g2 = grad.reshape(m, n)
     if need_x or need_v:
         gu = g2 @ u.to(grad.dtype)  # dL/dt, [M, r]
     if need_x:
         grad_x = gu @ v.to(grad.dtype)
         if weight is not None:
             grad_x = grad_x + g2 @ weight.to(grad.dtype)
-        grad_x = grad_x.reshape(*grad.shape[:-1], v.shape[1])
+        grad_x = grad_x.reshape(*grad.shape[:-1], k)
     if need_u or need_v or need_w:
-        x2 = x.reshape(-1, x.shape[-1]).to(grad.dtype)
+        x2 = x.reshape(m, k).to(grad.dtype)
     if need_u:
         grad_u = (g2.t() @ (x2 @ v.to(grad.dtype).t())).to(u.dtype)
     if need_v:

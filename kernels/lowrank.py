@@ -42,6 +42,7 @@ parallelism.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -145,6 +146,8 @@ def check_inputs(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     k = v.shape[1]
     if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != k:
         raise ValueError(f"x last dim (K={x.shape[-1]}) must equal v.shape[1] (K={k})")
+    if isinstance(x, torch.Tensor) and x.device != u.device:
+        raise ValueError(f"x on {x.device} but u and v on {u.device}")
     check_activation(x, n, k, 1, u, "u", bias)
     if weight is not None:
         _check_factor(weight, "weight", "[N, K]")
@@ -320,13 +323,14 @@ def plan_grid(cfg: LowRankKernelConfig, m: int, n: int, k: int, r: int, has_base
     all of ``V`` and its ``x`` tile (``R K + BLOCK_M K`` elements: the recomputation), every
     K split reads all of ``U`` (``N R``). One N tile per program (recompute everywhere) is the
     most parallel and the most traffic; all of N per program the least traffic and the least
-    parallel; split-K (M <= 64 only: the audited epilogues; >= 4 K tiles per split) buys
-    parallelism with ``U`` reads instead of ``V`` reads. With many M tiles no split is needed
+    parallel; split-K (M <= 64 only; >= 4 K tiles per split) buys
+    parallelism with ``U`` reads instead of ``V`` reads (the audit compiles split 2; larger
+    splits change only the constexpr). With many M tiles no split is needed
     and each program takes as many N tiles as keep about two programs per SM.
     ``sms``: the device's multiprocessor count (default: queried; 1 off CUDA).
     """
-    n_tiles = triton.cdiv(n, cfg.block_n)
-    m_tiles = triton.cdiv(m, cfg.block_m)
+    n_tiles = max(1, triton.cdiv(n, cfg.block_n))
+    m_tiles = max(1, triton.cdiv(m, cfg.block_m))
     if sms is None:
         sms = (torch.cuda.get_device_properties(device).multi_processor_count
                if device.type == "cuda" else 1)
@@ -476,10 +480,13 @@ def lowrank_matmul(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                          f"compress_ops.ops.lowrank_linear runs two GEMMs for it")
     lead, k = x.shape[:-1], x.shape[-1]
     n = u.shape[0]
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
+    m = math.prod(lead)
     if m == 0:
         return x.new_empty(*lead, n)
+    if n == 0 or k == 0:  # an empty weight: y = bias (or 0), no launch
+        y = x.new_zeros(*lead, n)
+        return y + bias if bias is not None else y
+    x2 = x.reshape(m, k)
     x2, u, v = x2.contiguous(), u.contiguous(), v.contiguous()
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None

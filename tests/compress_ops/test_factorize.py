@@ -110,6 +110,15 @@ def test_auto_method_choice_and_errors():
         fz.svd_factors(torch.randn(2, 3, 4), rank=2)
 
 
+def test_randomized_svd_leaves_the_global_rng_alone_and_is_reproducible():
+    w = torch.randn(300, 200)
+    state = torch.get_rng_state()
+    a = fz.svd_factors(w, rank=8, method="randomized").u
+    assert torch.equal(state, torch.get_rng_state())
+    torch.manual_seed(123)
+    assert torch.equal(a, fz.svd_factors(w, rank=8, method="randomized").u)
+
+
 def test_zero_weight_factorizes_to_rank_one_zero():
     f = fz.svd_factors(torch.zeros(8, 6), energy=0.9)
     assert f.rank == 1 and torch.count_nonzero(f.u @ f.v) == 0

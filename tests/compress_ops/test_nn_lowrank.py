@@ -200,6 +200,19 @@ def test_layers_that_would_not_shrink_stay_dense_with_the_reason():
     assert all(r.kind == "dense" and "kept dense" in r.note for r in co.report(model))
 
 
+def test_recipe_none_and_conv_subclasses_get_their_reason():
+    class PaddingConv(nn.Conv2d):  # pads in its own forward: not a plain conv
+        def forward(self, x):
+            return super().forward(F.pad(x, (1, 0, 1, 0)))
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), PaddingConv(16, 16, 3), nn.Conv2d(16, 16, 3))
+    co.compress_(model, co.Recipe({"0": None, r"\d": co.LowRankConfig(rank=4)}))
+    rows = {r.name: r for r in co.report(model)}
+    assert rows["0"].note == "kept dense by recipe"
+    assert rows["1"].kind == "dense" and "not a plain nn.Conv2d" in rows["1"].note
+    assert rows["2"].kind == "tucker2"
+
+
 def test_energy_config_on_a_low_rank_model_is_nearly_exact():
     torch.manual_seed(0)
     model = nn.Sequential(_low_rank_linear(96, 64, 4, seed=1, noise=1e-4), nn.GELU(),

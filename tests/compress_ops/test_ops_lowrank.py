@@ -59,6 +59,19 @@ def test_m_zero_and_leading_dims():
     assert op(torch.randn(70), u, v, None, b).shape == (24,)
 
 
+@pytest.mark.parametrize(("n", "k"), [(0, 5), (4, 0)])
+def test_empty_weights_forward_and_backward(op_device, n, k):
+    x = torch.randn(2, 3, k, device=op_device, requires_grad=True)
+    u = torch.randn(n, 2, device=op_device, requires_grad=True)
+    v = torch.randn(2, k, device=op_device, requires_grad=True)
+    b = torch.randn(n, device=op_device, requires_grad=True)
+    y = op(x, u, v, None, b)
+    assert y.shape == (2, 3, n)
+    torch.testing.assert_close(y, b.detach().expand(2, 3, n))
+    y.sum().backward()
+    assert x.grad.shape == x.shape and u.grad.shape == u.shape and v.grad.shape == v.shape
+
+
 @pytest.mark.parametrize("base", [False, True])
 def test_autograd_for_x_factors_base_and_bias_matches_float64(op_device, base):
     u, v, w, b = _args(n=20, k=50, r=6, base=base, device=op_device, seed=3, grad=True)
@@ -93,6 +106,8 @@ def test_fine_tuning_only_the_factors_keeps_no_base_gradient():
         (lambda a: a.update(u=a["u"].half(), v=a["v"].half()), TypeError, "u dtype"),
         (lambda a: a.update(weight=torch.randn(24, 7)), ValueError, "weight shape"),
         (lambda a: a.update(bias=torch.randn(5)), ValueError, "bias shape"),
+        (lambda a: a.update(x=torch.randn(3, 70, device="meta")), ValueError,
+         "x on meta but u and v on cpu"),
     ],
 )
 def test_bad_inputs_raise_named_errors(mutate, exc, match):

@@ -38,13 +38,20 @@ def _tol(dtype: torch.dtype, k: int) -> float:
     return 2 * tol(dtype, k)
 
 
+# grid overrides: (n_per_program, split_k); (0, 0) is the launcher's own plan
+GRIDS = [(0, 0), (1, 1), (1, 2), (2, 3), (0, 2)]
+
+
 @given(m=st.sampled_from(MS), n=st.integers(1, MAX_N), k=st.integers(1, MAX_K),
        r=st.sampled_from(RANKS), dtype=st.sampled_from(DTYPES), base=st.booleans(),
-       bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_kernel_matches_float64_reference(poison, device, m, n, k, r, dtype, base, bias, seed):
+       bias=st.booleans(), grid=st.sampled_from(GRIDS), seed=st.integers(0, 2**16))
+def test_kernel_matches_float64_reference(poison, device, m, n, k, r, dtype, base, bias, grid,
+                                          seed):
     x, u, v, w, b = (t.to(device) if t is not None else None
                      for t in _factors(m, n, k, r, dtype, base, bias, seed))
-    y = lr.lowrank_matmul(x, u, v, w, b)
+    cfg = lr.select_config(m, lr.padded_rank(r), x.device).replace(n_per_program=grid[0],
+                                                                     split_k=grid[1])
+    y = lr.lowrank_matmul(x, u, v, w, b, config=cfg)
     ref = lowrank_linear_ref(x, u, v, w, b, dtype=torch.float64)
     assert y.shape == (m, n) and y.dtype == dtype
     assert rel_err(y, ref) < _tol(dtype, k)

@@ -1,0 +1,366 @@
+"""Fused depthwise-separable convolution (MobileNet): depthwise k x k -> bias -> act -> pointwise
+1x1 -> bias -> act -> + residual, in one Triton launch.
+
+Layout
+------
+Activations are channels-last (NHWC in memory): the op takes a logical ``[B, C, H, W]`` tensor,
+converts it once to ``torch.channels_last`` (free when it already is) and returns a
+``channels_last`` ``[B, Cout, Ho, Wo]`` tensor. Weights in PyTorch's own shapes: depthwise
+``dw_weight [C, kh, kw]`` (a ``Conv2d(C, C, k, groups=C)`` weight without its unit dim),
+pointwise ``pw_weight [Cout, C]``; biases ``[C]`` / ``[Cout]`` with BatchNorm folded in by the
+module. ``k`` in {3, 5}, stride 1 or 2, dilation 1, zero padding ``(left, right, top, bottom)``
+(asymmetric 'same' padding of TensorFlow ports included): ``Ho = (H + top + bottom - k) //
+stride + 1``, likewise ``Wo``.
+
+Kernel
+------
+:func:`_dwsep_conv_kernel` tiles the output as ``[BLOCK_P pixels, BLOCK_CO channels]``
+(pixels flattened over ``B x Ho x Wo``). For each chunk of ``BLOCK_C`` input channels it
+computes the depthwise output of its pixels in registers (``k*k`` shifted, masked loads of
+``[BLOCK_P, BLOCK_C]`` NHWC rows, fp32 FMAs), adds the bias, applies the activation, casts to the
+activation dtype and feeds it to ``tl.dot`` with the ``[BLOCK_C, BLOCK_CO]`` pointwise tile.
+The depthwise output never goes to HBM. With ``Cout > BLOCK_CO`` the depthwise part is
+recomputed per output-channel tile (``k*k`` FMAs per element against ``Cout`` for the 1x1).
+
+Bytes (activations of ``e`` bytes; weights are small and cached)
+---------------------------------------------------------------
+Unfused (cuDNN depthwise, then pointwise): read ``B H W C``, write ``B Ho Wo C``, read it back,
+write ``B Ho Wo Cout`` (+ read the residual): ``e (B H W C + 2 B Ho Wo C + B Ho Wo Cout)``.
+Fused: ``e (B H W C + B Ho Wo Cout)`` (+ residual), i.e. ``2 B Ho Wo C e`` less.
+MobileNetV2's dw + project pairs (expansion 6, stride 1, ``C = 6 Cout``): unfused moves
+``B H W (6 + 12 + 1) Cout e``, fused ``B H W 7 Cout e``: 2.7x fewer bytes; stride 2 pairs
+(``Ho Wo = H W / 4``): ``(6 + 3 + 0.25)`` against ``6.25``: 1.5x. The pairs are memory-bound
+(``2 C Cout`` FLOPs per output pixel against ``~7 Cout e`` bytes, ~40 FLOP/B in fp16 at
+Cout = 24..320: under the H100/H200 ridge of ~300 FLOP/B), so the predicted gain is ~1.5-2.7x
+per pair, minus the recomputation for ``Cout > BLOCK_CO``.
+FLOPs: ``2 B Ho Wo C (k*k + Cout)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from compress_ops.kernels import _launch as _launch_mod
+from compress_ops.kernels._launch import ACT_DTYPES, dot_meta
+from compress_ops.kernels._tuning import device_name, load_tables
+
+__all__ = [
+    "ACTIVATIONS",
+    "KERNEL_SIZES",
+    "STRIDES",
+    "output_size",
+    "dwsep_bytes",
+    "check_inputs",
+    "dwsep_conv2d",
+    "select_config",
+    "audit_specs",
+]
+
+ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu")
+KERNEL_SIZES = (3, 5)
+STRIDES = (1, 2)
+_FAMILY = "dwsep_conv"
+
+
+def output_size(h: int, w: int, k: int, stride: int,
+                padding: Sequence[int]) -> tuple[int, int]:
+    """``(Ho, Wo)`` for zero padding ``(left, right, top, bottom)``."""
+    left, right, top, bottom = padding
+    return (h + top + bottom - k) // stride + 1, (w + left + right - k) // stride + 1
+
+
+def dwsep_bytes(b: int, h: int, w: int, c: int, cout: int, k: int, stride: int,
+                padding: Sequence[int], e: int, fused: bool = True) -> int:
+    """Minimum activation bytes moved (weights excluded): see the module docstring."""
+    ho, wo = output_size(h, w, k, stride, padding)
+    io = b * h * w * c + b * ho * wo * cout
+    return e * (io if fused else io + 2 * b * ho * wo * c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _tensor(t: object, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_inputs(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor | None,
+                 pw_weight: torch.Tensor, pw_bias: torch.Tensor | None,
+                 residual: torch.Tensor | None, stride: int, padding: Sequence[int],
+                 act1: str, act2: str) -> None:
+    """Named ``TypeError``/``ValueError`` for every bad input of :func:`dwsep_conv2d`."""
+    _tensor(x, "x")
+    if x.dtype not in ACT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
+    _tensor(dw_weight, "dw_weight")
+    _tensor(pw_weight, "pw_weight")
+    b, c, h, w = x.shape
+    if dw_weight.dim() != 3 or dw_weight.shape[1] != dw_weight.shape[2]:
+        raise ValueError(f"dw_weight must be [C, k, k] (a depthwise kernel, groups = channels), "
+                         f"got shape {tuple(dw_weight.shape)}")
+    if dw_weight.shape[0] != c:
+        raise ValueError(f"dw_weight has {dw_weight.shape[0]} channels but x has C={c}: the "
+                         f"depthwise conv needs groups = in = out channels")
+    k = dw_weight.shape[1]
+    if k not in KERNEL_SIZES:
+        raise ValueError(f"kernel size {k} is not supported; expected one of {KERNEL_SIZES}")
+    if isinstance(stride, bool) or stride not in STRIDES:
+        raise ValueError(f"stride must be one of {STRIDES}, got {stride!r}")
+    if len(padding) != 4 or any(isinstance(p, bool) or not isinstance(p, int) or p < 0
+                                for p in padding):
+        raise ValueError(f"padding must be 4 ints >= 0 (left, right, top, bottom), got "
+                         f"{padding!r}")
+    if max(padding) >= k:
+        raise ValueError(f"padding {tuple(padding)} must be smaller than the kernel size {k}")
+    if pw_weight.dim() != 2 or pw_weight.shape[1] != c:
+        raise ValueError(f"pw_weight must be [Cout, C={c}], got shape {tuple(pw_weight.shape)}")
+    cout = pw_weight.shape[0]
+    for name, act in (("act1", act1), ("act2", act2)):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{name} must be one of {ACTIVATIONS}, got {act!r}")
+    ho, wo = output_size(h, w, k, stride, padding)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"input {h}x{w} is smaller than the padded kernel: output {ho}x{wo}")
+    for name, t, shape in (("dw_weight", dw_weight, None), ("pw_weight", pw_weight, None),
+                           ("dw_bias", dw_bias, (c,)), ("pw_bias", pw_bias, (cout,)),
+                           ("residual", residual, (b, cout, ho, wo))):
+        if t is None:
+            continue
+        _tensor(t, name)
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} must be {shape}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} must match x dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"x on {x.device} but {name} on {t.device}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _activation(v, ACT: tl.constexpr):
+    if ACT == 1:  # relu
+        v = tl.maximum(v, 0.0)
+    elif ACT == 2:  # relu6
+        v = tl.minimum(tl.maximum(v, 0.0), 6.0)
+    elif ACT == 3:  # hardswish: v * relu6(v + 3) / 6
+        v = v * tl.minimum(tl.maximum(v + 3.0, 0.0), 6.0) / 6.0
+    elif ACT == 4:  # silu
+        v = v / (1.0 + tl.exp(-v))
+    return v
+
+
+@triton.jit
+def _dwsep_conv_kernel(
+    # pointers
+    x_ptr, dww_ptr, dwb_ptr, pww_ptr, pwb_ptr, res_ptr, y_ptr,
+    # sizes
+    P, H, W, C, HO, WO, COUT, pad_top, pad_left,
+    # strides (channels-last: unit channel stride everywhere)
+    stride_xb, stride_xh, stride_xw,
+    stride_yb, stride_yh, stride_yw,
+    stride_rb, stride_rh, stride_rw,
+    # meta-parameters
+    KSIZE: tl.constexpr,
+    STRIDE: tl.constexpr,
+    ACT1: tl.constexpr,
+    ACT2: tl.constexpr,
+    HAS_DW_BIAS: tl.constexpr,
+    HAS_PW_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr = False,
+):
+    """y[b, ho, wo, :] = act2(act1(dw(x) + dw_b) @ pw^T + pw_b) (+ residual), NHWC.
+
+    Grid: (cdiv(B Ho Wo, BLOCK_P), cdiv(Cout, BLOCK_CO)). Per BLOCK_C input channels: KSIZE^2
+    masked, shifted ``[BLOCK_P, BLOCK_C]`` loads (zero padding = masked-out taps), fp32 FMAs,
+    bias + act1, then ``tl.dot`` with the ``[BLOCK_C, BLOCK_CO]`` pointwise tile (fp32
+    accumulator). dw_weight is read as [C, KSIZE, KSIZE], pw_weight as [COUT, C] (K-major tile).
+
+    Roofline: 2 B Ho Wo C (KSIZE^2 + Cout) FLOPs; minimum bytes e (B H W C + B Ho Wo Cout)
+    (+ the residual).
+    """
+    pid_p = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < P
+    bi = offs_p // (HO * WO)
+    rem = offs_p % (HO * WO)
+    ho = rem // WO
+    wo = rem % WO
+    hi0 = ho * STRIDE - pad_top
+    wi0 = wo * STRIDE - pad_left
+    x_pix = x_ptr + bi.to(tl.int64) * stride_xb  # [BLOCK_P] image bases
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_mask = offs_co < COUT
+
+    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for i in tl.static_range(KSIZE):
+            hi = hi0 + i
+            h_ok = p_mask & (hi >= 0) & (hi < H)
+            for j in tl.static_range(KSIZE):
+                wi = wi0 + j
+                ok = h_ok & (wi >= 0) & (wi < W)
+                pix = x_pix + hi.to(tl.int64) * stride_xh + wi * stride_xw
+                xv = tl.load(pix[:, None] + offs_c[None, :], mask=ok[:, None] & c_mask[None, :],
+                             other=0.0)
+                wv = tl.load(dww_ptr + offs_c * (KSIZE * KSIZE) + (i * KSIZE + j), mask=c_mask,
+                             other=0.0)
+                d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        if HAS_DW_BIAS:
+            d += tl.load(dwb_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+        d = _activation(d, ACT1)
+        pw = tl.load(pww_ptr + offs_co[None, :] * C + offs_c[:, None],
+                     mask=c_mask[:, None] & co_mask[None, :], other=0.0)  # [BLOCK_C, BLOCK_CO]
+        if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
+            acc = tl.dot(d, pw.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(d.to(pw.dtype), pw, acc, input_precision=DOT_PRECISION)
+
+    if HAS_PW_BIAS:
+        acc += tl.load(pwb_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+    acc = _activation(acc, ACT2)
+    out_mask = p_mask[:, None] & co_mask[None, :]
+    if HAS_RES:
+        r_pix = res_ptr + bi.to(tl.int64) * stride_rb + ho.to(tl.int64) * stride_rh \
+            + wo * stride_rw
+        acc += tl.load(r_pix[:, None] + offs_co[None, :], mask=out_mask,
+                       other=0.0).to(tl.float32)
+    y_pix = y_ptr + bi.to(tl.int64) * stride_yb + ho.to(tl.int64) * stride_yh + wo * stride_yw
+    tl.store(y_pix[:, None] + offs_co[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs and audit specs
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1024)
+def select_config(c: int, cout: int, k: int, device: torch.device) -> dict:
+    """Tile for (C, Cout, k) from ``configs/dwsep_conv.json``: ``block_p``, ``block_c``,
+    ``block_co``, ``num_warps``, ``num_stages``. ``BLOCK_CO`` covers Cout up to its largest
+    entry (no depthwise recomputation), ``BLOCK_C`` shrinks for k = 5 (register pressure)."""
+    tables = load_tables(_FAMILY)
+    table = tables.get(device_name(device), tables["default"])
+    keys = sorted(int(co) for co in table[str(k)])
+    bucket = 1 << max(0, (cout - 1).bit_length())
+    key = next((co for co in keys if co >= bucket), keys[-1])
+    return dict(table[str(k)][str(key)])
+
+
+_SIG = {
+    "x_ptr": "*{dt}", "dww_ptr": "*{dt}", "dwb_ptr": "*{dt}", "pww_ptr": "*{dt}",
+    "pwb_ptr": "*{dt}", "res_ptr": "*{dt}", "y_ptr": "*{dt}", "P": "i32", "H": "i32", "W": "i32",
+    "C": "i32", "HO": "i32", "WO": "i32", "COUT": "i32", "pad_top": "i32", "pad_left": "i32",
+    "stride_xb": "i32", "stride_xh": "i32", "stride_xw": "i32", "stride_yb": "i32",
+    "stride_yh": "i32", "stride_yw": "i32", "stride_rb": "i32", "stride_rh": "i32",
+    "stride_rw": "i32",
+}
+_ALIGNED = ["x_ptr", "dww_ptr", "dwb_ptr", "pww_ptr", "pwb_ptr", "res_ptr", "y_ptr", "C", "COUT",
+            "stride_xb", "stride_xh", "stride_xw", "stride_yb", "stride_yh", "stride_yw",
+            "stride_rb", "stride_rh", "stride_rw"]
+
+
+def audit_specs(defaults_only: bool = False) -> list[dict]:
+    """Every shipped tile, fp16 (and bf16 for k = 3), for k in {3, 5} and both strides, with
+    ReLU6 + residual (MobileNetV2's project unit has no act2, but the epilogue is the larger
+    with both), plus hardswish/SiLU variants of the k = 3 tiles."""
+    specs = []
+    for table in load_tables(_FAMILY).values():
+        for k in KERNEL_SIZES:
+            for co, cfg in table[str(k)].items():
+                variants = [("fp16", 2, 2, True, 1), ("fp16", 2, 0, True, 2)]
+                if k == 3:
+                    variants += [("bf16", 2, 0, True, 1), ("fp16", 3, 4, False, 1)]
+                for dt, a1, a2, res, stride in variants:
+                    name = (f"p{cfg['block_p']}c{cfg['block_c']}co{cfg['block_co']}"
+                            f"w{cfg['num_warps']}s{cfg['num_stages']}/k{k}s{stride}/"
+                            f"{ACTIVATIONS[a1]}-{ACTIVATIONS[a2]}{'+res' if res else ''}/{dt}")
+                    consts = {"KSIZE": k, "STRIDE": stride, "ACT1": a1, "ACT2": a2,
+                              "HAS_DW_BIAS": True, "HAS_PW_BIAS": True, "HAS_RES": res,
+                              "BLOCK_P": cfg["block_p"], "BLOCK_C": cfg["block_c"],
+                              "BLOCK_CO": cfg["block_co"], "DOT_PRECISION": "tf32",
+                              "UPCAST_DOT": False}
+                    sig = {a: v.format(dt=dt) for a, v in _SIG.items()}
+                    sig.update({c: "constexpr" for c in consts})
+                    specs.append({"kernel": _dwsep_conv_kernel.__name__,
+                                  "config": f"cout<={co}/{name}", "fn": _dwsep_conv_kernel,
+                                  "signature": sig, "constexprs": consts, "aligned": _ALIGNED,
+                                  "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+                                  "expect_mma": "HGMMA" if cfg["block_p"] >= 64 else "HMMA"})
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------
+
+
+def dwsep_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor | None,
+                 pw_weight: torch.Tensor, pw_bias: torch.Tensor | None,
+                 residual: torch.Tensor | None = None, stride: int = 1,
+                 padding: Sequence[int] = (1, 1, 1, 1), act1: str = "relu6",
+                 act2: str = "none", *, config: dict | None = None,
+                 checked: bool = False) -> torch.Tensor:
+    """``act2(pw(act1(dw(x) + dw_bias)) + pw_bias) (+ residual)`` in one launch.
+
+    ``x`` ``[B, C, H, W]`` (converted once to channels-last); returns ``[B, Cout, Ho, Wo]`` in
+    ``torch.channels_last``. Runs on ``x``'s device (CUDA, or the CPU under
+    ``TRITON_INTERPRET=1``). ``config`` overrides the tile (keys of :func:`select_config`).
+    """
+    if not checked:
+        check_inputs(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, act1,
+                     act2)
+    b, c, h, w = x.shape
+    k = dw_weight.shape[1]
+    cout = pw_weight.shape[0]
+    ho, wo = output_size(h, w, k, stride, padding)
+    cl = torch.channels_last
+    y = _launch_mod._empty((b, ho, wo, cout), device=x.device, dtype=x.dtype).permute(0, 3, 1, 2)
+    if b == 0 or cout == 0:
+        return y
+    x = x.contiguous(memory_format=cl)
+    dw_weight, pw_weight = dw_weight.contiguous(), pw_weight.contiguous()
+    dw_bias = dw_bias.contiguous() if dw_bias is not None else None
+    pw_bias = pw_bias.contiguous() if pw_bias is not None else None
+    if residual is not None:
+        residual = residual.contiguous(memory_format=cl)
+    cfg = config or select_config(c, cout, k, x.device)
+    p = b * ho * wo
+    dummy = dw_weight
+    grid = (triton.cdiv(p, cfg["block_p"]), triton.cdiv(cout, cfg["block_co"]))
+    r = residual if residual is not None else y
+    _dwsep_conv_kernel[grid](
+        x, dw_weight, dw_bias if dw_bias is not None else dummy, pw_weight,
+        pw_bias if pw_bias is not None else dummy, r, y,
+        p, h, w, c, ho, wo, cout, padding[2], padding[0],
+        x.stride(0), x.stride(2), x.stride(3),
+        y.stride(0), y.stride(2), y.stride(3),
+        r.stride(0), r.stride(2), r.stride(3),
+        KSIZE=k, STRIDE=stride, ACT1=ACTIVATIONS.index(act1), ACT2=ACTIVATIONS.index(act2),
+        HAS_DW_BIAS=dw_bias is not None, HAS_PW_BIAS=pw_bias is not None,
+        HAS_RES=residual is not None, BLOCK_P=cfg["block_p"], BLOCK_C=cfg["block_c"],
+        BLOCK_CO=cfg["block_co"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **dot_meta(x))
+    return y

@@ -13,7 +13,7 @@ from compress_ops.kernels.dequant import codebook_weight, dequantize
 from compress_ops.kernels.sparse24 import unpack_sparse24
 
 __all__ = ["sparse24_linear_ref", "dequant_linear_ref", "codebook_linear_ref",
-           "lowrank_linear_ref"]
+           "lowrank_linear_ref", "dwsep_conv2d_ref", "ACTIVATION_FNS"]
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
@@ -63,3 +63,25 @@ def lowrank_linear_ref(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     if weight is not None:
         y = y + F.linear(x.to(dtype), weight.to(dtype))
     return y
+
+
+ACTIVATION_FNS = {"none": lambda v: v, "relu": F.relu, "relu6": F.relu6,
+                  "hardswish": F.hardswish, "silu": F.silu}
+
+
+def dwsep_conv2d_ref(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor | None,
+                     pw_weight: torch.Tensor, pw_bias: torch.Tensor | None,
+                     residual: torch.Tensor | None, stride: int, padding: list[int],
+                     act1: str, act2: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Depthwise conv (zero ``padding`` = (left, right, top, bottom)) + bias -> act1 -> 1x1 conv
+    + bias -> act2 (+ residual): ``F.conv2d`` twice, in ``dtype`` (default: ``x.dtype``)."""
+    dtype = dtype or x.dtype
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(dtype)
+
+    t = F.conv2d(F.pad(x.to(dtype), list(padding)), cast(dw_weight)[:, None], cast(dw_bias),
+                 stride, groups=x.shape[1])
+    y = F.conv2d(ACTIVATION_FNS[act1](t), cast(pw_weight)[:, :, None, None], cast(pw_bias))
+    y = ACTIVATION_FNS[act2](y)
+    return y if residual is None else y + residual.to(dtype)

@@ -8,6 +8,7 @@
 from compress_ops import nn, ops  # noqa: F401  (ops registers torch.ops.compress_ops.*)
 from compress_ops.api import (
     CodebookConfig,
+    DWSepFuseConfig,
     LowRankConfig,
     QuantConfig,
     Recipe,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CodebookConfig",
+    "DWSepFuseConfig",
     "LowRankConfig",
     "QuantConfig",
     "Recipe",

@@ -14,6 +14,7 @@ from torch import nn
 from compress_ops._text import format_table
 from compress_ops.kernels.dequant import BITS, GROUP_SIZES
 from compress_ops.nn.base import CompressedLinear
+from compress_ops.nn.dwsep import FusedDWSepConv2d
 from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
 from compress_ops.nn.quant import CodebookLinear, QuantLinear
 from compress_ops.nn.sparse24 import Sparse24Linear
@@ -24,6 +25,7 @@ __all__ = [
     "QuantConfig",
     "CodebookConfig",
     "LowRankConfig",
+    "DWSepFuseConfig",
     "Recipe",
     "compress_",
     "report",
@@ -150,6 +152,19 @@ class LowRankConfig:
                              f"got {self.method!r}")
 
 
+@dataclass(frozen=True)
+class DWSepFuseConfig:
+    """Fuse depthwise-separable units: ``[ZeroPad2d] -> depthwise Conv2d -> [BatchNorm2d] ->
+    [act] -> 1x1 Conv2d -> [BatchNorm2d] -> [act]`` chains, found in a ``torch.fx`` trace of
+    the model (``nn.Sequential``s and forwards that call the layers in order), become one
+    :class:`~compress_ops.nn.FusedDWSepConv2d` each (BatchNorm folded with its running
+    statistics: fuse models in eval mode). Activations: ReLU, ReLU6, Hardswish, SiLU modules.
+    Depthwise convs left unfused, and modules ``torch.fx`` cannot trace, are listed by
+    ``report()`` with the reason. Not usable inside a ``Recipe`` (it matches chains, not
+    single layers).
+    """
+
+
 def _plain_linear(module: nn.Module) -> None:
     if type(module) is not nn.Linear:
         raise UnsupportedModule(f"{type(module).__name__} is not a plain nn.Linear")
@@ -260,6 +275,9 @@ class Recipe:
                 rx = re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"bad Recipe pattern {pattern!r}: {exc}") from exc
+            if isinstance(cfg, DWSepFuseConfig):
+                raise TypeError("DWSepFuseConfig fuses chains of layers and cannot be a Recipe "
+                                "rule: call compress_(model, DWSepFuseConfig()) on its own")
             if cfg is not None and type(cfg) not in _TRANSFORMS:
                 raise TypeError(f"Recipe rule {pattern!r}: unknown config {cfg!r}")
             compiled.append((rx, cfg))
@@ -301,6 +319,8 @@ def compress_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(config, DWSepFuseConfig):
+        return _fuse_dwsep(model, filter_fn)
     if not isinstance(config, Recipe) and type(config) not in _TRANSFORMS:
         raise TypeError(f"unknown config {config!r}; expected one of "
                         f"{[t.__name__ for t in _TRANSFORMS]} or a Recipe")
@@ -324,7 +344,7 @@ def compress_(
     plan: list[tuple[int, list[str], object, str | None]] = []
     for mid, aliases in names.items():
         module = modules[mid]
-        if isinstance(module, (CompressedLinear, LowRankConv2d)):
+        if isinstance(module, (CompressedLinear, LowRankConv2d, FusedDWSepConv2d)):
             continue
         decisions = {_config_for(config, name) for name in aliases}
         # Look only at layers some matching config handles (or, for "kept dense" notes, layers
@@ -389,6 +409,21 @@ def compress_(
     return result
 
 
+def _fuse_dwsep(model: nn.Module,
+                filter_fn: Callable[[nn.Module, str], bool] | None) -> nn.Module:
+    from compress_ops.fuse import fuse_dwsep
+
+    if filter_fn is not None:
+        raise TypeError("DWSepFuseConfig does not take filter_fn")
+    skipped: dict[str, str] = dict(getattr(model, SKIPPED_ATTR, {}))
+    fused, reasons = fuse_dwsep(model)
+    for name in fused:
+        skipped.pop(name, None)
+    skipped.update(reasons)
+    object.__setattr__(model, SKIPPED_ATTR, skipped)
+    return model
+
+
 @dataclass(frozen=True)
 class ReportRow:
     name: str
@@ -435,7 +470,8 @@ def report(model: nn.Module) -> Report:
         for name, note in getattr(sub, SKIPPED_ATTR, {}).items():
             skipped.setdefault(".".join(p for p in (prefix, name) if p), note)
     # Conv2d layers are listed once some conv was compressed (or compress_ left one dense)
-    compressed_convs = any(isinstance(m, LowRankConv2d) for m in model.modules())
+    compressed_convs = any(isinstance(m, (LowRankConv2d, FusedDWSepConv2d))
+                           for m in model.modules())
     rows = Report()
     tables: dict[int, str] = {}  # id(shared codebook) -> first layer that holds it
     for name, module in model.named_modules():
@@ -445,7 +481,7 @@ def report(model: nn.Module) -> Report:
                 rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
                                       module.index_bytes(), f"codebook shared with {first}"))
                 continue
-        if isinstance(module, (CompressedLinear, LowRankConv2d)):
+        if isinstance(module, (CompressedLinear, LowRankConv2d, FusedDWSepConv2d)):
             rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
                                   module.stored_weight_bytes()))
         elif isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d)

@@ -1,0 +1,150 @@
+"""Finding depthwise -> pointwise chains in a model and fusing them (``DWSepFuseConfig``).
+
+A chain is ``[ZeroPad2d] -> depthwise Conv2d -> [BatchNorm2d] -> [act] -> 1x1 Conv2d ->
+[BatchNorm2d] -> [act]``, read from a ``torch.fx`` trace of the model, so it is found both in
+``nn.Sequential``s and in models whose ``forward`` calls the layers in that order. Every link
+must be a module call whose output only the next link reads, and every module of the chain must
+be called once in the whole trace. The depthwise conv is then replaced by a
+:class:`FusedDWSepConv2d` and the other modules of the chain by ``nn.Identity``, so the original
+``forward`` computes the same thing with one op. A module that ``torch.fx`` cannot trace is left
+as it is, and its children are searched on their own. Depthwise convs that stay unfused are
+reported with the reason (a Conv2d subclass, a functional activation in the chain, no pointwise
+conv after it, a shape the kernel does not support, ...).
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from compress_ops.nn.dwsep import FusedDWSepConv2d, UnfusableError, activation_name
+
+__all__ = ["fuse_dwsep"]
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels \
+        and m.groups > 1
+
+
+def _is_pointwise(m: nn.Module) -> bool:
+    return type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.groups == 1
+
+
+def _is_act(m: nn.Module) -> bool:
+    try:
+        activation_name(m)
+    except UnfusableError:
+        return False
+    return True
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (node,) \
+            or len(users[0].args) != 1 or users[0].kwargs:
+        return None
+    return users[0]
+
+
+def _chains(gm: fx.GraphModule) -> tuple[list[dict], dict[str, str]]:
+    """Chains ``{"dw": name, "pad", "bn1", "act1", "pw", "bn2", "act2": name or None}`` and
+    ``{dw name: reason}`` for depthwise convs that start no chain."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    mods = dict(gm.named_modules())
+    chains, reasons = [], {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not _is_depthwise(mods[node.target]):
+            continue
+        chain = {"dw": node.target, "pad": None, "bn1": None, "act1": None, "pw": None,
+                 "bn2": None, "act2": None}
+        prev = node.args[0] if node.args else None
+        if isinstance(prev, fx.Node) and prev.op == "call_module" \
+                and isinstance(mods[prev.target], nn.ConstantPad2d) and len(prev.users) == 1:
+            chain["pad"] = prev.target
+        cur = node
+        for slot, test in (("bn1", lambda m: isinstance(m, nn.BatchNorm2d)), ("act1", _is_act),
+                           ("pw", _is_pointwise),
+                           ("bn2", lambda m: isinstance(m, nn.BatchNorm2d)), ("act2", _is_act)):
+            nxt = _only_user(cur)
+            if nxt is None or not test(mods[nxt.target]):
+                if slot == "pw":
+                    break
+                continue
+            chain[slot] = nxt.target
+            cur = nxt
+        if chain["pw"] is None:
+            users = list(cur.users)
+            what = ""
+            if len(users) == 1 and users[0].op in ("call_function", "call_method"):
+                fn = users[0].target
+                what = f" ({getattr(fn, '__name__', fn)} is called on it: only activation " \
+                       f"modules can be fused)"
+            elif len(users) > 1:
+                what = f" (its output is read {len(users)} times)"
+            reasons[node.target] = ("no 1x1 conv reads its output (after an optional BatchNorm2d "
+                                    f"and activation module) in the traced forward{what}")
+            continue
+        names = [n for n in chain.values() if n is not None]
+        shared = [n for n in names if calls[n] > 1]
+        if shared:
+            reasons[node.target] = f"{shared[0]} is called more than once in the forward"
+            continue
+        chains.append(chain)
+    return chains, reasons
+
+
+def _set(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def fuse_dwsep(model: nn.Module, prefix: str = "") -> tuple[list[str], dict[str, str]]:
+    """Fuse every depthwise-separable chain of ``model`` in place.
+
+    Returns the names of the fused modules and ``{name: reason}`` for depthwise convs left
+    unfused and for modules that ``torch.fx`` could not trace (names relative to ``model``,
+    prefixed with ``prefix``).
+    """
+    fused: list[str] = []
+    reasons: dict[str, str] = {}
+
+    def full(name: str) -> str:
+        return ".".join(p for p in (prefix, name) if p)
+
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure: search the children
+        reasons[prefix or "<root>"] = (f"not traceable by torch.fx ({type(exc).__name__}); "
+                                       f"its children were searched on their own")
+        for name, child in model.named_children():
+            f, r = fuse_dwsep(child, full(name))
+            fused += f
+            reasons.update(r)
+        return fused, reasons
+    chains, unfused = _chains(gm)
+    for name, why in unfused.items():
+        reasons[full(name)] = why
+    for chain in chains:
+        mods = {key: None if name is None else model.get_submodule(name)
+                for key, name in chain.items()}
+        try:
+            new = FusedDWSepConv2d.from_modules(mods["dw"], mods["pw"], mods["bn1"],
+                                                mods["act1"], mods["bn2"], mods["act2"],
+                                                mods["pad"])
+        except UnfusableError as exc:
+            reasons[full(chain["dw"])] = str(exc)
+            continue
+        _set(model, chain["dw"], new)
+        for key in ("pad", "bn1", "act1", "pw", "bn2", "act2"):
+            if chain[key] is not None:
+                _set(model, chain[key], nn.Identity())
+        fused.append(full(chain["dw"]))
+    # Depthwise Conv2d subclasses were traced into (not leaves): name them too.
+    for name, m in model.named_modules():
+        if _is_depthwise(m) and type(m) is not nn.Conv2d and full(name) not in reasons:
+            reasons[full(name)] = (f"a {type(m).__name__} (Conv2d subclass): its forward may "
+                                   f"pad or do more than a plain conv; not fused")
+    return fused, reasons

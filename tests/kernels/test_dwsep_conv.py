@@ -1,0 +1,118 @@
+"""kernels/dwsep_conv.py: the fused depthwise + pointwise kernel against the float64 reference
+(``F.conv2d`` twice) over geometry, activations, residual and dtypes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from compress_ops.kernels import dwsep_conv as dc
+from compress_ops.reference import dwsep_conv2d_ref
+
+from .tolerances import rel_err, tol
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LARGE = os.environ.get("HYPOTHESIS_PROFILE") == "gpu"
+MAX_HW, MAX_C = (40, 200) if LARGE else (11, 40)
+
+
+@st.composite
+def geometry(draw):
+    k = draw(st.sampled_from(dc.KERNEL_SIZES))
+    stride = draw(st.sampled_from(dc.STRIDES))
+    if draw(st.booleans()):
+        p = draw(st.integers(0, k // 2))
+        pad = (p, p, p, p)
+    else:  # explicit / asymmetric ('same' of TensorFlow ports)
+        pad = tuple(draw(st.integers(0, k - 1)) for _ in range(4))
+    h = draw(st.integers(max(1, k - pad[2] - pad[3]), MAX_HW))
+    w = draw(st.integers(max(1, k - pad[0] - pad[1]), MAX_HW))
+    return k, stride, pad, h, w
+
+
+def _inputs(b, c, h, w, cout, k, stride, pad, dtype, biases, residual, seed, channels_last):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=g).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dw = (torch.randn(c, k, k, generator=g) / k).to(dtype)
+    pw = (torch.randn(cout, c, generator=g) / c**0.5).to(dtype)
+    dwb = torch.randn(c, generator=g).to(dtype) if biases else None
+    pwb = torch.randn(cout, generator=g).to(dtype) if biases else None
+    ho, wo = dc.output_size(h, w, k, stride, pad)
+    res = torch.randn(b, cout, ho, wo, generator=g).to(dtype) if residual else None
+    return x, dw, dwb, pw, pwb, res
+
+
+@given(geo=geometry(), b=st.integers(1, 3), c=st.integers(1, MAX_C),
+       cout=st.integers(1, MAX_C), act1=st.sampled_from(dc.ACTIVATIONS),
+       act2=st.sampled_from(dc.ACTIVATIONS), dtype=st.sampled_from(DTYPES),
+       biases=st.booleans(), residual=st.booleans(), channels_last=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_kernel_matches_float64_reference(poison, device, geo, b, c, cout, act1, act2, dtype,
+                                          biases, residual, channels_last, seed):
+    k, stride, pad, h, w = geo
+    args = [t.to(device) if t is not None else None for t in
+            _inputs(b, c, h, w, cout, k, stride, pad, dtype, biases, residual, seed,
+                    channels_last)]
+    y = dc.dwsep_conv2d(*args, stride, pad, act1, act2)
+    ref = dwsep_conv2d_ref(*args, stride, list(pad), act1, act2, dtype=torch.float64)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, ref) < 2 * tol(dtype, c * k * k)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"block_p": 16, "block_c": 16, "block_co": 16, "num_warps": 4, "num_stages": 1},
+    {"block_p": 32, "block_c": 64, "block_co": 32, "num_warps": 4, "num_stages": 2},
+])
+def test_tiles_smaller_than_the_problem_cover_it(poison, device, cfg):
+    """Several pixel, channel and output-channel tiles (C and Cout not multiples)."""
+    args = [t.to(device) if t is not None else None for t in
+            _inputs(2, 70, 9, 10, 37, 3, 1, (1, 1, 1, 1), torch.float32, True, True, 5, False)]
+    y = dc.dwsep_conv2d(*args, 1, (1, 1, 1, 1), "relu6", "none", config=cfg)
+    ref = dwsep_conv2d_ref(*args, 1, [1, 1, 1, 1], "relu6", "none", dtype=torch.float64)
+    assert rel_err(y, ref) < 1e-5
+
+
+def test_select_config_and_bytes():
+    cpu = torch.device("cpu")
+    assert dc.select_config(96, 24, 3, cpu)["block_co"] >= 24
+    assert dc.select_config(960, 320, 5, cpu)["block_co"] == 128
+    # MobileNetV2 stride-1 project pair (C = 6 Cout): 2.7x fewer activation bytes fused
+    args = (1, 56, 56, 144, 24, 3, 1, (1, 1, 1, 1), 2)
+    ratio = dc.dwsep_bytes(*args, fused=False) / dc.dwsep_bytes(*args, fused=True)
+    assert 2.6 < ratio < 2.8
+    assert dc.output_size(7, 8, 3, 2, (0, 1, 0, 1)) == (3, 4)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "exc", "match"),
+    [
+        (lambda a: a.update(dw=torch.randn(7, 3, 3)), ValueError, "groups = in = out"),
+        (lambda a: a.update(dw=torch.randn(8, 7, 7)), ValueError, "kernel size 7"),
+        (lambda a: a.update(dw=torch.randn(8, 3, 5)), ValueError, r"\[C, k, k\]"),
+        (lambda a: a.update(stride=3), ValueError, "stride must be one of"),
+        (lambda a: a.update(pad=(1, 1, 1)), ValueError, "padding must be 4 ints"),
+        (lambda a: a.update(pad=(3, 1, 1, 1)), ValueError, "smaller than the kernel"),
+        (lambda a: a.update(pw=torch.randn(5, 9)), ValueError, r"pw_weight must be \[Cout, C=8\]"),
+        (lambda a: a.update(act1="gelu"), ValueError, "act1 must be one of"),
+        (lambda a: a.update(x=torch.randn(2, 8, 6)), ValueError, "4-D"),
+        (lambda a: a.update(x=torch.randn(2, 8, 6, 6).double()), TypeError, "float16"),
+        (lambda a: a.update(pwb=torch.randn(5).half()), TypeError, "pw_bias dtype"),
+        (lambda a: a.update(res=torch.randn(2, 5, 5, 5)), ValueError, "residual shape"),
+        (lambda a: a.update(x=torch.randn(2, 8, 1, 1), pad=(0, 0, 0, 0)), ValueError,
+         "smaller than the padded kernel"),
+    ],
+)
+def test_bad_inputs_raise_named_errors(mutate, exc, match):
+    a = {"x": torch.randn(2, 8, 6, 6), "dw": torch.randn(8, 3, 3), "dwb": torch.randn(8),
+         "pw": torch.randn(5, 8), "pwb": torch.randn(5), "res": None, "stride": 1,
+         "pad": (1, 1, 1, 1), "act1": "relu", "act2": "none"}
+    mutate(a)
+    with pytest.raises(exc, match=match):
+        dc.check_inputs(*a.values())

@@ -16,11 +16,12 @@ Kernel
 ------
 :func:`_dwsep_conv_kernel` tiles the output as ``[BLOCK_P pixels, BLOCK_CO channels]``
 (pixels flattened over ``B x Ho x Wo``). For each chunk of ``BLOCK_C`` input channels it
-computes the depthwise output of its pixels in registers (``k*k`` shifted, masked loads of
-``[BLOCK_P, BLOCK_C]`` NHWC rows, fp32 FMAs), adds the bias, applies the activation, casts to the
-activation dtype and feeds it to ``tl.dot`` with the ``[BLOCK_C, BLOCK_CO]`` pointwise tile.
-The depthwise output never goes to HBM. With ``Cout > BLOCK_CO`` the depthwise part is
-recomputed per output-channel tile (``k*k`` FMAs per element against ``Cout`` for the 1x1).
+computes the depthwise output of its pixels in registers (a loop over the ``k*k`` taps:
+shifted, masked loads of ``[BLOCK_P, BLOCK_C]`` NHWC rows, fp32 FMAs), adds the bias, applies
+the activation, casts to the activation dtype and feeds it to ``tl.dot`` with the
+``[BLOCK_C, BLOCK_CO]`` pointwise tile. The depthwise output never goes to HBM. With
+``Cout > BLOCK_CO`` the depthwise part is recomputed per output-channel tile (``k*k`` FMAs
+per element against ``Cout`` for the 1x1).
 
 Bytes (activations of ``e`` bytes; weights are small and cached)
 ---------------------------------------------------------------
@@ -216,18 +217,19 @@ def _dwsep_conv_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_mask = offs_c < C
         d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for i in tl.static_range(KSIZE):
+        # a runtime loop over the taps (not unrolled): one [BLOCK_P, BLOCK_C] tile of 64-bit
+        # addresses live at a time (the unrolled form spilled: audit)
+        for tap in range(KSIZE * KSIZE):
+            i = tap // KSIZE
+            j = tap % KSIZE
             hi = hi0 + i
-            h_ok = p_mask & (hi >= 0) & (hi < H)
-            for j in tl.static_range(KSIZE):
-                wi = wi0 + j
-                ok = h_ok & (wi >= 0) & (wi < W)
-                pix = x_pix + hi.to(tl.int64) * stride_xh + wi * stride_xw
-                xv = tl.load(pix[:, None] + offs_c[None, :], mask=ok[:, None] & c_mask[None, :],
-                             other=0.0)
-                wv = tl.load(dww_ptr + offs_c * (KSIZE * KSIZE) + (i * KSIZE + j), mask=c_mask,
-                             other=0.0)
-                d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+            wi = wi0 + j
+            ok = p_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            pix = x_pix + hi.to(tl.int64) * stride_xh + wi * stride_xw
+            xv = tl.load(pix[:, None] + offs_c[None, :], mask=ok[:, None] & c_mask[None, :],
+                         other=0.0)
+            wv = tl.load(dww_ptr + offs_c * (KSIZE * KSIZE) + tap, mask=c_mask, other=0.0)
+            d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
         if HAS_DW_BIAS:
             d += tl.load(dwb_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         d = _activation(d, ACT1)

@@ -32,7 +32,7 @@ if str(PERF_DIR) not in sys.path:
 import runner  # noqa: E402
 
 #: Kernel families, in run order: module ``perf/bench_<name>.py``.
-FAMILIES: tuple[str, ...] = ("sparse24", "dequant", "lowrank")
+FAMILIES: tuple[str, ...] = ("sparse24", "dequant", "lowrank", "dwsep_conv")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

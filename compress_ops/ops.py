@@ -508,10 +508,18 @@ def _act_grad(v: torch.Tensor, act: str) -> torch.Tensor | None:
 
 def _dwsep_cpu(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, act1,
                act2) -> torch.Tensor:
-    from compress_ops.reference import dwsep_conv2d_ref
-
-    y = dwsep_conv2d_ref(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding,
-                         act1, act2)
+    """Two ATen convolutions (channels-last); symmetric padding goes to the conv itself, so
+    only asymmetric padding costs an ``F.pad`` copy."""
+    left, right, top, bottom = padding
+    x = x.contiguous(memory_format=torch.channels_last)
+    if left == right and top == bottom:
+        t = F.conv2d(x, dw_weight[:, None], dw_bias, stride, (top, left), groups=x.shape[1])
+    else:
+        t = F.conv2d(F.pad(x, list(padding)), dw_weight[:, None], dw_bias, stride,
+                     groups=x.shape[1])
+    y = _dw_act(F.conv2d(_dw_act(t, act1), pw_weight[:, :, None, None], pw_bias), act2)
+    if residual is not None:
+        y = y + residual
     return y.contiguous(memory_format=torch.channels_last)
 
 

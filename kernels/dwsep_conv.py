@@ -285,15 +285,16 @@ _ALIGNED = ["x_ptr", "dww_ptr", "dwb_ptr", "pww_ptr", "pwb_ptr", "res_ptr", "y_p
 
 
 def audit_specs(defaults_only: bool = False) -> list[dict]:
-    """Every shipped tile, fp16 (and bf16 for k = 3), for k in {3, 5} and both strides, with
-    ReLU6 + residual (MobileNetV2's project unit has no act2, but the epilogue is the larger
-    with both), plus hardswish/SiLU variants of the k = 3 tiles."""
-    specs = []
+    """Every distinct shipped tile for k in {3, 5} and both strides, fp16, with ReLU6 and a
+    residual (MobileNetV2's project unit; the epilogue with ``act2`` too); unless
+    ``defaults_only`` (the GPU image's Triton, CI time), also bf16 and hardswish/SiLU for the
+    k = 3 tiles. (There is no autotune space: the table is the space.)"""
+    specs: dict[str, dict] = {}
     for table in load_tables(_FAMILY).values():
         for k in KERNEL_SIZES:
-            for co, cfg in table[str(k)].items():
+            for cfg in table[str(k)].values():
                 variants = [("fp16", 2, 2, True, 1), ("fp16", 2, 0, True, 2)]
-                if k == 3:
+                if k == 3 and not defaults_only:
                     variants += [("bf16", 2, 0, True, 1), ("fp16", 3, 4, False, 1)]
                 for dt, a1, a2, res, stride in variants:
                     name = (f"p{cfg['block_p']}c{cfg['block_c']}co{cfg['block_co']}"
@@ -306,12 +307,13 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                               "UPCAST_DOT": False}
                     sig = {a: v.format(dt=dt) for a, v in _SIG.items()}
                     sig.update({c: "constexpr" for c in consts})
-                    specs.append({"kernel": _dwsep_conv_kernel.__name__,
-                                  "config": f"cout<={co}/{name}", "fn": _dwsep_conv_kernel,
-                                  "signature": sig, "constexprs": consts, "aligned": _ALIGNED,
-                                  "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-                                  "expect_mma": "HGMMA" if cfg["block_p"] >= 64 else "HMMA"})
-    return specs
+                    specs.setdefault(name, {
+                        "kernel": _dwsep_conv_kernel.__name__, "config": name,
+                        "fn": _dwsep_conv_kernel, "signature": sig, "constexprs": consts,
+                        "aligned": _ALIGNED, "num_warps": cfg["num_warps"],
+                        "num_stages": cfg["num_stages"],
+                        "expect_mma": "HGMMA" if cfg["block_p"] >= 64 else "HMMA"})
+    return list(specs.values())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -413,10 +413,8 @@ def _fuse_dwsep(model: nn.Module,
                 filter_fn: Callable[[nn.Module, str], bool] | None) -> nn.Module:
     from compress_ops.fuse import fuse_dwsep
 
-    if filter_fn is not None:
-        raise TypeError("DWSepFuseConfig does not take filter_fn")
     skipped: dict[str, str] = dict(getattr(model, SKIPPED_ATTR, {}))
-    fused, reasons = fuse_dwsep(model)
+    fused, reasons = fuse_dwsep(model, filter_fn)
     for name in fused:
         skipped.pop(name, None)
     skipped.update(reasons)
@@ -488,4 +486,7 @@ def report(model: nn.Module) -> Report:
                                                and (name in skipped or compressed_convs)):
             nbytes = module.weight.numel() * module.weight.element_size()
             rows.append(ReportRow(name, "dense", nbytes, nbytes, skipped.get(name, "")))
+        elif name in skipped or (name == "" and "<root>" in skipped):
+            # a note about a container (e.g. a module torch.fx could not trace)
+            rows.append(ReportRow(name, "skipped", 0, 0, skipped.get(name or "<root>", "")))
     return rows

@@ -68,7 +68,8 @@ class InvertedResidual(nn.Module):
         return x + y if self.use_res else y
 
     def fuse(self) -> InvertedResidual:
-        """A fused copy (eval-mode BatchNorm folded; the shortcut added by the kernel)."""
+        """A fused copy (call on an eval-mode block: BatchNorm is folded with its running
+        statistics; the shortcut is added by the kernel)."""
         if self.fused:
             return copy.deepcopy(self)
         new = copy.deepcopy(self)
@@ -88,8 +89,10 @@ def mobilenet_v2(num_classes: int = 1000, width: float = 1.0, fused: bool = Fals
                  stages: int = 7) -> nn.Sequential:
     """MobileNetV2 (random weights; no downloads): stem 3x3/2, the inverted-residual stages of
     Table 2 (the first ``stages`` of them), 1x1 to 1280 (x width), pool, classifier."""
-    def ch(c: int) -> int:
-        return max(8, int(c * width + 4) // 8 * 8)
+    def ch(c: int) -> int:  # the paper's code: multiples of 8, never 10% below c * width
+        v = c * width
+        new = max(8, int(v + 4) // 8 * 8)
+        return new + 8 if new < 0.9 * v else new
 
     layers: list[nn.Module] = [nn.Sequential(*_conv_bn(3, ch(32), 3, 2))]
     cin = ch(32)
@@ -251,7 +254,9 @@ def profile(model: nn.Module, x: torch.Tensor) -> Profile:
                     flops = 2 * out.numel() * (mod.in_channels // mod.groups) * kh * kw
                 else:
                     flops = 2 * out.numel() * mod.in_features
-                rows[name] = ProfileRow(name, type(mod).__name__, params, flops)
+                old = rows.get(name)  # a module called several times: sum its FLOPs
+                rows[name] = ProfileRow(name, type(mod).__name__, params,
+                                        flops + (old.flops if old else 0))
             hooks.append(m.register_forward_hook(hook))
     try:
         model(x)

@@ -3,13 +3,14 @@
 A chain is ``[ZeroPad2d] -> depthwise Conv2d -> [BatchNorm2d] -> [act] -> 1x1 Conv2d ->
 [BatchNorm2d] -> [act]``, read from a ``torch.fx`` trace of the model, so it is found both in
 ``nn.Sequential``s and in models whose ``forward`` calls the layers in that order. Every link
-must be a module call whose output only the next link reads, and every module of the chain must
-be called once in the whole trace. The depthwise conv is then replaced by a
-:class:`FusedDWSepConv2d` and the other modules of the chain by ``nn.Identity``, so the original
-``forward`` computes the same thing with one op. A module that ``torch.fx`` cannot trace is left
-as it is, and its children are searched on their own. Depthwise convs that stay unfused are
-reported with the reason (a Conv2d subclass, a functional activation in the chain, no pointwise
-conv after it, a shape the kernel does not support, ...).
+must be a module call whose output only the next link reads, every module of the chain must be
+called once in the whole trace and carry no forward hooks. The depthwise conv is then replaced
+(at every name it is registered under) by a :class:`FusedDWSepConv2d` and the other modules of
+the chain by ``nn.Identity``, so the original ``forward`` computes the same thing with one op.
+A module that ``torch.fx`` cannot trace is left as it is, with everything inside it (its
+forward may use its children in ways no trace shows). Depthwise convs that stay unfused are
+reported with the reason (a Conv2d subclass, a functional activation in the chain, no
+pointwise conv after it, a shape the kernel does not support, ...).
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def _chains(gm: fx.GraphModule) -> tuple[list[dict], dict[str, str]]:
                  "bn2": None, "act2": None}
         prev = node.args[0] if node.args else None
         if isinstance(prev, fx.Node) and prev.op == "call_module" \
-                and isinstance(mods[prev.target], nn.ConstantPad2d) and len(prev.users) == 1:
-            chain["pad"] = prev.target
+                and isinstance(mods[prev.target], nn.ConstantPad2d) and len(prev.users) == 1 \
+                and mods[prev.target].value == 0.0 and min(mods[prev.target].padding) >= 0:
+            chain["pad"] = prev.target  # (a crop or a non-zero pad stays in front, unfused)
         cur = node
         for slot, test in (("bn1", lambda m: isinstance(m, nn.BatchNorm2d)), ("act1", _is_act),
                            ("pw", _is_pointwise),
@@ -96,40 +98,63 @@ def _chains(gm: fx.GraphModule) -> tuple[list[dict], dict[str, str]]:
     return chains, reasons
 
 
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
+def _set_all(root: nn.Module, module: nn.Module, new: nn.Module) -> None:
+    """Replace ``module`` at every name it is registered under in ``root``."""
+    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is module and n]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def fuse_dwsep(model: nn.Module, prefix: str = "") -> tuple[list[str], dict[str, str]]:
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def fuse_dwsep(model: nn.Module, filter_fn=None) -> tuple[list[str], dict[str, str]]:
     """Fuse every depthwise-separable chain of ``model`` in place.
 
     Returns the names of the fused modules and ``{name: reason}`` for depthwise convs left
-    unfused and for modules that ``torch.fx`` could not trace (names relative to ``model``,
-    prefixed with ``prefix``).
+    unfused and for modules that ``torch.fx`` could not trace. An untraceable module is left
+    as it is, with everything inside it: its ``forward`` may call its children in ways no trace
+    shows (a slice of a Sequential, an intermediate output read twice); pass its traceable
+    submodules to ``compress_`` directly to fuse them. ``filter_fn(dw_conv, name)`` returning
+    False keeps a chain unfused.
     """
     fused: list[str] = []
     reasons: dict[str, str] = {}
+    _search(model, model, "", filter_fn, fused, reasons)
+    return fused, reasons
 
+
+def _search(root: nn.Module, module: nn.Module, prefix: str, filter_fn, fused: list[str],
+            reasons: dict[str, str]) -> None:
     def full(name: str) -> str:
         return ".".join(p for p in (prefix, name) if p)
 
     try:
-        gm = fx.symbolic_trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure: search the children
-        reasons[prefix or "<root>"] = (f"not traceable by torch.fx ({type(exc).__name__}); "
-                                       f"its children were searched on their own")
-        for name, child in model.named_children():
-            f, r = fuse_dwsep(child, full(name))
-            fused += f
-            reasons.update(r)
-        return fused, reasons
+        gm = fx.symbolic_trace(module)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure: leave this part unfused
+        here = prefix or "<root>"
+        reasons[here] = (f"not traceable by torch.fx ({type(exc).__name__}): left unfused with "
+                         f"everything inside it; compress_ its traceable submodules directly")
+        for name, m in module.named_modules():
+            if name and _is_depthwise(m):
+                reasons.setdefault(full(name), f"inside {here}, which torch.fx cannot trace")
+        return
     chains, unfused = _chains(gm)
     for name, why in unfused.items():
         reasons[full(name)] = why
     for chain in chains:
-        mods = {key: None if name is None else model.get_submodule(name)
+        mods = {key: None if name is None else module.get_submodule(name)
                 for key, name in chain.items()}
+        hooked = [chain[k] for k, m in mods.items() if m is not None and _hooked(m)]
+        if hooked:
+            reasons[full(chain["dw"])] = (f"{hooked[0]} has forward hooks, which the fused "
+                                          f"module would not run")
+            continue
+        if filter_fn is not None and not filter_fn(mods["dw"], full(chain["dw"])):
+            reasons[full(chain["dw"])] = "excluded by filter_fn"
+            continue
         try:
             new = FusedDWSepConv2d.from_modules(mods["dw"], mods["pw"], mods["bn1"],
                                                 mods["act1"], mods["bn2"], mods["act2"],
@@ -137,14 +162,13 @@ def fuse_dwsep(model: nn.Module, prefix: str = "") -> tuple[list[str], dict[str,
         except UnfusableError as exc:
             reasons[full(chain["dw"])] = str(exc)
             continue
-        _set(model, chain["dw"], new)
+        _set_all(root, mods["dw"], new)
         for key in ("pad", "bn1", "act1", "pw", "bn2", "act2"):
-            if chain[key] is not None:
-                _set(model, chain[key], nn.Identity())
+            if mods[key] is not None:
+                _set_all(root, mods[key], nn.Identity())
         fused.append(full(chain["dw"]))
     # Depthwise Conv2d subclasses were traced into (not leaves): name them too.
-    for name, m in model.named_modules():
+    for name, m in module.named_modules():
         if _is_depthwise(m) and type(m) is not nn.Conv2d and full(name) not in reasons:
             reasons[full(name)] = (f"a {type(m).__name__} (Conv2d subclass): its forward may "
                                    f"pad or do more than a plain conv; not fused")
-    return fused, reasons

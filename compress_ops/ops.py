@@ -498,9 +498,9 @@ def _act_grad(v: torch.Tensor, act: str) -> torch.Tensor | None:
         return (v > 0).to(v.dtype)
     if act == "relu6":
         return ((v > 0) & (v < 6)).to(v.dtype)
-    if act == "hardswish":  # torch's convention at the kinks: 0 below -3, 1 from 3 on
+    if act == "hardswish":  # torch's convention at the kinks: 0 up to -3, 1 from 3 on
         mid = (2 * v + 3) / 6
-        return torch.where(v < -3, torch.zeros_like(v), torch.where(v >= 3,
+        return torch.where(v <= -3, torch.zeros_like(v), torch.where(v >= 3,
                                                                    torch.ones_like(v), mid))
     s = torch.sigmoid(v)  # silu
     return s * (1 + v * (1 - s))

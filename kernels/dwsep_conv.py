@@ -261,8 +261,8 @@ def _dwsep_conv_kernel(
 @functools.lru_cache(maxsize=1024)
 def select_config(c: int, cout: int, k: int, device: torch.device) -> dict:
     """Tile for (C, Cout, k) from ``configs/dwsep_conv.json``: ``block_p``, ``block_c``,
-    ``block_co``, ``num_warps``, ``num_stages``. ``BLOCK_CO`` covers Cout up to its largest
-    entry (no depthwise recomputation), ``BLOCK_C`` shrinks for k = 5 (register pressure)."""
+    ``block_co``, ``num_warps``, ``num_stages``, by Cout bucket (next power of two; ``BLOCK_CO``
+    covers Cout up to 128 without recomputing the depthwise part)."""
     tables = load_tables(_FAMILY)
     table = tables.get(device_name(device), tables["default"])
     keys = sorted(int(co) for co in table[str(k)])

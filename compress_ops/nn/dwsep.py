@@ -45,6 +45,9 @@ def _fold_bn(weight: torch.Tensor, bias: torch.Tensor | None,
         raise UnfusableError(f"{type(bn).__name__} is not a plain nn.BatchNorm2d")
     if bn.running_mean is None or bn.running_var is None:
         raise UnfusableError("BatchNorm2d without running statistics cannot be folded")
+    if bn.training:
+        raise UnfusableError("BatchNorm2d is in training mode (it normalises with batch "
+                             "statistics): call model.eval() before fusing")
     s = (bn.running_var.double() + bn.eps).rsqrt()
     if bn.weight is not None:
         s = s * bn.weight.detach().double()
@@ -76,8 +79,10 @@ class FusedDWSepConv2d(nn.Module):
     Parameters: ``dw_weight [C, k, k]``, ``dw_bias [C]``, ``pw_weight [Cout, C]``,
     ``pw_bias [Cout]``. ``padding`` is ``(left, right, top, bottom)`` zero padding (an int
     pads every side). ``forward(x, residual=None)`` takes ``x [B, C, H, W]`` in any memory
-    format and returns a ``channels_last`` tensor (the kernel's layout); ``residual`` is added
-    last. Use :meth:`from_modules` to fuse existing layers (eval-mode BatchNorm statistics).
+    format and returns the kernel's ``channels_last`` tensor, or a contiguous NCHW copy when
+    ``x`` was NCHW-contiguous (what the convolutions it replaces returned; run the model
+    channels-last to skip that copy); ``residual`` is added last. Use :meth:`from_modules` to
+    fuse existing layers (eval-mode BatchNorm statistics).
     """
 
     kind = "dwsep-fused"
@@ -153,6 +158,9 @@ class FusedDWSepConv2d(nn.Module):
             if not isinstance(pad, nn.ConstantPad2d) or pad.value != 0.0:
                 raise UnfusableError(f"{type(pad).__name__} is not a zero padding")
             pl, pr, pt, pb = pad.padding  # nn.ConstantPad2d stores (left, right, top, bottom)
+            if min(pl, pr, pt, pb) < 0:
+                raise UnfusableError(f"{type(pad).__name__}{tuple(pad.padding)} crops: a crop "
+                                     f"before the conv is not a padding")
             left, right, top, bottom = left + pl, right + pr, top + pt, bottom + pb
         if max(left, right, top, bottom) >= kh or min(left, right, top, bottom) < 0:
             raise UnfusableError(f"padding {(left, right, top, bottom)} must be in [0, {kh})")
@@ -172,9 +180,14 @@ class FusedDWSepConv2d(nn.Module):
         return mod
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.ops.compress_ops.dwsep_conv2d(
+        y = torch.ops.compress_ops.dwsep_conv2d(
             x, self.dw_weight, self.dw_bias, self.pw_weight, self.pw_bias, residual,
             self.stride, list(self.padding), self.act1, self.act2)
+        if x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
+            # an NCHW model gets NCHW back, as the convs it replaces gave it (code downstream
+            # may .view() it): one copy; keep the model channels-last to avoid it
+            y = y.contiguous()
+        return y
 
     def dense_weight_bytes(self) -> int:
         """Bytes of the two conv weights it replaces (BatchNorm folded: the same count)."""

@@ -219,15 +219,75 @@ class _Untraceable(nn.Module):
         return self.block(-x)
 
 
-def test_untraceable_parts_are_listed_and_their_children_fused():
+def test_untraceable_parts_stay_unfused_listed_in_report_and_fuse_when_passed_directly():
     torch.manual_seed(0)
     model = _Untraceable().eval()
     x = torch.randn(1, 8, 6, 6)
     ref = model(x)
     co.compress_(model, co.DWSepFuseConfig())
+    assert not isinstance(model.block[0], FusedDWSepConv2d)  # its forward is not known
+    notes = {r.name: (r.kind, r.note) for r in co.report(model)}
+    assert notes[""][0] == "skipped" and "not traceable by torch.fx" in notes[""][1]
+    assert "inside <root>" in notes["block.0"][1]
+    co.compress_(model.block, co.DWSepFuseConfig())  # the user vouches for the submodule
     assert isinstance(model.block[0], FusedDWSepConv2d)
     torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
-    assert "not traceable by torch.fx" in model._compress_ops_skipped["<root>"]
+
+
+class _Aliased(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw, self.pw = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 4, 1)
+        self.body = nn.Sequential(self.dw, nn.ReLU(), self.pw)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_aliases_hooks_crops_train_mode_and_filter_fn():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 6, 5)
+    model = _Aliased().eval()  # a chain registered under two names: replaced at both
+    ref = model(x)
+    co.compress_(model, co.DWSepFuseConfig())
+    assert model.dw is model.body[0] and isinstance(model.dw, FusedDWSepConv2d)
+    assert model.dw.act1 == "relu"
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    # a forward pre-hook (here: TF-style padding) would be lost: refused
+    hooked = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1)).eval()
+    hooked[0].register_forward_pre_hook(lambda m, a: (F.pad(a[0], (1, 1, 1, 1)),))
+    ref = hooked(x)
+    co.compress_(hooked, co.DWSepFuseConfig())
+    assert "forward hooks" in {r.name: r.note for r in co.report(hooked)}["0"]
+    torch.testing.assert_close(hooked(x), ref)
+    # a negative ZeroPad2d is a crop: it stays in front, the conv keeps its own padding
+    crop = nn.Sequential(nn.ZeroPad2d((-1, 0, 0, 0)), nn.Conv2d(4, 4, 3, padding=1, groups=4),
+                         nn.Conv2d(4, 4, 1)).eval()
+    ref = crop(x)
+    co.compress_(crop, co.DWSepFuseConfig())
+    assert isinstance(crop[0], nn.ZeroPad2d) and crop[1].padding == (1, 1, 1, 1)
+    torch.testing.assert_close(crop(x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UnfusableError, match="crops"):
+        FusedDWSepConv2d.from_modules(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1),
+                                      pad=nn.ZeroPad2d((-1, 0, 0, 0)))
+    # BatchNorm in training mode normalises with batch statistics: refused, with the reason
+    train = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1))
+    co.compress_(train.train(), co.DWSepFuseConfig())
+    assert "model.eval()" in {r.name: r.note for r in co.report(train)}["0"]
+    # filter_fn keeps chains unfused
+    kept = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1)).eval()
+    co.compress_(kept, co.DWSepFuseConfig(), filter_fn=lambda m, name: name != "0")
+    assert {r.name: r.note for r in co.report(kept)}["0"] == "excluded by filter_fn"
+
+
+def test_nchw_models_get_nchw_outputs_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 6, 1)).eval()
+    co.compress_(model, co.DWSepFuseConfig())
+    y = model(torch.randn(2, 4, 5, 5))
+    assert y.is_contiguous() and y.view(2, -1).shape == (2, 150)
+    y = model(torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_mobilenet_v2_fused_every_way_matches_eval_model():
@@ -307,9 +367,27 @@ def test_fire_dense_block_and_profile_counts():
     assert prof.flops == 2 * 64 * (16 * 8 + 8 * 16 + 8 * 16 * 9)
     dense = archs.DenseBlock(3, 16, 8)
     assert dense(x).shape == (1, 16 + 3 * 8, 8, 8) and dense.out_channels == 40
-    block = archs.InvertedResidual(16, 16, 1, 6).fuse().eval()
+    block = archs.InvertedResidual(16, 16, 1, 6).eval().fuse()
     prof = archs.profile(block, x)
     fused = block.dwpw
     assert fused.flops(8, 8) == 2 * 64 * 96 * (9 + 16)
     assert prof.flops == 2 * 64 * 16 * 96 + fused.flops(8, 8)
     assert "TOTAL" in str(prof)
+
+
+def test_activation_derivatives_follow_torch_at_the_kinks():
+    from compress_ops.ops import _act_grad
+    from compress_ops.reference import ACTIVATION_FNS
+
+    v = torch.tensor([-6.5, -3.0, -1.0, 0.0, 1.0, 3.0, 6.0, 7.0], dtype=torch.float64)
+    for act in ("relu", "relu6", "hardswish", "silu"):
+        vv = v.clone().requires_grad_()
+        (g,) = torch.autograd.grad(ACTIVATION_FNS[act](vv).sum(), vv)
+        torch.testing.assert_close(_act_grad(v, act), g, msg=act)
+
+
+def test_profile_sums_a_module_called_twice():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    twice = nn.Sequential(conv, conv)
+    prof = archs.profile(twice, torch.randn(1, 4, 6, 6))
+    assert prof.flops == 2 * (2 * 36 * 4 * 4 * 9)

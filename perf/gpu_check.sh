@@ -15,7 +15,8 @@
 #      $OUT/results/ (the device tool returns what is under $OUT), then copied to perf/results/.
 #
 # Time limits (seconds), overridable: GPU_CHECK_INSTALL_TIMEOUT (60), GPU_CHECK_TEST_TIMEOUT
-# (270), GPU_CHECK_BENCH_TIMEOUT (210). Exit status: 0 when every step passed, else 1.
+# (270), GPU_CHECK_BENCH_TIMEOUT (210). GPU_CHECK_FAMILIES (comma-separated) limits the
+# benchmark to those families. Exit status: 0 when every step passed, else 1.
 set -u
 set -o pipefail
 
@@ -134,6 +135,8 @@ fi
 section "benchmarks"
 BENCH_ARGS=(--device "$DEVICE")
 [ "$DRY" = "1" ] && BENCH_ARGS+=(--quick)
+# GPU_CHECK_FAMILIES=lowrank,dwsep_conv: only those benchmark families (a short device budget)
+[ -n "${GPU_CHECK_FAMILIES:-}" ] && BENCH_ARGS+=(--families "$GPU_CHECK_FAMILIES")
 RESULT=$("$PY" - "$DEVICE" <<'EOF'
 import sys
 import torch

@@ -5,7 +5,7 @@
     print(co.report(model))
 """
 
-from compress_ops import nn, ops  # noqa: F401  (ops registers torch.ops.compress_ops.*)
+from compress_ops import distill, nn, ops  # noqa: F401  (ops registers torch.ops.compress_ops.*)
 from compress_ops.api import (
     CodebookConfig,
     DWSepFuseConfig,
@@ -34,6 +34,7 @@ __all__ = [
     "UnsupportedModule",
     "compress_",
     "report",
+    "distill",
     "nn",
     "ops",
 ]

@@ -5,7 +5,7 @@
     print(co.report(model))
 """
 
-from compress_ops import distill, nn, ops  # noqa: F401  (ops registers torch.ops.compress_ops.*)
+from compress_ops import distill, nn, ops, prune  # noqa: F401  (ops registers torch.ops.compress_ops.*)
 from compress_ops.api import (
     CodebookConfig,
     DWSepFuseConfig,
@@ -37,4 +37,5 @@ __all__ = [
     "distill",
     "nn",
     "ops",
+    "prune",
 ]

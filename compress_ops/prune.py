@@ -1,0 +1,193 @@
+"""Pruning criteria, mask patterns and schedules (plain PyTorch; CPU or GPU).
+
+Criteria (a saliency per weight: larger means keep):
+
+* :func:`magnitude_scores` -- ``|w|``;
+* :func:`wanda_scores` -- Wanda (Sun et al., 2023): ``|w| * ||x_j||_2``, the input feature's
+  activation norm over calibration tokens (:func:`activation_norms`);
+* :func:`obd_scores` -- Optimal Brain Damage (LeCun et al., 1990) with the diagonal empirical
+  Fisher as the Hessian: ``F_jj w^2 / 2``, ``F`` = mean squared gradient over calibration
+  batches (:func:`fisher_diagonal`).
+
+Patterns (a boolean keep-mask from scores):
+
+* :func:`unstructured_masks` -- the lowest ``sparsity`` fraction, per layer or over all layers
+  at once (global);
+* :func:`nm_mask` -- N:M along the input dimension (2:4: two kept in every group of four);
+* :func:`structured_mask` -- whole output rows / channels, ranked by their L2 saliency.
+
+Schedule: :func:`cubic_sparsity` (Zhu & Gupta, 2017).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["magnitude_scores", "wanda_scores", "obd_scores", "activation_norms",
+           "fisher_diagonal", "unstructured_masks", "nm_mask", "structured_mask",
+           "cubic_sparsity"]
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
+            or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    """``|w|``."""
+    return weight.detach().abs()
+
+
+def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
+    """``|w[n, j]| * ||x_j||``: ``input_norms [in_features]`` (or ``[C_in]`` for a conv,
+    broadcast over its kernel) from :func:`activation_norms`."""
+    w = weight.detach()
+    if input_norms.shape != (w.shape[1],):
+        raise ValueError(f"input_norms shape {tuple(input_norms.shape)} must be "
+                         f"({w.shape[1]},): one norm per input feature")
+    return w.abs() * input_norms.to(w.dtype).reshape(1, -1, *([1] * (w.dim() - 2)))
+
+
+def obd_scores(weight: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
+    """``F_jj w_j^2 / 2``: the loss increase of removing ``w_j`` under a diagonal quadratic
+    model (Optimal Brain Damage), ``fisher`` from :func:`fisher_diagonal` (same shape)."""
+    if fisher.shape != weight.shape:
+        raise ValueError(f"fisher shape {tuple(fisher.shape)} must equal the weight's "
+                         f"{tuple(weight.shape)}")
+    return 0.5 * fisher.to(weight.dtype) * weight.detach().pow(2)
+
+
+@torch.no_grad()
+def activation_norms(model: nn.Module, batches: Iterable, layers: dict[str, nn.Module],
+                     forward: Callable[[nn.Module, object], object] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """``{name: ||x_j||_2}`` per input feature of each ``nn.Linear`` / ``nn.Conv2d`` in
+    ``layers``, over every token / pixel of the calibration ``batches`` (``forward(model,
+    batch)`` runs one; default ``model(batch[0])`` for tuples, else ``model(batch)``)."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(mod, args, out):
+            x = args[0].detach().float()
+            x = x.movedim(1, -1) if isinstance(mod, nn.Conv2d) else x
+            s = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+            sums[name] = sums[name] + s if name in sums else s
+        return fn
+
+    hooks = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        for batch in batches:
+            _run(model, batch, forward)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [n for n in layers if n not in sums]
+    if missing:
+        raise ValueError(f"layers never ran on the calibration data: {missing}")
+    return {n: s.sqrt() for n, s in sums.items()}
+
+
+def _run(model: nn.Module, batch, forward):
+    if forward is not None:
+        return forward(model, batch)
+    return model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
+def fisher_diagonal(model: nn.Module, batches: Iterable, loss_fn: Callable,
+                    params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher ``E[g^2]`` of each parameter in ``params`` over the
+    calibration ``batches`` of ``(inputs, targets)``: one backward per batch of
+    ``loss_fn(model(inputs), targets)``; gradients of the model are left as they were."""
+    saved = {n: (None if p.grad is None else p.grad.clone()) for n, p in params.items()}
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    count = 0
+    for x, y in batches:
+        for p in params.values():
+            p.grad = None
+        loss_fn(model(x), y).backward()
+        for n, p in params.items():
+            if p.grad is not None:
+                acc[n] += p.grad.detach().float().pow(2)
+        count += 1
+    for n, p in params.items():
+        p.grad = saved[n]
+    if count == 0:
+        raise ValueError("fisher_diagonal needs at least one calibration batch")
+    return {n: a / count for n, a in acc.items()}
+
+
+def unstructured_masks(scores: dict[str, torch.Tensor], sparsity: float,
+                       scope: str = "layer") -> dict[str, torch.Tensor]:
+    """Keep-masks removing the ``sparsity`` fraction of lowest scores, in every layer
+    (``scope="layer"``) or over all of them together (``"global"``: layers with low scores
+    lose more). Exactly ``round(sparsity * count)`` weights are removed per scope (ties broken
+    by position)."""
+    _check_sparsity(sparsity)
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if scope == "layer":
+        return {n: _keep_top(s.flatten(), sparsity).reshape(s.shape) for n, s in scores.items()}
+    flat = torch.cat([s.detach().float().flatten() for s in scores.values()])
+    keep = _keep_top(flat, sparsity)
+    out, i = {}, 0
+    for n, s in scores.items():
+        out[n] = keep[i:i + s.numel()].reshape(s.shape)
+        i += s.numel()
+    return out
+
+
+def _keep_top(flat: torch.Tensor, sparsity: float) -> torch.Tensor:
+    drop = int(round(sparsity * flat.numel()))
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    if drop:
+        keep[torch.topk(flat.float(), drop, largest=False, sorted=False).indices] = False
+    return keep
+
+
+def nm_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """N:M keep-mask along the input dimension (dim 1; for convs, over ``C_in`` at each kernel
+    tap): the ``n`` highest scores of every group of ``m`` consecutive inputs. The input
+    dimension must be a multiple of ``m``."""
+    if not 0 < n < m:
+        raise ValueError(f"need 0 < n < m, got n={n}, m={m}")
+    s = scores.detach().float()
+    if s.shape[1] % m:
+        raise ValueError(f"input dimension {s.shape[1]} is not a multiple of m={m}")
+    t = s.movedim(1, -1)
+    groups = t.reshape(*t.shape[:-1], t.shape[-1] // m, m)
+    idx = torch.topk(groups, n, dim=-1).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+    return keep.reshape(t.shape).movedim(-1, 1)
+
+
+def structured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask of whole output rows (Linear) / channels (Conv2d): the ``sparsity`` fraction
+    with the lowest L2 norm of their scores is removed (at least one row stays)."""
+    _check_sparsity(sparsity)
+    rows = scores.detach().float().reshape(scores.shape[0], -1).norm(dim=1)
+    drop = min(int(round(sparsity * rows.numel())), rows.numel() - 1)
+    keep = torch.ones(rows.numel(), dtype=torch.bool, device=scores.device)
+    if drop:
+        keep[torch.topk(rows, drop, largest=False, sorted=False).indices] = False
+    return keep.reshape(-1, *([1] * (scores.dim() - 1))).expand(scores.shape)
+
+
+def cubic_sparsity(step: int, start_step: int, end_step: int, final: float,
+                   initial: float = 0.0) -> float:
+    """Zhu & Gupta's gradual schedule: ``initial`` before ``start_step``, then
+    ``final + (initial - final) * (1 - (step - start) / (end - start))^3``, ``final`` from
+    ``end_step`` on. Prunes fast early (redundant weights) and slowly at the end."""
+    _check_sparsity(final)
+    _check_sparsity(initial)
+    if end_step <= start_step:
+        raise ValueError(f"end_step ({end_step}) must be after start_step ({start_step})")
+    if step <= start_step:
+        return float(initial)
+    if step >= end_step:
+        return float(final)
+    frac = (step - start_step) / (end_step - start_step)
+    return float(final + (initial - final) * (1.0 - frac) ** 3)

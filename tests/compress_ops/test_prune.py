@@ -1,0 +1,110 @@
+"""compress_ops.prune: criteria, mask patterns (promised sparsity and pattern) and the cubic
+schedule (targets at the right steps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from compress_ops import prune
+
+
+@given(shape=st.sampled_from([(8, 16), (5, 12, 3, 3), (1, 4)]),
+       sparsity=st.floats(0.0, 0.95), seed=st.integers(0, 2**16))
+def test_unstructured_layer_masks_have_the_promised_sparsity(shape, sparsity, seed):
+    s = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    keep = prune.unstructured_masks({"w": s}, sparsity)["w"]
+    assert keep.shape == s.shape
+    assert (~keep).sum().item() == round(sparsity * s.numel())
+    if (~keep).any() and keep.any():  # everything removed scores at most what is kept
+        assert s[~keep].max() <= s[keep].min()
+
+
+def test_global_scope_prunes_low_scoring_layers_more():
+    scores = {"small": torch.rand(100) * 0.1, "large": torch.rand(100) + 1.0}
+    keep = prune.unstructured_masks(scores, 0.5, scope="global")
+    assert (~keep["small"]).sum() == 100 and keep["large"].all()
+    layer = prune.unstructured_masks(scores, 0.5, scope="layer")
+    assert (~layer["small"]).sum() == (~layer["large"]).sum() == 50
+
+
+@given(rows=st.integers(1, 6), groups=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_2_4_mask_keeps_the_two_largest_of_every_group(rows, groups, seed):
+    s = torch.rand(rows, 4 * groups, generator=torch.Generator().manual_seed(seed))
+    keep = prune.nm_mask(s, 2, 4)
+    g = keep.reshape(rows, groups, 4)
+    assert (g.sum(-1) == 2).all()
+    sg = s.reshape(rows, groups, 4)
+    assert (sg.masked_fill(~g, float("inf")).min(-1).values
+            >= sg.masked_fill(g, -float("inf")).max(-1).values).all()
+
+
+def test_nm_mask_on_conv_weights_and_errors():
+    s = torch.rand(6, 8, 3, 3)
+    keep = prune.nm_mask(s, 1, 4)
+    assert (keep.movedim(1, -1).reshape(6, 3, 3, 2, 4).sum(-1) == 1).all()
+    with pytest.raises(ValueError, match="multiple of m=4"):
+        prune.nm_mask(torch.rand(2, 6))
+    with pytest.raises(ValueError, match="0 < n < m"):
+        prune.nm_mask(torch.rand(2, 8), 4, 4)
+
+
+def test_structured_mask_removes_whole_rows_by_l2():
+    s = torch.ones(6, 5)
+    s[[1, 4]] = 0.01
+    keep = prune.structured_mask(s, 1 / 3)
+    assert keep[[1, 4]].any(dim=1).logical_not().all() and keep[[0, 2, 3, 5]].all()
+    assert prune.structured_mask(torch.rand(3, 2, 3, 3), 0.99).any()  # one channel stays
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, True])
+def test_sparsity_outside_0_1_raises(bad):
+    with pytest.raises(ValueError, match="sparsity"):
+        prune.unstructured_masks({"w": torch.rand(4)}, bad)
+    with pytest.raises(ValueError, match="sparsity"):
+        prune.structured_mask(torch.rand(4, 2), bad)
+
+
+def test_cubic_schedule_hits_its_targets_at_the_right_steps():
+    f = lambda t: prune.cubic_sparsity(t, 100, 1100, 0.9)  # noqa: E731
+    assert f(0) == f(100) == 0.0 and f(1100) == f(5000) == 0.9
+    assert abs(f(600) - 0.9 * (1 - 0.5**3)) < 1e-12
+    values = [f(t) for t in range(100, 1101, 50)]
+    assert values == sorted(values)
+    steps = [b - a for a, b in zip(values, values[1:], strict=False)]
+    assert steps == sorted(steps, reverse=True)  # fast first, slow at the end
+    with pytest.raises(ValueError, match="end_step"):
+        prune.cubic_sparsity(5, 10, 10, 0.5)
+
+
+def test_wanda_and_obd_scores_from_calibration():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    x = torch.randn(32, 6)
+    x[:, 2] *= 10.0  # a loud input feature: Wanda keeps its weights
+    batches = [(x[:16], torch.randint(0, 3, (16,))), (x[16:], torch.randint(0, 3, (16,)))]
+    norms = prune.activation_norms(model, batches, {"0": model[0]})
+    torch.testing.assert_close(norms["0"], x.pow(2).sum(0).sqrt())
+    w = model[0].weight
+    scores = prune.wanda_scores(w, norms["0"])
+    torch.testing.assert_close(scores, w.detach().abs() * norms["0"])
+    assert prune.unstructured_masks({"0": scores}, 0.5)["0"][:, 2].all()
+    model[0].weight.grad = torch.full_like(w, 7.0)
+    fisher = prune.fisher_diagonal(model, batches, F.cross_entropy, {"0": w})
+    assert torch.equal(model[0].weight.grad, torch.full_like(w, 7.0))  # grads restored
+    grads = []
+    for xb, yb in batches:
+        model.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        grads.append(model[0].weight.grad.clone())
+    torch.testing.assert_close(fisher["0"], torch.stack(grads).pow(2).mean(0))
+    torch.testing.assert_close(prune.obd_scores(w, fisher["0"]),
+                               0.5 * fisher["0"] * w.detach().pow(2))
+    with pytest.raises(ValueError, match="one norm per input feature"):
+        prune.wanda_scores(w, torch.ones(5))
+    with pytest.raises(ValueError, match="never ran"):
+        prune.activation_norms(model, [], {"0": model[0]})

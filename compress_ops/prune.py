@@ -16,7 +16,7 @@ Patterns (a boolean keep-mask from scores):
 * :func:`nm_mask` -- N:M along the input dimension (2:4: two kept in every group of four);
 * :func:`structured_mask` -- whole output rows / channels, ranked by their L2 saliency.
 
-Schedule: :func:`cubic_sparsity` (Zhu & Gupta, 2017).
+Schedule: :func:`cubic_sparsity` (Zhu & Gupta, 2017). Regularizer: :class:`GroupLasso`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 
 __all__ = ["magnitude_scores", "wanda_scores", "obd_scores", "activation_norms",
            "fisher_diagonal", "unstructured_masks", "nm_mask", "structured_mask",
-           "cubic_sparsity"]
+           "cubic_sparsity", "GroupLasso"]
 
 
 def _check_sparsity(sparsity: float) -> None:
@@ -191,3 +191,56 @@ def cubic_sparsity(step: int, start_step: int, end_step: int, final: float,
         return float(final)
     frac = (step - start_step) / (end_step - start_step)
     return float(final + (initial - final) * (1.0 - frac) ** 3)
+
+
+class GroupLasso:
+    """``lam * sum_g ||w_g||_2`` over groups of weights, added to the training loss so that whole
+    groups shrink towards zero before they are pruned (Yuan & Lin, 2006; Wen et al., 2016).
+
+    ``groups``: ``"channel"`` (each output row / channel), ``"input"`` (each input column /
+    channel), or ``"n:m"`` such as ``"2:4"`` (in every group of ``m`` consecutive inputs, the
+    ``m - n`` smallest weights, chosen again at every call: the ones an N:M mask would remove).
+    ``layers`` defaults to every ``nn.Linear`` and ``nn.Conv2d`` of ``model``.
+    """
+
+    def __init__(self, model: nn.Module, groups: str = "channel", lam: float = 1e-4,
+                 layers: Iterable[str] | None = None) -> None:
+        if groups not in ("channel", "input") and not _is_nm(groups):
+            raise ValueError(f"groups must be 'channel', 'input' or 'n:m' (e.g. '2:4'), got "
+                             f"{groups!r}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
+            raise ValueError(f"lam must be a number >= 0, got {lam!r}")
+        self.groups, self.lam = groups, float(lam)
+        mods = dict(model.named_modules())
+        names = list(layers) if layers is not None else [
+            n for n, m in mods.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        unknown = [n for n in names if n not in mods]
+        if unknown:
+            raise ValueError(f"unknown layers: {unknown}")
+        self.weights = {n: mods[n].weight for n in names}
+
+    def group_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        """The L2 norm of every group of ``weight`` (differentiable)."""
+        if self.groups == "channel":
+            return weight.reshape(weight.shape[0], -1).norm(dim=1)
+        if self.groups == "input":
+            return weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
+        n, m = (int(v) for v in self.groups.split(":"))
+        t = weight.movedim(1, -1)
+        if t.shape[-1] % m:
+            raise ValueError(f"input dimension {t.shape[-1]} is not a multiple of m={m}")
+        g = t.reshape(-1, m)
+        drop = torch.topk(g.detach().abs(), m - n, dim=-1, largest=False).indices
+        return torch.gather(g, 1, drop).norm(dim=1)
+
+    def penalty(self) -> torch.Tensor:
+        total = sum(self.group_norms(w).sum() for w in self.weights.values())
+        return self.lam * total
+
+    __call__ = penalty
+
+
+def _is_nm(groups: str) -> bool:
+    parts = groups.split(":") if isinstance(groups, str) else []
+    return (len(parts) == 2 and all(p.isdigit() for p in parts)
+            and 0 < int(parts[0]) < int(parts[1]))

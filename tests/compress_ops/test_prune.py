@@ -108,3 +108,38 @@ def test_wanda_and_obd_scores_from_calibration():
         prune.wanda_scores(w, torch.ones(5))
     with pytest.raises(ValueError, match="never ran"):
         prune.activation_norms(model, [], {"0": model[0]})
+
+
+def test_group_lasso_penalty_formula_and_errors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Conv2d(4, 6, 3))
+    lin, conv = model[0].weight, model[2].weight
+    gl = prune.GroupLasso(model, "channel", lam=0.1)
+    expected = 0.1 * (lin.norm(dim=1).sum() + conv.reshape(6, -1).norm(dim=1).sum())
+    torch.testing.assert_close(gl.penalty(), expected)
+    gl = prune.GroupLasso(model, "input", lam=1.0, layers=["0"])
+    torch.testing.assert_close(gl(), lin.norm(dim=0).sum())
+    gl = prune.GroupLasso(model, "2:4", lam=1.0, layers=["0"])
+    g = lin.detach().reshape(-1, 4)
+    two_smallest = g.abs().sort(dim=1).values[:, :2]
+    torch.testing.assert_close(gl(), two_smallest.norm(dim=1).sum())
+    for kw, match in (({"groups": "rows"}, "groups must be"), ({"groups": "4:2"}, "groups"),
+                      ({"lam": -1.0}, "lam"), ({"layers": ["nope"]}, "unknown layers")):
+        with pytest.raises(ValueError, match=match):
+            prune.GroupLasso(model, **kw)
+
+
+def test_group_lasso_drives_the_2_4_losers_towards_zero():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    gl = prune.GroupLasso(lin, "2:4", lam=0.05)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    before = gl.group_norms(lin.weight).sum().item()
+    for _ in range(50):
+        opt.zero_grad()
+        gl.penalty().backward()
+        opt.step()
+    after = gl.group_norms(lin.weight).sum().item()
+    assert after < 0.2 * before
+    keep = prune.nm_mask(lin.weight.abs())
+    assert lin.weight.detach()[~keep].abs().max() < lin.weight.detach()[keep].abs().median()

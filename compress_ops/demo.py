@@ -92,14 +92,15 @@ def _time_us(fn: Callable[[], object], device: torch.device, reps: int = 20) -> 
     return 1e6 * times[len(times) // 2]
 
 
-def _layer_inputs(model: nn.Module, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input every compressed layer sees in one forward pass."""
+def _layer_inputs(model: nn.Module, inputs: torch.Tensor,
+                  types: tuple[type, ...] = (CompressedLinear,)) -> dict[str, torch.Tensor]:
+    """The input every module of ``types`` sees in one forward pass."""
     seen: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(
         name, args[0].detach())) for name, m in model.named_modules()
-        if isinstance(m, CompressedLinear)]
+        if isinstance(m, types)]
     with torch.no_grad():
-        model(tokens)
+        model(inputs)
     for h in hooks:
         h.remove()
     return seen
@@ -185,14 +186,7 @@ def run_mobilenet(device: torch.device, dtype: torch.dtype, compile_backend: str
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     model = co.compress_(copy.deepcopy(dense), co.DWSepFuseConfig())
     family = "dwsep-mbv2"
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(
-        name, args[0].detach())) for name, m in model.named_modules()
-        if isinstance(m, FusedDWSepConv2d)]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
+    seen = _layer_inputs(model, x, (FusedDWSepConv2d,))
     rows: list[Row] = []
     modules = dict(model.named_modules())
     for name, inp in seen.items():

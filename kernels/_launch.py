@@ -1,9 +1,12 @@
 """Launcher pieces every linear-kernel family shares: activation/bias checks, the output buffer
-(split-K workspace), the ``tl.dot`` precision and its interpreter workaround."""
+(split-K workspace), the ``tl.dot`` precision and its interpreter workaround, and the kernels'
+common epilogue (:func:`store_tile`)."""
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _empty = torch.empty  # output allocator; tests swap in a NaN-filled one to catch unwritten tiles
@@ -56,3 +59,20 @@ def dot_meta(x2: torch.Tensor) -> dict:
     ieee = x2.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     return {"DOT_PRECISION": "ieee" if ieee else "tf32",
             "UPCAST_DOT": x2.device.type == "cpu" and x2.dtype == torch.bfloat16}
+
+
+@triton.jit
+def store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k,
+               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Epilogue of a ``[BLOCK_M, BLOCK_N]`` fp32 tile: + bias (by the first K split only), then
+    store in ``y``'s dtype, or atomically add into the fp32 split-K workspace."""
+    if HAS_BIAS:
+        if pid_k == 0:
+            b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+            acc += b.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")

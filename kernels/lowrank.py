@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
-from compress_ops.kernels._launch import check_activation, dot_meta
+from compress_ops.kernels._launch import check_activation, dot_meta, store_tile
 from compress_ops.kernels._tuning import autotune, device_name, load_tables, m_bucket
 
 __all__ = [
@@ -165,21 +165,6 @@ def check_inputs(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
 
 
 @triton.jit
-def _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k,
-                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    if HAS_BIAS:
-        if pid_k == 0:
-            b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
-            acc += b.to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    y_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")
-
-
-@triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -252,7 +237,7 @@ def _lowrank_matmul_kernel(
         ut = tl.load(u_ptr + offs_n.to(tl.int64)[None, :] * stride_un + offs_r[:, None],
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         acc = _dot(t.to(x_ptr.dtype.element_ty), ut, acc, DOT_PRECISION, UPCAST_DOT)
-        _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k,
+        store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k,
                     HAS_BIAS, SPLIT_K)
     else:
         for kt in range(t_begin, t_end):
@@ -273,7 +258,7 @@ def _lowrank_matmul_kernel(
                          mask=r_mask[:, None] & n_mask[None, :], other=0.0)
             acc = _dot(tt, ut, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION,
                        UPCAST_DOT)
-            _store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym,
+            store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym,
                         pid_k, HAS_BIAS, SPLIT_K)
 
 

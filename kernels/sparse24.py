@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
-from compress_ops.kernels._launch import check_activation, dot_meta
+from compress_ops.kernels._launch import check_activation, dot_meta, store_tile
 from compress_ops.kernels._tuning import (
     SPLIT_K_MAX_M,
     KernelConfig,
@@ -401,16 +401,8 @@ def _sparse24_matmul_kernel(
         else:
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
 
-    if HAS_BIAS:
-        if pid_k == 0:
-            b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
-            acc += b.to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    y_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")
+    store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS,
+               SPLIT_K)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress_ops._text import format_table
+from compress_ops._text import format_table, markdown_table
 from compress_ops.factorize import svd_factors
 from compress_ops.nn import LowRankLinear
 
@@ -107,13 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     head = ("weights", "energy", "rank", "params vs dense", "rel. weight error",
             "test acc % (hidden layer factorized)")
     print(f"trained MLP: dense test accuracy {dense_acc:.2f}% (2000 held-out samples)")
-    if args.markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for r in table:
-            print("| " + " | ".join(r) + " |")
-    else:
-        print(format_table(head, table))
+    print((markdown_table if args.markdown else format_table)(head, table))
     return 0
 
 

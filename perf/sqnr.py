@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from compress_ops._text import format_table
+from compress_ops._text import format_table, markdown_table
 from compress_ops.kernels.dequant import codebook_weight, dequantize, lowbit_bytes
 from compress_ops.quantize import encode_codebook, fit_codebook, quantize_affine, sqnr_db
 
@@ -69,13 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     head, body = table(args.rows, args.cols)
     print(f"SQNR of {args.rows} x {args.cols} weights (fp16 scales/zeros/tables)")
-    if args.markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for r in body:
-            print("| " + " | ".join(r) + " |")
-    else:
-        print(format_table(head, body))
+    print((markdown_table if args.markdown else format_table)(head, body))
     return 0
 
 

@@ -40,3 +40,18 @@ class CompressedLinear(nn.Module):
                 f"{type(self).__name__}: x last dim is {x.shape[-1]}, expected "
                 f"in_features={self.in_features}"
             )
+
+
+def conv_padding(padding: str | tuple[int, int], kernel_size: tuple[int, int],
+                 dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``(left, right, top, bottom)`` amounts of a Conv2d's ``padding`` as its forward applies
+    them (``'same'``: the extra pixel of an even total goes right / bottom, as nn.Conv2d)."""
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        out: list[int] = []
+        for d, k in zip(reversed(dilation), reversed(kernel_size), strict=True):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return tuple(out)
+    return (padding[1], padding[1], padding[0], padding[0])

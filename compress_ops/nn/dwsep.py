@@ -9,6 +9,7 @@ from torch.nn.modules.utils import _pair
 
 import compress_ops.ops  # noqa: F401  (registers torch.ops.compress_ops.*)
 from compress_ops.kernels.dwsep_conv import ACTIVATIONS, KERNEL_SIZES, STRIDES
+from compress_ops.nn.base import conv_padding
 
 __all__ = ["FusedDWSepConv2d", "activation_name", "UnfusableError"]
 
@@ -60,16 +61,9 @@ def _fold_bn(weight: torch.Tensor, bias: torch.Tensor | None,
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     """``(left, right, top, bottom)`` zero padding of a conv, as its forward applies it."""
-    kh, kw = conv.kernel_size
-    if conv.padding == "valid":
-        return (0, 0, 0, 0)
-    if conv.padding == "same":
-        if conv.stride != (1, 1):
-            raise UnfusableError("padding='same' with stride > 1")
-        th, tw = conv.dilation[0] * (kh - 1), conv.dilation[1] * (kw - 1)
-        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-    ph, pw = conv.padding
-    return (pw, pw, ph, ph)
+    if conv.padding == "same" and conv.stride != (1, 1):
+        raise UnfusableError("padding='same' with stride > 1")
+    return conv_padding(conv.padding, conv.kernel_size, conv.dilation)
 
 
 class FusedDWSepConv2d(nn.Module):

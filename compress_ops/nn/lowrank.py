@@ -12,7 +12,7 @@ from torch.nn.modules.utils import _pair
 import compress_ops.ops  # noqa: F401  (registers torch.ops.compress_ops.*)
 from compress_ops.factorize import svd_factors, tucker2
 from compress_ops.kernels.lowrank import lowrank_bytes
-from compress_ops.nn.base import CompressedLinear
+from compress_ops.nn.base import CompressedLinear, conv_padding
 
 if TYPE_CHECKING:
     from compress_ops.api import LowRankConfig
@@ -120,20 +120,6 @@ class LowRankLinear(CompressedLinear):
                 f"base={self.weight is not None}, dtype={self.u.dtype}")
 
 
-def _reversed_padding(padding: str | tuple[int, int], kernel_size: tuple[int, int],
-                      dilation: tuple[int, int]) -> list[int]:
-    """``F.pad`` amounts ``[left, right, top, bottom]`` of a Conv2d padding (as nn.Conv2d)."""
-    if padding == "valid":
-        return [0, 0, 0, 0]
-    if padding == "same":
-        out = []
-        for d, k in zip(reversed(dilation), reversed(kernel_size), strict=True):
-            total = d * (k - 1)
-            out += [total // 2, total - total // 2]
-        return out
-    return [padding[1], padding[1], padding[0], padding[0]]
-
-
 class LowRankConv2d(nn.Module):
     """A Tucker-2 factorized ``nn.Conv2d``: 1x1 reduce (``C_in -> r_in``), ``kh x kw`` core
     conv (``r_in -> r_out``, the original stride, padding, padding mode and dilation), 1x1
@@ -171,7 +157,7 @@ class LowRankConv2d(nn.Module):
         self.dilation = _pair(dilation)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         self.padding_mode = padding_mode
-        self._pad = _reversed_padding(self.padding, self.kernel_size, self.dilation)
+        self._pad = list(conv_padding(self.padding, self.kernel_size, self.dilation))
         kw = {"device": device, "dtype": dtype}
         self.reduce_weight = nn.Parameter(torch.empty(r_in, in_channels, 1, 1, **kw))
         self.core = nn.Parameter(torch.empty(r_out, r_in, *self.kernel_size, **kw))

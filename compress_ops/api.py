@@ -258,7 +258,8 @@ class Recipe:
     The first rule whose pattern ``re.fullmatch``-es a module's qualified name decides; ``None``
     keeps that module dense. Modules that match no rule are left alone. Rules match the layers
     themselves, not their containers: ``{"encoder": None}`` keeps nothing dense, use
-    ``{"encoder[.].*": None}``.
+    ``{"encoder[.].*": None}``. ``compress_`` raises ``ValueError`` for a rule that matches no
+    module name of the model (a misspelt layer name).
     """
 
     rules: dict[str, object]
@@ -282,6 +283,16 @@ class Recipe:
                 raise TypeError(f"Recipe rule {pattern!r}: unknown config {cfg!r}")
             compiled.append((rx, cfg))
         object.__setattr__(self, "_compiled", tuple(compiled))
+
+    def check_names(self, names: list[str]) -> None:
+        """``ValueError`` naming every rule that matches none of ``names`` (a misspelt layer
+        name would otherwise silently leave that layer as it is)."""
+        unknown = [p for p, (rx, _) in zip(self.rules, self._compiled, strict=True)
+                   if not any(rx.fullmatch(n) for n in names)]
+        if unknown:
+            shown = [n for n in names if n][:8]
+            raise ValueError(f"Recipe rules {unknown} match no module of the model; its "
+                             f"modules are named like {shown}")
 
     def config_for(self, name: str) -> tuple[bool, object]:
         """``(matched, config)`` for a module name."""
@@ -332,6 +343,8 @@ def compress_(
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
         modules[id(module)] = module
+    if isinstance(config, Recipe):
+        config.check_names([n for aliases in names.values() for n in aliases])
     owners: dict[int, list[str]] = {}
     for mid, module in modules.items():
         for param in module._parameters.values():

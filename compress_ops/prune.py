@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["magnitude_scores", "wanda_scores", "obd_scores", "activation_norms",
+__all__ = ["Pruner", "magnitude_scores", "wanda_scores", "obd_scores", "activation_norms",
            "fisher_diagonal", "unstructured_masks", "nm_mask", "structured_mask",
            "cubic_sparsity", "GroupLasso"]
 
@@ -244,3 +244,261 @@ def _is_nm(groups: str) -> bool:
     parts = groups.split(":") if isinstance(groups, str) else []
     return (len(parts) == 2 and all(p.isdigit() for p in parts)
             and 0 < int(parts[0]) < int(parts[1]))
+
+
+_PATTERNS = ("unstructured", "channel")
+_CRITERIA = ("magnitude", "wanda", "obd")
+
+
+class Pruner:
+    """Masks applied during training: dense weights, multiplied by a keep-mask before every
+    forward and after every gradient, so that masked weights stay exactly zero under any
+    optimizer (momentum, weight decay), then :meth:`finalize` into the compressed model.
+
+    ``pattern``:
+
+    * ``"unstructured"`` -- the ``sparsity`` fraction of lowest scores per layer
+      (``scope="layer"``) or over all layers (``"global"``). Finalized layers stay dense
+      ``nn.Linear`` / ``nn.Conv2d`` with zeros (no kernel here is faster on unstructured zeros).
+    * ``"n:m"`` such as ``"2:4"`` -- the ``n`` best of every ``m`` consecutive inputs (fixed 50%
+      for 2:4: leave ``sparsity`` at ``None``). 2:4 ``nn.Linear`` layers finalize to
+      :class:`~compress_ops.nn.Sparse24Linear`; other layers stay masked-dense.
+    * ``"channel"`` -- whole output channels of the coupled groups that
+      :func:`compress_ops.structured.channel_groups` proves removable from a ``torch.fx`` trace
+      on ``example_inputs``; the masks zero the producers' rows and biases and the following
+      BatchNorm's affine parameters, so a masked channel's value is exactly zero. Finalize
+      removes those channels: a physically smaller dense model with the same outputs.
+
+    ``criterion``: ``"magnitude"``, ``"wanda"`` (activation norms measured once on ``calib``
+    batches), ``"obd"`` (diagonal Fisher measured once on ``calib`` batches of ``(inputs,
+    targets)`` with ``loss_fn``), or a callable ``(name, module) -> scores`` shaped like the
+    weight. Scores are recomputed from the current weights at every mask update.
+
+    ``schedule=(start, end)``: gradual pruning, Zhu & Gupta's :func:`cubic_sparsity` from
+    ``initial_sparsity`` at ``start`` to ``sparsity`` at ``end``, masks updated every
+    ``update_every`` calls of :meth:`step` (call it once per optimizer step, e.g. as
+    ``distill.fit(..., on_step=pruner.step)``). Without a schedule the masks are set once, now.
+    Pruned weights are zero, so they score lowest at the next update: masks only grow.
+    ``layers``: qualified names (default: every ``nn.Linear``, plus ``nn.Conv2d`` for the
+    unstructured and N:M patterns).
+    """
+
+    def __init__(self, model: nn.Module, sparsity: float | None = 0.5, *,
+                 pattern: str = "unstructured", criterion: str | Callable = "magnitude",
+                 scope: str = "layer", layers: Iterable[str] | None = None,
+                 schedule: tuple[int, int] | None = None, initial_sparsity: float = 0.0,
+                 update_every: int = 1, calib: Iterable | None = None,
+                 loss_fn: Callable | None = None,
+                 forward: Callable[[nn.Module, object], object] | None = None,
+                 example_inputs: tuple | None = None) -> None:
+        if pattern not in _PATTERNS and not _is_nm(pattern):
+            raise ValueError(f"pattern must be 'unstructured', 'channel' or 'n:m' (e.g. '2:4'), "
+                             f"got {pattern!r}")
+        self.nm = tuple(int(v) for v in pattern.split(":")) if _is_nm(pattern) else None
+        if self.nm is not None:
+            if sparsity is not None or schedule is not None:
+                raise ValueError(f"an {pattern} mask has a fixed sparsity: pass sparsity=None "
+                                 f"and no schedule")
+        else:
+            _check_sparsity(sparsity)
+            _check_sparsity(initial_sparsity)
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        if scope == "global" and pattern != "unstructured":
+            raise ValueError("scope='global' applies to the unstructured pattern only")
+        if not callable(criterion) and criterion not in _CRITERIA:
+            raise ValueError(f"criterion must be one of {_CRITERIA} or a callable, "
+                             f"got {criterion!r}")
+        if criterion in ("wanda", "obd") and calib is None:
+            raise ValueError(f"criterion {criterion!r} needs calibration batches (calib=)")
+        if criterion == "obd" and loss_fn is None:
+            raise ValueError("criterion 'obd' needs loss_fn(outputs, targets)")
+        if schedule is not None:
+            start, end = schedule
+            if end <= start:
+                raise ValueError(f"schedule end ({end}) must be after start ({start})")
+        if isinstance(update_every, bool) or not isinstance(update_every, int) \
+                or update_every < 1:
+            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+        if pattern == "channel" and example_inputs is None:
+            raise ValueError("pattern='channel' needs example_inputs to trace the model")
+        self.model, self.pattern, self.criterion, self.scope = model, pattern, criterion, scope
+        self.final, self.initial = sparsity, initial_sparsity
+        self.schedule, self.update_every, self.step_count = schedule, update_every, 0
+        self.example_inputs = example_inputs
+        mods = dict(model.named_modules())
+        types = (nn.Linear,) if pattern == "channel" else (nn.Linear, nn.Conv2d)
+        names = list(layers) if layers is not None else [
+            n for n, m in mods.items() if isinstance(m, types)]
+        unknown = [n for n in names if n not in mods or not isinstance(mods[n], types)]
+        if unknown:
+            raise ValueError(f"not {' / '.join(t.__name__ for t in types)} layers of the "
+                             f"model: {unknown}")
+        self.layers = {n: mods[n] for n in names}
+        self.groups: list = []
+        self.skipped: dict[str, str] = {}
+        if pattern == "channel":
+            from compress_ops.structured import channel_groups
+
+            groups, self.skipped = channel_groups(model, example_inputs)
+            wanted = set(names) if layers is not None else None
+            self.groups = [g for g in groups
+                           if wanted is None or set(g.producers) <= wanted]
+            self.layers = {n: mods[n] for g in self.groups for n in g.producers}
+        self._norms = (activation_norms(model, calib, self.layers, forward)
+                       if criterion == "wanda" else None)
+        self._fisher = (fisher_diagonal(model, calib, loss_fn,
+                                        {n: m.weight for n, m in self.layers.items()})
+                        if criterion == "obd" else None)
+        # (module, parameter name) -> keep-mask shaped like the parameter
+        self.masks: dict[tuple[str, str], torch.Tensor] = {}
+        self._hooks: list = []
+        self.update(self.target_sparsity())
+
+    # -- masks ----------------------------------------------------------------------------
+
+    def target_sparsity(self) -> float | None:
+        """The sparsity the schedule asks for now (``None`` for N:M)."""
+        if self.nm is not None:
+            return None
+        if self.schedule is None:
+            return float(self.final)
+        return cubic_sparsity(self.step_count, *self.schedule, self.final, self.initial)
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """The criterion's saliency of every weight of every layer, from the current weights."""
+        out = {}
+        for n, m in self.layers.items():
+            if callable(self.criterion):
+                s = self.criterion(n, m)
+                if s.shape != m.weight.shape:
+                    raise ValueError(f"criterion gave scores of shape {tuple(s.shape)} for "
+                                     f"{n}, expected {tuple(m.weight.shape)}")
+            elif self.criterion == "wanda":
+                s = wanda_scores(m.weight, self._norms[n])
+            elif self.criterion == "obd":
+                s = obd_scores(m.weight, self._fisher[n])
+            else:
+                s = magnitude_scores(m.weight)
+            out[n] = s.detach()
+        return out
+
+    @torch.no_grad()
+    def update(self, sparsity: float | None) -> None:
+        """Recompute the masks for ``sparsity`` from the current scores and apply them."""
+        scores = self.scores()
+        masks: dict[tuple[str, str], torch.Tensor] = {}
+        if self.nm is not None:
+            for n, s in scores.items():
+                masks[(n, "weight")] = nm_mask(s, *self.nm)
+        elif self.pattern == "unstructured":
+            for n, keep in unstructured_masks(scores, sparsity, self.scope).items():
+                masks[(n, "weight")] = keep
+        else:
+            mods = dict(self.model.named_modules())
+            for g in self.groups:
+                sal = sum(scores[p].float().reshape(scores[p].shape[0], -1).norm(dim=1)
+                          for p in g.producers)
+                keep = structured_mask(sal[:, None], sparsity)[:, 0]
+                for p in g.producers:
+                    w = mods[p].weight
+                    masks[(p, "weight")] = keep.reshape(-1, *([1] * (w.dim() - 1))).expand(
+                        w.shape).clone()
+                    if mods[p].bias is not None:
+                        masks[(p, "bias")] = keep.clone()
+                for b in g.norms:
+                    if mods[b].weight is not None:
+                        masks[(b, "weight")] = keep.clone()
+                        masks[(b, "bias")] = keep.clone()
+        # keep the same tensors (hooks hold them): update in place
+        for key, keep in masks.items():
+            if key in self.masks:
+                self.masks[key].copy_(keep)
+            else:
+                self.masks[key] = keep.to(self._param(key).device)
+        if not self._hooks:
+            self._install()
+        self.apply()
+
+    def _param(self, key: tuple[str, str]) -> nn.Parameter:
+        return getattr(self.model.get_submodule(key[0]), key[1])
+
+    def _install(self) -> None:
+        for key, keep in self.masks.items():
+            param = self._param(key)
+            self._hooks.append(param.register_hook(lambda g, keep=keep: g * keep))
+        for name in {k[0] for k in self.masks}:
+            self._hooks.append(self.model.get_submodule(name).register_forward_pre_hook(
+                lambda mod, args, name=name: self._apply_module(name)))
+
+    @torch.no_grad()
+    def _apply_module(self, name: str) -> None:
+        for (n, p), keep in self.masks.items():
+            if n == name:
+                getattr(self.model.get_submodule(n), p).mul_(keep)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Zero every masked weight now."""
+        for key, keep in self.masks.items():
+            self._param(key).mul_(keep)
+
+    def step(self, *_: object) -> None:
+        """Advance the schedule by one optimizer step (arguments ignored, so it can be
+        ``fit``'s ``on_step``); updates the masks when due, and re-applies them."""
+        self.step_count += 1
+        if self.schedule is not None and self.step_count % self.update_every == 0 \
+                and self.step_count <= self.schedule[1]:
+            self.update(self.target_sparsity())
+        else:
+            self.apply()
+
+    def sparsity(self) -> float:
+        """The fraction of masked weights over the pruned layers' weights."""
+        kept = total = 0
+        for (n, p), keep in self.masks.items():
+            if p == "weight" and n in self.layers:
+                kept += int(keep.sum())
+                total += keep.numel()
+        return 1.0 - kept / total if total else 0.0
+
+    def remove(self) -> None:
+        """Remove the hooks; the weights keep their zeros."""
+        self.apply()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # -- finalize -------------------------------------------------------------------------
+
+    def finalize(self) -> nn.Module:
+        """Remove the hooks and convert the masked layers; returns the model.
+
+        2:4 ``nn.Linear`` layers become :class:`~compress_ops.nn.Sparse24Linear` (the masked
+        weights, packed as they are); the channel pattern removes the masked channels
+        (:func:`compress_ops.structured.select_channels`); unstructured layers stay dense.
+        The finalized model computes what the masked model computed.
+        """
+        self.remove()
+        if self.nm == (2, 4):
+            from compress_ops.api import Sparse24Config
+            from compress_ops.nn.sparse24 import Sparse24Linear
+
+            for n, m in self.layers.items():
+                if type(m) is nn.Linear:
+                    new = Sparse24Linear.from_dense(m, Sparse24Config(prune=False))
+                    if n:
+                        parent, _, child = n.rpartition(".")
+                        setattr(self.model.get_submodule(parent) if parent else self.model,
+                                child, new)
+                    else:
+                        self.model = new
+        elif self.pattern == "channel":
+            from compress_ops.structured import select_channels
+
+            for g in self.groups:
+                keep = self.masks[(g.producers[0], "weight")].reshape(
+                    self.masks[(g.producers[0], "weight")].shape[0], -1)[:, 0]
+                select_channels(self.model, g, keep.nonzero().flatten())
+        self.masks.clear()
+        return self.model

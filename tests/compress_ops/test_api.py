@@ -265,3 +265,10 @@ def test_fp16_model_with_dead_rows_quantizes():
     assert all(r.kind == "quant" for r in co.report(model))
     w = model[2].dense_weight()
     assert torch.isfinite(w).all() and (w[3] == 0).all()
+
+
+def test_recipe_rule_matching_no_layer_is_an_error():
+    model = MLP()
+    with pytest.raises(ValueError, match=r"\['fc3'\] match no module.*fc1"):
+        co.compress_(model, co.Recipe({"fc1": co.Sparse24Config(), "fc3": None}))
+    assert type(model.fc1) is nn.Linear  # nothing was changed

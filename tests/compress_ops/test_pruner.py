@@ -1,0 +1,139 @@
+"""compress_ops.prune.Pruner: masks applied during training stay applied, the gradual schedule
+hits its targets at the right steps, and finalize keeps the masked model's outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress_ops import distill, prune
+from compress_ops.nn import Sparse24Linear
+
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.GELU(),
+                         nn.Linear(24, 4))
+
+
+def _data(n: int = 64, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=g)
+    y = (x[:, :4].argmax(1))
+    return [(x[i:i + 16], y[i:i + 16]) for i in range(0, n, 16)]
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def test_masks_stay_applied_under_adam_with_weight_decay():
+    model = _mlp()
+    pruner = prune.Pruner(model, 0.75)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    distill.fit(model, None, _data(), 20, opt, progress=False, on_step=pruner.step)
+    for (name, _), keep in pruner.masks.items():
+        w = model.get_submodule(name).weight
+        assert (w[~keep] == 0).all()
+        assert (w[keep] != 0).all()  # the kept weights trained
+        assert (~keep).sum() == round(0.75 * w.numel())
+    assert pruner.sparsity() == pytest.approx(0.75, abs=1e-2)
+
+
+def test_forward_applies_the_mask_even_when_weights_are_changed_behind_its_back():
+    model = _mlp()
+    pruner = prune.Pruner(model, 0.5)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    model(torch.randn(2, 16))
+    keep = pruner.masks[("0", "weight")]
+    assert (model[0].weight[~keep] == 0).all()
+
+
+def test_gradual_schedule_hits_its_targets_at_the_right_steps():
+    model = _mlp()
+    pruner = prune.Pruner(model, 0.9, schedule=(2, 10), update_every=2)
+    assert pruner.sparsity() == 0.0  # before start
+    seen = {}
+    for step in range(1, 13):
+        pruner.step()
+        seen[step] = pruner.sparsity()
+    assert seen[1] == 0.0
+    assert seen[4] == pytest.approx(prune.cubic_sparsity(4, 2, 10, 0.9), abs=0.01)
+    assert seen[6] == pytest.approx(prune.cubic_sparsity(6, 2, 10, 0.9), abs=0.01)
+    assert seen[10] == pytest.approx(0.9, abs=0.01) and seen[12] == seen[10]
+    assert seen[5] == seen[4]  # masks change only every update_every steps
+    values = list(seen.values())
+    assert values == sorted(values)  # masks only grow
+
+
+def test_global_scope_and_criteria():
+    model = _mlp()
+    with torch.no_grad():
+        model[2].weight.mul_(100)
+    pruner = prune.Pruner(model, 0.5, scope="global")
+    keep = {n: k for (n, _), k in pruner.masks.items()}
+    assert keep["2"].float().mean() > keep["0"].float().mean()
+    model = _mlp()
+    calib = _data()
+    wanda = prune.Pruner(model, 0.5, criterion="wanda", calib=calib)
+    obd = prune.Pruner(_mlp(), 0.5, criterion="obd", calib=calib, loss_fn=F.cross_entropy)
+    for p in (wanda, obd):
+        assert p.sparsity() == pytest.approx(0.5, abs=1e-2)
+    # wanda: a dead input feature (zero activations) is pruned first
+    model = _mlp()
+    data = [(x * torch.tensor([0.0] + [1.0] * 15), y) for x, y in calib]
+    wanda = prune.Pruner(model, 0.1, criterion="wanda", calib=data, layers=["0"])
+    assert not wanda.masks[("0", "weight")][:, 0].any()
+
+
+def test_2_4_finalize_gives_sparse24_modules_with_the_masked_outputs():
+    model = _mlp()
+    pruner = prune.Pruner(model, None, pattern="2:4", layers=["0", "2"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    distill.fit(model, None, _data(), 5, opt, progress=False, on_step=pruner.step)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        ref = model(x)
+    model = pruner.finalize()
+    assert isinstance(model[0], Sparse24Linear) and isinstance(model[2], Sparse24Linear)
+    assert type(model[4]) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+
+
+def test_unstructured_finalize_keeps_outputs_and_removes_hooks():
+    model = _mlp()
+    pruner = prune.Pruner(model, 0.6)
+    x = torch.randn(4, 16)
+    ref = model(x)
+    model = pruner.finalize()
+    torch.testing.assert_close(model(x), ref)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    assert (model[0].weight == 1.0).all() and (model(x) != ref).any()  # no hook left
+
+
+def test_pruner_bad_input():
+    model = _mlp()
+    for bad in (-0.1, 1.0, 1.5, True):
+        with pytest.raises(ValueError, match="sparsity"):
+            prune.Pruner(model, bad)
+    with pytest.raises(ValueError, match="pattern"):
+        prune.Pruner(model, 0.5, pattern="rows")
+    with pytest.raises(ValueError, match="fixed sparsity"):
+        prune.Pruner(model, 0.5, pattern="2:4")
+    with pytest.raises(ValueError, match="calib"):
+        prune.Pruner(model, 0.5, criterion="wanda")
+    with pytest.raises(ValueError, match="loss_fn"):
+        prune.Pruner(model, 0.5, criterion="obd", calib=_data())
+    with pytest.raises(ValueError, match="not Linear"):
+        prune.Pruner(model, 0.5, layers=["fc9"])
+    with pytest.raises(ValueError, match="schedule"):
+        prune.Pruner(model, 0.5, schedule=(5, 5))
+    with pytest.raises(ValueError, match="example_inputs"):
+        prune.Pruner(model, 0.5, pattern="channel")
+    with pytest.raises(ValueError, match="expected"):
+        prune.Pruner(model, 0.5, criterion=lambda n, m: torch.ones(3))

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 __all__ = ["Pruner", "magnitude_scores", "wanda_scores", "obd_scores", "activation_norms",
-           "fisher_diagonal", "unstructured_masks", "nm_mask", "structured_mask",
-           "cubic_sparsity", "GroupLasso"]
+           "fisher_diagonal", "unstructured_masks", "nm_mask", "nm_kept", "nm_permutation",
+           "structured_mask", "cubic_sparsity", "GroupLasso"]
 
 
 def _check_sparsity(sparsity: float) -> None:
@@ -246,6 +246,77 @@ def _is_nm(groups: str) -> bool:
             and 0 < int(parts[0]) < int(parts[1]))
 
 
+def nm_kept(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """The saliency an N:M mask keeps: the sum of the ``n`` best scores of every group of ``m``
+    consecutive columns of ``scores [R, C]``, per group (``[C / m]``)."""
+    s = scores.detach().double()
+    groups = s.reshape(s.shape[0], -1, m)
+    return torch.topk(groups, n, dim=-1).values.sum(-1).sum(0)
+
+
+def nm_permutation(scores: torch.Tensor, n: int = 2, m: int = 4, *, max_iters: int = 200,
+                   chunk: int = 64) -> torch.Tensor:
+    """A permutation ``perm`` of the columns of ``scores [R, C]`` such that the N:M mask of
+    ``scores[:, perm]`` keeps more saliency (NVIDIA ASP's idea: which inputs share a group of
+    ``m`` decides what a 2:4 mask must drop; the permutation is then applied to the layer's
+    input channels and folded into the layer that produces them).
+
+    Greedy column swaps between groups: each round evaluates every swap exactly (the kept
+    saliency of both groups after it) and applies the best disjoint improving swaps, until
+    none improves or ``max_iters`` rounds. Never worse than the identity. Cost per round
+    ``O(C^2 R)``, evaluated ``chunk`` positions at a time.
+    """
+    if not 0 < n < m:
+        raise ValueError(f"need 0 < n < m, got n={n}, m={m}")
+    s = scores.detach().double().reshape(scores.shape[0], -1)
+    r, c = s.shape
+    if c % m:
+        raise ValueError(f"input dimension {c} is not a multiple of m={m}")
+    perm = torch.arange(c, device=s.device)
+    group = torch.arange(c, device=s.device) // m
+    slot = torch.arange(c, device=s.device) % m
+    for _ in range(max_iters):
+        cur = s[:, perm]
+        kept = nm_kept(cur, n, m)  # [G]
+        grouped = cur.reshape(r, -1, m)  # [R, G, m]
+        # Replacing the column at position x by a value v: the group keeps the best n - 1 of
+        # its other m - 1 columns plus max(their n-th best, v).
+        others = grouped[:, group].clone()  # [R, C, m]: x's group, x's own slot masked out
+        others[:, torch.arange(c), slot] = float("-inf")
+        top = torch.topk(others, n, dim=-1).values  # [R, C, n]
+        base = top[..., :n - 1].sum(-1).sum(0) - kept[group]  # [C]
+        nth = top[..., n - 1]  # [R, C]
+        # gain[x, y]: the change of x's group's kept saliency when column y takes x's place
+        gain = torch.empty(c, c, dtype=s.dtype, device=s.device)
+        for lo in range(0, c, chunk):
+            hi = min(lo + chunk, c)
+            gain[lo:hi] = torch.maximum(nth[:, lo:hi, None], cur[:, None, :]).sum(0) \
+                + base[lo:hi, None]
+        delta = gain + gain.t()
+        delta[group[:, None] == group[None, :]] = float("-inf")
+        delta = torch.triu(delta, diagonal=1) + torch.tril(
+            torch.full_like(delta, float("-inf")))
+        best = delta.flatten().argsort(descending=True)
+        tol = 1e-12 * float(kept.sum().abs().clamp(min=1.0))
+        used: set[int] = set()
+        swapped = False
+        for idx in best.tolist():
+            x, y = divmod(idx, c)
+            if not delta[x, y] > tol:
+                break
+            gx, gy = int(group[x]), int(group[y])
+            if gx in used or gy in used:
+                continue
+            used.update((gx, gy))
+            perm[[x, y]] = perm[[y, x]]
+            swapped = True
+            if len(used) >= len(kept) - 1:
+                break
+        if not swapped:
+            break
+    return perm
+
+
 _PATTERNS = ("unstructured", "channel")
 _CRITERIA = ("magnitude", "wanda", "obd")
 
@@ -281,6 +352,12 @@ class Pruner:
     Pruned weights are zero, so they score lowest at the next update: masks only grow.
     ``layers``: qualified names (default: every ``nn.Linear``, plus ``nn.Conv2d`` for the
     unstructured and N:M patterns).
+
+    ``permute=True`` (N:M only; needs ``example_inputs``): before masking, permute each N:M
+    layer's input channels to keep more saliency (:func:`nm_permutation`, as NVIDIA's ASP
+    does) and fold the permutation into the layers that produce those channels, so the model
+    still computes exactly the same function. ``permuted`` lists the kept saliency before and
+    after per layer; layers it could not permute are in ``skipped``.
     """
 
     def __init__(self, model: nn.Module, sparsity: float | None = 0.5, *,
@@ -290,7 +367,7 @@ class Pruner:
                  update_every: int = 1, calib: Iterable | None = None,
                  loss_fn: Callable | None = None,
                  forward: Callable[[nn.Module, object], object] | None = None,
-                 example_inputs: tuple | None = None) -> None:
+                 example_inputs: tuple | None = None, permute: bool = False) -> None:
         if pattern not in _PATTERNS and not _is_nm(pattern):
             raise ValueError(f"pattern must be 'unstructured', 'channel' or 'n:m' (e.g. '2:4'), "
                              f"got {pattern!r}")
@@ -322,6 +399,9 @@ class Pruner:
             raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
         if pattern == "channel" and example_inputs is None:
             raise ValueError("pattern='channel' needs example_inputs to trace the model")
+        if permute and (self.nm is None or example_inputs is None):
+            raise ValueError("permute=True needs an N:M pattern and example_inputs (the "
+                             "permutation is folded into the layers producing the inputs)")
         self.model, self.pattern, self.criterion, self.scope = model, pattern, criterion, scope
         self.final, self.initial = sparsity, initial_sparsity
         self.schedule, self.update_every, self.step_count = schedule, update_every, 0
@@ -345,15 +425,62 @@ class Pruner:
             self.groups = [g for g in groups
                            if wanted is None or set(g.producers) <= wanted]
             self.layers = {n: mods[n] for g in self.groups for n in g.producers}
-        self._norms = (activation_norms(model, calib, self.layers, forward)
-                       if criterion == "wanda" else None)
-        self._fisher = (fisher_diagonal(model, calib, loss_fn,
-                                        {n: m.weight for n, m in self.layers.items()})
-                        if criterion == "obd" else None)
+        self._calibrate(calib, loss_fn, forward)
+        # layer -> (N:M-kept saliency before, after) the input-channel permutation
+        self.permuted: dict[str, tuple[float, float]] = {}
+        if permute and self._permute():
+            self._calibrate(calib, loss_fn, forward)  # statistics of the permuted inputs
         # (module, parameter name) -> keep-mask shaped like the parameter
         self.masks: dict[tuple[str, str], torch.Tensor] = {}
         self._hooks: list = []
         self.update(self.target_sparsity())
+
+    def _calibrate(self, calib, loss_fn, forward) -> None:
+        self._norms = (activation_norms(self.model, calib, self.layers, forward)
+                       if self.criterion == "wanda" else None)
+        self._fisher = (fisher_diagonal(self.model, calib, loss_fn,
+                                        {n: m.weight for n, m in self.layers.items()})
+                        if self.criterion == "obd" else None)
+
+    @torch.no_grad()
+    def _permute(self) -> bool:
+        """Permute the input channels of the N:M layers to keep more saliency; the same
+        permutation reorders the output channels of the layers that produce them (and any
+        BatchNorm between, and every other reader), so the model computes the same function.
+        Layers whose inputs no provable channel group produces are listed in ``skipped``."""
+        from compress_ops.structured import channel_groups, select_channels
+
+        groups, _ = channel_groups(self.model, self.example_inputs)
+        scores = self.scores()
+        done: set[str] = set()
+        for g in groups:
+            targets = [c for c in g.consumers if c in self.layers]
+            if not targets:
+                continue
+            if any(scores[t].shape[1] != g.width or scores[t].dim() != 2 for t in targets):
+                for t in targets:  # e.g. a Linear after a flatten: channels are not columns
+                    self.skipped[t] = "input columns are not the producer's channels 1:1; " \
+                                      "not permuted"
+                done.update(targets)
+                continue
+            done.update(targets)
+            if g.width % self.nm[1]:
+                for t in targets:
+                    self.skipped[t] = f"{g.width} channels are not groups of {self.nm[1]}"
+                continue
+            joint = torch.cat([scores[t] for t in targets])
+            perm = nm_permutation(joint, *self.nm)
+            before = {t: float(nm_kept(scores[t], *self.nm).sum()) for t in targets}
+            select_channels(self.model, g, perm)
+            for t in targets:
+                self.permuted[t] = (before[t],
+                                    float(nm_kept(scores[t][:, perm], *self.nm).sum()))
+        for n in self.layers:
+            if n not in done:
+                self.skipped.setdefault(n, "no provable producer of its inputs to fold a "
+                                           "permutation into; not permuted")
+        self.layers = {n: self.model.get_submodule(n) for n in self.layers}
+        return bool(self.permuted)
 
     # -- masks ----------------------------------------------------------------------------
 

@@ -143,3 +143,29 @@ def test_group_lasso_drives_the_2_4_losers_towards_zero():
     assert after < 0.2 * before
     keep = prune.nm_mask(lin.weight.abs())
     assert lin.weight.detach()[~keep].abs().max() < lin.weight.detach()[keep].abs().median()
+
+
+def _swap_kept(s: torch.Tensor, perm: torch.Tensor, x: int, y: int) -> float:
+    p = perm.clone()
+    p[[x, y]] = p[[y, x]]
+    return float(prune.nm_kept(s[:, p]).sum())
+
+
+def test_nm_permutation_pairs_strong_inputs_with_weak_ones():
+    s = torch.tensor([[10.0, 10, 10, 10, 1, 1, 1, 1]])
+    perm = prune.nm_permutation(s)
+    assert float(prune.nm_kept(s).sum()) == 22.0
+    assert float(prune.nm_kept(s[:, perm]).sum()) == 40.0  # two 10s kept in each group
+
+
+@given(rows=st.integers(1, 5), groups=st.integers(2, 4), seed=st.integers(0, 2**16))
+def test_nm_permutation_is_a_permutation_never_worse_and_swap_optimal(rows, groups, seed):
+    s = torch.rand(rows, 4 * groups, generator=torch.Generator().manual_seed(seed)) ** 3
+    perm = prune.nm_permutation(s)
+    assert sorted(perm.tolist()) == list(range(4 * groups))
+    kept = float(prune.nm_kept(s[:, perm]).sum())
+    assert kept >= float(prune.nm_kept(s).sum()) - 1e-12
+    # local optimum: no single swap of two columns in different groups keeps more
+    best_swap = max(_swap_kept(s, perm, x, y) for x in range(4 * groups)
+                    for y in range(x + 1, 4 * groups) if x // 4 != y // 4)
+    assert best_swap <= kept + 1e-9

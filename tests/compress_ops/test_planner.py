@@ -1,0 +1,317 @@
+"""compress_ops.planner (co.plan): per-layer sensitivity, the knapsack solver, the Plan recipe."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import compress_ops as co
+from compress_ops.api import _TRANSFORMS
+from compress_ops.nn import LowRankLinear
+from compress_ops.planner import DEFAULT_CANDIDATES, Plan, choose, plan, solve
+
+# cheaper to build than DEFAULT_CANDIDATES (fewer range-search steps and k-means iterations)
+FAST = (co.Sparse24Config(), co.QuantConfig(bits=8, search_steps=0),
+        co.QuantConfig(bits=4, search_steps=4), co.QuantConfig(bits=2, search_steps=4),
+        co.CodebookConfig(bits=2, iters=5), co.LowRankConfig(energy=0.6))
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.GELU(),
+                         nn.Linear(128, 10))
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)  # no candidate applies
+        self.fc = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dw(F.relu(self.conv2(F.relu(self.conv1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def data() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(16, 64, generator=g) for _ in range(3)]
+
+
+def _rows_of(model: nn.Module, names: set[str]):
+    return [r for r in co.report(model) if r.name in names]
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25, 0.15])
+def test_compressed_model_fits_the_budget(budget, data):
+    model = mlp()
+    cands = DEFAULT_CANDIDATES if budget == 0.25 else FAST
+    p = plan(model, data, budget, candidates=cands, verbose=False)
+    assert p.stored_bytes <= budget * p.dense_bytes and p.exact
+    out = co.compress_(model, p)
+    rows = _rows_of(out, {"0", "2", "4"})
+    assert len(rows) == 3 and sum(r.dense_bytes for r in rows) == p.dense_bytes
+    assert sum(r.stored_bytes for r in rows) == p.stored_bytes
+    assert sum(r.stored_bytes for r in rows) <= budget * p.dense_bytes
+    assert {r.kind for r in rows} != {"dense"}
+    assert torch.isfinite(out(data[0])).all()
+
+
+def test_measured_error_matches_a_hand_computation(data):
+    model = mlp()
+    cfg = co.QuantConfig(bits=4)
+    p = plan(model, data, 1.0, candidates=(cfg, co.Sparse24Config()), verbose=False)
+    inputs = []
+    h = model[2].register_forward_hook(lambda m, a, o: inputs.append(a[0].double()))
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    h.remove()
+    for c in (cfg, co.Sparse24Config()):
+        q = _TRANSFORMS[type(c)][1](model[2], c)
+        w, b = model[2].weight.detach().double(), model[2].bias.detach().double()
+        err = sum(F.linear(x, q.dense_weight().double(), b).sub(F.linear(x, w, b)).pow(2).sum()
+                  for x in inputs)
+        ref = sum(F.linear(x, w, b).pow(2).sum() for x in inputs)
+        (row,) = [r for r in p.table if r.layer == "2" and r.config == c]
+        assert row.stored_bytes == q.stored_weight_bytes()
+        assert row.error == pytest.approx(float(err / ref), rel=1e-4)
+    # budget 1: everything can stay dense at zero error
+    assert p.total_error == 0 and all(v is None for v in p.rules.values())
+
+
+def test_mse_metric(data):
+    model = mlp()
+    cfg = co.QuantConfig(bits=2)
+    p = plan(model, data[:1], 1.0, candidates=(cfg,), metric="mse", verbose=False)
+    q = _TRANSFORMS[co.QuantConfig][1](model[0], cfg)
+    with torch.no_grad():
+        expect = (q(data[0]).double() - model[0](data[0]).double()).pow(2).mean()
+    (row,) = [r for r in p.table if r.layer == "0" and r.config == cfg]
+    assert row.error == pytest.approx(float(expect), rel=1e-6)
+
+
+def test_plan_does_not_modify_the_model(data):
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    plan(model, data, 0.2, candidates=FAST, verbose=False)
+    assert all(type(m) is nn.Linear for m in (model[0], model[2], model[4]))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_tighter_budget_never_gives_lower_error(data):
+    model = mlp()
+    errors = [plan(model, data, b, candidates=FAST, verbose=False).total_error
+              for b in (1.0, 0.4, 0.2, 0.09)]
+    assert errors[0] == 0
+    assert all(a <= b for a, b in itertools.pairwise(errors)), errors
+    assert errors[-1] > 0
+
+
+def test_plan_is_a_printable_recipe(data, capsys):
+    model = mlp()
+    p = plan(model, data, 0.25, candidates=FAST)
+    printed = capsys.readouterr().out
+    assert isinstance(p, co.Recipe) and isinstance(p, Plan)
+    assert printed.strip() == str(p)
+    assert "TOTAL" in printed and "optimal" in printed and "budget 0.25" in printed
+    chosen = [r for r in p.table if r.chosen]
+    assert sorted(r.layer for r in chosen) == ["0", "2", "4"]
+    assert sum(r.stored_bytes for r in chosen) == p.stored_bytes
+    assert math.isclose(sum(r.error for r in chosen), p.total_error)
+    # one exact rule per layer: "0" must not match "0.x" or "10"
+    assert set(p.rules) == {re.escape(n) for n in ("0", "2", "4")}
+    assert p.config_for("0")[0] and not p.config_for("10")[0]
+    assert repr(p).startswith("Plan(")
+
+
+def test_conv_model_and_layers_that_stay_dense():
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    batches = [(torch.randn(4, 3, 8, 8), torch.zeros(4)) for _ in range(2)]  # tuple batches
+    p = plan(model, batches, 0.6, candidates=FAST, verbose=False)
+    layers = {r.layer for r in p.table}
+    assert layers == {"conv1", "conv2", "dw", "fc"}
+    (dw,) = [r for r in p.table if r.layer == "dw" and r.candidate == "dense"]
+    assert dw.chosen and "no candidate applies" in dw.note
+    assert any(r.layer == "dw" and "groups=1" in r.note for r in p.table)
+    assert any(r.layer == "conv2" and r.candidate.startswith("lowrank") and r.error is not None
+               for r in p.table)
+    assert p.rules[re.escape("dw")] is None
+    co.compress_(model, p)
+    rows = _rows_of(model, layers)
+    assert sum(r.stored_bytes for r in rows) == p.stored_bytes <= 0.6 * p.dense_bytes
+    assert sum(r.dense_bytes for r in rows) == p.dense_bytes
+
+
+def test_energy_lowrank_is_pinned_to_the_measured_rank(data):
+    model = mlp()
+    # ~0.49 of dense with every layer factorized; keeping any one dense would not fit
+    p = plan(model, data, 0.5, candidates=(co.LowRankConfig(energy=0.6),), verbose=False)
+    chosen = {r.layer: r for r in p.table if r.chosen}
+    assert all(r.candidate == "lowrank(energy=0.6)" for r in chosen.values())
+    for name in ("0", "2", "4"):
+        cfg = p.rules[name]
+        assert cfg.rank is not None and cfg.energy is None
+        assert chosen[name].note == f"rank {cfg.rank}"
+    co.compress_(model, p)
+    assert isinstance(model[2], LowRankLinear)
+    assert sum(r.stored_bytes for r in _rows_of(model, {"0", "2", "4"})) == p.stored_bytes
+
+
+def test_tied_and_aliased_layers_stay_dense(data):
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(64, 64)
+            self.alias = self.a  # the same module under two names
+            self.b = nn.Linear(64, 64)
+            self.c = nn.Linear(64, 64)
+            self.c.weight = self.b.weight  # a tied weight
+            self.d = nn.Linear(64, 32)
+            self.unused = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.d(self.c(self.b(self.alias(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Tied()
+    p = plan(model, data, 0.9, candidates=FAST, verbose=False)
+    notes = {r.layer: r.note for r in p.table if r.candidate == "dense"}
+    assert "2 names" in notes["a"] and "tied" in notes["b"] and "tied" in notes["c"]
+    assert "never ran" in notes["unused"]
+    assert all(p.rules[re.escape(n)] is None for n in ("a", "alias", "b", "c", "unused"))
+    assert p.rules["d"] is not None
+    co.compress_(model, p)
+    assert type(model.a) is nn.Linear and model.alias is model.a
+    assert model.c.weight is model.b.weight and type(model.d) is not nn.Linear
+
+
+def test_layers_narrows_the_scope(data):
+    model = mlp()
+    p = plan(model, data, 0.3, candidates=FAST, layers=["2"], forward=lambda m, x: m(x),
+             verbose=False)
+    assert set(p.rules) == {"2"} and p.dense_bytes == 128 * 128 * 4
+    assert p.stored_bytes <= 0.3 * p.dense_bytes
+    with pytest.raises(ValueError, match=r"layers \['nope'\]"):
+        plan(model, data, 0.3, candidates=FAST, layers=["nope"], verbose=False)
+
+
+def test_bad_inputs(data):
+    model = mlp()
+    with pytest.raises(ValueError, match=r"budget 0.01 cannot be met.*0\.0[0-9]+ of dense"):
+        plan(model, data, 0.01, candidates=FAST, verbose=False)
+    for bad in (0, 0.0, -0.5, 1.5, True, "0.5", math.nan):
+        with pytest.raises(ValueError, match="budget must be a number in"):
+            plan(model, data, bad, verbose=False)
+    with pytest.raises(ValueError, match="no batches"):
+        plan(model, [], 0.5, candidates=FAST, verbose=False)
+    with pytest.raises(ValueError, match="no batches"):
+        plan(model, iter(()), 0.5, candidates=FAST, verbose=False)
+    with pytest.raises(TypeError, match="iterable of batches"):
+        plan(model, data[0], 0.5, verbose=False)
+    with pytest.raises(ValueError, match="shared codebook"):
+        plan(model, data, 0.5, candidates=(co.CodebookConfig(shared=True),), verbose=False)
+    with pytest.raises(TypeError, match="not a per-layer config"):
+        plan(model, data, 0.5, candidates=(co.DWSepFuseConfig(),), verbose=False)
+    with pytest.raises(ValueError, match="candidates is empty"):
+        plan(model, data, 0.5, candidates=(), verbose=False)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        plan(model, data, 0.5, metric="l1", verbose=False)
+    convs = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match="no layer of the model can be compressed"):
+        plan(convs, [torch.randn(1, 3, 5, 5)], 0.5, candidates=FAST[:2], verbose=False)
+    with pytest.raises(ValueError, match="no layer of the model can be compressed.*rank 8"):
+        plan(nn.Linear(8, 8), [torch.randn(2, 8)], 0.5, candidates=(co.LowRankConfig(rank=8),),
+             verbose=False)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        plan(lambda x: x, data, 0.5, verbose=False)
+
+
+def test_default_candidates_are_valid_per_layer_configs():
+    assert len(set(DEFAULT_CANDIDATES)) == len(DEFAULT_CANDIDATES)
+    assert all(type(c) in _TRANSFORMS and not getattr(c, "shared", False)
+               for c in DEFAULT_CANDIDATES)
+
+
+# --- the solver ---------------------------------------------------------------------------
+
+
+def _brute(options, capacity):
+    best = None
+    for combo in itertools.product(*(range(len(o)) for o in options)):
+        b = sum(options[i][j][0] for i, j in enumerate(combo))
+        e = sum(options[i][j][1] for i, j in enumerate(combo))
+        if b <= capacity and (best is None or e < best):
+            best = e
+    return best
+
+
+instances = st.lists(
+    st.lists(st.tuples(st.integers(0, 40), st.floats(0, 10, allow_nan=False)), min_size=1,
+             max_size=4),
+    min_size=1, max_size=5)
+
+
+@given(options=instances, capacity=st.integers(0, 150))
+def test_choose_is_exact_against_brute_force(options, capacity):
+    best = _brute(options, capacity)
+    if best is None:
+        with pytest.raises(ValueError, match="no choice fits"):
+            choose(options, capacity)
+        return
+    choice = choose(options, capacity)
+    assert len(choice) == len(options)
+    assert sum(options[i][j][0] for i, j in enumerate(choice)) <= capacity
+    assert sum(options[i][j][1] for i, j in enumerate(choice)) == pytest.approx(best, abs=1e-9)
+
+
+@given(options=instances, capacity=st.integers(0, 150))
+def test_greedy_fallback_fits_and_its_bound_holds(options, capacity):
+    best = _brute(options, capacity)
+    if best is None:
+        return
+    sol = solve(options, capacity, max_states=0)  # force the LP greedy
+    assert not sol.exact and sol.bytes <= capacity
+    assert sol.lower_bound <= best + 1e-9 <= sol.error + 2e-9
+
+
+@given(options=instances, capacity=st.integers(0, 150), extra=st.integers(0, 60))
+def test_more_capacity_never_raises_the_error(options, capacity, extra):
+    if _brute(options, capacity) is None:
+        return
+    tight, loose = solve(options, capacity), solve(options, capacity + extra)
+    assert loose.error <= tight.error + 1e-9
+
+
+def test_solver_on_a_larger_instance_and_bad_options():
+    g = torch.Generator().manual_seed(0)
+    options = [[(int(b), float(e)) for b, e in zip(torch.randint(1, 10_000, (8,), generator=g),
+                                                   torch.rand(8, generator=g), strict=True)]
+               for _ in range(60)]
+    cap = sum(min(b for b, _ in o) for o in options) + 100_000
+    exact = solve(options, cap)
+    greedy = solve(options, cap, max_states=0)
+    assert exact.exact and exact.bytes <= cap and greedy.bytes <= cap
+    assert greedy.lower_bound <= exact.error + 1e-9 <= greedy.error + 2e-9
+    with pytest.raises(ValueError, match=r"options\[0\] is empty"):
+        choose([[]], 10)
+    with pytest.raises(ValueError, match="bytes must be an int"):
+        choose([[(1.5, 0.0)]], 10)
+    with pytest.raises(ValueError, match="error must be finite"):
+        choose([[(1, math.inf)]], 10)
+    with pytest.raises(TypeError, match="capacity must be an int"):
+        choose([[(1, 0.0)]], 10.0)

@@ -5,7 +5,7 @@
     print(co.report(model))
 """
 
-from compress_ops import distill, nn, ops, prune  # noqa: F401  (ops registers torch.ops.compress_ops.*)
+from compress_ops import distill, nn, ops, prune, qat, structured  # noqa: F401  (ops registers torch.ops.compress_ops.*)
 from compress_ops.api import (
     CodebookConfig,
     DWSepFuseConfig,
@@ -19,6 +19,7 @@ from compress_ops.api import (
     compress_,
     report,
 )
+from compress_ops.planner import Plan, plan
 
 __version__ = "0.1.0"
 
@@ -32,10 +33,14 @@ __all__ = [
     "ReportRow",
     "Sparse24Config",
     "UnsupportedModule",
+    "Plan",
     "compress_",
+    "plan",
     "report",
     "distill",
     "nn",
     "ops",
     "prune",
+    "qat",
+    "structured",
 ]

@@ -414,13 +414,23 @@ class Pruner:
         if unknown:
             raise ValueError(f"not {' / '.join(t.__name__ for t in types)} layers of the "
                              f"model: {unknown}")
+        self.skipped: dict[str, str] = {}
+        if self.nm is not None:  # N:M needs whole groups of m inputs
+            short = [n for n in names if mods[n].weight.shape[1] % self.nm[1]]
+            if layers is not None and short:
+                raise ValueError(f"layers {short} have an input dimension that is not a "
+                                 f"multiple of m={self.nm[1]}")
+            for n in short:
+                self.skipped[n] = (f"{mods[n].weight.shape[1]} inputs are not groups of "
+                                   f"{self.nm[1]}; left dense")
+            names = [n for n in names if n not in short]
         self.layers = {n: mods[n] for n in names}
         self.groups: list = []
-        self.skipped: dict[str, str] = {}
         if pattern == "channel":
             from compress_ops.structured import channel_groups
 
-            groups, self.skipped = channel_groups(model, example_inputs)
+            groups, unprovable = channel_groups(model, example_inputs)
+            self.skipped.update(unprovable)
             wanted = set(names) if layers is not None else None
             self.groups = [g for g in groups
                            if wanted is None or set(g.producers) <= wanted]

@@ -1,0 +1,1035 @@
+"""Structured pruning: physically remove output channels / neurons (a smaller dense model).
+
+Removing output channel ``c`` of a ``nn.Linear`` / ``nn.Conv2d`` also removes input column(s)
+``c`` of every layer that reads it, and channel ``c`` of every BatchNorm and depthwise conv in
+between. Which layers are coupled this way is read from a ``torch.fx`` trace of the model plus
+shape propagation on example inputs; the result is a list of :class:`ChannelGroup`\\ s, sets of
+channels that are kept or removed together:
+
+* ``producers``: the ``nn.Linear`` / ``nn.Conv2d`` (``groups=1``) whose output rows define the
+  channels. Several when their outputs are added (residual blocks: ``conv2`` and the shortcut
+  conv, and, through identity shortcuts, the producers of the blocks before and after).
+* ``consumers``: the ``nn.Linear`` / ``nn.Conv2d`` whose input columns / channels read them.
+* ``norms`` (``BatchNorm1d/2d``) and ``depthwise`` convs (``groups == in == out``) on the way,
+  sliced channel by channel.
+
+Between producers and consumers the analysis understands: activation modules and functions
+(ReLU, ReLU6, GELU, SiLU, Hardswish, Hardsigmoid, LeakyReLU, ELU, Mish, Softplus, Hardtanh,
+Tanh, Sigmoid), Identity / Dropout, BatchNorm, depthwise convs, MaxPool2d / AvgPool2d /
+adaptive pooling, ``mean`` over non-channel dims, ``+`` / ``-`` of two channel tensors of the
+same shape (residual adds) and ``+ - * /`` with a Python number, ``contiguous`` / ``clone`` /
+``detach``, ``torch.flatten`` / ``x.flatten(1)`` / ``nn.Flatten`` / ``x.view(x.size(0), -1)``
+starting at the channel dim (channel ``c`` of ``[B, C, H, W]`` then is columns
+``c*H*W .. (c+1)*H*W - 1`` of the consumer Linear), and ``x.size(d)`` / ``x.shape[d]`` for a
+non-channel ``d``. Anything else reached by the channels (``torch.cat``, a ``view`` of other
+semantics, a sum over channels, LayerNorm, a grouped conv, an add with the model input, the
+model output, ...) makes the whole group unprovable: its producers are listed in ``skipped``
+with the reason, and stay untouched. So is every layer that is called more than once, has
+hooks, shares a parameter, has its weight read directly in the forward, or is a subclass.
+A model that ``torch.fx`` cannot trace is left as it is (every layer listed).
+
+Exact removal of dead channels (``prune_channels(..., zero_only=True)``): a channel whose weight
+rows are zero in every producer carries a constant (the sum of the producers' biases there,
+then pushed through the path: BatchNorm with its running statistics, activations, pooling).
+Its per-channel constant at each consumer is computed exactly; the channel is removed when for
+every consumer that constant is 0, or it can be folded into the consumer's bias exactly:
+always for a Linear (``bias += W[:, cols] @ c``), for a Conv2d only when it does not pad with
+zeros (``padding == 0`` or a non-``"zeros"`` padding mode; with zero padding a constant input
+is not constant at the borders). Otherwise the dead channel is kept. Constants are those of
+inference: BatchNorm uses its running statistics and dropout is the identity, so outputs are
+unchanged in eval mode (the mode one prunes a trained model in).
+
+The pruned model keeps its class: modules are replaced (at every name they are registered
+under) by new, smaller ``nn.Linear`` / ``nn.Conv2d`` / ``BatchNorm`` of the same dtype, device,
+hyper-parameters, ``training`` flag and ``requires_grad``. Optimizers built on the old
+parameters must be rebuilt.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils import skip_init
+
+from compress_ops._text import format_table
+from compress_ops.prune import _check_sparsity
+
+__all__ = ["ChannelGroup", "StructuredReport", "channel_groups", "select_channels",
+           "prune_channels"]
+
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
+                nn.ELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Tanh, nn.Sigmoid)
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_ACT_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.hardswish,
+                  F.hardsigmoid, F.leaky_relu, F.elu, F.mish, F.softplus, F.hardtanh, torch.tanh,
+                  F.tanh, torch.sigmoid, F.sigmoid}
+_ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+_IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d}
+_IDENTITY_METHODS = {"contiguous", "clone", "detach"}
+_ADD_FUNCTIONS = {operator.add: 1, operator.iadd: 1, torch.add: 1, operator.sub: -1,
+                  operator.isub: -1, torch.sub: -1}
+_ADD_METHODS = {"add": 1, "add_": 1, "sub": -1, "sub_": -1}
+_SCALE_FUNCTIONS = {operator.mul: operator.mul, operator.imul: operator.mul,
+                    torch.mul: operator.mul, operator.truediv: operator.truediv,
+                    operator.itruediv: operator.truediv, torch.div: operator.truediv}
+_SCALE_METHODS = {"mul": operator.mul, "mul_": operator.mul, "div": operator.truediv,
+                  "div_": operator.truediv}
+_BENIGN_ATTRS = {"dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+
+
+@dataclass
+class ChannelGroup:
+    """A set of channels that must be kept/removed together.
+
+    ``producers`` define the channels with their output rows / channels, ``consumers`` read
+    them with their input columns / channels (``columns[name]`` columns per channel: ``H*W``
+    for a Linear after a flattened ``[B, C, H, W]``, else 1), ``norms`` and ``depthwise`` lie on
+    the path and are sliced channel by channel. ``width`` is the current number of channels.
+    """
+
+    producers: list[str]
+    consumers: list[str]
+    norms: list[str]
+    width: int
+    depthwise: list[str] = field(default_factory=list)
+    columns: dict[str, int] = field(default_factory=dict)
+    # The path's per-channel value program, in graph order (used for exact dead-channel removal).
+    steps: list[tuple] = field(default_factory=list, repr=False, compare=False)
+
+
+@dataclass
+class StructuredReport:
+    """What :func:`prune_channels` did: per group ``(producers, width before, width after)``,
+    the kept channel indices (of the group before pruning, sorted), and ``{layer: reason}`` for
+    every Linear/Conv2d left untouched because its channels could not be proven removable."""
+
+    groups: list[tuple[tuple[str, ...], int, int]]
+    kept: list[torch.Tensor]
+    skipped: dict[str, str]
+    params_before: int
+    params_after: int
+
+    def __str__(self) -> str:
+        rows = [(str(i), ", ".join(p), str(b), str(a), str(b - a))
+                for i, (p, b, a) in enumerate(self.groups)]
+        out = [format_table(("group", "producers", "channels", "kept", "removed"), rows)]
+        out.append(f"parameters: {self.params_before} -> {self.params_after}")
+        if self.skipped:
+            out.append("left untouched:")
+            out.append(format_table(("layer", "reason"), sorted(self.skipped.items())))
+        return "\n".join(out)
+
+
+class _Tag(NamedTuple):
+    """A tensor carrying channels of ``space``: along dim ``cdim``, each channel occupying
+    ``rep`` consecutive entries (``rep > 1`` after flattening ``[C, H, W]``)."""
+
+    space: int
+    cdim: int
+    rep: int
+
+
+def _is_producer(m: nn.Module) -> bool:
+    return type(m) is nn.Linear or (type(m) is nn.Conv2d and m.groups == 1)
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _zero_pads(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` pads its input with zeros (then a constant input is not constant at the
+    borders of the output)."""
+    if conv.padding_mode != "zeros":
+        return False
+    if isinstance(conv.padding, str):
+        return conv.padding == "same" and any(k > 1 for k in conv.kernel_size)
+    return any(p > 0 for p in conv.padding)
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _nodes_in(*args) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    for a in args:
+        fx.node.map_arg(a, found.append)
+    return found
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    t = node.target
+    mod = getattr(t, "__module__", None) or ""
+    name = getattr(t, "__name__", str(t))
+    if mod.startswith("torch") and not mod.startswith("torch.nn"):
+        return f"torch.{name}"
+    if mod.startswith("torch.nn.functional") or mod == "torch._C._nn":
+        return f"F.{name}"
+    return name
+
+
+def _inplace(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    t = node.target
+    if getattr(t, "__name__", "").endswith("_") or t in (operator.iadd, operator.isub,
+                                                           operator.imul, operator.itruediv):
+        return True
+    try:
+        return bool(inspect.signature(t).bind(*node.args, **node.kwargs).arguments
+                    .get("inplace", False))
+    except (TypeError, ValueError):
+        return False
+
+
+class _Analysis:
+    """Walks the traced graph once, tagging channel-carrying tensors and recording facts."""
+
+    def __init__(self, model: nn.Module, gm: fx.GraphModule) -> None:
+        self.model, self.gm = model, gm
+        self.parent: list[int] = []
+        self.facts: list[tuple[int, str, object]] = []
+        self.steps: list[tuple[int, tuple]] = []
+        self.tags: dict[fx.Node, _Tag] = {}
+
+    # union-find over channel spaces
+    def new_space(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+
+    def poison(self, nodes, reason: str) -> None:
+        for n in nodes:
+            self.facts.append((self.tags[n].space, "poison", reason))
+
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            ins = list(dict.fromkeys(a for a in _nodes_in(node.args, node.kwargs)
+                                     if a in self.tags))
+            if node.op == "call_module":
+                self.module(node, ins)
+            elif node.op in ("call_function", "call_method") and ins:
+                self.function(node, ins)
+            elif node.op == "output" and ins:
+                self.poison(ins, "they reach the model output (its width is the model's "
+                                 "contract)")
+            elif ins:
+                self.poison(ins, f"they reach a {node.op} node ({node.name})")
+
+    # ------------------------------------------------------------------ call_module
+    def module(self, node: fx.Node, ins: list[fx.Node]) -> None:
+        name = node.target
+        m = self.model.get_submodule(name)
+        if ins and (len(ins) > 1 or node.args != (ins[0],) or node.kwargs):
+            self.poison(ins, f"they are passed to {name} ({type(m).__name__}) with other "
+                             f"arguments")
+            return
+        tin = self.tags[ins[0]] if ins else None
+        in_shape = _shape(ins[0]) if ins else None
+        out_shape = _shape(node)
+        if _is_producer(m):
+            if tin is not None:
+                self.consume(ins[0], tin, name, m, in_shape)
+            if out_shape is None:
+                return
+            s = self.new_space()
+            cdim = len(out_shape) - (1 if isinstance(m, nn.Linear) else 3)
+            self.tags[node] = _Tag(s, cdim, 1)
+            self.facts.append((s, "producer", name))
+            self.steps.append((s, ("src", node.name, [], name)))
+            return
+        if tin is None:
+            return
+        kind = type(m).__name__
+        nd = len(in_shape) if in_shape is not None else -1
+        if _is_depthwise(m):
+            if tin.rep != 1 or tin.cdim != nd - 3:
+                self.poison(ins, f"depthwise conv {name} reads them along another dim")
+                return
+            self.facts.append((tin.space, "depthwise", name))
+            self.step(node, tin, "dw", [ins[0]], name)
+        elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            if tin.rep != 1 or tin.cdim != 1:
+                self.poison(ins, f"{kind} {name} normalizes a dim that is not their channel dim")
+                return
+            self.facts.append((tin.space, "norm", name))
+            self.step(node, tin, "bn", [ins[0]], name)
+        elif type(m) in _ACT_MODULES or type(m) in _IDENTITY_MODULES:
+            if getattr(m, "inplace", False) and len(ins[0].users) > 1:
+                self.poison(ins, f"in-place {kind} {name} changes a tensor that is also read "
+                                 f"elsewhere")
+                return
+            fn = None if type(m) in _IDENTITY_MODULES else m
+            self.step(node, tin, "fn", [ins[0]], fn)
+        elif type(m) in _POOL_MODULES:
+            if tin.rep != 1 or tin.cdim != nd - 3 or getattr(m, "return_indices", False):
+                self.poison(ins, f"{kind} {name} does not pool them channel by channel")
+                return
+            border = isinstance(m, nn.AvgPool2d) and (
+                m.divisor_override is not None
+                or (m.count_include_pad and any(p > 0 for p in _pair(m.padding))))
+            self.step(node, tin, "border" if border else "fn", [ins[0]], None)
+        elif type(m) is nn.Flatten:
+            self.flatten(node, ins[0], tin, m.start_dim, m.end_dim)
+        elif isinstance(m, nn.Conv2d):
+            self.poison(ins, f"they pass through {name}, a {kind} with groups={m.groups}, which "
+                             f"mixes channels in groups")
+        else:
+            self.poison(ins, f"they pass through {name} ({kind}), which the channel analysis "
+                             f"does not understand")
+
+    def consume(self, src: fx.Node, tin: _Tag, name: str, m: nn.Module, in_shape) -> None:
+        nd = len(in_shape) if in_shape is not None else -1
+        if isinstance(m, nn.Linear):
+            ok = tin.cdim == nd - 1
+        else:
+            ok = tin.rep == 1 and tin.cdim == nd - 3
+        if not ok:
+            self.poison([src], f"{name} ({type(m).__name__}) reads them along a dim that is "
+                               f"not its input-channel dim")
+            return
+        self.facts.append((tin.space, "consumer", (name, tin.rep)))
+        self.steps.append((tin.space, ("read", None, [src.name], name)))
+
+    def step(self, node: fx.Node, tag: _Tag, kind: str, srcs: list[fx.Node], payload) -> None:
+        self.tags[node] = tag
+        self.steps.append((tag.space, (kind, node.name, [s.name for s in srcs], payload)))
+
+    # ------------------------------------------------------------------ functions / methods
+    def function(self, node: fx.Node, ins: list[fx.Node]) -> None:
+        t, op = node.target, _op_name(node)
+        tin = self.tags[ins[0]]
+        is_fn = node.op == "call_function"
+        others = [a for a in _nodes_in(node.args, node.kwargs) if a is not ins[0]]
+        first = bool(node.args) and node.args[0] is ins[0]
+        if (is_fn and t in _ADD_FUNCTIONS) or (not is_fn and t in _ADD_METHODS):
+            self.add(node, ins, _ADD_FUNCTIONS[t] if is_fn else _ADD_METHODS[t], op)
+            return
+        if (is_fn and t in _SCALE_FUNCTIONS) or (not is_fn and t in _SCALE_METHODS):
+            f = _SCALE_FUNCTIONS[t] if is_fn else _SCALE_METHODS[t]
+            a = node.args[:2]
+            if len(node.args) == 2 and not node.kwargs and not others and (
+                    (first and _number(a[1])) or (f is operator.mul and _number(a[0]))):
+                if self.inplace_guard(node, ins):
+                    self.step(node, tin, "fn", [ins[0]], _scalar_fn(f, a[0], a[1], first))
+                return
+            self.poison(ins, f"{op} (node {node.name}) multiplies them by a tensor")
+            return
+        if (is_fn and t is torch.reshape) or (not is_fn and t in ("view", "reshape")):
+            if len(ins) == 1 and first and all(_shape(o) is None for o in others):
+                self.view(node, ins[0], tin, op)
+            else:
+                self.poison(ins, f"{op} (node {node.name}) reshapes with a tensor argument")
+            return
+        if len(ins) > 1 or others or not first:
+            self.poison(ins, f"{op} (node {node.name}) combines them with another tensor, "
+                             f"which the channel analysis does not understand")
+            return
+        if (is_fn and t in _ACT_FUNCTIONS) or (not is_fn and t in _ACT_METHODS):
+            if self.inplace_guard(node, ins):
+                rest, kw = node.args[1:], dict(node.kwargs)
+                fn = (_call(t, rest, kw) if is_fn else _method(t, rest, kw))
+                self.step(node, tin, "fn", [ins[0]], fn)
+        elif (is_fn and t in _IDENTITY_FUNCTIONS) or (not is_fn and t in _IDENTITY_METHODS):
+            if self.inplace_guard(node, ins):
+                self.step(node, tin, "fn", [ins[0]], None)
+        elif (is_fn and t is torch.flatten) or (not is_fn and t == "flatten"):
+            try:
+                bound = inspect.signature(_flatten_sig).bind(*node.args, **node.kwargs)
+            except TypeError:
+                self.poison(ins, f"{op} (node {node.name}) has unexpected arguments")
+                return
+            bound.apply_defaults()
+            self.flatten(node, ins[0], tin, bound.arguments["start_dim"],
+                         bound.arguments["end_dim"])
+        elif (is_fn and t is torch.mean) or (not is_fn and t == "mean"):
+            self.mean(node, ins[0], tin, op)
+        elif is_fn and t is F.adaptive_avg_pool2d:
+            nd = len(_shape(ins[0]) or ())
+            if tin.rep != 1 or tin.cdim != nd - 3:
+                self.poison(ins, f"{op} (node {node.name}) does not pool them channel by "
+                                 f"channel")
+                return
+            self.step(node, tin, "fn", [ins[0]], None)
+        elif not is_fn and t == "size":
+            self.size(node, ins[0], tin, op)
+        elif not is_fn and t == "dim":
+            pass
+        elif is_fn and t is getattr and len(node.args) == 2:
+            attr = node.args[1]
+            if attr == "shape":
+                self.shape_users(node, ins[0], tin, "x.shape")
+            elif attr not in _BENIGN_ATTRS:
+                self.poison(ins, f"attribute .{attr} of them is read (node {node.name})")
+        else:
+            self.poison(ins, f"they reach {op} (node {node.name}), which the channel analysis "
+                             f"does not understand")
+
+    def inplace_guard(self, node: fx.Node, ins: list[fx.Node]) -> bool:
+        if _inplace(node) and len(ins[0].users) > 1:
+            self.poison(ins, f"in-place {_op_name(node)} (node {node.name}) changes a tensor "
+                             f"that is also read elsewhere")
+            return False
+        return True
+
+    def add(self, node: fx.Node, ins: list[fx.Node], sign: int, op: str) -> None:
+        args, kw = list(node.args), dict(node.kwargs)
+        if len(args) == 1 and "other" in kw:
+            args.append(kw.pop("other"))
+        alpha = kw.pop("alpha", 1)
+        if len(args) != 2 or kw or not _number(alpha):
+            self.poison(ins, f"{op} (node {node.name}) has unsupported arguments")
+            return
+        a, b = args
+        if not self.inplace_guard(node, ins):
+            return
+        coef = (1, sign * alpha)
+        tagged = [x for x in (a, b) if isinstance(x, fx.Node) and x in self.tags]
+        untagged = [x for x in (a, b) if isinstance(x, fx.Node) and x not in self.tags]
+        if untagged:
+            self.poison(ins, f"{op} (node {node.name}) adds them to {untagged[0].name}, a "
+                             f"tensor whose channels are not those of prunable layers (e.g. the "
+                             f"model input, or the result of an op not understood)")
+            return
+        if len(tagged) == 2:
+            ta, tb = self.tags[a], self.tags[b]
+            if _shape(a) is None or _shape(a) != _shape(b) or (ta.cdim, ta.rep) != (tb.cdim,
+                                                                                   tb.rep):
+                self.poison(ins, f"{op} (node {node.name}) adds tensors of different shapes or "
+                                 f"channel layouts")
+                return
+            self.union(ta.space, tb.space)
+            self.step(node, ta, "sum", [a, b], coef)
+            return
+        x = tagged[0]
+        other = b if x is a else a
+        if not _number(other):
+            self.poison(ins, f"{op} (node {node.name}) adds a non-number {type(other).__name__}")
+            return
+        if x is a:
+            fn = _affine(1.0, float(coef[1]) * other)
+        else:
+            fn = _affine(float(coef[1]), float(other))
+        self.step(node, self.tags[x], "fn", [x], fn)
+
+    def flatten(self, node: fx.Node, src: fx.Node, tin: _Tag, start, end) -> None:
+        shape = _shape(src)
+        if shape is None or not isinstance(start, int) or not isinstance(end, int):
+            self.poison([src], f"flatten (node {node.name}) with unknown shape or dims")
+            return
+        nd = len(shape)
+        start, end = start % max(nd, 1), end % max(nd, 1)
+        if tin.cdim < start:
+            self.step(node, tin, "fn", [src], None)
+        elif tin.cdim > end:
+            self.step(node, tin._replace(cdim=tin.cdim - (end - start)), "fn", [src], None)
+        elif start == tin.cdim:
+            rep = tin.rep * math.prod(shape[tin.cdim + 1:end + 1])
+            self.step(node, tin._replace(rep=rep), "fn", [src], None)
+        else:
+            self.poison([src], f"flatten (node {node.name}) merges their channel dim with the "
+                               f"dims before it")
+
+    def view(self, node: fx.Node, src: fx.Node, tin: _Tag, op: str) -> None:
+        rest = list(node.args[1:]) or list(node.kwargs.values())
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
+            rest = list(rest[0])
+        shape, out = _shape(src), _shape(node)
+        c = tin.cdim
+        if (shape is not None and out is not None and len(rest) == c + 1 == len(out)
+                and isinstance(rest[-1], int) and rest[-1] == -1 and out[:c] == shape[:c]):
+            self.step(node, tin._replace(rep=tin.rep * math.prod(shape[c + 1:])), "fn", [src],
+                      None)
+            return
+        self.poison([src], f"{op} (node {node.name}) to shape {out}: only flattening from the "
+                           f"channel dim, x.view(x.size(0), -1), is understood")
+
+    def mean(self, node: fx.Node, src: fx.Node, tin: _Tag, op: str) -> None:
+        args, kw = list(node.args[1:]), dict(node.kwargs)
+        dims = args[0] if args else kw.get("dim")
+        keep = args[1] if len(args) > 1 else kw.get("keepdim", False)
+        nd = len(_shape(src) or ())
+        if isinstance(dims, int):
+            dims = (dims,)
+        if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims) \
+                or nd == 0 or set(kw) - {"dim", "keepdim"} or len(args) > 2:
+            self.poison([src], f"{op} (node {node.name}) reduces over all dims or has "
+                               f"unsupported arguments")
+            return
+        dims = {d % nd for d in dims}
+        if tin.cdim in dims:
+            self.poison([src], f"{op} (node {node.name}) reduces over their channel dim")
+            return
+        cdim = tin.cdim if keep else tin.cdim - sum(d < tin.cdim for d in dims)
+        self.step(node, tin._replace(cdim=cdim), "fn", [src], None)
+
+    def size(self, node: fx.Node, src: fx.Node, tin: _Tag, op: str) -> None:
+        d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if d is None:
+            self.shape_users(node, src, tin, "x.size()")
+        elif not isinstance(d, int) or d % len(_shape(src) or (1,)) == tin.cdim:
+            self.poison([src], f"{op} (node {node.name}) reads their number of channels")
+
+    def shape_users(self, node: fx.Node, src: fx.Node, tin: _Tag, what: str) -> None:
+        nd = len(_shape(src) or ())
+        for u in node.users:
+            if not (u.op == "call_function" and u.target is operator.getitem
+                    and isinstance(u.args[1], int) and nd and u.args[1] % nd != tin.cdim):
+                self.poison([src], f"{what} (node {node.name}) is used in a way that may read "
+                                   f"their number of channels")
+                return
+
+
+def _flatten_sig(input, start_dim=0, end_dim=-1):
+    pass
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _affine(scale: float, shift: float) -> Callable:
+    return lambda v: v * scale + shift
+
+
+def _scalar_fn(f: Callable, a, b, tensor_first: bool) -> Callable:
+    return (lambda v: f(v, b)) if tensor_first else (lambda v: f(a, v))
+
+
+def _call(fn: Callable, rest: tuple, kw: dict) -> Callable:
+    return lambda v: fn(v, *rest, **kw)
+
+
+def _method(name: str, rest: tuple, kw: dict) -> Callable:
+    return lambda v: getattr(v, name)(*rest, **kw)
+
+
+# ---------------------------------------------------------------------- channel_groups
+
+
+def _layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def _propagate(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> None:
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()  # shape propagation must not update BatchNorm running statistics
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:
+        raise ValueError(f"running the traced model on example_inputs failed: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        for m, t in flags.items():
+            m.training = t
+
+
+def _module_problems(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
+    """``{module name: reason}`` for modules whose shapes must not change underneath others."""
+    problems: dict[str, str] = {}
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":
+            owner = node.target.rpartition(".")[0]
+            problems.setdefault(owner, f"its parameter/buffer {node.target} is read directly in "
+                                       f"the forward")
+    for name, n in calls.items():
+        if n > 1:
+            problems.setdefault(name, f"called {n} times in the forward (shared module)")
+    first = {id(m): n for n, m in model.named_modules()}
+    owners: dict[int, set[int]] = {}
+    for m in model.modules():
+        for p in list(m._parameters.values()) + list(m._buffers.values()):
+            if p is not None:
+                owners.setdefault(id(p), set()).add(id(m))
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks \
+                or getattr(m, "_backward_pre_hooks", None):
+            problems.setdefault(name, "has hooks, which may depend on its width")
+        if "forward" in vars(m):
+            problems.setdefault(name, "has its forward replaced on the instance")
+        for p in list(m._parameters.values()) + list(m._buffers.values()):
+            if p is not None and len(owners[id(p)]) > 1:
+                other = sorted(first[o] for o in owners[id(p)] if o != id(m))
+                problems.setdefault(name, f"shares a parameter/buffer with {other[0]}")
+    return problems
+
+
+def _analyse(model: nn.Module, example_inputs: tuple) -> tuple[list[ChannelGroup],
+                                                               dict[str, str]]:
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError(f"example_inputs must be a tuple of the model's inputs, got "
+                        f"{type(example_inputs).__name__}")
+    layers = _layers(model)
+    try:
+        if "forward" in vars(model):
+            raise TypeError("forward is replaced on the instance, which torch.fx does not see")
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure: leave the model as it is
+        why = f"the model is not traceable by torch.fx ({type(exc).__name__}: {exc}); left as it is"
+        return [], dict.fromkeys(layers, why)
+    _propagate(model, gm, tuple(example_inputs))
+    an = _Analysis(model, gm)
+    an.run()
+    problems = _module_problems(model, gm)
+    spaces: dict[int, dict] = {}
+    for s in range(len(an.parent)):
+        spaces.setdefault(an.find(s), {"producer": [], "consumer": [], "norm": [],
+                                       "depthwise": [], "poison": [], "steps": []})
+    for s, kind, payload in an.facts:
+        spaces[an.find(s)][kind].append(payload)
+    for s, step in an.steps:
+        spaces[an.find(s)]["steps"].append(step)
+
+    groups: list[ChannelGroup] = []
+    reasons: dict[str, str] = {}
+    for root in sorted(spaces):
+        sp = spaces[root]
+        members = sp["producer"] + [c for c, _ in sp["consumer"]] + sp["norm"] + sp["depthwise"]
+        why = list(dict.fromkeys(sp["poison"]))
+        why += [f"{n} {problems[n]}" for n in dict.fromkeys(members) if n in problems]
+        width = model.get_submodule(sp["producer"][0]).weight.shape[0]
+        if not why and not _widths_agree(model, sp, width):
+            why.append("the layers' widths disagree with the traced shapes")
+        if why:
+            prods = list(dict.fromkeys(sp["producer"]))
+            coupled = f" (coupled with {', '.join(prods)})" if len(prods) > 1 else ""
+            text = "; ".join(why) + coupled
+            for n in prods + sp["depthwise"]:
+                reasons.setdefault(n, "its output channels cannot be removed: " + text)
+            continue
+        groups.append(ChannelGroup(
+            producers=list(dict.fromkeys(sp["producer"])),
+            consumers=list(dict.fromkeys(c for c, _ in sp["consumer"])),
+            norms=list(dict.fromkeys(sp["norm"])), width=width,
+            depthwise=list(dict.fromkeys(sp["depthwise"])),
+            columns={c: r for c, r in sp["consumer"]}, steps=sp["steps"]))
+
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    in_group = {n for g in groups for n in g.producers + g.depthwise}
+    skipped: dict[str, str] = {}
+    for name, m in layers.items():
+        if name in in_group:
+            continue
+        if name in reasons:
+            skipped[name] = reasons[name]
+        elif type(m) not in (nn.Linear, nn.Conv2d):
+            skipped[name] = (f"a {type(m).__name__} (subclass of "
+                             f"{'nn.Linear' if isinstance(m, nn.Linear) else 'nn.Conv2d'}): its "
+                             f"forward may do more than the base class; not pruned")
+        elif name not in called:
+            skipped[name] = "not called as a module in the traced forward"
+        elif name in problems:
+            skipped[name] = problems[name]
+        elif _is_depthwise(m):
+            skipped[name] = ("a depthwise conv: its channels follow its input's, which do not "
+                             "come from a prunable layer")
+        else:
+            skipped[name] = f"a grouped conv (groups={m.groups}): its channels are not sliced"
+    return groups, skipped
+
+
+def _widths_agree(model: nn.Module, sp: dict, width: int) -> bool:
+    for n in sp["producer"] + sp["depthwise"]:
+        if model.get_submodule(n).weight.shape[0] != width:
+            return False
+    for n in sp["norm"]:
+        if model.get_submodule(n).num_features != width:
+            return False
+    for n, rep in sp["consumer"]:
+        m = model.get_submodule(n)
+        if m.weight.shape[1] != width * rep:
+            return False
+    return True
+
+
+def channel_groups(model: nn.Module, example_inputs: tuple) -> tuple[list[ChannelGroup],
+                                                                     dict[str, str]]:
+    """Trace ``model`` with ``torch.fx`` (plus shape propagation on ``example_inputs``, a tuple
+    of the forward's arguments, run in eval mode under ``no_grad``; the model is not changed)
+    and return the prunable :class:`ChannelGroup`\\ s in graph order and ``{layer name:
+    reason}`` for every ``nn.Linear`` / ``nn.Conv2d`` whose output channels cannot be proven
+    safe to remove (see the module docstring for what is understood).
+
+    Raises ``TypeError`` when ``example_inputs`` is not a tuple, ``ValueError`` when the traced
+    model fails on them.
+    """
+    return _analyse(model, example_inputs)
+
+
+# ---------------------------------------------------------------------- select_channels
+
+
+def _check_index(index, width: int, what: str = "index") -> torch.Tensor:
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{what} must be a 1-D integer tensor of channel indices, got "
+                        f"{type(index).__name__}")
+    if index.dim() != 1 or index.dtype == torch.bool or index.is_floating_point() \
+            or index.is_complex():
+        raise TypeError(f"{what} must be a 1-D integer tensor of channel indices, got a "
+                        f"{index.dtype} tensor of shape {tuple(index.shape)}")
+    idx = index.detach().to("cpu", torch.long)
+    if idx.numel() == 0:
+        raise ValueError(f"{what} must keep at least one channel")
+    if idx.min() < 0 or idx.max() >= width:
+        raise ValueError(f"{what} values must be in [0, {width}), got min {int(idx.min())}, "
+                         f"max {int(idx.max())}")
+    if idx.unique().numel() != idx.numel():
+        raise ValueError(f"{what} has repeated channels")
+    return idx
+
+
+def _param(new: nn.Module, name: str, old: nn.Module, value: torch.Tensor | None) -> None:
+    p = getattr(new, name)
+    if p is None or value is None:
+        return
+    with torch.no_grad():
+        p.copy_(value)
+    p.requires_grad_(getattr(old, name).requires_grad)
+
+
+def _new_conv(m: nn.Conv2d, cin: int, cout: int, groups: int) -> nn.Conv2d:
+    return skip_init(nn.Conv2d, cin, cout, m.kernel_size, stride=m.stride, padding=m.padding,
+                     dilation=m.dilation, groups=groups, bias=m.bias is not None,
+                     padding_mode=m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
+
+
+def _slice_out(m: nn.Module, idx: torch.Tensor, depthwise: bool = False) -> nn.Module:
+    i = idx.to(m.weight.device)
+    k = idx.numel()
+    if isinstance(m, nn.Linear):
+        new = skip_init(nn.Linear, m.in_features, k, bias=m.bias is not None,
+                        device=m.weight.device, dtype=m.weight.dtype)
+    elif depthwise:
+        new = _new_conv(m, k, k, k)
+    else:
+        new = _new_conv(m, m.in_channels, k, 1)
+    _param(new, "weight", m, m.weight[i])
+    _param(new, "bias", m, None if m.bias is None else m.bias[i])
+    return new
+
+
+def _slice_in(m: nn.Module, idx: torch.Tensor, rep: int) -> nn.Module:
+    i = idx.to(m.weight.device)
+    if isinstance(m, nn.Linear):
+        cols = (i[:, None] * rep + torch.arange(rep, device=i.device)).reshape(-1)
+        new = skip_init(nn.Linear, cols.numel(), m.out_features, bias=m.bias is not None,
+                        device=m.weight.device, dtype=m.weight.dtype)
+        _param(new, "weight", m, m.weight[:, cols])
+    else:
+        new = _new_conv(m, idx.numel(), m.out_channels, 1)
+        _param(new, "weight", m, m.weight[:, i])
+    _param(new, "bias", m, m.bias)
+    return new
+
+
+def _slice_norm(m: nn.Module, idx: torch.Tensor) -> nn.Module:
+    ref = m.weight if m.weight is not None else m.running_mean
+    i = idx.to(ref.device) if ref is not None else idx
+    new = skip_init(type(m), idx.numel(), eps=m.eps, momentum=m.momentum, affine=m.affine,
+                    track_running_stats=m.track_running_stats,
+                    device=None if ref is None else ref.device,
+                    dtype=None if ref is None else ref.dtype)
+    for name in ("weight", "bias"):
+        v = getattr(m, name)
+        _param(new, name, m, None if v is None else v[i])
+    with torch.no_grad():
+        for name in ("running_mean", "running_var"):
+            if getattr(m, name) is not None:
+                getattr(new, name).copy_(getattr(m, name)[i])
+        if m.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(m.num_batches_tracked)
+    return new
+
+
+def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` at every name ``old`` is registered under in ``root``."""
+    new.train(old.training)
+    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old and n]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _check_group(model: nn.Module, group: ChannelGroup) -> None:
+    sp = {"producer": group.producers, "depthwise": group.depthwise, "norm": group.norms,
+          "consumer": [(c, group.columns.get(c, 1)) for c in group.consumers]}
+    try:
+        ok = _widths_agree(model, sp, group.width)
+    except AttributeError as exc:
+        raise ValueError(f"group does not match the model ({exc}); call channel_groups "
+                         f"again") from exc
+    if not ok:
+        raise ValueError(f"group of {group.producers} (width {group.width}) does not match the "
+                         f"model's layers any more; call channel_groups again")
+
+
+def select_channels(model: nn.Module, group: ChannelGroup, index: torch.Tensor) -> None:
+    """In place: keep channels ``index`` (in that order) of ``group``.
+
+    ``index`` is a 1-D integer tensor: a sorted subset to remove channels, or a permutation to
+    reorder them (which gives an exactly equivalent model, e.g. for 2:4 input-channel
+    permutations). Producers keep weight rows / bias entries ``index``, norms their weight,
+    bias and running statistics, depthwise convs their channels, consumers their input columns
+    (``columns`` per channel) / input channels. Every changed module is replaced by a new
+    ``nn.Linear`` / ``nn.Conv2d`` / BatchNorm of the same dtype, device, hyper-parameters and
+    ``training`` flag, its parameters keeping ``requires_grad``. ``group.width`` is updated.
+    """
+    idx = _check_index(index, group.width)
+    _check_group(model, group)
+    names = list(dict.fromkeys(group.producers + group.depthwise + group.norms
+                               + group.consumers))
+    for name in names:
+        old = model.get_submodule(name)
+        new = old
+        if name in group.producers:
+            new = _slice_out(new, idx)
+        if name in group.depthwise:
+            new = _slice_out(new, idx, depthwise=True)
+        if name in group.norms:
+            new = _slice_norm(new, idx)
+        if name in group.consumers:
+            new = _slice_in(new, idx, group.columns.get(name, 1))
+        _replace(model, old, new)
+    group.width = idx.numel()
+
+
+# ---------------------------------------------------------------------- prune_channels
+
+
+def _dead(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    dead = torch.ones(group.width, dtype=torch.bool)
+    for p in group.producers:
+        w = model.get_submodule(p).weight.detach()
+        dead &= (w.reshape(w.shape[0], -1) == 0).all(1).cpu()
+    return dead
+
+
+def _constants(model: nn.Module, group: ChannelGroup) -> dict[str, torch.Tensor]:
+    """Per consumer: the float64 value each channel has at its input when the channel's
+    producer rows are zero (NaN where it is not a known constant), in eval mode."""
+    nan = torch.full((group.width,), math.nan, dtype=torch.float64)
+    vals: dict[str, torch.Tensor] = {}
+    reads: dict[str, torch.Tensor] = {}
+
+    def d(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().to("cpu", torch.float64)
+
+    with torch.no_grad():
+        for kind, out, ins, payload in group.steps:
+            v = vals[ins[0]] if ins else None
+            if kind == "src":
+                m = model.get_submodule(payload)
+                w = m.weight.detach()
+                zero = (w.reshape(w.shape[0], -1) == 0).all(1).cpu()
+                b = d(m.bias) if m.bias is not None else torch.zeros_like(nan)
+                vals[out] = torch.where(zero, b, nan)
+            elif kind == "fn":
+                vals[out] = v if payload is None else payload(v.clone())
+            elif kind == "border":
+                vals[out] = torch.where(v == 0, v, nan)
+            elif kind == "sum":
+                vals[out] = vals[ins[0]] * payload[0] + vals[ins[1]] * payload[1]
+            elif kind == "bn":
+                m = model.get_submodule(payload)
+                g = d(m.weight) if m.weight is not None else torch.ones_like(nan)
+                b = d(m.bias) if m.bias is not None else torch.zeros_like(nan)
+                if m.running_mean is None:  # batch statistics: a constant channel -> beta
+                    vals[out] = torch.where(v.isnan(), v, b)
+                else:
+                    vals[out] = (v - d(m.running_mean)) / torch.sqrt(d(m.running_var) + m.eps) \
+                        * g + b
+            elif kind == "dw":
+                m = model.get_submodule(payload)
+                s = d(m.weight).reshape(group.width, -1).sum(1)
+                b = d(m.bias) if m.bias is not None else torch.zeros_like(nan)
+                r = v * s + b  # with zero padding, exact only where the input is 0
+                vals[out] = torch.where(v == 0, r, nan) if _zero_pads(m) else r
+            elif kind == "read":
+                reads[payload] = v
+    return {k: torch.where(torch.isfinite(v), v, nan) for k, v in reads.items()}
+
+
+def _foldable(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or not _zero_pads(m)
+
+
+def _exactly_removable(model: nn.Module, group: ChannelGroup,
+                       reads: dict[str, torch.Tensor]) -> torch.Tensor:
+    ok = _dead(model, group)
+    for name, v in reads.items():
+        fine = torch.isfinite(v) & ((v == 0) | _foldable(model.get_submodule(name)))
+        ok &= fine
+    return ok
+
+
+def _fold(model: nn.Module, group: ChannelGroup, removed: torch.Tensor,
+          reads: dict[str, torch.Tensor]) -> None:
+    """Add the constants of the removed dead channels to the consumers' biases."""
+    removed = removed & _dead(model, group)
+    for name, v in reads.items():
+        m = model.get_submodule(name)
+        sel = removed & torch.isfinite(v) & (v != 0)
+        if not sel.any() or not _foldable(m):
+            continue
+        w = m.weight.detach().to("cpu", torch.float64)
+        if isinstance(m, nn.Linear):
+            w = w.reshape(w.shape[0], group.width, group.columns.get(name, 1)).sum(2)
+        else:
+            w = w.sum((2, 3))
+        delta = w[:, sel] @ v[sel]
+        with torch.no_grad():
+            if m.bias is None:
+                m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=m.weight.dtype,
+                                                  device=m.weight.device),
+                                      requires_grad=m.weight.requires_grad)
+            m.bias.add_(delta.to(m.bias.device, m.bias.dtype))
+
+
+def _saliency(model: nn.Module, group: ChannelGroup,
+              scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros(group.width, dtype=torch.float64)
+    for p in group.producers:
+        s = scores.get(p, model.get_submodule(p).weight).detach()
+        total += s.to("cpu", torch.float64).reshape(group.width, -1).norm(dim=1)
+    return total
+
+
+def _num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prune_channels(model: nn.Module, example_inputs: tuple,
+                   sparsity: float | dict[str, float] | None = None, *,
+                   scores: dict[str, torch.Tensor] | None = None,
+                   keep: dict[int, torch.Tensor] | None = None,
+                   zero_only: bool = False) -> StructuredReport:
+    """Remove channels of every prunable group of ``model``, in place (see
+    :func:`channel_groups` for what is prunable; the rest stays untouched and is listed in the
+    report's ``skipped``).
+
+    * ``sparsity`` (a float in [0, 1), or ``{producer name: sparsity}``; groups none of whose
+      producers is named stay whole; the producers of one group must not be given different
+      values): remove that fraction of each group's channels (rounded; at least one stays),
+      the lowest by saliency: the sum over the group's producers of the L2 norm of each
+      output row of ``scores[name]`` (shaped like the weight, e.g. from
+      :func:`compress_ops.prune.wanda_scores` / ``obd_scores``), of the weight where
+      ``scores`` has no entry. Removed channels whose weights were zero have their constant
+      folded into the consumers' bias where that is exact; other removals change the outputs
+      (an approximation, to be followed by fine-tuning).
+    * ``keep={group index: kept channel indices}``: keep exactly those channels of those
+      groups (indices into :func:`channel_groups`' list; e.g. a previous report's ``kept``).
+    * ``zero_only=True``: remove exactly the channels whose weight rows are zero in every
+      producer and whose constant value can be dropped or folded without changing any output
+      (see the module docstring): the eval-mode outputs are unchanged. At least one channel
+      stays.
+
+    Returns a :class:`StructuredReport`; ``str()`` renders it as a table.
+    """
+    if zero_only and (sparsity is not None or keep is not None):
+        raise ValueError("zero_only=True removes exactly the dead channels: give neither "
+                         "sparsity nor keep with it")
+    if not zero_only and sparsity is None and keep is None:
+        raise ValueError("give sparsity, keep, or zero_only=True")
+    first = {id(m): n for n, m in model.named_modules()}
+    layers = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False)
+              if isinstance(m, (nn.Linear, nn.Conv2d))}  # every name -> the name groups use
+    if isinstance(sparsity, dict):
+        unknown = sorted(set(sparsity) - set(layers))
+        if unknown:
+            raise ValueError(f"sparsity names unknown layers (not an nn.Linear/nn.Conv2d of the "
+                             f"model): {unknown}")
+        for v in sparsity.values():
+            _check_sparsity(v)
+        sparsity = {layers[n]: v for n, v in sparsity.items()}
+    elif sparsity is not None:
+        _check_sparsity(sparsity)
+    scores = dict(scores or {})
+    unknown = sorted(set(scores) - set(layers))
+    if unknown:
+        raise ValueError(f"scores names unknown layers (not an nn.Linear/nn.Conv2d of the "
+                         f"model): {unknown}")
+    for name, s in scores.items():
+        w = model.get_submodule(name).weight
+        if not isinstance(s, torch.Tensor) or s.shape != w.shape:
+            raise ValueError(f"scores[{name!r}] must be a tensor shaped like its weight "
+                             f"{tuple(w.shape)}, got "
+                             f"{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)}")
+    scores = {layers[n]: s for n, s in scores.items()}
+
+    groups, skipped = channel_groups(model, example_inputs)
+    keep = dict(keep or {})
+    bad = sorted(k for k in keep if not isinstance(k, int) or not 0 <= k < len(groups))
+    if bad:
+        raise ValueError(f"keep has group indices {bad} outside [0, {len(groups)})")
+    plan: list[torch.Tensor] = []
+    for i, g in enumerate(groups):
+        if i in keep:
+            plan.append(_check_index(keep[i], g.width, f"keep[{i}]").sort().values)
+            continue
+        if zero_only:
+            drop = _exactly_removable(model, g, _constants(model, g))
+            if drop.all():
+                drop[-1] = False
+            plan.append(torch.nonzero(~drop).flatten())
+            continue
+        s = _group_sparsity(g, sparsity)
+        n_drop = min(int(round(s * g.width)), g.width - 1)
+        sal = _saliency(model, g, scores)
+        plan.append(torch.topk(sal, g.width - n_drop).indices.sort().values)
+
+    before = _num_params(model)
+    rows: list[tuple[tuple[str, ...], int, int]] = []
+    for g, kept in zip(groups, plan, strict=True):
+        width = g.width
+        if kept.numel() < width:
+            removed = torch.ones(width, dtype=torch.bool)
+            removed[kept] = False
+            _fold(model, g, removed, _constants(model, g))
+            select_channels(model, g, kept)
+        rows.append((tuple(g.producers), width, kept.numel()))
+    return StructuredReport(groups=rows, kept=plan, skipped=skipped, params_before=before,
+                            params_after=_num_params(model))
+
+
+def _group_sparsity(group: ChannelGroup, sparsity: float | dict[str, float] | None) -> float:
+    if sparsity is None:
+        return 0.0
+    if not isinstance(sparsity, dict):
+        return float(sparsity)
+    given = {sparsity[p] for p in group.producers if p in sparsity}
+    if len(given) > 1:
+        raise ValueError(f"layers {group.producers} share their output channels (one group) "
+                         f"but are given different sparsities {sorted(given)}")
+    return float(given.pop()) if given else 0.0

@@ -16,16 +16,17 @@ channels that are kept or removed together:
 Between producers and consumers the analysis understands: activation modules and functions
 (ReLU, ReLU6, GELU, SiLU, Hardswish, Hardsigmoid, LeakyReLU, ELU, Mish, Softplus, Hardtanh,
 Tanh, Sigmoid), Identity / Dropout, BatchNorm, depthwise convs, MaxPool2d / AvgPool2d /
-adaptive pooling, ``mean`` over non-channel dims, ``+`` / ``-`` of two channel tensors of the
-same shape (residual adds) and ``+ - * /`` with a Python number, ``contiguous`` / ``clone`` /
-``detach``, ``torch.flatten`` / ``x.flatten(1)`` / ``nn.Flatten`` / ``x.view(x.size(0), -1)``
-starting at the channel dim (channel ``c`` of ``[B, C, H, W]`` then is columns
-``c*H*W .. (c+1)*H*W - 1`` of the consumer Linear), and ``x.size(d)`` / ``x.shape[d]`` for a
-non-channel ``d``. Anything else reached by the channels (``torch.cat``, a ``view`` of other
-semantics, a sum over channels, LayerNorm, a grouped conv, an add with the model input, the
-model output, ...) makes the whole group unprovable: its producers are listed in ``skipped``
-with the reason, and stay untouched. So is every layer that is called more than once, has
-hooks, shares a parameter, has its weight read directly in the forward, or is a subclass.
+adaptive pooling (modules and ``F.*`` functions), ``mean`` over non-channel dims, ``+`` / ``-``
+of two channel tensors of the same shape (residual adds) and ``+ - * /`` with a Python number,
+``contiguous`` / ``clone`` / ``detach``, ``torch.flatten`` / ``x.flatten(1)`` / ``nn.Flatten``
+/ ``x.view(x.size(0), -1)`` starting at the channel dim (channel ``c`` of ``[B, C, H, W]`` then
+is columns ``c*H*W .. (c+1)*H*W - 1`` of the consumer Linear), and ``x.size(d)`` /
+``x.shape[d]`` for a non-channel ``d``. Anything else reached by the channels (``torch.cat``, a
+``view`` of other semantics, a sum over channels, LayerNorm, a grouped conv, an add with the
+model input, the model output, ...) makes the whole group unprovable: its producers are listed
+in ``skipped`` with the reason, and stay untouched. So is every layer that is called more than
+once, has hooks, shares a parameter, has its weight read directly in the forward, or is a
+subclass.
 A model that ``torch.fx`` cannot trace is left as it is (every layer listed).
 
 Exact removal of dead channels (``prune_channels(..., zero_only=True)``): a channel whose weight
@@ -70,6 +71,15 @@ _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoi
                 nn.ELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Tanh, nn.Sigmoid)
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+# functional pooling -> its parameters after the input, in order
+_POOL_FUNCTIONS = {
+    F.max_pool2d: ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                   "return_indices"),
+    F.avg_pool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                   "divisor_override"),
+    F.adaptive_avg_pool2d: ("output_size",),
+    F.adaptive_max_pool2d: ("output_size", "return_indices"),
+}
 _ACT_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.hardswish,
                   F.hardsigmoid, F.leaky_relu, F.elu, F.mish, F.softplus, F.hardtanh, torch.tanh,
                   F.tanh, torch.sigmoid, F.sigmoid}
@@ -368,13 +378,21 @@ class _Analysis:
                          bound.arguments["end_dim"])
         elif (is_fn and t is torch.mean) or (not is_fn and t == "mean"):
             self.mean(node, ins[0], tin, op)
-        elif is_fn and t is F.adaptive_avg_pool2d:
+        elif is_fn and t in _POOL_FUNCTIONS:
             nd = len(_shape(ins[0]) or ())
-            if tin.rep != 1 or tin.cdim != nd - 3:
+            params = _POOL_FUNCTIONS[t]
+            got = dict(zip(params, node.args[1:], strict=False)) | dict(node.kwargs)
+            if tin.rep != 1 or tin.cdim != nd - 3 or got.get("return_indices", False):
                 self.poison(ins, f"{op} (node {node.name}) does not pool them channel by "
                                  f"channel")
                 return
-            self.step(node, tin, "fn", [ins[0]], None)
+            # average pooling that divides by a count including zero padding (or by a fixed
+            # divisor) does not keep a constant channel constant at the border
+            border = t is F.avg_pool2d and (
+                got.get("divisor_override") is not None
+                or (got.get("count_include_pad", True)
+                    and any(p > 0 for p in _pair(got.get("padding", 0)))))
+            self.step(node, tin, "border" if border else "fn", [ins[0]], None)
         elif not is_fn and t == "size":
             self.size(node, ins[0], tin, op)
         elif not is_fn and t == "dim":

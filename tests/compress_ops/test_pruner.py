@@ -3,6 +3,8 @@ hits its targets at the right steps, and finalize keeps the masked model's outpu
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,3 +139,93 @@ def test_pruner_bad_input():
         prune.Pruner(model, 0.5, pattern="channel")
     with pytest.raises(ValueError, match="expected"):
         prune.Pruner(model, 0.5, criterion=lambda n, m: torch.ones(3))
+
+
+class _CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12 * 4 * 4, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        return self.head(F.relu(self.fc(torch.flatten(x, 1))))
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def test_channel_pattern_masks_groups_and_finalize_removes_them_exactly():
+    torch.manual_seed(0)
+    model = _randomize_bn(_CNN()).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    pruner = prune.Pruner(model, 0.5, pattern="channel", example_inputs=(x,))
+    produced = {p for g in pruner.groups for p in g.producers}
+    assert produced == {"conv1", "conv2", "fc"}  # the head's outputs are the model's
+    # train a few steps with BN in train mode: masked channels stay exactly zero
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data = [(torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (4,)))
+            for _ in range(3)]
+    distill.fit(model, None, data, 6, opt, progress=False, on_step=pruner.step)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    model = pruner.finalize()
+    assert (model.conv1.out_channels, model.conv2.out_channels, model.fc.out_features) \
+        == (4, 6, 8)
+    assert model.bn1.num_features == 4 and model.fc.in_features == 6 * 16
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+
+
+def test_2_4_with_permutation_keeps_more_saliency_and_stays_closer_to_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.GELU(),
+                          nn.Linear(32, 8))
+    with torch.no_grad():  # inputs 0..7 of layer 2 matter most: identity grouping wastes them
+        model[2].weight[:, :8] *= 10
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        ref = model(x)
+    plain = prune.Pruner(copy.deepcopy(model), None, pattern="2:4")
+    pruner = prune.Pruner(model, None, pattern="2:4", example_inputs=(x,), permute=True)
+    assert set(pruner.permuted) == {"2", "4"}
+    assert "0" in pruner.skipped  # fed by the model input: nothing to fold into
+    for before, after in pruner.permuted.values():
+        assert after >= before
+    before, after = pruner.permuted["2"]
+    assert after > 1.2 * before
+    with torch.no_grad():
+        err_plain = (plain.model(x) - ref).norm()
+        err_perm = (model(x) - ref).norm()
+    assert err_perm < 0.9 * err_plain
+
+
+def test_permutation_alone_is_an_exact_reparametrisation():
+    from compress_ops.structured import channel_groups, select_channels
+
+    torch.manual_seed(0)
+    model = _randomize_bn(_CNN()).double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)
+    groups, _ = channel_groups(model, (x,))
+    (g,) = [g for g in groups if g.producers == ["fc"]]
+    perm = prune.nm_permutation(model.head.weight.detach().abs())
+    assert not torch.equal(perm, torch.arange(16))
+    select_channels(model, g, perm)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)

@@ -584,8 +584,9 @@ class Pruner:
         """Advance the schedule by one optimizer step (arguments ignored, so it can be
         ``fit``'s ``on_step``); updates the masks when due, and re-applies them."""
         self.step_count += 1
-        if self.schedule is not None and self.step_count % self.update_every == 0 \
-                and self.step_count <= self.schedule[1]:
+        end = self.schedule[1] if self.schedule is not None else 0
+        if self.step_count <= end and (self.step_count % self.update_every == 0
+                                       or self.step_count == end):  # the target, always
             self.update(self.target_sparsity())
         else:
             self.apply()

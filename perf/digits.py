@@ -4,7 +4,8 @@
 A small MLP (64-256-256-10) and a small CNN (conv 32 - conv 64 - pool - fc 128 - fc 10, with
 BatchNorm) are trained on a fixed stratified 70/30 split; every row reports held-out accuracy
 and the stored weight bytes of the compressed model relative to the dense one (every
-Linear/Conv2d weight counted; biases and BatchNorm excluded). Rows:
+Linear/Conv2d weight counted; biases and BatchNorm excluded), and the fraction of weights that
+are nonzero (what unstructured pruning changes: it keeps the dense storage). Rows:
 
 * dense;
 * 2:4 one-shot (magnitude, :class:`~compress_ops.Sparse24Config`) and after retraining
@@ -42,7 +43,7 @@ from torch import nn
 import compress_ops as co
 from compress_ops import distill, prune, qat
 from compress_ops._text import format_table, markdown_table
-from compress_ops.nn import LowRankConv2d
+from compress_ops.nn import LowRankConv2d, LowRankLinear
 from compress_ops.nn.base import CompressedLinear
 
 BATCH = 64
@@ -119,6 +120,23 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def nonzero_weights(model: nn.Module) -> int:
+    """Nonzero weight values: of the factors for low-rank layers, else of the (dense value of
+    the) weight."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, LowRankLinear):
+            total += int(m.u.count_nonzero()) + int(m.v.count_nonzero())
+        elif isinstance(m, CompressedLinear):
+            total += int(m.dense_weight().count_nonzero())
+        elif isinstance(m, LowRankConv2d):
+            total += sum(int(p.count_nonzero()) for p in (m.reduce_weight, m.core,
+                                                            m.restore_weight))
+        elif type(m) in (nn.Linear, nn.Conv2d):
+            total += int(m.weight.count_nonzero())
+    return total
+
+
 def train(model: nn.Module, data: list, steps: int, teacher: nn.Module | None = None,
           lr: float = 2e-3, on_step: Callable | None = None) -> nn.Module:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -127,20 +145,22 @@ def train(model: nn.Module, data: list, steps: int, teacher: nn.Module | None = 
     return model.eval()
 
 
-def run_model(kind: str, args: argparse.Namespace, split: tuple) -> list[tuple[str, float, float]]:
+def run_model(kind: str, args: argparse.Namespace,
+              split: tuple) -> list[tuple[str, float, float, float]]:
     x_tr, y_tr, x_te, y_te = split
     data = batches(x_tr, y_tr, seed=1)
     calib = [(x,) for x, _ in data[:4]]
     example = (x_tr[:2],)
     torch.manual_seed(0)
     dense = train(MODELS[kind](1), data, args.steps)
-    dense_bytes = weight_bytes(dense)
-    rows: list[tuple[str, float, float]] = []
+    dense_bytes, dense_nnz = weight_bytes(dense), nonzero_weights(dense)
+    rows: list[tuple[str, float, float, float]] = []
 
     def add(name: str, model: nn.Module) -> None:
-        rows.append((name, accuracy(model, x_te, y_te), weight_bytes(model) / dense_bytes))
-        print(f"  {kind:4s} {name:32s} {rows[-1][1]:6.2f}%  size {rows[-1][2]:.3f}",
-              file=sys.stderr)
+        rows.append((name, accuracy(model, x_te, y_te), weight_bytes(model) / dense_bytes,
+                     nonzero_weights(model) / dense_nnz))
+        print(f"  {kind:4s} {name:32s} {rows[-1][1]:6.2f}%  size {rows[-1][2]:.3f}  "
+              f"nonzero {rows[-1][3]:.3f}", file=sys.stderr)
 
     def copy_dense() -> nn.Module:
         return copy.deepcopy(dense).eval()
@@ -185,11 +205,12 @@ def run_model(kind: str, args: argparse.Namespace, split: tuple) -> list[tuple[s
         init = copy.deepcopy(student)
         alone.append(accuracy(train(student, data, args.steps), x_te, y_te))
         distilled.append(accuracy(train(init, data, args.steps, teacher=dense), x_te, y_te))
-    half = weight_bytes(MODELS[kind](2)) / dense_bytes
+    half = MODELS[kind](2)
+    size = (weight_bytes(half) / dense_bytes, nonzero_weights(half) / dense_nnz)
     rows.append((f"half-width student alone ({args.seeds} seeds)", sum(alone) / len(alone),
-                 half))
+                 *size))
     rows.append((f"half-width student distilled ({args.seeds} seeds)",
-                 sum(distilled) / len(distilled), half))
+                 sum(distilled) / len(distilled), *size))
     for budget in (0.5, 0.25):
         recipe = co.plan(copy_dense(), calib, budget, verbose=args.verbose)
         add(f"plan budget {budget}", co.compress_(copy_dense(), recipe))
@@ -214,9 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = {k: run_model(k, args, split) for k in kinds}
     names = [r[0] for r in results[kinds[0]]]
-    head = ["method"] + [h for k in kinds for h in (f"{k} acc %", f"{k} size")]
+    head = ["method"] + [h for k in kinds for h in (f"{k} acc %", f"{k} size",
+                                                     f"{k} nonzero")]
     rows = [[name] + [v for k in kinds for v in (f"{results[k][i][1]:.2f}",
-                                                 f"{results[k][i][2]:.3f}")]
+                                                 f"{results[k][i][2]:.3f}",
+                                                 f"{results[k][i][3]:.3f}")]
             for i, name in enumerate(names)]
     print((markdown_table if args.markdown else format_table)(head, rows))
     print(f"\n{len(split[2])} held-out digits (1 digit = {100 / len(split[2]):.2f} points); "

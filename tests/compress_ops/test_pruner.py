@@ -229,3 +229,10 @@ def test_permutation_alone_is_an_exact_reparametrisation():
     select_channels(model, g, perm)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref)
+
+
+def test_schedule_reaches_its_target_when_the_end_is_not_an_update_step():
+    pruner = prune.Pruner(_mlp(), 0.8, schedule=(0, 7), update_every=5)
+    for _ in range(7):
+        pruner.step()
+    assert pruner.sparsity() == pytest.approx(0.8, abs=0.01)

@@ -259,7 +259,7 @@ class Recipe:
     keeps that module dense. Modules that match no rule are left alone. Rules match the layers
     themselves, not their containers: ``{"encoder": None}`` keeps nothing dense, use
     ``{"encoder[.].*": None}``. ``compress_`` raises ``ValueError`` for a rule that matches no
-    module name of the model (a misspelt layer name).
+    layer its config could apply to (a misspelt name, or only containers).
     """
 
     rules: dict[str, object]
@@ -284,15 +284,23 @@ class Recipe:
             compiled.append((rx, cfg))
         object.__setattr__(self, "_compiled", tuple(compiled))
 
-    def check_names(self, names: list[str]) -> None:
-        """``ValueError`` naming every rule that matches none of ``names`` (a misspelt layer
-        name would otherwise silently leave that layer as it is)."""
-        unknown = [p for p, (rx, _) in zip(self.rules, self._compiled, strict=True)
-                   if not any(rx.fullmatch(n) for n in names)]
+    def check_names(self, modules: dict[str, nn.Module]) -> None:
+        """``ValueError`` naming every rule that matches no layer it could apply to among
+        ``modules`` (``{name: module}``): a rule with a config must match a module of a type
+        the config handles (or one already compressed), a ``None`` rule any such layer. A
+        misspelt name, or a rule matching only containers, would otherwise change nothing."""
+        handled = tuple({t for types, _ in _TRANSFORMS.values() for t in types}) + (
+            CompressedLinear, LowRankConv2d, FusedDWSepConv2d)
+        unknown = []
+        for pattern, (rx, cfg) in zip(self.rules, self._compiled, strict=True):
+            types = _TRANSFORMS[type(cfg)][0] + (CompressedLinear, LowRankConv2d) \
+                if cfg is not None else handled
+            if not any(rx.fullmatch(n) and isinstance(m, types) for n, m in modules.items()):
+                unknown.append(pattern)
         if unknown:
-            shown = [n for n in names if n][:8]
-            raise ValueError(f"Recipe rules {unknown} match no module of the model; its "
-                             f"modules are named like {shown}")
+            shown = [n for n, m in modules.items() if n and isinstance(m, handled)][:8]
+            raise ValueError(f"Recipe rules {unknown} match no layer of the model they could "
+                             f"apply to; its layers are named like {shown}")
 
     def config_for(self, name: str) -> tuple[bool, object]:
         """``(matched, config)`` for a module name."""
@@ -344,7 +352,8 @@ def compress_(
         names.setdefault(id(module), []).append(name)
         modules[id(module)] = module
     if isinstance(config, Recipe):
-        config.check_names([n for aliases in names.values() for n in aliases])
+        config.check_names({n: modules[mid] for mid, aliases in names.items()
+                            for n in aliases})
     owners: dict[int, list[str]] = {}
     for mid, module in modules.items():
         for param in module._parameters.values():

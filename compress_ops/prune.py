@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = ["Pruner", "magnitude_scores", "wanda_scores", "obd_scores", "activation_norms",
            "fisher_diagonal", "unstructured_masks", "nm_mask", "nm_kept", "nm_permutation",
@@ -322,9 +323,13 @@ _CRITERIA = ("magnitude", "wanda", "obd")
 
 
 class Pruner:
-    """Masks applied during training: dense weights, multiplied by a keep-mask before every
-    forward and after every gradient, so that masked weights stay exactly zero under any
-    optimizer (momentum, weight decay), then :meth:`finalize` into the compressed model.
+    """Masks applied during training: dense weights seen through a keep-mask (a
+    ``torch.nn.utils.parametrize`` parametrization, ``weight = original * keep``), so masked
+    weights are exactly zero in every forward and get no gradient, under any optimizer
+    (momentum and weight decay move only the hidden original, which :meth:`step` re-zeroes);
+    then :meth:`finalize` into the compressed model. The masks are buffers of the model: they
+    follow ``.to()``. Build the optimizer after the ``Pruner`` if ``permute=True`` (the
+    permuted layers are new modules); otherwise before or after.
 
     ``pattern``:
 
@@ -336,9 +341,12 @@ class Pruner:
       :class:`~compress_ops.nn.Sparse24Linear`; other layers stay masked-dense.
     * ``"channel"`` -- whole output channels of the coupled groups that
       :func:`compress_ops.structured.channel_groups` proves removable from a ``torch.fx`` trace
-      on ``example_inputs``; the masks zero the producers' rows and biases and the following
-      BatchNorm's affine parameters, so a masked channel's value is exactly zero. Finalize
-      removes those channels: a physically smaller dense model with the same outputs.
+      on ``example_inputs`` (residual producers share one mask); the masks zero the producers'
+      rows and biases and the following BatchNorms' affine parameters. Finalize removes the
+      dead channels with :func:`compress_ops.structured.prune_channels` (``zero_only``), which
+      folds a dead channel's constant (e.g. ``sigmoid(0)``) into the next layer's bias where
+      that is exact and keeps the channel where it is not (listed in ``skipped``): a
+      physically smaller dense model with the masked model's outputs (in eval mode).
 
     ``criterion``: ``"magnitude"``, ``"wanda"`` (activation norms measured once on ``calib``
     batches), ``"obd"`` (diagonal Fisher measured once on ``calib`` batches of ``(inputs,
@@ -350,8 +358,9 @@ class Pruner:
     ``update_every`` calls of :meth:`step` (call it once per optimizer step, e.g. as
     ``distill.fit(..., on_step=pruner.step)``). Without a schedule the masks are set once, now.
     Pruned weights are zero, so they score lowest at the next update: masks only grow.
-    ``layers``: qualified names (default: every ``nn.Linear``, plus ``nn.Conv2d`` for the
-    unstructured and N:M patterns).
+    ``layers``: qualified names of ``nn.Linear`` / ``nn.Conv2d`` layers (default: all of them;
+    for ``"channel"``, those whose channels can be removed; a listed layer coupled with others
+    through a residual add must be listed with them).
 
     ``permute=True`` (N:M only; needs ``example_inputs``): before masking, permute each N:M
     layer's input channels to keep more saliency (:func:`nm_permutation`, as NVIDIA's ASP
@@ -407,7 +416,7 @@ class Pruner:
         self.schedule, self.update_every, self.step_count = schedule, update_every, 0
         self.example_inputs = example_inputs
         mods = dict(model.named_modules())
-        types = (nn.Linear,) if pattern == "channel" else (nn.Linear, nn.Conv2d)
+        types = (nn.Linear, nn.Conv2d)
         names = list(layers) if layers is not None else [
             n for n, m in mods.items() if isinstance(m, types)]
         unknown = [n for n in names if n not in mods or not isinstance(mods[n], types)]
@@ -431,18 +440,28 @@ class Pruner:
 
             groups, unprovable = channel_groups(model, example_inputs)
             self.skipped.update(unprovable)
-            wanted = set(names) if layers is not None else None
-            self.groups = [g for g in groups
-                           if wanted is None or set(g.producers) <= wanted]
+            if layers is not None:
+                wanted = set(names)
+                for n in names:
+                    if n in unprovable:
+                        raise ValueError(f"layer {n!r}: {unprovable[n]}")
+                    (g,) = [g for g in groups if n in g.producers]
+                    if not set(g.producers) <= wanted:
+                        raise ValueError(f"layer {n!r} is coupled with {g.producers} (their "
+                                         f"outputs meet in an add): list all of them")
+                groups = [g for g in groups if set(g.producers) <= wanted]
+            self.groups = groups
             self.layers = {n: mods[n] for g in self.groups for n in g.producers}
+        if calib is not None and iter(calib) is calib:
+            calib = list(calib)  # a one-shot iterator: calibration may run twice (permute)
         self._calibrate(calib, loss_fn, forward)
         # layer -> (N:M-kept saliency before, after) the input-channel permutation
         self.permuted: dict[str, tuple[float, float]] = {}
         if permute and self._permute():
             self._calibrate(calib, loss_fn, forward)  # statistics of the permuted inputs
-        # (module, parameter name) -> keep-mask shaped like the parameter
-        self.masks: dict[tuple[str, str], torch.Tensor] = {}
-        self._hooks: list = []
+        # (module, parameter name) -> the parametrization holding its keep-mask
+        self._masks: dict[tuple[str, str], _Mask] = {}
+        self._state = "active"
         self.update(self.target_sparsity())
 
     def _calibrate(self, calib, loss_fn, forward) -> None:
@@ -547,42 +566,36 @@ class Pruner:
                     if mods[b].weight is not None:
                         masks[(b, "weight")] = keep.clone()
                         masks[(b, "bias")] = keep.clone()
-        # keep the same tensors (hooks hold them): update in place
         for key, keep in masks.items():
-            if key in self.masks:
-                self.masks[key].copy_(keep)
+            if key in self._masks:
+                self._masks[key].keep.copy_(keep)
             else:
-                self.masks[key] = keep.to(self._param(key).device)
-        if not self._hooks:
-            self._install()
+                module = self.model.get_submodule(key[0])
+                mask = _Mask(keep.to(getattr(module, key[1]).device))
+                parametrize.register_parametrization(module, key[1], mask)
+                self._masks[key] = mask
         self.apply()
 
-    def _param(self, key: tuple[str, str]) -> nn.Parameter:
-        return getattr(self.model.get_submodule(key[0]), key[1])
-
-    def _install(self) -> None:
-        for key, keep in self.masks.items():
-            param = self._param(key)
-            self._hooks.append(param.register_hook(lambda g, keep=keep: g * keep))
-        for name in {k[0] for k in self.masks}:
-            self._hooks.append(self.model.get_submodule(name).register_forward_pre_hook(
-                lambda mod, args, name=name: self._apply_module(name)))
-
-    @torch.no_grad()
-    def _apply_module(self, name: str) -> None:
-        for (n, p), keep in self.masks.items():
-            if n == name:
-                getattr(self.model.get_submodule(n), p).mul_(keep)
+    @property
+    def masks(self) -> dict[tuple[str, str], torch.Tensor]:
+        """``{(layer, parameter name): keep-mask}`` (boolean, shaped like the parameter)."""
+        return {key: m.keep for key, m in self._masks.items()}
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Zero every masked weight now."""
-        for key, keep in self.masks.items():
-            self._param(key).mul_(keep)
+        """Zero the hidden original of every masked weight (what momentum may have moved)."""
+        for (name, pname), mask in self._masks.items():
+            module = self.model.get_submodule(name)
+            module.parametrizations[pname].original.mul_(mask.keep)
+
+    def _check_active(self) -> None:
+        if self._state != "active":
+            raise RuntimeError(f"this Pruner was {self._state}; build a new one")
 
     def step(self, *_: object) -> None:
         """Advance the schedule by one optimizer step (arguments ignored, so it can be
         ``fit``'s ``on_step``); updates the masks when due, and re-applies them."""
+        self._check_active()
         self.step_count += 1
         end = self.schedule[1] if self.schedule is not None else 0
         if self.step_count <= end and (self.step_count % self.update_every == 0
@@ -601,42 +614,65 @@ class Pruner:
         return 1.0 - kept / total if total else 0.0
 
     def remove(self) -> None:
-        """Remove the hooks; the weights keep their zeros."""
+        """Remove the masks' parametrizations: the layers become plain modules again, their
+        weights keeping the zeros."""
+        self._check_active()
         self.apply()
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        for name, pname in self._masks:
+            parametrize.remove_parametrizations(self.model.get_submodule(name), pname,
+                                                leave_parametrized=True)
+        self._state = "removed"
 
     # -- finalize -------------------------------------------------------------------------
 
     def finalize(self) -> nn.Module:
-        """Remove the hooks and convert the masked layers; returns the model.
+        """Remove the masks and convert the masked layers; returns the model (a new module
+        when the model itself was a pruned ``nn.Linear``).
 
         2:4 ``nn.Linear`` layers become :class:`~compress_ops.nn.Sparse24Linear` (the masked
-        weights, packed as they are); the channel pattern removes the masked channels
-        (:func:`compress_ops.structured.select_channels`); unstructured layers stay dense.
-        The finalized model computes what the masked model computed.
+        weights, packed as they are); the channel pattern removes the dead channels
+        (:func:`compress_ops.structured.prune_channels` with ``zero_only=True``; its report is
+        kept as ``structured``, and masked channels it had to keep are listed in ``skipped``);
+        unstructured layers stay dense with their zeros. The finalized model computes what
+        the masked model computed (channel pattern: in eval mode, BatchNorm statistics frozen).
         """
         self.remove()
+        self._state = "finalized"
         if self.nm == (2, 4):
-            from compress_ops.api import Sparse24Config
+            from compress_ops.api import Sparse24Config, _set_submodule
             from compress_ops.nn.sparse24 import Sparse24Linear
 
             for n, m in self.layers.items():
                 if type(m) is nn.Linear:
                     new = Sparse24Linear.from_dense(m, Sparse24Config(prune=False))
                     if n:
-                        parent, _, child = n.rpartition(".")
-                        setattr(self.model.get_submodule(parent) if parent else self.model,
-                                child, new)
+                        _set_submodule(self.model, n, new)
                     else:
                         self.model = new
         elif self.pattern == "channel":
-            from compress_ops.structured import select_channels
+            from compress_ops.structured import prune_channels
 
-            for g in self.groups:
-                keep = self.masks[(g.producers[0], "weight")].reshape(
-                    self.masks[(g.producers[0], "weight")].shape[0], -1)[:, 0]
-                select_channels(self.model, g, keep.nonzero().flatten())
-        self.masks.clear()
+            masked = {tuple(g.producers): int((~self._row_keep(g)).sum()) for g in self.groups}
+            self.structured = prune_channels(self.model, self.example_inputs, zero_only=True)
+            removed = {p: before - after for p, before, after in self.structured.groups}
+            for producers, count in masked.items():
+                if removed.get(producers, 0) < count:
+                    self.skipped[", ".join(producers)] = (
+                        f"{count - removed.get(producers, 0)} of {count} masked channels kept: "
+                        f"their constant value cannot be folded exactly into the next layers")
         return self.model
+
+    def _row_keep(self, group) -> torch.Tensor:
+        keep = self._masks[(group.producers[0], "weight")].keep
+        return keep.reshape(keep.shape[0], -1)[:, 0]
+
+
+class _Mask(nn.Module):
+    """The parametrization ``weight = original * keep`` (``keep`` a boolean buffer)."""
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("keep", keep.bool())
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return original * self.keep

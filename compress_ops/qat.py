@@ -351,6 +351,9 @@ def prepare_qat(model: nn.Module, config: QATConfig | Recipe, *,
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
         modules[id(module)] = module
+    if isinstance(config, Recipe):
+        config.check_names({n: modules[mid] for mid, aliases in names.items()
+                            for n in aliases})
     owners: dict[int, list[str]] = {}
     for mid, module in modules.items():
         for param in module._parameters.values():

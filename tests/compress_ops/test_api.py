@@ -269,6 +269,14 @@ def test_fp16_model_with_dead_rows_quantizes():
 
 def test_recipe_rule_matching_no_layer_is_an_error():
     model = MLP()
-    with pytest.raises(ValueError, match=r"\['fc3'\] match no module.*fc1"):
+    with pytest.raises(ValueError, match=r"\[.fc3.\] match no layer.*fc1"):
         co.compress_(model, co.Recipe({"fc1": co.Sparse24Config(), "fc3": None}))
     assert type(model.fc1) is nn.Linear  # nothing was changed
+    container = nn.Sequential(MLP(), nn.ReLU())
+    for rules in ({"0": co.QuantConfig()},  # a container only
+                  {"1": None},  # a ReLU only
+                  {r"0\.fc1": co.LowRankConfig(rank=2), r"0\.nothing": None}):
+        with pytest.raises(ValueError, match="match no layer"):
+            co.compress_(container, co.Recipe(rules))
+    co.compress_(container, co.Recipe({r"0\.fc1": co.Sparse24Config()}))
+    co.compress_(container, co.Recipe({r"0\.fc1": co.Sparse24Config()}))  # again: no error

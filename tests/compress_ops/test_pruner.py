@@ -31,27 +31,56 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def test_masks_stay_applied_under_adam_with_weight_decay():
+def test_masks_stay_applied_and_only_grow_under_adam_momentum():
     model = _mlp()
-    pruner = prune.Pruner(model, 0.75)
+    pruner = prune.Pruner(model, 0.75, schedule=(0, 12), update_every=3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    distill.fit(model, None, _data(), 20, opt, progress=False, on_step=pruner.step)
-    for (name, _), keep in pruner.masks.items():
+    history = []
+
+    def on_step(*_):
+        pruner.step()
+        history.append({k: v.clone() for k, v in pruner.masks.items()})
+
+    distill.fit(model, None, _data(), 20, opt, progress=False, on_step=on_step)
+    for before, after in zip(history, history[1:], strict=False):
+        for key in before:  # a pruned weight never comes back
+            assert not (after[key] & ~before[key]).any()
+    masks = {k: v.clone() for k, v in pruner.masks.items()}
+    model = pruner.finalize()
+    for (name, _), keep in masks.items():
         w = model.get_submodule(name).weight
+        assert type(model.get_submodule(name)) is nn.Linear  # plain module again
         assert (w[~keep] == 0).all()
         assert (w[keep] != 0).all()  # the kept weights trained
         assert (~keep).sum() == round(0.75 * w.numel())
-    assert pruner.sparsity() == pytest.approx(0.75, abs=1e-2)
 
 
-def test_forward_applies_the_mask_even_when_weights_are_changed_behind_its_back():
+def test_weights_used_twice_before_backward_get_correct_gradients():
     model = _mlp()
+    ref = copy.deepcopy(model)
     pruner = prune.Pruner(model, 0.5)
     with torch.no_grad():
-        model[0].weight.fill_(1.0)
-    model(torch.randn(2, 16))
-    keep = pruner.masks[("0", "weight")]
-    assert (model[0].weight[~keep] == 0).all()
+        for (name, _), keep in pruner.masks.items():
+            ref.get_submodule(name).weight.mul_(keep)
+    x1, x2 = torch.randn(3, 16), torch.randn(3, 16)
+    (model(x1).sum() + model(x2).sum()).backward()
+    (ref(x1).sum() + ref(x2).sum()).backward()
+    for (name, _), keep in pruner.masks.items():
+        g = model.get_submodule(name).parametrizations.weight.original.grad
+        torch.testing.assert_close(g, ref.get_submodule(name).weight.grad * keep)
+
+
+def test_pruner_lifecycle_errors_and_masks_are_buffers():
+    model = _mlp()
+    pruner = prune.Pruner(model, 0.5)
+    assert any(n.endswith("keep") for n, _ in model.named_buffers())  # they follow .to()
+    pruner.remove()
+    with pytest.raises(RuntimeError, match="removed"):
+        pruner.step()
+    pruner = prune.Pruner(model, 0.5)
+    pruner.finalize()
+    with pytest.raises(RuntimeError, match="finalized"):
+        pruner.finalize()
 
 
 def test_gradual_schedule_hits_its_targets_at_the_right_steps():
@@ -113,9 +142,10 @@ def test_unstructured_finalize_keeps_outputs_and_removes_hooks():
     ref = model(x)
     model = pruner.finalize()
     torch.testing.assert_close(model(x), ref)
+    assert type(model[0]) is nn.Linear  # no parametrization left
     with torch.no_grad():
         model[0].weight.fill_(1.0)
-    assert (model[0].weight == 1.0).all() and (model(x) != ref).any()  # no hook left
+    assert (model(x) != ref).any()
 
 
 def test_pruner_bad_input():
@@ -236,3 +266,65 @@ def test_schedule_reaches_its_target_when_the_end_is_not_an_update_step():
     for _ in range(7):
         pruner.step()
     assert pruner.sparsity() == pytest.approx(0.8, abs=0.01)
+
+
+def test_channel_finalize_folds_constants_of_dead_channels_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 12), nn.Softplus(),
+                          nn.Linear(12, 3)).double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    pruner = prune.Pruner(model, 0.5, pattern="channel", example_inputs=(x,))
+    with torch.no_grad():
+        ref = model(x)
+    model = pruner.finalize()
+    assert (model[0].out_features, model[2].out_features) == (8, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+
+
+def test_channel_finalize_keeps_what_it_cannot_fold_and_says_so():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sigmoid(), nn.Conv2d(8, 4, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 2)).double()
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    pruner = prune.Pruner(model, 0.5, pattern="channel", example_inputs=(x,))
+    with torch.no_grad():
+        ref = model(x)
+    model = pruner.finalize()
+    # sigmoid(0) = 0.5 is not constant through a zero-padded conv: those channels stay
+    assert model[0].out_channels == 8 and "cannot be folded" in pruner.skipped["0"]
+    assert model[2].out_channels == 2  # ReLU(0) = 0: removed
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        return self.head(F.relu(h + self.b(h)))
+
+
+def test_channel_layers_must_name_whole_coupled_groups():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"coupled with \['a', 'b'\]|coupled with \['b', 'a'\]"):
+        prune.Pruner(_Residual(), 0.5, pattern="channel", example_inputs=(x,), layers=["b"])
+    with pytest.raises(ValueError, match="model output"):
+        prune.Pruner(_Residual(), 0.5, pattern="channel", example_inputs=(x,), layers=["head"])
+    pruner = prune.Pruner(_Residual(), 0.5, pattern="channel", example_inputs=(x,),
+                          layers=["a", "b"])
+    keep = pruner.masks
+    torch.testing.assert_close(keep[("a", "bias")], keep[("b", "bias")])  # one shared mask
+
+
+def test_permute_with_a_one_shot_calibration_iterator():
+    model = _mlp()
+    calib = iter(_data())
+    pruner = prune.Pruner(model, None, pattern="2:4", criterion="wanda", calib=calib,
+                          example_inputs=(torch.randn(2, 16),), permute=True)
+    assert pruner.permuted and pruner.sparsity() == pytest.approx(0.5)

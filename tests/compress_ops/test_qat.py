@@ -394,3 +394,10 @@ def test_errors():
                         co.CodebookConfig(row_groups=4))
     assert type(model[0]) is nn.Linear and isinstance(model[1], FakeQuantLinear)
     assert "row_groups=4" in {r.name: r for r in co.report(model)}["0"].note
+
+
+def test_prepare_qat_rejects_a_recipe_rule_that_matches_no_layer():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="match no layer"):
+        prepare_qat(model, co.Recipe({"0": co.QuantConfig(bits=4), "typo": None}))
+    assert type(model[0]) is nn.Linear

@@ -51,6 +51,7 @@ from compress_ops.api import (
 from compress_ops.nn.base import CompressedLinear
 from compress_ops.nn.dwsep import FusedDWSepConv2d
 from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
+from compress_ops.prune import eval_mode
 
 __all__ = ["DEFAULT_CANDIDATES", "MAX_STATES", "Plan", "PlanRow", "Solution", "choose", "plan",
            "solve"]
@@ -416,8 +417,8 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
 
     ``calib_data``: an iterable of batches (a list, a DataLoader), run once; ``forward(model,
     batch)`` runs one batch (default ``model(batch[0])`` for tuples/lists, else
-    ``model(batch)``). The model runs as it is: call ``model.eval()`` first (in training mode
-    BatchNorm statistics update and dropout perturbs the layer inputs). ``candidates``:
+    ``model(batch)``). The model runs in eval mode (BatchNorm statistics untouched, no dropout;
+    each module's mode is restored afterwards). ``candidates``:
     per-layer configs (default :data:`DEFAULT_CANDIDATES`); a shared ``CodebookConfig`` is a
     ``ValueError`` (its table depends on which other layers share it). ``metric``:
     ``"relative_mse"`` or ``"mse"`` (module docstring). ``layers``: names of the layers in
@@ -517,9 +518,10 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
     handles = [la.module.register_forward_hook(hook(la), with_kwargs=True) for la in active]
     batches = 0
     try:
-        for batch in calib_data:
-            _run(model, batch, forward)
-            batches += 1
+        with eval_mode(model):
+            for batch in calib_data:
+                _run(model, batch, forward)
+                batches += 1
     finally:
         for h in handles:
             h.remove()

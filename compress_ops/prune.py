@@ -21,6 +21,7 @@ Schedule: :func:`cubic_sparsity` (Zhu & Gupta, 2017). Regularizer: :class:`Group
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 import torch
@@ -30,6 +31,19 @@ from torch.nn.utils import parametrize
 __all__ = ["Pruner", "magnitude_scores", "wanda_scores", "obd_scores", "activation_norms",
            "fisher_diagonal", "unstructured_masks", "nm_mask", "nm_kept", "nm_permutation",
            "structured_mask", "cubic_sparsity", "GroupLasso"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run calibration in eval mode (BatchNorm statistics untouched, dropout off); every
+    module's mode is restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _check_sparsity(sparsity: float) -> None:
@@ -81,8 +95,9 @@ def activation_norms(model: nn.Module, batches: Iterable, layers: dict[str, nn.M
 
     hooks = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
     try:
-        for batch in batches:
-            _run(model, batch, forward)
+        with eval_mode(model):
+            for batch in batches:
+                _run(model, batch, forward)
     finally:
         for h in hooks:
             h.remove()
@@ -102,20 +117,25 @@ def fisher_diagonal(model: nn.Module, batches: Iterable, loss_fn: Callable,
                     params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher ``E[g^2]`` of each parameter in ``params`` over the
     calibration ``batches`` of ``(inputs, targets)``: one backward per batch of
-    ``loss_fn(model(inputs), targets)``; gradients of the model are left as they were."""
-    saved = {n: (None if p.grad is None else p.grad.clone()) for n, p in params.items()}
+    ``loss_fn(model(inputs), targets)``, in eval mode; every gradient of the model is left as
+    it was."""
+    everything = list(dict.fromkeys([*model.parameters(), *params.values()]))
+    saved = [p.grad for p in everything]
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     count = 0
-    for x, y in batches:
-        for p in params.values():
-            p.grad = None
-        loss_fn(model(x), y).backward()
-        for n, p in params.items():
-            if p.grad is not None:
-                acc[n] += p.grad.detach().float().pow(2)
-        count += 1
-    for n, p in params.items():
-        p.grad = saved[n]
+    try:
+        with eval_mode(model):
+            for x, y in batches:
+                for p in everything:
+                    p.grad = None
+                loss_fn(model(x), y).backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        acc[n] += p.grad.detach().float().pow(2)
+                count += 1
+    finally:
+        for p, g in zip(everything, saved, strict=True):
+            p.grad = g
     if count == 0:
         raise ValueError("fisher_diagonal needs at least one calibration batch")
     return {n: a / count for n, a in acc.items()}
@@ -265,11 +285,18 @@ def nm_permutation(scores: torch.Tensor, n: int = 2, m: int = 4, *, max_iters: i
     Greedy column swaps between groups: each round evaluates every swap exactly (the kept
     saliency of both groups after it) and applies the best disjoint improving swaps, until
     none improves or ``max_iters`` rounds. Never worse than the identity. Cost per round
-    ``O(C^2 R)``, evaluated ``chunk`` positions at a time.
+    ``O(C^2 R)`` time and ``8 R C chunk`` bytes of scratch: a fraction of a second at
+    C = R = 256, ~15 s per round at 1024 on two CPU cores; meant for small and medium layers
+    (or a GPU), not as is for 4096-wide transformer layers.
     """
     if not 0 < n < m:
         raise ValueError(f"need 0 < n < m, got n={n}, m={m}")
-    s = scores.detach().double().reshape(scores.shape[0], -1)
+    if scores.dim() != 2 or scores.numel() == 0:
+        raise ValueError(f"scores must be a non-empty [rows, inputs] matrix (for a conv, "
+                         f"reduce the kernel taps first), got shape {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or Inf")
+    s = scores.detach().double()
     r, c = s.shape
     if c % m:
         raise ValueError(f"input dimension {c} is not a multiple of m={m}")

@@ -5,7 +5,7 @@ estimator, then finalize them to the packed :class:`~compress_ops.nn.QuantLinear
     model = co.qat.prepare_qat(model, co.QuantConfig(bits=2, group_size=32))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)   # build it after prepare_qat
     ...                                                     # train as usual
-    model = co.qat.finalize_qat(model)                      # packed modules, same outputs
+    model = co.qat.finalize_qat(model)                      # packed, the same weights
 
 Design
 ------

@@ -169,3 +169,27 @@ def test_nm_permutation_is_a_permutation_never_worse_and_swap_optimal(rows, grou
     best_swap = max(_swap_kept(s, perm, x, y) for x in range(4 * groups)
                     for y in range(x + 1, 4 * groups) if x // 4 != y // 4)
     assert best_swap <= kept + 1e-9
+
+
+def test_calibration_runs_in_eval_mode_and_leaves_gradients_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
+    stats = model[1].running_mean.clone()
+    batches = [(torch.randn(5, 6), torch.randint(0, 3, (5,))) for _ in range(2)]
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = grads[n].clone()
+    prune.activation_norms(model, batches, {"0": model[0]})
+    prune.fisher_diagonal(model, batches, F.cross_entropy, {"0": model[0].weight})
+    assert torch.equal(model[1].running_mean, stats) and model.training and model[1].training
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[n])
+
+
+def test_nm_permutation_rejects_bad_scores():
+    for bad in (torch.rand(2, 4, 3, 3), torch.rand(0, 8), torch.tensor([[1.0, float("nan"),
+                                                                           0.0, 1.0]])):
+        with pytest.raises(ValueError):
+            prune.nm_permutation(bad)
+    with pytest.raises(ValueError, match="multiple"):
+        prune.nm_permutation(torch.rand(2, 6))

@@ -18,7 +18,9 @@ are nonzero (what unstructured pruning changes: it keeps the dense storage). Row
   then finalized to the packed modules);
 * low-rank (SVD / Tucker-2 at 90% energy) one-shot and after retraining the factors;
 * a half-width student trained on the labels alone vs distilled from the dense model (mean over
-  ``--seeds`` seeds, same initialisations and steps);
+  ``--seeds`` seeds, same initialisations, batches and steps), on the training batches and on
+  randomly shifted digits (one-pixel shifts: the teacher's soft labels on images it has not
+  seen are where distillation carries more than the labels);
 * the automatic plan (:func:`compress_ops.plan`) at budgets 0.5 and 0.25, one-shot.
 
 Retraining uses :func:`compress_ops.distill.fit` (AdamW, ``--retrain`` steps, distillation
@@ -101,6 +103,24 @@ def batches(x: torch.Tensor, y: torch.Tensor, seed: int) -> list[tuple[torch.Ten
     """One epoch of shuffled mini-batches (``fit`` cycles them)."""
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     return [(x[order[i:i + BATCH]], y[order[i:i + BATCH]]) for i in range(0, len(x), BATCH)]
+
+
+def shifted_batches(x: torch.Tensor, y: torch.Tensor, count: int,
+                    seed: int) -> list[tuple[torch.Tensor, ...]]:
+    """``count`` random mini-batches whose digits are shifted by up to one pixel in each
+    direction (zero fill): augmentation, so that a teacher's soft labels carry information the
+    hard labels do not (the student sees images the teacher was not trained on)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        idx = torch.randint(0, len(x), (BATCH,), generator=gen)
+        padded = F.pad(x[idx].view(-1, 8, 8), (1, 1, 1, 1))
+        dy, dx = torch.randint(0, 3, (2, BATCH), generator=gen)
+        rows = (dy[:, None] + torch.arange(8))[:, :, None]
+        cols = (dx[:, None] + torch.arange(8))[:, None, :]
+        imgs = padded[torch.arange(BATCH)[:, None, None], rows, cols]
+        out.append((imgs.reshape(BATCH, 64), y[idx]))
+    return out
 
 
 @torch.no_grad()
@@ -198,19 +218,23 @@ def run_model(kind: str, args: argparse.Namespace,
     lowrank = co.LowRankConfig(energy=0.9)
     add("low-rank e=0.9 one-shot", co.compress_(copy_dense(), lowrank))
     add("low-rank e=0.9 retrained", retrain(co.compress_(copy_dense(), lowrank)))
-    alone, distilled = [], []
-    for seed in range(args.seeds):
-        torch.manual_seed(100 + seed)
-        student = MODELS[kind](2)
-        init = copy.deepcopy(student)
-        alone.append(accuracy(train(student, data, args.steps), x_te, y_te))
-        distilled.append(accuracy(train(init, data, args.steps, teacher=dense), x_te, y_te))
     half = MODELS[kind](2)
     size = (weight_bytes(half) / dense_bytes, nonzero_weights(half) / dense_nnz)
-    rows.append((f"half-width student alone ({args.seeds} seeds)", sum(alone) / len(alone),
-                 *size))
-    rows.append((f"half-width student distilled ({args.seeds} seeds)",
-                 sum(distilled) / len(distilled), *size))
+    for label, student_data in (("", data),
+                                (", shifted", shifted_batches(x_tr, y_tr, args.steps, 2))):
+        alone, distilled = [], []
+        for seed in range(args.seeds):
+            torch.manual_seed(100 + seed)
+            student = MODELS[kind](2)
+            init = copy.deepcopy(student)
+            alone.append(accuracy(train(student, student_data, args.steps), x_te, y_te))
+            distilled.append(accuracy(train(init, student_data, args.steps, teacher=dense),
+                                      x_te, y_te))
+        for name, accs in (("alone", alone), ("distilled", distilled)):
+            rows.append((f"half-width student {name} ({args.seeds} seeds{label})",
+                         sum(accs) / len(accs), *size))
+            print(f"  {kind:4s} {rows[-1][0]:32s} {rows[-1][1]:6.2f}%  per seed "
+                  f"{[round(a, 2) for a in accs]}", file=sys.stderr)
     for budget in (0.5, 0.25):
         recipe = co.plan(copy_dense(), calib, budget, verbose=args.verbose)
         add(f"plan budget {budget}", co.compress_(copy_dense(), recipe))

@@ -302,6 +302,12 @@ class Recipe:
             raise ValueError(f"Recipe rules {unknown} match no layer of the model they could "
                              f"apply to; its layers are named like {shown}")
 
+    def noted_types(self) -> tuple[type, ...]:
+        """The layer types a ``None`` rule notes as "kept dense by recipe" (for ``report()``):
+        those the recipe's configs handle."""
+        return tuple(dict.fromkeys(t for cfg in self.rules.values() if cfg is not None
+                                   for t in _TRANSFORMS[type(cfg)][0]))
+
     def config_for(self, name: str) -> tuple[bool, object]:
         """``(matched, config)`` for a module name."""
         for rx, cfg in self._compiled:
@@ -359,9 +365,7 @@ def compress_(
         for param in module._parameters.values():
             if param is not None:
                 owners.setdefault(id(param), []).append(names[mid][0])
-    rule_types = {t for cfg in (config.rules.values() if isinstance(config, Recipe) else ())
-                  if cfg is not None for t in _TRANSFORMS[type(cfg)][0]}
-    none_types = tuple(rule_types) or (nn.Linear,)
+    none_types = (config.noted_types() if isinstance(config, Recipe) else ()) or (nn.Linear,)
     # 1. plan: the config (or the reason to stay dense) of every layer in scope
     plan: list[tuple[int, list[str], object, str | None]] = []
     for mid, aliases in names.items():

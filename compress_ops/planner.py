@@ -307,6 +307,11 @@ class Plan(Recipe):
     metric: str
     exact: bool
     lower_bound: float
+    scope_types: tuple[type, ...] = ()
+
+    def noted_types(self) -> tuple[type, ...]:
+        """Every type in the plan's scope: ``report()`` lists the layers it kept dense too."""
+        return tuple(dict.fromkeys(super().noted_types() + self.scope_types))
 
     @property
     def ratio(self) -> float:
@@ -585,7 +590,7 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
                                        else _pinned(layer.options[j][0], layer.options[j][1]))
     result = Plan(rules, table=tuple(table), budget=budget, dense_bytes=dense_total,
                   stored_bytes=sol.bytes + fixed, total_error=sol.error, metric=metric,
-                  exact=sol.exact, lower_bound=sol.lower_bound)
+                  exact=sol.exact, lower_bound=sol.lower_bound, scope_types=types)
     if verbose:
         print(result)
     return result

@@ -472,7 +472,14 @@ class Pruner:
                 for n in names:
                     if n in unprovable:
                         raise ValueError(f"layer {n!r}: {unprovable[n]}")
-                    (g,) = [g for g in groups if n in g.producers]
+                    found = [g for g in groups if n in g.producers]
+                    if not found:
+                        owner = [g.producers for g in groups if n in g.depthwise]
+                        raise ValueError(
+                            f"layer {n!r} does not produce removable channels" + (
+                                f": a depthwise conv, its channels follow {owner[0]}; list "
+                                f"those" if owner else ""))
+                    (g,) = found
                     if not set(g.producers) <= wanted:
                         raise ValueError(f"layer {n!r} is coupled with {g.producers} (their "
                                          f"outputs meet in an add): list all of them")
@@ -513,7 +520,13 @@ class Pruner:
             targets = [c for c in g.consumers if c in self.layers]
             if not targets:
                 continue
-            if any(scores[t].shape[1] != g.width or scores[t].dim() != 2 for t in targets):
+            if any(scores[t].dim() != 2 for t in targets):
+                for t in targets:
+                    self.skipped[t] = "input-channel permutation is implemented for linear " \
+                                      "consumers only; not permuted"
+                done.update(targets)
+                continue
+            if any(scores[t].shape[1] != g.width for t in targets):
                 for t in targets:  # e.g. a Linear after a flatten: channels are not columns
                     self.skipped[t] = "input columns are not the producer's channels 1:1; " \
                                       "not permuted"

@@ -157,6 +157,19 @@ def test_conv_model_and_layers_that_stay_dense():
     assert sum(r.dense_bytes for r in rows) == p.dense_bytes
 
 
+def test_report_lists_the_convs_a_plan_keeps_dense():
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    # only the linear can be compressed (quantization): every conv stays dense
+    p = plan(model, batches, 0.97, candidates=(co.QuantConfig(bits=4, search_steps=0),
+                                               co.LowRankConfig(rank=30)), verbose=False)
+    co.compress_(model, p)
+    rows = co.report(model)
+    assert {r.name for r in rows} == {"conv1", "conv2", "dw", "fc"}
+    assert rows.dense_bytes == p.dense_bytes and rows.stored_bytes == p.stored_bytes
+
+
 def test_energy_lowrank_is_pinned_to_the_measured_rank(data):
     model = mlp()
     # ~0.49 of dense with every layer factorized; keeping any one dense would not fit

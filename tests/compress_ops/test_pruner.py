@@ -328,3 +328,23 @@ def test_permute_with_a_one_shot_calibration_iterator():
     pruner = prune.Pruner(model, None, pattern="2:4", criterion="wanda", calib=calib,
                           example_inputs=(torch.randn(2, 16),), permute=True)
     assert pruner.permuted and pruner.sparsity() == pytest.approx(0.5)
+
+
+def test_channel_layers_naming_a_depthwise_conv_is_a_clear_error():
+    from compress_ops.archs import mobilenet_v2
+
+    model = mobilenet_v2(num_classes=10, width=0.5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    dw = next(n for n, m in model.named_modules()
+              if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels)
+    with pytest.raises(ValueError, match="depthwise conv, its channels follow"):
+        prune.Pruner(model, 0.5, pattern="channel", example_inputs=(x,), layers=[dw])
+
+
+def test_permute_names_why_conv_consumers_are_not_permuted():
+    model = _CNN()
+    pruner = prune.Pruner(model, None, pattern="2:4", example_inputs=(torch.randn(2, 3, 8, 8),),
+                          permute=True, layers=["conv2", "fc", "head"])
+    assert "linear consumers only" in pruner.skipped["conv2"]
+    assert "1:1" in pruner.skipped["fc"]  # after a flatten
+    assert "head" in pruner.permuted

@@ -38,7 +38,9 @@ always for a Linear (``bias += W[:, cols] @ c``), for a Conv2d only when it does
 zeros (``padding == 0`` or a non-``"zeros"`` padding mode; with zero padding a constant input
 is not constant at the borders). Otherwise the dead channel is kept. Constants are those of
 inference: BatchNorm uses its running statistics and dropout is the identity, so outputs are
-unchanged in eval mode (the mode one prunes a trained model in).
+unchanged in eval mode (the mode one prunes a trained model in). The constants are computed in
+float64 and added to the consumer's bias in its dtype: exact up to that dtype's rounding (in
+bfloat16, one rounding of the bias).
 
 The pruned model keeps its class: modules are replaced (at every name they are registered
 under) by new, smaller ``nn.Linear`` / ``nn.Conv2d`` / ``BatchNorm`` of the same dtype, device,

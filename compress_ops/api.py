@@ -350,21 +350,7 @@ def compress_(
         raise TypeError(f"unknown config {config!r}; expected one of "
                         f"{[t.__name__ for t in _TRANSFORMS]} or a Recipe")
     skipped: dict[str, str] = dict(getattr(model, SKIPPED_ATTR, {}))
-    # A module reachable under several names (shared) is transformed once and replaced at every
-    # name; a weight tied to another module (e.g. an embedding) is left alone.
-    names: dict[int, list[str]] = {}
-    modules: dict[int, nn.Module] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-        modules[id(module)] = module
-    if isinstance(config, Recipe):
-        config.check_names({n: modules[mid] for mid, aliases in names.items()
-                            for n in aliases})
-    owners: dict[int, list[str]] = {}
-    for mid, module in modules.items():
-        for param in module._parameters.values():
-            if param is not None:
-                owners.setdefault(id(param), []).append(names[mid][0])
+    names, modules, owners = _index(model, config)
     none_types = (config.noted_types() if isinstance(config, Recipe) else ()) or (nn.Linear,)
     # 1. plan: the config (or the reason to stay dense) of every layer in scope
     plan: list[tuple[int, list[str], object, str | None]] = []
@@ -378,21 +364,12 @@ def compress_(
         if not any(matched and isinstance(module, _TRANSFORMS[type(cfg)][0] if cfg else
                                           none_types) for matched, cfg in decisions):
             continue
-        reason = None
         cfg = None
         if len(decisions) > 1:
             reason = f"shared under {aliases} with different recipe rules"
         else:
             ((_, cfg),) = decisions
-            if cfg is None:
-                reason = "kept dense by recipe"
-            elif filter_fn is not None and not all(filter_fn(module, n) for n in aliases):
-                reason = "excluded by filter_fn"
-            else:
-                weight = getattr(module, "weight", None)
-                tied = [o for o in owners.get(id(weight), []) if o not in aliases]
-                if tied:
-                    reason = f"weight tied to {tied[0]}; compressing would break the tie"
+            reason = _dense_reason(module, aliases, cfg, filter_fn, owners)
         plan.append((mid, aliases, cfg, reason))
     # 2. prepare: transforms that look at several layers at once (e.g. a shared codebook over
     # every layer compressed with an equal config)
@@ -418,11 +395,55 @@ def compress_(
             except UnsupportedModule as exc:
                 reason = str(exc)
         built.append((aliases, new, reason))
-    # 4. swap them in
+    return _swap_in(model, built, skipped)
+
+
+def _index(model: nn.Module, config: object) -> tuple[dict[int, list[str]],
+                                                      dict[int, nn.Module],
+                                                      dict[int, list[str]]]:
+    """``(names, modules, owners)``: every name of each module (by id), the modules, and the
+    first names of the modules holding each parameter (by id). A module reachable under several
+    names (shared) is transformed once and replaced at every name; a weight tied to another
+    module (e.g. an embedding) is left alone. A ``Recipe``'s rules are checked here."""
+    names: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+        modules[id(module)] = module
+    if isinstance(config, Recipe):
+        config.check_names({n: modules[mid] for mid, aliases in names.items()
+                            for n in aliases})
+    owners: dict[int, list[str]] = {}
+    for mid, module in modules.items():
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), []).append(names[mid][0])
+    return names, modules, owners
+
+
+def _dense_reason(module: nn.Module, aliases: list[str], cfg: object,
+                  filter_fn: Callable[[nn.Module, str], bool] | None,
+                  owners: dict[int, list[str]]) -> str | None:
+    """Why a matched layer stays dense under ``cfg`` before any transform looks at it (None:
+    it does not): a ``None`` rule, ``filter_fn``, or a weight tied to another module."""
+    if cfg is None:
+        return "kept dense by recipe"
+    if filter_fn is not None and not all(filter_fn(module, n) for n in aliases):
+        return "excluded by filter_fn"
+    tied = [o for o in owners.get(id(getattr(module, "weight", None)), []) if o not in aliases]
+    if tied:
+        return f"weight tied to {tied[0]}; compressing would break the tie"
+    return None
+
+
+def _swap_in(model: nn.Module, built: list[tuple[list[str], nn.Module | None, str | None]],
+             skipped: dict[str, str]) -> nn.Module:
+    """Put each built module in at all of its names (or note why it stays dense); record the
+    notes for ``report()``; return the model, or the new root if the model was replaced."""
     replaced_root: nn.Module | None = None
     for aliases, new, reason in built:
         for name in aliases:
-            if reason is not None:
+            if new is None:
                 skipped[name] = reason
                 continue
             skipped.pop(name, None)

@@ -77,7 +77,10 @@ from compress_ops.api import (
     UnsupportedModule,
     _codebook_prepare,
     _config_for,
+    _dense_reason,
+    _index,
     _set_submodule,
+    _swap_in,
 )
 from compress_ops.kernels.dequant import dequantize, padded_k
 from compress_ops.nn.quant import CodebookLinear, QuantLinear
@@ -346,19 +349,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | Recipe, *,
                         f"or a Recipe")
     _check_refresh(refresh_every)
     skipped: dict[str, str] = dict(getattr(model, SKIPPED_ATTR, {}))
-    names: dict[int, list[str]] = {}
-    modules: dict[int, nn.Module] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-        modules[id(module)] = module
-    if isinstance(config, Recipe):
-        config.check_names({n: modules[mid] for mid, aliases in names.items()
-                            for n in aliases})
-    owners: dict[int, list[str]] = {}
-    for mid, module in modules.items():
-        for param in module._parameters.values():
-            if param is not None:
-                owners.setdefault(id(param), []).append(names[mid][0])
+    names, modules, owners = _index(model, config)
     # 1. plan: the config (or the reason to stay dense) of every linear in scope
     plan: list[tuple[int, list[str], object, str | None]] = []
     for mid, aliases in names.items():
@@ -402,36 +393,18 @@ def prepare_qat(model: nn.Module, config: QATConfig | Recipe, *,
             new = FakeQuantLinear.from_linear(modules[mid], cfg, codebook=tables.get(mid),
                                               refresh_every=refresh_every)
         built.append((aliases, new, reason))
-    # 4. swap them in
-    replaced_root: nn.Module | None = None
-    for aliases, new, reason in built:
-        for name in aliases:
-            if new is None:
-                skipped[name] = reason
-                continue
-            skipped.pop(name, None)
-            if name:
-                _set_submodule(model, name, new)
-            else:
-                replaced_root = new
-    result = replaced_root if replaced_root is not None else model
-    object.__setattr__(result, SKIPPED_ATTR, skipped)
-    return result
+    return _swap_in(model, built, skipped)
 
 
 def _reason(module: nn.Module, aliases: list[str], cfg: object,
             filter_fn: Callable[[nn.Module, str], bool] | None,
             owners: dict[int, list[str]]) -> str | None:
     """Why ``prepare_qat`` keeps a matched linear dense under ``cfg`` (None: it does not)."""
-    if cfg is None:
-        return "kept dense by recipe"
-    if type(module) is not nn.Linear:
+    if cfg is not None and type(module) is not nn.Linear:
         return f"{type(module).__name__} is not a plain nn.Linear"
-    if filter_fn is not None and not all(filter_fn(module, n) for n in aliases):
-        return "excluded by filter_fn"
-    tied = [o for o in owners.get(id(module.weight), []) if o not in aliases]
-    if tied:
-        return f"weight tied to {tied[0]}; compressing would break the tie"
+    reason = _dense_reason(module, aliases, cfg, filter_fn, owners)
+    if reason is not None:
+        return reason
     if isinstance(cfg, CodebookConfig) and module.out_features % cfg.row_groups:
         return (f"out_features={module.out_features} is not divisible by "
                 f"row_groups={cfg.row_groups}")

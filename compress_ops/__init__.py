@@ -6,18 +6,16 @@
 """
 
 from compress_ops import distill, nn, ops, prune, qat, structured  # noqa: F401  (ops registers torch.ops.compress_ops.*)
-from compress_ops.api import (
+from compress_ops.api import Recipe, Report, ReportRow, compress_, report
+from compress_ops.configs import (
     CodebookConfig,
     DWSepFuseConfig,
     LowRankConfig,
     QuantConfig,
-    Recipe,
-    Report,
-    ReportRow,
     Sparse24Config,
+    UnfusableError,
     UnsupportedModule,
-    compress_,
-    report,
+    UnsupportedWeight,
 )
 from compress_ops.planner import Plan, plan
 
@@ -33,6 +31,8 @@ __all__ = [
     "ReportRow",
     "Sparse24Config",
     "UnsupportedModule",
+    "UnfusableError",
+    "UnsupportedWeight",
     "Plan",
     "compress_",
     "plan",

@@ -1,6 +1,9 @@
-"""Configs, ``compress_()``, ``Recipe`` and ``report()``.
+"""``compress_()``, ``Recipe`` and ``report()``: the user's entry points.
 
-Data flows one way: config -> transform (``_TRANSFORMS``) -> module -> op -> kernel.
+Data flows one way: config (:mod:`compress_ops.configs`) -> transform
+(:mod:`compress_ops.transforms`, found with ``transform_for``) -> module (:mod:`compress_ops.nn`)
+-> op (:mod:`compress_ops.ops`) -> kernel (:mod:`compress_ops.kernels`). The swap itself (every
+name of a shared module, the notes ``report()`` reads) is :mod:`compress_ops._swap`.
 """
 
 from __future__ import annotations
@@ -11,244 +14,30 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+import compress_ops.transforms  # noqa: F401  (registers every config's transform)
+from compress_ops import _swap
 from compress_ops._text import format_table
-from compress_ops.kernels.dequant import BITS, GROUP_SIZES
-from compress_ops.nn.base import CompressedLinear
-from compress_ops.nn.dwsep import FusedDWSepConv2d
-from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
-from compress_ops.nn.quant import CodebookLinear, QuantLinear
-from compress_ops.nn.sparse24 import Sparse24Linear
-from compress_ops.quantize import fit_codebook
+from compress_ops.configs import (
+    CompressionConfig,
+    DWSepFuseConfig,
+    handled_types,
+    per_layer_configs,
+    transform_for,
+)
+from compress_ops.fuse import fuse_dwsep
+from compress_ops.nn.base import CompressedLinear, CompressedModule
+from compress_ops.nn.dequant import CodebookLinear
 
 __all__ = [
-    "Sparse24Config",
-    "QuantConfig",
-    "CodebookConfig",
-    "LowRankConfig",
-    "DWSepFuseConfig",
     "Recipe",
     "compress_",
     "report",
     "Report",
     "ReportRow",
-    "UnsupportedModule",
+    "config_for",
+    "check_config",
+    "index",
 ]
-
-SKIPPED_ATTR = "_compress_ops_skipped"
-
-
-class UnsupportedModule(Exception):
-    """Raised by a transform for a module it leaves dense; the message says why."""
-
-
-@dataclass(frozen=True)
-class Sparse24Config:
-    """2:4 structured sparsity for ``nn.Linear`` (along ``in_features``).
-
-    ``prune=True`` keeps the two largest-magnitude weights of every group of four; with
-    ``prune=False`` the weights must already be 2:4 (``ValueError`` otherwise).
-    """
-
-    prune: bool = True
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.prune, bool):
-            raise TypeError(f"prune must be a bool, got {type(self.prune).__name__}")
-
-
-def _check_bits(bits: object, allowed: tuple[int, ...]) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in allowed:
-        raise ValueError(f"bits must be one of {allowed}, got {bits!r}")
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """Weight-only affine quantization of ``nn.Linear``: ``bits`` in {2, 3, 4, 8}, one scale
-    (and, unless ``symmetric``, one zero point) per ``group_size`` input features of a row
-    (32, 64, 128, 256, or ``None`` for the whole row). ``search_steps`` > 0 searches a
-    shrunk range per group (least squared error); 0 is plain min/max round-to-nearest.
-    """
-
-    bits: int = 4
-    group_size: int | None = 128
-    symmetric: bool = False
-    search_steps: int = 20
-
-    def __post_init__(self) -> None:
-        _check_bits(self.bits, BITS)
-        if self.group_size is not None and (isinstance(self.group_size, bool)
-                                            or self.group_size not in GROUP_SIZES):
-            raise ValueError(f"group_size must be one of {GROUP_SIZES} or None (whole row), "
-                             f"got {self.group_size!r}")
-        if not isinstance(self.symmetric, bool):
-            raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__}")
-        if isinstance(self.search_steps, bool) or not isinstance(self.search_steps, int) \
-                or self.search_steps < 0:
-            raise ValueError(f"search_steps must be an int >= 0, got {self.search_steps!r}")
-
-
-@dataclass(frozen=True)
-class CodebookConfig:
-    """Weight sharing for ``nn.Linear``: every weight becomes one of ``2**bits`` values
-    (``bits`` in {2, 3, 4, 8}) found by k-means (``iters`` Lloyd steps from quantiles).
-
-    ``row_groups`` > 1 fits one table per equal group of output rows. ``shared=True`` fits one
-    table over every layer this config compresses in one ``compress_`` call (under a
-    ``Recipe``: the layers of every rule with an equal config) and stores it once; the layers
-    must share one dtype and device. Compress after moving the model: ``.to()`` converts each
-    module's buffers separately, so the layers then hold equal copies instead of one table.
-    """
-
-    bits: int = 4
-    row_groups: int = 1
-    iters: int = 25
-    shared: bool = False
-
-    def __post_init__(self) -> None:
-        _check_bits(self.bits, BITS)
-        for name in ("row_groups", "iters"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "row_groups"
-                                                                     else 0):
-                raise ValueError(f"{name} must be an int >= {1 if name == 'row_groups' else 0}, "
-                                 f"got {v!r}")
-        if not isinstance(self.shared, bool):
-            raise TypeError(f"shared must be a bool, got {type(self.shared).__name__}")
-        if self.shared and self.row_groups != 1:
-            raise ValueError("a shared codebook has one row group (row_groups=1)")
-
-
-@dataclass(frozen=True)
-class LowRankConfig:
-    """Low-rank factorization of ``nn.Linear`` (truncated SVD, ``W ~ U @ V``) and ``nn.Conv2d``
-    (Tucker-2: 1x1 reduce, k x k core, 1x1 restore).
-
-    Exactly one of ``rank`` (Linear: r; Conv2d: ``(r, r)``, both clamped to the layer) and
-    ``energy`` (the smallest rank keeping that fraction of ``||W||_F**2``; for convs, per
-    channel mode). ``method``: ``"auto"``, ``"exact"`` or ``"randomized"`` SVD of linears (see
-    :func:`compress_ops.factorize.svd_factors`); Tucker-2 always takes exact SVDs of the
-    (small) channel unfoldings. A layer whose factors would not hold fewer
-    parameters than the dense weight stays dense, and ``report()`` says why. A ``residual``
-    (keeping a compressed remainder next to the factors) is not implemented; the op already
-    takes a dense base weight for it.
-    """
-
-    rank: int | None = None
-    energy: float | None = None
-    method: str = "auto"
-
-    def __post_init__(self) -> None:
-        if (self.rank is None) == (self.energy is None):
-            raise ValueError("LowRankConfig needs exactly one of rank and energy")
-        if self.rank is not None and (isinstance(self.rank, bool)
-                                      or not isinstance(self.rank, int) or self.rank < 1):
-            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
-        if self.energy is not None and (isinstance(self.energy, bool)
-                                        or not isinstance(self.energy, (int, float))
-                                        or not 0.0 < self.energy <= 1.0):
-            raise ValueError(f"energy must be a number in (0, 1], got {self.energy!r}")
-        if self.method not in ("auto", "exact", "randomized"):
-            raise ValueError(f"method must be 'auto', 'exact' or 'randomized', "
-                             f"got {self.method!r}")
-
-
-@dataclass(frozen=True)
-class DWSepFuseConfig:
-    """Fuse depthwise-separable units: ``[ZeroPad2d] -> depthwise Conv2d -> [BatchNorm2d] ->
-    [act] -> 1x1 Conv2d -> [BatchNorm2d] -> [act]`` chains, found in a ``torch.fx`` trace of
-    the model (``nn.Sequential``s and forwards that call the layers in order), become one
-    :class:`~compress_ops.nn.FusedDWSepConv2d` each (BatchNorm folded with its running
-    statistics: fuse models in eval mode). Activations: ReLU, ReLU6, Hardswish, SiLU modules.
-    Depthwise convs left unfused, and modules ``torch.fx`` cannot trace, are listed by
-    ``report()`` with the reason. Not usable inside a ``Recipe`` (it matches chains, not
-    single layers).
-    """
-
-
-def _plain_linear(module: nn.Module) -> None:
-    if type(module) is not nn.Linear:
-        raise UnsupportedModule(f"{type(module).__name__} is not a plain nn.Linear")
-
-
-def _sparse24_transform(module: nn.Module, config: Sparse24Config) -> nn.Module:
-    _plain_linear(module)
-    return Sparse24Linear.from_dense(module, config)
-
-
-def _quant_transform(module: nn.Module, config: QuantConfig) -> nn.Module:
-    _plain_linear(module)
-    return QuantLinear.from_dense(module, config)
-
-
-def _codebook_transform(module: nn.Module, config: CodebookConfig,
-                        codebook: object = None) -> nn.Module:
-    _plain_linear(module)
-    if config.row_groups > 1 and module.out_features % config.row_groups:
-        raise UnsupportedModule(f"out_features={module.out_features} is not divisible by "
-                                f"row_groups={config.row_groups}")
-    return CodebookLinear.from_dense(module, config, codebook=codebook)
-
-
-def _codebook_prepare(modules: list[nn.Module], config: CodebookConfig) -> dict[int, dict]:
-    """Shared codebooks: one k-means table over every layer the config compresses."""
-    if not config.shared:
-        return {}
-    linears = [m for m in modules if type(m) is nn.Linear]
-    kinds = {(m.weight.dtype, m.weight.device) for m in linears}
-    if len(kinds) > 1:
-        raise UnsupportedModule(f"a shared codebook needs one dtype and device, got {kinds}")
-    if not linears:
-        return {}
-    cb = fit_codebook([m.weight.detach() for m in linears], config.bits, 1, config.iters)
-    return {id(m): {"codebook": cb} for m in linears}
-
-
-def _no_saving(kind: str, factor_params: int, dense_params: int, rank: object) -> None:
-    if factor_params >= dense_params:
-        raise UnsupportedModule(
-            f"{kind} rank {rank}: factors hold {factor_params} parameters >= dense "
-            f"{dense_params}; kept dense")
-
-
-def _lowrank_transform(module: nn.Module, config: LowRankConfig) -> nn.Module:
-    if isinstance(module, nn.Conv2d) and type(module) is not nn.Conv2d:
-        raise UnsupportedModule(f"{type(module).__name__} is not a plain nn.Conv2d (its forward "
-                                f"may do more than the conv)")
-    if type(module) is nn.Conv2d:
-        if module.groups != 1:
-            raise UnsupportedModule(f"Tucker-2 needs groups=1, got groups={module.groups}")
-        c_out, c_in, kh, kw = module.weight.shape
-        if config.rank is not None:
-            r_out, r_in = min(config.rank, c_out), min(config.rank, c_in)
-            _no_saving("Tucker-2", c_in * r_in + r_out * r_in * kh * kw + r_out * c_out,
-                       module.weight.numel(), (r_out, r_in))
-        new = LowRankConv2d.from_dense(module, config)
-        r_out, r_in = new.ranks
-        _no_saving("Tucker-2", c_in * r_in + r_out * r_in * kh * kw + r_out * c_out,
-                   module.weight.numel(), (r_out, r_in))
-        return new
-    _plain_linear(module)
-    n, k = module.out_features, module.in_features
-    if config.rank is not None:
-        r = min(config.rank, n, k)
-        _no_saving("SVD", r * (n + k), n * k, r)
-    new = LowRankLinear.from_dense(module, config)
-    _no_saving("SVD", new.rank * (n + k), n * k, new.rank)
-    return new
-
-
-# config type -> (module types it looks at, transform)
-_TRANSFORMS: dict[type, tuple[tuple[type, ...], Callable[..., nn.Module]]] = {
-    Sparse24Config: ((nn.Linear,), _sparse24_transform),
-    QuantConfig: ((nn.Linear,), _quant_transform),
-    CodebookConfig: ((nn.Linear,), _codebook_transform),
-    LowRankConfig: ((nn.Linear, nn.Conv2d), _lowrank_transform),
-}
-# config type -> fn(modules it will transform, config) -> {id(module): extra transform kwargs};
-# for transforms that look at several layers at once (shared codebooks).
-_PREPARE: dict[type, Callable[[list[nn.Module], object], dict[int, dict]]] = {
-    CodebookConfig: _codebook_prepare,
-}
 
 
 @dataclass(frozen=True, eq=False)
@@ -276,10 +65,11 @@ class Recipe:
                 rx = re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"bad Recipe pattern {pattern!r}: {exc}") from exc
-            if isinstance(cfg, DWSepFuseConfig):
-                raise TypeError("DWSepFuseConfig fuses chains of layers and cannot be a Recipe "
-                                "rule: call compress_(model, DWSepFuseConfig()) on its own")
-            if cfg is not None and type(cfg) not in _TRANSFORMS:
+            if isinstance(cfg, CompressionConfig) and not cfg.per_layer:
+                raise TypeError(f"{type(cfg).__name__} matches chains of layers and cannot be a "
+                                f"Recipe rule: call compress_(model, {type(cfg).__name__}()) on "
+                                f"its own")
+            if cfg is not None and type(cfg) not in per_layer_configs():
                 raise TypeError(f"Recipe rule {pattern!r}: unknown config {cfg!r}")
             compiled.append((rx, cfg))
         object.__setattr__(self, "_compiled", tuple(compiled))
@@ -289,12 +79,11 @@ class Recipe:
         ``modules`` (``{name: module}``): a rule with a config must match a module of a type
         the config handles (or one already compressed), a ``None`` rule any such layer. A
         misspelt name, or a rule matching only containers, would otherwise change nothing."""
-        handled = tuple({t for types, _ in _TRANSFORMS.values() for t in types}) + (
-            CompressedLinear, LowRankConv2d, FusedDWSepConv2d)
+        handled = handled_types() + (CompressedModule,)
         unknown = []
         for pattern, (rx, cfg) in zip(self.rules, self._compiled, strict=True):
-            types = _TRANSFORMS[type(cfg)][0] + (CompressedLinear, LowRankConv2d) \
-                if cfg is not None else handled
+            types = transform_for(cfg).handles + (CompressedModule,) if cfg is not None \
+                else handled
             if not any(rx.fullmatch(n) and isinstance(m, types) for n, m in modules.items()):
                 unknown.append(pattern)
         if unknown:
@@ -306,7 +95,7 @@ class Recipe:
         """The layer types a ``None`` rule notes as "kept dense by recipe" (for ``report()``):
         those the recipe's configs handle."""
         return tuple(dict.fromkeys(t for cfg in self.rules.values() if cfg is not None
-                                   for t in _TRANSFORMS[type(cfg)][0]))
+                                   for t in transform_for(cfg).handles))
 
     def config_for(self, name: str) -> tuple[bool, object]:
         """``(matched, config)`` for a module name."""
@@ -316,17 +105,29 @@ class Recipe:
         return False, None
 
 
-def _config_for(config: object, name: str) -> tuple[bool, object]:
-    """``(matched, config or None)`` of a module name under a config or a Recipe."""
+def config_for(config: object, name: str) -> tuple[bool, object]:
+    """``(matched, config or None)`` of a module name under a config or a :class:`Recipe`."""
     if isinstance(config, Recipe):
         return config.config_for(name)
     return True, config
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+def check_config(config: object, allowed: tuple[type, ...] | None = None) -> None:
+    """``TypeError`` unless ``config`` is a per-layer config (of ``allowed`` types, default
+    every registered one) or a :class:`Recipe`."""
+    allowed = allowed or per_layer_configs()
+    if not isinstance(config, Recipe) and type(config) not in allowed:
+        raise TypeError(f"unknown config {config!r}; expected one of "
+                        f"{[t.__name__ for t in allowed]} or a Recipe")
+
+
+def index(model: nn.Module, config: object) -> _swap.Index:
+    """The model's :class:`~compress_ops._swap.Index`; a ``Recipe``'s rules are checked
+    against it (:meth:`Recipe.check_names`)."""
+    idx = _swap.index(model)
+    if isinstance(config, Recipe):
+        config.check_names(idx.by_name())
+    return idx
 
 
 def compress_(
@@ -341,131 +142,40 @@ def compress_(
     :class:`Recipe`. ``filter_fn(module, name)`` returning False keeps a module dense. A module
     the transform cannot handle is left dense and listed by :func:`report` with the reason.
     If ``model`` itself is replaced (a bare ``nn.Linear``), the new module is returned.
+    A module reachable under several names is compressed once and replaced at every name; a
+    weight tied to another module (e.g. an embedding) is left alone.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(config, DWSepFuseConfig):
         return _fuse_dwsep(model, filter_fn)
-    if not isinstance(config, Recipe) and type(config) not in _TRANSFORMS:
-        raise TypeError(f"unknown config {config!r}; expected one of "
-                        f"{[t.__name__ for t in _TRANSFORMS]} or a Recipe")
-    skipped: dict[str, str] = dict(getattr(model, SKIPPED_ATTR, {}))
-    names, modules, owners = _index(model, config)
+    check_config(config)
+    idx = index(model, config)
     none_types = (config.noted_types() if isinstance(config, Recipe) else ()) or (nn.Linear,)
-    # 1. plan: the config (or the reason to stay dense) of every layer in scope
-    plan: list[tuple[int, list[str], object, str | None]] = []
-    for mid, aliases in names.items():
-        module = modules[mid]
-        if isinstance(module, (CompressedLinear, LowRankConv2d, FusedDWSepConv2d)):
-            continue
-        decisions = {_config_for(config, name) for name in aliases}
-        # Look only at layers some matching config handles (or, for "kept dense" notes, layers
-        # of a type some config of the recipe handles).
-        if not any(matched and isinstance(module, _TRANSFORMS[type(cfg)][0] if cfg else
-                                          none_types) for matched, cfg in decisions):
-            continue
-        cfg = None
-        if len(decisions) > 1:
-            reason = f"shared under {aliases} with different recipe rules"
-        else:
-            ((_, cfg),) = decisions
-            reason = _dense_reason(module, aliases, cfg, filter_fn, owners)
-        plan.append((mid, aliases, cfg, reason))
-    # 2. prepare: transforms that look at several layers at once (e.g. a shared codebook over
-    # every layer compressed with an equal config)
-    extras: dict[int, dict] = {}
-    groups: dict[object, list[int]] = {}
-    for mid, _, cfg, reason in plan:
-        if reason is None and type(cfg) in _PREPARE:
-            groups.setdefault(cfg, []).append(mid)
-    prepare_failed: dict[int, str] = {}
-    for cfg, mids in groups.items():
-        try:
-            extras.update(_PREPARE[type(cfg)]([modules[m] for m in mids], cfg))
-        except UnsupportedModule as exc:
-            prepare_failed.update(dict.fromkeys(mids, str(exc)))
-    # 3. build every replacement first, so that an unexpected error leaves the model untouched
-    built: list[tuple[list[str], nn.Module | None, str | None]] = []
-    for mid, aliases, cfg, reason in plan:
-        reason = reason or prepare_failed.get(mid)
-        new = None
-        if reason is None:
-            try:
-                new = _TRANSFORMS[type(cfg)][1](modules[mid], cfg, **extras.get(mid, {}))
-            except UnsupportedModule as exc:
-                reason = str(exc)
-        built.append((aliases, new, reason))
-    return _swap_in(model, built, skipped)
 
+    def in_scope(module: nn.Module, decisions: set[tuple[bool, object]]) -> bool:
+        # layers some matching config handles (or, for "kept dense" notes, layers of a type
+        # some config of the recipe handles); modules already compressed are left alone
+        return not isinstance(module, CompressedModule) and any(
+            matched and isinstance(module, transform_for(cfg).handles if cfg else none_types)
+            for matched, cfg in decisions)
 
-def _index(model: nn.Module, config: object) -> tuple[dict[int, list[str]],
-                                                      dict[int, nn.Module],
-                                                      dict[int, list[str]]]:
-    """``(names, modules, owners)``: every name of each module (by id), the modules, and the
-    first names of the modules holding each parameter (by id). A module reachable under several
-    names (shared) is transformed once and replaced at every name; a weight tied to another
-    module (e.g. an embedding) is left alone. A ``Recipe``'s rules are checked here."""
-    names: dict[int, list[str]] = {}
-    modules: dict[int, nn.Module] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-        modules[id(module)] = module
-    if isinstance(config, Recipe):
-        config.check_names({n: modules[mid] for mid, aliases in names.items()
-                            for n in aliases})
-    owners: dict[int, list[str]] = {}
-    for mid, module in modules.items():
-        for param in module._parameters.values():
-            if param is not None:
-                owners.setdefault(id(param), []).append(names[mid][0])
-    return names, modules, owners
-
-
-def _dense_reason(module: nn.Module, aliases: list[str], cfg: object,
-                  filter_fn: Callable[[nn.Module, str], bool] | None,
-                  owners: dict[int, list[str]]) -> str | None:
-    """Why a matched layer stays dense under ``cfg`` before any transform looks at it (None:
-    it does not): a ``None`` rule, ``filter_fn``, or a weight tied to another module."""
-    if cfg is None:
-        return "kept dense by recipe"
-    if filter_fn is not None and not all(filter_fn(module, n) for n in aliases):
-        return "excluded by filter_fn"
-    tied = [o for o in owners.get(id(getattr(module, "weight", None)), []) if o not in aliases]
-    if tied:
-        return f"weight tied to {tied[0]}; compressing would break the tie"
-    return None
-
-
-def _swap_in(model: nn.Module, built: list[tuple[list[str], nn.Module | None, str | None]],
-             skipped: dict[str, str]) -> nn.Module:
-    """Put each built module in at all of its names (or note why it stays dense); record the
-    notes for ``report()``; return the model, or the new root if the model was replaced."""
-    replaced_root: nn.Module | None = None
-    for aliases, new, reason in built:
-        for name in aliases:
-            if new is None:
-                skipped[name] = reason
-                continue
-            skipped.pop(name, None)
-            if name:
-                _set_submodule(model, name, new)
-            else:
-                replaced_root = new
-    result = replaced_root if replaced_root is not None else model
-    object.__setattr__(result, SKIPPED_ATTR, skipped)
-    return result
+    return _swap.replace_layers(
+        model, lambda name: config_for(config, name), idx=idx, in_scope=in_scope,
+        reason=lambda idx, module, aliases, cfg: _swap.dense_reason(idx, module, aliases, cfg,
+                                                                    filter_fn),
+        prepare=lambda cfg: transform_for(cfg).prepare,
+        build=lambda module, cfg, **extras: transform_for(cfg).build(module, cfg, **extras))
 
 
 def _fuse_dwsep(model: nn.Module,
                 filter_fn: Callable[[nn.Module, str], bool] | None) -> nn.Module:
-    from compress_ops.fuse import fuse_dwsep
-
-    skipped: dict[str, str] = dict(getattr(model, SKIPPED_ATTR, {}))
+    skipped = _swap.notes(model)
     fused, reasons = fuse_dwsep(model, filter_fn)
     for name in fused:
         skipped.pop(name, None)
     skipped.update(reasons)
-    object.__setattr__(model, SKIPPED_ATTR, skipped)
+    _swap.record_notes(model, skipped)
     return model
 
 
@@ -512,10 +222,10 @@ def report(model: nn.Module) -> Report:
     """
     skipped: dict[str, str] = {}
     for prefix, sub in model.named_modules():  # notes of compress_ calls on submodules too
-        for name, note in getattr(sub, SKIPPED_ATTR, {}).items():
+        for name, note in _swap.notes(sub).items():
             skipped.setdefault(".".join(p for p in (prefix, name) if p), note)
     # Conv2d layers are listed once some conv was compressed (or compress_ left one dense)
-    compressed_convs = any(isinstance(m, (LowRankConv2d, FusedDWSepConv2d))
+    compressed_convs = any(isinstance(m, CompressedModule) and not isinstance(m, CompressedLinear)
                            for m in model.modules())
     rows = Report()
     tables: dict[int, str] = {}  # id(shared codebook) -> first layer that holds it
@@ -526,7 +236,7 @@ def report(model: nn.Module) -> Report:
                 rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
                                       module.index_bytes(), f"codebook shared with {first}"))
                 continue
-        if isinstance(module, (CompressedLinear, LowRankConv2d, FusedDWSepConv2d)):
+        if isinstance(module, CompressedModule):
             rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
                                   module.stored_weight_bytes()))
         elif isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress_ops._text import format_table
-from compress_ops.nn.dwsep import FusedDWSepConv2d, _fold_bn
+from compress_ops.nn.dwsep_conv import FusedDWSepConv2d, fold_bn
 
 __all__ = ["InvertedResidual", "mobilenet_v2", "Fire", "ShuffleUnit", "channel_shuffle",
            "DenseBlock", "profile", "Profile"]
@@ -171,10 +171,10 @@ class ShuffleUnit(nn.Module):
         mid, g = self.dw.in_channels, self.groups
         p = torch.arange(mid)
         perm = (p % g) * (mid // g) + p // g  # shuffled channel p holds channel perm[p]
-        dw_w, dw_b = _fold_bn(self.dw.weight[:, 0], None, self.bn2)
+        dw_w, dw_b = fold_bn(self.dw.weight[:, 0], None, self.bn2)
         blocks = self.gconv2.weight[:, :, 0, 0].reshape(g, -1, mid // g)
         dense = torch.block_diag(*blocks)  # [Cout, mid]: the grouped conv as a dense one
-        pw_w, pw_b = _fold_bn(dense, None, self.bn3)
+        pw_w, pw_b = fold_bn(dense, None, self.bn3)
         dw_new, dwb_new, pw_new = (torch.empty_like(dw_w), torch.empty_like(dw_b),
                                    torch.empty_like(pw_w))
         dw_new[perm], dwb_new[perm], pw_new[:, perm] = dw_w, dw_b, pw_w

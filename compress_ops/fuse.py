@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from compress_ops.nn.dwsep import FusedDWSepConv2d, UnfusableError, activation_name
+from compress_ops._swap import replace_everywhere
+from compress_ops.configs import UnfusableError
+from compress_ops.nn.dwsep_conv import FusedDWSepConv2d, activation_name
 
 __all__ = ["fuse_dwsep"]
 
@@ -98,14 +100,6 @@ def _chains(gm: fx.GraphModule) -> tuple[list[dict], dict[str, str]]:
     return chains, reasons
 
 
-def _set_all(root: nn.Module, module: nn.Module, new: nn.Module) -> None:
-    """Replace ``module`` at every name it is registered under in ``root``."""
-    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is module and n]
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
@@ -162,10 +156,10 @@ def _search(root: nn.Module, module: nn.Module, prefix: str, filter_fn, fused: l
         except UnfusableError as exc:
             reasons[full(chain["dw"])] = str(exc)
             continue
-        _set_all(root, mods["dw"], new)
+        replace_everywhere(root, mods["dw"], new)
         for key in ("pad", "bn1", "act1", "pw", "bn2", "act2"):
             if mods[key] is not None:
-                _set_all(root, mods[key], nn.Identity())
+                replace_everywhere(root, mods[key], nn.Identity())
         fused.append(full(chain["dw"]))
     # Depthwise Conv2d subclasses were traced into (not leaves): name them too.
     for name, m in module.named_modules():

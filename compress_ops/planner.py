@@ -39,17 +39,14 @@ import torch
 from torch import nn
 
 from compress_ops._text import format_table
-from compress_ops.api import (
-    _TRANSFORMS,
+from compress_ops.api import Recipe
+from compress_ops.configs import (
     CodebookConfig,
     LowRankConfig,
     QuantConfig,
-    Recipe,
     Sparse24Config,
     UnsupportedModule,
 )
-from compress_ops.nn.base import CompressedLinear
-from compress_ops.nn.dwsep import FusedDWSepConv2d
 from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
 from compress_ops.prune import eval_mode
 

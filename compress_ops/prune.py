@@ -28,6 +28,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from compress_ops._swap import replace_everywhere
+from compress_ops.nn.sparse24 import Sparse24Linear
+
 __all__ = ["Pruner", "magnitude_scores", "wanda_scores", "obd_scores", "activation_norms",
            "fisher_diagonal", "unstructured_masks", "nm_mask", "nm_kept", "nm_permutation",
            "structured_mask", "cubic_sparsity", "GroupLasso"]
@@ -679,16 +682,13 @@ class Pruner:
         self.remove()
         self._state = "finalized"
         if self.nm == (2, 4):
-            from compress_ops.api import Sparse24Config, _set_submodule
-            from compress_ops.nn.sparse24 import Sparse24Linear
-
-            for n, m in self.layers.items():
-                if type(m) is nn.Linear:
-                    new = Sparse24Linear.from_dense(m, Sparse24Config(prune=False))
-                    if n:
-                        _set_submodule(self.model, n, new)
-                    else:
+            for m in dict.fromkeys(self.layers.values()):
+                if type(m) is nn.Linear:  # once per module, swapped in at every name
+                    new = Sparse24Linear.from_dense(m, prune=False)
+                    if m is self.model:
                         self.model = new
+                    else:
+                        replace_everywhere(self.model, m, new)
         elif self.pattern == "channel":
             from compress_ops.structured import prune_channels
 

@@ -15,7 +15,7 @@ Design
   - ``QuantConfig``: :func:`~compress_ops.quantize.quantize_affine` with the config's
     ``bits`` / ``group_size`` / ``symmetric`` / ``search_steps`` (the call
     ``QuantLinear.from_dense`` makes), dequantized with
-    :func:`~compress_ops.kernels.dequant.dequantize` (what ``QuantLinear.dense_weight`` runs),
+    :func:`~compress_ops.kernels.formats.dequant.dequantize` (what ``QuantLinear.dense_weight`` runs),
     so ``Q(w)`` is bit-identical to ``QuantLinear.from_dense(linear, config).dense_weight()``.
     The range search runs on every forward by default. ``refresh_every=n > 1`` recomputes the
     grid (scales and zero points) only on every n-th training forward and, in between, rounds
@@ -69,22 +69,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from compress_ops.api import (
-    SKIPPED_ATTR,
-    CodebookConfig,
-    QuantConfig,
-    Recipe,
-    UnsupportedModule,
-    _codebook_prepare,
-    _config_for,
-    _dense_reason,
-    _index,
-    _set_submodule,
-    _swap_in,
-)
-from compress_ops.kernels.dequant import dequantize, padded_k
-from compress_ops.nn.quant import CodebookLinear, QuantLinear
+from compress_ops import _swap
+from compress_ops._validate import check_int
+from compress_ops.api import Recipe, check_config, config_for, index
+from compress_ops.configs import CodebookConfig, QuantConfig
+from compress_ops.kernels.formats.dequant import dequantize, padded_k
+from compress_ops.nn.dequant import CodebookLinear, QuantLinear
 from compress_ops.quantize import assign_codebook, encode_codebook, fit_codebook, quantize_affine
+from compress_ops.transforms import shared_codebook
 
 __all__ = ["FakeQuantLinear", "prepare_qat", "finalize_qat"]
 
@@ -102,9 +94,7 @@ def _check_config(config: object) -> None:
 
 
 def _check_refresh(refresh_every: object) -> None:
-    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) \
-            or refresh_every < 1:
-        raise ValueError(f"refresh_every must be an int >= 1, got {refresh_every!r}")
+    check_int("refresh_every", refresh_every, min=1)
 
 
 def _frozen_table(table: torch.Tensor) -> torch.Tensor:
@@ -344,65 +334,43 @@ def prepare_qat(model: nn.Module, config: QATConfig | Recipe, *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(config, Recipe) and type(config) not in _QAT_CONFIGS:
-        raise TypeError(f"unknown config {config!r}; expected a QuantConfig, a CodebookConfig "
-                        f"or a Recipe")
+    check_config(config, _QAT_CONFIGS)
     _check_refresh(refresh_every)
-    skipped: dict[str, str] = dict(getattr(model, SKIPPED_ATTR, {}))
-    names, modules, owners = _index(model, config)
-    # 1. plan: the config (or the reason to stay dense) of every linear in scope
-    plan: list[tuple[int, list[str], object, str | None]] = []
-    for mid, aliases in names.items():
-        module = modules[mid]
-        if not isinstance(module, nn.Linear):
-            continue
-        decisions = {_config_for(config, name) for name in aliases}
-        if not any(matched for matched, _ in decisions):
-            continue
-        cfg = None
-        if len(decisions) > 1:
-            reason = f"shared under {aliases} with different recipe rules"
-        else:
-            ((_, cfg),) = decisions
-            if cfg is not None and type(cfg) not in _QAT_CONFIGS:
-                continue  # a 2:4 / low-rank rule: compress_'s business, not QAT's
-            reason = _reason(module, aliases, cfg, filter_fn, owners)
-        plan.append((mid, aliases, cfg, reason))
-    # 2. shared codebooks: one trainable table per equal config
-    tables: dict[int, nn.Parameter] = {}
-    groups: dict[object, list[int]] = {}
-    for mid, _, cfg, reason in plan:
-        if reason is None and isinstance(cfg, CodebookConfig) and cfg.shared:
-            groups.setdefault(cfg, []).append(mid)
-    failed: dict[int, str] = {}
-    for cfg, mids in groups.items():
-        try:
-            extras = _codebook_prepare([modules[m] for m in mids], cfg)
-        except UnsupportedModule as exc:
-            failed.update(dict.fromkeys(mids, str(exc)))
-            continue
-        if extras:
-            table = nn.Parameter(next(iter(extras.values()))["codebook"])
-            tables.update(dict.fromkeys(mids, table))
-    # 3. build every replacement first, so that an error leaves the model untouched
-    built: list[tuple[list[str], nn.Module | None, str | None]] = []
-    for mid, aliases, cfg, reason in plan:
-        reason = reason or failed.get(mid)
-        new = None
-        if reason is None:
-            new = FakeQuantLinear.from_linear(modules[mid], cfg, codebook=tables.get(mid),
-                                              refresh_every=refresh_every)
-        built.append((aliases, new, reason))
-    return _swap_in(model, built, skipped)
+
+    def in_scope(module: nn.Module, decisions: set[tuple[bool, object]]) -> bool:
+        if not isinstance(module, nn.Linear) or not any(matched for matched, _ in decisions):
+            return False
+        # a single 2:4 / low-rank rule: compress_'s business, not QAT's
+        ((_, cfg),) = decisions if len(decisions) == 1 else ((True, None),)
+        return cfg is None or type(cfg) in _QAT_CONFIGS
+
+    def shared_table(modules: list[nn.Module], cfg: CodebookConfig) -> dict[int, dict]:
+        # one trainable table per equal shared config, held by every layer of it
+        extras = shared_codebook(modules, cfg)
+        if not extras:
+            return {}
+        table = nn.Parameter(next(iter(extras.values()))["codebook"])
+        return {mid: {"codebook": table} for mid in extras}
+
+    def prepare(cfg: object):
+        return shared_table if isinstance(cfg, CodebookConfig) and cfg.shared else None
+
+    def build(module: nn.Module, cfg: object, codebook: torch.Tensor | None = None) -> nn.Module:
+        return FakeQuantLinear.from_linear(module, cfg, codebook=codebook,
+                                           refresh_every=refresh_every)
+
+    return _swap.replace_layers(
+        model, lambda name: config_for(config, name), idx=index(model, config),
+        in_scope=in_scope, prepare=prepare, build=build,
+        reason=lambda idx, module, aliases, cfg: _reason(idx, module, aliases, cfg, filter_fn))
 
 
-def _reason(module: nn.Module, aliases: list[str], cfg: object,
-            filter_fn: Callable[[nn.Module, str], bool] | None,
-            owners: dict[int, list[str]]) -> str | None:
+def _reason(idx: _swap.Index, module: nn.Module, aliases: list[str], cfg: object,
+            filter_fn: Callable[[nn.Module, str], bool] | None) -> str | None:
     """Why ``prepare_qat`` keeps a matched linear dense under ``cfg`` (None: it does not)."""
     if cfg is not None and type(module) is not nn.Linear:
         return f"{type(module).__name__} is not a plain nn.Linear"
-    reason = _dense_reason(module, aliases, cfg, filter_fn, owners)
+    reason = _swap.dense_reason(idx, module, aliases, cfg, filter_fn)
     if reason is not None:
         return reason
     if isinstance(cfg, CodebookConfig) and module.out_features % cfg.row_groups:
@@ -417,19 +385,14 @@ def finalize_qat(model: nn.Module) -> nn.Module:
     return the model (the packed module if ``model`` itself is a ``FakeQuantLinear``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    done: dict[int, nn.Module] = {}
-    swaps: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, FakeQuantLinear):
-            if id(module) not in done:
-                done[id(module)] = module.finalize()
-            swaps.append((name, done[id(module)]))
+    fakes = list(dict.fromkeys(m for m in model.modules() if isinstance(m, FakeQuantLinear)))
     result = model
-    for name, new in swaps:
-        if name:
-            _set_submodule(model, name, new)
-        else:
+    for fake in fakes:  # each finalized once, swapped in at every name
+        new = fake.finalize()
+        if fake is model:
             result = new
-    if result is not model and hasattr(model, SKIPPED_ATTR):
-        object.__setattr__(result, SKIPPED_ATTR, dict(getattr(model, SKIPPED_ATTR)))
+        else:
+            _swap.replace_everywhere(model, fake, new)
+    if result is not model:
+        _swap.record_notes(result, _swap.notes(model))
     return result

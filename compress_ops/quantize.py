@@ -1,5 +1,5 @@
 """Choosing low-bit weights: round-to-nearest affine grids (with a per-group range search) and
-1-D k-means codebooks. Produces the packed formats of :mod:`compress_ops.kernels.dequant`.
+1-D k-means codebooks. Produces the packed formats of :mod:`compress_ops.kernels.formats.dequant`.
 
 Everything here runs once, at compression time, in float32 (float64 inputs stay float64).
 """
@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from compress_ops.kernels.dequant import (
+from compress_ops._validate import check_choice
+from compress_ops.configs import UnsupportedWeight
+from compress_ops.kernels.formats.dequant import (
     BITS,
     effective_group_size,
     pack_bits,
@@ -59,7 +61,7 @@ def _check_weight(w: torch.Tensor) -> None:
     if w.numel() == 0:
         raise ValueError("w is empty")
     if not torch.isfinite(w).all():
-        raise ValueError("w contains NaN or Inf")
+        raise UnsupportedWeight("w contains NaN or Inf")
 
 
 def quantize_affine(w: torch.Tensor, bits: int, group_size: int | None = 128, *,
@@ -76,8 +78,7 @@ def quantize_affine(w: torch.Tensor, bits: int, group_size: int | None = 128, *,
     is then within ``scale / 2`` of its dequantized value.
     """
     _check_weight(w)
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+    check_choice("bits", bits, BITS)
     if search_steps < 0 or not 0.0 <= max_shrink < 1.0:
         raise ValueError("search_steps must be >= 0 and max_shrink in [0, 1)")
     dtype = dtype or w.dtype
@@ -220,8 +221,7 @@ def fit_codebook(weights: list[torch.Tensor], bits: int, row_groups: int = 1,
     (cross-layer sharing): ``row_groups`` must be 1 and one table is fit over all of them.
     Returned in ``dtype`` (default: the first weight's).
     """
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
+    check_choice("bits", bits, BITS)
     if not weights:
         raise ValueError("fit_codebook needs at least one weight")
     for w in weights:

@@ -1,7 +1,8 @@
 """Dense references of every op, in plain PyTorch (float64-capable).
 
-Tests compare kernels against these on the same compressed weights; the CPU path of an op runs
-the same decompression (in row chunks) when that is the fastest correct option.
+The test oracle: tests compare kernels, ops and modules against these on the same compressed
+weights (unpacked by :mod:`compress_ops.kernels.formats`). Production code never imports this
+module; the CPU path of an op runs the same decompression (in row chunks) on its own.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from compress_ops.kernels.dequant import codebook_weight, dequantize
-from compress_ops.kernels.sparse24 import unpack_sparse24
+from compress_ops.kernels.formats.dequant import codebook_weight, dequantize
+from compress_ops.kernels.formats.dwsep_conv import ACTIVATION_FNS
+from compress_ops.kernels.formats.sparse24 import unpack_sparse24
 
 __all__ = ["sparse24_linear_ref", "dequant_linear_ref", "codebook_linear_ref",
-           "lowrank_linear_ref", "dwsep_conv2d_ref", "ACTIVATION_FNS"]
+           "lowrank_linear_ref", "dwsep_conv2d_ref"]
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
@@ -63,10 +65,6 @@ def lowrank_linear_ref(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     if weight is not None:
         y = y + F.linear(x.to(dtype), weight.to(dtype))
     return y
-
-
-ACTIVATION_FNS = {"none": lambda v: v, "relu": F.relu, "relu6": F.relu6,
-                  "hardswish": F.hardswish, "silu": F.silu}
 
 
 def dwsep_conv2d_ref(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor | None,

@@ -1,6 +1,7 @@
 """Launch configs shared by every linear-kernel family: the config record, M bucketing, tuned
 default tables (``configs/<family>.json``, one table per GPU name plus ``default``), split-K
-sizing and the optional autotuner."""
+sizing and the optional autotuner. Triton-free at import (the autotuner imports its timer), so
+the CPU routes can read the tables on machines without Triton."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import triton
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MIN_BLOCK_K = 32  # every family's packed K unit (one 2:4 metadata word, one b-bit word group)
@@ -99,8 +99,8 @@ def auto_split_k(cfg: KernelConfig, m: int, n: int, kp: int, device: torch.devic
     if cfg.split_k != 1 or device.type != "cuda" or m > SPLIT_K_MAX_M:
         return cfg
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    k_tiles = triton.cdiv(kp, cfg.block_k)
+    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+    k_tiles = -(-kp // cfg.block_k)
     split = 1
     while tiles * split < sms and split * 2 <= min(16, k_tiles // min_k_tiles):
         split *= 2
@@ -114,10 +114,12 @@ def autotune(key: Hashable, configs: list[KernelConfig],
              launch: Callable[[KernelConfig], object]) -> KernelConfig:
     """Time ``launch(cfg)`` for every candidate once per ``key``; keep the fastest."""
     if key not in _TUNED:
+        from triton.testing import do_bench  # only when autotuning: this module is Triton-free
+
         timings = []
         for cfg in configs:
             try:
-                ms = triton.testing.do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
+                ms = do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20)
             except Exception:  # a config that does not fit this GPU (shared memory) is skipped
                 continue
             timings.append((ms, cfg))

@@ -51,15 +51,12 @@ import triton
 import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
-from compress_ops.kernels._launch import check_activation, dot_meta, store_tile
-from compress_ops.kernels._tuning import autotune, device_name, load_tables, m_bucket
+from compress_ops.kernels._launch import dot_meta, store_tile
+from compress_ops.kernels._tuning import autotune, device_name, device_table, load_tables, m_bucket
+from compress_ops.kernels.formats.lowrank import MAX_RANK, check_inputs, padded_rank
 
 __all__ = [
-    "MAX_RANK",
     "LowRankKernelConfig",
-    "padded_rank",
-    "lowrank_bytes",
-    "check_inputs",
     "plan_grid",
     "fused_route",
     "lowrank_matmul",
@@ -68,7 +65,6 @@ __all__ = [
     "audit_specs",
 ]
 
-MAX_RANK = 256  # the kernel's largest padded rank (a [BLOCK_M, 256] fp32 tile in registers)
 _FAMILY = "lowrank"
 _SPLIT_K_MAX_M = 64
 
@@ -105,58 +101,6 @@ class LowRankKernelConfig:
 
     def replace(self, **kw) -> LowRankKernelConfig:
         return LowRankKernelConfig(**{**self.__dict__, **kw})
-
-
-def padded_rank(r: int) -> int:
-    """``BLOCK_R``: r rounded up to a power of two, at least 16 (``tl.dot``'s minimum)."""
-    return max(16, 1 << (r - 1).bit_length())
-
-
-def lowrank_bytes(n: int, k: int, r: int, dtype: torch.dtype) -> int:
-    """Stored bytes of the factors ``U[N, r]`` and ``V[r, K]``: ``r (N + K)`` elements."""
-    return r * (n + k) * dtype.itemsize
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_factor(t: object, name: str, shape_doc: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor {shape_doc}, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D {shape_doc}, got shape {tuple(t.shape)}")
-
-
-def check_inputs(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-                 weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
-    """Named ``TypeError``/``ValueError`` for every bad input of :func:`lowrank_matmul` (and of
-    the op, which accepts any rank; the kernel's limit is :data:`MAX_RANK`)."""
-    _check_factor(u, "u", "[N, r]")
-    _check_factor(v, "v", "[r, K]")
-    n, r = u.shape
-    if r < 1 or v.shape[0] != r:
-        raise ValueError(f"u [N, r] and v [r, K] must share a rank r >= 1, got u "
-                         f"{tuple(u.shape)} and v {tuple(v.shape)}")
-    if v.dtype != u.dtype:
-        raise TypeError(f"v dtype {v.dtype} must match u dtype {u.dtype}")
-    if v.device != u.device:
-        raise ValueError(f"u on {u.device} but v on {v.device}")
-    k = v.shape[1]
-    if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != k:
-        raise ValueError(f"x last dim (K={x.shape[-1]}) must equal v.shape[1] (K={k})")
-    if isinstance(x, torch.Tensor) and x.device != u.device:
-        raise ValueError(f"x on {x.device} but u and v on {u.device}")
-    check_activation(x, n, k, 1, u, "u", bias)
-    if weight is not None:
-        _check_factor(weight, "weight", "[N, K]")
-        if tuple(weight.shape) != (n, k):
-            raise ValueError(f"weight shape {tuple(weight.shape)} must be (N, K) = ({n}, {k})")
-        if weight.dtype != x.dtype:
-            raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
-        if weight.device != x.device:
-            raise ValueError(f"x on {x.device} but weight on {weight.device}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,11 +211,6 @@ def _lowrank_matmul_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _table(device: torch.device) -> dict:
-    tables = load_tables(_FAMILY)
-    return tables.get(device_name(device), tables["default"])
-
-
 def _rank_class(r_pad: int, table: dict) -> str:
     keys = sorted(int(c) for c in table["rank"])
     return str(next((c for c in keys if c >= r_pad), keys[-1]))
@@ -280,7 +219,7 @@ def _rank_class(r_pad: int, table: dict) -> str:
 @functools.lru_cache(maxsize=4096)
 def select_config(m: int, r_pad: int, device: torch.device) -> LowRankKernelConfig:
     """Tuned tile for M's bucket and the padded rank's class (``configs/lowrank.json``)."""
-    table = _table(device)["rank"][_rank_class(r_pad, _table(device))]
+    table = device_table(_FAMILY, device)["rank"][_rank_class(r_pad, device_table(_FAMILY, device))]
     bucket = m_bucket(m)
     keys = sorted(int(b) for b in table)
     key = next((b for b in keys if b >= bucket), keys[-1])
@@ -293,7 +232,7 @@ def fused_route(m: int, r: int, has_base: bool, device: torch.device) -> bool:
     weight), the crossover for this GPU."""
     if r > MAX_RANK:
         return False
-    table = _table(device)
+    table = device_table(_FAMILY, device)
     return m <= table["fused_max_m_base" if has_base else "fused_max_m"]
 
 

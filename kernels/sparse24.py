@@ -1,22 +1,7 @@
-"""2:4 structured sparsity: packing format and Triton matmul kernels.
+"""2:4 structured sparsity: Triton matmul kernels, their configs and launchers.
 
-Format
-------
-A weight ``W[N, K]`` is 2:4 sparse along K when every group of four consecutive weights of a row,
-``W[n, 4g : 4g + 4]``, holds at most two nonzeros. It is stored as
-
-* ``values[N, Kp / 2]`` (the weight's dtype): the two kept weights of group ``g`` at
-  ``values[n, 2g]`` and ``values[n, 2g + 1]``, in increasing position order. A group with fewer
-  than two nonzeros stores zeros at unused positions, so every group holds exactly two entries.
-* ``meta[N, Kp / 32]`` (int32): the in-group position (0..3) of every stored value, two bits
-  each. The position of ``values[n, j]`` is ``(meta[n, j // 16] >> (2 * (j % 16))) & 3``: one
-  32-bit word covers 16 values = 8 groups = 32 dense columns; within a word, bits ``[4i, 4i + 4)``
-  describe group ``i`` (low two bits: first value, high two bits: second value). Positions of the
-  two values of a group are distinct and increasing.
-
-``Kp`` is K rounded up to a multiple of :data:`K_ALIGN` (32, one metadata word). ``pack_sparse24``
-pads with zeros, so the padding is invisible: kernels mask activations at ``k >= K``. Stored
-bytes per weight: ``esize / 2 + 1 / 8`` (fp16: 1.125 B, i.e. 0.5625x of dense).
+The packed format (``values`` + ``meta``), its packing and checks:
+:mod:`compress_ops.kernels.formats.sparse24`.
 
 Kernels
 -------
@@ -46,7 +31,7 @@ import triton
 import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
-from compress_ops.kernels._launch import check_activation, dot_meta, store_tile
+from compress_ops.kernels._launch import dot_meta, store_tile
 from compress_ops.kernels._tuning import (
     SPLIT_K_MAX_M,
     KernelConfig,
@@ -58,176 +43,16 @@ from compress_ops.kernels._tuning import (
     m_bucket,
     table_config,
 )
-
-K_ALIGN = 32  # dense columns per metadata word; pack pads K up to a multiple of this
-_VALUES_PER_WORD = 16
+from compress_ops.kernels.formats.sparse24 import check_inputs, padded_k
 
 __all__ = [
-    "K_ALIGN",
-    "mask_2to4",
-    "prune_2to4",
-    "is_2to4",
-    "pack_sparse24",
-    "unpack_sparse24",
-    "value_columns",
     "sparse24_matmul",
-    "sparse24_bytes",
     "KernelConfig",
     "select_config",
     "semi_structured_min_m",
     "get_autotune_configs",
     "audit_specs",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Format
-# ---------------------------------------------------------------------------------------------
-
-
-def _padded_k(k: int) -> int:
-    return -(-k // K_ALIGN) * K_ALIGN
-
-
-def _check_weight(w: torch.Tensor, name: str = "w") -> None:
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
-    if w.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [N, K], got shape {tuple(w.shape)}")
-    if not w.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {w.dtype}")
-
-
-def _grouped(w: torch.Tensor) -> torch.Tensor:
-    """``w[N, K]`` zero-padded to ``[N, Kp / 4, 4]``."""
-    n, k = w.shape
-    kp = _padded_k(k)
-    if kp != k:
-        w = torch.nn.functional.pad(w, (0, kp - k))
-    return w.reshape(n, kp // 4, 4)
-
-
-def mask_2to4(w: torch.Tensor) -> torch.Tensor:
-    """Boolean mask keeping the two largest ``|w|`` of every group of four along K.
-
-    Ties are broken towards the lower index (stable sort), so the mask is deterministic.
-    Raises ``ValueError`` on NaN/Inf weights (their magnitude has no order).
-    """
-    _check_weight(w)
-    if not torch.isfinite(w).all():
-        raise ValueError("w contains NaN or Inf; 2:4 magnitude pruning needs finite weights")
-    n, k = w.shape
-    g = _grouped(w.detach()).abs()
-    order = torch.sort(g, dim=-1, descending=True, stable=True).indices[..., :2]
-    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, order, True)
-    return mask.reshape(n, -1)[:, :k]
-
-
-def prune_2to4(w: torch.Tensor) -> torch.Tensor:
-    """``w`` with all but the two largest ``|w|`` of every group of four set to zero."""
-    return w * mask_2to4(w)
-
-
-def is_2to4(w: torch.Tensor) -> bool:
-    """True when every group of four consecutive weights of a row has at most two nonzeros."""
-    _check_weight(w)
-    return bool(((_grouped(w) != 0).sum(-1) <= 2).all())
-
-
-def pack_sparse24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compress a 2:4-sparse ``w[N, K]`` into ``(values[N, Kp/2], meta[N, Kp/32] int32)``.
-
-    ``w`` must already be 2:4 (use :func:`prune_2to4` first); otherwise ``ValueError`` names the
-    first offending row and group. The layout is in the module docstring.
-    """
-    _check_weight(w)
-    n, k = w.shape
-    g = _grouped(w)
-    nnz = (g != 0).sum(-1)
-    bad = (nnz > 2).nonzero()
-    if bad.numel():
-        r, c = bad[0].tolist()
-        raise ValueError(
-            f"w is not 2:4 sparse: row {r}, columns {4 * c}..{4 * c + 3} hold {int(nnz[r, c])} "
-            "nonzeros (at most 2 allowed); prune it first (prune_2to4) or set prune=True"
-        )
-    # Positions of the nonzeros first (in increasing order), then zero positions as filler.
-    pos = torch.sort((g == 0).to(torch.int8), dim=-1, stable=True).indices[..., :2]
-    pos = torch.sort(pos, dim=-1).values  # [N, G, 2], distinct, increasing
-    values = torch.gather(g, -1, pos).reshape(n, -1).contiguous()
-    fields = pos.reshape(n, -1, _VALUES_PER_WORD).to(torch.int64)
-    shifts = 2 * torch.arange(_VALUES_PER_WORD, device=w.device, dtype=torch.int64)
-    words = (fields << shifts).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as int32
-    return values, words.to(torch.int32).contiguous()
-
-
-def _positions(meta: torch.Tensor) -> torch.Tensor:
-    """In-group position of every stored value: ``[N, Kp / 2]`` int64 in 0..3."""
-    shifts = 2 * torch.arange(_VALUES_PER_WORD, device=meta.device, dtype=torch.int32)
-    return ((meta.unsqueeze(-1) >> shifts) & 3).reshape(meta.shape[0], -1).to(torch.int64)
-
-
-def value_columns(meta: torch.Tensor) -> torch.Tensor:
-    """Dense column of every stored value: ``[N, Kp / 2]`` int64, ``4 * (j // 2) + position``."""
-    pos = _positions(meta)
-    j = torch.arange(pos.shape[1], device=meta.device, dtype=torch.int64)
-    return pos + 4 * (j // 2)
-
-
-def unpack_sparse24(
-    values: torch.Tensor, meta: torch.Tensor, k: int | None = None
-) -> torch.Tensor:
-    """Dense ``W[N, K]`` from its compressed form (``K = Kp`` when ``k`` is None).
-
-    Pure torch ops (scatter), so it traces under ``torch.compile`` and runs on any device.
-    """
-    check_compressed(values, meta)
-    n, half = values.shape
-    kp = 2 * half
-    if k is None:
-        k = kp
-    if not 0 <= kp - k < K_ALIGN:
-        raise ValueError(f"k={k} does not match values of padded width {kp}")
-    pos = _positions(meta).reshape(n, kp // 4, 2)
-    dense = values.new_zeros(n, kp // 4, 4)
-    dense.scatter_(-1, pos, values.reshape(n, kp // 4, 2))
-    return dense.reshape(n, kp)[:, :k]
-
-
-def check_compressed(values: torch.Tensor, meta: torch.Tensor) -> None:
-    """Validate a ``(values, meta)`` pair: shapes, dtypes and devices, with named errors."""
-    if not isinstance(values, torch.Tensor) or not isinstance(meta, torch.Tensor):
-        raise TypeError("values and meta must be torch.Tensors")
-    if values.dim() != 2 or not values.is_floating_point():
-        raise TypeError(
-            f"values must be a 2-D floating tensor [N, Kp/2], got {values.dtype} "
-            f"shape {tuple(values.shape)}"
-        )
-    if meta.dtype != torch.int32 or meta.dim() != 2:
-        raise TypeError(
-            f"meta must be a 2-D int32 tensor [N, Kp/32], got {meta.dtype} shape "
-            f"{tuple(meta.shape)}"
-        )
-    n, half = values.shape
-    if half % (K_ALIGN // 2) != 0:
-        raise ValueError(
-            f"values must have Kp/2 columns with Kp a multiple of {K_ALIGN}, got {half}"
-        )
-    if tuple(meta.shape) != (n, 2 * half // K_ALIGN):
-        raise ValueError(
-            f"meta shape {tuple(meta.shape)} does not match values {tuple(values.shape)}: "
-            f"expected ({n}, {2 * half // K_ALIGN})"
-        )
-    if meta.device != values.device:
-        raise ValueError(f"values on {values.device} but meta on {meta.device}")
-
-
-def sparse24_bytes(n: int, k: int, dtype: torch.dtype) -> int:
-    """Stored bytes of a packed ``[N, K]`` weight (values + metadata, padding included)."""
-    kp = _padded_k(k)
-    esize = torch.empty((), dtype=dtype).element_size()
-    return n * (kp // 2) * esize + n * (kp // K_ALIGN) * 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +249,7 @@ def select_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
     """
     cfg = table_config(device_table(_FAMILY, device), m)
     if cfg.path == "gemm":
-        cfg = auto_split_k(cfg, m, n, _padded_k(k), device)
+        cfg = auto_split_k(cfg, m, n, padded_k(k), device)
     return cfg
 
 
@@ -535,15 +360,6 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
 # Launcher
 # ---------------------------------------------------------------------------------------------
 
-def check_inputs(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                 bias: torch.Tensor | None) -> None:
-    """Named ``TypeError``/``ValueError`` for every bad input of :func:`sparse24_matmul`."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    check_compressed(values, meta)
-    check_activation(x, values.shape[0], 2 * values.shape[1], K_ALIGN, values, "values", bias)
-
-
 def _launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
             bias: torch.Tensor | None, cfg: KernelConfig) -> torch.Tensor:
     m, k = x2.shape
@@ -567,27 +383,23 @@ def _launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
 
 
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                    bias: torch.Tensor | None = None, *,
-                    config: KernelConfig | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, *, config: KernelConfig | None = None,
+                    checked: bool = False) -> torch.Tensor:
     """``y[..., N] = x[..., K] @ W^T (+ bias)`` with ``W`` given as ``pack_sparse24`` output.
 
     Runs the Triton kernel on ``x``'s device (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
     ``config`` overrides the tuned default (tests use it to force a path); with
     ``COMPRESS_OPS_AUTOTUNE=1`` on CUDA the configs of :func:`get_autotune_configs` are timed
-    once per (M bucket, N, K, dtype) and the fastest is kept.
+    once per (M bucket, N, K, dtype) and the fastest is kept. ``checked=True`` skips validation
+    for inputs that already passed :func:`~compress_ops.kernels.formats.sparse24.check_inputs`
+    (the op validates once per call).
 
     K is taken from ``x``: it must lie in ``(Kp - 32, Kp]``. The packed columns past the true K
     are zero (``pack_sparse24`` pads with zeros), so a caller holding the true K (the module
     does) must check ``x.shape[-1]`` against it.
     """
-    check_inputs(x, values, meta, bias)
-    return run_checked(x, values, meta, bias, config=config)
-
-
-def run_checked(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                bias: torch.Tensor | None, *, config: KernelConfig | None = None) -> torch.Tensor:
-    """:func:`sparse24_matmul` for inputs that already passed :func:`check_inputs` (the op
-    validates once per call; this skips the second pass on the hot path)."""
+    if not checked:
+        check_inputs(x, values, meta, bias)
     lead, k = x.shape[:-1], x.shape[-1]
     n = values.shape[0]
     x2 = x.reshape(-1, k)

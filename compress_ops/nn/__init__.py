@@ -1,10 +1,12 @@
-"""Drop-in compressed modules."""
+"""Drop-in compressed modules, one file per family: :mod:`.sparse24`, :mod:`.dequant`
+(``QuantLinear``, ``CodebookLinear``), :mod:`.lowrank`, :mod:`.dwsep_conv`; their common base
+is :mod:`.base`."""
 
-from compress_ops.nn.base import CompressedLinear
-from compress_ops.nn.dwsep import FusedDWSepConv2d
+from compress_ops.nn.base import CompressedLinear, CompressedModule
+from compress_ops.nn.dequant import CodebookLinear, QuantLinear
+from compress_ops.nn.dwsep_conv import FusedDWSepConv2d
 from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
-from compress_ops.nn.quant import CodebookLinear, QuantLinear
 from compress_ops.nn.sparse24 import Sparse24Linear
 
-__all__ = ["CompressedLinear", "CodebookLinear", "FusedDWSepConv2d", "LowRankConv2d",
-           "LowRankLinear", "QuantLinear", "Sparse24Linear"]
+__all__ = ["CompressedLinear", "CompressedModule", "CodebookLinear", "FusedDWSepConv2d",
+           "LowRankConv2d", "LowRankLinear", "QuantLinear", "Sparse24Linear"]

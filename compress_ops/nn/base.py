@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+__all__ = ["CompressedModule", "CompressedLinear", "conv_padding", "from_dense_values",
+           "init_bias"]
 
-class CompressedLinear(nn.Module):
+
+class CompressedModule(nn.Module):
+    """Base of every module the package builds (linear and conv).
+
+    A subclass calls exactly one op (or, for exact factorizations, plain ATen calls) in
+    ``forward``, holds its compressed weight as plain tensors (so ``state_dict``, ``.to()`` and
+    ``deepcopy`` just work) and reports its size: :meth:`stored_weight_bytes` (every weight
+    tensor as stored, biases excluded) against :meth:`dense_weight_bytes` (the weight it
+    replaces, in the module's compute dtype). ``kind`` names the family in ``report()``.
+    """
+
+    kind: str = "compressed"
+
+    def stored_weight_bytes(self) -> int:
+        """Bytes of the compressed weight as stored (every weight tensor but the bias)."""
+        raise NotImplementedError
+
+    def dense_weight_bytes(self) -> int:
+        """Bytes the dense weight it replaces would take in the module's compute dtype."""
+        raise NotImplementedError
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+
+class CompressedLinear(CompressedModule):
     """Base of drop-in ``nn.Linear`` replacements.
 
     Subclasses hold their compressed weight as plain tensor buffers, call exactly one op in
@@ -15,24 +45,14 @@ class CompressedLinear(nn.Module):
     :meth:`stored_weight_bytes`.
     """
 
-    kind: str = "compressed"
     in_features: int
     out_features: int
 
     def dense_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def stored_weight_bytes(self) -> int:
-        """Bytes of the compressed weight as stored (every buffer but the bias)."""
-        raise NotImplementedError
-
     def dense_weight_bytes(self) -> int:
-        """Bytes the dense weight would take in the module's compute dtype."""
         return self.out_features * self.in_features * self.weight_dtype.itemsize
-
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        raise NotImplementedError
 
     def _check_in_features(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
@@ -40,6 +60,38 @@ class CompressedLinear(nn.Module):
                 f"{type(self).__name__}: x last dim is {x.shape[-1]}, expected "
                 f"in_features={self.in_features}"
             )
+
+
+def init_bias(module: nn.Module, bias: bool, n: int, device: torch.device | str | None,
+              dtype: torch.dtype) -> None:
+    """A zero ``bias`` parameter of ``n`` features, or a registered ``None``, as nn.Linear."""
+    if bias:
+        module.bias = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
+    else:
+        module.register_parameter("bias", None)
+
+
+def from_dense_values(config: object | None, values: dict[str, Any],
+                      defaults: dict[str, Any]) -> dict[str, Any]:
+    """The plain values a ``from_dense`` builds with: the fields of ``config`` (any object with
+    those attributes, e.g. the family's config dataclass) when one is given, else the keyword
+    ``values`` over ``defaults``. Both at once is a ``ValueError``; an unknown keyword a
+    ``TypeError``.
+
+    Modules depend on these plain values, never on the config classes: the transform (or a
+    user) passes either a config or the keywords.
+    """
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise TypeError(f"unknown keyword(s) {unknown}; expected some of {sorted(defaults)}")
+    if config is None:
+        return {**defaults, **values}
+    if values:
+        raise ValueError(f"give a config or the keyword values {sorted(values)}, not both")
+    missing = [k for k in defaults if not hasattr(config, k)]
+    if missing:
+        raise TypeError(f"config {config!r} has no field(s) {missing}")
+    return {k: getattr(config, k) for k in defaults}
 
 
 def conv_padding(padding: str | tuple[int, int], kernel_size: tuple[int, int],

@@ -2,36 +2,29 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
 import compress_ops.ops  # noqa: F401  (registers torch.ops.compress_ops.*)
+from compress_ops._validate import check_choice, check_int
 from compress_ops.factorize import svd_factors, tucker2
-from compress_ops.kernels.lowrank import lowrank_bytes
-from compress_ops.nn.base import CompressedLinear, conv_padding
+from compress_ops.kernels.formats.lowrank import lowrank_bytes
+from compress_ops.nn.base import CompressedLinear, CompressedModule, conv_padding, init_bias
 
-if TYPE_CHECKING:
-    from compress_ops.api import LowRankConfig
-
-
-def _check_rank(rank: object, name: str = "rank") -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {rank!r}")
+__all__ = ["LowRankLinear", "LowRankConv2d"]
 
 
-def _rank_args(config: LowRankConfig | None, rank: int | None,
-               energy: float | None) -> tuple[int | None, float | None, str]:
+def _rank_args(config: object | None, rank: int | None, energy: float | None,
+               method: str | None) -> tuple[int | None, float | None, str]:
     if config is not None:
-        if rank is not None or energy is not None:
-            raise ValueError("give a config or rank/energy, not both")
+        if rank is not None or energy is not None or method is not None:
+            raise ValueError("give a config or rank/energy/method, not both")
         return config.rank, config.energy, config.method
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of config, rank and energy")
-    return rank, energy, "auto"
+    return rank, energy, method or "auto"
 
 
 class LowRankLinear(CompressedLinear):
@@ -54,7 +47,7 @@ class LowRankLinear(CompressedLinear):
         if in_features < 1 or out_features < 1:
             raise ValueError(
                 f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
-        _check_rank(rank)
+        check_int("rank", rank, min=1)
         dtype = dtype or torch.get_default_dtype()
         self.in_features = in_features
         self.out_features = out_features
@@ -66,23 +59,22 @@ class LowRankLinear(CompressedLinear):
                                                    dtype=dtype))
         else:
             self.register_parameter("weight", None)
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
+        init_bias(self, bias, out_features, device, dtype)
 
     @property
     def rank(self) -> int:
         return self.u.shape[1]
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, config: LowRankConfig | None = None, *,
-                   rank: int | None = None, energy: float | None = None) -> LowRankLinear:
+    def from_dense(cls, linear: nn.Linear, config: object | None = None, *,
+                   rank: int | None = None, energy: float | None = None,
+                   method: str | None = None) -> LowRankLinear:
         """Truncated SVD of ``linear.weight`` (``sqrt(sigma)`` in both factors), at ``rank`` or
-        the smallest rank keeping ``energy`` of ``||W||_F**2``; from a ``LowRankConfig`` or the
-        keyword arguments. It factorizes at any rank; ``compress_`` keeps layers dense where
-        ``r (in + out) >= in * out`` (no saving)."""
-        r, e, method = _rank_args(config, rank, energy)
+        the smallest rank keeping ``energy`` of ``||W||_F**2``, by the SVD ``method``
+        (``"auto"`` by default; see :func:`~compress_ops.factorize.svd_factors`); from a
+        ``LowRankConfig`` or the keyword arguments. It factorizes at any rank; ``compress_``
+        keeps layers dense where ``r (in + out) >= in * out`` (no saving)."""
+        r, e, method = _rank_args(config, rank, energy, method)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
@@ -120,7 +112,7 @@ class LowRankLinear(CompressedLinear):
                 f"base={self.weight is not None}, dtype={self.u.dtype}")
 
 
-class LowRankConv2d(nn.Module):
+class LowRankConv2d(CompressedModule):
     """A Tucker-2 factorized ``nn.Conv2d``: 1x1 reduce (``C_in -> r_in``), ``kh x kw`` core
     conv (``r_in -> r_out``, the original stride, padding, padding mode and dilation), 1x1
     restore (``r_out -> C_out``, + bias).
@@ -146,10 +138,9 @@ class LowRankConv2d(nn.Module):
         if len(ranks) != 2:
             raise ValueError(f"ranks must be (r_out, r_in), got {ranks!r}")
         r_out, r_in = ranks
-        _check_rank(r_out, "r_out")
-        _check_rank(r_in, "r_in")
-        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-            raise ValueError(f"unsupported padding_mode {padding_mode!r}")
+        check_int("r_out", r_out, min=1)
+        check_int("r_in", r_in, min=1)
+        check_choice("padding_mode", padding_mode, ("zeros", "reflect", "replicate", "circular"))
         dtype = dtype or torch.get_default_dtype()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
@@ -164,17 +155,14 @@ class LowRankConv2d(nn.Module):
         self.restore_weight = nn.Parameter(torch.empty(out_channels, r_out, 1, 1, **kw))
         for p in (self.reduce_weight, self.core, self.restore_weight):
             nn.init.kaiming_uniform_(p, a=5**0.5)
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_channels, **kw))
-        else:
-            self.register_parameter("bias", None)
+        init_bias(self, bias, out_channels, device, dtype)
 
     @property
     def ranks(self) -> tuple[int, int]:
         return self.core.shape[0], self.core.shape[1]
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, config: LowRankConfig | None = None, *,
+    def from_dense(cls, conv: nn.Conv2d, config: object | None = None, *,
                    ranks: tuple[int, int] | None = None,
                    energy: float | None = None) -> LowRankConv2d:
         """Tucker-2 (HOSVD + 2 HOOI sweeps) of ``conv.weight`` at ``ranks = (r_out, r_in)`` or

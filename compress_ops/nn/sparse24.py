@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
 
 import compress_ops.ops  # noqa: F401  (registers torch.ops.compress_ops.*)
-from compress_ops.kernels.sparse24 import (
-    K_ALIGN,
+from compress_ops.configs import UnsupportedWeight
+from compress_ops.kernels.formats.sparse24 import (
+    empty_sparse24,
     is_2to4,
     pack_sparse24,
     prune_2to4,
     sparse24_bytes,
     unpack_sparse24,
 )
-from compress_ops.nn.base import CompressedLinear
+from compress_ops.nn.base import CompressedLinear, from_dense_values, init_bias
 
-if TYPE_CHECKING:
-    from compress_ops.api import Sparse24Config
+__all__ = ["Sparse24Linear", "SPARSE24_DEFAULTS"]
 
-# Metadata of a group holding positions (0, 1): nibble 0b0100, repeated over the 8 groups.
-_EMPTY_META_WORD = 0x44444444
+#: ``Sparse24Linear.from_dense`` keyword values when no config is given (``Sparse24Config()``'s).
+SPARSE24_DEFAULTS: dict[str, Any] = {"prune": True}
 
 
 class Sparse24Linear(CompressedLinear):
@@ -47,33 +47,28 @@ class Sparse24Linear(CompressedLinear):
         dtype = dtype or torch.get_default_dtype()
         self.in_features = in_features
         self.out_features = out_features
-        kp = -(-in_features // K_ALIGN) * K_ALIGN
-        self.register_buffer("values", torch.zeros(out_features, kp // 2, device=device,
-                                                   dtype=dtype))
-        self.register_buffer("meta", torch.full((out_features, kp // K_ALIGN), _EMPTY_META_WORD,
-                                                device=device, dtype=torch.int32))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
+        values, meta = empty_sparse24(out_features, in_features, dtype=dtype, device=device)
+        self.register_buffer("values", values)
+        self.register_buffer("meta", meta)
+        init_bias(self, bias, out_features, device, dtype)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear,
-                   config: Sparse24Config | None = None) -> Sparse24Linear:
-        """Compress ``linear``: magnitude-prune to 2:4 (``config.prune``), then pack.
+    def from_dense(cls, linear: nn.Linear, config: object | None = None,
+                   **values: Any) -> Sparse24Linear:
+        """Compress ``linear``: magnitude-prune to 2:4 (``prune``, from a ``Sparse24Config`` or
+        the keyword; default True), then pack.
 
-        With ``prune=False`` the weight must already be 2:4, else ``ValueError``.
+        With ``prune=False`` the weight must already be 2:4, else
+        :class:`~compress_ops.configs.UnsupportedWeight` (a ``ValueError``).
         """
-        from compress_ops.api import Sparse24Config
-
-        config = config or Sparse24Config()
+        prune = from_dense_values(config, values, SPARSE24_DEFAULTS)["prune"]
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
-        if config.prune:
+        if prune:
             w = prune_2to4(w)
         elif not is_2to4(w):
-            raise ValueError(
+            raise UnsupportedWeight(
                 "weight is not 2:4 sparse (a group of 4 along in_features has more than 2 "
                 "nonzeros) and Sparse24Config(prune=False) forbids pruning it"
             )

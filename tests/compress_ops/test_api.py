@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import compress_ops as co
+from compress_ops import configs
 from compress_ops.nn import Sparse24Linear
 
 from .models import MLP, Block
@@ -238,7 +239,6 @@ def test_shared_codebook_refuses_mixed_dtypes_with_a_reason():
 
 
 def test_a_failing_transform_leaves_the_model_untouched(monkeypatch):
-    import compress_ops.api as api
 
     model = MLP()
     before = [type(m) for m in model.modules()]
@@ -250,7 +250,8 @@ def test_a_failing_transform_leaves_the_model_untouched(monkeypatch):
             raise RuntimeError("transform failed")
         return Sparse24Linear.from_dense(module, config)
 
-    monkeypatch.setitem(api._TRANSFORMS, co.Sparse24Config, ((nn.Linear,), boom))
+    monkeypatch.setitem(configs._TRANSFORMS, co.Sparse24Config,
+                        configs.Transform((nn.Linear,), boom))
     with pytest.raises(RuntimeError, match="transform failed"):
         co.compress_(model, co.Sparse24Config())
     assert [type(m) for m in model.modules()] == before  # nothing swapped in

@@ -13,8 +13,8 @@ from torch import nn
 
 import compress_ops as co
 from compress_ops import archs
+from compress_ops.configs import UnfusableError
 from compress_ops.nn import FusedDWSepConv2d
-from compress_ops.nn.dwsep import UnfusableError
 from compress_ops.reference import dwsep_conv2d_ref
 
 op = torch.ops.compress_ops.dwsep_conv2d
@@ -41,7 +41,7 @@ def _args(dtype=torch.float32, device="cpu", grad=False, residual=True, k=3, str
     def t(*s):
         return torch.randn(*s, generator=g).to(dtype).to(device).requires_grad_(grad)
 
-    from compress_ops.kernels.dwsep_conv import output_size
+    from compress_ops.kernels.formats.dwsep_conv import output_size
     ho, wo = output_size(7, 6, k, stride, pad)
     return (t(2, 12, 7, 6), t(12, k, k), t(12), t(10, 12), t(10),
             t(2, 10, ho, wo) if residual else None)
@@ -376,8 +376,8 @@ def test_fire_dense_block_and_profile_counts():
 
 
 def test_activation_derivatives_follow_torch_at_the_kinks():
-    from compress_ops.ops import _act_grad
-    from compress_ops.reference import ACTIVATION_FNS
+    from compress_ops.kernels.formats.dwsep_conv import ACTIVATION_FNS
+    from compress_ops.ops.dwsep_conv import _act_grad
 
     v = torch.tensor([-6.5, -3.0, -1.0, 0.0, 1.0, 3.0, 6.0, 7.0], dtype=torch.float64)
     for act in ("relu", "relu6", "hardswish", "silu"):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import compress_ops as co
-from compress_ops.kernels import sparse24 as sp
+from compress_ops.kernels.formats import sparse24 as spf
 from compress_ops.nn import Sparse24Linear
 
 
@@ -24,7 +24,7 @@ def _linear(k: int = 70, n: int = 24, bias: bool = True, dtype=torch.float32, se
 def test_from_dense_matches_pruned_linear(op_device, bias):
     lin = _linear(bias=bias).to(op_device)
     m = Sparse24Linear.from_dense(lin, co.Sparse24Config())
-    pruned = sp.prune_2to4(lin.weight.detach())
+    pruned = spf.prune_2to4(lin.weight.detach())
     assert torch.equal(m.dense_weight(), pruned)
     x = torch.randn(2, 5, 70, device=op_device)
     ref = F.linear(x.double(), pruned.double(), None if lin.bias is None else lin.bias.double())
@@ -38,7 +38,7 @@ def test_prune_false_requires_2to4_weight():
     with pytest.raises(ValueError, match="not 2:4"):
         Sparse24Linear.from_dense(lin, co.Sparse24Config(prune=False))
     with torch.no_grad():
-        lin.weight.copy_(sp.prune_2to4(lin.weight))
+        lin.weight.copy_(spf.prune_2to4(lin.weight))
     m = Sparse24Linear.from_dense(lin, co.Sparse24Config(prune=False))
     assert torch.equal(m.dense_weight(), lin.weight.detach())
 
@@ -89,7 +89,7 @@ def test_fine_tuning_updates_values_and_keeps_the_pattern():
         F.mse_loss(m(x), target).backward()
         opt.step()
     assert F.mse_loss(m(x), target).item() < before
-    assert sp.is_2to4(m.dense_weight().detach())
+    assert spf.is_2to4(m.dense_weight().detach())
 
 
 def test_constructor_validates_sizes():

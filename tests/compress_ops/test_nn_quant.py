@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import compress_ops as co
-from compress_ops.kernels import dequant as dq
+from compress_ops.kernels.formats import dequant as dqf
 from compress_ops.nn import CodebookLinear, QuantLinear
 
 
@@ -127,6 +127,6 @@ def test_from_dense_validates():
 def test_quant_module_rounds_k_up_to_the_group():
     m = QuantLinear.from_dense(_linear(k=300, n=8), co.QuantConfig(bits=4, group_size=128))
     assert m.group_size == 128 and m.scales.shape == (8, 3)
-    assert m.qweight.shape == (8, dq.padded_k(300, 128) * 4 // 32)
+    assert m.qweight.shape == (8, dqf.padded_k(300, 128) * 4 // 32)
     m = QuantLinear.from_dense(_linear(k=70, n=8), co.QuantConfig(bits=4, group_size=128))
     assert m.group_size == 96 and m.scales.shape == (8, 1)  # one group: the padded row

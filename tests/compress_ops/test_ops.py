@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import compress_ops  # noqa: F401  (registers the ops)
 from compress_ops.kernels import sparse24 as sp
+from compress_ops.kernels.formats import sparse24 as spf
+from compress_ops.ops import _routing
 from compress_ops.reference import sparse24_linear_ref
 
 op = torch.ops.compress_ops.sparse24_linear
@@ -15,8 +17,8 @@ op = torch.ops.compress_ops.sparse24_linear
 
 def _packed(n: int, k: int, dtype=torch.float32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    w = sp.prune_2to4((torch.randn(n, k, generator=g) + 0.05).to(dtype))
-    values, meta = sp.pack_sparse24(w)
+    w = spf.prune_2to4((torch.randn(n, k, generator=g) + 0.05).to(dtype))
+    values, meta = spf.pack_sparse24(w)
     return w, values, meta
 
 
@@ -73,7 +75,7 @@ def test_autograd_matches_dense_reference():
     # values' gradient is the dense weight gradient at the kept positions
     kp = 2 * values.shape[1]
     dense_grad = F.pad(wr.grad, (0, kp - 50))
-    expect = torch.gather(dense_grad, 1, sp.value_columns(meta))
+    expect = torch.gather(dense_grad, 1, spf.value_columns(meta))
     torch.testing.assert_close(v.grad.double(), expect, rtol=1e-5, atol=1e-5)
 
 
@@ -111,7 +113,7 @@ def test_fake_impl_checks_shapes_under_fake_tensors():
 
 
 def test_semi_structured_route_is_off_without_a_measured_crossover():
-    from compress_ops.ops import _semi_structured_eligible
+    from compress_ops.ops.sparse24 import _semi_structured_eligible
 
     _, values, meta = _packed(128, 128, torch.float16)
     assert sp.semi_structured_min_m(torch.device("cpu")) is None
@@ -120,7 +122,7 @@ def test_semi_structured_route_is_off_without_a_measured_crossover():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_semi_structured_route_matches_reference_when_forced(monkeypatch):
-    import compress_ops.ops as ops_mod
+    import compress_ops.ops.sparse24 as ops_mod
 
     monkeypatch.setattr(sp, "semi_structured_min_m", lambda device: 1)
     _, values, meta = _packed(256, 256, torch.float16)
@@ -139,7 +141,6 @@ def test_semi_structured_route_matches_reference_when_forced(monkeypatch):
 def test_cpu_dense_cache_is_correct_rebuilds_on_change_and_is_freed(monkeypatch):
     import gc
 
-    import compress_ops.ops as ops_mod
 
     monkeypatch.setenv("COMPRESS_OPS_CPU_DENSE_CACHE", "1")
     _, values, meta = _packed(16, 40, seed=5)
@@ -147,22 +148,21 @@ def test_cpu_dense_cache_is_correct_rebuilds_on_change_and_is_freed(monkeypatch)
     ref = sparse24_linear_ref(x, values, meta, None, dtype=torch.float64)
     y = op(x, values, meta, None)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
-    assert ("dense", id(values)) in ops_mod._DERIVED
+    assert ("dense", id(values)) in _routing.DERIVED
     with torch.no_grad():
         values.mul_(2.0)  # in-place change bumps the version: the cache must not go stale
     torch.testing.assert_close(op(x, values, meta, None), 2 * y)
     key = ("dense", id(values))
     del values
     gc.collect()
-    assert key not in ops_mod._DERIVED
+    assert key not in _routing.DERIVED
 
 
 def test_cpu_dense_cache_is_off_by_default():
-    import compress_ops.ops as ops_mod
 
     _, values, meta = _packed(16, 40, seed=6)
     op(torch.randn(2, 40), values, meta, None)
-    assert ("dense", id(values)) not in ops_mod._DERIVED
+    assert ("dense", id(values)) not in _routing.DERIVED
 
 
 def test_cpu_dense_cache_follows_data_swaps_and_inference_tensors(monkeypatch):
@@ -194,9 +194,7 @@ def test_frozen_base_saves_no_activation_for_backward():
 
 
 def test_cpu_path_chunks_large_weights_exactly(monkeypatch):
-    import compress_ops.ops as ops_mod
-
-    monkeypatch.setattr(ops_mod, "_CPU_CHUNK_ELEMS", 64 * 64)  # force several row chunks
+    monkeypatch.setattr(_routing, "CPU_CHUNK_ELEMS", 64 * 64)  # force several row chunks
     _, values, meta = _packed(300, 70, seed=9)
     x, b = torch.randn(2, 3, 70), torch.randn(300)
     y = op(x, values, meta, b)

@@ -7,7 +7,7 @@ import torch
 
 import compress_ops  # noqa: F401  (registers the ops)
 import compress_ops.ops as ops_mod
-from compress_ops.kernels import lowrank as lr
+from compress_ops.kernels.formats import lowrank as lrf
 from compress_ops.reference import lowrank_linear_ref
 
 op = torch.ops.compress_ops.lowrank_linear
@@ -138,12 +138,12 @@ def test_routes(monkeypatch):
     if __import__("os").environ.get("TRITON_INTERPRET") == "1":
         assert ops_mod.lowrank_route(x, u, w) == "fused"
     # ranks past the kernel's limit always take two GEMMs, on every backend
-    big_u, big_v, _, _ = _args(r=lr.MAX_RANK + 1)
+    big_u, big_v, _, _ = _args(r=lrf.MAX_RANK + 1)
     assert ops_mod.lowrank_route(x, big_u, None) == "unfused"
 
 
 def test_ranks_past_the_kernel_limit_run_unfused_on_the_triton_backend(op_device):
-    u, v, _, b = _args(n=8, k=300, r=lr.MAX_RANK + 44, device=op_device)
+    u, v, _, b = _args(n=8, k=300, r=lrf.MAX_RANK + 44, device=op_device)
     x = torch.randn(3, 300, device=op_device)
     ref = lowrank_linear_ref(x, u, v, None, b, dtype=torch.float64)
     assert _rel(op(x, u, v, None, b), ref) < 1e-5

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from compress_ops import quantize as qz
 from compress_ops.kernels import dequant as dq
 from compress_ops.kernels._tuning import KernelConfig
+from compress_ops.kernels.formats import dequant as dqf
 from compress_ops.reference import codebook_linear_ref, dequant_linear_ref
 
 from .tolerances import rel_err as _rel_err
@@ -35,19 +36,19 @@ def _affine(n: int, k: int, bits: int, group: int | None, sym: bool, dtype: torc
             seed: int):
     """A random packed affine weight (random fields, scales and fractional zero points)."""
     g = _gen(seed)
-    gs = dq.effective_group_size(k, group)
-    kp = dq.padded_k(k, gs)
+    gs = dqf.effective_group_size(k, group)
+    kp = dqf.padded_k(k, gs)
     q = torch.randint(0, 2**bits, (n, kp), generator=g)
     scales = ((torch.rand(n, kp // gs, generator=g) + 0.5) / 2**bits).to(dtype)
     zeros = None if sym else (torch.rand(n, kp // gs, generator=g) * (2**bits - 1)).to(dtype)
-    return dq.pack_bits(q, bits), scales, zeros, gs
+    return dqf.pack_bits(q, bits), scales, zeros, gs
 
 
 def _codebook(n: int, k: int, bits: int, groups: int, dtype: torch.dtype, seed: int):
     g = _gen(seed)
-    q = torch.randint(0, 2**bits, (n, dq.padded_k(k, None)), generator=g)
+    q = torch.randint(0, 2**bits, (n, dqf.padded_k(k, None)), generator=g)
     cb = torch.randn(groups, 2**bits, generator=g).to(dtype)
-    return dq.pack_bits(q, bits), cb
+    return dqf.pack_bits(q, bits), cb
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,49 +56,49 @@ def _codebook(n: int, k: int, bits: int, groups: int, dtype: torch.dtype, seed: 
 # --------------------------------------------------------------------------------------------
 
 
-@given(n=st.integers(1, 9), blocks=st.integers(1, 5), bits=st.sampled_from(dq.BITS),
+@given(n=st.integers(1, 9), blocks=st.integers(1, 5), bits=st.sampled_from(dqf.BITS),
        seed=st.integers(0, 2**16))
 def test_pack_unpack_round_trip(n, blocks, bits, seed):
     q = torch.randint(0, 2**bits, (n, 32 * blocks), generator=_gen(seed))
-    packed = dq.pack_bits(q, bits)
+    packed = dqf.pack_bits(q, bits)
     assert packed.shape == (n, blocks * bits) and packed.dtype == torch.int32
-    assert torch.equal(dq.unpack_bits(packed, bits), q.to(torch.int32))
+    assert torch.equal(dqf.unpack_bits(packed, bits), q.to(torch.int32))
     k = 32 * blocks - 5
-    assert torch.equal(dq.unpack_bits(packed, bits, k), q[:, :k].to(torch.int32))
+    assert torch.equal(dqf.unpack_bits(packed, bits, k), q[:, :k].to(torch.int32))
 
 
 def test_bit_layout_is_the_documented_layout():
     q = torch.arange(32).reshape(1, 32) % 16
-    w4 = dq.pack_bits(q, 4)
+    w4 = dqf.pack_bits(q, 4)
     # column c -> word c // 8, bits 4 (c % 8): word 0 = 0x76543210
     assert w4[0, 0].item() == 0x76543210
     q8 = torch.arange(32).reshape(1, 32) + 200
-    assert torch.equal(dq.pack_bits(q8, 8).view(torch.uint8)[0], q8[0].to(torch.uint8))
+    assert torch.equal(dqf.pack_bits(q8, 8).view(torch.uint8)[0], q8[0].to(torch.uint8))
     q3 = torch.zeros(1, 32, dtype=torch.int64)
     q3[0, 5] = 0b101
     q3[0, 31] = 0b010
-    w3 = dq.pack_bits(q3, 3)[0].tolist()  # planes: bit p of column i at word p, bit i
+    w3 = dqf.pack_bits(q3, 3)[0].tolist()  # planes: bit p of column i at word p, bit i
     assert w3 == [1 << 5, -(2**31), 1 << 5]
 
 
 def test_pack_rejects_out_of_range_and_bad_bits():
     with pytest.raises(ValueError, match=r"\[0, 16\)"):
-        dq.pack_bits(torch.full((2, 32), 16), 4)
+        dqf.pack_bits(torch.full((2, 32), 16), 4)
     with pytest.raises(ValueError, match="multiple of 32"):
-        dq.pack_bits(torch.zeros(2, 40, dtype=torch.int64), 4)
+        dqf.pack_bits(torch.zeros(2, 40, dtype=torch.int64), 4)
     with pytest.raises(ValueError, match="bits must be one of"):
-        dq.pack_bits(torch.zeros(2, 32, dtype=torch.int64), 5)
+        dqf.pack_bits(torch.zeros(2, 32, dtype=torch.int64), 5)
 
 
 def test_group_size_padding_rules():
-    assert dq.effective_group_size(100, None) == 128 and dq.padded_k(100, None) == 128
-    assert dq.effective_group_size(100, 128) == 128  # one group: the padded row
-    assert dq.effective_group_size(300, 128) == 128 and dq.padded_k(300, 128) == 384
-    assert dq.effective_group_size(70, 32) == 32 and dq.padded_k(70, 32) == 96
+    assert dqf.effective_group_size(100, None) == 128 and dqf.padded_k(100, None) == 128
+    assert dqf.effective_group_size(100, 128) == 128  # one group: the padded row
+    assert dqf.effective_group_size(300, 128) == 128 and dqf.padded_k(300, 128) == 384
+    assert dqf.effective_group_size(70, 32) == 32 and dqf.padded_k(70, 32) == 96
     with pytest.raises(ValueError, match="group_size must be one of"):
-        dq.effective_group_size(300, 48)
+        dqf.effective_group_size(300, 48)
     # int4 g128 with fp16 scales and zeros: <= 0.27 of fp16
-    assert dq.lowbit_bytes(4096, 4096, 4, 128, torch.float16) <= 0.27 * 4096 * 4096 * 2
+    assert dqf.affine_bytes(4096, 4096, 4, 128, torch.float16) <= 0.27 * 4096 * 4096 * 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,14 +106,14 @@ def test_group_size_padding_rules():
 # --------------------------------------------------------------------------------------------
 
 
-@given(n=st.integers(1, 12), k=st.integers(1, 300), bits=st.sampled_from(dq.BITS),
+@given(n=st.integers(1, 12), k=st.integers(1, 300), bits=st.sampled_from(dqf.BITS),
        group=st.sampled_from(GROUPS), sym=st.booleans(), seed=st.integers(0, 2**16))
 def test_rtn_error_is_at_most_half_a_step(n, k, bits, group, sym, seed):
     w = torch.randn(n, k, generator=_gen(seed), dtype=torch.float64) + 0.05
     a = qz.quantize_affine(w, bits, group, symmetric=sym, search_steps=0)
-    q = dq.unpack_bits(a.qweight, bits, k)
+    q = dqf.unpack_bits(a.qweight, bits, k)
     assert int(q.min()) >= 0 and int(q.max()) < 2**bits
-    w_hat = dq.dequantize(a.qweight, a.scales, a.zeros, bits, a.group_size, k)
+    w_hat = dqf.dequantize(a.qweight, a.scales, a.zeros, bits, a.group_size, k)
     step = a.scales.repeat_interleave(a.group_size, 1)[:, :k]
     assert ((w - w_hat).abs() <= step / 2 * (1 + 1e-9) + 1e-12).all()
     if not sym and k > 1:  # min/max grid: a group's extremes land on 0 and 2**b - 1 (a
@@ -131,7 +132,7 @@ def test_range_search_never_increases_error(bits, group, sym, seed):
 
 
 def _sq_err(w: torch.Tensor, a: qz.AffineWeight) -> float:
-    w_hat = dq.dequantize(a.qweight, a.scales, a.zeros, a.bits, a.group_size, w.shape[1],
+    w_hat = dqf.dequantize(a.qweight, a.scales, a.zeros, a.bits, a.group_size, w.shape[1],
                           dtype=torch.float64)
     return float(((w.double() - w_hat) ** 2).sum())
 
@@ -141,11 +142,11 @@ def _sq_err(w: torch.Tensor, a: qz.AffineWeight) -> float:
 def test_sqnr_on_gaussian_weights(bits, group, min_db):
     w = torch.randn(256, 1024, generator=_gen(1))
     a = qz.quantize_affine(w, bits, group)
-    w_hat = dq.dequantize(a.qweight, a.scales, a.zeros, bits, a.group_size, 1024)
+    w_hat = dqf.dequantize(a.qweight, a.scales, a.zeros, bits, a.group_size, 1024)
     assert qz.sqnr_db(w, w_hat) >= min_db
 
 
-@given(r=st.integers(1, 3), p=st.integers(1, 400), bits=st.sampled_from(dq.BITS),
+@given(r=st.integers(1, 3), p=st.integers(1, 400), bits=st.sampled_from(dqf.BITS),
        seed=st.integers(0, 2**16))
 def test_kmeans_never_increases_error(r, p, bits, seed):
     torch.manual_seed(seed)
@@ -163,7 +164,7 @@ def test_fitted_codebook_is_never_worse_than_the_min_max_grid(bits):
     torch.manual_seed(bits)
     w = torch.distributions.StudentT(3.0).sample((8, 256))
     cb = qz.fit_codebook([w], bits, row_groups=8, dtype=torch.float64)
-    e_cb = float(((dq.codebook_weight(qz.encode_codebook(w, cb, bits).indices, cb, bits, 256)
+    e_cb = float(((dqf.codebook_weight(qz.encode_codebook(w, cb, bits).indices, cb, bits, 256)
                    - w.double()) ** 2).sum())
     e_grid = _sq_err(w.double(), qz.quantize_affine(w.double(), bits, None, search_steps=0))
     assert e_cb <= e_grid * (1 + 1e-9)
@@ -177,7 +178,7 @@ def test_codebook_beats_rtn_at_equal_bits_on_heavy_tails(bits):
     w = torch.distributions.StudentT(2.5).sample((64, 512))
     cb = qz.fit_codebook([w], bits, row_groups=64)
     enc = qz.encode_codebook(w, cb, bits)
-    e_cb = float(((dq.codebook_weight(enc.indices, enc.codebook, bits, 512).double()
+    e_cb = float(((dqf.codebook_weight(enc.indices, enc.codebook, bits, 512).double()
                    - w.double()) ** 2).sum())
     e_rtn = _sq_err(w, qz.quantize_affine(w, bits, None))  # per-row grid, range search
     assert e_cb < e_rtn
@@ -187,7 +188,7 @@ def test_codebook_encoding_uses_the_nearest_entry():
     w = torch.randn(8, 64, generator=_gen(4))
     cb = qz.fit_codebook([w], 3, row_groups=2)
     enc = qz.encode_codebook(w, cb, 3)
-    w_hat = dq.codebook_weight(enc.indices, enc.codebook, 3, 64)
+    w_hat = dqf.codebook_weight(enc.indices, enc.codebook, 3, 64)
     rows = torch.arange(8) // 4
     dist = (w[:, :, None] - cb[rows][:, None, :]).abs()
     assert torch.allclose((w - w_hat).abs(), dist.min(-1).values)
@@ -216,7 +217,7 @@ CONFIGS = {
 
 
 @given(m=st.sampled_from(MS), n=st.integers(1, MAX_N), k=st.integers(1, MAX_K),
-       bits=st.sampled_from(dq.BITS), group=st.sampled_from(GROUPS), sym=st.booleans(),
+       bits=st.sampled_from(dqf.BITS), group=st.sampled_from(GROUPS), sym=st.booleans(),
        dtype=st.sampled_from(DTYPES), cfg=st.sampled_from([None, *CONFIGS]),
        bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_dequant_kernel_matches_float64_reference(poison, device, m, n, k, bits, group, sym,
@@ -233,7 +234,7 @@ def test_dequant_kernel_matches_float64_reference(poison, device, m, n, k, bits,
 
 
 @given(m=st.sampled_from(MS), n_groups=st.integers(1, 12), rows=st.sampled_from([1, 3, 8]),
-       k=st.integers(1, MAX_K), bits=st.sampled_from(dq.BITS), groups=st.sampled_from([1, 2]),
+       k=st.integers(1, MAX_K), bits=st.sampled_from(dqf.BITS), groups=st.sampled_from([1, 2]),
        dtype=st.sampled_from(DTYPES), cfg=st.sampled_from([None, *CONFIGS]),
        seed=st.integers(0, 2**16))
 def test_codebook_kernel_matches_float64_reference(poison, device, m, n_groups, rows, k, bits,
@@ -339,7 +340,7 @@ def test_degenerate_groups_quantize_finitely_and_exactly(dtype, sym, bits):
     a = qz.quantize_affine(w, bits, 32, symmetric=sym)
     assert torch.isfinite(a.scales).all() and (a.scales > 0).all()
     assert a.zeros is None or torch.isfinite(a.zeros).all()
-    w_hat = dq.dequantize(a.qweight, a.scales, a.zeros, bits, a.group_size, 64,
+    w_hat = dqf.dequantize(a.qweight, a.scales, a.zeros, bits, a.group_size, 64,
                           dtype=torch.float32)
     assert torch.isfinite(w_hat).all()
     assert (w_hat[0] == 0).all()

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from compress_ops.kernels import dwsep_conv as dc
+from compress_ops.kernels.formats import dwsep_conv as dcf
 from compress_ops.reference import dwsep_conv2d_ref
 
 from .tolerances import rel_err, tol
@@ -22,8 +23,8 @@ MAX_HW, MAX_C = (40, 200) if LARGE else (11, 40)
 
 @st.composite
 def geometry(draw):
-    k = draw(st.sampled_from(dc.KERNEL_SIZES))
-    stride = draw(st.sampled_from(dc.STRIDES))
+    k = draw(st.sampled_from(dcf.KERNEL_SIZES))
+    stride = draw(st.sampled_from(dcf.STRIDES))
     if draw(st.booleans()):
         p = draw(st.integers(0, k // 2))
         pad = (p, p, p, p)
@@ -43,14 +44,14 @@ def _inputs(b, c, h, w, cout, k, stride, pad, dtype, biases, residual, seed, cha
     pw = (torch.randn(cout, c, generator=g) / c**0.5).to(dtype)
     dwb = torch.randn(c, generator=g).to(dtype) if biases else None
     pwb = torch.randn(cout, generator=g).to(dtype) if biases else None
-    ho, wo = dc.output_size(h, w, k, stride, pad)
+    ho, wo = dcf.output_size(h, w, k, stride, pad)
     res = torch.randn(b, cout, ho, wo, generator=g).to(dtype) if residual else None
     return x, dw, dwb, pw, pwb, res
 
 
 @given(geo=geometry(), b=st.integers(1, 3), c=st.integers(1, MAX_C),
-       cout=st.integers(1, MAX_C), act1=st.sampled_from(dc.ACTIVATIONS),
-       act2=st.sampled_from(dc.ACTIVATIONS), dtype=st.sampled_from(DTYPES),
+       cout=st.integers(1, MAX_C), act1=st.sampled_from(dcf.ACTIVATIONS),
+       act2=st.sampled_from(dcf.ACTIVATIONS), dtype=st.sampled_from(DTYPES),
        biases=st.booleans(), residual=st.booleans(), channels_last=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_kernel_matches_float64_reference(poison, device, geo, b, c, cout, act1, act2, dtype,
@@ -85,9 +86,9 @@ def test_select_config_and_bytes():
     assert dc.select_config(960, 320, 5, cpu)["block_co"] == 128
     # MobileNetV2 stride-1 project pair (C = 6 Cout): 2.7x fewer activation bytes fused
     args = (1, 56, 56, 144, 24, 3, 1, (1, 1, 1, 1), 2)
-    ratio = dc.dwsep_bytes(*args, fused=False) / dc.dwsep_bytes(*args, fused=True)
+    ratio = dcf.dwsep_bytes(*args, fused=False) / dcf.dwsep_bytes(*args, fused=True)
     assert 2.6 < ratio < 2.8
-    assert dc.output_size(7, 8, 3, 2, (0, 1, 0, 1)) == (3, 4)
+    assert dcf.output_size(7, 8, 3, 2, (0, 1, 0, 1)) == (3, 4)
 
 
 @pytest.mark.parametrize(
@@ -115,4 +116,4 @@ def test_bad_inputs_raise_named_errors(mutate, exc, match):
          "pad": (1, 1, 1, 1), "act1": "relu", "act2": "none"}
     mutate(a)
     with pytest.raises(exc, match=match):
-        dc.check_inputs(*a.values())
+        dcf.check_inputs(*a.values())

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from compress_ops.kernels import lowrank as lr
+from compress_ops.kernels.formats import lowrank as lrf
 from compress_ops.reference import lowrank_linear_ref
 
 from .tolerances import rel_err, tol
@@ -49,7 +50,7 @@ def test_kernel_matches_float64_reference(poison, device, m, n, k, r, dtype, bas
                                           seed):
     x, u, v, w, b = (t.to(device) if t is not None else None
                      for t in _factors(m, n, k, r, dtype, base, bias, seed))
-    cfg = lr.select_config(m, lr.padded_rank(r), x.device).replace(n_per_program=grid[0],
+    cfg = lr.select_config(m, lrf.padded_rank(r), x.device).replace(n_per_program=grid[0],
                                                                      split_k=grid[1])
     y = lr.lowrank_matmul(x, u, v, w, b, config=cfg)
     ref = lowrank_linear_ref(x, u, v, w, b, dtype=torch.float64)
@@ -89,7 +90,7 @@ def _traffic(cfg, m, n, k, r, per, split):
 @pytest.mark.parametrize(("m", "r"), [(1, 32), (16, 128), (64, 256)])
 def test_plan_grid_fills_the_gpu_with_the_least_modelled_traffic(m, r):
     cpu = torch.device("cpu")
-    cfg = lr.select_config(m, lr.padded_rank(r), cpu)
+    cfg = lr.select_config(m, lrf.padded_rank(r), cpu)
     n = k = 4096
     n_tiles, m_tiles = -(-n // cfg.block_n), -(-m // cfg.block_m)
     per, split = lr.plan_grid(cfg, m, n, k, r, False, cpu, sms=132)
@@ -127,8 +128,8 @@ def test_select_config_and_route_tables():
     assert lr.fused_route(1, 32, False, cpu)
     assert not lr.fused_route(1, 257, False, cpu)  # past MAX_RANK: two GEMMs
     assert not lr.fused_route(10**6, 32, False, cpu)
-    assert [lr.padded_rank(r) for r in (1, 16, 17, 100, 256)] == [16, 16, 32, 128, 256]
-    assert lr.lowrank_bytes(4096, 4096, 128, torch.float16) == 128 * 8192 * 2
+    assert [lrf.padded_rank(r) for r in (1, 16, 17, 100, 256)] == [16, 16, 32, 128, 256]
+    assert lrf.lowrank_bytes(4096, 4096, 128, torch.float16) == 128 * 8192 * 2
 
 
 def test_autotune_space_and_config_validation():
@@ -163,10 +164,10 @@ def test_bad_inputs_raise_named_errors(mutate, exc, match):
             "weight": None, "bias": torch.randn(12)}
     mutate(args)
     with pytest.raises(exc, match=match):
-        lr.check_inputs(*args.values())
+        lrf.check_inputs(*args.values())
 
 
 def test_launcher_refuses_ranks_past_its_limit():
-    x, u, v, _, _ = _factors(2, 8, 16, lr.MAX_RANK + 1, torch.float32, False, False, 0)
+    x, u, v, _, _ = _factors(2, 8, 16, lrf.MAX_RANK + 1, torch.float32, False, False, 0)
     with pytest.raises(ValueError, match="MAX_RANK"):
         lr.lowrank_matmul(x, u, v)

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from compress_ops.kernels import sparse24 as sp
+from compress_ops.kernels.formats import sparse24 as spf
 from compress_ops.reference import sparse24_linear_ref
 
 from .tolerances import rel_err as _rel_err
@@ -38,7 +39,7 @@ def _rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> tor
        seed=st.integers(0, 2**16))
 def test_mask_keeps_two_largest_of_every_group(n, k, dtype, seed):
     w = _rand(n, k, dtype=dtype, seed=seed)
-    mask = sp.mask_2to4(w)
+    mask = spf.mask_2to4(w)
     assert mask.shape == w.shape and mask.dtype == torch.bool
     kp = -(-k // 4) * 4
     m4 = torch.nn.functional.pad(mask, (0, kp - k)).reshape(n, -1, 4)
@@ -51,47 +52,47 @@ def test_mask_keeps_two_largest_of_every_group(n, k, dtype, seed):
     kept_min = torch.where(m4, a4, torch.inf).amin(-1)
     dropped_max = torch.where(~m4 & real, a4, -torch.inf).amax(-1)
     assert (kept_min >= dropped_max).all()
-    assert sp.is_2to4(sp.prune_2to4(w))
+    assert spf.is_2to4(spf.prune_2to4(w))
 
 
 def test_mask_ties_are_deterministic_lowest_index():
     w = torch.ones(3, 8)
-    mask = sp.mask_2to4(w)
+    mask = spf.mask_2to4(w)
     assert mask.tolist() == [[True, True, False, False] * 2] * 3
     w = torch.tensor([[1.0, -2.0, 2.0, 0.5]])
-    assert sp.mask_2to4(w).tolist() == [[False, True, True, False]]
+    assert spf.mask_2to4(w).tolist() == [[False, True, True, False]]
 
 
 def test_mask_rejects_nonfinite():
     w = torch.randn(2, 8)
     w[1, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        sp.mask_2to4(w)
+        spf.mask_2to4(w)
 
 
 @given(n=st.integers(1, 24), k=st.integers(1, 130), dtype=st.sampled_from(DTYPES),
        seed=st.integers(0, 2**16))
 def test_pack_unpack_round_trip(n, k, dtype, seed):
-    w = sp.prune_2to4(_rand(n, k, dtype=dtype, seed=seed))
-    values, meta = sp.pack_sparse24(w)
-    kp = -(-k // sp.K_ALIGN) * sp.K_ALIGN
+    w = spf.prune_2to4(_rand(n, k, dtype=dtype, seed=seed))
+    values, meta = spf.pack_sparse24(w)
+    kp = -(-k // spf.K_ALIGN) * spf.K_ALIGN
     assert values.shape == (n, kp // 2) and values.dtype == dtype
     assert meta.shape == (n, kp // 32) and meta.dtype == torch.int32
-    assert torch.equal(sp.unpack_sparse24(values, meta, k), w)
+    assert torch.equal(spf.unpack_sparse24(values, meta, k), w)
     # positions within a group are distinct and increasing
-    pos = sp._positions(meta).reshape(n, -1, 2)
+    pos = spf._positions(meta).reshape(n, -1, 2)
     assert (pos[..., 0] < pos[..., 1]).all()
     # value_columns points every stored value at its dense column
     dense = torch.nn.functional.pad(w, (0, kp - k))
-    assert torch.equal(torch.gather(dense, 1, sp.value_columns(meta)), values)
+    assert torch.equal(torch.gather(dense, 1, spf.value_columns(meta)), values)
 
 
 def test_pack_handles_groups_with_fewer_than_two_nonzeros():
     w = torch.zeros(2, 32)
     w[0, 2] = 5.0  # one nonzero in group 0
     w[1, 7] = -1.0  # one nonzero in group 1
-    values, meta = sp.pack_sparse24(w)
-    assert torch.equal(sp.unpack_sparse24(values, meta), w)
+    values, meta = spf.pack_sparse24(w)
+    assert torch.equal(spf.unpack_sparse24(values, meta), w)
     assert values[0, :2].tolist() == [0.0, 5.0] or values[0, :2].tolist() == [5.0, 0.0]
 
 
@@ -99,7 +100,7 @@ def test_meta_bit_layout_is_documented_layout():
     # group 0 keeps positions (1, 3), group 1 keeps (0, 2), the other groups all-zero -> (0, 1)
     w = torch.zeros(1, 32)
     w[0, 1], w[0, 3], w[0, 4], w[0, 6] = 1.0, 2.0, 3.0, 4.0
-    values, meta = sp.pack_sparse24(w)
+    values, meta = spf.pack_sparse24(w)
     assert values[0, :4].tolist() == [1.0, 2.0, 3.0, 4.0]
     nibbles = [(1 | 3 << 2), (0 | 2 << 2)] + [(0 | 1 << 2)] * 6
     word = sum(nib << (4 * i) for i, nib in enumerate(nibbles))
@@ -110,7 +111,7 @@ def test_meta_bit_layout_is_documented_layout():
 def test_pack_rejects_dense_weight_naming_the_group():
     w = torch.ones(2, 8)
     with pytest.raises(ValueError, match=r"row 0, columns 0\.\.3 hold 4 nonzeros"):
-        sp.pack_sparse24(w)
+        spf.pack_sparse24(w)
 
 
 @pytest.mark.parametrize(
@@ -125,12 +126,12 @@ def test_pack_rejects_dense_weight_naming_the_group():
 )
 def test_unpack_rejects_inconsistent_pairs(values, meta, exc, match):
     with pytest.raises(exc, match=match):
-        sp.unpack_sparse24(values, meta)
+        spf.unpack_sparse24(values, meta)
 
 
 def test_stored_bytes_ratio_fp16():
     # values + metadata = 1/2 + 1/16 of dense fp16
-    assert sp.sparse24_bytes(4096, 4096, torch.float16) / (4096 * 4096 * 2) == 0.5625
+    assert spf.sparse24_bytes(4096, 4096, torch.float16) / (4096 * 4096 * 2) == 0.5625
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,8 +158,8 @@ CONFIGS = {
     seed=st.integers(0, 2**16),
 )
 def test_kernel_matches_float64_reference(device, poison, m, n, k, dtype, has_bias, cfg, seed):
-    w = sp.prune_2to4(_rand(n, k, dtype=dtype, seed=seed))
-    values, meta = (t.to(device) for t in sp.pack_sparse24(w))
+    w = spf.prune_2to4(_rand(n, k, dtype=dtype, seed=seed))
+    values, meta = (t.to(device) for t in spf.pack_sparse24(w))
     x = _rand(m, k, dtype=dtype, seed=seed + 1).to(device)
     bias = _rand(n, dtype=dtype, seed=seed + 2).to(device) if has_bias else None
     y = sp.sparse24_matmul(x, values, meta, bias, config=CONFIGS[cfg])
@@ -174,8 +175,8 @@ def test_kernel_blocks_cover_ragged_grid(device, poison, cfg, dtype):
     # M, N, K all off the block grid, several blocks in every direction
     m = {"gemv_m4": 6, "gemm_16": 37, "gemm_32_splitk": 70}[cfg]
     n, k = 75, 301
-    w = sp.prune_2to4(_rand(n, k, dtype=dtype, seed=3))
-    values, meta = (t.to(device) for t in sp.pack_sparse24(w))
+    w = spf.prune_2to4(_rand(n, k, dtype=dtype, seed=3))
+    values, meta = (t.to(device) for t in spf.pack_sparse24(w))
     x = _rand(m, k, dtype=dtype, seed=4).to(device)
     bias = _rand(n, dtype=dtype, seed=5).to(device)
     y = sp.sparse24_matmul(x, values, meta, bias, config=CONFIGS[cfg])
@@ -187,8 +188,8 @@ def test_kernel_blocks_cover_ragged_grid(device, poison, cfg, dtype):
 def test_every_autotune_config_computes_the_right_answer(device):
     # Autotuning picks by speed only; every candidate must be correct (ragged M, N, K).
     n, k = 40, 100
-    w = sp.prune_2to4(_rand(n, k, dtype=torch.float16, seed=21))
-    values, meta = (t.to(device) for t in sp.pack_sparse24(w))
+    w = spf.prune_2to4(_rand(n, k, dtype=torch.float16, seed=21))
+    values, meta = (t.to(device) for t in spf.pack_sparse24(w))
     seen = set()
     for m in (1, 2, 3, 9, 33, 100):
         x = _rand(m, k, dtype=torch.float16, seed=22).to(device)
@@ -203,8 +204,8 @@ def test_every_autotune_config_computes_the_right_answer(device):
 
 def test_kernel_leading_dims_noncontiguous_and_empty(device):
     n, k = 24, 64
-    w = sp.prune_2to4(_rand(n, k, seed=7))
-    values, meta = (t.to(device) for t in sp.pack_sparse24(w))
+    w = spf.prune_2to4(_rand(n, k, seed=7))
+    values, meta = (t.to(device) for t in spf.pack_sparse24(w))
     x = _rand(2, k, 3, seed=8).to(device).transpose(1, 2)  # [2, 3, K], non-contiguous
     assert not x.is_contiguous()
     y = sp.sparse24_matmul(x, values, meta)
@@ -254,7 +255,7 @@ def test_autotune_space_is_valid():
     ],
 )
 def test_launcher_rejects_bad_inputs(kwargs, exc, match):
-    values, meta = sp.pack_sparse24(sp.prune_2to4(torch.randn(8, 64)))
+    values, meta = spf.pack_sparse24(spf.prune_2to4(torch.randn(8, 64)))
     args = {"x": torch.randn(2, 64), "values": values, "meta": meta, "bias": None}
     args.update(kwargs)
     with pytest.raises(exc, match=match):
@@ -266,8 +267,8 @@ def test_kernel_accepts_values_at_an_odd_element_offset(device, dtype):
     # The GEMM path loads a group's two values as one word; a values view starting at an odd
     # element must still give the right answer (the launcher re-aligns it).
     n, k = 20, 64
-    w = sp.prune_2to4(_rand(n, k, dtype=dtype, seed=11))
-    values, meta = sp.pack_sparse24(w)
+    w = spf.prune_2to4(_rand(n, k, dtype=dtype, seed=11))
+    values, meta = spf.pack_sparse24(w)
     storage = torch.empty(values.numel() + 1, dtype=values.dtype, device=device)
     shifted = storage[1:].view_as(values)
     shifted.copy_(values)

@@ -8,14 +8,16 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 import compress_ops.ops  # noqa: F401  (registers torch.ops.compress_ops.*)
-from compress_ops.kernels.dwsep_conv import ACTIVATIONS, KERNEL_SIZES, STRIDES
-from compress_ops.nn.base import conv_padding
+from compress_ops.configs import UnfusableError
+from compress_ops.kernels.formats.dwsep_conv import (
+    ACTIVATIONS,
+    KERNEL_SIZES,
+    STRIDES,
+    output_size,
+)
+from compress_ops.nn.base import CompressedModule, conv_padding
 
-__all__ = ["FusedDWSepConv2d", "activation_name", "UnfusableError"]
-
-
-class UnfusableError(ValueError):
-    """A module chain that the fused unit cannot reproduce exactly; the message says why."""
+__all__ = ["FusedDWSepConv2d", "activation_name", "fold_bn"]
 
 
 def activation_name(module: nn.Module | None) -> str:
@@ -34,7 +36,7 @@ def activation_name(module: nn.Module | None) -> str:
     raise UnfusableError(f"activation {type(module).__name__} is not one of {ACTIVATIONS}")
 
 
-def _fold_bn(weight: torch.Tensor, bias: torch.Tensor | None,
+def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None,
              bn: nn.BatchNorm2d | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fold eval-mode BatchNorm into the conv before it, in float64: ``w * s``,
     ``(b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` per output channel."""
@@ -66,7 +68,7 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     return conv_padding(conv.padding, conv.kernel_size, conv.dilation)
 
 
-class FusedDWSepConv2d(nn.Module):
+class FusedDWSepConv2d(CompressedModule):
     """``act2(pw(act1(dw(x) + b1)) + b2) (+ residual)``: MobileNet's depthwise-separable unit
     with BatchNorm folded in, as one op (``torch.ops.compress_ops.dwsep_conv2d``).
 
@@ -120,10 +122,11 @@ class FusedDWSepConv2d(nn.Module):
 
         BatchNorm is folded with its running statistics (what it computes in eval mode),
         exactly in float64. ``pad`` may be an ``nn.ZeroPad2d`` (or a zero ``ConstantPad2d``)
-        applied before the depthwise conv. Raises :class:`UnfusableError` (a ``ValueError``)
-        naming what the unit cannot reproduce: a Conv2d subclass (its forward may pad or do
-        more than a plain conv), groups != channels, kernel sizes other than 3/5, dilation,
-        non-zero padding modes, a pointwise conv that is not 1x1 / stride 1 / groups 1.
+        applied before the depthwise conv. Raises
+        :class:`~compress_ops.configs.UnfusableError` (a ``ValueError``) naming what the unit
+        cannot reproduce: a Conv2d subclass (its forward may pad or do more than a plain conv),
+        groups != channels, kernel sizes other than 3/5, dilation, non-zero padding modes, a
+        pointwise conv that is not 1x1 / stride 1 / groups 1.
         """
         for name, conv in (("dw_conv", dw_conv), ("pw_conv", pw_conv)):
             if type(conv) is not nn.Conv2d:
@@ -159,8 +162,8 @@ class FusedDWSepConv2d(nn.Module):
         if max(left, right, top, bottom) >= kh or min(left, right, top, bottom) < 0:
             raise UnfusableError(f"padding {(left, right, top, bottom)} must be in [0, {kh})")
         a1, a2 = activation_name(act1), activation_name(act2)
-        dw_w, dw_b = _fold_bn(dw_conv.weight[:, 0], dw_conv.bias, bn1)
-        pw_w, pw_b = _fold_bn(pw_conv.weight[:, :, 0, 0], pw_conv.bias, bn2)
+        dw_w, dw_b = fold_bn(dw_conv.weight[:, 0], dw_conv.bias, bn1)
+        pw_w, pw_b = fold_bn(pw_conv.weight[:, :, 0, 0], pw_conv.bias, bn2)
         ref = dw_conv.weight
         mod = cls(c, pw_conv.out_channels, kh, sh, (left, right, top, bottom), a1, a2,
                   dw_b is not None, pw_b is not None, device=ref.device, dtype=ref.dtype)
@@ -192,8 +195,6 @@ class FusedDWSepConv2d(nn.Module):
 
     def flops(self, h: int, w: int, batch: int = 1) -> int:
         """Multiply-adds x 2 for one ``[batch, C, h, w]`` input."""
-        from compress_ops.kernels.dwsep_conv import output_size
-
         ho, wo = output_size(h, w, self.kernel_size, self.stride, self.padding)
         return 2 * batch * ho * wo * self.in_channels * (self.kernel_size**2 + self.out_channels)
 

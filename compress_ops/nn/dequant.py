@@ -2,48 +2,48 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
 
 import compress_ops.ops  # noqa: F401  (registers torch.ops.compress_ops.*)
-from compress_ops.kernels.dequant import (
+from compress_ops._validate import check_choice
+from compress_ops.kernels.formats.dequant import (
     BITS,
+    affine_bytes,
     codebook_bytes,
     codebook_weight,
     dequantize,
     effective_group_size,
-    lowbit_bytes,
+    empty_affine,
+    packed_words,
     padded_k,
 )
-from compress_ops.nn.base import CompressedLinear
+from compress_ops.nn.base import CompressedLinear, from_dense_values, init_bias
 from compress_ops.quantize import encode_codebook, fit_codebook, quantize_affine
 
-if TYPE_CHECKING:
-    from compress_ops.api import CodebookConfig, QuantConfig
+__all__ = ["QuantLinear", "CodebookLinear", "QUANT_DEFAULTS", "CODEBOOK_DEFAULTS"]
+
+#: ``QuantLinear.from_dense`` keyword values when no config is given (``QuantConfig()``'s).
+QUANT_DEFAULTS: dict[str, Any] = {"bits": 4, "group_size": 128, "symmetric": False,
+                                  "search_steps": 20}
+#: ``CodebookLinear.from_dense`` keyword values when no config is given (``CodebookConfig()``'s).
+CODEBOOK_DEFAULTS: dict[str, Any] = {"bits": 4, "row_groups": 1, "iters": 25}
 
 
 def _check_sizes(in_features: int, out_features: int, bits: int) -> None:
     if in_features < 1 or out_features < 1:
         raise ValueError(
             f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits!r}")
-
-
-def _bias(module: nn.Module, bias: bool, n: int, device, dtype) -> None:
-    if bias:
-        module.bias = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
-    else:
-        module.register_parameter("bias", None)
+    check_choice("bits", bits, BITS)
 
 
 class QuantLinear(CompressedLinear):
     """``y = x @ W^T + b`` with ``W = (q - z) * s``: b-bit weights, one scale (and zero point)
     per ``group_size`` input features of a row.
 
-    Buffers (format of :mod:`compress_ops.kernels.dequant`): ``qweight [out, Kp*bits/32]``
+    Buffers (format of :mod:`compress_ops.kernels.formats.dequant`): ``qweight [out, Kp*bits/32]``
     int32, ``scales [out, Kp/group]`` and, for asymmetric grids, ``zeros`` (both in the compute
     dtype). ``group_size`` is the stored (effective) group size; ``None`` at construction means
     one group per row. A freshly constructed module holds an all-zero weight; load a state_dict
@@ -64,42 +64,27 @@ class QuantLinear(CompressedLinear):
         self.bits = bits
         self.group_size = effective_group_size(in_features, group_size)
         self.symmetric = symmetric
-        kp = padded_k(in_features, self.group_size)
-        groups = kp // self.group_size
-        zero_q = 2 ** (bits - 1)  # offset binary: q = 2**(b-1) is a zero weight
-        fields = 32 // bits if bits != 3 else None
-        if fields is not None:
-            word = sum(zero_q << (bits * i) for i in range(fields))
-            word = word - 2**32 if word >= 2**31 else word
-            qweight = torch.full((out_features, kp * bits // 32), word, dtype=torch.int32,
-                                 device=device)
-        else:  # bit planes of the value 4 = 0b100: plane 2 all ones
-            qweight = torch.zeros(out_features, kp // 32, 3, dtype=torch.int32, device=device)
-            qweight[..., 2] = -1
-            qweight = qweight.reshape(out_features, -1)
+        qweight, scales, zeros = empty_affine(out_features, in_features, bits, self.group_size,
+                                              symmetric, dtype=dtype, device=device)
         self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", torch.ones(out_features, groups, device=device,
-                                                  dtype=dtype))
-        if symmetric:
-            self.register_buffer("zeros", None)
-        else:
-            self.register_buffer("zeros", torch.full((out_features, groups), float(zero_q),
-                                                     device=device, dtype=dtype))
-        _bias(self, bias, out_features, device, dtype)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        init_bias(self, bias, out_features, device, dtype)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, config: QuantConfig | None = None) -> QuantLinear:
-        """Quantize ``linear`` with ``config`` (round-to-nearest, per-group range search)."""
-        from compress_ops.api import QuantConfig
-
-        config = config or QuantConfig()
+    def from_dense(cls, linear: nn.Linear, config: object | None = None,
+                   **values: Any) -> QuantLinear:
+        """Quantize ``linear`` (round-to-nearest, per-group range search) with the values of a
+        ``QuantConfig`` or the keywords ``bits``, ``group_size``, ``symmetric``,
+        ``search_steps`` (defaults :data:`QUANT_DEFAULTS`)."""
+        v = from_dense_values(config, values, QUANT_DEFAULTS)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
-        qw = quantize_affine(w, config.bits, config.group_size, symmetric=config.symmetric,
-                             search_steps=config.search_steps)
+        qw = quantize_affine(w, v["bits"], v["group_size"], symmetric=v["symmetric"],
+                             search_steps=v["search_steps"])
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  bits=config.bits, group_size=qw.group_size, symmetric=config.symmetric,
+                  bits=v["bits"], group_size=qw.group_size, symmetric=v["symmetric"],
                   device=w.device, dtype=w.dtype)
         mod.qweight.copy_(qw.qweight)
         mod.scales.copy_(qw.scales)
@@ -123,7 +108,7 @@ class QuantLinear(CompressedLinear):
         return self.scales.dtype
 
     def stored_weight_bytes(self) -> int:
-        return lowbit_bytes(self.out_features, self.in_features, self.bits, self.group_size,
+        return affine_bytes(self.out_features, self.in_features, self.bits, self.group_size,
                             self.scales.dtype, self.symmetric)
 
     def extra_repr(self) -> str:
@@ -156,37 +141,37 @@ class CodebookLinear(CompressedLinear):
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
-        kp = padded_k(in_features, None)
-        self.register_buffer("indices", torch.zeros(out_features, kp * bits // 32,
-                                                    dtype=torch.int32, device=device))
+        words = packed_words(padded_k(in_features, None), bits)
+        self.register_buffer("indices", torch.zeros(out_features, words, dtype=torch.int32,
+                                                    device=device))
         self.register_buffer("codebook", torch.zeros(row_groups, 2**bits, device=device,
                                                      dtype=dtype))
-        _bias(self, bias, out_features, device, dtype)
+        init_bias(self, bias, out_features, device, dtype)
 
     @property
     def row_groups(self) -> int:
         return self.codebook.shape[0]
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, config: CodebookConfig | None = None, *,
-                   codebook: torch.Tensor | None = None) -> CodebookLinear:
+    def from_dense(cls, linear: nn.Linear, config: object | None = None, *,
+                   codebook: torch.Tensor | None = None, **values: Any) -> CodebookLinear:
         """Fit a k-means codebook to ``linear``'s weight (or use the given shared ``codebook``
-        ``[1, 2**bits]``, which the module then holds by reference) and encode the weight."""
-        from compress_ops.api import CodebookConfig
-
-        config = config or CodebookConfig()
+        ``[1, 2**bits]``, which the module then holds by reference) and encode the weight; with
+        the values of a ``CodebookConfig`` or the keywords ``bits``, ``row_groups``, ``iters``
+        (defaults :data:`CODEBOOK_DEFAULTS`)."""
+        v = from_dense_values(config, values, CODEBOOK_DEFAULTS)
+        bits = v["bits"]
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         if codebook is None:
-            codebook = fit_codebook([w], config.bits, config.row_groups, config.iters)
-        elif codebook.shape != (1, 2**config.bits) or codebook.dtype != w.dtype:
-            raise ValueError(f"a shared codebook must be [1, {2**config.bits}] {w.dtype}, got "
+            codebook = fit_codebook([w], bits, v["row_groups"], v["iters"])
+        elif codebook.shape != (1, 2**bits) or codebook.dtype != w.dtype:
+            raise ValueError(f"a shared codebook must be [1, {2**bits}] {w.dtype}, got "
                              f"{tuple(codebook.shape)} {codebook.dtype}")
-        enc = encode_codebook(w, codebook, config.bits)
+        enc = encode_codebook(w, codebook, bits)
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  bits=config.bits, row_groups=codebook.shape[0], device=w.device,
-                  dtype=w.dtype)
+                  bits=bits, row_groups=codebook.shape[0], device=w.device, dtype=w.dtype)
         mod.indices.copy_(enc.indices)
         mod.codebook = codebook  # by reference: shared tables stay one tensor
         if linear.bias is not None:

@@ -1,0 +1,247 @@
+"""What a user asks for: the config dataclasses, the registry that maps a config type to its
+transform, and the one exception hierarchy for "this module cannot be compressed".
+
+Configs are frozen dataclasses validated in ``__post_init__`` (named ``TypeError`` /
+``ValueError``), hashable, so equal configs group layers (a shared codebook spans the layers of
+equal configs). Nothing here builds a module: a family's *transform*
+(:mod:`compress_ops.transforms`) reads the config's fields and calls its module's
+``from_dense`` with plain values, and registers itself here with :func:`register_transform`.
+
+Exceptions::
+
+    UnsupportedModule            a transform leaves this module dense; the message says why
+    +-- UnfusableError           (also a ValueError) a chain the fused dw+pw unit cannot reproduce
+    +-- UnsupportedWeight        (also a ValueError) the weight's values cannot be compressed as
+                                 asked (non-finite values; not 2:4 under prune=False)
+
+``compress_`` leaves a module dense on ``UnsupportedModule`` and lists the reason in
+``report()``, except for ``UnsupportedWeight``, which it raises: the user asked for that
+compression explicitly and the weights cannot take it. ``plan()`` treats every
+``UnsupportedModule`` as "not an option for this layer".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from compress_ops._validate import check_bool, check_choice, check_int, check_number
+from compress_ops.kernels.formats.dequant import BITS, GROUP_SIZES
+
+__all__ = [
+    "CompressionConfig",
+    "Sparse24Config",
+    "QuantConfig",
+    "CodebookConfig",
+    "LowRankConfig",
+    "DWSepFuseConfig",
+    "UnsupportedModule",
+    "UnfusableError",
+    "UnsupportedWeight",
+    "Transform",
+    "register_transform",
+    "transform_for",
+    "per_layer_configs",
+    "handled_types",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Exceptions
+# --------------------------------------------------------------------------------------------
+
+
+class UnsupportedModule(Exception):
+    """Raised by a transform for a module it leaves dense; the message says why."""
+
+
+class UnfusableError(UnsupportedModule, ValueError):
+    """A module chain that the fused unit cannot reproduce exactly; the message says why."""
+
+
+class UnsupportedWeight(UnsupportedModule, ValueError):
+    """The weight's values cannot be compressed as the config asks (the message says why)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Base of every config. ``per_layer``: the config applies to one layer at a time, so it
+    can be a :class:`~compress_ops.Recipe` rule and a ``plan()`` candidate (False for configs
+    that match chains of layers)."""
+
+    per_layer: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Sparse24Config(CompressionConfig):
+    """2:4 structured sparsity for ``nn.Linear`` (along ``in_features``).
+
+    ``prune=True`` keeps the two largest-magnitude weights of every group of four; with
+    ``prune=False`` the weights must already be 2:4 (``ValueError`` otherwise).
+    """
+
+    prune: bool = True
+
+    def __post_init__(self) -> None:
+        check_bool("prune", self.prune)
+
+
+@dataclass(frozen=True)
+class QuantConfig(CompressionConfig):
+    """Weight-only affine quantization of ``nn.Linear``: ``bits`` in {2, 3, 4, 8}, one scale
+    (and, unless ``symmetric``, one zero point) per ``group_size`` input features of a row
+    (32, 64, 128, 256, or ``None`` for the whole row). ``search_steps`` > 0 searches a
+    shrunk range per group (least squared error); 0 is plain min/max round-to-nearest.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+    search_steps: int = 20
+
+    def __post_init__(self) -> None:
+        check_choice("bits", self.bits, BITS)
+        if self.group_size is not None and (isinstance(self.group_size, bool)
+                                            or self.group_size not in GROUP_SIZES):
+            raise ValueError(f"group_size must be one of {GROUP_SIZES} or None (whole row), "
+                             f"got {self.group_size!r}")
+        check_bool("symmetric", self.symmetric)
+        check_int("search_steps", self.search_steps, min=0)
+
+
+@dataclass(frozen=True)
+class CodebookConfig(CompressionConfig):
+    """Weight sharing for ``nn.Linear``: every weight becomes one of ``2**bits`` values
+    (``bits`` in {2, 3, 4, 8}) found by k-means (``iters`` Lloyd steps from quantiles).
+
+    ``row_groups`` > 1 fits one table per equal group of output rows. ``shared=True`` fits one
+    table over every layer this config compresses in one ``compress_`` call (under a
+    ``Recipe``: the layers of every rule with an equal config) and stores it once; the layers
+    must share one dtype and device. Compress after moving the model: ``.to()`` converts each
+    module's buffers separately, so the layers then hold equal copies instead of one table.
+    """
+
+    bits: int = 4
+    row_groups: int = 1
+    iters: int = 25
+    shared: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("bits", self.bits, BITS)
+        check_int("row_groups", self.row_groups, min=1)
+        check_int("iters", self.iters, min=0)
+        check_bool("shared", self.shared)
+        if self.shared and self.row_groups != 1:
+            raise ValueError("a shared codebook has one row group (row_groups=1)")
+
+
+@dataclass(frozen=True)
+class LowRankConfig(CompressionConfig):
+    """Low-rank factorization of ``nn.Linear`` (truncated SVD, ``W ~ U @ V``) and ``nn.Conv2d``
+    (Tucker-2: 1x1 reduce, k x k core, 1x1 restore).
+
+    Exactly one of ``rank`` (Linear: r; Conv2d: ``(r, r)``, both clamped to the layer) and
+    ``energy`` (the smallest rank keeping that fraction of ``||W||_F**2``; for convs, per
+    channel mode). ``method``: ``"auto"``, ``"exact"`` or ``"randomized"`` SVD of linears (see
+    :func:`compress_ops.factorize.svd_factors`); Tucker-2 always takes exact SVDs of the
+    (small) channel unfoldings. A layer whose factors would not hold fewer
+    parameters than the dense weight stays dense, and ``report()`` says why. A ``residual``
+    (keeping a compressed remainder next to the factors) is not implemented; the op already
+    takes a dense base weight for it.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    method: str = "auto"
+
+    def __post_init__(self) -> None:
+        if (self.rank is None) == (self.energy is None):
+            raise ValueError("LowRankConfig needs exactly one of rank and energy")
+        if self.rank is not None:
+            check_int("rank", self.rank, min=1)
+        if self.energy is not None:
+            check_number("energy", self.energy, low=0.0, high=1.0, low_open=True)
+        check_choice("method", self.method, ("auto", "exact", "randomized"))
+
+
+@dataclass(frozen=True)
+class DWSepFuseConfig(CompressionConfig):
+    """Fuse depthwise-separable units: ``[ZeroPad2d] -> depthwise Conv2d -> [BatchNorm2d] ->
+    [act] -> 1x1 Conv2d -> [BatchNorm2d] -> [act]`` chains, found in a ``torch.fx`` trace of
+    the model (``nn.Sequential``s and forwards that call the layers in order), become one
+    :class:`~compress_ops.nn.FusedDWSepConv2d` each (BatchNorm folded with its running
+    statistics: fuse models in eval mode). Activations: ReLU, ReLU6, Hardswish, SiLU modules.
+    Depthwise convs left unfused, and modules ``torch.fx`` cannot trace, are listed by
+    ``report()`` with the reason. Not usable inside a ``Recipe`` (it matches chains, not
+    single layers).
+    """
+
+    per_layer: ClassVar[bool] = False
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: config type -> transform
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How a per-layer config compresses a module.
+
+    ``handles``: the module types it looks at (others are not in its scope). ``build(module,
+    config, **extras)``: the new module, or ``UnsupportedModule`` naming why the module stays
+    dense; it reads the module and builds a new one, never changing the model. ``prepare``
+    (optional): ``prepare(modules, config) -> {id(module): extras}`` for transforms that look
+    at every layer of a config at once (a shared codebook); it may raise ``UnsupportedModule``
+    for the whole group.
+    """
+
+    handles: tuple[type[nn.Module], ...]
+    build: Callable[..., nn.Module]
+    prepare: Callable[[list[nn.Module], Any], dict[int, dict]] | None = None
+
+
+_TRANSFORMS: dict[type, Transform] = {}
+
+
+def register_transform(config_type: type, handles: tuple[type[nn.Module], ...], *,
+                       prepare: Callable[[list[nn.Module], Any], dict[int, dict]] | None = None
+                       ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register ``build`` as the transform of ``config_type`` (a per-layer
+    :class:`CompressionConfig` subclass)."""
+    if not (isinstance(config_type, type) and issubclass(config_type, CompressionConfig)
+            and config_type.per_layer):
+        raise TypeError(f"{config_type!r} is not a per-layer CompressionConfig subclass")
+
+    def deco(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _TRANSFORMS[config_type] = Transform(tuple(handles), build, prepare)
+        return build
+
+    return deco
+
+
+def transform_for(config: object) -> Transform:
+    """The transform of ``config`` (an instance), or ``TypeError`` naming the known configs."""
+    try:
+        return _TRANSFORMS[type(config)]
+    except KeyError:
+        raise TypeError(f"unknown config {config!r}; expected one of "
+                        f"{[t.__name__ for t in _TRANSFORMS]}") from None
+
+
+def per_layer_configs() -> tuple[type, ...]:
+    """The config types with a registered transform."""
+    return tuple(_TRANSFORMS)
+
+
+def handled_types() -> tuple[type[nn.Module], ...]:
+    """Every module type some registered transform looks at."""
+    return tuple(dict.fromkeys(t for tr in _TRANSFORMS.values() for t in tr.handles))

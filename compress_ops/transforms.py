@@ -1,0 +1,114 @@
+"""The transforms: how each per-layer config turns a dense module into a compressed one.
+
+Each transform reads the module, checks what its family cannot take (raising
+:class:`~compress_ops.configs.UnsupportedModule` with the reason), unpacks the config's fields
+into the module's ``from_dense`` and registers itself for its config type
+(:func:`~compress_ops.configs.register_transform`). ``compress_``, ``prepare_qat`` and ``plan``
+find them through :func:`~compress_ops.configs.transform_for`; importing ``compress_ops``
+imports this module.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from compress_ops.configs import (
+    CodebookConfig,
+    LowRankConfig,
+    QuantConfig,
+    Sparse24Config,
+    UnsupportedModule,
+    register_transform,
+)
+from compress_ops.nn.dequant import CodebookLinear, QuantLinear
+from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
+from compress_ops.nn.sparse24 import Sparse24Linear
+from compress_ops.quantize import fit_codebook
+
+__all__ = ["plain_linear", "shared_codebook"]
+
+
+def plain_linear(module: nn.Module) -> None:
+    """``UnsupportedModule`` unless ``module`` is exactly ``nn.Linear`` (a subclass's forward
+    may do more than the linear)."""
+    if type(module) is not nn.Linear:
+        raise UnsupportedModule(f"{type(module).__name__} is not a plain nn.Linear")
+
+
+def shared_codebook(modules: list[nn.Module], config: CodebookConfig) -> dict[int, dict]:
+    """Shared codebooks: one k-means table over every layer the config compresses
+    (``{id(layer): {"codebook": table}}``; nothing unless ``config.shared``)."""
+    if not config.shared:
+        return {}
+    linears = [m for m in modules if type(m) is nn.Linear]
+    kinds = {(m.weight.dtype, m.weight.device) for m in linears}
+    if len(kinds) > 1:
+        raise UnsupportedModule(f"a shared codebook needs one dtype and device, got {kinds}")
+    if not linears:
+        return {}
+    cb = fit_codebook([m.weight.detach() for m in linears], config.bits, 1, config.iters)
+    return {id(m): {"codebook": cb} for m in linears}
+
+
+@register_transform(Sparse24Config, (nn.Linear,))
+def _sparse24(module: nn.Module, config: Sparse24Config) -> nn.Module:
+    plain_linear(module)
+    return Sparse24Linear.from_dense(module, prune=config.prune)
+
+
+@register_transform(QuantConfig, (nn.Linear,))
+def _quant(module: nn.Module, config: QuantConfig) -> nn.Module:
+    plain_linear(module)
+    return QuantLinear.from_dense(module, bits=config.bits, group_size=config.group_size,
+                                  symmetric=config.symmetric, search_steps=config.search_steps)
+
+
+@register_transform(CodebookConfig, (nn.Linear,), prepare=shared_codebook)
+def _codebook(module: nn.Module, config: CodebookConfig, codebook: object = None) -> nn.Module:
+    plain_linear(module)
+    if config.row_groups > 1 and module.out_features % config.row_groups:
+        raise UnsupportedModule(f"out_features={module.out_features} is not divisible by "
+                                f"row_groups={config.row_groups}")
+    return CodebookLinear.from_dense(module, codebook=codebook, bits=config.bits,
+                                     row_groups=config.row_groups, iters=config.iters)
+
+
+def _no_saving(kind: str, factor_params: int, dense_params: int, rank: object) -> None:
+    if factor_params >= dense_params:
+        raise UnsupportedModule(
+            f"{kind} rank {rank}: factors hold {factor_params} parameters >= dense "
+            f"{dense_params}; kept dense")
+
+
+def _tucker2_params(conv: nn.Conv2d, r_out: int, r_in: int) -> int:
+    c_out, c_in, kh, kw = conv.weight.shape
+    return c_in * r_in + r_out * r_in * kh * kw + r_out * c_out
+
+
+@register_transform(LowRankConfig, (nn.Linear, nn.Conv2d))
+def _lowrank(module: nn.Module, config: LowRankConfig) -> nn.Module:
+    if isinstance(module, nn.Conv2d) and type(module) is not nn.Conv2d:
+        raise UnsupportedModule(f"{type(module).__name__} is not a plain nn.Conv2d (its forward "
+                                f"may do more than the conv)")
+    if type(module) is nn.Conv2d:
+        if module.groups != 1:
+            raise UnsupportedModule(f"Tucker-2 needs groups=1, got groups={module.groups}")
+        c_out, c_in = module.weight.shape[:2]
+        ranks = None
+        if config.rank is not None:
+            ranks = (min(config.rank, c_out), min(config.rank, c_in))
+            _no_saving("Tucker-2", _tucker2_params(module, *ranks), module.weight.numel(), ranks)
+            ranks = (config.rank, config.rank)
+        new = LowRankConv2d.from_dense(module, ranks=ranks, energy=config.energy)
+        _no_saving("Tucker-2", _tucker2_params(module, *new.ranks), module.weight.numel(),
+                   new.ranks)
+        return new
+    plain_linear(module)
+    n, k = module.out_features, module.in_features
+    if config.rank is not None:
+        r = min(config.rank, n, k)
+        _no_saving("SVD", r * (n + k), n * k, r)
+    new = LowRankLinear.from_dense(module, rank=config.rank, energy=config.energy,
+                                   method=config.method)
+    _no_saving("SVD", new.rank * (n + k), n * k, new.rank)
+    return new

@@ -1,0 +1,8 @@
+"""The packed formats of every family, in plain torch (no Triton): layouts, packing and
+unpacking, dequantization, byte counts and the named checks of packed inputs.
+
+``import compress_ops`` and every CPU path need only this subpackage, so the package imports
+and runs on machines without Triton. One module per family, named as the family is everywhere
+else: :mod:`.sparse24`, :mod:`.dequant` (affine low-bit and codebook), :mod:`.lowrank`,
+:mod:`.dwsep_conv`.
+"""

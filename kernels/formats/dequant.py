@@ -1,0 +1,283 @@
+"""Low-bit weights (affine int8/int4/int3/int2 and codebook): the packed formats (Triton-free).
+
+Packed fields
+-------------
+A weight ``W[N, K]`` is stored as unsigned b-bit integers ``q[N, Kp]`` (``b`` in {2, 3, 4, 8}),
+``Kp`` = K rounded up to the group size (whole-row groups: to 32). Padding columns hold ``q`` of
+a zero weight; kernels also mask activations at ``k >= K``. ``q`` is packed along K into
+``qweight[N, Kp * b / 32]`` int32: every 32 dense columns of a row take exactly ``b`` words.
+
+* ``b`` in {2, 4, 8} (contiguous fields): column ``c`` is field ``c % (32 / b)`` of word
+  ``c // (32 / b)``, at bits ``[(c % (32 / b)) * b, ... + b)`` (little-endian: for int8 the
+  bytes of ``qweight.view(torch.uint8)`` are ``q`` itself).
+* ``b`` = 3 (bit planes): the 32 columns of block ``j`` use words ``3j, 3j + 1, 3j + 2``; word
+  ``3j + p`` holds bit ``p`` of column ``32j + i`` at bit ``i``. Exactly 3 bits per weight, and
+  every tile of 32 columns stays word aligned.
+
+Affine format (int-b quantization)
+----------------------------------
+``W[n, c] = (q[n, c] - z[n, g]) * s[n, g]`` with ``g = c // group_size``: ``scales[N, Kp / gs]``
+and, for asymmetric grids, ``zeros[N, Kp / gs]`` (both in the activation dtype; a zero point may
+be fractional). Symmetric grids store no zeros: ``z = 2**(b - 1)`` (offset binary, so ``q`` in
+``[0, 2**b)`` covers ``[-2**(b-1), 2**(b-1) - 1]``). ``group_size`` is 32, 64, 128, 256 or the
+whole (padded) row, ``Kp``. Bytes per weight: ``b / 8 + (1 or 2) * e / group_size``
+(int4, group 128, fp16 scales and zeros: 0.5 + 0.03125 = 0.2656x of fp16).
+
+Codebook format (weight sharing)
+--------------------------------
+``W[n, c] = codebook[n // rows_per_group, q[n, c]]``: ``codebook[R, 2**b]`` in the activation
+dtype, ``R`` row groups (``R`` divides N; ``R = 1``: one table for the layer), ``q`` packed as
+above (``b`` in {2, 3, 4, 8}).
+
+Everything here is plain torch: packing, unpacking, dequantizing, byte counts and the named
+checks of packed inputs. The kernels reading these formats are in
+:mod:`compress_ops.kernels.dequant`; the algorithms that choose grids and codebooks are in
+:mod:`compress_ops.quantize`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress_ops._validate import check_choice, is_int
+from compress_ops.kernels.formats._common import check_activation
+
+__all__ = [
+    "BITS",
+    "GROUP_SIZES",
+    "WORD_COLS",
+    "packed_k",
+    "packed_words",
+    "padded_k",
+    "effective_group_size",
+    "pack_bits",
+    "unpack_bits",
+    "dequantize",
+    "codebook_weight",
+    "empty_affine",
+    "check_affine",
+    "check_codebook",
+    "check_affine_inputs",
+    "check_codebook_inputs",
+    "affine_bytes",
+    "codebook_bytes",
+]
+
+BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128, 256)  # or the whole (padded) row
+WORD_COLS = 32  # dense columns per b words (the packing unit)
+
+
+def _check_bits(bits: int) -> None:
+    check_choice("bits", bits, BITS)
+
+
+def packed_k(words: int, bits: int) -> int:
+    """Dense columns ``Kp`` held by ``words`` int32 words per row of ``bits``-bit fields."""
+    return words * WORD_COLS // bits
+
+
+def packed_words(kp: int, bits: int) -> int:
+    """int32 words per row for ``kp`` dense columns of ``bits``-bit fields."""
+    return kp * bits // WORD_COLS
+
+
+def padded_k(k: int, group_size: int | None) -> int:
+    """Packed width of a K-column row: K rounded up to ``group_size`` (None: to 32)."""
+    unit = WORD_COLS if group_size is None else max(group_size, WORD_COLS)
+    return -(-k // unit) * unit
+
+
+def effective_group_size(k: int, group_size: int | None) -> int:
+    """The group size actually stored: ``group_size``, or the padded row when the row fits in
+    one group (``None``, or ``group_size >= K``), so one group never spans padding alone.
+    The padded row width itself is accepted (an effective size given back)."""
+    if group_size is not None and group_size != padded_k(k, None):
+        if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES} or None (whole row), "
+                             f"got {group_size!r}")
+        if padded_k(k, None) > group_size:
+            return group_size
+    return padded_k(k, None)
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned b-bit integers ``q[N, Kp]`` (``Kp % 32 == 0``) into int32 ``[N, Kp b / 32]``.
+
+    ``ValueError`` if any value is outside ``[0, 2**bits)``.
+    """
+    _check_bits(bits)
+    if q.dim() != 2 or q.is_floating_point() or q.dtype == torch.bool:
+        raise TypeError(f"q must be a 2-D integer tensor, got {q.dtype} {tuple(q.shape)}")
+    n, kp = q.shape
+    if kp % WORD_COLS:
+        raise ValueError(f"q must have a multiple of {WORD_COLS} columns, got {kp}")
+    if q.numel() and (q.min() < 0 or q.max() >= 2**bits):
+        raise ValueError(f"q values must lie in [0, {2**bits}) for bits={bits}")
+    q = q.to(torch.int64)
+    if bits == 3:
+        blocks = q.reshape(n, kp // 32, 1, 32)
+        planes = (blocks >> torch.arange(3, device=q.device)[:, None]) & 1  # [N, B, 3, 32]
+        words = (planes << torch.arange(32, device=q.device)).sum(-1)  # [N, B, 3]
+    else:
+        per = 32 // bits
+        shifts = bits * torch.arange(per, device=q.device)
+        words = (q.reshape(n, kp // per, per) << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as int32
+    return words.reshape(n, -1).to(torch.int32).contiguous()
+
+
+def unpack_bits(qweight: torch.Tensor, bits: int, k: int | None = None) -> torch.Tensor:
+    """Unsigned fields ``q[N, K]`` (int32) of ``qweight`` (``K = Kp`` when ``k`` is None)."""
+    _check_bits(bits)
+    _check_qweight(qweight, bits)
+    n, w = qweight.shape
+    kp = packed_k(w, bits)
+    k = kp if k is None else k
+    if not 0 <= kp - k < kp or k < 1:
+        raise ValueError(f"k={k} does not fit a packed row of {kp} columns")
+    if bits == 3:
+        words = qweight.reshape(n, kp // 32, 3, 1)
+        bit = (words >> torch.arange(32, device=qweight.device, dtype=torch.int32)) & 1
+        q = (bit << torch.arange(3, device=qweight.device, dtype=torch.int32)[:, None]).sum(2)
+        q = q.to(torch.int32)
+    else:
+        shifts = bits * torch.arange(32 // bits, device=qweight.device, dtype=torch.int32)
+        q = (qweight.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return q.reshape(n, kp)[:, :k]
+
+
+def _check_qweight(qweight: torch.Tensor, bits: int, name: str = "qweight") -> None:
+    if not isinstance(qweight, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(qweight).__name__}")
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise TypeError(f"{name} must be a 2-D int32 tensor [N, Kp*bits/32], got "
+                        f"{qweight.dtype} shape {tuple(qweight.shape)}")
+    if qweight.shape[1] % bits or qweight.shape[1] == 0:
+        raise ValueError(f"{name} has {qweight.shape[1]} words per row: not a whole number of "
+                         f"32-column blocks of {bits}-bit fields ({bits} words each)")
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+               bits: int, group_size: int, k: int | None = None, *,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense ``W[N, K] = (q - z) * s`` of the affine format, in ``dtype`` (default: scales')."""
+    check_affine(qweight, scales, zeros, bits, group_size)
+    dtype = dtype or scales.dtype
+    n = qweight.shape[0]
+    q = unpack_bits(qweight, bits).to(dtype).reshape(n, scales.shape[1], -1)
+    s = scales.to(dtype)[:, :, None]
+    z = zeros.to(dtype)[:, :, None] if zeros is not None else 2.0 ** (bits - 1)
+    w = ((q - z) * s).reshape(n, -1)
+    return w if k is None else w[:, :k]
+
+
+def codebook_weight(indices: torch.Tensor, codebook: torch.Tensor, bits: int,
+                    k: int | None = None, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense ``W[N, K] = codebook[n // rows_per_group, q]`` in ``dtype`` (default: codebook's)."""
+    check_codebook(indices, codebook, bits)
+    n = indices.shape[0]
+    q = unpack_bits(indices, bits, k).to(torch.int64)
+    table = codebook.to(dtype or codebook.dtype)
+    rows = torch.arange(n, device=indices.device) // (n // codebook.shape[0])
+    return table[rows[:, None], q]
+
+
+def empty_affine(n: int, k: int, bits: int, group_size: int | None, symmetric: bool, *,
+                 dtype: torch.dtype, device: torch.device | str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(qweight, scales, zeros)`` of an all-zero ``[n, k]`` weight: every field holds the
+    grid's zero ``2**(bits - 1)``, scales are one (``zeros`` is None when ``symmetric``)."""
+    gs = effective_group_size(k, group_size)
+    kp = padded_k(k, gs)
+    zero_q = 2 ** (bits - 1)  # offset binary: q = 2**(b-1) is a zero weight
+    unit = pack_bits(torch.full((1, WORD_COLS), zero_q, dtype=torch.int32, device=device), bits)
+    qweight = unit.repeat(n, kp // WORD_COLS)  # one packing unit of zeros, tiled
+    scales = torch.ones(n, kp // gs, device=device, dtype=dtype)
+    zeros = None if symmetric else torch.full_like(scales, float(zero_q))
+    return qweight, scales, zeros
+
+
+def check_affine(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bits: int, group_size: int) -> None:
+    """Validate an affine packed weight (shapes, dtypes, devices), with named errors."""
+    _check_bits(bits)
+    _check_qweight(qweight, bits)
+    n, w = qweight.shape
+    kp = packed_k(w, bits)
+    if not is_int(group_size):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size not in GROUP_SIZES and group_size != kp:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES} or the packed row width "
+                         f"{kp} (one group per row), got {group_size}")
+    if kp % group_size:
+        raise ValueError(f"packed row width {kp} is not a multiple of group_size {group_size}; "
+                         "pack with the group size (K is padded to it)")
+    if not isinstance(scales, torch.Tensor) or not scales.is_floating_point():
+        raise TypeError("scales must be a floating-point torch.Tensor")
+    if tuple(scales.shape) != (n, kp // group_size):
+        raise ValueError(f"scales shape {tuple(scales.shape)} must be (N, Kp/group_size) = "
+                         f"({n}, {kp // group_size})")
+    if scales.device != qweight.device:
+        raise ValueError(f"scales on {scales.device} but qweight on {qweight.device}")
+    if zeros is not None:
+        if not isinstance(zeros, torch.Tensor):
+            raise TypeError(f"zeros must be a torch.Tensor or None, got {type(zeros).__name__}")
+        if zeros.shape != scales.shape:
+            raise ValueError(f"zeros shape {tuple(zeros.shape)} must match scales "
+                             f"{tuple(scales.shape)}")
+        if zeros.dtype != scales.dtype:
+            raise TypeError(f"zeros dtype {zeros.dtype} must match scales dtype {scales.dtype}")
+        if zeros.device != qweight.device:
+            raise ValueError(f"zeros on {zeros.device} but qweight on {qweight.device}")
+
+
+def check_codebook(indices: torch.Tensor, codebook: torch.Tensor, bits: int) -> None:
+    """Validate a codebook packed weight (shapes, dtypes, devices), with named errors."""
+    _check_bits(bits)
+    _check_qweight(indices, bits, "indices")
+    n = indices.shape[0]
+    if not isinstance(codebook, torch.Tensor) or not codebook.is_floating_point():
+        raise TypeError("codebook must be a floating-point torch.Tensor")
+    if codebook.dim() != 2 or codebook.shape[1] != 2**bits:
+        raise ValueError(f"codebook shape {tuple(codebook.shape)} must be (R, 2**bits) = "
+                         f"(R, {2**bits})")
+    r = codebook.shape[0]
+    if r < 1 or n % r:
+        raise ValueError(f"codebook has {r} row groups, which must divide N={n}")
+    if codebook.device != indices.device:
+        raise ValueError(f"codebook on {codebook.device} but indices on {indices.device}")
+
+
+def affine_bytes(n: int, k: int, bits: int, group_size: int | None, dtype: torch.dtype,
+                 symmetric: bool = False) -> int:
+    """Stored bytes of an affine weight: packed fields + scales (+ zeros)."""
+    gs = effective_group_size(k, group_size)
+    kp = padded_k(k, gs)
+    per_group = (1 if symmetric else 2) * dtype.itemsize
+    return n * kp * bits // 8 + n * (kp // gs) * per_group
+
+
+def codebook_bytes(n: int, k: int, bits: int, row_groups: int, dtype: torch.dtype) -> int:
+    """Stored bytes of a codebook weight: packed indices + the table(s)."""
+    return n * padded_k(k, None) * bits // 8 + row_groups * 2**bits * dtype.itemsize
+
+
+
+def check_affine_inputs(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                        zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                        group_size: int) -> None:
+    """Named ``TypeError``/``ValueError`` for every bad input of an affine linear
+    (``x[..., K]``, the packed weight, ``bias[N]``)."""
+    check_affine(qweight, scales, zeros, bits, group_size)
+    kp = packed_k(qweight.shape[1], bits)
+    unit = WORD_COLS if group_size == kp else group_size
+    check_activation(x, qweight.shape[0], kp, unit, scales, "scales", bias)
+
+
+def check_codebook_inputs(x: torch.Tensor, indices: torch.Tensor, codebook: torch.Tensor,
+                          bias: torch.Tensor | None, bits: int) -> None:
+    """Named ``TypeError``/``ValueError`` for every bad input of a codebook linear."""
+    check_codebook(indices, codebook, bits)
+    kp = packed_k(indices.shape[1], bits)
+    check_activation(x, indices.shape[0], kp, WORD_COLS, codebook, "codebook", bias)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_ops._validate import check_int, check_number
+
 __all__ = ["DistillationLoss", "fit"]
 
 
@@ -36,14 +38,9 @@ class DistillationLoss(nn.Module):
                  feature_layers: dict[str, str] | None = None,
                  feature_weight: float = 1.0) -> None:
         super().__init__()
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or temperature <= 0:
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
-                or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-        if feature_weight < 0:
-            raise ValueError(f"feature_weight must be >= 0, got {feature_weight!r}")
+        check_number("temperature", temperature, low=0.0, low_open=True)
+        check_number("alpha", alpha, low=0.0, high=1.0)
+        check_number("feature_weight", feature_weight, low=0.0)
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.feature_layers = dict(feature_layers or {})
@@ -129,8 +126,7 @@ def fit(student: nn.Module, teacher: nn.Module | None,
     ``loss`` (default ``DistillationLoss()``); ``teacher=None`` trains on the labels alone.
     Returns the loss of every step. ``on_step(step, loss)`` is called after each step.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    check_int("steps", steps, min=1)
     loss_fn = loss if loss is not None else DistillationLoss()
     if teacher is None and loss_fn.feature_layers:
         raise ValueError("feature matching needs a teacher")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from compress_ops._validate import check_int, check_number, is_int
+
 __all__ = ["SVDFactors", "energy_rank", "svd_factors", "Tucker2Factors", "tucker2",
            "RANDOMIZED_MIN_DIM"]
 
@@ -23,9 +25,7 @@ _POWER_ITERS = 4
 
 
 def _check_fraction(energy: float) -> None:
-    if isinstance(energy, bool) or not isinstance(energy, (int, float)) \
-            or not 0.0 < float(energy) <= 1.0:
-        raise ValueError(f"energy must be a number in (0, 1], got {energy!r}")
+    check_number("energy", energy, low=0.0, high=1.0, low_open=True)
 
 
 def energy_rank(singular_values: torch.Tensor, energy: float,
@@ -100,9 +100,7 @@ def svd_factors(weight: torch.Tensor, rank: int | None = None, energy: float | N
     n, k = weight.shape
     full = min(n, k)
     if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-        rank = min(rank, full)
+        rank = min(check_int("rank", rank, min=1), full)
     else:
         _check_fraction(energy)
     dtype = weight.dtype
@@ -186,8 +184,7 @@ def tucker2(weight: torch.Tensor, ranks: tuple[int, int] | None = None,
         raise ValueError("give exactly one of ranks and energy")
     c_out, c_in, kh, kw = weight.shape
     if ranks is not None:
-        if len(ranks) != 2 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1
-                                  for r in ranks):
+        if len(ranks) != 2 or any(not is_int(r) or r < 1 for r in ranks):
             raise ValueError(f"ranks must be two ints >= 1 (r_out, r_in), got {ranks!r}")
         r_out, r_in = min(ranks[0], c_out), min(ranks[1], c_in * kh * kw, c_in)
     else:

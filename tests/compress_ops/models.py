@@ -23,3 +23,24 @@ class MLP(nn.Module):
 def Block() -> DemoBlock:  # noqa: N802  (used like a class)
     """The demo's pre-norm transformer block (own q/k/v/o projections, GELU MLP), test-sized."""
     return DemoBlock(d=64, heads=4, ffn=128)
+
+
+def random_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial eval statistics, so that folding is actually tested."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model.eval()
+
+
+class PaddingConv(nn.Conv2d):
+    """A TensorFlow-port conv that pads inside its own forward."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (0, 1, 0, 1)))

@@ -1,4 +1,4 @@
-"""Tolerances of a kernel against its float64 reference (DESIGN.md)."""
+"""Tolerances of a kernel against its float64 reference (ARCHITECTURE.md, "Testing")."""
 
 from __future__ import annotations
 

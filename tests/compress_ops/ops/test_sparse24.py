@@ -1,4 +1,4 @@
-"""compress_ops/ops.py: torch.ops.compress_ops.sparse24_linear — op rules from DESIGN.md."""
+"""compress_ops/ops/sparse24.py: sparse24_linear — op rules from ARCHITECTURE.md, routes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""compress_ops/ops.py: lowrank_linear — op rules from DESIGN.md, routes, autograd."""
+"""compress_ops/ops/lowrank.py: lowrank_linear — op rules from ARCHITECTURE.md, routes, autograd."""
 
 from __future__ import annotations
 

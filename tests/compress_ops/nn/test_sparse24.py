@@ -1,4 +1,4 @@
-"""compress_ops/nn: Sparse24Linear as a drop-in nn.Linear."""
+"""compress_ops/nn/sparse24.py: Sparse24Linear as a drop-in nn.Linear."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""compress_ops/ops.py: dequant_linear and codebook_linear — op rules from DESIGN.md, CPU routes."""
+"""compress_ops/ops/dequant.py: dequant_linear and codebook_linear — op rules from
+ARCHITECTURE.md, CPU routes."""
 
 from __future__ import annotations
 

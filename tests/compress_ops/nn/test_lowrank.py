@@ -12,7 +12,7 @@ from torch import nn
 import compress_ops as co
 from compress_ops.nn import LowRankConv2d, LowRankLinear
 
-from .models import MLP
+from ..models import MLP
 
 
 def _low_rank_linear(n: int, k: int, r: int, seed: int = 0, noise: float = 0.0) -> nn.Linear:

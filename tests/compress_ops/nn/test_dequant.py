@@ -1,4 +1,4 @@
-"""compress_ops/nn: QuantLinear and CodebookLinear as drop-in nn.Linear replacements."""
+"""compress_ops/nn/dequant.py: QuantLinear and CodebookLinear as drop-in nn.Linear replacements."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
 from compress_ops.kernels._launch import dot_meta, store_tile
-from compress_ops.kernels._tuning import (
+from compress_ops.kernels.tuning import (
     SPLIT_K_MAX_M,
     KernelConfig,
     auto_split_k,

@@ -20,7 +20,7 @@ PACKAGES = {"compress_ops": "compress_ops", "kernels": "compress_ops.kernels",
 # matched on module-name boundaries and the most specific one wins).
 LAYERS: list[tuple[str, ...]] = [
     ("compress_ops._validate", "compress_ops._text"),
-    ("compress_ops.kernels.formats", "compress_ops.kernels._tuning"),
+    ("compress_ops.kernels.formats", "compress_ops.kernels.tuning"),
     ("compress_ops.kernels",),  # the Triton kernels, their configs and launchers
     ("compress_ops.configs",),
     ("compress_ops.ops", "compress_ops.reference"),
@@ -108,6 +108,17 @@ def test_the_layer_table_covers_every_module():
     assert len(MODULES) > 30
     for module in MODULES:
         _layer(module)
+
+
+def test_every_package_is_installed():
+    """Every folder with an ``__init__.py`` is in pyproject.toml's ``packages`` (a package left
+    out imports from a checkout but is missing from a built wheel)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    packages = {m for m, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages <= listed, sorted(packages - listed)
 
 
 def test_imports_never_go_up_a_layer():

@@ -24,7 +24,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from compress_ops.kernels._tuning import load_tables
+from compress_ops.kernels.tuning import load_tables
 
 __all__ = ["cpu_backend", "use_triton", "kernels", "cpu_dense_cache", "derived",
            "chunked_linear", "CPU_CHUNK_ELEMS", "NATIVE_MAX_M", "DERIVED"]

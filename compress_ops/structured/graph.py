@@ -1,52 +1,5 @@
-"""Structured pruning: physically remove output channels / neurons (a smaller dense model).
-
-Removing output channel ``c`` of a ``nn.Linear`` / ``nn.Conv2d`` also removes input column(s)
-``c`` of every layer that reads it, and channel ``c`` of every BatchNorm and depthwise conv in
-between. Which layers are coupled this way is read from a ``torch.fx`` trace of the model plus
-shape propagation on example inputs; the result is a list of :class:`ChannelGroup`\\ s, sets of
-channels that are kept or removed together:
-
-* ``producers``: the ``nn.Linear`` / ``nn.Conv2d`` (``groups=1``) whose output rows define the
-  channels. Several when their outputs are added (residual blocks: ``conv2`` and the shortcut
-  conv, and, through identity shortcuts, the producers of the blocks before and after).
-* ``consumers``: the ``nn.Linear`` / ``nn.Conv2d`` whose input columns / channels read them.
-* ``norms`` (``BatchNorm1d/2d``) and ``depthwise`` convs (``groups == in == out``) on the way,
-  sliced channel by channel.
-
-Between producers and consumers the analysis understands: activation modules and functions
-(ReLU, ReLU6, GELU, SiLU, Hardswish, Hardsigmoid, LeakyReLU, ELU, Mish, Softplus, Hardtanh,
-Tanh, Sigmoid), Identity / Dropout, BatchNorm, depthwise convs, MaxPool2d / AvgPool2d /
-adaptive pooling (modules and ``F.*`` functions), ``mean`` over non-channel dims, ``+`` / ``-``
-of two channel tensors of the same shape (residual adds) and ``+ - * /`` with a Python number,
-``contiguous`` / ``clone`` / ``detach``, ``torch.flatten`` / ``x.flatten(1)`` / ``nn.Flatten``
-/ ``x.view(x.size(0), -1)`` starting at the channel dim (channel ``c`` of ``[B, C, H, W]`` then
-is columns ``c*H*W .. (c+1)*H*W - 1`` of the consumer Linear), and ``x.size(d)`` /
-``x.shape[d]`` for a non-channel ``d``. Anything else reached by the channels (``torch.cat``, a
-``view`` of other semantics, a sum over channels, LayerNorm, a grouped conv, an add with the
-model input, the model output, ...) makes the whole group unprovable: its producers are listed
-in ``skipped`` with the reason, and stay untouched. So is every layer that is called more than
-once, has hooks, shares a parameter, has its weight read directly in the forward, or is a
-subclass.
-A model that ``torch.fx`` cannot trace is left as it is (every layer listed).
-
-Exact removal of dead channels (``prune_channels(..., zero_only=True)``): a channel whose weight
-rows are zero in every producer carries a constant (the sum of the producers' biases there,
-then pushed through the path: BatchNorm with its running statistics, activations, pooling).
-Its per-channel constant at each consumer is computed exactly; the channel is removed when for
-every consumer that constant is 0, or it can be folded into the consumer's bias exactly:
-always for a Linear (``bias += W[:, cols] @ c``), for a Conv2d only when it does not pad with
-zeros (``padding == 0`` or a non-``"zeros"`` padding mode; with zero padding a constant input
-is not constant at the borders). Otherwise the dead channel is kept. Constants are those of
-inference: BatchNorm uses its running statistics and dropout is the identity, so outputs are
-unchanged in eval mode (the mode one prunes a trained model in). The constants are computed in
-float64 and added to the consumer's bias in its dtype: exact up to that dtype's rounding (in
-bfloat16, one rounding of the bias).
-
-The pruned model keeps its class: modules are replaced (at every name they are registered
-under) by new, smaller ``nn.Linear`` / ``nn.Conv2d`` / ``BatchNorm`` of the same dtype, device,
-hyper-parameters, ``training`` flag and ``requires_grad``. Optimizers built on the old
-parameters must be rebuilt.
-"""
+"""The channel analysis: which output channels of which layers can be removed together, read
+from a ``torch.fx`` trace of the model plus shape propagation (:func:`channel_groups`)."""
 
 from __future__ import annotations
 
@@ -61,13 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.nn.utils import skip_init
 
-from compress_ops._text import format_table
-from compress_ops.prune import _check_sparsity
+from compress_ops._validate import is_number
 
-__all__ = ["ChannelGroup", "StructuredReport", "channel_groups", "select_channels",
-           "prune_channels"]
+__all__ = ["ChannelGroup", "channel_groups", "zero_pads", "widths_agree"]
 
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
                 nn.ELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Tanh, nn.Sigmoid)
@@ -119,29 +69,6 @@ class ChannelGroup:
     steps: list[tuple] = field(default_factory=list, repr=False, compare=False)
 
 
-@dataclass
-class StructuredReport:
-    """What :func:`prune_channels` did: per group ``(producers, width before, width after)``,
-    the kept channel indices (of the group before pruning, sorted), and ``{layer: reason}`` for
-    every Linear/Conv2d left untouched because its channels could not be proven removable."""
-
-    groups: list[tuple[tuple[str, ...], int, int]]
-    kept: list[torch.Tensor]
-    skipped: dict[str, str]
-    params_before: int
-    params_after: int
-
-    def __str__(self) -> str:
-        rows = [(str(i), ", ".join(p), str(b), str(a), str(b - a))
-                for i, (p, b, a) in enumerate(self.groups)]
-        out = [format_table(("group", "producers", "channels", "kept", "removed"), rows)]
-        out.append(f"parameters: {self.params_before} -> {self.params_after}")
-        if self.skipped:
-            out.append("left untouched:")
-            out.append(format_table(("layer", "reason"), sorted(self.skipped.items())))
-        return "\n".join(out)
-
-
 class _Tag(NamedTuple):
     """A tensor carrying channels of ``space``: along dim ``cdim``, each channel occupying
     ``rep`` consecutive entries (``rep > 1`` after flattening ``[C, H, W]``)."""
@@ -159,7 +86,7 @@ def _is_depthwise(m: nn.Module) -> bool:
     return type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
-def _zero_pads(conv: nn.Conv2d) -> bool:
+def zero_pads(conv: nn.Conv2d) -> bool:
     """Whether ``conv`` pads its input with zeros (then a constant input is not constant at the
     borders of the output)."""
     if conv.padding_mode != "zeros":
@@ -345,7 +272,7 @@ class _Analysis:
             f = _SCALE_FUNCTIONS[t] if is_fn else _SCALE_METHODS[t]
             a = node.args[:2]
             if len(node.args) == 2 and not node.kwargs and not others and (
-                    (first and _number(a[1])) or (f is operator.mul and _number(a[0]))):
+                    (first and is_number(a[1])) or (f is operator.mul and is_number(a[0]))):
                 if self.inplace_guard(node, ins):
                     self.step(node, tin, "fn", [ins[0]], _scalar_fn(f, a[0], a[1], first))
                 return
@@ -421,7 +348,7 @@ class _Analysis:
         if len(args) == 1 and "other" in kw:
             args.append(kw.pop("other"))
         alpha = kw.pop("alpha", 1)
-        if len(args) != 2 or kw or not _number(alpha):
+        if len(args) != 2 or kw or not is_number(alpha):
             self.poison(ins, f"{op} (node {node.name}) has unsupported arguments")
             return
         a, b = args
@@ -447,7 +374,7 @@ class _Analysis:
             return
         x = tagged[0]
         other = b if x is a else a
-        if not _number(other):
+        if not is_number(other):
             self.poison(ins, f"{op} (node {node.name}) adds a non-number {type(other).__name__}")
             return
         if x is a:
@@ -530,10 +457,6 @@ def _flatten_sig(input, start_dim=0, end_dim=-1):
 
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _affine(scale: float, shift: float) -> Callable:
@@ -640,7 +563,7 @@ def _analyse(model: nn.Module, example_inputs: tuple) -> tuple[list[ChannelGroup
         why = list(dict.fromkeys(sp["poison"]))
         why += [f"{n} {problems[n]}" for n in dict.fromkeys(members) if n in problems]
         width = model.get_submodule(sp["producer"][0]).weight.shape[0]
-        if not why and not _widths_agree(model, sp, width):
+        if not why and not widths_agree(model, sp, width):
             why.append("the layers' widths disagree with the traced shapes")
         if why:
             prods = list(dict.fromkeys(sp["producer"]))
@@ -680,7 +603,10 @@ def _analyse(model: nn.Module, example_inputs: tuple) -> tuple[list[ChannelGroup
     return groups, skipped
 
 
-def _widths_agree(model: nn.Module, sp: dict, width: int) -> bool:
+def widths_agree(model: nn.Module, sp: dict, width: int) -> bool:
+    """Whether the layers of a group, ``sp`` = ``{"producer": [names], "depthwise": [names],
+    "norm": [names], "consumer": [(name, columns per channel)]}``, all have ``width`` channels
+    in ``model``."""
     for n in sp["producer"] + sp["depthwise"]:
         if model.get_submodule(n).weight.shape[0] != width:
             return False
@@ -706,350 +632,3 @@ def channel_groups(model: nn.Module, example_inputs: tuple) -> tuple[list[Channe
     model fails on them.
     """
     return _analyse(model, example_inputs)
-
-
-# ---------------------------------------------------------------------- select_channels
-
-
-def _check_index(index, width: int, what: str = "index") -> torch.Tensor:
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"{what} must be a 1-D integer tensor of channel indices, got "
-                        f"{type(index).__name__}")
-    if index.dim() != 1 or index.dtype == torch.bool or index.is_floating_point() \
-            or index.is_complex():
-        raise TypeError(f"{what} must be a 1-D integer tensor of channel indices, got a "
-                        f"{index.dtype} tensor of shape {tuple(index.shape)}")
-    idx = index.detach().to("cpu", torch.long)
-    if idx.numel() == 0:
-        raise ValueError(f"{what} must keep at least one channel")
-    if idx.min() < 0 or idx.max() >= width:
-        raise ValueError(f"{what} values must be in [0, {width}), got min {int(idx.min())}, "
-                         f"max {int(idx.max())}")
-    if idx.unique().numel() != idx.numel():
-        raise ValueError(f"{what} has repeated channels")
-    return idx
-
-
-def _param(new: nn.Module, name: str, old: nn.Module, value: torch.Tensor | None) -> None:
-    p = getattr(new, name)
-    if p is None or value is None:
-        return
-    with torch.no_grad():
-        p.copy_(value)
-    p.requires_grad_(getattr(old, name).requires_grad)
-
-
-def _new_conv(m: nn.Conv2d, cin: int, cout: int, groups: int) -> nn.Conv2d:
-    return skip_init(nn.Conv2d, cin, cout, m.kernel_size, stride=m.stride, padding=m.padding,
-                     dilation=m.dilation, groups=groups, bias=m.bias is not None,
-                     padding_mode=m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
-
-
-def _slice_out(m: nn.Module, idx: torch.Tensor, depthwise: bool = False) -> nn.Module:
-    i = idx.to(m.weight.device)
-    k = idx.numel()
-    if isinstance(m, nn.Linear):
-        new = skip_init(nn.Linear, m.in_features, k, bias=m.bias is not None,
-                        device=m.weight.device, dtype=m.weight.dtype)
-    elif depthwise:
-        new = _new_conv(m, k, k, k)
-    else:
-        new = _new_conv(m, m.in_channels, k, 1)
-    _param(new, "weight", m, m.weight[i])
-    _param(new, "bias", m, None if m.bias is None else m.bias[i])
-    return new
-
-
-def _slice_in(m: nn.Module, idx: torch.Tensor, rep: int) -> nn.Module:
-    i = idx.to(m.weight.device)
-    if isinstance(m, nn.Linear):
-        cols = (i[:, None] * rep + torch.arange(rep, device=i.device)).reshape(-1)
-        new = skip_init(nn.Linear, cols.numel(), m.out_features, bias=m.bias is not None,
-                        device=m.weight.device, dtype=m.weight.dtype)
-        _param(new, "weight", m, m.weight[:, cols])
-    else:
-        new = _new_conv(m, idx.numel(), m.out_channels, 1)
-        _param(new, "weight", m, m.weight[:, i])
-    _param(new, "bias", m, m.bias)
-    return new
-
-
-def _slice_norm(m: nn.Module, idx: torch.Tensor) -> nn.Module:
-    ref = m.weight if m.weight is not None else m.running_mean
-    i = idx.to(ref.device) if ref is not None else idx
-    new = skip_init(type(m), idx.numel(), eps=m.eps, momentum=m.momentum, affine=m.affine,
-                    track_running_stats=m.track_running_stats,
-                    device=None if ref is None else ref.device,
-                    dtype=None if ref is None else ref.dtype)
-    for name in ("weight", "bias"):
-        v = getattr(m, name)
-        _param(new, name, m, None if v is None else v[i])
-    with torch.no_grad():
-        for name in ("running_mean", "running_var"):
-            if getattr(m, name) is not None:
-                getattr(new, name).copy_(getattr(m, name)[i])
-        if m.num_batches_tracked is not None:
-            new.num_batches_tracked.copy_(m.num_batches_tracked)
-    return new
-
-
-def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` at every name ``old`` is registered under in ``root``."""
-    new.train(old.training)
-    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old and n]
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-def _check_group(model: nn.Module, group: ChannelGroup) -> None:
-    sp = {"producer": group.producers, "depthwise": group.depthwise, "norm": group.norms,
-          "consumer": [(c, group.columns.get(c, 1)) for c in group.consumers]}
-    try:
-        ok = _widths_agree(model, sp, group.width)
-    except AttributeError as exc:
-        raise ValueError(f"group does not match the model ({exc}); call channel_groups "
-                         f"again") from exc
-    if not ok:
-        raise ValueError(f"group of {group.producers} (width {group.width}) does not match the "
-                         f"model's layers any more; call channel_groups again")
-
-
-def select_channels(model: nn.Module, group: ChannelGroup, index: torch.Tensor) -> None:
-    """In place: keep channels ``index`` (in that order) of ``group``.
-
-    ``index`` is a 1-D integer tensor: a sorted subset to remove channels, or a permutation to
-    reorder them (which gives an exactly equivalent model, e.g. for 2:4 input-channel
-    permutations). Producers keep weight rows / bias entries ``index``, norms their weight,
-    bias and running statistics, depthwise convs their channels, consumers their input columns
-    (``columns`` per channel) / input channels. Every changed module is replaced by a new
-    ``nn.Linear`` / ``nn.Conv2d`` / BatchNorm of the same dtype, device, hyper-parameters and
-    ``training`` flag, its parameters keeping ``requires_grad``. ``group.width`` is updated.
-    """
-    idx = _check_index(index, group.width)
-    _check_group(model, group)
-    names = list(dict.fromkeys(group.producers + group.depthwise + group.norms
-                               + group.consumers))
-    for name in names:
-        old = model.get_submodule(name)
-        new = old
-        if name in group.producers:
-            new = _slice_out(new, idx)
-        if name in group.depthwise:
-            new = _slice_out(new, idx, depthwise=True)
-        if name in group.norms:
-            new = _slice_norm(new, idx)
-        if name in group.consumers:
-            new = _slice_in(new, idx, group.columns.get(name, 1))
-        _replace(model, old, new)
-    group.width = idx.numel()
-
-
-# ---------------------------------------------------------------------- prune_channels
-
-
-def _dead(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-    dead = torch.ones(group.width, dtype=torch.bool)
-    for p in group.producers:
-        w = model.get_submodule(p).weight.detach()
-        dead &= (w.reshape(w.shape[0], -1) == 0).all(1).cpu()
-    return dead
-
-
-def _constants(model: nn.Module, group: ChannelGroup) -> dict[str, torch.Tensor]:
-    """Per consumer: the float64 value each channel has at its input when the channel's
-    producer rows are zero (NaN where it is not a known constant), in eval mode."""
-    nan = torch.full((group.width,), math.nan, dtype=torch.float64)
-    vals: dict[str, torch.Tensor] = {}
-    reads: dict[str, torch.Tensor] = {}
-
-    def d(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.detach().to("cpu", torch.float64)
-
-    with torch.no_grad():
-        for kind, out, ins, payload in group.steps:
-            v = vals[ins[0]] if ins else None
-            if kind == "src":
-                m = model.get_submodule(payload)
-                w = m.weight.detach()
-                zero = (w.reshape(w.shape[0], -1) == 0).all(1).cpu()
-                b = d(m.bias) if m.bias is not None else torch.zeros_like(nan)
-                vals[out] = torch.where(zero, b, nan)
-            elif kind == "fn":
-                vals[out] = v if payload is None else payload(v.clone())
-            elif kind == "border":
-                vals[out] = torch.where(v == 0, v, nan)
-            elif kind == "sum":
-                vals[out] = vals[ins[0]] * payload[0] + vals[ins[1]] * payload[1]
-            elif kind == "bn":
-                m = model.get_submodule(payload)
-                g = d(m.weight) if m.weight is not None else torch.ones_like(nan)
-                b = d(m.bias) if m.bias is not None else torch.zeros_like(nan)
-                if m.running_mean is None:  # batch statistics: a constant channel -> beta
-                    vals[out] = torch.where(v.isnan(), v, b)
-                else:
-                    vals[out] = (v - d(m.running_mean)) / torch.sqrt(d(m.running_var) + m.eps) \
-                        * g + b
-            elif kind == "dw":
-                m = model.get_submodule(payload)
-                s = d(m.weight).reshape(group.width, -1).sum(1)
-                b = d(m.bias) if m.bias is not None else torch.zeros_like(nan)
-                r = v * s + b  # with zero padding, exact only where the input is 0
-                vals[out] = torch.where(v == 0, r, nan) if _zero_pads(m) else r
-            elif kind == "read":
-                reads[payload] = v
-    return {k: torch.where(torch.isfinite(v), v, nan) for k, v in reads.items()}
-
-
-def _foldable(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or not _zero_pads(m)
-
-
-def _exactly_removable(model: nn.Module, group: ChannelGroup,
-                       reads: dict[str, torch.Tensor]) -> torch.Tensor:
-    ok = _dead(model, group)
-    for name, v in reads.items():
-        fine = torch.isfinite(v) & ((v == 0) | _foldable(model.get_submodule(name)))
-        ok &= fine
-    return ok
-
-
-def _fold(model: nn.Module, group: ChannelGroup, removed: torch.Tensor,
-          reads: dict[str, torch.Tensor]) -> None:
-    """Add the constants of the removed dead channels to the consumers' biases."""
-    removed = removed & _dead(model, group)
-    for name, v in reads.items():
-        m = model.get_submodule(name)
-        sel = removed & torch.isfinite(v) & (v != 0)
-        if not sel.any() or not _foldable(m):
-            continue
-        w = m.weight.detach().to("cpu", torch.float64)
-        if isinstance(m, nn.Linear):
-            w = w.reshape(w.shape[0], group.width, group.columns.get(name, 1)).sum(2)
-        else:
-            w = w.sum((2, 3))
-        delta = w[:, sel] @ v[sel]
-        with torch.no_grad():
-            if m.bias is None:
-                m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=m.weight.dtype,
-                                                  device=m.weight.device),
-                                      requires_grad=m.weight.requires_grad)
-            m.bias.add_(delta.to(m.bias.device, m.bias.dtype))
-
-
-def _saliency(model: nn.Module, group: ChannelGroup,
-              scores: dict[str, torch.Tensor]) -> torch.Tensor:
-    total = torch.zeros(group.width, dtype=torch.float64)
-    for p in group.producers:
-        s = scores.get(p, model.get_submodule(p).weight).detach()
-        total += s.to("cpu", torch.float64).reshape(group.width, -1).norm(dim=1)
-    return total
-
-
-def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def prune_channels(model: nn.Module, example_inputs: tuple,
-                   sparsity: float | dict[str, float] | None = None, *,
-                   scores: dict[str, torch.Tensor] | None = None,
-                   keep: dict[int, torch.Tensor] | None = None,
-                   zero_only: bool = False) -> StructuredReport:
-    """Remove channels of every prunable group of ``model``, in place (see
-    :func:`channel_groups` for what is prunable; the rest stays untouched and is listed in the
-    report's ``skipped``).
-
-    * ``sparsity`` (a float in [0, 1), or ``{producer name: sparsity}``; groups none of whose
-      producers is named stay whole; the producers of one group must not be given different
-      values): remove that fraction of each group's channels (rounded; at least one stays),
-      the lowest by saliency: the sum over the group's producers of the L2 norm of each
-      output row of ``scores[name]`` (shaped like the weight, e.g. from
-      :func:`compress_ops.prune.wanda_scores` / ``obd_scores``), of the weight where
-      ``scores`` has no entry. Removed channels whose weights were zero have their constant
-      folded into the consumers' bias where that is exact; other removals change the outputs
-      (an approximation, to be followed by fine-tuning).
-    * ``keep={group index: kept channel indices}``: keep exactly those channels of those
-      groups (indices into :func:`channel_groups`' list; e.g. a previous report's ``kept``).
-    * ``zero_only=True``: remove exactly the channels whose weight rows are zero in every
-      producer and whose constant value can be dropped or folded without changing any output
-      (see the module docstring): the eval-mode outputs are unchanged. At least one channel
-      stays.
-
-    Returns a :class:`StructuredReport`; ``str()`` renders it as a table.
-    """
-    if zero_only and (sparsity is not None or keep is not None):
-        raise ValueError("zero_only=True removes exactly the dead channels: give neither "
-                         "sparsity nor keep with it")
-    if not zero_only and sparsity is None and keep is None:
-        raise ValueError("give sparsity, keep, or zero_only=True")
-    first = {id(m): n for n, m in model.named_modules()}
-    layers = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False)
-              if isinstance(m, (nn.Linear, nn.Conv2d))}  # every name -> the name groups use
-    if isinstance(sparsity, dict):
-        unknown = sorted(set(sparsity) - set(layers))
-        if unknown:
-            raise ValueError(f"sparsity names unknown layers (not an nn.Linear/nn.Conv2d of the "
-                             f"model): {unknown}")
-        for v in sparsity.values():
-            _check_sparsity(v)
-        sparsity = {layers[n]: v for n, v in sparsity.items()}
-    elif sparsity is not None:
-        _check_sparsity(sparsity)
-    scores = dict(scores or {})
-    unknown = sorted(set(scores) - set(layers))
-    if unknown:
-        raise ValueError(f"scores names unknown layers (not an nn.Linear/nn.Conv2d of the "
-                         f"model): {unknown}")
-    for name, s in scores.items():
-        w = model.get_submodule(name).weight
-        if not isinstance(s, torch.Tensor) or s.shape != w.shape:
-            raise ValueError(f"scores[{name!r}] must be a tensor shaped like its weight "
-                             f"{tuple(w.shape)}, got "
-                             f"{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)}")
-    scores = {layers[n]: s for n, s in scores.items()}
-
-    groups, skipped = channel_groups(model, example_inputs)
-    keep = dict(keep or {})
-    bad = sorted(k for k in keep if not isinstance(k, int) or not 0 <= k < len(groups))
-    if bad:
-        raise ValueError(f"keep has group indices {bad} outside [0, {len(groups)})")
-    plan: list[torch.Tensor] = []
-    for i, g in enumerate(groups):
-        if i in keep:
-            plan.append(_check_index(keep[i], g.width, f"keep[{i}]").sort().values)
-            continue
-        if zero_only:
-            drop = _exactly_removable(model, g, _constants(model, g))
-            if drop.all():
-                drop[-1] = False
-            plan.append(torch.nonzero(~drop).flatten())
-            continue
-        s = _group_sparsity(g, sparsity)
-        n_drop = min(int(round(s * g.width)), g.width - 1)
-        sal = _saliency(model, g, scores)
-        plan.append(torch.topk(sal, g.width - n_drop).indices.sort().values)
-
-    before = _num_params(model)
-    rows: list[tuple[tuple[str, ...], int, int]] = []
-    for g, kept in zip(groups, plan, strict=True):
-        width = g.width
-        if kept.numel() < width:
-            removed = torch.ones(width, dtype=torch.bool)
-            removed[kept] = False
-            _fold(model, g, removed, _constants(model, g))
-            select_channels(model, g, kept)
-        rows.append((tuple(g.producers), width, kept.numel()))
-    return StructuredReport(groups=rows, kept=plan, skipped=skipped, params_before=before,
-                            params_after=_num_params(model))
-
-
-def _group_sparsity(group: ChannelGroup, sparsity: float | dict[str, float] | None) -> float:
-    if sparsity is None:
-        return 0.0
-    if not isinstance(sparsity, dict):
-        return float(sparsity)
-    given = {sparsity[p] for p in group.producers if p in sparsity}
-    if len(given) > 1:
-        raise ValueError(f"layers {group.producers} share their output channels (one group) "
-                         f"but are given different sparsities {sorted(given)}")
-    return float(given.pop()) if given else 0.0

@@ -12,6 +12,7 @@ from torch import nn
 
 from compress_ops import distill, prune
 from compress_ops.nn import Sparse24Linear
+from compress_ops.structured import channel_groups, select_channels
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:
@@ -135,6 +136,35 @@ def test_2_4_finalize_gives_sparse24_modules_with_the_masked_outputs():
         torch.testing.assert_close(model(x), ref)
 
 
+class _Aliased(nn.Module):
+    """One nn.Linear registered under two names (``a`` and ``b``) and applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        shared = nn.Linear(16, 16)
+        self.a = shared
+        self.b = shared
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.b(F.relu(self.a(x)))))
+
+
+def test_2_4_finalize_swaps_an_aliased_linear_in_at_every_name():
+    torch.manual_seed(0)
+    model = _Aliased()
+    pruner = prune.Pruner(model, None, pattern="2:4")
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        ref = model(x)
+    model = pruner.finalize()
+    assert isinstance(model.a, Sparse24Linear) and model.a is model.b  # one module, both names
+    assert isinstance(model.head, Sparse24Linear)
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref)
+
+
 def test_unstructured_finalize_keeps_outputs_and_removes_hooks():
     model = _mlp()
     pruner = prune.Pruner(model, 0.6)
@@ -245,8 +275,6 @@ def test_2_4_with_permutation_keeps_more_saliency_and_stays_closer_to_dense():
 
 
 def test_permutation_alone_is_an_exact_reparametrisation():
-    from compress_ops.structured import channel_groups, select_channels
-
     torch.manual_seed(0)
     model = _randomize_bn(_CNN()).double().eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)

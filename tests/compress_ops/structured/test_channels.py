@@ -1,11 +1,10 @@
-"""compress_ops.structured: channel groups read from a torch.fx trace, physical removal of
-output channels (and the matching input channels downstream), exact removal of dead channels,
-exact permutations, and layers that cannot be proven safe listed and left untouched."""
+"""compress_ops.structured.channels (prune_channels): channel groups and saliency, exact removal
+of dead channels (constants folded only where exact), identity shortcuts and depthwise convs
+sliced with their group, and argument validation."""
 
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
@@ -13,70 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress_ops import structured as st
-from tests.compress_ops.models import Block
-
-
-def _seed(n: int = 0) -> torch.Generator:
-    torch.manual_seed(n)
-    return torch.Generator().manual_seed(n)
-
-
-def _mlp(act=nn.ReLU) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(8, 16), act(), nn.Linear(16, 12), act(), nn.Linear(12, 4))
-
-
-def _randomize_bn(model: nn.Module) -> None:
-    """Non-trivial affine parameters and running statistics for every BatchNorm."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.5)
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-
-
-class CNN(nn.Module):
-    def __init__(self, pad2: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 6, 3, padding=pad2)
-        self.bn2 = nn.BatchNorm2d(6)
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(6 * 16 if pad2 else 6 * 9, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
-        return self.fc(x.view(x.size(0), -1))
-
-
-class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        out += self.shortcut(x)
-        return F.relu(out)
-
-
-class ResNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.block = ResBlock(4, 6)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.block(self.stem(x))), 1))
+from tests.compress_ops.structured.models import (
+    CNN,
+    ResNet,
+    mlp,
+    randomize_bn,
+    seed,
+    widths,
+)
 
 
 def _zero_rows(layer: nn.Module, rows: list[int], bias: float | None = 0.0) -> None:
@@ -90,24 +33,19 @@ def _by_producer(groups: list[st.ChannelGroup]) -> dict[str, st.ChannelGroup]:
     return {p: g for g in groups for p in g.producers}
 
 
-def _widths(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {n: tuple(m.weight.shape) for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d))}
-
-
 # ---------------------------------------------------------------------- groups, saliency
 
 
 def test_mlp_groups_and_half_pruning_halves_the_hidden_widths():
-    _seed()
-    model, x = _mlp(), torch.randn(5, 8)
+    seed()
+    model, x = mlp(), torch.randn(5, 8)
     groups, skipped = st.channel_groups(model, (x,))
     assert [(g.producers, g.consumers, g.width) for g in groups] == [
         (["0"], ["2"], 16), (["2"], ["4"], 12)]
     assert "4" in skipped and "model output" in skipped["4"]
     before = sum(p.numel() for p in model.parameters())
     report = st.prune_channels(model, (x,), 0.5)
-    assert _widths(model) == {"0": (8, 8), "2": (6, 8), "4": (4, 6)}
+    assert widths(model) == {"0": (8, 8), "2": (6, 8), "4": (4, 6)}
     assert model(x).shape == (5, 4)
     assert report.params_before == before > report.params_after \
         == sum(p.numel() for p in model.parameters())
@@ -117,14 +55,14 @@ def test_mlp_groups_and_half_pruning_halves_the_hidden_widths():
 
 
 def test_saliency_keeps_the_strongest_rows_and_scores_override_the_weight():
-    _seed(1)
-    model, x = _mlp(), torch.randn(3, 8)
+    seed(1)
+    model, x = mlp(), torch.randn(3, 8)
     with torch.no_grad():
         model[0].weight[[2, 7, 11]] *= 100
     report = st.prune_channels(model, (x,), {"0": 0.8})
     assert report.kept[0].tolist() == [2, 7, 11]  # round(0.8 * 16) = 13 removed
     assert report.groups[1][1:] == (12, 12)  # group without a sparsity entry stays whole
-    model = _mlp()
+    model = mlp()
     scores = {"0": torch.zeros(16, 8)}
     scores["0"][[1, 4]] = 1.0
     report = st.prune_channels(model, (x,), {"0": 0.875}, scores=scores)
@@ -132,7 +70,7 @@ def test_saliency_keeps_the_strongest_rows_and_scores_override_the_weight():
 
 
 def test_at_least_one_channel_stays():
-    model, x = _mlp(), torch.randn(2, 8)
+    model, x = mlp(), torch.randn(2, 8)
     st.prune_channels(model, (x,), 0.99)
     assert model[0].out_features == 1 and model[2].out_features == 1
     assert model(x).shape == (2, 4)
@@ -143,15 +81,15 @@ def test_at_least_one_channel_stays():
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.GELU, nn.Sigmoid])
 def test_zero_only_mlp_removes_exactly_the_dead_rows_and_outputs_are_identical(act):
-    _seed(2)
-    model, x = _mlp(act).double(), torch.randn(7, 8, dtype=torch.float64)
+    seed(2)
+    model, x = mlp(act).double(), torch.randn(7, 8, dtype=torch.float64)
     _zero_rows(model[0], [1, 5, 9])
     _zero_rows(model[2], [0, 3], bias=0.7)  # a dead row with a bias: a constant, folded
     ref = model(x)
     report = st.prune_channels(model, (x,), zero_only=True)
     assert [k.tolist() for k in report.kept] == [
         [i for i in range(16) if i not in (1, 5, 9)], [i for i in range(12) if i not in (0, 3)]]
-    assert _widths(model) == {"0": (13, 8), "2": (10, 13), "4": (4, 10)}
+    assert widths(model) == {"0": (13, 8), "2": (10, 13), "4": (4, 10)}
     torch.testing.assert_close(model(x), ref, rtol=1e-12, atol=1e-12)
 
 
@@ -161,9 +99,9 @@ def test_zero_only_cnn_with_batchnorm_folds_constants_only_where_exact(pad2):
     channel 4 is a positive constant: folded into conv2's bias when conv2 does not pad, kept
     when it pads with zeros (not exact at the borders). conv2's dead channels 0 and 3 are
     constants after BN+ReLU+pool and are folded into the Linear behind the flatten."""
-    _seed(3)
+    seed(3)
     model = CNN(pad2).double().eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     _zero_rows(model.conv1, [1, 4])
     _zero_rows(model.conv2, [0, 3], bias=0.3)
@@ -188,9 +126,9 @@ def test_zero_only_cnn_with_batchnorm_folds_constants_only_where_exact(pad2):
 
 
 def test_zero_only_residual_block_with_conv_shortcut():
-    _seed(4)
+    seed(4)
     model = ResNet().double().eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     groups, skipped = st.channel_groups(model, (x,))
     g = _by_producer(groups)
@@ -235,9 +173,9 @@ class ResNet2(ResNet):
 
 
 def test_identity_shortcut_couples_the_blocks_it_joins():
-    _seed(10)
+    seed(10)
     model = ResNet2().double().eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     g = _by_producer(st.channel_groups(model, (x,))[0])
     assert g["block.conv2"].producers == ["block.conv2", "block.shortcut.0", "block2.conv2"]
@@ -256,12 +194,12 @@ def test_identity_shortcut_couples_the_blocks_it_joins():
 
 
 def test_depthwise_convs_are_sliced_with_their_group():
-    _seed(5)
+    seed(5)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU6(),
                           nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     model = model.double().eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     (g,), skipped = st.channel_groups(model, (x,))
     assert (g.producers, g.depthwise, g.norms, g.consumers) == (["0"], ["3"], ["1", "4"], ["6"])
@@ -276,129 +214,11 @@ def test_depthwise_convs_are_sliced_with_their_group():
     assert model[3].groups == 3 and model(x).shape == (2, 5)
 
 
-# ---------------------------------------------------------------------- permutations
-
-
-@pytest.mark.parametrize("make", [lambda: _mlp(nn.GELU), lambda: CNN(), ResNet])
-def test_permuting_channels_gives_an_equivalent_model(make):
-    _seed(6)
-    model = make().double().eval()
-    _randomize_bn(model)
-    x = torch.randn(3, 8, dtype=torch.float64) if isinstance(model, nn.Sequential) \
-        else torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    ref = model(x)
-    groups, _ = st.channel_groups(model, (x,))
-    assert groups
-    for g in groups:
-        st.select_channels(model, g, torch.randperm(g.width))
-    torch.testing.assert_close(model(x), ref, rtol=1e-12, atol=1e-12)
-
-
-# ---------------------------------------------------------------------- unprovable
-
-
-class Cat(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(12, 3)
-
-    def forward(self, x):
-        return self.c(torch.cat([self.a(x), self.b(x)], 1))
-
-
-class Reshape(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.c = nn.Linear(4, 6), nn.Linear(3, 3)
-
-    def forward(self, x):
-        return self.c(self.a(x).reshape(-1, 2, 3)).flatten(1)
-
-
-class SumOverChannels(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.c = nn.Linear(4, 6), nn.Linear(1, 3)
-
-    def forward(self, x):
-        return self.c(self.a(x).sum(1, keepdim=True))
-
-
-class InputSkip(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.c = nn.Linear(4, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.c(F.relu(self.a(x) + x))
-
-
-class Shared(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.c(self.b(self.a(self.b(x))))
-
-
-@pytest.mark.parametrize(("make", "layers", "word"), [
-    (Cat, ["a", "b"], "cat"), (Reshape, ["a"], "reshape"), (SumOverChannels, ["a"], "sum"),
-    (InputSkip, ["a"], "model input"), (Shared, ["a", "b"], "called 2 times")])
-def test_unprovable_layers_are_listed_and_left_untouched(make, layers, word):
-    _seed(7)
-    model, x = make(), torch.randn(2, 4)
-    groups, skipped = st.channel_groups(model, (x,))
-    for name in layers:
-        assert word in skipped[name], skipped[name]
-    assert not {p for g in groups for p in g.producers} & set(layers)
-    ref, before = model(x), _widths(model)
-    params = {n: p for n, p in model.named_parameters()}
-    report = st.prune_channels(model, (x,), 0.5)
-    assert report.skipped == skipped
-    for name in layers:
-        assert _widths(model)[name] == before[name]
-        assert model.get_submodule(name).weight is params[f"{name}.weight"]
-    if make is Cat:
-        torch.testing.assert_close(model(x), ref)
-
-
-def test_transformer_block_prunes_only_the_mlp_hidden_layer():
-    _seed(8)
-    model, x = Block(), torch.randn(2, 5, 64)
-    groups, skipped = st.channel_groups(model, (x,))
-    assert [(g.producers, g.consumers) for g in groups] == [(["up"], ["down"])]
-    assert set(skipped) == {"q", "k", "v", "o", "down"}
-    assert "view" in skipped["q"] and "model input" in skipped["o"]
-    st.prune_channels(model, (x,), 0.25)
-    assert model.up.out_features == model.down.in_features == 96
-    assert model(x).shape == x.shape
-
-
-def test_untraceable_model_is_left_as_it_is():
-    class Branchy(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.c = nn.Linear(4, 4), nn.Linear(4, 3)
-
-        def forward(self, x):
-            h = self.a(x)
-            return self.c(h if h.sum() > 0 else -h)
-
-    model, x = Branchy(), torch.randn(2, 4)
-    report = st.prune_channels(model, (x,), 0.5)
-    assert report.groups == [] and set(report.skipped) == {"a", "c"}
-    assert "torch.fx" in report.skipped["a"] and model.a.out_features == 4
-    model = _mlp()
-    model.forward = lambda x: model[0](x)  # fx would trace the class's forward instead
-    assert "instance" in st.channel_groups(model, (x[:, :8].repeat(1, 2),))[1]["0"]
-
-
 # ---------------------------------------------------------------------- validation
 
 
 def test_bad_arguments_raise():
-    model, x = _mlp(), torch.randn(2, 8)
+    model, x = mlp(), torch.randn(2, 8)
     for bad in (1.0, -0.1, 1.5, True, "0.5"):
         with pytest.raises(ValueError, match="sparsity"):
             st.prune_channels(model, (x,), bad)
@@ -425,39 +245,9 @@ def test_bad_arguments_raise():
         st.select_channels(model, g, torch.tensor([16]))
     with pytest.raises(TypeError, match="integer"):
         st.select_channels(model, g, torch.tensor([0.0]))
-    assert _widths(model)["0"] == (16, 8)  # nothing was changed
+    assert widths(model)["0"] == (16, 8)  # nothing was changed
     stale = copy.copy(g)
     st.select_channels(model, g, torch.tensor([0, 1]))
-    assert g.width == 2 and _widths(model)["2"] == (12, 2)
+    assert g.width == 2 and widths(model)["2"] == (12, 2)
     with pytest.raises(ValueError, match="channel_groups again"):
         st.select_channels(model, stale, torch.tensor([0]))
-
-
-# ---------------------------------------------------------------------- usable afterwards
-
-
-def test_pruned_model_saves_loads_and_trains():
-    _seed(9)
-    model = ResNet().train()
-    x = torch.randn(4, 3, 8, 8)
-    fresh = copy.deepcopy(model)
-    stats = model.block.bn2.running_mean.clone()
-    st.channel_groups(model, (x,))
-    assert torch.equal(model.block.bn2.running_mean, stats)  # the trace ran in eval mode
-    model.block.conv1.weight.requires_grad_(False)
-    report = st.prune_channels(model, (x,), 0.5)
-    assert model.training and model.block.bn1.training
-    assert not model.block.conv1.weight.requires_grad and model.block.conv2.weight.requires_grad
-    assert model.block.conv1.weight.dtype == torch.float32
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    st.prune_channels(fresh, (x,), keep=dict(enumerate(report.kept)))
-    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
-    model.eval(), fresh.eval()
-    torch.testing.assert_close(fresh(x), model(x))
-    model.train()
-    loss = model(x).square().mean()
-    loss.backward()
-    assert model.block.conv2.weight.grad.shape == model.block.conv2.weight.shape
-    assert model.block.conv1.weight.grad is None
-    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()

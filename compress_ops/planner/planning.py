@@ -1,44 +1,21 @@
-"""``plan()``: choose one compression config per layer under a size budget.
-
-    plan = co.plan(model, calib_batches, budget=0.25)   # prints the table it chose from
-    co.compress_(model, plan)                           # a Plan is a Recipe
-
-1. **Scope.** The layers in scope are the modules of the types the candidates handle
-   (``nn.Linear``; ``nn.Conv2d`` too when a :class:`~compress_ops.api.LowRankConfig` is a
-   candidate), optionally narrowed by ``layers=``. The budget counts the *weight* bytes of
-   exactly these layers (biases, norms, embeddings and layers out of scope are not counted).
-2. **Options.** Every candidate is built for every layer it applies to with the same transform
-   ``compress_`` uses (``api._TRANSFORMS``; the transforms read ``module.weight`` and build a
-   new module, the model is not modified). A candidate the transform refuses
-   (``UnsupportedModule``, or a ``ValueError`` for a shape it cannot take) is not an option for
-   that layer and the table says why. Keeping the layer dense is always an option (error 0, the
-   dense bytes). Layers whose weight is tied to another module, modules reachable under several
-   names, and layers that never ran on the calibration data stay dense and count at their dense
-   size.
-3. **Sensitivity.** One pass of the calibration data through the (unmodified) model; a forward
-   hook on every layer runs each option on the layer's real input and accumulates, in float64,
-   ``||y_c - y||**2`` and ``||y||**2`` over all batches. ``metric="relative_mse"`` (default)
-   scores an option by ``sum ||y_c - y||**2 / sum ||y||**2`` (comparable across layers);
-   ``"mse"`` by ``sum ||y_c - y||**2 / numel``. Activations are not stored.
-4. **Choice.** :func:`choose` solves the multiple-choice knapsack "least total error with total
-   stored bytes <= ``budget`` x dense bytes": exact (a Pareto-frontier dynamic program) unless
-   the frontier outgrows ``MAX_STATES``, then a greedy on the LP relaxation plus an improvement
-   pass, whose gap to the optimum is bounded by the LP bound it reports (``Plan.lower_bound``).
-"""
+"""``plan()``: measure every candidate config on every layer in scope, then let the solver
+choose one per layer under the size budget; the choice is a :class:`Plan` (a ``Recipe``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
 from torch import nn
 
+from compress_ops._swap import index
 from compress_ops._text import format_table
+from compress_ops._validate import check_choice, check_number
 from compress_ops.api import Recipe
 from compress_ops.configs import (
     CodebookConfig,
@@ -46,12 +23,16 @@ from compress_ops.configs import (
     QuantConfig,
     Sparse24Config,
     UnsupportedModule,
+    per_layer_configs,
+    transform_for,
 )
+from compress_ops.nn.base import CompressedModule
 from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
+from compress_ops.planner.solver import solve
 from compress_ops.prune import eval_mode
+from compress_ops.prune.criteria import run_batch
 
-__all__ = ["DEFAULT_CANDIDATES", "MAX_STATES", "Plan", "PlanRow", "Solution", "choose", "plan",
-           "solve"]
+__all__ = ["DEFAULT_CANDIDATES", "METRICS", "Plan", "PlanRow", "plan"]
 
 #: What :func:`plan` tries by default, from nearly lossless to aggressive: 2:4 sparsity (~0.53
 #: of fp32 dense bytes), int8/4/3/2 with 128-wide groups (~0.27 / 0.14 / 0.11 / 0.08),
@@ -70,198 +51,9 @@ DEFAULT_CANDIDATES: tuple[object, ...] = (
     LowRankConfig(energy=0.6),
 )
 
-#: The exact solver gives up (and the LP-greedy takes over) when its Pareto frontier of partial
-#: plans would hold more states than this after some layer, or when it would have kept more
-#: than ``MAX_STATES * 200`` back pointers in all (6 bytes each: ~120 MB).
-MAX_STATES = 100_000
-
 METRICS = ("relative_mse", "mse")
 _DENSE = "dense"
 _KEY_FIELDS = ("bits", "rank", "energy")
-
-
-# --------------------------------------------------------------------------------------------
-# the solver
-
-
-@dataclass(frozen=True)
-class Solution:
-    """What :func:`solve` found: ``choice[i]`` indexes layer ``i``'s options.
-
-    ``exact`` says ``error`` is the optimum; otherwise ``lower_bound`` (the LP relaxation's
-    optimum) is at most the optimum, so ``error - lower_bound`` bounds the gap.
-    """
-
-    choice: list[int]
-    bytes: int
-    error: float
-    exact: bool
-    lower_bound: float
-
-
-def _check_options(options: Sequence[Sequence[tuple[int, float]]], capacity: int) -> None:
-    if isinstance(capacity, bool) or not isinstance(capacity, int):
-        raise TypeError(f"capacity must be an int (bytes), got {type(capacity).__name__}")
-    for i, opts in enumerate(options):
-        if len(opts) == 0:
-            raise ValueError(f"options[{i}] is empty: every layer needs at least one option")
-        for j, (b, e) in enumerate(opts):
-            if isinstance(b, bool) or not isinstance(b, int) or b < 0:
-                raise ValueError(f"options[{i}][{j}] bytes must be an int >= 0, got {b!r}")
-            if not math.isfinite(e):
-                raise ValueError(f"options[{i}][{j}] error must be finite, got {e!r}")
-
-
-def _pareto(opts: Sequence[tuple[int, float]]) -> list[int]:
-    """Indices of the options no other option beats (fewer or equal bytes and lower or equal
-    error), by increasing bytes (so by strictly decreasing error)."""
-    keep: list[int] = []
-    for j in sorted(range(len(opts)), key=lambda j: (opts[j][0], opts[j][1], j)):
-        if not keep or opts[j][1] < opts[keep[-1]][1]:
-            keep.append(j)
-    return keep
-
-
-def _frontier_dp(front: list[list[tuple[int, float]]], capacity: int,
-                 max_states: int) -> list[int] | None:
-    """Exact: the Pareto frontier of (bytes, error) over the first ``i`` layers, grown layer by
-    layer; a partial plan that no longer fits (with the remaining layers at their smallest) or
-    that another beats is dropped. ``None`` when the frontier outgrows ``max_states``."""
-    n = len(front)
-    rest = [0] * (n + 1)  # smallest bytes of layers i..n-1
-    for i in range(n - 1, -1, -1):
-        rest[i] = rest[i + 1] + front[i][0][0]
-    states_b = torch.zeros(1, dtype=torch.int64)
-    states_e = torch.zeros(1, dtype=torch.float64)
-    back: list[tuple[torch.Tensor, torch.Tensor]] = []
-    kept = 0
-    for i, opts in enumerate(front):
-        ob = torch.tensor([b for b, _ in opts], dtype=torch.int64)
-        oe = torch.tensor([e for _, e in opts], dtype=torch.float64)
-        nb = (states_b[:, None] + ob[None, :]).reshape(-1)
-        ne = (states_e[:, None] + oe[None, :]).reshape(-1)
-        idx = torch.nonzero(nb <= capacity - rest[i + 1]).reshape(-1)
-        # by bytes, ties by error: then a state is kept iff its error is below every earlier one
-        idx = idx[torch.argsort(ne[idx], stable=True)]
-        idx = idx[torch.argsort(nb[idx], stable=True)]
-        e_sorted = ne[idx]
-        best_before = torch.cat([e_sorted.new_full((1,), math.inf),
-                                 torch.cummin(e_sorted, 0).values[:-1]])
-        idx = idx[e_sorted < best_before]
-        kept += idx.numel()
-        if idx.numel() > max_states or kept > 200 * max_states:
-            return None
-        states_b, states_e = nb[idx], ne[idx]
-        back.append(((idx // len(opts)).to(torch.int32), (idx % len(opts)).to(torch.int16)))
-    # the frontier is sorted by bytes with strictly decreasing error: the last state is best
-    state = states_b.numel() - 1
-    choice = [0] * n
-    for i in range(n - 1, -1, -1):
-        parent, opt = back[i]
-        choice[i] = int(opt[state])
-        state = int(parent[state])
-    return choice
-
-
-def _hull(opts: list[tuple[int, float]]) -> list[int]:
-    """Indices (into the Pareto list ``opts``) of its lower convex hull, from the smallest: the
-    error drop per extra byte strictly decreases along it."""
-    hull: list[int] = []
-    for j, (b, e) in enumerate(opts):
-        while len(hull) >= 2:
-            (b1, e1), (b2, e2) = opts[hull[-2]], opts[hull[-1]]
-            # drop the middle point unless it lies strictly below the chord (b1,e1)-(b,e)
-            if (e2 - e1) * (b - b1) >= (e - e1) * (b2 - b1):
-                hull.pop()
-            else:
-                break
-        hull.append(j)
-    return hull
-
-
-def _lp_greedy(front: list[list[tuple[int, float]]],
-               capacity: int) -> tuple[list[int], float]:
-    """Greedy on the LP relaxation: start every layer at its smallest option, take the hull
-    upgrades by decreasing error drop per byte while they fit, then improve single layers while
-    any change fits and lowers the error. Returns ``(choice, LP lower bound)``."""
-    n = len(front)
-    choice = [0] * n
-    left = capacity - sum(opts[0][0] for opts in front)
-    error = sum(opts[0][1] for opts in front)
-    steps = []  # (-drop per byte, layer, from, to)
-    for i, opts in enumerate(front):
-        h = _hull(opts)
-        for a, b in zip(h, h[1:], strict=False):
-            db, de = opts[b][0] - opts[a][0], opts[a][1] - opts[b][1]
-            steps.append((-de / db, i, a, b))
-    steps.sort()
-    bound = None
-    for neg_rate, i, a, b in steps:
-        db = front[i][b][0] - front[i][a][0]
-        if choice[i] != a:
-            continue  # an earlier upgrade of this layer did not fit
-        if db <= left:
-            choice[i] = b
-            left -= db
-            error -= front[i][a][1] - front[i][b][1]
-        elif bound is None:  # the LP optimum takes this upgrade fractionally
-            bound = error + neg_rate * left
-    lower_bound = error if bound is None else bound
-    while True:  # improvement: the single-layer change with the largest error drop that fits
-        best = None
-        for i, opts in enumerate(front):
-            cb, ce = opts[choice[i]]
-            for j, (b, e) in enumerate(opts):
-                if e < ce and b - cb <= left and (best is None or ce - e > best[0]):
-                    best = (ce - e, i, j)
-        if best is None:
-            break
-        _, i, j = best
-        left -= front[i][j][0] - front[i][choice[i]][0]
-        choice[i] = j
-    return choice, lower_bound
-
-
-def solve(options: Sequence[Sequence[tuple[int, float]]], capacity: int, *,
-          max_states: int = MAX_STATES) -> Solution:
-    """Multiple-choice knapsack: one option ``(bytes, error)`` per layer, least total error with
-    total bytes ``<= capacity``.
-
-    Dominated options are dropped, then a dynamic program over the Pareto frontier of partial
-    plans finds the optimum (ties: fewer bytes). If that frontier would hold more than
-    ``max_states`` states, a greedy on the LP relaxation plus an improvement pass answers
-    instead (``exact=False``; ``lower_bound`` certifies the gap). The result always fits.
-    ``ValueError`` when even the smallest option of every layer does not fit.
-    """
-    _check_options(options, capacity)
-    keep = [_pareto(opts) for opts in options]
-    front = [[(int(options[i][j][0]), float(options[i][j][1])) for j in k]
-             for i, k in enumerate(keep)]
-    smallest = sum(opts[0][0] for opts in front)
-    if smallest > capacity:
-        raise ValueError(f"no choice fits: the smallest options take {smallest} bytes > "
-                         f"capacity {capacity}")
-    local = _frontier_dp(front, capacity, max_states) if front else []
-    exact = local is not None
-    if local is None:
-        local, lower_bound = _lp_greedy(front, capacity)
-    choice = [keep[i][j] for i, j in enumerate(local)]
-    total_b = sum(options[i][j][0] for i, j in enumerate(choice))
-    total_e = math.fsum(options[i][j][1] for i, j in enumerate(choice))
-    if total_b > capacity:  # cannot happen; never hand back a plan over budget
-        raise AssertionError(f"solver bug: {total_b} bytes > capacity {capacity}")
-    return Solution(choice, total_b, total_e, exact, total_e if exact else min(lower_bound,
-                                                                                total_e))
-
-
-def choose(options: Sequence[Sequence[tuple[int, float]]], capacity: int) -> list[int]:
-    """``options[i]``: layer ``i``'s ``(bytes, error)`` options; returns the index of the option
-    chosen per layer (least total error with total bytes ``<= capacity``). See :func:`solve`."""
-    return solve(options, capacity).choice
-
-
-# --------------------------------------------------------------------------------------------
-# the plan
 
 
 @dataclass(frozen=True)
@@ -354,9 +146,9 @@ def _check_candidates(candidates: Iterable[object]) -> list[object]:
                         f"{type(candidates).__name__}")
     out: list[object] = []
     for cfg in candidates:
-        if type(cfg) not in _TRANSFORMS:
+        if type(cfg) not in per_layer_configs():
             raise TypeError(f"candidate {cfg!r} is not a per-layer config; expected one of "
-                            f"{[t.__name__ for t in _TRANSFORMS]}")
+                            f"{[t.__name__ for t in per_layer_configs()]}")
         if getattr(cfg, "shared", False):
             raise ValueError(f"candidate {cfg!r}: a shared codebook spans several layers and "
                              f"cannot be measured layer by layer; use shared=False")
@@ -365,20 +157,6 @@ def _check_candidates(candidates: Iterable[object]) -> list[object]:
     if not out:
         raise ValueError("candidates is empty")
     return out
-
-
-def _check_budget(budget: object) -> float:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) \
-            or not 0.0 < budget <= 1.0:
-        raise ValueError(f"budget must be a number in (0, 1] (stored bytes / dense bytes), "
-                         f"got {budget!r}")
-    return float(budget)
-
-
-def _run(model: nn.Module, batch: object, forward: Callable | None) -> object:
-    if forward is not None:
-        return forward(model, batch)
-    return model(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
 
 def _weight_bytes(module: nn.Module) -> int:
@@ -433,10 +211,10 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    budget = _check_budget(budget)
+    budget = check_number("budget", budget, low=0.0, high=1.0, low_open=True,
+                          hint="(stored bytes / dense bytes)")
     cands = _check_candidates(candidates)
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    check_choice("metric", metric, METRICS)
     if isinstance(calib_data, torch.Tensor) or not isinstance(calib_data, Iterable):
         raise TypeError(f"calib_data must be an iterable of batches (e.g. [x] or a DataLoader), "
                         f"got {type(calib_data).__name__}")
@@ -444,28 +222,18 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
         raise TypeError("forward must be a callable forward(model, batch)")
 
     # 1. the layers in scope, and those that must stay dense
-    types = tuple({t for cfg in cands for t in _TRANSFORMS[type(cfg)][0]})
-    names: dict[int, list[str]] = {}
-    modules: dict[int, nn.Module] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-        modules[id(module)] = module
-    owners: dict[int, list[str]] = {}
-    for mid, module in modules.items():
-        for param in module._parameters.values():
-            if param is not None:
-                owners.setdefault(id(param), []).append(names[mid][0])
+    types = tuple(dict.fromkeys(t for cfg in cands for t in transform_for(cfg).handles))
+    idx = index(model)
     wanted = None if layers is None else set(layers) if not isinstance(layers, str) else {layers}
     found: list[_Layer] = []
-    for mid, aliases in names.items():
-        module = modules[mid]
-        if not isinstance(module, types) or isinstance(
-                module, (CompressedLinear, LowRankConv2d, FusedDWSepConv2d)):
+    for mid, aliases in idx.names.items():
+        module = idx.modules[mid]
+        if not isinstance(module, types) or isinstance(module, CompressedModule):
             continue
         if wanted is not None and not wanted.intersection(aliases):
             continue
         layer = _Layer(aliases, module, _weight_bytes(module))
-        tied = [o for o in owners.get(id(module.weight), []) if o not in aliases]
+        tied = idx.tied(module, aliases)
         if len(aliases) > 1:
             layer.note = f"reached under {len(aliases)} names {aliases}; kept dense"
         elif tied:
@@ -482,11 +250,12 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
         if layer.note:
             continue
         for cfg in cands:
-            if not isinstance(layer.module, _TRANSFORMS[type(cfg)][0]):
+            transform = transform_for(cfg)
+            if not isinstance(layer.module, transform.handles):
                 continue
             try:
-                new = _TRANSFORMS[type(cfg)][1](layer.module, cfg)
-            except (UnsupportedModule, ValueError) as exc:
+                new = transform.build(layer.module, cfg)
+            except UnsupportedModule as exc:  # UnsupportedWeight included
                 layer.refused.append((cfg, str(exc)))
                 continue
             layer.options.append([cfg, new, new.stored_weight_bytes(), 0.0, 0.0, 0])
@@ -522,7 +291,7 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
     try:
         with eval_mode(model):
             for batch in calib_data:
-                _run(model, batch, forward)
+                run_batch(model, batch, forward)
                 batches += 1
     finally:
         for h in handles:

@@ -1,4 +1,4 @@
-"""compress_ops.planner (co.plan): per-layer sensitivity, the knapsack solver, the Plan recipe."""
+"""compress_ops.planner.planning (co.plan): per-layer sensitivity, the budget, the Plan recipe."""
 
 from __future__ import annotations
 
@@ -10,14 +10,12 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
-from hypothesis import strategies as st
 from torch import nn
 
 import compress_ops as co
-from compress_ops.api import _TRANSFORMS
+from compress_ops.configs import per_layer_configs, transform_for
 from compress_ops.nn import LowRankLinear
-from compress_ops.planner import DEFAULT_CANDIDATES, Plan, choose, plan, solve
+from compress_ops.planner import DEFAULT_CANDIDATES, Plan, plan
 
 # cheaper to build than DEFAULT_CANDIDATES (fewer range-search steps and k-means iterations)
 FAST = (co.Sparse24Config(), co.QuantConfig(bits=8, search_steps=0),
@@ -80,7 +78,7 @@ def test_measured_error_matches_a_hand_computation(data):
             model(x)
     h.remove()
     for c in (cfg, co.Sparse24Config()):
-        q = _TRANSFORMS[type(c)][1](model[2], c)
+        q = transform_for(c).build(model[2], c)
         w, b = model[2].weight.detach().double(), model[2].bias.detach().double()
         err = sum(F.linear(x, q.dense_weight().double(), b).sub(F.linear(x, w, b)).pow(2).sum()
                   for x in inputs)
@@ -96,7 +94,7 @@ def test_mse_metric(data):
     model = mlp()
     cfg = co.QuantConfig(bits=2)
     p = plan(model, data[:1], 1.0, candidates=(cfg,), metric="mse", verbose=False)
-    q = _TRANSFORMS[co.QuantConfig][1](model[0], cfg)
+    q = transform_for(cfg).build(model[0], cfg)
     with torch.no_grad():
         expect = (q(data[0]).double() - model[0](data[0]).double()).pow(2).mean()
     (row,) = [r for r in p.table if r.layer == "0" and r.config == cfg]
@@ -256,75 +254,5 @@ def test_bad_inputs(data):
 
 def test_default_candidates_are_valid_per_layer_configs():
     assert len(set(DEFAULT_CANDIDATES)) == len(DEFAULT_CANDIDATES)
-    assert all(type(c) in _TRANSFORMS and not getattr(c, "shared", False)
+    assert all(type(c) in per_layer_configs() and not getattr(c, "shared", False)
                for c in DEFAULT_CANDIDATES)
-
-
-# --- the solver ---------------------------------------------------------------------------
-
-
-def _brute(options, capacity):
-    best = None
-    for combo in itertools.product(*(range(len(o)) for o in options)):
-        b = sum(options[i][j][0] for i, j in enumerate(combo))
-        e = sum(options[i][j][1] for i, j in enumerate(combo))
-        if b <= capacity and (best is None or e < best):
-            best = e
-    return best
-
-
-instances = st.lists(
-    st.lists(st.tuples(st.integers(0, 40), st.floats(0, 10, allow_nan=False)), min_size=1,
-             max_size=4),
-    min_size=1, max_size=5)
-
-
-@given(options=instances, capacity=st.integers(0, 150))
-def test_choose_is_exact_against_brute_force(options, capacity):
-    best = _brute(options, capacity)
-    if best is None:
-        with pytest.raises(ValueError, match="no choice fits"):
-            choose(options, capacity)
-        return
-    choice = choose(options, capacity)
-    assert len(choice) == len(options)
-    assert sum(options[i][j][0] for i, j in enumerate(choice)) <= capacity
-    assert sum(options[i][j][1] for i, j in enumerate(choice)) == pytest.approx(best, abs=1e-9)
-
-
-@given(options=instances, capacity=st.integers(0, 150))
-def test_greedy_fallback_fits_and_its_bound_holds(options, capacity):
-    best = _brute(options, capacity)
-    if best is None:
-        return
-    sol = solve(options, capacity, max_states=0)  # force the LP greedy
-    assert not sol.exact and sol.bytes <= capacity
-    assert sol.lower_bound <= best + 1e-9 <= sol.error + 2e-9
-
-
-@given(options=instances, capacity=st.integers(0, 150), extra=st.integers(0, 60))
-def test_more_capacity_never_raises_the_error(options, capacity, extra):
-    if _brute(options, capacity) is None:
-        return
-    tight, loose = solve(options, capacity), solve(options, capacity + extra)
-    assert loose.error <= tight.error + 1e-9
-
-
-def test_solver_on_a_larger_instance_and_bad_options():
-    g = torch.Generator().manual_seed(0)
-    options = [[(int(b), float(e)) for b, e in zip(torch.randint(1, 10_000, (8,), generator=g),
-                                                   torch.rand(8, generator=g), strict=True)]
-               for _ in range(60)]
-    cap = sum(min(b for b, _ in o) for o in options) + 100_000
-    exact = solve(options, cap)
-    greedy = solve(options, cap, max_states=0)
-    assert exact.exact and exact.bytes <= cap and greedy.bytes <= cap
-    assert greedy.lower_bound <= exact.error + 1e-9 <= greedy.error + 2e-9
-    with pytest.raises(ValueError, match=r"options\[0\] is empty"):
-        choose([[]], 10)
-    with pytest.raises(ValueError, match="bytes must be an int"):
-        choose([[(1.5, 0.0)]], 10)
-    with pytest.raises(ValueError, match="error must be finite"):
-        choose([[(1, math.inf)]], 10)
-    with pytest.raises(TypeError, match="capacity must be an int"):
-        choose([[(1, 0.0)]], 10.0)

@@ -1,0 +1,117 @@
+"""Pruning criteria: a saliency per weight (larger means keep), and the calibration passes that
+measure what they need (activation norms for Wanda, the diagonal Fisher for OBD)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["eval_mode", "run_batch", "magnitude_scores", "wanda_scores", "obd_scores",
+           "activation_norms", "fisher_diagonal"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Run calibration in eval mode (BatchNorm statistics untouched, dropout off); every
+    module's mode is restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    """``|w|``."""
+    return weight.detach().abs()
+
+
+def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
+    """``|w[n, j]| * ||x_j||``: ``input_norms [in_features]`` (or ``[C_in]`` for a conv,
+    broadcast over its kernel) from :func:`activation_norms`."""
+    w = weight.detach()
+    if input_norms.shape != (w.shape[1],):
+        raise ValueError(f"input_norms shape {tuple(input_norms.shape)} must be "
+                         f"({w.shape[1]},): one norm per input feature")
+    return w.abs() * input_norms.to(w.dtype).reshape(1, -1, *([1] * (w.dim() - 2)))
+
+
+def obd_scores(weight: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
+    """``F_jj w_j^2 / 2``: the loss increase of removing ``w_j`` under a diagonal quadratic
+    model (Optimal Brain Damage), ``fisher`` from :func:`fisher_diagonal` (same shape)."""
+    if fisher.shape != weight.shape:
+        raise ValueError(f"fisher shape {tuple(fisher.shape)} must equal the weight's "
+                         f"{tuple(weight.shape)}")
+    return 0.5 * fisher.to(weight.dtype) * weight.detach().pow(2)
+
+
+@torch.no_grad()
+def activation_norms(model: nn.Module, batches: Iterable, layers: dict[str, nn.Module],
+                     forward: Callable[[nn.Module, object], object] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """``{name: ||x_j||_2}`` per input feature of each ``nn.Linear`` / ``nn.Conv2d`` in
+    ``layers``, over every token / pixel of the calibration ``batches`` (``forward(model,
+    batch)`` runs one; default ``model(batch[0])`` for tuples, else ``model(batch)``)."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(mod, args, out):
+            x = args[0].detach().float()
+            x = x.movedim(1, -1) if isinstance(mod, nn.Conv2d) else x
+            s = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+            sums[name] = sums[name] + s if name in sums else s
+        return fn
+
+    hooks = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with eval_mode(model):
+            for batch in batches:
+                run_batch(model, batch, forward)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [n for n in layers if n not in sums]
+    if missing:
+        raise ValueError(f"layers never ran on the calibration data: {missing}")
+    return {n: s.sqrt() for n, s in sums.items()}
+
+
+def run_batch(model: nn.Module, batch, forward: Callable[[nn.Module, object], object] | None):
+    """Run one calibration ``batch``: ``forward(model, batch)``, or by default ``model(batch[0])``
+    for a tuple / list, else ``model(batch)``."""
+    if forward is not None:
+        return forward(model, batch)
+    return model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+
+def fisher_diagonal(model: nn.Module, batches: Iterable, loss_fn: Callable,
+                    params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher ``E[g^2]`` of each parameter in ``params`` over the
+    calibration ``batches`` of ``(inputs, targets)``: one backward per batch of
+    ``loss_fn(model(inputs), targets)``, in eval mode; every gradient of the model is left as
+    it was."""
+    everything = list(dict.fromkeys([*model.parameters(), *params.values()]))
+    saved = [p.grad for p in everything]
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    count = 0
+    try:
+        with eval_mode(model):
+            for x, y in batches:
+                for p in everything:
+                    p.grad = None
+                loss_fn(model(x), y).backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        acc[n] += p.grad.detach().float().pow(2)
+                count += 1
+    finally:
+        for p, g in zip(everything, saved, strict=True):
+            p.grad = g
+    if count == 0:
+        raise ValueError("fisher_diagonal needs at least one calibration batch")
+    return {n: a / count for n, a in acc.items()}

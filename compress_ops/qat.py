@@ -15,8 +15,9 @@ Design
   - ``QuantConfig``: :func:`~compress_ops.quantize.quantize_affine` with the config's
     ``bits`` / ``group_size`` / ``symmetric`` / ``search_steps`` (the call
     ``QuantLinear.from_dense`` makes), dequantized with
-    :func:`~compress_ops.kernels.formats.dequant.dequantize` (what ``QuantLinear.dense_weight`` runs),
-    so ``Q(w)`` is bit-identical to ``QuantLinear.from_dense(linear, config).dense_weight()``.
+    :func:`~compress_ops.kernels.formats.dequant.dequantize` (what
+    ``QuantLinear.dense_weight`` runs), so ``Q(w)`` is bit-identical to
+    ``QuantLinear.from_dense(linear, config).dense_weight()``.
     The range search runs on every forward by default. ``refresh_every=n > 1`` recomputes the
     grid (scales and zero points) only on every n-th training forward and, in between, rounds
     the current weight onto the cached grid (cheap; the grid lags the weight by < n steps).

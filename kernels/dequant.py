@@ -32,6 +32,12 @@ import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
 from compress_ops.kernels._launch import dot_meta, store_tile
+from compress_ops.kernels.formats.dequant import (
+    WORD_COLS,
+    check_affine_inputs,
+    check_codebook_inputs,
+    packed_k,
+)
 from compress_ops.kernels.tuning import (
     SPLIT_K_MAX_M,
     KernelConfig,
@@ -42,12 +48,6 @@ from compress_ops.kernels.tuning import (
     load_tables,
     m_bucket,
     table_config,
-)
-from compress_ops.kernels.formats.dequant import (
-    WORD_COLS,
-    check_affine_inputs,
-    check_codebook_inputs,
-    packed_k,
 )
 
 __all__ = [

@@ -39,13 +39,13 @@ import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
 from compress_ops.kernels._launch import dot_meta
-from compress_ops.kernels.tuning import device_name, load_tables
 from compress_ops.kernels.formats.dwsep_conv import (
     ACTIVATIONS,
     KERNEL_SIZES,
     check_inputs,
     output_size,
 )
+from compress_ops.kernels.tuning import device_name, load_tables
 
 __all__ = ["dwsep_conv2d", "select_config", "audit_specs"]
 

@@ -52,8 +52,8 @@ import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
 from compress_ops.kernels._launch import dot_meta, store_tile
-from compress_ops.kernels.tuning import autotune, device_name, device_table, load_tables, m_bucket
 from compress_ops.kernels.formats.lowrank import MAX_RANK, check_inputs, padded_rank
+from compress_ops.kernels.tuning import autotune, device_name, device_table, load_tables, m_bucket
 
 __all__ = [
     "LowRankKernelConfig",

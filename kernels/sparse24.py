@@ -32,6 +32,7 @@ import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
 from compress_ops.kernels._launch import dot_meta, store_tile
+from compress_ops.kernels.formats.sparse24 import check_inputs, padded_k
 from compress_ops.kernels.tuning import (
     SPLIT_K_MAX_M,
     KernelConfig,
@@ -43,7 +44,6 @@ from compress_ops.kernels.tuning import (
     m_bucket,
     table_config,
 )
-from compress_ops.kernels.formats.sparse24 import check_inputs, padded_k
 
 __all__ = [
     "sparse24_matmul",

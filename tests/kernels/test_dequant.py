@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from compress_ops import quantize as qz
 from compress_ops.kernels import dequant as dq
-from compress_ops.kernels.tuning import KernelConfig
 from compress_ops.kernels.formats import dequant as dqf
+from compress_ops.kernels.tuning import KernelConfig
 from compress_ops.reference import codebook_linear_ref, dequant_linear_ref
 
 from .tolerances import rel_err as _rel_err

@@ -39,17 +39,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from compress_ops.perf.family import (
-    Case,
-    by_weight,
-    dtypes_of,
-    element_size,
-    env_var,
-    grid,
-    logged,
-    run_alone,
-    time_provider,
-)
+from compress_ops.perf import family
+from compress_ops.perf.family import Case, logged, time_provider
 from compress_ops.perf.machine import Env
 from compress_ops.perf.schema import Peaks, Row, make_row
 from compress_ops.perf.timing import Timer
@@ -77,11 +68,11 @@ def case_grid(device: torch.device, quick: bool = False) -> list[Case]:
         ms, nks, dts = (1, 16), ((256, 512),), (torch.float32, torch.bfloat16)
     else:
         ms, nks, dts = (1, 64), ((4096, 4096),), (torch.float32, torch.bfloat16)
-    return grid(ms, nks, dts)
+    return family.grid(ms, nks, dts)
 
 
 def dtypes(device: torch.device, quick: bool = False) -> list[torch.dtype]:
-    return dtypes_of(case_grid(device, quick))
+    return family.dtypes_of(case_grid(device, quick))
 
 
 def _formats(w: torch.Tensor, names: tuple[str, ...]) -> dict[str, dict]:
@@ -134,8 +125,8 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
     cuda = device.type == "cuda"
     time_it = Timer.for_run(device, quick)
     gen = torch.Generator(device=device).manual_seed(0)
-    for (n, k, dtype), ms in by_weight(case_grid(device, quick)).items():
-        e = element_size(dtype)
+    for (n, k, dtype), ms in family.by_weight(case_grid(device, quick)).items():
+        e = family.element_size(dtype)
         w = (torch.randn(n, k, device=device, generator=gen) * k**-0.5).to(dtype)
         fmts = _formats(w, tuple(FORMATS) if cuda else CPU_FORMATS)
         native = {} if cuda else _native_weights(fmts)
@@ -165,7 +156,7 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
                                                  common, log)
             if cuda and not quick:
                 fmt = fmts["ours-int4-g128"]
-                with env_var("COMPRESS_OPS_AUTOTUNE", "1"):
+                with family.env_var("COMPRESS_OPS_AUTOTUNE", "1"):
                     qw, s, z, bits, gs = fmt["args"]
                     tuned = dq._autotune(dq.MODE_ASYM, x, qw, s, z, None, bits, gs)
                     note = f"autotuned config={tuned.name}"
@@ -221,7 +212,7 @@ def _cpu_alternatives(name: str, fmt: dict, native: dict, x: torch.Tensor, ref: 
     finally:
         ops_mod._NATIVE_MAX_M = old
     if bits == 4:
-        with env_var("COMPRESS_OPS_CPU_DENSE_CACHE", "1"):
+        with family.env_var("COMPRESS_OPS_CPU_DENSE_CACHE", "1"):
             yield logged(log, time_provider(
                 lambda x=x: _call(fmt, x), x, ref, time_it, provider=f"{name}-dense-cache",
                 min_bytes=x.shape[1] * ref.shape[1] * x.element_size() + act,
@@ -230,7 +221,7 @@ def _cpu_alternatives(name: str, fmt: dict, native: dict, x: torch.Tensor, ref: 
 
 def main(argv: list[str] | None = None) -> int:
     """Run only this family through :mod:`compress_ops.perf.bench` (same options)."""
-    return run_alone("dequant", argv)
+    return family.run_alone("dequant", argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from compress_ops.perf.family import element_size, logged, run_alone, time_provider
+from compress_ops.perf import family
+from compress_ops.perf.family import logged, time_provider
 from compress_ops.perf.machine import Env
 from compress_ops.perf.schema import Peaks, Row
 from compress_ops.perf.timing import Timer
@@ -66,7 +67,7 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
     cuda = device.type == "cuda"
     time_it = Timer.for_run(device, quick)
     batch, dtype, pairs = cases(device, quick)
-    e = element_size(dtype)
+    e = family.element_size(dtype)
     op = torch.ops.compress_ops.dwsep_conv2d
     gen = torch.Generator(device=device).manual_seed(0)
     cl = torch.channels_last
@@ -140,7 +141,7 @@ def _whole_model(device: torch.device, env: Env, peaks: Peaks, time_it: Timer,
 
 def main(argv: list[str] | None = None) -> int:
     """Run only this family through :mod:`compress_ops.perf.bench` (same options)."""
-    return run_alone("dwsep_conv", argv)
+    return family.run_alone("dwsep_conv", argv)
 
 
 if __name__ == "__main__":

@@ -33,15 +33,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from compress_ops.perf.family import (
-    Case,
-    dtypes_of,
-    element_size,
-    grid,
-    logged,
-    run_alone,
-    time_provider,
-)
+from compress_ops.perf import family
+from compress_ops.perf.family import Case, logged, time_provider
 from compress_ops.perf.machine import Env
 from compress_ops.perf.schema import Peaks, Row, make_row
 from compress_ops.perf.timing import Timer
@@ -59,11 +52,11 @@ def case_grid(device: torch.device, quick: bool = False) -> list[Case]:
         ms, nk, rs, dts = (1, 16), (256, 384), (16,), (torch.float32, torch.bfloat16)
     else:
         ms, nk, rs, dts = (1, 64), (4096, 4096), (32, 128), (torch.float32, torch.bfloat16)
-    return grid(ms, (nk,), dts, rs)
+    return family.grid(ms, (nk,), dts, rs)
 
 
 def dtypes(device: torch.device, quick: bool = False) -> list[torch.dtype]:
-    return dtypes_of(case_grid(device, quick))
+    return family.dtypes_of(case_grid(device, quick))
 
 
 def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
@@ -98,7 +91,7 @@ def _case(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, ba
     cuda = device.type == "cuda"
     op = torch.ops.compress_ops.lowrank_linear
     (m, k), (n, r), dtype = x.shape, u.shape, x.dtype
-    e = element_size(dtype)
+    e = family.element_size(dtype)
     act = m * k * e + m * n * e
     common = dict(kernel=KERNEL, shape={"M": m, "N": n, "K": k, "R": r, "base": int(base)},
                   dtype=dtype, env=env, peaks=peaks,
@@ -141,7 +134,7 @@ def _case(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, ba
 
 def main(argv: list[str] | None = None) -> int:
     """Run only this family through :mod:`compress_ops.perf.bench` (same options)."""
-    return run_alone("lowrank", argv)
+    return family.run_alone("lowrank", argv)
 
 
 if __name__ == "__main__":

@@ -32,17 +32,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from compress_ops.perf.family import (
-    Case,
-    by_weight,
-    dtypes_of,
-    element_size,
-    env_var,
-    grid,
-    logged,
-    run_alone,
-    time_provider,
-)
+from compress_ops.perf import family
+from compress_ops.perf.family import Case, logged, time_provider
 from compress_ops.perf.machine import Env
 from compress_ops.perf.schema import Peaks, Row, make_row
 from compress_ops.perf.timing import Timer
@@ -65,12 +56,12 @@ def case_grid(device: torch.device, quick: bool = False) -> list[Case]:
         ms, nks, dts = (1, 16), ((256, 512),), (torch.float32, torch.bfloat16)
     else:
         ms, nks, dts = (1, 16, 128), ((2048, 2048), (4096, 4096)), (torch.float32, torch.bfloat16)
-    return grid(ms, nks, dts)
+    return family.grid(ms, nks, dts)
 
 
 def dtypes(device: torch.device, quick: bool = False) -> list[torch.dtype]:
     """Dtypes the run uses (their matmul peaks are measured)."""
-    return dtypes_of(case_grid(device, quick))
+    return family.dtypes_of(case_grid(device, quick))
 
 
 def _import_op() -> tuple[Callable | None, str | None]:
@@ -117,8 +108,8 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
     time_it = Timer.for_run(device, quick)
     cases = case_grid(device, quick)
     gen = torch.Generator(device=device).manual_seed(0)
-    for (n, k, dtype), ms in by_weight(cases).items():
-        e = element_size(dtype)
+    for (n, k, dtype), ms in family.by_weight(cases).items():
+        e = family.element_size(dtype)
         w = torch.randn(n, k, device=device, dtype=torch.float32, generator=gen) * k**-0.5
         wp = prune_2to4(w.to(dtype))
         values, meta = pack_sparse24(wp)
@@ -163,7 +154,7 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
 
             if op is not None and not cuda and ours_backend == "cpu-reference":
                 # the opt-in CPU route that keeps a dense copy per weight (memory for speed)
-                with env_var("COMPRESS_OPS_CPU_DENSE_CACHE", "1"):
+                with family.env_var("COMPRESS_OPS_CPU_DENSE_CACHE", "1"):
                     yield logged(log, time_provider(
                         lambda x=x, v=values, mt=meta: op(x, v, mt, None), x, ref, time_it,
                         provider="ours-dense-cache", min_bytes=n * k * e + act,
@@ -195,7 +186,7 @@ def _autotuned(op: Callable, device: torch.device, cases: list[Case], time_it: T
 
     gen = torch.Generator(device=device).manual_seed(1)
     for c in (c for c in cases if c.dtype == torch.float16):
-        e = element_size(c.dtype)
+        e = family.element_size(c.dtype)
         w = torch.randn(c.n, c.k, device=device, generator=gen).to(c.dtype) * c.k**-0.5
         wp = sp.prune_2to4(w)
         values, meta = sp.pack_sparse24(wp)
@@ -203,7 +194,7 @@ def _autotuned(op: Callable, device: torch.device, cases: list[Case], time_it: T
         ref = F.linear(x, wp)
         common = dict(kernel=KERNEL, shape={"M": c.m, "N": c.n, "K": c.k}, dtype=c.dtype,
                       flops=2.0 * c.m * c.n * c.k, env=env, peaks=peaks)
-        with env_var("COMPRESS_OPS_AUTOTUNE", "1"):
+        with family.env_var("COMPRESS_OPS_AUTOTUNE", "1"):
             try:
                 # tunes once for this (M bucket, N, K, dtype); the op then reuses the choice
                 note = f"autotuned config={sp._autotune(x, values, meta, None).name}"
@@ -252,7 +243,7 @@ def _time_semi(provider: str, ws: object, note: str, x: torch.Tensor, ref: torch
 
 def main(argv: list[str] | None = None) -> int:
     """Run only this family through :mod:`compress_ops.perf.bench` (same options)."""
-    return run_alone("sparse24", argv)
+    return family.run_alone("sparse24", argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 audit: $(STAMP)
-	env -u TRITON_INTERPRET $(BIN)/python perf/audit.py
+	env -u TRITON_INTERPRET $(BIN)/python -m compress_ops.perf.audit
 
 $(GPU_TRITON_DIR)/.installed:
 	$(BIN)/python -m pip install -q --no-deps --target $(GPU_TRITON_DIR) triton==$(GPU_IMAGE_TRITON)
@@ -36,14 +36,14 @@ $(GPU_TRITON_DIR)/.installed:
 # The GPU image's Triton: the shipped defaults (what runs unless COMPRESS_OPS_AUTOTUNE=1; the
 # autotune space is audited with the installed Triton), to keep CI inside its time budget.
 audit-gpu-image: $(STAMP) $(GPU_TRITON_DIR)/.installed
-	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR)/$(GPU_TRITON_DIR) $(BIN)/python perf/audit.py \
-		--defaults-only
+	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR)/$(GPU_TRITON_DIR) $(BIN)/python \
+		-m compress_ops.perf.audit --defaults-only
 
 bench: $(STAMP)
 	$(BIN)/python -m compress_ops bench
 
 dashboard: $(STAMP)
-	$(BIN)/python perf/dashboard.py
+	$(BIN)/python -m compress_ops dashboard
 
 clean:
 	rm -rf $(VENV) $(GPU_TRITON_DIR) *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,26 +1,19 @@
-"""Command line: ``python -m compress_ops {demo,bench} [options]``."""
+"""Command line: ``python -m compress_ops {demo,bench,dashboard} [options]``."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-
-def _perf_dir() -> Path | None:
-    """``perf/`` of the source checkout (the benchmarks are not part of the wheel)."""
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (base / "perf" / "bench.py").is_file():
-            return base / "perf"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: python -m compress_ops {demo,bench} [--help]"
+    usage = "usage: python -m compress_ops {demo,bench,dashboard} [--help]"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
-        print("  demo   compress a built-in model every way, check it, time it, print a table")
-        print("  bench  run the benchmark suite -> perf/results/<stamp>.json (+ --dashboard)")
+        print("  demo       compress a built-in model every way, check it, time it, print a table")
+        print("  bench      run the benchmark suite -> <date>-<device>.json in perf/results/ of a")
+        print("             source checkout, else in ./perf-results/ (+ --dashboard)")
+        print("  dashboard  render every results file into dashboard.html + dashboard.png")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "demo":
@@ -28,14 +21,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(rest)
     if cmd == "bench":
-        perf = _perf_dir()
-        if perf is None:
-            print("bench needs a source checkout (perf/bench.py not found)", file=sys.stderr)
-            return 2
-        sys.path.insert(0, str(perf))
-        import bench  # perf/bench.py
+        from compress_ops.perf.bench import main as bench_main
 
-        return bench.main(rest)
+        return bench_main(rest)
+    if cmd == "dashboard":
+        from compress_ops.perf.dashboard import main as dashboard_main
+
+        return dashboard_main(rest)
     print(usage, file=sys.stderr)
     return 2
 

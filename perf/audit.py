@@ -12,7 +12,8 @@ in Triton's wheel), and checks:
 
 Prints one row per (kernel, config, arch) and exits non-zero on any violation.
 
-    python perf/audit.py [--json out.json] [--family sparse24] [--arch 90] [--defaults-only]
+    python -m compress_ops.perf.audit [--json out.json] [--family sparse24] [--arch 90]
+                                      [--defaults-only]
 """
 
 from __future__ import annotations

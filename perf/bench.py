@@ -1,17 +1,27 @@
-"""The benchmark suite: runs every kernel family's ``perf/bench_<family>.py`` and writes results.
+"""The benchmark suite: runs every kernel family's ``bench_<family>`` module and writes results.
 
-    python perf/bench.py [--quick] [--device auto|cpu|cuda] [--out PATH] [--dashboard]
-                         [--dashboard-dir DIR] [--families sparse24,...]
-    python -m compress_ops bench [same options]
+    python -m compress_ops bench [--quick] [--device auto|cpu|cuda] [--out PATH] [--dashboard]
+                                 [--dashboard-dir DIR] [--families sparse24,...]
+    python -m compress_ops.perf.bench [same options]
 
-One results file per run, ``perf/results/<YYYY-MM-DD>-<device-slug>.json`` by default (a rerun on
-the same day and device replaces it). The file is rewritten after every row with
-``meta.complete = false``, so a run cut short by a timeout still leaves its measurements;
-``complete`` becomes ``true`` at the end. ``--dashboard`` then renders every results file in the
-output's folder (``perf/dashboard.html`` + ``.png`` for the default folder, else next to it).
+One results file per run (a rerun on the same day and device replaces it). Where it goes by
+default (``--out`` overrides):
 
-A family module provides ``KERNEL``, ``BASELINES`` (dense providers), ``dtypes(device, quick)``
-and ``run(device, env, peaks, quick=, log=) -> Iterator[Row]``.
+* run from a source checkout (the repository, or an editable install of it):
+  ``perf/results/<YYYY-MM-DD>-<device-slug>.json`` of that checkout, whatever the current
+  directory;
+* run from an installed copy (``pip install .``): ``./perf-results/<YYYY-MM-DD>-<device-slug>.json``
+  under the current directory.
+
+The file is rewritten after every row with ``meta.complete = false``, so a run cut short by a
+timeout still leaves its measurements; ``complete`` becomes ``true`` at the end. ``--dashboard``
+then renders every results file in the output's folder into ``dashboard.html`` + ``.png``:
+``perf/`` of the checkout for its default folder, else next to the results (``--dashboard-dir``
+overrides).
+
+A family module (``compress_ops.perf.bench_<family>``) provides ``KERNEL``, ``BASELINES``
+(dense providers), ``dtypes(device, quick)`` and ``run(device, env, peaks, quick=, log=) ->
+Iterator[Row]`` (see :mod:`compress_ops.perf.family`).
 """
 
 from __future__ import annotations
@@ -25,13 +35,9 @@ from pathlib import Path
 
 import torch
 
-PERF_DIR = Path(__file__).resolve().parent
-if str(PERF_DIR) not in sys.path:
-    sys.path.insert(0, str(PERF_DIR))
+from compress_ops.perf import machine, schema, timing
 
-import runner  # noqa: E402
-
-#: Kernel families, in run order: module ``perf/bench_<name>.py``.
+#: Kernel families, in run order: module ``compress_ops.perf.bench_<name>``.
 FAMILIES: tuple[str, ...] = ("sparse24", "dequant", "lowrank", "dwsep_conv")
 
 
@@ -41,11 +47,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: cuda when available, else cpu")
     p.add_argument("--out", type=Path, default=None,
-                   help="results JSON (default perf/results/<date>-<device>.json)")
+                   help="results JSON (default: perf/results/<date>-<device>.json of a checkout, "
+                        "else ./perf-results/<date>-<device>.json)")
     p.add_argument("--dashboard", action="store_true", help="render the dashboard afterwards")
     p.add_argument("--dashboard-dir", type=Path, default=None,
-                   help="where dashboard.html/.png go (default: perf/ for the default results "
-                        "folder, else the results file's folder)")
+                   help="where dashboard.html/.png go (default: perf/ of a checkout for its "
+                        "default results folder, else the results file's folder)")
     p.add_argument("--families", default=",".join(FAMILIES),
                    help=f"comma-separated subset of {','.join(FAMILIES)}")
     return p.parse_args(argv)
@@ -66,32 +73,32 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench: unknown families {unknown}; known: {list(FAMILIES)}", file=sys.stderr)
         return 2
-    modules = [importlib.import_module(f"bench_{f}") for f in names]
+    modules = [importlib.import_module(f"compress_ops.perf.bench_{f}") for f in names]
 
     t0 = time.perf_counter()
-    load_at_start = runner.load_avg()  # before this run adds its own load
-    env = runner.make_env(device)
-    out = args.out or runner.results_path(env.device)
+    load_at_start = machine.load_avg()  # before this run adds its own load
+    env = machine.make_env(device)
+    out = args.out or schema.results_path(env.device)
     print(f"bench: device={env.device} torch={env.torch} triton={env.triton} "
           f"git={env.git_sha} quick={args.quick} -> {out}", flush=True)
 
     dts = sorted({d for m in modules for d in m.dtypes(device, args.quick)}, key=str)
-    peaks = runner.measure_peaks(device, dts, quick=args.quick)
+    peaks = timing.measure_peaks(device, dts, quick=args.quick)
     flops_s = ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in peaks.flops_tflops.items())
     print(f"bench: measured peaks: {peaks.hbm_gbps:.1f} GB/s, {flops_s}", flush=True)
 
     baselines = [b for m in modules for b in m.BASELINES]
-    rows: list[runner.Row] = []
+    rows: list[schema.Row] = []
     errors: list[str] = []
 
     def save(complete: bool) -> None:
-        runner.fill_speedups(rows, baselines)
-        meta = runner.make_meta(
+        schema.fill_speedups(rows, baselines)
+        meta = schema.make_meta(
             device, env, peaks, argv=list(sys.argv[1:] if argv is None else argv),
             quick=args.quick, families=names, complete=complete,
             duration_s=round(time.perf_counter() - t0, 1), errors=errors,
             load_avg=load_at_start)
-        runner.write_results(out, meta, rows)
+        schema.write_results(out, meta, rows)
 
     for name, mod in zip(names, modules, strict=True):
         print(f"bench: family {name}", flush=True)
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             errors.append(f"{name}: {type(e).__name__}: {e}")
     save(complete=True)
-    problems = runner.validate_results(runner.load_results(out)[0])
+    problems = schema.validate_results(schema.load_results(out)[0])
     for p in problems:
         print(f"bench: results problem: {p}", file=sys.stderr)
     print(f"bench: wrote {len(rows)} rows to {out} in {time.perf_counter() - t0:.1f} s",
@@ -113,16 +120,17 @@ def main(argv: list[str] | None = None) -> int:
 
     rc = 1 if (errors or problems) else 0
     if args.dashboard:
-        import dashboard
+        from compress_ops.perf import dashboard
 
-        default_dir = out.resolve().parent == runner.RESULTS_DIR.resolve()
-        ddir = args.dashboard_dir or (PERF_DIR if default_dir else out.resolve().parent)
+        default_dir = out.resolve().parent == schema.default_results_dir().resolve()
+        ddir = args.dashboard_dir or (schema.default_dashboard_dir() if default_dir
+                                      else out.resolve().parent)
         rc = max(rc, dashboard.main(["--results-dir", str(out.resolve().parent),
                                      "--out-dir", str(ddir)]))
     return rc
 
 
-def _print_summary(rows: list[runner.Row]) -> None:
+def _print_summary(rows: list[schema.Row]) -> None:
     """Speedup vs dense per case, one line per provider."""
     print(f"{'kernel':<16} {'provider':<30} {'dtype':<9} {'M':>5} {'N':>6} {'K':>6} "
           f"{'us':>10} {'TFLOP/s':>8} {'GB/s':>8} {'%peak':>10} {'x dense':>8}")

@@ -29,22 +29,21 @@ compressed option of each case; these rows are the measurement behind it.
 Roofline per call: ``2 M N K`` FLOPs; minimum bytes = stored weight (``lowbit_bytes`` /
 ``codebook_bytes``; ``N K e`` dense) + ``M K e + M N e``.
 
-    python perf/bench_dequant.py [--quick] [--device cpu|cuda] [--out PATH]
+    python -m compress_ops.perf.bench_dequant [--quick] [--device cpu|cuda] [--out PATH]
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import runner  # noqa: E402
-from runner import Env, Peaks, Row  # noqa: E402
+from compress_ops.perf import family
+from compress_ops.perf.family import Case, logged, time_provider
+from compress_ops.perf.machine import Env
+from compress_ops.perf.schema import Peaks, Row, make_row
+from compress_ops.perf.timing import Timer
 
 KERNEL = "lowbit_linear"
 BASELINES = ("cublas-dense", "dense")
@@ -59,14 +58,6 @@ FORMATS: dict[str, tuple[int, int | None, bool | None]] = {
 CPU_FORMATS = ("ours-int8", "ours-int4-g128")
 
 
-@dataclass(frozen=True)
-class Case:
-    m: int
-    n: int
-    k: int
-    dtype: torch.dtype
-
-
 def case_grid(device: torch.device, quick: bool = False) -> list[Case]:
     if device.type == "cuda":
         if quick:
@@ -77,11 +68,11 @@ def case_grid(device: torch.device, quick: bool = False) -> list[Case]:
         ms, nks, dts = (1, 16), ((256, 512),), (torch.float32, torch.bfloat16)
     else:
         ms, nks, dts = (1, 64), ((4096, 4096),), (torch.float32, torch.bfloat16)
-    return [Case(m, n, k, dt) for dt in dts for (n, k) in nks for m in ms]
+    return family.grid(ms, nks, dts)
 
 
 def dtypes(device: torch.device, quick: bool = False) -> list[torch.dtype]:
-    return sorted({c.dtype for c in case_grid(device, quick)}, key=str)
+    return family.dtypes_of(case_grid(device, quick))
 
 
 def _formats(w: torch.Tensor, names: tuple[str, ...]) -> dict[str, dict]:
@@ -132,17 +123,10 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
     from compress_ops.kernels import dequant as dq
 
     cuda = device.type == "cuda"
-    budget = 0.3 if quick else 3.0
-
-    def time_it(fn: Callable[[], object]) -> runner.Timing:
-        return runner.time_fn(fn, device, max_seconds=budget)
-
-    groups: dict[tuple[int, int, torch.dtype], list[int]] = {}
-    for c in case_grid(device, quick):
-        groups.setdefault((c.n, c.k, c.dtype), []).append(c.m)
+    time_it = Timer.for_run(device, quick)
     gen = torch.Generator(device=device).manual_seed(0)
-    for (n, k, dtype), ms in groups.items():
-        e = runner.element_size(dtype)
+    for (n, k, dtype), ms in family.by_weight(case_grid(device, quick)).items():
+        e = family.element_size(dtype)
         w = (torch.randn(n, k, device=device, generator=gen) * k**-0.5).to(dtype)
         fmts = _formats(w, tuple(FORMATS) if cuda else CPU_FORMATS)
         native = {} if cuda else _native_weights(fmts)
@@ -152,7 +136,7 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
             common = dict(kernel=KERNEL, shape={"M": m, "N": n, "K": k}, dtype=dtype,
                           flops=2.0 * m * n * k, env=env, peaks=peaks)
             t = time_it(lambda x=x, w=w: F.linear(x, w))
-            yield runner.logged(log, runner.make_row(
+            yield logged(log, make_row(
                 provider="cublas-dense" if cuda else "dense", median_us=t.median_us,
                 min_bytes=n * k * e + act, backend="cuda" if cuda else "cpu-dense",
                 samples=t.samples, **common))
@@ -164,7 +148,7 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
                 else:
                     qw, _, z, bits, gs = fmt["args"]
                     note, backend = f"route={ops_mod.dequant_cpu_route(x, qw, z, bits, gs)}", "cpu"
-                yield runner.logged(log, runner.time_provider(
+                yield logged(log, time_provider(
                     lambda x=x, f=fmt: _call(f, x), x, ref, time_it, provider=name,
                     min_bytes=fmt["bytes"] + act, backend=backend, note=note, **common))
                 if not cuda:
@@ -172,11 +156,11 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
                                                  common, log)
             if cuda and not quick:
                 fmt = fmts["ours-int4-g128"]
-                with runner.env_var("COMPRESS_OPS_AUTOTUNE", "1"):
+                with family.env_var("COMPRESS_OPS_AUTOTUNE", "1"):
                     qw, s, z, bits, gs = fmt["args"]
                     tuned = dq._autotune(dq.MODE_ASYM, x, qw, s, z, None, bits, gs)
                     note = f"autotuned config={tuned.name}"
-                    yield runner.logged(log, runner.time_provider(
+                    yield logged(log, time_provider(
                         lambda x=x, f=fmt: _call(f, x), x, F.linear(x, fmt["dense"]), time_it,
                         provider="ours-int4-g128-autotuned", min_bytes=fmt["bytes"] + act,
                         backend="cuda", note=note, **common))
@@ -201,7 +185,7 @@ def _native_weights(fmts: dict[str, dict]) -> dict[str, tuple]:
 
 
 def _cpu_alternatives(name: str, fmt: dict, native: dict, x: torch.Tensor, ref: torch.Tensor,
-                      time_it, act: int, common: dict, log) -> Iterator[Row]:
+                      time_it: Timer, act: int, common: dict, log) -> Iterator[Row]:
     """The other CPU options for the same weight: torch's native kernel, the forced dequant
     route, the dense cache (int4 only)."""
     from compress_ops import ops as ops_mod
@@ -216,30 +200,28 @@ def _cpu_alternatives(name: str, fmt: dict, native: dict, x: torch.Tensor, ref: 
             packed, sz, gs = native[name]
             fn = lambda x=x: torch._weight_int4pack_mm_for_cpu(x, packed, gs, sz)  # noqa: E731
             provider = "torch-int4pack"
-        yield runner.logged(log, runner.time_provider(
+        yield logged(log, time_provider(
             fn, x, ref, time_it, provider=provider, min_bytes=fmt["bytes"] + act, backend="cpu",
             note="pre-converted weight (+1x the packed bytes)", **common))
     old = ops_mod._NATIVE_MAX_M
     ops_mod._NATIVE_MAX_M = {}
     try:
-        yield runner.logged(log, runner.time_provider(
+        yield logged(log, time_provider(
             lambda x=x: _call(fmt, x), x, ref, time_it, provider=f"{name}-dequant",
             min_bytes=fmt["bytes"] + act, backend="cpu", note="route=dequant", **common))
     finally:
         ops_mod._NATIVE_MAX_M = old
     if bits == 4:
-        with runner.env_var("COMPRESS_OPS_CPU_DENSE_CACHE", "1"):
-            yield runner.logged(log, runner.time_provider(
+        with family.env_var("COMPRESS_OPS_CPU_DENSE_CACHE", "1"):
+            yield logged(log, time_provider(
                 lambda x=x: _call(fmt, x), x, ref, time_it, provider=f"{name}-dense-cache",
                 min_bytes=x.shape[1] * ref.shape[1] * x.element_size() + act,
                 backend="cpu-dense-cache", note="holds a dense copy", **common))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run only this family through ``perf/bench.py`` (same options)."""
-    import bench
-
-    return bench.main(["--families", "dequant", *(sys.argv[1:] if argv is None else argv)])
+    """Run only this family through :mod:`compress_ops.perf.bench` (same options)."""
+    return family.run_alone("dequant", argv)
 
 
 if __name__ == "__main__":

@@ -22,22 +22,22 @@ CPU path is the same two convolutions): what the CPU path costs, nothing more.
 Roofline: ``2 B Ho Wo C (k^2 + Cout)`` FLOPs; minimum bytes ``e (B H W C + B Ho Wo Cout)``
 fused, ``+ 2 e B Ho Wo C`` unfused (``kernels.dwsep_conv.dwsep_bytes``).
 
-    python perf/bench_dwsep_conv.py [--quick] [--device cpu|cuda] [--out PATH]
+    python -m compress_ops.perf.bench_dwsep_conv [--quick] [--device cpu|cuda] [--out PATH]
 """
 
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import runner  # noqa: E402
-from runner import Env, Peaks, Row  # noqa: E402
+from compress_ops.perf import family
+from compress_ops.perf.family import logged, time_provider
+from compress_ops.perf.machine import Env
+from compress_ops.perf.schema import Peaks, Row
+from compress_ops.perf.timing import Timer
 
 KERNEL = "dwsep_conv2d"
 BASELINES = ("cudnn-unfused", "unfused")
@@ -65,14 +65,10 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
     from compress_ops.kernels.dwsep_conv import dwsep_bytes, output_size
 
     cuda = device.type == "cuda"
-    budget = 0.3 if quick else 3.0
+    time_it = Timer.for_run(device, quick)
     batch, dtype, pairs = cases(device, quick)
-    e = runner.element_size(dtype)
+    e = family.element_size(dtype)
     op = torch.ops.compress_ops.dwsep_conv2d
-
-    def time_it(fn: Callable[[], object]) -> runner.Timing:
-        return runner.time_fn(fn, device, max_seconds=budget)
-
     gen = torch.Generator(device=device).manual_seed(0)
     cl = torch.channels_last
     for h, c, cout, stride in pairs:
@@ -97,16 +93,16 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
         unfused_bytes = dwsep_bytes(batch, h, h, c, cout, 3, stride, (1, 1, 1, 1), e,
                                     fused=False)
         base = "cudnn-unfused" if cuda else "unfused"
-        yield runner.logged(log, runner.time_provider(
+        yield logged(log, time_provider(
             unfused, x, ref, time_it, provider=base, min_bytes=unfused_bytes,
             backend="cuda" if cuda else "cpu", note="two convs, channels-last", **common))
         if cuda:
             compiled = torch.compile(unfused)
-            yield runner.logged(log, runner.time_provider(
+            yield logged(log, time_provider(
                 compiled, x, ref, time_it, provider="compiled-unfused",
                 min_bytes=unfused_bytes, backend="cuda", note="torch.compile of the two convs",
                 **common))
-        yield runner.logged(log, runner.time_provider(
+        yield logged(log, time_provider(
             lambda x=x, dw=dw, dwb=dwb, pw=pw, pwb=pwb, stride=stride: op(
                 x, dw, dwb, pw, pwb, None, stride, [1, 1, 1, 1], "relu6", "none"),
             x, ref, time_it, provider="ours", min_bytes=fused_bytes,
@@ -117,7 +113,8 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
         yield from _whole_model(device, env, peaks, time_it, log)
 
 
-def _whole_model(device, env, peaks, time_it, log) -> Iterator[Row]:
+def _whole_model(device: torch.device, env: Env, peaks: Peaks, time_it: Timer,
+                 log: Callable[[str], None]) -> Iterator[Row]:
     import compress_ops as co
     from compress_ops import archs
 
@@ -134,19 +131,17 @@ def _whole_model(device, env, peaks, time_it, log) -> Iterator[Row]:
     with torch.no_grad():
         c_dense, c_fused = torch.compile(dense), torch.compile(fused)
         ref = c_dense(x)
-        yield runner.logged(log, runner.time_provider(
+        yield logged(log, time_provider(
             lambda: c_dense(x), x, ref, time_it, provider="cudnn-unfused", min_bytes=1.0,
             backend="cuda", note="torch.compile, unfused", **common))
-        yield runner.logged(log, runner.time_provider(
+        yield logged(log, time_provider(
             lambda: c_fused(x), x, ref, time_it, provider="ours", min_bytes=1.0,
             backend="cuda", note="torch.compile, every dw+pw pair fused", **common))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run only this family through ``perf/bench.py`` (same options)."""
-    import bench
-
-    return bench.main(["--families", "dwsep_conv", *(sys.argv[1:] if argv is None else argv)])
+    """Run only this family through :mod:`compress_ops.perf.bench` (same options)."""
+    return family.run_alone("dwsep_conv", argv)
 
 
 if __name__ == "__main__":

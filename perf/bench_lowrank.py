@@ -23,29 +23,28 @@ the two GEMMs are the CPU path).
 Roofline per call: ``2 M R (N + K)`` FLOPs (``+ 2 M N K`` with a base); minimum bytes
 ``R (N + K) e + M K e + M N e`` (``+ N K e``).
 
-    python perf/bench_lowrank.py [--quick] [--device cpu|cuda] [--out PATH]
+    python -m compress_ops.perf.bench_lowrank [--quick] [--device cpu|cuda] [--out PATH]
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import runner  # noqa: E402
-from runner import Env, Peaks, Row  # noqa: E402
+from compress_ops.perf import family
+from compress_ops.perf.family import Case, logged, time_provider
+from compress_ops.perf.machine import Env
+from compress_ops.perf.schema import Peaks, Row, make_row
+from compress_ops.perf.timing import Timer
 
 KERNEL = "lowrank_linear"
 BASELINES = ("cublas-dense", "dense")
 
 
-def case_grid(device: torch.device, quick: bool = False) -> list[tuple[int, int, int, int,
-                                                                         torch.dtype]]:
-    """``(M, N, K, R, dtype)`` cases."""
+def case_grid(device: torch.device, quick: bool = False) -> list[Case]:
+    """The cases (``r`` set: the rank)."""
     if device.type == "cuda":
         ms = (1, 64) if quick else (1, 16, 64, 256, 2048)
         nk, rs, dts = (4096, 4096), (32, 128), (torch.float16,)
@@ -53,11 +52,11 @@ def case_grid(device: torch.device, quick: bool = False) -> list[tuple[int, int,
         ms, nk, rs, dts = (1, 16), (256, 384), (16,), (torch.float32, torch.bfloat16)
     else:
         ms, nk, rs, dts = (1, 64), (4096, 4096), (32, 128), (torch.float32, torch.bfloat16)
-    return [(m, nk[0], nk[1], r, dt) for dt in dts for r in rs for m in ms]
+    return family.grid(ms, (nk,), dts, rs)
 
 
 def dtypes(device: torch.device, quick: bool = False) -> list[torch.dtype]:
-    return sorted({c[4] for c in case_grid(device, quick)}, key=str)
+    return family.dtypes_of(case_grid(device, quick))
 
 
 def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
@@ -66,13 +65,10 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
     import compress_ops  # noqa: F401  (registers the ops)
 
     cuda = device.type == "cuda"
-    budget = 0.3 if quick else 3.0
-
-    def time_it(fn: Callable[[], object]) -> runner.Timing:
-        return runner.time_fn(fn, device, max_seconds=budget)
-
+    time_it = Timer.for_run(device, quick)
     gen = torch.Generator(device=device).manual_seed(0)
-    for m, n, k, r, dtype in case_grid(device, quick):
+    for c in case_grid(device, quick):
+        m, n, k, r, dtype = c.m, c.n, c.k, c.r, c.dtype
         x = torch.randn(m, k, device=device, generator=gen).to(dtype)
         u = (torch.randn(n, r, device=device, generator=gen) * r**-0.5).to(dtype)
         v = (torch.randn(r, k, device=device, generator=gen) * k**-0.5).to(dtype)
@@ -86,7 +82,8 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
 
 
 def _case(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, base: bool,
-          device: torch.device, env: Env, peaks: Peaks, time_it, log) -> Iterator[Row]:
+          device: torch.device, env: Env, peaks: Peaks, time_it: Timer,
+          log: Callable[[str], None]) -> Iterator[Row]:
     """Every provider of one (M, N, K, R, dtype, base) case."""
     from compress_ops import ops as ops_mod
     from compress_ops.kernels import lowrank as lr
@@ -94,7 +91,7 @@ def _case(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, ba
     cuda = device.type == "cuda"
     op = torch.ops.compress_ops.lowrank_linear
     (m, k), (n, r), dtype = x.shape, u.shape, x.dtype
-    e = runner.element_size(dtype)
+    e = family.element_size(dtype)
     act = m * k * e + m * n * e
     common = dict(kernel=KERNEL, shape={"M": m, "N": n, "K": k, "R": r, "base": int(base)},
                   dtype=dtype, env=env, peaks=peaks,
@@ -103,12 +100,12 @@ def _case(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, ba
     min_bytes = r * (n + k) * e + act + (n * k * e if base else 0)
 
     def row(fn, provider, backend, note=""):
-        return runner.logged(log, runner.time_provider(
+        return logged(log, time_provider(
             fn, x, ref, time_it, provider=provider, min_bytes=min_bytes, backend=backend,
             note=note, **common))
 
     t = time_it(lambda: F.linear(x, w))
-    yield runner.logged(log, runner.make_row(
+    yield logged(log, make_row(
         provider="cublas-dense" if cuda else "dense", median_us=t.median_us,
         min_bytes=n * k * e + act, backend="cuda" if cuda else "cpu-dense", samples=t.samples,
         note="full-rank weight" + (" (the base alone)" if base else ""), **common))
@@ -136,10 +133,8 @@ def _case(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, ba
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run only this family through ``perf/bench.py`` (same options)."""
-    import bench
-
-    return bench.main(["--families", "lowrank", *(sys.argv[1:] if argv is None else argv)])
+    """Run only this family through :mod:`compress_ops.perf.bench` (same options)."""
+    return family.run_alone("lowrank", argv)
 
 
 if __name__ == "__main__":

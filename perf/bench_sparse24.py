@@ -21,37 +21,26 @@ Roofline per call: dense-equivalent FLOPs ``2 M N K``; minimum bytes = stored we
 ``M K e`` + ``M N e`` (``e`` = element size), with the stored weight ``sparse24_bytes`` for ours,
 ``N K e`` for dense and ``N K e / 2 + N K / 8`` (values + 2-bit indices) for semi-structured.
 
-    python perf/bench_sparse24.py [--quick] [--device cpu|cuda] [--out PATH]
+    python -m compress_ops.perf.bench_sparse24 [--quick] [--device cpu|cuda] [--out PATH]
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import runner  # noqa: E402
-from runner import Env, Peaks, Row  # noqa: E402
+from compress_ops.perf import family
+from compress_ops.perf.family import Case, logged, time_provider
+from compress_ops.perf.machine import Env
+from compress_ops.perf.schema import Peaks, Row, make_row
+from compress_ops.perf.timing import Timer
 
 KERNEL = "sparse24_linear"
 #: Providers whose time is the "dense" of ``speedup_vs_dense``.
 BASELINES = ("cublas-dense", "dense")
-
-
-@dataclass(frozen=True)
-class Case:
-    """One (M, N, K, dtype) point."""
-
-    m: int
-    n: int
-    k: int
-    dtype: torch.dtype
 
 
 def case_grid(device: torch.device, quick: bool = False) -> list[Case]:
@@ -67,12 +56,12 @@ def case_grid(device: torch.device, quick: bool = False) -> list[Case]:
         ms, nks, dts = (1, 16), ((256, 512),), (torch.float32, torch.bfloat16)
     else:
         ms, nks, dts = (1, 16, 128), ((2048, 2048), (4096, 4096)), (torch.float32, torch.bfloat16)
-    return [Case(m, n, k, dt) for dt in dts for (n, k) in nks for m in ms]
+    return family.grid(ms, nks, dts)
 
 
 def dtypes(device: torch.device, quick: bool = False) -> list[torch.dtype]:
     """Dtypes the run uses (their matmul peaks are measured)."""
-    return sorted({c.dtype for c in case_grid(device, quick)}, key=str)
+    return family.dtypes_of(case_grid(device, quick))
 
 
 def _import_op() -> tuple[Callable | None, str | None]:
@@ -116,19 +105,11 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
         ours_backend = "cpu-interpreter" if interp else "cpu-reference"
         dense_name, dense_backend = "dense", "cpu-dense"
 
-    budget = 0.3 if quick else 3.0  # CPU seconds per measurement before settling for < 50 runs
-
-    def time_it(fn: Callable[[], object]) -> runner.Timing:
-        return runner.time_fn(fn, device, max_seconds=budget)
-
+    time_it = Timer.for_run(device, quick)
     cases = case_grid(device, quick)
-    groups: dict[tuple[int, int, torch.dtype], list[int]] = {}
-    for c in cases:
-        groups.setdefault((c.n, c.k, c.dtype), []).append(c.m)
-
     gen = torch.Generator(device=device).manual_seed(0)
-    for (n, k, dtype), ms in groups.items():
-        e = runner.element_size(dtype)
+    for (n, k, dtype), ms in family.by_weight(cases).items():
+        e = family.element_size(dtype)
         w = torch.randn(n, k, device=device, dtype=torch.float32, generator=gen) * k**-0.5
         wp = prune_2to4(w.to(dtype))
         values, meta = pack_sparse24(wp)
@@ -150,13 +131,13 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
 
             # dense baseline
             t = time_it(lambda x=x, w=wp: F.linear(x, w))
-            yield runner.logged(log, runner.make_row(
+            yield logged(log, make_row(
                 provider=dense_name, median_us=t.median_us, min_bytes=n * k * e + act,
                 backend=dense_backend, samples=t.samples, **common))
 
             # ours
             if op is None:
-                yield runner.logged(log, runner.make_row(
+                yield logged(log, make_row(
                     provider="ours", median_us=None, min_bytes=ours_bytes + act,
                     backend=ours_backend, note=op_err, **common))
             else:
@@ -166,15 +147,15 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
                         note = f"config={select_config(m, n, k, device).name}"
                     except Exception as ex:  # noqa: BLE001
                         note = f"select_config failed: {type(ex).__name__}: {ex}"
-                yield runner.logged(log, runner.time_provider(
+                yield logged(log, time_provider(
                     lambda x=x, v=values, mt=meta: op(x, v, mt, None), x, ref, time_it,
                     provider="ours",
                     min_bytes=ours_bytes + act, backend=ours_backend, note=note, **common))
 
             if op is not None and not cuda and ours_backend == "cpu-reference":
                 # the opt-in CPU route that keeps a dense copy per weight (memory for speed)
-                with runner.env_var("COMPRESS_OPS_CPU_DENSE_CACHE", "1"):
-                    yield runner.logged(log, runner.time_provider(
+                with family.env_var("COMPRESS_OPS_CPU_DENSE_CACHE", "1"):
+                    yield logged(log, time_provider(
                         lambda x=x, v=values, mt=meta: op(x, v, mt, None), x, ref, time_it,
                         provider="ours-dense-cache", min_bytes=n * k * e + act,
                         backend="cpu-dense-cache",
@@ -182,12 +163,12 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
 
             for provider, ws, snote in semi:
                 if ws is None:
-                    yield runner.logged(log, runner.make_row(
+                    yield logged(log, make_row(
                         provider=provider, median_us=None, min_bytes=semi_bytes + act,
                         backend="cuda", note=snote, **common))
                     continue
-                yield runner.logged(log, _time_semi(provider, ws, snote, x, ref, time_it,
-                                              min_bytes=semi_bytes + act, **common))
+                yield logged(log, _time_semi(provider, ws, snote, x, ref, time_it,
+                                             min_bytes=semi_bytes + act, **common))
             del x, ref
         del wp, values, meta, semi
         if cuda:
@@ -199,14 +180,13 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
         yield from _autotuned(op, device, cases, time_it, env, peaks, log)
 
 
-def _autotuned(op: Callable, device: torch.device, cases: list[Case],
-               time_it: Callable[[Callable[[], object]], runner.Timing], env: Env,
-               peaks: Peaks, log: Callable[[str], None]) -> Iterator[Row]:
+def _autotuned(op: Callable, device: torch.device, cases: list[Case], time_it: Timer,
+               env: Env, peaks: Peaks, log: Callable[[str], None]) -> Iterator[Row]:
     from compress_ops.kernels import sparse24 as sp
 
     gen = torch.Generator(device=device).manual_seed(1)
     for c in (c for c in cases if c.dtype == torch.float16):
-        e = runner.element_size(c.dtype)
+        e = family.element_size(c.dtype)
         w = torch.randn(c.n, c.k, device=device, generator=gen).to(c.dtype) * c.k**-0.5
         wp = sp.prune_2to4(w)
         values, meta = sp.pack_sparse24(wp)
@@ -214,13 +194,13 @@ def _autotuned(op: Callable, device: torch.device, cases: list[Case],
         ref = F.linear(x, wp)
         common = dict(kernel=KERNEL, shape={"M": c.m, "N": c.n, "K": c.k}, dtype=c.dtype,
                       flops=2.0 * c.m * c.n * c.k, env=env, peaks=peaks)
-        with runner.env_var("COMPRESS_OPS_AUTOTUNE", "1"):
+        with family.env_var("COMPRESS_OPS_AUTOTUNE", "1"):
             try:
                 # tunes once for this (M bucket, N, K, dtype); the op then reuses the choice
                 note = f"autotuned config={sp._autotune(x, values, meta, None).name}"
             except Exception as ex:  # noqa: BLE001
                 note = f"autotune failed: {type(ex).__name__}: {ex}"[:300]
-            yield runner.logged(log, runner.time_provider(
+            yield logged(log, time_provider(
                 lambda x=x, v=values, mt=meta: op(x, v, mt, None), x, ref, time_it,
                 provider="ours-autotuned",
                 min_bytes=sp.sparse24_bytes(c.n, c.k, c.dtype) + c.m * (c.k + c.n) * e,
@@ -247,7 +227,7 @@ def _make_semi(wp: torch.Tensor) -> list[tuple[str, object | None, str]]:
 
 
 def _time_semi(provider: str, ws: object, note: str, x: torch.Tensor, ref: torch.Tensor,
-               time_it: Callable[[Callable[[], object]], runner.Timing], **common) -> Row:
+               time_it: Timer, **common) -> Row:
     """Time ``F.linear(x, ws)``; pad x's rows (outside the timing) if torch refuses M."""
     try:
         F.linear(x, ws)
@@ -257,15 +237,13 @@ def _time_semi(provider: str, ws: object, note: str, x: torch.Tensor, ref: torch
         mp = -(-m // 64) * 64
         xin = torch.cat([x, x.new_zeros(mp - m, x.shape[1])]) if mp != m else x
         note += f"; unpadded M={m} failed ({type(ex).__name__}), x padded to {mp} rows"
-    return runner.time_provider(lambda: F.linear(xin, ws), x, ref, time_it, provider=provider,
-                          backend="cuda", note=note, **common)
+    return time_provider(lambda: F.linear(xin, ws), x, ref, time_it, provider=provider,
+                         backend="cuda", note=note, **common)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run only this family through ``perf/bench.py`` (same options)."""
-    import bench
-
-    return bench.main(["--families", "sparse24", *(sys.argv[1:] if argv is None else argv)])
+    """Run only this family through :mod:`compress_ops.perf.bench` (same options)."""
+    return family.run_alone("sparse24", argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Render every results file into ``dashboard.html`` and ``dashboard.png``.
 
-    python perf/dashboard.py [--results-dir perf/results] [--out-dir perf] [--strict]
+    python -m compress_ops dashboard [--results-dir DIR] [--out-dir DIR] [--strict]
+    python -m compress_ops.perf.dashboard [same options]
     python -m compress_ops bench --dashboard
+
+Defaults: from a source checkout, ``perf/results/`` in and ``perf/`` out; from an installed
+copy, ``./perf-results/`` in and out (where ``python -m compress_ops bench`` writes there).
 
 The PNG has one row of plots per (kernel, shape without M, dtype): speedup vs dense over M
 (left) and % of the measured peak over M (right; circles: % of memory bandwidth, triangles: %
@@ -24,11 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PERF_DIR = Path(__file__).resolve().parent
-if str(PERF_DIR) not in sys.path:
-    sys.path.insert(0, str(PERF_DIR))
-
-import runner  # noqa: E402
+from compress_ops.perf import schema
 
 #: Providers that are the dense baseline (speedup 1 by definition; drawn as a reference line).
 BASELINE_PROVIDERS = frozenset({"cublas-dense", "dense"})
@@ -47,7 +47,7 @@ def load_dir(results_dir: Path) -> Loaded:
     """Read every ``*.json`` of ``results_dir``; problems are collected, not raised."""
     out = Loaded()
     for path in sorted(Path(results_dir).glob("*.json")):
-        obj, problems = runner.load_results(path)
+        obj, problems = schema.load_results(path)
         out.problems.extend((path.name, p) for p in problems)
         if not isinstance(obj, dict):
             continue
@@ -326,8 +326,12 @@ def render_html(loaded: Loaded, path: Path, png_name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Render the dashboard; 0 unless ``--strict`` and some file or row has problems."""
     p = argparse.ArgumentParser(prog="dashboard", description=__doc__.splitlines()[0])
-    p.add_argument("--results-dir", type=Path, default=runner.RESULTS_DIR)
-    p.add_argument("--out-dir", type=Path, default=PERF_DIR)
+    p.add_argument("--results-dir", type=Path, default=schema.default_results_dir(),
+                   help="folder of results *.json (default: perf/results/ of a checkout, "
+                        "else ./perf-results/)")
+    p.add_argument("--out-dir", type=Path, default=schema.default_dashboard_dir(),
+                   help="where dashboard.html/.png go (default: perf/ of a checkout, else "
+                        "./perf-results/)")
     p.add_argument("--strict", action="store_true", help="exit 1 when there are problems")
     args = p.parse_args(argv)
 

@@ -27,7 +27,8 @@ Retraining uses :func:`compress_ops.distill.fit` (AdamW, ``--retrain`` steps, di
 from the dense model with T = 4, alpha = 0.5). Wall time on the 2-core CI machine: a few
 minutes.
 
-    python perf/digits.py [--markdown] [--models mlp,cnn] [--steps 1500] [--retrain 600]
+    python -m compress_ops.perf.digits [--markdown] [--models mlp,cnn] [--steps 1500]
+                                       [--retrain 600]
 """
 
 from __future__ import annotations

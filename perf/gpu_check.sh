@@ -9,8 +9,8 @@
 #   1. pip install -e . (no index, no deps, no build isolation: the image brings torch/triton)
 #   2. nvidia-smi and the versions torch/triton see
 #   3. pytest on CUDA (TRITON_INTERPRET unset, HYPOTHESIS_PROFILE=gpu)
-#   4. perf/bench.py -> perf/results/<date>-<gpu>.json (rewritten after every row, so a timeout
-#      still leaves the rows measured so far)
+#   4. python -m compress_ops.perf.bench -> perf/results/<date>-<gpu>.json (rewritten after
+#      every row, so a timeout still leaves the rows measured so far)
 #   5. a summary; with $OUT set, logs go to $OUT/gpu_check/ and the results file is written to
 #      $OUT/results/ (the device tool returns what is under $OUT), then copied to perf/results/.
 #
@@ -137,12 +137,13 @@ BENCH_ARGS=(--device "$DEVICE")
 [ "$DRY" = "1" ] && BENCH_ARGS+=(--quick)
 # GPU_CHECK_FAMILIES=lowrank,dwsep_conv: only those benchmark families (a short device budget)
 [ -n "${GPU_CHECK_FAMILIES:-}" ] && BENCH_ARGS+=(--families "$GPU_CHECK_FAMILIES")
-RESULT=$("$PY" - "$DEVICE" <<'EOF'
+RESULT=$("$PY" - "$DEVICE" "$REPO/perf/results" <<'EOF'
 import sys
 import torch
-sys.path.insert(0, "perf")
-import runner
-print(runner.results_path(runner.device_name(torch.device(sys.argv[1]))))
+from compress_ops.perf import machine, schema
+# this checkout's perf/results/ (named: a regular install would default to ./perf-results/)
+print(schema.results_path(machine.device_name(torch.device(sys.argv[1])),
+                          results_dir=sys.argv[2]))
 EOF
 )
 if [ -z "$RESULT" ]; then
@@ -156,14 +157,14 @@ if [ -n "${OUT:-}" ]; then
 elif [ "$DRY" = "1" ]; then
     RESULT="$LOG_DIR/results/$(basename "$FINAL")"
 fi
-timeout -s INT -k 20 "$T_BENCH" "$PY" perf/bench.py "${BENCH_ARGS[@]}" --out "$RESULT" 2>&1 \
+timeout -s INT -k 20 "$T_BENCH" "$PY" -m compress_ops.perf.bench "${BENCH_ARGS[@]}" \
+    --out "$RESULT" 2>&1 \
     | tee "$LOG_DIR/bench.log"
 RC_BENCH=$?
 ROWS=$("$PY" - "$RESULT" <<'EOF' 2>&1
-import json, sys
-sys.path.insert(0, "perf")
-import runner
-obj, problems = runner.load_results(sys.argv[1])
+import sys
+from compress_ops.perf import schema
+obj, problems = schema.load_results(sys.argv[1])
 if obj is None:
     print("no results file:", "; ".join(problems))
 else:

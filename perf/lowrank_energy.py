@@ -15,7 +15,7 @@ For each and each energy target: the rank the rule keeps, the parameter ratio
 ``sqrt(1 - kept energy)`` for the exact SVD), and, for the trained MLP, test accuracy with its
 hidden layer factorized.
 
-    python perf/lowrank_energy.py [--markdown] [--steps 1500]
+    python -m compress_ops.perf.lowrank_energy [--markdown] [--steps 1500]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Affine rows compare plain min/max round-to-nearest with the per-group range sear
 and per row. Higher is better; every 6 dB is one bit. Bits per weight count the scales and zero
 points (fp16) or the tables.
 
-    python perf/sqnr.py [--rows 512] [--cols 1024] [--markdown]
+    python -m compress_ops.perf.sqnr [--rows 512] [--cols 1024] [--markdown]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""perf/audit.py: the static GPU audit finds tensor cores, spills and missing MMA (no GPU).
+"""compress_ops.perf.audit: the static GPU audit finds tensor cores, spills, missing MMA (no GPU).
 
 The audit compiles real sm_90 code, which the Triton interpreter this test session runs under
 cannot do, so each check runs in a fresh interpreter-free subprocess.
@@ -10,20 +10,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from compress_ops.kernels import sparse24 as sp
 
-PERF_DIR = Path(__file__).resolve().parents[2] / "perf"
-
 
 def _audit(config: str, expect_mma: str | None = None, family: str = "sparse24") -> dict:
     code = f"""
-import json, sys
-sys.path.insert(0, {str(PERF_DIR)!r})
-import audit
+import json
+from compress_ops.perf import audit
 from dataclasses import asdict
 from compress_ops.kernels import {family} as fam
 spec = next(s for s in fam.audit_specs() if s["config"] == {config!r})
@@ -69,6 +65,6 @@ def test_audit_covers_every_default_config_and_both_k_specializations():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter sessions only")
 def test_audit_refuses_to_run_under_the_interpreter():
-    out = subprocess.run([sys.executable, str(PERF_DIR / "audit.py")], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "compress_ops.perf.audit"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "TRITON_INTERPRET" in out.stderr

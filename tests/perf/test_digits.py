@@ -1,5 +1,5 @@
-"""perf/digits.py, the real-data evidence script, end to end at a few steps: every row is
-produced and the stored sizes / nonzero fractions are what each method promises (accuracy at
+"""compress_ops.perf.digits, the real-data evidence script, end to end at a few steps: every row
+is produced and the stored sizes / nonzero fractions are what each method promises (accuracy at
 a few steps means nothing and is not asserted)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-import digits  # noqa: E402  (perf/ is on sys.path: tests/perf/conftest.py)
+from compress_ops.perf import digits  # noqa: E402
 
 
 def test_digits_rows_have_the_promised_sizes():

@@ -6,47 +6,46 @@ import importlib.util
 import json
 from pathlib import Path
 
-import bench
-import dashboard
 import pytest
-import runner
 import torch
+
+from compress_ops.perf import bench, dashboard, machine, schema, timing
 
 # The GPU image may lack matplotlib: the dashboard tests skip there instead of failing the run.
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 needs_mpl = pytest.mark.skipif(not HAS_MPL, reason="matplotlib not installed")
 
 
-def _rows(device: str = "cpu: test", sha: str = "abc123") -> list[runner.Row]:
-    env = runner.Env(device=device, torch="2.x", triton="3.x", git_sha=sha)
-    peaks = runner.Peaks(hbm_gbps=100.0, flops_tflops={"float16": 10.0})
+def _rows(device: str = "cpu: test", sha: str = "abc123") -> list[schema.Row]:
+    env = machine.Env(device=device, torch="2.x", triton="3.x", git_sha=sha)
+    peaks = schema.Peaks(hbm_gbps=100.0, flops_tflops={"float16": 10.0})
     rows = []
     for m in (1, 16, 128):
         common = dict(kernel="sparse24_linear", shape={"M": m, "N": 256, "K": 512},
                       dtype=torch.float16, flops=2.0 * m * 256 * 512, env=env, peaks=peaks,
                       backend="cpu-reference")
-        rows.append(runner.make_row(provider="dense", median_us=10.0 + m, min_bytes=1e5,
+        rows.append(schema.make_row(provider="dense", median_us=10.0 + m, min_bytes=1e5,
                                     samples=50, **common))
-        rows.append(runner.make_row(provider="ours", median_us=8.0 + m, min_bytes=6e4,
+        rows.append(schema.make_row(provider="ours", median_us=8.0 + m, min_bytes=6e4,
                                     samples=50, note="test", **common))
-    rows.append(runner.make_row(provider="ours", median_us=None, min_bytes=6e4,
+    rows.append(schema.make_row(provider="ours", median_us=None, min_bytes=6e4,
                                 note="error: unavailable", **{**common, "shape": {"M": 2048,
                                                                              "N": 256,
                                                                              "K": 512}}))
-    runner.fill_speedups(rows, ["dense"])
+    schema.fill_speedups(rows, ["dense"])
     return rows
 
 
-def _obj(rows: list[runner.Row] | None = None) -> dict:
+def _obj(rows: list[schema.Row] | None = None) -> dict:
     meta = {"device": "cpu: test", "backend": "cpu", "torch": "2.x", "triton": "3.x",
             "git_sha": "abc123", "date": "2025-01-01T00:00:00+00:00",
-            "peaks": runner.Peaks(100.0, {"float16": 10.0}).to_dict()}
-    return json.loads(json.dumps(runner.results_object(meta, rows or _rows())))
+            "peaks": schema.Peaks(100.0, {"float16": 10.0}).to_dict()}
+    return json.loads(json.dumps(schema.results_object(meta, rows or _rows())))
 
 
 def test_valid_object_has_no_problems() -> None:
     obj = _obj()
-    assert runner.validate_results(obj) == []
+    assert schema.validate_results(obj) == []
     ours = [r for r in obj["rows"] if r["provider"] == "ours" and r["median_us"]]
     assert all(r["speedup_vs_dense"] > 1.0 for r in ours)
     assert all(r["peak_kind"] in ("hbm", "flops") and r["pct_peak"] > 0 for r in ours)
@@ -58,7 +57,7 @@ def test_validate_reports_missing_and_unknown_fields() -> None:
     obj["rows"][2]["flux_capacitor"] = 1.21
     del obj["meta"]["peaks"]
     obj["extra"] = True
-    problems = runner.validate_results(obj)
+    problems = schema.validate_results(obj)
     text = "\n".join(problems)
     assert "row 1 (sparse24_linear/ours): missing field 'gbps'" in text
     assert "row 2 (sparse24_linear/dense): unknown field 'flux_capacitor'" in text
@@ -73,15 +72,15 @@ def test_validate_reports_wrong_types() -> None:
     obj["rows"][0]["shape"] = [1, 2, 3]
     obj["rows"][0]["peak_kind"] = "vibes"
     obj["rows"][0]["kernel"] = None
-    assert len(runner.validate_results(obj)) == 4
-    assert runner.validate_results([]) != []
+    assert len(schema.validate_results(obj)) == 4
+    assert schema.validate_results([]) != []
 
 
 def test_device_slug_and_results_path(tmp_path: Path) -> None:
-    assert runner.device_slug("NVIDIA H200") == "nvidia-h200"
-    assert runner.device_slug("cpu: Intel(R) Xeon(R) Processor @ 2.50GHz") == \
+    assert machine.device_slug("NVIDIA H200") == "nvidia-h200"
+    assert machine.device_slug("cpu: Intel(R) Xeon(R) Processor @ 2.50GHz") == \
         "cpu-intel-xeon-2-50ghz"
-    p = runner.results_path("NVIDIA H200", results_dir=tmp_path)
+    p = schema.results_path("NVIDIA H200", results_dir=tmp_path)
     assert p.parent == tmp_path and p.name.endswith("-nvidia-h200.json")
 
 
@@ -120,7 +119,7 @@ def test_quick_cpu_bench_writes_valid_rows(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     rc = bench.main(["--quick", "--device", "cpu", "--out", str(out)]
                     + (["--dashboard"] if HAS_MPL else []))
-    obj, problems = runner.load_results(out)
+    obj, problems = schema.load_results(out)
     assert problems == [] and rc == 0
     assert obj["meta"]["complete"] is True and obj["meta"]["errors"] == []
     rows = obj["rows"]
@@ -141,7 +140,7 @@ def test_quick_cpu_bench_writes_valid_rows(tmp_path: Path) -> None:
                if r["kernel"] == "lowrank_linear" and r["provider"] == "ours")
     for r in rows:
         assert r["shape"]["N"] * r["shape"]["K"] <= 256 * 512
-        assert r["median_us"] > 0 and r["samples"] >= runner.MIN_SAMPLES_SLOW
+        assert r["median_us"] > 0 and r["samples"] >= timing.MIN_SAMPLES_SLOW
         assert r["speedup_vs_dense"] > 0 and r["device"].startswith("cpu: ")
     assert all(r["max_rel_err"] <= 3e-2 for r in rows if r["provider"].startswith("ours"))
     if HAS_MPL:

@@ -26,7 +26,7 @@ CPU (the issue's comparison; N = K = 4096, M in {1, 64}, fp32 and bf16):
 The CPU route rule (``compress_ops.ops.dequant_cpu_route``) must be within 10% of the best
 compressed option of each case; these rows are the measurement behind it.
 
-Roofline per call: ``2 M N K`` FLOPs; minimum bytes = stored weight (``lowbit_bytes`` /
+Roofline per call: ``2 M N K`` FLOPs; minimum bytes = stored weight (``affine_bytes`` /
 ``codebook_bytes``; ``N K e`` dense) + ``M K e + M N e``.
 
     python -m compress_ops.perf.bench_dequant [--quick] [--device cpu|cuda] [--out PATH]
@@ -77,7 +77,7 @@ def dtypes(device: torch.device, quick: bool = False) -> list[torch.dtype]:
 
 def _formats(w: torch.Tensor, names: tuple[str, ...]) -> dict[str, dict]:
     """Packed weights of ``w`` per provider: op args, stored bytes, the dense weight."""
-    from compress_ops.kernels import dequant as dq
+    from compress_ops.kernels.formats import dequant as dqf
     from compress_ops.quantize import encode_codebook, fit_codebook, quantize_affine
 
     n, k = w.shape
@@ -89,14 +89,14 @@ def _formats(w: torch.Tensor, names: tuple[str, ...]) -> dict[str, dict]:
             enc = encode_codebook(w, cb, bits)
             args = (enc.indices, enc.codebook, bits)
             out[name] = dict(op="codebook", args=args,
-                             bytes=dq.codebook_bytes(n, k, bits, 1, w.dtype),
-                             dense=dq.codebook_weight(enc.indices, enc.codebook, bits, k))
+                             bytes=dqf.codebook_bytes(n, k, bits, 1, w.dtype),
+                             dense=dqf.codebook_weight(enc.indices, enc.codebook, bits, k))
         else:
             a = quantize_affine(w, bits, group, symmetric=sym, search_steps=10)
             args = (a.qweight, a.scales, a.zeros, a.bits, a.group_size)
             out[name] = dict(op="dequant", args=args,
-                             bytes=dq.lowbit_bytes(n, k, bits, group, w.dtype, sym),
-                             dense=dq.dequantize(a.qweight, a.scales, a.zeros, bits,
+                             bytes=dqf.affine_bytes(n, k, bits, group, w.dtype, sym),
+                             dense=dqf.dequantize(a.qweight, a.scales, a.zeros, bits,
                                                  a.group_size, k))
     return out
 
@@ -172,15 +172,15 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
 
 def _native_weights(fmts: dict[str, dict]) -> dict[str, tuple]:
     """torch's native CPU weight formats, converted once (outside the timings)."""
-    from compress_ops import ops as ops_mod
+    from compress_ops.ops import dequant as ops_dq
 
     out: dict[str, tuple] = {}
     if "ours-int8" in fmts:
         qw, s, _, _, _ = fmts["ours-int8"]["args"]
-        out["ours-int8"] = (ops_mod._native_int8_weight(qw), s[:, 0].contiguous())
+        out["ours-int8"] = (ops_dq.native_int8_weight(qw), s[:, 0].contiguous())
     if "ours-int4-g128" in fmts:
         qw, s, z, _, gs = fmts["ours-int4-g128"]["args"]
-        out["ours-int4-g128"] = (*ops_mod._native_int4_weight(qw, s, z, s.dtype), gs)
+        out["ours-int4-g128"] = (*ops_dq.native_int4_weight(qw, s, z, s.dtype), gs)
     return out
 
 
@@ -188,7 +188,7 @@ def _cpu_alternatives(name: str, fmt: dict, native: dict, x: torch.Tensor, ref: 
                       time_it: Timer, act: int, common: dict, log) -> Iterator[Row]:
     """The other CPU options for the same weight: torch's native kernel, the forced dequant
     route, the dense cache (int4 only)."""
-    from compress_ops import ops as ops_mod
+    from compress_ops.ops import routing
 
     bits = fmt["args"][3]
     if name in native:
@@ -203,14 +203,14 @@ def _cpu_alternatives(name: str, fmt: dict, native: dict, x: torch.Tensor, ref: 
         yield logged(log, time_provider(
             fn, x, ref, time_it, provider=provider, min_bytes=fmt["bytes"] + act, backend="cpu",
             note="pre-converted weight (+1x the packed bytes)", **common))
-    old = ops_mod._NATIVE_MAX_M
-    ops_mod._NATIVE_MAX_M = {}
+    old = routing.NATIVE_MAX_M
+    routing.NATIVE_MAX_M = {}
     try:
         yield logged(log, time_provider(
             lambda x=x: _call(fmt, x), x, ref, time_it, provider=f"{name}-dequant",
             min_bytes=fmt["bytes"] + act, backend="cpu", note="route=dequant", **common))
     finally:
-        ops_mod._NATIVE_MAX_M = old
+        routing.NATIVE_MAX_M = old
     if bits == 4:
         with family.env_var("COMPRESS_OPS_CPU_DENSE_CACHE", "1"):
             yield logged(log, time_provider(

@@ -62,7 +62,7 @@ def dtypes(device: torch.device, quick: bool = False) -> list[torch.dtype]:
 def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
         log: Callable[[str], None] = print) -> Iterator[Row]:
     import compress_ops  # noqa: F401  (registers the ops)
-    from compress_ops.kernels.dwsep_conv import dwsep_bytes, output_size
+    from compress_ops.kernels.formats.dwsep_conv import dwsep_bytes, output_size
 
     cuda = device.type == "cuda"
     time_it = Timer.for_run(device, quick)

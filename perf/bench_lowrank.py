@@ -87,6 +87,7 @@ def _case(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, ba
     """Every provider of one (M, N, K, R, dtype, base) case."""
     from compress_ops import ops as ops_mod
     from compress_ops.kernels import lowrank as lr
+    from compress_ops.kernels.formats import lowrank as lrf
 
     cuda = device.type == "cuda"
     op = torch.ops.compress_ops.lowrank_linear
@@ -112,7 +113,7 @@ def _case(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, ba
     if base:
         yield row(lambda: F.linear(x, w) + F.linear(F.linear(x, v), u), "cublas-base-unfused",
                   "cuda", "three GEMMs + add")
-        cfg = lr.select_config(m, lr.padded_rank(r), device)
+        cfg = lr.select_config(m, lrf.padded_rank(r), device)
         yield row(lambda: lr.lowrank_matmul(x, u, v, w), "ours-base-fused", "cuda",
                   f"config={cfg.name}")
         return
@@ -122,7 +123,7 @@ def _case(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, ba
     yield row(lambda: op(x, u, v, None, None), "ours", "cuda" if cuda else "cpu",
               f"route={route}")
     if cuda:
-        tile = lr.select_config(m, lr.padded_rank(r), device)
+        tile = lr.select_config(m, lrf.padded_rank(r), device)
         n_tiles = -(-n // tile.block_n)
         for provider, per in (("ours-fused", 0), ("ours-recompute", 1),
                               ("ours-loop-n", n_tiles)):

@@ -89,12 +89,8 @@ def _semi_structured(w: torch.Tensor, force_cutlass: bool) -> tuple[object, str]
 def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
         log: Callable[[str], None] = print) -> Iterator[Row]:
     """Time every provider on every case; yields rows as they are measured."""
-    from compress_ops.kernels.sparse24 import (
-        pack_sparse24,
-        prune_2to4,
-        select_config,
-        sparse24_bytes,
-    )
+    from compress_ops.kernels.formats.sparse24 import pack_sparse24, prune_2to4, sparse24_bytes
+    from compress_ops.kernels.sparse24 import select_config
 
     op, op_err = _import_op()
     cuda = device.type == "cuda"
@@ -183,13 +179,14 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
 def _autotuned(op: Callable, device: torch.device, cases: list[Case], time_it: Timer,
                env: Env, peaks: Peaks, log: Callable[[str], None]) -> Iterator[Row]:
     from compress_ops.kernels import sparse24 as sp
+    from compress_ops.kernels.formats import sparse24 as spf
 
     gen = torch.Generator(device=device).manual_seed(1)
     for c in (c for c in cases if c.dtype == torch.float16):
         e = family.element_size(c.dtype)
         w = torch.randn(c.n, c.k, device=device, generator=gen).to(c.dtype) * c.k**-0.5
-        wp = sp.prune_2to4(w)
-        values, meta = sp.pack_sparse24(wp)
+        wp = spf.prune_2to4(w)
+        values, meta = spf.pack_sparse24(wp)
         x = torch.randn(c.m, c.k, device=device, generator=gen).to(c.dtype)
         ref = F.linear(x, wp)
         common = dict(kernel=KERNEL, shape={"M": c.m, "N": c.n, "K": c.k}, dtype=c.dtype,
@@ -203,7 +200,7 @@ def _autotuned(op: Callable, device: torch.device, cases: list[Case], time_it: T
             yield logged(log, time_provider(
                 lambda x=x, v=values, mt=meta: op(x, v, mt, None), x, ref, time_it,
                 provider="ours-autotuned",
-                min_bytes=sp.sparse24_bytes(c.n, c.k, c.dtype) + c.m * (c.k + c.n) * e,
+                min_bytes=spf.sparse24_bytes(c.n, c.k, c.dtype) + c.m * (c.k + c.n) * e,
                 backend="cuda", note=note, **common))
         del w, wp, values, meta, x, ref
 

@@ -48,7 +48,7 @@ from compress_ops.perf.machine import (
 )
 
 SCHEMA_VERSION = 1
-#: Fields every row must carry (DESIGN.md "Performance", plus ``peak_kind`` and ``backend``).
+#: Fields every row must carry (ARCHITECTURE.md "Benchmarking", plus ``peak_kind`` and ``backend``).
 ROW_FIELDS: tuple[str, ...] = (
     "kernel",
     "provider",

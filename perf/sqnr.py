@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from compress_ops._text import format_table, markdown_table
-from compress_ops.kernels.dequant import codebook_weight, dequantize, lowbit_bytes
+from compress_ops.kernels.formats.dequant import affine_bytes, codebook_weight, dequantize
 from compress_ops.quantize import encode_codebook, fit_codebook, quantize_affine, sqnr_db
 
 
@@ -36,7 +36,7 @@ def table(rows: int, cols: int) -> tuple[tuple[str, ...], list[tuple[str, ...]]]
         for group in (32, 128, None):
             for sym in (False, True):
                 gname = "row" if group is None else f"g{group}"
-                bpw = 8 * lowbit_bytes(rows, cols, bits, group, torch.float16, sym) / (rows * cols)
+                bpw = 8 * affine_bytes(rows, cols, bits, group, torch.float16, sym) / (rows * cols)
                 for steps, grid in ((0, "min/max"), (20, "search")):
                     cells = []
                     for w in ws.values():

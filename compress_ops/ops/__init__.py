@@ -3,13 +3,13 @@
 Importing this package registers every op. One module per family: :mod:`.sparse24`,
 :mod:`.dequant` (``dequant_linear``, ``codebook_linear``), :mod:`.lowrank`, :mod:`.dwsep_conv`;
 the device routing they share (CPU paths and crossovers, the derived-weight cache, the lazy
-import of the Triton launchers) is :mod:`._routing`.
+import of the Triton launchers) is :mod:`.routing`.
 """
 
-from compress_ops.ops._routing import cpu_backend, cpu_dense_cache
 from compress_ops.ops.dequant import codebook_linear, dequant_cpu_route, dequant_linear
 from compress_ops.ops.dwsep_conv import dwsep_conv2d
 from compress_ops.ops.lowrank import lowrank_linear, lowrank_route
+from compress_ops.ops.routing import cpu_backend, cpu_dense_cache
 from compress_ops.ops.sparse24 import sparse24_linear
 
 __all__ = ["sparse24_linear", "dequant_linear", "codebook_linear", "lowrank_linear",

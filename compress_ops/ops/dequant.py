@@ -2,7 +2,7 @@
 ``compress_ops::codebook_linear`` (k-means weight sharing): the low-bit family's ops, over the
 packed formats of :mod:`compress_ops.kernels.formats.dequant`, with fake impls and autograd.
 
-Routes (:mod:`._routing`): CUDA runs the Triton kernels. On the CPU, affine weights take torch's
+Routes (:mod:`.routing`): CUDA runs the Triton kernels. On the CPU, affine weights take torch's
 native weight-only kernels where measured faster (:func:`dequant_cpu_route`, crossovers in
 ``kernels/configs/cpu.json``), else dequantize in row chunks + ``F.linear``; codebooks always
 take the chunked path.
@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from compress_ops.kernels.formats import dequant as _dq
-from compress_ops.ops import _routing
+from compress_ops.ops import routing
 
-__all__ = ["dequant_linear", "codebook_linear", "dequant_cpu_route"]
+__all__ = ["dequant_linear", "codebook_linear", "dequant_cpu_route", "native_int8_weight",
+           "native_int4_weight"]
 
 
 def dequant_cpu_route(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor | None,
@@ -26,11 +27,11 @@ def dequant_cpu_route(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tenso
     ``"native-int4"`` (``torch._weight_int4pack_mm_for_cpu``: int4 with groups of 32..256 and
     N % 16 == 0) where measured faster than ``"dequant"`` (row-chunked dequantize +
     ``F.linear``), else ``"dequant"``."""
-    if _routing.cpu_dense_cache():
+    if routing.cpu_dense_cache():
         return "dense-cache"
     n, kp = qweight.shape[0], _dq.packed_k(qweight.shape[1], bits)
     m = x.numel() // max(x.shape[-1], 1)
-    max_m = _routing.NATIVE_MAX_M.get((bits, x.dtype), 0)
+    max_m = routing.NATIVE_MAX_M.get((bits, x.dtype), 0)
     if m > max_m:
         return "dequant"
     if bits == 8 and zeros is None and group_size == kp:
@@ -40,12 +41,12 @@ def dequant_cpu_route(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tenso
     return "dequant"
 
 
-def _native_int8_weight(qweight: torch.Tensor) -> torch.Tensor:
+def native_int8_weight(qweight: torch.Tensor) -> torch.Tensor:
     # offset binary -> two's complement: flip the top bit of every byte (int8: bytes = fields)
     return torch.bitwise_xor(qweight.view(torch.uint8), 0x80).view(torch.int8)
 
 
-def _native_int4_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+def native_int4_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     # tinygemm form: W = (q - 8) * s + zero', so zero' = (8 - z) * s
     q = _dq.unpack_bits(qweight, 4)
@@ -63,7 +64,7 @@ def _dequant_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     n, kp = qweight.shape[0], _dq.packed_k(qweight.shape[1], bits)
     route = dequant_cpu_route(x, qweight, zeros, bits, group_size)
     if route == "dense-cache":
-        w = _routing.derived("dense", (qweight, scales, zeros), (bits, group_size, k),
+        w = routing.derived("dense", (qweight, scales, zeros), (bits, group_size, k),
                      lambda: _dq.dequantize(qweight, scales, zeros, bits, group_size, k))
         return F.linear(x, w, bias)
     if route == "dequant":
@@ -71,19 +72,19 @@ def _dequant_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
             z = None if zeros is None else zeros[r0:r1]
             return _dq.dequantize(qweight[r0:r1], scales[r0:r1], z, bits, group_size, k,
                                   dtype=x.dtype)
-        return _routing.chunked_linear(x, n, kp, rows, bias)
+        return routing.chunked_linear(x, n, kp, rows, bias)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     if kp != k:  # both kernels take the padded width (torch's int8 one crashes on K = 70)
         x2 = F.pad(x2, (0, kp - k))
     if route == "native-int8":
         # An int8 [N, Kp] copy, built once per weight: the size of qweight (+100% of it).
-        w8 = _routing.derived("native-int8", (qweight,), (), lambda: _native_int8_weight(qweight))
+        w8 = routing.derived("native-int8", (qweight,), (), lambda: native_int8_weight(qweight))
         y = torch._weight_int8pack_mm(x2, w8, scales[:, 0].contiguous())
     else:
         # torch's int4 CPU packing, converted once per weight: about the size of qweight.
-        packed, sz = _routing.derived("native-int4", (qweight, scales, zeros), (x.dtype,),
-                              lambda: _native_int4_weight(qweight, scales, zeros, x.dtype))
+        packed, sz = routing.derived("native-int4", (qweight, scales, zeros), (x.dtype,),
+                              lambda: native_int4_weight(qweight, scales, zeros, x.dtype))
         y = torch._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz)
     if bias is not None:
         y = y + bias
@@ -97,8 +98,8 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     """``y[..., N] = x[..., K] @ ((q - z) * s)^T + bias``, ``q`` b-bit packed
     (``compress_ops.kernels.dequant``); ``zeros=None`` is the symmetric grid."""
     _dq.check_affine_inputs(x, qweight, scales, zeros, bias, bits, group_size)
-    if _routing.use_triton(x):
-        return _routing.kernels("dequant").dequant_matmul(x, qweight, scales, zeros, bias, bits,
+    if routing.use_triton(x):
+        return routing.kernels("dequant").dequant_matmul(x, qweight, scales, zeros, bias, bits,
                                                           group_size, checked=True)
     return _dequant_linear_cpu(x, qweight, scales, zeros, bias, bits, group_size)
 
@@ -134,8 +135,8 @@ def _codebook_linear_cpu(x: torch.Tensor, indices: torch.Tensor, codebook: torch
                          bias: torch.Tensor | None, bits: int) -> torch.Tensor:
     k = x.shape[-1]
     n, kp = indices.shape[0], _dq.packed_k(indices.shape[1], bits)
-    if _routing.cpu_dense_cache():
-        w = _routing.derived("dense", (indices, codebook), (bits, k),
+    if routing.cpu_dense_cache():
+        w = routing.derived("dense", (indices, codebook), (bits, k),
                      lambda: _dq.codebook_weight(indices, codebook, bits, k))
         return F.linear(x, w, bias)
     rpg = n // codebook.shape[0]
@@ -146,7 +147,7 @@ def _codebook_linear_cpu(x: torch.Tensor, indices: torch.Tensor, codebook: torch
                                 dtype=x.dtype)
         return w[r0 - g0 * rpg:r1 - g0 * rpg]
 
-    return _routing.chunked_linear(x, n, kp, rows, bias)
+    return routing.chunked_linear(x, n, kp, rows, bias)
 
 
 @torch.library.custom_op("compress_ops::codebook_linear", mutates_args=())
@@ -154,8 +155,8 @@ def codebook_linear(x: torch.Tensor, indices: torch.Tensor, codebook: torch.Tens
                     bias: torch.Tensor | None, bits: int) -> torch.Tensor:
     """``y[..., N] = x[..., K] @ codebook[n // (N / R), q]^T + bias``, ``q`` b-bit packed."""
     _dq.check_codebook_inputs(x, indices, codebook, bias, bits)
-    if _routing.use_triton(x):
-        return _routing.kernels("dequant").codebook_matmul(x, indices, codebook, bias, bits,
+    if routing.use_triton(x):
+        return routing.kernels("dequant").codebook_matmul(x, indices, codebook, bias, bits,
                                                            checked=True)
     return _codebook_linear_cpu(x, indices, codebook, bias, bits)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from compress_ops.kernels.formats import dwsep_conv as _dw
-from compress_ops.ops import _routing
+from compress_ops.ops import routing
 
 __all__ = ["dwsep_conv2d"]
 
@@ -61,8 +61,8 @@ def dwsep_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor
     ``[B, C, H, W]`` in any memory format; the result is ``channels_last``."""
     _dw.check_inputs(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding,
                      act1, act2)
-    if _routing.use_triton(x):
-        return _routing.kernels("dwsep_conv").dwsep_conv2d(
+    if routing.use_triton(x):
+        return routing.kernels("dwsep_conv").dwsep_conv2d(
             x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding, act1, act2,
             checked=True)
     return _dwsep_cpu(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padding,

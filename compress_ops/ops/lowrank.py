@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from compress_ops.kernels.formats import lowrank as _lr
-from compress_ops.ops import _routing
+from compress_ops.ops import routing
 
 __all__ = ["lowrank_linear", "lowrank_route"]
 
@@ -30,9 +30,9 @@ def lowrank_route(x: torch.Tensor, u: torch.Tensor, weight: torch.Tensor | None)
     m = x.numel() // max(x.shape[-1], 1)
     r = u.shape[1]
     if x.device.type == "cuda":
-        fused = _routing.kernels("lowrank").fused_route(m, r, weight is not None, x.device)
+        fused = routing.kernels("lowrank").fused_route(m, r, weight is not None, x.device)
         return "fused" if fused else "unfused"
-    if r <= _lr.MAX_RANK and _routing.use_triton(x):
+    if r <= _lr.MAX_RANK and routing.use_triton(x):
         return "fused"
     return "unfused"
 
@@ -52,7 +52,7 @@ def lowrank_linear(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
     ``v [r, K]`` (any rank r >= 1), ``weight [N, K]`` an optional dense base (LoRA-style)."""
     _lr.check_inputs(x, u, v, weight, bias)
     if lowrank_route(x, u, weight) == "fused":
-        return _routing.kernels("lowrank").lowrank_matmul(x, u, v, weight, bias, checked=True)
+        return routing.kernels("lowrank").lowrank_matmul(x, u, v, weight, bias, checked=True)
     return _lowrank_unfused(x, u, v, weight, bias)
 
 

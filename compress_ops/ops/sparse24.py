@@ -1,7 +1,7 @@
 """``compress_ops::sparse24_linear``: a linear with a 2:4-packed weight
 (:mod:`compress_ops.kernels.formats.sparse24`), its fake impl and autograd (x, values, bias).
 
-Routes (:mod:`._routing`): CUDA runs the Triton kernel, or torch's semi-structured 2:4 GEMM
+Routes (:mod:`.routing`): CUDA runs the Triton kernel, or torch's semi-structured 2:4 GEMM
 from the crossover M measured for the GPU (``semi_structured_min_m`` in
 ``kernels/configs/sparse24.json``; none shipped yet); the CPU unpacks in row chunks.
 """
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from compress_ops.kernels.formats import sparse24 as _sp
-from compress_ops.ops import _routing
+from compress_ops.ops import routing
 
 __all__ = ["sparse24_linear"]
 
@@ -22,7 +22,7 @@ def _semi_structured_eligible(x: torch.Tensor, values: torch.Tensor) -> bool:
     M at or above the crossover measured for this GPU (none shipped yet: never)."""
     if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16):
         return False
-    min_m = _routing.kernels("sparse24").semi_structured_min_m(x.device)
+    min_m = routing.kernels("sparse24").semi_structured_min_m(x.device)
     n, k = values.shape[0], x.shape[-1]
     m = x.numel() // max(k, 1)
     return min_m is not None and m >= min_m and n % 64 == 0 and k % 64 == 0
@@ -32,7 +32,7 @@ def _sparse24_linear_cpu(x: torch.Tensor, values: torch.Tensor, meta: torch.Tens
                          bias: torch.Tensor | None) -> torch.Tensor:
     """The CPU path: the reference, unpacked in row chunks for large weights."""
     k = x.shape[-1]
-    return _routing.chunked_linear(
+    return routing.chunked_linear(
         x, values.shape[0], 2 * values.shape[1],
         lambda r0, r1: _sp.unpack_sparse24(values[r0:r1], meta[r0:r1], k).to(x.dtype), bias)
 
@@ -47,15 +47,15 @@ def sparse24_linear(
     if _semi_structured_eligible(x, values):
         # torch's 2:4 format (cuSPARSELt/CUTLASS), converted once per weight; about as large as
         # values + meta, held in addition to them while this route is in use.
-        w = _routing.derived("semi_structured", (values, meta), (k,),
+        w = routing.derived("semi_structured", (values, meta), (k,),
                      lambda: torch.sparse.to_sparse_semi_structured(
                          _sp.unpack_sparse24(values, meta, k)))
         return F.linear(x, w, bias)
-    if _routing.use_triton(x):
-        return _routing.kernels("sparse24").sparse24_matmul(x, values, meta, bias,
+    if routing.use_triton(x):
+        return routing.kernels("sparse24").sparse24_matmul(x, values, meta, bias,
                                                             checked=True)
-    if _routing.cpu_dense_cache():
-        w = _routing.derived("dense", (values, meta), (k,),
+    if routing.cpu_dense_cache():
+        w = routing.derived("dense", (values, meta), (k,),
                              lambda: _sp.unpack_sparse24(values, meta, k))
         return F.linear(x, w, bias)
     return _sparse24_linear_cpu(x, values, meta, bias)

@@ -11,7 +11,7 @@ import compress_ops  # noqa: F401  (registers the ops)
 import compress_ops.ops as ops_mod
 from compress_ops import quantize as qz
 from compress_ops.kernels.formats import dequant as dqf
-from compress_ops.ops import _routing
+from compress_ops.ops import routing
 from compress_ops.reference import codebook_linear_ref, dequant_linear_ref
 
 dequant_op = torch.ops.compress_ops.dequant_linear
@@ -184,9 +184,9 @@ def test_cpu_routes_match_reference(monkeypatch, bits, group, sym, route, dtype)
     x = torch.randn(1, k).to(dtype)
     b = torch.randn(48).to(dtype)
     if route == "dequant":
-        monkeypatch.setattr(_routing, "NATIVE_MAX_M", {})
+        monkeypatch.setattr(routing, "NATIVE_MAX_M", {})
     else:
-        monkeypatch.setattr(_routing, "NATIVE_MAX_M",
+        monkeypatch.setattr(routing, "NATIVE_MAX_M",
                             {(bits, d): 2**62 for d in (torch.float32, torch.bfloat16,
                                                         torch.float16)})
     assert ops_mod.dequant_cpu_route(x, qw, z, bits, gs) == route
@@ -196,8 +196,8 @@ def test_cpu_routes_match_reference(monkeypatch, bits, group, sym, route, dtype)
 
 
 def test_cpu_paths_chunk_large_weights_exactly(monkeypatch):
-    monkeypatch.setattr(_routing, "CPU_CHUNK_ELEMS", 64 * 64)  # force several row chunks
-    monkeypatch.setattr(_routing, "NATIVE_MAX_M", {})
+    monkeypatch.setattr(routing, "CPU_CHUNK_ELEMS", 64 * 64)  # force several row chunks
+    monkeypatch.setattr(routing, "NATIVE_MAX_M", {})
     qw, s, z, bits, gs = _affine(300, 70, seed=9)
     x, b = torch.randn(2, 3, 70), torch.randn(300)
     torch.testing.assert_close(dequant_op(x, qw, s, z, b, bits, gs),
@@ -216,7 +216,7 @@ def test_native_weight_cache_rebuilds_on_change_and_is_freed(monkeypatch):
     assert ops_mod.dequant_cpu_route(x, qw, z, bits, gs) == "native-int8"
     y = dequant_op(x, qw, s, z, None, bits, gs)
     key = ("native-int8", id(qw))
-    assert key in _routing.DERIVED
+    assert key in routing.DERIVED
     with torch.no_grad():
         qw[:, 0] = 0x7F7F7F7F  # in-place change: the cached int8 copy must follow
     ref = dequant_linear_ref(x, qw, s, z, None, bits, gs, dtype=torch.float64)
@@ -224,7 +224,7 @@ def test_native_weight_cache_rebuilds_on_change_and_is_freed(monkeypatch):
     assert not torch.equal(y, y2) and _rel(y2, ref) < 2e-2
     del qw
     gc.collect()
-    assert key not in _routing.DERIVED
+    assert key not in routing.DERIVED
 
 
 def test_cpu_dense_cache_opt_in(monkeypatch):
@@ -234,8 +234,8 @@ def test_cpu_dense_cache_opt_in(monkeypatch):
     assert ops_mod.dequant_cpu_route(x, qw, z, bits, gs) == "dense-cache"
     torch.testing.assert_close(dequant_op(x, qw, s, z, None, bits, gs),
                                dequant_linear_ref(x, qw, s, z, None, bits, gs))
-    assert ("dense", id(qw)) in _routing.DERIVED
+    assert ("dense", id(qw)) in routing.DERIVED
     idx, cb, bits = _codebook(16, 40)
     torch.testing.assert_close(codebook_op(x, idx, cb, None, bits),
                                codebook_linear_ref(x, idx, cb, None, bits))
-    assert ("dense", id(idx)) in _routing.DERIVED
+    assert ("dense", id(idx)) in routing.DERIVED

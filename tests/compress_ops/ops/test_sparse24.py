@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import compress_ops  # noqa: F401  (registers the ops)
 from compress_ops.kernels import sparse24 as sp
 from compress_ops.kernels.formats import sparse24 as spf
-from compress_ops.ops import _routing
+from compress_ops.ops import routing
 from compress_ops.reference import sparse24_linear_ref
 
 op = torch.ops.compress_ops.sparse24_linear
@@ -148,21 +148,21 @@ def test_cpu_dense_cache_is_correct_rebuilds_on_change_and_is_freed(monkeypatch)
     ref = sparse24_linear_ref(x, values, meta, None, dtype=torch.float64)
     y = op(x, values, meta, None)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6
-    assert ("dense", id(values)) in _routing.DERIVED
+    assert ("dense", id(values)) in routing.DERIVED
     with torch.no_grad():
         values.mul_(2.0)  # in-place change bumps the version: the cache must not go stale
     torch.testing.assert_close(op(x, values, meta, None), 2 * y)
     key = ("dense", id(values))
     del values
     gc.collect()
-    assert key not in _routing.DERIVED
+    assert key not in routing.DERIVED
 
 
 def test_cpu_dense_cache_is_off_by_default():
 
     _, values, meta = _packed(16, 40, seed=6)
     op(torch.randn(2, 40), values, meta, None)
-    assert ("dense", id(values)) not in _routing.DERIVED
+    assert ("dense", id(values)) not in routing.DERIVED
 
 
 def test_cpu_dense_cache_follows_data_swaps_and_inference_tensors(monkeypatch):
@@ -194,7 +194,7 @@ def test_frozen_base_saves_no_activation_for_backward():
 
 
 def test_cpu_path_chunks_large_weights_exactly(monkeypatch):
-    monkeypatch.setattr(_routing, "CPU_CHUNK_ELEMS", 64 * 64)  # force several row chunks
+    monkeypatch.setattr(routing, "CPU_CHUNK_ELEMS", 64 * 64)  # force several row chunks
     _, values, meta = _packed(300, 70, seed=9)
     x, b = torch.randn(2, 3, 70), torch.randn(300)
     y = op(x, values, meta, b)

@@ -1,6 +1,6 @@
 """Benchmark of the low-bit linears (int8 / int4 / int2 affine, 4-bit codebook) against dense.
 
-One kernel name, ``lowbit_linear``: the providers are the formats. Every weight is quantized
+One kernel name, ``dequant_linear``: the providers are the formats. Every weight is quantized
 from the same Gaussian ``W`` (``compress_ops.quantize``), and every provider is checked against
 ``F.linear`` with its own dequantized weight before it is timed.
 
@@ -39,13 +39,14 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from compress_ops.kernels.formats import dequant as dqf
 from compress_ops.perf import family
 from compress_ops.perf.family import Case, logged, time_provider
 from compress_ops.perf.machine import Env
 from compress_ops.perf.schema import Peaks, Row, make_row
 from compress_ops.perf.timing import Timer
 
-KERNEL = "lowbit_linear"
+KERNEL = "dequant_linear"
 BASELINES = ("cublas-dense", "dense")
 
 # provider -> (bits, group_size, symmetric); codebook providers: (bits, None, None)
@@ -77,7 +78,6 @@ def dtypes(device: torch.device, quick: bool = False) -> list[torch.dtype]:
 
 def _formats(w: torch.Tensor, names: tuple[str, ...]) -> dict[str, dict]:
     """Packed weights of ``w`` per provider: op args, stored bytes, the dense weight."""
-    from compress_ops.kernels.formats import dequant as dqf
     from compress_ops.quantize import encode_codebook, fit_codebook, quantize_affine
 
     n, k = w.shape
@@ -104,7 +104,7 @@ def _formats(w: torch.Tensor, names: tuple[str, ...]) -> dict[str, dict]:
 def _kp(fmt: dict) -> int:
     """Packed row width of a format's weight."""
     packed, bits = fmt["args"][0], fmt["args"][2 if fmt["op"] == "codebook" else 3]
-    return packed.shape[1] * 32 // bits
+    return dqf.packed_k(packed.shape[1], bits)
 
 
 def _call(fmt: dict, x: torch.Tensor) -> torch.Tensor:

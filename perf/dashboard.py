@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compress_ops._validate import is_number
 from compress_ops.perf import schema
 
 #: Providers that are the dense baseline (speedup 1 by definition; drawn as a reference line).
@@ -92,7 +93,7 @@ def line_key(r: dict[str, Any]) -> tuple[str, str, str, str]:
 
 
 def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+    if not is_number(v) or not math.isfinite(v):
         return None
     return float(v)
 

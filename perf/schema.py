@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from compress_ops._validate import is_number
 from compress_ops.perf.machine import (
     PERF_DIR,
     Env,
@@ -351,7 +352,7 @@ def _validate_row(i: int, r: Any) -> list[str]:
             out.append(f"{where}: field {k!r} should be a string, got {r[k]!r}")
     for k in _NUM_FIELDS:
         v = r.get(k)
-        if k in r and v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+        if k in r and v is not None and not is_number(v):
             out.append(f"{where}: field {k!r} should be a number or null, got {v!r}")
     for k in ROW_FIELDS:
         if k in r and r[k] is None and k not in NULLABLE_ROW_FIELDS and k not in _STR_FIELDS:

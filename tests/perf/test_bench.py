@@ -124,16 +124,16 @@ def test_quick_cpu_bench_writes_valid_rows(tmp_path: Path) -> None:
     assert obj["meta"]["complete"] is True and obj["meta"]["errors"] == []
     rows = obj["rows"]
     providers = {k: {r["provider"] for r in rows if r["kernel"] == k}
-                 for k in ("sparse24_linear", "lowbit_linear", "lowrank_linear", "dwsep_conv2d")}
+                 for k in ("sparse24_linear", "dequant_linear", "lowrank_linear", "dwsep_conv2d")}
     assert providers["sparse24_linear"] == {"ours", "ours-dense-cache", "dense"}
-    assert providers["lowbit_linear"] == {
+    assert providers["dequant_linear"] == {
         "dense", "ours-int8", "ours-int4-g128", "torch-int8pack", "torch-int4pack",
         "ours-int8-dequant", "ours-int4-g128-dequant", "ours-int4-g128-dense-cache"}
     assert providers["lowrank_linear"] == {"dense", "ours"}
     assert providers["dwsep_conv2d"] == {"unfused", "ours"}
     assert {r["backend"] for r in rows} <= {"cpu", "cpu-reference", "cpu-interpreter",
                                             "cpu-dense", "cpu-dense-cache"}
-    # every lowbit row names the CPU route it took
+    # every dequant row names the CPU route it took
     assert all("route=" in r["note"] for r in rows if r["provider"].startswith("ours-int")
                and not r["provider"].endswith("dense-cache"))
     assert all(r["note"] == "route=unfused" for r in rows

@@ -58,6 +58,7 @@ __all__ = [
     "codebook_matmul",
     "select_config",
     "get_autotune_configs",
+    "autotuned_config",
     "audit_specs",
 ]
 
@@ -297,9 +298,11 @@ def get_autotune_configs(m: int) -> list[KernelConfig]:
             for bm, bn, w in ((64, 128, 8), (128, 128, 8)) for s in (3, 4)]
 
 
-def _autotune(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
-              z: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
-              group: int) -> KernelConfig:
+def autotuned_config(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+                     z: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                     group: int) -> KernelConfig:
+    """The fastest of :func:`get_autotune_configs` for this call's shape, timed once per
+    (mode, bits, group, M bucket, N, K, dtype, bias, GPU) and remembered."""
     m, n, k = x2.shape[0], q.shape[0], x2.shape[1]
     key = (_FAMILY, mode, bits, group, m_bucket(m), n, k, x2.dtype, bias is not None,
            device_name(x2.device))
@@ -423,7 +426,7 @@ def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.
     bias = bias.contiguous() if bias is not None else None
     if config is None:
         if x.device.type == "cuda" and os.environ.get("COMPRESS_OPS_AUTOTUNE") == "1":
-            config = _autotune(mode, x2, q, s, z, bias, bits, group)
+            config = autotuned_config(mode, x2, q, s, z, bias, bits, group)
         else:
             config = select_config(m, n, packed_k(q.shape[1], bits), x.device)
     return _launch(mode, x2, q, s, z, bias, bits, group, config).reshape(*lead, n)

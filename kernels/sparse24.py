@@ -51,6 +51,7 @@ __all__ = [
     "select_config",
     "semi_structured_min_m",
     "get_autotune_configs",
+    "autotuned_config",
     "audit_specs",
 ]
 
@@ -291,8 +292,10 @@ def get_autotune_configs(m: int) -> list[KernelConfig]:
     return out
 
 
-def _autotune(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-              bias: torch.Tensor | None) -> KernelConfig:
+def autotuned_config(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                     bias: torch.Tensor | None) -> KernelConfig:
+    """The fastest of :func:`get_autotune_configs` for this call's shape, timed once per
+    (M bucket, N, K, dtype, bias, GPU) and remembered."""
     m, n, k = x2.shape[0], values.shape[0], x2.shape[1]
     key = (_FAMILY, m_bucket(m), n, k, x2.dtype, bias is not None, device_name(x2.device))
     return autotune(key, get_autotune_configs(m),
@@ -414,7 +417,7 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     bias = bias.contiguous() if bias is not None else None
     if config is None:
         if x.device.type == "cuda" and os.environ.get("COMPRESS_OPS_AUTOTUNE") == "1":
-            config = _autotune(x2, values, meta, bias)
+            config = autotuned_config(x2, values, meta, bias)
         else:
             config = select_config(m, n, k, x.device)
     return _launch(x2, values, meta, bias, config).reshape(*lead, n)

@@ -158,7 +158,7 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
                 fmt = fmts["ours-int4-g128"]
                 with family.env_var("COMPRESS_OPS_AUTOTUNE", "1"):
                     qw, s, z, bits, gs = fmt["args"]
-                    tuned = dq._autotune(dq.MODE_ASYM, x, qw, s, z, None, bits, gs)
+                    tuned = dq.autotuned_config(dq.MODE_ASYM, x, qw, s, z, None, bits, gs)
                     note = f"autotuned config={tuned.name}"
                     yield logged(log, time_provider(
                         lambda x=x, f=fmt: _call(f, x), x, F.linear(x, fmt["dense"]), time_it,

@@ -194,7 +194,7 @@ def _autotuned(op: Callable, device: torch.device, cases: list[Case], time_it: T
         with family.env_var("COMPRESS_OPS_AUTOTUNE", "1"):
             try:
                 # tunes once for this (M bucket, N, K, dtype); the op then reuses the choice
-                note = f"autotuned config={sp._autotune(x, values, meta, None).name}"
+                note = f"autotuned config={sp.autotuned_config(x, values, meta, None).name}"
             except Exception as ex:  # noqa: BLE001
                 note = f"autotune failed: {type(ex).__name__}: {ex}"[:300]
             yield logged(log, time_provider(

@@ -67,8 +67,10 @@ def check_number(name: str, v: object, *, low: float | None = None, high: float 
     return float(v)
 
 
-def check_choice(name: str, v: object, choices: Collection[object]) -> None:
+def check_choice(name: str, v: object, choices: Collection[object], *, hint: str = "") -> None:
     """``ValueError`` unless ``v`` is one of ``choices``; where the choices are ints, ``v`` must
-    be an int too (neither ``4.0`` nor ``True`` stands for one)."""
+    be an int too (neither ``4.0`` nor ``True`` stands for one). ``hint`` follows the choices
+    in the message (another accepted form)."""
     if (all(is_int(c) for c in choices) and not is_int(v)) or v not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {v!r}")
+        raise ValueError(f"{name} must be one of {tuple(choices)}{' ' + hint if hint else ''}, "
+                         f"got {v!r}")

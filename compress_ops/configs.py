@@ -109,10 +109,8 @@ class QuantConfig(CompressionConfig):
 
     def __post_init__(self) -> None:
         check_choice("bits", self.bits, BITS)
-        if self.group_size is not None and (isinstance(self.group_size, bool)
-                                            or self.group_size not in GROUP_SIZES):
-            raise ValueError(f"group_size must be one of {GROUP_SIZES} or None (whole row), "
-                             f"got {self.group_size!r}")
+        if self.group_size is not None:
+            check_choice("group_size", self.group_size, GROUP_SIZES, hint="or None (whole row)")
         check_bool("symmetric", self.symmetric)
         check_int("search_steps", self.search_steps, min=0)
 

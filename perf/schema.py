@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from compress_ops._validate import is_number
+from compress_ops._validate import is_int, is_number
 from compress_ops.perf.machine import (
     PERF_DIR,
     Env,
@@ -359,7 +359,7 @@ def _validate_row(i: int, r: Any) -> list[str]:
             out.append(f"{where}: field {k!r} is null")
     if "shape" in r and not (
         isinstance(r["shape"], dict) and r["shape"]
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in r["shape"].values())
+        and all(is_int(v) for v in r["shape"].values())
     ):
         out.append(f"{where}: shape should be a non-empty object of integers, got {r['shape']!r}")
     if r.get("peak_kind") is not None and r["peak_kind"] not in PEAK_KINDS:

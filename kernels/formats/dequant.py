@@ -93,9 +93,7 @@ def effective_group_size(k: int, group_size: int | None) -> int:
     one group (``None``, or ``group_size >= K``), so one group never spans padding alone.
     The padded row width itself is accepted (an effective size given back)."""
     if group_size is not None and group_size != padded_k(k, None):
-        if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {GROUP_SIZES} or None (whole row), "
-                             f"got {group_size!r}")
+        check_choice("group_size", group_size, GROUP_SIZES, hint="or None (whole row)")
         if padded_k(k, None) > group_size:
             return group_size
     return padded_k(k, None)

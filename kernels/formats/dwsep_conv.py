@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from compress_ops._validate import is_int
+from compress_ops._validate import check_choice, is_int
 from compress_ops.kernels.formats._common import ACT_DTYPES
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_FNS", "KERNEL_SIZES", "STRIDES", "output_size",
@@ -79,8 +79,7 @@ def check_inputs(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor
     k = dw_weight.shape[1]
     if k not in KERNEL_SIZES:
         raise ValueError(f"kernel size {k} is not supported; expected one of {KERNEL_SIZES}")
-    if isinstance(stride, bool) or stride not in STRIDES:
-        raise ValueError(f"stride must be one of {STRIDES}, got {stride!r}")
+    check_choice("stride", stride, STRIDES)
     if len(padding) != 4 or any(not is_int(p) or p < 0 for p in padding):
         raise ValueError(f"padding must be 4 ints >= 0 (left, right, top, bottom), got "
                          f"{padding!r}")

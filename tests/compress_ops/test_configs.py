@@ -66,3 +66,14 @@ def test_a_weight_that_cannot_be_compressed_as_asked_raises_from_compress_():
     with pytest.raises(co.UnsupportedWeight, match="not 2:4"):
         co.compress_(model, co.Sparse24Config(prune=False))
     assert type(model[0]) is nn.Linear  # nothing swapped in
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda: co.QuantConfig(group_size=128.0), "group_size must be one of"),
+    (lambda: co.QuantConfig(bits=True), "bits must be one of"),
+    (lambda: co.CodebookConfig(iters=2.5), "iters must be an int >= 0"),
+    (lambda: co.LowRankConfig(energy=float("nan")), "energy must be a number in"),
+    (lambda: co.LowRankConfig(rank=4, method="svd"), "method must be one of")])
+def test_config_values_of_the_wrong_kind_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -224,7 +224,7 @@ img { max-width: 100%; }
 """
 
 
-def render_html(loaded: Loaded, path: Path, png_name: str) -> None:
+def render_html(loaded: Loaded, path: Path, png_name: str | None) -> None:
     """The dashboard page (picture referenced by relative name)."""
     e = html.escape
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -268,7 +268,8 @@ def render_html(loaded: Loaded, path: Path, png_name: str) -> None:
             f"<td class='l'>{e(_case_str(w)) if w else '-'}</td></tr>")
     parts.append("</table>")
 
-    parts.append(f"<h2>Plots</h2><p><img src='{e(png_name)}' alt='benchmark plots'></p>")
+    if png_name is not None:  # None: no plots (matplotlib is not installed)
+        parts.append(f"<h2>Plots</h2><p><img src='{e(png_name)}' alt='benchmark plots'></p>")
 
     parts.append("<h2>Files</h2><table><tr><th>file</th><th>device</th><th>backend</th>"
                  "<th>date</th><th>commit</th><th>torch</th><th>triton</th>"
@@ -338,14 +339,21 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_dir(args.results_dir)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    png = args.out_dir / "dashboard.png"
+    png: Path | None = args.out_dir / "dashboard.png"
     out_html = args.out_dir / "dashboard.html"
-    render_png(loaded, png)
-    render_html(loaded, out_html, png.name)
+    try:
+        render_png(loaded, png)
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        print("dashboard: matplotlib is not installed (pip install 'compress_ops[bench]'): "
+              "the HTML tables are written without the plots", file=sys.stderr)
+        png = None
+    render_html(loaded, out_html, None if png is None else png.name)
     for f, msg in loaded.problems:
         print(f"dashboard: problem: {f}: {msg}", file=sys.stderr)
     print(f"dashboard: {len(loaded.files)} file(s), {len(loaded.rows)} row(s), "
-          f"{len(loaded.problems)} problem(s) -> {out_html}, {png}")
+          f"{len(loaded.problems)} problem(s) -> {out_html}" + (f", {png}" if png else ""))
     return 1 if (args.strict and loaded.problems) else 0
 
 

@@ -145,3 +145,16 @@ def test_quick_cpu_bench_writes_valid_rows(tmp_path: Path) -> None:
     assert all(r["max_rel_err"] <= 3e-2 for r in rows if r["provider"].startswith("ours"))
     if HAS_MPL:
         assert (tmp_path / "dashboard.html").exists() and (tmp_path / "dashboard.png").exists()
+
+
+def test_dashboard_without_matplotlib_writes_the_tables_and_says_so(tmp_path: Path, monkeypatch,
+                                                                      capsys) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    (tmp_path / "good.json").write_text(json.dumps(_obj()))
+    assert dashboard.main(["--results-dir", str(tmp_path), "--out-dir", str(tmp_path)]) == 0
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    page = (tmp_path / "dashboard.html").read_text()
+    assert "good.json" in page and "<img" not in page
+    assert not (tmp_path / "dashboard.png").exists()

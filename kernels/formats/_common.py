@@ -28,11 +28,19 @@ def check_activation(x: torch.Tensor, n: int, kp: int, k_unit: int, weight: torc
     if weight.device != x.device:
         raise ValueError(f"x on {x.device} but the packed weight on {weight.device}")
     if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (n,):
-            raise ValueError(f"bias shape {tuple(bias.shape)} must be ({n},)")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"x on {x.device} but bias on {bias.device}")
+        check_companion(bias, "bias", (n,), x, "x")
+
+
+def check_companion(t: object, name: str, shape: tuple[int, ...] | None, ref: torch.Tensor,
+                    ref_name: str) -> None:
+    """Named errors unless the optional input ``t`` (given, not None) is a tensor of ``shape``
+    (None: any) with the dtype and device of ``ref``: a bias, zero points, a base weight, a
+    residual next to the tensor that fixes them."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} shape {tuple(t.shape)} must be {tuple(shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} dtype {t.dtype} must match {ref_name} dtype {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{ref_name} on {ref.device} but {name} on {t.device}")

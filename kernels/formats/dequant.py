@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from compress_ops._validate import check_choice, is_int
-from compress_ops.kernels.formats._common import check_activation
+from compress_ops.kernels.formats._common import check_activation, check_companion
 
 __all__ = [
     "BITS",
@@ -219,15 +219,7 @@ def check_affine(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     if scales.device != qweight.device:
         raise ValueError(f"scales on {scales.device} but qweight on {qweight.device}")
     if zeros is not None:
-        if not isinstance(zeros, torch.Tensor):
-            raise TypeError(f"zeros must be a torch.Tensor or None, got {type(zeros).__name__}")
-        if zeros.shape != scales.shape:
-            raise ValueError(f"zeros shape {tuple(zeros.shape)} must match scales "
-                             f"{tuple(scales.shape)}")
-        if zeros.dtype != scales.dtype:
-            raise TypeError(f"zeros dtype {zeros.dtype} must match scales dtype {scales.dtype}")
-        if zeros.device != qweight.device:
-            raise ValueError(f"zeros on {zeros.device} but qweight on {qweight.device}")
+        check_companion(zeros, "zeros", tuple(scales.shape), scales, "scales")
 
 
 def check_codebook(indices: torch.Tensor, codebook: torch.Tensor, bits: int) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from compress_ops._validate import check_choice, is_int
-from compress_ops.kernels.formats._common import ACT_DTYPES
+from compress_ops.kernels.formats._common import ACT_DTYPES, check_companion
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_FNS", "KERNEL_SIZES", "STRIDES", "output_size",
            "dwsep_bytes", "check_inputs"]
@@ -97,12 +97,5 @@ def check_inputs(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor
     for name, t, shape in (("dw_weight", dw_weight, None), ("pw_weight", pw_weight, None),
                            ("dw_bias", dw_bias, (c,)), ("pw_bias", pw_bias, (cout,)),
                            ("residual", residual, (b, cout, ho, wo))):
-        if t is None:
-            continue
-        _tensor(t, name)
-        if shape is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)} must be {shape}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} dtype {t.dtype} must match x dtype {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"x on {x.device} but {name} on {t.device}")
+        if t is not None:
+            check_companion(t, name, shape, x, "x")

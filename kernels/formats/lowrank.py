@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from compress_ops.kernels.formats._common import check_activation
+from compress_ops.kernels.formats._common import check_activation, check_companion
 
 __all__ = ["MAX_RANK", "padded_rank", "lowrank_bytes", "check_inputs"]
 
@@ -56,10 +56,4 @@ def check_inputs(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"x on {x.device} but u and v on {u.device}")
     check_activation(x, n, k, 1, u, "u", bias)
     if weight is not None:
-        _check_factor(weight, "weight", "[N, K]")
-        if tuple(weight.shape) != (n, k):
-            raise ValueError(f"weight shape {tuple(weight.shape)} must be (N, K) = ({n}, {k})")
-        if weight.dtype != x.dtype:
-            raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
-        if weight.device != x.device:
-            raise ValueError(f"x on {x.device} but weight on {weight.device}")
+        check_companion(weight, "weight", (n, k), x, "x")

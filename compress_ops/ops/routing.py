@@ -74,42 +74,57 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 
-# (kind, id(first tensor)) -> (weakref to it, stamp of every input, derived object)
-DERIVED: dict[tuple[str, int], tuple[weakref.ref, tuple, object]] = {}
+# (kind, id(first tensor)) -> (weakref to it, extra, snapshot of every input, derived object)
+DERIVED: dict[tuple[str, int], tuple[weakref.ref, tuple, tuple, object]] = {}
+
+_BITS_OF = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def tensor_stamp(t: torch.Tensor | None) -> tuple | None:
-    """What identifies a tensor's current contents: storage, view, dtype and, where tracked,
-    the version counter (``.data`` swaps change the pointer, in-place ops the version).
-    Inference tensors have no version counter; they cannot be changed in place outside
-    ``torch.inference_mode``."""
-    if t is None:
-        return None
-    version = None if t.is_inference() else t._version
-    return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype, version)
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes as integers of its width: ``torch.equal`` on them is bitwise (NaN == NaN,
+    -0.0 != 0.0), which float equality is not."""
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        t = t.contiguous().view(_BITS_OF[t.element_size()])
+    return t
+
+
+def _unchanged(snapshot: tuple, tensors: tuple) -> bool:
+    for old, new in zip(snapshot, tensors, strict=True):
+        if old is None or new is None:
+            if old is not new:
+                return False
+        elif (old.shape != new.shape or old.dtype != new.dtype or old.device != new.device
+              or not torch.equal(_bits(old), _bits(new))):
+            return False
+    return True
 
 
 def derived(kind: str, tensors: tuple[torch.Tensor | None, ...], extra: tuple,
-             build: Callable[[], object]) -> object:
-    """``build()``, computed once per packed weight (``tensors[0]`` and its companions) and kept
-    while ``tensors[0]`` lives.
+            build: Callable[[], object]) -> object:
+    """``build()``, computed once per packed weight (``tensors[0]`` and its companions) and
+    served while their contents stay bitwise the same.
 
-    The entry is rebuilt when any of ``tensors`` (or ``extra``) change (see
-    :func:`_tensor_stamp`) and dropped when ``tensors[0]`` is freed. Used only by the
-    measured/opt-in routes below, each of which says what the entry costs in memory.
+    Every call compares ``tensors`` with a snapshot taken when the entry was built (a full read
+    of the packed bytes: ``torch.equal`` on their bits), so no edit can make it serve a stale
+    result: in-place ops, ``copy_``, ``set_``, optimizer steps and ``load_state_dict`` bump the
+    version counter, but edits through ``.data`` do not, so the counter alone is not enough.
+    The snapshot costs one more copy of the packed tensors in memory, on top of the derived
+    object. The entry is dropped when ``tensors[0]`` is freed. CPU only: the comparison returns
+    a Python bool, which on a GPU would be a device sync per call.
     """
     owner = tensors[0]
     key = (kind, id(owner))
-    stamp = (tuple(tensor_stamp(t) for t in tensors), extra)
     entry = DERIVED.get(key)
-    if entry is None or entry[0]() is not owner or entry[1] != stamp:
-        with torch.no_grad():
-            derived = build()
-        if entry is None or entry[0]() is not owner:
-            weakref.finalize(owner, DERIVED.pop, key, None)
-        entry = (weakref.ref(owner), stamp, derived)
-        DERIVED[key] = entry
-    return entry[2]
+    if (entry is not None and entry[0]() is owner and entry[1] == extra
+            and _unchanged(entry[2], tensors)):
+        return entry[3]
+    with torch.no_grad():
+        value = build()
+        snapshot = tuple(None if t is None else t.detach().clone() for t in tensors)
+    if entry is None or entry[0]() is not owner:
+        weakref.finalize(owner, DERIVED.pop, key, None)
+    DERIVED[key] = (weakref.ref(owner), extra, snapshot, value)
+    return value
 
 
 def cpu_dense_cache() -> bool:

@@ -45,18 +45,18 @@ def sparse24_linear(
     _sp.check_inputs(x, values, meta, bias)
     k = x.shape[-1]
     if _semi_structured_eligible(x, values):
-        # torch's 2:4 format (cuSPARSELt/CUTLASS), converted once per weight; about as large as
-        # values + meta, held in addition to them while this route is in use.
-        w = routing.derived("semi_structured", (values, meta), (k,),
-                     lambda: torch.sparse.to_sparse_semi_structured(
-                         _sp.unpack_sparse24(values, meta, k)))
+        # torch's 2:4 format (cuSPARSELt/CUTLASS), converted on every call: a cache would have
+        # to compare the weight with a snapshot (a device sync) to stay correct under `.data`
+        # edits. This route is for large M, where the conversion is a small part of the GEMM;
+        # the measured crossover includes it.
+        w = torch.sparse.to_sparse_semi_structured(_sp.unpack_sparse24(values, meta, k))
         return F.linear(x, w, bias)
     if routing.use_triton(x):
         return routing.kernels("sparse24").sparse24_matmul(x, values, meta, bias,
                                                             checked=True)
     if routing.cpu_dense_cache():
         w = routing.derived("dense", (values, meta), (k,),
-                             lambda: _sp.unpack_sparse24(values, meta, k))
+                            lambda: _sp.unpack_sparse24(values, meta, k))
         return F.linear(x, w, bias)
     return _sparse24_linear_cpu(x, values, meta, bias)
 

@@ -211,20 +211,28 @@ def test_cpu_paths_chunk_large_weights_exactly(monkeypatch):
 def test_native_weight_cache_rebuilds_on_change_and_is_freed(monkeypatch):
     import gc
 
-    qw, s, z, bits, gs = _affine(32, 64, 8, None, True, torch.bfloat16, seed=2)
+    qw, s, z, bits, gs = _affine(32, 64, 4, 32, False, torch.bfloat16, seed=2)
     x = torch.randn(2, 64, dtype=torch.bfloat16)
-    assert ops_mod.dequant_cpu_route(x, qw, z, bits, gs) == "native-int8"
+    assert ops_mod.dequant_cpu_route(x, qw, z, bits, gs) == "native-int4"
     y = dequant_op(x, qw, s, z, None, bits, gs)
-    key = ("native-int8", id(qw))
+    key = ("native-int4", id(qw))
     assert key in routing.DERIVED
     with torch.no_grad():
-        qw[:, 0] = 0x7F7F7F7F  # in-place change: the cached int8 copy must follow
+        qw[:, 0] = 0x7F7F7F7F  # in-place change: the cached int4 packing must follow
     ref = dequant_linear_ref(x, qw, s, z, None, bits, gs, dtype=torch.float64)
     y2 = dequant_op(x, qw, s, z, None, bits, gs)
     assert not torch.equal(y, y2) and _rel(y2, ref) < 2e-2
     del qw
     gc.collect()
     assert key not in routing.DERIVED
+
+
+def test_native_int8_route_keeps_no_copy():
+    qw, s, z, bits, gs = _affine(32, 64, 8, None, True, torch.bfloat16, seed=2)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    assert ops_mod.dequant_cpu_route(x, qw, z, bits, gs) == "native-int8"
+    dequant_op(x, qw, s, z, None, bits, gs)
+    assert ("native-int8", id(qw)) not in routing.DERIVED
 
 
 def test_cpu_dense_cache_opt_in(monkeypatch):

@@ -14,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from compress_ops.configs import UnsupportedModule, UnsupportedWeight
 
-__all__ = ["SKIPPED_ATTR", "Index", "index", "dense_reason", "set_submodule",
-           "replace_everywhere", "notes", "record_notes", "replace_layers"]
+__all__ = ["SKIPPED_ATTR", "Index", "index", "dense_reason", "hooks_reason", "carry_state",
+           "set_submodule", "replace_everywhere", "notes", "record_notes", "replace_layers"]
 
 #: Attribute of a model holding ``{name: why it stays dense}`` for ``report()``.
 SKIPPED_ATTR = "_compress_ops_skipped"
@@ -42,10 +43,12 @@ class Index:
         """``{name: module}`` for every name, aliases included."""
         return {n: self.modules[mid] for mid, aliases in self.names.items() for n in aliases}
 
-    def tied(self, module: nn.Module, aliases: list[str]) -> list[str]:
-        """Names of the other modules holding ``module.weight``."""
-        weight = getattr(module, "weight", None)
-        return [o for o in self.owners.get(id(weight), []) if o not in aliases]
+    def tied(self, module: nn.Module, aliases: list[str], attr: str = "weight") -> list[str]:
+        """Names of the other modules holding ``module.<attr>`` (the weight, or the bias)."""
+        param = getattr(module, attr, None)
+        if not isinstance(param, nn.Parameter):
+            return []
+        return [o for o in self.owners.get(id(param), []) if o not in aliases]
 
 
 def index(model: nn.Module) -> Index:
@@ -63,18 +66,53 @@ def index(model: nn.Module) -> Index:
     return Index(names, modules, owners)
 
 
+def hooks_reason(module: nn.Module) -> str | None:
+    """Why a hooked module cannot be replaced (None: it has no hooks): forward, forward-pre and
+    backward hooks live on the module object, so a replacement would silently not run them."""
+    kinds = [kind for kind, hooks in (("forward", module._forward_hooks),
+                                      ("forward-pre", module._forward_pre_hooks),
+                                      ("backward", module._backward_hooks),
+                                      ("backward-pre", module._backward_pre_hooks)) if hooks]
+    if not kinds:
+        return None
+    return (f"has {' and '.join(kinds)} hooks, which a replacement would not run; remove them "
+            f"to compress it")
+
+
 def dense_reason(idx: Index, module: nn.Module, aliases: list[str], cfg: object,
                  filter_fn: FilterFn | None) -> str | None:
     """Why a matched layer stays dense under ``cfg`` before any transform looks at it (None:
-    it does not): a ``None`` rule, ``filter_fn``, or a weight tied to another module."""
+    it does not): a ``None`` rule, ``filter_fn``, hooks, or a weight tied to another module."""
     if cfg is None:
         return "kept dense by recipe"
     if filter_fn is not None and not all(filter_fn(module, n) for n in aliases):
         return "excluded by filter_fn"
+    hooked = hooks_reason(module)
+    if hooked:
+        return hooked
     tied = idx.tied(module, aliases)
     if tied:
         return f"weight tied to {tied[0]}; compressing would break the tie"
     return None
+
+
+def carry_state(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Give ``new`` (built from ``old``) the state a replacement must keep: the train/eval mode;
+    ``old``'s bias Parameter itself where ``new`` holds an equal copy (so bias ties, its
+    ``requires_grad`` and optimizer references carry over); and a frozen weight stays frozen
+    (every other parameter of ``new`` then has ``requires_grad=False``). Returns ``new``."""
+    new.train(old.training)
+    old_bias, new_bias = getattr(old, "bias", None), getattr(new, "bias", None)
+    if (isinstance(old_bias, nn.Parameter) and isinstance(new_bias, nn.Parameter)
+            and old_bias.shape == new_bias.shape and old_bias.dtype == new_bias.dtype
+            and old_bias.device == new_bias.device and torch.equal(old_bias, new_bias)):
+        new.bias = old_bias
+    old_weight = getattr(old, "weight", None)
+    if isinstance(old_weight, nn.Parameter) and not old_weight.requires_grad:
+        for name, param in new.named_parameters():
+            if name != "bias":
+                param.requires_grad_(False)
+    return new
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -88,6 +126,7 @@ def replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> list[
     """Replace ``old`` by ``new`` at every name it is registered under in ``root`` (not
     ``root`` itself); return those names."""
     names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old and n]
+    carry_state(old, new)
     for name in names:
         set_submodule(root, name, new)
     return names
@@ -181,7 +220,8 @@ def replace_layers(
         new = None
         if why is None:
             try:
-                new = build(idx.modules[mid], cfg, **extras.get(mid, {}))
+                new = carry_state(idx.modules[mid],
+                                  build(idx.modules[mid], cfg, **extras.get(mid, {})))
             except UnsupportedWeight:
                 raise
             except UnsupportedModule as exc:

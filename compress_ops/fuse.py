@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from compress_ops._swap import replace_everywhere
+from compress_ops._swap import hooks_reason, replace_everywhere
 from compress_ops.configs import UnfusableError
+from compress_ops.nn.base import check_compute_dtype
 from compress_ops.nn.dwsep_conv import FusedDWSepConv2d, activation_name
 
 __all__ = ["fuse_dwsep"]
@@ -100,10 +101,6 @@ def _chains(gm: fx.GraphModule) -> tuple[list[dict], dict[str, str]]:
     return chains, reasons
 
 
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
-
-
 def fuse_dwsep(model: nn.Module, filter_fn=None) -> tuple[list[str], dict[str, str]]:
     """Fuse every depthwise-separable chain of ``model`` in place.
 
@@ -141,15 +138,16 @@ def _search(root: nn.Module, module: nn.Module, prefix: str, filter_fn, fused: l
     for chain in chains:
         mods = {key: None if name is None else module.get_submodule(name)
                 for key, name in chain.items()}
-        hooked = [chain[k] for k, m in mods.items() if m is not None and _hooked(m)]
+        hooked = [(chain[k], hooks_reason(m)) for k, m in mods.items()
+                  if m is not None and hooks_reason(m)]
         if hooked:
-            reasons[full(chain["dw"])] = (f"{hooked[0]} has forward hooks, which the fused "
-                                          f"module would not run")
+            reasons[full(chain["dw"])] = f"{hooked[0][0]} {hooked[0][1]}"
             continue
         if filter_fn is not None and not filter_fn(mods["dw"], full(chain["dw"])):
             reasons[full(chain["dw"])] = "excluded by filter_fn"
             continue
-        try:
+        try:  # the op computes in fp16/bf16/fp32 (a float64 fused module is for tests only)
+            check_compute_dtype("FusedDWSepConv2d", mods["dw"].weight.dtype, UnfusableError)
             new = FusedDWSepConv2d.from_modules(mods["dw"], mods["pw"], mods["bn1"],
                                                 mods["act1"], mods["bn2"], mods["act2"],
                                                 mods["pad"])

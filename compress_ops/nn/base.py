@@ -7,8 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CompressedModule", "CompressedLinear", "conv_padding", "from_dense_values",
-           "init_bias"]
+from compress_ops.configs import UnsupportedModule
+from compress_ops.kernels.formats import ACT_DTYPES
+
+__all__ = ["CompressedModule", "CompressedLinear", "check_compute_dtype", "conv_padding",
+           "from_dense_values", "init_bias"]
 
 
 class CompressedModule(nn.Module):
@@ -60,6 +63,18 @@ class CompressedLinear(CompressedModule):
                 f"{type(self).__name__}: x last dim is {x.shape[-1]}, expected "
                 f"in_features={self.in_features}"
             )
+
+
+def check_compute_dtype(owner: str, dtype: torch.dtype,
+                        error: type[UnsupportedModule] = UnsupportedModule) -> None:
+    """``error`` (an :class:`~compress_ops.configs.UnsupportedModule`: ``compress_`` keeps the
+    layer dense with this reason) unless the ops can compute in ``dtype``: float16, bfloat16
+    or float32. A float64 layer stays float64 and dense rather than become one that cannot run.
+    """
+    if dtype not in ACT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in ACT_DTYPES)
+        raise error(f"{owner}: {str(dtype).removeprefix('torch.')} weights; the compressed ops "
+                    f"compute in {names} (convert the layer, e.g. .float(), to compress it)")
 
 
 def init_bias(module: nn.Module, bias: bool, n: int, device: torch.device | str | None,

@@ -20,7 +20,12 @@ from compress_ops.kernels.formats.dequant import (
     packed_words,
     padded_k,
 )
-from compress_ops.nn.base import CompressedLinear, from_dense_values, init_bias
+from compress_ops.nn.base import (
+    CompressedLinear,
+    check_compute_dtype,
+    from_dense_values,
+    init_bias,
+)
 from compress_ops.quantize import encode_codebook, fit_codebook, quantize_affine
 
 __all__ = ["QuantLinear", "CodebookLinear", "QUANT_DEFAULTS", "CODEBOOK_DEFAULTS"]
@@ -59,6 +64,7 @@ class QuantLinear(CompressedLinear):
         super().__init__()
         _check_sizes(in_features, out_features, bits)
         dtype = dtype or torch.get_default_dtype()
+        check_compute_dtype("QuantLinear", dtype)
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
@@ -138,6 +144,7 @@ class CodebookLinear(CompressedLinear):
         if row_groups < 1 or out_features % row_groups:
             raise ValueError(f"row_groups={row_groups} must divide out_features={out_features}")
         dtype = dtype or torch.get_default_dtype()
+        check_compute_dtype("CodebookLinear", dtype)
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits

@@ -11,7 +11,13 @@ import compress_ops.ops  # noqa: F401  (registers torch.ops.compress_ops.*)
 from compress_ops._validate import check_choice, check_int
 from compress_ops.factorize import svd_factors, tucker2
 from compress_ops.kernels.formats.lowrank import lowrank_bytes
-from compress_ops.nn.base import CompressedLinear, CompressedModule, conv_padding, init_bias
+from compress_ops.nn.base import (
+    CompressedLinear,
+    CompressedModule,
+    check_compute_dtype,
+    conv_padding,
+    init_bias,
+)
 
 __all__ = ["LowRankLinear", "LowRankConv2d"]
 
@@ -49,6 +55,7 @@ class LowRankLinear(CompressedLinear):
                 f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
         check_int("rank", rank, min=1)
         dtype = dtype or torch.get_default_dtype()
+        check_compute_dtype("LowRankLinear", dtype)
         self.in_features = in_features
         self.out_features = out_features
         self.u = nn.Parameter(torch.zeros(out_features, rank, device=device, dtype=dtype))

@@ -17,7 +17,12 @@ from compress_ops.kernels.formats.sparse24 import (
     sparse24_bytes,
     unpack_sparse24,
 )
-from compress_ops.nn.base import CompressedLinear, from_dense_values, init_bias
+from compress_ops.nn.base import (
+    CompressedLinear,
+    check_compute_dtype,
+    from_dense_values,
+    init_bias,
+)
 
 __all__ = ["Sparse24Linear", "SPARSE24_DEFAULTS"]
 
@@ -45,6 +50,7 @@ class Sparse24Linear(CompressedLinear):
                 f"in_features and out_features must be >= 1, got {in_features}, {out_features}"
             )
         dtype = dtype or torch.get_default_dtype()
+        check_compute_dtype("Sparse24Linear", dtype)
         self.in_features = in_features
         self.out_features = out_features
         values, meta = empty_sparse24(out_features, in_features, dtype=dtype, device=device)

@@ -6,3 +6,7 @@ and runs on machines without Triton. One module per family, named as the family 
 else: :mod:`.sparse24`, :mod:`.dequant` (affine low-bit and codebook), :mod:`.lowrank`,
 :mod:`.dwsep_conv`.
 """
+
+from compress_ops.kernels.formats._common import ACT_DTYPES
+
+__all__ = ["ACT_DTYPES"]

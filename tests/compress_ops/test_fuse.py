@@ -110,7 +110,7 @@ def test_aliases_hooks_crops_train_mode_and_filter_fn():
     hooked[0].register_forward_pre_hook(lambda m, a: (F.pad(a[0], (1, 1, 1, 1)),))
     ref = hooked(x)
     co.compress_(hooked, co.DWSepFuseConfig())
-    assert "forward hooks" in {r.name: r.note for r in co.report(hooked)}["0"]
+    assert "forward-pre hooks" in {r.name: r.note for r in co.report(hooked)}["0"]
     torch.testing.assert_close(hooked(x), ref)
     # a negative ZeroPad2d is a crop: it stays in front, the conv keeps its own padding
     crop = nn.Sequential(nn.ZeroPad2d((-1, 0, 0, 0)), nn.Conv2d(4, 4, 3, padding=1, groups=4),

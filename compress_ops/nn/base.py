@@ -10,8 +10,8 @@ from torch import nn
 from compress_ops.configs import UnsupportedModule
 from compress_ops.kernels.formats import ACT_DTYPES
 
-__all__ = ["CompressedModule", "CompressedLinear", "check_compute_dtype", "conv_padding",
-           "from_dense_values", "init_bias"]
+__all__ = ["CompressedModule", "CompressedLinear", "FormatRecord", "check_compute_dtype",
+           "conv_padding", "from_dense_values", "init_bias"]
 
 
 class CompressedModule(nn.Module):
@@ -25,7 +25,6 @@ class CompressedModule(nn.Module):
     """
 
     kind: str = "compressed"
-
     def stored_weight_bytes(self) -> int:
         """Bytes of the compressed weight as stored (every weight tensor but the bias)."""
         raise NotImplementedError
@@ -63,6 +62,54 @@ class CompressedLinear(CompressedModule):
                 f"{type(self).__name__}: x last dim is {x.shape[-1]}, expected "
                 f"in_features={self.in_features}"
             )
+
+
+class FormatRecord(nn.Module):
+    """Mixin of compressed modules whose tensor shapes do not fix how they are read.
+
+    ``format_fields`` names the plain int attributes that do (true sizes that padding hides,
+    bit widths, group sizes). They go in the ``state_dict`` as ``_extra_state``, an int64
+    tensor (so ``safetensors`` can hold it too), and a ``load_state_dict`` whose record differs
+    is refused by name before anything is copied. :meth:`_check_state` lets a subclass refuse
+    invalid stored values the same way.
+    """
+
+    format_fields: tuple[str, ...] = ()
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([int(getattr(self, f)) for f in self.format_fields],
+                            dtype=torch.int64, device="cpu")
+
+    def set_extra_state(self, state: Any) -> None:
+        self._check_format(state)
+
+    def _check_format(self, state: Any) -> None:
+        if isinstance(state, torch.Tensor) and state.device.type == "meta":
+            return  # no values to compare (a meta-device load)
+        mine = self.get_extra_state()
+        if isinstance(state, torch.Tensor) and state.shape == mine.shape \
+                and torch.equal(state.cpu().to(torch.int64), mine):
+            return
+        if isinstance(state, torch.Tensor) and state.shape == mine.shape:
+            theirs = ", ".join(f"{f}={int(v)}" for f, v in zip(self.format_fields, state,
+                                                                strict=True))
+        else:
+            theirs = f"an unknown format record {state!r}"
+        here = ", ".join(f"{f}={getattr(self, f)}" for f in self.format_fields)
+        raise ValueError(f"{type(self).__name__}: the state_dict was saved with {theirs}, but "
+                         f"this module has {here}; its tensors would be read wrongly")
+
+    def _check_state(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Named errors for stored tensors whose values are invalid (before any copy)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            self._check_format(state_dict[key])
+        self._check_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 def check_compute_dtype(owner: str, dtype: torch.dtype,

@@ -22,6 +22,7 @@ from compress_ops.kernels.formats.dequant import (
 )
 from compress_ops.nn.base import (
     CompressedLinear,
+    FormatRecord,
     check_compute_dtype,
     from_dense_values,
     init_bias,
@@ -44,7 +45,7 @@ def _check_sizes(in_features: int, out_features: int, bits: int) -> None:
     check_choice("bits", bits, BITS)
 
 
-class QuantLinear(CompressedLinear):
+class QuantLinear(FormatRecord, CompressedLinear):
     """``y = x @ W^T + b`` with ``W = (q - z) * s``: b-bit weights, one scale (and zero point)
     per ``group_size`` input features of a row.
 
@@ -56,6 +57,7 @@ class QuantLinear(CompressedLinear):
     """
 
     kind = "quant"
+    format_fields = ("in_features", "out_features", "bits", "group_size")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
@@ -123,7 +125,7 @@ class QuantLinear(CompressedLinear):
                 f"symmetric={self.symmetric}, dtype={self.scales.dtype}")
 
 
-class CodebookLinear(CompressedLinear):
+class CodebookLinear(FormatRecord, CompressedLinear):
     """``y = x @ W^T + b`` with ``W[n, k] = codebook[n // (out / R), q[n, k]]``: every weight is
     one of ``2**bits`` shared values (k-means), per group of rows (``R = row_groups``).
 
@@ -134,6 +136,7 @@ class CodebookLinear(CompressedLinear):
     """
 
     kind = "codebook"
+    format_fields = ("in_features", "out_features", "bits")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  bits: int = 4, row_groups: int = 1,

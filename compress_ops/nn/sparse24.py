@@ -19,6 +19,7 @@ from compress_ops.kernels.formats.sparse24 import (
 )
 from compress_ops.nn.base import (
     CompressedLinear,
+    FormatRecord,
     check_compute_dtype,
     from_dense_values,
     init_bias,
@@ -30,7 +31,7 @@ __all__ = ["Sparse24Linear", "SPARSE24_DEFAULTS"]
 SPARSE24_DEFAULTS: dict[str, Any] = {"prune": True}
 
 
-class Sparse24Linear(CompressedLinear):
+class Sparse24Linear(FormatRecord, CompressedLinear):
     """``y = x @ W^T + b`` with ``W`` 2:4 sparse along ``in_features``.
 
     Buffers: ``values [out, Kp/2]`` (the weight dtype) and ``meta [out, Kp/32]`` (int32), the
@@ -40,6 +41,7 @@ class Sparse24Linear(CompressedLinear):
     """
 
     kind = "sparse24"
+    format_fields = ("in_features", "out_features")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  device: torch.device | str | None = None,

@@ -51,11 +51,12 @@ def test_module_matches_its_dense_weight(op_device, cfg, bias):
 def test_state_dict_round_trip_into_fresh_module(cfg):
     m = _module(_linear(seed=1), cfg)
     if isinstance(cfg, co.QuantConfig):
-        expect = {"qweight", "scales", "bias"} | (set() if cfg.symmetric else {"zeros"})
+        expect = {"qweight", "scales", "bias", "_extra_state"} | (set() if cfg.symmetric
+                                                                   else {"zeros"})
         fresh = QuantLinear(70, 24, bits=cfg.bits, group_size=cfg.group_size,
                             symmetric=cfg.symmetric)
     else:
-        expect = {"indices", "codebook", "bias"}
+        expect = {"indices", "codebook", "bias", "_extra_state"}
         fresh = CodebookLinear(70, 24, bits=cfg.bits, row_groups=cfg.row_groups)
     assert set(m.state_dict()) == expect
     buf = io.BytesIO()

@@ -45,7 +45,7 @@ def test_prune_false_requires_2to4_weight():
 
 def test_state_dict_round_trip_into_fresh_module(tmp_path):
     m = Sparse24Linear.from_dense(_linear(seed=1))
-    assert set(m.state_dict()) == {"values", "meta", "bias"}
+    assert set(m.state_dict()) == {"values", "meta", "bias", "_extra_state"}
     buf = io.BytesIO()
     torch.save(m.state_dict(), buf)
     buf.seek(0)

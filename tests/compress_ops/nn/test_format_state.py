@@ -1,0 +1,76 @@
+"""The state_dict records what padding hides (issue 13, item 7): a state_dict saved from a
+module of another ``in_features`` (or bit width, group size) that happens to pad to the same
+tensor shapes is refused by name, before anything is copied."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import compress_ops as co
+
+
+def _quant(k, bits=4, group=32):
+    torch.manual_seed(0)
+    return co.nn.QuantLinear.from_dense(nn.Linear(k, 16), co.QuantConfig(bits, group))
+
+
+@pytest.mark.parametrize(("src", "dst", "field"), [
+    (lambda: _quant(70), lambda: co.nn.QuantLinear(65, 16, bits=4, group_size=32),
+     "in_features=70"),
+    # 4-bit K = 64 and 2-bit K = 128 pack to the same words and the same scale count
+    (lambda: _quant(64, 4, 32), lambda: co.nn.QuantLinear(128, 16, bits=2, group_size=64),
+     "bits=4"),
+    (lambda: co.nn.CodebookLinear.from_dense(nn.Linear(70, 16)),
+     lambda: co.nn.CodebookLinear(66, 16), "in_features=70"),
+    (lambda: co.nn.Sparse24Linear.from_dense(nn.Linear(70, 16)),
+     lambda: co.nn.Sparse24Linear(69, 16), "in_features=70"),
+])
+def test_a_state_dict_of_another_true_shape_is_refused(src, dst, field):
+    source, target = src(), dst()
+    state = source.state_dict()
+    for name, t in target.state_dict().items():  # same tensor shapes: only the record differs
+        if name != "_extra_state":
+            assert t.shape == state[name].shape, name
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=field):
+        target.load_state_dict(state, strict=True)
+    for k, v in target.state_dict().items():  # refused before anything was copied
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("build", [lambda: _quant(70),
+                                   lambda: co.nn.CodebookLinear.from_dense(nn.Linear(70, 16)),
+                                   lambda: co.nn.Sparse24Linear.from_dense(nn.Linear(70, 16))])
+def test_the_record_round_trips_through_torch_save_and_into_a_model(build):
+    m = build()
+    model = nn.Sequential(m)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert state["0._extra_state"].dtype == torch.int64  # a tensor: safetensors can hold it
+    fresh = nn.Sequential(type(m)(70, 16, **({"bits": 4, "group_size": 32}
+                                             if isinstance(m, co.nn.QuantLinear) else {})))
+    fresh.load_state_dict(state, strict=True)
+    x = torch.randn(3, 70)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_a_state_dict_without_the_record_loads_only_non_strict():
+    state = _quant(70).state_dict()
+    del state["_extra_state"]
+    target = co.nn.QuantLinear(70, 16, bits=4, group_size=32)
+    with pytest.raises(RuntimeError, match="_extra_state"):
+        target.load_state_dict(state, strict=True)
+    target.load_state_dict(state, strict=False)
+
+
+def test_meta_device_loads_skip_the_value_check():
+    """A state_dict loaded with map_location="meta" has no values to compare."""
+    state = {k: v.to("meta") for k, v in _quant(70).state_dict().items()}
+    target = co.nn.QuantLinear(70, 16, bits=4, group_size=32)
+    target.load_state_dict(state, assign=True)
+    assert target.qweight.device.type == "meta"

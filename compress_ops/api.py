@@ -61,6 +61,9 @@ class Recipe:
         # must not desynchronise rules and the compiled patterns
         compiled = []
         for pattern, cfg in self.rules.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"Recipe keys are regex strings matched against module names, "
+                                f"got {pattern!r} ({type(pattern).__name__})")
             try:
                 rx = re.compile(pattern)
             except re.error as exc:

@@ -319,9 +319,11 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
         if not scored:
             layer.note = "no candidate applies; kept dense"
     if not any(layer.options for layer in found):
-        idle = [la.names[0] for la in active if la.calls == 0]
-        raise ValueError(f"no layer in scope has a usable candidate after calibration; layers "
-                         f"that never ran on calib_data (check forward): {idle}")
+        why = [f"{la.names[0]}: " + ("never ran on calib_data (check forward)" if la.calls == 0
+                                      else "; ".join(dict.fromkeys(r for _, r in la.refused)))
+               for la in active]
+        raise ValueError("no layer in scope has a usable candidate after calibration:\n  "
+                         + "\n  ".join(why))
     _check_reachable([la for la in found if la.options], found, budget, capacity, dense_total)
 
     # 4. the choice: each layer's options plus dense

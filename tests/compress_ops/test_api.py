@@ -281,3 +281,9 @@ def test_recipe_rule_matching_no_layer_is_an_error():
             co.compress_(container, co.Recipe(rules))
     co.compress_(container, co.Recipe({r"0\.fc1": co.Sparse24Config()}))
     co.compress_(container, co.Recipe({r"0\.fc1": co.Sparse24Config()}))  # again: no error
+
+
+@pytest.mark.parametrize("key", [1, None, ("0",), b"0"])
+def test_recipe_keys_must_be_regex_strings(key):
+    with pytest.raises(TypeError, match="Recipe keys are regex strings"):
+        co.Recipe({key: co.QuantConfig()})

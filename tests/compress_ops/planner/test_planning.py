@@ -256,3 +256,16 @@ def test_default_candidates_are_valid_per_layer_configs():
     assert len(set(DEFAULT_CANDIDATES)) == len(DEFAULT_CANDIDATES)
     assert all(type(c) in per_layer_configs() and not getattr(c, "shared", False)
                for c in DEFAULT_CANDIDATES)
+
+
+@pytest.mark.parametrize(("data", "bias", "why"), [
+    ([torch.full((4, 64), float("nan"))], True, "non-finite output on the calibration data"),
+    ([torch.zeros(4, 64)], False, "output is all zero on the calibration data"),
+])
+def test_unusable_calibration_names_every_layer_and_its_reason(data, bias, why):
+    model = nn.Sequential(nn.Linear(64, 64, bias=bias), nn.ReLU(), nn.Linear(64, 32, bias=bias))
+    with pytest.raises(ValueError, match="no layer in scope has a usable candidate") as exc:
+        co.plan(model, data, 0.5, verbose=False)
+    lines = str(exc.value).splitlines()[1:]
+    assert [line.split(":")[0].strip() for line in lines] == ["0", "2"]
+    assert all(why in line for line in lines)

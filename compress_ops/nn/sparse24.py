@@ -10,6 +10,7 @@ from torch import nn
 import compress_ops.ops  # noqa: F401  (registers torch.ops.compress_ops.*)
 from compress_ops.configs import UnsupportedWeight
 from compress_ops.kernels.formats.sparse24 import (
+    check_meta,
     empty_sparse24,
     is_2to4,
     pack_sparse24,
@@ -88,6 +89,36 @@ class Sparse24Linear(FormatRecord, CompressedLinear):
         if linear.bias is not None:
             mod.bias.data.copy_(linear.bias.detach())
         return mod
+
+    @classmethod
+    def from_packed(cls, values: torch.Tensor, meta: torch.Tensor, in_features: int,
+                    bias: torch.Tensor | None = None) -> Sparse24Linear:
+        """A module over already packed ``values [N, Kp/2]`` and ``meta [N, Kp/32]`` (the format
+        of :func:`~compress_ops.kernels.formats.sparse24.pack_sparse24`, e.g. from another
+        checkpoint), held by reference. The metadata is validated
+        (:func:`~compress_ops.kernels.formats.sparse24.check_meta`): a group with duplicate or
+        decreasing positions would make the CPU and GPU paths disagree."""
+        if not isinstance(values, torch.Tensor) or values.dim() != 2:
+            raise TypeError("values must be a 2-D tensor [N, Kp/2]")
+        n = values.shape[0]
+        mod = cls(in_features, n, bias=bias is not None, device=values.device,
+                  dtype=values.dtype)
+        if tuple(meta.shape) != tuple(mod.meta.shape) or \
+                tuple(values.shape) != tuple(mod.values.shape):
+            raise ValueError(f"values {tuple(values.shape)} and meta {tuple(meta.shape)} do not "
+                             f"pack a [{n}, {in_features}] weight: expected "
+                             f"{tuple(mod.values.shape)} and {tuple(mod.meta.shape)}")
+        check_meta(meta, in_features)
+        mod.values, mod.meta = values, meta
+        if bias is not None:
+            mod.bias.data.copy_(bias.detach())
+        return mod
+
+    def _check_state(self, state_dict: dict[str, Any], prefix: str) -> None:
+        meta = state_dict.get(prefix + "meta")
+        if isinstance(meta, torch.Tensor) and meta.device.type != "meta" \
+                and tuple(meta.shape) == tuple(self.meta.shape):
+            check_meta(meta, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_in_features(x)

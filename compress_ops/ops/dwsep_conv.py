@@ -38,6 +38,10 @@ def _dwsep_cpu(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padd
     """Two ATen convolutions (channels-last); symmetric padding goes to the conv itself, so
     only asymmetric padding costs an ``F.pad`` copy."""
     left, right, top, bottom = padding
+    ho, wo = _dw.output_size(x.shape[2], x.shape[3], dw_weight.shape[1], stride, padding)
+    if ho == 0 or wo == 0:  # an empty result (ATen's convs refuse a kernel past the input)
+        return x.new_empty(x.shape[0], pw_weight.shape[0], ho, wo).contiguous(
+            memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
     if left == right and top == bottom:
         t = F.conv2d(x, dw_weight[:, None], dw_bias, stride, (top, left), groups=x.shape[1])
@@ -88,6 +92,10 @@ def _dwsep_backward(ctx, grad):
     x, dw_weight, dw_bias, pw_weight, pw_bias = ctx.saved_tensors
     stride, padding, act1, act2 = ctx.meta
     need = ctx.needs_input_grad
+    if grad.shape[2] == 0 or grad.shape[3] == 0:  # an empty output: every gradient is zero
+        return (*(torch.zeros_like(t) if need[i] and t is not None else None
+                  for i, t in enumerate((x, dw_weight, dw_bias, pw_weight, pw_bias))),
+                grad if need[5] else None, None, None, None, None)
     dt = grad.dtype
     c = x.shape[1]
     # recompute the two pre-activations (plain ATen ops: traceable by aot_autograd)

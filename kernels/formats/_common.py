@@ -1,5 +1,6 @@
-"""What every linear format checks alike: the activation ``x[..., K]`` and the bias against a
-packed weight."""
+"""What every format checks alike: the activation ``x[..., K]`` and the bias against a packed
+weight, the optional tensors next to a reference, and the named refusal of an empty weight
+dimension (:func:`check_nonempty`)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,31 @@ import torch
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def check_nonempty(where: str, *dims: tuple[str, int]) -> None:
+    """``ValueError`` naming the first empty dimension of ``dims`` (``(name, size)`` pairs):
+    ``"{where}: {name} must be >= 1, got {size}"``. A weight dimension (N, K, a rank, channels,
+    row groups) is never empty; an empty batch (M = 0) is not checked here: it works."""
+    for name, size in dims:
+        if size < 1:
+            raise ValueError(f"{where}: {name} must be >= 1, got {size}")
+
+
 def check_activation(x: torch.Tensor, n: int, kp: int, k_unit: int, weight: torch.Tensor,
-                     weight_name: str, bias: torch.Tensor | None) -> None:
-    """Named ``TypeError``/``ValueError`` for ``x[..., K]`` and ``bias[N]`` against a packed
-    weight of ``N`` rows and padded width ``kp`` (``K`` in ``(kp - k_unit, kp]``), whose
-    floating tensor ``weight`` (named ``weight_name``) fixes the dtype and device."""
+                     weight_name: str, bias: torch.Tensor | None, *, where: str,
+                     empty_k: bool = False) -> None:
+    """Named ``TypeError``/``ValueError`` for ``x[..., K]`` (``K >= 1`` unless ``empty_k``: an
+    unpacked weight, where K = 0 is an empty product as in ``F.linear``; any batch, M = 0
+    included) and ``bias[N]`` against a packed weight of ``N`` rows and padded width ``kp``
+    (``K`` in ``(kp - k_unit, kp]``), whose floating tensor ``weight`` (named ``weight_name``)
+    fixes the dtype and device. ``where`` (the op) prefixes the empty-K message."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in ACT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., K]")
+    if not empty_k:
+        check_nonempty(where, ("K (x.shape[-1])", x.shape[-1]))
     if weight.dtype != x.dtype:
         raise TypeError(f"{weight_name} dtype {weight.dtype} must match x dtype {x.dtype}")
     k = x.shape[-1]

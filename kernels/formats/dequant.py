@@ -29,6 +29,8 @@ Codebook format (weight sharing)
 dtype, ``R`` row groups (``R`` divides N; ``R = 1``: one table for the layer), ``q`` packed as
 above (``b`` in {2, 3, 4, 8}).
 
+N, K and R are at least 1: the packers and the checks refuse an empty weight by name.
+
 Everything here is plain torch: packing, unpacking, dequantizing, byte counts and the named
 checks of packed inputs. The kernels reading these formats are in
 :mod:`compress_ops.kernels.dequant`; the algorithms that choose grids and codebooks are in
@@ -40,7 +42,11 @@ from __future__ import annotations
 import torch
 
 from compress_ops._validate import check_choice, is_int
-from compress_ops.kernels.formats._common import check_activation, check_companion
+from compress_ops.kernels.formats._common import (
+    check_activation,
+    check_companion,
+    check_nonempty,
+)
 
 __all__ = [
     "BITS",
@@ -108,6 +114,7 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     if q.dim() != 2 or q.is_floating_point() or q.dtype == torch.bool:
         raise TypeError(f"q must be a 2-D integer tensor, got {q.dtype} {tuple(q.shape)}")
     n, kp = q.shape
+    check_nonempty("pack_bits", ("N (q.shape[0])", n), ("Kp (q.shape[1])", kp))
     if kp % WORD_COLS:
         raise ValueError(f"q must have a multiple of {WORD_COLS} columns, got {kp}")
     if q.numel() and (q.min() < 0 or q.max() >= 2**bits):
@@ -128,7 +135,7 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(qweight: torch.Tensor, bits: int, k: int | None = None) -> torch.Tensor:
     """Unsigned fields ``q[N, K]`` (int32) of ``qweight`` (``K = Kp`` when ``k`` is None)."""
     _check_bits(bits)
-    _check_qweight(qweight, bits)
+    _check_qweight(qweight, bits, where="unpack_bits")
     n, w = qweight.shape
     kp = packed_k(w, bits)
     k = kp if k is None else k
@@ -145,13 +152,16 @@ def unpack_bits(qweight: torch.Tensor, bits: int, k: int | None = None) -> torch
     return q.reshape(n, kp)[:, :k]
 
 
-def _check_qweight(qweight: torch.Tensor, bits: int, name: str = "qweight") -> None:
+def _check_qweight(qweight: torch.Tensor, bits: int, name: str = "qweight", *,
+                   where: str) -> None:
     if not isinstance(qweight, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(qweight).__name__}")
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise TypeError(f"{name} must be a 2-D int32 tensor [N, Kp*bits/32], got "
                         f"{qweight.dtype} shape {tuple(qweight.shape)}")
-    if qweight.shape[1] % bits or qweight.shape[1] == 0:
+    check_nonempty(where, (f"N ({name}.shape[0])", qweight.shape[0]),
+                   (f"K ({name}.shape[1] = Kp*bits/32)", qweight.shape[1]))
+    if qweight.shape[1] % bits:
         raise ValueError(f"{name} has {qweight.shape[1]} words per row: not a whole number of "
                          f"32-column blocks of {bits}-bit fields ({bits} words each)")
 
@@ -160,7 +170,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
                bits: int, group_size: int, k: int | None = None, *,
                dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense ``W[N, K] = (q - z) * s`` of the affine format, in ``dtype`` (default: scales')."""
-    check_affine(qweight, scales, zeros, bits, group_size)
+    check_affine(qweight, scales, zeros, bits, group_size, where="dequantize")
     dtype = dtype or scales.dtype
     n = qweight.shape[0]
     q = unpack_bits(qweight, bits).to(dtype).reshape(n, scales.shape[1], -1)
@@ -173,7 +183,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
 def codebook_weight(indices: torch.Tensor, codebook: torch.Tensor, bits: int,
                     k: int | None = None, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense ``W[N, K] = codebook[n // rows_per_group, q]`` in ``dtype`` (default: codebook's)."""
-    check_codebook(indices, codebook, bits)
+    check_codebook(indices, codebook, bits, where="codebook_weight")
     n = indices.shape[0]
     q = unpack_bits(indices, bits, k).to(torch.int64)
     table = codebook.to(dtype or codebook.dtype)
@@ -186,6 +196,7 @@ def empty_affine(n: int, k: int, bits: int, group_size: int | None, symmetric: b
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(qweight, scales, zeros)`` of an all-zero ``[n, k]`` weight: every field holds the
     grid's zero ``2**(bits - 1)``, scales are one (``zeros`` is None when ``symmetric``)."""
+    check_nonempty("empty_affine", ("N", n), ("K", k))
     gs = effective_group_size(k, group_size)
     kp = padded_k(k, gs)
     zero_q = 2 ** (bits - 1)  # offset binary: q = 2**(b-1) is a zero weight
@@ -197,10 +208,11 @@ def empty_affine(n: int, k: int, bits: int, group_size: int | None, symmetric: b
 
 
 def check_affine(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 bits: int, group_size: int) -> None:
-    """Validate an affine packed weight (shapes, dtypes, devices), with named errors."""
+                 bits: int, group_size: int, *, where: str = "check_affine") -> None:
+    """Validate an affine packed weight (shapes, dtypes, devices), with named errors; an empty
+    weight is refused naming the dimension, after ``where`` (the caller)."""
     _check_bits(bits)
-    _check_qweight(qweight, bits)
+    _check_qweight(qweight, bits, where=where)
     n, w = qweight.shape
     kp = packed_k(w, bits)
     if not is_int(group_size):
@@ -222,10 +234,12 @@ def check_affine(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
         check_companion(zeros, "zeros", tuple(scales.shape), scales, "scales")
 
 
-def check_codebook(indices: torch.Tensor, codebook: torch.Tensor, bits: int) -> None:
-    """Validate a codebook packed weight (shapes, dtypes, devices), with named errors."""
+def check_codebook(indices: torch.Tensor, codebook: torch.Tensor, bits: int, *,
+                   where: str = "check_codebook") -> None:
+    """Validate a codebook packed weight (shapes, dtypes, devices), with named errors; an empty
+    weight (no rows, columns or row groups) is refused naming the dimension, after ``where``."""
     _check_bits(bits)
-    _check_qweight(indices, bits, "indices")
+    _check_qweight(indices, bits, "indices", where=where)
     n = indices.shape[0]
     if not isinstance(codebook, torch.Tensor) or not codebook.is_floating_point():
         raise TypeError("codebook must be a floating-point torch.Tensor")
@@ -233,7 +247,8 @@ def check_codebook(indices: torch.Tensor, codebook: torch.Tensor, bits: int) -> 
         raise ValueError(f"codebook shape {tuple(codebook.shape)} must be (R, 2**bits) = "
                          f"(R, {2**bits})")
     r = codebook.shape[0]
-    if r < 1 or n % r:
+    check_nonempty(where, ("R (codebook.shape[0], row groups)", r))
+    if n % r:
         raise ValueError(f"codebook has {r} row groups, which must divide N={n}")
     if codebook.device != indices.device:
         raise ValueError(f"codebook on {codebook.device} but indices on {indices.device}")
@@ -259,15 +274,17 @@ def check_affine_inputs(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                         group_size: int) -> None:
     """Named ``TypeError``/``ValueError`` for every bad input of an affine linear
     (``x[..., K]``, the packed weight, ``bias[N]``)."""
-    check_affine(qweight, scales, zeros, bits, group_size)
+    check_affine(qweight, scales, zeros, bits, group_size, where="dequant_linear")
     kp = packed_k(qweight.shape[1], bits)
     unit = WORD_COLS if group_size == kp else group_size
-    check_activation(x, qweight.shape[0], kp, unit, scales, "scales", bias)
+    check_activation(x, qweight.shape[0], kp, unit, scales, "scales", bias,
+                     where="dequant_linear")
 
 
 def check_codebook_inputs(x: torch.Tensor, indices: torch.Tensor, codebook: torch.Tensor,
                           bias: torch.Tensor | None, bits: int) -> None:
     """Named ``TypeError``/``ValueError`` for every bad input of a codebook linear."""
-    check_codebook(indices, codebook, bits)
+    check_codebook(indices, codebook, bits, where="codebook_linear")
     kp = packed_k(indices.shape[1], bits)
-    check_activation(x, indices.shape[0], kp, WORD_COLS, codebook, "codebook", bias)
+    check_activation(x, indices.shape[0], kp, WORD_COLS, codebook, "codebook", bias,
+                     where="codebook_linear")

@@ -12,6 +12,12 @@ module. ``k`` in {3, 5}, stride 1 or 2, dilation 1, zero padding ``(left, right,
 (asymmetric 'same' padding of TensorFlow ports included): ``Ho = (H + top + bottom - k) //
 stride + 1``, likewise ``Wo``.
 
+Empty dimensions: an empty batch works and gives the empty result: ``B = 0``, or ``Ho = 0`` /
+``Wo = 0`` (the padded input short of the kernel by less than one stride; an input with
+``H = 0`` under the usual 'same' padding). A negative output size, and an input with ``H = 0``
+or ``W = 0`` that the padding alone would turn into output rows or columns, are refused; so are
+``C = 0`` and ``Cout = 0`` (an empty weight), naming the dimension.
+
 Activations (``act1`` after the depthwise conv, ``act2`` after the pointwise one):
 :data:`ACTIVATIONS`, computed as :data:`ACTIVATION_FNS`. The kernel is
 :mod:`compress_ops.kernels.dwsep_conv`.
@@ -25,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from compress_ops._validate import check_choice, is_int
-from compress_ops.kernels.formats._common import ACT_DTYPES, check_companion
+from compress_ops.kernels.formats._common import ACT_DTYPES, check_companion, check_nonempty
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_FNS", "KERNEL_SIZES", "STRIDES", "output_size",
            "dwsep_bytes", "check_inputs"]
@@ -35,6 +41,7 @@ ACTIVATION_FNS = {"none": lambda v: v, "relu": F.relu, "relu6": F.relu6,
                   "hardswish": F.hardswish, "silu": F.silu}
 KERNEL_SIZES = (3, 5)
 STRIDES = (1, 2)
+_OP = "dwsep_conv2d"  # names the op in the empty-dimension errors
 
 
 def output_size(h: int, w: int, k: int, stride: int,
@@ -70,6 +77,7 @@ def check_inputs(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor
     _tensor(dw_weight, "dw_weight")
     _tensor(pw_weight, "pw_weight")
     b, c, h, w = x.shape
+    check_nonempty(_OP, ("C (x.shape[1])", c))
     if dw_weight.dim() != 3 or dw_weight.shape[1] != dw_weight.shape[2]:
         raise ValueError(f"dw_weight must be [C, k, k] (a depthwise kernel, groups = channels), "
                          f"got shape {tuple(dw_weight.shape)}")
@@ -88,12 +96,18 @@ def check_inputs(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor
     if pw_weight.dim() != 2 or pw_weight.shape[1] != c:
         raise ValueError(f"pw_weight must be [Cout, C={c}], got shape {tuple(pw_weight.shape)}")
     cout = pw_weight.shape[0]
+    check_nonempty(_OP, ("Cout (pw_weight.shape[0])", cout))
     for name, act in (("act1", act1), ("act2", act2)):
         if act not in ACTIVATIONS:
             raise ValueError(f"{name} must be one of {ACTIVATIONS}, got {act!r}")
     ho, wo = output_size(h, w, k, stride, padding)
-    if ho < 1 or wo < 1:
-        raise ValueError(f"input {h}x{w} is smaller than the padded kernel: output {ho}x{wo}")
+    if ho < 0 or wo < 0:
+        raise ValueError(f"input {h}x{w} is smaller than the padded kernel: output {ho}x{wo} "
+                         "(an output of 0 rows or columns is an empty result, a negative one "
+                         "an error)")
+    if (h == 0 and ho > 0) or (w == 0 and wo > 0):
+        raise ValueError(f"x has H={h}, W={w}: an empty input would give an output of "
+                         f"{ho}x{wo} from the padding {tuple(padding)} alone")
     for name, t, shape in (("dw_weight", dw_weight, None), ("pw_weight", pw_weight, None),
                            ("dw_bias", dw_bias, (c,)), ("pw_bias", pw_bias, (cout,)),
                            ("residual", residual, (b, cout, ho, wo))):

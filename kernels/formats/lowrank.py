@@ -2,20 +2,25 @@
 
 A rank-``r`` linear stores ``u [N, r]`` and ``v [r, K]`` (``W ~ u @ v``), optionally a dense base
 ``weight [N, K]`` (a LoRA-shaped adapter on a frozen layer), all in the activation dtype: no
-packing. The fused kernel pads the rank to ``BLOCK_R`` (:func:`padded_rank`) on chip only. The
-kernel is :mod:`compress_ops.kernels.lowrank`; the factorizations are
-:mod:`compress_ops.factorize`.
+packing. N, K and r are at least 1 (the checks refuse an empty weight by name). The fused kernel
+pads the rank to ``BLOCK_R`` (:func:`padded_rank`) on chip only. The kernel is
+:mod:`compress_ops.kernels.lowrank`; the factorizations are :mod:`compress_ops.factorize`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from compress_ops.kernels.formats._common import check_activation, check_companion
+from compress_ops.kernels.formats._common import (
+    check_activation,
+    check_companion,
+    check_nonempty,
+)
 
 __all__ = ["MAX_RANK", "padded_rank", "lowrank_bytes", "check_inputs"]
 
 MAX_RANK = 256  # the fused kernel's largest padded rank (a [BLOCK_M, 256] fp32 tile in registers)
+_OP = "lowrank_linear"  # names the op in the empty-dimension errors
 
 
 def padded_rank(r: int) -> int:
@@ -38,22 +43,25 @@ def _check_factor(t: object, name: str, shape_doc: str) -> None:
 def check_inputs(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                  weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
     """Named ``TypeError``/``ValueError`` for every bad input of a low-rank linear (the op
-    accepts any rank; the fused kernel's limit is :data:`MAX_RANK`)."""
+    accepts any rank r >= 1; the fused kernel's limit is :data:`MAX_RANK`). Rank 0 is refused
+    naming it; N = 0 or K = 0 works (an empty result, or the bias), as ``F.linear`` does."""
     _check_factor(u, "u", "[N, r]")
     _check_factor(v, "v", "[r, K]")
     n, r = u.shape
-    if r < 1 or v.shape[0] != r:
+    check_nonempty(_OP, ("r (u.shape[1])", r))
+    if v.shape[0] != r:
         raise ValueError(f"u [N, r] and v [r, K] must share a rank r >= 1, got u "
                          f"{tuple(u.shape)} and v {tuple(v.shape)}")
+    k = v.shape[1]
     if v.dtype != u.dtype:
         raise TypeError(f"v dtype {v.dtype} must match u dtype {u.dtype}")
     if v.device != u.device:
         raise ValueError(f"u on {u.device} but v on {v.device}")
-    k = v.shape[1]
-    if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != k:
-        raise ValueError(f"x last dim (K={x.shape[-1]}) must equal v.shape[1] (K={k})")
+    if isinstance(x, torch.Tensor) and x.dim() >= 1:
+        if x.shape[-1] != k:
+            raise ValueError(f"x last dim (K={x.shape[-1]}) must equal v.shape[1] (K={k})")
     if isinstance(x, torch.Tensor) and x.device != u.device:
         raise ValueError(f"x on {x.device} but u and v on {u.device}")
-    check_activation(x, n, k, 1, u, "u", bias)
+    check_activation(x, n, k, 1, u, "u", bias, where=_OP, empty_k=True)
     if weight is not None:
         check_companion(weight, "weight", (n, k), x, "x")

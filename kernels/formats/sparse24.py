@@ -12,11 +12,15 @@ A weight ``W[N, K]`` is 2:4 sparse along K when every group of four consecutive 
   each. The position of ``values[n, j]`` is ``(meta[n, j // 16] >> (2 * (j % 16))) & 3``: one
   32-bit word covers 16 values = 8 groups = 32 dense columns; within a word, bits ``[4i, 4i + 4)``
   describe group ``i`` (low two bits: first value, high two bits: second value). Positions of the
-  two values of a group are distinct and increasing.
+  two values of a group are distinct and increasing: the CPU unpack (a scatter) and the
+  kernels (a GEMV summing, a GEMM tile selecting per position) read anything else differently,
+  so metadata from outside :func:`pack_sparse24` is checked with :func:`check_meta`.
 
 ``Kp`` is K rounded up to a multiple of :data:`K_ALIGN` (32, one metadata word). ``pack_sparse24``
-pads with zeros, so the padding is invisible: kernels mask activations at ``k >= K``. Stored
-bytes per weight: ``esize / 2 + 1 / 8`` (fp16: 1.125 B, i.e. 0.5625x of dense).
+pads with zeros, so the padding is invisible: kernels mask activations at ``k >= K``. A group
+entirely past K is stored as positions ``(0, 1)`` with zero values. Stored bytes per weight:
+``esize / 2 + 1 / 8`` (fp16: 1.125 B, i.e. 0.5625x of dense). N and K are at least 1: the packers
+and the checks refuse an empty weight by name.
 
 Everything here is plain torch (it runs, and traces, on any device): pruning to 2:4, packing,
 unpacking, byte counts and the named checks of packed inputs. The kernels reading this format
@@ -27,7 +31,8 @@ from __future__ import annotations
 
 import torch
 
-from compress_ops.kernels.formats._common import check_activation
+from compress_ops._validate import is_int
+from compress_ops.kernels.formats._common import check_activation, check_nonempty
 
 __all__ = [
     "K_ALIGN",
@@ -40,6 +45,7 @@ __all__ = [
     "empty_sparse24",
     "value_columns",
     "check_compressed",
+    "check_meta",
     "check_inputs",
     "sparse24_bytes",
 ]
@@ -48,6 +54,8 @@ K_ALIGN = 32  # dense columns per metadata word; pack pads K up to a multiple of
 _VALUES_PER_WORD = 16
 # Metadata of a group holding positions (0, 1): nibble 0b0100, repeated over the 8 groups.
 _EMPTY_META_WORD = 0x44444444
+_FIRST_POSITIONS = 0x33333333  # the low two bits of every nibble
+_ONES = 0x11111111  # 1 in every nibble
 
 
 def padded_k(k: int) -> int:
@@ -108,6 +116,7 @@ def pack_sparse24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     _check_weight(w)
     n, k = w.shape
+    check_nonempty("pack_sparse24", ("N (w.shape[0])", n), ("K (w.shape[1])", k))
     g = _grouped(w)
     nnz = (g != 0).sum(-1)
     bad = (nnz > 2).nonzero()
@@ -148,7 +157,7 @@ def unpack_sparse24(
 
     Pure torch ops (scatter), so it traces under ``torch.compile`` and runs on any device.
     """
-    check_compressed(values, meta)
+    check_compressed(values, meta, where="unpack_sparse24")
     n, half = values.shape
     kp = 2 * half
     if k is None:
@@ -164,14 +173,18 @@ def unpack_sparse24(
 def empty_sparse24(n: int, k: int, *, dtype: torch.dtype, device: torch.device | str | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, meta)`` of an all-zero ``[n, k]`` weight (valid metadata: positions 0, 1)."""
+    check_nonempty("empty_sparse24", ("N", n), ("K", k))
     kp = padded_k(k)
     values = torch.zeros(n, kp // 2, device=device, dtype=dtype)
     meta = torch.full((n, kp // K_ALIGN), _EMPTY_META_WORD, device=device, dtype=torch.int32)
     return values, meta
 
 
-def check_compressed(values: torch.Tensor, meta: torch.Tensor) -> None:
-    """Validate a ``(values, meta)`` pair: shapes, dtypes and devices, with named errors."""
+def check_compressed(values: torch.Tensor, meta: torch.Tensor, *,
+                     where: str = "check_compressed") -> None:
+    """Validate a ``(values, meta)`` pair: shapes, dtypes and devices, with named errors; an
+    empty weight (N or Kp of 0) is refused naming the dimension, after ``where`` (the caller).
+    The positions in ``meta`` are not read: :func:`check_meta` does that."""
     if not isinstance(values, torch.Tensor) or not isinstance(meta, torch.Tensor):
         raise TypeError("values and meta must be torch.Tensors")
     if values.dim() != 2 or not values.is_floating_point():
@@ -185,6 +198,7 @@ def check_compressed(values: torch.Tensor, meta: torch.Tensor) -> None:
             f"{tuple(meta.shape)}"
         )
     n, half = values.shape
+    check_nonempty(where, ("N (values.shape[0])", n), ("K (values.shape[1] = Kp/2)", half))
     if half % (K_ALIGN // 2) != 0:
         raise ValueError(
             f"values must have Kp/2 columns with Kp a multiple of {K_ALIGN}, got {half}"
@@ -196,6 +210,62 @@ def check_compressed(values: torch.Tensor, meta: torch.Tensor) -> None:
         )
     if meta.device != values.device:
         raise ValueError(f"values on {values.device} but meta on {meta.device}")
+
+
+def _signed(word: int) -> int:
+    """A 32-bit pattern as the int32 value torch stores."""
+    return word - 2**32 if word >= 2**31 else word
+
+
+def check_meta(meta: torch.Tensor, k: int | None = None) -> None:
+    """``ValueError`` naming the first bad group (row-major order) of a metadata tensor that
+    :func:`pack_sparse24` cannot have written: two positions of a group equal (duplicate) or
+    decreasing, and, with the layer's ``k`` given, a group entirely past K (padding) that does
+    not hold ``(0, 1)`` (for example metadata packed for a larger K). ``TypeError`` for a
+    non-tensor or a meta that is not 2-D int32.
+
+    Metadata that passes gives the same product on every path (CPU unpack, GEMV and GEMM
+    kernels). Vectorised over whole words (a few int32 ops per word, no per-group expansion):
+    cheap enough for every load, on any device (one host sync). Values are not read.
+    """
+    if not isinstance(meta, torch.Tensor):
+        raise TypeError(f"meta must be a torch.Tensor, got {type(meta).__name__}")
+    if meta.dtype != torch.int32 or meta.dim() != 2:
+        raise TypeError(f"meta must be a 2-D int32 tensor [N, Kp/32], got {meta.dtype} shape "
+                        f"{tuple(meta.shape)}")
+    words = meta.shape[1]
+    kp = words * K_ALIGN
+    if k is not None and (not is_int(k) or not max(1, kp - K_ALIGN + 1) <= k <= kp):
+        raise ValueError(f"k={k!r} does not fit meta of {words} words per row: K must be in "
+                         f"({kp - K_ALIGN}, {kp}] and at least 1")
+    # Per 4-bit group: p1 + 4 - p0 - 1 lies in [0, 6], so no borrow crosses groups, and its
+    # bit 2 is set exactly when p1 > p0 (distinct and increasing).
+    p0 = meta & _FIRST_POSITIONS
+    p1 = (meta >> 2) & _FIRST_POSITIONS  # arithmetic shift: the sign bits are masked off
+    bad = ((p1 | _EMPTY_META_WORD) - p0 - _ONES) & _EMPTY_META_WORD != _EMPTY_META_WORD
+    first_pad = 8 if k is None else -(-k // 4) - 8 * (words - 1)  # in the last word, 1..8
+    if first_pad < 8:  # groups past K: only in the last word, as pack writes them
+        pad = _signed((0xFFFFFFFF << 4 * first_pad) & 0xFFFFFFFF)
+        bad[:, -1] |= meta[:, -1] & pad != _EMPTY_META_WORD & pad
+    if not bool(bad.any()):
+        return
+    row, word = divmod(int(torch.argmax(bad.flatten().to(torch.uint8))), words)
+    value = int(meta[row, word]) & 0xFFFFFFFF
+    for lane in range(8):  # the 8 groups of the one reported word
+        nibble = value >> 4 * lane & 0xF
+        a, b = nibble & 3, nibble >> 2
+        g = 8 * word + lane
+        where = f"meta row {row}, group {g} (columns {4 * g}..{4 * g + 3})"
+        if a >= b:
+            what = "duplicate" if a == b else "decreasing"
+            raise ValueError(
+                f"{where} stores {what} positions ({a}, {b}): the two values of a group must "
+                "sit at distinct, increasing positions (as pack_sparse24 writes them); the CPU "
+                "unpack and the Triton kernels read such a group differently")
+        if word == words - 1 and lane >= first_pad and nibble != 0b0100:
+            raise ValueError(
+                f"{where} lies past K={k} but stores positions ({a}, {b}); pack_sparse24 "
+                "stores padding groups as (0, 1) (was this meta packed for a larger K?)")
 
 
 def sparse24_bytes(n: int, k: int, dtype: torch.dtype) -> int:
@@ -212,5 +282,6 @@ def check_inputs(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     (``x[..., K]``, the packed pair, ``bias[N]``)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    check_compressed(values, meta)
-    check_activation(x, values.shape[0], 2 * values.shape[1], K_ALIGN, values, "values", bias)
+    check_compressed(values, meta, where="sparse24_linear")
+    check_activation(x, values.shape[0], 2 * values.shape[1], K_ALIGN, values, "values", bias,
+                     where="sparse24_linear")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from compress_ops._validate import check_int, check_number, is_int
+from compress_ops.configs import UnsupportedWeight
 
 __all__ = ["SVDFactors", "energy_rank", "svd_factors", "Tucker2Factors", "tucker2",
            "RANDOMIZED_MIN_DIM"]
@@ -22,6 +23,12 @@ __all__ = ["SVDFactors", "energy_rank", "svd_factors", "Tucker2Factors", "tucker
 RANDOMIZED_MIN_DIM = 1024
 _OVERSAMPLE = 16
 _POWER_ITERS = 4
+
+
+def _check_finite(weight: torch.Tensor) -> None:
+    # the message of quantize._check_weight: every config refuses non-finite weights alike
+    if not torch.isfinite(weight).all():
+        raise UnsupportedWeight("w contains NaN or Inf")
 
 
 def _check_fraction(energy: float) -> None:
@@ -89,10 +96,12 @@ def svd_factors(weight: torch.Tensor, rank: int | None = None, energy: float | N
     ``"auto"`` (randomized when ``min(N, K) >= RANDOMIZED_MIN_DIM`` and the rank it needs is
     at most a quarter of it, else exact; for ``energy``, exact as soon as the sketch would
     have to grow past half of ``min(N, K)``). By Eckart-Young the exact result's error
-    ``||W - u @ v||_F**2`` is the sum of the discarded ``sigma**2``.
+    ``||W - u @ v||_F**2`` is the sum of the discarded ``sigma**2``. A weight with a NaN or
+    an Inf raises :class:`~compress_ops.configs.UnsupportedWeight`.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("weight must be a 2-D tensor [N, K]")
+    _check_finite(weight)
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank and energy")
     if method not in ("auto", "exact", "randomized"):
@@ -176,10 +185,11 @@ def tucker2(weight: torch.Tensor, ranks: tuple[int, int] | None = None,
     (alternating refits of each basis against the other), all in float64.
 
     ``ranks = (r_out, r_in)`` or ``energy`` (exactly one). With full ranks the composition is
-    exact.
+    exact. A weight with a NaN or an Inf raises :class:`~compress_ops.configs.UnsupportedWeight`.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError("weight must be a 4-D conv kernel [C_out, C_in, kh, kw]")
+    _check_finite(weight)
     if (ranks is None) == (energy is None):
         raise ValueError("give exactly one of ranks and energy")
     c_out, c_in, kh, kw = weight.shape

@@ -121,8 +121,14 @@ def _round_to_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     z = zeros.to(work) if zeros is not None else torch.full_like(s, half)
     q = torch.clamp(torch.round(wf / s[..., None] + z[..., None]), 0, 2**bits - 1)
     dtype = scales.dtype
-    zd = zeros.to(dtype)[:, :, None] if zeros is not None else 2.0 ** (bits - 1)
-    return ((q.to(dtype) - zd) * scales[:, :, None]).reshape(n, kp)[:, :k]
+    # an end level whose value overflows the grid's dtype is unused (quantize_affine leaves it
+    # so for fp16 grids at +-65504): round to its neighbour instead
+    top = 2**bits - 1
+    low_bad = ~torch.isfinite(((0 - z) * s).to(dtype))[..., None]
+    high_bad = ~torch.isfinite(((top - z) * s).to(dtype))[..., None]
+    q = torch.where(low_bad, q.clamp_min(1), q)
+    q = torch.where(high_bad, q.clamp_max(top - 1), q)
+    return ((q - z[..., None]) * s[..., None]).to(dtype).reshape(n, kp)[:, :k]
 
 
 class FakeQuantLinear(nn.Module):

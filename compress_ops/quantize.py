@@ -14,6 +14,7 @@ from compress_ops._validate import check_choice
 from compress_ops.configs import UnsupportedWeight
 from compress_ops.kernels.formats.dequant import (
     BITS,
+    dequantize,
     effective_group_size,
     pack_bits,
     padded_k,
@@ -64,6 +65,23 @@ def _check_weight(w: torch.Tensor) -> None:
         raise UnsupportedWeight("w contains NaN or Inf")
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _smallest(dtype: torch.dtype) -> float:
+    """The smallest positive value of ``dtype`` (a subnormal: fp16 2**-24, bf16 2**-133)."""
+    fi = torch.finfo(dtype)
+    return fi.tiny * fi.eps
+
+
+# A grid whose end point overflows the storage dtype after rounding steps its scale down one
+# value of that dtype at a time; rounding overshoots by a few values at most.
+_MAX_STEPS_DOWN = 8
+# The q range of each group where a grid's end levels overflow: (q_lo, q_hi), or None.
+_Bounds = tuple[torch.Tensor, torch.Tensor] | None
+
+
 def quantize_affine(w: torch.Tensor, bits: int, group_size: int | None = 128, *,
                     symmetric: bool = False, search_steps: int = 20, max_shrink: float = 0.5,
                     dtype: torch.dtype | None = None) -> AffineWeight:
@@ -72,10 +90,26 @@ def quantize_affine(w: torch.Tensor, bits: int, group_size: int | None = 128, *,
     The grid of each group starts at its min/max (symmetric: ``±max|w|``); with
     ``search_steps > 0`` the range is also shrunk by factors ``1 - max_shrink * i / steps`` and
     each group keeps the range with the least squared error (clipping a few outliers buys
-    resolution for the rest). Scales (and fractional zero points) are stored in ``dtype``
-    (default ``w.dtype``) and ``q`` is computed with the stored values, so dequantization
-    reproduces the error measured here. ``search_steps=0`` is plain min/max RTN: every weight
-    is then within ``scale / 2`` of its dequantized value.
+    resolution for the rest). ``search_steps=0`` is plain min/max RTN: every weight is then
+    within ``scale / 2`` of its dequantized value.
+
+    Scales (and fractional zero points) are stored in ``dtype`` (default ``w.dtype``), and every
+    candidate grid is rounded to it *before* it is evaluated: ``q`` and the error are computed
+    with the stored values, dequantized like the kernels (float32, then cast to ``dtype``), so
+    the search picks the grid that is actually stored. At the limits of ``dtype``:
+
+    - a scale below its smallest positive value becomes that value (fp16 weights of ~1e-6
+      are subnormal multiples of 2**-24, and so is their scale); an all-zero group keeps
+      scale 1, which reconstructs exact zeros;
+    - a grid whose end point ``(2**b - 1 - z) * s`` or ``-z * s`` overflows ``dtype`` after
+      rounding steps its scale down to the next smaller value of ``dtype`` until it is finite
+      (clipping the top value by a few ulps). A symmetric grid's extra negative level
+      ``-2**(b-1) * s`` is left unused where it alone overflows.
+
+    Raises :class:`~compress_ops.configs.UnsupportedWeight` for a NaN or Inf, for values
+    beyond ``dtype``'s range, and (a guard, never seen on weights stored in ``dtype``) for a
+    group whose stored grid dequantizes to a non-finite value or does no better than zeroing
+    it: with scales of a dtype narrower than the weight's, no grid may represent a group.
     """
     _check_weight(w)
     check_choice("bits", bits, BITS)
@@ -86,63 +120,222 @@ def quantize_affine(w: torch.Tensor, bits: int, group_size: int | None = 128, *,
     gs = effective_group_size(k, group_size)
     kp = padded_k(k, gs)
     wf = _work(w)
-    valid = torch.ones(n, kp, dtype=torch.bool, device=w.device)
-    if kp != k:
+    work = wf.dtype
+    padded = kp != k
+    if padded:
         wf = torch.nn.functional.pad(wf, (0, kp - k))
-        valid[:, k:] = False
     wg = wf.reshape(n, kp // gs, gs)
-    vg = valid.reshape(n, kp // gs, gs)
-    inf = torch.tensor(float("inf"), dtype=wf.dtype, device=w.device)
-    hi = torch.where(vg, wg, -inf).amax(-1)
-    lo = torch.where(vg, wg, inf).amin(-1)
+    if padded:
+        vg = torch.ones(n, kp, dtype=torch.bool, device=w.device)
+        vg[:, k:] = False
+        vg = vg.reshape(n, kp // gs, gs)
+        inf = torch.tensor(float("inf"), dtype=work, device=w.device)
+        hi = torch.where(vg, wg, -inf).amax(-1)
+        lo = torch.where(vg, wg, inf).amin(-1)
+    else:
+        hi, lo = wg.amax(-1), wg.amin(-1)
+    amax = torch.maximum(hi.abs(), lo.abs())
+    top = float(amax.max())
+    fi = torch.finfo(dtype)
+    if top > fi.max:
+        raise UnsupportedWeight(
+            f"w has values up to {top:.4g}, beyond the range of {_dtype_name(dtype)} "
+            f"(max {fi.max:.6g}), the dtype of its scales")
     qmax = 2**bits - 1
     half = 2 ** (bits - 1)
+    narrow = dtype != work  # the stored values are rounded to dtype
+    tiny = max(_smallest(dtype), _smallest(work))
+    # only weights near dtype's maximum can make a grid overflow
+    may_overflow = top * 4 > fi.max
+    # squared errors of groups near the ends of float32's range are summed in float64
+    nz = amax[amax > 0]
+    wide_err = work == torch.float32 and nz.numel() > 0 and (
+        top > 2.0**42 or float(nz.min()) < 2.0**-42)
 
     def stored(t: torch.Tensor) -> torch.Tensor:  # the value the storage dtype keeps
-        return t.to(dtype).to(wf.dtype)
+        return t.to(dtype).to(work) if narrow else t
 
-    def usable(t: torch.Tensor) -> torch.Tensor:
-        return torch.isfinite(t) & (t > 0)
+    def level(qv: int, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """Grid point ``qv`` as the kernels (float32, cast) and ``dequantize`` (arithmetic
+        in the storage dtype) compute it: finite where both are."""
+        d = float(qv - half) if z is None else stored(qv - z)
+        return torch.isfinite(stored((qv - (half if z is None else z)) * s)) & \
+            torch.isfinite(stored(d * s))
 
-    def grid(alpha: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fit(s: torch.Tensor, z: torch.Tensor | None, steps: int = _MAX_STEPS_DOWN
+            ) -> tuple[torch.Tensor, torch.Tensor | None, _Bounds]:
+        """Step the scales of grids whose end points overflow down (the top one of a
+        symmetric grid, both of an asymmetric one), at most ``steps`` values of dtype; an end
+        level still not finite (a symmetric grid's extra ``-2**(b-1) * s``, an integer zero
+        point's half step beyond the range) is left unused: ``q`` is clamped to the
+        returned ``(q_lo, q_hi)`` (None: ``[0, 2**b - 1]`` everywhere)."""
+        if not may_overflow:
+            return s, z, None
+        for _ in range(steps):
+            bad = ~level(qmax, s, z)
+            if z is not None:
+                bad |= ~level(0, s, z)
+            if not bool(bad.any()):
+                break
+            sd = s.to(dtype)
+            s = torch.where(bad, torch.nextafter(sd, torch.zeros_like(sd)).to(work), s)
+        low, high = ~level(0, s, z), ~level(qmax, s, z)
+        if not bool((low | high).any()):
+            return s, z, None
+        return s, z, (low.to(work), qmax - high.to(work))
+
+    one = torch.ones_like(amax)
+
+    def stored_up(t: torch.Tensor) -> torch.Tensor:
+        """Below dtype's normal range, where scales have few significant bits and rounding
+        to nearest could clip a third of the group, the next value of dtype at or above
+        ``t``, so the grid covers the group; elsewhere the nearest one."""
+        r = stored(t)
+        if not narrow:
+            return r
+        rd = r.to(dtype)
+        up = torch.nextafter(rd, torch.full_like(rd, float("inf"))).to(work)
+        return torch.where((r < t) & (r < fi.tiny), up, r)
+
+    def grid(alpha: float):
+        # the min/max grid covers its group; shrunk ranges round to nearest
+        rnd = stored_up if alpha == 1.0 else stored
         if symmetric:
-            amax = torch.maximum(hi.abs(), lo.abs()) * alpha
+            a = amax * alpha
             # levels (q - 2**(b-1)) * s: +-max|w| maps to +-(2**(b-1) - 1) (int2: +-1)
-            s = stored(amax / max(half - 1, 1))
-            return torch.where(usable(s), s, torch.ones_like(s)), None  # all-zero groups: s = 1
+            s = rnd(a / max(half - 1, 1))
+            # below dtype's smallest value: that value; all-zero groups: 1 (exact zeros)
+            return fit(torch.where(a > 0, s.clamp_min(tiny), one), None)
         lo_a, hi_a = lo * alpha, hi * alpha
-        s = stored((hi_a - lo_a) / qmax)
+        s = rnd(hi_a / qmax - lo_a / qmax)  # no overflow at the top of fp32's range
+        s = torch.where(hi_a > lo_a, s.clamp_min(tiny), one)
         z = stored(-lo_a / s)
         # Degenerate groups (constant, all zero, or so narrow and far from zero that the zero
         # point leaves the storage dtype's range): widen the range to include zero, which keeps
         # z in [0, 2**b - 1] and represents a constant (and zero) exactly.
-        ok = usable(s) & torch.isfinite(z) & (z.abs() <= 2 ** (bits + 1))
+        ok = (hi_a > lo_a) & torch.isfinite(z) & (z.abs() <= 2 ** (bits + 1))
         lo0, hi0 = lo_a.clamp(max=0), hi_a.clamp(min=0)
-        s0 = stored((hi0 - lo0) / qmax)
-        s0 = torch.where(usable(s0), s0, torch.ones_like(s0))
+        s0 = rnd(hi0 / qmax - lo0 / qmax)
+        s0 = torch.where(hi0 > lo0, s0.clamp_min(tiny), one)
         z0 = stored(-lo0 / s0)
-        return torch.where(ok, s, s0), torch.where(ok, z, z0)
+        return fit(torch.where(ok, s, s0), torch.where(ok, z, z0))
 
-    def quant(s: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        zz = z if z is not None else torch.full_like(s, half)
-        q = torch.clamp(torch.round(wg / s[..., None] + zz[..., None]), 0, qmax)
-        err = (((q - zz[..., None]) * s[..., None] - wg) ** 2 * vg).sum(-1)
-        return q, err
+    def quant(s: torch.Tensor, z: torch.Tensor | None, bounds: _Bounds) -> torch.Tensor:
+        q = wg / s[..., None]
+        q += half if z is None else z[..., None]
+        q.round_().clamp_(0, qmax)
+        if bounds is not None:
+            q = torch.clamp(q, bounds[0][..., None], bounds[1][..., None])
+        return q
 
-    s, z = grid(1.0)
-    q, err = quant(s, z)
-    for i in range(1, search_steps + 1):
-        s_i, z_i = grid(1.0 - max_shrink * i / search_steps)
-        q_i, err_i = quant(s_i, z_i)
+    def error(s: torch.Tensor, z: torch.Tensor | None, bounds: _Bounds) -> torch.Tensor:
+        d = quant(s, z, bounds)
+        d -= half if z is None else z[..., None]
+        d *= s[..., None]
+        d = stored(d)
+        d -= wg
+        if wide_err:
+            d = d.double()
+        d.square_()
+        if padded:
+            d *= vg
+        return d.sum(-1)
+
+    s, z, bounds = grid(1.0)
+    err = None
+    if search_steps or not symmetric:
+        err = error(s, z, bounds)
+    # (alpha, only where): 0 is the min/max grid with its zero point rounded to an integer.
+    # Zero is then a level, so no weight's error exceeds its magnitude (a fractional zero
+    # point can make an int2 grid worse than zeroing a heavy-tailed group). Plain RTN
+    # (search_steps = 0) takes it only where its own grid does no better than zeroing.
+    candidates: list[tuple[float, torch.Tensor | None]] = []
+    if not symmetric:
+        only = None
+        if not search_steps:
+            sq = wg.double() if wide_err else wg
+            sq = sq * sq
+            only = err >= ((sq * vg) if padded else sq).sum(-1)
+        candidates.append((0.0, only))
+    candidates += [(1.0 - max_shrink * i / search_steps, None)
+                   for i in range(1, search_steps + 1)]
+    for alpha, only in candidates:
+        if alpha == 0.0:
+            s_i, z_i, bounds_i = fit(s, z.round(), steps=0)
+        else:
+            s_i, z_i, bounds_i = grid(alpha)
+        err_i = error(s_i, z_i, bounds_i)
         better = err_i < err
+        if only is not None:
+            better &= only
         err = torch.where(better, err_i, err)
         s = torch.where(better, s_i, s)
         if z is not None:
             z = torch.where(better, z_i, z)
-        q = torch.where(better[..., None], q_i, q)
-    q = q.reshape(n, kp).to(torch.int32)
-    return AffineWeight(pack_bits(q, bits), s.to(dtype).contiguous(),
-                        None if z is None else z.to(dtype).contiguous(), bits, gs)
+        if bounds is not None or bounds_i is not None:
+            full = (torch.zeros_like(s), torch.full_like(s, qmax))
+            bounds = tuple(torch.where(better, b_i, b) for b_i, b in zip(
+                bounds_i or full, bounds or full, strict=True))
+    q = quant(s, z, bounds).reshape(n, kp).to(torch.int32)
+    out = AffineWeight(pack_bits(q, bits), s.to(dtype).contiguous(),
+                       None if z is None else z.to(dtype).contiguous(), bits, gs)
+    _check_affine_fit(w, out)
+    return out
+
+
+def _check_affine_fit(w: torch.Tensor, a: AffineWeight) -> None:
+    """Refuse a packed weight that would store garbage: a group that dequantizes (as
+    ``dequantize`` does in the storage dtype, or as the kernels do in float32 and cast) to a
+    non-finite value, or whose error is no better than zeroing it."""
+    n, k = w.shape
+    dtype = a.scales.dtype
+    name = _dtype_name(dtype)
+    gs = a.group_size
+    kp = padded_k(k, gs)
+    w_hat = dequantize(a.qweight, a.scales, a.zeros, a.bits, gs, k)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    w_ker = dequantize(a.qweight, a.scales, a.zeros, a.bits, gs, k, dtype=work).to(dtype)
+    for got in (w_hat, w_ker):
+        bad = ~torch.isfinite(got)
+        if bool(bad.any()):
+            r, c = (int(i) for i in bad.nonzero()[0])
+            raise UnsupportedWeight(
+                f"row {r}, group {c // gs}: its {a.bits}-bit grid dequantizes to a non-finite "
+                f"value with {name} scales; store the scales in a wider dtype")
+    pad = (0, kp - k)
+    w64 = torch.nn.functional.pad(w.detach().double(), pad).reshape(n, kp // gs, gs)
+    e64 = torch.nn.functional.pad(w_hat.double(), pad).reshape(n, kp // gs, gs)
+    norm = w64.norm(dim=-1)
+    e64 -= w64
+    bad = (norm > 0) & (e64.norm(dim=-1) >= norm)
+    if bool(bad.any()):
+        r, g = (int(i) for i in bad.nonzero()[0])
+        raise UnsupportedWeight(
+            f"row {r}, group {g} (max |w| = {float(w64[r, g].abs().max()):.4g}): its "
+            f"{a.bits}-bit grid with {name} scales does no better than zeroing it; store the "
+            f"scales in a wider dtype")
+
+
+def _midpoints(c: torch.Tensor) -> torch.Tensor:
+    """Midpoints of neighbouring sorted centroids: halves first, so values near the top of
+    float32's range do not overflow (the same rounded value as ``(a + b) / 2`` otherwise)."""
+    return (c[:, 1:] * 0.5 + c[:, :-1] * 0.5).contiguous()
+
+
+def _pow2_scale(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two power-of-two factors per row of a float32 ``v[R, P]`` (``[R, 1]`` each, both in
+    range) whose product brings the row's largest magnitude into ``[0.5, 1)``: exact scalings
+    that keep k-means sums and squared errors inside float32 at both ends of its range (bf16
+    and fp32 weights of 3e38 or 1e-40). None where every row is well inside it."""
+    if v.dtype != torch.float32:
+        return None
+    amax = torch.maximum(v.amax(1, keepdim=True), -v.amin(1, keepdim=True))
+    if not bool(((amax > 2.0**40) | ((amax > 0) & (amax < 2.0**-40))).any()):
+        return None
+    _, e = torch.frexp(amax)
+    e1 = e // 2
+    one = torch.ones(e.shape, dtype=v.dtype, device=v.device)
+    return torch.ldexp(one, -e1), torch.ldexp(one, e1 - e)
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 25, *, init: str = "quantile",
@@ -155,12 +348,16 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 25, *, init: str = "qua
     that grid). In 1-D the nearest centroid is found by binary search over the midpoints of the
     sorted centroids. Empty clusters keep their centroid. Returns sorted centroids ``[R, k]``.
     With ``history``, appends the total squared error before every iteration and after the
-    last: Lloyd's steps never increase it.
+    last: Lloyd's steps never increase it. Rows near either end of float32's range run
+    scaled by a power of two (exact), so their sums neither overflow nor underflow.
     """
     if values.dim() != 2 or values.shape[1] == 0:
         raise ValueError("values must be [R, P] with P >= 1")
     v = _work(values).contiguous()
     r, p = v.shape
+    scale = _pow2_scale(v)
+    if scale is not None:
+        v = v * scale[0] * scale[1]
     if init == "quantile":
         srt = v.sort(dim=1).values
         pos = ((torch.arange(k, device=v.device, dtype=v.dtype) + 0.5) / k * p).long()
@@ -171,10 +368,14 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 25, *, init: str = "qua
     else:
         raise ValueError(f"init must be 'quantile' or 'uniform', got {init!r}")
     for it in range(iters + 1):
-        mids = ((c[:, 1:] + c[:, :-1]) / 2).contiguous()
-        idx = torch.searchsorted(mids, v)
+        idx = torch.searchsorted(_midpoints(c), v)
         if history is not None:
-            history.append(float(((v - torch.gather(c, 1, idx)) ** 2).sum()))
+            sq = (v - torch.gather(c, 1, idx)) ** 2
+            if scale is None:
+                history.append(float(sq.sum()))
+            else:  # back at the values' own scale, in float64
+                unscale = (scale[0].double() * scale[1].double()).reciprocal().square()
+                history.append(float((sq.sum(1, keepdim=True).double() * unscale).sum()))
         if it == iters:
             break
         sums = torch.zeros_like(c).scatter_add_(1, idx, v)
@@ -185,12 +386,15 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 25, *, init: str = "qua
                 history.append(history[-1])
             break
         c = new.sort(dim=1).values
-    return c
+    return c if scale is None else c / scale[0] / scale[1]
 
 
 def _row_errors(values: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    mids = ((c[:, 1:] + c[:, :-1]) / 2).contiguous()
-    idx = torch.searchsorted(mids, values)
+    """Squared error of every row against its table (comparable within a row only)."""
+    scale = _pow2_scale(values)
+    if scale is not None:
+        values, c = values * scale[0] * scale[1], c * scale[0] * scale[1]
+    idx = torch.searchsorted(_midpoints(c), values)
     return ((values - torch.gather(c, 1, idx)) ** 2).sum(1)
 
 
@@ -204,9 +408,8 @@ def assign_codebook(w: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     cb = _work(codebook)
     order = cb.argsort(dim=1)
     srt = torch.gather(cb, 1, order)
-    mids = ((srt[:, 1:] + srt[:, :-1]) / 2).contiguous()
     v = _work(w).reshape(r, -1).contiguous()
-    idx = torch.searchsorted(mids, v)
+    idx = torch.searchsorted(_midpoints(srt), v)
     return torch.gather(order, 1, idx).reshape(n, k)
 
 
@@ -219,7 +422,9 @@ def fit_codebook(weights: list[torch.Tensor], bits: int, row_groups: int = 1,
 
     One weight with ``row_groups = R``: R tables over equal groups of rows. Several weights
     (cross-layer sharing): ``row_groups`` must be 1 and one table is fit over all of them.
-    Returned in ``dtype`` (default: the first weight's).
+    Returned in ``dtype`` (default: the first weight's). Centroids are averages of weights, so
+    they stay inside the weights' range; a table that ``dtype`` cannot hold (weights beyond its
+    range) raises :class:`~compress_ops.configs.UnsupportedWeight`.
     """
     check_choice("bits", bits, BITS)
     if not weights:
@@ -242,8 +447,11 @@ def fit_codebook(weights: list[torch.Tensor], bits: int, row_groups: int = 1,
     best = kmeans_1d(values, 2**bits, iters, init="quantile")
     other = kmeans_1d(values, 2**bits, iters, init="uniform")
     take = _row_errors(values, other) < _row_errors(values, best)
-    best = torch.where(take[:, None], other, best)
-    return best.to(dtype).contiguous()
+    best = torch.where(take[:, None], other, best).to(dtype).contiguous()
+    if not bool(torch.isfinite(best).all()):
+        raise UnsupportedWeight(
+            f"the weights' range exceeds {_dtype_name(dtype)}, the dtype of the codebook")
+    return best
 
 
 def encode_codebook(w: torch.Tensor, codebook: torch.Tensor, bits: int) -> CodebookWeight:

@@ -169,14 +169,18 @@ def _check_qweight(qweight: torch.Tensor, bits: int, name: str = "qweight", *,
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                bits: int, group_size: int, k: int | None = None, *,
                dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dense ``W[N, K] = (q - z) * s`` of the affine format, in ``dtype`` (default: scales')."""
+    """Dense ``W[N, K] = (q - z) * s`` of the affine format, in ``dtype`` (default: scales').
+
+    Computed in float32 (float64 for a float64 ``dtype``) and rounded to ``dtype`` once, as the
+    kernels do: a fractional zero point makes ``q - z`` inexact in fp16/bf16."""
     check_affine(qweight, scales, zeros, bits, group_size, where="dequantize")
     dtype = dtype or scales.dtype
+    work = torch.float64 if dtype == torch.float64 else torch.float32
     n = qweight.shape[0]
-    q = unpack_bits(qweight, bits).to(dtype).reshape(n, scales.shape[1], -1)
-    s = scales.to(dtype)[:, :, None]
-    z = zeros.to(dtype)[:, :, None] if zeros is not None else 2.0 ** (bits - 1)
-    w = ((q - z) * s).reshape(n, -1)
+    q = unpack_bits(qweight, bits).to(work).reshape(n, scales.shape[1], -1)
+    s = scales.to(work)[:, :, None]
+    z = zeros.to(work)[:, :, None] if zeros is not None else 2.0 ** (bits - 1)
+    w = ((q - z) * s).to(dtype).reshape(n, -1)
     return w if k is None else w[:, :k]
 
 

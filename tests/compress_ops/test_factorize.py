@@ -153,3 +153,27 @@ def test_tucker2_energy_per_mode():
         fz.tucker2(a[0], ranks=(2, 2))
     with pytest.raises(ValueError, match="ranks must be"):
         fz.tucker2(a, ranks=(2, 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite weights (issue 13)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_like_the_other_configs(bad):
+    from compress_ops.configs import UnsupportedWeight
+
+    w = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    w[3, 7] = bad
+    for method in ("exact", "randomized", "auto"):
+        with pytest.raises(UnsupportedWeight, match="w contains NaN or Inf"):
+            fz.svd_factors(w, rank=4, method=method)
+        with pytest.raises(UnsupportedWeight, match="w contains NaN or Inf"):
+            fz.svd_factors(w, energy=0.9, method=method)
+    conv = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    conv[2, 1, 0, 2] = bad
+    with pytest.raises(UnsupportedWeight, match="w contains NaN or Inf"):
+        fz.tucker2(conv, ranks=(2, 2))
+    with pytest.raises(UnsupportedWeight, match="w contains NaN or Inf"):
+        fz.tucker2(conv, energy=0.9)

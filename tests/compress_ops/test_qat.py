@@ -401,3 +401,29 @@ def test_prepare_qat_rejects_a_recipe_rule_that_matches_no_layer():
     with pytest.raises(ValueError, match="match no layer"):
         prepare_qat(model, co.Recipe({"0": co.QuantConfig(bits=4), "typo": None}))
     assert type(model[0]) is nn.Linear
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fake_quant_at_the_fp16_maximum_is_finite(symmetric):
+    """The grid's unused overflowing end level (fp16 weights at +-65504) is never chosen."""
+    lin = nn.Linear(64, 4).half()
+    with torch.no_grad():
+        lin.weight.copy_(torch.where(torch.rand(4, 64) < 0.5, 65504.0, -65504.0))
+    model = nn.Sequential(lin)
+    prepare_qat(model, co.QuantConfig(8, None, symmetric))
+    assert torch.isfinite(model[0].quantized_weight()).all()
+    x = torch.full((1, 64), 1e-4, dtype=torch.float16)
+    assert torch.isfinite(model(x)).all()
+    finalize_qat(model)
+    assert torch.isfinite(model[0].dense_weight()).all()
+
+
+def test_round_to_grid_never_picks_an_overflowing_level():
+    """A grid whose top level overflows fp16 (scale 516: 127 x 516 > 65504, what rounding
+    65504 / 127 up gives) rounds the weights at the top to the level below instead."""
+    from compress_ops.qat import _round_to_grid
+
+    w = torch.full((2, 32), 65504.0, dtype=torch.float16)
+    scales = torch.full((2, 1), 516.0, dtype=torch.float16)
+    out = _round_to_grid(w, scales, None, 8, 32)
+    assert torch.isfinite(out).all() and (out == 126 * 516).all()

@@ -81,6 +81,68 @@ def _field(w0, w1, w2, i: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _gemv_tile(acc, t, x_rows, q_ptr, s_ptr, z_ptr, lut_rows, rows_n, m_mask, n_mask,
+               K, KP, group_size, stride_qn, stride_sn,
+               BITS: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr):
+    """``acc`` plus K tile ``t`` of :func:`_dequant_gemv_kernel`. ``TAIL``: the tile may hold
+    columns past K (masked: their activations are 0 and their codebook entries are not read,
+    since 0 * a NaN entry would be NaN); else every column is real and nothing is masked."""
+    COLS: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # columns per unit
+    WORDS: tl.constexpr = 3 if BITS == 3 else 1  # words per unit
+    U: tl.constexpr = BLOCK_K // COLS
+    offs_u = t * U + tl.arange(0, U)  # unit index along the row
+    if TAIL:
+        un_mask = (offs_u < KP // COLS)[:, None] & n_mask[None, :]
+    else:
+        un_mask = tl.broadcast_to(n_mask[None, :], (U, BLOCK_N))
+    w_ptrs = q_ptr + rows_n[None, :] * stride_qn + (offs_u * WORDS)[:, None]
+    w0 = tl.load(w_ptrs, mask=un_mask, other=0)  # [U, BN]
+    if BITS == 3:
+        w1 = tl.load(w_ptrs + 1, mask=un_mask, other=0)
+        w2 = tl.load(w_ptrs + 2, mask=un_mask, other=0)
+    else:
+        w1 = w0
+        w2 = w0
+    part = tl.zeros((BLOCK_M, U, BLOCK_N), dtype=tl.float32)
+    xsum = tl.zeros((BLOCK_M, U), dtype=tl.float32)
+    for i in tl.static_range(COLS):
+        q = _field(w0, w1, w2, i, BITS)
+        if MODE == 2:
+            if TAIL:  # the field's column offsets in the tile, against K's
+                lut_mask = ((tl.arange(0, U) * COLS + i) < K - t * BLOCK_K)[:, None] \
+                    & n_mask[None, :]
+            else:
+                lut_mask = un_mask
+            w = tl.load(lut_rows + q, mask=lut_mask, other=0.0).to(tl.float32)
+        else:
+            w = q.to(tl.float32)
+        cols = offs_u * COLS + i
+        if TAIL:
+            x_mask = m_mask[:, None] & (cols < K)[None, :]
+        else:
+            x_mask = tl.broadcast_to(m_mask[:, None], (BLOCK_M, U))
+        xv = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)  # [BM, U]
+        part += xv[:, :, None] * w[None, :, :]
+        if MODE != 2:
+            xsum += xv
+    if MODE == 2:
+        acc += tl.sum(part, axis=1)
+    else:
+        # the tile lies in one group (BLOCK_K <= group_size, or one group per row):
+        # sum_k x (q - z) s = s * (sum_k x q) - s z * (sum_k x)
+        grp = (t * BLOCK_K) // group_size
+        s_ptrs = rows_n * stride_sn + grp
+        s = tl.load(s_ptr + s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+        if MODE == 0:
+            zs = tl.load(z_ptr + s_ptrs, mask=n_mask, other=0.0).to(tl.float32) * s
+        else:
+            zs = s * (1 << (BITS - 1))
+        acc += tl.sum(part, axis=1) * s[None, :] - tl.sum(xsum, axis=1)[:, None] * zs[None, :]
+    return acc
+
+
+@triton.jit
 def _dequant_gemv_kernel(
     # pointers: s_ptr holds the scales (affine) or the codebook; z_ptr the zeros (asymmetric)
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
@@ -105,6 +167,8 @@ def _dequant_gemv_kernel(
     multiplied with the activations of their columns: no dense weight tile, no tensor cores.
     A tile lies inside one scale group (the launcher caps BLOCK_K at the group size), so the
     affine modes accumulate ``sum x q`` and ``sum x`` and apply ``s`` and ``z s`` once per tile.
+    The columns past K are masked: activations 0 and, for codebooks, entries not read
+    (``0 * a NaN entry`` would be NaN); the codebook tiles that lie before K skip that mask.
 
     Roofline: 2 M N K FLOPs; minimum bytes N Kp b / 8 + scales/zeros or codebook + M K e +
     M N e. Memory-bound at decode: the goal is HBM bandwidth.
@@ -112,9 +176,6 @@ def _dequant_gemv_kernel(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    COLS: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # columns per unit
-    WORDS: tl.constexpr = 3 if BITS == 3 else 1  # words per unit
-    U: tl.constexpr = BLOCK_K // COLS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -123,6 +184,8 @@ def _dequant_gemv_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
     if MODE == 2:
         lut_rows = s_ptr + (rows_n // rows_per_group)[None, :] * stride_sn  # [1, BN]
+    else:
+        lut_rows = s_ptr  # unused
 
     k_tiles = tl.cdiv(KP, BLOCK_K)
     tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
@@ -130,44 +193,21 @@ def _dequant_gemv_kernel(
     t_end = min(t_begin + tiles_per_split, k_tiles)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(t_begin, t_end):
-        offs_u = t * U + tl.arange(0, U)  # unit index along the row
-        un_mask = (offs_u < KP // COLS)[:, None] & n_mask[None, :]
-        w_ptrs = q_ptr + rows_n[None, :] * stride_qn + (offs_u * WORDS)[:, None]
-        w0 = tl.load(w_ptrs, mask=un_mask, other=0)  # [U, BN]
-        if BITS == 3:
-            w1 = tl.load(w_ptrs + 1, mask=un_mask, other=0)
-            w2 = tl.load(w_ptrs + 2, mask=un_mask, other=0)
-        else:
-            w1 = w0
-            w2 = w0
-        part = tl.zeros((BLOCK_M, U, BLOCK_N), dtype=tl.float32)
-        xsum = tl.zeros((BLOCK_M, U), dtype=tl.float32)
-        for i in tl.static_range(COLS):
-            q = _field(w0, w1, w2, i, BITS)
-            if MODE == 2:
-                w = tl.load(lut_rows + q, mask=un_mask, other=0.0).to(tl.float32)
-            else:
-                w = q.to(tl.float32)
-            cols = offs_u * COLS + i
-            xv = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & (cols < K)[None, :],
-                         other=0.0).to(tl.float32)  # [BM, U]
-            part += xv[:, :, None] * w[None, :, :]
-            if MODE != 2:
-                xsum += xv
-        if MODE == 2:
-            acc += tl.sum(part, axis=1)
-        else:
-            # the tile lies in one group (BLOCK_K <= group_size, or one group per row):
-            # sum_k x (q - z) s = s * (sum_k x q) - s z * (sum_k x)
-            grp = (t * BLOCK_K) // group_size
-            s_ptrs = rows_n * stride_sn + grp
-            s = tl.load(s_ptr + s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-            if MODE == 0:
-                zs = tl.load(z_ptr + s_ptrs, mask=n_mask, other=0.0).to(tl.float32) * s
-            else:
-                zs = s * (1 << (BITS - 1))
-            acc += tl.sum(part, axis=1) * s[None, :] - tl.sum(xsum, axis=1)[:, None] * zs[None, :]
+    if MODE == 2:
+        # codebook: the tiles before t_tail lie before K and run unmasked along K (the hot
+        # loop); the rest (the ragged end, the padding) do not read the entries of the columns
+        # past K. (The affine modes mask every tile: fewer registers than two loop copies.)
+        t_tail = max(min(K // BLOCK_K, t_end), t_begin)
+        for t in range(t_begin, t_tail):
+            acc = _gemv_tile(acc, t, x_rows, q_ptr, s_ptr, z_ptr, lut_rows, rows_n, m_mask,
+                             n_mask, K, KP, group_size, stride_qn, stride_sn, BITS, MODE,
+                             BLOCK_M, BLOCK_N, BLOCK_K, False)
+    else:
+        t_tail = t_begin
+    for t in range(t_tail, t_end):
+        acc = _gemv_tile(acc, t, x_rows, q_ptr, s_ptr, z_ptr, lut_rows, rows_n, m_mask, n_mask,
+                         K, KP, group_size, stride_qn, stride_sn, BITS, MODE, BLOCK_M, BLOCK_N,
+                         BLOCK_K, True)
 
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS,
                SPLIT_K)
@@ -236,7 +276,9 @@ def _dequant_matmul_kernel(
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
                     other=0.0)
-        kn_mask = (offs_k < KP)[:, None] & n_mask[None, :]
+        # codebook: the columns past K are not read (0 * a NaN entry would be NaN); affine:
+        # their fields are finite, and KP keeps a ragged K's loads vectorized
+        kn_mask = (offs_k < (K if MODE == 2 else KP))[:, None] & n_mask[None, :]
         if BITS == 3:
             w_ptrs = q_rows + ((offs_k // 32) * 3)[:, None]
             shift = (offs_k % 32)[:, None]

@@ -58,13 +58,23 @@ _FAMILY = "dwsep_conv"
 
 
 @triton.jit
+def _relu6(v):
+    """min(max(v, 0), 6) with NaN kept (``F.relu6``): the default ``tl.maximum`` /
+    ``tl.minimum`` return the other operand for NaN; ``PropagateNan.ALL`` is ``max.NaN``."""
+    v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(v, 6.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _activation(v, ACT: tl.constexpr):
+    """The activations of ``ACTIVATION_FNS``, non-finite values included: NaN -> NaN; relu:
+    +-Inf -> Inf, 0; relu6: 6, 0; hardswish: Inf, NaN (``-Inf * 0``); silu: Inf, NaN."""
     if ACT == 1:  # relu
-        v = tl.maximum(v, 0.0)
+        v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:  # relu6
-        v = tl.minimum(tl.maximum(v, 0.0), 6.0)
+        v = _relu6(v)
     elif ACT == 3:  # hardswish: v * relu6(v + 3) / 6
-        v = v * tl.minimum(tl.maximum(v + 3.0, 0.0), 6.0) / 6.0
+        v = v * _relu6(v + 3.0) / 6.0
     elif ACT == 4:  # silu
         v = v / (1.0 + tl.exp(-v))
     return v
@@ -248,8 +258,8 @@ def dwsep_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor
     ho, wo = output_size(h, w, k, stride, padding)
     cl = torch.channels_last
     y = _launch_mod._empty((b, ho, wo, cout), device=x.device, dtype=x.dtype).permute(0, 3, 1, 2)
-    if b == 0 or cout == 0:
-        return y
+    if y.numel() == 0:  # B = 0, Cout = 0, Ho = 0 or Wo = 0: nothing to launch
+        return y.contiguous(memory_format=cl)
     x = x.contiguous(memory_format=cl)
     dw_weight, pw_weight = dw_weight.contiguous(), pw_weight.contiguous()
     dw_bias = dw_bias.contiguous() if dw_bias is not None else None

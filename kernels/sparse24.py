@@ -81,6 +81,17 @@ def _sparse24_gemv_kernel(
     output features and BLOCK_M rows. BLOCK_KH stored values (2 * BLOCK_KH dense columns) per
     step; each stored value multiplies its own gathered activation, so no dense tile exists.
 
+    Non-finite activations: a NaN or Inf in ``x[m]`` at a column that a row prunes makes
+    ``0 * x = NaN`` in the dense product, but the gather never reads that column. So each step
+    also loads the ``[BLOCK_M, 2 BLOCK_KH]`` activation block densely (contiguous: the lines
+    the gather reads, from L1) and accumulates ``x * 0`` (0, or NaN for NaN / +-Inf); its sum
+    is added to every output of the row once at the end: a row of ``x`` holding a non-finite
+    value gives NaN in every output (the dense product gives NaN, or +-Inf in the outputs
+    whose weight rows keep every such column; the GEMM path gives exactly that).
+    Cost per step: one vector load and ``2 BLOCK_M BLOCK_KH / (32 num_warps)`` FMAs per
+    thread, against ``BLOCK_M BLOCK_N BLOCK_KH / (32 num_warps)`` gathers and FMAs; no HBM
+    bytes.
+
     Roofline: 2 M N K dense-equivalent FLOPs (M N K useful); minimum bytes
     N K (e / 2 + 1 / 8) + M K e + M N e. Memory-bound at decode: the goal is HBM bandwidth.
     """
@@ -91,10 +102,16 @@ def _sparse24_gemv_kernel(
     n_mask = offs_n < N
     m_mask = offs_m < M
     rows_n = offs_n.to(tl.int64)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None, None] * stride_xm  # [BM, 1, 1]
+    x_row = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
+    x_rows = x_row[:, :, None]  # [BM, 1, 1]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    nonfinite = tl.zeros((BLOCK_M, 2 * BLOCK_KH), dtype=tl.float32)  # sum x * 0: 0 or NaN
     for j0 in range(0, KP_HALF, BLOCK_KH):
+        offs_k = 2 * j0 + tl.arange(0, 2 * BLOCK_KH)  # the dense columns of this step
+        xd = tl.load(x_row + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
+                     other=0.0)
+        nonfinite += xd.to(tl.float32) * 0.0
         offs_j = j0 + tl.arange(0, BLOCK_KH)  # stored-value index along the row
         j_mask = offs_j < KP_HALF
         vn_mask = n_mask[:, None] & j_mask[None, :]
@@ -112,6 +129,7 @@ def _sparse24_gemv_kernel(
                      mask=m_mask[:, None, None] & (vn_mask & (col < K))[None, :, :],
                      other=0.0)  # [BM, BN, BKH]
         acc += tl.sum(xg.to(tl.float32) * v.to(tl.float32)[None, :, :], axis=2)
+    acc += tl.sum(nonfinite, axis=1)[:, None]
 
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)

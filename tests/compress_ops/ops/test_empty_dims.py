@@ -182,10 +182,6 @@ def test_dwsep_takes_an_empty_batch(op_device, launches, case, dtype):
         torch.library.opcheck(ops.dwsep_conv2d, _grads(args))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="kernels/dwsep_conv.py: the launcher returns the permuted NHWC buffer, "
-                          "not channels_last-contiguous when Ho or Wo is 0 (fix in the issue 13 "
-                          "report)")
 @pytest.mark.parametrize("case", EMPTY_CONVS[1:])
 def test_dwsep_triton_takes_an_empty_output(monkeypatch, launches, case):
     if not torch.cuda.is_available():

@@ -48,7 +48,10 @@ def _dwsep_cpu(x, dw_weight, dw_bias, pw_weight, pw_bias, residual, stride, padd
     else:
         t = F.conv2d(F.pad(x, list(padding)), dw_weight[:, None], dw_bias, stride,
                      groups=x.shape[1])
-    y = _dw_act(F.conv2d(_dw_act(t, act1), pw_weight[:, :, None, None], pw_bias), act2)
+    # the 1x1 conv as F.linear over channels (t is channels-last: a free NHWC view); ATen's
+    # bf16 channels-last 1x1 conv on the CPU (oneDNN) leaks a NaN into neighbouring pixels
+    pw = F.linear(_dw_act(t, act1).permute(0, 2, 3, 1), pw_weight, pw_bias).permute(0, 3, 1, 2)
+    y = _dw_act(pw, act2)
     if residual is not None:
         y = y + residual
     return y.contiguous(memory_format=torch.channels_last)

@@ -11,6 +11,7 @@ the kernels under the interpreter and draws fewer examples). ``HYPOTHESIS_PROFIL
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -95,5 +96,69 @@ def test_compress_then_forward_is_the_dense_reference(backend, kind, dtype, monk
     @given(cases(kind, dtype))
     def run(case):
         _check(case)
+
+    run()
+
+
+ACTS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "none": None}
+
+
+@st.composite
+def dwsep_cases(draw, dtype):
+    return {
+        "dtype": dtype,
+        "c": draw(st.integers(2, 12)), "cout": draw(st.integers(1, 12)),  # C = 1: a plain conv
+        "hw": (draw(st.integers(1, 9)), draw(st.integers(1, 9))),
+        "k": draw(st.sampled_from([3, 5])), "stride": draw(st.sampled_from([1, 2])),
+        "acts": (draw(st.sampled_from(list(ACTS))), draw(st.sampled_from(list(ACTS)))),
+        "batch": draw(st.integers(0, 2)),
+        "poison": draw(st.sampled_from([None, float("nan"), float("inf"), float("-inf")])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def _check_dwsep(case: dict) -> None:
+    torch.manual_seed(case["seed"])
+    c, cout, k = case["c"], case["cout"], case["k"]
+    a1, a2 = (ACTS[a]() if ACTS[a] else nn.Identity() for a in case["acts"])
+    model = nn.Sequential(nn.Conv2d(c, c, k, case["stride"], k // 2, groups=c),
+                          nn.BatchNorm2d(c), a1, nn.Conv2d(c, cout, 1), nn.BatchNorm2d(cout),
+                          a2).eval()
+    for bn in (model[1], model[4]):  # non-trivial statistics: the fold must be exact
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    ref_model = copy.deepcopy(model).double()
+    unfused = copy.deepcopy(model).to(case["dtype"])
+    model.to(case["dtype"])
+    co.compress_(model, co.DWSepFuseConfig())
+    assert isinstance(model[0], co.nn.FusedDWSepConv2d), co.report(model)
+    x = torch.randn(case["batch"], c, *case["hw"])
+    if case["poison"] is not None and x.numel():
+        x[0, torch.randint(c, ()), torch.randint(case["hw"][0], ()),
+          torch.randint(case["hw"][1], ())] = case["poison"]
+    y = model(x.to(case["dtype"]))
+    ref = ref_model(x.double())
+    assert y.shape == ref.shape
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(y), finite), "non-finite outputs differ from dense"
+    if finite.any():  # as close as the unfused chain in the same dtype, up to rounding
+        base = rel_err(unfused(x.to(case["dtype"]))[finite], ref[finite])
+        floor = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+        assert rel_err(y[finite], ref[finite]) <= 3 * base + floor[case["dtype"]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fused_dwsep_is_the_unfused_chain(backend, dtype, monkeypatch):
+    """``DWSepFuseConfig`` (a chain config, no ``dense_weight``): the fused model against the
+    unfused chain in float64, with folded BatchNorms and every activation pair."""
+    monkeypatch.setenv("COMPRESS_OPS_CPU_BACKEND", backend)
+
+    @settings(max_examples=EXAMPLES[backend])
+    @given(dwsep_cases(dtype))
+    def run(case):
+        _check_dwsep(case)
 
     run()

@@ -45,6 +45,7 @@ from compress_ops.kernels.tuning import (
     autotune,
     device_name,
     device_table,
+    gpu_target,
     load_tables,
     m_bucket,
     table_config,
@@ -312,11 +313,15 @@ def _dequant_matmul_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode
 def select_config(m: int, n: int, kp: int, device: torch.device) -> KernelConfig:
     """Tuned default for this shape from ``configs/dequant.json``: the GEMV kernel up to
     ``gemv_max_m``, else the GEMM tile of M's bucket; split-K raised (both paths) when the
     tile grid would leave multiprocessors idle."""
+    return _select_config(m, n, kp, device, gpu_target(device))
+
+
+@functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode
+def _select_config(m: int, n: int, kp: int, device: torch.device, target) -> KernelConfig:
     cfg = table_config(device_table(_FAMILY, device), m)
     return auto_split_k(cfg, m, n, kp, device)
 
@@ -447,10 +452,11 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.path == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
-        _dequant_gemv_kernel[grid](*args, **meta)
+        _launch_mod.launch(_dequant_gemv_kernel, grid, *args, **meta)
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-        _dequant_matmul_kernel[grid](*args, GROUP_M=cfg.group_m, **dot_meta(x2), **meta)
+        _launch_mod.launch(_dequant_matmul_kernel, grid, *args, GROUP_M=cfg.group_m, **dot_meta(x2),
+                           **meta)
     return _launch_mod.finish(y, x2, cfg.split_k)
 
 

@@ -5,9 +5,10 @@ the CPU routes can read the tables on machines without Triton."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,11 +65,47 @@ def load_tables(family: str) -> dict:
     return json.loads((CONFIG_DIR / f"{family}.json").read_text())
 
 
+@dataclass(frozen=True)
+class GpuTarget:
+    """The GPU a launch configures itself for: its name (the config table's key) and its
+    multiprocessor count (split-K sizing)."""
+
+    name: str
+    sms: int
+
+
+_SIMULATED: GpuTarget | None = None
+
+
+@contextlib.contextmanager
+def simulate_gpu(name: str = "NVIDIA H200", sms: int = 132) -> Iterator[GpuTarget]:
+    """Launchers called with CPU tensors inside this block configure themselves as on this
+    GPU: the static performance model (``perf/static_perf.py``) reads the exact launch a real
+    call gets on a machine without one (with :func:`compress_ops.kernels._launch.capture`)."""
+    global _SIMULATED
+    prev, _SIMULATED = _SIMULATED, GpuTarget(name, sms)
+    try:
+        yield _SIMULATED
+    finally:
+        _SIMULATED = prev
+
+
 @functools.lru_cache(maxsize=64)
-def device_name(device: torch.device) -> str:
+def _cuda_target(device: torch.device) -> GpuTarget:
+    props = torch.cuda.get_device_properties(device)
+    return GpuTarget(props.name, props.multi_processor_count)
+
+
+def gpu_target(device: torch.device) -> GpuTarget | None:
+    """The GPU a launch on ``device`` configures for; ``None`` for the Triton interpreter."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "interpreter"
+        return _cuda_target(device)
+    return _SIMULATED
+
+
+def device_name(device: torch.device) -> str:
+    target = gpu_target(device)
+    return target.name if target is not None else "interpreter"
 
 
 def device_table(family: str, device: torch.device) -> dict:
@@ -96,9 +133,10 @@ def auto_split_k(cfg: KernelConfig, m: int, n: int, kp: int, device: torch.devic
     """Raise split-K when the M x N tile grid would leave the GPU's multiprocessors idle
     (skinny problems, CUDA only, ``m <= SPLIT_K_MAX_M``); each split keeps at least
     ``min_k_tiles`` K tiles. A config that already sets split-K is kept."""
-    if cfg.split_k != 1 or device.type != "cuda" or m > SPLIT_K_MAX_M:
+    target = gpu_target(device)
+    if cfg.split_k != 1 or target is None or m > SPLIT_K_MAX_M:
         return cfg
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = target.sms
     tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
     k_tiles = -(-kp // cfg.block_k)
     split = 1

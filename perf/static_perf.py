@@ -1,0 +1,509 @@
+"""Static performance model: predict each shipped kernel's time on an H200 from its SASS, no GPU.
+
+For every case (family, format, M) at the headline shapes (fp16, N = K = 8192) this
+
+1. calls the op's real launcher with CPU tensors of that shape inside
+   :func:`~compress_ops.kernels.tuning.simulate_gpu` (the H200's name and 132 SMs) and
+   :func:`~compress_ops.kernels._launch.capture` (``run=False``): the launcher picks its config,
+   grid, arguments and extra torch kernels exactly as a real call on that GPU would, and the
+   model records them instead of launching;
+2. compiles each recorded Triton launch for sm_90 with the **specialization Triton computes for
+   those arguments** (Triton's own binder, ``create_function_from_signature`` + ``_pack_args``:
+   the divisibility-16 attributes of pointers and ints, the ints equal to 1), so the SASS read
+   here is the SASS the call runs; nothing is listed by hand;
+3. reads the SASS (``cuobjdump`` from Triton's wheel): the main loop (the first backward
+   branch: the K loop), its instruction mix, registers, shared memory;
+4. counts **instructions per weight**: what one thread executes for the weights it handles,
+   ``(straight-line code + main-loop body x trips) / weights per thread``. The prologue,
+   epilogue, reductions and any other loop (run once) are in the straight-line part, so work
+   moved out of the loop still counts;
+5. predicts the time of the call: per launch, the largest of
+   * memory: unique HBM bytes / ``min(4.8 TB/s, weight bytes in flight x active SMs / latency)``
+     (Little's law: a kernel with too few loads in flight cannot reach the peak),
+   * issue: warp instructions per SM / (4 schedulers x 1.98 GHz),
+   * tensor cores: the padded tile FLOPs / the HGMMA peak (HMMA: half of it),
+   plus a fixed cost per launch; the same roofline for dense cuBLAS (one launch, its bytes at
+   4.8 TB/s, its FLOPs at the HGMMA peak) gives the predicted speedup.
+
+The constants are leads, not truths (``MODEL``, written into the JSON's meta). Calibrate them
+whenever a GPU is lent (``perf/gpu_check.sh --quick`` prints predicted against measured).
+
+Budgets per family live in ``kernels/configs/budgets.json``; ``--check`` exits non-zero when a
+shipped config breaks one (CI runs it under the installed Triton and the GPU image's 3.6).
+
+    python -m compress_ops.perf.static_perf [--check] [--json PATH] [--markdown]   # make perf-model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+MODEL = {
+    "gpu": "NVIDIA H200",
+    "arch": 90,
+    "sms": 132,
+    "clock_hz": 1.98e9,
+    "schedulers_per_sm": 4,
+    "hbm_bytes_per_s": 4.8e12,
+    "hbm_latency_s": 0.8e-6,  # 29 KB in flight per SM saturates 4.8 TB/s
+    "hgmma_flops_per_s": 790e12,  # fp16/bf16 dense, measured on this workplace's H200s
+    "hmma_fraction": 0.5,  # mma.sync against wgmma (a lead)
+    "launch_us": 1.0,  # per kernel: start, ramp and drain (a lead; CUDA-graph scale)
+    "regs_per_sm": 65536,
+    "smem_per_sm": 233472,  # 228 KiB
+    "smem_per_cta_reserved": 1024,
+    "max_warps_per_sm": 64,
+    "max_ctas_per_sm": 32,
+}
+HEADLINE = {"N": 8192, "K": 8192, "M": (1, 16, 64, 2048), "dtype": "fp16"}
+BUDGETS = Path(__file__).resolve().parent.parent / "kernels" / "configs" / "budgets.json"
+COUNTED = ("LDG", "LDGSTS", "LDS", "LDSM", "STS", "STSM", "BAR", "SHFL", "I2F", "PRMT", "LOP3",
+           "FFMA", "HFMA2", "HMMA", "HGMMA", "ATOM", "RED")
+_DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases: what the model calls (the headline shapes of each family's shipped formats)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    config: str  # a format, e.g. "int4 g128 asym"
+    bits: int
+    group_size: int | None  # None: one group per row (affine) / not affine (codebook)
+
+    def call(self, m: int, n: int, k: int, dtype: torch.dtype) -> None:
+        """Call the launcher once on CPU tensors of this shape (inside ``capture``)."""
+        from compress_ops.kernels import dequant as kd
+        from compress_ops.kernels.formats import dequant as fd
+
+        x = torch.randn(m, k, dtype=dtype)
+        if self.config.startswith("codebook"):
+            q, _, _ = fd.empty_affine(n, k, self.bits, None, True, dtype=dtype)
+            cb = torch.randn(1, 2**self.bits, dtype=dtype)
+            kd.codebook_matmul(x, q, cb, None, self.bits)
+            return
+        sym = "sym" in self.config.split()
+        q, s, z = fd.empty_affine(n, k, self.bits, self.group_size, sym, dtype=dtype)
+        gs = fd.effective_group_size(k, self.group_size)
+        kd.dequant_matmul(x, q, s, z, None, self.bits, gs)
+
+    def weight_bytes(self, n: int, k: int, dtype: torch.dtype) -> int:
+        from compress_ops.kernels.formats import dequant as fd
+
+        if self.config.startswith("codebook"):
+            return fd.codebook_bytes(n, k, self.bits, 1, dtype)
+        return fd.affine_bytes(n, k, self.bits, self.group_size, dtype,
+                               symmetric="sym" in self.config.split())
+
+
+CASES = [
+    Case("dequant", "int4 g128 asym", 4, 128),
+    Case("dequant", "int8 row sym", 8, None),
+    Case("dequant", "int2 g128 asym", 2, 128),
+    Case("dequant", "codebook 4-bit", 4, None),
+]
+
+
+def capture_launches(case: Case, m: int, n: int, k: int, dtype: torch.dtype) -> list:
+    """The launches a real call on the modelled GPU makes, recorded without running them."""
+    from compress_ops.kernels import _launch, tuning
+
+    with tuning.simulate_gpu(MODEL["gpu"], MODEL["sms"]), _launch.capture(run=False) as got:
+        case.call(m, n, k, dtype)
+    return list(got)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling a recorded launch with the specialization a real call gets
+# ---------------------------------------------------------------------------------------------
+
+
+def specialization(kernel, args: tuple, kwargs: dict, arch: int = 90):
+    """``(signature, constexprs, attrs, options)`` exactly as Triton's JIT computes them for
+    this call on ``sm_<arch>`` (its binder and ``_pack_args``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, spec, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec,
+                                                              options)
+    return signature, constexprs, attrs, options
+
+
+def divisibility(kernel, attrs: dict) -> dict[str, int]:
+    """``{argument: 16}`` for the arguments the specialization marks divisible by 16."""
+    names = [p.name for p in kernel.params]
+    out = {}
+    for path, vals in attrs.items():
+        for key, val in vals:
+            if key == "tt.divisibility":
+                out[names[path[0]]] = int(val)
+    return out
+
+
+@dataclass
+class Compiled:
+    sass: str
+    registers: int
+    shared: int
+    num_warps: int
+    num_stages: int
+
+
+_COMPILED: dict = {}
+
+
+def compile_launch(launch, arch: int = 90) -> Compiled:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from compress_ops.perf.audit import _cuobjdump
+
+    kernel = launch.kernel
+    signature, constexprs, attrs, options = specialization(kernel, launch.args, launch.kwargs,
+                                                            arch)
+    key = (kernel.__name__, arch, repr(sorted(signature.items())),
+           repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
+           options.num_warps, options.num_stages)
+    if key not in _COMPILED:
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        opts = {"num_warps": options.num_warps, "num_stages": options.num_stages}
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+        cubin = compiled.asm["cubin"]
+        res = _cuobjdump(cubin, "-res-usage")
+        regs = int(m.group(1)) if (m := re.search(r"REG:(\d+)", res)) else -1
+        _COMPILED[key] = Compiled(_cuobjdump(cubin, "-sass"), regs, int(compiled.metadata.shared),
+                                  options.num_warps, options.num_stages)
+    return _COMPILED[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading SASS
+# ---------------------------------------------------------------------------------------------
+
+_LINE = re.compile(
+    r"/\*([0-9a-f]{4,})\*/\s+(?:\{\s*)?(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+@dataclass
+class Instr:
+    pc: int
+    op: str  # the full opcode with modifiers, e.g. LDG.E.128.CONSTANT
+    operands: str
+
+    @property
+    def base(self) -> str:
+        return self.op.split(".")[0]
+
+
+def parse_sass(sass: str) -> list[Instr]:
+    """The instructions of the (single) kernel in a ``cuobjdump -sass`` listing, in order,
+    without the trailing ``BRA`` to self and ``NOP`` padding."""
+    out = []
+    for line in sass.splitlines():
+        m = _LINE.search(line)
+        if m:
+            out.append(Instr(int(m.group(1), 16), m.group(3), m.group(4)))
+    while out and (out[-1].base == "NOP" or (out[-1].base == "BRA" and
+                                             f"{out[-1].pc:#x}" in out[-1].operands)):
+        out.pop()
+    return out
+
+
+def loops(instrs: list[Instr]) -> list[tuple[int, int]]:
+    """``(first, last)`` instruction indices of every loop (a backward branch), outermost and
+    earliest first."""
+    index = {ins.pc: i for i, ins in enumerate(instrs)}
+    found = []
+    for i, ins in enumerate(instrs):
+        if ins.base == "BRA":
+            m = re.search(r"0x([0-9a-f]+)", ins.operands)
+            if m and (t := int(m.group(1), 16)) <= ins.pc and t in index:
+                found.append((index[t], i))
+    found.sort(key=lambda lo: (lo[0], -lo[1]))
+    top = []
+    for lo in found:
+        if not any(a <= lo[0] and lo[1] <= b for a, b in top):
+            top.append(lo)
+    return top
+
+
+def _width(op: str) -> int:
+    """Bytes per thread of a load or store opcode."""
+    for w, b in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
+        if w in op:
+            return b
+    return 4
+
+
+def mix(instrs: list[Instr]) -> dict[str, int]:
+    """Counts of the tracked opcodes (``I2F`` counts ``I2F``/``I2FP``; ``LDG`` vector widths are
+    counted separately as ``LDG.<bytes>B``)."""
+    out = dict.fromkeys(COUNTED, 0)
+    for ins in instrs:
+        b = ins.base
+        if b == "I2FP":
+            b = "I2F"
+        if b in out:
+            out[b] += 1
+        if b == "LDG":
+            key = f"LDG.{_width(ins.op)}B"
+            out[key] = out.get(key, 0) + 1
+    out["total"] = len(instrs)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+def ctas_per_sm(regs: int, shared: int, warps: int) -> int:
+    """Resident CTAs per SM: the register, shared-memory, warp and CTA limits."""
+    per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    by_regs = MODEL["regs_per_sm"] // (per_warp * warps)
+    by_smem = MODEL["smem_per_sm"] // (shared + MODEL["smem_per_cta_reserved"])
+    by_warps = MODEL["max_warps_per_sm"] // warps
+    return max(0, min(by_regs, by_smem, by_warps, MODEL["max_ctas_per_sm"]))
+
+
+@dataclass
+class KernelRow:
+    """The model of one Triton launch."""
+
+    kernel: str
+    grid: int
+    block: dict
+    registers: int
+    shared: int
+    ctas_per_sm: int
+    trips: int
+    weights_per_thread: float
+    instr_per_weight: float
+    loop_instr_per_weight: float
+    loop: dict
+    bytes_in_flight_per_sm: float
+    pipelined: bool
+    time_us: dict = field(default_factory=dict)
+
+
+def _arg(launch, name: str):
+    params = [p.name for p in launch.kernel.params]
+    if name in launch.kwargs:
+        return launch.kwargs[name]
+    return launch.args[params.index(name)]
+
+
+def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype) -> KernelRow:
+    c = compile_launch(launch)
+    instrs = parse_sass(c.sass)
+    lps = loops(instrs)
+    threads = 32 * c.num_warps
+    grid = math.prod(launch.grid)
+    bn, bk = _arg(launch, "BLOCK_N"), _arg(launch, "BLOCK_K")
+    bm = _arg(launch, "BLOCK_M")
+    split = _arg(launch, "SPLIT_K")
+    kp = _arg(launch, "KP")
+    k_tiles = math.ceil(kp / bk)
+    trips = math.ceil(k_tiles / split)
+    weights_per_thread = min(bn, n) * trips * bk / threads
+    if lps:
+        a, b = lps[0]
+        body = instrs[a:b + 1]
+    else:  # one K block per program: the whole kernel
+        body, trips = [], 1
+    straight = len(instrs) - len(body)
+    total = straight + len(body) * trips
+    body_mix = mix(body)
+    per_iter_weights = min(bn, n) * bk / threads if body else weights_per_thread
+    loop_ipw = len(body) / per_iter_weights if body else total / weights_per_thread
+    cps = ctas_per_sm(c.registers, c.shared, c.num_warps)
+    resident = max(1, min(cps, math.ceil(grid / MODEL["sms"])))
+    pipelined = body_mix["LDGSTS"] > 0
+    tile_weight_bytes = min(bn, n) * bk * case.bits / 8
+    stages = max(1, c.num_stages - 1) if pipelined else 1
+    in_flight = resident * tile_weight_bytes * stages
+    # time
+    active_sms = min(MODEL["sms"], grid)
+    bw = min(MODEL["hbm_bytes_per_s"], in_flight * active_sms / MODEL["hbm_latency_s"])
+    e = dtype.itemsize
+    y_bytes = m * n * (4 if split > 1 else e)
+    hbm = case.weight_bytes(n, k, dtype) + m * k * e + y_bytes
+    t_mem = hbm / bw
+    waves_ctas = math.ceil(grid / MODEL["sms"])
+    t_issue = waves_ctas * total * c.num_warps / (MODEL["schedulers_per_sm"] * MODEL["clock_hz"])
+    mma = body_mix["HGMMA"] and "HGMMA" or (body_mix["HMMA"] and "HMMA") or ""
+    t_tc = 0.0
+    if mma:
+        peak = MODEL["hgmma_flops_per_s"] * (1.0 if mma == "HGMMA" else MODEL["hmma_fraction"])
+        flops_per_cta = 2 * max(bm, 16) * bn * bk * trips
+        t_tc = waves_ctas * flops_per_cta / (peak / MODEL["sms"])
+    times = {"memory": t_mem * 1e6, "issue": t_issue * 1e6, "tensor": t_tc * 1e6}
+    return KernelRow(
+        kernel=launch.kernel.__name__, grid=grid,
+        block={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+               "num_warps": c.num_warps, "num_stages": c.num_stages},
+        registers=c.registers, shared=c.shared, ctas_per_sm=cps, trips=trips,
+        weights_per_thread=weights_per_thread, instr_per_weight=total / weights_per_thread,
+        loop_instr_per_weight=loop_ipw, loop=body_mix, bytes_in_flight_per_sm=in_flight,
+        pipelined=pipelined, time_us=times)
+
+
+def dense_us(m: int, n: int, k: int, dtype: torch.dtype) -> float:
+    e = dtype.itemsize
+    t = max((n * k + m * k + m * n) * e / MODEL["hbm_bytes_per_s"],
+            2 * m * n * k / MODEL["hgmma_flops_per_s"])
+    return t * 1e6 + MODEL["launch_us"]
+
+
+def model_case(case: Case, m: int, n: int = HEADLINE["N"], k: int = HEADLINE["K"],
+               dtype_name: str = HEADLINE["dtype"]) -> dict:
+    import triton
+
+    dtype = _DT[dtype_name]
+    launches = capture_launches(case, m, n, k, dtype)
+    kernels, extra_us = [], 0.0
+    for la in launches:
+        if isinstance(la.kernel, str):  # a torch kernel: fp32 workspace fill or cast
+            nbytes = m * n * (4 if la.kernel == "torch.zeros" else 4 + dtype.itemsize)
+            extra_us += nbytes / MODEL["hbm_bytes_per_s"] * 1e6 + MODEL["launch_us"]
+        else:
+            kernels.append(model_launch(la, case, m, n, k, dtype))
+    predicted = extra_us + sum(max(r.time_us.values()) + MODEL["launch_us"] for r in kernels)
+    dense = dense_us(m, n, k, dtype)
+    main = max(kernels, key=lambda r: max(r.time_us.values()))
+    return {
+        "family": case.family, "kernel": "+".join(r.kernel for r in kernels),
+        "config": case.config, "M": m, "N": n, "K": k, "dtype": dtype_name, "bits": case.bits,
+        "group_size": case.group_size, "triton": triton.__version__,
+        "instr_per_weight": round(main.instr_per_weight, 3),
+        "loop_instr_per_weight": round(main.loop_instr_per_weight, 3),
+        "bytes_in_flight_per_sm": round(main.bytes_in_flight_per_sm),
+        "ctas_per_sm": main.ctas_per_sm, "launches": len(launches),
+        "launch_kinds": [la.kernel if isinstance(la.kernel, str) else la.kernel.__name__
+                         for la in launches],
+        "predicted_us": round(predicted, 2), "predicted_dense_us": round(dense, 2),
+        "predicted_speedup": round(dense / predicted, 3),
+        "registers": main.registers, "shared_bytes": main.shared, "grid": main.grid,
+        "block": main.block, "bound": max(main.time_us, key=main.time_us.get),
+        "time_us": {kk: round(v, 2) for kk, v in main.time_us.items()},
+        "loop_mix": {kk: v for kk, v in main.loop.items() if v},
+    }
+
+
+def run(cases: list[Case] = CASES, ms: tuple = HEADLINE["M"]) -> dict:
+    import triton
+
+    rows = [model_case(c, m) for c in cases for m in ms]
+    meta = {"model": MODEL, "headline": {**HEADLINE, "M": list(ms)}, "triton": triton.__version__,
+            "torch": torch.__version__, "arch": f"sm_{MODEL['arch']}",
+            "note": "predictions from SASS, not measurements"}
+    return {"meta": meta, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# Budgets
+# ---------------------------------------------------------------------------------------------
+
+
+def load_budgets(path: Path = BUDGETS) -> dict:
+    return json.loads(path.read_text())
+
+
+def _matches(rule: dict, row: dict) -> bool:
+    if rule.get("family", row["family"]) != row["family"]:
+        return False
+    if "config" in rule and rule["config"] != row["config"]:
+        return False
+    lo, hi = rule.get("M", [0, 1 << 30])
+    return lo <= row["M"] <= hi
+
+
+def check_budgets(rows: list[dict], budgets: dict) -> list[str]:
+    """One message per (row, limit) a row breaks: ``max_*`` limits are upper bounds of the row
+    field of that name, ``min_*`` lower bounds."""
+    problems = []
+    for rule in budgets["rules"]:
+        for row in rows:
+            if not _matches(rule, row):
+                continue
+            for key, limit in rule["limits"].items():
+                fld = key[4:]
+                val = row[fld]
+                bad = val > limit if key.startswith("max_") else val < limit
+                if bad:
+                    problems.append(f"{row['config']} M={row['M']} ({row['kernel']}, Triton "
+                                    f"{row['triton']}): {fld} = {val} breaks {key} = {limit} "
+                                    f"[{rule['name']}]")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def table(rows: list[dict], markdown: bool = False) -> str:
+    from compress_ops._text import format_table, markdown_table
+
+    head = ["config", "M", "kernel", "instr/w", "loop i/w", "KB in flight/SM", "CTAs/SM",
+            "regs", "launches", "bound", "pred us", "dense us", "pred speedup"]
+    body = [[r["config"], str(r["M"]), r["kernel"].replace("_dequant_", "").replace("_kernel", ""),
+             f"{r['instr_per_weight']:.2f}", f"{r['loop_instr_per_weight']:.2f}",
+             f"{r['bytes_in_flight_per_sm'] / 1024:.1f}", str(r["ctas_per_sm"]),
+             str(r["registers"]), str(r["launches"]), r["bound"], f"{r['predicted_us']:.1f}",
+             f"{r['predicted_dense_us']:.1f}", f"{r['predicted_speedup']:.2f}x"] for r in rows]
+    return (markdown_table if markdown else format_table)(head, body)
+
+
+def default_json_path() -> Path:
+    import triton
+
+    return Path(__file__).resolve().parent / "results" / f"static-triton{triton.__version__}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", help="write here (default: perf/results/static-triton<v>.json)")
+    p.add_argument("--no-json", action="store_true", help="write no JSON")
+    p.add_argument("--check", action="store_true", help="exit 1 when a budget is broken")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("-M", type=int, action="append", help="M values (default: the headline)")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: the model compiles real GPU code", file=sys.stderr)
+        return 2
+    out = run(ms=tuple(args.M) if args.M else HEADLINE["M"])
+    print(table(out["rows"], args.markdown))
+    if not args.no_json:
+        path = Path(args.json) if args.json else default_json_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        print(f"\nwrote {path}")
+    if args.check:
+        problems = check_budgets(out["rows"], load_budgets())
+        for msg in problems:
+            print("BUDGET:", msg)
+        print(f"{len(problems)} budget violations")
+        return 1 if problems else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -215,6 +215,140 @@ def _dequant_gemv_kernel(
 
 
 @triton.jit
+def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_ptr, s_rows, K,
+                group_size, BITS: tl.constexpr, MODE: tl.constexpr, BLOCK_K: tl.constexpr,
+                ONE_GROUP: tl.constexpr, MASKED: tl.constexpr):
+    """K tile ``t`` of :func:`_affine_gemv_kernel`: ``acc[BN, C]`` plus this tile's
+    ``s (sum_k x q - z sum_k x)`` per (row, chunk of VEC words); with ``ONE_GROUP`` the scale
+    is applied after the loop and ``acc`` gathers ``sum_k x (q - z)`` only."""
+    FIELDS: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    P: tl.constexpr = 23 // BITS  # fields per placement that fit in a float's mantissa
+    for i in tl.static_range(FIELDS):
+        cols = t * BLOCK_K + cols_w + i  # [C, VEC]
+        if MASKED:
+            xi = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        else:
+            xi = tl.load(x_row + cols).to(tl.float32)
+        if i == 0:
+            xs = xi
+        else:
+            xs += xi
+        if i % P == 0:  # the next placement: these fields' bits at 0 .. 23 of a word
+            if i == 0:
+                ws = w
+            else:
+                ws = w >> (i * BITS)
+        # the field, with its bits in place, in the mantissa of 2**23: 2**23 + q * 2**pos,
+        # exactly; minus 2**23: q * 2**pos; times x * 2**-pos: x * q, exactly
+        f = (ws & (MASK << ((i % P) * BITS))) | 0x4B000000
+        qf = f.to(tl.float32, bitcast=True) - 8388608.0
+        if i % P != 0:
+            xi = xi * (1.0 / (1 << ((i % P) * BITS)))
+        if i == 0:
+            part = qf * xi[None, :, :]
+        else:
+            part += qf * xi[None, :, :]
+    xq = tl.sum(part, axis=2)  # [BN, C]: sum_k x q over each chunk
+    xc = tl.sum(xs, axis=1)  # [C]: sum_k x over each chunk
+    if ONE_GROUP:
+        return acc + xq, x0 + xc
+    # one scale group per chunk of VEC words (the launcher keeps a chunk inside a group)
+    grp = (t * BLOCK_K + chunk_cols) // group_size  # [C]
+    s_off = s_rows + grp[None, :]
+    if MASKED:
+        s = tl.load(s_ptr + s_off, mask=chunk_mask, other=0.0).to(tl.float32)
+    else:
+        s = tl.load(s_ptr + s_off).to(tl.float32)
+    if MODE == 0:
+        if MASKED:
+            z = tl.load(z_ptr + s_off, mask=chunk_mask, other=0.0).to(tl.float32)
+        else:
+            z = tl.load(z_ptr + s_off).to(tl.float32)
+    else:
+        z = 1 << (BITS - 1)
+    return acc + s * (xq - z * xc[None, :]), x0
+
+
+@triton.jit
+def _affine_gemv_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+    M, N, K, KP, group_size,
+    stride_xm, stride_qn, stride_sn, stride_ym,
+    BITS: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    VEC: tl.constexpr,
+    ONE_GROUP: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """Small-M path for contiguous b-bit fields (b = 2, 4, 8; affine): one row of x per program.
+
+    Grid: (cdiv(N, BLOCK_N), M, SPLIT_K). A K tile is ``[BLOCK_N, C, VEC]`` packed words (each
+    thread loads VEC consecutive words of a row: 16-byte loads), read from global memory once.
+    Each field becomes a float in registers with no layout change and no int-to-float
+    instruction: ``(word & field mask) | 0x4B000000`` is ``2**23 + q * 2**pos`` exactly (the
+    field in place in the mantissa of 2**23; the word is shifted once per 23 // b fields), one
+    subtraction gives ``q * 2**pos``, and it multiplies ``x * 2**-pos`` (``x`` is scaled once
+    per column, shared by the thread's rows). Per weight: one LOP3, one FADD, one FFMA. The
+    affine terms go once per chunk: ``s (sum x q - z sum x)``; with one group per row
+    (``ONE_GROUP``) once per row, after the loop. The tiles that lie inside K run unmasked;
+    the ragged last one is masked. Rows past N are clamped (their results are not stored).
+
+    Roofline: 2 M N K FLOPs; bytes N Kp b / 8 + scales (+ zeros) + M K e + M N e. Memory-bound:
+    BLOCK_K sets the bytes each program has in flight (``BLOCK_N * BLOCK_K * b / 8``).
+    """
+    FIELDS: tl.constexpr = 32 // BITS
+    W: tl.constexpr = BLOCK_K // FIELDS  # words per row per tile
+    C: tl.constexpr = W // VEC
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped: loads stay unmasked
+    wcol = tl.arange(0, C)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [C, VEC] words
+    cols_w = wcol * FIELDS  # [C, VEC]: first column of each word in the tile
+    q_ptrs = q_ptr + rows[:, None, None] * stride_qn + wcol[None, :, :]
+    s_rows = rows[:, None] * stride_sn  # [BN, 1]
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+
+    k_tiles = tl.cdiv(KP, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_begin = pid_k * tiles_per_split
+    t_end = min(t_begin + tiles_per_split, k_tiles)
+    t_full = max(min(K // BLOCK_K, t_end), t_begin)  # tiles with every column before K
+
+    acc = tl.zeros((BLOCK_N, C), dtype=tl.float32)
+    x0 = tl.zeros((C,), dtype=tl.float32)
+    chunk_cols = tl.arange(0, C) * (VEC * FIELDS)  # [C]: first column of each chunk
+    for t in range(t_begin, t_full):
+        w = tl.load(q_ptrs + t * W)
+        acc, x0 = _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, None, t, s_ptr, z_ptr,
+                              s_rows, K, group_size, BITS, MODE, BLOCK_K, ONE_GROUP, False)
+    if t_full < t_end:  # the ragged last tile (columns past K, words past KP)
+        t = t_full
+        word_mask = (t * W + wcol[None, :, :]) < KP // FIELDS
+        chunk_mask = ((t * BLOCK_K + chunk_cols) < KP)[None, :]
+        w = tl.load(q_ptrs + t * W, mask=word_mask, other=0)
+        acc, x0 = _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr,
+                              z_ptr, s_rows, K, group_size, BITS, MODE, BLOCK_K, ONE_GROUP, True)
+    y = tl.sum(acc, axis=1)  # [BN]
+    if ONE_GROUP:  # y = s (sum x q - z sum x): the row's one scale and zero
+        s = tl.load(s_ptr + rows * stride_sn).to(tl.float32)
+        if MODE == 0:
+            z = tl.load(z_ptr + rows * stride_sn).to(tl.float32)
+        else:
+            z = 1 << (BITS - 1)
+        y = s * (y - z * tl.sum(x0, axis=0))
+    offs_m = pid_m + tl.arange(0, 1)
+    store_tile(y[None, :], bias_ptr, y_ptr, offs_m, offs_n, offs_m < M, n_mask, stride_ym, pid_k,
+               HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
 def _dequant_matmul_kernel(
     # pointers: s_ptr holds the scales (affine) or the codebook; z_ptr the zeros (asymmetric)
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
@@ -313,16 +447,22 @@ def _dequant_matmul_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def select_config(m: int, n: int, kp: int, device: torch.device) -> KernelConfig:
+def select_config(m: int, n: int, kp: int, device: torch.device,
+                  lut: bool = False) -> KernelConfig:
     """Tuned default for this shape from ``configs/dequant.json``: the GEMV kernel up to
-    ``gemv_max_m``, else the GEMM tile of M's bucket; split-K raised (both paths) when the
-    tile grid would leave multiprocessors idle."""
-    return _select_config(m, n, kp, device, gpu_target(device))
+    ``gemv_max_m`` (``lut``: the codebook / bit-plane GEMV's table, ``gemv_lut``), else the
+    GEMM tile of M's bucket; split-K raised (both paths) when the tile grid would leave
+    multiprocessors idle."""
+    return _select_config(m, n, kp, device, lut, gpu_target(device))
 
 
 @functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode
-def _select_config(m: int, n: int, kp: int, device: torch.device, target) -> KernelConfig:
-    cfg = table_config(device_table(_FAMILY, device), m)
+def _select_config(m: int, n: int, kp: int, device: torch.device, lut: bool,
+                   target) -> KernelConfig:
+    table = device_table(_FAMILY, device)
+    cfg = table_config(table, m)
+    if lut and cfg.path == "gemv":
+        cfg = table_config({**table, "gemv": table["gemv_lut"]}, m)
     return auto_split_k(cfg, m, n, kp, device)
 
 
@@ -439,12 +579,16 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
     kp = packed_k(q.shape[1], bits)
     y = _launch_mod.output(m, n, x2, cfg.split_k)
     group_size, rows_per_group = (kp, group) if mode == MODE_CODEBOOK else (group, 1)
+    zp = z if z is not None else s  # dummy pointers, never read
+    bp = bias if bias is not None else s
+    if cfg.path == "gemv" and bits in MAGIC_BITS and mode != MODE_CODEBOOK:
+        _launch_affine_gemv(mode, x2, q, s, zp, bp, y, bias is not None, bits, group_size, kp,
+                            cfg)
+        return _launch_mod.finish(y, x2, cfg.split_k)
     if group_size < kp and cfg.block_k > group_size:  # a K tile must lie in one scale group
         # GEMV at BLOCK_M >= 2: 32-column tiles (BLOCK_K = 64 there spills on sm_90: audit)
         bk = group_size if cfg.path == "gemm" or cfg.block_m == 1 else WORD_COLS
         cfg = KernelConfig(**{**cfg.__dict__, "block_k": bk})
-    zp = z if z is not None else s  # dummy pointers, never read
-    bp = bias if bias is not None else s
     args = (x2, q, s, zp, bp, y, m, n, k, kp, group_size, rows_per_group,
             x2.stride(0), q.stride(0), s.stride(0), y.stride(0))
     meta = dict(BITS=bits, MODE=mode, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,
@@ -458,6 +602,34 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         _launch_mod.launch(_dequant_matmul_kernel, grid, *args, GROUP_M=cfg.group_m, **dot_meta(x2),
                            **meta)
     return _launch_mod.finish(y, x2, cfg.split_k)
+
+
+MAGIC_BITS = (2, 4, 8)  # contiguous fields: :func:`_affine_gemv_kernel`
+
+
+def affine_gemv_tile(bits: int, group_size: int, kp: int, block_k: int) -> tuple[int, int]:
+    """``(BLOCK_K, VEC)`` of :func:`_affine_gemv_kernel` for a GEMV config: ``block_k`` is
+    counted for int4 and scaled to the same bytes per tile for other widths; a chunk of VEC
+    words (16-byte loads at VEC = 4) lies inside one scale group."""
+    fields = 32 // bits
+    bk = max(block_k * 4 // bits, WORD_COLS)
+    vec = min(4, group_size // fields, bk // fields)
+    return bk, vec
+
+
+def _launch_affine_gemv(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+                        zp: torch.Tensor, bp: torch.Tensor, y: torch.Tensor, has_bias: bool,
+                        bits: int, group_size: int, kp: int, cfg: KernelConfig) -> None:
+    m, k = x2.shape
+    n = q.shape[0]
+    bk, vec = affine_gemv_tile(bits, group_size, kp, cfg.block_k)
+    grid = (triton.cdiv(n, cfg.block_n), m, cfg.split_k)
+    _launch_mod.launch(
+        _affine_gemv_kernel, grid, x2, q, s, zp, bp, y, m, n, k, kp, group_size,
+        x2.stride(0), q.stride(0), s.stride(0), y.stride(0),
+        BITS=bits, MODE=mode, HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_K=bk, VEC=vec,
+        ONE_GROUP=group_size == kp, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
 
 
 def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
@@ -476,7 +648,8 @@ def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.
         if x.device.type == "cuda" and os.environ.get("COMPRESS_OPS_AUTOTUNE") == "1":
             config = autotuned_config(mode, x2, q, s, z, bias, bits, group)
         else:
-            config = select_config(m, n, packed_k(q.shape[1], bits), x.device)
+            lut = mode == MODE_CODEBOOK or bits not in MAGIC_BITS
+            config = select_config(m, n, packed_k(q.shape[1], bits), x.device, lut)
     return _launch(mode, x2, q, s, z, bias, bits, group, config).reshape(*lead, n)
 
 

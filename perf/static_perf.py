@@ -303,10 +303,12 @@ class KernelRow:
     time_us: dict = field(default_factory=dict)
 
 
-def _arg(launch, name: str):
+def _arg(launch, name: str, default=None):
     params = [p.name for p in launch.kernel.params]
     if name in launch.kwargs:
         return launch.kwargs[name]
+    if name not in params:
+        return default
     return launch.args[params.index(name)]
 
 
@@ -317,7 +319,7 @@ def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype)
     threads = 32 * c.num_warps
     grid = math.prod(launch.grid)
     bn, bk = _arg(launch, "BLOCK_N"), _arg(launch, "BLOCK_K")
-    bm = _arg(launch, "BLOCK_M")
+    bm = _arg(launch, "BLOCK_M", 1)  # a kernel without BLOCK_M: one x row per program
     split = _arg(launch, "SPLIT_K")
     kp = _arg(launch, "KP")
     k_tiles = math.ceil(kp / bk)

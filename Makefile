@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 GPU_IMAGE_TRITON ?= 3.6.0
 GPU_TRITON_DIR := .triton-$(GPU_IMAGE_TRITON)
 
-.PHONY: demo test lint audit audit-gpu-image bench dashboard clean
+.PHONY: demo test lint audit audit-gpu-image perf-model bench dashboard clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -38,6 +38,13 @@ $(GPU_TRITON_DIR)/.installed:
 audit-gpu-image: $(STAMP) $(GPU_TRITON_DIR)/.installed
 	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR)/$(GPU_TRITON_DIR) $(BIN)/python \
 		-m compress_ops.perf.audit --defaults-only
+
+# The static performance model (perf/static_perf.py): the table, the JSON in perf/results/ and
+# the budgets (kernels/configs/budgets.json) under the installed Triton and the GPU image's.
+perf-model: $(STAMP) $(GPU_TRITON_DIR)/.installed
+	env -u TRITON_INTERPRET $(BIN)/python -m compress_ops.perf.static_perf --check
+	env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR)/$(GPU_TRITON_DIR) $(BIN)/python \
+		-m compress_ops.perf.static_perf --check
 
 bench: $(STAMP)
 	$(BIN)/python -m compress_ops bench

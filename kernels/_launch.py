@@ -4,77 +4,29 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-
 import torch
 import triton
 import triton.language as tl
 
+from compress_ops.kernels.launches import launch, record_torch
 from compress_ops.kernels.tuning import gpu_target
 
+__all__ = ["launch", "output", "finish", "dot_meta", "store_tile"]
+
 _empty = torch.empty  # output allocator; tests swap in a NaN-filled one to catch unwritten tiles
-
-
-@dataclass
-class Launch:
-    """One kernel a call launches: a Triton kernel with its grid, arguments and launch
-    options, or a torch kernel (``kernel`` is then its name, e.g. ``"torch.zeros"``)."""
-
-    kernel: object
-    grid: tuple = ()
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-
-
-@dataclass
-class _Capture:
-    launches: list[Launch]
-    run: bool
-
-
-_CAPTURE: _Capture | None = None
-
-
-@contextlib.contextmanager
-def capture(run: bool = True) -> Iterator[list[Launch]]:
-    """Record every kernel the launchers start inside this block, in order. ``run=False``
-    records without launching the Triton kernels (the outputs are then left unwritten): the
-    static performance model reads real calls' launches this way on a machine without a GPU."""
-    global _CAPTURE
-    prev, _CAPTURE = _CAPTURE, _Capture([], run)
-    try:
-        yield _CAPTURE.launches
-    finally:
-        _CAPTURE = prev
-
-
-def launch(kernel, grid: tuple, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``, recorded when :func:`capture` is active."""
-    if _CAPTURE is not None:
-        _CAPTURE.launches.append(Launch(kernel, tuple(grid), args, kwargs))
-        if not _CAPTURE.run:
-            return
-    kernel[grid](*args, **kwargs)
-
-
-def _record_torch(name: str) -> None:
-    if _CAPTURE is not None:
-        _CAPTURE.launches.append(Launch(name))
 
 
 def output(m: int, n: int, x2: torch.Tensor, split_k: int) -> torch.Tensor:
     """``y[M, N]``: in x's dtype, or a zeroed fp32 workspace that split-K slices add into."""
     if split_k > 1:
-        _record_torch("torch.zeros")
+        record_torch("torch.zeros")
         return torch.zeros((m, n), device=x2.device, dtype=torch.float32)
     return _empty((m, n), device=x2.device, dtype=x2.dtype)
 
 
 def finish(y: torch.Tensor, x2: torch.Tensor, split_k: int) -> torch.Tensor:
     if split_k > 1 and x2.dtype != torch.float32:
-        _record_torch("cast")
+        record_torch("cast")
         return y.to(x2.dtype)
     return y
 

@@ -349,6 +349,102 @@ def _affine_gemv_kernel(
 
 
 @triton.jit
+def _affine_matmul_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+    M, N, K, KP, group_size,
+    stride_xm, stride_qn, stride_sn, stride_ym,
+    BITS: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HALF_MAGIC: tl.constexpr,
+    UPCAST_DOT: tl.constexpr = False,
+):
+    """Tiled GEMM for contiguous b-bit fields (b = 2, 4, 8; affine): y = x @ W^T (+ bias).
+
+    Grid and program order as :func:`_dequant_matmul_kernel`. Each K step loads the
+    ``[BLOCK_N, BLOCK_K * b / 32]`` packed words once (16-byte loads along K), expands every
+    word into its fields in registers (``[BLOCK_N, W, 32 / b]``, reshaped to
+    ``[BLOCK_N, BLOCK_K]`` without moving data), turns each field into a float with the 2**23
+    mantissa trick (one LOP3 and one FADD), applies the group's ``q * s - z s`` (one FFMA),
+    casts to the activation dtype and feeds ``tl.dot``. A K tile lies in one scale group (the
+    launcher caps BLOCK_K at the group size).
+
+    Roofline: 2 M N K FLOPs on the tensor cores; bytes N Kp b / 8 + scales (+ zeros) +
+    M K e + M N e.
+    """
+    FIELDS: tl.constexpr = 32 // BITS
+    W: tl.constexpr = BLOCK_K // FIELDS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped: rows past N are not stored
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    offs_w = tl.arange(0, W)
+    q_ptrs = q_ptr + rows[:, None] * stride_qn + offs_w[None, :]  # [BN, W]
+    shifts = tl.arange(0, FIELDS) * BITS
+
+    k_tiles = tl.cdiv(KP, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_begin = pid_k * tiles_per_split
+    t_end = min(t_begin + tiles_per_split, k_tiles)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(t_begin, t_end):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
+                    other=0.0)
+        words = tl.load(q_ptrs + t * W, mask=((t * W + offs_w) < KP // FIELDS)[None, :],
+                        other=0)
+        fields = (words[:, :, None] >> shifts[None, None, :]) & MASK
+        if HALF_MAGIC == 1:  # fp16 1024 + q, exact
+            h = (fields | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            offset = 1024.0
+        elif HALF_MAGIC == 2:  # bf16 128 + q, exact for q < 128
+            h = (fields | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            offset = 128.0
+        else:  # fp32 2**23 + q, minus 2**23: q (fp32 x; bf16 int8)
+            h = ((fields | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(a.dtype)
+            offset = 0.0
+        h = tl.reshape(h, (BLOCK_N, BLOCK_K))  # [BN, BK]: offset + q, integers
+        if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
+            part = tl.dot(a.to(tl.float32), tl.trans(h.to(tl.float32)), input_precision="ieee")
+        else:
+            part = tl.dot(a, tl.trans(h.to(a.dtype)), input_precision=DOT_PRECISION)
+        # this tile lies in one scale group: sum_k x (q - z) s
+        #   = s * (sum_k x (offset + q)) - (offset + z) s * sum_k x
+        xs = tl.sum(a.to(tl.float32), axis=1)  # [BM]
+        s_off = rows * stride_sn + (t * BLOCK_K) // group_size
+        sc = tl.load(s_ptr + s_off).to(tl.float32)
+        if MODE == 0:
+            zo = tl.load(z_ptr + s_off).to(tl.float32) + offset
+        else:
+            zo = offset + (1 << (BITS - 1))
+        acc += part * sc[None, :] - xs[:, None] * (zo * sc)[None, :]
+
+    store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS,
+               SPLIT_K)
+
+
+@triton.jit
 def _dequant_matmul_kernel(
     # pointers: s_ptr holds the scales (affine) or the codebook; z_ptr the zeros (asymmetric)
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
@@ -511,6 +607,50 @@ _AUDIT_VARIANTS = ((4, MODE_ASYM), (8, MODE_SYM), (2, MODE_ASYM), (4, MODE_CODEB
                    (3, MODE_CODEBOOK))
 
 
+def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
+    """Audit specs of the affine kernels as real calls launch them: every shipped GEMV and
+    GEMM bucket that routes to :func:`_affine_gemv_kernel` / :func:`_affine_matmul_kernel`,
+    int2/int4/int8, symmetric and asymmetric, fp16 and bf16 (and int4 fp16 at a ragged K),
+    recorded on CPU tensors as on an H200 and compiled with the specialization Triton computes
+    for those arguments (:func:`~compress_ops.kernels.launches.specialization`)."""
+    from compress_ops.kernels import launches, tuning
+    from compress_ops.kernels.formats.dequant import effective_group_size, empty_affine
+
+    table = load_tables(_FAMILY)["default"]
+    ms = [int(b) for b in table["gemv"]]
+    ms += [int(b) for b, c in table["gemm"].items() if c["block_m"] <= AFFINE_GEMM_MAX_BM]
+    variants = [(b, g, sym, dt, k) for b, g in ((4, 128), (8, None), (2, 128))
+                for sym in (False, True) for dt in (torch.float16, torch.bfloat16)]
+    variants.append((4, 128, False, torch.float16, k - 92))  # ragged K
+    specs, seen = [], set()
+    with tuning.simulate_gpu():
+        for bits, group, sym, dt, kk in variants:
+            q, s, z = empty_affine(n, kk, bits, group, sym, dtype=dt)
+            gs = effective_group_size(kk, group)
+            for m in ms:
+                x = torch.empty(m, kk, dtype=dt)
+                with launches.capture(run=False) as got:
+                    dequant_matmul(x, q, s, z, None, bits, gs)
+                for la in got:
+                    if isinstance(la.kernel, str):
+                        continue
+                    sig, consts, attrs, opts = launches.specialization(la.kernel, la.args,
+                                                                       la.kwargs)
+                    name = (f"real_m{m}/{'sym' if sym else 'asym'}{bits}/"
+                            f"{str(dt).split('.')[-1]}/k{kk}")
+                    key = (la.kernel.__name__, repr(sig), repr(sorted(consts.items())), repr(attrs),
+                           opts.num_warps, opts.num_stages)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    mma = "HMMA" if la.kernel is _affine_matmul_kernel else "-"
+                    specs.append({"kernel": la.kernel.__name__, "config": name, "fn": la.kernel,
+                                  "signature": sig, "constexprs": consts, "attrs": attrs,
+                                  "num_warps": opts.num_warps, "num_stages": opts.num_stages,
+                                  "expect_mma": mma})
+    return specs
+
+
 def audit_specs(defaults_only: bool = False) -> list[dict]:
     """Every (kernel, config, variant) the static GPU audit compiles.
 
@@ -527,8 +667,11 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
             cfg = cfg.with_split_k(min(cfg.split_k, 2))
             cfgs.setdefault(cfg.name, (cfg, int4))
     for table in load_tables(_FAMILY).values():
-        for path in ("gemv", "gemm"):
-            for bucket, c in table[path].items():
+        if not isinstance(table, dict):  # "_about"
+            continue
+        # the affine GEMV and small-M GEMM are audited as recorded calls (recorded_specs)
+        for path, key in (("gemv", "gemv_lut"), ("gemm", "gemm")):
+            for bucket, c in table[key].items():
                 cfg = KernelConfig(path, **c)
                 cfgs[cfg.name] = (cfg, every)
                 if int(bucket) <= SPLIT_K_MAX_M:
@@ -538,7 +681,8 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                     if bk < cfg.block_k:
                         small = KernelConfig(**{**cfg.__dict__, "block_k": bk})
                         cfgs.setdefault(small.name, (small, int4))
-    specs = []
+    # recorded calls need Triton's JIT (its binder): not under the interpreter
+    specs = [] if os.environ.get("TRITON_INTERPRET") == "1" else recorded_specs()
     names = {MODE_ASYM: "asym", MODE_SYM: "sym", MODE_CODEBOOK: "cb"}
     for cfg, variants in cfgs.values():
         for bits, mode, dt in variants:
@@ -599,12 +743,25 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         _launch_mod.launch(_dequant_gemv_kernel, grid, *args, **meta)
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-        _launch_mod.launch(_dequant_matmul_kernel, grid, *args, GROUP_M=cfg.group_m, **dot_meta(x2),
-                           **meta)
+        if bits in MAGIC_BITS and mode != MODE_CODEBOOK and cfg.block_m <= AFFINE_GEMM_MAX_BM:
+            meta.pop("BLOCK_M")
+            args = args[:11] + args[12:]  # no rows_per_group
+            # the offset's exact cancellation needs the dot to see x exactly: fp16 and bf16 x
+            # (not fp32 x, which a tf32 dot rounds); bf16's 128 + q is exact for q < 128 only
+            half_magic = {torch.float16: 1, torch.bfloat16: 2 if bits < 8 else 0}.get(x2.dtype, 0)
+            _launch_mod.launch(_affine_matmul_kernel, grid, *args, BLOCK_M=cfg.block_m,
+                               GROUP_M=cfg.group_m, HALF_MAGIC=half_magic, **dot_meta(x2),
+                               **meta)
+        else:
+            _launch_mod.launch(_dequant_matmul_kernel, grid, *args, GROUP_M=cfg.group_m,
+                               **dot_meta(x2), **meta)
     return _launch_mod.finish(y, x2, cfg.split_k)
 
 
 MAGIC_BITS = (2, 4, 8)  # contiguous fields: :func:`_affine_gemv_kernel`
+# :func:`_affine_matmul_kernel` scales each tile's dot product per output element: cheaper than
+# dequantizing every weight while BLOCK_M is small; larger tiles keep _dequant_matmul_kernel
+AFFINE_GEMM_MAX_BM = 32
 
 
 def affine_gemv_tile(bits: int, group_size: int, kp: int, block_k: int) -> tuple[int, int]:

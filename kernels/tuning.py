@@ -81,7 +81,7 @@ _SIMULATED: GpuTarget | None = None
 def simulate_gpu(name: str = "NVIDIA H200", sms: int = 132) -> Iterator[GpuTarget]:
     """Launchers called with CPU tensors inside this block configure themselves as on this
     GPU: the static performance model (``perf/static_perf.py``) reads the exact launch a real
-    call gets on a machine without one (with :func:`compress_ops.kernels._launch.capture`)."""
+    call gets on a machine without one (with :func:`compress_ops.kernels.launches.capture`)."""
     global _SIMULATED
     prev, _SIMULATED = _SIMULATED, GpuTarget(name, sms)
     try:

@@ -57,7 +57,7 @@ class AuditRow:
     problems: str
 
 
-def _cuobjdump(cubin: bytes, flag: str) -> str:
+def cuobjdump(cubin: bytes, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -73,7 +73,11 @@ def _mma_kind(sass: str) -> str:
 def compile_spec(spec: dict, arch: int) -> AuditRow:
     """Compile one spec for ``sm_<arch>`` and audit its SASS."""
     fn = spec["fn"]
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.get("aligned", [])}
+    if "attrs" in spec:  # Triton's own specialization of a recorded call (kernels.launches)
+        attrs = spec["attrs"]
+    else:
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+                 for a in spec.get("aligned", [])}
     src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
     options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
     problems: list[str] = []
@@ -85,8 +89,8 @@ def compile_spec(spec: dict, arch: int) -> AuditRow:
                         spec.get("expect_mma", "-"), False,
                         f"compile failed: {msg[-1] if msg else type(exc).__name__}")
     cubin = compiled.asm["cubin"]
-    sass = _cuobjdump(cubin, "-sass")
-    res = _cuobjdump(cubin, "-res-usage")
+    sass = cuobjdump(cubin, "-sass")
+    res = cuobjdump(cubin, "-res-usage")
     regs = int(m.group(1)) if (m := re.search(r"REG:(\d+)", res)) else -1
     shared = int(compiled.metadata.shared)
     ldl = len(re.findall(r"\bLDL(\.\w+)*\b", sass))

@@ -1,0 +1,142 @@
+"""perf/static_perf.py and kernels/launches.py: the static model reads the launch a real call
+makes (same kernel, grid, arguments, options), its SASS reading and budget arithmetic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from compress_ops.kernels import dequant as dq
+from compress_ops.kernels import launches, tuning
+from compress_ops.kernels.formats import dequant as dqf
+from compress_ops.perf import static_perf as sp
+from compress_ops.reference import dequant_linear_ref
+
+
+def _call(m: int, n: int, k: int, bits: int, group: int | None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    gs = dqf.effective_group_size(k, group)
+    kp = dqf.padded_k(k, gs)
+    q = dqf.pack_bits(torch.randint(0, 2**bits, (n, kp), generator=g), bits)
+    s = (torch.rand(n, kp // gs, generator=g) + 0.5).half() / 2**bits
+    z = (torch.rand(n, kp // gs, generator=g) * (2**bits - 1)).half()
+    x = (torch.randn(m, k, generator=g) + 0.1).half()
+    return x, q, s, z, gs
+
+
+def _summary(la: launches.Launch):
+    args = tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+                 for a in la.args)
+    name = la.kernel if isinstance(la.kernel, str) else la.kernel.__name__
+    return name, la.grid, args, la.kwargs
+
+
+@pytest.mark.parametrize("m,bits,group", [(1, 4, 128), (3, 8, None), (16, 2, 64), (40, 4, 32)])
+def test_recorded_launch_is_the_launch_a_real_call_runs(m, bits, group):
+    """The model records without running (run=False); a real interpreter call records while
+    running: same kernels, grids, arguments and options, and the real call is correct."""
+    x, q, s, z, gs = _call(m, 48, 200, bits, group)
+    with launches.capture(run=True) as real:
+        y = dq.dequant_matmul(x, q, s, z, None, bits, gs)
+    with launches.capture(run=False) as dry:
+        dq.dequant_matmul(x, q, s, z, None, bits, gs)
+    assert real and [_summary(a) for a in real] == [_summary(a) for a in dry]
+    ref = dequant_linear_ref(x, q, s, z, None, bits, gs, dtype=torch.float64)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3
+
+
+def test_simulated_gpu_configures_like_that_gpu():
+    """Inside simulate_gpu a CPU call picks what a call on that GPU picks (here: split-K for a
+    skinny layer, sized by the SM count), and outside it does not."""
+    x, q, s, z, gs = _call(16, 64, 4096, 4, 128)
+    with launches.capture(run=False) as plain:
+        dq.dequant_matmul(x, q, s, z, None, 4, gs)
+    with tuning.simulate_gpu("NVIDIA H200", 132), launches.capture(run=False) as sim:
+        dq.dequant_matmul(x, q, s, z, None, 4, gs)
+    assert [la.kernel for la in plain if isinstance(la.kernel, str)] == []
+    assert "torch.zeros" in [la.kernel for la in sim]
+    assert tuning.gpu_target(torch.device("cpu")) is None
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_CTAID.X ;
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   LOP3.LUT R8, R4, 0xf, RZ, 0xc0, !PT ;
+        /*0040*/                   FADD R8, R8, -8388608 ;
+        /*0050*/                   FFMA R9, R8, R10, R9 ;
+        /*0060*/               @P0 BRA 0x20 ;
+        /*0070*/                   STG.E.U16 desc[UR4][R2.64], R9 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   BRA 0x90;
+        /*00a0*/                   NOP;
+"""
+
+
+def test_sass_reading():
+    ins = sp.parse_sass(SASS)
+    assert [i.base for i in ins][-1] == "EXIT"  # trailing self-branch and NOPs dropped
+    assert sp.loops(ins) == [(2, 6)]
+    body = ins[2:7]
+    mix = sp.mix(body)
+    assert mix["LDG"] == 1 and mix["LDG.16B"] == 1 and mix["LOP3"] == 1 and mix["FFMA"] == 1
+    assert mix["total"] == 5
+
+
+def test_occupancy_limits():
+    assert sp.ctas_per_sm(32, 0, 4) == 16  # warps: 64 / 4
+    assert sp.ctas_per_sm(255, 0, 8) == 1  # registers
+    assert sp.ctas_per_sm(64, 100 * 1024, 4) == 2  # shared memory
+
+
+def test_budgets_limits_and_targets():
+    rows = [{"family": "dequant", "config": "int4 g128 asym", "M": 1, "kernel": "k",
+             "triton": "x", "loop_instr_per_weight": 5.0, "launches": 1}]
+    budgets = {"rules": [{"name": "r", "family": "dequant", "config": "int4 g128 asym",
+                          "M": [1, 4], "limits": {"max_loop_instr_per_weight": 6.0,
+                                                  "max_launches": 1},
+                          "targets": {"max_loop_instr_per_weight": 4.0}}]}
+    assert sp.check_budgets(rows, budgets) == []
+    assert len(sp.check_budgets(rows, budgets, "targets")) == 1
+    rows[0]["launches"] = 3
+    assert "max_launches" in sp.check_budgets(rows, budgets)[0]
+
+
+def test_shipped_budget_file_is_well_formed():
+    budgets = sp.load_budgets()
+    for rule in budgets["rules"]:
+        assert rule["family"] in ("dequant", "sparse24", "lowrank", "dwsep_conv")
+        for key in ("limits", "targets"):
+            for name in rule.get(key, {}):
+                assert name[:4] in ("max_", "min_")
+
+
+@pytest.mark.slow
+def test_specialization_is_tritons_own():
+    """Without the interpreter, a recorded GEMV call specializes like a real launch: the
+    pointers and the K-sized ints divisible by 16 (the attrs the old hand list missed)."""
+    code = (
+        "import json, torch\n"
+        "from compress_ops.kernels import dequant as dq, launches, tuning\n"
+        "from compress_ops.kernels.formats import dequant as f\n"
+        "q, s, z = f.empty_affine(256, 512, 4, 128, False, dtype=torch.float16)\n"
+        "x = torch.empty(1, 512, dtype=torch.float16)\n"
+        "with tuning.simulate_gpu(), launches.capture(run=False) as got:\n"
+        "    dq.dequant_matmul(x, q, s, z, None, 4, 128)\n"
+        "la = got[0]\n"
+        "sig, consts, attrs, opts = launches.specialization(la.kernel, la.args, la.kwargs)\n"
+        "names = [p.name for p in la.kernel.params]\n"
+        "div = sorted(names[k[0]] for k, v in attrs.items()"
+        " if any(a[0] == 'tt.divisibility' for a in v))\n"
+        "print(json.dumps({'kernel': la.kernel.__name__, 'div': div}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["kernel"] == "_affine_gemv_kernel"
+    assert {"x_ptr", "q_ptr", "s_ptr", "y_ptr", "K", "KP", "stride_qn"} <= set(got["div"])

@@ -44,10 +44,17 @@ class Loaded:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (file, message)
 
 
+# not benchmark results: the static model's predictions and the quick GPU check's own schema
+OTHER_FILES = ("static-triton*.json", "*-quick-*.json")
+
+
 def load_dir(results_dir: Path) -> Loaded:
-    """Read every ``*.json`` of ``results_dir``; problems are collected, not raised."""
+    """Read every benchmark ``*.json`` of ``results_dir`` (not :data:`OTHER_FILES`); problems
+    are collected, not raised."""
     out = Loaded()
     for path in sorted(Path(results_dir).glob("*.json")):
+        if any(path.match(pat) for pat in OTHER_FILES):
+            continue
         obj, problems = schema.load_results(path)
         out.problems.extend((path.name, p) for p in problems)
         if not isinstance(obj, dict):

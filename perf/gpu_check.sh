@@ -2,8 +2,10 @@
 # One prepared GPU check (at most ~9 minutes with the default limits): install, CUDA tests, benchmarks.
 #
 #   bash perf/gpu_check.sh                              # on the GPU machine, from anywhere
+#   bash perf/gpu_check.sh --quick                      # the quick check (at most ~6 minutes)
 #   COMPRESS_OPS_GIT_SHA=<sha> bash perf/gpu_check.sh   # name the commit when .git is absent
-#   GPU_CHECK_DRY=1 bash perf/gpu_check.sh              # CPU rehearsal: tests/perf + --quick bench
+#   GPU_CHECK_DRY=1 bash perf/gpu_check.sh [--quick]    # CPU rehearsal: tests/perf + --quick bench
+#                                                       # (--quick: the quick check, tiny shapes)
 #
 # Steps (each under `timeout`; a failing step is recorded and the next one still runs):
 #   1. pip install -e . (no index, no deps, no build isolation: the image brings torch/triton)
@@ -14,11 +16,31 @@
 #   5. a summary; with $OUT set, logs go to $OUT/gpu_check/ and the results file is written to
 #      $OUT/results/ (the device tool returns what is under $OUT), then copied to perf/results/.
 #
+# --quick replaces steps 3-4 with python -m compress_ops.perf.quick_check, one process per step,
+# all filling one <date>-quick-<gpu>.json: in $OUT/results/ when $OUT is set (not copied into
+# perf/results/), else in perf/results/; a dry run writes it under the logs folder instead:
+#   3q. smoke: every family against its float64 reference, fp16 + bf16, a ragged shape each
+#   4q. headline: M in {1, 16, 2048}, N = K = 8192, fp16: ours / F.linear / torch's native
+#       kernel, each checked then timed eagerly and as a CUDA-graph replay (no autotune)
+#   5q. table: the static model's predictions (perf/results/static-triton<ver>.json) against
+#       the measured rows, then a compact table of everything
+#
 # Time limits (seconds), overridable: GPU_CHECK_INSTALL_TIMEOUT (60), GPU_CHECK_TEST_TIMEOUT
-# (270), GPU_CHECK_BENCH_TIMEOUT (210). GPU_CHECK_FAMILIES (comma-separated) limits the
-# benchmark to those families. Exit status: 0 when every step passed, else 1.
+# (270), GPU_CHECK_BENCH_TIMEOUT (210); --quick: GPU_CHECK_SMOKE_TIMEOUT (90),
+# GPU_CHECK_HEADLINE_TIMEOUT (150), GPU_CHECK_TABLE_TIMEOUT (20), GPU_CHECK_SMOKE_WORKERS (4).
+# GPU_CHECK_FAMILIES (comma-separated) limits the benchmark to those families.
+# Exit status: 0 when every step passed, else 1 (2: a bad argument).
 set -u
 set -o pipefail
+
+QUICK=0
+for arg in "$@"; do
+    case "$arg" in
+        --quick) QUICK=1 ;;
+        -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "gpu_check: unknown argument '$arg' (known: --quick, --help)" >&2; exit 2 ;;
+    esac
+done
 
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
@@ -26,6 +48,9 @@ DRY=${GPU_CHECK_DRY:-0}
 T_INSTALL=${GPU_CHECK_INSTALL_TIMEOUT:-60}
 T_TEST=${GPU_CHECK_TEST_TIMEOUT:-270}
 T_BENCH=${GPU_CHECK_BENCH_TIMEOUT:-210}
+T_SMOKE=${GPU_CHECK_SMOKE_TIMEOUT:-90}
+T_HEADLINE=${GPU_CHECK_HEADLINE_TIMEOUT:-150}
+T_TABLE=${GPU_CHECK_TABLE_TIMEOUT:-20}
 
 if [ "$DRY" = "1" ] && [ -x "$REPO/.venv/bin/python" ]; then
     PY=${PYTHON:-$REPO/.venv/bin/python}
@@ -56,7 +81,7 @@ if [ -z "${COMPRESS_OPS_GIT_SHA:-}" ]; then
         export COMPRESS_OPS_GIT_SHA="$SHA"
     fi
 fi
-echo "gpu_check: repo=$REPO python=$PY dry=$DRY logs=$LOG_DIR sha=${COMPRESS_OPS_GIT_SHA:-unknown}"
+echo "gpu_check: repo=$REPO python=$PY dry=$DRY quick=$QUICK logs=$LOG_DIR sha=${COMPRESS_OPS_GIT_SHA:-unknown}"
 
 # 1. install --------------------------------------------------------------------------------
 section "install"
@@ -105,6 +130,72 @@ else
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         note "machine: WARNING torch sees no CUDA device"
     fi
+fi
+
+timed_out() { [ "$1" -eq 124 ] || [ "$1" -eq 137 ] || [ "$1" -eq 130 ]; }
+
+print_summary() {
+    section "summary"
+    {
+        echo "gpu_check finished in $(elapsed)s (dry=$DRY, quick=$QUICK, sha=${COMPRESS_OPS_GIT_SHA:-unknown})"
+        for line in "${SUMMARY[@]}"; do echo "  $line"; done
+        echo "logs: $LOG_DIR"
+    } | tee "$LOG_DIR/summary.txt"
+}
+
+# --quick: smoke, headline, table (python -m compress_ops.perf.quick_check), then exit ---------
+if [ "$QUICK" = "1" ]; then
+    unset COMPRESS_OPS_AUTOTUNE
+    QARGS=(--device "$DEVICE")
+    QENV=(env)
+    if [ "$DRY" = "1" ]; then
+        # the rehearsal: tiny shapes, the Triton kernels under the interpreter, one process
+        QARGS+=(--small)
+        QENV=(env TRITON_INTERPRET=1 COMPRESS_OPS_CPU_BACKEND=triton)
+        QDIR="$LOG_DIR/results"
+    elif [ -n "${OUT:-}" ]; then
+        QDIR="$OUT/results"
+    else
+        QDIR="$REPO/perf/results"
+    fi
+    QRESULT=$(timeout -k 5 60 "${QENV[@]}" "$PY" -m compress_ops.perf.quick_check \
+        "${QARGS[@]}" --out-dir "$QDIR" --print-path 2>"$LOG_DIR/quick-path.log" | tail -n 1)
+    [ -z "$QRESULT" ] && QRESULT="$QDIR/$(date +%F)-quick-unknown.json"
+    echo "quick results: $QRESULT"
+    RC_QUICK=0
+    # one process per step, each under its own limit; every step after the first resumes the file
+    RESUME=()
+    for STEP in smoke headline table; do
+        case "$STEP" in
+            smoke) LIMIT=$T_SMOKE; EXTRA=(--workers "${GPU_CHECK_SMOKE_WORKERS:-4}") ;;
+            headline) LIMIT=$T_HEADLINE; EXTRA=() ;;
+            table) LIMIT=$T_TABLE; EXTRA=() ;;
+        esac
+        [ "$DRY" = "1" ] && [ "$STEP" = "smoke" ] && EXTRA=(--workers 1)
+        section "quick: $STEP (limit ${LIMIT}s)"
+        # SIGINT first: the step records 'interrupted' and the file keeps what was measured
+        timeout -s INT -k 10 "$LIMIT" "${QENV[@]}" "$PY" -m compress_ops.perf.quick_check \
+            "${QARGS[@]}" --steps "$STEP" --out "$QRESULT" "${RESUME[@]}" "${EXTRA[@]}" 2>&1 \
+            | tee "$LOG_DIR/quick-$STEP.log"
+        RC=$?
+        RESUME=(--resume)
+        LAST=$(grep -E "^== $STEP:" "$LOG_DIR/quick-$STEP.log" | tail -n 1 | sed 's/^== //')
+        if timed_out $RC; then
+            note "quick $STEP: TIMED OUT after ${LIMIT}s (rc=$RC); ${LAST:-no summary line}"
+        else
+            note "quick $STEP: rc=$RC ${LAST:-}"
+        fi
+        [ $RC -ne 0 ] && RC_QUICK=1
+    done
+    if [ -f "$QRESULT" ]; then
+        note "quick results -> $QRESULT"
+    else
+        note "quick results: no file at $QRESULT"
+        RC_QUICK=1
+    fi
+    print_summary
+    [ $RC_INSTALL -eq 0 ] && [ $RC_QUICK -eq 0 ]
+    exit $?
 fi
 
 # 3. tests -------------------------------------------------------------------------------------
@@ -185,11 +276,6 @@ if [ "$DRY" != "1" ] && [ "$RESULT" != "$FINAL" ] && [ -f "$RESULT" ]; then
 fi
 
 # 5. summary ----------------------------------------------------------------------------------
-section "summary"
-{
-    echo "gpu_check finished in $(elapsed)s (dry=$DRY, sha=${COMPRESS_OPS_GIT_SHA:-unknown})"
-    for line in "${SUMMARY[@]}"; do echo "  $line"; done
-    echo "logs: $LOG_DIR"
-} | tee "$LOG_DIR/summary.txt"
+print_summary
 
 [ $RC_INSTALL -eq 0 ] && [ $RC_TEST -eq 0 ] && [ $RC_BENCH -eq 0 ]

@@ -215,12 +215,13 @@ def _dequant_gemv_kernel(
 
 
 @triton.jit
-def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_ptr, s_rows, K,
-                group_size, BITS: tl.constexpr, MODE: tl.constexpr, BLOCK_K: tl.constexpr,
-                ONE_GROUP: tl.constexpr, MASKED: tl.constexpr):
-    """K tile ``t`` of :func:`_affine_gemv_kernel`: ``acc[BN, C]`` plus this tile's
+def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_ptr, s_rows,
+                lut_rows, K, group_size, BITS: tl.constexpr, MODE: tl.constexpr,
+                BLOCK_K: tl.constexpr, ONE_GROUP: tl.constexpr, MASKED: tl.constexpr):
+    """K tile ``t`` of :func:`_fields_gemv_kernel`: ``acc[BN, C]`` plus this tile's
     ``s (sum_k x q - z sum_k x)`` per (row, chunk of VEC words); with ``ONE_GROUP`` the scale
-    is applied after the loop and ``acc`` gathers ``sum_k x (q - z)`` only."""
+    is applied after the loop and ``acc`` gathers ``sum_k x q`` only. Codebooks (MODE 2):
+    ``sum_k x codebook[q]``, the entries of columns past K not read (``0 * NaN`` is NaN)."""
     FIELDS: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     P: tl.constexpr = 23 // BITS  # fields per placement that fit in a float's mantissa
@@ -234,22 +235,32 @@ def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_p
             xs = xi
         else:
             xs += xi
-        if i % P == 0:  # the next placement: these fields' bits at 0 .. 23 of a word
-            if i == 0:
-                ws = w
+        if MODE == 2:  # a table lookup (L1-resident: 2**b entries per row group)
+            idx = (w >> (i * BITS)) & MASK
+            if MASKED:
+                qf = tl.load(lut_rows + idx, mask=(cols < K)[None, :, :], other=0.0)
             else:
-                ws = w >> (i * BITS)
-        # the field, with its bits in place, in the mantissa of 2**23: 2**23 + q * 2**pos,
-        # exactly; minus 2**23: q * 2**pos; times x * 2**-pos: x * q, exactly
-        f = (ws & (MASK << ((i % P) * BITS))) | 0x4B000000
-        qf = f.to(tl.float32, bitcast=True) - 8388608.0
-        if i % P != 0:
-            xi = xi * (1.0 / (1 << ((i % P) * BITS)))
+                qf = tl.load(lut_rows + idx)
+            qf = qf.to(tl.float32)
+        else:
+            if i % P == 0:  # the next placement: these fields' bits at 0 .. 23 of a word
+                if i == 0:
+                    ws = w
+                else:
+                    ws = w >> (i * BITS)
+            # the field, with its bits in place, in the mantissa of 2**23: 2**23 + q 2**pos,
+            # exactly; minus 2**23: q * 2**pos; times x * 2**-pos: x * q, exactly
+            f = (ws & (MASK << ((i % P) * BITS))) | 0x4B000000
+            qf = f.to(tl.float32, bitcast=True) - 8388608.0
+            if i % P != 0:
+                xi = xi * (1.0 / (1 << ((i % P) * BITS)))
         if i == 0:
             part = qf * xi[None, :, :]
         else:
             part += qf * xi[None, :, :]
     xq = tl.sum(part, axis=2)  # [BN, C]: sum_k x q over each chunk
+    if MODE == 2:
+        return acc + xq, x0
     xc = tl.sum(xs, axis=1)  # [C]: sum_k x over each chunk
     if ONE_GROUP:
         return acc + xq, x0 + xc
@@ -271,9 +282,10 @@ def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_p
 
 
 @triton.jit
-def _affine_gemv_kernel(
+def _fields_gemv_kernel(
+    # pointers: s_ptr holds the scales (affine) or the codebook; z_ptr the zeros (asymmetric)
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-    M, N, K, KP, group_size,
+    M, N, K, KP, group_size, rows_per_group,
     stride_xm, stride_qn, stride_sn, stride_ym,
     BITS: tl.constexpr,
     MODE: tl.constexpr,
@@ -284,7 +296,8 @@ def _affine_gemv_kernel(
     ONE_GROUP: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """Small-M path for contiguous b-bit fields (b = 2, 4, 8; affine): one row of x per program.
+    """Small-M path for contiguous b-bit fields (b = 2, 4, 8; affine or codebook): one row of x
+    per program.
 
     Grid: (cdiv(N, BLOCK_N), M, SPLIT_K). A K tile is ``[BLOCK_N, C, VEC]`` packed words (each
     thread loads VEC consecutive words of a row: 16-byte loads), read from global memory once.
@@ -296,6 +309,7 @@ def _affine_gemv_kernel(
     affine terms go once per chunk: ``s (sum x q - z sum x)``; with one group per row
     (``ONE_GROUP``) once per row, after the loop. The tiles that lie inside K run unmasked;
     the ragged last one is masked. Rows past N are clamped (their results are not stored).
+    Codebooks (MODE 2) look each field up in its row group's table instead (L1-resident).
 
     Roofline: 2 M N K FLOPs; bytes N Kp b / 8 + scales (+ zeros) + M K e + M N e. Memory-bound:
     BLOCK_K sets the bytes each program has in flight (``BLOCK_N * BLOCK_K * b / 8``).
@@ -313,6 +327,10 @@ def _affine_gemv_kernel(
     cols_w = wcol * FIELDS  # [C, VEC]: first column of each word in the tile
     q_ptrs = q_ptr + rows[:, None, None] * stride_qn + wcol[None, :, :]
     s_rows = rows[:, None] * stride_sn  # [BN, 1]
+    if MODE == 2:
+        lut_rows = s_ptr + (rows // rows_per_group)[:, None, None] * stride_sn  # [BN, 1, 1]
+    else:
+        lut_rows = s_ptr  # unused
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
 
     k_tiles = tl.cdiv(KP, BLOCK_K)
@@ -327,16 +345,18 @@ def _affine_gemv_kernel(
     for t in range(t_begin, t_full):
         w = tl.load(q_ptrs + t * W)
         acc, x0 = _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, None, t, s_ptr, z_ptr,
-                              s_rows, K, group_size, BITS, MODE, BLOCK_K, ONE_GROUP, False)
+                              s_rows, lut_rows, K, group_size, BITS, MODE, BLOCK_K, ONE_GROUP,
+                              False)
     if t_full < t_end:  # the ragged last tile (columns past K, words past KP)
         t = t_full
         word_mask = (t * W + wcol[None, :, :]) < KP // FIELDS
         chunk_mask = ((t * BLOCK_K + chunk_cols) < KP)[None, :]
         w = tl.load(q_ptrs + t * W, mask=word_mask, other=0)
         acc, x0 = _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr,
-                              z_ptr, s_rows, K, group_size, BITS, MODE, BLOCK_K, ONE_GROUP, True)
+                              z_ptr, s_rows, lut_rows, K, group_size, BITS, MODE, BLOCK_K,
+                              ONE_GROUP, True)
     y = tl.sum(acc, axis=1)  # [BN]
-    if ONE_GROUP:  # y = s (sum x q - z sum x): the row's one scale and zero
+    if ONE_GROUP and MODE != 2:  # y = s (sum x q - z sum x): the row's one scale and zero
         s = tl.load(s_ptr + rows * stride_sn).to(tl.float32)
         if MODE == 0:
             z = tl.load(z_ptr + rows * stride_sn).to(tl.float32)
@@ -543,22 +563,24 @@ def _dequant_matmul_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def select_config(m: int, n: int, kp: int, device: torch.device,
-                  lut: bool = False) -> KernelConfig:
+def select_config(m: int, n: int, kp: int, device: torch.device, lut_gemv: bool = False,
+                  lut_gemm: bool = False) -> KernelConfig:
     """Tuned default for this shape from ``configs/dequant.json``: the GEMV kernel up to
-    ``gemv_max_m`` (``lut``: the codebook / bit-plane GEMV's table, ``gemv_lut``), else the
-    GEMM tile of M's bucket; split-K raised (both paths) when the tile grid would leave
-    multiprocessors idle."""
-    return _select_config(m, n, kp, device, lut, gpu_target(device))
+    ``gemv_max_m``, else the GEMM tile of M's bucket (``lut_gemv``: the bit-plane GEMV's
+    table, ``gemv_lut``; ``lut_gemm``: the codebook / bit-plane GEMM's, ``gemm_lut``);
+    split-K raised (both paths) when the tile grid would leave multiprocessors idle."""
+    return _select_config(m, n, kp, device, lut_gemv, lut_gemm, gpu_target(device))
 
 
 @functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode
-def _select_config(m: int, n: int, kp: int, device: torch.device, lut: bool,
-                   target) -> KernelConfig:
-    table = device_table(_FAMILY, device)
+def _select_config(m: int, n: int, kp: int, device: torch.device, lut_gemv: bool,
+                   lut_gemm: bool, target) -> KernelConfig:
+    table = dict(device_table(_FAMILY, device))
+    if lut_gemv:
+        table["gemv"], table["gemv_max_m"] = table["gemv_lut"], table["gemv_lut_max_m"]
+    if lut_gemm:
+        table["gemm"] = table["gemm_lut"]
     cfg = table_config(table, m)
-    if lut and cfg.path == "gemv":
-        cfg = table_config({**table, "gemv": table["gemv_lut"]}, m)
     return auto_split_k(cfg, m, n, kp, device)
 
 
@@ -608,9 +630,10 @@ _AUDIT_VARIANTS = ((4, MODE_ASYM), (8, MODE_SYM), (2, MODE_ASYM), (4, MODE_CODEB
 
 
 def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
-    """Audit specs of the affine kernels as real calls launch them: every shipped GEMV and
-    GEMM bucket that routes to :func:`_affine_gemv_kernel` / :func:`_affine_matmul_kernel`,
+    """Audit specs of the fields kernels as real calls launch them: every shipped GEMV and
+    GEMM bucket that routes to :func:`_fields_gemv_kernel` / :func:`_affine_matmul_kernel`,
     int2/int4/int8, symmetric and asymmetric, fp16 and bf16 (and int4 fp16 at a ragged K),
+    codebooks of 2/4 bits (and their GEMM where it is :func:`_dequant_matmul_kernel`),
     recorded on CPU tensors as on an H200 and compiled with the specialization Triton computes
     for those arguments (:func:`~compress_ops.kernels.launches.specialization`)."""
     from compress_ops.kernels import launches, tuning
@@ -627,10 +650,13 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
         for bits, group, sym, dt, kk in variants:
             q, s, z = empty_affine(n, kk, bits, group, sym, dtype=dt)
             gs = effective_group_size(kk, group)
+            cb = torch.empty(2, 2**bits, dtype=dt) if bits < 8 or not sym else None
             for m in ms:
                 x = torch.empty(m, kk, dtype=dt)
                 with launches.capture(run=False) as got:
                     dequant_matmul(x, q, s, z, None, bits, gs)
+                    if cb is not None and group == 128 and not sym and kk == k:  # 2 row groups
+                        codebook_matmul(x, q, cb, None, bits)
                 for la in got:
                     if isinstance(la.kernel, str):
                         continue
@@ -643,7 +669,8 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
                     if key in seen:
                         continue
                     seen.add(key)
-                    mma = "HMMA" if la.kernel is _affine_matmul_kernel else "-"
+                    mma = ("-" if la.kernel is _fields_gemv_kernel
+                           else "HGMMA" if la.kwargs.get("BLOCK_M", 16) >= 64 else "HMMA")
                     specs.append({"kernel": la.kernel.__name__, "config": name, "fn": la.kernel,
                                   "signature": sig, "constexprs": consts, "attrs": attrs,
                                   "num_warps": opts.num_warps, "num_stages": opts.num_stages,
@@ -670,8 +697,10 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
         if not isinstance(table, dict):  # "_about"
             continue
         # the affine GEMV and small-M GEMM are audited as recorded calls (recorded_specs)
-        for path, key in (("gemv", "gemv_lut"), ("gemm", "gemm")):
+        for path, key in (("gemv", "gemv_lut"), ("gemm", "gemm_lut"), ("gemm", "gemm")):
             for bucket, c in table[key].items():
+                if key == "gemm" and c["block_m"] <= AFFINE_GEMM_MAX_BM:
+                    continue  # _affine_matmul_kernel: recorded_specs
                 cfg = KernelConfig(path, **c)
                 cfgs[cfg.name] = (cfg, every)
                 if int(bucket) <= SPLIT_K_MAX_M:
@@ -725,9 +754,9 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
     group_size, rows_per_group = (kp, group) if mode == MODE_CODEBOOK else (group, 1)
     zp = z if z is not None else s  # dummy pointers, never read
     bp = bias if bias is not None else s
-    if cfg.path == "gemv" and bits in MAGIC_BITS and mode != MODE_CODEBOOK:
-        _launch_affine_gemv(mode, x2, q, s, zp, bp, y, bias is not None, bits, group_size, kp,
-                            cfg)
+    if cfg.path == "gemv" and bits in MAGIC_BITS:
+        _launch_fields_gemv(mode, x2, q, s, zp, bp, y, bias is not None, bits, group_size,
+                            rows_per_group, kp, cfg)
         return _launch_mod.finish(y, x2, cfg.split_k)
     if group_size < kp and cfg.block_k > group_size:  # a K tile must lie in one scale group
         # GEMV at BLOCK_M >= 2: 32-column tiles (BLOCK_K = 64 there spills on sm_90: audit)
@@ -758,33 +787,38 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
     return _launch_mod.finish(y, x2, cfg.split_k)
 
 
-MAGIC_BITS = (2, 4, 8)  # contiguous fields: :func:`_affine_gemv_kernel`
+MAGIC_BITS = (2, 4, 8)  # contiguous fields: :func:`_fields_gemv_kernel`
 # :func:`_affine_matmul_kernel` scales each tile's dot product per output element: cheaper than
 # dequantizing every weight while BLOCK_M is small; larger tiles keep _dequant_matmul_kernel
 AFFINE_GEMM_MAX_BM = 32
 
 
-def affine_gemv_tile(bits: int, group_size: int, kp: int, block_k: int) -> tuple[int, int]:
-    """``(BLOCK_K, VEC)`` of :func:`_affine_gemv_kernel` for a GEMV config: ``block_k`` is
-    counted for int4 and scaled to the same bytes per tile for other widths; a chunk of VEC
-    words (16-byte loads at VEC = 4) lies inside one scale group."""
+def fields_gemv_tile(bits: int, group_size: int, kp: int, block_k: int,
+                     codebook: bool = False) -> tuple[int, int]:
+    """``(BLOCK_K, VEC)`` of :func:`_fields_gemv_kernel` for a GEMV config: ``block_k`` is
+    counted for int4 and scaled to the same bytes per tile for other widths (codebooks: not
+    raised for 2-bit fields, whose 16 lookups per word would spill); a chunk of VEC words
+    (16-byte loads at VEC = 4) lies inside one scale group."""
     fields = 32 // bits
-    bk = max(block_k * 4 // bits, WORD_COLS)
+    bk = max(block_k * 4 // (max(bits, 4) if codebook else bits), WORD_COLS)
     vec = min(4, group_size // fields, bk // fields)
     return bk, vec
 
 
-def _launch_affine_gemv(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+def _launch_fields_gemv(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
                         zp: torch.Tensor, bp: torch.Tensor, y: torch.Tensor, has_bias: bool,
-                        bits: int, group_size: int, kp: int, cfg: KernelConfig) -> None:
+                        bits: int, group_size: int, rows_per_group: int, kp: int,
+                        cfg: KernelConfig) -> None:
     m, k = x2.shape
     n = q.shape[0]
-    bk, vec = affine_gemv_tile(bits, group_size, kp, cfg.block_k)
-    grid = (triton.cdiv(n, cfg.block_n), m, cfg.split_k)
+    bk, vec = fields_gemv_tile(bits, group_size, kp, cfg.block_k, mode == MODE_CODEBOOK)
+    # codebooks: half the rows per program (their lookups hold more registers; the audit)
+    bn = cfg.block_n // 2 if mode == MODE_CODEBOOK and cfg.block_n > 8 else cfg.block_n
+    grid = (triton.cdiv(n, bn), m, cfg.split_k)
     _launch_mod.launch(
-        _affine_gemv_kernel, grid, x2, q, s, zp, bp, y, m, n, k, kp, group_size,
+        _fields_gemv_kernel, grid, x2, q, s, zp, bp, y, m, n, k, kp, group_size, rows_per_group,
         x2.stride(0), q.stride(0), s.stride(0), y.stride(0),
-        BITS=bits, MODE=mode, HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_K=bk, VEC=vec,
+        BITS=bits, MODE=mode, HAS_BIAS=has_bias, BLOCK_N=bn, BLOCK_K=bk, VEC=vec,
         ONE_GROUP=group_size == kp, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
 
@@ -805,8 +839,9 @@ def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.
         if x.device.type == "cuda" and os.environ.get("COMPRESS_OPS_AUTOTUNE") == "1":
             config = autotuned_config(mode, x2, q, s, z, bias, bits, group)
         else:
-            lut = mode == MODE_CODEBOOK or bits not in MAGIC_BITS
-            config = select_config(m, n, packed_k(q.shape[1], bits), x.device, lut)
+            config = select_config(m, n, packed_k(q.shape[1], bits), x.device,
+                                   lut_gemv=bits not in MAGIC_BITS,
+                                   lut_gemm=mode == MODE_CODEBOOK or bits not in MAGIC_BITS)
     return _launch(mode, x2, q, s, z, bias, bits, group, config).reshape(*lead, n)
 
 

@@ -150,8 +150,11 @@ def test_codebook_bad_inputs_raise_named_errors(mutate, exc, match):
 def test_select_config_paths_and_autotune_space():
     cpu = torch.device("cpu")
     assert dq.select_config(1, 4096, 4096, cpu).path == "gemv"
-    assert dq.select_config(4, 4096, 4096, cpu).path == "gemv"
-    assert dq.select_config(5, 4096, 4096, cpu).path == "gemm"
+    # from M = 2 the fields GEMM's 16-row tensor-core tile (one GEMV program per x row above)
+    assert dq.select_config(2, 4096, 4096, cpu).path == "gemm"
+    # the bit-plane (3-bit) kernels keep their own table: GEMV up to M = 4
+    assert dq.select_config(4, 4096, 4096, cpu, lut_gemv=True, lut_gemm=True).path == "gemv"
+    assert dq.select_config(5, 4096, 4096, cpu, lut_gemv=True, lut_gemm=True).path == "gemm"
     assert dq.select_config(3000, 4096, 4096, cpu).block_m >= 64
     for m in (1, 3, 16, 64, 1000):
         cfgs = dq.get_autotune_configs(m)
@@ -166,8 +169,10 @@ def test_audit_specs_cover_every_shipped_config():
             continue
         # the affine GEMV ("gemv") and small-M GEMM are audited as recorded real calls
         # (dq.recorded_specs; tests/perf/test_static_perf.py); the rest by config
-        for path, key in (("gemv", "gemv_lut"), ("gemm", "gemm")):
+        for path, key in (("gemv", "gemv_lut"), ("gemm", "gemm_lut"), ("gemm", "gemm")):
             for c in table[key].values():
+                if key == "gemm" and c["block_m"] <= dq.AFFINE_GEMM_MAX_BM:
+                    continue
                 assert KernelConfig(path, **c).name in names
     variants = {s["config"].split("/", 1)[1] for s in specs}
     assert {"asym4/fp16", "sym8/fp16", "asym2/fp16", "cb4/fp16", "cb3/fp16"} <= variants

@@ -138,5 +138,5 @@ def test_specialization_is_tritons_own():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, check=True).stdout
     got = json.loads(out.strip().splitlines()[-1])
-    assert got["kernel"] == "_affine_gemv_kernel"
+    assert got["kernel"] == "_fields_gemv_kernel"
     assert {"x_ptr", "q_ptr", "s_ptr", "y_ptr", "K", "KP", "stride_qn"} <= set(got["div"])

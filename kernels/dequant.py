@@ -369,9 +369,10 @@ def _fields_gemv_kernel(
 
 
 @triton.jit
-def _affine_matmul_kernel(
+def _fields_matmul_kernel(
+    # pointers: s_ptr holds the scales (affine) or the codebook; z_ptr the zeros (asymmetric)
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-    M, N, K, KP, group_size,
+    M, N, K, KP, group_size, rows_per_group,
     stride_xm, stride_qn, stride_sn, stride_ym,
     BITS: tl.constexpr,
     MODE: tl.constexpr,
@@ -385,7 +386,9 @@ def _affine_matmul_kernel(
     HALF_MAGIC: tl.constexpr,
     UPCAST_DOT: tl.constexpr = False,
 ):
-    """Tiled GEMM for contiguous b-bit fields (b = 2, 4, 8; affine): y = x @ W^T (+ bias).
+    """Tiled GEMM for contiguous b-bit fields (b = 2, 4, 8; affine or codebook):
+    y = x @ W^T (+ bias). Codebooks (MODE 2) look each field up in its row group's table
+    (L1-resident; the entries of columns past K are not read) and feed ``tl.dot`` directly.
 
     Grid and program order as :func:`_dequant_matmul_kernel`. Each K step loads the
     ``[BLOCK_N, BLOCK_K * b / 32]`` packed words once (16-byte loads along K), expands every
@@ -421,6 +424,8 @@ def _affine_matmul_kernel(
     offs_w = tl.arange(0, W)
     q_ptrs = q_ptr + rows[:, None] * stride_qn + offs_w[None, :]  # [BN, W]
     shifts = tl.arange(0, FIELDS) * BITS
+    if MODE == 2:
+        lut_rows = s_ptr + (rows // rows_per_group)[:, None, None] * stride_sn  # [BN, 1, 1]
 
     k_tiles = tl.cdiv(KP, BLOCK_K)
     tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
@@ -435,30 +440,40 @@ def _affine_matmul_kernel(
         words = tl.load(q_ptrs + t * W, mask=((t * W + offs_w) < KP // FIELDS)[None, :],
                         other=0)
         fields = (words[:, :, None] >> shifts[None, None, :]) & MASK
-        if HALF_MAGIC == 1:  # fp16 1024 + q, exact
-            h = (fields | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            offset = 1024.0
-        elif HALF_MAGIC == 2:  # bf16 128 + q, exact for q < 128
-            h = (fields | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            offset = 128.0
-        else:  # fp32 2**23 + q, minus 2**23: q (fp32 x; bf16 int8)
-            h = ((fields | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(a.dtype)
-            offset = 0.0
-        h = tl.reshape(h, (BLOCK_N, BLOCK_K))  # [BN, BK]: offset + q, integers
-        if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
-            part = tl.dot(a.to(tl.float32), tl.trans(h.to(tl.float32)), input_precision="ieee")
+        if MODE == 2:
+            cols = t * BLOCK_K + offs_w[None, :, None] * FIELDS + shifts[None, None, :] // BITS
+            h = tl.load(lut_rows + fields, mask=cols < K, other=0.0)
+            h = tl.reshape(h, (BLOCK_N, BLOCK_K))
+            if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
+                acc = tl.dot(a.to(tl.float32), tl.trans(h.to(tl.float32)), acc,
+                             input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(h.to(a.dtype)), acc, input_precision=DOT_PRECISION)
         else:
-            part = tl.dot(a, tl.trans(h.to(a.dtype)), input_precision=DOT_PRECISION)
-        # this tile lies in one scale group: sum_k x (q - z) s
-        #   = s * (sum_k x (offset + q)) - (offset + z) s * sum_k x
-        xs = tl.sum(a.to(tl.float32), axis=1)  # [BM]
-        s_off = rows * stride_sn + (t * BLOCK_K) // group_size
-        sc = tl.load(s_ptr + s_off).to(tl.float32)
-        if MODE == 0:
-            zo = tl.load(z_ptr + s_off).to(tl.float32) + offset
-        else:
-            zo = offset + (1 << (BITS - 1))
-        acc += part * sc[None, :] - xs[:, None] * (zo * sc)[None, :]
+            if HALF_MAGIC == 1:  # fp16 1024 + q, exact
+                h = (fields | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                offset = 1024.0
+            elif HALF_MAGIC == 2:  # bf16 128 + q, exact for q < 128
+                h = (fields | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                offset = 128.0
+            else:  # fp32 2**23 + q, minus 2**23: q (fp32 x; bf16 int8)
+                h = ((fields | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(a.dtype)
+                offset = 0.0
+            h = tl.reshape(h, (BLOCK_N, BLOCK_K))  # [BN, BK]: offset + q, integers
+            if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
+                part = tl.dot(a.to(tl.float32), tl.trans(h.to(tl.float32)), input_precision="ieee")
+            else:
+                part = tl.dot(a, tl.trans(h.to(a.dtype)), input_precision=DOT_PRECISION)
+            # this tile lies in one scale group: sum_k x (q - z) s
+            #   = s * (sum_k x (offset + q)) - (offset + z) s * sum_k x
+            xs = tl.sum(a.to(tl.float32), axis=1)  # [BM]
+            s_off = rows * stride_sn + (t * BLOCK_K) // group_size
+            sc = tl.load(s_ptr + s_off).to(tl.float32)
+            if MODE == 0:
+                zo = tl.load(z_ptr + s_off).to(tl.float32) + offset
+            else:
+                zo = offset + (1 << (BITS - 1))
+            acc += part * sc[None, :] - xs[:, None] * (zo * sc)[None, :]
 
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS,
                SPLIT_K)
@@ -631,7 +646,7 @@ _AUDIT_VARIANTS = ((4, MODE_ASYM), (8, MODE_SYM), (2, MODE_ASYM), (4, MODE_CODEB
 
 def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
     """Audit specs of the fields kernels as real calls launch them: every shipped GEMV and
-    GEMM bucket that routes to :func:`_fields_gemv_kernel` / :func:`_affine_matmul_kernel`,
+    GEMM bucket that routes to :func:`_fields_gemv_kernel` / :func:`_fields_matmul_kernel`,
     int2/int4/int8, symmetric and asymmetric, fp16 and bf16 (and int4 fp16 at a ragged K),
     codebooks of 2/4 bits (and their GEMM where it is :func:`_dequant_matmul_kernel`),
     recorded on CPU tensors as on an H200 and compiled with the specialization Triton computes
@@ -662,7 +677,9 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
                         continue
                     sig, consts, attrs, opts = launches.specialization(la.kernel, la.args,
                                                                        la.kwargs)
-                    name = (f"real_m{m}/{'sym' if sym else 'asym'}{bits}/"
+                    kind = ("cb" if la.kwargs.get("MODE") == MODE_CODEBOOK
+                            else "sym" if sym else "asym")
+                    name = (f"real_m{m}/{kind}{bits}/"
                             f"{str(dt).split('.')[-1]}/k{kk}")
                     key = (la.kernel.__name__, repr(sig), repr(sorted(consts.items())), repr(attrs),
                            opts.num_warps, opts.num_stages)
@@ -700,7 +717,7 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
         for path, key in (("gemv", "gemv_lut"), ("gemm", "gemm_lut"), ("gemm", "gemm")):
             for bucket, c in table[key].items():
                 if key == "gemm" and c["block_m"] <= AFFINE_GEMM_MAX_BM:
-                    continue  # _affine_matmul_kernel: recorded_specs
+                    continue  # _fields_matmul_kernel: recorded_specs
                 cfg = KernelConfig(path, **c)
                 cfgs[cfg.name] = (cfg, every)
                 if int(bucket) <= SPLIT_K_MAX_M:
@@ -772,13 +789,12 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         _launch_mod.launch(_dequant_gemv_kernel, grid, *args, **meta)
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-        if bits in MAGIC_BITS and mode != MODE_CODEBOOK and cfg.block_m <= AFFINE_GEMM_MAX_BM:
+        if bits in MAGIC_BITS and cfg.block_m <= AFFINE_GEMM_MAX_BM:
             meta.pop("BLOCK_M")
-            args = args[:11] + args[12:]  # no rows_per_group
             # the offset's exact cancellation needs the dot to see x exactly: fp16 and bf16 x
             # (not fp32 x, which a tf32 dot rounds); bf16's 128 + q is exact for q < 128 only
             half_magic = {torch.float16: 1, torch.bfloat16: 2 if bits < 8 else 0}.get(x2.dtype, 0)
-            _launch_mod.launch(_affine_matmul_kernel, grid, *args, BLOCK_M=cfg.block_m,
+            _launch_mod.launch(_fields_matmul_kernel, grid, *args, BLOCK_M=cfg.block_m,
                                GROUP_M=cfg.group_m, HALF_MAGIC=half_magic, **dot_meta(x2),
                                **meta)
         else:
@@ -788,9 +804,10 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
 
 
 MAGIC_BITS = (2, 4, 8)  # contiguous fields: :func:`_fields_gemv_kernel`
-# :func:`_affine_matmul_kernel` scales each tile's dot product per output element: cheaper than
+# :func:`_fields_matmul_kernel` scales each tile's dot product per output element: cheaper than
 # dequantizing every weight while BLOCK_M is small; larger tiles keep _dequant_matmul_kernel
 AFFINE_GEMM_MAX_BM = 32
+CODEBOOK_FIELDS_MAX_M = 16  # codebook GEMMs up to here take _fields_matmul_kernel
 
 
 def fields_gemv_tile(bits: int, group_size: int, kp: int, block_k: int,
@@ -841,7 +858,10 @@ def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.
         else:
             config = select_config(m, n, packed_k(q.shape[1], bits), x.device,
                                    lut_gemv=bits not in MAGIC_BITS,
-                                   lut_gemm=mode == MODE_CODEBOOK or bits not in MAGIC_BITS)
+                                   # codebooks above M = 16: the lookup tile spills at
+                                   # BLOCK_M = 32 (audit); the old kernel's tables there
+                                   lut_gemm=bits not in MAGIC_BITS
+                                   or (mode == MODE_CODEBOOK and m > CODEBOOK_FIELDS_MAX_M))
     return _launch(mode, x2, q, s, z, bias, bits, group, config).reshape(*lead, n)
 
 

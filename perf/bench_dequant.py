@@ -19,12 +19,15 @@ CPU (the issue's comparison; N = K = 4096, M in {1, 64}, fp32 and bf16):
 * ``torch-int8pack`` / ``torch-int4pack`` -- torch's native weight-only kernels called
   directly on pre-converted weights (``torch._weight_int8pack_mm``,
   ``torch._weight_int4pack_mm_for_cpu``),
-* ``ours-int8-dequant`` / ``ours-int4-dequant`` -- the op forced onto its row-chunked
-  dequantize + ``F.linear`` route,
+* ``ours-int8-dequant`` / ``ours-int4-dequant`` -- the op with its native routes off (int4: the
+  row-chunked dequantize + ``F.linear`` route; int8 rows: converted to the activation dtype in
+  chunks, route ``int8-convert``; the note names it),
 * ``ours-int4-dense-cache`` -- ``COMPRESS_OPS_CPU_DENSE_CACHE=1`` (holds a dense copy).
 
 The CPU route rule (``compress_ops.ops.dequant_cpu_route``) must be within 10% of the best
-compressed option of each case; these rows are the measurement behind it.
+compressed option of each case; these rows, and the crossovers of
+``python -m compress_ops.perf.cpu_lowbit --crossover`` (every low-bit format, also asymmetric
+int8 rows, int2 and int3), are the measurement behind it.
 
 Roofline per call: ``2 M N K`` FLOPs; minimum bytes = stored weight (``affine_bytes`` /
 ``codebook_bytes``; ``N K e`` dense) + ``M K e + M N e``.
@@ -203,12 +206,16 @@ def _cpu_alternatives(name: str, fmt: dict, native: dict, x: torch.Tensor, ref: 
         yield logged(log, time_provider(
             fn, x, ref, time_it, provider=provider, min_bytes=fmt["bytes"] + act, backend="cpu",
             note="pre-converted weight (+1x the packed bytes)", **common))
+    from compress_ops.ops import dequant_cpu_route
+
     old = routing.NATIVE_MAX_M
     routing.NATIVE_MAX_M = {}
     try:
+        qw, _, z, _, gs = fmt["args"]
+        note = f"route={dequant_cpu_route(x, qw, z, bits, gs)} (native routes off)"
         yield logged(log, time_provider(
             lambda x=x: _call(fmt, x), x, ref, time_it, provider=f"{name}-dequant",
-            min_bytes=fmt["bytes"] + act, backend="cpu", note="route=dequant", **common))
+            min_bytes=fmt["bytes"] + act, backend="cpu", note=note, **common))
     finally:
         routing.NATIVE_MAX_M = old
     if bits == 4:

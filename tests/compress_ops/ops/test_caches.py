@@ -1,8 +1,9 @@
 """Every CPU cache serves only what the weights give now (issue 13, item 1).
 
-The cached routes: the native int4 packing (bf16, any M; fp32 at M = 1) and the opt-in dense
-copy (``COMPRESS_OPS_CPU_DENSE_CACHE=1``) of every family. Each edit pattern users have must
-reach the output on the next call: in-place ops through ``.data`` (which do not bump the
+The cached routes: the native int4 packing (bf16 activations up to the crossover M; fp32 under
+``COMPRESS_OPS_CPU_FP32_VIA_BF16=1``; int2 and int3 weights too) and the opt-in dense copy
+(``COMPRESS_OPS_CPU_DENSE_CACHE=1``) of every family. Each edit pattern users have must reach
+the output on the next call: in-place ops through ``.data`` (which do not bump the
 version counter), ``copy_``, ``set_``, ``.data =`` swaps, optimizer steps and
 ``load_state_dict``.
 """
@@ -41,7 +42,8 @@ CASES = [
     ("native-int4 bf16", lambda: _quant(torch.bfloat16), False, "scales"),
     ("native-int4 bf16 qweight", lambda: _quant(torch.bfloat16), False, "qweight"),
     ("native-int4 bf16 zeros", lambda: _quant(torch.bfloat16), False, "zeros"),
-    ("native-int4 fp32 M=1", lambda: _quant(torch.float32), False, "scales"),
+    ("native-int4-via-bf16 fp32 M=1", lambda: _quant(torch.float32), False, "scales"),
+    ("native-int4 bf16 int2 qweight", lambda: _quant(torch.bfloat16, 2), False, "qweight"),
     ("native-int8 bf16", lambda: _quant(torch.bfloat16, 8, None, True), False, "scales"),
     ("dense-cache quant", lambda: _quant(torch.float32), True, "scales"),
     ("dense-cache codebook", lambda: _codebook(torch.float32), True, "codebook"),
@@ -90,12 +92,13 @@ def _ref(m, x):
 def test_no_edit_leaves_a_stale_cache(monkeypatch, case, build, cache, name, how):
     monkeypatch.setenv("COMPRESS_OPS_CPU_BACKEND", "reference")
     monkeypatch.setenv("COMPRESS_OPS_CPU_DENSE_CACHE", "1" if cache else "0")
+    monkeypatch.setenv("COMPRESS_OPS_CPU_FP32_VIA_BF16", "1" if "via-bf16" in case else "0")
     m = build()
     dtype = m.bias.dtype
     x = torch.randn(1, m.in_features).to(dtype)
     if case.startswith("native"):
         assert dequant_cpu_route(x, m.qweight, m.zeros, m.bits, m.group_size) == case.split()[0]
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    tol = 2e-2 if dtype == torch.bfloat16 or "via-bf16" in case else 1e-5
     before = _out(m, x)  # builds the cache (where the route has one)
     _edit(m, name, how)
     after, ref = _out(m, x), _ref(m, x)

@@ -12,9 +12,14 @@ Kernels
   its fields (``tl.static_range``), multiplying field ``i`` of a ``[U, BLOCK_N]`` word tile by
   the activations at columns ``u * fields + i``; FMA into a ``[BLOCK_M, U, BLOCK_N]`` fp32
   accumulator reduced once at the end; optional split-K (fp32 atomic adds).
-* :func:`_dequant_matmul_kernel` (large M, compute-bound): tiled ``tl.dot`` GEMM; each
-  ``[BLOCK_K, BLOCK_N]`` weight tile is unpacked and dequantized (or looked up) in registers,
-  grouped program order, ``num_stages`` pipelining, optional split-K.
+* :func:`_dequant_matmul_kernel` (the bit-plane GEMM and codebooks above M = 16): tiled
+  ``tl.dot`` GEMM; each ``[BLOCK_K, BLOCK_N]`` weight tile is unpacked and dequantized (or
+  looked up) in registers, grouped program order, ``num_stages`` pipelining, optional split-K.
+
+The contiguous 2/4/8-bit fields have their own kernels, which every affine call with those
+widths takes (and codebook calls up to M = 16): :func:`_fields_gemv_kernel` (M = 1) and
+:func:`_fields_matmul_kernel` (M >= 2; tiles of up to 32 rows scale each K step's dot per
+output element, larger tiles dequantize each weight once per CTA).
 
 Roofline for one call (M, N, K), activations of ``e`` bytes: ``2 M N K`` FLOPs; minimum bytes
 ``N Kp b / 8 + N (Kp / gs) e (1 + asym)`` (affine) or ``N Kp b / 8 + R 2**b e`` (codebook)
@@ -79,6 +84,51 @@ def _field(w0, w1, w2, i: tl.constexpr, BITS: tl.constexpr):
         return ((w0 >> i) & 1) | (((w1 >> i) & 1) << 1) | (((w2 >> i) & 1) << 2)
     else:
         return (w0 >> (i * BITS)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr):
+    """Fields ``i`` and ``i + 16 / b`` of each word, ``[..., 2]``: as halves of ``offset + q``
+    (HALF_MAGIC 1: fp16 1024 + q; 2: bf16 128 + q), both made by one shift and one LOP3 on the
+    word (the pair's mask and exponent in each 16-bit half); else (0) fp32 ``q``."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if HALF_MAGIC == 0:  # 2**23 + q in a float's mantissa, minus 2**23
+        lo = (((w >> (BITS * i)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+        hi = (((w >> (BITS * i + 16)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+        pair = tl.join(lo - 8388608.0, hi - 8388608.0)
+    else:
+        if HALF_MAGIC == 1:
+            EXP: tl.constexpr = 0x64006400
+            HALF: tl.constexpr = tl.float16
+        else:
+            EXP: tl.constexpr = 0x43004300
+            HALF: tl.constexpr = tl.bfloat16
+        v = ((w >> (BITS * i)) & (MASK * 0x10001)) | EXP
+        lo = v.to(tl.int16).to(HALF, bitcast=True)
+        hi = (v >> 16).to(tl.int16).to(HALF, bitcast=True)
+        pair = tl.join(lo, hi)
+    return pair
+
+
+@triton.jit
+def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr):
+    """Every field of each word, ``[..., 2, 2(, 2)]``, that reshapes to K order (field ``f``
+    of word ``u`` at column ``u * 32 / b + f``) with every field of a word in the thread that
+    loaded it: the joins add in-register dimensions, so the dot operand's store is vectorized
+    and nothing moves through shared memory. ``join(a, b)`` puts ``b`` one position further
+    along its new last dimension; nested joins of the pairs (``i``, ``i + F / 2``) in
+    bit-reversed order give column order after the reshape."""
+    if BITS == 8:
+        return tl.join(_pair(w, 0, BITS, HALF_MAGIC), _pair(w, 1, BITS, HALF_MAGIC))
+    elif BITS == 4:
+        return tl.join(tl.join(_pair(w, 0, BITS, HALF_MAGIC), _pair(w, 2, BITS, HALF_MAGIC)),
+                       tl.join(_pair(w, 1, BITS, HALF_MAGIC), _pair(w, 3, BITS, HALF_MAGIC)))
+    else:
+        return tl.join(
+            tl.join(tl.join(_pair(w, 0, BITS, HALF_MAGIC), _pair(w, 4, BITS, HALF_MAGIC)),
+                    tl.join(_pair(w, 2, BITS, HALF_MAGIC), _pair(w, 6, BITS, HALF_MAGIC))),
+            tl.join(tl.join(_pair(w, 1, BITS, HALF_MAGIC), _pair(w, 5, BITS, HALF_MAGIC)),
+                    tl.join(_pair(w, 3, BITS, HALF_MAGIC), _pair(w, 7, BITS, HALF_MAGIC))))
 
 
 @triton.jit
@@ -385,6 +435,7 @@ def _fields_matmul_kernel(
     DOT_PRECISION: tl.constexpr,
     HALF_MAGIC: tl.constexpr,
     UPCAST_DOT: tl.constexpr = False,
+    DEQUANT_W: tl.constexpr = False,
 ):
     """Tiled GEMM for contiguous b-bit fields (b = 2, 4, 8; affine or codebook):
     y = x @ W^T (+ bias). Codebooks (MODE 2) look each field up in its row group's table
@@ -397,6 +448,16 @@ def _fields_matmul_kernel(
     mantissa trick (one LOP3 and one FADD), applies the group's ``q * s - z s`` (one FFMA),
     casts to the activation dtype and feeds ``tl.dot``. A K tile lies in one scale group (the
     launcher caps BLOCK_K at the group size).
+
+    Two ways to apply the affine terms (both exact up to the activation dtype's rounding):
+
+    * small tiles (``DEQUANT_W`` off; BLOCK_M <= 32): the dot sees ``offset + q`` and each K
+      tile's partial product is scaled per output element, ``s (sum x (offset + q)) -
+      (offset + z) s sum x``: ``2 BLOCK_M / BLOCK_K`` FFMA per weight, less than dequantizing
+      every weight while BLOCK_M is small;
+    * large tiles (``DEQUANT_W``): every weight is dequantized once per CTA in the activation
+      dtype, ``w = ((offset + q) - offset - z) s`` (the subtractions are exact; one rounding,
+      as a dense weight's), and accumulated by the dot itself: no per-tile epilogue.
 
     Roofline: 2 M N K FLOPs on the tensor cores; bytes N Kp b / 8 + scales (+ zeros) +
     M K e + M N e.
@@ -439,8 +500,8 @@ def _fields_matmul_kernel(
                     other=0.0)
         words = tl.load(q_ptrs + t * W, mask=((t * W + offs_w) < KP // FIELDS)[None, :],
                         other=0)
-        fields = (words[:, :, None] >> shifts[None, None, :]) & MASK
         if MODE == 2:
+            fields = (words[:, :, None] >> shifts[None, None, :]) & MASK
             cols = t * BLOCK_K + offs_w[None, :, None] * FIELDS + shifts[None, None, :] // BITS
             h = tl.load(lut_rows + fields, mask=cols < K, other=0.0)
             h = tl.reshape(h, (BLOCK_N, BLOCK_K))
@@ -450,30 +511,47 @@ def _fields_matmul_kernel(
             else:
                 acc = tl.dot(a, tl.trans(h.to(a.dtype)), acc, input_precision=DOT_PRECISION)
         else:
-            if HALF_MAGIC == 1:  # fp16 1024 + q, exact
-                h = (fields | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-                offset = 1024.0
-            elif HALF_MAGIC == 2:  # bf16 128 + q, exact for q < 128
-                h = (fields | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-                offset = 128.0
-            else:  # fp32 2**23 + q, minus 2**23: q (fp32 x; bf16 int8)
-                h = ((fields | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(a.dtype)
-                offset = 0.0
-            h = tl.reshape(h, (BLOCK_N, BLOCK_K))  # [BN, BK]: offset + q, integers
-            if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
-                part = tl.dot(a.to(tl.float32), tl.trans(h.to(tl.float32)), input_precision="ieee")
-            else:
-                part = tl.dot(a, tl.trans(h.to(a.dtype)), input_precision=DOT_PRECISION)
-            # this tile lies in one scale group: sum_k x (q - z) s
-            #   = s * (sum_k x (offset + q)) - (offset + z) s * sum_k x
-            xs = tl.sum(a.to(tl.float32), axis=1)  # [BM]
+            # fp16 1024 + q (exact), bf16 128 + q (exact for q < 128), or fp32 q (cast below)
+            offset = 1024.0 if HALF_MAGIC == 1 else 128.0 if HALF_MAGIC == 2 else 0.0
+            h = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC), (BLOCK_N, BLOCK_K))
             s_off = rows * stride_sn + (t * BLOCK_K) // group_size
-            sc = tl.load(s_ptr + s_off).to(tl.float32)
-            if MODE == 0:
-                zo = tl.load(z_ptr + s_off).to(tl.float32) + offset
+            if DEQUANT_W:  # w = (q - z) s per weight, once per CTA; the dot accumulates
+                if UPCAST_DOT:  # the interpreter's bf16 arithmetic on bitcast values is wrong
+                    h = h.to(tl.float32)
+                # q, exactly, in h's dtype (fp16, bf16 or fp32; a literal keeps the dtype)
+                if HALF_MAGIC == 1:
+                    hq = h - 1024.0
+                elif HALF_MAGIC == 2:
+                    hq = h - 128.0
+                else:
+                    hq = h
+                sc = tl.load(s_ptr + s_off).to(hq.dtype)
+                if MODE == 0:
+                    zz = tl.load(z_ptr + s_off).to(hq.dtype)
+                    w = ((hq - zz[:, None]) * sc[:, None]).to(a.dtype)
+                else:
+                    w = ((hq - (1 << (BITS - 1))) * sc[:, None]).to(a.dtype)
+                if UPCAST_DOT:  # Triton-interpreter workaround (see above)
+                    acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
+                                 input_precision="ieee")
+                else:
+                    acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
             else:
-                zo = offset + (1 << (BITS - 1))
-            acc += part * sc[None, :] - xs[:, None] * (zo * sc)[None, :]
+                h = h.to(a.dtype)
+                if UPCAST_DOT:  # Triton-interpreter workaround: bf16 tl.dot multiplies raw bits
+                    part = tl.dot(a.to(tl.float32), tl.trans(h.to(tl.float32)),
+                                  input_precision="ieee")
+                else:
+                    part = tl.dot(a, tl.trans(h), input_precision=DOT_PRECISION)
+                # this tile lies in one scale group: sum_k x (q - z) s
+                #   = s * (sum_k x (offset + q)) - (offset + z) s * sum_k x
+                xs = tl.sum(a.to(tl.float32), axis=1)  # [BM]
+                sc = tl.load(s_ptr + s_off).to(tl.float32)
+                if MODE == 0:
+                    zo = tl.load(z_ptr + s_off).to(tl.float32) + offset
+                else:
+                    zo = offset + (1 << (BITS - 1))
+                acc += part * sc[None, :] - xs[:, None] * (zo * sc)[None, :]
 
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS,
                SPLIT_K)
@@ -640,6 +718,7 @@ _ALIGNED = ["x_ptr", "q_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "KP", "grou
             "stride_xm", "stride_ym", "K"]
 # (bits, mode) variants the audit compiles for every config: int4 asymmetric (the default),
 # int8 symmetric, int2 asymmetric, 4-bit and 3-bit (bit-plane) codebooks.
+_DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _AUDIT_VARIANTS = ((4, MODE_ASYM), (8, MODE_SYM), (2, MODE_ASYM), (4, MODE_CODEBOOK),
                    (3, MODE_CODEBOOK))
 
@@ -656,7 +735,7 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
 
     table = load_tables(_FAMILY)["default"]
     ms = [int(b) for b in table["gemv"]]
-    ms += [int(b) for b, c in table["gemm"].items() if c["block_m"] <= AFFINE_GEMM_MAX_BM]
+    ms += [int(b) for b in table["gemm"]]
     variants = [(b, g, sym, dt, k) for b, g in ((4, 128), (8, None), (2, 128))
                 for sym in (False, True) for dt in (torch.float16, torch.bfloat16)]
     variants.append((4, 128, False, torch.float16, k - 92))  # ragged K
@@ -713,13 +792,13 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
     for table in load_tables(_FAMILY).values():
         if not isinstance(table, dict):  # "_about"
             continue
-        # the affine GEMV and small-M GEMM are audited as recorded calls (recorded_specs)
+        # the affine GEMV and GEMM are audited as recorded calls (recorded_specs); their
+        # split-K and small-group tiles below, by config
         for path, key in (("gemv", "gemv_lut"), ("gemm", "gemm_lut"), ("gemm", "gemm")):
             for bucket, c in table[key].items():
-                if key == "gemm" and c["block_m"] <= AFFINE_GEMM_MAX_BM:
-                    continue  # _fields_matmul_kernel: recorded_specs
                 cfg = KernelConfig(path, **c)
-                cfgs[cfg.name] = (cfg, every)
+                if key != "gemm":  # "gemm": recorded calls, every variant
+                    cfgs[cfg.name] = (cfg, every)
                 if int(bucket) <= SPLIT_K_MAX_M:
                     cfgs.setdefault(cfg.with_split_k(2).name, (cfg.with_split_k(2), int4))
                 # the launcher's smaller tiles for groups smaller than BLOCK_K
@@ -738,9 +817,13 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                       "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SPLIT_K": cfg.split_k}
             if cfg.path == "gemv":
                 fn, expect = _dequant_gemv_kernel, "-"
-            else:
-                fn = _dequant_matmul_kernel
+            else:  # the kernel the launcher runs for this tile and variant
                 consts.update(GROUP_M=cfg.group_m, DOT_PRECISION="tf32", UPCAST_DOT=False)
+                if fields_gemm(bits, mode, cfg.block_m):
+                    fn = _fields_matmul_kernel
+                    consts.update(fields_gemm_meta(bits, mode, cfg.block_m, _DT[dt]))
+                else:
+                    fn = _dequant_matmul_kernel
                 expect = "HGMMA" if cfg.block_m >= 64 else "HMMA"
             sig.update({c: "constexpr" for c in consts})
             # K % 16 == 0, and for the defaults' int4 also a ragged K (its own specialization)
@@ -779,6 +862,11 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         # GEMV at BLOCK_M >= 2: 32-column tiles (BLOCK_K = 64 there spills on sm_90: audit)
         bk = group_size if cfg.path == "gemm" or cfg.block_m == 1 else WORD_COLS
         cfg = KernelConfig(**{**cfg.__dict__, "block_k": bk})
+    if (cfg.path == "gemm" and cfg.block_m > AFFINE_GEMM_MAX_BM and cfg.block_k > 64
+            and (k % 16 or x2.stride(0) % 16)):
+        # x's rows are not 16-byte aligned: its tiles cannot be copied asynchronously and are
+        # staged in registers, where a 64 x 128 tile spills on sm_80 (the audit's ragged K)
+        cfg = KernelConfig(**{**cfg.__dict__, "block_k": 64})
     args = (x2, q, s, zp, bp, y, m, n, k, kp, group_size, rows_per_group,
             x2.stride(0), q.stride(0), s.stride(0), y.stride(0))
     meta = dict(BITS=bits, MODE=mode, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,
@@ -789,25 +877,39 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         _launch_mod.launch(_dequant_gemv_kernel, grid, *args, **meta)
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-        if bits in MAGIC_BITS and cfg.block_m <= AFFINE_GEMM_MAX_BM:
-            meta.pop("BLOCK_M")
-            # the offset's exact cancellation needs the dot to see x exactly: fp16 and bf16 x
-            # (not fp32 x, which a tf32 dot rounds); bf16's 128 + q is exact for q < 128 only
-            half_magic = {torch.float16: 1, torch.bfloat16: 2 if bits < 8 else 0}.get(x2.dtype, 0)
-            _launch_mod.launch(_fields_matmul_kernel, grid, *args, BLOCK_M=cfg.block_m,
-                               GROUP_M=cfg.group_m, HALF_MAGIC=half_magic, **dot_meta(x2),
-                               **meta)
+        if fields_gemm(bits, mode, cfg.block_m):
+            _launch_mod.launch(_fields_matmul_kernel, grid, *args, GROUP_M=cfg.group_m,
+                               **fields_gemm_meta(bits, mode, cfg.block_m, x2.dtype),
+                               **dot_meta(x2), **meta)
         else:
             _launch_mod.launch(_dequant_matmul_kernel, grid, *args, GROUP_M=cfg.group_m,
                                **dot_meta(x2), **meta)
     return _launch_mod.finish(y, x2, cfg.split_k)
 
 
-MAGIC_BITS = (2, 4, 8)  # contiguous fields: :func:`_fields_gemv_kernel`
-# :func:`_fields_matmul_kernel` scales each tile's dot product per output element: cheaper than
-# dequantizing every weight while BLOCK_M is small; larger tiles keep _dequant_matmul_kernel
+MAGIC_BITS = (2, 4, 8)  # contiguous fields: the fields kernels (affine at every M)
+# :func:`_fields_matmul_kernel` scales each tile's dot product per output element up to this
+# BLOCK_M (cheaper than dequantizing every weight while BLOCK_M is small); larger tiles
+# dequantize each weight once (DEQUANT_W). Codebooks take it up to this BLOCK_M only.
 AFFINE_GEMM_MAX_BM = 32
 CODEBOOK_FIELDS_MAX_M = 16  # codebook GEMMs up to here take _fields_matmul_kernel
+
+
+def fields_gemm(bits: int, mode: int, block_m: int) -> bool:
+    """Whether a GEMM tile runs :func:`_fields_matmul_kernel` (else
+    :func:`_dequant_matmul_kernel`): contiguous 2/4/8-bit fields, affine at every BLOCK_M,
+    codebooks up to ``AFFINE_GEMM_MAX_BM`` (their lookup tile spills above it: the audit)."""
+    return bits in MAGIC_BITS and (mode != MODE_CODEBOOK or block_m <= AFFINE_GEMM_MAX_BM)
+
+
+def fields_gemm_meta(bits: int, mode: int, block_m: int, dtype: torch.dtype) -> dict:
+    """The constexprs of :func:`_fields_matmul_kernel` that the launcher derives: the offset's
+    exact cancellation needs the dot to see x exactly, so fp16 and bf16 x take the half
+    magic (not fp32 x, which a tf32 dot rounds; bf16's 128 + q is exact for q < 128 only),
+    and tiles above ``AFFINE_GEMM_MAX_BM`` rows dequantize every weight (``DEQUANT_W``)."""
+    half_magic = {torch.float16: 1, torch.bfloat16: 2 if bits < 8 else 0}.get(dtype, 0)
+    return {"HALF_MAGIC": half_magic,
+            "DEQUANT_W": mode != MODE_CODEBOOK and block_m > AFFINE_GEMM_MAX_BM}
 
 
 def fields_gemv_tile(bits: int, group_size: int, kp: int, block_k: int,

@@ -11,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from compress_ops.kernels import dequant as dq
+from compress_ops.kernels import launches
 from compress_ops.kernels.formats import dequant as dqf
-from compress_ops.kernels.tuning import KernelConfig
+from compress_ops.kernels.tuning import SPLIT_K_MAX_M, KernelConfig
 from compress_ops.reference import codebook_linear_ref, dequant_linear_ref
 
 from .tolerances import rel_err as _rel_err
@@ -93,6 +94,30 @@ def test_codebook_kernel_matches_float64_reference(poison, device, m, n_groups, 
     assert _rel_err(y, ref) < _tol(dtype, k)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize(("block_m", "dequant_w"), [(16, False), (64, True)])
+def test_fields_gemm_both_tile_kinds_every_width(poison, device, bits, dtype, sym, block_m,
+                                                 dequant_w):
+    """The fields GEMM unpacks every word in registers (``_unpack_words``: pairs of fields per
+    shift and LOP3, joined into column order): up to BLOCK_M = 32 it scales each tile's dot per
+    output element, above it dequantizes every weight (``DEQUANT_W``). A wrong field order, a
+    wrong half of a pair or an inexact ``q - z`` fails here: ragged N and K, fractional zero
+    points, groups smaller than the tile, and M rows past the tile."""
+    m, n, k, group = block_m + 3, 37, 200, 32
+    qw, s, z, gs = (t.to(device) if isinstance(t, torch.Tensor) else t
+                    for t in _affine(n, k, bits, group, sym, dtype, 7 * bits + block_m))
+    x = (torch.randn(m, k, generator=_gen(bits)) + 0.1).to(dtype).to(device)
+    cfg = KernelConfig("gemm", block_m, 32, 64, group_m=2)
+    with launches.capture() as got:
+        y = dq.dequant_matmul(x, qw, s, z, None, bits, gs, config=cfg)
+    (la,) = got
+    assert la.kernel is dq._fields_matmul_kernel and la.kwargs["DEQUANT_W"] is dequant_w
+    ref = dequant_linear_ref(x, qw, s, z, None, bits, gs, dtype=torch.float64)
+    assert _rel_err(y, ref) < _tol(dtype, k)
+
+
 def test_kernel_leading_dims_noncontiguous_and_empty(device):
     qw, s, z, gs = _affine(24, 96, 4, 32, False, torch.float32, 0)
     qw, s, z = qw.to(device), s.to(device), z.to(device)
@@ -167,13 +192,15 @@ def test_audit_specs_cover_every_shipped_config():
     for table in dq.load_tables("dequant").values():
         if not isinstance(table, dict):
             continue
-        # the affine GEMV ("gemv") and small-M GEMM are audited as recorded real calls
-        # (dq.recorded_specs; tests/perf/test_static_perf.py); the rest by config
-        for path, key in (("gemv", "gemv_lut"), ("gemm", "gemm_lut"), ("gemm", "gemm")):
+        # the affine GEMV ("gemv") and GEMM ("gemm") are audited as recorded real calls
+        # (dq.recorded_specs; tests/perf/test_static_perf.py), their split-K tiles by config;
+        # the bit-plane and codebook tables by config
+        for path, key in (("gemv", "gemv_lut"), ("gemm", "gemm_lut")):
             for c in table[key].values():
-                if key == "gemm" and c["block_m"] <= dq.AFFINE_GEMM_MAX_BM:
-                    continue
                 assert KernelConfig(path, **c).name in names
+        for bucket, c in table["gemm"].items():
+            if int(bucket) <= SPLIT_K_MAX_M:
+                assert KernelConfig("gemm", **c).with_split_k(2).name in names
     variants = {s["config"].split("/", 1)[1] for s in specs}
     assert {"asym4/fp16", "sym8/fp16", "asym2/fp16", "cb4/fp16", "cb3/fp16"} <= variants
 

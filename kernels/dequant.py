@@ -12,12 +12,12 @@ Kernels
   its fields (``tl.static_range``), multiplying field ``i`` of a ``[U, BLOCK_N]`` word tile by
   the activations at columns ``u * fields + i``; FMA into a ``[BLOCK_M, U, BLOCK_N]`` fp32
   accumulator reduced once at the end; optional split-K (fp32 atomic adds).
-* :func:`_dequant_matmul_kernel` (the bit-plane GEMM and codebooks above M = 16): tiled
+* :func:`_dequant_matmul_kernel` (the bit-plane 3-bit GEMM): tiled
   ``tl.dot`` GEMM; each ``[BLOCK_K, BLOCK_N]`` weight tile is unpacked and dequantized (or
   looked up) in registers, grouped program order, ``num_stages`` pipelining, optional split-K.
 
-The contiguous 2/4/8-bit fields have their own kernels, which every affine call with those
-widths takes (and codebook calls up to M = 16): :func:`_fields_gemv_kernel` (M = 1) and
+The contiguous 2/4/8-bit fields have their own kernels, which every call with those widths
+takes, affine or codebook: :func:`_fields_gemv_kernel` (M = 1) and
 :func:`_fields_matmul_kernel` (M >= 2; tiles of up to 32 rows scale each K step's dot per
 output element, larger tiles dequantize each weight once per CTA).
 
@@ -265,6 +265,46 @@ def _dequant_gemv_kernel(
 
 
 @triton.jit
+def _x_fields8(x):
+    """``[..., 2, 2, 2]`` (column ``4a + 2b + c`` of a word's 8) -> its 8 columns, in order."""
+    c0, c1 = tl.split(x)
+    c0b0, c0b1 = tl.split(c0)
+    c1b0, c1b1 = tl.split(c1)
+    f0, f4 = tl.split(c0b0)
+    f2, f6 = tl.split(c0b1)
+    f1, f5 = tl.split(c1b0)
+    f3, f7 = tl.split(c1b1)
+    return f0, f1, f2, f3, f4, f5, f6, f7
+
+
+@triton.jit
+def _x_fields(x_row, cols_w, t, BLOCK_K: tl.constexpr, FIELDS: tl.constexpr):
+    """The activations of every field of a ``[C, VEC]`` word tile (4 or 8 fields per word), one
+    ``[C, VEC]`` fp32 tensor per field: the tile's columns loaded once, contiguously (each
+    word's fields are consecutive columns), and split in registers (``tl.split`` of the
+    ``[..., 2, 2(, 2)]`` reshape: column ``4a + 2b + c``), not gathered field by field."""
+    C: tl.constexpr = cols_w.shape[0]
+    VEC: tl.constexpr = cols_w.shape[1]
+    cols = t * BLOCK_K + cols_w[:, :, None] + tl.arange(0, FIELDS)[None, None, :]
+    x = tl.load(x_row + cols).to(tl.float32)  # [C, VEC, F]
+    if FIELDS == 8:
+        c0, c1 = tl.split(tl.reshape(x, (C, VEC, 2, 2, 2)))
+        c0b0, c0b1 = tl.split(c0)
+        c1b0, c1b1 = tl.split(c1)
+        f0, f4 = tl.split(c0b0)
+        f2, f6 = tl.split(c0b1)
+        f1, f5 = tl.split(c1b0)
+        f3, f7 = tl.split(c1b1)
+        out = (f0, f1, f2, f3, f4, f5, f6, f7)
+    else:
+        b0, b1 = tl.split(tl.reshape(x, (C, VEC, 2, 2)))
+        f0, f2 = tl.split(b0)
+        f1, f3 = tl.split(b1)
+        out = (f0, f1, f2, f3)
+    return out
+
+
+@triton.jit
 def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_ptr, s_rows,
                 lut_rows, K, group_size, BITS: tl.constexpr, MODE: tl.constexpr,
                 BLOCK_K: tl.constexpr, ONE_GROUP: tl.constexpr, MASKED: tl.constexpr):
@@ -275,9 +315,16 @@ def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_p
     FIELDS: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     P: tl.constexpr = 23 // BITS  # fields per placement that fit in a float's mantissa
+    # 4 or 8 fields: the tile's activations loaded once and split (Triton 3.6: 1.5 -> 1.8x
+    # predicted for int4); 16 (int2): gathered per field, which costs less there
+    SPLIT_X: tl.constexpr = not MASKED and FIELDS <= 8
+    if SPLIT_X:
+        xf = _x_fields(x_row, cols_w, t, BLOCK_K, FIELDS)
     for i in tl.static_range(FIELDS):
         cols = t * BLOCK_K + cols_w + i  # [C, VEC]
-        if MASKED:
+        if SPLIT_X:
+            xi = xf[i]
+        elif MASKED:
             xi = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
         else:
             xi = tl.load(x_row + cols).to(tl.float32)
@@ -738,6 +785,7 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
     ms += [int(b) for b in table["gemm"]]
     variants = [(b, g, sym, dt, k) for b, g in ((4, 128), (8, None), (2, 128))
                 for sym in (False, True) for dt in (torch.float16, torch.bfloat16)]
+    variants += [(b, g, False, torch.float32, k) for b, g in ((4, 128), (8, None))]
     variants.append((4, 128, False, torch.float16, k - 92))  # ragged K
     specs, seen = [], set()
     with tuning.simulate_gpu():
@@ -765,7 +813,9 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
                     if key in seen:
                         continue
                     seen.add(key)
+                    # fp32 x: an IEEE dot (FMA, no tensor cores) unless TF32 is allowed
                     mma = ("-" if la.kernel is _fields_gemv_kernel
+                           or la.kwargs.get("DOT_PRECISION") == "ieee"
                            else "HGMMA" if la.kwargs.get("BLOCK_M", 16) >= 64 else "HMMA")
                     specs.append({"kernel": la.kernel.__name__, "config": name, "fn": la.kernel,
                                   "signature": sig, "constexprs": consts, "attrs": attrs,
@@ -862,11 +912,8 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         # GEMV at BLOCK_M >= 2: 32-column tiles (BLOCK_K = 64 there spills on sm_90: audit)
         bk = group_size if cfg.path == "gemm" or cfg.block_m == 1 else WORD_COLS
         cfg = KernelConfig(**{**cfg.__dict__, "block_k": bk})
-    if (cfg.path == "gemm" and cfg.block_m > AFFINE_GEMM_MAX_BM and cfg.block_k > 64
-            and (k % 16 or x2.stride(0) % 16)):
-        # x's rows are not 16-byte aligned: its tiles cannot be copied asynchronously and are
-        # staged in registers, where a 64 x 128 tile spills on sm_80 (the audit's ragged K)
-        cfg = KernelConfig(**{**cfg.__dict__, "block_k": 64})
+    if cfg.path == "gemm":
+        cfg = gemm_tile(cfg, x2, bits, mode)
     args = (x2, q, s, zp, bp, y, m, n, k, kp, group_size, rows_per_group,
             x2.stride(0), q.stride(0), s.stride(0), y.stride(0))
     meta = dict(BITS=bits, MODE=mode, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,
@@ -887,19 +934,45 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
     return _launch_mod.finish(y, x2, cfg.split_k)
 
 
-MAGIC_BITS = (2, 4, 8)  # contiguous fields: the fields kernels (affine at every M)
+MAGIC_BITS = (2, 4, 8)  # contiguous fields: the fields kernels (affine and codebook, every M)
 # :func:`_fields_matmul_kernel` scales each tile's dot product per output element up to this
 # BLOCK_M (cheaper than dequantizing every weight while BLOCK_M is small); larger tiles
-# dequantize each weight once (DEQUANT_W). Codebooks take it up to this BLOCK_M only.
+# dequantize each weight once (DEQUANT_W).
 AFFINE_GEMM_MAX_BM = 32
-CODEBOOK_FIELDS_MAX_M = 16  # codebook GEMMs up to here take _fields_matmul_kernel
 
 
 def fields_gemm(bits: int, mode: int, block_m: int) -> bool:
     """Whether a GEMM tile runs :func:`_fields_matmul_kernel` (else
-    :func:`_dequant_matmul_kernel`): contiguous 2/4/8-bit fields, affine at every BLOCK_M,
-    codebooks up to ``AFFINE_GEMM_MAX_BM`` (their lookup tile spills above it: the audit)."""
-    return bits in MAGIC_BITS and (mode != MODE_CODEBOOK or block_m <= AFFINE_GEMM_MAX_BM)
+    :func:`_dequant_matmul_kernel`, the bit-plane 3-bit fields): contiguous 2/4/8-bit fields,
+    affine or codebook, at every BLOCK_M."""
+    return bits in MAGIC_BITS
+
+
+def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> KernelConfig:
+    """A shipped GEMM tile, shrunk where it would spill (the audit, sm_80 and sm_90): with fp32
+    x (fp32 operands; a tf32 or, by default, an IEEE dot) at most 64 x 64 x 32 with 3 stages
+    (8 warps from 32 rows; codebook lookups: 32 x 32); for the fields GEMM above 32 rows,
+    BLOCK_K 64 where x's rows are not 16-byte aligned (they cannot be copied asynchronously
+    and are staged in registers) or the fields are fp32 (bf16 int8: 128 + q is not exact);
+    codebook lookups above 32 rows, BLOCK_K 64 (64 rows) or 32 (128 rows)."""
+    big = cfg.block_m > AFFINE_GEMM_MAX_BM
+    if x2.dtype == torch.float32:
+        bn = 32 if mode == MODE_CODEBOOK else 64
+        bm = min(cfg.block_m, 32 if mode == MODE_CODEBOOK else 64)
+        return KernelConfig(**{**cfg.__dict__, "block_m": bm,
+                               "block_n": min(cfg.block_n, bn),
+                               "block_k": min(cfg.block_k, 32),
+                               "num_stages": min(cfg.num_stages, 3),
+                               "num_warps": 8 if bm >= 32 else 4})
+    if mode == MODE_CODEBOOK and big and fields_gemm(bits, mode, cfg.block_m):
+        # the looked-up [BLOCK_N, BLOCK_K] tile: 64 x 64 x 64 and 128 x 128 x 32 fit
+        bk = 64 if cfg.block_m <= 64 else 32
+        return KernelConfig(**{**cfg.__dict__, "block_k": min(cfg.block_k, bk)})
+    unaligned = x2.shape[1] % 16 or x2.stride(0) % 16
+    if (fields_gemm(bits, mode, cfg.block_m) and big and cfg.block_k > 64
+            and (unaligned or (x2.dtype == torch.bfloat16 and bits == 8))):
+        return KernelConfig(**{**cfg.__dict__, "block_k": 64})
+    return cfg
 
 
 def fields_gemm_meta(bits: int, mode: int, block_m: int, dtype: torch.dtype) -> dict:
@@ -931,8 +1004,11 @@ def _launch_fields_gemv(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.T
     m, k = x2.shape
     n = q.shape[0]
     bk, vec = fields_gemv_tile(bits, group_size, kp, cfg.block_k, mode == MODE_CODEBOOK)
-    # codebooks: half the rows per program (their lookups hold more registers; the audit)
-    bn = cfg.block_n // 2 if mode == MODE_CODEBOOK and cfg.block_n > 8 else cfg.block_n
+    # codebooks: half the rows per program (their lookups hold more registers; the audit), a
+    # quarter with fp32 x (its activations take twice the registers)
+    bn = cfg.block_n
+    if mode == MODE_CODEBOOK and bn > 8:
+        bn = max(8, bn // (4 if x2.dtype == torch.float32 else 2))
     grid = (triton.cdiv(n, bn), m, cfg.split_k)
     _launch_mod.launch(
         _fields_gemv_kernel, grid, x2, q, s, zp, bp, y, m, n, k, kp, group_size, rows_per_group,
@@ -960,10 +1036,7 @@ def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.
         else:
             config = select_config(m, n, packed_k(q.shape[1], bits), x.device,
                                    lut_gemv=bits not in MAGIC_BITS,
-                                   # codebooks above M = 16: the lookup tile spills at
-                                   # BLOCK_M = 32 (audit); the old kernel's tables there
-                                   lut_gemm=bits not in MAGIC_BITS
-                                   or (mode == MODE_CODEBOOK and m > CODEBOOK_FIELDS_MAX_M))
+                                   lut_gemm=bits not in MAGIC_BITS)
     return _launch(mode, x2, q, s, z, bias, bits, group, config).reshape(*lead, n)
 
 

@@ -102,9 +102,10 @@ def test_fields_gemm_both_tile_kinds_every_width(poison, device, bits, dtype, sy
                                                  dequant_w):
     """The fields GEMM unpacks every word in registers (``_unpack_words``: pairs of fields per
     shift and LOP3, joined into column order): up to BLOCK_M = 32 it scales each tile's dot per
-    output element, above it dequantizes every weight (``DEQUANT_W``). A wrong field order, a
-    wrong half of a pair or an inexact ``q - z`` fails here: ragged N and K, fractional zero
-    points, groups smaller than the tile, and M rows past the tile."""
+    output element, above it dequantizes every weight (``DEQUANT_W``); codebooks look their
+    fields up at every tile size (two row groups of tables over 36 rows here). A wrong field
+    order, a wrong half of a pair or an inexact ``q - z`` fails here: ragged N and K,
+    fractional zero points, groups smaller than the tile, and M rows past the tile."""
     m, n, k, group = block_m + 3, 37, 200, 32
     qw, s, z, gs = (t.to(device) if isinstance(t, torch.Tensor) else t
                     for t in _affine(n, k, bits, group, sym, dtype, 7 * bits + block_m))
@@ -116,6 +117,38 @@ def test_fields_gemm_both_tile_kinds_every_width(poison, device, bits, dtype, sy
     assert la.kernel is dq._fields_matmul_kernel and la.kwargs["DEQUANT_W"] is dequant_w
     ref = dequant_linear_ref(x, qw, s, z, None, bits, gs, dtype=torch.float64)
     assert _rel_err(y, ref) < _tol(dtype, k)
+    if bits < 8 and not sym:  # codebooks: the same kernel and tiles, fields looked up
+        idx, cb = (t.to(device) for t in _codebook(n - 1, k, bits, 2, dtype, bits + block_m))
+        with launches.capture() as got:
+            y = dq.codebook_matmul(x, idx, cb, None, bits, config=cfg)
+        assert [la.kernel for la in got] == [dq._fields_matmul_kernel]
+        ref = codebook_linear_ref(x, idx, cb, None, bits, dtype=torch.float64)
+        assert _rel_err(y, ref) < _tol(dtype, k)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [32, None])
+def test_fields_gemv_full_and_ragged_tiles_every_width(poison, device, bits, dtype, group):
+    """The fields GEMV's unmasked tiles take each word's activations from one contiguous load
+    split in registers (4 and 8 fields per word); the ragged last tile gathers them per field.
+    K = 200 with 64-column tiles runs both (3 full tiles, 1 ragged); a wrong split order or a
+    wrong word of a chunk fails against float64. Codebooks share the split."""
+    n, k = 37, 200
+    qw, s, z, gs = (t.to(device) if isinstance(t, torch.Tensor) else t
+                    for t in _affine(n, k, bits, group, False, dtype, bits))
+    x = (torch.randn(1, k, generator=_gen(bits + 1)) + 0.1).to(dtype).to(device)
+    cfg = KernelConfig("gemv", 1, 16, 64)
+    with launches.capture() as got:
+        y = dq.dequant_matmul(x, qw, s, z, None, bits, gs, config=cfg)
+    assert [la.kernel for la in got] == [dq._fields_gemv_kernel]
+    ref = dequant_linear_ref(x, qw, s, z, None, bits, gs, dtype=torch.float64)
+    assert _rel_err(y, ref) < _tol(dtype, k)
+    if bits < 8:
+        idx, cb = (t.to(device) for t in _codebook(n, k, bits, 1, dtype, bits))
+        y = dq.codebook_matmul(x, idx, cb, None, bits, config=cfg)
+        ref = codebook_linear_ref(x, idx, cb, None, bits, dtype=torch.float64)
+        assert _rel_err(y, ref) < _tol(dtype, k)
 
 
 def test_kernel_leading_dims_noncontiguous_and_empty(device):

@@ -954,7 +954,8 @@ def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> Kern
     (8 warps from 32 rows; codebook lookups: 32 x 32); for the fields GEMM above 32 rows,
     BLOCK_K 64 where x's rows are not 16-byte aligned (they cannot be copied asynchronously
     and are staged in registers) or the fields are fp32 (bf16 int8: 128 + q is not exact);
-    codebook lookups above 32 rows, BLOCK_K 64 (64 rows) or 32 (128 rows)."""
+    codebook lookups: 4 warps and 6 stages at least (the 2-warp 16-row tile holds 255
+    registers), BLOCK_K 64 (64 rows) or 32 (128 rows) above 32 rows."""
     big = cfg.block_m > AFFINE_GEMM_MAX_BM
     if x2.dtype == torch.float32:
         bn = 32 if mode == MODE_CODEBOOK else 64
@@ -964,6 +965,8 @@ def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> Kern
                                "block_k": min(cfg.block_k, 32),
                                "num_stages": min(cfg.num_stages, 3),
                                "num_warps": 8 if bm >= 32 else 4})
+    if mode == MODE_CODEBOOK and cfg.num_warps < 4:  # lookups: 2 warps hold too many
+        cfg = KernelConfig(**{**cfg.__dict__, "num_warps": 4, "num_stages": 6})
     if mode == MODE_CODEBOOK and big and fields_gemm(bits, mode, cfg.block_m):
         # the looked-up [BLOCK_N, BLOCK_K] tile: 64 x 64 x 64 and 128 x 128 x 32 fit
         bk = 64 if cfg.block_m <= 64 else 32

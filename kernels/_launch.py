@@ -1,6 +1,7 @@
 """Launcher pieces every linear-kernel family shares: the output buffer (split-K workspace), the
-``tl.dot`` precision and its interpreter workaround, and the kernels' common epilogue
-(:func:`store_tile`). The input checks are Triton-free: :mod:`compress_ops.kernels.formats`."""
+``tl.dot`` precision and its interpreter workaround, and the kernels' common program order
+(:func:`grouped_tile`) and epilogue (:func:`store_tile`). The input checks are Triton-free:
+:mod:`compress_ops.kernels.formats`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import triton.language as tl
 from compress_ops.kernels.launches import launch, record_torch
 from compress_ops.kernels.tuning import gpu_target
 
-__all__ = ["launch", "output", "finish", "dot_meta", "store_tile"]
+__all__ = ["launch", "output", "finish", "dot_meta", "grouped_tile", "store_tile"]
 
 _empty = torch.empty  # output allocator; tests swap in a NaN-filled one to catch unwritten tiles
 
@@ -38,6 +39,22 @@ def dot_meta(x2: torch.Tensor) -> dict:
     return {"DOT_PRECISION": "ieee" if ieee else "tf32",
             "UPCAST_DOT": x2.device.type == "cpu" and gpu_target(x2.device) is None
             and x2.dtype == torch.bfloat16}
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of program ``pid`` on a ``cdiv(M, BLOCK_M) x cdiv(N, BLOCK_N)`` tile
+    grid in grouped order: programs walk GROUP_M row-tiles down a column of tiles before the
+    next column, so consecutive programs share weight tiles in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
 
 @triton.jit

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
-from compress_ops.kernels._launch import dot_meta, store_tile
+from compress_ops.kernels._launch import dot_meta, grouped_tile, store_tile
 from compress_ops.kernels.formats.dequant import (
     WORD_COLS,
     check_affine_inputs,
@@ -262,19 +262,6 @@ def _dequant_gemv_kernel(
 
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS,
                SPLIT_K)
-
-
-@triton.jit
-def _x_fields8(x):
-    """``[..., 2, 2, 2]`` (column ``4a + 2b + c`` of a word's 8) -> its 8 columns, in order."""
-    c0, c1 = tl.split(x)
-    c0b0, c0b1 = tl.split(c0)
-    c1b0, c1b1 = tl.split(c1)
-    f0, f4 = tl.split(c0b0)
-    f2, f6 = tl.split(c0b1)
-    f1, f5 = tl.split(c1b0)
-    f3, f7 = tl.split(c1b1)
-    return f0, f1, f2, f3, f4, f5, f6, f7
 
 
 @triton.jit
@@ -514,14 +501,7 @@ def _fields_matmul_kernel(
     MASK: tl.constexpr = (1 << BITS) - 1
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -637,14 +617,7 @@ def _dequant_matmul_kernel(
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     COLS: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

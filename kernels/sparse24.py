@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
-from compress_ops.kernels._launch import dot_meta, store_tile
+from compress_ops.kernels._launch import dot_meta, grouped_tile, store_tile
 from compress_ops.kernels.formats.sparse24 import check_inputs, padded_k
 from compress_ops.kernels.tuning import (
     SPLIT_K_MAX_M,
@@ -211,14 +211,7 @@ def _sparse24_matmul_kernel(
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -87,14 +87,28 @@ def _field(w0, w1, w2, i: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr):
+def _and_or(a, b: tl.constexpr, c: tl.constexpr, ASM: tl.constexpr):
+    """``(a & b) | c`` as one LOP3 (``ASM``: the PTX ``lop3.b32`` with the truth table
+    ``(0xF0 & 0xCC) | 0xAA = 0xEA``; the ptxas of Triton 3.6 emits an AND and an OR for the
+    plain expression); the plain expression elsewhere (the interpreter)."""
+    if ASM:
+        out = tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,n,n", [a, b, c], dtype=tl.int32,
+            is_pure=True, pack=1)
+    else:
+        out = (a & b) | c
+    return out
+
+
+@triton.jit
+def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.constexpr):
     """Fields ``i`` and ``i + 16 / b`` of each word, ``[..., 2]``: as halves of ``offset + q``
     (HALF_MAGIC 1: fp16 1024 + q; 2: bf16 128 + q), both made by one shift and one LOP3 on the
     word (the pair's mask and exponent in each 16-bit half); else (0) fp32 ``q``."""
     MASK: tl.constexpr = (1 << BITS) - 1
     if HALF_MAGIC == 0:  # 2**23 + q in a float's mantissa, minus 2**23
-        lo = (((w >> (BITS * i)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
-        hi = (((w >> (BITS * i + 16)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+        lo = _and_or(w >> (BITS * i), MASK, 0x4B000000, ASM).to(tl.float32, bitcast=True)
+        hi = _and_or(w >> (BITS * i + 16), MASK, 0x4B000000, ASM).to(tl.float32, bitcast=True)
         pair = tl.join(lo - 8388608.0, hi - 8388608.0)
     else:
         if HALF_MAGIC == 1:
@@ -103,7 +117,7 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr):
         else:
             EXP: tl.constexpr = 0x43004300
             HALF: tl.constexpr = tl.bfloat16
-        v = ((w >> (BITS * i)) & (MASK * 0x10001)) | EXP
+        v = _and_or(w >> (BITS * i), MASK * 0x10001, EXP, ASM)
         lo = v.to(tl.int16).to(HALF, bitcast=True)
         hi = (v >> 16).to(tl.int16).to(HALF, bitcast=True)
         pair = tl.join(lo, hi)
@@ -111,7 +125,7 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr):
+def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.constexpr):
     """Every field of each word, ``[..., 2, 2(, 2)]``, that reshapes to K order (field ``f``
     of word ``u`` at column ``u * 32 / b + f``) with every field of a word in the thread that
     loaded it: the joins add in-register dimensions, so the dot operand's store is vectorized
@@ -119,16 +133,25 @@ def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr):
     along its new last dimension; nested joins of the pairs (``i``, ``i + F / 2``) in
     bit-reversed order give column order after the reshape."""
     if BITS == 8:
-        return tl.join(_pair(w, 0, BITS, HALF_MAGIC), _pair(w, 1, BITS, HALF_MAGIC))
+        h = tl.join(_pair(w, 0, BITS, HALF_MAGIC, ASM), _pair(w, 1, BITS, HALF_MAGIC, ASM))
     elif BITS == 4:
-        return tl.join(tl.join(_pair(w, 0, BITS, HALF_MAGIC), _pair(w, 2, BITS, HALF_MAGIC)),
-                       tl.join(_pair(w, 1, BITS, HALF_MAGIC), _pair(w, 3, BITS, HALF_MAGIC)))
+        p0 = _pair(w, 0, BITS, HALF_MAGIC, ASM)
+        p1 = _pair(w, 1, BITS, HALF_MAGIC, ASM)
+        p2 = _pair(w, 2, BITS, HALF_MAGIC, ASM)
+        p3 = _pair(w, 3, BITS, HALF_MAGIC, ASM)
+        h = tl.join(tl.join(p0, p2), tl.join(p1, p3))
     else:
-        return tl.join(
-            tl.join(tl.join(_pair(w, 0, BITS, HALF_MAGIC), _pair(w, 4, BITS, HALF_MAGIC)),
-                    tl.join(_pair(w, 2, BITS, HALF_MAGIC), _pair(w, 6, BITS, HALF_MAGIC))),
-            tl.join(tl.join(_pair(w, 1, BITS, HALF_MAGIC), _pair(w, 5, BITS, HALF_MAGIC)),
-                    tl.join(_pair(w, 3, BITS, HALF_MAGIC), _pair(w, 7, BITS, HALF_MAGIC))))
+        p0 = _pair(w, 0, BITS, HALF_MAGIC, ASM)
+        p1 = _pair(w, 1, BITS, HALF_MAGIC, ASM)
+        p2 = _pair(w, 2, BITS, HALF_MAGIC, ASM)
+        p3 = _pair(w, 3, BITS, HALF_MAGIC, ASM)
+        p4 = _pair(w, 4, BITS, HALF_MAGIC, ASM)
+        p5 = _pair(w, 5, BITS, HALF_MAGIC, ASM)
+        p6 = _pair(w, 6, BITS, HALF_MAGIC, ASM)
+        p7 = _pair(w, 7, BITS, HALF_MAGIC, ASM)
+        h = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)),
+                    tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    return h
 
 
 @triton.jit
@@ -294,7 +317,8 @@ def _x_fields(x_row, cols_w, t, BLOCK_K: tl.constexpr, FIELDS: tl.constexpr):
 @triton.jit
 def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_ptr, s_rows,
                 lut_rows, K, group_size, BITS: tl.constexpr, MODE: tl.constexpr,
-                BLOCK_K: tl.constexpr, ONE_GROUP: tl.constexpr, MASKED: tl.constexpr):
+                BLOCK_K: tl.constexpr, ONE_GROUP: tl.constexpr, MASKED: tl.constexpr,
+                ASM: tl.constexpr):
     """K tile ``t`` of :func:`_fields_gemv_kernel`: ``acc[BN, C]`` plus this tile's
     ``s (sum_k x q - z sum_k x)`` per (row, chunk of VEC words); with ``ONE_GROUP`` the scale
     is applied after the loop and ``acc`` gathers ``sum_k x q`` only. Codebooks (MODE 2):
@@ -334,7 +358,7 @@ def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_p
                     ws = w >> (i * BITS)
             # the field, with its bits in place, in the mantissa of 2**23: 2**23 + q 2**pos,
             # exactly; minus 2**23: q * 2**pos; times x * 2**-pos: x * q, exactly
-            f = (ws & (MASK << ((i % P) * BITS))) | 0x4B000000
+            f = _and_or(ws, MASK << ((i % P) * BITS), 0x4B000000, ASM)
             qf = f.to(tl.float32, bitcast=True) - 8388608.0
             if i % P != 0:
                 xi = xi * (1.0 / (1 << ((i % P) * BITS)))
@@ -379,6 +403,7 @@ def _fields_gemv_kernel(
     VEC: tl.constexpr,
     ONE_GROUP: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    ASM: tl.constexpr = False,
 ):
     """Small-M path for contiguous b-bit fields (b = 2, 4, 8; affine or codebook): one row of x
     per program.
@@ -430,7 +455,7 @@ def _fields_gemv_kernel(
         w = tl.load(q_ptrs + t * W)
         acc, x0 = _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, None, t, s_ptr, z_ptr,
                               s_rows, lut_rows, K, group_size, BITS, MODE, BLOCK_K, ONE_GROUP,
-                              False)
+                              False, ASM)
     if t_full < t_end:  # the ragged last tile (columns past K, words past KP)
         t = t_full
         word_mask = (t * W + wcol[None, :, :]) < KP // FIELDS
@@ -438,7 +463,7 @@ def _fields_gemv_kernel(
         w = tl.load(q_ptrs + t * W, mask=word_mask, other=0)
         acc, x0 = _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr,
                               z_ptr, s_rows, lut_rows, K, group_size, BITS, MODE, BLOCK_K,
-                              ONE_GROUP, True)
+                              ONE_GROUP, True, ASM)
     y = tl.sum(acc, axis=1)  # [BN]
     if ONE_GROUP and MODE != 2:  # y = s (sum x q - z sum x): the row's one scale and zero
         s = tl.load(s_ptr + rows * stride_sn).to(tl.float32)
@@ -470,6 +495,7 @@ def _fields_matmul_kernel(
     HALF_MAGIC: tl.constexpr,
     UPCAST_DOT: tl.constexpr = False,
     DEQUANT_W: tl.constexpr = False,
+    ASM: tl.constexpr = False,
 ):
     """Tiled GEMM for contiguous b-bit fields (b = 2, 4, 8; affine or codebook):
     y = x @ W^T (+ bias). Codebooks (MODE 2) look each field up in its row group's table
@@ -540,7 +566,7 @@ def _fields_matmul_kernel(
         else:
             # fp16 1024 + q (exact), bf16 128 + q (exact for q < 128), or fp32 q (cast below)
             offset = 1024.0 if HALF_MAGIC == 1 else 128.0 if HALF_MAGIC == 2 else 0.0
-            h = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC), (BLOCK_N, BLOCK_K))
+            h = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM), (BLOCK_N, BLOCK_K))
             s_off = rows * stride_sn + (t * BLOCK_K) // group_size
             if DEQUANT_W:  # w = (q - z) s per weight, once per CTA; the dot accumulates
                 if UPCAST_DOT:  # the interpreter's bf16 arithmetic on bitcast values is wrong
@@ -844,7 +870,7 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                 consts.update(GROUP_M=cfg.group_m, DOT_PRECISION="tf32", UPCAST_DOT=False)
                 if fields_gemm(bits, mode, cfg.block_m):
                     fn = _fields_matmul_kernel
-                    consts.update(fields_gemm_meta(bits, mode, cfg.block_m, _DT[dt]))
+                    consts.update(fields_gemm_meta(bits, mode, cfg.block_m, _DT[dt]), ASM=True)
                 else:
                     fn = _dequant_matmul_kernel
                 expect = "HGMMA" if cfg.block_m >= 64 else "HMMA"
@@ -899,6 +925,7 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
         if fields_gemm(bits, mode, cfg.block_m):
             _launch_mod.launch(_fields_matmul_kernel, grid, *args, GROUP_M=cfg.group_m,
+                               ASM=ptx(x2),
                                **fields_gemm_meta(bits, mode, cfg.block_m, x2.dtype),
                                **dot_meta(x2), **meta)
         else:
@@ -919,6 +946,13 @@ def fields_gemm(bits: int, mode: int, block_m: int) -> bool:
     :func:`_dequant_matmul_kernel`, the bit-plane 3-bit fields): contiguous 2/4/8-bit fields,
     affine or codebook, at every BLOCK_M."""
     return bits in MAGIC_BITS
+
+
+def ptx(x2: torch.Tensor) -> bool:
+    """Whether the fields kernels may use their inline PTX (``_and_or``): a launch configured
+    for an NVIDIA GPU (or simulated as one: the audit and the static model), not the
+    interpreter and not ROCm."""
+    return gpu_target(x2.device) is not None and torch.version.hip is None
 
 
 def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> KernelConfig:
@@ -990,7 +1024,8 @@ def _launch_fields_gemv(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.T
         _fields_gemv_kernel, grid, x2, q, s, zp, bp, y, m, n, k, kp, group_size, rows_per_group,
         x2.stride(0), q.stride(0), s.stride(0), y.stride(0),
         BITS=bits, MODE=mode, HAS_BIAS=has_bias, BLOCK_N=bn, BLOCK_K=bk, VEC=vec,
-        ONE_GROUP=group_size == kp, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps,
+        ONE_GROUP=group_size == kp, SPLIT_K=cfg.split_k, ASM=ptx(x2),
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
 
 

@@ -639,7 +639,8 @@ def _tc16_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
              ) -> tuple[Callable[[], torch.Tensor], str]:
     """At M = 1, our kernels with the shipped 16-row GEMM tile (the ``gemm`` table's ``16``
     bucket) instead of the GEMV on the same packed weight: the static model predicts this
-    tile at or above the GEMV (Triton 3.9: int4 2.98x against 2.22x), so one GPU run decides
+    tile above the GEMV for affine weights (int4: 3.17x against 2.68x under Triton 3.9, 2.38x
+    against 2.13x under 3.6; codebooks: below), so one GPU run decides
     which M = 1 takes (``gemv_max_m`` in ``kernels/configs/dequant.json``)."""
     from compress_ops.kernels import dequant as dq
     from compress_ops.kernels.tuning import KernelConfig, load_tables

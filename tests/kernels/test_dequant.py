@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from compress_ops.kernels import dequant as dq
-from compress_ops.kernels import launches
+from compress_ops.kernels import launches, tuning
 from compress_ops.kernels.formats import dequant as dqf
 from compress_ops.kernels.tuning import SPLIT_K_MAX_M, KernelConfig
 from compress_ops.reference import codebook_linear_ref, dequant_linear_ref
@@ -152,6 +152,23 @@ def test_fields_gemv_full_and_ragged_tiles_every_width(poison, device, bits, dty
         y = dq.codebook_matmul(x, idx, cb, None, bits, config=cfg)
         ref = codebook_linear_ref(x, idx, cb, None, bits, dtype=torch.float64)
         assert _rel_err(y, ref) < _tol(dtype, k)
+
+
+def test_fields_kernels_take_the_lop3_asm_on_a_gpu_only():
+    """The fields' ``(word & mask) | exponent`` is one PTX ``lop3.b32`` (truth table 0xEA) on a
+    GPU, where the audit and the static model compile it (recorded as on an H200); the
+    interpreter runs the plain expression, which the float64 tests above check."""
+    a, b, c = 0xF0, 0xCC, 0xAA  # PTX's operand tables for lop3's immLut
+    assert (a & b) | c == 0xEA
+    q, s, z = dqf.empty_affine(64, 256, 4, 128, False, dtype=torch.float16)
+    for m, kernel in ((1, dq._fields_gemv_kernel), (16, dq._fields_matmul_kernel)):
+        x = torch.empty(m, 256, dtype=torch.float16)
+        with launches.capture(run=False) as got:
+            dq.dequant_matmul(x, q, s, z, None, 4, 128)
+        assert [(la.kernel, la.kwargs["ASM"]) for la in got] == [(kernel, False)]
+        with tuning.simulate_gpu(), launches.capture(run=False) as got:
+            dq.dequant_matmul(x, q, s, z, None, 4, 128)
+        assert [(la.kernel, la.kwargs["ASM"]) for la in got] == [(kernel, True)]
 
 
 def test_kernel_leading_dims_noncontiguous_and_empty(device):

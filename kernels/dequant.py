@@ -868,7 +868,7 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                 fn, expect = _dequant_gemv_kernel, "-"
             else:  # the kernel the launcher runs for this tile and variant
                 consts.update(GROUP_M=cfg.group_m, DOT_PRECISION="tf32", UPCAST_DOT=False)
-                if fields_gemm(bits, mode, cfg.block_m):
+                if fields_gemm(bits):
                     fn = _fields_matmul_kernel
                     consts.update(fields_gemm_meta(bits, mode, cfg.block_m, _DT[dt]), ASM=True)
                 else:
@@ -923,7 +923,7 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         _launch_mod.launch(_dequant_gemv_kernel, grid, *args, **meta)
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-        if fields_gemm(bits, mode, cfg.block_m):
+        if fields_gemm(bits):
             _launch_mod.launch(_fields_matmul_kernel, grid, *args, GROUP_M=cfg.group_m,
                                ASM=ptx(x2),
                                **fields_gemm_meta(bits, mode, cfg.block_m, x2.dtype),
@@ -941,10 +941,9 @@ MAGIC_BITS = (2, 4, 8)  # contiguous fields: the fields kernels (affine and code
 AFFINE_GEMM_MAX_BM = 32
 
 
-def fields_gemm(bits: int, mode: int, block_m: int) -> bool:
-    """Whether a GEMM tile runs :func:`_fields_matmul_kernel` (else
-    :func:`_dequant_matmul_kernel`, the bit-plane 3-bit fields): contiguous 2/4/8-bit fields,
-    affine or codebook, at every BLOCK_M."""
+def fields_gemm(bits: int) -> bool:
+    """Whether a GEMM runs :func:`_fields_matmul_kernel` (else :func:`_dequant_matmul_kernel`,
+    the bit-plane 3-bit fields): contiguous 2/4/8-bit fields, affine or codebook, every tile."""
     return bits in MAGIC_BITS
 
 
@@ -974,12 +973,12 @@ def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> Kern
                                "num_warps": 8 if bm >= 32 else 4})
     if mode == MODE_CODEBOOK and cfg.num_warps < 4:  # lookups: 2 warps hold too many
         cfg = KernelConfig(**{**cfg.__dict__, "num_warps": 4, "num_stages": 6})
-    if mode == MODE_CODEBOOK and big and fields_gemm(bits, mode, cfg.block_m):
+    if mode == MODE_CODEBOOK and big and fields_gemm(bits):
         # the looked-up [BLOCK_N, BLOCK_K] tile: 64 x 64 x 64 and 128 x 128 x 32 fit
         bk = 64 if cfg.block_m <= 64 else 32
         return KernelConfig(**{**cfg.__dict__, "block_k": min(cfg.block_k, bk)})
     unaligned = x2.shape[1] % 16 or x2.stride(0) % 16
-    if (fields_gemm(bits, mode, cfg.block_m) and big and cfg.block_k > 64
+    if (fields_gemm(bits) and big and cfg.block_k > 64
             and (unaligned or (x2.dtype == torch.bfloat16 and bits == 8))):
         return KernelConfig(**{**cfg.__dict__, "block_k": 64})
     return cfg

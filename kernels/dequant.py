@@ -44,6 +44,7 @@ from compress_ops.kernels.formats.dequant import (
     packed_k,
 )
 from compress_ops.kernels.tuning import (
+    DTYPES,
     SPLIT_K_MAX_M,
     KernelConfig,
     auto_split_k,
@@ -764,7 +765,6 @@ _ALIGNED = ["x_ptr", "q_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "KP", "grou
             "stride_xm", "stride_ym", "K"]
 # (bits, mode) variants the audit compiles for every config: int4 asymmetric (the default),
 # int8 symmetric, int2 asymmetric, 4-bit and 3-bit (bit-plane) codebooks.
-_DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _AUDIT_VARIANTS = ((4, MODE_ASYM), (8, MODE_SYM), (2, MODE_ASYM), (4, MODE_CODEBOOK),
                    (3, MODE_CODEBOOK))
 
@@ -870,7 +870,7 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                 consts.update(GROUP_M=cfg.group_m, DOT_PRECISION="tf32", UPCAST_DOT=False)
                 if fields_gemm(bits):
                     fn = _fields_matmul_kernel
-                    consts.update(fields_gemm_meta(bits, mode, cfg.block_m, _DT[dt]), ASM=True)
+                    consts.update(fields_gemm_meta(bits, mode, cfg.block_m, DTYPES[dt]), ASM=True)
                 else:
                     fn = _dequant_matmul_kernel
                 expect = "HGMMA" if cfg.block_m >= 64 else "HMMA"

@@ -17,6 +17,9 @@ import torch
 CONFIG_DIR = Path(__file__).parent / "configs"
 MIN_BLOCK_K = 32  # every family's packed K unit (one 2:4 metadata word, one b-bit word group)
 SPLIT_K_MAX_M = 64  # select_config adds split-K only up to here (the audited epilogues)
+# the activation dtypes by the short names the audit, the static model and results files use
+DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16,
+                                  "fp32": torch.float32}
 
 
 @dataclass(frozen=True)

@@ -81,13 +81,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_ops.kernels.tuning import DTYPES
 from compress_ops.perf import machine, schema
 from compress_ops.perf.timing import Timing, time_fn
 
 SCHEMA = "quick-1"
 STEPS: tuple[str, ...] = ("smoke", "headline", "table")
-DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16,
-                                  "fp32": torch.float32}
 _DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "torch.float16": "fp16",
                   "bfloat16": "bf16", "torch.bfloat16": "bf16",
                   "float32": "fp32", "float": "fp32", "torch.float32": "fp32"}

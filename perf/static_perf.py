@@ -68,7 +68,6 @@ HEADLINE = {"N": 8192, "K": 8192, "M": (1, 16, 64, 2048), "dtype": "fp16"}
 BUDGETS = Path(__file__).resolve().parent.parent / "kernels" / "configs" / "budgets.json"
 COUNTED = ("LDG", "LDGSTS", "LDS", "LDSM", "STS", "STSM", "BAR", "SHFL", "I2F", "PRMT", "LOP3",
            "FFMA", "HFMA2", "HMMA", "HGMMA", "ATOM", "RED")
-_DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +363,9 @@ def model_case(case: Case, m: int, n: int = HEADLINE["N"], k: int = HEADLINE["K"
                dtype_name: str = HEADLINE["dtype"]) -> dict:
     import triton
 
-    dtype = _DT[dtype_name]
+    from compress_ops.kernels.tuning import DTYPES
+
+    dtype = DTYPES[dtype_name]
     launches = capture_launches(case, m, n, k, dtype)
     kernels, extra_us = [], 0.0
     for la in launches:

@@ -125,6 +125,69 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM:
     return pair
 
 
+# prmt.b32 selectors of _byte_pair: result bytes (low to high) = word byte 2j, 0x64 (byte 4 of
+# the pair {word, 0x64646464}), word byte 2j + 1, 0x64
+PRMT_PAIR_SEL = (tl.constexpr(0x4140), tl.constexpr(0x4342))
+_SEL01 = PRMT_PAIR_SEL[0]
+_SEL23 = PRMT_PAIR_SEL[1]
+
+
+@triton.jit
+def _byte_pair(w, j: tl.constexpr, ASM: tl.constexpr):
+    """Bytes ``2j`` and ``2j + 1`` of each word as the fp16 halves of ``1024 + q`` (the byte
+    in the low 8 bits of the mantissa under the exponent byte 0x64), the pair in column order:
+    one PTX ``prmt.b32`` (``ASM``: the selector picks the word's byte or 0x64 for each result
+    byte); the masked shifts elsewhere (the interpreter)."""
+    if ASM:
+        SEL: tl.constexpr = _SEL01 if j == 0 else _SEL23
+        out = tl.inline_asm_elementwise(
+            "prmt.b32 $0, $1, $2, $3;", "=r,r,n,n", [w, 0x64646464, SEL], dtype=tl.int32,
+            is_pure=True, pack=1)
+    else:
+        if j == 0:
+            out = (w & 0xFF) | ((w << 8) & 0xFF0000) | 0x64006400
+        else:
+            out = ((w >> 16) & 0xFF) | ((w >> 8) & 0xFF0000) | 0x64006400
+    return out
+
+
+@triton.jit
+def _halves(v, HALF: tl.constexpr):
+    """The low and high 16-bit halves of int32 ``v`` as ``HALF`` values."""
+    lo = v.to(tl.int16).to(HALF, bitcast=True)
+    hi = (v >> 16).to(tl.int16).to(HALF, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _dequant_halves(v, z2, s2, SYM_Z: tl.constexpr):
+    """``(q - z) s`` of the two fp16 fields of each int32 ``v`` (the halves of ``1024 + q``)
+    in packed fp16 arithmetic, PTX ``sub.f16x2`` / ``mul.f16x2`` on the whole register: the
+    halves are split only afterwards, so nothing reassembles them (Triton 3.9's LLVM moved the
+    halves of scalar fp16 arithmetic with two PRMT per pair). ``z2``/``s2``: zero and scale in
+    both halves of an int32; ``SYM_Z`` (> 0): the symmetric grid's constant zero instead, folded
+    into the offset (``1024 + z`` is an integer, exact). The subtractions are exact; one
+    rounding, as in the scalar form."""
+    if SYM_Z > 0:
+        C: tl.constexpr = (0x6400 + SYM_Z) * 0x10001
+        out = tl.inline_asm_elementwise(
+            "{ .reg .b32 c, t; mov.b32 c, $3; sub.f16x2 t, $1, c; mul.f16x2 $0, t, $2; }",
+            "=r,r,r,n", [v, s2, C], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = tl.inline_asm_elementwise(
+            "{ .reg .b32 c, t; mov.b32 c, 0x64006400; sub.f16x2 t, $1, c; "
+            "sub.f16x2 t, t, $2; mul.f16x2 $0, t, $3; }",
+            "=r,r,r,r", [v, z2, s2], dtype=tl.int32, is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def _half_pair(x):
+    """fp16 ``x`` in both 16-bit halves of an int32."""
+    b = x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return b | (b << 16)
+
+
 @triton.jit
 def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.constexpr):
     """Every field of each word, ``[..., 2, 2(, 2)]``, that reshapes to K order (field ``f``
@@ -133,7 +196,11 @@ def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.const
     and nothing moves through shared memory. ``join(a, b)`` puts ``b`` one position further
     along its new last dimension; nested joins of the pairs (``i``, ``i + F / 2``) in
     bit-reversed order give column order after the reshape."""
-    if BITS == 8:
+    if BITS == 8 and HALF_MAGIC == 1:  # two PRMT per word; each pair already in column order
+        lo0, hi0 = _halves(_byte_pair(w, 0, ASM), tl.float16)
+        lo1, hi1 = _halves(_byte_pair(w, 1, ASM), tl.float16)
+        h = tl.join(tl.join(lo0, lo1), tl.join(hi0, hi1))
+    elif BITS == 8:
         h = tl.join(_pair(w, 0, BITS, HALF_MAGIC, ASM), _pair(w, 1, BITS, HALF_MAGIC, ASM))
     elif BITS == 4:
         p0 = _pair(w, 0, BITS, HALF_MAGIC, ASM)
@@ -157,7 +224,7 @@ def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.const
 
 @triton.jit
 def _gemv_tile(acc, t, x_rows, q_ptr, s_ptr, z_ptr, lut_rows, rows_n, m_mask, n_mask,
-               K, KP, group_size, stride_qn, stride_sn,
+               K, KP, group_shift, stride_qn, stride_sn,
                BITS: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr):
     """``acc`` plus K tile ``t`` of :func:`_dequant_gemv_kernel`. ``TAIL``: the tile may hold
@@ -206,7 +273,7 @@ def _gemv_tile(acc, t, x_rows, q_ptr, s_ptr, z_ptr, lut_rows, rows_n, m_mask, n_
     else:
         # the tile lies in one group (BLOCK_K <= group_size, or one group per row):
         # sum_k x (q - z) s = s * (sum_k x q) - s z * (sum_k x)
-        grp = (t * BLOCK_K) // group_size
+        grp = ((t * BLOCK_K) >> group_shift)
         s_ptrs = rows_n * stride_sn + grp
         s = tl.load(s_ptr + s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
         if MODE == 0:
@@ -222,7 +289,7 @@ def _dequant_gemv_kernel(
     # pointers: s_ptr holds the scales (affine) or the codebook; z_ptr the zeros (asymmetric)
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     # sizes
-    M, N, K, KP, group_size, rows_per_group,
+    M, N, K, KP, group_shift, rows_per_group,
     # strides
     stride_xm, stride_qn, stride_sn, stride_ym,
     # meta-parameters
@@ -275,13 +342,13 @@ def _dequant_gemv_kernel(
         t_tail = max(min(K // BLOCK_K, t_end), t_begin)
         for t in range(t_begin, t_tail):
             acc = _gemv_tile(acc, t, x_rows, q_ptr, s_ptr, z_ptr, lut_rows, rows_n, m_mask,
-                             n_mask, K, KP, group_size, stride_qn, stride_sn, BITS, MODE,
+                             n_mask, K, KP, group_shift, stride_qn, stride_sn, BITS, MODE,
                              BLOCK_M, BLOCK_N, BLOCK_K, False)
     else:
         t_tail = t_begin
     for t in range(t_tail, t_end):
         acc = _gemv_tile(acc, t, x_rows, q_ptr, s_ptr, z_ptr, lut_rows, rows_n, m_mask, n_mask,
-                         K, KP, group_size, stride_qn, stride_sn, BITS, MODE, BLOCK_M, BLOCK_N,
+                         K, KP, group_shift, stride_qn, stride_sn, BITS, MODE, BLOCK_M, BLOCK_N,
                          BLOCK_K, True)
 
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS,
@@ -317,7 +384,7 @@ def _x_fields(x_row, cols_w, t, BLOCK_K: tl.constexpr, FIELDS: tl.constexpr):
 
 @triton.jit
 def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_ptr, s_rows,
-                lut_rows, K, group_size, BITS: tl.constexpr, MODE: tl.constexpr,
+                lut_rows, K, group_shift, BITS: tl.constexpr, MODE: tl.constexpr,
                 BLOCK_K: tl.constexpr, ONE_GROUP: tl.constexpr, MASKED: tl.constexpr,
                 ASM: tl.constexpr):
     """K tile ``t`` of :func:`_fields_gemv_kernel`: ``acc[BN, C]`` plus this tile's
@@ -374,7 +441,7 @@ def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_p
     if ONE_GROUP:
         return acc + xq, x0 + xc
     # one scale group per chunk of VEC words (the launcher keeps a chunk inside a group)
-    grp = (t * BLOCK_K + chunk_cols) // group_size  # [C]
+    grp = (t * BLOCK_K + chunk_cols) >> group_shift  # [C]
     s_off = s_rows + grp[None, :]
     if MASKED:
         s = tl.load(s_ptr + s_off, mask=chunk_mask, other=0.0).to(tl.float32)
@@ -394,7 +461,7 @@ def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_p
 def _fields_gemv_kernel(
     # pointers: s_ptr holds the scales (affine) or the codebook; z_ptr the zeros (asymmetric)
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-    M, N, K, KP, group_size, rows_per_group,
+    M, N, K, KP, group_shift, rows_per_group,
     stride_xm, stride_qn, stride_sn, stride_ym,
     BITS: tl.constexpr,
     MODE: tl.constexpr,
@@ -455,7 +522,7 @@ def _fields_gemv_kernel(
     for t in range(t_begin, t_full):
         w = tl.load(q_ptrs + t * W)
         acc, x0 = _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, None, t, s_ptr, z_ptr,
-                              s_rows, lut_rows, K, group_size, BITS, MODE, BLOCK_K, ONE_GROUP,
+                              s_rows, lut_rows, K, group_shift, BITS, MODE, BLOCK_K, ONE_GROUP,
                               False, ASM)
     if t_full < t_end:  # the ragged last tile (columns past K, words past KP)
         t = t_full
@@ -463,7 +530,7 @@ def _fields_gemv_kernel(
         chunk_mask = ((t * BLOCK_K + chunk_cols) < KP)[None, :]
         w = tl.load(q_ptrs + t * W, mask=word_mask, other=0)
         acc, x0 = _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr,
-                              z_ptr, s_rows, lut_rows, K, group_size, BITS, MODE, BLOCK_K,
+                              z_ptr, s_rows, lut_rows, K, group_shift, BITS, MODE, BLOCK_K,
                               ONE_GROUP, True, ASM)
     y = tl.sum(acc, axis=1)  # [BN]
     if ONE_GROUP and MODE != 2:  # y = s (sum x q - z sum x): the row's one scale and zero
@@ -482,7 +549,7 @@ def _fields_gemv_kernel(
 def _fields_matmul_kernel(
     # pointers: s_ptr holds the scales (affine) or the codebook; z_ptr the zeros (asymmetric)
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-    M, N, K, KP, group_size, rows_per_group,
+    M, N, K, KP, group_shift, rows_per_group,
     stride_xm, stride_qn, stride_sn, stride_ym,
     BITS: tl.constexpr,
     MODE: tl.constexpr,
@@ -568,8 +635,24 @@ def _fields_matmul_kernel(
             # fp16 1024 + q (exact), bf16 128 + q (exact for q < 128), or fp32 q (cast below)
             offset = 1024.0 if HALF_MAGIC == 1 else 128.0 if HALF_MAGIC == 2 else 0.0
             h = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM), (BLOCK_N, BLOCK_K))
-            s_off = rows * stride_sn + (t * BLOCK_K) // group_size
-            if DEQUANT_W:  # w = (q - z) s per weight, once per CTA; the dot accumulates
+            s_off = rows * stride_sn + ((t * BLOCK_K) >> group_shift)
+            if DEQUANT_W and BITS == 8 and HALF_MAGIC == 1 and ASM:
+                # fp16 int8 on a GPU: each PRMT's pair dequantized in packed arithmetic
+                s2 = _half_pair(tl.load(s_ptr + s_off))[:, None]
+                if MODE == 0:
+                    z2 = _half_pair(tl.load(z_ptr + s_off))[:, None]
+                    SYM_Z: tl.constexpr = 0
+                else:
+                    z2 = s2
+                    SYM_Z: tl.constexpr = 1 << (BITS - 1)
+                lo0, hi0 = _halves(_dequant_halves(_byte_pair(words, 0, ASM), z2, s2, SYM_Z),
+                                   tl.float16)
+                lo1, hi1 = _halves(_dequant_halves(_byte_pair(words, 1, ASM), z2, s2, SYM_Z),
+                                   tl.float16)
+                w = tl.reshape(tl.join(tl.join(lo0, lo1), tl.join(hi0, hi1)),
+                               (BLOCK_N, BLOCK_K))
+                acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            elif DEQUANT_W:  # w = (q - z) s per weight, once per CTA; the dot accumulates
                 if UPCAST_DOT:  # the interpreter's bf16 arithmetic on bitcast values is wrong
                     h = h.to(tl.float32)
                 # q, exactly, in h's dtype (fp16, bf16 or fp32; a literal keeps the dtype)
@@ -616,7 +699,7 @@ def _dequant_matmul_kernel(
     # pointers: s_ptr holds the scales (affine) or the codebook; z_ptr the zeros (asymmetric)
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     # sizes
-    M, N, K, KP, group_size, rows_per_group,
+    M, N, K, KP, group_shift, rows_per_group,
     # strides
     stride_xm, stride_qn, stride_sn, stride_ym,
     # meta-parameters
@@ -682,7 +765,7 @@ def _dequant_matmul_kernel(
         if MODE == 2:
             w = tl.load(lut_rows + q, mask=kn_mask, other=0.0)
         else:  # the tile lies in one scale group (see the launcher): [1, BN] scales
-            s_off = rows_n * stride_sn + (t * BLOCK_K) // group_size
+            s_off = rows_n * stride_sn + ((t * BLOCK_K) >> group_shift)
             s = tl.load(s_ptr + s_off, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             if MODE == 0:
                 z = tl.load(z_ptr + s_off, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -757,11 +840,11 @@ def autotuned_config(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tens
 
 _SIG_COMMON = {
     "x_ptr": "*{dt}", "q_ptr": "*i32", "s_ptr": "*{dt}", "z_ptr": "*{dt}", "bias_ptr": "*{dt}",
-    "y_ptr": "*{yt}", "M": "i32", "N": "i32", "K": "i32", "KP": "i32", "group_size": "i32",
+    "y_ptr": "*{yt}", "M": "i32", "N": "i32", "K": "i32", "KP": "i32", "group_shift": "i32",
     "rows_per_group": "i32", "stride_xm": "i32", "stride_qn": "i32", "stride_sn": "i32",
     "stride_ym": "i32",
 }
-_ALIGNED = ["x_ptr", "q_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "KP", "group_size",
+_ALIGNED = ["x_ptr", "q_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "KP",
             "stride_xm", "stride_ym", "K"]
 # (bits, mode) variants the audit compiles for every config: int4 asymmetric (the default),
 # int8 symmetric, int2 asymmetric, 4-bit and 3-bit (bit-plane) codebooks.
@@ -913,7 +996,7 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         cfg = KernelConfig(**{**cfg.__dict__, "block_k": bk})
     if cfg.path == "gemm":
         cfg = gemm_tile(cfg, x2, bits, mode)
-    args = (x2, q, s, zp, bp, y, m, n, k, kp, group_size, rows_per_group,
+    args = (x2, q, s, zp, bp, y, m, n, k, kp, group_shift_arg(group_size, kp), rows_per_group,
             x2.stride(0), q.stride(0), s.stride(0), y.stride(0))
     meta = dict(BITS=bits, MODE=mode, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
@@ -939,6 +1022,19 @@ MAGIC_BITS = (2, 4, 8)  # contiguous fields: the fields kernels (affine and code
 # BLOCK_M (cheaper than dequantizing every weight while BLOCK_M is small); larger tiles
 # dequantize each weight once (DEQUANT_W).
 AFFINE_GEMM_MAX_BM = 32
+
+
+def group_shift_arg(group_size: int, kp: int) -> int:
+    """The kernels' ``group_shift`` argument: column ``c``'s scale group is ``c >> shift`` (a
+    shift, not an integer division in every K step). Groups smaller than the row are powers of
+    two (``GROUP_SIZES``); one group per row (``group_size == kp``, and codebooks) is 31: every
+    column's group is 0."""
+    if group_size >= kp:
+        return 31
+    if group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two below the padded row ({kp}); "
+                         f"got {group_size}")
+    return group_size.bit_length() - 1
 
 
 def fields_gemm(bits: int) -> bool:
@@ -1020,7 +1116,8 @@ def _launch_fields_gemv(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.T
         bn = max(8, bn // (4 if x2.dtype == torch.float32 else 2))
     grid = (triton.cdiv(n, bn), m, cfg.split_k)
     _launch_mod.launch(
-        _fields_gemv_kernel, grid, x2, q, s, zp, bp, y, m, n, k, kp, group_size, rows_per_group,
+        _fields_gemv_kernel, grid, x2, q, s, zp, bp, y, m, n, k, kp,
+        group_shift_arg(group_size, kp), rows_per_group,
         x2.stride(0), q.stride(0), s.stride(0), y.stride(0),
         BITS=bits, MODE=mode, HAS_BIAS=has_bias, BLOCK_N=bn, BLOCK_K=bk, VEC=vec,
         ONE_GROUP=group_size == kp, SPLIT_K=cfg.split_k, ASM=ptx(x2),

@@ -3,6 +3,7 @@ the same packed weights (CPU: interpreter)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -169,6 +170,63 @@ def test_fields_kernels_take_the_lop3_asm_on_a_gpu_only():
         with tuning.simulate_gpu(), launches.capture(run=False) as got:
             dq.dequant_matmul(x, q, s, z, None, 4, 128)
         assert [(la.kernel, la.kwargs["ASM"]) for la in got] == [(kernel, True)]
+
+
+def _ptx_prmt(a: int, b: int, c: int) -> int:
+    """PTX ``prmt.b32 d, a, b, c`` (default mode): result byte i is byte ``c[4i+2:4i]`` of the
+    8-byte value ``{b, a}`` (a = bytes 0-3), sign-replicated when ``c[4i+3]`` is set."""
+    src = (b << 32) | a
+    out = 0
+    for i in range(4):
+        sel = (c >> (4 * i)) & 0xF
+        byte = (src >> (8 * (sel & 7))) & 0xFF
+        if sel & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out
+
+
+def test_int8_byte_pairs_prmt_matches_the_interpreter_expression():
+    """fp16 int8 fields are unpacked by one ``prmt.b32`` per two bytes on a GPU (selectors
+    ``PRMT_PAIR_SEL``): bytes 2j and 2j + 1 of the word in the two halves' mantissas under the
+    exponent byte 0x64, i.e. the fp16 pair (1024 + q[2j], 1024 + q[2j + 1]) in column order.
+    The interpreter's shifts and masks (which the float64 tests check) must give the same word."""
+    gen = torch.Generator().manual_seed(0)
+    words = torch.randint(-(2**31), 2**31, (256,), generator=gen, dtype=torch.int64)
+    for w in [int(v) & 0xFFFFFFFF for v in words] + [0, 0xFFFFFFFF, 0x80FF7F01]:
+        ws = w - (1 << 32) if w >= 1 << 31 else w  # the kernel's int32 (arithmetic shifts)
+        interp = ((ws & 0xFF) | ((ws << 8) & 0xFF0000) | 0x64006400,
+                  ((ws >> 16) & 0xFF) | ((ws >> 8) & 0xFF0000) | 0x64006400)
+        for j, sel in enumerate(dq.PRMT_PAIR_SEL):
+            got = _ptx_prmt(w, 0x64646464, sel.value)
+            assert got == interp[j] & 0xFFFFFFFF
+            halves = torch.tensor([got & 0xFFFF, got >> 16], dtype=torch.int32)
+            pair = halves.to(torch.int16).view(torch.float16).double() - 1024
+            assert pair.tolist() == [(w >> (16 * j)) & 0xFF, (w >> (16 * j + 8)) & 0xFF]
+
+
+def test_int8_gemm_takes_the_packed_dequant_on_a_gpu_only():
+    """fp16 int8 tiles above 32 rows dequantize each PRMT pair in packed fp16 arithmetic
+    (``_dequant_halves``) where the launch is for a GPU (``ASM``); the interpreter runs the
+    scalar form that the float64 tests check."""
+    q, s, _ = dqf.empty_affine(64, 256, 8, None, True, dtype=torch.float16)
+    x = torch.empty(64, 256, dtype=torch.float16)
+    for sim, asm in ((False, False), (True, True)):
+        ctx = tuning.simulate_gpu() if sim else contextlib.nullcontext()
+        with ctx, launches.capture(run=False) as got:
+            dq.dequant_matmul(x, q, s, None, None, 8, 256)
+        (la,) = got
+        assert la.kernel is dq._fields_matmul_kernel
+        assert (la.kwargs["ASM"], la.kwargs["DEQUANT_W"], la.kwargs["HALF_MAGIC"]) == (asm, True, 1)
+
+
+def test_group_shift_arg():
+    """The kernels find a column's scale group with a shift: powers of two below the row, 31
+    (every column in group 0) for one group per row; anything else is refused by name."""
+    assert [dq.group_shift_arg(g, 1024) for g in (32, 64, 128, 256)] == [5, 6, 7, 8]
+    assert dq.group_shift_arg(96, 96) == dq.group_shift_arg(4096, 4096) == 31
+    with pytest.raises(ValueError, match="group_size must be a power of two"):
+        dq.group_shift_arg(96, 192)
 
 
 def test_kernel_leading_dims_noncontiguous_and_empty(device):

@@ -80,11 +80,14 @@ _FAMILY = "dequant"
 
 @triton.jit
 def _field(w0, w1, w2, i: tl.constexpr, BITS: tl.constexpr):
-    """Field ``i`` of a packing unit: one word (contiguous fields) or three bit planes."""
+    """Column ``i`` of a packing unit: one word (contiguous fields; format 2 interleaves 2- and
+    4-bit ones: column ``i`` is field ``i // 2 + (i % 2) * F / 2``) or three bit planes."""
     if BITS == 3:
         return ((w0 >> i) & 1) | (((w1 >> i) & 1) << 1) | (((w2 >> i) & 1) << 2)
     else:
-        return (w0 >> (i * BITS)) & ((1 << BITS) - 1)
+        F: tl.constexpr = 32 // BITS
+        POS: tl.constexpr = i // 2 + (i % 2) * (F // 2) if BITS < 8 else i
+        return (w0 >> (POS * BITS)) & ((1 << BITS) - 1)
 
 
 @triton.jit
@@ -102,15 +105,28 @@ def _and_or(a, b: tl.constexpr, c: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.constexpr):
-    """Fields ``i`` and ``i + 16 / b`` of each word, ``[..., 2]``: as halves of ``offset + q``
-    (HALF_MAGIC 1: fp16 1024 + q; 2: bf16 128 + q), both made by one shift and one LOP3 on the
-    word (the pair's mask and exponent in each 16-bit half); else (0) fp32 ``q``."""
+def _halves(v, HALF: tl.constexpr):
+    """The low and high 16-bit halves of int32 ``v`` as ``HALF`` values."""
+    lo = v.to(tl.int16).to(HALF, bitcast=True)
+    hi = (v >> 16).to(tl.int16).to(HALF, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.constexpr,
+          z2, s2, SYM_Z: tl.constexpr, DQ: tl.constexpr):
+    """Fields ``i`` and ``i + 16 / b`` of each word (format 2: columns ``2i`` and ``2i + 1`` at
+    2 and 4 bits; columns ``i`` and ``i + 2`` at 8 bits), as two tensors: the halves of
+    ``offset + q`` (HALF_MAGIC 1: fp16 1024 + q; 2: bf16 128 + q), both made by one shift and
+    one LOP3 on the word (the pair's mask and exponent in each 16-bit half); else (0) fp32
+    ``q``. ``DQ`` (fp16 on a GPU): ``(q - z) s`` instead, dequantized in packed arithmetic
+    before the halves are split (:func:`_dequant_halves`)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     if HALF_MAGIC == 0:  # 2**23 + q in a float's mantissa, minus 2**23
         lo = _and_or(w >> (BITS * i), MASK, 0x4B000000, ASM).to(tl.float32, bitcast=True)
         hi = _and_or(w >> (BITS * i + 16), MASK, 0x4B000000, ASM).to(tl.float32, bitcast=True)
-        pair = tl.join(lo - 8388608.0, hi - 8388608.0)
+        lo = lo - 8388608.0
+        hi = hi - 8388608.0
     else:
         if HALF_MAGIC == 1:
             EXP: tl.constexpr = 0x64006400
@@ -119,10 +135,10 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM:
             EXP: tl.constexpr = 0x43004300
             HALF: tl.constexpr = tl.bfloat16
         v = _and_or(w >> (BITS * i), MASK * 0x10001, EXP, ASM)
-        lo = v.to(tl.int16).to(HALF, bitcast=True)
-        hi = (v >> 16).to(tl.int16).to(HALF, bitcast=True)
-        pair = tl.join(lo, hi)
-    return pair
+        if DQ:
+            v = _dequant_halves(v, z2, s2, SYM_Z)
+        lo, hi = _halves(v, HALF)
+    return lo, hi
 
 
 # prmt.b32 selectors of _byte_pair: result bytes (low to high) = word byte 2j, 0x64 (byte 4 of
@@ -149,14 +165,6 @@ def _byte_pair(w, j: tl.constexpr, ASM: tl.constexpr):
         else:
             out = ((w >> 16) & 0xFF) | ((w >> 8) & 0xFF0000) | 0x64006400
     return out
-
-
-@triton.jit
-def _halves(v, HALF: tl.constexpr):
-    """The low and high 16-bit halves of int32 ``v`` as ``HALF`` values."""
-    lo = v.to(tl.int16).to(HALF, bitcast=True)
-    hi = (v >> 16).to(tl.int16).to(HALF, bitcast=True)
-    return lo, hi
 
 
 @triton.jit
@@ -189,36 +197,52 @@ def _half_pair(x):
 
 
 @triton.jit
-def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.constexpr):
-    """Every field of each word, ``[..., 2, 2(, 2)]``, that reshapes to K order (field ``f``
-    of word ``u`` at column ``u * 32 / b + f``) with every field of a word in the thread that
-    loaded it: the joins add in-register dimensions, so the dot operand's store is vectorized
-    and nothing moves through shared memory. ``join(a, b)`` puts ``b`` one position further
-    along its new last dimension; nested joins of the pairs (``i``, ``i + F / 2``) in
-    bit-reversed order give column order after the reshape."""
+def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.constexpr,
+                  z2=0, s2=0, SYM_Z: tl.constexpr = 0, DQ: tl.constexpr = False):
+    """Every field of each word, ``[..., 2, 2(, 2)]``, that reshapes to K order (column ``c``
+    of word ``u`` at ``u * 32 / b + c``) with every field of a word in the thread that loaded
+    it: the joins add in-register dimensions, so the dot operand's store is vectorized and
+    nothing moves through shared memory. ``join(a, b)`` puts ``b`` one position further along
+    its new last dimension. Format 2's 2- and 4-bit words give pairs of adjacent columns
+    (``2i``, ``2i + 1``) in the two halves of one register: the low and the high halves are
+    joined separately (bit-reversed pair order) and then to each other, so each register's two
+    halves stay adjacent (the fp16/bf16 store takes the register as it is, no PRMT). int8
+    (fields in column order) pairs bytes with a PRMT in fp16; else ``(i, i + 2)``. ``DQ``:
+    each register's pair dequantized, ``(q - z) s``, before it is split (:func:`_pair`)."""
     if BITS == 8 and HALF_MAGIC == 1:  # two PRMT per word; each pair already in column order
-        lo0, hi0 = _halves(_byte_pair(w, 0, ASM), tl.float16)
-        lo1, hi1 = _halves(_byte_pair(w, 1, ASM), tl.float16)
+        v0 = _byte_pair(w, 0, ASM)
+        v1 = _byte_pair(w, 1, ASM)
+        if DQ:
+            v0 = _dequant_halves(v0, z2, s2, SYM_Z)
+            v1 = _dequant_halves(v1, z2, s2, SYM_Z)
+        lo0, hi0 = _halves(v0, tl.float16)
+        lo1, hi1 = _halves(v1, tl.float16)
         h = tl.join(tl.join(lo0, lo1), tl.join(hi0, hi1))
-    elif BITS == 8:
-        h = tl.join(_pair(w, 0, BITS, HALF_MAGIC, ASM), _pair(w, 1, BITS, HALF_MAGIC, ASM))
+    elif BITS == 8:  # columns (0, 2) and (1, 3)
+        lo0, hi0 = _pair(w, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        lo1, hi1 = _pair(w, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        h = tl.join(tl.join(lo0, hi0), tl.join(lo1, hi1))
     elif BITS == 4:
-        p0 = _pair(w, 0, BITS, HALF_MAGIC, ASM)
-        p1 = _pair(w, 1, BITS, HALF_MAGIC, ASM)
-        p2 = _pair(w, 2, BITS, HALF_MAGIC, ASM)
-        p3 = _pair(w, 3, BITS, HALF_MAGIC, ASM)
-        h = tl.join(tl.join(p0, p2), tl.join(p1, p3))
+        l0, h0 = _pair(w, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        l1, h1 = _pair(w, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        l2, h2 = _pair(w, 2, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        l3, h3 = _pair(w, 3, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        h = tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)),
+                    tl.join(tl.join(h0, h2), tl.join(h1, h3)))
     else:
-        p0 = _pair(w, 0, BITS, HALF_MAGIC, ASM)
-        p1 = _pair(w, 1, BITS, HALF_MAGIC, ASM)
-        p2 = _pair(w, 2, BITS, HALF_MAGIC, ASM)
-        p3 = _pair(w, 3, BITS, HALF_MAGIC, ASM)
-        p4 = _pair(w, 4, BITS, HALF_MAGIC, ASM)
-        p5 = _pair(w, 5, BITS, HALF_MAGIC, ASM)
-        p6 = _pair(w, 6, BITS, HALF_MAGIC, ASM)
-        p7 = _pair(w, 7, BITS, HALF_MAGIC, ASM)
-        h = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)),
-                    tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+        l0, h0 = _pair(w, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        l1, h1 = _pair(w, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        l2, h2 = _pair(w, 2, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        l3, h3 = _pair(w, 3, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        l4, h4 = _pair(w, 4, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        l5, h5 = _pair(w, 5, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        l6, h6 = _pair(w, 6, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        l7, h7 = _pair(w, 7, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        lo = tl.join(tl.join(tl.join(l0, l4), tl.join(l2, l6)),
+                     tl.join(tl.join(l1, l5), tl.join(l3, l7)))
+        hi = tl.join(tl.join(tl.join(h0, h4), tl.join(h2, h6)),
+                     tl.join(tl.join(h1, h5), tl.join(h3, h7)))
+        h = tl.join(lo, hi)
     return h
 
 
@@ -399,10 +423,13 @@ def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_p
     SPLIT_X: tl.constexpr = not MASKED and FIELDS <= 8
     if SPLIT_X:
         xf = _x_fields(x_row, cols_w, t, BLOCK_K, FIELDS)
+    ILV: tl.constexpr = 1 if BITS < 8 else 0  # format 2 interleaves 2- and 4-bit fields
     for i in tl.static_range(FIELDS):
-        cols = t * BLOCK_K + cols_w + i  # [C, VEC]
+        # field i's column in its word: (2i) % F + 2i // F (interleaved), else i
+        cols = t * BLOCK_K + cols_w + (ILV * ((2 * i) % FIELDS + (2 * i) // FIELDS)
+                                       + (1 - ILV) * i)  # [C, VEC]
         if SPLIT_X:
-            xi = xf[i]
+            xi = xf[ILV * ((2 * i) % FIELDS + (2 * i) // FIELDS) + (1 - ILV) * i]
         elif MASKED:
             xi = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
         else:
@@ -564,6 +591,7 @@ def _fields_matmul_kernel(
     UPCAST_DOT: tl.constexpr = False,
     DEQUANT_W: tl.constexpr = False,
     ASM: tl.constexpr = False,
+    EVEN_K: tl.constexpr = False,
 ):
     """Tiled GEMM for contiguous b-bit fields (b = 2, 4, 8; affine or codebook):
     y = x @ W^T (+ bias). Codebooks (MODE 2) look each field up in its row group's table
@@ -572,10 +600,11 @@ def _fields_matmul_kernel(
     Grid and program order as :func:`_dequant_matmul_kernel`. Each K step loads the
     ``[BLOCK_N, BLOCK_K * b / 32]`` packed words once (16-byte loads along K), expands every
     word into its fields in registers (``[BLOCK_N, W, 32 / b]``, reshaped to
-    ``[BLOCK_N, BLOCK_K]`` without moving data), turns each field into a float with the 2**23
-    mantissa trick (one LOP3 and one FADD), applies the group's ``q * s - z s`` (one FFMA),
-    casts to the activation dtype and feeds ``tl.dot``. A K tile lies in one scale group (the
-    launcher caps BLOCK_K at the group size).
+    ``[BLOCK_N, BLOCK_K]`` without moving data: :func:`_unpack_words`), two fields per
+    register as the fp16 ``1024 + q`` (bf16 ``128 + q``; fp32 x: ``q`` by the 2**23 mantissa
+    trick) made by one shift and one LOP3 (fp16 int8: one PRMT), and feeds ``tl.dot``. A K
+    tile lies in one scale group (the launcher caps BLOCK_K at the group size; its group is
+    ``column >> group_shift``).
 
     Two ways to apply the affine terms (both exact up to the activation dtype's rounding):
 
@@ -602,10 +631,18 @@ def _fields_matmul_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped: rows past N are not stored
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    if EVEN_K:  # x's rows clamped as W's (rows past M are not stored): unmasked loads
+        x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
+    else:
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     offs_w = tl.arange(0, W)
     q_ptrs = q_ptr + rows[:, None] * stride_qn + offs_w[None, :]  # [BN, W]
-    shifts = tl.arange(0, FIELDS) * BITS
+    # the bit offset of each column of a word (format 2: 2- and 4-bit fields interleaved)
+    wcols = tl.arange(0, FIELDS)
+    if BITS < 8:
+        shifts = (wcols // 2 + (wcols % 2) * (FIELDS // 2)) * BITS
+    else:
+        shifts = wcols * BITS
     if MODE == 2:
         lut_rows = s_ptr + (rows // rows_per_group)[:, None, None] * stride_sn  # [BN, 1, 1]
 
@@ -617,14 +654,21 @@ def _fields_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t_begin, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
-                    other=0.0)
-        words = tl.load(q_ptrs + t * W, mask=((t * W + offs_w) < KP // FIELDS)[None, :],
-                        other=0)
+        if EVEN_K:  # every tile inside K = KP: nothing to mask
+            a = tl.load(x_rows + offs_k[None, :])
+            words = tl.load(q_ptrs + t * W)
+        else:
+            a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
+                        other=0.0)
+            words = tl.load(q_ptrs + t * W, mask=((t * W + offs_w) < KP // FIELDS)[None, :],
+                            other=0)
         if MODE == 2:
             fields = (words[:, :, None] >> shifts[None, None, :]) & MASK
-            cols = t * BLOCK_K + offs_w[None, :, None] * FIELDS + shifts[None, None, :] // BITS
-            h = tl.load(lut_rows + fields, mask=cols < K, other=0.0)
+            if EVEN_K:
+                h = tl.load(lut_rows + fields)
+            else:
+                cols = t * BLOCK_K + offs_w[None, :, None] * FIELDS + wcols[None, None, :]
+                h = tl.load(lut_rows + fields, mask=cols < K, other=0.0)
             h = tl.reshape(h, (BLOCK_N, BLOCK_K))
             if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
                 acc = tl.dot(a.to(tl.float32), tl.trans(h.to(tl.float32)), acc,
@@ -634,10 +678,12 @@ def _fields_matmul_kernel(
         else:
             # fp16 1024 + q (exact), bf16 128 + q (exact for q < 128), or fp32 q (cast below)
             offset = 1024.0 if HALF_MAGIC == 1 else 128.0 if HALF_MAGIC == 2 else 0.0
-            h = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM), (BLOCK_N, BLOCK_K))
             s_off = rows * stride_sn + ((t * BLOCK_K) >> group_shift)
-            if DEQUANT_W and BITS == 8 and HALF_MAGIC == 1 and ASM:
-                # fp16 int8 on a GPU: each PRMT's pair dequantized in packed arithmetic
+            PACKED_DQ: tl.constexpr = DEQUANT_W and HALF_MAGIC == 1 and ASM
+            if not PACKED_DQ:
+                h = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM), (BLOCK_N, BLOCK_K))
+            if PACKED_DQ:
+                # fp16 on a GPU: each register's pair of fields dequantized in packed fp16
                 s2 = _half_pair(tl.load(s_ptr + s_off))[:, None]
                 if MODE == 0:
                     z2 = _half_pair(tl.load(z_ptr + s_off))[:, None]
@@ -645,11 +691,7 @@ def _fields_matmul_kernel(
                 else:
                     z2 = s2
                     SYM_Z: tl.constexpr = 1 << (BITS - 1)
-                lo0, hi0 = _halves(_dequant_halves(_byte_pair(words, 0, ASM), z2, s2, SYM_Z),
-                                   tl.float16)
-                lo1, hi1 = _halves(_dequant_halves(_byte_pair(words, 1, ASM), z2, s2, SYM_Z),
-                                   tl.float16)
-                w = tl.reshape(tl.join(tl.join(lo0, lo1), tl.join(hi0, hi1)),
+                w = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, True),
                                (BLOCK_N, BLOCK_K))
                 acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
             elif DEQUANT_W:  # w = (q - z) s per weight, once per CTA; the dot accumulates
@@ -686,9 +728,10 @@ def _fields_matmul_kernel(
                 sc = tl.load(s_ptr + s_off).to(tl.float32)
                 if MODE == 0:
                     zo = tl.load(z_ptr + s_off).to(tl.float32) + offset
-                else:
+                    acc += part * sc[None, :] - xs[:, None] * (zo * sc)[None, :]
+                else:  # the zero is a constant: (part - (offset + z) sum_k x) s
                     zo = offset + (1 << (BITS - 1))
-                acc += part * sc[None, :] - xs[:, None] * (zo * sc)[None, :]
+                    acc += (part - xs[:, None] * zo) * sc[None, :]
 
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS,
                SPLIT_K)
@@ -761,7 +804,9 @@ def _dequant_matmul_kernel(
                 | (((tl.load(w_ptrs + 2, mask=kn_mask, other=0) >> shift) & 1) << 2)
         else:
             words = tl.load(q_rows + (offs_k // COLS)[:, None], mask=kn_mask, other=0)
-            q = (words >> ((offs_k % COLS) * BITS)[:, None]) & ((1 << BITS) - 1)
+            c = offs_k % COLS  # the column's field (format 2: 2 and 4 bits interleaved)
+            pos = c // 2 + (c % 2) * (COLS // 2) if BITS < 8 else c
+            q = (words >> (pos * BITS)[:, None]) & ((1 << BITS) - 1)
         if MODE == 2:
             w = tl.load(lut_rows + q, mask=kn_mask, other=0.0)
         else:  # the tile lies in one scale group (see the launcher): [1, BN] scales
@@ -953,7 +998,8 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                 consts.update(GROUP_M=cfg.group_m, DOT_PRECISION="tf32", UPCAST_DOT=False)
                 if fields_gemm(bits):
                     fn = _fields_matmul_kernel
-                    consts.update(fields_gemm_meta(bits, mode, cfg.block_m, DTYPES[dt]), ASM=True)
+                    consts.update(fields_gemm_meta(bits, mode, cfg.block_m, DTYPES[dt]), ASM=True,
+                                  EVEN_K=False)  # the masked loads; real calls: recorded
                 else:
                     fn = _dequant_matmul_kernel
                 expect = "HGMMA" if cfg.block_m >= 64 else "HMMA"
@@ -1008,7 +1054,7 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
         if fields_gemm(bits):
             _launch_mod.launch(_fields_matmul_kernel, grid, *args, GROUP_M=cfg.group_m,
-                               ASM=ptx(x2),
+                               ASM=ptx(x2), EVEN_K=k == kp and k % cfg.block_k == 0,
                                **fields_gemm_meta(bits, mode, cfg.block_m, x2.dtype),
                                **dot_meta(x2), **meta)
         else:

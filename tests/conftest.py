@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 
 
 def _has_cuda() -> bool:
@@ -22,6 +23,11 @@ def _has_cuda() -> bool:
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# A fresh torch.compile cache per run: a warm one can hand back a graph compiled from an older
+# checkout (AOTAutograd's key does not cover a custom op's autograd formula,
+# pytorch/pytorch#144344), and a test must not pass or fail on what a previous run left.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      tempfile.mkdtemp(prefix="compress-ops-inductor-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -11,6 +11,7 @@ import compress_ops.ops  # noqa: F401  (registers torch.ops.compress_ops.*)
 from compress_ops._validate import check_choice
 from compress_ops.kernels.formats.dequant import (
     BITS,
+    FORMAT_VERSION,
     affine_bytes,
     codebook_bytes,
     codebook_weight,
@@ -19,6 +20,7 @@ from compress_ops.kernels.formats.dequant import (
     empty_affine,
     packed_words,
     padded_k,
+    repack,
 )
 from compress_ops.nn.base import (
     CompressedLinear,
@@ -45,7 +47,38 @@ def _check_sizes(in_features: int, out_features: int, bits: int) -> None:
     check_choice("bits", bits, BITS)
 
 
-class QuantLinear(FormatRecord, CompressedLinear):
+class PackedFieldsRecord(FormatRecord):
+    """The format record of a module holding packed fields (``packed_buffer``): its last field,
+    ``format_version``, is the packed-field layout the buffer was written in
+    (:data:`~compress_ops.kernels.formats.dequant.FORMAT_VERSION`). A state_dict of an older
+    layout loads by repacking the fields (a version-1 record has no version field); a newer or
+    unknown version is refused by name, like any other differing record field."""
+
+    packed_buffer = "qweight"
+    format_version = FORMAT_VERSION
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        key = prefix + "_extra_state"
+        rec = state_dict.get(key)
+        n = len(self.format_fields)
+        if isinstance(rec, torch.Tensor) and rec.device.type != "meta" and rec.dim() == 1:
+            rec = rec.cpu().to(torch.int64)
+            if rec.numel() == n - 1:  # version 1: the record had no format_version
+                rec = torch.cat([rec, rec.new_ones(1)])
+            if rec.numel() == n and int(rec[-1]) == 1 and FORMAT_VERSION != 1:
+                mine = self.get_extra_state()
+                self._check_format(torch.cat([rec[:-1], mine[-1:]]))  # the other fields first
+                packed = prefix + self.packed_buffer
+                if packed in state_dict:
+                    state_dict[packed] = repack(state_dict[packed], self.bits, 1)
+                rec = mine
+            state_dict[key] = rec
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class QuantLinear(PackedFieldsRecord, CompressedLinear):
     """``y = x @ W^T + b`` with ``W = (q - z) * s``: b-bit weights, one scale (and zero point)
     per ``group_size`` input features of a row.
 
@@ -57,7 +90,7 @@ class QuantLinear(FormatRecord, CompressedLinear):
     """
 
     kind = "quant"
-    format_fields = ("in_features", "out_features", "bits", "group_size")
+    format_fields = ("in_features", "out_features", "bits", "group_size", "format_version")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
@@ -105,7 +138,8 @@ class QuantLinear(FormatRecord, CompressedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_in_features(x)
         return torch.ops.compress_ops.dequant_linear(x, self.qweight, self.scales, self.zeros,
-                                                     self.bias, self.bits, self.group_size)
+                                                     self.bias, self.bits, self.group_size,
+                                                     self.format_version)
 
     def dense_weight(self) -> torch.Tensor:
         return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
@@ -125,7 +159,7 @@ class QuantLinear(FormatRecord, CompressedLinear):
                 f"symmetric={self.symmetric}, dtype={self.scales.dtype}")
 
 
-class CodebookLinear(FormatRecord, CompressedLinear):
+class CodebookLinear(PackedFieldsRecord, CompressedLinear):
     """``y = x @ W^T + b`` with ``W[n, k] = codebook[n // (out / R), q[n, k]]``: every weight is
     one of ``2**bits`` shared values (k-means), per group of rows (``R = row_groups``).
 
@@ -136,7 +170,8 @@ class CodebookLinear(FormatRecord, CompressedLinear):
     """
 
     kind = "codebook"
-    format_fields = ("in_features", "out_features", "bits")
+    format_fields = ("in_features", "out_features", "bits", "format_version")
+    packed_buffer = "indices"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  bits: int = 4, row_groups: int = 1,
@@ -191,7 +226,7 @@ class CodebookLinear(FormatRecord, CompressedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_in_features(x)
         return torch.ops.compress_ops.codebook_linear(x, self.indices, self.codebook, self.bias,
-                                                      self.bits)
+                                                      self.bits, self.format_version)
 
     def dense_weight(self) -> torch.Tensor:
         return codebook_weight(self.indices, self.codebook, self.bits, self.in_features)

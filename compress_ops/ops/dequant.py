@@ -13,6 +13,8 @@ packed byte) + ``F.linear``. No route keeps a dense copy unless asked
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -179,7 +181,10 @@ def _fields_u8(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     mask = 2**bits - 1
     fields = [b & mask] + [(b >> (bits * i)) & mask for i in range(1, 8 // bits - 1)]
     fields.append(b >> (8 - bits))
-    return torch.stack(fields, dim=-1).view(r, -1)
+    byte_order = torch.stack(fields, dim=-1).view(r, -1)  # field i of byte j at P j + i
+    q = torch.empty_like(byte_order)
+    q[:, _byte_field_columns(bits, byte_order.shape[1]).view(-1)] = byte_order
+    return q
 
 
 def _row_step(n: int, kp: int) -> int:
@@ -191,14 +196,24 @@ def _parts(bits: int) -> int:
     return 8 // bits if bits in (2, 4) else 1
 
 
+@functools.lru_cache(maxsize=64)
+def _byte_field_columns(bits: int, kp: int) -> torch.Tensor:
+    """``[Kp / P, P]`` int64: the column of field ``i`` (low bits first) of packed byte ``j``
+    of a row (``P = 8 / bits`` fields per byte; format 2 interleaves 2- and 4-bit fields
+    within a word, so a byte's fields are not adjacent columns)."""
+    p, per = 8 // bits, 32 // bits
+    word_col = torch.tensor(_dq.field_columns(bits))  # field position -> column in its word
+    j = torch.arange(kp // p)
+    pos = (j % 4)[:, None] * p + torch.arange(p)[None, :]  # the field's position in its word
+    return (j // 4)[:, None] * per + word_col[pos]
+
+
 def _part_major(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """``x[..., Kp]``'s columns in the order :func:`_dequant_rows` writes a row: column
-    ``c = P * j + i`` (field ``i`` of byte ``j``, ``P`` fields per byte) at ``i * Kp / P + j``."""
-    p = _parts(bits)
-    if p == 1:
+    """``x[..., Kp]``'s columns in the order :func:`_dequant_rows` writes a row: the column of
+    field ``i`` of byte ``j`` (``P`` fields per byte) at ``i * Kp / P + j``."""
+    if _parts(bits) == 1:
         return x
-    kp = x.shape[-1]
-    return x.reshape(*x.shape[:-1], kp // p, p).transpose(-1, -2).reshape(*x.shape[:-1], kp)
+    return x.index_select(-1, _byte_field_columns(bits, x.shape[-1]).t().reshape(-1))
 
 
 def _dequant_rows(buf: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -433,12 +448,28 @@ def _dequant_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     return y.to(x.dtype).reshape(*lead, n)
 
 
+def check_format_version(format_version: int, where: str) -> None:
+    """The ops read the packed fields of this build's layout only
+    (:data:`~compress_ops.kernels.formats.dequant.FORMAT_VERSION`): another version is refused
+    by name (``formats.dequant.repack`` converts version 1).
+
+    The modules pass their version explicitly, so it is part of every traced graph: a
+    ``torch.compile`` cache entry made with another layout's backward (AOTAutograd's cache key
+    does not see a custom op's autograd formula, pytorch/pytorch#144344) is not reused."""
+    if format_version != _dq.FORMAT_VERSION:
+        raise ValueError(f"{where}: packed-field format version {format_version} is not this "
+                         f"build's ({_dq.FORMAT_VERSION}); repack the fields "
+                         f"(compress_ops.kernels.formats.dequant.repack)")
+
+
 @torch.library.custom_op("compress_ops::dequant_linear", mutates_args=())
 def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    zeros: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
-                   group_size: int) -> torch.Tensor:
+                   group_size: int, format_version: int = _dq.FORMAT_VERSION) -> torch.Tensor:
     """``y[..., N] = x[..., K] @ ((q - z) * s)^T + bias``, ``q`` b-bit packed
-    (``compress_ops.kernels.dequant``); ``zeros=None`` is the symmetric grid."""
+    (``compress_ops.kernels.dequant``); ``zeros=None`` is the symmetric grid;
+    ``format_version``: the packed-field layout (:func:`check_format_version`)."""
+    check_format_version(format_version, "dequant_linear")
     _dq.check_affine_inputs(x, qweight, scales, zeros, bias, bits, group_size)
     if routing.use_triton(x):
         return routing.kernels("dequant").dequant_matmul(x, qweight, scales, zeros, bias, bits,
@@ -447,13 +478,14 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 
 @dequant_linear.register_fake
-def _(x, qweight, scales, zeros, bias, bits, group_size):
+def _(x, qweight, scales, zeros, bias, bits, group_size, format_version=_dq.FORMAT_VERSION):
+    check_format_version(format_version, "dequant_linear")
     _dq.check_affine_inputs(x, qweight, scales, zeros, bias, bits, group_size)
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
 def _dequant_setup_context(ctx, inputs, output) -> None:
-    x, qweight, scales, zeros, bias, bits, group_size = inputs
+    x, qweight, scales, zeros, bias, bits, group_size, _format_version = inputs
     ctx.save_for_backward(qweight, scales, zeros)
     ctx.meta = (bits, group_size, x.shape[-1], bias is not None)
 
@@ -467,7 +499,7 @@ def _dequant_backward(ctx, grad):
                                        dtype=grad.dtype)
     if has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return grad_x, None, None, None, grad_bias, None, None
+    return grad_x, None, None, None, grad_bias, None, None, None
 
 
 dequant_linear.register_autograd(_dequant_backward, setup_context=_dequant_setup_context)
@@ -509,6 +541,12 @@ def _codebook_linear_cpu(x: torch.Tensor, indices: torch.Tensor, codebook: torch
     lut, entries, per = _codebook_lut(codebook, bits, x.dtype)
     rpg = n // codebook.shape[0]
     step = _row_step(n, kp)
+    pad = None
+    if bits in (2, 4):  # byte-ordered columns (format 2 interleaves a word's fields): x to match
+        cols = _byte_field_columns(bits, kp).reshape(-1)
+        x = (x if kp == k else F.pad(x, (0, kp - k))).index_select(-1, cols)
+        pad = (cols >= k).nonzero().view(-1) if kp > k else None  # entries of padding: not read
+        k = kp
     buf = torch.empty(step * kp, dtype=x.dtype)
     dst = buf.view(lut.dtype) if lut.dim() == 1 else buf.view(-1, per)
     outs = []
@@ -520,14 +558,19 @@ def _codebook_linear_cpu(x: torch.Tensor, indices: torch.Tensor, codebook: torch
             idx += (torch.arange(r0, r1, dtype=torch.int32) // rpg * entries)[:, None]
         torch.index_select(lut, 0, idx.view(-1), out=dst[:idx.numel()])
         w = buf[:(r1 - r0) * kp].view(r1 - r0, kp)
+        if pad is not None:  # 0, not the looked-up entry (0 * a NaN entry would be NaN)
+            w.index_fill_(1, pad, 0)
         outs.append(F.linear(x, w[:, :k], None if bias is None else bias[r0:r1]))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 @torch.library.custom_op("compress_ops::codebook_linear", mutates_args=())
 def codebook_linear(x: torch.Tensor, indices: torch.Tensor, codebook: torch.Tensor,
-                    bias: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """``y[..., N] = x[..., K] @ codebook[n // (N / R), q]^T + bias``, ``q`` b-bit packed."""
+                    bias: torch.Tensor | None, bits: int,
+                    format_version: int = _dq.FORMAT_VERSION) -> torch.Tensor:
+    """``y[..., N] = x[..., K] @ codebook[n // (N / R), q]^T + bias``, ``q`` b-bit packed;
+    ``format_version``: the packed-field layout (:func:`check_format_version`)."""
+    check_format_version(format_version, "codebook_linear")
     _dq.check_codebook_inputs(x, indices, codebook, bias, bits)
     if routing.use_triton(x):
         return routing.kernels("dequant").codebook_matmul(x, indices, codebook, bias, bits,
@@ -536,13 +579,14 @@ def codebook_linear(x: torch.Tensor, indices: torch.Tensor, codebook: torch.Tens
 
 
 @codebook_linear.register_fake
-def _(x, indices, codebook, bias, bits):
+def _(x, indices, codebook, bias, bits, format_version=_dq.FORMAT_VERSION):
+    check_format_version(format_version, "codebook_linear")
     _dq.check_codebook_inputs(x, indices, codebook, bias, bits)
     return x.new_empty(*x.shape[:-1], indices.shape[0])
 
 
 def _codebook_setup_context(ctx, inputs, output) -> None:
-    x, indices, codebook, bias, bits = inputs
+    x, indices, codebook, bias, bits, _format_version = inputs
     # x is needed only for the codebook gradient (fine-tuning the shared values).
     ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, indices, codebook)
     ctx.meta = (bits, x.shape[-1], bias is not None)
@@ -566,7 +610,7 @@ def _codebook_backward(ctx, grad):
         grad_codebook = grad_codebook.reshape(r, 2**bits).to(codebook.dtype)
     if has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return grad_x, None, grad_codebook, grad_bias, None
+    return grad_x, None, grad_codebook, grad_bias, None, None
 
 
 codebook_linear.register_autograd(_codebook_backward, setup_context=_codebook_setup_context)

@@ -7,9 +7,17 @@ A weight ``W[N, K]`` is stored as unsigned b-bit integers ``q[N, Kp]`` (``b`` in
 a zero weight; kernels also mask activations at ``k >= K``. ``q`` is packed along K into
 ``qweight[N, Kp * b / 32]`` int32: every 32 dense columns of a row take exactly ``b`` words.
 
-* ``b`` in {2, 4, 8} (contiguous fields): column ``c`` is field ``c % (32 / b)`` of word
-  ``c // (32 / b)``, at bits ``[(c % (32 / b)) * b, ... + b)`` (little-endian: for int8 the
-  bytes of ``qweight.view(torch.uint8)`` are ``q`` itself).
+* ``b`` in {2, 4, 8} (contiguous fields): word ``u`` holds the ``F = 32 / b`` columns
+  ``u F .. u F + F - 1`` in its ``F`` fields (field ``p`` at bits ``[p b, p b + b)``).
+  Format version 2 (``FORMAT_VERSION``) interleaves them for ``b`` in {2, 4}: column
+  ``u F + c`` is field ``c // 2 + (c % 2) F / 2`` (int4: the fields hold columns
+  ``0 2 4 6 1 3 5 7``), so one shift and one mask, ``(word >> p b) & (2**b - 1) * 0x10001``,
+  give columns ``2p`` and ``2p + 1`` in the two 16-bit halves: a GPU makes a column-ordered
+  pair of fp16 values with one LOP3 and nothing to reorder. int8 is not interleaved (column
+  ``c`` is field ``c % 4``: the bytes of ``qweight.view(torch.uint8)`` are ``q`` itself; one
+  PRMT pairs bytes). Version 1 (before 2026-11-30) had column ``c`` in field ``c % F`` at every
+  width; :func:`repack` converts it (the modules do so when loading a version-1 state_dict).
+  :func:`field_columns` gives each field's column.
 * ``b`` = 3 (bit planes): the 32 columns of block ``j`` use words ``3j, 3j + 1, 3j + 2``; word
   ``3j + p`` holds bit ``p`` of column ``32j + i`` at bit ``i``. Exactly 3 bits per weight, and
   every tile of 32 columns stays word aligned.
@@ -49,6 +57,9 @@ from compress_ops.kernels.formats._common import (
 )
 
 __all__ = [
+    "FORMAT_VERSION",
+    "field_columns",
+    "repack",
     "BITS",
     "GROUP_SIZES",
     "WORD_COLS",
@@ -72,6 +83,36 @@ __all__ = [
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, 256)  # or the whole (padded) row
 WORD_COLS = 32  # dense columns per b words (the packing unit)
+#: Version of the packed-field layout written by :func:`pack_bits` (see the module docstring).
+FORMAT_VERSION = 2
+
+
+def field_columns(bits: int, version: int = FORMAT_VERSION) -> tuple[int, ...]:
+    """Column (within its word) of each field ``p = 0 .. 32 / b - 1`` of a contiguous-field
+    word (``bits`` in {2, 4, 8}) in format ``version``: version 2 interleaves 2- and 4-bit
+    fields (``(2p) % F + 2p // F``: int4 ``0 2 4 6 1 3 5 7``); otherwise field ``p`` is column
+    ``p``."""
+    if bits not in (2, 4, 8):
+        raise ValueError(f"field_columns: contiguous fields have 2, 4 or 8 bits, got {bits}")
+    if version not in (1, 2):
+        raise ValueError(f"unknown packed-field format version {version} (this build reads "
+                         f"1 and {FORMAT_VERSION})")
+    per = 32 // bits
+    if bits == 8 or version == 1:
+        return tuple(range(per))
+    return tuple((2 * p) % per + (2 * p) // per for p in range(per))
+
+
+def _field_shifts(bits: int, version: int, device: torch.device) -> torch.Tensor:
+    """Bit offset of each column (within its word) of a contiguous-field word: the inverse of
+    :func:`field_columns`, column ``c`` in field ``c // 2 + (c % 2) F / 2`` when interleaved.
+    Arithmetic on an ``arange``, not a tensor of constants: inductor miscompiled the backward
+    of a model whose layers each shifted by such a constant (wrong activation gradients)."""
+    field_columns(bits, version)  # the named errors
+    c = torch.arange(32 // bits, device=device, dtype=torch.int64)
+    if bits == 8 or version == 1:
+        return bits * c
+    return bits * (c // 2 + (c % 2) * (16 // bits))
 
 
 def _check_bits(bits: int) -> None:
@@ -105,8 +146,9 @@ def effective_group_size(k: int, group_size: int | None) -> int:
     return padded_k(k, None)
 
 
-def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned b-bit integers ``q[N, Kp]`` (``Kp % 32 == 0``) into int32 ``[N, Kp b / 32]``.
+def pack_bits(q: torch.Tensor, bits: int, *, version: int = FORMAT_VERSION) -> torch.Tensor:
+    """Pack unsigned b-bit integers ``q[N, Kp]`` (``Kp % 32 == 0``) into int32 ``[N, Kp b / 32]``
+    (the field layout of format ``version``; the current one by default).
 
     ``ValueError`` if any value is outside ``[0, 2**bits)``.
     """
@@ -126,14 +168,16 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
         words = (planes << torch.arange(32, device=q.device)).sum(-1)  # [N, B, 3]
     else:
         per = 32 // bits
-        shifts = bits * torch.arange(per, device=q.device)
+        shifts = _field_shifts(bits, version, q.device)
         words = (q.reshape(n, kp // per, per) << shifts).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as int32
     return words.reshape(n, -1).to(torch.int32).contiguous()
 
 
-def unpack_bits(qweight: torch.Tensor, bits: int, k: int | None = None) -> torch.Tensor:
-    """Unsigned fields ``q[N, K]`` (int32) of ``qweight`` (``K = Kp`` when ``k`` is None)."""
+def unpack_bits(qweight: torch.Tensor, bits: int, k: int | None = None, *,
+                version: int = FORMAT_VERSION) -> torch.Tensor:
+    """Unsigned fields ``q[N, K]`` (int32) of ``qweight`` (``K = Kp`` when ``k`` is None), read
+    with the field layout of format ``version`` (the current one by default)."""
     _check_bits(bits)
     _check_qweight(qweight, bits, where="unpack_bits")
     n, w = qweight.shape
@@ -147,9 +191,27 @@ def unpack_bits(qweight: torch.Tensor, bits: int, k: int | None = None) -> torch
         q = (bit << torch.arange(3, device=qweight.device, dtype=torch.int32)[:, None]).sum(2)
         q = q.to(torch.int32)
     else:
-        shifts = bits * torch.arange(32 // bits, device=qweight.device, dtype=torch.int32)
-        q = (qweight.unsqueeze(-1) >> shifts) & (2**bits - 1)
+        field_columns(bits, version)  # the named errors
+        mask, per = 2**bits - 1, 32 // bits
+        if bits == 8 or version == 1:
+            shifts = bits * torch.arange(per, device=qweight.device, dtype=torch.int32)
+            q = (qweight.unsqueeze(-1) >> shifts) & mask
+        else:  # the low halves hold the even columns, the high halves the odd ones
+            shifts = bits * torch.arange(per // 2, device=qweight.device, dtype=torch.int32)
+            w = qweight.unsqueeze(-1)
+            q = torch.stack([(w >> shifts) & mask, (w >> (shifts + 16)) & mask], dim=-1)
     return q.reshape(n, kp)[:, :k]
+
+
+def repack(qweight: torch.Tensor, bits: int, from_version: int) -> torch.Tensor:
+    """``qweight`` packed in format ``from_version``, in the current format: the same tensor
+    where the layouts agree (3- and 8-bit fields, or already current), else the fields
+    unpacked and packed again. ``ValueError`` for a version this build does not know."""
+    if from_version == FORMAT_VERSION or bits not in (2, 4):
+        if from_version not in (1, FORMAT_VERSION):
+            field_columns(4, from_version)  # the named error
+        return qweight
+    return pack_bits(unpack_bits(qweight, bits, version=from_version), bits)
 
 
 def _check_qweight(qweight: torch.Tensor, bits: int, name: str = "qweight", *,

@@ -78,3 +78,37 @@ def test_automatic_dynamic_does_not_recompile_per_batch_size():
         for m in (2, 3, 5, 7):
             compiled(torch.randn(m, 8, 64))
     assert counter.frame_count <= 2  # one static graph, then one dynamic graph for all M
+
+
+@pytest.mark.parametrize("family", ["int4", "codebook"])
+def test_the_traced_op_carries_the_packed_format_version(family):
+    """The modules pass the packed-field layout's version to their op, so it is in every traced
+    graph and so in torch.compile's cache keys: a graph cached under another layout (whose
+    backward decoded the fields differently: AOTAutograd's key does not cover a custom op's
+    autograd formula, pytorch/pytorch#144344) is not reused."""
+    from compress_ops.kernels.formats.dequant import FORMAT_VERSION
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    model = _compressed(MLP(), family)
+    torch.compile(model, backend=backend, fullgraph=True)(torch.randn(2, 64))
+    name = "dequant_linear" if family == "int4" else "codebook_linear"
+    calls = [n for g in graphs for n in g.graph.nodes if name in str(n.target)]
+    assert len(calls) == 3
+    assert all(list(n.args) + list(n.kwargs.values()) and
+               (list(n.args) + list(n.kwargs.values()))[-1] == FORMAT_VERSION for n in calls)
+
+
+def test_the_ops_refuse_another_packed_format_version_by_name():
+    m = _compressed(MLP(), "int4").fc1
+    x = torch.randn(2, 64)
+    args = (x, m.qweight, m.scales, m.zeros, m.bias, m.bits, m.group_size)
+    torch.testing.assert_close(torch.ops.compress_ops.dequant_linear(*args), m(x))
+    with pytest.raises(ValueError, match="packed-field format version 1 is not this build's"):
+        torch.ops.compress_ops.dequant_linear(*args, 1)
+    cb = _compressed(MLP(), "codebook").fc1
+    with pytest.raises(ValueError, match="codebook_linear: packed-field format version 3"):
+        torch.ops.compress_ops.codebook_linear(x, cb.indices, cb.codebook, cb.bias, cb.bits, 3)

@@ -74,3 +74,53 @@ def test_meta_device_loads_skip_the_value_check():
     target = co.nn.QuantLinear(70, 16, bits=4, group_size=32)
     target.load_state_dict(state, assign=True)
     assert target.qweight.device.type == "meta"
+
+
+def _as_version_1(m) -> dict:
+    """``m``'s state_dict as the packed-field format 1 wrote it: the fields in column order
+    within each word and a record without ``format_version``."""
+    from compress_ops.kernels.formats import dequant as dqf
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    name = "qweight" if isinstance(m, co.nn.QuantLinear) else "indices"
+    q = dqf.unpack_bits(state[name], m.bits)
+    state[name] = dqf.pack_bits(q, m.bits, version=1)
+    assert state["_extra_state"][-1].item() == dqf.FORMAT_VERSION == 2
+    state["_extra_state"] = state["_extra_state"][:-1]
+    return state
+
+
+@pytest.mark.parametrize(("build", "changed"), [
+    (lambda: _quant(70, 4, 32), True),
+    (lambda: _quant(70, 2, 32), True),
+    (lambda: _quant(70, 8, 32), False),  # int8 fields kept their layout
+    (lambda: co.nn.CodebookLinear.from_dense(nn.Linear(70, 16), co.CodebookConfig(bits=2)),
+     True),
+])
+def test_a_version_1_state_dict_loads_by_repacking(build, changed):
+    """Packed-field format 2 interleaved the 2- and 4-bit fields of a word: a state_dict saved
+    before (format 1, no ``format_version`` in the record) loads into the same weights."""
+    m = build()
+    old = _as_version_1(m)
+    name = "qweight" if isinstance(m, co.nn.QuantLinear) else "indices"
+    assert changed == (not torch.equal(old[name], m.state_dict()[name]))
+    fresh = type(m)(70, 16, **({"bits": m.bits, "group_size": 32}
+                               if isinstance(m, co.nn.QuantLinear) else {"bits": m.bits}))
+    fresh.load_state_dict(old, strict=True)
+    for k, v in m.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    x = torch.randn(3, 70)
+    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+
+
+def test_an_unknown_or_mismatched_format_version_is_refused_by_name():
+    m = _quant(70)
+    newer = m.state_dict()
+    newer["_extra_state"] = newer["_extra_state"].clone()
+    newer["_extra_state"][-1] = 3
+    target = co.nn.QuantLinear(70, 16, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="format_version=3"):
+        target.load_state_dict(newer)
+    old = _as_version_1(m)  # a version-1 record of another bit width: refused before repacking
+    target2 = co.nn.QuantLinear(140, 16, bits=2, group_size=32)
+    with pytest.raises(ValueError, match="in_features=70, out_features=16, bits=4"):
+        target2.load_state_dict(old)

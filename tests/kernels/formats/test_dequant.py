@@ -28,8 +28,30 @@ def test_pack_unpack_round_trip(n, blocks, bits, seed):
 def test_bit_layout_is_the_documented_layout():
     q = torch.arange(32).reshape(1, 32) % 16
     w4 = dqf.pack_bits(q, 4)
-    # column c -> word c // 8, bits 4 (c % 8): word 0 = 0x76543210
-    assert w4[0, 0].item() == 0x76543210
+    # format 2: word u holds columns 8u + (0 2 4 6 1 3 5 7) in fields 0..7: word 0 = 0x75316420,
+    # so (word >> 4p) & 0x000F000F is columns 2p, 2p + 1 in the two 16-bit halves
+    assert dqf.FORMAT_VERSION == 2 and w4[0, 0].item() == 0x75316420
+    for p in range(4):
+        pair = (w4[0, 0].item() >> (4 * p)) & 0x000F000F
+        assert (pair & 0xFFFF, pair >> 16) == (2 * p, 2 * p + 1)
+    # int2: 16 fields, columns 0 2 .. 14 1 3 .. 15; (word >> 2p) & 0x00030003 = columns 2p, 2p+1
+    q2 = torch.arange(32).reshape(1, 32) % 4
+    w2 = dqf.pack_bits(q2, 2)[0, 0].item() & 0xFFFFFFFF
+    for p in range(8):
+        pair = (w2 >> (2 * p)) & 0x00030003
+        assert (pair & 0xFFFF, pair >> 16) == ((2 * p) % 4, (2 * p + 1) % 4)
+    assert dqf.field_columns(2) == (0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)
+    assert dqf.field_columns(4, version=1) == tuple(range(8))
+    # version 1 (column c in field c % 8): word 0 = 0x76543210; repack converts it
+    w4v1 = dqf.pack_bits(q, 4, version=1)
+    assert w4v1[0, 0].item() == 0x76543210
+    assert torch.equal(dqf.unpack_bits(w4v1, 4, version=1), q.int())
+    assert torch.equal(dqf.repack(w4v1, 4, 1), w4)
+    assert dqf.repack(w4, 4, 2) is w4
+    w8 = dqf.pack_bits(torch.arange(32).reshape(1, 32) + 200, 8)
+    assert dqf.repack(w8, 8, 1) is w8  # int8 and 3-bit layouts did not change
+    with pytest.raises(ValueError, match="unknown packed-field format version 3"):
+        dqf.repack(w4, 4, 3)
     q8 = torch.arange(32).reshape(1, 32) + 200
     assert torch.equal(dqf.pack_bits(q8, 8).view(torch.uint8)[0], q8[0].to(torch.uint8))
     q3 = torch.zeros(1, 32, dtype=torch.int64)

@@ -1103,7 +1103,8 @@ def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> Kern
     BLOCK_K 64 where x's rows are not 16-byte aligned (they cannot be copied asynchronously
     and are staged in registers) or the fields are fp32 (bf16 int8: 128 + q is not exact);
     codebook lookups: 4 warps and 6 stages at least (the 2-warp 16-row tile holds 255
-    registers), BLOCK_K 64 (64 rows) or 32 (128 rows) above 32 rows."""
+    registers), BLOCK_K 64 (64 rows) or 32 (128 rows) above 32 rows; int8 above 32 rows at
+    most 6 stages (shared memory on sm_80)."""
     big = cfg.block_m > AFFINE_GEMM_MAX_BM
     if x2.dtype == torch.float32:
         bn = 32 if mode == MODE_CODEBOOK else 64
@@ -1119,6 +1120,9 @@ def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> Kern
         # the looked-up [BLOCK_N, BLOCK_K] tile: 64 x 64 x 64 and 128 x 128 x 32 fit
         bk = 64 if cfg.block_m <= 64 else 32
         return KernelConfig(**{**cfg.__dict__, "block_k": min(cfg.block_k, bk)})
+    if bits == 8 and big and cfg.num_stages > 6:  # int8 words double a stage's shared memory:
+        # 7 stages of 64 x 64 x 128 take 176 KB, over sm_80's 163 KB
+        cfg = KernelConfig(**{**cfg.__dict__, "num_stages": 6})
     unaligned = x2.shape[1] % 16 or x2.stride(0) % 16
     if (fields_gemm(bits) and big and cfg.block_k > 64
             and (unaligned or (x2.dtype == torch.bfloat16 and bits == 8))):

@@ -316,3 +316,20 @@ def test_audit_specs_cover_every_shipped_config():
     assert {"asym4/fp16", "sym8/fp16", "asym2/fp16", "cb4/fp16", "cb3/fp16"} <= variants
 
 
+
+
+def test_gemm_tiles_the_launcher_ships():
+    """The tile a real call gets (recorded as on an H200): the 16-row tile takes 12 stages (its
+    K steps small, so 44 KB of int4 words are in flight), 64 rows take 7 (int8: 6, its words
+    double a stage: 7 would need 176 KB, over sm_80's 163 KB; the audit compiles both)."""
+    got_cfg = {}
+    for bits, m in ((4, 16), (8, 16), (4, 64), (8, 64), (2, 64)):
+        q, s, z = dqf.empty_affine(8192, 1024, bits, 128 if bits < 8 else None, False,
+                                   dtype=torch.float16)  # 128 column tiles: no split-K
+        x = torch.empty(m, 1024, dtype=torch.float16)
+        with tuning.simulate_gpu(), launches.capture(run=False) as got:
+            dq.dequant_matmul(x, q, s, z, None, bits, 128 if bits < 8 else 1024)
+        (la,) = got
+        got_cfg[bits, m] = (la.kwargs["BLOCK_M"], la.kwargs["num_stages"], la.kwargs["EVEN_K"])
+    assert got_cfg == {(4, 16): (16, 12, True), (8, 16): (16, 12, True),
+                       (4, 64): (64, 7, True), (8, 64): (64, 6, True), (2, 64): (64, 7, True)}

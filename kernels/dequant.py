@@ -726,12 +726,13 @@ def _fields_matmul_kernel(
                 #   = s * (sum_k x (offset + q)) - (offset + z) s * sum_k x
                 xs = tl.sum(a.to(tl.float32), axis=1)  # [BM]
                 sc = tl.load(s_ptr + s_off).to(tl.float32)
+                # two FMA per output element (one expression took an FMUL, an FFMA and a FADD)
+                acc += part * sc[None, :]
                 if MODE == 0:
-                    zo = tl.load(z_ptr + s_off).to(tl.float32) + offset
-                    acc += part * sc[None, :] - xs[:, None] * (zo * sc)[None, :]
-                else:  # the zero is a constant: (part - (offset + z) sum_k x) s
-                    zo = offset + (1 << (BITS - 1))
-                    acc += (part - xs[:, None] * zo) * sc[None, :]
+                    zs = (tl.load(z_ptr + s_off).to(tl.float32) + offset) * sc
+                    acc -= xs[:, None] * zs[None, :]
+                else:  # a constant zero: (offset + z) sum_k x per row, times s per column
+                    acc -= (xs * (offset + (1 << (BITS - 1))))[:, None] * sc[None, :]
 
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS,
                SPLIT_K)

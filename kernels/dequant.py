@@ -197,6 +197,14 @@ def _half_pair(x):
 
 
 @triton.jit
+def _join8(v0, v1, v2, v3, v4, v5, v6, v7):
+    """``[..., 2, 2, 2]`` whose element ``(a, b, c)`` is ``v[4a + 2b + c]``: the joins nested in
+    bit-reversed order (``join`` adds its dimension last)."""
+    return tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)),
+                   tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+
+
+@triton.jit
 def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.constexpr,
                   z2=0, s2=0, SYM_Z: tl.constexpr = 0, DQ: tl.constexpr = False):
     """Every field of each word, ``[..., 2, 2(, 2)]``, that reshapes to K order (column ``c``
@@ -238,11 +246,7 @@ def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.const
         l5, h5 = _pair(w, 5, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
         l6, h6 = _pair(w, 6, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
         l7, h7 = _pair(w, 7, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
-        lo = tl.join(tl.join(tl.join(l0, l4), tl.join(l2, l6)),
-                     tl.join(tl.join(l1, l5), tl.join(l3, l7)))
-        hi = tl.join(tl.join(tl.join(h0, h4), tl.join(h2, h6)),
-                     tl.join(tl.join(h1, h5), tl.join(h3, h7)))
-        h = tl.join(lo, hi)
+        h = tl.join(_join8(l0, l1, l2, l3, l4, l5, l6, l7), _join8(h0, h1, h2, h3, h4, h5, h6, h7))
     return h
 
 

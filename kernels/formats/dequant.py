@@ -105,9 +105,7 @@ def field_columns(bits: int, version: int = FORMAT_VERSION) -> tuple[int, ...]:
 
 def _field_shifts(bits: int, version: int, device: torch.device) -> torch.Tensor:
     """Bit offset of each column (within its word) of a contiguous-field word: the inverse of
-    :func:`field_columns`, column ``c`` in field ``c // 2 + (c % 2) F / 2`` when interleaved.
-    Arithmetic on an ``arange``, not a tensor of constants: inductor miscompiled the backward
-    of a model whose layers each shifted by such a constant (wrong activation gradients)."""
+    :func:`field_columns`, column ``c`` in field ``c // 2 + (c % 2) F / 2`` when interleaved."""
     field_columns(bits, version)  # the named errors
     c = torch.arange(32 // bits, device=device, dtype=torch.int64)
     if bits == 8 or version == 1:
@@ -191,15 +189,8 @@ def unpack_bits(qweight: torch.Tensor, bits: int, k: int | None = None, *,
         q = (bit << torch.arange(3, device=qweight.device, dtype=torch.int32)[:, None]).sum(2)
         q = q.to(torch.int32)
     else:
-        field_columns(bits, version)  # the named errors
-        mask, per = 2**bits - 1, 32 // bits
-        if bits == 8 or version == 1:
-            shifts = bits * torch.arange(per, device=qweight.device, dtype=torch.int32)
-            q = (qweight.unsqueeze(-1) >> shifts) & mask
-        else:  # the low halves hold the even columns, the high halves the odd ones
-            shifts = bits * torch.arange(per // 2, device=qweight.device, dtype=torch.int32)
-            w = qweight.unsqueeze(-1)
-            q = torch.stack([(w >> shifts) & mask, (w >> (shifts + 16)) & mask], dim=-1)
+        shifts = _field_shifts(bits, version, qweight.device).to(torch.int32)
+        q = (qweight.unsqueeze(-1) >> shifts) & (2**bits - 1)
     return q.reshape(n, kp)[:, :k]
 
 

@@ -12,8 +12,8 @@ GPU_TRITON_DIR := .triton-$(GPU_IMAGE_TRITON)
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	.ci/pip-install $(BIN)/python -q --upgrade pip
+	.ci/pip-install $(BIN)/python -q -r requirements-dev.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -30,7 +30,7 @@ audit: $(STAMP)
 	env -u TRITON_INTERPRET $(BIN)/python -m compress_ops.perf.audit
 
 $(GPU_TRITON_DIR)/.installed:
-	$(BIN)/python -m pip install -q --no-deps --target $(GPU_TRITON_DIR) triton==$(GPU_IMAGE_TRITON)
+	.ci/pip-install $(BIN)/python -q --no-deps --target $(GPU_TRITON_DIR) triton==$(GPU_IMAGE_TRITON)
 	touch $@
 
 # The GPU image's Triton: the shipped defaults (what runs unless COMPRESS_OPS_AUTOTUNE=1; the

@@ -837,23 +837,38 @@ def _dequant_matmul_kernel(
 
 
 def select_config(m: int, n: int, kp: int, device: torch.device, lut_gemv: bool = False,
-                  lut_gemm: bool = False) -> KernelConfig:
+                  lut_gemm: bool = False, narrow: bool = True) -> KernelConfig:
     """Tuned default for this shape from ``configs/dequant.json``: the GEMV kernel up to
-    ``gemv_max_m``, else the GEMM tile of M's bucket (``lut_gemv``: the bit-plane GEMV's
-    table, ``gemv_lut``; ``lut_gemm``: the codebook / bit-plane GEMM's, ``gemm_lut``);
-    split-K raised (both paths) when the tile grid would leave multiprocessors idle."""
-    return _select_config(m, n, kp, device, lut_gemv, lut_gemm, gpu_target(device))
+    ``gemv_max_m``, else the GEMM tile of M's bucket (``lut_gemv``: the bit-plane GEMV's table,
+    ``gemv_lut``; ``lut_gemm``: the codebook / bit-plane GEMM's, ``gemm_lut``). On a GPU a
+    GEMM tile of at most ``AFFINE_GEMM_MAX_BM`` rows halves BLOCK_N (down to
+    ``MIN_SMALL_BLOCK_N``; ``narrow``: affine weights, since the 2-bit codebook's 32-column
+    tile spills on sm_80) while its grid would leave more than a tenth of the
+    multiprocessors idle, before split-K is raised (both paths): split-K costs two more
+    launches, which decode cannot afford."""
+    return _select_config(m, n, kp, device, lut_gemv, lut_gemm, narrow, gpu_target(device))
+
+
+MIN_SMALL_BLOCK_N = 32  # the 16-row tile's narrowest BLOCK_N (audited: recorded_specs)
 
 
 @functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode
 def _select_config(m: int, n: int, kp: int, device: torch.device, lut_gemv: bool,
-                   lut_gemm: bool, target) -> KernelConfig:
+                   lut_gemm: bool, narrow: bool, target) -> KernelConfig:
     table = dict(device_table(_FAMILY, device))
     if lut_gemv:
         table["gemv"], table["gemv_max_m"] = table["gemv_lut"], table["gemv_lut_max_m"]
     if lut_gemm:
         table["gemm"] = table["gemm_lut"]
     cfg = table_config(table, m)
+    if target is not None and narrow and not lut_gemm and cfg.path == "gemm" \
+            and cfg.block_m <= AFFINE_GEMM_MAX_BM:
+        bn = cfg.block_n
+        while (-(-m // cfg.block_m) * -(-n // bn) * 10 < target.sms * 9
+               and bn // 2 >= MIN_SMALL_BLOCK_N):
+            bn //= 2
+        if bn != cfg.block_n:
+            cfg = KernelConfig(**{**cfg.__dict__, "block_n": bn})
     return auto_split_k(cfg, m, n, kp, device)
 
 
@@ -903,7 +918,8 @@ _AUDIT_VARIANTS = ((4, MODE_ASYM), (8, MODE_SYM), (2, MODE_ASYM), (4, MODE_CODEB
 
 
 def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
-    """Audit specs of the fields kernels as real calls launch them: every shipped GEMV and
+    """Audit specs of the fields kernels as real calls launch them (N = 8192, and N = 4096 for
+    the small tiles, whose BLOCK_N the launcher narrows there): every shipped GEMV and
     GEMM bucket that routes to :func:`_fields_gemv_kernel` / :func:`_fields_matmul_kernel`,
     int2/int4/int8, symmetric and asymmetric, fp16 and bf16 (and int4 fp16 at a ragged K),
     codebooks of 2/4 bits (and their GEMM where it is :func:`_dequant_matmul_kernel`),
@@ -920,12 +936,14 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
     variants += [(b, g, False, torch.float32, k) for b, g in ((4, 128), (8, None))]
     variants.append((4, 128, False, torch.float16, k - 92))  # ragged K
     specs, seen = [], set()
+    # the small tiles also at N / 2, where the launcher narrows BLOCK_N (select_config)
+    shapes = [(m, n) for m in ms] + [(m, n // 2) for m in ms if 1 < m <= 16]
     with tuning.simulate_gpu():
         for bits, group, sym, dt, kk in variants:
-            q, s, z = empty_affine(n, kk, bits, group, sym, dtype=dt)
             gs = effective_group_size(kk, group)
             cb = torch.empty(2, 2**bits, dtype=dt) if bits < 8 or not sym else None
-            for m in ms:
+            for m, nn in shapes:
+                q, s, z = empty_affine(nn, kk, bits, group, sym, dtype=dt)
                 x = torch.empty(m, kk, dtype=dt)
                 with launches.capture(run=False) as got:
                     dequant_matmul(x, q, s, z, None, bits, gs)
@@ -938,7 +956,7 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
                                                                        la.kwargs)
                     kind = ("cb" if la.kwargs.get("MODE") == MODE_CODEBOOK
                             else "sym" if sym else "asym")
-                    name = (f"real_m{m}/{kind}{bits}/"
+                    name = (f"real_m{m}{'' if nn == n else f'n{nn}'}/{kind}{bits}/"
                             f"{str(dt).split('.')[-1]}/k{kk}")
                     key = (la.kernel.__name__, repr(sig), repr(sorted(consts.items())), repr(attrs),
                            opts.num_warps, opts.num_stages)
@@ -1198,7 +1216,8 @@ def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.
         else:
             config = select_config(m, n, packed_k(q.shape[1], bits), x.device,
                                    lut_gemv=bits not in MAGIC_BITS,
-                                   lut_gemm=bits not in MAGIC_BITS)
+                                   lut_gemm=bits not in MAGIC_BITS,
+                                   narrow=mode != MODE_CODEBOOK)
     return _launch(mode, x2, q, s, z, bias, bits, group, config).reshape(*lead, n)
 
 

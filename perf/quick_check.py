@@ -638,9 +638,9 @@ def _tc16_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
              ) -> tuple[Callable[[], torch.Tensor], str]:
     """At M = 1, our kernels with the shipped 16-row GEMM tile (the ``gemm`` table's ``16``
     bucket) instead of the GEMV on the same packed weight: the static model predicts this
-    tile above the GEMV for affine weights (int4: 3.17x against 2.68x under Triton 3.9, 2.38x
-    against 2.13x under 3.6; codebooks: below), so one GPU run decides
-    which M = 1 takes (``gemv_max_m`` in ``kernels/configs/dequant.json``)."""
+    tile close to the GEMV (int4: 2.86x against 2.74x under Triton 3.9, 2.13x against 2.29x
+    under 3.6; int2 and codebooks above it, int8 level), so one GPU run decides which M = 1
+    takes (``gemv_max_m`` in ``kernels/configs/dequant.json``)."""
     from compress_ops.kernels import dequant as dq
     from compress_ops.kernels.tuning import KernelConfig, load_tables
 

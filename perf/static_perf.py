@@ -20,7 +20,9 @@ For every case (family, format, M) at the headline shapes (fp16, N = K = 8192) t
 5. predicts the time of the call: per launch, the largest of
    * memory: unique HBM bytes / ``min(4.8 TB/s, weight bytes in flight x active SMs / latency)``
      (Little's law: a kernel with too few loads in flight cannot reach the peak),
-   * issue: warp instructions per SM / (4 schedulers x 1.98 GHz),
+   * issue: warp instructions per SM / (schedulers x 1.98 GHz), with as many schedulers as
+     resident warps up to 4 (a warp stays on one SM sub-partition: a CTA of 2 warps alone
+     on an SM issues from 2 of its 4 schedulers),
    * tensor cores: the padded tile FLOPs / the HGMMA peak (HMMA: half of it),
    plus a fixed cost per launch; the same roofline for dense cuBLAS (one launch, its bytes at
    4.8 TB/s, its FLOPs at the HGMMA peak) gives the predicted speedup.
@@ -334,7 +336,9 @@ def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype)
     hbm = case.weight_bytes(n, k, dtype) + m * k * e + y_bytes
     t_mem = hbm / bw
     waves_ctas = math.ceil(grid / MODEL["sms"])
-    t_issue = waves_ctas * total * c.num_warps / (MODEL["schedulers_per_sm"] * MODEL["clock_hz"])
+    # a warp stays on one scheduler: fewer resident warps than schedulers leave some idle
+    schedulers = min(MODEL["schedulers_per_sm"], resident * c.num_warps)
+    t_issue = waves_ctas * total * c.num_warps / (schedulers * MODEL["clock_hz"])
     mma = body_mix["HGMMA"] and "HGMMA" or (body_mix["HMMA"] and "HMMA") or ""
     t_tc = 0.0
     if mma:

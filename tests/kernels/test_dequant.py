@@ -333,3 +333,32 @@ def test_gemm_tiles_the_launcher_ships():
         got_cfg[bits, m] = (la.kwargs["BLOCK_M"], la.kwargs["num_stages"], la.kwargs["EVEN_K"])
     assert got_cfg == {(4, 16): (16, 12, True), (8, 16): (16, 12, True),
                        (4, 64): (64, 7, True), (8, 64): (64, 6, True), (2, 64): (64, 7, True)}
+
+
+def test_small_tile_takes_four_warps_and_narrows_before_split_k():
+    """The 16-row tile has 4 warps (2 would issue from 2 of an SM's 4 schedulers); where N / 64
+    tiles leave more than a tenth of the 132 SMs idle it halves BLOCK_N (down to 32) before
+    split-K adds its two launches; only then is split-K raised. The CPU table (no GPU) keeps
+    the shipped tile."""
+    def launched(m, n):
+        q, s, z = dqf.empty_affine(n, 1024, 4, 128, False, dtype=torch.float16)
+        x = torch.empty(m, 1024, dtype=torch.float16)
+        with tuning.simulate_gpu(), launches.capture(run=False) as got:
+            dq.dequant_matmul(x, q, s, z, None, 4, 128)
+        kernels = [la for la in got if not isinstance(la.kernel, str)]
+        assert len(kernels) == 1
+        return (kernels[0].kwargs["BLOCK_N"], kernels[0].kwargs["num_warps"],
+                kernels[0].kwargs["SPLIT_K"], len(got))
+
+    assert launched(16, 8192) == (64, 4, 1, 1)   # 128 tiles: 97% of the SMs
+    assert launched(16, 4096) == (32, 4, 1, 1)   # 64 -> 128 tiles by BLOCK_N 32, no split-K
+    assert launched(4, 2048) == (32, 4, 2, 3)    # 64 tiles at BLOCK_N 32: then split-K (+2)
+    cpu = dq.select_config(16, 4096, 4096, torch.device("cpu"))
+    assert (cpu.block_n, cpu.split_k) == (64, 1)
+    # codebooks keep BLOCK_N 64 (the 2-bit codebook's 32-column tile spills on sm_80)
+    idx, _, _ = dqf.empty_affine(4096, 1024, 2, 128, True, dtype=torch.float16)
+    with tuning.simulate_gpu(), launches.capture(run=False) as got:
+        dq.codebook_matmul(torch.empty(16, 1024, dtype=torch.float16), idx,
+                           torch.empty(2, 4, dtype=torch.float16), None, 2)
+    (la,) = [la for la in got if not isinstance(la.kernel, str)]
+    assert (la.kwargs["BLOCK_N"], la.kwargs["SPLIT_K"]) == (64, 2)

@@ -299,6 +299,16 @@ def _arg(launch, name: str, default=None):
     return launch.args[params.index(name)]
 
 
+def issue_seconds(instr_per_thread: float, num_warps: int, grid: int, resident: int) -> float:
+    """Issue time of one launch: each SM's warp instructions (its CTAs run in
+    ``ceil(grid / SMs)`` turns) over the schedulers its resident warps occupy. A warp stays on
+    one of the SM's 4 sub-partitions, so fewer resident warps than schedulers leave some idle
+    (a CTA of 2 warps alone on an SM issues from 2)."""
+    schedulers = min(MODEL["schedulers_per_sm"], resident * num_warps)
+    turns = math.ceil(grid / MODEL["sms"])
+    return turns * instr_per_thread * num_warps / (schedulers * MODEL["clock_hz"])
+
+
 def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype) -> KernelRow:
     c = compile_launch(launch)
     instrs = parse_sass(c.sass)
@@ -336,9 +346,7 @@ def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype)
     hbm = case.weight_bytes(n, k, dtype) + m * k * e + y_bytes
     t_mem = hbm / bw
     waves_ctas = math.ceil(grid / MODEL["sms"])
-    # a warp stays on one scheduler: fewer resident warps than schedulers leave some idle
-    schedulers = min(MODEL["schedulers_per_sm"], resident * c.num_warps)
-    t_issue = waves_ctas * total * c.num_warps / (schedulers * MODEL["clock_hz"])
+    t_issue = issue_seconds(total, c.num_warps, grid, resident)
     mma = body_mix["HGMMA"] and "HGMMA" or (body_mix["HMMA"] and "HMMA") or ""
     t_tc = 0.0
     if mma:

@@ -94,6 +94,19 @@ def test_occupancy_limits():
     assert sp.ctas_per_sm(64, 100 * 1024, 4) == 2  # shared memory
 
 
+def test_issue_time_counts_the_schedulers_resident_warps_occupy():
+    cycles = lambda *a: sp.issue_seconds(*a) * sp.MODEL["clock_hz"]  # noqa: E731
+    # the same 4000 warp instructions per CTA, one CTA per SM: 4 warps use the 4 schedulers,
+    # 2 warps of 2000 each use 2 of them and take twice as long, 1 warp takes 4 times
+    assert cycles(1000, 4, 132, 1) == pytest.approx(1000)
+    assert cycles(2000, 2, 132, 1) == pytest.approx(2000)
+    assert cycles(4000, 1, 132, 1) == pytest.approx(4000)
+    # two 2-warp CTAs resident per SM fill the 4 schedulers (264 CTAs: two per SM)
+    assert cycles(2000, 2, 264, 2) == pytest.approx(2000)
+    # CTAs past one per SM that cannot be resident together run in turns
+    assert cycles(1000, 8, 264, 1) == pytest.approx(4000)
+
+
 def test_budgets_limits_and_targets():
     rows = [{"family": "dequant", "config": "int4 g128 asym", "M": 1, "kernel": "k",
              "triton": "x", "loop_instr_per_weight": 5.0, "launches": 1}]

@@ -119,8 +119,8 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM:
     2 and 4 bits; columns ``i`` and ``i + 2`` at 8 bits), as two tensors: the halves of
     ``offset + q`` (HALF_MAGIC 1: fp16 1024 + q; 2: bf16 128 + q), both made by one shift and
     one LOP3 on the word (the pair's mask and exponent in each 16-bit half); else (0) fp32
-    ``q``. ``DQ`` (fp16 on a GPU): ``(q - z) s`` instead, dequantized in packed arithmetic
-    before the halves are split (:func:`_dequant_halves`)."""
+    ``q``. ``DQ`` (fp16 on a GPU), in packed arithmetic before the halves are split
+    (:func:`_dequant_halves`): 1, ``(q - z) s``; 2, ``q - z``."""
     MASK: tl.constexpr = (1 << BITS) - 1
     if HALF_MAGIC == 0:  # 2**23 + q in a float's mantissa, minus 2**23
         lo = _and_or(w >> (BITS * i), MASK, 0x4B000000, ASM).to(tl.float32, bitcast=True)
@@ -136,7 +136,7 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM:
             HALF: tl.constexpr = tl.bfloat16
         v = _and_or(w >> (BITS * i), MASK * 0x10001, EXP, ASM)
         if DQ:
-            v = _dequant_halves(v, z2, s2, SYM_Z)
+            v = _dequant_halves(v, z2, s2, SYM_Z, DQ == 1)
         lo, hi = _halves(v, HALF)
     return lo, hi
 
@@ -168,15 +168,26 @@ def _byte_pair(w, j: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _dequant_halves(v, z2, s2, SYM_Z: tl.constexpr):
+def _dequant_halves(v, z2, s2, SYM_Z: tl.constexpr, SCALE: tl.constexpr = True):
     """``(q - z) s`` of the two fp16 fields of each int32 ``v`` (the halves of ``1024 + q``)
     in packed fp16 arithmetic, PTX ``sub.f16x2`` / ``mul.f16x2`` on the whole register: the
     halves are split only afterwards, so nothing reassembles them (Triton 3.9's LLVM moved the
     halves of scalar fp16 arithmetic with two PRMT per pair). ``z2``/``s2``: zero and scale in
     both halves of an int32; ``SYM_Z`` (> 0): the symmetric grid's constant zero instead, folded
     into the offset (``1024 + z`` is an integer, exact). The subtractions are exact; one
-    rounding, as in the scalar form."""
-    if SYM_Z > 0:
+    rounding, as in the scalar form. ``SCALE`` off: ``q - z`` only (exact for an integer
+    zero, else one rounding), the scale applied by the caller."""
+    if SYM_Z > 0 and not SCALE:
+        C: tl.constexpr = (0x6400 + SYM_Z) * 0x10001
+        out = tl.inline_asm_elementwise(
+            "{ .reg .b32 c; mov.b32 c, $2; sub.f16x2 $0, $1, c; }",
+            "=r,r,n", [v, C], dtype=tl.int32, is_pure=True, pack=1)
+    elif not SCALE:
+        out = tl.inline_asm_elementwise(
+            "{ .reg .b32 c, t; mov.b32 c, 0x64006400; sub.f16x2 t, $1, c; "
+            "sub.f16x2 $0, t, $2; }",
+            "=r,r,r", [v, z2], dtype=tl.int32, is_pure=True, pack=1)
+    elif SYM_Z > 0:
         C: tl.constexpr = (0x6400 + SYM_Z) * 0x10001
         out = tl.inline_asm_elementwise(
             "{ .reg .b32 c, t; mov.b32 c, $3; sub.f16x2 t, $1, c; mul.f16x2 $0, t, $2; }",
@@ -206,7 +217,7 @@ def _join8(v0, v1, v2, v3, v4, v5, v6, v7):
 
 @triton.jit
 def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.constexpr,
-                  z2=0, s2=0, SYM_Z: tl.constexpr = 0, DQ: tl.constexpr = False):
+                  z2=0, s2=0, SYM_Z: tl.constexpr = 0, DQ: tl.constexpr = 0):
     """Every field of each word, ``[..., 2, 2(, 2)]``, that reshapes to K order (column ``c``
     of word ``u`` at ``u * 32 / b + c``) with every field of a word in the thread that loaded
     it: the joins add in-register dimensions, so the dot operand's store is vectorized and
@@ -216,13 +227,14 @@ def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.const
     joined separately (bit-reversed pair order) and then to each other, so each register's two
     halves stay adjacent (the fp16/bf16 store takes the register as it is, no PRMT). int8
     (fields in column order) pairs bytes with a PRMT in fp16; else ``(i, i + 2)``. ``DQ``:
-    each register's pair dequantized, ``(q - z) s``, before it is split (:func:`_pair`)."""
+    each register's pair dequantized before it is split (:func:`_pair`; 1: ``(q - z) s``,
+    2: ``q - z``)."""
     if BITS == 8 and HALF_MAGIC == 1:  # two PRMT per word; each pair already in column order
         v0 = _byte_pair(w, 0, ASM)
         v1 = _byte_pair(w, 1, ASM)
         if DQ:
-            v0 = _dequant_halves(v0, z2, s2, SYM_Z)
-            v1 = _dequant_halves(v1, z2, s2, SYM_Z)
+            v0 = _dequant_halves(v0, z2, s2, SYM_Z, DQ == 1)
+            v1 = _dequant_halves(v1, z2, s2, SYM_Z, DQ == 1)
         lo0, hi0 = _halves(v0, tl.float16)
         lo1, hi1 = _halves(v1, tl.float16)
         h = tl.join(tl.join(lo0, lo1), tl.join(hi0, hi1))
@@ -612,10 +624,12 @@ def _fields_matmul_kernel(
 
     Two ways to apply the affine terms (both exact up to the activation dtype's rounding):
 
-    * small tiles (``DEQUANT_W`` off; BLOCK_M <= 32): the dot sees ``offset + q`` and each K
-      tile's partial product is scaled per output element, ``s (sum x (offset + q)) -
-      (offset + z) s sum x``: ``2 BLOCK_M / BLOCK_K`` FFMA per weight, less than dequantizing
-      every weight while BLOCK_M is small;
+    * small tiles (``DEQUANT_W`` off; BLOCK_M <= 32): each K tile's partial product is scaled
+      per output element. fp16 x (``ZERO_DOT``): the dot sees ``q - z`` (packed subtractions
+      in the register pair; exact for an integer zero, else one rounding, as a dense fp16
+      weight) and the step adds ``s (sum x (q - z))``, one FFMA per output; bf16 and fp32 x:
+      the dot sees ``offset + q`` and the step adds ``s (sum x (offset + q)) - (offset + z) s
+      sum x`` (the row sums of x, every warp over the whole tile);
     * large tiles (``DEQUANT_W``): every weight is dequantized once per CTA in the activation
       dtype, ``w = ((offset + q) - offset - z) s`` (the subtractions are exact; one rounding,
       as a dense weight's), and accumulated by the dot itself: no per-tile epilogue.
@@ -684,9 +698,30 @@ def _fields_matmul_kernel(
             offset = 1024.0 if HALF_MAGIC == 1 else 128.0 if HALF_MAGIC == 2 else 0.0
             s_off = rows * stride_sn + ((t * BLOCK_K) >> group_shift)
             PACKED_DQ: tl.constexpr = DEQUANT_W and HALF_MAGIC == 1 and ASM
-            if not PACKED_DQ:
+            # fp16 small tiles: the dot sees q - z (exact for an integer zero, else rounded
+            # once, as a dense fp16 weight) and each K step's product is scaled per output
+            ZERO_DOT: tl.constexpr = not DEQUANT_W and HALF_MAGIC == 1
+            if not PACKED_DQ and not (ZERO_DOT and ASM):
                 h = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM), (BLOCK_N, BLOCK_K))
-            if PACKED_DQ:
+            if ZERO_DOT:
+                if MODE == 0:
+                    zz = tl.load(z_ptr + s_off)
+                if ASM:  # packed: the register's pair before its halves are split
+                    if MODE == 0:
+                        z2 = _half_pair(zz)[:, None]
+                        SYM_Z: tl.constexpr = 0
+                    else:
+                        z2 = 0
+                        SYM_Z: tl.constexpr = 1 << (BITS - 1)
+                    w = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, 0, SYM_Z, 2),
+                                   (BLOCK_N, BLOCK_K))
+                elif MODE == 0:  # 1024 + q - 1024 is exact; then one rounding
+                    w = (h - 1024.0) - zz[:, None]
+                else:  # 1024 + 2**(b-1) is an integer: exact
+                    w = h - (1024.0 + (1 << (BITS - 1)))
+                part = tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=DOT_PRECISION)
+                acc += part * tl.load(s_ptr + s_off).to(tl.float32)[None, :]
+            elif PACKED_DQ:
                 # fp16 on a GPU: each register's pair of fields dequantized in packed fp16
                 s2 = _half_pair(tl.load(s_ptr + s_off))[:, None]
                 if MODE == 0:
@@ -695,7 +730,7 @@ def _fields_matmul_kernel(
                 else:
                     z2 = s2
                     SYM_Z: tl.constexpr = 1 << (BITS - 1)
-                w = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, True),
+                w = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, 1),
                                (BLOCK_N, BLOCK_K))
                 acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
             elif DEQUANT_W:  # w = (q - z) s per weight, once per CTA; the dot accumulates

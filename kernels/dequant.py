@@ -872,16 +872,20 @@ def _dequant_matmul_kernel(
 
 
 def select_config(m: int, n: int, kp: int, device: torch.device, lut_gemv: bool = False,
-                  lut_gemm: bool = False, narrow: bool = True) -> KernelConfig:
+                  lut_gemm: bool = False, narrow: bool = True,
+                  fp16: bool = False) -> KernelConfig:
     """Tuned default for this shape from ``configs/dequant.json``: the GEMV kernel up to
-    ``gemv_max_m``, else the GEMM tile of M's bucket (``lut_gemv``: the bit-plane GEMV's table,
+    ``gemv_max_m`` (``fp16``, fp16 activations on the fields kernels: ``gemv_max_m_fp16``,
+    0: M = 1 takes the GEMM's 16-row tensor-core tile, as Marlin does at batch 1), else the
+    GEMM tile of M's bucket (``lut_gemv``: the bit-plane GEMV's table,
     ``gemv_lut``; ``lut_gemm``: the codebook / bit-plane GEMM's, ``gemm_lut``). On a GPU a
     GEMM tile of at most ``AFFINE_GEMM_MAX_BM`` rows halves BLOCK_N (down to
     ``MIN_SMALL_BLOCK_N``; ``narrow``: affine weights, since the 2-bit codebook's 32-column
     tile spills on sm_80) while its grid would leave more than a tenth of the
     multiprocessors idle, before split-K is raised (both paths): split-K costs two more
     launches, which decode cannot afford."""
-    return _select_config(m, n, kp, device, lut_gemv, lut_gemm, narrow, gpu_target(device))
+    return _select_config(m, n, kp, device, lut_gemv, lut_gemm, narrow, fp16 and not lut_gemv,
+                          gpu_target(device))
 
 
 MIN_SMALL_BLOCK_N = 32  # the 16-row tile's narrowest BLOCK_N (audited: recorded_specs)
@@ -889,10 +893,12 @@ MIN_SMALL_BLOCK_N = 32  # the 16-row tile's narrowest BLOCK_N (audited: recorded
 
 @functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode
 def _select_config(m: int, n: int, kp: int, device: torch.device, lut_gemv: bool,
-                   lut_gemm: bool, narrow: bool, target) -> KernelConfig:
+                   lut_gemm: bool, narrow: bool, fp16: bool, target) -> KernelConfig:
     table = dict(device_table(_FAMILY, device))
     if lut_gemv:
         table["gemv"], table["gemv_max_m"] = table["gemv_lut"], table["gemv_lut_max_m"]
+    elif fp16:
+        table["gemv_max_m"] = table.get("gemv_max_m_fp16", table["gemv_max_m"])
     if lut_gemm:
         table["gemm"] = table["gemm_lut"]
     cfg = table_config(table, m)
@@ -1162,7 +1168,8 @@ def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> Kern
     and are staged in registers) or the fields are fp32 (bf16 int8: 128 + q is not exact);
     codebook lookups: 4 warps and 6 stages at least (the 2-warp 16-row tile holds 255
     registers), BLOCK_K 64 (64 rows) or 32 (128 rows) above 32 rows; int8 above 32 rows at
-    most 6 stages (shared memory on sm_80)."""
+    most 6 stages (shared memory on sm_80); affine int2 at 16 rows 18 stages (its words
+    are small: 34 KB in flight per SM)."""
     big = cfg.block_m > AFFINE_GEMM_MAX_BM
     if x2.dtype == torch.float32:
         bn = 32 if mode == MODE_CODEBOOK else 64
@@ -1178,6 +1185,9 @@ def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> Kern
         # the looked-up [BLOCK_N, BLOCK_K] tile: 64 x 64 x 64 and 128 x 128 x 32 fit
         bk = 64 if cfg.block_m <= 64 else 32
         return KernelConfig(**{**cfg.__dict__, "block_k": min(cfg.block_k, bk)})
+    if bits == 2 and mode != MODE_CODEBOOK and cfg.block_m <= 16 and cfg.num_stages < 18:
+        # int2 words are half int4's: 18 stages keep 34 KB in flight per SM (12: 22 KB)
+        cfg = KernelConfig(**{**cfg.__dict__, "num_stages": 18})
     if bits == 8 and big and cfg.num_stages > 6:  # int8 words double a stage's shared memory:
         # 7 stages of 64 x 64 x 128 take 176 KB, over sm_80's 163 KB
         cfg = KernelConfig(**{**cfg.__dict__, "num_stages": 6})
@@ -1252,7 +1262,8 @@ def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.
             config = select_config(m, n, packed_k(q.shape[1], bits), x.device,
                                    lut_gemv=bits not in MAGIC_BITS,
                                    lut_gemm=bits not in MAGIC_BITS,
-                                   narrow=mode != MODE_CODEBOOK)
+                                   narrow=mode != MODE_CODEBOOK,
+                                   fp16=x.dtype == torch.float16)
     return _launch(mode, x2, q, s, z, bias, bits, group, config).reshape(*lead, n)
 
 

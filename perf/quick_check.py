@@ -533,14 +533,16 @@ def _native_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
     raise ValueError(f"no native kernel for {case.name}")
 
 
-def _kernel_note(case: HeadlineCase, mod: nn.Module, m: int, device: torch.device) -> str | None:
+def _kernel_note(case: HeadlineCase, mod: nn.Module, m: int, device: torch.device,
+                 dtype: torch.dtype) -> str | None:
     """The shipped config our op launches for this shape (``None`` when unknown)."""
     try:
         from compress_ops.kernels import dequant as dq
         from compress_ops.kernels.formats.dequant import packed_k
 
         packed = mod.indices if case.kind == "codebook" else mod.qweight
-        cfg = dq.select_config(m, mod.out_features, packed_k(packed.shape[1], case.bits), device)
+        cfg = dq.select_config(m, mod.out_features, packed_k(packed.shape[1], case.bits), device,
+                               narrow=case.kind != "codebook", fp16=dtype == torch.float16)
         return f"config={cfg.name}"
     except Exception:  # noqa: BLE001 - a note only
         return None
@@ -609,7 +611,7 @@ def run_headline(device: torch.device, small: bool, record: Callable[[dict[str, 
             with torch.no_grad():
                 r = measure_provider(lambda mod=mod, x=x: mod(x), ref, tol(dt, k), time_it=time_it,
                                      capture=capture, graph_skip="skipped (cpu)")
-            record({**base, "provider": "ours", **r, "note": _kernel_note(c, mod, m, device)})
+            record({**base, "provider": "ours", **r, "note": _kernel_note(c, mod, m, device, dt)})
             r = measure_provider(lambda w=w, x=x: F.linear(x, w), ref, tol(dt, k), time_it=time_it,
                                  capture=capture, graph_skip="skipped (cpu)")
             record({**base, "provider": "dense", **r,
@@ -618,10 +620,10 @@ def run_headline(device: torch.device, small: bool, record: Callable[[dict[str, 
                 record({**base, "provider": c.native,
                         **_measure_native(c, mod, x, ref, k, device, time_it, capture)})
             if m == 1:  # the alternative the static model ranks close: settle it on the GPU
-                fn, note = _tc16_fn(c, mod, x)
+                fn, note = _gemv_alt_fn(c, mod, x)
                 r = measure_provider(fn, ref, tol(dt, k), time_it=time_it, capture=capture,
                                      graph_skip="skipped (cpu)")
-                record({**base, "provider": TC16, **r, "note": note})
+                record({**base, "provider": GEMV_ALT, **r, "note": note})
             del ref
             if cuda and not _cuda_context_ok(device):
                 raise RuntimeError(f"the CUDA context is lost after M={m} {c.name} (see its "
@@ -631,20 +633,20 @@ def run_headline(device: torch.device, small: bool, record: Callable[[dict[str, 
             torch.cuda.empty_cache()
 
 
-TC16 = "ours-tc16"  # M = 1 through the fields GEMM's 16-row tensor-core tile
+GEMV_ALT = "ours-gemv"  # M = 1 through the fields GEMV instead of the 16-row tile
 
 
-def _tc16_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
-             ) -> tuple[Callable[[], torch.Tensor], str]:
-    """At M = 1, our kernels with the shipped 16-row GEMM tile (the ``gemm`` table's ``16``
-    bucket) instead of the GEMV on the same packed weight: the static model predicts this
-    tile close to the GEMV (int4: 2.86x against 2.74x under Triton 3.9, 2.13x against 2.29x
-    under 3.6; int2 and codebooks above it, int8 level), so one GPU run decides which M = 1
-    takes (``gemv_max_m`` in ``kernels/configs/dequant.json``)."""
+def _gemv_alt_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
+                 ) -> tuple[Callable[[], torch.Tensor], str]:
+    """At M = 1, our fields GEMV (the ``gemv`` table's ``1`` entry) instead of the 16-row
+    tensor-core tile that fp16 M = 1 ships (``gemv_max_m_fp16 = 0`` in
+    ``kernels/configs/dequant.json``) on the same packed weight: the static model predicts
+    the tile above the GEMV (int4: 3.23x against 2.74x under Triton 3.9, 2.56x against 2.29x
+    under 3.6; int8 level), so one GPU run confirms or reverses that choice."""
     from compress_ops.kernels import dequant as dq
     from compress_ops.kernels.tuning import KernelConfig, load_tables
 
-    cfg = KernelConfig("gemm", **load_tables("dequant")["default"]["gemm"]["16"])
+    cfg = KernelConfig("gemv", **load_tables("dequant")["default"]["gemv"]["1"])
     if case.kind == "codebook":
         fn = lambda: dq.codebook_matmul(x, mod.indices, mod.codebook, None,  # noqa: E731
                                         mod.bits, config=cfg)
@@ -804,18 +806,18 @@ def headline_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [f"  {'case':<15} {'M':>5} {'ours e / g us':>17} {'dense e / g us':>17} "
              f"{'torch native e / g us':>28} {'x dense e / g':>14}"]
     for (case, m), p in by.items():
-        nat = next((p[k] for k in p if k not in ("ours", "dense", TC16)), None)
+        nat = next((p[k] for k in p if k not in ("ours", "dense", GEMV_ALT)), None)
         ours = p.get("ours") or {}
         sp = (f"{_f(ours.get('speedup_eager'), '6.2f')} /{_f(ours.get('speedup_graph'), '6.2f')}"
               if ours.get("speedup_eager") else "")
         nat_txt = f"{nat['provider']:<9} {cell(nat)}" if nat else f"{'':<9} {cell(None)}"
         lines.append(f"  {case:<15} {m:>5} {cell(p.get('ours'))} {cell(p.get('dense'))} "
                      f"{nat_txt:>28} {sp:>14}")
-        if TC16 in p:  # the 16-row GEMM tile at M = 1, under the GEMV's line
-            tc = p[TC16]
+        if GEMV_ALT in p:  # the GEMV at M = 1, under the 16-row tile's line
+            tc = p[GEMV_ALT]
             sp = (f"{_f(tc.get('speedup_eager'), '6.2f')} /{_f(tc.get('speedup_graph'), '6.2f')}"
                   if tc.get("speedup_eager") else "")
-            lines.append(f"  {'  ' + TC16:<15} {m:>5} {cell(tc)} {'':>17} {'':>28} {sp:>14}")
+            lines.append(f"  {'  ' + GEMV_ALT:<15} {m:>5} {cell(tc)} {'':>17} {'':>28} {sp:>14}")
     return lines
 
 

@@ -161,9 +161,12 @@ def test_fields_kernels_take_the_lop3_asm_on_a_gpu_only():
     interpreter runs the plain expression, which the float64 tests above check."""
     a, b, c = 0xF0, 0xCC, 0xAA  # PTX's operand tables for lop3's immLut
     assert (a & b) | c == 0xEA
-    q, s, z = dqf.empty_affine(64, 256, 4, 128, False, dtype=torch.float16)
-    for m, kernel in ((1, dq._fields_gemv_kernel), (16, dq._fields_matmul_kernel)):
-        x = torch.empty(m, 256, dtype=torch.float16)
+    # M = 1: the GEMV for bf16 (and fp32) x, the 16-row tensor-core tile for fp16 x
+    for m, dt, kernel in ((1, torch.bfloat16, dq._fields_gemv_kernel),
+                          (1, torch.float16, dq._fields_matmul_kernel),
+                          (16, torch.float16, dq._fields_matmul_kernel)):
+        q, s, z = dqf.empty_affine(64, 256, 4, 128, False, dtype=dt)
+        x = torch.empty(m, 256, dtype=dt)
         with launches.capture(run=False) as got:
             dq.dequant_matmul(x, q, s, z, None, 4, 128)
         assert [(la.kernel, la.kwargs["ASM"]) for la in got] == [(kernel, False)]
@@ -286,6 +289,10 @@ def test_codebook_bad_inputs_raise_named_errors(mutate, exc, match):
 def test_select_config_paths_and_autotune_space():
     cpu = torch.device("cpu")
     assert dq.select_config(1, 4096, 4096, cpu).path == "gemv"
+    # fp16 x: M = 1 on the 16-row tensor-core tile (gemv_max_m_fp16 = 0); not the bit planes
+    assert dq.select_config(1, 4096, 4096, cpu, fp16=True).path == "gemm"
+    assert dq.select_config(1, 4096, 4096, cpu, fp16=True).block_m == 16
+    assert dq.select_config(1, 4096, 4096, cpu, lut_gemv=True, fp16=True).path == "gemv"
     # from M = 2 the fields GEMM's 16-row tensor-core tile (one GEMV program per x row above)
     assert dq.select_config(2, 4096, 4096, cpu).path == "gemm"
     # the bit-plane (3-bit) kernels keep their own table: GEMV up to M = 4
@@ -323,7 +330,7 @@ def test_gemm_tiles_the_launcher_ships():
     K steps small, so 44 KB of int4 words are in flight), 64 rows take 7 (int8: 6, its words
     double a stage: 7 would need 176 KB, over sm_80's 163 KB; the audit compiles both)."""
     got_cfg = {}
-    for bits, m in ((4, 16), (8, 16), (4, 64), (8, 64), (2, 64)):
+    for bits, m in ((4, 16), (8, 16), (2, 16), (4, 64), (8, 64), (2, 64)):
         q, s, z = dqf.empty_affine(8192, 1024, bits, 128 if bits < 8 else None, False,
                                    dtype=torch.float16)  # 128 column tiles: no split-K
         x = torch.empty(m, 1024, dtype=torch.float16)
@@ -331,7 +338,7 @@ def test_gemm_tiles_the_launcher_ships():
             dq.dequant_matmul(x, q, s, z, None, bits, 128 if bits < 8 else 1024)
         (la,) = got
         got_cfg[bits, m] = (la.kwargs["BLOCK_M"], la.kwargs["num_stages"], la.kwargs["EVEN_K"])
-    assert got_cfg == {(4, 16): (16, 12, True), (8, 16): (16, 12, True),
+    assert got_cfg == {(4, 16): (16, 12, True), (8, 16): (16, 12, True), (2, 16): (16, 18, True),
                        (4, 64): (64, 7, True), (8, 64): (64, 6, True), (2, 64): (64, 7, True)}
 
 

@@ -350,11 +350,11 @@ def test_quick_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
         (1, "int4 g128 asym", "ours"), (1, "int4 g128 asym", "dense"),
         (1, "int4 g128 asym", "tinygemm")]
     assert {r["M"] for r in rows} == set(ms)
-    # M = 1 also times the 16-row GEMM tile (the alternative to the GEMV), every case
-    assert {r["case"] for r in rows if r["provider"] == qc.TC16} == {c.name for c in qc.CASES}
-    assert {r["M"] for r in rows if r["provider"] == qc.TC16} == {1}
+    # M = 1 also times the GEMV (the alternative to the shipped 16-row tile), every case
+    assert {r["case"] for r in rows if r["provider"] == qc.GEMV_ALT} == {c.name for c in qc.CASES}
+    assert {r["M"] for r in rows if r["provider"] == qc.GEMV_ALT} == {1}
     for r in rows:
-        if r["provider"] in ("ours", "dense", "int8pack", qc.TC16):
+        if r["provider"] in ("ours", "dense", "int8pack", qc.GEMV_ALT):
             assert r["status"] == "ok" and r["eager_us"] > 0, r
             assert r["graph_status"].startswith("skipped")
         elif r["provider"] == "tinygemm":

@@ -119,8 +119,9 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM:
     2 and 4 bits; columns ``i`` and ``i + 2`` at 8 bits), as two tensors: the halves of
     ``offset + q`` (HALF_MAGIC 1: fp16 1024 + q; 2: bf16 128 + q), both made by one shift and
     one LOP3 on the word (the pair's mask and exponent in each 16-bit half); else (0) fp32
-    ``q``. ``DQ`` (fp16 on a GPU), in packed arithmetic before the halves are split
-    (:func:`_dequant_halves`): 1, ``(q - z) s``; 2, ``q - z``."""
+    ``q``. ``DQ`` (on a GPU), in packed arithmetic before the halves are split
+    (:func:`_dequant_halves`): 1, ``(q - z) s`` (fp16); 2, ``q - z`` (fp16 and bf16; ``z2``
+    holds ``-z`` for bf16)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     if HALF_MAGIC == 0:  # 2**23 + q in a float's mantissa, minus 2**23
         lo = _and_or(w >> (BITS * i), MASK, 0x4B000000, ASM).to(tl.float32, bitcast=True)
@@ -136,7 +137,7 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM:
             HALF: tl.constexpr = tl.bfloat16
         v = _and_or(w >> (BITS * i), MASK * 0x10001, EXP, ASM)
         if DQ:
-            v = _dequant_halves(v, z2, s2, SYM_Z, DQ == 1)
+            v = _dequant_halves(v, z2, s2, SYM_Z, DQ == 1, HALF_MAGIC)
         lo, hi = _halves(v, HALF)
     return lo, hi
 
@@ -168,7 +169,8 @@ def _byte_pair(w, j: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _dequant_halves(v, z2, s2, SYM_Z: tl.constexpr, SCALE: tl.constexpr = True):
+def _dequant_halves(v, z2, s2, SYM_Z: tl.constexpr, SCALE: tl.constexpr = True,
+                    HALF_MAGIC: tl.constexpr = 1):
     """``(q - z) s`` of the two fp16 fields of each int32 ``v`` (the halves of ``1024 + q``)
     in packed fp16 arithmetic, PTX ``sub.f16x2`` / ``mul.f16x2`` on the whole register: the
     halves are split only afterwards, so nothing reassembles them (Triton 3.9's LLVM moved the
@@ -176,8 +178,22 @@ def _dequant_halves(v, z2, s2, SYM_Z: tl.constexpr, SCALE: tl.constexpr = True):
     both halves of an int32; ``SYM_Z`` (> 0): the symmetric grid's constant zero instead, folded
     into the offset (``1024 + z`` is an integer, exact). The subtractions are exact; one
     rounding, as in the scalar form. ``SCALE`` off: ``q - z`` only (exact for an integer
-    zero, else one rounding), the scale applied by the caller."""
-    if SYM_Z > 0 and not SCALE:
+    zero, else one rounding), the scale applied by the caller. ``HALF_MAGIC`` 2 (bf16, the
+    halves of ``128 + q``; ``SCALE`` off only): PTX ``fma.rn.bf16x2`` with 1.0 (sm_80 has no
+    ``sub.bf16x2``), ``128 + q - 128`` exact, then ``+ (-z)`` (``z2``: the zero's negation)."""
+    if HALF_MAGIC == 2:
+        if SYM_Z > 0:  # -(128 + z) in bf16: exponent 134, the integer z < 128 as mantissa
+            C: tl.constexpr = (0xC300 + SYM_Z) * 0x10001
+            out = tl.inline_asm_elementwise(
+                "{ .reg .b32 c, one; mov.b32 c, $2; mov.b32 one, 0x3F803F80; "
+                "fma.rn.bf16x2 $0, $1, one, c; }",
+                "=r,r,n", [v, C], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            out = tl.inline_asm_elementwise(
+                "{ .reg .b32 c, one, t; mov.b32 c, 0xC300C300; mov.b32 one, 0x3F803F80; "
+                "fma.rn.bf16x2 t, $1, one, c; fma.rn.bf16x2 $0, $2, one, t; }",
+                "=r,r,r", [v, z2], dtype=tl.int32, is_pure=True, pack=1)
+    elif SYM_Z > 0 and not SCALE:
         C: tl.constexpr = (0x6400 + SYM_Z) * 0x10001
         out = tl.inline_asm_elementwise(
             "{ .reg .b32 c; mov.b32 c, $2; sub.f16x2 $0, $1, c; }",
@@ -698,9 +714,9 @@ def _fields_matmul_kernel(
             offset = 1024.0 if HALF_MAGIC == 1 else 128.0 if HALF_MAGIC == 2 else 0.0
             s_off = rows * stride_sn + ((t * BLOCK_K) >> group_shift)
             PACKED_DQ: tl.constexpr = DEQUANT_W and HALF_MAGIC == 1 and ASM
-            # fp16 small tiles: the dot sees q - z (exact for an integer zero, else rounded
-            # once, as a dense fp16 weight) and each K step's product is scaled per output
-            ZERO_DOT: tl.constexpr = not DEQUANT_W and HALF_MAGIC == 1
+            # fp16 and bf16 small tiles: the dot sees q - z (exact for an integer zero, else
+            # rounded once, as a dense weight) and each K step's product is scaled per output
+            ZERO_DOT: tl.constexpr = not DEQUANT_W and HALF_MAGIC > 0
             if not PACKED_DQ and not (ZERO_DOT and ASM):
                 h = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM), (BLOCK_N, BLOCK_K))
             if ZERO_DOT:
@@ -708,18 +724,31 @@ def _fields_matmul_kernel(
                     zz = tl.load(z_ptr + s_off)
                 if ASM:  # packed: the register's pair before its halves are split
                     if MODE == 0:
-                        z2 = _half_pair(zz)[:, None]
+                        z2 = _half_pair(zz if HALF_MAGIC == 1 else -zz)[:, None]
                         SYM_Z: tl.constexpr = 0
                     else:
                         z2 = 0
                         SYM_Z: tl.constexpr = 1 << (BITS - 1)
                     w = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, 0, SYM_Z, 2),
                                    (BLOCK_N, BLOCK_K))
+                elif UPCAST_DOT or HALF_MAGIC == 2:  # the interpreter's bf16 arithmetic on
+                    # bitcast values is wrong: fp32 (offset + q - offset exact, then - z
+                    # rounded once to bf16, as fma.rn.bf16x2 does)
+                    hq = h.to(tl.float32) - offset
+                    if MODE == 0:
+                        hq = hq - zz.to(tl.float32)[:, None]
+                    else:
+                        hq = hq - (1 << (BITS - 1))
+                    w = hq.to(a.dtype)
                 elif MODE == 0:  # 1024 + q - 1024 is exact; then one rounding
                     w = (h - 1024.0) - zz[:, None]
                 else:  # 1024 + 2**(b-1) is an integer: exact
                     w = h - (1024.0 + (1 << (BITS - 1)))
-                part = tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=DOT_PRECISION)
+                if UPCAST_DOT:  # Triton-interpreter workaround: bf16 tl.dot multiplies raw bits
+                    part = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)),
+                                  input_precision="ieee")
+                else:
+                    part = tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=DOT_PRECISION)
                 acc += part * tl.load(s_ptr + s_off).to(tl.float32)[None, :]
             elif PACKED_DQ:
                 # fp16 on a GPU: each register's pair of fields dequantized in packed fp16
@@ -873,18 +902,19 @@ def _dequant_matmul_kernel(
 
 def select_config(m: int, n: int, kp: int, device: torch.device, lut_gemv: bool = False,
                   lut_gemm: bool = False, narrow: bool = True,
-                  fp16: bool = False) -> KernelConfig:
+                  half: bool = False) -> KernelConfig:
     """Tuned default for this shape from ``configs/dequant.json``: the GEMV kernel up to
-    ``gemv_max_m`` (``fp16``, fp16 activations on the fields kernels: ``gemv_max_m_fp16``,
-    0: M = 1 takes the GEMM's 16-row tensor-core tile, as Marlin does at batch 1), else the
-    GEMM tile of M's bucket (``lut_gemv``: the bit-plane GEMV's table,
+    ``gemv_max_m`` (``half``: the fields GEMM's operand is the exact half-precision
+    ``offset + q``, fp16 x at every width and bf16 x below 8 bits (:func:`half_operand`):
+    ``gemv_max_m_half``, 0, so M = 1 takes the 16-row tensor-core tile, as Marlin does at
+    batch 1), else the GEMM tile of M's bucket (``lut_gemv``: the bit-plane GEMV's table,
     ``gemv_lut``; ``lut_gemm``: the codebook / bit-plane GEMM's, ``gemm_lut``). On a GPU a
     GEMM tile of at most ``AFFINE_GEMM_MAX_BM`` rows halves BLOCK_N (down to
     ``MIN_SMALL_BLOCK_N``; ``narrow``: affine weights, since the 2-bit codebook's 32-column
     tile spills on sm_80) while its grid would leave more than a tenth of the
     multiprocessors idle, before split-K is raised (both paths): split-K costs two more
     launches, which decode cannot afford."""
-    return _select_config(m, n, kp, device, lut_gemv, lut_gemm, narrow, fp16 and not lut_gemv,
+    return _select_config(m, n, kp, device, lut_gemv, lut_gemm, narrow, half and not lut_gemv,
                           gpu_target(device))
 
 
@@ -893,12 +923,12 @@ MIN_SMALL_BLOCK_N = 32  # the 16-row tile's narrowest BLOCK_N (audited: recorded
 
 @functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode
 def _select_config(m: int, n: int, kp: int, device: torch.device, lut_gemv: bool,
-                   lut_gemm: bool, narrow: bool, fp16: bool, target) -> KernelConfig:
+                   lut_gemm: bool, narrow: bool, half: bool, target) -> KernelConfig:
     table = dict(device_table(_FAMILY, device))
     if lut_gemv:
         table["gemv"], table["gemv_max_m"] = table["gemv_lut"], table["gemv_lut_max_m"]
-    elif fp16:
-        table["gemv_max_m"] = table.get("gemv_max_m_fp16", table["gemv_max_m"])
+    elif half:
+        table["gemv_max_m"] = table.get("gemv_max_m_half", table["gemv_max_m"])
     if lut_gemm:
         table["gemm"] = table["gemm_lut"]
     cfg = table_config(table, m)
@@ -1198,6 +1228,13 @@ def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> Kern
     return cfg
 
 
+def half_operand(bits: int, dtype: torch.dtype) -> bool:
+    """Whether the fields GEMM feeds its dot the exact half-precision ``offset + q`` (and, in
+    its small tiles, ``q - z``) for b-bit fields and ``dtype`` activations: fp16 at every width,
+    bf16 below 8 bits (``128 + q`` is exact for q < 128 only); not fp32."""
+    return bits in MAGIC_BITS and fields_gemm_meta(bits, MODE_ASYM, 1, dtype)["HALF_MAGIC"] > 0
+
+
 def fields_gemm_meta(bits: int, mode: int, block_m: int, dtype: torch.dtype) -> dict:
     """The constexprs of :func:`_fields_matmul_kernel` that the launcher derives: the offset's
     exact cancellation needs the dot to see x exactly, so fp16 and bf16 x take the half
@@ -1263,7 +1300,7 @@ def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.
                                    lut_gemv=bits not in MAGIC_BITS,
                                    lut_gemm=bits not in MAGIC_BITS,
                                    narrow=mode != MODE_CODEBOOK,
-                                   fp16=x.dtype == torch.float16)
+                                   half=half_operand(bits, x.dtype))
     return _launch(mode, x2, q, s, z, bias, bits, group, config).reshape(*lead, n)
 
 

@@ -542,7 +542,8 @@ def _kernel_note(case: HeadlineCase, mod: nn.Module, m: int, device: torch.devic
 
         packed = mod.indices if case.kind == "codebook" else mod.qweight
         cfg = dq.select_config(m, mod.out_features, packed_k(packed.shape[1], case.bits), device,
-                               narrow=case.kind != "codebook", fp16=dtype == torch.float16)
+                               narrow=case.kind != "codebook",
+                               half=dq.half_operand(case.bits, dtype))
         return f"config={cfg.name}"
     except Exception:  # noqa: BLE001 - a note only
         return None
@@ -639,7 +640,7 @@ GEMV_ALT = "ours-gemv"  # M = 1 through the fields GEMV instead of the 16-row ti
 def _gemv_alt_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
                  ) -> tuple[Callable[[], torch.Tensor], str]:
     """At M = 1, our fields GEMV (the ``gemv`` table's ``1`` entry) instead of the 16-row
-    tensor-core tile that fp16 M = 1 ships (``gemv_max_m_fp16 = 0`` in
+    tensor-core tile that fp16 M = 1 ships (``gemv_max_m_half = 0`` in
     ``kernels/configs/dequant.json``) on the same packed weight: the static model predicts
     the tile above the GEMV (int4: 3.23x against 2.74x under Triton 3.9, 2.56x against 2.29x
     under 3.6; int8 level), so one GPU run confirms or reverses that choice."""

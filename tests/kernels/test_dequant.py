@@ -161,17 +161,21 @@ def test_fields_kernels_take_the_lop3_asm_on_a_gpu_only():
     interpreter runs the plain expression, which the float64 tests above check."""
     a, b, c = 0xF0, 0xCC, 0xAA  # PTX's operand tables for lop3's immLut
     assert (a & b) | c == 0xEA
-    # M = 1: the GEMV for bf16 (and fp32) x, the 16-row tensor-core tile for fp16 x
-    for m, dt, kernel in ((1, torch.bfloat16, dq._fields_gemv_kernel),
-                          (1, torch.float16, dq._fields_matmul_kernel),
-                          (16, torch.float16, dq._fields_matmul_kernel)):
-        q, s, z = dqf.empty_affine(64, 256, 4, 128, False, dtype=dt)
+    # M = 1: the GEMV for fp32 x (and bf16 int8), the 16-row tensor-core tile for fp16 x (and
+    # bf16 below 8 bits)
+    for m, dt, bits, kernel in ((1, torch.float32, 4, dq._fields_gemv_kernel),
+                                (1, torch.bfloat16, 8, dq._fields_gemv_kernel),
+                                (1, torch.bfloat16, 4, dq._fields_matmul_kernel),
+                                (1, torch.float16, 8, dq._fields_matmul_kernel),
+                                (16, torch.float16, 4, dq._fields_matmul_kernel)):
+        q, s, z = dqf.empty_affine(64, 256, bits, 128 if bits < 8 else None, False, dtype=dt)
         x = torch.empty(m, 256, dtype=dt)
+        gs = 128 if bits < 8 else 256
         with launches.capture(run=False) as got:
-            dq.dequant_matmul(x, q, s, z, None, 4, 128)
+            dq.dequant_matmul(x, q, s, z, None, bits, gs)
         assert [(la.kernel, la.kwargs["ASM"]) for la in got] == [(kernel, False)]
         with tuning.simulate_gpu(), launches.capture(run=False) as got:
-            dq.dequant_matmul(x, q, s, z, None, 4, 128)
+            dq.dequant_matmul(x, q, s, z, None, bits, gs)
         assert [(la.kernel, la.kwargs["ASM"]) for la in got] == [(kernel, True)]
 
 
@@ -286,13 +290,19 @@ def test_codebook_bad_inputs_raise_named_errors(mutate, exc, match):
         dq.codebook_matmul(**args)
 
 
+DTYPES_ALL = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def test_select_config_paths_and_autotune_space():
     cpu = torch.device("cpu")
     assert dq.select_config(1, 4096, 4096, cpu).path == "gemv"
-    # fp16 x: M = 1 on the 16-row tensor-core tile (gemv_max_m_fp16 = 0); not the bit planes
-    assert dq.select_config(1, 4096, 4096, cpu, fp16=True).path == "gemm"
-    assert dq.select_config(1, 4096, 4096, cpu, fp16=True).block_m == 16
-    assert dq.select_config(1, 4096, 4096, cpu, lut_gemv=True, fp16=True).path == "gemv"
+    # a half-precision operand (fp16; bf16 below 8 bits): M = 1 on the 16-row tensor-core
+    # tile (gemv_max_m_half = 0); not the bit planes
+    assert dq.select_config(1, 4096, 4096, cpu, half=True).path == "gemm"
+    assert dq.select_config(1, 4096, 4096, cpu, half=True).block_m == 16
+    assert dq.select_config(1, 4096, 4096, cpu, lut_gemv=True, half=True).path == "gemv"
+    assert [dq.half_operand(b, dt) for b in (2, 4, 8) for dt in DTYPES_ALL] == [
+        False, True, True, False, True, True, False, True, False]
     # from M = 2 the fields GEMM's 16-row tensor-core tile (one GEMV program per x row above)
     assert dq.select_config(2, 4096, 4096, cpu).path == "gemm"
     # the bit-plane (3-bit) kernels keep their own table: GEMV up to M = 4

@@ -131,15 +131,15 @@ def test_shipped_budget_file_is_well_formed():
 
 @pytest.mark.slow
 def test_specialization_is_tritons_own():
-    """Without the interpreter, a recorded GEMV call (bf16 x at M = 1) specializes like a real
+    """Without the interpreter, a recorded GEMV call (fp32 x at M = 1) specializes like a real
     launch: the pointers and the K-sized ints divisible by 16 (the attrs the old hand list
     missed)."""
     code = (
         "import json, torch\n"
         "from compress_ops.kernels import dequant as dq, launches, tuning\n"
         "from compress_ops.kernels.formats import dequant as f\n"
-        "q, s, z = f.empty_affine(256, 512, 4, 128, False, dtype=torch.bfloat16)\n"
-        "x = torch.empty(1, 512, dtype=torch.bfloat16)\n"
+        "q, s, z = f.empty_affine(256, 512, 4, 128, False, dtype=torch.float32)\n"
+        "x = torch.empty(1, 512, dtype=torch.float32)\n"
         "with tuning.simulate_gpu(), launches.capture(run=False) as got:\n"
         "    dq.dequant_matmul(x, q, s, z, None, 4, 128)\n"
         "la = got[0]\n"

@@ -624,6 +624,7 @@ def _fields_matmul_kernel(
     DEQUANT_W: tl.constexpr = False,
     ASM: tl.constexpr = False,
     EVEN_K: tl.constexpr = False,
+    FEW_ROWS: tl.constexpr = False,
 ):
     """Tiled GEMM for contiguous b-bit fields (b = 2, 4, 8; affine or codebook):
     y = x @ W^T (+ bias). Codebooks (MODE 2) look each field up in its row group's table
@@ -665,7 +666,8 @@ def _fields_matmul_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped: rows past N are not stored
-    if EVEN_K:  # x's rows clamped as W's (rows past M are not stored): unmasked loads
+    if EVEN_K and not FEW_ROWS:  # x's rows clamped as W's (rows past M are not stored):
+        # unmasked loads
         x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
     else:
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
@@ -689,7 +691,12 @@ def _fields_matmul_kernel(
     for t in range(t_begin, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         if EVEN_K:  # every tile inside K = KP: nothing to mask
-            a = tl.load(x_rows + offs_k[None, :])
+            if FEW_ROWS:  # M < BLOCK_M: clamped rows would copy row M - 1 over and over
+                # (at M = 1 as many bytes of x per K step as of int4 words); a loop-invariant
+                # row mask copies each real row once
+                a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+            else:
+                a = tl.load(x_rows + offs_k[None, :])
             words = tl.load(q_ptrs + t * W)
         else:
             a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
@@ -1093,7 +1100,7 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                 if fields_gemm(bits):
                     fn = _fields_matmul_kernel
                     consts.update(fields_gemm_meta(bits, mode, cfg.block_m, DTYPES[dt]), ASM=True,
-                                  EVEN_K=False)  # the masked loads; real calls: recorded
+                                  EVEN_K=False, FEW_ROWS=False)  # masked; real calls: recorded
                 else:
                     fn = _dequant_matmul_kernel
                 expect = "HGMMA" if cfg.block_m >= 64 else "HMMA"
@@ -1149,6 +1156,7 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
         if fields_gemm(bits):
             _launch_mod.launch(_fields_matmul_kernel, grid, *args, GROUP_M=cfg.group_m,
                                ASM=ptx(x2), EVEN_K=k == kp and k % cfg.block_k == 0,
+                               FEW_ROWS=m < cfg.block_m,
                                **fields_gemm_meta(bits, mode, cfg.block_m, x2.dtype),
                                **dot_meta(x2), **meta)
         else:

@@ -642,7 +642,7 @@ def _gemv_alt_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
     """At M = 1, our fields GEMV (the ``gemv`` table's ``1`` entry) instead of the 16-row
     tensor-core tile that fp16 M = 1 ships (``gemv_max_m_half = 0`` in
     ``kernels/configs/dequant.json``) on the same packed weight: the static model predicts
-    the tile above the GEMV (int4: 3.23x against 2.74x under Triton 3.9, 2.56x against 2.29x
+    the tile above the GEMV (int4: 3.11x against 2.74x under Triton 3.9, 2.49x against 2.29x
     under 3.6; int8 level), so one GPU run confirms or reverses that choice."""
     from compress_ops.kernels import dequant as dq
     from compress_ops.kernels.tuning import KernelConfig, load_tables

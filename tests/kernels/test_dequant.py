@@ -155,6 +155,25 @@ def test_fields_gemv_full_and_ragged_tiles_every_width(poison, device, bits, dty
         assert _rel_err(y, ref) < _tol(dtype, k)
 
 
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_small_tile_few_rows_unmasked_k(poison, device, m, dtype):
+    """M below the 16-row tile with every K tile inside K (``EVEN_K``): x's rows past M are
+    masked (``FEW_ROWS``: each real row copied once, not row M - 1 over and over), the K steps
+    unmasked; fractional zero points and two groups per row."""
+    n, k = 40, 256
+    qw, s, z, gs = (t.to(device) if isinstance(t, torch.Tensor) else t
+                    for t in _affine(n, k, 4, 128, False, dtype, 11 + m))
+    x = (torch.randn(m, k, generator=_gen(m)) + 0.1).to(dtype).to(device)
+    with launches.capture() as got:
+        y = dq.dequant_matmul(x, qw, s, z, None, 4, gs)
+    (la,) = [la for la in got if not isinstance(la.kernel, str)]
+    assert la.kernel is dq._fields_matmul_kernel
+    assert (la.kwargs["BLOCK_M"], la.kwargs["EVEN_K"], la.kwargs["FEW_ROWS"]) == (16, True, True)
+    ref = dequant_linear_ref(x, qw, s, z, None, 4, gs, dtype=torch.float64)
+    assert _rel_err(y, ref) < _tol(dtype, k)
+
+
 def test_fields_kernels_take_the_lop3_asm_on_a_gpu_only():
     """The fields' ``(word & mask) | exponent`` is one PTX ``lop3.b32`` (truth table 0xEA) on a
     GPU, where the audit and the static model compile it (recorded as on an H200); the

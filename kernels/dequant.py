@@ -1223,8 +1223,10 @@ def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> Kern
         # the looked-up [BLOCK_N, BLOCK_K] tile: 64 x 64 x 64 and 128 x 128 x 32 fit
         bk = 64 if cfg.block_m <= 64 else 32
         return KernelConfig(**{**cfg.__dict__, "block_k": min(cfg.block_k, bk)})
-    if bits == 2 and mode != MODE_CODEBOOK and cfg.block_m <= 16 and cfg.num_stages < 18:
-        # int2 words are half int4's: 18 stages keep 34 KB in flight per SM (12: 22 KB)
+    if (bits == 2 and mode != MODE_CODEBOOK and cfg.block_m <= 16 and cfg.num_stages < 18
+            and cfg.block_n * cfg.block_k <= 64 * 128):
+        # int2 words are half int4's: 18 stages keep 34 KB in flight per SM (12: 22 KB);
+        # at most 16 x 64 x 128, so 18 stages stay within 108 KB of shared memory
         cfg = KernelConfig(**{**cfg.__dict__, "num_stages": 18})
     if bits == 8 and big and cfg.num_stages > 6:  # int8 words double a stage's shared memory:
         # 7 stages of 64 x 64 x 128 take 176 KB, over sm_80's 163 KB

@@ -925,6 +925,15 @@ def select_config(m: int, n: int, kp: int, device: torch.device, lut_gemv: bool 
                           gpu_target(device))
 
 
+def call_config(m: int, n: int, kp: int, device: torch.device, bits: int, mode: int,
+                dtype: torch.dtype) -> KernelConfig:
+    """The shipped config a call with these shapes, width, mode and activation dtype takes
+    (:func:`select_config` with the flags the launcher derives)."""
+    return select_config(m, n, kp, device, lut_gemv=bits not in MAGIC_BITS,
+                         lut_gemm=bits not in MAGIC_BITS, narrow=mode != MODE_CODEBOOK,
+                         half=half_operand(bits, dtype))
+
+
 MIN_SMALL_BLOCK_N = 32  # the 16-row tile's narrowest BLOCK_N (audited: recorded_specs)
 
 
@@ -1306,11 +1315,8 @@ def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.
         if x.device.type == "cuda" and os.environ.get("COMPRESS_OPS_AUTOTUNE") == "1":
             config = autotuned_config(mode, x2, q, s, z, bias, bits, group)
         else:
-            config = select_config(m, n, packed_k(q.shape[1], bits), x.device,
-                                   lut_gemv=bits not in MAGIC_BITS,
-                                   lut_gemm=bits not in MAGIC_BITS,
-                                   narrow=mode != MODE_CODEBOOK,
-                                   half=half_operand(bits, x.dtype))
+            config = call_config(m, n, packed_k(q.shape[1], bits), x.device, bits, mode,
+                                 x.dtype)
     return _launch(mode, x2, q, s, z, bias, bits, group, config).reshape(*lead, n)
 
 

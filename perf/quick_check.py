@@ -541,9 +541,10 @@ def _kernel_note(case: HeadlineCase, mod: nn.Module, m: int, device: torch.devic
         from compress_ops.kernels.formats.dequant import packed_k
 
         packed = mod.indices if case.kind == "codebook" else mod.qweight
-        cfg = dq.select_config(m, mod.out_features, packed_k(packed.shape[1], case.bits), device,
-                               narrow=case.kind != "codebook",
-                               half=dq.half_operand(case.bits, dtype))
+        mode = (dq.MODE_CODEBOOK if case.kind == "codebook"
+                else dq.MODE_ASYM if getattr(mod, "zeros", None) is not None else dq.MODE_SYM)
+        cfg = dq.call_config(m, mod.out_features, packed_k(packed.shape[1], case.bits), device,
+                             case.bits, mode, dtype)
         return f"config={cfg.name}"
     except Exception:  # noqa: BLE001 - a note only
         return None

@@ -150,7 +150,7 @@ _SEL23 = PRMT_PAIR_SEL[1]
 
 
 @triton.jit
-def _byte_pair(w, j: tl.constexpr, ASM: tl.constexpr):
+def _byte_pair(w, j: tl.constexpr, ASM: tl.constexpr, mg=0x64646464):
     """Bytes ``2j`` and ``2j + 1`` of each word as the fp16 halves of ``1024 + q`` (the byte
     in the low 8 bits of the mantissa under the exponent byte 0x64), the pair in column order:
     one PTX ``prmt.b32`` (``ASM``: the selector picks the word's byte or 0x64 for each result
@@ -158,7 +158,7 @@ def _byte_pair(w, j: tl.constexpr, ASM: tl.constexpr):
     if ASM:
         SEL: tl.constexpr = _SEL01 if j == 0 else _SEL23
         out = tl.inline_asm_elementwise(
-            "prmt.b32 $0, $1, $2, $3;", "=r,r,n,n", [w, 0x64646464, SEL], dtype=tl.int32,
+            "prmt.b32 $0, $1, $2, $3;", "=r,r,r,n", [w, mg, SEL], dtype=tl.int32,
             is_pure=True, pack=1)
     else:
         if j == 0:
@@ -233,7 +233,7 @@ def _join8(v0, v1, v2, v3, v4, v5, v6, v7):
 
 @triton.jit
 def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.constexpr,
-                  z2=0, s2=0, SYM_Z: tl.constexpr = 0, DQ: tl.constexpr = 0):
+                  z2=0, s2=0, SYM_Z: tl.constexpr = 0, DQ: tl.constexpr = 0, mg=0x64646464):
     """Every field of each word, ``[..., 2, 2(, 2)]``, that reshapes to K order (column ``c``
     of word ``u`` at ``u * 32 / b + c``) with every field of a word in the thread that loaded
     it: the joins add in-register dimensions, so the dot operand's store is vectorized and
@@ -246,8 +246,8 @@ def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.const
     each register's pair dequantized before it is split (:func:`_pair`; 1: ``(q - z) s``,
     2: ``q - z``)."""
     if BITS == 8 and HALF_MAGIC == 1:  # two PRMT per word; each pair already in column order
-        v0 = _byte_pair(w, 0, ASM)
-        v1 = _byte_pair(w, 1, ASM)
+        v0 = _byte_pair(w, 0, ASM, mg)
+        v1 = _byte_pair(w, 1, ASM, mg)
         if DQ:
             v0 = _dequant_halves(v0, z2, s2, SYM_Z, DQ == 1)
             v1 = _dequant_halves(v1, z2, s2, SYM_Z, DQ == 1)
@@ -625,6 +625,7 @@ def _fields_matmul_kernel(
     ASM: tl.constexpr = False,
     EVEN_K: tl.constexpr = False,
     FEW_ROWS: tl.constexpr = False,
+    ONE_GROUP: tl.constexpr = False,
 ):
     """Tiled GEMM for contiguous b-bit fields (b = 2, 4, 8; affine or codebook):
     y = x @ W^T (+ bias). Codebooks (MODE 2) look each field up in its row group's table
@@ -688,6 +689,17 @@ def _fields_matmul_kernel(
     t_end = min(t_begin + tiles_per_split, k_tiles)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # int8 fp16's PRMT exponent bytes, as a value ptxas cannot fold (K >= 0): one register for
+    # every PRMT, whose selector then is the immediate (two immediates: ptxas re-materialized
+    # the selector into a fresh register before each PRMT)
+    mg = 0x64646464 | (K >> 31)
+    # one scale group per row (ONE_GROUP, affine): the row's zero loaded once, the dot
+    # accumulates every K tile unscaled, the scale is loaded and applied once after the loop
+    SCALE_AFTER: tl.constexpr = ONE_GROUP and MODE != 2
+    if SCALE_AFTER:
+        if MODE == 0:
+            z_one = tl.load(z_ptr + rows * stride_sn)
+        xs_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for t in range(t_begin, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         if EVEN_K:  # every tile inside K = KP: nothing to mask
@@ -728,7 +740,10 @@ def _fields_matmul_kernel(
                 h = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM), (BLOCK_N, BLOCK_K))
             if ZERO_DOT:
                 if MODE == 0:
-                    zz = tl.load(z_ptr + s_off)
+                    if SCALE_AFTER:
+                        zz = z_one
+                    else:
+                        zz = tl.load(z_ptr + s_off)
                 if ASM:  # packed: the register's pair before its halves are split
                     if MODE == 0:
                         z2 = _half_pair(zz if HALF_MAGIC == 1 else -zz)[:, None]
@@ -736,7 +751,7 @@ def _fields_matmul_kernel(
                     else:
                         z2 = 0
                         SYM_Z: tl.constexpr = 1 << (BITS - 1)
-                    w = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, 0, SYM_Z, 2),
+                    w = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, 0, SYM_Z, 2, mg),
                                    (BLOCK_N, BLOCK_K))
                 elif UPCAST_DOT or HALF_MAGIC == 2:  # the interpreter's bf16 arithmetic on
                     # bitcast values is wrong: fp32 (offset + q - offset exact, then - z
@@ -751,23 +766,38 @@ def _fields_matmul_kernel(
                     w = (h - 1024.0) - zz[:, None]
                 else:  # 1024 + 2**(b-1) is an integer: exact
                     w = h - (1024.0 + (1 << (BITS - 1)))
-                if UPCAST_DOT:  # Triton-interpreter workaround: bf16 tl.dot multiplies raw bits
-                    part = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)),
-                                  input_precision="ieee")
+                if SCALE_AFTER:
+                    if UPCAST_DOT:  # Triton-interpreter workaround (see below)
+                        acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
+                                     input_precision="ieee")
+                    else:
+                        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc,
+                                     input_precision=DOT_PRECISION)
                 else:
-                    part = tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=DOT_PRECISION)
-                acc += part * tl.load(s_ptr + s_off).to(tl.float32)[None, :]
+                    if UPCAST_DOT:  # Triton-interpreter workaround: bf16 tl.dot multiplies raw
+                        # bits
+                        part = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)),
+                                      input_precision="ieee")
+                    else:
+                        part = tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=DOT_PRECISION)
+                    acc += part * tl.load(s_ptr + s_off).to(tl.float32)[None, :]
             elif PACKED_DQ:
                 # fp16 on a GPU: each register's pair of fields dequantized in packed fp16
-                s2 = _half_pair(tl.load(s_ptr + s_off))[:, None]
+                if SCALE_AFTER:  # q - z only
+                    s2 = 0
+                    if MODE == 0:
+                        z2 = _half_pair(z_one)[:, None]
+                else:
+                    s2 = _half_pair(tl.load(s_ptr + s_off))[:, None]
+                    if MODE == 0:
+                        z2 = _half_pair(tl.load(z_ptr + s_off))[:, None]
                 if MODE == 0:
-                    z2 = _half_pair(tl.load(z_ptr + s_off))[:, None]
                     SYM_Z: tl.constexpr = 0
                 else:
-                    z2 = s2
+                    z2 = 0
                     SYM_Z: tl.constexpr = 1 << (BITS - 1)
-                w = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, 1),
-                               (BLOCK_N, BLOCK_K))
+                w = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z,
+                                             2 if SCALE_AFTER else 1, mg), (BLOCK_N, BLOCK_K))
                 acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
             elif DEQUANT_W:  # w = (q - z) s per weight, once per CTA; the dot accumulates
                 if UPCAST_DOT:  # the interpreter's bf16 arithmetic on bitcast values is wrong
@@ -779,12 +809,17 @@ def _fields_matmul_kernel(
                     hq = h - 128.0
                 else:
                     hq = h
-                sc = tl.load(s_ptr + s_off).to(hq.dtype)
                 if MODE == 0:
-                    zz = tl.load(z_ptr + s_off).to(hq.dtype)
-                    w = ((hq - zz[:, None]) * sc[:, None]).to(a.dtype)
+                    if SCALE_AFTER:
+                        zz = z_one.to(hq.dtype)
+                    else:
+                        zz = tl.load(z_ptr + s_off).to(hq.dtype)
+                    w = hq - zz[:, None]
                 else:
-                    w = ((hq - (1 << (BITS - 1))) * sc[:, None]).to(a.dtype)
+                    w = hq - (1 << (BITS - 1))
+                if not SCALE_AFTER:  # (q - z) s, one rounding
+                    w = w * tl.load(s_ptr + s_off).to(hq.dtype)[:, None]
+                w = w.to(a.dtype)
                 if UPCAST_DOT:  # Triton-interpreter workaround (see above)
                     acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
                                  input_precision="ieee")
@@ -800,15 +835,30 @@ def _fields_matmul_kernel(
                 # this tile lies in one scale group: sum_k x (q - z) s
                 #   = s * (sum_k x (offset + q)) - (offset + z) s * sum_k x
                 xs = tl.sum(a.to(tl.float32), axis=1)  # [BM]
-                sc = tl.load(s_ptr + s_off).to(tl.float32)
-                # two FMA per output element (one expression took an FMUL, an FFMA and a FADD)
-                acc += part * sc[None, :]
-                if MODE == 0:
-                    zs = (tl.load(z_ptr + s_off).to(tl.float32) + offset) * sc
-                    acc -= xs[:, None] * zs[None, :]
-                else:  # a constant zero: (offset + z) sum_k x per row, times s per column
-                    acc -= (xs * (offset + (1 << (BITS - 1))))[:, None] * sc[None, :]
+                if SCALE_AFTER:  # the sums only; the terms after the loop
+                    acc += part
+                    xs_all += xs
+                else:
+                    sc = tl.load(s_ptr + s_off).to(tl.float32)
+                    # two FMA per output element (one expression took an FMUL, an FFMA and a
+                    # FADD)
+                    acc += part * sc[None, :]
+                    if MODE == 0:
+                        zs = (tl.load(z_ptr + s_off).to(tl.float32) + offset) * sc
+                        acc -= xs[:, None] * zs[None, :]
+                    else:  # a constant zero: (offset + z) sum_k x per row, times s per column
+                        acc -= (xs * (offset + (1 << (BITS - 1))))[:, None] * sc[None, :]
 
+    if SCALE_AFTER:
+        s_one = tl.load(s_ptr + rows * stride_sn).to(tl.float32)
+        if DEQUANT_W or HALF_MAGIC > 0:  # the dot summed x (q - z)
+            acc = acc * s_one[None, :]
+        else:  # the dot summed x q (fp32 q: no offset); minus z sum_k x
+            if MODE == 0:
+                zo = z_one.to(tl.float32)
+            else:
+                zo = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1 << (BITS - 1))
+            acc = (acc - xs_all[:, None] * zo[None, :]) * s_one[None, :]
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS,
                SPLIT_K)
 
@@ -1109,7 +1159,8 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                 if fields_gemm(bits):
                     fn = _fields_matmul_kernel
                     consts.update(fields_gemm_meta(bits, mode, cfg.block_m, DTYPES[dt]), ASM=True,
-                                  EVEN_K=False, FEW_ROWS=False)  # masked; real calls: recorded
+                                  EVEN_K=False, FEW_ROWS=False,  # masked; real calls: recorded
+                                  ONE_GROUP=False)
                 else:
                     fn = _dequant_matmul_kernel
                 expect = "HGMMA" if cfg.block_m >= 64 else "HMMA"
@@ -1166,6 +1217,7 @@ def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
             _launch_mod.launch(_fields_matmul_kernel, grid, *args, GROUP_M=cfg.group_m,
                                ASM=ptx(x2), EVEN_K=k == kp and k % cfg.block_k == 0,
                                FEW_ROWS=m < cfg.block_m,
+                               ONE_GROUP=mode != MODE_CODEBOOK and group_size >= kp,
                                **fields_gemm_meta(bits, mode, cfg.block_m, x2.dtype),
                                **dot_meta(x2), **meta)
         else:

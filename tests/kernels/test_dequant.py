@@ -101,15 +101,19 @@ def test_codebook_kernel_matches_float64_reference(poison, device, m, n_groups, 
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize(("block_m", "dequant_w", "split_k"),
                          [(16, False, 1), (64, True, 1), (64, True, 2)])
+@pytest.mark.parametrize("group", [32, None])
 def test_fields_gemm_both_tile_kinds_every_width(poison, device, bits, dtype, sym, block_m,
-                                                 dequant_w, split_k):
+                                                 dequant_w, split_k, group):
     """The fields GEMM unpacks every word in registers (``_unpack_words``: pairs of fields per
     shift and LOP3, joined into column order): up to BLOCK_M = 32 it scales each tile's dot per
     output element, above it dequantizes every weight (``DEQUANT_W``); codebooks look their
     fields up at every tile size (two row groups of tables over 36 rows here). A wrong field
     order, a wrong half of a pair or an inexact ``q - z`` fails here: ragged N and K,
-    fractional zero points, groups smaller than the tile, and M rows past the tile."""
-    m, n, k, group = block_m + 3, 37, 200, 32
+    fractional zero points, groups smaller than the tile, and M rows past the tile. One group
+    per row (``ONE_GROUP``) accumulates every K tile unscaled and scales once after the loop
+    (with split-K, each split's partial sum): a scale or zero applied per tile as well, or
+    not at all, fails here."""
+    m, n, k = block_m + 3, 37, 200
     qw, s, z, gs = (t.to(device) if isinstance(t, torch.Tensor) else t
                     for t in _affine(n, k, bits, group, sym, dtype, 7 * bits + block_m))
     x = (torch.randn(m, k, generator=_gen(bits)) + 0.1).to(dtype).to(device)
@@ -118,9 +122,10 @@ def test_fields_gemm_both_tile_kinds_every_width(poison, device, bits, dtype, sy
         y = dq.dequant_matmul(x, qw, s, z, None, bits, gs, config=cfg)
     (la,) = [la for la in got if not isinstance(la.kernel, str)]
     assert la.kernel is dq._fields_matmul_kernel and la.kwargs["DEQUANT_W"] is dequant_w
+    assert la.kwargs["ONE_GROUP"] is (group is None)
     ref = dequant_linear_ref(x, qw, s, z, None, bits, gs, dtype=torch.float64)
     assert _rel_err(y, ref) < _tol(dtype, k)
-    if bits < 8 and not sym:  # codebooks: the same kernel and tiles, fields looked up
+    if bits < 8 and not sym and group is not None:  # codebooks: the same kernel and tiles, fields looked up
         idx, cb = (t.to(device) for t in _codebook(n - 1, k, bits, 2, dtype, bits + block_m))
         with launches.capture() as got:
             y = dq.codebook_matmul(x, idx, cb, None, bits, config=cfg)

@@ -125,7 +125,8 @@ def test_fields_gemm_both_tile_kinds_every_width(poison, device, bits, dtype, sy
     assert la.kwargs["ONE_GROUP"] is (group is None)
     ref = dequant_linear_ref(x, qw, s, z, None, bits, gs, dtype=torch.float64)
     assert _rel_err(y, ref) < _tol(dtype, k)
-    if bits < 8 and not sym and group is not None:  # codebooks: the same kernel and tiles, fields looked up
+    # codebooks: the same kernel and tiles, fields looked up
+    if bits < 8 and not sym and group is not None:
         idx, cb = (t.to(device) for t in _codebook(n - 1, k, bits, 2, dtype, bits + block_m))
         with launches.capture() as got:
             y = dq.codebook_matmul(x, idx, cb, None, bits, config=cfg)

@@ -105,6 +105,19 @@ def _and_or(a, b: tl.constexpr, c: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _and_or_r(a, b: tl.constexpr, c, ASM: tl.constexpr):
+    """:func:`_and_or` with ``c`` in a register (a value ptxas cannot fold: with two
+    immediates it re-materializes one into a fresh register for every LOP3)."""
+    if ASM:
+        out = tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,n,r", [a, b, c], dtype=tl.int32,
+            is_pure=True, pack=1)
+    else:
+        out = (a & b) | c
+    return out
+
+
+@triton.jit
 def _halves(v, HALF: tl.constexpr):
     """The low and high 16-bit halves of int32 ``v`` as ``HALF`` values."""
     lo = v.to(tl.int16).to(HALF, bitcast=True)
@@ -166,6 +179,92 @@ def _byte_pair(w, j: tl.constexpr, ASM: tl.constexpr, mg=0x64646464):
         else:
             out = ((w >> 16) & 0xFF) | ((w >> 8) & 0xFF0000) | 0x64006400
     return out
+
+
+@triton.jit
+def _prmt_ref(a, b, sel):
+    """Portable PTX ``prmt.b32`` (default mode; the interpreter's form): byte ``k`` of the
+    result is byte ``n_k & 7`` of the pair ``{b, a}`` (bytes 0-3 of ``a``, 4-7 of ``b``), ``n_k``
+    the selector's nibble ``k``. Every selector passed here has bit 3 of each nibble clear
+    (PTX's sign-replicate mode, not modelled)."""
+    sel_t = (a & 0) + (b & 0) + sel
+    out = sel_t & 0
+    for k in tl.static_range(4):
+        n = (sel_t >> (4 * k)) & 7
+        src = tl.where(n < 4, a + (b & 0), b + (a & 0))
+        out = out | (((src >> ((n & 3) * 8)) & 0xFF) << (8 * k))
+    return out
+
+
+@triton.jit
+def _prmt(a, b, SEL: tl.constexpr, ASM: tl.constexpr):
+    """``prmt.b32`` with an immediate selector (:func:`_prmt_ref`)."""
+    if ASM:
+        out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,n", [a, b, SEL],
+                                        dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = _prmt_ref(a, b, SEL)
+    return out
+
+
+@triton.jit
+def _prmt_r(a, b, sel, ASM: tl.constexpr):
+    """``prmt.b32`` with the selector in a register (:func:`_prmt_ref`)."""
+    if ASM:
+        out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel],
+                                        dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = _prmt_ref(a, b, sel)
+    return out
+
+
+@triton.jit
+def _lut_tables(e, BLOCK_N: tl.constexpr):
+    """The 16 two-byte entries of each row's codebook (``e``: ``[BLOCK_N, 16]``, their bits in
+    int32) as the eight registers :func:`_lut_word` selects from: the low bytes of entries
+    ``4j .. 4j + 3`` in ``lo_j`` (byte ``i`` = entry ``4j + i``), the high bytes in ``hi_j``."""
+    e3 = tl.reshape(e, (BLOCK_N, 4, 4))
+    sh = (tl.arange(0, 4) * 8)[None, None, :]
+    lo = tl.sum((e3 & 0xFF) << sh, axis=2)  # disjoint bytes: the sum is their OR
+    hi = tl.sum(((e3 >> 8) & 0xFF) << sh, axis=2)
+    lo02, lo13 = tl.split(tl.reshape(lo, (BLOCK_N, 2, 2)))  # [BN, 2]: j = (0, 2), (1, 3)
+    lo0, lo2 = tl.split(lo02)
+    lo1, lo3 = tl.split(lo13)
+    hi02, hi13 = tl.split(tl.reshape(hi, (BLOCK_N, 2, 2)))
+    hi0, hi2 = tl.split(hi02)
+    hi1, hi3 = tl.split(hi13)
+    return lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3
+
+
+@triton.jit
+def _lut_half(t0, t1, t2, t3, sel, sel8, ASM: tl.constexpr):
+    """One byte of four entries looked up: the entries' 3 low index bits select from tables
+    ``t0``/``t1`` (entries 0-7) and ``t2``/``t3`` (entries 8-15); then bit 3 (``sel8``: nibble
+    ``k`` = ``k + 4 * bit3``) picks the half."""
+    return _prmt_r(_prmt_r(t0, t1, sel, ASM), _prmt_r(t2, t3, sel, ASM), sel8, ASM)
+
+
+@triton.jit
+def _lut_word(w, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, c3210, ASM: tl.constexpr):
+    """The 8 fields of each 4-bit word looked up in registers (twenty PRMT and seven shifts or
+    LOP3 per word, no memory access): four int32 whose halves are the two-byte entries of
+    columns ``(2i, 2i + 1)`` (format 2: nibble ``i`` and nibble ``i + 4``), as
+    :func:`_pair` gives them. ``c3210``: the constant 0x3210 in a register."""
+    se = w & 0x7777  # nibbles 0-3 (even columns); PRMT reads the low 16 bits
+    s8e = _and_or_r(w >> 1, 0x4444, c3210, ASM)
+    wo = w >> 16  # nibbles 4-7 (odd columns)
+    so = wo & 0x7777
+    s8o = _and_or_r(wo >> 1, 0x4444, c3210, ASM)
+    lo_e = _lut_half(lo0, lo1, lo2, lo3, se, s8e, ASM)  # low bytes of columns 0, 2, 4, 6
+    hi_e = _lut_half(hi0, hi1, hi2, hi3, se, s8e, ASM)
+    lo_o = _lut_half(lo0, lo1, lo2, lo3, so, s8o, ASM)  # columns 1, 3, 5, 7
+    hi_o = _lut_half(hi0, hi1, hi2, hi3, so, s8o, ASM)
+    p01 = _prmt(lo_e, hi_e, 0x5140, ASM)  # entries of columns 0 and 2
+    p23 = _prmt(lo_e, hi_e, 0x7362, ASM)  # 4 and 6
+    q01 = _prmt(lo_o, hi_o, 0x5140, ASM)  # 1 and 3
+    q23 = _prmt(lo_o, hi_o, 0x7362, ASM)  # 5 and 7
+    return (_prmt(p01, q01, 0x5410, ASM), _prmt(p01, q01, 0x7632, ASM),
+            _prmt(p23, q23, 0x5410, ASM), _prmt(p23, q23, 0x7632, ASM))
 
 
 @triton.jit
@@ -626,10 +725,16 @@ def _fields_matmul_kernel(
     EVEN_K: tl.constexpr = False,
     FEW_ROWS: tl.constexpr = False,
     ONE_GROUP: tl.constexpr = False,
+    LUT_PRMT: tl.constexpr = False,
 ):
     """Tiled GEMM for contiguous b-bit fields (b = 2, 4, 8; affine or codebook):
-    y = x @ W^T (+ bias). Codebooks (MODE 2) look each field up in its row group's table
-    (L1-resident; the entries of columns past K are not read) and feed ``tl.dot`` directly.
+    y = x @ W^T (+ bias). Codebooks (MODE 2) look each field up in its row group's table and
+    feed ``tl.dot`` directly: 4-bit fields with two-byte entries (``LUT_PRMT``) in registers
+    (each row's 16 entries loaded once as eight registers of bytes, :func:`_lut_word`: 20
+    PRMT per word), other codebooks from the L1-resident table (the entries of columns past
+    K are not read; nor used with ``LUT_PRMT``). One scale group per row (``ONE_GROUP``,
+    affine): the dot accumulates every K tile unscaled and the scale is applied once after
+    the loop.
 
     Grid and program order as :func:`_dequant_matmul_kernel`. Each K step loads the
     ``[BLOCK_N, BLOCK_K * b / 32]`` packed words once (16-byte loads along K), expands every
@@ -682,6 +787,14 @@ def _fields_matmul_kernel(
         shifts = wcols * BITS
     if MODE == 2:
         lut_rows = s_ptr + (rows // rows_per_group)[:, None, None] * stride_sn  # [BN, 1, 1]
+        if LUT_PRMT:  # each row's 16 entries in 8 registers, looked up by PRMT in the loop
+            e = tl.load(s_ptr + (rows // rows_per_group)[:, None] * stride_sn
+                        + tl.arange(0, 16)[None, :])
+            e = e.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = _lut_tables(e, BLOCK_N)
+            lo0, lo1, lo2, lo3 = lo0[:, None], lo1[:, None], lo2[:, None], lo3[:, None]
+            hi0, hi1, hi2, hi3 = hi0[:, None], hi1[:, None], hi2[:, None], hi3[:, None]
+            c3210 = 0x3210 | (K >> 31)  # a register (see mg below)
 
     k_tiles = tl.cdiv(KP, BLOCK_K)
     tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
@@ -715,7 +828,20 @@ def _fields_matmul_kernel(
                         other=0.0)
             words = tl.load(q_ptrs + t * W, mask=((t * W + offs_w) < KP // FIELDS)[None, :],
                             other=0)
-        if MODE == 2:
+        if MODE == 2 and LUT_PRMT:
+            r0, r1, r2, r3 = _lut_word(words, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, c3210,
+                                       ASM)
+            l0, h0 = _halves(r0, a.dtype)
+            l1, h1 = _halves(r1, a.dtype)
+            l2, h2 = _halves(r2, a.dtype)
+            l3, h3 = _halves(r3, a.dtype)
+            h = tl.reshape(tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)),
+                                   tl.join(tl.join(h0, h2), tl.join(h1, h3))),
+                           (BLOCK_N, BLOCK_K))
+            if not EVEN_K:  # the entries of columns past K are not used (x is 0 there, an
+                # infinite entry would make NaN)
+                h = tl.where((t * BLOCK_K + tl.arange(0, BLOCK_K) < K)[None, :], h, 0.0)
+        elif MODE == 2:
             fields = (words[:, :, None] >> shifts[None, None, :]) & MASK
             if EVEN_K:
                 h = tl.load(lut_rows + fields)
@@ -723,6 +849,7 @@ def _fields_matmul_kernel(
                 cols = t * BLOCK_K + offs_w[None, :, None] * FIELDS + wcols[None, None, :]
                 h = tl.load(lut_rows + fields, mask=cols < K, other=0.0)
             h = tl.reshape(h, (BLOCK_N, BLOCK_K))
+        if MODE == 2:
             if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
                 acc = tl.dot(a.to(tl.float32), tl.trans(h.to(tl.float32)), acc,
                              input_precision="ieee")
@@ -1313,7 +1440,8 @@ def fields_gemm_meta(bits: int, mode: int, block_m: int, dtype: torch.dtype) -> 
     and tiles above ``AFFINE_GEMM_MAX_BM`` rows dequantize every weight (``DEQUANT_W``)."""
     half_magic = {torch.float16: 1, torch.bfloat16: 2 if bits < 8 else 0}.get(dtype, 0)
     return {"HALF_MAGIC": half_magic,
-            "DEQUANT_W": mode != MODE_CODEBOOK and block_m > AFFINE_GEMM_MAX_BM}
+            "DEQUANT_W": mode != MODE_CODEBOOK and block_m > AFFINE_GEMM_MAX_BM,
+            "LUT_PRMT": mode == MODE_CODEBOOK and bits == 4 and dtype.itemsize == 2}
 
 
 def fields_gemv_tile(bits: int, group_size: int, kp: int, block_k: int,

@@ -237,6 +237,31 @@ def test_int8_byte_pairs_prmt_matches_the_interpreter_expression():
             assert pair.tolist() == [(w >> (16 * j)) & 0xFF, (w >> (16 * j + 8)) & 0xFF]
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter forms")
+def test_prmt_portable_form_is_ptx_prmt():
+    """The interpreter's ``prmt.b32`` (``_prmt_ref``, which every float64 test of the 4-bit
+    codebook's register lookups runs through) against PTX's byte-permute semantics, for
+    random words and random selectors whose nibbles keep bit 3 clear (all the kernels pass)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def prmt_kernel(a_ptr, b_ptr, s_ptr, o_ptr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(o_ptr + i, dq._prmt_ref(tl.load(a_ptr + i), tl.load(b_ptr + i),
+                                         tl.load(s_ptr + i)))
+
+    gen = torch.Generator().manual_seed(1)
+    a, b = (torch.randint(-(2**31), 2**31, (512,), generator=gen, dtype=torch.int64)
+            .to(torch.int32) for _ in range(2))
+    sel = (torch.randint(0, 2**16, (512,), generator=gen, dtype=torch.int64) & 0x7777).to(
+        torch.int32)
+    out = torch.empty_like(a)
+    prmt_kernel[(1,)](a, b, sel, out, N=512)
+    for ai, bi, si, oi in zip(a.tolist(), b.tolist(), sel.tolist(), out.tolist(), strict=True):
+        assert oi & 0xFFFFFFFF == _ptx_prmt(ai & 0xFFFFFFFF, bi & 0xFFFFFFFF, si)
+
+
 def test_int8_gemm_takes_the_packed_dequant_on_a_gpu_only():
     """fp16 int8 tiles above 32 rows dequantize each PRMT pair in packed fp16 arithmetic
     (``_dequant_halves``) where the launch is for a GPU (``ASM``); the interpreter runs the

@@ -133,8 +133,7 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM:
     ``offset + q`` (HALF_MAGIC 1: fp16 1024 + q; 2: bf16 128 + q), both made by one shift and
     one LOP3 on the word (the pair's mask and exponent in each 16-bit half); else (0) fp32
     ``q``. ``DQ`` (on a GPU), in packed arithmetic before the halves are split
-    (:func:`_dequant_halves`): 1, ``(q - z) s`` (fp16); 2, ``q - z`` (fp16 and bf16; ``z2``
-    holds ``-z`` for bf16)."""
+    (:func:`_dequant_halves`, fp16): 1, ``(q - z) s``; 2, ``q - z``."""
     MASK: tl.constexpr = (1 << BITS) - 1
     if HALF_MAGIC == 0:  # 2**23 + q in a float's mantissa, minus 2**23
         lo = _and_or(w >> (BITS * i), MASK, 0x4B000000, ASM).to(tl.float32, bitcast=True)
@@ -277,22 +276,9 @@ def _dequant_halves(v, z2, s2, SYM_Z: tl.constexpr, SCALE: tl.constexpr = True,
     both halves of an int32; ``SYM_Z`` (> 0): the symmetric grid's constant zero instead, folded
     into the offset (``1024 + z`` is an integer, exact). The subtractions are exact; one
     rounding, as in the scalar form. ``SCALE`` off: ``q - z`` only (exact for an integer
-    zero, else one rounding), the scale applied by the caller. ``HALF_MAGIC`` 2 (bf16, the
-    halves of ``128 + q``; ``SCALE`` off only): PTX ``fma.rn.bf16x2`` with 1.0 (sm_80 has no
-    ``sub.bf16x2``), ``128 + q - 128`` exact, then ``+ (-z)`` (``z2``: the zero's negation)."""
-    if HALF_MAGIC == 2:
-        if SYM_Z > 0:  # -(128 + z) in bf16: exponent 134, the integer z < 128 as mantissa
-            C: tl.constexpr = (0xC300 + SYM_Z) * 0x10001
-            out = tl.inline_asm_elementwise(
-                "{ .reg .b32 c, one; mov.b32 c, $2; mov.b32 one, 0x3F803F80; "
-                "fma.rn.bf16x2 $0, $1, one, c; }",
-                "=r,r,n", [v, C], dtype=tl.int32, is_pure=True, pack=1)
-        else:
-            out = tl.inline_asm_elementwise(
-                "{ .reg .b32 c, one, t; mov.b32 c, 0xC300C300; mov.b32 one, 0x3F803F80; "
-                "fma.rn.bf16x2 t, $1, one, c; fma.rn.bf16x2 $0, $2, one, t; }",
-                "=r,r,r", [v, z2], dtype=tl.int32, is_pure=True, pack=1)
-    elif SYM_Z > 0 and not SCALE:
+    zero, else one rounding), the scale applied by the caller."""
+    tl.static_assert(HALF_MAGIC == 1, "packed dequantization is fp16 only")
+    if SYM_Z > 0 and not SCALE:
         C: tl.constexpr = (0x6400 + SYM_Z) * 0x10001
         out = tl.inline_asm_elementwise(
             "{ .reg .b32 c; mov.b32 c, $2; sub.f16x2 $0, $1, c; }",
@@ -312,6 +298,20 @@ def _dequant_halves(v, z2, s2, SYM_Z: tl.constexpr, SCALE: tl.constexpr = True,
             "{ .reg .b32 c, t; mov.b32 c, 0x64006400; sub.f16x2 t, $1, c; "
             "sub.f16x2 t, t, $2; mul.f16x2 $0, t, $3; }",
             "=r,r,r,r", [v, z2, s2], dtype=tl.int32, is_pure=True, pack=1)
+    return out
+
+
+@triton.jit
+def _kwidth_barrier(h, ASM: tl.constexpr):
+    """``h`` (fp16/bf16) through an identity ``mov.b32`` that LLVM must keep (not pure): Triton
+    3.6 halves a dot operand's "original bit width" when a ``tl.join`` lies behind it
+    (``computeOrigBitWidth``), which makes both operands kWidth 4: LDS.64 reads and register
+    moves instead of LDSM. The barrier ends that backward walk (ptxas drops the move)."""
+    if ASM and (h.dtype.is_fp16() or h.dtype.is_bf16()):  # (fp32 operands take no join)
+        out = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [h], dtype=h.dtype,
+                                        is_pure=False, pack=2)
+    else:
+        out = h
     return out
 
 
@@ -749,15 +749,12 @@ def _fields_matmul_kernel(
     Two ways to apply the affine terms (both exact up to the activation dtype's rounding):
 
     * small tiles (``DEQUANT_W`` off; BLOCK_M <= 32): each K tile's partial product is scaled
-      per output element. fp16 and bf16 x under Triton > 3.6 (``ONES_DOT``): the dot sees
-      ``offset + q`` as unpacked (exact), a second dot with an all-ones operand gives
-      ``sum_k x`` in every output column, and the step adds ``s part - (offset + z) s sum_k x``
-      (two FFMA per output; the products are exact and the fp32 sums cancel the offset);
-      fp16 x otherwise (``ZERO_DOT``): the dot sees ``q - z`` (packed subtractions
-      in the register pair; exact for an integer zero, else one rounding, as a dense fp16
-      weight; bf16: ``fma.rn.bf16x2``) and the step adds ``s (sum x (q - z))``, one FFMA per
-      output; fp32 x (and bf16 int8): the dot sees ``q`` and the step adds ``s (sum x q) -
-      z s sum x`` (the row sums of x, every warp over the whole tile);
+      per output element. fp16 and bf16 x (``ONES_DOT``): the dot sees ``offset + q`` as
+      unpacked (exact), a second dot with an all-ones operand gives ``sum_k x`` in every
+      output column (in the accumulator's layout), and the step adds
+      ``s (part - (offset + z) sum_k x)`` (two FFMA per output; the products are exact and the
+      fp32 sums cancel the offset); fp32 x (and bf16 int8): the dot sees ``q`` and the step
+      adds ``s (sum x q) - z s sum x`` (the row sums of x, every warp over the whole tile);
     * large tiles (``DEQUANT_W``): every weight is dequantized once per CTA in the activation
       dtype, ``w = ((offset + q) - offset - z) s`` (the subtractions are exact; one rounding,
       as a dense weight's), and accumulated by the dot itself: no per-tile epilogue.
@@ -867,19 +864,17 @@ def _fields_matmul_kernel(
                 acc = tl.dot(a.to(tl.float32), tl.trans(h.to(tl.float32)), acc,
                              input_precision="ieee")
             else:
-                acc = tl.dot(a, tl.trans(h.to(a.dtype)), acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(a, tl.trans(_kwidth_barrier(h.to(a.dtype), ASM)), acc,
+                             input_precision=DOT_PRECISION)
         else:
             # fp16 1024 + q (exact), bf16 128 + q (exact for q < 128), or fp32 q (cast below)
             offset = 1024.0 if HALF_MAGIC == 1 else 128.0 if HALF_MAGIC == 2 else 0.0
             if ONES_DOT:  # int32 offsets (fewer than 2**31 scales): one IMAD.WIDE per address
                 s_off = rows32 * stride_sn + ((t * BLOCK_K) >> group_shift)
-            else:  # (Triton 3.6's loop grew with them)
+            else:
                 s_off = rows * stride_sn + ((t * BLOCK_K) >> group_shift)
             PACKED_DQ: tl.constexpr = DEQUANT_W and HALF_MAGIC == 1 and ASM
-            # fp16 and bf16 small tiles: the dot sees q - z (exact for an integer zero, else
-            # rounded once, as a dense weight) and each K step's product is scaled per output
-            ZERO_DOT: tl.constexpr = not DEQUANT_W and HALF_MAGIC > 0 and not ONES_DOT
-            if not PACKED_DQ and not (ZERO_DOT and ASM):
+            if not PACKED_DQ:
                 h = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM, mg=mg),
                                (BLOCK_N, BLOCK_K))
             if ONES_DOT:
@@ -905,58 +900,16 @@ def _fields_matmul_kernel(
                         part = tl.dot(af, hf, input_precision="ieee")
                         xsb = tl.dot(af, of, input_precision="ieee")
                 else:
+                    hb = tl.trans(_kwidth_barrier(h, ASM))
                     if SCALE_AFTER:
-                        acc = tl.dot(a, tl.trans(h), acc, input_precision=DOT_PRECISION)
+                        acc = tl.dot(a, hb, acc, input_precision=DOT_PRECISION)
                         xsb_all = tl.dot(a, ones, xsb_all, input_precision=DOT_PRECISION)
                     else:
-                        part = tl.dot(a, tl.trans(h), input_precision=DOT_PRECISION)
+                        part = tl.dot(a, hb, input_precision=DOT_PRECISION)
                         xsb = tl.dot(a, ones, input_precision=DOT_PRECISION)
                 if not SCALE_AFTER:
                     sc = tl.load(s_ptr + s_off).to(tl.float32)
                     acc += (part - xsb * zo[None, :]) * sc[None, :]
-            elif ZERO_DOT:
-                if MODE == 0:
-                    if SCALE_AFTER:
-                        zz = z_one
-                    else:
-                        zz = tl.load(z_ptr + s_off)
-                if ASM:  # packed: the register's pair before its halves are split
-                    if MODE == 0:
-                        z2 = _half_pair(zz if HALF_MAGIC == 1 else -zz)[:, None]
-                        SYM_Z: tl.constexpr = 0
-                    else:
-                        z2 = 0
-                        SYM_Z: tl.constexpr = 1 << (BITS - 1)
-                    w = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, 0, SYM_Z, 2, mg),
-                                   (BLOCK_N, BLOCK_K))
-                elif UPCAST_DOT or HALF_MAGIC == 2:  # the interpreter's bf16 arithmetic on
-                    # bitcast values is wrong: fp32 (offset + q - offset exact, then - z
-                    # rounded once to bf16, as fma.rn.bf16x2 does)
-                    hq = h.to(tl.float32) - offset
-                    if MODE == 0:
-                        hq = hq - zz.to(tl.float32)[:, None]
-                    else:
-                        hq = hq - (1 << (BITS - 1))
-                    w = hq.to(a.dtype)
-                elif MODE == 0:  # 1024 + q - 1024 is exact; then one rounding
-                    w = (h - 1024.0) - zz[:, None]
-                else:  # 1024 + 2**(b-1) is an integer: exact
-                    w = h - (1024.0 + (1 << (BITS - 1)))
-                if SCALE_AFTER:
-                    if UPCAST_DOT:  # Triton-interpreter workaround (see below)
-                        acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
-                                     input_precision="ieee")
-                    else:
-                        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc,
-                                     input_precision=DOT_PRECISION)
-                else:
-                    if UPCAST_DOT:  # Triton-interpreter workaround: bf16 tl.dot multiplies raw
-                        # bits
-                        part = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)),
-                                      input_precision="ieee")
-                    else:
-                        part = tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=DOT_PRECISION)
-                    acc += part * tl.load(s_ptr + s_off).to(tl.float32)[None, :]
             elif PACKED_DQ:
                 # fp16 on a GPU: each register's pair of fields dequantized in packed fp16
                 if SCALE_AFTER:  # q - z only
@@ -1409,13 +1362,6 @@ MAGIC_BITS = (2, 4, 8)  # contiguous fields: the fields kernels (affine and code
 # BLOCK_M (cheaper than dequantizing every weight while BLOCK_M is small); larger tiles
 # dequantize each weight once (DEQUANT_W).
 AFFINE_GEMM_MAX_BM = 32
-# Small affine tiles with a half-precision operand: the dot sees the unpacked ``offset + q``
-# and a second dot with an all-ones operand gives the row sums of x that remove the offset and
-# the zero (``ONES_DOT``; no packed subtraction per pair: int4 M = 16 loop 3.73 -> 3.38
-# instructions per weight under Triton 3.9). Triton 3.6 gives the two dots' x operands
-# different layouts (x staged twice, 4.83 -> 4.94), so there the dot sees ``q - z``
-# (``ZERO_DOT``) as before.
-ONES_DOT_OK = tuple(int(v) for v in triton.__version__.split(".")[:2]) > (3, 6)
 
 
 def group_shift_arg(group_size: int, kp: int) -> int:
@@ -1500,8 +1446,8 @@ def fields_gemm_meta(bits: int, mode: int, block_m: int, dtype: torch.dtype) -> 
     return {"HALF_MAGIC": half_magic,
             "DEQUANT_W": mode != MODE_CODEBOOK and block_m > AFFINE_GEMM_MAX_BM,
             "LUT_PRMT": mode == MODE_CODEBOOK and bits == 4 and dtype.itemsize == 2,
-            "ONES_DOT": (ONES_DOT_OK and mode != MODE_CODEBOOK
-                         and block_m <= AFFINE_GEMM_MAX_BM and half_magic > 0)}
+            "ONES_DOT": (mode != MODE_CODEBOOK and block_m <= AFFINE_GEMM_MAX_BM
+                         and half_magic > 0)}
 
 
 def fields_gemv_tile(bits: int, group_size: int, kp: int, block_k: int,

@@ -99,13 +99,11 @@ def test_codebook_kernel_matches_float64_reference(poison, device, m, n_groups, 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sym", [False, True])
-@pytest.mark.parametrize(("block_m", "dequant_w", "split_k", "ones_dot"),
-                         [(16, False, 1, True), (16, False, 1, False), (64, True, 1, False),
-                          (64, True, 2, False)])
+@pytest.mark.parametrize(("block_m", "dequant_w", "split_k"),
+                         [(16, False, 1), (64, True, 1), (64, True, 2)])
 @pytest.mark.parametrize("group", [32, None])
 def test_fields_gemm_both_tile_kinds_every_width(poison, device, bits, dtype, sym, block_m,
-                                                 dequant_w, split_k, group, ones_dot,
-                                                 monkeypatch):
+                                                 dequant_w, split_k, group):
     """The fields GEMM unpacks every word in registers (``_unpack_words``: pairs of fields per
     shift and LOP3, joined into column order): up to BLOCK_M = 32 it scales each tile's dot per
     output element, above it dequantizes every weight (``DEQUANT_W``); codebooks look their
@@ -114,9 +112,8 @@ def test_fields_gemm_both_tile_kinds_every_width(poison, device, bits, dtype, sy
     fractional zero points, groups smaller than the tile, and M rows past the tile. One group
     per row (``ONE_GROUP``) accumulates every K tile unscaled and scales once after the loop
     (with split-K, each split's partial sum): a scale or zero applied per tile as well, or
-    not at all, fails here. Small half-precision tiles run both forms: the all-ones second
-    dot (``ONES_DOT``, Triton > 3.6) and ``q - z`` in the operand (``ZERO_DOT``, 3.6)."""
-    monkeypatch.setattr(dq, "ONES_DOT_OK", ones_dot)
+    not at all, fails here. Small half-precision tiles take ``offset + q`` as unpacked and
+    remove the offset and the zero with the all-ones second dot (``ONES_DOT``)."""
     m, n, k = block_m + 3, 37, 200
     qw, s, z, gs = (t.to(device) if isinstance(t, torch.Tensor) else t
                     for t in _affine(n, k, bits, group, sym, dtype, 7 * bits + block_m))
@@ -128,7 +125,7 @@ def test_fields_gemm_both_tile_kinds_every_width(poison, device, bits, dtype, sy
     assert la.kernel is dq._fields_matmul_kernel and la.kwargs["DEQUANT_W"] is dequant_w
     assert la.kwargs["ONE_GROUP"] is (group is None)
     half = dtype == torch.float16 or (dtype == torch.bfloat16 and bits < 8)
-    assert la.kwargs["ONES_DOT"] is (ones_dot and not dequant_w and half)
+    assert la.kwargs["ONES_DOT"] is (not dequant_w and half)
     ref = dequant_linear_ref(x, qw, s, z, None, bits, gs, dtype=torch.float64)
     assert _rel_err(y, ref) < _tol(dtype, k)
     # codebooks: the same kernel and tiles, fields looked up

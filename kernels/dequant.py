@@ -1397,7 +1397,9 @@ def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> Kern
     BLOCK_K 64 where x's rows are not 16-byte aligned (they cannot be copied asynchronously
     and are staged in registers) or the fields are fp32 (bf16 int8: 128 + q is not exact);
     codebook lookups: 4 warps and 6 stages at least (the 2-warp 16-row tile holds 255
-    registers), BLOCK_K 64 (64 rows) or 32 (128 rows) above 32 rows; int8 above 32 rows at
+    registers), BLOCK_K 64 (64 rows) or 32 (128 rows) above 32 rows where the fields are
+    gathered from memory (4-bit fields with two-byte entries, looked up in registers, keep
+    the affine tiles: ``LUT_PRMT``); int8 above 32 rows at
     most 6 stages (shared memory on sm_80); affine int2 at 16 rows 18 stages (its words
     are small: 34 KB in flight per SM)."""
     big = cfg.block_m > AFFINE_GEMM_MAX_BM
@@ -1411,8 +1413,10 @@ def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> Kern
                                "num_warps": 8 if bm >= 32 else 4})
     if mode == MODE_CODEBOOK and cfg.num_warps < 4:  # lookups: 2 warps hold too many
         cfg = KernelConfig(**{**cfg.__dict__, "num_warps": 4, "num_stages": 6})
-    if mode == MODE_CODEBOOK and big and fields_gemm(bits):
-        # the looked-up [BLOCK_N, BLOCK_K] tile: 64 x 64 x 64 and 128 x 128 x 32 fit
+    if (mode == MODE_CODEBOOK and big and fields_gemm(bits)
+            and not fields_gemm_meta(bits, mode, cfg.block_m, x2.dtype)["LUT_PRMT"]):
+        # the looked-up [BLOCK_N, BLOCK_K] tile: 64 x 64 x 64 and 128 x 128 x 32 fit (the
+        # register lookups of 4-bit fields take the affine tiles)
         bk = 64 if cfg.block_m <= 64 else 32
         return KernelConfig(**{**cfg.__dict__, "block_k": min(cfg.block_k, bk)})
     if (bits == 2 and mode != MODE_CODEBOOK and cfg.block_m <= 16 and cfg.num_stages < 18

@@ -403,6 +403,16 @@ def test_gemm_tiles_the_launcher_ships():
         got_cfg[bits, m] = (la.kwargs["BLOCK_M"], la.kwargs["num_stages"], la.kwargs["EVEN_K"])
     assert got_cfg == {(4, 16): (16, 12, True), (8, 16): (16, 12, True), (2, 16): (16, 18, True),
                        (4, 64): (64, 7, True), (8, 64): (64, 6, True), (2, 64): (64, 7, True)}
+    # codebooks above 32 rows: 4-bit fields with two-byte entries are looked up in registers
+    # and take the affine tile; the 2-bit codebook's gathered tile keeps BLOCK_K 64
+    for bits, dt, bk in ((4, torch.float16, 128), (4, torch.bfloat16, 128),
+                         (2, torch.float16, 64)):
+        idx, _, _ = dqf.empty_affine(8192, 1024, bits, 128, True, dtype=dt)
+        with tuning.simulate_gpu(), launches.capture(run=False) as got:
+            dq.codebook_matmul(torch.empty(64, 1024, dtype=dt), idx,
+                               torch.empty(2, 2**bits, dtype=dt), None, bits)
+        (la,) = got
+        assert (la.kwargs["BLOCK_K"], la.kwargs["LUT_PRMT"]) == (bk, bits == 4)
 
 
 def test_small_tile_takes_four_warps_and_narrows_before_split_k():

@@ -196,21 +196,12 @@ def _prmt_ref(a, b, sel):
 
 
 @triton.jit
-def _prmt(a, b, SEL: tl.constexpr, ASM: tl.constexpr):
-    """``prmt.b32`` with an immediate selector (:func:`_prmt_ref`)."""
+def _prmt(a, b, sel, ASM: tl.constexpr, IMM: tl.constexpr = True):
+    """``prmt.b32`` (:func:`_prmt_ref`); ``IMM``: ``sel`` is an integer, the immediate, else
+    an int32 tensor in a register."""
     if ASM:
-        out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,n", [a, b, SEL],
-                                        dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        out = _prmt_ref(a, b, SEL)
-    return out
-
-
-@triton.jit
-def _prmt_r(a, b, sel, ASM: tl.constexpr):
-    """``prmt.b32`` with the selector in a register (:func:`_prmt_ref`)."""
-    if ASM:
-        out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel],
+        out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;",
+                                        "=r,r,r,n" if IMM else "=r,r,r,r", [a, b, sel],
                                         dtype=tl.int32, is_pure=True, pack=1)
     else:
         out = _prmt_ref(a, b, sel)
@@ -240,7 +231,8 @@ def _lut_half(t0, t1, t2, t3, sel, sel8, ASM: tl.constexpr):
     """One byte of four entries looked up: the entries' 3 low index bits select from tables
     ``t0``/``t1`` (entries 0-7) and ``t2``/``t3`` (entries 8-15); then bit 3 (``sel8``: nibble
     ``k`` = ``k + 4 * bit3``) picks the half."""
-    return _prmt_r(_prmt_r(t0, t1, sel, ASM), _prmt_r(t2, t3, sel, ASM), sel8, ASM)
+    return _prmt(_prmt(t0, t1, sel, ASM, False), _prmt(t2, t3, sel, ASM, False), sel8, ASM,
+                 False)
 
 
 @triton.jit

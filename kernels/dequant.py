@@ -91,27 +91,16 @@ def _field(w0, w1, w2, i: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _and_or(a, b: tl.constexpr, c: tl.constexpr, ASM: tl.constexpr):
+def _and_or(a, b: tl.constexpr, c, ASM: tl.constexpr, IMM: tl.constexpr = True):
     """``(a & b) | c`` as one LOP3 (``ASM``: the PTX ``lop3.b32`` with the truth table
     ``(0xF0 & 0xCC) | 0xAA = 0xEA``; the ptxas of Triton 3.6 emits an AND and an OR for the
-    plain expression); the plain expression elsewhere (the interpreter)."""
-    if ASM:
-        out = tl.inline_asm_elementwise(
-            "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,n,n", [a, b, c], dtype=tl.int32,
-            is_pure=True, pack=1)
-    else:
-        out = (a & b) | c
-    return out
-
-
-@triton.jit
-def _and_or_r(a, b: tl.constexpr, c, ASM: tl.constexpr):
-    """:func:`_and_or` with ``c`` in a register (a value ptxas cannot fold: with two
+    plain expression); the plain expression elsewhere (the interpreter). ``IMM``: ``c`` is an
+    integer (an immediate), else a value in a register (one ptxas cannot fold: with two
     immediates it re-materializes one into a fresh register for every LOP3)."""
     if ASM:
         out = tl.inline_asm_elementwise(
-            "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,n,r", [a, b, c], dtype=tl.int32,
-            is_pure=True, pack=1)
+            "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,n,n" if IMM else "=r,r,n,r", [a, b, c],
+            dtype=tl.int32, is_pure=True, pack=1)
     else:
         out = (a & b) | c
     return out
@@ -242,10 +231,10 @@ def _lut_word(w, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, c3210, ASM: tl.constexp
     columns ``(2i, 2i + 1)`` (format 2: nibble ``i`` and nibble ``i + 4``), as
     :func:`_pair` gives them. ``c3210``: the constant 0x3210 in a register."""
     se = w & 0x7777  # nibbles 0-3 (even columns); PRMT reads the low 16 bits
-    s8e = _and_or_r(w >> 1, 0x4444, c3210, ASM)
+    s8e = _and_or(w >> 1, 0x4444, c3210, ASM, False)
     wo = w >> 16  # nibbles 4-7 (odd columns)
     so = wo & 0x7777
-    s8o = _and_or_r(wo >> 1, 0x4444, c3210, ASM)
+    s8o = _and_or(wo >> 1, 0x4444, c3210, ASM, False)
     lo_e = _lut_half(lo0, lo1, lo2, lo3, se, s8e, ASM)  # low bytes of columns 0, 2, 4, 6
     hi_e = _lut_half(hi0, hi1, hi2, hi3, se, s8e, ASM)
     lo_o = _lut_half(lo0, lo1, lo2, lo3, so, s8o, ASM)  # columns 1, 3, 5, 7

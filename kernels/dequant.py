@@ -80,8 +80,10 @@ _FAMILY = "dequant"
 
 @triton.jit
 def _field(w0, w1, w2, i: tl.constexpr, BITS: tl.constexpr):
-    """Column ``i`` of a packing unit: one word (contiguous fields; format 2 interleaves 2- and
-    4-bit ones: column ``i`` is field ``i // 2 + (i % 2) * F / 2``) or three bit planes."""
+    """Position ``i`` of a packing unit: one word (contiguous fields in version 2's order:
+    formats 2 and 3 interleave 2- and 4-bit ones, position ``i`` is field
+    ``i // 2 + (i % 2) * F / 2``; format 3's column: :func:`_pos_col`) or three bit planes
+    (column ``i``)."""
     if BITS == 3:
         return ((w0 >> i) & 1) | (((w1 >> i) & 1) << 1) | (((w2 >> i) & 1) << 2)
     else:
@@ -116,13 +118,16 @@ def _halves(v, HALF: tl.constexpr):
 
 @triton.jit
 def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.constexpr,
-          z2, s2, SYM_Z: tl.constexpr, DQ: tl.constexpr):
+          z2, s2, SYM_Z: tl.constexpr, DQ: tl.constexpr, BYTE_SHIFT: tl.constexpr = False):
     """Fields ``i`` and ``i + 16 / b`` of each word (format 2: columns ``2i`` and ``2i + 1`` at
     2 and 4 bits; columns ``i`` and ``i + 2`` at 8 bits), as two tensors: the halves of
     ``offset + q`` (HALF_MAGIC 1: fp16 1024 + q; 2: bf16 128 + q), both made by one shift and
     one LOP3 on the word (the pair's mask and exponent in each 16-bit half); else (0) fp32
     ``q``. ``DQ`` (on a GPU), in packed arithmetic before the halves are split
-    (:func:`_dequant_halves`, fp16): 1, ``(q - z) s``; 2, ``q - z``."""
+    (:func:`_dequant_halves`, fp16): 1, ``(q - z) s``; 2, ``q - z``. ``BYTE_SHIFT`` (fp16):
+    the word is shifted by whole bytes only (one shift per byte for every pair in it), the
+    pair's ``r = b i mod 8`` low bits staying in place under an exponent that makes mantissa
+    bit ``r`` worth 1: the halves are ``1024 / 2**r + q`` (:func:`_pair_offset`)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     if HALF_MAGIC == 0:  # 2**23 + q in a float's mantissa, minus 2**23
         lo = _and_or(w >> (BITS * i), MASK, 0x4B000000, ASM).to(tl.float32, bitcast=True)
@@ -136,7 +141,17 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM:
         else:
             EXP: tl.constexpr = 0x43004300
             HALF: tl.constexpr = tl.bfloat16
-        v = _and_or(w >> (BITS * i), MASK * 0x10001, EXP, ASM)
+        if BYTE_SHIFT:
+            tl.static_assert(HALF_MAGIC == 1, "BYTE_SHIFT: fp16 fields only")
+            R: tl.constexpr = (BITS * i) % 8
+            SH: tl.constexpr = BITS * i - R
+            EXP_R: tl.constexpr = ((25 - R) << 10) * 0x10001  # fp16 1024 / 2**R, both halves
+            if SH == 0:
+                v = _and_or(w, (MASK << R) * 0x10001, EXP_R, ASM)
+            else:
+                v = _and_or(w >> SH, (MASK << R) * 0x10001, EXP_R, ASM)
+        else:
+            v = _and_or(w >> (BITS * i), MASK * 0x10001, EXP, ASM)
         if DQ:
             v = _dequant_halves(v, z2, s2, SYM_Z, DQ == 1, HALF_MAGIC)
         lo, hi = _halves(v, HALF)
@@ -248,6 +263,19 @@ def _lut_word(w, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, c3210, ASM: tl.constexp
 
 
 @triton.jit
+def _pair_offset(col, BITS: tl.constexpr, BYTE_SHIFT: tl.constexpr):
+    """The fp16 offset the unpacked field of column ``col`` carries (:func:`_pair`): 1024, or
+    with ``BYTE_SHIFT`` ``1024 / 2**r`` for its pair's bit offset ``r`` within its byte."""
+    if BYTE_SHIFT:
+        F: tl.constexpr = 32 // BITS
+        pair = (_col_pos(col, BITS) % F) // 2
+        out = (1024 >> ((BITS * pair) % 8)).to(tl.float32)
+    else:
+        out = tl.zeros_like(col).to(tl.float32) + 1024.0
+    return out
+
+
+@triton.jit
 def _dequant_halves(v, z2, s2, SYM_Z: tl.constexpr, SCALE: tl.constexpr = True,
                     HALF_MAGIC: tl.constexpr = 1):
     """``(q - z) s`` of the two fp16 fields of each int32 ``v`` (the halves of ``1024 + q``)
@@ -313,7 +341,8 @@ def _join8(v0, v1, v2, v3, v4, v5, v6, v7):
 
 @triton.jit
 def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.constexpr,
-                  z2=0, s2=0, SYM_Z: tl.constexpr = 0, DQ: tl.constexpr = 0, mg=0x64646464):
+                  z2=0, s2=0, SYM_Z: tl.constexpr = 0, DQ: tl.constexpr = 0, mg=0x64646464,
+                  BYTE_SHIFT: tl.constexpr = False, HALF_WORDS: tl.constexpr = False):
     """Every field of each word, ``[..., 2, 2(, 2)]``, that reshapes to K order (column ``c``
     of word ``u`` at ``u * 32 / b + c``) with every field of a word in the thread that loaded
     it: the joins add in-register dimensions, so the dot operand's store is vectorized and
@@ -339,21 +368,31 @@ def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.const
         lo1, hi1 = _pair(w, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
         h = tl.join(tl.join(lo0, hi0), tl.join(lo1, hi1))
     elif BITS == 4:
-        l0, h0 = _pair(w, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
-        l1, h1 = _pair(w, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
-        l2, h2 = _pair(w, 2, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
-        l3, h3 = _pair(w, 3, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        l0, h0 = _pair(w, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l1, h1 = _pair(w, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l2, h2 = _pair(w, 2, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l3, h3 = _pair(w, 3, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        h = tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)),
+                    tl.join(tl.join(h0, h2), tl.join(h1, h3)))
+    elif HALF_WORDS:  # int2 [BN, W] words: a new dimension of their two byte-halves (w >> 0,
+        # w >> 8; no join, so the two threads of format 3 that share a word can each take one:
+        # a join's dimension is a register's), each with four pairs at bits 0, 2, 4, 6
+        wq = w[:, :, None] >> (tl.arange(0, 2) * 8)[None, None, :]
+        l0, h0 = _pair(wq, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l1, h1 = _pair(wq, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l2, h2 = _pair(wq, 2, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l3, h3 = _pair(wq, 3, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
         h = tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)),
                     tl.join(tl.join(h0, h2), tl.join(h1, h3)))
     else:
-        l0, h0 = _pair(w, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
-        l1, h1 = _pair(w, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
-        l2, h2 = _pair(w, 2, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
-        l3, h3 = _pair(w, 3, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
-        l4, h4 = _pair(w, 4, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
-        l5, h5 = _pair(w, 5, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
-        l6, h6 = _pair(w, 6, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
-        l7, h7 = _pair(w, 7, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
+        l0, h0 = _pair(w, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l1, h1 = _pair(w, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l2, h2 = _pair(w, 2, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l3, h3 = _pair(w, 3, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l4, h4 = _pair(w, 4, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l5, h5 = _pair(w, 5, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l6, h6 = _pair(w, 6, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l7, h7 = _pair(w, 7, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
         h = tl.join(_join8(l0, l1, l2, l3, l4, l5, l6, l7), _join8(h0, h1, h2, h3, h4, h5, h6, h7))
     return h
 
@@ -386,16 +425,15 @@ def _gemv_tile(acc, t, x_rows, q_ptr, s_ptr, z_ptr, lut_rows, rows_n, m_mask, n_
     xsum = tl.zeros((BLOCK_M, U), dtype=tl.float32)
     for i in tl.static_range(COLS):
         q = _field(w0, w1, w2, i, BITS)
+        cols = _pos_col(offs_u * COLS + i, BITS)  # the field's column (format 3: permuted)
         if MODE == 2:
-            if TAIL:  # the field's column offsets in the tile, against K's
-                lut_mask = ((tl.arange(0, U) * COLS + i) < K - t * BLOCK_K)[:, None] \
-                    & n_mask[None, :]
+            if TAIL:  # the field's columns against K
+                lut_mask = (cols < K)[:, None] & n_mask[None, :]
             else:
                 lut_mask = un_mask
             w = tl.load(lut_rows + q, mask=lut_mask, other=0.0).to(tl.float32)
         else:
             w = q.to(tl.float32)
-        cols = offs_u * COLS + i
         if TAIL:
             x_mask = m_mask[:, None] & (cols < K)[None, :]
         else:
@@ -493,29 +531,20 @@ def _dequant_gemv_kernel(
 
 @triton.jit
 def _x_fields(x_row, cols_w, t, BLOCK_K: tl.constexpr, FIELDS: tl.constexpr):
-    """The activations of every field of a ``[C, VEC]`` word tile (4 or 8 fields per word), one
-    ``[C, VEC]`` fp32 tensor per field: the tile's columns loaded once, contiguously (each
-    word's fields are consecutive columns), and split in registers (``tl.split`` of the
-    ``[..., 2, 2(, 2)]`` reshape: column ``4a + 2b + c``), not gathered field by field."""
+    """The activations of every field of a ``[C, VEC]`` tile of int8 words (4 fields, in
+    column order), one ``[C, VEC]`` fp32 tensor per field: the tile's columns loaded once,
+    contiguously, and split in registers (``tl.split`` of the ``[..., 2, 2]`` reshape: column
+    ``2a + b``), not gathered field by field. (Format 3 permutes the columns of 2- and 4-bit
+    fields within each 32-column block: theirs are gathered.)"""
+    tl.static_assert(FIELDS == 4, "_x_fields: int8 words only")
     C: tl.constexpr = cols_w.shape[0]
     VEC: tl.constexpr = cols_w.shape[1]
     cols = t * BLOCK_K + cols_w[:, :, None] + tl.arange(0, FIELDS)[None, None, :]
     x = tl.load(x_row + cols).to(tl.float32)  # [C, VEC, F]
-    if FIELDS == 8:
-        c0, c1 = tl.split(tl.reshape(x, (C, VEC, 2, 2, 2)))
-        c0b0, c0b1 = tl.split(c0)
-        c1b0, c1b1 = tl.split(c1)
-        f0, f4 = tl.split(c0b0)
-        f2, f6 = tl.split(c0b1)
-        f1, f5 = tl.split(c1b0)
-        f3, f7 = tl.split(c1b1)
-        out = (f0, f1, f2, f3, f4, f5, f6, f7)
-    else:
-        b0, b1 = tl.split(tl.reshape(x, (C, VEC, 2, 2)))
-        f0, f2 = tl.split(b0)
-        f1, f3 = tl.split(b1)
-        out = (f0, f1, f2, f3)
-    return out
+    b0, b1 = tl.split(tl.reshape(x, (C, VEC, 2, 2)))
+    f0, f2 = tl.split(b0)
+    f1, f3 = tl.split(b1)
+    return (f0, f1, f2, f3)
 
 
 @triton.jit
@@ -530,16 +559,18 @@ def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_p
     FIELDS: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     P: tl.constexpr = 23 // BITS  # fields per placement that fit in a float's mantissa
-    # 4 or 8 fields: the tile's activations loaded once and split (Triton 3.6: 1.5 -> 1.8x
-    # predicted for int4); 16 (int2): gathered per field, which costs less there
-    SPLIT_X: tl.constexpr = not MASKED and FIELDS <= 8
+    # int8: the tile's activations loaded once and split (Triton 3.6: 1.5 -> 1.8x predicted
+    # for int4 in format 2); format 3 permutes the columns of 2- and 4-bit fields within each
+    # 32-column block, so a word's fields are not consecutive columns: gathered per field
+    SPLIT_X: tl.constexpr = not MASKED and FIELDS == 4
     if SPLIT_X:
         xf = _x_fields(x_row, cols_w, t, BLOCK_K, FIELDS)
     ILV: tl.constexpr = 1 if BITS < 8 else 0  # format 2 interleaves 2- and 4-bit fields
     for i in tl.static_range(FIELDS):
-        # field i's column in its word: (2i) % F + 2i // F (interleaved), else i
-        cols = t * BLOCK_K + cols_w + (ILV * ((2 * i) % FIELDS + (2 * i) // FIELDS)
-                                       + (1 - ILV) * i)  # [C, VEC]
+        # field i's column in its word: (2i) % F + 2i // F (interleaved), else i; then the
+        # block permutation of format 3 (_pos_col)
+        cols = _pos_col(t * BLOCK_K + cols_w + (ILV * ((2 * i) % FIELDS + (2 * i) // FIELDS)
+                                                + (1 - ILV) * i), BITS)  # [C, VEC]
         if SPLIT_X:
             xi = xf[ILV * ((2 * i) % FIELDS + (2 * i) // FIELDS) + (1 - ILV) * i]
         elif MASKED:
@@ -685,6 +716,102 @@ def _fields_gemv_kernel(
 
 
 @triton.jit
+def _mm(a, w, acc, SWAP: tl.constexpr, PREC: tl.constexpr):
+    """``acc + a @ w^T`` (``[BLOCK_M, BLOCK_N]``; ``acc`` None: a fresh product), or with ``SWAP``
+    the transposed product ``acc + w @ a^T`` (``[BLOCK_N, BLOCK_M]``): the weight tile is the
+    dot's first operand, which a wgmma reads from registers (no shared-memory round trip)."""
+    if SWAP:
+        out = tl.dot(w, tl.trans(a), acc, input_precision=PREC)
+    else:
+        out = tl.dot(a, tl.trans(w), acc, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _per_n(v, SWAP: tl.constexpr):
+    """A per-output-column vector ``[BLOCK_N]`` broadcastable against the accumulator."""
+    if SWAP:
+        out = v[:, None]
+    else:
+        out = v[None, :]
+    return out
+
+
+@triton.jit
+def _per_m(v, SWAP: tl.constexpr):
+    """A per-row vector ``[BLOCK_M]`` broadcastable against the accumulator."""
+    if SWAP:
+        out = v[None, :]
+    else:
+        out = v[:, None]
+    return out
+
+
+@triton.jit
+def _offset_terms(xsb, z, SWAP: tl.constexpr, BYTE_SHIFT: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """``sum_k x (offset_k + z)`` of every output, from the all-ones dot's ``xsb``. Plain: every
+    output holds ``sum_k x`` and ``z`` includes the (constant) offset. ``BYTE_SHIFT`` (with
+    ``SWAP``, ``xsb`` is ``[BLOCK_N, BLOCK_M]``): the offsets differ by column, so the second
+    operand's rows ``n % 16 < 8`` are the offsets and give ``T = sum_k offset_k x``, rows
+    ``n % 16 >= 8`` are ones and give ``S = sum_k x``; output row ``n`` takes ``T + z_n S`` from
+    its own 16-row block (a wgmma thread holds rows ``n`` and ``n + 8``)."""
+    if BYTE_SHIFT:
+        x4 = tl.permute(tl.reshape(xsb, (BLOCK_N // 16, 2, 8, BLOCK_M)), (0, 2, 3, 1))
+        t_sum, s_sum = tl.split(x4)  # [BN / 16, 8, BM]
+        z_lo, z_hi = tl.split(tl.permute(tl.reshape(z, (BLOCK_N // 16, 2, 8)), (0, 2, 1)))
+        lo = t_sum + z_lo[:, :, None] * s_sum
+        hi = t_sum + z_hi[:, :, None] * s_sum
+        out = tl.reshape(tl.permute(tl.join(lo, hi), (0, 3, 1, 2)), (BLOCK_N, BLOCK_M))
+    else:
+        out = xsb * _per_n(z, SWAP)
+    return out
+
+
+@triton.jit
+def _k_order(h, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr):
+    """A ``[BLOCK_N, BLOCK_K]`` tile of fields (``h``: ``[BLOCK_N, words, ...]`` in version 2's
+    order: pair ``q`` of a word in its columns ``2q, 2q + 1``) in K order. Format 3 permutes
+    every 32-column block of 2- and 4-bit fields
+    (:func:`~compress_ops.kernels.formats.dequant.block_columns`): the block's pair slot
+    ``s = 4 t + 2 j + c`` (half ``e``) holds column ``16 j + 8 c + 2 t + e``, a reshape and a
+    permute here, which move no data where the dot's operand layout matches (each int4 word
+    is one thread's share of its block)."""
+    if BITS == 8:
+        out = tl.reshape(h, (BLOCK_N, BLOCK_K))
+    else:
+        h = tl.reshape(h, (BLOCK_N, BLOCK_K // 32, 4, 2, 2, 2))
+        out = tl.reshape(tl.permute(h, (0, 1, 3, 4, 2, 5)), (BLOCK_N, BLOCK_K))
+    return out
+
+
+@triton.jit
+def _pos_col(pos, BITS: tl.constexpr):
+    """The column held at position ``pos`` of a packed row in version 2's order (word ``u``,
+    field column ``c``: ``u * 32 / b + c``) under format 3 (:func:`_k_order`)."""
+    if BITS == 2 or BITS == 4:
+        r = pos & 31
+        slot = r >> 1
+        out = ((pos - r) + 16 * ((slot >> 1) & 1) + 8 * (slot & 1) + 2 * (slot >> 2)
+               + (r & 1))
+    else:
+        out = pos
+    return out
+
+
+@triton.jit
+def _col_pos(col, BITS: tl.constexpr):
+    """The inverse of :func:`_pos_col`: the position (version 2's order) holding column
+    ``col``."""
+    if BITS == 2 or BITS == 4:
+        r = col & 31
+        out = (col - r) + 2 * (4 * ((r >> 1) & 3) + 2 * (r >> 4) + ((r >> 3) & 1)) + (r & 1)
+    else:
+        out = col
+    return out
+
+
+@triton.jit
 def _fields_matmul_kernel(
     # pointers: s_ptr holds the scales (affine) or the codebook; z_ptr the zeros (asymmetric)
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
@@ -708,6 +835,8 @@ def _fields_matmul_kernel(
     ONE_GROUP: tl.constexpr = False,
     LUT_PRMT: tl.constexpr = False,
     ONES_DOT: tl.constexpr = False,
+    SWAP_AB: tl.constexpr = False,
+    BYTE_SHIFT: tl.constexpr = False,
 ):
     """Tiled GEMM for contiguous b-bit fields (b = 2, 4, 8; affine or codebook):
     y = x @ W^T (+ bias). Codebooks (MODE 2) look each field up in its row group's table and
@@ -720,12 +849,27 @@ def _fields_matmul_kernel(
 
     Grid and program order as :func:`_dequant_matmul_kernel`. Each K step loads the
     ``[BLOCK_N, BLOCK_K * b / 32]`` packed words once (16-byte loads along K), expands every
-    word into its fields in registers (``[BLOCK_N, W, 32 / b]``, reshaped to
-    ``[BLOCK_N, BLOCK_K]`` without moving data: :func:`_unpack_words`), two fields per
+    word into its fields in registers (``[BLOCK_N, W, 32 / b]``, put in K order by a reshape
+    and a permute: :func:`_unpack_words`, :func:`_k_order`), two fields per
     register as the fp16 ``1024 + q`` (bf16 ``128 + q``; fp32 x: ``q`` by the 2**23 mantissa
     trick) made by one shift and one LOP3 (fp16 int8: one PRMT), and feeds ``tl.dot``. A K
     tile lies in one scale group (the launcher caps BLOCK_K at the group size; its group is
     ``column >> group_shift``).
+
+    ``SWAP_AB`` (fp16/bf16 x, affine 2- and 4-bit fields, tiles of up to 32 rows): the dot
+    computes the transposed tile ``W x^T`` with the unpacked weights as its first operand.
+    On sm_90 that is a wgmma whose first operand is read from registers: with format 3's
+    column order (:func:`_k_order`) each thread's unpacked words are exactly its fragment, so
+    the fields go from the LOP3 that makes them into the wgmma (no shared-memory round trip,
+    and Triton 3.6's halved kWidth does not arise: wgmma operands do not take it). x^T is the
+    second operand, read from the shared memory its cp.async filled; the all-ones operand is
+    a masked-off load made once (a wgmma then reads it from shared memory; a constant would be
+    rebuilt in registers every K step). The accumulator is transposed once before the store.
+    int2 words (``HALF_WORDS``) are shared by two threads of format 3's fragment: their byte
+    halves become a dimension of their own (a shift by 0 or 8, not a join), so each thread
+    takes its half. ``BYTE_SHIFT`` (fp16): words are shifted by whole bytes only and each
+    pair's offset ``1024 / 2**r`` differs by column (:func:`_pair`); the ones operand's rows
+    ``n % 16 < 8`` then carry the columns' offsets (:func:`_offset_terms`).
 
     Two ways to apply the affine terms (both exact up to the activation dtype's rounding):
 
@@ -785,7 +929,8 @@ def _fields_matmul_kernel(
     t_begin = pid_k * tiles_per_split
     t_end = min(t_begin + tiles_per_split, k_tiles)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ACC_SHAPE: tl.constexpr = (BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N)
+    acc = tl.zeros(ACC_SHAPE, dtype=tl.float32)
     # int8 fp16's PRMT exponent bytes, as a value ptxas cannot fold (K >= 0): one register for
     # every PRMT, whose selector then is the immediate (two immediates: ptxas re-materialized
     # the selector into a fresh register before each PRMT)
@@ -798,12 +943,31 @@ def _fields_matmul_kernel(
             z_one = tl.load(z_ptr + rows * stride_sn)
         xs_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
         if ONES_DOT:
-            xsb_all = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            xsb_all = tl.zeros(ACC_SHAPE, dtype=tl.float32)
+            # the offset goes with the zero, or (BYTE_SHIFT) into the second dot's operand
+            off_one = 0.0 if BYTE_SHIFT else 1024.0 if HALF_MAGIC == 1 else 128.0
             if MODE == 0:
-                zo_one = z_one.to(tl.float32) + (1024.0 if HALF_MAGIC == 1 else 128.0)
+                zo_one = z_one.to(tl.float32) + off_one
             else:
-                zo_one = (tl.zeros((BLOCK_N,), dtype=tl.float32)
-                          + ((1024.0 if HALF_MAGIC == 1 else 128.0) + (1 << (BITS - 1))))
+                zo_one = tl.zeros((BLOCK_N,), dtype=tl.float32) + (off_one + (1 << (BITS - 1)))
+    if ONES_DOT:
+        # the all-ones operand, made once: with SWAP_AB a masked-off load (K >> 31 is 0 at run
+        # time, unknown to the compiler), which the wgmma then reads from shared memory; a
+        # constant would be rebuilt in its registers before every K step
+        ones_idx = tl.arange(0, BLOCK_N)[:, None] * 0 + tl.arange(0, BLOCK_K)[None, :]
+        if BYTE_SHIFT:  # rows n % 16 < 8: each column's offset; rows n % 16 >= 8: ones
+            col_off = _pair_offset(tl.arange(0, BLOCK_K), BITS, True)
+            lo_rows = (tl.arange(0, BLOCK_N) % 16) < 8
+            ones_val = tl.where(lo_rows[:, None], col_off[None, :], 1.0).to(
+                x_ptr.dtype.element_ty)
+        else:
+            ones_val = tl.full((BLOCK_N, BLOCK_K), 1.0, x_ptr.dtype.element_ty)
+        if SWAP_AB and not UPCAST_DOT:
+            ones_w = tl.load(x_ptr + ones_idx, mask=ones_idx < (K >> 31), other=ones_val)
+        else:
+            ones_w = ones_val
+        if UPCAST_DOT:
+            ones_w = ones_w.to(tl.float32)
     for t in range(t_begin, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         if EVEN_K:  # every tile inside K = KP: nothing to mask
@@ -826,9 +990,9 @@ def _fields_matmul_kernel(
             l1, h1 = _halves(r1, a.dtype)
             l2, h2 = _halves(r2, a.dtype)
             l3, h3 = _halves(r3, a.dtype)
-            h = tl.reshape(tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)),
-                                   tl.join(tl.join(h0, h2), tl.join(h1, h3))),
-                           (BLOCK_N, BLOCK_K))
+            h = _k_order(tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)),
+                                 tl.join(tl.join(h0, h2), tl.join(h1, h3))), BLOCK_N, BLOCK_K,
+                         BITS)
             if not EVEN_K:  # the entries of columns past K are not used (x is 0 there, an
                 # infinite entry would make NaN)
                 h = tl.where((t * BLOCK_K + tl.arange(0, BLOCK_K) < K)[None, :], h, 0.0)
@@ -837,16 +1001,24 @@ def _fields_matmul_kernel(
             if EVEN_K:
                 h = tl.load(lut_rows + fields)
             else:
-                cols = t * BLOCK_K + offs_w[None, :, None] * FIELDS + wcols[None, None, :]
+                cols = _pos_col(t * BLOCK_K + offs_w[None, :, None] * FIELDS
+                                + wcols[None, None, :], BITS)
                 h = tl.load(lut_rows + fields, mask=cols < K, other=0.0)
-            h = tl.reshape(h, (BLOCK_N, BLOCK_K))
+            h = _k_order(h, BLOCK_N, BLOCK_K, BITS)
+        xdt = a.dtype
+        if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
+            a = a.to(tl.float32)
+            PREC: tl.constexpr = "ieee"
+        else:
+            PREC: tl.constexpr = DOT_PRECISION
         if MODE == 2:
-            if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
-                acc = tl.dot(a.to(tl.float32), tl.trans(h.to(tl.float32)), acc,
-                             input_precision="ieee")
+            if UPCAST_DOT:
+                hd = h.to(tl.float32)
+            elif SWAP_AB:  # the first operand of a wgmma: in registers, as unpacked
+                hd = h.to(a.dtype)
             else:
-                acc = tl.dot(a, tl.trans(_kwidth_barrier(h.to(a.dtype), ASM)), acc,
-                             input_precision=DOT_PRECISION)
+                hd = _kwidth_barrier(h.to(a.dtype), ASM)
+            acc = _mm(a, hd, acc, SWAP_AB, PREC)
         else:
             # fp16 1024 + q (exact), bf16 128 + q (exact for q < 128), or fp32 q (cast below)
             offset = 1024.0 if HALF_MAGIC == 1 else 128.0 if HALF_MAGIC == 2 else 0.0
@@ -856,41 +1028,39 @@ def _fields_matmul_kernel(
                 s_off = rows * stride_sn + ((t * BLOCK_K) >> group_shift)
             PACKED_DQ: tl.constexpr = DEQUANT_W and HALF_MAGIC == 1 and ASM
             if not PACKED_DQ:
-                h = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM, mg=mg),
-                               (BLOCK_N, BLOCK_K))
+                h = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, mg=mg,
+                                           BYTE_SHIFT=BYTE_SHIFT,
+                                           HALF_WORDS=SWAP_AB and BITS == 2),
+                             BLOCK_N, BLOCK_K, BITS)
             if ONES_DOT:
                 # the dot sees offset + q as unpacked; a second dot with an all-ones operand
                 # gives sum_k x in every column (in the accumulator's layout): the step adds
                 # s (part - (offset + z) sum_k x)
-                ones = tl.full((BLOCK_K, BLOCK_N), 1.0, a.dtype)
+                ones = ones_w
+                # the offset goes with the zero, or (BYTE_SHIFT) into the ones operand
+                off_z = 0.0 if BYTE_SHIFT else offset
                 if MODE == 0:
                     if SCALE_AFTER:
-                        zo = z_one.to(tl.float32) + offset
+                        zo = z_one.to(tl.float32) + off_z
                     else:
-                        zo = tl.load(z_ptr + s_off).to(tl.float32) + offset
+                        zo = tl.load(z_ptr + s_off).to(tl.float32) + off_z
                 else:
-                    zo = tl.zeros((BLOCK_N,), dtype=tl.float32) + (offset + (1 << (BITS - 1)))
-                if UPCAST_DOT:  # Triton-interpreter workaround: bf16 tl.dot multiplies raw bits
-                    af = a.to(tl.float32)
-                    hf = tl.trans(h.to(tl.float32))
-                    of = ones.to(tl.float32)
-                    if SCALE_AFTER:
-                        acc = tl.dot(af, hf, acc, input_precision="ieee")
-                        xsb_all = tl.dot(af, of, xsb_all, input_precision="ieee")
-                    else:
-                        part = tl.dot(af, hf, input_precision="ieee")
-                        xsb = tl.dot(af, of, input_precision="ieee")
+                    zo = tl.zeros((BLOCK_N,), dtype=tl.float32) + (off_z + (1 << (BITS - 1)))
+                if UPCAST_DOT:
+                    hd = h.to(tl.float32)
+                elif SWAP_AB:
+                    hd = h
                 else:
-                    hb = tl.trans(_kwidth_barrier(h, ASM))
-                    if SCALE_AFTER:
-                        acc = tl.dot(a, hb, acc, input_precision=DOT_PRECISION)
-                        xsb_all = tl.dot(a, ones, xsb_all, input_precision=DOT_PRECISION)
-                    else:
-                        part = tl.dot(a, hb, input_precision=DOT_PRECISION)
-                        xsb = tl.dot(a, ones, input_precision=DOT_PRECISION)
-                if not SCALE_AFTER:
+                    hd = _kwidth_barrier(h, ASM)
+                if SCALE_AFTER:
+                    acc = _mm(a, hd, acc, SWAP_AB, PREC)
+                    xsb_all = _mm(a, ones, xsb_all, SWAP_AB, PREC)
+                else:
+                    part = _mm(a, hd, None, SWAP_AB, PREC)
+                    xsb = _mm(a, ones, None, SWAP_AB, PREC)
                     sc = tl.load(s_ptr + s_off).to(tl.float32)
-                    acc += (part - xsb * zo[None, :]) * sc[None, :]
+                    acc += ((part - _offset_terms(xsb, zo, SWAP_AB, BYTE_SHIFT, BLOCK_N, BLOCK_M))
+                            * _per_n(sc, SWAP_AB))
             elif PACKED_DQ:
                 # fp16 on a GPU: each register's pair of fields dequantized in packed fp16
                 if SCALE_AFTER:  # q - z only
@@ -906,9 +1076,10 @@ def _fields_matmul_kernel(
                 else:
                     z2 = 0
                     SYM_Z: tl.constexpr = 1 << (BITS - 1)
-                w = tl.reshape(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z,
-                                             2 if SCALE_AFTER else 1, mg), (BLOCK_N, BLOCK_K))
-                acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+                w = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z,
+                                           2 if SCALE_AFTER else 1, mg), BLOCK_N, BLOCK_K,
+                             BITS)
+                acc = _mm(a, w, acc, SWAP_AB, PREC)
             elif DEQUANT_W:  # w = (q - z) s per weight, once per CTA; the dot accumulates
                 if UPCAST_DOT:  # the interpreter's bf16 arithmetic on bitcast values is wrong
                     h = h.to(tl.float32)
@@ -929,19 +1100,9 @@ def _fields_matmul_kernel(
                     w = hq - (1 << (BITS - 1))
                 if not SCALE_AFTER:  # (q - z) s, one rounding
                     w = w * tl.load(s_ptr + s_off).to(hq.dtype)[:, None]
-                w = w.to(a.dtype)
-                if UPCAST_DOT:  # Triton-interpreter workaround (see above)
-                    acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
-                                 input_precision="ieee")
-                else:
-                    acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+                acc = _mm(a, w.to(xdt).to(a.dtype), acc, SWAP_AB, PREC)
             else:
-                h = h.to(a.dtype)
-                if UPCAST_DOT:  # Triton-interpreter workaround: bf16 tl.dot multiplies raw bits
-                    part = tl.dot(a.to(tl.float32), tl.trans(h.to(tl.float32)),
-                                  input_precision="ieee")
-                else:
-                    part = tl.dot(a, tl.trans(h), input_precision=DOT_PRECISION)
+                part = _mm(a, h.to(a.dtype), None, SWAP_AB, PREC)
                 # this tile lies in one scale group: sum_k x (q - z) s
                 #   = s * (sum_k x (offset + q)) - (offset + z) s * sum_k x
                 xs = tl.sum(a.to(tl.float32), axis=1)  # [BM]
@@ -952,25 +1113,29 @@ def _fields_matmul_kernel(
                     sc = tl.load(s_ptr + s_off).to(tl.float32)
                     # two FMA per output element (one expression took an FMUL, an FFMA and a
                     # FADD)
-                    acc += part * sc[None, :]
+                    acc += part * _per_n(sc, SWAP_AB)
                     if MODE == 0:
                         zs = (tl.load(z_ptr + s_off).to(tl.float32) + offset) * sc
-                        acc -= xs[:, None] * zs[None, :]
+                        acc -= _per_m(xs, SWAP_AB) * _per_n(zs, SWAP_AB)
                     else:  # a constant zero: (offset + z) sum_k x per row, times s per column
-                        acc -= (xs * (offset + (1 << (BITS - 1))))[:, None] * sc[None, :]
+                        acc -= (_per_m(xs * (offset + (1 << (BITS - 1))), SWAP_AB)
+                                * _per_n(sc, SWAP_AB))
 
     if SCALE_AFTER:
-        s_one = tl.load(s_ptr + rows * stride_sn).to(tl.float32)
+        s_one = _per_n(tl.load(s_ptr + rows * stride_sn).to(tl.float32), SWAP_AB)
         if ONES_DOT:  # the dots summed x (offset + q) and x
-            acc = (acc - xsb_all * zo_one[None, :]) * s_one[None, :]
+            acc = (acc - _offset_terms(xsb_all, zo_one, SWAP_AB, BYTE_SHIFT, BLOCK_N,
+                                       BLOCK_M)) * s_one
         elif DEQUANT_W or HALF_MAGIC > 0:  # the dot summed x (q - z)
-            acc = acc * s_one[None, :]
+            acc = acc * s_one
         else:  # the dot summed x q (fp32 q: no offset); minus z sum_k x
             if MODE == 0:
                 zo = z_one.to(tl.float32)
             else:
                 zo = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1 << (BITS - 1))
-            acc = (acc - xs_all[:, None] * zo[None, :]) * s_one[None, :]
+            acc = (acc - _per_m(xs_all, SWAP_AB) * _per_n(zo, SWAP_AB)) * s_one
+    if SWAP_AB:
+        acc = tl.trans(acc)
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS,
                SPLIT_K)
 
@@ -1041,8 +1206,9 @@ def _dequant_matmul_kernel(
                 | (((tl.load(w_ptrs + 1, mask=kn_mask, other=0) >> shift) & 1) << 1) \
                 | (((tl.load(w_ptrs + 2, mask=kn_mask, other=0) >> shift) & 1) << 2)
         else:
-            words = tl.load(q_rows + (offs_k // COLS)[:, None], mask=kn_mask, other=0)
-            c = offs_k % COLS  # the column's field (format 2: 2 and 4 bits interleaved)
+            pos = _col_pos(offs_k, BITS)  # the column's position (format 3: permuted)
+            words = tl.load(q_rows + (pos // COLS)[:, None], mask=kn_mask, other=0)
+            c = pos % COLS  # its field (formats 2 and 3: 2 and 4 bits interleaved)
             pos = c // 2 + (c % 2) * (COLS // 2) if BITS < 8 else c
             q = (words >> (pos * BITS)[:, None]) & ((1 << BITS) - 1)
         if MODE == 2:
@@ -1166,6 +1332,15 @@ _AUDIT_VARIANTS = ((4, MODE_ASYM), (8, MODE_SYM), (2, MODE_ASYM), (4, MODE_CODEB
                    (3, MODE_CODEBOOK))
 
 
+def _expected_mma(consts: dict) -> str:
+    """The tensor-core instruction a fields/3-bit GEMM spec must compile to on sm_90 (the
+    audit expects HMMA on sm_80): a wgmma (HGMMA) where a warpgroup's 64 rows fit the tile's
+    first operand, x's 64+ rows or, swapped (``SWAP_AB``), the weight tile's BLOCK_N."""
+    if consts.get("BLOCK_M", 16) >= 64 or (consts.get("SWAP_AB") and consts["BLOCK_N"] >= 64):
+        return "HGMMA"
+    return "HMMA"
+
+
 def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
     """Audit specs of the fields kernels as real calls launch them (N = 8192, and N = 4096 for
     the small tiles, whose BLOCK_N the launcher narrows there): every shipped GEMV and
@@ -1215,7 +1390,7 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
                     # fp32 x: an IEEE dot (FMA, no tensor cores) unless TF32 is allowed
                     mma = ("-" if la.kernel is _fields_gemv_kernel
                            or la.kwargs.get("DOT_PRECISION") == "ieee"
-                           else "HGMMA" if la.kwargs.get("BLOCK_M", 16) >= 64 else "HMMA")
+                           else _expected_mma(la.kwargs))
                     specs.append({"kernel": la.kernel.__name__, "config": name, "fn": la.kernel,
                                   "signature": sig, "constexprs": consts, "attrs": attrs,
                                   "num_warps": opts.num_warps, "num_stages": opts.num_stages,
@@ -1275,7 +1450,7 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                                   ONE_GROUP=False)
                 else:
                     fn = _dequant_matmul_kernel
-                expect = "HGMMA" if cfg.block_m >= 64 else "HMMA"
+                expect = _expected_mma(consts)
             sig.update({c: "constexpr" for c in consts})
             # K % 16 == 0, and for the defaults' int4 also a ragged K (its own specialization)
             kinds = [("", _ALIGNED)]
@@ -1380,9 +1555,10 @@ def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> Kern
     codebook lookups: 4 warps and 6 stages at least (the 2-warp 16-row tile holds 255
     registers), BLOCK_K 64 (64 rows) or 32 (128 rows) above 32 rows where the fields are
     gathered from memory (4-bit fields with two-byte entries, looked up in registers, keep
-    the affine tiles: ``LUT_PRMT``); int8 above 32 rows at
-    most 6 stages (shared memory on sm_80); affine int2 at 16 rows 18 stages (its words
-    are small: 34 KB in flight per SM)."""
+    the affine tiles: ``LUT_PRMT``); int8 above 32 rows at most 6 stages (shared memory
+    on sm_80), asymmetric int4 at most 6 with fewer rows than the tile and 5 with bf16 x
+    (registers spilled on sm_80); affine int2 at 16
+    rows 18 stages (its words are small: 34 KB in flight per SM)."""
     big = cfg.block_m > AFFINE_GEMM_MAX_BM
     if x2.dtype == torch.float32:
         bn = 32 if mode == MODE_CODEBOOK else 64
@@ -1408,6 +1584,12 @@ def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> Kern
     if bits == 8 and big and cfg.num_stages > 6:  # int8 words double a stage's shared memory:
         # 7 stages of 64 x 64 x 128 take 176 KB, over sm_80's 163 KB
         cfg = KernelConfig(**{**cfg.__dict__, "num_stages": 6})
+    # asymmetric int4's tile in format 3's order spilled a register or two on sm_80 (the audit)
+    # at 7 stages with fp16 x of fewer rows than the tile (FEW_ROWS masks x's rows) and at 6
+    # with bf16 x (at 168 registers)
+    cap = 5 if x2.dtype == torch.bfloat16 else 6 if x2.shape[0] < cfg.block_m else 99
+    if bits == 4 and mode == MODE_ASYM and big and cfg.num_stages > cap:
+        cfg = KernelConfig(**{**cfg.__dict__, "num_stages": cap})
     unaligned = x2.shape[1] % 16 or x2.stride(0) % 16
     if (fields_gemm(bits) and big and cfg.block_k > 64
             and (unaligned or (x2.dtype == torch.bfloat16 and bits == 8))):
@@ -1426,11 +1608,22 @@ def fields_gemm_meta(bits: int, mode: int, block_m: int, dtype: torch.dtype) -> 
     """The constexprs of :func:`_fields_matmul_kernel` that the launcher derives: the offset's
     exact cancellation needs the dot to see x exactly, so fp16 and bf16 x take the half
     magic (not fp32 x, which a tf32 dot rounds; bf16's 128 + q is exact for q < 128 only),
-    and tiles above ``AFFINE_GEMM_MAX_BM`` rows dequantize every weight (``DEQUANT_W``)."""
+    and tiles above ``AFFINE_GEMM_MAX_BM`` rows dequantize every weight (``DEQUANT_W``).
+    ``SWAP_AB`` (the weight tile as the dot's first operand, a register-operand wgmma on sm_90;
+    with fp16 also ``BYTE_SHIFT``, :func:`_pair`) where the static model predicts it cheaper
+    under both Tritons: fp16/bf16 x with affine 2-
+    and 4-bit fields in the small tiles (int4 M = 16: 3.34 -> 3.09 instructions per weight
+    under Triton 3.9, 3.27 -> 2.73 under 3.6); int8, codebooks and the large tiles lost
+    (their words are not one thread's fragment, or the dequantized tile already goes through
+    shared memory for the wgmma)."""
     half_magic = {torch.float16: 1, torch.bfloat16: 2 if bits < 8 else 0}.get(dtype, 0)
     return {"HALF_MAGIC": half_magic,
             "DEQUANT_W": mode != MODE_CODEBOOK and block_m > AFFINE_GEMM_MAX_BM,
             "LUT_PRMT": mode == MODE_CODEBOOK and bits == 4 and dtype.itemsize == 2,
+            "SWAP_AB": (dtype.itemsize == 2 and bits in (2, 4) and mode != MODE_CODEBOOK
+                        and block_m <= AFFINE_GEMM_MAX_BM),
+            "BYTE_SHIFT": (dtype == torch.float16 and bits in (2, 4) and mode != MODE_CODEBOOK
+                           and block_m <= AFFINE_GEMM_MAX_BM),
             "ONES_DOT": (mode != MODE_CODEBOOK and block_m <= AFFINE_GEMM_MAX_BM
                          and half_magic > 0)}
 

@@ -12,6 +12,7 @@ from compress_ops._validate import check_choice
 from compress_ops.kernels.formats.dequant import (
     BITS,
     FORMAT_VERSION,
+    OLDER_VERSIONS,
     affine_bytes,
     codebook_bytes,
     codebook_weight,
@@ -51,8 +52,9 @@ class PackedFieldsRecord(FormatRecord):
     """The format record of a module holding packed fields (``packed_buffer``): its last field,
     ``format_version``, is the packed-field layout the buffer was written in
     (:data:`~compress_ops.kernels.formats.dequant.FORMAT_VERSION`). A state_dict of an older
-    layout loads by repacking the fields (a version-1 record has no version field); a newer or
-    unknown version is refused by name, like any other differing record field."""
+    layout (versions 1 and 2) loads by repacking the fields (a version-1 record has no version
+    field); a newer or unknown version is refused by name, like any other differing record
+    field."""
 
     packed_buffer = "qweight"
     format_version = FORMAT_VERSION
@@ -66,12 +68,13 @@ class PackedFieldsRecord(FormatRecord):
             rec = rec.cpu().to(torch.int64)
             if rec.numel() == n - 1:  # version 1: the record had no format_version
                 rec = torch.cat([rec, rec.new_ones(1)])
-            if rec.numel() == n and int(rec[-1]) == 1 and FORMAT_VERSION != 1:
+            old = int(rec[-1]) if rec.numel() == n else FORMAT_VERSION
+            if old in OLDER_VERSIONS:
                 mine = self.get_extra_state()
                 self._check_format(torch.cat([rec[:-1], mine[-1:]]))  # the other fields first
                 packed = prefix + self.packed_buffer
                 if packed in state_dict:
-                    state_dict[packed] = repack(state_dict[packed], self.bits, 1)
+                    state_dict[packed] = repack(state_dict[packed], self.bits, old)
                 rec = mine
             state_dict[key] = rec
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,

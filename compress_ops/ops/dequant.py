@@ -199,13 +199,15 @@ def _parts(bits: int) -> int:
 @functools.lru_cache(maxsize=64)
 def _byte_field_columns(bits: int, kp: int) -> torch.Tensor:
     """``[Kp / P, P]`` int64: the column of field ``i`` (low bits first) of packed byte ``j``
-    of a row (``P = 8 / bits`` fields per byte; format 2 interleaves 2- and 4-bit fields
-    within a word, so a byte's fields are not adjacent columns)."""
+    of a row (``P = 8 / bits`` fields per byte; formats 2 and 3 interleave 2- and 4-bit
+    fields within a word and format 3 permutes each 32-column block, so a byte's fields are
+    not adjacent columns)."""
     p, per = 8 // bits, 32 // bits
     word_col = torch.tensor(_dq.field_columns(bits))  # field position -> column in its word
     j = torch.arange(kp // p)
     pos = (j % 4)[:, None] * p + torch.arange(p)[None, :]  # the field's position in its word
-    return (j // 4)[:, None] * per + word_col[pos]
+    # its position in the row (version 2's order), then format 3's block permutation
+    return _dq.position_columns(bits, kp)[(j // 4)[:, None] * per + word_col[pos]]
 
 
 def _part_major(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -451,7 +453,7 @@ def _dequant_linear_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 def check_format_version(format_version: int, where: str) -> None:
     """The ops read the packed fields of this build's layout only
     (:data:`~compress_ops.kernels.formats.dequant.FORMAT_VERSION`): another version is refused
-    by name (``formats.dequant.repack`` converts version 1).
+    by name (``formats.dequant.repack`` converts versions 1 and 2).
 
     The modules pass their version explicitly, so it is part of every traced graph: a
     ``torch.compile`` cache entry made with another layout's backward (AOTAutograd's cache key

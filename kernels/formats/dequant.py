@@ -7,17 +7,25 @@ A weight ``W[N, K]`` is stored as unsigned b-bit integers ``q[N, Kp]`` (``b`` in
 a zero weight; kernels also mask activations at ``k >= K``. ``q`` is packed along K into
 ``qweight[N, Kp * b / 32]`` int32: every 32 dense columns of a row take exactly ``b`` words.
 
-* ``b`` in {2, 4, 8} (contiguous fields): word ``u`` holds the ``F = 32 / b`` columns
-  ``u F .. u F + F - 1`` in its ``F`` fields (field ``p`` at bits ``[p b, p b + b)``).
-  Format version 2 (``FORMAT_VERSION``) interleaves them for ``b`` in {2, 4}: column
-  ``u F + c`` is field ``c // 2 + (c % 2) F / 2`` (int4: the fields hold columns
-  ``0 2 4 6 1 3 5 7``), so one shift and one mask, ``(word >> p b) & (2**b - 1) * 0x10001``,
-  give columns ``2p`` and ``2p + 1`` in the two 16-bit halves: a GPU makes a column-ordered
-  pair of fp16 values with one LOP3 and nothing to reorder. int8 is not interleaved (column
-  ``c`` is field ``c % 4``: the bytes of ``qweight.view(torch.uint8)`` are ``q`` itself; one
-  PRMT pairs bytes). Version 1 (before 2026-11-30) had column ``c`` in field ``c % F`` at every
-  width; :func:`repack` converts it (the modules do so when loading a version-1 state_dict).
-  :func:`field_columns` gives each field's column.
+* ``b`` in {2, 4, 8} (contiguous fields): word ``u`` holds ``F = 32 / b`` fields (field ``p``
+  at bits ``[p b, p b + b)``). In format version 2 word ``u`` holds the columns
+  ``u F .. u F + F - 1``, interleaved for ``b`` in {2, 4}: column ``u F + c`` is field
+  ``c // 2 + (c % 2) F / 2`` (int4: the fields hold columns ``0 2 4 6 1 3 5 7``), so one shift
+  and one mask, ``(word >> p b) & (2**b - 1) * 0x10001``, give a pair of columns in the two
+  16-bit halves: a GPU makes a pair of fp16 values with one LOP3. int8 is not interleaved
+  (column ``c`` is field ``c % 4``: the bytes of ``qweight.view(torch.uint8)`` are ``q``
+  itself; one PRMT pairs bytes). Version 1 (before 2026-11-30) had column ``c`` in field
+  ``c % F`` at every width.
+  Format version 3 (``FORMAT_VERSION``, 2026-11-30) keeps version 2's words and permutes the
+  columns of every 32-column block for ``b`` in {2, 4} (:func:`block_columns`): the block's
+  16 pairs, in version 2's order (pair slot ``s``: word ``s // (16 / b)``, pair ``s % (16 / b)``
+  of it), hold columns ``16 j + 8 c + 2 t + e`` for ``s = 4 t + 2 j + c`` (``e``: the pair's low
+  or high half). That is a tensor-core fragment's order (``mma.m16n8k16`` and ``wgmma``:
+  thread ``t`` of a quad holds columns ``2t, 2t + 1, 2t + 8, 2t + 9`` of each 16): an int4
+  word is exactly one thread's share of a 32-column block, so the unpacked fields feed the
+  dot from registers with nothing moved through shared memory. int8 keeps version 2's order.
+  :func:`repack` converts versions 1 and 2 (the modules do so when loading an older
+  state_dict). :func:`field_columns` gives each field's column within version 2's words.
 * ``b`` = 3 (bit planes): the 32 columns of block ``j`` use words ``3j, 3j + 1, 3j + 2``; word
   ``3j + p`` holds bit ``p`` of column ``32j + i`` at bit ``i``. Exactly 3 bits per weight, and
   every tile of 32 columns stays word aligned.
@@ -58,7 +66,10 @@ from compress_ops.kernels.formats._common import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "OLDER_VERSIONS",
     "field_columns",
+    "block_columns",
+    "position_columns",
     "repack",
     "BITS",
     "GROUP_SIZES",
@@ -84,28 +95,65 @@ BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, 256)  # or the whole (padded) row
 WORD_COLS = 32  # dense columns per b words (the packing unit)
 #: Version of the packed-field layout written by :func:`pack_bits` (see the module docstring).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: The older layouts this build reads (:func:`repack` converts them).
+OLDER_VERSIONS = (1, 2)
+_VERSIONS = (*OLDER_VERSIONS, FORMAT_VERSION)
+
+
+def _check_version(version: int) -> None:
+    if version not in _VERSIONS:
+        raise ValueError(f"unknown packed-field format version {version} (this build reads "
+                         f"{', '.join(map(str, _VERSIONS[:-1]))} and {FORMAT_VERSION})")
 
 
 def field_columns(bits: int, version: int = FORMAT_VERSION) -> tuple[int, ...]:
-    """Column (within its word) of each field ``p = 0 .. 32 / b - 1`` of a contiguous-field
-    word (``bits`` in {2, 4, 8}) in format ``version``: version 2 interleaves 2- and 4-bit
-    fields (``(2p) % F + 2p // F``: int4 ``0 2 4 6 1 3 5 7``); otherwise field ``p`` is column
-    ``p``."""
+    """Column (within its word, version 2's word order) of each field ``p = 0 .. 32 / b - 1``
+    of a contiguous-field word (``bits`` in {2, 4, 8}): versions 2 and 3 interleave 2- and
+    4-bit fields (``(2p) % F + 2p // F``: int4 ``0 2 4 6 1 3 5 7``); otherwise field ``p`` is
+    column ``p``. Version 3 then permutes each 32-column block (:func:`block_columns`)."""
     if bits not in (2, 4, 8):
         raise ValueError(f"field_columns: contiguous fields have 2, 4 or 8 bits, got {bits}")
-    if version not in (1, 2):
-        raise ValueError(f"unknown packed-field format version {version} (this build reads "
-                         f"1 and {FORMAT_VERSION})")
+    _check_version(version)
     per = 32 // bits
     if bits == 8 or version == 1:
         return tuple(range(per))
     return tuple((2 * p) % per + (2 * p) // per for p in range(per))
 
 
+def block_columns(bits: int, version: int = FORMAT_VERSION) -> tuple[int, ...]:
+    """Column (within its 32-column block) held at each position ``P = 0 .. 31`` of the block
+    in version 2's order (``P = F * (word in block) + field column``): version 3 with ``bits``
+    in {2, 4}, pair slot ``s = P // 2 = 4 t + 2 j + c`` and half ``e = P % 2`` hold column
+    ``16 j + 8 c + 2 t + e``; the identity otherwise."""
+    _check_version(version)
+    if version < 3 or bits not in (2, 4):
+        return tuple(range(32))
+    cols = []
+    for pos in range(32):
+        slot, e = pos >> 1, pos & 1
+        t, j, c = slot >> 2, (slot >> 1) & 1, slot & 1
+        cols.append(16 * j + 8 * c + 2 * t + e)
+    return tuple(cols)
+
+
+def position_columns(bits: int, kp: int, version: int = FORMAT_VERSION,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """``[Kp]`` int64: the column held at each position of a packed row in version 2's order
+    (word ``u``, field column ``c``: position ``u F + c``), by :func:`block_columns`."""
+    blk = torch.tensor(block_columns(bits, version), dtype=torch.int64, device=device)
+    base = torch.arange(0, kp, 32, dtype=torch.int64, device=device)
+    return (base[:, None] + blk[None, :]).reshape(-1)
+
+
+def _permuted(bits: int, version: int) -> bool:
+    return version >= 3 and bits in (2, 4)
+
+
 def _field_shifts(bits: int, version: int, device: torch.device) -> torch.Tensor:
-    """Bit offset of each column (within its word) of a contiguous-field word: the inverse of
-    :func:`field_columns`, column ``c`` in field ``c // 2 + (c % 2) F / 2`` when interleaved."""
+    """Bit offset of each column (within its word, version 2's order) of a contiguous-field
+    word: the inverse of :func:`field_columns`, column ``c`` in field ``c // 2 + (c % 2) F / 2``
+    when interleaved."""
     field_columns(bits, version)  # the named errors
     c = torch.arange(32 // bits, device=device, dtype=torch.int64)
     if bits == 8 or version == 1:
@@ -167,6 +215,8 @@ def pack_bits(q: torch.Tensor, bits: int, *, version: int = FORMAT_VERSION) -> t
     else:
         per = 32 // bits
         shifts = _field_shifts(bits, version, q.device)
+        if _permuted(bits, version):  # position P holds column position_columns[P]
+            q = q.index_select(1, position_columns(bits, kp, version, q.device))
         words = (q.reshape(n, kp // per, per) << shifts).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as int32
     return words.reshape(n, -1).to(torch.int32).contiguous()
@@ -190,7 +240,10 @@ def unpack_bits(qweight: torch.Tensor, bits: int, k: int | None = None, *,
         q = q.to(torch.int32)
     else:
         shifts = _field_shifts(bits, version, qweight.device).to(torch.int32)
-        q = (qweight.unsqueeze(-1) >> shifts) & (2**bits - 1)
+        q = ((qweight.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(n, kp)
+        if _permuted(bits, version):
+            cols = position_columns(bits, kp, version, qweight.device)
+            q = torch.empty_like(q).index_copy_(1, cols, q)
     return q.reshape(n, kp)[:, :k]
 
 
@@ -198,9 +251,8 @@ def repack(qweight: torch.Tensor, bits: int, from_version: int) -> torch.Tensor:
     """``qweight`` packed in format ``from_version``, in the current format: the same tensor
     where the layouts agree (3- and 8-bit fields, or already current), else the fields
     unpacked and packed again. ``ValueError`` for a version this build does not know."""
+    _check_version(from_version)
     if from_version == FORMAT_VERSION or bits not in (2, 4):
-        if from_version not in (1, FORMAT_VERSION):
-            field_columns(4, from_version)  # the named error
         return qweight
     return pack_bits(unpack_bits(qweight, bits, version=from_version), bits)
 

@@ -110,5 +110,5 @@ def test_the_ops_refuse_another_packed_format_version_by_name():
     with pytest.raises(ValueError, match="packed-field format version 1 is not this build's"):
         torch.ops.compress_ops.dequant_linear(*args, 1)
     cb = _compressed(MLP(), "codebook").fc1
-    with pytest.raises(ValueError, match="codebook_linear: packed-field format version 3"):
-        torch.ops.compress_ops.codebook_linear(x, cb.indices, cb.codebook, cb.bias, cb.bits, 3)
+    with pytest.raises(ValueError, match="codebook_linear: packed-field format version 4"):
+        torch.ops.compress_ops.codebook_linear(x, cb.indices, cb.codebook, cb.bias, cb.bits, 4)

@@ -265,6 +265,30 @@ def test_prmt_portable_form_is_ptx_prmt():
         assert oi & 0xFFFFFFFF == _ptx_prmt(ai & 0xFFFFFFFF, bi & 0xFFFFFFFF, si)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_kernel_column_maps_are_the_format(bits):
+    """The kernels' position <-> column maps of format 3 (``_pos_col``, ``_col_pos``), which
+    every kernel's K order and masks use, against the format's own (plain torch)
+    ``position_columns``: 2- and 4-bit fields permuted within each 32-column block, int8 and
+    bit planes not."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def maps_kernel(pc_ptr, cp_ptr, N: tl.constexpr, BITS: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(pc_ptr + i, dq._pos_col(i, BITS))
+        tl.store(cp_ptr + i, dq._col_pos(i, BITS))
+
+    pc = torch.empty(256, dtype=torch.int32)
+    cp = torch.empty_like(pc)
+    maps_kernel[(1,)](pc, cp, N=256, BITS=bits)
+    expect = (dqf.position_columns(bits, 256) if bits != 3 else torch.arange(256)).int()
+    assert torch.equal(pc, expect)
+    assert torch.equal(cp[expect.long()], torch.arange(256, dtype=torch.int32))
+    assert (bits in (2, 4)) == (not torch.equal(expect, torch.arange(256, dtype=torch.int32)))
+
+
 def test_int8_gemm_takes_the_packed_dequant_on_a_gpu_only():
     """fp16 int8 tiles above 32 rows dequantize each PRMT pair in packed fp16 arithmetic
     (``_dequant_halves``) where the launch is for a GPU (``ASM``); the interpreter runs the
@@ -391,7 +415,9 @@ def test_audit_specs_cover_every_shipped_config():
 def test_gemm_tiles_the_launcher_ships():
     """The tile a real call gets (recorded as on an H200): the 16-row tile takes 12 stages (its
     K steps small, so 44 KB of int4 words are in flight), 64 rows take 7 (int8: 6, its words
-    double a stage: 7 would need 176 KB, over sm_80's 163 KB; the audit compiles both)."""
+    double a stage: 7 would need 176 KB, over sm_80's 163 KB; asymmetric int4 with fewer rows
+    than the tile: 6, format 3's tile spilled a register on sm_80 at 7; the audit compiles
+    both)."""
     got_cfg = {}
     for bits, m in ((4, 16), (8, 16), (2, 16), (4, 64), (8, 64), (2, 64)):
         q, s, z = dqf.empty_affine(8192, 1024, bits, 128 if bits < 8 else None, False,

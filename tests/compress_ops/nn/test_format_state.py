@@ -76,19 +76,29 @@ def test_meta_device_loads_skip_the_value_check():
     assert target.qweight.device.type == "meta"
 
 
-def _as_version_1(m) -> dict:
-    """``m``'s state_dict as the packed-field format 1 wrote it: the fields in column order
-    within each word and a record without ``format_version``."""
+def _as_version(m, version: int) -> dict:
+    """``m``'s state_dict as packed-field format ``version`` wrote it: version 1 with the
+    fields in column order within each word and a record without ``format_version``; version
+    2 with format 2's words (no block permutation) and 2 in the record."""
     from compress_ops.kernels.formats import dequant as dqf
     state = {k: v.clone() for k, v in m.state_dict().items()}
     name = "qweight" if isinstance(m, co.nn.QuantLinear) else "indices"
     q = dqf.unpack_bits(state[name], m.bits)
-    state[name] = dqf.pack_bits(q, m.bits, version=1)
-    assert state["_extra_state"][-1].item() == dqf.FORMAT_VERSION == 2
-    state["_extra_state"] = state["_extra_state"][:-1]
+    state[name] = dqf.pack_bits(q, m.bits, version=version)
+    assert state["_extra_state"][-1].item() == dqf.FORMAT_VERSION == 3
+    if version == 1:
+        state["_extra_state"] = state["_extra_state"][:-1]
+    else:
+        state["_extra_state"] = state["_extra_state"].clone()
+        state["_extra_state"][-1] = version
     return state
 
 
+def _as_version_1(m) -> dict:
+    return _as_version(m, 1)
+
+
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize(("build", "changed"), [
     (lambda: _quant(70, 4, 32), True),
     (lambda: _quant(70, 2, 32), True),
@@ -96,11 +106,12 @@ def _as_version_1(m) -> dict:
     (lambda: co.nn.CodebookLinear.from_dense(nn.Linear(70, 16), co.CodebookConfig(bits=2)),
      True),
 ])
-def test_a_version_1_state_dict_loads_by_repacking(build, changed):
-    """Packed-field format 2 interleaved the 2- and 4-bit fields of a word: a state_dict saved
-    before (format 1, no ``format_version`` in the record) loads into the same weights."""
+def test_an_older_state_dict_loads_by_repacking(build, changed, version):
+    """Packed-field format 2 interleaved the 2- and 4-bit fields of a word, format 3 permutes
+    each 32-column block of them: a state_dict saved in format 1 (no ``format_version`` in the
+    record) or 2 loads into the same weights."""
     m = build()
-    old = _as_version_1(m)
+    old = _as_version(m, version)
     name = "qweight" if isinstance(m, co.nn.QuantLinear) else "indices"
     assert changed == (not torch.equal(old[name], m.state_dict()[name]))
     fresh = type(m)(70, 16, **({"bits": m.bits, "group_size": 32}
@@ -116,9 +127,9 @@ def test_an_unknown_or_mismatched_format_version_is_refused_by_name():
     m = _quant(70)
     newer = m.state_dict()
     newer["_extra_state"] = newer["_extra_state"].clone()
-    newer["_extra_state"][-1] = 3
+    newer["_extra_state"][-1] = 4
     target = co.nn.QuantLinear(70, 16, bits=4, group_size=32)
-    with pytest.raises(ValueError, match="format_version=3"):
+    with pytest.raises(ValueError, match="format_version=4"):
         target.load_state_dict(newer)
     old = _as_version_1(m)  # a version-1 record of another bit width: refused before repacking
     target2 = co.nn.QuantLinear(140, 16, bits=2, group_size=32)

@@ -27,31 +27,49 @@ def test_pack_unpack_round_trip(n, blocks, bits, seed):
 
 def test_bit_layout_is_the_documented_layout():
     q = torch.arange(32).reshape(1, 32) % 16
-    w4 = dqf.pack_bits(q, 4)
     # format 2: word u holds columns 8u + (0 2 4 6 1 3 5 7) in fields 0..7: word 0 = 0x75316420,
     # so (word >> 4p) & 0x000F000F is columns 2p, 2p + 1 in the two 16-bit halves
-    assert dqf.FORMAT_VERSION == 2 and w4[0, 0].item() == 0x75316420
+    w4v2 = dqf.pack_bits(q, 4, version=2)
+    assert w4v2[0, 0].item() == 0x75316420
     for p in range(4):
-        pair = (w4[0, 0].item() >> (4 * p)) & 0x000F000F
+        pair = (w4v2[0, 0].item() >> (4 * p)) & 0x000F000F
         assert (pair & 0xFFFF, pair >> 16) == (2 * p, 2 * p + 1)
-    # int2: 16 fields, columns 0 2 .. 14 1 3 .. 15; (word >> 2p) & 0x00030003 = columns 2p, 2p+1
-    q2 = torch.arange(32).reshape(1, 32) % 4
-    w2 = dqf.pack_bits(q2, 2)[0, 0].item() & 0xFFFFFFFF
-    for p in range(8):
-        pair = (w2 >> (2 * p)) & 0x00030003
-        assert (pair & 0xFFFF, pair >> 16) == ((2 * p) % 4, (2 * p + 1) % 4)
     assert dqf.field_columns(2) == (0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)
     assert dqf.field_columns(4, version=1) == tuple(range(8))
-    # version 1 (column c in field c % 8): word 0 = 0x76543210; repack converts it
+    # format 3: version 2's words, each 32-column block permuted: pair slot s = 4t + 2j + c
+    # (word s // (16 / b), pair s % (16 / b)) holds columns 16j + 8c + 2t (+ 1): int4 word t of
+    # a block is the columns thread t of an mma quad holds (2t, 2t+1, 2t+8, 2t+9, +16 ...)
+    assert dqf.FORMAT_VERSION == 3 and dqf.OLDER_VERSIONS == (1, 2)
+    assert dqf.block_columns(4)[:8] == (0, 1, 8, 9, 16, 17, 24, 25)
+    assert dqf.block_columns(2) == dqf.block_columns(4)
+    assert dqf.block_columns(8) == tuple(range(32)) == dqf.block_columns(4, version=2)
+    w4 = dqf.pack_bits(q, 4)
+    for t in range(4):
+        for p in range(4):
+            pair = (w4[0, t].item() >> (4 * p)) & 0x000F000F
+            col = 16 * (p >> 1) + 8 * (p & 1) + 2 * t
+            assert (pair & 0xFFFF, pair >> 16) == (col % 16, (col + 1) % 16)
+    q2 = torch.arange(32).reshape(1, 32) % 4
+    w2 = dqf.pack_bits(q2, 2)
+    for word in range(2):
+        for p in range(8):
+            slot = 8 * word + p
+            col = 16 * ((slot >> 1) & 1) + 8 * (slot & 1) + 2 * (slot >> 2)
+            pair = (w2[0, word].item() >> (2 * p)) & 0x00030003
+            assert (pair & 0xFFFF, pair >> 16) == (col % 4, (col + 1) % 4)
+    # version 1 (column c in field c % 8): word 0 = 0x76543210; repack converts 1 and 2
     w4v1 = dqf.pack_bits(q, 4, version=1)
     assert w4v1[0, 0].item() == 0x76543210
     assert torch.equal(dqf.unpack_bits(w4v1, 4, version=1), q.int())
+    assert torch.equal(dqf.unpack_bits(w4v2, 4, version=2), q.int())
     assert torch.equal(dqf.repack(w4v1, 4, 1), w4)
-    assert dqf.repack(w4, 4, 2) is w4
+    assert torch.equal(dqf.repack(w4v2, 4, 2), w4)
+    assert dqf.repack(w4, 4, 3) is w4
     w8 = dqf.pack_bits(torch.arange(32).reshape(1, 32) + 200, 8)
     assert dqf.repack(w8, 8, 1) is w8  # int8 and 3-bit layouts did not change
-    with pytest.raises(ValueError, match="unknown packed-field format version 3"):
-        dqf.repack(w4, 4, 3)
+    assert dqf.repack(w8, 8, 2) is w8
+    with pytest.raises(ValueError, match="unknown packed-field format version 4"):
+        dqf.repack(w4, 4, 4)
     q8 = torch.arange(32).reshape(1, 32) + 200
     assert torch.equal(dqf.pack_bits(q8, 8).view(torch.uint8)[0], q8[0].to(torch.uint8))
     q3 = torch.zeros(1, 32, dtype=torch.int64)

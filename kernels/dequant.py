@@ -124,7 +124,8 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM:
     ``offset + q`` (HALF_MAGIC 1: fp16 1024 + q; 2: bf16 128 + q), both made by one shift and
     one LOP3 on the word (the pair's mask and exponent in each 16-bit half); else (0) fp32
     ``q``. ``DQ`` (on a GPU), in packed arithmetic before the halves are split
-    (:func:`_dequant_halves`, fp16): 1, ``(q - z) s``; 2, ``q - z``. ``BYTE_SHIFT`` (fp16):
+    (:func:`_dequant_halves`, fp16): 1, ``(q - z) s``; 2, ``q - z``; 3, ``(q) s + z2`` by one
+    fma (``z2 = -z s``). ``BYTE_SHIFT`` (fp16):
     the word is shifted by whole bytes only (one shift per byte for every pair in it), the
     pair's ``r = b i mod 8`` low bits staying in place under an exponent that makes mantissa
     bit ``r`` worth 1: the halves are ``1024 / 2**r + q`` (:func:`_pair_offset`)."""
@@ -150,10 +151,16 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM:
                 v = _and_or(w, (MASK << R) * 0x10001, EXP_R, ASM)
             else:
                 v = _and_or(w >> SH, (MASK << R) * 0x10001, EXP_R, ASM)
+            OFF0: tl.constexpr = (25 - R) << 10
+            RB: tl.constexpr = R
         else:
             v = _and_or(w >> (BITS * i), MASK * 0x10001, EXP, ASM)
-        if DQ:
-            v = _dequant_halves(v, z2, s2, SYM_Z, DQ == 1, HALF_MAGIC)
+            OFF0: tl.constexpr = EXP & 0xFFFF
+            RB: tl.constexpr = 0
+        if DQ:  # the halves' offset, with a symmetric grid's constant zero folded in (an
+            # integer: a whole number of the offset's units, 2**-r)
+            OFF: tl.constexpr = (OFF0 + (SYM_Z << RB)) * 0x10001
+            v = _dequant_halves(v, z2, s2, SYM_Z, DQ == 1, HALF_MAGIC, OFF, DQ == 3)
         lo, hi = _halves(v, HALF)
     return lo, hi
 
@@ -277,36 +284,42 @@ def _pair_offset(col, BITS: tl.constexpr, BYTE_SHIFT: tl.constexpr):
 
 @triton.jit
 def _dequant_halves(v, z2, s2, SYM_Z: tl.constexpr, SCALE: tl.constexpr = True,
-                    HALF_MAGIC: tl.constexpr = 1):
+                    HALF_MAGIC: tl.constexpr = 1, OFF: tl.constexpr = 0x64006400,
+                    FMA: tl.constexpr = False):
     """``(q - z) s`` of the two fp16 fields of each int32 ``v`` (the halves of ``1024 + q``)
     in packed fp16 arithmetic, PTX ``sub.f16x2`` / ``mul.f16x2`` on the whole register: the
     halves are split only afterwards, so nothing reassembles them (Triton 3.9's LLVM moved the
     halves of scalar fp16 arithmetic with two PRMT per pair). ``z2``/``s2``: zero and scale in
     both halves of an int32; ``SYM_Z`` (> 0): the symmetric grid's constant zero instead, folded
-    into the offset (``1024 + z`` is an integer, exact). The subtractions are exact; one
-    rounding, as in the scalar form. ``SCALE`` off: ``q - z`` only (exact for an integer
-    zero, else one rounding), the scale applied by the caller."""
+    into the offset ``OFF`` by the caller (``1024 + z`` is an integer, exact). The subtractions are
+    exact; one rounding, as in the scalar form. ``SCALE`` off: ``q - z`` only (exact for an integer
+    zero, else one rounding), the scale applied by the caller. ``FMA``: ``(v - OFF) s2 + z2`` with
+    ``z2 = -z s`` (rounded to fp16 once per group and row): one exact subtraction of the offset
+    ``OFF`` (both halves' fp16 bits; 1024, or :func:`_pair`'s ``1024 / 2**r``) and one
+    ``fma.rn.f16x2``, two roundings in all, as ``((q - z) rounded) s`` with a fractional zero (the
+    scalar form rounds once: the interpreter's float64 tests check that one)."""
     tl.static_assert(HALF_MAGIC == 1, "packed dequantization is fp16 only")
-    if SYM_Z > 0 and not SCALE:
-        C: tl.constexpr = (0x6400 + SYM_Z) * 0x10001
+    if FMA:  # OFF: the offset alone (z2 = -z s carries the zero)
+        out = tl.inline_asm_elementwise(
+            "{ .reg .b32 c, t; mov.b32 c, $3; sub.f16x2 t, $1, c; fma.rn.f16x2 $0, t, $2, $4; }",
+            "=r,r,r,n,r", [v, s2, OFF, z2], dtype=tl.int32, is_pure=True, pack=1)
+    elif SYM_Z > 0 and not SCALE:  # OFF holds offset + zero
         out = tl.inline_asm_elementwise(
             "{ .reg .b32 c; mov.b32 c, $2; sub.f16x2 $0, $1, c; }",
-            "=r,r,n", [v, C], dtype=tl.int32, is_pure=True, pack=1)
+            "=r,r,n", [v, OFF], dtype=tl.int32, is_pure=True, pack=1)
     elif not SCALE:
         out = tl.inline_asm_elementwise(
-            "{ .reg .b32 c, t; mov.b32 c, 0x64006400; sub.f16x2 t, $1, c; "
-            "sub.f16x2 $0, t, $2; }",
-            "=r,r,r", [v, z2], dtype=tl.int32, is_pure=True, pack=1)
+            "{ .reg .b32 c, t; mov.b32 c, $3; sub.f16x2 t, $1, c; sub.f16x2 $0, t, $2; }",
+            "=r,r,r,n", [v, z2, OFF], dtype=tl.int32, is_pure=True, pack=1)
     elif SYM_Z > 0:
-        C: tl.constexpr = (0x6400 + SYM_Z) * 0x10001
         out = tl.inline_asm_elementwise(
             "{ .reg .b32 c, t; mov.b32 c, $3; sub.f16x2 t, $1, c; mul.f16x2 $0, t, $2; }",
-            "=r,r,r,n", [v, s2, C], dtype=tl.int32, is_pure=True, pack=1)
+            "=r,r,r,n", [v, s2, OFF], dtype=tl.int32, is_pure=True, pack=1)
     else:
         out = tl.inline_asm_elementwise(
-            "{ .reg .b32 c, t; mov.b32 c, 0x64006400; sub.f16x2 t, $1, c; "
+            "{ .reg .b32 c, t; mov.b32 c, $4; sub.f16x2 t, $1, c; "
             "sub.f16x2 t, t, $2; mul.f16x2 $0, t, $3; }",
-            "=r,r,r,r", [v, z2, s2], dtype=tl.int32, is_pure=True, pack=1)
+            "=r,r,r,r,n", [v, z2, s2, OFF], dtype=tl.int32, is_pure=True, pack=1)
     return out
 
 
@@ -358,8 +371,9 @@ def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.const
         v0 = _byte_pair(w, 0, ASM, mg)
         v1 = _byte_pair(w, 1, ASM, mg)
         if DQ:
-            v0 = _dequant_halves(v0, z2, s2, SYM_Z, DQ == 1)
-            v1 = _dequant_halves(v1, z2, s2, SYM_Z, DQ == 1)
+            OFF8: tl.constexpr = (0x6400 + SYM_Z) * 0x10001
+            v0 = _dequant_halves(v0, z2, s2, SYM_Z, DQ == 1, 1, OFF8, DQ == 3)
+            v1 = _dequant_halves(v1, z2, s2, SYM_Z, DQ == 1, 1, OFF8, DQ == 3)
         lo0, hi0 = _halves(v0, tl.float16)
         lo1, hi1 = _halves(v1, tl.float16)
         h = tl.join(tl.join(lo0, lo1), tl.join(hi0, hi1))
@@ -1027,9 +1041,11 @@ def _fields_matmul_kernel(
             else:
                 s_off = rows * stride_sn + ((t * BLOCK_K) >> group_shift)
             PACKED_DQ: tl.constexpr = DEQUANT_W and HALF_MAGIC == 1 and ASM
+            # (the large tiles' byte shifts: not with one group per row, whose q - z folds
+            # the symmetric zero into the one offset)
+            BS: tl.constexpr = BYTE_SHIFT and not (DEQUANT_W and SCALE_AFTER)
             if not PACKED_DQ:
-                h = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, mg=mg,
-                                           BYTE_SHIFT=BYTE_SHIFT,
+                h = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, mg=mg, BYTE_SHIFT=BS,
                                            HALF_WORDS=SWAP_AB and BITS == 2),
                              BLOCK_N, BLOCK_K, BITS)
             if ONES_DOT:
@@ -1062,29 +1078,40 @@ def _fields_matmul_kernel(
                     acc += ((part - _offset_terms(xsb, zo, SWAP_AB, BYTE_SHIFT, BLOCK_N, BLOCK_M))
                             * _per_n(sc, SWAP_AB))
             elif PACKED_DQ:
-                # fp16 on a GPU: each register's pair of fields dequantized in packed fp16
-                if SCALE_AFTER:  # q - z only
+                # fp16 on a GPU: each register's pair of fields dequantized in packed fp16:
+                # (v - offset) s - z s by one subtraction and one fma (DQ 3), or with one
+                # group per row (SCALE_AFTER) q - z only (DQ 2), the scale after the loop
+                if SCALE_AFTER:
                     s2 = 0
                     if MODE == 0:
                         z2 = _half_pair(z_one)[:, None]
+                        SYM_Z: tl.constexpr = 0
+                    else:
+                        z2 = 0
+                        SYM_Z: tl.constexpr = 1 << (BITS - 1)
                 else:
-                    s2 = _half_pair(tl.load(s_ptr + s_off))[:, None]
-                    if MODE == 0:
-                        z2 = _half_pair(tl.load(z_ptr + s_off))[:, None]
-                if MODE == 0:
-                    SYM_Z: tl.constexpr = 0
-                else:
-                    z2 = 0
-                    SYM_Z: tl.constexpr = 1 << (BITS - 1)
-                w = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z,
-                                           2 if SCALE_AFTER else 1, mg), BLOCK_N, BLOCK_K,
-                             BITS)
+                    sh = tl.load(s_ptr + s_off)
+                    s2 = _half_pair(sh)[:, None]
+                    if MODE == 0:  # z2 = -z s: the fma's addend
+                        zf = tl.load(z_ptr + s_off).to(tl.float32)
+                        z2 = _half_pair((-(zf * sh.to(tl.float32))).to(tl.float16))[:, None]
+                        SYM_Z: tl.constexpr = 0
+                    else:  # the constant zero folded into the subtracted offset (exact)
+                        z2 = 0
+                        SYM_Z: tl.constexpr = 1 << (BITS - 1)
+                DQM: tl.constexpr = 2 if SCALE_AFTER else 3 if MODE == 0 else 1
+                w = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQM, mg,
+                                           BYTE_SHIFT=BYTE_SHIFT and not SCALE_AFTER,
+                                           HALF_WORDS=SWAP_AB and BITS == 2),
+                             BLOCK_N, BLOCK_K, BITS)
                 acc = _mm(a, w, acc, SWAP_AB, PREC)
             elif DEQUANT_W:  # w = (q - z) s per weight, once per CTA; the dot accumulates
                 if UPCAST_DOT:  # the interpreter's bf16 arithmetic on bitcast values is wrong
                     h = h.to(tl.float32)
                 # q, exactly, in h's dtype (fp16, bf16 or fp32; a literal keeps the dtype)
-                if HALF_MAGIC == 1:
+                if HALF_MAGIC == 1 and BS:  # each column's offset (powers of two: exact)
+                    hq = h - _pair_offset(tl.arange(0, BLOCK_K), BITS, True).to(h.dtype)[None, :]
+                elif HALF_MAGIC == 1:
                     hq = h - 1024.0
                 elif HALF_MAGIC == 2:
                     hq = h - 128.0
@@ -1609,9 +1636,11 @@ def fields_gemm_meta(bits: int, mode: int, block_m: int, dtype: torch.dtype) -> 
     exact cancellation needs the dot to see x exactly, so fp16 and bf16 x take the half
     magic (not fp32 x, which a tf32 dot rounds; bf16's 128 + q is exact for q < 128 only),
     and tiles above ``AFFINE_GEMM_MAX_BM`` rows dequantize every weight (``DEQUANT_W``).
-    ``SWAP_AB`` (the weight tile as the dot's first operand, a register-operand wgmma on sm_90;
-    with fp16 also ``BYTE_SHIFT``, :func:`_pair`) where the static model predicts it cheaper
-    under both Tritons: fp16/bf16 x with affine 2-
+    ``BYTE_SHIFT`` (fp16, affine 2- and 4-bit fields, every tile: :func:`_pair`; the large
+    tiles subtract each pair's offset before one fma, the small ones fold the offsets into
+    their all-ones operand). ``SWAP_AB`` (the weight tile as the dot's first operand, a
+    register-operand wgmma on sm_90) where the static model predicts it cheaper under both
+    Tritons: fp16/bf16 x with affine 2-
     and 4-bit fields in the small tiles (int4 M = 16: 3.34 -> 3.09 instructions per weight
     under Triton 3.9, 3.27 -> 2.73 under 3.6); int8, codebooks and the large tiles lost
     (their words are not one thread's fragment, or the dequantized tile already goes through
@@ -1622,8 +1651,7 @@ def fields_gemm_meta(bits: int, mode: int, block_m: int, dtype: torch.dtype) -> 
             "LUT_PRMT": mode == MODE_CODEBOOK and bits == 4 and dtype.itemsize == 2,
             "SWAP_AB": (dtype.itemsize == 2 and bits in (2, 4) and mode != MODE_CODEBOOK
                         and block_m <= AFFINE_GEMM_MAX_BM),
-            "BYTE_SHIFT": (dtype == torch.float16 and bits in (2, 4) and mode != MODE_CODEBOOK
-                           and block_m <= AFFINE_GEMM_MAX_BM),
+            "BYTE_SHIFT": dtype == torch.float16 and bits in (2, 4) and mode != MODE_CODEBOOK,
             "ONES_DOT": (mode != MODE_CODEBOOK and block_m <= AFFINE_GEMM_MAX_BM
                          and half_magic > 0)}
 

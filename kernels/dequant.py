@@ -381,21 +381,15 @@ def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.const
         lo0, hi0 = _pair(w, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
         lo1, hi1 = _pair(w, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ)
         h = tl.join(tl.join(lo0, hi0), tl.join(lo1, hi1))
-    elif BITS == 4:
+    elif BITS == 4 or HALF_WORDS:  # four pairs per word (int4), or per byte-half (int2)
+        if HALF_WORDS:  # int2 [BN, W] words: a new dimension of their two byte-halves (w >> 0,
+            # w >> 8; no join, so the two threads of format 3 that share a word can each take
+            # one: a join's dimension is a register's), each with four pairs at bits 0, 2, 4, 6
+            w = w[:, :, None] >> (tl.arange(0, 2) * 8)[None, None, :]
         l0, h0 = _pair(w, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
         l1, h1 = _pair(w, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
         l2, h2 = _pair(w, 2, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
         l3, h3 = _pair(w, 3, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
-        h = tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)),
-                    tl.join(tl.join(h0, h2), tl.join(h1, h3)))
-    elif HALF_WORDS:  # int2 [BN, W] words: a new dimension of their two byte-halves (w >> 0,
-        # w >> 8; no join, so the two threads of format 3 that share a word can each take one:
-        # a join's dimension is a register's), each with four pairs at bits 0, 2, 4, 6
-        wq = w[:, :, None] >> (tl.arange(0, 2) * 8)[None, None, :]
-        l0, h0 = _pair(wq, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
-        l1, h1 = _pair(wq, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
-        l2, h2 = _pair(wq, 2, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
-        l3, h3 = _pair(wq, 3, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
         h = tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)),
                     tl.join(tl.join(h0, h2), tl.join(h1, h3)))
     else:

@@ -127,7 +127,7 @@ def block_columns(bits: int, version: int = FORMAT_VERSION) -> tuple[int, ...]:
     in {2, 4}, pair slot ``s = P // 2 = 4 t + 2 j + c`` and half ``e = P % 2`` hold column
     ``16 j + 8 c + 2 t + e``; the identity otherwise."""
     _check_version(version)
-    if version < 3 or bits not in (2, 4):
+    if not _permuted(bits, version):
         return tuple(range(32))
     cols = []
     for pos in range(32):

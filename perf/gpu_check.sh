@@ -14,7 +14,9 @@
 #   4. python -m compress_ops.perf.bench -> perf/results/<date>-<gpu>.json (rewritten after
 #      every row, so a timeout still leaves the rows measured so far)
 #   5. a summary; with $OUT set, logs go to $OUT/gpu_check/ and the results file is written to
-#      $OUT/results/ (the device tool returns what is under $OUT), then copied to perf/results/.
+#      $OUT/results/ (the device tool returns what is under $OUT), then copied to perf/results/;
+#      at the end the logs fold into $OUT/gpu_check_logs.tar.gz (+ gpu_check_summary.txt): the
+#      tool returns at most 8 files, and the first GPU run lost its results JSON to that limit.
 #
 # --quick replaces steps 3-4 with python -m compress_ops.perf.quick_check, one process per step,
 # all filling one <date>-quick-<gpu>.json: in $OUT/results/ when $OUT is set (not copied into
@@ -143,6 +145,15 @@ print_summary() {
     } | tee "$LOG_DIR/summary.txt"
 }
 
+# The device tool returns at most 8 files from $OUT: fold the logs into one archive there (the
+# summary stays readable beside it), so the results JSON is never the file left out.
+bundle_logs() {
+    [ -n "${OUT:-}" ] && [ -d "$LOG_DIR" ] || return 0
+    cp "$LOG_DIR/summary.txt" "$OUT/gpu_check_summary.txt" 2>/dev/null
+    tar czf "$OUT/gpu_check_logs.tar.gz" -C "$(dirname "$LOG_DIR")" "$(basename "$LOG_DIR")" \
+        && rm -rf "$LOG_DIR" && echo "logs: $OUT/gpu_check_logs.tar.gz"
+}
+
 # --quick: smoke, headline, table (python -m compress_ops.perf.quick_check), then exit ---------
 if [ "$QUICK" = "1" ]; then
     unset COMPRESS_OPS_AUTOTUNE
@@ -194,6 +205,7 @@ if [ "$QUICK" = "1" ]; then
         RC_QUICK=1
     fi
     print_summary
+    bundle_logs
     [ $RC_INSTALL -eq 0 ] && [ $RC_QUICK -eq 0 ]
     exit $?
 fi
@@ -277,5 +289,6 @@ fi
 
 # 5. summary ----------------------------------------------------------------------------------
 print_summary
+bundle_logs
 
 [ $RC_INSTALL -eq 0 ] && [ $RC_TEST -eq 0 ] && [ $RC_BENCH -eq 0 ]

@@ -44,8 +44,9 @@ class Loaded:
     problems: list[tuple[str, str]] = field(default_factory=list)  # (file, message)
 
 
-# not benchmark results: the static model's predictions and the quick GPU check's own schema
-OTHER_FILES = ("static-triton*.json", "*-quick-*.json")
+# not benchmark results: the static model's predictions, the quick GPU check's own schema and
+# perf/gpu_diag.py's diagnostic rows
+OTHER_FILES = ("static-triton*.json", "*-quick-*.json", "*-diag*-*.json")
 
 
 def load_dir(results_dir: Path) -> Loaded:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress_ops.perf.quick_check import build_linear_module, cuda_graph_of
+from compress_ops.perf.quick_check import build_linear_module, cuda_graph_of, kernel_fn
 from compress_ops.perf.timing import time_fn
 
 
@@ -57,13 +57,7 @@ def _time(fn, device: torch.device) -> dict[str, Any]:
 
 
 def _kernel_fn(mod: nn.Module, x: torch.Tensor, cfg):
-    from compress_ops.kernels import dequant as dq
-
-    if hasattr(mod, "codebook"):
-        return lambda: dq.codebook_matmul(x, mod.indices, mod.codebook, None, mod.bits,
-                                          config=cfg, checked=True)
-    return lambda: dq.dequant_matmul(x, mod.qweight, mod.scales, mod.zeros, None, mod.bits,
-                                     mod.group_size, config=cfg, checked=True)
+    return kernel_fn(mod, x, cfg, checked=True)
 
 
 class Diag:
@@ -97,7 +91,8 @@ class Diag:
         key = (case, n, k)
         if key not in self.mods:
             self.mods.clear()
-            torch.cuda.empty_cache() if self.device.type == "cuda" else None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
             g = torch.Generator(device=self.device).manual_seed(0)
             lin = nn.Linear(k, n, bias=False, dtype=torch.float16, device=self.device)
             with torch.no_grad():

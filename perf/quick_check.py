@@ -645,17 +645,23 @@ def _gemv_alt_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
     ``kernels/configs/dequant.json``) on the same packed weight: the static model predicts
     the tile above the GEMV (int4: 3.11x against 2.74x under Triton 3.9, 2.49x against 2.29x
     under 3.6; int8 level), so one GPU run confirms or reverses that choice."""
-    from compress_ops.kernels import dequant as dq
     from compress_ops.kernels.tuning import KernelConfig, load_tables
 
     cfg = KernelConfig("gemv", **load_tables("dequant")["default"]["gemv"]["1"])
-    if case.kind == "codebook":
-        fn = lambda: dq.codebook_matmul(x, mod.indices, mod.codebook, None,  # noqa: E731
-                                        mod.bits, config=cfg)
-    else:
-        fn = lambda: dq.dequant_matmul(x, mod.qweight, mod.scales, mod.zeros,  # noqa: E731
-                                       None, mod.bits, mod.group_size, config=cfg)
-    return fn, f"config={cfg.name} (forced)"
+    return kernel_fn(mod, x, cfg), f"config={cfg.name} (forced)"
+
+
+def kernel_fn(mod: nn.Module, x: torch.Tensor, cfg: Any, checked: bool = False
+              ) -> Callable[[], torch.Tensor]:
+    """A call of the low-bit kernel entry on ``mod``'s packed weight with ``cfg`` forced
+    (``checked``: the inputs are not validated again)."""
+    from compress_ops.kernels import dequant as dq
+
+    if hasattr(mod, "codebook"):
+        return lambda: dq.codebook_matmul(x, mod.indices, mod.codebook, None, mod.bits,
+                                          config=cfg, checked=checked)
+    return lambda: dq.dequant_matmul(x, mod.qweight, mod.scales, mod.zeros, None, mod.bits,
+                                     mod.group_size, config=cfg, checked=checked)
 
 
 def _measure_native(c: HeadlineCase, mod: nn.Module, x: torch.Tensor, ref: torch.Tensor,

@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
+from compress_ops.kernels import launches
 from compress_ops.kernels._launch import dot_meta, grouped_tile, store_tile
 from compress_ops.kernels.formats.dequant import (
     WORD_COLS,
@@ -1162,6 +1165,67 @@ def _fields_matmul_kernel(
 
 
 @triton.jit
+def _dequant_weight_kernel(
+    # pointers: s_ptr holds the scales (affine) or the codebook; z_ptr the zeros (asymmetric)
+    q_ptr, s_ptr, z_ptr, w_ptr,
+    N, K, KP, group_shift, rows_per_group, row0,
+    stride_qn, stride_sn, stride_wn,
+    BITS: tl.constexpr,
+    MODE: tl.constexpr,
+    HALF_MAGIC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ASM: tl.constexpr = False,
+    SPLIT_K: tl.constexpr = 1,
+):
+    """The dense weight of packed rows ``row0 .. row0 + N`` in the activation dtype:
+    ``w[n, k] = (q - z) s`` computed in fp32 and rounded once (as
+    :func:`~compress_ops.kernels.formats.dequant.dequantize`), or the codebook entry
+    (as ``codebook_weight``); columns ``K .. KP`` (padding) are not written. One
+    ``[BLOCK_N, BLOCK_K]`` tile per program, inside one scale group: the tile's words loaded
+    once (16-byte loads along K), unpacked in registers as the fields GEMM does
+    (:func:`_unpack_words`, :func:`_k_order`) and stored along K. The large-M route
+    (:func:`_launch`) feeds the weight to cuBLAS: a memory-bound pass (``N KP b / 8`` bytes
+    read, ``N K e`` written) once per call instead of once per row tile of the fused GEMM."""
+    FIELDS: tl.constexpr = 32 // BITS
+    W: tl.constexpr = BLOCK_K // FIELDS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = (row0 + tl.minimum(offs_n, N - 1)).to(tl.int64)  # clamped: rows past N not stored
+    offs_w = tl.arange(0, W)
+    words = tl.load(q_ptr + rows[:, None] * stride_qn + t * W + offs_w[None, :],
+                    mask=((t * W + offs_w) < KP // FIELDS)[None, :], other=0)
+    if MODE == 2:
+        wcols = tl.arange(0, FIELDS)
+        if BITS < 8:  # format 2's pairs: column c of a word at bit (c // 2 + (c % 2) F / 2) b
+            shifts = (wcols // 2 + (wcols % 2) * (FIELDS // 2)) * BITS
+        else:
+            shifts = wcols * BITS
+        fields = (words[:, :, None] >> shifts[None, None, :]) & MASK
+        lut_rows = s_ptr + (rows // rows_per_group)[:, None, None] * stride_sn
+        w = _k_order(tl.load(lut_rows + fields), BLOCK_N, BLOCK_K, BITS)
+    else:
+        mg = 0x64646464 | (K >> 31)  # as in the fields GEMM: a register, not an immediate
+        h = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, mg=mg), BLOCK_N, BLOCK_K,
+                     BITS).to(tl.float32)
+        # q exactly (fp16 1024 + q, bf16 128 + q, or q), then (q - z) s: an offset added to
+        # a fractional zero instead would round it
+        offset = 1024.0 if HALF_MAGIC == 1 else 128.0 if HALF_MAGIC == 2 else 0.0
+        s_off = rows * stride_sn + ((t * BLOCK_K) >> group_shift)
+        if MODE == 0:
+            z = tl.load(z_ptr + s_off).to(tl.float32)
+        else:
+            z = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1 << (BITS - 1))
+        w = ((h - offset) - z[:, None]) * tl.load(s_ptr + s_off).to(tl.float32)[:, None]
+    offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=n_mask[:, None] & (offs_k < K)[None, :])
+
+
+@triton.jit
 def _dequant_matmul_kernel(
     # pointers: s_ptr holds the scales (affine) or the codebook; z_ptr the zeros (asymmetric)
     x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
@@ -1366,6 +1430,7 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
     """Audit specs of the fields kernels as real calls launch them (N = 8192, and N = 4096 for
     the small tiles, whose BLOCK_N the launcher narrows there): every shipped GEMV and
     GEMM bucket that routes to :func:`_fields_gemv_kernel` / :func:`_fields_matmul_kernel`,
+    and the large-M route's :func:`_dequant_weight_kernel` (at ``dense_min_m`` rows),
     int2/int4/int8, symmetric and asymmetric, fp16 and bf16 (and int4 fp16 at a ragged K),
     codebooks of 2/4 bits (and their GEMM where it is :func:`_dequant_matmul_kernel`),
     recorded on CPU tensors as on an H200 and compiled with the specialization Triton computes
@@ -1376,6 +1441,8 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
     table = load_tables(_FAMILY)["default"]
     ms = [int(b) for b in table["gemv"]]
     ms += [int(b) for b in table["gemm"]]
+    if table.get("dense_min_m") is not None:  # the large-M route's dequantizing kernel
+        ms.append(table["dense_min_m"])
     variants = [(b, g, sym, dt, k) for b, g in ((4, 128), (8, None), (2, 128))
                 for sym in (False, True) for dt in (torch.float16, torch.bfloat16)]
     variants += [(b, g, False, torch.float32, k) for b, g in ((4, 128), (8, None))]
@@ -1409,7 +1476,7 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
                         continue
                     seen.add(key)
                     # fp32 x: an IEEE dot (FMA, no tensor cores) unless TF32 is allowed
-                    mma = ("-" if la.kernel is _fields_gemv_kernel
+                    mma = ("-" if la.kernel in (_fields_gemv_kernel, _dequant_weight_kernel)
                            or la.kwargs.get("DOT_PRECISION") == "ieee"
                            else _expected_mma(la.kwargs))
                     specs.append({"kernel": la.kernel.__name__, "config": name, "fn": la.kernel,
@@ -1490,48 +1557,172 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _Plan:
+    """What a launch derives from a call's shapes, dtype, device and config (:func:`_plan`):
+    the kernel, its grid, the scalar arguments between the pointers and the strides, and the
+    constexprs with the launch options."""
+
+    kernel: object
+    grid: tuple
+    ints: tuple
+    meta: dict
+    split_k: int
+    dense_rows: int = 0  # > 0: the large-M route, dense weight rows per chunk (_launch_dense)
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 4096  # distinct (shape, dtype, config) calls remembered; then forgotten at once
+
+
+def _plan(mode: int, x2: torch.Tensor, q: torch.Tensor, bits: int, group: int,
+          has_bias: bool, cfg: KernelConfig | None) -> _Plan:
+    """:func:`_make_plan` for this call (``cfg=None``: the shipped config,
+    :func:`call_config`), remembered per everything it reads (the config tables, tile rules
+    and constexprs are pure functions of these), so that a decode step pays a dict lookup
+    instead of re-deriving its launch: eager calls are host-bound."""
+    m, k = x2.shape
+    fp32 = x2.dtype == torch.float32
+    key = (mode, bits, group, m, k, q.shape[0], q.shape[1], x2.dtype, x2.device,
+           gpu_target(x2.device), has_bias, cfg, x2.stride(0) % 16 == 0,
+           fp32 and torch.backends.cuda.matmul.allow_tf32,
+           os.environ.get("COMPRESS_OPS_DENSE_MIN_M"))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _make_plan(mode, x2, q, bits, group, has_bias, cfg)
+    return plan
+
+
 def _launch(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
             z: torch.Tensor | None, bias: torch.Tensor | None, bits: int, group: int,
-            cfg: KernelConfig) -> torch.Tensor:
-    """``group``: the group size (affine) or rows per codebook row group (codebook)."""
+            cfg: KernelConfig | None) -> torch.Tensor:
+    """``group``: the group size (affine) or rows per codebook row group (codebook);
+    ``cfg=None``: the shipped config."""
+    plan = _plan(mode, x2, q, bits, group, bias is not None, cfg)
+    if plan.dense_rows:
+        return _launch_dense(plan, x2, q, s, z, bias)
+    y = _launch_mod.output(x2.shape[0], q.shape[0], x2, plan.split_k)
+    zp = z if z is not None else s  # dummy pointers, never read
+    bp = bias if bias is not None else s
+    _launch_mod.launch(plan.kernel, plan.grid, x2, q, s, zp, bp, y, *plan.ints,
+                       x2.stride(0), q.stride(0), s.stride(0), y.stride(0), **plan.meta)
+    return _launch_mod.finish(y, x2, plan.split_k)
+
+
+def _make_plan(mode: int, x2: torch.Tensor, q: torch.Tensor, bits: int, group: int,
+               has_bias: bool, cfg: KernelConfig | None) -> _Plan:
     m, k = x2.shape
     n = q.shape[0]
     kp = packed_k(q.shape[1], bits)
-    y = _launch_mod.output(m, n, x2, cfg.split_k)
     group_size, rows_per_group = (kp, group) if mode == MODE_CODEBOOK else (group, 1)
-    zp = z if z is not None else s  # dummy pointers, never read
-    bp = bias if bias is not None else s
+    ints = (m, n, k, kp, group_shift_arg(group_size, kp), rows_per_group)
+    if cfg is None and dense_route(m, bits, x2.dtype, x2.device):
+        return _dense_plan(mode, x2, bits, group_size, kp, ints)
+    if cfg is None:
+        cfg = call_config(m, n, kp, x2.device, bits, mode, x2.dtype)
     if cfg.path == "gemv" and bits in MAGIC_BITS:
-        _launch_fields_gemv(mode, x2, q, s, zp, bp, y, bias is not None, bits, group_size,
-                            rows_per_group, kp, cfg)
-        return _launch_mod.finish(y, x2, cfg.split_k)
+        return _fields_gemv_plan(mode, x2, has_bias, bits, group_size, kp, ints, cfg)
     if group_size < kp and cfg.block_k > group_size:  # a K tile must lie in one scale group
         # GEMV at BLOCK_M >= 2: 32-column tiles (BLOCK_K = 64 there spills on sm_90: audit)
         bk = group_size if cfg.path == "gemm" or cfg.block_m == 1 else WORD_COLS
         cfg = KernelConfig(**{**cfg.__dict__, "block_k": bk})
     if cfg.path == "gemm":
         cfg = gemm_tile(cfg, x2, bits, mode)
-    args = (x2, q, s, zp, bp, y, m, n, k, kp, group_shift_arg(group_size, kp), rows_per_group,
-            x2.stride(0), q.stride(0), s.stride(0), y.stride(0))
-    meta = dict(BITS=bits, MODE=mode, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,
+    meta = dict(BITS=bits, MODE=mode, HAS_BIAS=has_bias, BLOCK_M=cfg.block_m,
                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.path == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
-        _launch_mod.launch(_dequant_gemv_kernel, grid, *args, **meta)
-    else:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-        if fields_gemm(bits):
-            _launch_mod.launch(_fields_matmul_kernel, grid, *args, GROUP_M=cfg.group_m,
-                               ASM=ptx(x2), EVEN_K=k == kp and k % cfg.block_k == 0,
-                               FEW_ROWS=m < cfg.block_m,
-                               ONE_GROUP=mode != MODE_CODEBOOK and group_size >= kp,
-                               **fields_gemm_meta(bits, mode, cfg.block_m, x2.dtype),
-                               **dot_meta(x2), **meta)
-        else:
-            _launch_mod.launch(_dequant_matmul_kernel, grid, *args, GROUP_M=cfg.group_m,
-                               **dot_meta(x2), **meta)
-    return _launch_mod.finish(y, x2, cfg.split_k)
+        return _Plan(_dequant_gemv_kernel, grid, ints, meta, cfg.split_k)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    if fields_gemm(bits):
+        meta = dict(GROUP_M=cfg.group_m, ASM=ptx(x2),
+                    EVEN_K=k == kp and k % cfg.block_k == 0, FEW_ROWS=m < cfg.block_m,
+                    ONE_GROUP=mode != MODE_CODEBOOK and group_size >= kp,
+                    **fields_gemm_meta(bits, mode, cfg.block_m, x2.dtype), **dot_meta(x2),
+                    **meta)
+        return _Plan(_fields_matmul_kernel, grid, ints, meta, cfg.split_k)
+    return _Plan(_dequant_matmul_kernel, grid, ints,
+                 dict(GROUP_M=cfg.group_m, **dot_meta(x2), **meta), cfg.split_k)
+
+
+DENSE_CHUNK_BYTES = 256 << 20  # the large-M route's dense weight: at most this many bytes
+DENSE_BLOCK_N = 32  # :func:`_dequant_weight_kernel`'s tile: 32 rows x one scale group (<= 128)
+DENSE_BLOCK_K = 128
+
+
+def dense_min_m(device: torch.device) -> int | None:
+    """The smallest M that takes the large-M route (:func:`dense_route`): the environment's
+    ``COMPRESS_OPS_DENSE_MIN_M`` (an int; ``never``: the fused GEMM at every M), else the
+    device table's ``dense_min_m`` (``kernels/configs/dequant.json``; null: never)."""
+    env = os.environ.get("COMPRESS_OPS_DENSE_MIN_M")
+    if env is not None:
+        if env.strip().lower() == "never":
+            return None
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"COMPRESS_OPS_DENSE_MIN_M must be an int or 'never', got "
+                             f"{env!r}") from None
+        if value < 1:
+            raise ValueError(f"COMPRESS_OPS_DENSE_MIN_M must be >= 1, got {value}")
+        return value
+    return device_table(_FAMILY, device).get("dense_min_m")
+
+
+def dense_route(m: int, bits: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a call with the shipped config takes the large-M route: the weight
+    dequantized once into a temporary dense ``[N, K]`` (:func:`_dequant_weight_kernel`, at
+    most ``DENSE_CHUNK_BYTES`` at a time) and multiplied by cuBLAS (``F.linear``), two
+    launches per chunk. From ``dense_min_m`` rows (:func:`dense_min_m`), contiguous 2/4/8-bit
+    fields (affine or codebook), fp16/bf16 x. At M = 2048 (N = K = 8192, H200) the fused GEMM
+    measured 0.45-0.65x dense cuBLAS (``perf/results/2026-11-30-quick-nvidia-h200.json``): its
+    CTAs dequantize every weight once per row tile (16 times at M = 2048) and do not overlap
+    that with the tensor cores; the dense route dequantizes once (32 MB read, 128 MB written
+    at int4) before a GEMM that is cuBLAS's own."""
+    if bits not in MAGIC_BITS or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    threshold = dense_min_m(device)
+    return threshold is not None and m >= threshold
+
+
+def _dense_plan(mode: int, x2: torch.Tensor, bits: int, group_size: int, kp: int,
+                ints: tuple) -> _Plan:
+    m, n, k, _, shift, rows_per_group = ints
+    bk = DENSE_BLOCK_K if group_size >= kp else min(DENSE_BLOCK_K, group_size)
+    rows = max(DENSE_BLOCK_N, DENSE_CHUNK_BYTES // (k * x2.element_size())
+               // DENSE_BLOCK_N * DENSE_BLOCK_N)
+    meta = dict(BITS=bits, MODE=mode, BLOCK_N=DENSE_BLOCK_N, BLOCK_K=bk, ASM=ptx(x2),
+                HALF_MAGIC=fields_gemm_meta(bits, mode, 1, x2.dtype)["HALF_MAGIC"], SPLIT_K=1,
+                num_warps=4, num_stages=1)
+    return _Plan(_dequant_weight_kernel, (-(-kp // bk),), (k, kp, shift, rows_per_group), meta, 1,
+                 dense_rows=rows)
+
+
+def _launch_dense(plan: _Plan, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+                  z: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """The large-M route (:func:`dense_route`): per chunk of at most ``plan.dense_rows`` rows,
+    the dense weight into one reused buffer, then ``F.linear`` (cuBLAS on a GPU)."""
+    n, k = q.shape[0], x2.shape[1]
+    rows = plan.dense_rows
+    w = torch.empty((min(rows, n), k), device=x2.device, dtype=x2.dtype)
+    zp = z if z is not None else s  # a dummy pointer, never read
+    runs = launches.runs()
+    outs = []
+    for r0 in range(0, n, rows):
+        nr = min(rows, n - r0)
+        grid = (-(-nr // DENSE_BLOCK_N), *plan.grid)
+        k_, kp, shift, rows_per_group = plan.ints
+        _launch_mod.launch(plan.kernel, grid, q, s, zp, w, nr, k_, kp, shift, rows_per_group,
+                           r0, q.stride(0), s.stride(0), w.stride(0), **plan.meta)
+        _launch_mod.record_torch("F.linear")
+        if runs:
+            outs.append(F.linear(x2, w[:nr], None if bias is None else bias[r0:r0 + nr]))
+    if not runs:  # recorded, not run (launches.capture(run=False)): unwritten, as every output
+        return _launch_mod.output(x2.shape[0], n, x2, 1)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 MAGIC_BITS = (2, 4, 8)  # contiguous fields: the fields kernels (affine and codebook, every M)
@@ -1662,27 +1853,21 @@ def fields_gemv_tile(bits: int, group_size: int, kp: int, block_k: int,
     return bk, vec
 
 
-def _launch_fields_gemv(mode: int, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
-                        zp: torch.Tensor, bp: torch.Tensor, y: torch.Tensor, has_bias: bool,
-                        bits: int, group_size: int, rows_per_group: int, kp: int,
-                        cfg: KernelConfig) -> None:
-    m, k = x2.shape
-    n = q.shape[0]
+def _fields_gemv_plan(mode: int, x2: torch.Tensor, has_bias: bool, bits: int,
+                      group_size: int, kp: int, ints: tuple, cfg: KernelConfig) -> _Plan:
+    """The launch of :func:`_fields_gemv_kernel`."""
+    n = ints[1]
     bk, vec = fields_gemv_tile(bits, group_size, kp, cfg.block_k, mode == MODE_CODEBOOK)
     # codebooks: half the rows per program (their lookups hold more registers; the audit), a
     # quarter with fp32 x (its activations take twice the registers)
     bn = cfg.block_n
     if mode == MODE_CODEBOOK and bn > 8:
         bn = max(8, bn // (4 if x2.dtype == torch.float32 else 2))
-    grid = (triton.cdiv(n, bn), m, cfg.split_k)
-    _launch_mod.launch(
-        _fields_gemv_kernel, grid, x2, q, s, zp, bp, y, m, n, k, kp,
-        group_shift_arg(group_size, kp), rows_per_group,
-        x2.stride(0), q.stride(0), s.stride(0), y.stride(0),
-        BITS=bits, MODE=mode, HAS_BIAS=has_bias, BLOCK_N=bn, BLOCK_K=bk, VEC=vec,
-        ONE_GROUP=group_size == kp, SPLIT_K=cfg.split_k, ASM=ptx(x2),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+    grid = (triton.cdiv(n, bn), x2.shape[0], cfg.split_k)
+    meta = dict(BITS=bits, MODE=mode, HAS_BIAS=has_bias, BLOCK_N=bn, BLOCK_K=bk, VEC=vec,
+                ONE_GROUP=group_size == kp, SPLIT_K=cfg.split_k, ASM=ptx(x2),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return _Plan(_fields_gemv_kernel, grid, ints, meta, cfg.split_k)
 
 
 def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
@@ -1697,12 +1882,9 @@ def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.
     x2, q, s = x2.contiguous(), q.contiguous(), s.contiguous()
     z = z.contiguous() if z is not None else None
     bias = bias.contiguous() if bias is not None else None
-    if config is None:
-        if x.device.type == "cuda" and os.environ.get("COMPRESS_OPS_AUTOTUNE") == "1":
-            config = autotuned_config(mode, x2, q, s, z, bias, bits, group)
-        else:
-            config = call_config(m, n, packed_k(q.shape[1], bits), x.device, bits, mode,
-                                 x.dtype)
+    if (config is None and x.device.type == "cuda"
+            and os.environ.get("COMPRESS_OPS_AUTOTUNE") == "1"):
+        config = autotuned_config(mode, x2, q, s, z, bias, bits, group)
     return _launch(mode, x2, q, s, z, bias, bits, group, config).reshape(*lead, n)
 
 

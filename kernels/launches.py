@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-__all__ = ["Launch", "capture", "launch", "record_torch", "specialization"]
+__all__ = ["Launch", "capture", "launch", "record_torch", "runs", "specialization"]
 
 
 @dataclass
@@ -53,6 +53,12 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         if not _CAPTURE.run:
             return
     kernel[grid](*args, **kwargs)
+
+
+def runs() -> bool:
+    """Whether launches run (not inside ``capture(run=False)``): a launcher that also calls a
+    torch kernel on a launch's output skips it when they do not."""
+    return _CAPTURE is None or _CAPTURE.run
 
 
 def record_torch(name: str) -> None:

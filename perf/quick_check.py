@@ -533,19 +533,29 @@ def _native_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
     raise ValueError(f"no native kernel for {case.name}")
 
 
+def _shipped(mod: nn.Module, m: int, device: torch.device, dtype: torch.dtype
+             ) -> tuple[Any, bool]:
+    """``(config, dense)``: the fused kernels' shipped config for a call of ``m`` rows on
+    ``mod``, and whether the call takes the large-M route instead (dequantize once + cuBLAS,
+    ``kernels/dequant.dense_route``)."""
+    from compress_ops.kernels import dequant as dq
+    from compress_ops.kernels.formats.dequant import packed_k
+
+    codebook = hasattr(mod, "codebook")
+    q = mod.indices if codebook else mod.qweight
+    mode = (dq.MODE_CODEBOOK if codebook
+            else dq.MODE_ASYM if getattr(mod, "zeros", None) is not None else dq.MODE_SYM)
+    cfg = dq.call_config(m, q.shape[0], packed_k(q.shape[1], mod.bits), device, mod.bits,
+                         mode, dtype)
+    return cfg, dq.dense_route(m, mod.bits, dtype, device)
+
+
 def _kernel_note(case: HeadlineCase, mod: nn.Module, m: int, device: torch.device,
                  dtype: torch.dtype) -> str | None:
     """The shipped config our op launches for this shape (``None`` when unknown)."""
     try:
-        from compress_ops.kernels import dequant as dq
-        from compress_ops.kernels.formats.dequant import packed_k
-
-        packed = mod.indices if case.kind == "codebook" else mod.qweight
-        mode = (dq.MODE_CODEBOOK if case.kind == "codebook"
-                else dq.MODE_ASYM if getattr(mod, "zeros", None) is not None else dq.MODE_SYM)
-        cfg = dq.call_config(m, mod.out_features, packed_k(packed.shape[1], case.bits), device,
-                             case.bits, mode, dtype)
-        return f"config={cfg.name}"
+        cfg, dense = _shipped(mod, m, device, dtype)
+        return "route=dequantize+F.linear" if dense else f"config={cfg.name}"
     except Exception:  # noqa: BLE001 - a note only
         return None
 
@@ -621,11 +631,12 @@ def run_headline(device: torch.device, small: bool, record: Callable[[dict[str, 
             if c.native is not None:
                 record({**base, "provider": c.native,
                         **_measure_native(c, mod, x, ref, k, device, time_it, capture)})
-            if m == 1:  # the alternative the static model ranks close: settle it on the GPU
-                fn, note = _gemv_alt_fn(c, mod, x)
+            alt = _alt_fn(c, mod, x)  # the route not shipped at this M: settle it on the GPU
+            if alt is not None:
+                provider, fn, note = alt
                 r = measure_provider(fn, ref, tol(dt, k), time_it=time_it, capture=capture,
                                      graph_skip="skipped (cpu)")
-                record({**base, "provider": GEMV_ALT, **r, "note": note})
+                record({**base, "provider": provider, **r, "note": note})
             del ref
             if cuda and not _cuda_context_ok(device):
                 raise RuntimeError(f"the CUDA context is lost after M={m} {c.name} (see its "
@@ -636,6 +647,23 @@ def run_headline(device: torch.device, small: bool, record: Callable[[dict[str, 
 
 
 GEMV_ALT = "ours-gemv"  # M = 1 through the fields GEMV instead of the 16-row tile
+FUSED_ALT = "ours-fused"  # the large-M route's M through the fused GEMM instead
+ALTS = (GEMV_ALT, FUSED_ALT)
+
+
+def _alt_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
+            ) -> tuple[str, Callable[[], torch.Tensor], str] | None:
+    """``(provider, call, note)`` of the route a call at this M does not take, where the
+    choice rests on a prediction: the GEMV at M = 1 (:func:`_gemv_alt_fn`); the fused GEMM
+    with its shipped tile where the large-M route (dequantize once + cuBLAS,
+    ``kernels/dequant.dense_route``) is taken. None elsewhere."""
+    m = x.shape[0]
+    if m == 1:
+        return (GEMV_ALT, *_gemv_alt_fn(case, mod, x))
+    cfg, dense = _shipped(mod, m, x.device, x.dtype)
+    if not dense:
+        return None
+    return FUSED_ALT, kernel_fn(mod, x, cfg), f"config={cfg.name} (forced)"
 
 
 def _gemv_alt_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
@@ -814,18 +842,18 @@ def headline_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [f"  {'case':<15} {'M':>5} {'ours e / g us':>17} {'dense e / g us':>17} "
              f"{'torch native e / g us':>28} {'x dense e / g':>14}"]
     for (case, m), p in by.items():
-        nat = next((p[k] for k in p if k not in ("ours", "dense", GEMV_ALT)), None)
+        nat = next((p[k] for k in p if k not in ("ours", "dense", *ALTS)), None)
         ours = p.get("ours") or {}
         sp = (f"{_f(ours.get('speedup_eager'), '6.2f')} /{_f(ours.get('speedup_graph'), '6.2f')}"
               if ours.get("speedup_eager") else "")
         nat_txt = f"{nat['provider']:<9} {cell(nat)}" if nat else f"{'':<9} {cell(None)}"
         lines.append(f"  {case:<15} {m:>5} {cell(p.get('ours'))} {cell(p.get('dense'))} "
                      f"{nat_txt:>28} {sp:>14}")
-        if GEMV_ALT in p:  # the GEMV at M = 1, under the 16-row tile's line
-            tc = p[GEMV_ALT]
+        for alt in (a for a in ALTS if a in p):  # the route not shipped, under "ours"
+            tc = p[alt]
             sp = (f"{_f(tc.get('speedup_eager'), '6.2f')} /{_f(tc.get('speedup_graph'), '6.2f')}"
                   if tc.get("speedup_eager") else "")
-            lines.append(f"  {'  ' + GEMV_ALT:<15} {m:>5} {cell(tc)} {'':>17} {'':>28} {sp:>14}")
+            lines.append(f"  {'  ' + alt:<15} {m:>5} {cell(tc)} {'':>17} {'':>28} {sp:>14}")
     return lines
 
 

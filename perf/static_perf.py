@@ -16,7 +16,10 @@ For every case (family, format, M) at the headline shapes (fp16, N = K = 8192) t
 4. counts **instructions per weight**: what one thread executes for the weights it handles,
    ``(straight-line code + main-loop body x trips) / weights per thread``. The prologue,
    epilogue, reductions and any other loop (run once) are in the straight-line part, so work
-   moved out of the loop still counts;
+   moved out of the loop still counts; ``instr_per_weight_per_call`` multiplies it by the
+   times a call dequantizes each weight (``weight_passes``: its row tiles, ``ceil(M /
+   BLOCK_M)``; 1 for the large-M route's dequantizing kernel, whose GEMM is cuBLAS's, modelled
+   as dense's own roofline);
 5. predicts the time of the call: per launch, the largest of
    * memory: unique HBM bytes / ``min(4.8 TB/s, weight bytes in flight x active SMs / latency)``
      (Little's law: a kernel with too few loads in flight cannot reach the peak),
@@ -288,6 +291,7 @@ class KernelRow:
     bytes_in_flight_per_sm: float
     pipelined: bool
     time_us: dict = field(default_factory=dict)
+    weight_passes: int = 1  # how many times a call dequantizes each weight (row tiles)
 
 
 def _arg(launch, name: str, default=None):
@@ -321,12 +325,12 @@ def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype)
     kp = _arg(launch, "KP")
     k_tiles = math.ceil(kp / bk)
     trips = math.ceil(k_tiles / split)
-    weights_per_thread = min(bn, n) * trips * bk / threads
     if lps:
         a, b = lps[0]
         body = instrs[a:b + 1]
     else:  # one K block per program: the whole kernel
         body, trips = [], 1
+    weights_per_thread = min(bn, n) * trips * bk / threads
     straight = len(instrs) - len(body)
     total = straight + len(body) * trips
     body_mix = mix(body)
@@ -343,8 +347,15 @@ def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype)
     bw = min(MODEL["hbm_bytes_per_s"], in_flight * active_sms / MODEL["hbm_latency_s"])
     e = dtype.itemsize
     y_bytes = m * n * (4 if split > 1 else e)
-    hbm = case.weight_bytes(n, k, dtype) + m * k * e + y_bytes
-    t_mem = hbm / bw
+    dense_weight = "w_ptr" in [p.name for p in launch.kernel.params]
+    if dense_weight:
+        # writes a dense weight, reads no x: the stores need no loads in flight, so the
+        # reads are bound by Little's law and all the bytes by the peak
+        reads = case.weight_bytes(n, k, dtype)
+        t_mem = max(reads / bw, (reads + n * k * e) / MODEL["hbm_bytes_per_s"])
+    else:
+        hbm = case.weight_bytes(n, k, dtype) + m * k * e + y_bytes
+        t_mem = hbm / bw
     waves_ctas = math.ceil(grid / MODEL["sms"])
     t_issue = issue_seconds(total, c.num_warps, grid, resident)
     mma = body_mix["HGMMA"] and "HGMMA" or (body_mix["HMMA"] and "HMMA") or ""
@@ -361,7 +372,8 @@ def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype)
         registers=c.registers, shared=c.shared, ctas_per_sm=cps, trips=trips,
         weights_per_thread=weights_per_thread, instr_per_weight=total / weights_per_thread,
         loop_instr_per_weight=loop_ipw, loop=body_mix, bytes_in_flight_per_sm=in_flight,
-        pipelined=pipelined, time_us=times)
+        pipelined=pipelined, time_us=times,
+        weight_passes=1 if dense_weight else math.ceil(m / bm))
 
 
 def dense_us(m: int, n: int, k: int, dtype: torch.dtype) -> float:
@@ -381,7 +393,9 @@ def model_case(case: Case, m: int, n: int = HEADLINE["N"], k: int = HEADLINE["K"
     launches = capture_launches(case, m, n, k, dtype)
     kernels, extra_us = [], 0.0
     for la in launches:
-        if isinstance(la.kernel, str):  # a torch kernel: fp32 workspace fill or cast
+        if la.kernel == "F.linear":  # cuBLAS on a dequantized weight: dense's own roofline
+            extra_us += dense_us(m, n, k, dtype)
+        elif isinstance(la.kernel, str):  # a torch kernel: fp32 workspace fill or cast
             nbytes = m * n * (4 if la.kernel == "torch.zeros" else 4 + dtype.itemsize)
             extra_us += nbytes / MODEL["hbm_bytes_per_s"] * 1e6 + MODEL["launch_us"]
         else:
@@ -395,6 +409,8 @@ def model_case(case: Case, m: int, n: int = HEADLINE["N"], k: int = HEADLINE["K"
         "group_size": case.group_size, "triton": triton.__version__,
         "instr_per_weight": round(main.instr_per_weight, 3),
         "loop_instr_per_weight": round(main.loop_instr_per_weight, 3),
+        "weight_passes": main.weight_passes,
+        "instr_per_weight_per_call": round(main.instr_per_weight * main.weight_passes, 3),
         "bytes_in_flight_per_sm": round(main.bytes_in_flight_per_sm),
         "ctas_per_sm": main.ctas_per_sm, "launches": len(launches),
         "launch_kinds": [la.kernel if isinstance(la.kernel, str) else la.kernel.__name__

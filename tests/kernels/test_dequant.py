@@ -468,3 +468,163 @@ def test_small_tile_takes_four_warps_and_narrows_before_split_k():
                            torch.empty(2, 4, dtype=torch.float16), None, 2)
     (la,) = [la for la in got if not isinstance(la.kernel, str)]
     assert (la.kwargs["BLOCK_N"], la.kwargs["SPLIT_K"]) == (64, 2)
+
+
+def test_launch_plan_is_remembered_per_everything_it_reads(monkeypatch):
+    """A call's launch (kernel, grid, scalars, constexprs) is derived once per key and then
+    looked up (eager decode is host-bound); every input of the derivation is in the key: the
+    simulated GPU (above: the PTX flag), the fp32 dot's TF32 flag, the config, the shapes.
+    The cache is bounded."""
+    q, s, z = dqf.empty_affine(64, 256, 4, 128, False, dtype=torch.float32)
+
+    def launched(m, config=None):
+        x = torch.empty(m, 256, dtype=torch.float32)
+        with launches.capture(run=False) as got:
+            dq.dequant_matmul(x, q, s, z, None, 4, 128, config=config)
+        (la,) = got
+        return la
+
+    dq._PLANS.clear()
+    first, again = launched(16), launched(16)
+    assert len(dq._PLANS) == 1
+    assert (again.kernel, again.grid, again.args[6:], again.kwargs) == \
+        (first.kernel, first.grid, first.args[6:], first.kwargs)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = not tf32
+        flipped = launched(16)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert {first.kwargs["DOT_PRECISION"], flipped.kwargs["DOT_PRECISION"]} == {"tf32", "ieee"}
+    assert launched(16).kwargs == first.kwargs
+    forced = launched(16, KernelConfig("gemm", 16, 32, 128, 4, 2))
+    assert (forced.kwargs["BLOCK_N"], forced.kwargs["num_stages"]) == (32, 2)
+    monkeypatch.setattr(dq, "_MAX_PLANS", 2)
+    for m in (1, 2, 5, 7):
+        assert launched(m).args[6] == m  # M, the first scalar after the six pointers
+    assert len(dq._PLANS) <= 2
+
+
+@contextlib.contextmanager
+def _dense_min_m(value: str | None):
+    """``COMPRESS_OPS_DENSE_MIN_M`` set (or unset) inside the block."""
+    old = os.environ.pop("COMPRESS_OPS_DENSE_MIN_M", None)
+    if value is not None:
+        os.environ["COMPRESS_OPS_DENSE_MIN_M"] = value
+    try:
+        yield
+    finally:
+        os.environ.pop("COMPRESS_OPS_DENSE_MIN_M", None)
+        if old is not None:
+            os.environ["COMPRESS_OPS_DENSE_MIN_M"] = old
+
+
+def _kinds(got) -> list[str]:
+    return [la.kernel if isinstance(la.kernel, str) else la.kernel.__name__ for la in got]
+
+
+@given(m=st.sampled_from([1, 3, 16, 40]), n=st.integers(1, MAX_N), k=st.integers(1, MAX_K),
+       bits=st.sampled_from([2, 4, 8]), group=st.sampled_from(GROUPS), sym=st.booleans(),
+       codebook=st.booleans(), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_large_m_route_matches_float64_reference(poison, device, m, n, k, bits, group, sym,
+                                                 codebook, dtype, bias, seed):
+    """The large-M route (dequantize once + ``F.linear``), forced from M = 1 by
+    ``COMPRESS_OPS_DENSE_MIN_M``: every width, group, grid and codebook, ragged N and K,
+    with and without bias, against float64."""
+    x = (torch.randn(m, k, generator=_gen(seed + 1)) + 0.1).to(dtype).to(device)
+    b = torch.randn(n, generator=_gen(seed + 2)).to(dtype).to(device) if bias else None
+    with _dense_min_m("1"), launches.capture() as got:
+        if codebook:
+            idx, cb = (t.to(device) for t in _codebook(n, k, bits, 1, dtype, seed))
+            y = dq.codebook_matmul(x, idx, cb, b, bits)
+            ref = codebook_linear_ref(x, idx, cb, b, bits, dtype=torch.float64)
+        else:
+            qw, s, z, gs = (t.to(device) if isinstance(t, torch.Tensor) else t
+                            for t in _affine(n, k, bits, group, sym, dtype, seed))
+            y = dq.dequant_matmul(x, qw, s, z, b, bits, gs)
+            ref = dequant_linear_ref(x, qw, s, z, b, bits, gs, dtype=torch.float64)
+    assert _kinds(got) == ["_dequant_weight_kernel", "F.linear"]
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert _rel_err(y, ref) < _tol(dtype, k)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("half_magic", [1, 2, 0])
+@pytest.mark.parametrize(("group", "sym"), [(32, False), (128, True), (None, False)])
+def test_dequant_weight_kernel_is_the_formats_weight(bits, half_magic, group, sym):
+    """The route's dense weight, stored in fp32, is exactly ``formats.dequantize``'s fp32
+    weight (``(q - z) s``, one rounding) for each unpacking (fp16's ``1024 + q``, bf16's
+    ``128 + q``, the fp32 ``q``); columns past K are not written; codebooks: the entries."""
+    if bits == 8 and half_magic == 2:
+        pytest.skip("bf16 int8 unpacks as fp32 q (HALF_MAGIC 0)")
+    n, k = 37, 200
+    dtype = {1: torch.float16, 2: torch.bfloat16, 0: torch.float32}[half_magic]
+    qw, s, z, gs = _affine(n, k, bits, group, sym, dtype, seed=bits)
+    kp = dqf.packed_k(qw.shape[1], bits)
+    mode = dq.MODE_SYM if sym else dq.MODE_ASYM
+    x2 = torch.empty(1, k, dtype=dtype)
+
+    def weight(mode, s, z, rows_per_group=1):
+        plan = dq._dense_plan(mode, x2, bits, kp if mode == dq.MODE_CODEBOOK else gs, kp,
+                              (1, n, k, kp, dq.group_shift_arg(
+                                  kp if mode == dq.MODE_CODEBOOK else gs, kp),
+                               rows_per_group))
+        assert plan.meta["HALF_MAGIC"] == (half_magic if mode != dq.MODE_CODEBOOK
+                                           else plan.meta["HALF_MAGIC"])
+        w = torch.full((n, k + 3), float("nan"))  # fp32, three columns past K
+        k_, kp_, shift, rpg = plan.ints
+        dq._dequant_weight_kernel[(-(-n // dq.DENSE_BLOCK_N), *plan.grid)](
+            qw, s, z if z is not None else s, w, n, k_, kp_, shift, rpg, 0, qw.stride(0),
+            s.stride(0), w.stride(0), **plan.meta)
+        assert w[:, k:].isnan().all()
+        return w[:, :k]
+
+    ref = dqf.dequantize(qw, s, z, bits, gs, k, dtype=torch.float32)
+    assert torch.equal(weight(mode, s, z), ref)
+    cb = torch.randn(n, 2**bits, generator=_gen(3)).to(dtype)  # one table per row
+    assert torch.equal(weight(dq.MODE_CODEBOOK, cb, None),
+                       dqf.codebook_weight(qw, cb, bits, k, dtype=torch.float32))
+
+
+def test_large_m_route_threshold_chunks_and_errors(monkeypatch):
+    """From ``dense_min_m`` rows (table, or the environment) with fp16/bf16 x and 2/4/8-bit
+    fields, a call takes the large-M route; fp32 x, 3-bit fields, a forced config and
+    ``never`` keep the fused kernels. A weight over ``DENSE_CHUNK_BYTES`` is dequantized in
+    row chunks into one buffer (a launch and a GEMM each). Bad settings are named errors."""
+    qw, s, z, gs = _affine(70, 96, 4, 32, False, torch.float16, seed=1)
+
+    def kinds(m, dtype=torch.float16, config=None, bits=4):
+        q, sc, zz, g = (qw, s, z, gs) if bits == 4 else _affine(70, 96, bits, 32, False,
+                                                                dtype, seed=2)
+        x = torch.randn(m, 96).to(dtype)
+        with launches.capture() as got:
+            y = dq.dequant_matmul(x, q, sc.to(dtype), zz.to(dtype), None, bits, g,
+                                  config=config)
+        ref = dequant_linear_ref(x, q, sc.to(dtype), zz.to(dtype), None, bits, g,
+                                 dtype=torch.float64)
+        assert _rel_err(y, ref) < _tol(dtype, 96)
+        return _kinds(got)
+
+    dense = ["_dequant_weight_kernel", "F.linear"]
+    table = dq.dense_min_m(torch.device("cpu"))
+    assert table == tuning.load_tables("dequant")["default"]["dense_min_m"] == 1024
+    with _dense_min_m(None):
+        assert dq.dense_route(1024, 4, torch.float16, torch.device("cpu"))
+        assert not dq.dense_route(1023, 4, torch.float16, torch.device("cpu"))
+    with _dense_min_m("8"):
+        assert kinds(7) == ["_fields_matmul_kernel"]
+        assert kinds(8) == dense
+        assert kinds(8, torch.bfloat16) == dense
+        assert kinds(8, torch.float32) == ["_fields_matmul_kernel"]
+        assert kinds(8, bits=3) == ["_dequant_matmul_kernel"]
+        assert kinds(8, config=KernelConfig("gemm", 16, 32, 32)) == ["_fields_matmul_kernel"]
+        monkeypatch.setattr(dq, "DENSE_CHUNK_BYTES", 32 * 96 * 2)  # 32 rows a chunk: 3
+        dq._PLANS.clear()
+        assert kinds(9) == dense * 3
+    dq._PLANS.clear()
+    with _dense_min_m("never"):
+        assert kinds(5000) == ["_fields_matmul_kernel"]
+    for bad in ("0", "many"):
+        with _dense_min_m(bad), pytest.raises(ValueError, match="COMPRESS_OPS_DENSE_MIN_M"):
+            dq.dense_min_m(torch.device("cpu"))

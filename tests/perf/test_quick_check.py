@@ -327,7 +327,8 @@ def test_quick_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     (tmp_path / "static-triton3.6.0.json").write_text(json.dumps(
         {"meta": {}, "rows": [{**_static("int4 g128 asym", 1, 5.0, 9.0), "N": n, "K": k}]}))
     out = tmp_path / "q.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    # M = 16 takes the large-M route here (dequantize + F.linear), as M = 2048 does on a GPU
+    env = {**os.environ, "TRITON_INTERPRET": "1", "COMPRESS_OPS_DENSE_MIN_M": "16"}
     env.pop("COMPRESS_OPS_CPU_BACKEND", None)
     proc = subprocess.run(
         [sys.executable, "-m", "compress_ops.perf.quick_check", "--device", "cpu", "--small",
@@ -353,8 +354,13 @@ def test_quick_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     # M = 1 also times the GEMV (the alternative to the shipped 16-row tile), every case
     assert {r["case"] for r in rows if r["provider"] == qc.GEMV_ALT} == {c.name for c in qc.CASES}
     assert {r["M"] for r in rows if r["provider"] == qc.GEMV_ALT} == {1}
+    # the large-M route's rows also time the fused GEMM (its alternative), every case
+    assert {(r["case"], r["M"]) for r in rows if r["provider"] == qc.FUSED_ALT} == {
+        (c.name, 16) for c in qc.CASES}
+    assert {r["note"] for r in rows if r["provider"] == "ours" and r["M"] == 16} == {
+        "route=dequantize+F.linear"}
     for r in rows:
-        if r["provider"] in ("ours", "dense", "int8pack", qc.GEMV_ALT):
+        if r["provider"] in ("ours", "dense", "int8pack", *qc.ALTS):
             assert r["status"] == "ok" and r["eager_us"] > 0, r
             assert r["graph_status"].startswith("skipped")
         elif r["provider"] == "tinygemm":

@@ -1714,9 +1714,8 @@ def _launch_dense(plan: _Plan, x2: torch.Tensor, q: torch.Tensor, s: torch.Tenso
     for r0 in range(0, n, rows):
         nr = min(rows, n - r0)
         grid = (-(-nr // DENSE_BLOCK_N), *plan.grid)
-        k_, kp, shift, rows_per_group = plan.ints
-        _launch_mod.launch(plan.kernel, grid, q, s, zp, w, nr, k_, kp, shift, rows_per_group,
-                           r0, q.stride(0), s.stride(0), w.stride(0), **plan.meta)
+        _launch_mod.launch(plan.kernel, grid, q, s, zp, w, nr, *plan.ints, r0, q.stride(0),
+                           s.stride(0), w.stride(0), **plan.meta)
         _launch_mod.record_torch("F.linear")
         if runs:
             outs.append(F.linear(x2, w[:nr], None if bias is None else bias[r0:r0 + nr]))

@@ -11,9 +11,12 @@ what separates the candidate causes, each row written to the JSON as soon as it 
 - ``scale``: the shipped config over K and N: a fixed cost, or a cost per K step;
 - ``copy``: a device-to-device copy and dense ``F.linear``, the bandwidth actually reachable;
 - ``host``: the Python cost of one eager call (no sync, 200 calls), through the module, the op
-  and the kernel entry point, and the top of a cProfile of the module call.
+  and the kernel entry point, and the top of a cProfile of the module call;
+- ``route`` (``--part 3``): the large-M route (dequantize once + cuBLAS,
+  ``kernels/dequant.dense_route``) against the fused GEMM and dense ``F.linear`` over M, for
+  int4, int8 and the 4-bit codebook: where ``dense_min_m`` should be.
 
-    python -m compress_ops.perf.gpu_diag --out DIR [--budget-s 240]
+    python -m compress_ops.perf.gpu_diag --out FILE [--part 1|2|3] [--budget-s 240]
 
 On the CPU (``TRITON_INTERPRET=1``) ``--small`` rehearses it on tiny shapes; its numbers mean
 nothing there. Every GPU figure it prints is a measurement, not a prediction.
@@ -25,6 +28,7 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import time
 from pathlib import Path
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress_ops.kernels import launches
 from compress_ops.perf.quick_check import build_linear_module, cuda_graph_of, kernel_fn
 from compress_ops.perf.timing import time_fn
 
@@ -116,7 +121,10 @@ class Diag:
             x = torch.randn(m, k, device=self.device, dtype=torch.float16)
             fn = _kernel_fn(mod, x, cfg) if cfg is not None else (lambda: mod(x))
             with torch.no_grad():
-                y = fn()
+                with launches.capture() as got:  # what the call launched (its route)
+                    y = fn()
+                row["launched"] = [la.kernel if isinstance(la.kernel, str) else
+                                   la.kernel.__name__ for la in got]
                 ref = F.linear(x.float(), mod.dense_weight().float())
                 err = ((y.float() - ref).norm() / ref.norm()).item()
                 row["config"] = cfg.name if cfg is not None else "shipped"
@@ -243,14 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="tiny shapes (CPU rehearsal)")
     p.add_argument("--budget-s", type=float, default=240.0,
                    help="stop starting new measurements after this many seconds")
-    p.add_argument("--part", type=int, default=1, choices=(1, 2),
-                   help="1: sweeps, scaling and host cost; 2: plain Triton probes of the loop")
+    p.add_argument("--part", type=int, default=1, choices=(1, 2, 3),
+                   help="1: sweeps, scaling and host cost; 2: plain Triton probes of the loop; "
+                        "3: the large-M route against the fused GEMM over M")
     a = p.parse_args(argv)
     import compress_ops  # noqa: F401  (registers the ops)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     d = Diag(a.out, device, a.small, a.budget_s)
-    (probe if a.part == 2 else run)(d)
+    {1: run, 2: probe, 3: routes}[a.part](d)
     d.meta["elapsed_s"] = round(time.perf_counter() - d.t0, 1)
     d.save()
     print(f"gpu_diag: {len(d.rows)} rows in {d.meta['elapsed_s']} s -> {a.out}")
@@ -345,6 +354,37 @@ def probe(d: Diag) -> None:
         d.measure("sweep2", "int4 g128 asym", 1, n, k, _cfg(**kw), forced=str(kw))
     d.measure("sweep2", "int4 g128 sym", 1, n, k)
     d.measure("sweep2", "int8 row sym", 1, n, k, _cfg(block_k=64), forced="{'block_k': 64}")
+
+
+# --- part 3: where the large-M route starts to pay ----------------------------------------------
+
+ROUTE_CASES = ("int4 g128 asym", "int8 row sym", "codebook 4-bit")
+
+
+def routes(d: Diag) -> None:
+    """Each case at each M three ways, interleaved: the large-M route forced
+    (``COMPRESS_OPS_DENSE_MIN_M=1``), the fused GEMM forced (``never``), and dense
+    ``F.linear`` on the module's dense weight."""
+    n = k = 256 if d.small else 8192
+    ms = (16, 64) if d.small else (128, 256, 512, 1024, 2048)
+    old = os.environ.get("COMPRESS_OPS_DENSE_MIN_M")
+    try:
+        for m in ms:
+            for case in ROUTE_CASES:
+                for route, env in (("dense-route", "1"), ("fused", "never")):
+                    os.environ["COMPRESS_OPS_DENSE_MIN_M"] = env
+                    d.measure("route", case, m, n, k, route=route)
+            if d.left() < 0:
+                break
+            w = d.module(ROUTE_CASES[0], n, k).dense_weight().to(torch.float16)
+            x = torch.randn(m, k, device=d.device, dtype=torch.float16)
+            d.record({"kind": "route", "route": "dense", "M": m, "N": n, "K": k,
+                      **_time(lambda w=w, x=x: F.linear(x, w), d.device)})
+            del w, x
+    finally:
+        os.environ.pop("COMPRESS_OPS_DENSE_MIN_M", None)
+        if old is not None:
+            os.environ["COMPRESS_OPS_DENSE_MIN_M"] = old
 
 
 if __name__ == "__main__":

@@ -273,6 +273,32 @@ def _lut_word(w, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, c3210, ASM: tl.constexp
 
 
 @triton.jit
+def _lut_registers(s_ptr, rows, rows_per_group, stride_sn, BLOCK_N: tl.constexpr):
+    """Each row's 16 two-byte codebook entries as :func:`_lut_tables`' eight registers, each
+    ``[BLOCK_N, 1]`` (``rows``: the rows' indices, clamped)."""
+    e = tl.load(s_ptr + (rows // rows_per_group)[:, None] * stride_sn + tl.arange(0, 16)[None, :])
+    e = e.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = _lut_tables(e, BLOCK_N)
+    return (lo0[:, None], lo1[:, None], lo2[:, None], lo3[:, None],
+            hi0[:, None], hi1[:, None], hi2[:, None], hi3[:, None])
+
+
+@triton.jit
+def _lut_tile(words, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, c3210, HALF: tl.constexpr,
+              ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              BITS: tl.constexpr):
+    """A ``[BLOCK_N, BLOCK_K]`` tile of 4-bit codebook entries (``HALF`` values) in K order,
+    looked up in registers (:func:`_lut_word`) from ``[BLOCK_N, W]`` words."""
+    r0, r1, r2, r3 = _lut_word(words, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, c3210, ASM)
+    l0, h0 = _halves(r0, HALF)
+    l1, h1 = _halves(r1, HALF)
+    l2, h2 = _halves(r2, HALF)
+    l3, h3 = _halves(r3, HALF)
+    return _k_order(tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)),
+                            tl.join(tl.join(h0, h2), tl.join(h1, h3))), BLOCK_N, BLOCK_K, BITS)
+
+
+@triton.jit
 def _pair_offset(col, BITS: tl.constexpr, BYTE_SHIFT: tl.constexpr):
     """The fp16 offset the unpacked field of column ``col`` carries (:func:`_pair`): 1024, or
     with ``BYTE_SHIFT`` ``1024 / 2**r`` for its pair's bit offset ``r`` within its byte."""
@@ -927,12 +953,8 @@ def _fields_matmul_kernel(
     if MODE == 2:
         lut_rows = s_ptr + (rows // rows_per_group)[:, None, None] * stride_sn  # [BN, 1, 1]
         if LUT_PRMT:  # each row's 16 entries in 8 registers, looked up by PRMT in the loop
-            e = tl.load(s_ptr + (rows // rows_per_group)[:, None] * stride_sn
-                        + tl.arange(0, 16)[None, :])
-            e = e.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = _lut_tables(e, BLOCK_N)
-            lo0, lo1, lo2, lo3 = lo0[:, None], lo1[:, None], lo2[:, None], lo3[:, None]
-            hi0, hi1, hi2, hi3 = hi0[:, None], hi1[:, None], hi2[:, None], hi3[:, None]
+            lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = _lut_registers(s_ptr, rows, rows_per_group,
+                                                                    stride_sn, BLOCK_N)
             c3210 = 0x3210 | (K >> 31)  # a register (see mg below)
 
     k_tiles = tl.cdiv(KP, BLOCK_K)
@@ -995,15 +1017,8 @@ def _fields_matmul_kernel(
             words = tl.load(q_ptrs + t * W, mask=((t * W + offs_w) < KP // FIELDS)[None, :],
                             other=0)
         if MODE == 2 and LUT_PRMT:
-            r0, r1, r2, r3 = _lut_word(words, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, c3210,
-                                       ASM)
-            l0, h0 = _halves(r0, a.dtype)
-            l1, h1 = _halves(r1, a.dtype)
-            l2, h2 = _halves(r2, a.dtype)
-            l3, h3 = _halves(r3, a.dtype)
-            h = _k_order(tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)),
-                                 tl.join(tl.join(h0, h2), tl.join(h1, h3))), BLOCK_N, BLOCK_K,
-                         BITS)
+            h = _lut_tile(words, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, c3210, a.dtype, ASM,
+                          BLOCK_N, BLOCK_K, BITS)
             if not EVEN_K:  # the entries of columns past K are not used (x is 0 there, an
                 # infinite entry would make NaN)
                 h = tl.where((t * BLOCK_K + tl.arange(0, BLOCK_K) < K)[None, :], h, 0.0)
@@ -1176,6 +1191,7 @@ def _dequant_weight_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ASM: tl.constexpr = False,
+    LUT_PRMT: tl.constexpr = False,
     SPLIT_K: tl.constexpr = 1,
 ):
     """The dense weight of packed rows ``row0 .. row0 + N`` in the activation dtype:
@@ -1184,7 +1200,8 @@ def _dequant_weight_kernel(
     (as ``codebook_weight``); columns ``K .. KP`` (padding) are not written. One
     ``[BLOCK_N, BLOCK_K]`` tile per program, inside one scale group: the tile's words loaded
     once (16-byte loads along K), unpacked in registers as the fields GEMM does
-    (:func:`_unpack_words`, :func:`_k_order`) and stored along K. The large-M route
+    (:func:`_unpack_words`, :func:`_k_order`; 4-bit codebooks with two-byte entries looked up
+    in registers, ``LUT_PRMT``: :func:`_lut_tile`) and stored along K. The large-M route
     (:func:`_launch`) feeds the weight to cuBLAS: a memory-bound pass (``N KP b / 8`` bytes
     read, ``N K e`` written) once per call instead of once per row tile of the fused GEMM."""
     FIELDS: tl.constexpr = 32 // BITS
@@ -1198,7 +1215,12 @@ def _dequant_weight_kernel(
     offs_w = tl.arange(0, W)
     words = tl.load(q_ptr + rows[:, None] * stride_qn + t * W + offs_w[None, :],
                     mask=((t * W + offs_w) < KP // FIELDS)[None, :], other=0)
-    if MODE == 2:
+    if MODE == 2 and LUT_PRMT:  # 4-bit fields, two-byte entries: looked up in registers
+        lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = _lut_registers(s_ptr, rows, rows_per_group,
+                                                                stride_sn, BLOCK_N)
+        w = _lut_tile(words, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, 0x3210 | (K >> 31),
+                      s_ptr.dtype.element_ty, ASM, BLOCK_N, BLOCK_K, BITS)
+    elif MODE == 2:
         wcols = tl.arange(0, FIELDS)
         if BITS < 8:  # format 2's pairs: column c of a word at bit (c // 2 + (c % 2) F / 2) b
             shifts = (wcols // 2 + (wcols % 2) * (FIELDS // 2)) * BITS
@@ -1694,8 +1716,9 @@ def _dense_plan(mode: int, x2: torch.Tensor, bits: int, group_size: int, kp: int
     bk = DENSE_BLOCK_K if group_size >= kp else min(DENSE_BLOCK_K, group_size)
     rows = max(DENSE_BLOCK_N, DENSE_CHUNK_BYTES // (k * x2.element_size())
                // DENSE_BLOCK_N * DENSE_BLOCK_N)
+    fields = fields_gemm_meta(bits, mode, 1, x2.dtype)
     meta = dict(BITS=bits, MODE=mode, BLOCK_N=DENSE_BLOCK_N, BLOCK_K=bk, ASM=ptx(x2),
-                HALF_MAGIC=fields_gemm_meta(bits, mode, 1, x2.dtype)["HALF_MAGIC"], SPLIT_K=1,
+                HALF_MAGIC=fields["HALF_MAGIC"], LUT_PRMT=fields["LUT_PRMT"], SPLIT_K=1,
                 num_warps=4, num_stages=1)
     return _Plan(_dequant_weight_kernel, (-(-kp // bk),), (k, kp, shift, rows_per_group), meta, 1,
                  dense_rows=rows)

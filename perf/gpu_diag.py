@@ -14,7 +14,8 @@ what separates the candidate causes, each row written to the JSON as soon as it 
   and the kernel entry point, and the top of a cProfile of the module call;
 - ``route`` (``--part 3``): the large-M route (dequantize once + cuBLAS,
   ``kernels/dequant.dense_route``) against the fused GEMM and dense ``F.linear`` over M, for
-  int4, int8 and the 4-bit codebook: where ``dense_min_m`` should be.
+  int4, int8 and the 4-bit codebook: where ``dense_min_m`` should be; then ``ksteps``: int8's
+  16-row tile with 256-column K steps (half the steps of the shipped 128).
 
     python -m compress_ops.perf.gpu_diag --out FILE [--part 1|2|3] [--budget-s 240]
 
@@ -385,6 +386,11 @@ def routes(d: Diag) -> None:
         os.environ.pop("COMPRESS_OPS_DENSE_MIN_M", None)
         if old is not None:
             os.environ["COMPRESS_OPS_DENSE_MIN_M"] = old
+    # fewer, larger K steps at small M: BLOCK_K 64 -> 128 took int4 from 47.4 to 35.6 us but
+    # int8 only from 39.5 to 38.2 (part 1); int8 (one scale group per row) can take 256
+    for m in (1, 16):
+        for kw in ({"block_k": 256, "num_stages": 4}, {"block_k": 256, "num_stages": 6}):
+            d.measure("ksteps", "int8 row sym", m, n, k, _cfg(**kw), forced=str(kw))
 
 
 if __name__ == "__main__":

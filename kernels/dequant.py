@@ -806,6 +806,20 @@ def _offset_terms(xsb, z, SWAP: tl.constexpr, BYTE_SHIFT: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
+def _field_shifts(BITS: tl.constexpr):
+    """The bit offset in its word of each of a word's ``32 / b`` fields, in column order:
+    format 2's 2- and 4-bit words hold pairs of adjacent columns, column ``c`` at bit
+    ``(c // 2 + (c % 2) F / 2) b`` (``F = 32 / b``); 8-bit fields lie in column order."""
+    FIELDS: tl.constexpr = 32 // BITS
+    c = tl.arange(0, FIELDS)
+    if BITS < 8:
+        out = (c // 2 + (c % 2) * (FIELDS // 2)) * BITS
+    else:
+        out = c * BITS
+    return out
+
+
+@triton.jit
 def _k_order(h, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr):
     """A ``[BLOCK_N, BLOCK_K]`` tile of fields (``h``: ``[BLOCK_N, words, ...]`` in version 2's
     order: pair ``q`` of a word in its columns ``2q, 2q + 1``) in K order. Format 3 permutes
@@ -946,10 +960,7 @@ def _fields_matmul_kernel(
     q_ptrs = q_ptr + rows[:, None] * stride_qn + offs_w[None, :]  # [BN, W]
     # the bit offset of each column of a word (format 2: 2- and 4-bit fields interleaved)
     wcols = tl.arange(0, FIELDS)
-    if BITS < 8:
-        shifts = (wcols // 2 + (wcols % 2) * (FIELDS // 2)) * BITS
-    else:
-        shifts = wcols * BITS
+    shifts = _field_shifts(BITS)
     if MODE == 2:
         lut_rows = s_ptr + (rows // rows_per_group)[:, None, None] * stride_sn  # [BN, 1, 1]
         if LUT_PRMT:  # each row's 16 entries in 8 registers, looked up by PRMT in the loop
@@ -1221,12 +1232,7 @@ def _dequant_weight_kernel(
         w = _lut_tile(words, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, 0x3210 | (K >> 31),
                       s_ptr.dtype.element_ty, ASM, BLOCK_N, BLOCK_K, BITS)
     elif MODE == 2:
-        wcols = tl.arange(0, FIELDS)
-        if BITS < 8:  # format 2's pairs: column c of a word at bit (c // 2 + (c % 2) F / 2) b
-            shifts = (wcols // 2 + (wcols % 2) * (FIELDS // 2)) * BITS
-        else:
-            shifts = wcols * BITS
-        fields = (words[:, :, None] >> shifts[None, None, :]) & MASK
+        fields = (words[:, :, None] >> _field_shifts(BITS)[None, None, :]) & MASK
         lut_rows = s_ptr + (rows // rows_per_group)[:, None, None] * stride_sn
         w = _k_order(tl.load(lut_rows + fields), BLOCK_N, BLOCK_K, BITS)
     else:

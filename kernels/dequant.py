@@ -121,7 +121,8 @@ def _halves(v, HALF: tl.constexpr):
 
 @triton.jit
 def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.constexpr,
-          z2, s2, SYM_Z: tl.constexpr, DQ: tl.constexpr, BYTE_SHIFT: tl.constexpr = False):
+          z2, s2, SYM_Z: tl.constexpr, DQ: tl.constexpr, BYTE_SHIFT: tl.constexpr = False,
+          kz=0, EXP_REG: tl.constexpr = False):
     """Fields ``i`` and ``i + 16 / b`` of each word (format 2: columns ``2i`` and ``2i + 1`` at
     2 and 4 bits; columns ``i`` and ``i + 2`` at 8 bits), as two tensors: the halves of
     ``offset + q`` (HALF_MAGIC 1: fp16 1024 + q; 2: bf16 128 + q), both made by one shift and
@@ -131,7 +132,11 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM:
     fma (``z2 = -z s``). ``BYTE_SHIFT`` (fp16):
     the word is shifted by whole bytes only (one shift per byte for every pair in it), the
     pair's ``r = b i mod 8`` low bits staying in place under an exponent that makes mantissa
-    bit ``r`` worth 1: the halves are ``1024 / 2**r + q`` (:func:`_pair_offset`)."""
+    bit ``r`` worth 1: the halves are ``1024 / 2**r + q`` (:func:`_pair_offset`).
+    ``EXP_REG`` (with ``BYTE_SHIFT``): the exponent word is ``EXP_R | kz`` with ``kz`` a zero
+    ptxas cannot see (``K >> 31``), a register made once before the loop; as an immediate,
+    ptxas re-materialized each of them by a move in every K step (its LOP3 takes the mask as
+    the one immediate)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     if HALF_MAGIC == 0:  # 2**23 + q in a float's mantissa, minus 2**23
         lo = _and_or(w >> (BITS * i), MASK, 0x4B000000, ASM).to(tl.float32, bitcast=True)
@@ -150,10 +155,11 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM:
             R: tl.constexpr = (BITS * i) % 8
             SH: tl.constexpr = BITS * i - R
             EXP_R: tl.constexpr = ((25 - R) << 10) * 0x10001  # fp16 1024 / 2**R, both halves
-            if SH == 0:
-                v = _and_or(w, (MASK << R) * 0x10001, EXP_R, ASM)
+            ws = w if SH == 0 else w >> SH
+            if EXP_REG:
+                v = _and_or(ws, (MASK << R) * 0x10001, EXP_R | kz, ASM, False)
             else:
-                v = _and_or(w >> SH, (MASK << R) * 0x10001, EXP_R, ASM)
+                v = _and_or(ws, (MASK << R) * 0x10001, EXP_R, ASM)
             OFF0: tl.constexpr = (25 - R) << 10
             RB: tl.constexpr = R
         else:
@@ -384,7 +390,8 @@ def _join8(v0, v1, v2, v3, v4, v5, v6, v7):
 @triton.jit
 def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.constexpr,
                   z2=0, s2=0, SYM_Z: tl.constexpr = 0, DQ: tl.constexpr = 0, mg=0x64646464,
-                  BYTE_SHIFT: tl.constexpr = False, HALF_WORDS: tl.constexpr = False):
+                  BYTE_SHIFT: tl.constexpr = False, HALF_WORDS: tl.constexpr = False,
+                  kz=0, EXP_REG: tl.constexpr = False):
     """Every field of each word, ``[..., 2, 2(, 2)]``, that reshapes to K order (column ``c``
     of word ``u`` at ``u * 32 / b + c``) with every field of a word in the thread that loaded
     it: the joins add in-register dimensions, so the dot operand's store is vectorized and
@@ -415,21 +422,21 @@ def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.const
             # w >> 8; no join, so the two threads of format 3 that share a word can each take
             # one: a join's dimension is a register's), each with four pairs at bits 0, 2, 4, 6
             w = w[:, :, None] >> (tl.arange(0, 2) * 8)[None, None, :]
-        l0, h0 = _pair(w, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
-        l1, h1 = _pair(w, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
-        l2, h2 = _pair(w, 2, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
-        l3, h3 = _pair(w, 3, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l0, h0 = _pair(w, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT, kz, EXP_REG)
+        l1, h1 = _pair(w, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT, kz, EXP_REG)
+        l2, h2 = _pair(w, 2, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT, kz, EXP_REG)
+        l3, h3 = _pair(w, 3, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT, kz, EXP_REG)
         h = tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)),
                     tl.join(tl.join(h0, h2), tl.join(h1, h3)))
     else:
-        l0, h0 = _pair(w, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
-        l1, h1 = _pair(w, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
-        l2, h2 = _pair(w, 2, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
-        l3, h3 = _pair(w, 3, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
-        l4, h4 = _pair(w, 4, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
-        l5, h5 = _pair(w, 5, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
-        l6, h6 = _pair(w, 6, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
-        l7, h7 = _pair(w, 7, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l0, h0 = _pair(w, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT, kz, EXP_REG)
+        l1, h1 = _pair(w, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT, kz, EXP_REG)
+        l2, h2 = _pair(w, 2, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT, kz, EXP_REG)
+        l3, h3 = _pair(w, 3, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT, kz, EXP_REG)
+        l4, h4 = _pair(w, 4, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT, kz, EXP_REG)
+        l5, h5 = _pair(w, 5, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT, kz, EXP_REG)
+        l6, h6 = _pair(w, 6, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT, kz, EXP_REG)
+        l7, h7 = _pair(w, 7, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT, kz, EXP_REG)
         h = tl.join(_join8(l0, l1, l2, l3, l4, l5, l6, l7), _join8(h0, h1, h2, h3, h4, h5, h6, h7))
     return h
 
@@ -1012,6 +1019,11 @@ def _fields_matmul_kernel(
             ones_w = ones_val
         if UPCAST_DOT:
             ones_w = ones_w.to(tl.float32)
+    if ONES_DOT and not SCALE_AFTER and MODE != 2:  # each row's scales and zeros
+        s_row_ptrs = s_ptr + rows32 * stride_sn
+        z_row_ptrs = z_ptr + rows32 * stride_sn
+        # the shift in a register (ptxas re-loaded the argument in every K step)
+        group_shift = group_shift | (K >> 31)
     for t in range(t_begin, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         if EVEN_K:  # every tile inside K = KP: nothing to mask
@@ -1059,8 +1071,9 @@ def _fields_matmul_kernel(
         else:
             # fp16 1024 + q (exact), bf16 128 + q (exact for q < 128), or fp32 q (cast below)
             offset = 1024.0 if HALF_MAGIC == 1 else 128.0 if HALF_MAGIC == 2 else 0.0
-            if ONES_DOT:  # int32 offsets (fewer than 2**31 scales): one IMAD.WIDE per address
-                s_off = rows32 * stride_sn + ((t * BLOCK_K) >> group_shift)
+            if ONES_DOT:  # each row's scale and zero pointers made once (before the loop):
+                # one IMAD.WIDE per address in the loop
+                s_off = (t * BLOCK_K) >> group_shift
             else:
                 s_off = rows * stride_sn + ((t * BLOCK_K) >> group_shift)
             PACKED_DQ: tl.constexpr = DEQUANT_W and HALF_MAGIC == 1 and ASM
@@ -1069,7 +1082,8 @@ def _fields_matmul_kernel(
             BS: tl.constexpr = BYTE_SHIFT and not (DEQUANT_W and SCALE_AFTER)
             if not PACKED_DQ:
                 h = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, mg=mg, BYTE_SHIFT=BS,
-                                           HALF_WORDS=SWAP_AB and BITS == 2),
+                                           HALF_WORDS=SWAP_AB and BITS == 2, kz=K >> 31,
+                                           EXP_REG=BS and ASM and BITS == 2),
                              BLOCK_N, BLOCK_K, BITS)
             if ONES_DOT:
                 # the dot sees offset + q as unpacked; a second dot with an all-ones operand
@@ -1081,8 +1095,10 @@ def _fields_matmul_kernel(
                 if MODE == 0:
                     if SCALE_AFTER:
                         zo = z_one.to(tl.float32) + off_z
+                    elif BYTE_SHIFT:  # (no offset: adding 0.0 is not folded)
+                        zo = tl.load(z_row_ptrs + s_off).to(tl.float32)
                     else:
-                        zo = tl.load(z_ptr + s_off).to(tl.float32) + off_z
+                        zo = tl.load(z_row_ptrs + s_off).to(tl.float32) + off_z
                 else:
                     zo = tl.zeros((BLOCK_N,), dtype=tl.float32) + (off_z + (1 << (BITS - 1)))
                 if UPCAST_DOT:
@@ -1097,7 +1113,7 @@ def _fields_matmul_kernel(
                 else:
                     part = _mm(a, hd, None, SWAP_AB, PREC)
                     xsb = _mm(a, ones, None, SWAP_AB, PREC)
-                    sc = tl.load(s_ptr + s_off).to(tl.float32)
+                    sc = tl.load(s_row_ptrs + s_off).to(tl.float32)
                     acc += ((part - _offset_terms(xsb, zo, SWAP_AB, BYTE_SHIFT, BLOCK_N, BLOCK_M))
                             * _per_n(sc, SWAP_AB))
             elif PACKED_DQ:

@@ -1019,7 +1019,8 @@ def _fields_matmul_kernel(
             ones_w = ones_val
         if UPCAST_DOT:
             ones_w = ones_w.to(tl.float32)
-    if ONES_DOT and not SCALE_AFTER and MODE != 2:  # each row's scales and zeros
+    if not SCALE_AFTER and MODE != 2:  # each row's scale and zero pointers, made once: one
+        # IMAD.WIDE per address in the loop (int32 offsets: fewer than 2**31 scales)
         s_row_ptrs = s_ptr + rows32 * stride_sn
         z_row_ptrs = z_ptr + rows32 * stride_sn
         # the shift in a register (ptxas re-loaded the argument in every K step)
@@ -1071,11 +1072,7 @@ def _fields_matmul_kernel(
         else:
             # fp16 1024 + q (exact), bf16 128 + q (exact for q < 128), or fp32 q (cast below)
             offset = 1024.0 if HALF_MAGIC == 1 else 128.0 if HALF_MAGIC == 2 else 0.0
-            if ONES_DOT:  # each row's scale and zero pointers made once (before the loop):
-                # one IMAD.WIDE per address in the loop
-                s_off = (t * BLOCK_K) >> group_shift
-            else:
-                s_off = rows * stride_sn + ((t * BLOCK_K) >> group_shift)
+            s_off = (t * BLOCK_K) >> group_shift  # the group (SCALE_AFTER: unused)
             PACKED_DQ: tl.constexpr = DEQUANT_W and HALF_MAGIC == 1 and ASM
             # (the large tiles' byte shifts: not with one group per row, whose q - z folds
             # the symmetric zero into the one offset)
@@ -1129,10 +1126,10 @@ def _fields_matmul_kernel(
                         z2 = 0
                         SYM_Z: tl.constexpr = 1 << (BITS - 1)
                 else:
-                    sh = tl.load(s_ptr + s_off)
+                    sh = tl.load(s_row_ptrs + s_off)
                     s2 = _half_pair(sh)[:, None]
                     if MODE == 0:  # z2 = -z s: the fma's addend
-                        zf = tl.load(z_ptr + s_off).to(tl.float32)
+                        zf = tl.load(z_row_ptrs + s_off).to(tl.float32)
                         z2 = _half_pair((-(zf * sh.to(tl.float32))).to(tl.float16))[:, None]
                         SYM_Z: tl.constexpr = 0
                     else:  # the constant zero folded into the subtracted offset (exact)
@@ -1160,12 +1157,12 @@ def _fields_matmul_kernel(
                     if SCALE_AFTER:
                         zz = z_one.to(hq.dtype)
                     else:
-                        zz = tl.load(z_ptr + s_off).to(hq.dtype)
+                        zz = tl.load(z_row_ptrs + s_off).to(hq.dtype)
                     w = hq - zz[:, None]
                 else:
                     w = hq - (1 << (BITS - 1))
                 if not SCALE_AFTER:  # (q - z) s, one rounding
-                    w = w * tl.load(s_ptr + s_off).to(hq.dtype)[:, None]
+                    w = w * tl.load(s_row_ptrs + s_off).to(hq.dtype)[:, None]
                 acc = _mm(a, w.to(xdt).to(a.dtype), acc, SWAP_AB, PREC)
             else:
                 part = _mm(a, h.to(a.dtype), None, SWAP_AB, PREC)
@@ -1176,12 +1173,12 @@ def _fields_matmul_kernel(
                     acc += part
                     xs_all += xs
                 else:
-                    sc = tl.load(s_ptr + s_off).to(tl.float32)
+                    sc = tl.load(s_row_ptrs + s_off).to(tl.float32)
                     # two FMA per output element (one expression took an FMUL, an FFMA and a
                     # FADD)
                     acc += part * _per_n(sc, SWAP_AB)
                     if MODE == 0:
-                        zs = (tl.load(z_ptr + s_off).to(tl.float32) + offset) * sc
+                        zs = (tl.load(z_row_ptrs + s_off).to(tl.float32) + offset) * sc
                         acc -= _per_m(xs, SWAP_AB) * _per_n(zs, SWAP_AB)
                     else:  # a constant zero: (offset + z) sum_k x per row, times s per column
                         acc -= (_per_m(xs * (offset + (1 << (BITS - 1))), SWAP_AB)
@@ -1923,6 +1920,9 @@ def _run(mode: int, x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*lead, n)
+    if s.numel() >= 2**31:  # the GEMM indexes scales and zeros with int32 offsets
+        raise ValueError(f"{tuple(s.shape)} scales: the kernels take fewer than 2**31 scales "
+                         "(use a larger group_size)")
     x2, q, s = x2.contiguous(), q.contiguous(), s.contiguous()
     z = z.contiguous() if z is not None else None
     bias = bias.contiguous() if bias is not None else None

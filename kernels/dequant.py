@@ -1217,53 +1217,104 @@ def _dequant_weight_kernel(
     ASM: tl.constexpr = False,
     LUT_PRMT: tl.constexpr = False,
     SPLIT_K: tl.constexpr = 1,
+    TILES: tl.constexpr = 1,
+    EVEN_K: tl.constexpr = False,
+    BYTE_SHIFT: tl.constexpr = False,
 ):
-    """The dense weight of packed rows ``row0 .. row0 + N`` in the activation dtype:
-    ``w[n, k] = (q - z) s`` computed in fp32 and rounded once (as
-    :func:`~compress_ops.kernels.formats.dequant.dequantize`), or the codebook entry
-    (as ``codebook_weight``); columns ``K .. KP`` (padding) are not written. One
-    ``[BLOCK_N, BLOCK_K]`` tile per program, inside one scale group: the tile's words loaded
-    once (16-byte loads along K), unpacked in registers as the fields GEMM does
-    (:func:`_unpack_words`, :func:`_k_order`; 4-bit codebooks with two-byte entries looked up
-    in registers, ``LUT_PRMT``: :func:`_lut_tile`) and stored along K. The large-M route
-    (:func:`_launch`) feeds the weight to cuBLAS: a memory-bound pass (``N KP b / 8`` bytes
-    read, ``N K e`` written) once per call instead of once per row tile of the fused GEMM."""
+    """The dense weight of packed rows ``row0 .. row0 + N`` in the activation dtype: the
+    affine ``w[n, k] = (q - z) s`` or the codebook entry (as ``codebook_weight``); columns
+    ``K .. KP`` (padding) are not written. Each program takes ``BLOCK_N`` rows and ``TILES``
+    ``[BLOCK_N, BLOCK_K]`` tiles along K, each inside one scale group: the row pointers (and
+    a 4-bit codebook's registers) made once, then per tile the words loaded once (16-byte
+    loads along K), unpacked in registers as the fields GEMM does (:func:`_unpack_words`,
+    :func:`_k_order`; 4-bit codebooks with two-byte entries looked up in registers,
+    ``LUT_PRMT``: :func:`_lut_tile`) and stored along K.
+
+    The affine arithmetic is the fields GEMM's for the weights it dequantizes (its large
+    tiles): with fp16 activations on a GPU (``HALF_MAGIC == 1`` and ``ASM``) in packed fp16,
+    two fields per instruction (:func:`_dequant_halves`): symmetric grids ``(q - z) s`` with
+    the constant zero folded into the exact offset, one rounding (bit-exact with
+    :func:`~compress_ops.kernels.formats.dequant.dequantize`, whose fp32 product of an
+    11-bit scale and a 9-bit integer is exact before it is rounded to fp16); asymmetric grids
+    ``q s + (-z s)`` by one fma with ``z s`` rounded to fp16 once per group and row (two
+    roundings; the fused GEMM's large tiles compute the same). Elsewhere (bf16, fp32, the
+    interpreter) ``(q - z) s`` in fp32, rounded once: bit-exact with ``dequantize``. The
+    large-M route (:func:`_launch`) feeds the weight to cuBLAS: a memory-bound pass (``N KP b
+    / 8`` bytes read, ``N K e`` written) once per call instead of once per row tile of the
+    fused GEMM."""
     FIELDS: tl.constexpr = 32 // BITS
     W: tl.constexpr = BLOCK_K // FIELDS
     MASK: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
-    t = tl.program_id(1)
+    pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    rows = (row0 + tl.minimum(offs_n, N - 1)).to(tl.int64)  # clamped: rows past N not stored
+    rows32 = row0 + tl.minimum(offs_n, N - 1)  # clamped: rows past N are not stored
+    rows = rows32.to(tl.int64)
     offs_w = tl.arange(0, W)
-    words = tl.load(q_ptr + rows[:, None] * stride_qn + t * W + offs_w[None, :],
-                    mask=((t * W + offs_w) < KP // FIELDS)[None, :], other=0)
+    q_rows = q_ptr + rows[:, None] * stride_qn + offs_w[None, :]
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+    PACKED: tl.constexpr = HALF_MAGIC == 1 and ASM and MODE != 2
     if MODE == 2 and LUT_PRMT:  # 4-bit fields, two-byte entries: looked up in registers
         lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = _lut_registers(s_ptr, rows, rows_per_group,
                                                                 stride_sn, BLOCK_N)
-        w = _lut_tile(words, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, 0x3210 | (K >> 31),
-                      s_ptr.dtype.element_ty, ASM, BLOCK_N, BLOCK_K, BITS)
+        c3210 = 0x3210 | (K >> 31)
     elif MODE == 2:
-        fields = (words[:, :, None] >> _field_shifts(BITS)[None, None, :]) & MASK
         lut_rows = s_ptr + (rows // rows_per_group)[:, None, None] * stride_sn
-        w = _k_order(tl.load(lut_rows + fields), BLOCK_N, BLOCK_K, BITS)
-    else:
+    else:  # each row's scale and zero pointers (int32 offsets: fewer than 2**31 scales)
+        s_rows = s_ptr + rows32 * stride_sn
+        z_rows = z_ptr + rows32 * stride_sn
+        group_shift = group_shift | (K >> 31)  # a register, not the argument re-loaded
         mg = 0x64646464 | (K >> 31)  # as in the fields GEMM: a register, not an immediate
-        h = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, mg=mg), BLOCK_N, BLOCK_K,
-                     BITS).to(tl.float32)
-        # q exactly (fp16 1024 + q, bf16 128 + q, or q), then (q - z) s: an offset added to
-        # a fractional zero instead would round it
-        offset = 1024.0 if HALF_MAGIC == 1 else 128.0 if HALF_MAGIC == 2 else 0.0
-        s_off = rows * stride_sn + ((t * BLOCK_K) >> group_shift)
-        if MODE == 0:
-            z = tl.load(z_ptr + s_off).to(tl.float32)
+    k_tiles = tl.cdiv(KP, BLOCK_K)
+    t_begin = pid_k * TILES
+    t_end = min(t_begin + TILES, k_tiles)
+    for t in range(t_begin, t_end):
+        if EVEN_K:
+            words = tl.load(q_rows + t * W)
         else:
-            z = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1 << (BITS - 1))
-        w = ((h - offset) - z[:, None]) * tl.load(s_ptr + s_off).to(tl.float32)[:, None]
-    offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=n_mask[:, None] & (offs_k < K)[None, :])
+            words = tl.load(q_rows + t * W, mask=((t * W + offs_w) < KP // FIELDS)[None, :],
+                            other=0)
+        if MODE == 2 and LUT_PRMT:
+            w = _lut_tile(words, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, c3210,
+                          s_ptr.dtype.element_ty, ASM, BLOCK_N, BLOCK_K, BITS)
+        elif MODE == 2:
+            fields = (words[:, :, None] >> _field_shifts(BITS)[None, None, :]) & MASK
+            w = _k_order(tl.load(lut_rows + fields), BLOCK_N, BLOCK_K, BITS)
+        elif PACKED:  # two fields per packed fp16 instruction (see above)
+            g = (t * BLOCK_K) >> group_shift
+            sh = tl.load(s_rows + g)
+            s2 = _half_pair(sh)[:, None]
+            if MODE == 0:  # z2 = -z s: the fma's addend
+                zs = -(tl.load(z_rows + g).to(tl.float32) * sh.to(tl.float32))
+                z2 = _half_pair(zs.to(tl.float16))[:, None]
+                SYM_Z: tl.constexpr = 0
+                DQM: tl.constexpr = 3
+            else:  # the constant zero folded into the subtracted offset (exact)
+                z2 = 0
+                SYM_Z: tl.constexpr = 1 << (BITS - 1)
+                DQM: tl.constexpr = 1
+            w = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQM, mg,
+                                       BYTE_SHIFT=BYTE_SHIFT, kz=K >> 31,
+                                       EXP_REG=BYTE_SHIFT and BITS == 2),
+                         BLOCK_N, BLOCK_K, BITS)
+        else:
+            h = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, mg=mg), BLOCK_N, BLOCK_K,
+                         BITS).to(tl.float32)
+            # q exactly (fp16 1024 + q, bf16 128 + q, or q), then (q - z) s: an offset added
+            # to a fractional zero instead would round it
+            offset = 1024.0 if HALF_MAGIC == 1 else 128.0 if HALF_MAGIC == 2 else 0.0
+            g = (t * BLOCK_K) >> group_shift
+            if MODE == 0:
+                z = tl.load(z_rows + g).to(tl.float32)
+            else:
+                z = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1 << (BITS - 1))
+            w = ((h - offset) - z[:, None]) * tl.load(s_rows + g).to(tl.float32)[:, None]
+        if EVEN_K:
+            mask = n_mask[:, None]
+        else:
+            mask = n_mask[:, None] & (t * BLOCK_K + tl.arange(0, BLOCK_K) < K)[None, :]
+        tl.store(w_rows + t * BLOCK_K, w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -1692,6 +1743,7 @@ def _make_plan(mode: int, x2: torch.Tensor, q: torch.Tensor, bits: int, group: i
 DENSE_CHUNK_BYTES = 256 << 20  # the large-M route's dense weight: at most this many bytes
 DENSE_BLOCK_N = 32  # :func:`_dequant_weight_kernel`'s tile: 32 rows x one scale group (<= 128)
 DENSE_BLOCK_K = 128
+DENSE_TILES = 8  # K tiles per program: its row pointers (and lookup registers) made once
 
 
 def dense_min_m(device: torch.device) -> int | None:
@@ -1736,11 +1788,14 @@ def _dense_plan(mode: int, x2: torch.Tensor, bits: int, group_size: int, kp: int
     rows = max(DENSE_BLOCK_N, DENSE_CHUNK_BYTES // (k * x2.element_size())
                // DENSE_BLOCK_N * DENSE_BLOCK_N)
     fields = fields_gemm_meta(bits, mode, 1, x2.dtype)
+    k_tiles = -(-kp // bk)
+    tiles = min(DENSE_TILES, k_tiles)
     meta = dict(BITS=bits, MODE=mode, BLOCK_N=DENSE_BLOCK_N, BLOCK_K=bk, ASM=ptx(x2),
                 HALF_MAGIC=fields["HALF_MAGIC"], LUT_PRMT=fields["LUT_PRMT"], SPLIT_K=1,
-                num_warps=4, num_stages=1)
-    return _Plan(_dequant_weight_kernel, (-(-kp // bk),), (k, kp, shift, rows_per_group), meta, 1,
-                 dense_rows=rows)
+                TILES=tiles, EVEN_K=k == kp and k % bk == 0,
+                BYTE_SHIFT=fields["BYTE_SHIFT"], num_warps=4, num_stages=1)
+    return _Plan(_dequant_weight_kernel, (-(-k_tiles // tiles),),
+                 (k, kp, shift, rows_per_group), meta, 1, dense_rows=rows)
 
 
 def _launch_dense(plan: _Plan, x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor,

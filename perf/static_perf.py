@@ -325,6 +325,8 @@ def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype)
     kp = _arg(launch, "KP")
     k_tiles = math.ceil(kp / bk)
     trips = math.ceil(k_tiles / split)
+    if _arg(launch, "TILES"):  # a program takes at most TILES of the K tiles
+        trips = min(trips, _arg(launch, "TILES"))
     if lps:
         a, b = lps[0]
         body = instrs[a:b + 1]

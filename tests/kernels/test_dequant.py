@@ -4,6 +4,7 @@ the same packed weights (CPU: interpreter)."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import pytest
@@ -551,12 +552,16 @@ def test_large_m_route_matches_float64_reference(poison, device, m, n, k, bits, 
 
 @pytest.mark.parametrize(("bits", "half_magic"),  # bf16 int8 unpacks as fp32 q (0)
                          [(b, h) for b in (2, 4, 8) for h in (1, 2, 0) if (b, h) != (8, 2)])
-@pytest.mark.parametrize(("group", "sym"), [(32, False), (128, True), (None, False)])
-def test_dequant_weight_kernel_is_the_formats_weight(bits, half_magic, group, sym):
+@pytest.mark.parametrize(("group", "sym", "k"),
+                         [(32, False, 200), (128, True, 200), (None, False, 200), (32, True, 256)])
+def test_dequant_weight_kernel_is_the_formats_weight(bits, half_magic, group, sym, k):
     """The route's dense weight, stored in fp32, is exactly ``formats.dequantize``'s fp32
     weight (``(q - z) s``, one rounding) for each unpacking (fp16's ``1024 + q``, bf16's
-    ``128 + q``, the fp32 ``q``); columns past K are not written; codebooks: the entries."""
-    n, k = 37, 200
+    ``128 + q``, the fp32 ``q``; the interpreter takes the fp32 arithmetic, the GPU's packed
+    fp16 is checked by ``perf/gpu_check.sh``); columns past K are not written; codebooks: the
+    entries. A program takes up to ``DENSE_TILES`` K tiles (K = 200 in 32-column groups: 7
+    tiles, two programs along K, the second ragged; K = 256: every tile whole, ``EVEN_K``)."""
+    n = 37
     dtype = {1: torch.float16, 2: torch.bfloat16, 0: torch.float32}[half_magic]
     qw, s, z, gs = _affine(n, k, bits, group, sym, dtype, seed=bits)
     kp = dqf.packed_k(qw.shape[1], bits)
@@ -575,6 +580,9 @@ def test_dequant_weight_kernel_is_the_formats_weight(bits, half_magic, group, sy
         dq._dequant_weight_kernel[(-(-n // dq.DENSE_BLOCK_N), *plan.grid)](
             qw, s, z if z is not None else s, w, n, k_, kp_, shift, rpg, 0, qw.stride(0),
             s.stride(0), w.stride(0), **plan.meta)
+        assert plan.meta["EVEN_K"] == (k == kp and k % plan.meta["BLOCK_K"] == 0)
+        k_tiles = math.ceil(kp / plan.meta["BLOCK_K"])
+        assert plan.grid == (math.ceil(k_tiles / plan.meta["TILES"]),)
         assert w[:, k:].isnan().all()
         return w[:, :k]
 
@@ -626,3 +634,14 @@ def test_large_m_route_threshold_chunks_and_errors(monkeypatch):
     for bad in ("0", "many"):
         with _dense_min_m(bad), pytest.raises(ValueError, match="COMPRESS_OPS_DENSE_MIN_M"):
             dq.dense_min_m(torch.device("cpu"))
+
+
+def test_too_many_scales_is_a_named_error():
+    """The GEMM indexes scales and zeros with int32 offsets: 2**31 scales (2**17 rows of 2**19
+    columns in 32-column groups; stride-0 views, no memory) are refused by name, not wrapped."""
+    n, k, gs = 2**17, 2**19, 32
+    q = torch.zeros(1, k * 4 // 32, dtype=torch.int32).expand(n, -1)
+    s = torch.ones(1, k // gs, dtype=torch.float16).expand(n, -1)
+    x = torch.randn(1, k).to(torch.float16)
+    with pytest.raises(ValueError, match="fewer than 2\\*\\*31 scales"):
+        dq.dequant_matmul(x, q, s, s, None, 4, gs)

@@ -40,6 +40,7 @@ from compress_ops.kernels.tuning import (
     autotune,
     device_name,
     device_table,
+    gpu_target,
     load_tables,
     m_bucket,
     table_config,
@@ -253,12 +254,17 @@ def _load_defaults() -> dict:
     return load_tables(_FAMILY)
 
 
-@functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode (~10 us kernels)
 def select_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
     """Tuned default for this shape from ``configs/sparse24.json`` (the GPU's own table if
     shipped, else ``default``): the GEMV kernel up to ``gemv_max_m``, else the GEMM tile of M's
-    bucket, with split-K raised when the tile grid would leave multiprocessors idle.
-    """
+    bucket, with split-K raised when the tile grid would leave multiprocessors idle. Cached
+    per GPU target too: a CPU tensor configures for the interpreter, or for the GPU that
+    :func:`~compress_ops.kernels.tuning.simulate_gpu` names (the static model)."""
+    return _select_config(m, n, k, device, gpu_target(device))
+
+
+@functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode (~10 us kernels)
+def _select_config(m: int, n: int, k: int, device: torch.device, target) -> KernelConfig:
     cfg = table_config(device_table(_FAMILY, device), m)
     if cfg.path == "gemm":
         cfg = auto_split_k(cfg, m, n, padded_k(k), device)
@@ -384,14 +390,16 @@ def _launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
             x2.stride(0), values.stride(0), meta.stride(0), y.stride(0))
     if cfg.path == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
-        _sparse24_gemv_kernel[grid](
-            *args, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_KH=cfg.block_k // 2, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _launch_mod.launch(
+            _sparse24_gemv_kernel, grid, *args, HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_KH=cfg.block_k // 2,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-        _sparse24_matmul_kernel[grid](
-            *args, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, **dot_meta(x2),
+        _launch_mod.launch(
+            _sparse24_matmul_kernel, grid, *args, HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, **dot_meta(x2),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return _launch_mod.finish(y, x2, cfg.split_k)
 

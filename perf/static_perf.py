@@ -112,11 +112,37 @@ class Case:
                                symmetric="sym" in self.config.split())
 
 
+    def tile_bytes(self, bn: int, bk: int, dtype: torch.dtype) -> float:
+        """HBM bytes of a ``[bn, bk]`` tile of the weight (dense columns)."""
+        return bn * bk * self.bits / 8
+
+
+@dataclass(frozen=True)
+class Sparse24Case(Case):
+    """A 2:4 weight in the activation dtype: half the values, 2-bit positions (``bits`` is
+    the bits per dense element: ``e * 8 / 2 + 1``)."""
+
+    def call(self, m: int, n: int, k: int, dtype: torch.dtype) -> None:
+        from compress_ops.kernels import sparse24 as ks
+
+        x = torch.randn(m, k, dtype=dtype)
+        values = torch.empty(n, k // 2, dtype=dtype)
+        meta = torch.zeros(n, k // 32, dtype=torch.int32)
+        ks.sparse24_matmul(x, values, meta, None)
+
+    def weight_bytes(self, n: int, k: int, dtype: torch.dtype) -> int:
+        return n * k * dtype.itemsize // 2 + n * k // 8
+
+    def tile_bytes(self, bn: int, bk: int, dtype: torch.dtype) -> float:
+        return bn * bk * (dtype.itemsize / 2 + 1 / 8)
+
+
 CASES = [
     Case("dequant", "int4 g128 asym", 4, 128),
     Case("dequant", "int8 row sym", 8, None),
     Case("dequant", "int2 g128 asym", 2, 128),
     Case("dequant", "codebook 4-bit", 4, None),
+    Sparse24Case("sparse24", "2:4", 9, None),
 ]
 
 
@@ -319,10 +345,13 @@ def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype)
     lps = loops(instrs)
     threads = 32 * c.num_warps
     grid = math.prod(launch.grid)
-    bn, bk = _arg(launch, "BLOCK_N"), _arg(launch, "BLOCK_K")
+    bn = _arg(launch, "BLOCK_N")
+    # dense columns per K step (the 2:4 GEMV counts its stored values, BLOCK_KH: two kept of
+    # every four columns)
+    bk = _arg(launch, "BLOCK_K") or 2 * _arg(launch, "BLOCK_KH")
     bm = _arg(launch, "BLOCK_M", 1)  # a kernel without BLOCK_M: one x row per program
-    split = _arg(launch, "SPLIT_K")
-    kp = _arg(launch, "KP")
+    split = _arg(launch, "SPLIT_K", 1)
+    kp = _arg(launch, "KP") or 2 * _arg(launch, "KP_HALF")  # padded dense K
     k_tiles = math.ceil(kp / bk)
     trips = math.ceil(k_tiles / split)
     if _arg(launch, "TILES"):  # a program takes at most TILES of the K tiles
@@ -341,7 +370,7 @@ def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype)
     cps = ctas_per_sm(c.registers, c.shared, c.num_warps)
     resident = max(1, min(cps, math.ceil(grid / MODEL["sms"])))
     pipelined = body_mix["LDGSTS"] > 0
-    tile_weight_bytes = min(bn, n) * bk * case.bits / 8
+    tile_weight_bytes = case.tile_bytes(min(bn, n), bk, dtype)
     stages = max(1, c.num_stages - 1) if pipelined else 1
     in_flight = resident * tile_weight_bytes * stages
     # time

@@ -63,6 +63,45 @@ def test_simulated_gpu_configures_like_that_gpu():
     assert tuning.gpu_target(torch.device("cpu")) is None
 
 
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_sparse24_records_its_launches(m):
+    """The 2:4 launcher records its launches as the low-bit one does (the model's 2:4 rows):
+    the dry run equals the real interpreter call, which is correct; a simulated H200 gets its
+    own config (split-K for a skinny layer), not the interpreter's cached one."""
+    from compress_ops.kernels import sparse24 as ks
+    from compress_ops.kernels.formats import sparse24 as sf
+    from compress_ops.reference import sparse24_linear_ref
+
+    g = torch.Generator().manual_seed(m)
+    w = sf.prune_2to4(torch.randn(48, 96, generator=g)).half()
+    values, meta = sf.pack_sparse24(w)
+    x = (torch.randn(m, 96, generator=g) + 0.1).half()
+    with launches.capture(run=True) as real:
+        y = ks.sparse24_matmul(x, values, meta)
+    with launches.capture(run=False) as dry:
+        ks.sparse24_matmul(x, values, meta)
+    assert real and [_summary(a) for a in real] == [_summary(a) for a in dry]
+    ref = sparse24_linear_ref(x, values, meta, None, dtype=torch.float64)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3
+    if m == 16:
+        xs = torch.empty(16, 4096, dtype=torch.float16)
+        vs, ms = torch.empty(64, 2048, dtype=torch.float16), torch.zeros(64, 128, dtype=torch.int32)
+        with launches.capture(run=False) as plain:
+            ks.sparse24_matmul(xs, vs, ms)
+        with tuning.simulate_gpu("NVIDIA H200", 132), launches.capture(run=False) as sim:
+            ks.sparse24_matmul(xs, vs, ms)
+        assert "torch.zeros" not in [la.kernel for la in plain]
+        assert "torch.zeros" in [la.kernel for la in sim]
+
+
+def test_model_rows_cover_the_families():
+    """The model's cases: the low-bit formats and 2:4, each at the headline M values."""
+    assert {c.family for c in sp.CASES} == {"dequant", "sparse24"}
+    sparse = [c for c in sp.CASES if c.family == "sparse24"][0]
+    assert sparse.weight_bytes(64, 128, torch.float16) == 64 * 128 + 64 * 128 // 8
+    assert sparse.tile_bytes(64, 128, torch.float16) == 64 * 128 * (1 + 1 / 8)
+
+
 SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
         /*0010*/                   S2R R0, SR_CTAID.X ;

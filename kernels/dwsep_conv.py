@@ -271,7 +271,8 @@ def dwsep_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor
     dummy = dw_weight
     grid = (triton.cdiv(p, cfg["block_p"]), triton.cdiv(cout, cfg["block_co"]))
     r = residual if residual is not None else y
-    _dwsep_conv_kernel[grid](
+    _launch_mod.launch(
+        _dwsep_conv_kernel, grid,
         x, dw_weight, dw_bias if dw_bias is not None else dummy, pw_weight,
         pw_bias if pw_bias is not None else dummy, r, y,
         p, h, w, c, ho, wo, cout, padding[2], padding[0],

@@ -377,7 +377,8 @@ def _launch(x2: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor 
     grid = (triton.cdiv(m, cfg.block_m), n_groups, split)
     wp = w if w is not None else u  # dummy pointers, never read
     bp = bias if bias is not None else u
-    _lowrank_matmul_kernel[grid](
+    _launch_mod.launch(
+        _lowrank_matmul_kernel, grid,
         x2, v, u, wp, bp, y, m, n, k, r, per,
         x2.stride(0), v.stride(0), u.stride(0), wp.stride(0), y.stride(0),
         HAS_BASE=w is not None, HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m,

@@ -248,24 +248,32 @@ def _sparse24_matmul_kernel(
 # ---------------------------------------------------------------------------------------------
 
 _FAMILY = "sparse24"
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # activations that take the tile at every M
 
 
 def _load_defaults() -> dict:
     return load_tables(_FAMILY)
 
 
-def select_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
+def select_config(m: int, n: int, k: int, device: torch.device,
+                  half: bool = False) -> KernelConfig:
     """Tuned default for this shape from ``configs/sparse24.json`` (the GPU's own table if
-    shipped, else ``default``): the GEMV kernel up to ``gemv_max_m``, else the GEMM tile of M's
-    bucket, with split-K raised when the tile grid would leave multiprocessors idle. Cached
-    per GPU target too: a CPU tensor configures for the interpreter, or for the GPU that
-    :func:`~compress_ops.kernels.tuning.simulate_gpu` names (the static model)."""
-    return _select_config(m, n, k, device, gpu_target(device))
+    shipped, else ``default``): the GEMV kernel up to ``gemv_max_m`` (``half``: fp16 or bf16
+    activations, ``gemv_max_m_half``, 0: every M takes the 16-row tensor-core tile, as the
+    low-bit kernels do; fp32 x keeps the GEMV's exact fp32 products), else the GEMM tile of
+    M's bucket, with split-K raised when the tile grid would leave multiprocessors idle.
+    Cached per GPU target too: a CPU tensor configures for the interpreter, or for the GPU
+    that :func:`~compress_ops.kernels.tuning.simulate_gpu` names (the static model)."""
+    return _select_config(m, n, k, device, half, gpu_target(device))
 
 
 @functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode (~10 us kernels)
-def _select_config(m: int, n: int, k: int, device: torch.device, target) -> KernelConfig:
-    cfg = table_config(device_table(_FAMILY, device), m)
+def _select_config(m: int, n: int, k: int, device: torch.device, half: bool,
+                   target) -> KernelConfig:
+    table = device_table(_FAMILY, device)
+    if half:
+        table = {**table, "gemv_max_m": table.get("gemv_max_m_half", table["gemv_max_m"])}
+    cfg = table_config(table, m)
     if cfg.path == "gemm":
         cfg = auto_split_k(cfg, m, n, padded_k(k), device)
     return cfg
@@ -438,5 +446,5 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         if x.device.type == "cuda" and os.environ.get("COMPRESS_OPS_AUTOTUNE") == "1":
             config = autotuned_config(x2, values, meta, bias)
         else:
-            config = select_config(m, n, k, x.device)
+            config = select_config(m, n, k, x.device, x.dtype in HALF_DTYPES)
     return _launch(x2, values, meta, bias, config).reshape(*lead, n)

@@ -90,7 +90,7 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
         log: Callable[[str], None] = print) -> Iterator[Row]:
     """Time every provider on every case; yields rows as they are measured."""
     from compress_ops.kernels.formats.sparse24 import pack_sparse24, prune_2to4, sparse24_bytes
-    from compress_ops.kernels.sparse24 import select_config
+    from compress_ops.kernels.sparse24 import HALF_DTYPES, select_config
 
     op, op_err = _import_op()
     cuda = device.type == "cuda"
@@ -140,7 +140,8 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
                 note = None
                 if ours_backend != "cpu-reference":  # the Triton kernel runs: name its config
                     try:
-                        note = f"config={select_config(m, n, k, device).name}"
+                        cfg = select_config(m, n, k, device, dtype in HALF_DTYPES)
+                        note = f"config={cfg.name}"
                     except Exception as ex:  # noqa: BLE001
                         note = f"select_config failed: {type(ex).__name__}: {ex}"
                 yield logged(log, time_provider(

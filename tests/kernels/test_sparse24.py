@@ -9,6 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from compress_ops.kernels import launches
 from compress_ops.kernels import sparse24 as sp
 from compress_ops.kernels.formats import sparse24 as spf
 from compress_ops.reference import sparse24_linear_ref
@@ -116,6 +117,16 @@ def test_select_config_paths():
     assert sp.select_config(4, 4096, 4096, cpu).path == "gemv"
     assert sp.select_config(5, 4096, 4096, cpu).path == "gemm"
     assert sp.select_config(5000, 4096, 4096, cpu).block_m >= 64
+    # half-precision activations take the 16-row tensor-core tile at every M
+    assert sp.select_config(1, 4096, 4096, cpu, half=True).path == "gemm"
+    assert sp.select_config(1, 4096, 4096, cpu, half=True).block_m == 16
+    x = torch.randn(1, 64).half()
+    values, meta = torch.randn(32, 32).half(), torch.zeros(32, 2, dtype=torch.int32)
+    with launches.capture(run=False) as got:
+        sp.sparse24_matmul(x, values, meta)
+        sp.sparse24_matmul(x.float(), values.float(), meta)
+    assert [la.kernel.__name__ for la in got] == ["_sparse24_matmul_kernel",
+                                                  "_sparse24_gemv_kernel"]
     assert sp.m_bucket(1) == 1 and sp.m_bucket(17) == 32 and sp.m_bucket(64) == 64
 
 

@@ -30,7 +30,8 @@ limit, and passes ``--resume`` to every step after the first so that they all fi
     cases of :data:`CASES`. For each (M, case), in this order: ours (the module), the dense
     baseline (``F.linear`` on the module's ``dense_weight()``: cuBLAS), torch's own kernel where
     there is one (``torch.ops.aten._weight_int4pack_mm``, tinygemm, which takes bf16 activations
-    only; ``torch._weight_int8pack_mm``). Each provider is first checked against
+    only; ``torch._weight_int8pack_mm``; for 2:4, ``torch.sparse.to_sparse_semi_structured``:
+    cuSPARSELt or CUTLASS). Each provider is first checked against
     ``F.linear(x.double(), dense_weight().double())``; a wrong one is recorded as ``wrong`` and
     not timed; a torch-private call that cannot run is recorded as ``unavailable: <reason>``.
     Then it is timed eagerly (:func:`compress_ops.perf.timing.time_fn`: ``do_bench``, L2 flushed,
@@ -142,15 +143,19 @@ def check_output(y: torch.Tensor, ref: torch.Tensor, tolerance: float
 
 @dataclass(frozen=True)
 class HeadlineCase:
-    """One low-bit format of the headline: its name (the static model's ``config``), how the
-    module is built, and torch's own kernel for it (``None``: there is none)."""
+    """One format of the headline: its name (the static model's ``config``), how the module
+    is built, and torch's own kernel for it (``None``: there is none)."""
 
     name: str
-    kind: str  # "affine" (QuantLinear) | "codebook" (CodebookLinear)
+    kind: str  # "affine" (QuantLinear) | "codebook" (CodebookLinear) | "sparse24" (2:4)
     bits: int
     group_size: int | None
     symmetric: bool | None
-    native: str | None  # "tinygemm" | "int8pack" | None
+    native: str | None  # "tinygemm" | "int8pack" | "semi" (cuSPARSELt / CUTLASS) | None
+
+    @property
+    def family(self) -> str:
+        return "sparse24" if self.kind == "sparse24" else "dequant"
 
 
 CASES: tuple[HeadlineCase, ...] = (
@@ -158,8 +163,10 @@ CASES: tuple[HeadlineCase, ...] = (
     HeadlineCase("int8 row sym", "affine", 8, None, True, "int8pack"),
     HeadlineCase("int2 g128 asym", "affine", 2, 128, False, None),
     HeadlineCase("codebook 4-bit", "codebook", 4, None, None, None),
+    HeadlineCase("2:4", "sparse24", 9, None, None, "semi"),  # bits: per dense element, fp16
 )
-CASE_NAMES: tuple[str, ...] = tuple(c.name for c in CASES)
+# the low-bit formats (the smoke step's dequant variants)
+CASE_NAMES: tuple[str, ...] = tuple(c.name for c in CASES if c.family == "dequant")
 _CASE_BY_NAME = {c.name: c for c in CASES}
 
 
@@ -516,6 +523,10 @@ def _native_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
         w8 = native_int8_weight(mod.qweight)
         s = mod.scales[:, 0].contiguous()
         return (lambda: torch._weight_int8pack_mm(x, w8, s)), x.dtype, "torch._weight_int8pack_mm"
+    if case.native == "semi":
+        ws = torch.sparse.to_sparse_semi_structured(mod.dense_weight().contiguous())
+        return ((lambda: F.linear(x, ws)), x.dtype,
+                "torch.sparse.to_sparse_semi_structured + F.linear (cuSPARSELt / CUTLASS)")
     if case.native == "tinygemm":
         # CUDA layout: uint8 [N, K/2], the even k in the high nibble; scales-and-zeros
         # [K/group, N, 2] bf16 in tinygemm's form W = (q - 8) * s + zero', zero' = (8 - z) * s.
@@ -554,6 +565,12 @@ def _kernel_note(case: HeadlineCase, mod: nn.Module, m: int, device: torch.devic
                  dtype: torch.dtype) -> str | None:
     """The shipped config our op launches for this shape (``None`` when unknown)."""
     try:
+        if case.family == "sparse24":
+            from compress_ops.kernels import sparse24 as ks
+
+            cfg = ks.select_config(m, mod.values.shape[0], 2 * mod.values.shape[1], device,
+                                   dtype in ks.HALF_DTYPES)
+            return f"config={cfg.name}"
         cfg, dense = _shipped(mod, m, device, dtype)
         return "route=dequantize+F.linear" if dense else f"config={cfg.name}"
     except Exception:  # noqa: BLE001 - a note only
@@ -579,7 +596,7 @@ def headline_line(r: dict[str, Any]) -> str:
 def run_headline(device: torch.device, small: bool, record: Callable[[dict[str, Any]], None],
                  *, time_it: Callable[[Callable[[], object]], Timing] | None = None,
                  log: Callable[[str], None] = print) -> None:
-    """Build the four modules once, then for each M and case: ours, dense, torch's kernel."""
+    """Build the modules once, then for each M and case: ours, dense, torch's kernel."""
     import compress_ops  # noqa: F401  (registers the ops)
 
     ms, n, k, dts = headline_shapes(small)
@@ -600,7 +617,7 @@ def run_headline(device: torch.device, small: bool, record: Callable[[dict[str, 
     for c in CASES:
         t0 = time.perf_counter()
         try:
-            mods[c.name] = build_linear_module("dequant", c.name, lin)
+            mods[c.name] = build_linear_module(c.family, c.name, lin)
             with torch.no_grad():
                 dense_w[c.name] = mods[c.name].dense_weight().contiguous()
             log(f"  built {c.name} ({time.perf_counter() - t0:.1f} s)")
@@ -658,6 +675,8 @@ def _alt_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
     with its shipped tile where the large-M route (dequantize once + cuBLAS,
     ``kernels/dequant.dense_route``) is taken. None elsewhere."""
     m = x.shape[0]
+    if case.family == "sparse24":  # fp16 M = 1 ships the 16-row tile (gemv_max_m_half = 0)
+        return (GEMV_ALT, *_sparse24_gemv_alt_fn(mod, x)) if m == 1 else None
     if m == 1:
         return (GEMV_ALT, *_gemv_alt_fn(case, mod, x))
     cfg, dense = _shipped(mod, m, x.device, x.dtype)
@@ -679,6 +698,19 @@ def _gemv_alt_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
     return kernel_fn(mod, x, cfg), f"config={cfg.name} (forced)"
 
 
+def _sparse24_gemv_alt_fn(mod: nn.Module, x: torch.Tensor
+                          ) -> tuple[Callable[[], torch.Tensor], str]:
+    """At M = 1, the 2:4 GEMV (the ``gemv`` table's ``1`` entry) instead of the 16-row tile
+    that fp16 ships (``kernels/configs/sparse24.json``): the static model predicts the tile
+    faster (1.53x against 0.86x dense under Triton 3.9), one GPU run settles it."""
+    from compress_ops.kernels import sparse24 as ks
+    from compress_ops.kernels.tuning import KernelConfig, load_tables
+
+    cfg = KernelConfig("gemv", **load_tables("sparse24")["default"]["gemv"]["1"])
+    return (lambda: ks.sparse24_matmul(x, mod.values, mod.meta, config=cfg),
+            f"config={cfg.name} (forced)")
+
+
 def kernel_fn(mod: nn.Module, x: torch.Tensor, cfg: Any, checked: bool = False
               ) -> Callable[[], torch.Tensor]:
     """A call of the low-bit kernel entry on ``mod``'s packed weight with ``cfg`` forced
@@ -694,8 +726,8 @@ def kernel_fn(mod: nn.Module, x: torch.Tensor, cfg: Any, checked: bool = False
 
 def _measure_native(c: HeadlineCase, mod: nn.Module, x: torch.Tensor, ref: torch.Tensor,
                     k: int, device: torch.device, time_it, capture) -> dict[str, Any]:
-    if c.native == "tinygemm" and device.type != "cuda":
-        return {"status": "skipped: tinygemm is CUDA-only here (CPU rehearsal)"}
+    if c.native in ("tinygemm", "semi") and device.type != "cuda":
+        return {"status": f"skipped: {c.native} is CUDA-only here (CPU rehearsal)"}
     try:
         fn, tol_dtype, note = _native_fn(c, mod, x)
     except Exception as ex:  # noqa: BLE001 - torch-private: record, never crash

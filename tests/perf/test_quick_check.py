@@ -39,6 +39,10 @@ def test_headline_cases_are_the_static_models_configs() -> None:
     assert by["int4 g128 asym"].native == "tinygemm"
     assert by["int8 row sym"].native == "int8pack"
     assert qc.headline_shapes(False) == ((1, 16, 2048), 8192, 8192, "fp16")
+    # 2:4 joins the headline (issue 15), against torch's semi-structured (cuSPARSELt) GEMM
+    assert [c.name for c in qc.CASES][-1] == "2:4"
+    assert by["2:4"].family == "sparse24" and by["2:4"].native == "semi"
+    assert {c.family for c in qc.CASES if c.name in qc.CASE_NAMES} == {"dequant"}
     ms, n, k, _ = qc.headline_shapes(True)
     assert ms == (1, 16) and n == k == 256
 
@@ -354,16 +358,21 @@ def test_quick_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     # M = 1 also times the GEMV (the alternative to the shipped 16-row tile), every case
     assert {r["case"] for r in rows if r["provider"] == qc.GEMV_ALT} == {c.name for c in qc.CASES}
     assert {r["M"] for r in rows if r["provider"] == qc.GEMV_ALT} == {1}
-    # the large-M route's rows also time the fused GEMM (its alternative), every case
+    # the large-M route's rows also time the fused GEMM (its alternative), every low-bit case
     assert {(r["case"], r["M"]) for r in rows if r["provider"] == qc.FUSED_ALT} == {
-        (c.name, 16) for c in qc.CASES}
-    assert {r["note"] for r in rows if r["provider"] == "ours" and r["M"] == 16} == {
-        "route=dequantize+F.linear"}
+        (name, 16) for name in qc.CASE_NAMES}
+    assert {r["note"] for r in rows if r["provider"] == "ours" and r["M"] == 16
+            and r["case"] in qc.CASE_NAMES} == {"route=dequantize+F.linear"}
+    # 2:4: the 16-row tile at every M (fp16), the semi-structured GEMM skipped on the CPU
+    assert {r["note"] for r in rows if r["provider"] == "ours" and r["case"] == "2:4"} == {
+        "config=gemm_m16n64k64w4s9"}
+    assert {r["status"] for r in rows if r["provider"] == "semi"} == {
+        "skipped: semi is CUDA-only here (CPU rehearsal)"}
     for r in rows:
         if r["provider"] in ("ours", "dense", "int8pack", *qc.ALTS):
             assert r["status"] == "ok" and r["eager_us"] > 0, r
             assert r["graph_status"].startswith("skipped")
-        elif r["provider"] == "tinygemm":
+        elif r["provider"] in ("tinygemm", "semi"):
             assert r["status"].startswith("skipped")
     pvm = obj["predicted_vs_measured"]
     assert len(pvm) == len(ms) * len(qc.CASES)

@@ -1,7 +1,8 @@
 """Launcher pieces every linear-kernel family shares: the output buffer (split-K workspace), the
-``tl.dot`` precision and its interpreter workaround, and the kernels' common program order
-(:func:`grouped_tile`) and epilogue (:func:`store_tile`). The input checks are Triton-free:
-:mod:`compress_ops.kernels.formats`."""
+``tl.dot`` precision and its interpreter workaround, whether inline PTX may be used
+(:func:`ptx`), the kernels' common program order (:func:`grouped_tile`) and epilogue
+(:func:`store_tile`), and a byte permute with its portable form (:func:`prmt`). The input
+checks are Triton-free: :mod:`compress_ops.kernels.formats`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import triton.language as tl
 from compress_ops.kernels.launches import launch, record_torch
 from compress_ops.kernels.tuning import gpu_target
 
-__all__ = ["launch", "output", "finish", "dot_meta", "grouped_tile", "store_tile"]
+__all__ = ["launch", "output", "finish", "dot_meta", "ptx", "grouped_tile", "store_tile",
+           "prmt", "prmt_ref"]
 
 _empty = torch.empty  # output allocator; tests swap in a NaN-filled one to catch unwritten tiles
 
@@ -72,3 +74,38 @@ def store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, 
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
     else:
         tl.atomic_add(y_ptrs, acc, mask=y_mask, sem="relaxed")
+
+
+def ptx(x2: torch.Tensor) -> bool:
+    """Whether a kernel may use its inline PTX (``prmt``, ``lop3``): a launch configured for an
+    NVIDIA GPU (or simulated as one: the audit and the static model), not the interpreter and
+    not ROCm."""
+    return gpu_target(x2.device) is not None and torch.version.hip is None
+
+
+@triton.jit
+def prmt_ref(a, b, sel):
+    """Portable PTX ``prmt.b32`` (default mode; the interpreter's form): byte ``k`` of the
+    result is byte ``n_k & 7`` of the pair ``{b, a}`` (bytes 0-3 of ``a``, 4-7 of ``b``), ``n_k``
+    the selector's nibble ``k``. Every selector passed here has bit 3 of each nibble clear
+    (PTX's sign-replicate mode, not modelled)."""
+    sel_t = (a & 0) + (b & 0) + sel
+    out = sel_t & 0
+    for k in tl.static_range(4):
+        n = (sel_t >> (4 * k)) & 7
+        src = tl.where(n < 4, a + (b & 0), b + (a & 0))
+        out = out | (((src >> ((n & 3) * 8)) & 0xFF) << (8 * k))
+    return out
+
+
+@triton.jit
+def prmt(a, b, sel, ASM: tl.constexpr, IMM: tl.constexpr = True):
+    """``prmt.b32`` (:func:`prmt_ref`); ``IMM``: ``sel`` is an integer, the immediate, else
+    an int32 tensor in a register."""
+    if ASM:
+        out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;",
+                                        "=r,r,r,n" if IMM else "=r,r,r,r", [a, b, sel],
+                                        dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = prmt_ref(a, b, sel)
+    return out

@@ -39,7 +39,8 @@ import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
 from compress_ops.kernels import launches
-from compress_ops.kernels._launch import dot_meta, grouped_tile, store_tile
+from compress_ops.kernels._launch import dot_meta, grouped_tile, ptx, store_tile
+from compress_ops.kernels._launch import prmt as _prmt
 from compress_ops.kernels.formats.dequant import (
     WORD_COLS,
     check_affine_inputs,
@@ -197,34 +198,6 @@ def _byte_pair(w, j: tl.constexpr, ASM: tl.constexpr, mg=0x64646464):
             out = (w & 0xFF) | ((w << 8) & 0xFF0000) | 0x64006400
         else:
             out = ((w >> 16) & 0xFF) | ((w >> 8) & 0xFF0000) | 0x64006400
-    return out
-
-
-@triton.jit
-def _prmt_ref(a, b, sel):
-    """Portable PTX ``prmt.b32`` (default mode; the interpreter's form): byte ``k`` of the
-    result is byte ``n_k & 7`` of the pair ``{b, a}`` (bytes 0-3 of ``a``, 4-7 of ``b``), ``n_k``
-    the selector's nibble ``k``. Every selector passed here has bit 3 of each nibble clear
-    (PTX's sign-replicate mode, not modelled)."""
-    sel_t = (a & 0) + (b & 0) + sel
-    out = sel_t & 0
-    for k in tl.static_range(4):
-        n = (sel_t >> (4 * k)) & 7
-        src = tl.where(n < 4, a + (b & 0), b + (a & 0))
-        out = out | (((src >> ((n & 3) * 8)) & 0xFF) << (8 * k))
-    return out
-
-
-@triton.jit
-def _prmt(a, b, sel, ASM: tl.constexpr, IMM: tl.constexpr = True):
-    """``prmt.b32`` (:func:`_prmt_ref`); ``IMM``: ``sel`` is an integer, the immediate, else
-    an int32 tensor in a register."""
-    if ASM:
-        out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;",
-                                        "=r,r,r,n" if IMM else "=r,r,r,r", [a, b, sel],
-                                        dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        out = _prmt_ref(a, b, sel)
     return out
 
 
@@ -1845,13 +1818,6 @@ def fields_gemm(bits: int) -> bool:
     """Whether a GEMM runs :func:`_fields_matmul_kernel` (else :func:`_dequant_matmul_kernel`,
     the bit-plane 3-bit fields): contiguous 2/4/8-bit fields, affine or codebook, every tile."""
     return bits in MAGIC_BITS
-
-
-def ptx(x2: torch.Tensor) -> bool:
-    """Whether the fields kernels may use their inline PTX (``_and_or``): a launch configured
-    for an NVIDIA GPU (or simulated as one: the audit and the static model), not the
-    interpreter and not ROCm."""
-    return gpu_target(x2.device) is not None and torch.version.hip is None
 
 
 def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> KernelConfig:

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
-from compress_ops.kernels._launch import dot_meta, grouped_tile, store_tile
+from compress_ops.kernels._launch import dot_meta, grouped_tile, prmt, ptx, store_tile
 from compress_ops.kernels.formats.sparse24 import check_inputs, padded_k
 from compress_ops.kernels.tuning import (
     SPLIT_K_MAX_M,
@@ -139,10 +139,16 @@ def _sparse24_gemv_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+# the bytes of prmt.b32 selectors for a group's column (bytes 0-3: the value pair, 4-7: zero):
+# index 0 -> 0x10 (the first value), 1 -> 0x32 (the second), 2 -> 0x54 (zero)
+_SEL_TABLE = tl.constexpr(0x543210)
+
+
 @triton.jit
 def _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, g0,
                      stride_vn, stride_mn, KP_HALF,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr = False,
+                     table=0x543210):
     """Dense K-major ``[BLOCK_K, BLOCK_N]`` tile of W^T starting at group ``g0`` (column 4 g0).
 
     The two stored values of a group are adjacent, so one integer twice their width loads both
@@ -151,6 +157,16 @@ def _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, g0,
     joins, which keep a group inside one thread: no shared-memory round trip, no gathers. The
     tile is built K-major, ready to be the B operand of ``tl.dot`` with no ``tl.trans``
     (Triton 3.6 cannot lower a transposed joined tile to a wgmma shared layout).
+
+    Two-byte values are placed by byte permutes (:func:`~compress_ops.kernels._launch.prmt`,
+    PTX ``prmt.b32`` on a GPU, its portable form elsewhere): the group's positions ``p0 < p1``
+    give each of its four columns a code, 0 (the first value), 1 (the second) or 2 (zero),
+    as the nibbles of ``0x2222 - (2 << 4 p0) - (1 << 4 p1)``; one permute of a table register
+    turns the four codes into the selectors of two more, which build columns (0, 1) and
+    (2, 3) from the value pair and a zero register: about 11 instructions per group, where the
+    ``tl.where`` chains (four-byte values) took twelve compares and selects and more. ``table``:
+    the selector bytes (``_SEL_TABLE``) as a register made once (an immediate was
+    re-materialized before every permute, which overwrites it).
     """
     G: tl.constexpr = BLOCK_K // 4
     VT: tl.constexpr = values_ptr.dtype.element_ty
@@ -160,23 +176,32 @@ def _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, g0,
     if VT.primitive_bitwidth == 16:
         pairs = tl.load(values_ptr.to(tl.pointer_type(tl.int32)) + pair_offs, mask=g_mask,
                         other=0)
-        v0 = (pairs & 0xFFFF).to(tl.uint16).to(VT, bitcast=True)  # little endian: 1st value
-        v1 = ((pairs >> 16) & 0xFFFF).to(tl.uint16).to(VT, bitcast=True)
+        word = tl.load(meta_ptr + rows_n[None, :] * stride_mn + (offs_g // 8)[:, None],
+                       mask=g_mask, other=0)
+        nib = word >> ((offs_g % 8) * 4)[:, None]  # p0 in bits 0-1, p1 in bits 2-3
+        code = 0x2222 - (2 << ((nib << 2) & 0xC)) - (1 << (nib & 0xC))
+        sel = prmt(code * 0 + table, code * 0, code, ASM, False)
+        lo = prmt(pairs, pairs * 0, sel, ASM, False)  # columns 0 and 1 (little endian)
+        hi = prmt(pairs, pairs * 0, sel >> 16, ASM, False)  # columns 2 and 3
+        w0 = lo.to(tl.int16).to(VT, bitcast=True)
+        w1 = (lo >> 16).to(tl.int16).to(VT, bitcast=True)
+        w2 = hi.to(tl.int16).to(VT, bitcast=True)
+        w3 = (hi >> 16).to(tl.int16).to(VT, bitcast=True)
     else:
         pairs = tl.load(values_ptr.to(tl.pointer_type(tl.int64)) + pair_offs, mask=g_mask,
                         other=0)
         v0 = (pairs & 0xFFFFFFFF).to(tl.uint32).to(VT, bitcast=True)
         v1 = ((pairs >> 32) & 0xFFFFFFFF).to(tl.uint32).to(VT, bitcast=True)
-    word = tl.load(meta_ptr + rows_n[None, :] * stride_mn + (offs_g // 8)[:, None],
-                   mask=g_mask, other=0)
-    nib = word >> ((offs_g % 8) * 4)[:, None]
-    p0 = nib & 3
-    p1 = (nib >> 2) & 3
-    zero = tl.zeros_like(v0)
-    w0 = tl.where(p0 == 0, v0, zero)
-    w1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
-    w2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
-    w3 = tl.where(p1 == 3, v1, zero)
+        word = tl.load(meta_ptr + rows_n[None, :] * stride_mn + (offs_g // 8)[:, None],
+                       mask=g_mask, other=0)
+        nib = word >> ((offs_g % 8) * 4)[:, None]
+        p0 = nib & 3
+        p1 = (nib >> 2) & 3
+        zero = tl.zeros_like(v0)
+        w0 = tl.where(p0 == 0, v0, zero)
+        w1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+        w2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+        w3 = tl.where(p1 == 3, v1, zero)
     # join(join(w0, w2), join(w1, w3))[g, n, i, t] = w_{2i + t}; permuted to [g, i, t, n] the
     # row index g * 4 + 2i + t is the dense column.
     w = tl.join(tl.join(w0, w2), tl.join(w1, w3))
@@ -200,6 +225,7 @@ def _sparse24_matmul_kernel(
     SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr = False,
+    ASM: tl.constexpr = False,
 ):
     """Tiled GEMM path: y[M, N] = x[M, K] @ W^T (+ bias), W 2:4 compressed.
 
@@ -228,12 +254,13 @@ def _sparse24_matmul_kernel(
     t_end = min(t_begin + tiles_per_split, k_tiles)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    table = _SEL_TABLE | (K >> 31)  # a register ptxas cannot fold (K >= 0)
     for t in range(t_begin, t_end):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
                     other=0.0)
         w = _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, t * (BLOCK_K // 4),
-                             stride_vn, stride_mn, KP_HALF, BLOCK_N, BLOCK_K)
+                             stride_vn, stride_mn, KP_HALF, BLOCK_N, BLOCK_K, ASM, table)
         if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -370,7 +397,7 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                 consts = {"HAS_BIAS": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                           "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
                           "SPLIT_K": cfg.split_k, "DOT_PRECISION": "tf32",
-                          "UPCAST_DOT": False}
+                          "UPCAST_DOT": False, "ASM": True}  # (as a call on the GPU)
                 expect = "HGMMA" if cfg.block_m >= 64 else "HMMA"
             sig.update({c: "constexpr" for c in consts})
             # K % 16 == 0 (every real layer: vector loads of x) and a ragged K (masked scalar
@@ -407,7 +434,7 @@ def _launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         _launch_mod.launch(
             _sparse24_matmul_kernel, grid, *args, HAS_BIAS=bias is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, **dot_meta(x2),
+            GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, ASM=ptx(x2), **dot_meta(x2),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return _launch_mod.finish(y, x2, cfg.split_k)
 

@@ -12,8 +12,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from compress_ops.kernels import _launch, launches, tuning
 from compress_ops.kernels import dequant as dq
-from compress_ops.kernels import launches, tuning
 from compress_ops.kernels.formats import dequant as dqf
 from compress_ops.kernels.tuning import SPLIT_K_MAX_M, KernelConfig
 from compress_ops.reference import codebook_linear_ref, dequant_linear_ref
@@ -243,7 +243,7 @@ def test_int8_byte_pairs_prmt_matches_the_interpreter_expression():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter forms")
 def test_prmt_portable_form_is_ptx_prmt():
-    """The interpreter's ``prmt.b32`` (``_prmt_ref``, which every float64 test of the 4-bit
+    """The interpreter's ``prmt.b32`` (``_launch.prmt_ref``, which every float64 test of the 4-bit
     codebook's register lookups runs through) against PTX's byte-permute semantics, for
     random words and random selectors whose nibbles keep bit 3 clear (all the kernels pass)."""
     import triton
@@ -252,7 +252,7 @@ def test_prmt_portable_form_is_ptx_prmt():
     @triton.jit
     def prmt_kernel(a_ptr, b_ptr, s_ptr, o_ptr, N: tl.constexpr):
         i = tl.arange(0, N)
-        tl.store(o_ptr + i, dq._prmt_ref(tl.load(a_ptr + i), tl.load(b_ptr + i),
+        tl.store(o_ptr + i, _launch.prmt_ref(tl.load(a_ptr + i), tl.load(b_ptr + i),
                                          tl.load(s_ptr + i)))
 
     gen = torch.Generator().manual_seed(1)

@@ -53,7 +53,14 @@ import triton.language as tl
 from compress_ops.kernels import _launch as _launch_mod
 from compress_ops.kernels._launch import dot_meta, store_tile
 from compress_ops.kernels.formats.lowrank import MAX_RANK, check_inputs, padded_rank
-from compress_ops.kernels.tuning import autotune, device_name, device_table, load_tables, m_bucket
+from compress_ops.kernels.tuning import (
+    autotune,
+    device_name,
+    device_table,
+    gpu_target,
+    load_tables,
+    m_bucket,
+)
 
 __all__ = [
     "LowRankKernelConfig",
@@ -236,7 +243,6 @@ def fused_route(m: int, r: int, has_base: bool, device: torch.device) -> bool:
     return m <= table["fused_max_m_base" if has_base else "fused_max_m"]
 
 
-@functools.lru_cache(maxsize=4096)  # per-call Python cost matters at decode
 def plan_grid(cfg: LowRankKernelConfig, m: int, n: int, k: int, r: int, has_base: bool,
               device: torch.device, sms: int | None = None) -> tuple[int, int]:
     """``(n_per_program, split_k)`` for a launch, where ``cfg`` leaves them to the launcher (0).
@@ -251,13 +257,22 @@ def plan_grid(cfg: LowRankKernelConfig, m: int, n: int, k: int, r: int, has_base
     parallelism with ``U`` reads instead of ``V`` reads (the audit compiles split 2; larger
     splits change only the constexpr). With many M tiles no split is needed
     and each program takes as many N tiles as keep about two programs per SM.
-    ``sms``: the device's multiprocessor count (default: queried; 1 off CUDA).
+    ``sms``: the device's multiprocessor count (default: the GPU target's, which
+    :func:`~compress_ops.kernels.tuning.simulate_gpu` sets for CPU tensors; 1 for the
+    interpreter). The default is resolved before the cache, so a simulated GPU never reuses
+    the interpreter's plan.
     """
+    if sms is None:
+        target = gpu_target(device)
+        sms = target.sms if target is not None else 1
+    return _plan_grid(cfg, m, n, k, r, has_base, device, sms)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_grid(cfg: LowRankKernelConfig, m: int, n: int, k: int, r: int, has_base: bool,
+               device: torch.device, sms: int) -> tuple[int, int]:
     n_tiles = max(1, triton.cdiv(n, cfg.block_n))
     m_tiles = max(1, triton.cdiv(m, cfg.block_m))
-    if sms is None:
-        sms = (torch.cuda.get_device_properties(device).multi_processor_count
-               if device.type == "cuda" else 1)
     k_tiles = triton.cdiv(k, cfg.block_k)
     max_split = max(1, min(16, k_tiles // 4)) if m <= _SPLIT_K_MAX_M else 1
     pows = sorted({1 << i for i in range(n_tiles.bit_length()) if 1 << i <= n_tiles} | {n_tiles})

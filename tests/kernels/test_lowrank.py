@@ -121,6 +121,22 @@ def test_plan_grid_large_m_base_weight_interpreter_and_explicit_settings():
                         sms=132) == (3, 2)
 
 
+def test_plan_grid_follows_the_simulated_gpu():
+    """A CPU call plans for the interpreter (one SM) and, inside ``simulate_gpu``, for that GPU
+    (the static model's calls), whatever was cached before: the default SM count is resolved
+    before the cache."""
+    from compress_ops.kernels import tuning
+
+    cpu = torch.device("cpu")
+    cfg = lr.LowRankKernelConfig(16, 64, 128)
+    plain = lr.plan_grid(cfg, 16, 4096, 4096, 64, False, cpu)
+    with tuning.simulate_gpu("NVIDIA H200", 132):
+        simulated = lr.plan_grid(cfg, 16, 4096, 4096, 64, False, cpu)
+    assert plain == lr.plan_grid(cfg, 16, 4096, 4096, 64, False, cpu, sms=1)
+    assert simulated == lr.plan_grid(cfg, 16, 4096, 4096, 64, False, cpu, sms=132)
+    assert simulated != plain
+
+
 def test_select_config_and_route_tables():
     cpu = torch.device("cpu")
     assert lr.select_config(1, 16, cpu).block_m == 16

@@ -31,7 +31,9 @@ limit, and passes ``--resume`` to every step after the first so that they all fi
     baseline (``F.linear`` on the module's ``dense_weight()``: cuBLAS), torch's own kernel where
     there is one (``torch.ops.aten._weight_int4pack_mm``, tinygemm, which takes bf16 activations
     only; ``torch._weight_int8pack_mm``; for 2:4, ``torch.sparse.to_sparse_semi_structured``:
-    cuSPARSELt or CUTLASS). Each provider is first checked against
+    cuSPARSELt or CUTLASS; for low rank, rank 128 with random factors, the two cuBLAS GEMMs
+    ``F.linear(F.linear(x, V), U)``, checked against the factors' exact product with twice the
+    tolerance as in ``tests/kernels``). Each provider is first checked against
     ``F.linear(x.double(), dense_weight().double())``; a wrong one is recorded as ``wrong`` and
     not timed; a torch-private call that cannot run is recorded as ``unavailable: <reason>``.
     Then it is timed eagerly (:func:`compress_ops.perf.timing.time_fn`: ``do_bench``, L2 flushed,
@@ -147,15 +149,20 @@ class HeadlineCase:
     is built, and torch's own kernel for it (``None``: there is none)."""
 
     name: str
-    kind: str  # "affine" (QuantLinear) | "codebook" (CodebookLinear) | "sparse24" (2:4)
+    kind: str  # "affine" (QuantLinear) | "codebook" (CodebookLinear) | "sparse24" | "lowrank"
     bits: int
     group_size: int | None
     symmetric: bool | None
-    native: str | None  # "tinygemm" | "int8pack" | "semi" (cuSPARSELt / CUTLASS) | None
+    native: str | None  # "tinygemm" | "int8pack" | "semi" (cuSPARSELt / CUTLASS) |
+    # "two-gemm" (x V^T, then U: the two cuBLAS GEMMs low rank replaces) | None
 
     @property
     def family(self) -> str:
-        return "sparse24" if self.kind == "sparse24" else "dequant"
+        return self.kind if self.kind in ("sparse24", "lowrank") else "dequant"
+
+    @property
+    def rank(self) -> int:
+        return int(self.name.split()[-1])
 
 
 CASES: tuple[HeadlineCase, ...] = (
@@ -164,6 +171,7 @@ CASES: tuple[HeadlineCase, ...] = (
     HeadlineCase("int2 g128 asym", "affine", 2, 128, False, None),
     HeadlineCase("codebook 4-bit", "codebook", 4, None, None, None),
     HeadlineCase("2:4", "sparse24", 9, None, None, "semi"),  # bits: per dense element, fp16
+    HeadlineCase("rank 128", "lowrank", 16, None, None, "two-gemm"),  # random factors
 )
 # the low-bit formats (the smoke step's dequant variants)
 CASE_NAMES: tuple[str, ...] = tuple(c.name for c in CASES if c.family == "dequant")
@@ -523,6 +531,10 @@ def _native_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
         w8 = native_int8_weight(mod.qweight)
         s = mod.scales[:, 0].contiguous()
         return (lambda: torch._weight_int8pack_mm(x, w8, s)), x.dtype, "torch._weight_int8pack_mm"
+    if case.native == "two-gemm":
+        u, v = mod.u.detach(), mod.v.detach()
+        return ((lambda: F.linear(F.linear(x, v), u)), x.dtype,
+                "F.linear(F.linear(x, V), U): two cuBLAS GEMMs")
     if case.native == "semi":
         ws = torch.sparse.to_sparse_semi_structured(mod.dense_weight().contiguous())
         return ((lambda: F.linear(x, ws)), x.dtype,
@@ -565,6 +577,11 @@ def _kernel_note(case: HeadlineCase, mod: nn.Module, m: int, device: torch.devic
                  dtype: torch.dtype) -> str | None:
     """The shipped config our op launches for this shape (``None`` when unknown)."""
     try:
+        if case.family == "lowrank":
+            from compress_ops.kernels import lowrank as kl
+
+            fused = kl.fused_route(m, case.rank, False, device)
+            return "fused" if fused else "route=two GEMMs (cuBLAS)"
         if case.family == "sparse24":
             from compress_ops.kernels import sparse24 as ks
 
@@ -617,9 +634,13 @@ def run_headline(device: torch.device, small: bool, record: Callable[[dict[str, 
     for c in CASES:
         t0 = time.perf_counter()
         try:
-            mods[c.name] = build_linear_module(c.family, c.name, lin)
+            if c.kind == "lowrank":  # random factors: an SVD of the 8192^2 weight takes long
+                mods[c.name] = _random_lowrank(k, n, c.rank, dt, device, g)
+            else:
+                mods[c.name] = build_linear_module(c.family, c.name, lin)
             with torch.no_grad():
-                dense_w[c.name] = mods[c.name].dense_weight().contiguous()
+                dense_w[c.name] = (_factor_product(mods[c.name]) if c.kind == "lowrank"
+                                   else mods[c.name].dense_weight().contiguous())
             log(f"  built {c.name} ({time.perf_counter() - t0:.1f} s)")
         except Exception as ex:  # noqa: BLE001
             mods[c.name] = _error_text(ex)
@@ -634,20 +655,23 @@ def run_headline(device: torch.device, small: bool, record: Callable[[dict[str, 
                 for p in ("ours", "dense"):
                     record({**base, "provider": p, "status": f"error: build: {mod}"})
                 continue
-            w = dense_w[c.name]
+            w = dense_w[c.name]  # low rank: the factors' exact product, rounded once
+            # (low rank: twice the tolerance, as in tests/kernels: x V^T is rounded first)
+            tl_ = tol(dt, k) * (2.0 if c.kind == "lowrank" else 1.0)
             with torch.no_grad():
-                ref = F.linear(x.double(), w.double())
+                ref = (F.linear(x.double(), mod.u.double() @ mod.v.double())
+                       if c.kind == "lowrank" else F.linear(x.double(), w.double()))
             with torch.no_grad():
-                r = measure_provider(lambda mod=mod, x=x: mod(x), ref, tol(dt, k), time_it=time_it,
+                r = measure_provider(lambda mod=mod, x=x: mod(x), ref, tl_, time_it=time_it,
                                      capture=capture, graph_skip="skipped (cpu)")
             record({**base, "provider": "ours", **r, "note": _kernel_note(c, mod, m, device, dt)})
-            r = measure_provider(lambda w=w, x=x: F.linear(x, w), ref, tol(dt, k), time_it=time_it,
+            r = measure_provider(lambda w=w, x=x: F.linear(x, w), ref, tl_, time_it=time_it,
                                  capture=capture, graph_skip="skipped (cpu)")
             record({**base, "provider": "dense", **r,
                      "note": "F.linear (cuBLAS)" if cuda else "F.linear"})
             if c.native is not None:
                 record({**base, "provider": c.native,
-                        **_measure_native(c, mod, x, ref, k, device, time_it, capture)})
+                        **_measure_native(c, mod, x, ref, k, device, time_it, capture, tl_)})
             alt = _alt_fn(c, mod, x)  # the route not shipped at this M: settle it on the GPU
             if alt is not None:
                 provider, fn, note = alt
@@ -663,6 +687,23 @@ def run_headline(device: torch.device, small: bool, record: Callable[[dict[str, 
             torch.cuda.empty_cache()
 
 
+def _random_lowrank(k: int, n: int, rank: int, dtype: torch.dtype, device: torch.device,
+                    g: torch.Generator) -> nn.Module:
+    """A ``LowRankLinear`` with random factors (no bias) whose product has dense-like scale."""
+    from compress_ops.nn import LowRankLinear
+
+    mod = LowRankLinear(k, n, rank, bias=False, dtype=dtype, device=device)
+    with torch.no_grad():
+        mod.u.copy_(torch.randn(n, rank, device=device, generator=g) * rank**-0.5)
+        mod.v.copy_(torch.randn(rank, k, device=device, generator=g) * k**-0.5)
+    return mod
+
+
+def _factor_product(mod: nn.Module) -> torch.Tensor:
+    """``U V`` in float64, rounded once to the factors' dtype (the dense baseline's weight)."""
+    return (mod.u.double() @ mod.v.double()).to(mod.u.dtype).contiguous()
+
+
 GEMV_ALT = "ours-gemv"  # M = 1 through the fields GEMV instead of the 16-row tile
 FUSED_ALT = "ours-fused"  # the large-M route's M through the fused GEMM instead
 ALTS = (GEMV_ALT, FUSED_ALT)
@@ -675,6 +716,8 @@ def _alt_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
     with its shipped tile where the large-M route (dequantize once + cuBLAS,
     ``kernels/dequant.dense_route``) is taken. None elsewhere."""
     m = x.shape[0]
+    if case.family == "lowrank":  # its routes are measured by the two-gemm provider
+        return None
     if case.family == "sparse24":  # fp16 M = 1 ships the 16-row tile (gemv_max_m_half = 0)
         return (GEMV_ALT, *_sparse24_gemv_alt_fn(mod, x)) if m == 1 else None
     if m == 1:
@@ -725,14 +768,16 @@ def kernel_fn(mod: nn.Module, x: torch.Tensor, cfg: Any, checked: bool = False
 
 
 def _measure_native(c: HeadlineCase, mod: nn.Module, x: torch.Tensor, ref: torch.Tensor,
-                    k: int, device: torch.device, time_it, capture) -> dict[str, Any]:
+                    k: int, device: torch.device, time_it, capture,
+                    tolerance: float | None = None) -> dict[str, Any]:
     if c.native in ("tinygemm", "semi") and device.type != "cuda":
         return {"status": f"skipped: {c.native} is CUDA-only here (CPU rehearsal)"}
     try:
         fn, tol_dtype, note = _native_fn(c, mod, x)
     except Exception as ex:  # noqa: BLE001 - torch-private: record, never crash
         return {"status": f"unavailable: {_error_text(ex).removeprefix('error: ')}"}
-    r = measure_provider(fn, ref, tol(tol_dtype, k), time_it=time_it, capture=capture,
+    tolerance = tol(tol_dtype, k) if tolerance is None else tolerance
+    r = measure_provider(fn, ref, tolerance, time_it=time_it, capture=capture,
                          graph_skip="skipped (cpu)", error_status="unavailable")
     return {**r, "note": note}
 

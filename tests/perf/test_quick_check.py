@@ -40,8 +40,11 @@ def test_headline_cases_are_the_static_models_configs() -> None:
     assert by["int8 row sym"].native == "int8pack"
     assert qc.headline_shapes(False) == ((1, 16, 2048), 8192, 8192, "fp16")
     # 2:4 joins the headline (issue 15), against torch's semi-structured (cuSPARSELt) GEMM
-    assert [c.name for c in qc.CASES][-1] == "2:4"
+    assert [c.name for c in qc.CASES][-2:] == ["2:4", "rank 128"]
     assert by["2:4"].family == "sparse24" and by["2:4"].native == "semi"
+    # low rank (issue 15) against the two cuBLAS GEMMs it fuses
+    assert by["rank 128"].family == "lowrank" and by["rank 128"].rank == 128
+    assert by["rank 128"].native == "two-gemm"
     assert {c.family for c in qc.CASES if c.name in qc.CASE_NAMES} == {"dequant"}
     ms, n, k, _ = qc.headline_shapes(True)
     assert ms == (1, 16) and n == k == 256
@@ -356,7 +359,8 @@ def test_quick_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
         (1, "int4 g128 asym", "tinygemm")]
     assert {r["M"] for r in rows} == set(ms)
     # M = 1 also times the GEMV (the alternative to the shipped 16-row tile), every case
-    assert {r["case"] for r in rows if r["provider"] == qc.GEMV_ALT} == {c.name for c in qc.CASES}
+    assert {r["case"] for r in rows if r["provider"] == qc.GEMV_ALT} == {
+        c.name for c in qc.CASES if c.family != "lowrank"}
     assert {r["M"] for r in rows if r["provider"] == qc.GEMV_ALT} == {1}
     # the large-M route's rows also time the fused GEMM (its alternative), every low-bit case
     assert {(r["case"], r["M"]) for r in rows if r["provider"] == qc.FUSED_ALT} == {
@@ -368,8 +372,12 @@ def test_quick_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
         "config=gemm_m16n64k64w4s9"}
     assert {r["status"] for r in rows if r["provider"] == "semi"} == {
         "skipped: semi is CUDA-only here (CPU rehearsal)"}
+    # low rank: the fused kernel up to fused_max_m (64), timed beside the two GEMMs
+    assert {r["note"] for r in rows if r["provider"] == "ours" and r["case"] == "rank 128"} == {
+        "fused"}
+    assert {r["M"] for r in rows if r["provider"] == "two-gemm"} == set(ms)
     for r in rows:
-        if r["provider"] in ("ours", "dense", "int8pack", *qc.ALTS):
+        if r["provider"] in ("ours", "dense", "int8pack", "two-gemm", *qc.ALTS):
             assert r["status"] == "ok" and r["eager_us"] > 0, r
             assert r["graph_status"].startswith("skipped")
         elif r["provider"] in ("tinygemm", "semi"):

@@ -65,9 +65,12 @@ from compress_ops.kernels.tuning import (
 __all__ = [
     "LowRankKernelConfig",
     "plan_grid",
+    "plan_two_phase",
+    "two_phase_route",
     "fused_route",
     "lowrank_matmul",
     "select_config",
+    "select_one_pass_config",
     "get_autotune_configs",
     "audit_specs",
 ]
@@ -79,7 +82,10 @@ _SPLIT_K_MAX_M = 64
 @dataclass(frozen=True)
 class LowRankKernelConfig:
     """Launch parameters. ``n_per_program``: N tiles per program without a base weight
-    (``0``: chosen by :func:`plan_grid`); ``split_k``: K splits (``0``: chosen by it too)."""
+    (``0``: chosen by :func:`plan_grid`, or by :func:`plan_two_phase` for the two-phase
+    kernel, where it counts the N tiles of a phase-2 program); ``split_k``: K splits (``0``:
+    chosen by the plan too; the two-phase kernel's phase-1 programs). ``one_pass``: run the
+    one-pass kernel where the table's ``two_phase_max_m`` would pick the two-phase one."""
 
     block_m: int
     block_n: int
@@ -88,6 +94,7 @@ class LowRankKernelConfig:
     num_stages: int = 3
     n_per_program: int = 0
     split_k: int = 0
+    one_pass: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k", "num_warps"):
@@ -104,7 +111,8 @@ class LowRankKernelConfig:
              f"w{self.num_warps}s{self.num_stages}")
         if self.n_per_program:
             s += f"np{self.n_per_program}"
-        return s + (f"sk{self.split_k}" if self.split_k else "")
+        s += f"sk{self.split_k}" if self.split_k else ""
+        return s + ("op" if self.one_pass else "")
 
     def replace(self, **kw) -> LowRankKernelConfig:
         return LowRankKernelConfig(**{**self.__dict__, **kw})
@@ -213,6 +221,117 @@ def _lowrank_matmul_kernel(
                         pid_k, HAS_BIAS, SPLIT_K)
 
 
+@triton.jit
+def _lowrank_two_phase_kernel(
+    x_ptr, v_ptr, u_ptr, bias_ptr, y_ptr, t_ptr, sync_ptr,
+    M, N, K, R, n_splits, tiles_per_split, n_groups, n_per_program,
+    stride_xm, stride_vr, stride_un, stride_ym,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ONE_M_TILE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr = False,
+):
+    """y[M, N] = (x[M, K] @ V[R, K]^T) @ U[N, R]^T (+ bias) in one launch of ``n_splits +
+    n_groups`` programs, without a base weight.
+
+    Each program first draws a ticket (an atomic counter, ``sync[0]``): the order in which
+    programs *started*. Tickets ``0 .. n_splits - 1`` run phase 1: ``t += x[:, K slice] @ V[:, K
+    slice]^T`` over ``tiles_per_split`` K tiles, added (fp32 atomics) into the zeroed workspace
+    ``t_ptr`` ([M, BLOCK_R], row stride BLOCK_R), then count themselves in ``sync[1]``
+    (release). The next ``n_groups`` tickets run phase 2 on ``n_per_program`` N tiles: they
+    load their first ``U`` tile (it does not depend on ``t``, so phase 2's HBM reads overlap
+    phase 1's), wait until ``sync[1] == n_splits`` (acquire), read ``t`` from L2, round it
+    to the activation dtype (what two GEMMs store between them; once per program when
+    ``ONE_M_TILE``: M <= BLOCK_M) and write ``y = t @ U^T + bias``.
+
+    A program waits only for tickets below its own, which have started and never wait, so
+    the launch cannot deadlock whatever the grid, the residency or the scheduling order (the
+    interpreter runs programs one after another: phase 1 has finished before phase 2 looks).
+    The last phase-2 program to finish (``sync[2]``) zeroes ``t`` and the counters, so the
+    workspace is ready for the next launch without a memset: one launch per call, and the
+    call is safe to capture in a CUDA graph.
+    """
+    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    if ticket < n_splits:
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        t_begin = ticket * tiles_per_split
+        t_end = min(t_begin + tiles_per_split, k_tiles)
+        vt_cols = v_ptr + offs_r[None, :] * stride_vr  # V^T tile [BLOCK_K, BLOCK_R]
+        for mt in range(0, m_tiles):
+            offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < M
+            x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for kt in range(t_begin, t_end):
+                offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < K
+                a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                            other=0.0)
+                vt = tl.load(vt_cols + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :],
+                             other=0.0)
+                t = _dot(a, vt, t, DOT_PRECISION, UPCAST_DOT)
+            tl.atomic_add(t_ptr + offs_m[:, None] * BLOCK_R + offs_r[None, :], t,
+                          mask=m_mask[:, None], sem="relaxed")
+        tl.debug_barrier()  # every thread's adds are issued before the arrival is released
+        tl.atomic_add(sync_ptr + 1, 1, sem="release")
+    else:
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        j_begin = (ticket - n_splits) * n_per_program
+        j_end = min(j_begin + n_per_program, n_tiles)
+        offs_nt = tl.arange(0, BLOCK_N)
+        u_cols = u_ptr + offs_r[None, :]  # a U tile [BLOCK_N, BLOCK_R], rows contiguous
+        offs_n = j_begin * BLOCK_N + offs_nt
+        ut = tl.load(u_cols + offs_n.to(tl.int64)[:, None] * stride_un,
+                     mask=(offs_n < N)[:, None] & r_mask[None, :], other=0.0)
+        arrived = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+        while arrived < n_splits:
+            arrived = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+        if ONE_M_TILE:  # read t from L2 once for all the program's N tiles
+            offs_m = tl.arange(0, BLOCK_M)
+            t_once = tl.load(t_ptr + offs_m[:, None] * BLOCK_R + offs_r[None, :],
+                             mask=(offs_m < M)[:, None], other=0.0, cache_modifier=".cg")
+            t_once = t_once.to(x_ptr.dtype.element_ty)
+        for j in range(j_begin, j_end):
+            offs_n = j * BLOCK_N + offs_nt
+            n_mask = offs_n < N
+            for mt in range(0, m_tiles):
+                offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+                m_mask = offs_m < M
+                if ONE_M_TILE:
+                    tt = t_once
+                else:
+                    tt = tl.load(t_ptr + offs_m[:, None] * BLOCK_R + offs_r[None, :],
+                                 mask=m_mask[:, None], other=0.0, cache_modifier=".cg")
+                    tt = tt.to(x_ptr.dtype.element_ty)
+                acc = _dot(tt, tl.trans(ut),
+                           tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION,
+                           UPCAST_DOT)
+                store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, 0,
+                           HAS_BIAS, 1)
+            offs_n += BLOCK_N  # the next tile's U (none after the last)
+            ut = tl.load(u_cols + offs_n.to(tl.int64)[:, None] * stride_un,
+                         mask=(offs_n < min(N, j_end * BLOCK_N))[:, None] & r_mask[None, :],
+                         other=0.0)
+        tl.debug_barrier()  # every thread has read t before the finish is counted
+        finished = tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel")
+        if finished == n_groups - 1:  # the last reader: leave t and the counters zeroed
+            for mt in range(0, m_tiles):
+                offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+                tl.store(t_ptr + offs_m[:, None] * BLOCK_R + offs_r[None, :],
+                         tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+                         mask=(offs_m < M)[:, None])
+            tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed")
+            tl.atomic_xchg(sync_ptr + 2, 0, sem="relaxed")
+            tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs: tuned defaults (configs/lowrank.json), grid planning, autotuning, audit specs
 # ---------------------------------------------------------------------------------------------
@@ -225,8 +344,24 @@ def _rank_class(r_pad: int, table: dict) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def select_config(m: int, r_pad: int, device: torch.device) -> LowRankKernelConfig:
-    """Tuned tile for M's bucket and the padded rank's class (``configs/lowrank.json``)."""
-    table = device_table(_FAMILY, device)["rank"][_rank_class(r_pad, device_table(_FAMILY, device))]
+    """Tuned tile for M's bucket and the padded rank's class (``configs/lowrank.json``): the
+    ``two_phase`` table's up to ``two_phase_max_m`` (the no-base kernel there), else
+    ``rank``'s (the one-pass kernel; a base weight at small M uses
+    :func:`select_one_pass_config`)."""
+    full = device_table(_FAMILY, device)
+    if m <= full.get("two_phase_max_m", 0) and "two_phase" in full:
+        return _select(full["two_phase"], m, r_pad)
+    return select_one_pass_config(m, r_pad, device)
+
+
+@functools.lru_cache(maxsize=4096)
+def select_one_pass_config(m: int, r_pad: int, device: torch.device) -> LowRankKernelConfig:
+    """The one-pass kernel's tuned tile (the table's ``rank``)."""
+    return _select(device_table(_FAMILY, device)["rank"], m, r_pad)
+
+
+def _select(tables: dict, m: int, r_pad: int) -> LowRankKernelConfig:
+    table = tables[_rank_class(r_pad, {"rank": tables})]
     bucket = m_bucket(m)
     keys = sorted(int(b) for b in table)
     key = next((b for b in keys if b >= bucket), keys[-1])
@@ -303,6 +438,78 @@ def _plan_grid(cfg: LowRankKernelConfig, m: int, n: int, k: int, r: int, has_bas
     if full:  # the least traffic among grids that fill the GPU (ties: fewer programs)
         return min(full, key=lambda c: (traffic(*c), programs(*c)))
     return max(cands, key=lambda c: (programs(*c), -traffic(*c)))
+
+
+def two_phase_route(m: int, has_base: bool, cfg: LowRankKernelConfig,
+                    device: torch.device) -> bool:
+    """Whether a fused call runs :func:`_lowrank_two_phase_kernel`: no base weight, M up to the
+    table's ``two_phase_max_m`` and a config that does not ask for the one-pass kernel."""
+    if has_base or cfg.one_pass:
+        return False
+    return m <= device_table(_FAMILY, device).get("two_phase_max_m", 0)
+
+
+def plan_two_phase(cfg: LowRankKernelConfig, m: int, n: int, k: int, r: int, itemsize: int,
+                   device: torch.device, sms: int | None = None) -> tuple[int, int, int, int]:
+    """``(n_splits, tiles_per_split, n_groups, n_per_program)`` of a two-phase launch.
+
+    Phase 1 takes about ``sms K / (N + K)`` programs of ``tiles_per_split`` K tiles (the share
+    of ``V``'s ``r K`` in the factors' bytes), phase 2 one N tile per program up to two
+    programs per SM in all (each loads its ``U`` tile before it waits, so both factors stream
+    at once; a phase-2 program with more tiles loads the later ones after the wait).
+    Each phase-1 program adds an fp32 ``[M, r]`` tile into the workspace and
+    each phase-2 program reads it back: while that L2 traffic (and its atomics) exceeds the
+    factors' bytes, the larger phase takes twice the tiles per program. ``cfg.split_k``
+    / ``cfg.n_per_program`` fix the phase-1 programs / phase-2 tiles per program. ``sms``:
+    as :func:`plan_grid`.
+    """
+    if sms is None:
+        target = gpu_target(device)
+        sms = target.sms if target is not None else 1
+    return _plan_two_phase(cfg, m, n, k, r, itemsize, sms)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_two_phase(cfg: LowRankKernelConfig, m: int, n: int, k: int, r: int, itemsize: int,
+                    sms: int) -> tuple[int, int, int, int]:
+    k_tiles = max(1, triton.cdiv(k, cfg.block_k))
+    n_tiles = max(1, triton.cdiv(n, cfg.block_n))
+    want_splits = cfg.split_k or max(1, round(sms * k / (n + k)))
+    tps = triton.cdiv(k_tiles, min(k_tiles, want_splits))
+    splits = triton.cdiv(k_tiles, tps)
+    per = cfg.n_per_program or triton.cdiv(n_tiles, min(n_tiles, max(1, 2 * sms - splits)))
+    per = min(per, n_tiles)
+    if not cfg.split_k and not cfg.n_per_program:
+        t_bytes = m * padded_rank(r) * 4  # the workspace's rows are masked to M
+        budget = r * (n + k) * itemsize
+        while ((triton.cdiv(k_tiles, tps) + triton.cdiv(n_tiles, per)) * t_bytes > budget
+               and (tps < k_tiles or per < n_tiles)):
+            if per >= n_tiles or (tps < k_tiles and
+                                  triton.cdiv(k_tiles, tps) >= triton.cdiv(n_tiles, per)):
+                tps *= 2
+            else:
+                per *= 2
+    tps, per = min(tps, k_tiles), min(per, n_tiles)
+    return triton.cdiv(k_tiles, tps), tps, triton.cdiv(n_tiles, per), per
+
+
+_WORKSPACE: dict = {}
+
+
+def _workspace(device: torch.device, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two-phase kernel's fp32 ``t`` workspace (at least ``numel``) and its three int32
+    counters, per device and stream: allocated zeroed once, left zeroed by every launch (the
+    kernel's last program resets them), so a call adds no memset. Calls on one stream run in
+    order; another stream gets its own."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    ws = _WORKSPACE.get(key)
+    if ws is None or ws[0].numel() < numel:
+        size = max(numel, 64 * 256)
+        ws = (torch.zeros(size, device=device, dtype=torch.float32),
+              torch.zeros(4, device=device, dtype=torch.int32))
+        _WORKSPACE[key] = ws
+    return ws
 
 
 def get_autotune_configs(m: int, r_pad: int) -> list[LowRankKernelConfig]:
@@ -382,10 +589,31 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _launch_two_phase(x2: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                      bias: torch.Tensor | None, cfg: LowRankKernelConfig) -> torch.Tensor:
+    m, k = x2.shape
+    n, r = u.shape
+    r_pad = padded_rank(r)
+    splits, tps, groups, per = plan_two_phase(cfg, m, n, k, r, x2.element_size(), x2.device)
+    t, sync = _workspace(x2.device, triton.cdiv(m, cfg.block_m) * cfg.block_m * r_pad)
+    y = _launch_mod.output(m, n, x2, 1)
+    bp = bias if bias is not None else u  # a dummy pointer, never read
+    _launch_mod.launch(
+        _lowrank_two_phase_kernel, (splits + groups,),
+        x2, v, u, bp, y, t, sync, m, n, k, r, splits, tps, groups, per,
+        x2.stride(0), v.stride(0), u.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, BLOCK_R=r_pad, ONE_M_TILE=m <= cfg.block_m, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **dot_meta(x2))
+    return y
+
+
 def _launch(x2: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None,
             bias: torch.Tensor | None, cfg: LowRankKernelConfig) -> torch.Tensor:
     m, k = x2.shape
     n, r = u.shape
+    if two_phase_route(m, w is not None, cfg, x2.device):
+        return _launch_two_phase(x2, u, v, bias, cfg)
     per, split = plan_grid(cfg, m, n, k, r, w is not None, x2.device)
     y = _launch_mod.output(m, n, x2, split)
     n_groups = triton.cdiv(triton.cdiv(n, cfg.block_n), per)
@@ -436,6 +664,8 @@ def lowrank_matmul(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                    bias is not None, device_name(x.device))
             config = autotune(key, get_autotune_configs(m, padded_rank(r)),
                               lambda c: _launch(x2, u, v, weight, bias, c))
+        elif weight is not None:
+            config = select_one_pass_config(m, padded_rank(r), x.device)
         else:
             config = select_config(m, padded_rank(r), x.device)
     return _launch(x2, u, v, weight, bias, config).reshape(*lead, n)

@@ -63,6 +63,9 @@ MODEL = {
     "hgmma_flops_per_s": 790e12,  # fp16/bf16 dense, measured on this workplace's H200s
     "hmma_fraction": 0.5,  # mma.sync against wgmma (a lead)
     "launch_us": 1.0,  # per kernel: start, ramp and drain (a lead; CUDA-graph scale)
+    # a grid-wide handoff inside one launch (low rank's two phases): a release fence, a
+    # counter atomic, the poll that sees it and an L2 read, about four L2 round trips (a lead)
+    "grid_sync_us": 0.5,
     "regs_per_sm": 65536,
     "smem_per_sm": 233472,  # 228 KiB
     "smem_per_cta_reserved": 1024,
@@ -116,6 +119,11 @@ class Case:
         """HBM bytes of a ``[bn, bk]`` tile of the weight (dense columns)."""
         return bn * bk * self.bits / 8
 
+    def modelled(self, m: int) -> bool:
+        """Whether the model has a row for this M (every M but low rank's past its fused
+        route)."""
+        return True
+
 
 @dataclass(frozen=True)
 class Sparse24Case(Case):
@@ -137,12 +145,39 @@ class Sparse24Case(Case):
         return bn * bk * (dtype.itemsize / 2 + 1 / 8)
 
 
+@dataclass(frozen=True)
+class LowRankCase(Case):
+    """Rank-``rank`` factors ``U [N, r]``, ``V [r, K]`` in the activation dtype (``bits``: 16,
+    the stored element). Modelled where the op runs the fused kernel (M up to the table's
+    ``fused_max_m``); its baseline is the two cuBLAS GEMMs the kernel replaces."""
+
+    rank: int = 128
+
+    def call(self, m: int, n: int, k: int, dtype: torch.dtype) -> None:
+        from compress_ops.kernels import lowrank as kl
+
+        x = torch.randn(m, k, dtype=dtype)
+        u = torch.empty(n, self.rank, dtype=dtype)
+        v = torch.empty(self.rank, k, dtype=dtype)
+        kl.lowrank_matmul(x, u, v, None, None)
+
+    def weight_bytes(self, n: int, k: int, dtype: torch.dtype) -> int:
+        return self.rank * (n + k) * dtype.itemsize
+
+    def modelled(self, m: int) -> bool:
+        from compress_ops.kernels.tuning import device_table
+
+        return m <= device_table("lowrank", torch.device("cpu"))["fused_max_m"]
+
+
 CASES = [
     Case("dequant", "int4 g128 asym", 4, 128),
     Case("dequant", "int8 row sym", 8, None),
     Case("dequant", "int2 g128 asym", 2, 128),
     Case("dequant", "codebook 4-bit", 4, None),
     Sparse24Case("sparse24", "2:4", 9, None),
+    LowRankCase("lowrank", "rank 64", 16, None, rank=64),
+    LowRankCase("lowrank", "rank 128", 16, None, rank=128),
 ]
 
 
@@ -414,12 +449,153 @@ def dense_us(m: int, n: int, k: int, dtype: torch.dtype) -> float:
     return t * 1e6 + MODEL["launch_us"]
 
 
+def two_gemms_us(m: int, n: int, k: int, r: int, dtype: torch.dtype) -> float:
+    """The two cuBLAS GEMMs low rank replaces, ``t = x V^T`` then ``y = t U^T``: each on dense's
+    roofline with its own launch (``t`` makes a round trip through memory)."""
+    e = dtype.itemsize
+    first = max((r * k + m * k + m * r) * e / MODEL["hbm_bytes_per_s"],
+                2 * m * r * k / MODEL["hgmma_flops_per_s"])
+    second = max((n * r + m * r + m * n) * e / MODEL["hbm_bytes_per_s"],
+                 2 * m * n * r / MODEL["hgmma_flops_per_s"])
+    return (first + second) * 1e6 + 2 * MODEL["launch_us"]
+
+
+def _phase_split(instrs: list[Instr]) -> int:
+    """Index where the two-phase kernel's phase-2 code starts: after the ``EXIT`` that ends
+    phase 1 (its arrival, the one ``REDG`` that is not a float add, then ``EXIT``)."""
+    arrival = next((i for i, ins in enumerate(instrs)
+                    if ins.base == "REDG" and ".F32" not in ins.op and ".F16" not in ins.op),
+                   None)
+    if arrival is None:
+        raise ValueError("no phase-1 arrival (REDG) in the two-phase kernel's SASS")
+    return next(i for i in range(arrival, len(instrs)) if instrs[i].base == "EXIT") + 1
+
+
+def _phase_instructions(instrs: list[Instr], mma_trips: int, other_trips: int) -> tuple:
+    """Instructions one program of a phase executes: straight-line code once, a loop with
+    tensor-core instructions ``mma_trips`` times, any other loop ``other_trips`` times (an
+    upper bound for a nested loop's outer overhead), and the mix of the MMA loop's body."""
+    total, body_mix = len(instrs), {}
+    for a, b in loops(instrs):
+        body = instrs[a:b + 1]
+        mx = mix(body)
+        trips = mma_trips if (mx["HMMA"] or mx["HGMMA"]) else other_trips
+        total += len(body) * (trips - 1)
+        if mx["HMMA"] or mx["HGMMA"]:
+            body_mix = mx
+    return total, body_mix
+
+
+def model_lowrank(case: LowRankCase, m: int, n: int, k: int, dtype_name: str) -> dict:
+    """The two-phase kernel's row: one launch of ``n_splits + n_groups`` programs.
+
+    Time = launch + max(memory, issue) + grid handoff + the issue of phase 2's code after its
+    wait + the later ``U`` tiles of a phase-2 program (each an HBM round trip after the
+    handoff):
+
+    * memory: the unique HBM bytes (``U``, ``V``, ``x``, ``y``) over Little's law with every
+      program's loads in flight at once (phase 1: ``min(stages - 1, tiles per split)`` V tiles
+      and its x tile; phase 2: its first ``U`` tile, loaded before it waits), as both phases
+      stream together;
+    * the handoff (``grid_sync_us``, a lead): the last phase-1 program's release, its counter
+      atomic, the poll that sees it and the read of ``t`` from L2;
+    * issue per phase from its own SASS (phase 1 up to its ``EXIT``, phase 2 after), loops
+      times their trips; programs of both phases share the SMs (one wave when the grid fits);
+      phase 2's code after its poll loop runs after the handoff, alone on its SM's warps.
+
+    L2 traffic: the factors, ``x`` once, the workspace (each phase-1 program adds its fp32
+    ``[M, r]`` tile, each phase-2 program reads it, the last zeroes it) and ``y``;
+    ``l2_over_factors`` is (factors + workspace) / factors, the traffic fusing adds. The
+    atomics' own throughput is not modelled (``workspace_bytes`` says how much there is).
+    """
+    import triton
+
+    from compress_ops.kernels.tuning import DTYPES
+
+    dtype = DTYPES[dtype_name]
+    e = dtype.itemsize
+    launches = capture_launches(case, m, n, k, dtype)
+    if len(launches) != 1 or launches[0].kernel.__name__ != "_lowrank_two_phase_kernel":
+        raise ValueError(f"low rank M={m}: expected one two-phase launch, got "
+                         f"{[getattr(la.kernel, '__name__', la.kernel) for la in launches]}")
+    la = launches[0]
+    c = compile_launch(la)
+    instrs = parse_sass(c.sass)
+    cut = _phase_split(instrs)
+    bm, bn, bk = (_arg(la, x) for x in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    r = case.rank
+    splits, tps, groups, per = (_arg(la, x) for x in ("n_splits", "tiles_per_split",
+                                                       "n_groups", "n_per_program"))
+    m_tiles = math.ceil(m / bm)
+    grid = splits + groups
+    i1, mix1 = _phase_instructions(instrs[:cut], tps * m_tiles, m_tiles)
+    i2, _ = _phase_instructions(instrs[cut:], per * m_tiles, m_tiles)
+    # what phase 2 executes after its wait (the first loop of its code: the poll)
+    spin = loops(instrs[cut:])[0][1] + 1
+    tail, _ = _phase_instructions(instrs[cut + spin:], per * m_tiles, m_tiles)
+    cps = ctas_per_sm(c.registers, c.shared, c.num_warps)
+    resident = max(1, min(cps, math.ceil(grid / MODEL["sms"])))
+    # phase-1 and phase-2 programs share the SMs: the SM's issue time is its programs' sum
+    per_sm = (splits * i1 + groups * i2) / min(grid, MODEL["sms"] * resident) * resident
+    schedulers = min(MODEL["schedulers_per_sm"], resident * c.num_warps)
+    t_issue = per_sm * c.num_warps / (schedulers * MODEL["clock_hz"])
+    # loads in flight when both phases stream (Little's law)
+    v_tiles = min(max(1, c.num_stages - 1), tps)
+    flight = (splits * (v_tiles * bk * r * e + min(m, bm) * bk * e) + groups * bn * r * e)
+    bw = min(MODEL["hbm_bytes_per_s"], flight / MODEL["hbm_latency_s"])
+    factors = case.weight_bytes(n, k, dtype)
+    hbm = factors + m * k * e + m * n * e
+    t_mem = hbm / bw
+    t_phase2 = (tail * c.num_warps / (min(MODEL["schedulers_per_sm"], c.num_warps)
+                                    * MODEL["clock_hz"])
+                + (per - 1) * MODEL["hbm_latency_s"])
+    t_tc = 2 * max(m, 16) * r * (k + n) / (MODEL["hgmma_flops_per_s"] * MODEL["hmma_fraction"])
+    predicted = (MODEL["launch_us"] + 1e6 * (max(t_mem, t_issue, t_tc) + t_phase2)
+                 + MODEL["grid_sync_us"])
+    t_bytes = m * triton.next_power_of_2(max(r, 16)) * 4
+    workspace = (splits + groups * per + 1) * t_bytes if m > bm else (splits + groups + 1) * t_bytes
+    baseline = two_gemms_us(m, n, k, r, dtype)
+    dense = dense_us(m, n, k, dtype)
+    times = {"memory": t_mem * 1e6, "issue": t_issue * 1e6, "tensor": t_tc * 1e6}
+    return {
+        "family": case.family, "kernel": la.kernel.__name__, "config": case.config, "M": m,
+        "N": n, "K": k, "dtype": dtype_name, "bits": case.bits, "group_size": None,
+        "rank": r, "triton": triton.__version__,
+        "instr_per_weight": round((splits * i1 + groups * i2) * 32 * c.num_warps
+                                  / (r * (n + k)), 3),
+        "loop_instr_per_weight": round(len(instrs[:cut]) and
+                                       (mix1.get("total", 0) * 32 * c.num_warps
+                                        / (bk * r) if mix1 else 0.0), 3),
+        "weight_passes": m_tiles, "instr_per_weight_per_call": None,
+        "bytes_in_flight_per_sm": round(flight / min(grid, MODEL["sms"])),
+        "ctas_per_sm": cps, "launches": 1, "launch_kinds": [la.kernel.__name__],
+        "plan": {"n_splits": splits, "tiles_per_split": tps, "n_groups": groups,
+                 "n_per_program": per},
+        "phase_instr": {"phase1": i1, "phase2": i2, "phase2_after_wait": tail},
+        "l2_bytes": factors + m * k * e + workspace + m * n * e,
+        "workspace_bytes": workspace,
+        "l2_over_factors": round((factors + workspace) / factors, 3),
+        "predicted_us": round(predicted, 2), "predicted_dense_us": round(dense, 2),
+        "predicted_speedup": round(dense / predicted, 3),
+        "baseline": "two cuBLAS GEMMs", "predicted_baseline_us": round(baseline, 2),
+        "predicted_speedup_vs_baseline": round(baseline / predicted, 3),
+        "registers": c.registers, "shared_bytes": c.shared, "grid": grid,
+        "block": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": c.num_warps,
+                  "num_stages": c.num_stages},
+        "bound": max(times, key=times.get),
+        "time_us": {kk: round(v, 2) for kk, v in times.items()},
+        "loop_mix": {kk: v for kk, v in mix1.items() if v},
+    }
+
+
 def model_case(case: Case, m: int, n: int = HEADLINE["N"], k: int = HEADLINE["K"],
                dtype_name: str = HEADLINE["dtype"]) -> dict:
     import triton
 
     from compress_ops.kernels.tuning import DTYPES
 
+    if isinstance(case, LowRankCase):
+        return model_lowrank(case, m, n, k, dtype_name)
     dtype = DTYPES[dtype_name]
     launches = capture_launches(case, m, n, k, dtype)
     kernels, extra_us = [], 0.0
@@ -448,6 +624,8 @@ def model_case(case: Case, m: int, n: int = HEADLINE["N"], k: int = HEADLINE["K"
                          for la in launches],
         "predicted_us": round(predicted, 2), "predicted_dense_us": round(dense, 2),
         "predicted_speedup": round(dense / predicted, 3),
+        "baseline": "dense cuBLAS", "predicted_baseline_us": round(dense, 2),
+        "predicted_speedup_vs_baseline": round(dense / predicted, 3),
         "registers": main.registers, "shared_bytes": main.shared, "grid": main.grid,
         "block": main.block, "bound": max(main.time_us, key=main.time_us.get),
         "time_us": {kk: round(v, 2) for kk, v in main.time_us.items()},
@@ -458,7 +636,7 @@ def model_case(case: Case, m: int, n: int = HEADLINE["N"], k: int = HEADLINE["K"
 def run(cases: list[Case] = CASES, ms: tuple = HEADLINE["M"]) -> dict:
     import triton
 
-    rows = [model_case(c, m) for c in cases for m in ms]
+    rows = [model_case(c, m) for c in cases for m in ms if c.modelled(m)]
     meta = {"model": MODEL, "headline": {**HEADLINE, "M": list(ms)}, "triton": triton.__version__,
             "torch": torch.__version__, "arch": f"sm_{MODEL['arch']}",
             "note": "predictions from SASS, not measurements"}

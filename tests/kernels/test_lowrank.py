@@ -45,13 +45,15 @@ GRIDS = [(0, 0), (1, 1), (1, 2), (2, 3), (0, 2)]
 
 @given(m=st.sampled_from(MS), n=st.integers(1, MAX_N), k=st.integers(1, MAX_K),
        r=st.sampled_from(RANKS), dtype=st.sampled_from(DTYPES), base=st.booleans(),
-       bias=st.booleans(), grid=st.sampled_from(GRIDS), seed=st.integers(0, 2**16))
+       bias=st.booleans(), grid=st.sampled_from(GRIDS), one_pass=st.booleans(),
+       seed=st.integers(0, 2**16))
 def test_kernel_matches_float64_reference(poison, device, m, n, k, r, dtype, base, bias, grid,
-                                          seed):
+                                          one_pass, seed):
+    """Both kernels (two-phase: no base weight and M <= two_phase_max_m, unless one_pass)."""
     x, u, v, w, b = (t.to(device) if t is not None else None
                      for t in _factors(m, n, k, r, dtype, base, bias, seed))
-    cfg = lr.select_config(m, lrf.padded_rank(r), x.device).replace(n_per_program=grid[0],
-                                                                     split_k=grid[1])
+    cfg = lr.select_config(m, lrf.padded_rank(r), x.device).replace(
+        n_per_program=grid[0], split_k=grid[1], one_pass=one_pass)
     y = lr.lowrank_matmul(x, u, v, w, b, config=cfg)
     ref = lowrank_linear_ref(x, u, v, w, b, dtype=torch.float64)
     assert y.shape == (m, n) and y.dtype == dtype
@@ -60,12 +62,14 @@ def test_kernel_matches_float64_reference(poison, device, m, n, k, r, dtype, bas
 
 @pytest.mark.parametrize("per", [1, 2, 3, 1 << 20])
 @pytest.mark.parametrize("split", [1, 2, 3])
-@pytest.mark.parametrize("base", [False, True])
-def test_every_grid_strategy_is_exact(poison, device, per, split, base):
-    """N tiles per program (recompute per tile .. whole N) and split-K: same result."""
+@pytest.mark.parametrize(("base", "one_pass"), [(False, False), (False, True), (True, False)])
+def test_every_grid_strategy_is_exact(poison, device, per, split, base, one_pass):
+    """N tiles per program (recompute per tile .. whole N) and split-K of the one-pass kernel,
+    and the two-phase kernel's phase-1 programs and phase-2 N tiles per program: same result
+    (M = 20 spans two M tiles of 16)."""
     x, u, v, w, b = (t.to(device) if t is not None else None
                      for t in _factors(20, 150, 130, 24, torch.float32, base, True, 1))
-    cfg = lr.LowRankKernelConfig(16, 32, 32, 4, 2, per, split)
+    cfg = lr.LowRankKernelConfig(16, 32, 32, 4, 2, per, split, one_pass)
     y = lr.lowrank_matmul(x, u, v, w, b, config=cfg)
     ref = lowrank_linear_ref(x, u, v, w, b, dtype=torch.float64)
     assert rel_err(y, ref) < _tol(torch.float32, 130)
@@ -187,3 +191,69 @@ def test_launcher_refuses_ranks_past_its_limit():
     x, u, v, _, _ = _factors(2, 8, 16, lrf.MAX_RANK + 1, torch.float32, False, False, 0)
     with pytest.raises(ValueError, match="MAX_RANK"):
         lr.lowrank_matmul(x, u, v)
+
+
+def _two_phase_kernel_runs(x, u, v, b, cfg):
+    from compress_ops.kernels import launches
+
+    with launches.capture() as got:
+        y = lr.lowrank_matmul(x, u, v, None, b, config=cfg)
+    return y, [la.kernel if isinstance(la.kernel, str) else la.kernel.__name__ for la in got]
+
+
+@pytest.mark.parametrize(("m", "split", "per"), [(1, 0, 0), (16, 3, 2), (40, 2, 1)])
+def test_two_phase_is_one_launch_and_leaves_its_workspace_zeroed(poison, device, m, split, per):
+    """No memset, no cast: one launch; the last phase-2 program zeroes ``t`` and the
+    counters, so a second call (and a call of another shape) is exact too."""
+    x, u, v, _, b = (t.to(device) if t is not None else None
+                     for t in _factors(m, 100, 300, 40, torch.float16, False, True, 3))
+    cfg = lr.select_config(m, lrf.padded_rank(40), x.device).replace(split_k=split,
+                                                                      n_per_program=per)
+    ref = lowrank_linear_ref(x, u, v, None, b, dtype=torch.float64)
+    for _ in range(2):
+        y, kinds = _two_phase_kernel_runs(x, u, v, b, cfg)
+        assert kinds == ["_lowrank_two_phase_kernel"]
+        assert rel_err(y, ref) < _tol(torch.float16, 300)
+        t, sync = lr._WORKSPACE[(x.device, 0)]
+        assert not t.any() and not sync.any()
+    x2, u2, v2, _, _ = (t.to(device) if t is not None else None
+                        for t in _factors(3, 20, 50, 7, torch.float16, False, False, 4))
+    y2 = lr.lowrank_matmul(x2, u2, v2)
+    assert rel_err(y2, lowrank_linear_ref(x2, u2, v2, None, None, dtype=torch.float64)) < _tol(
+        torch.float16, 50)
+
+
+def test_two_phase_route_and_configs():
+    cpu = torch.device("cpu")
+    cfg = lr.select_config(16, 128, cpu)
+    assert lr.two_phase_route(16, False, cfg, cpu)
+    assert lr.two_phase_route(64, False, cfg, cpu) and not lr.two_phase_route(65, False, cfg, cpu)
+    assert not lr.two_phase_route(16, True, cfg, cpu)  # a base weight: the one-pass kernel
+    assert not lr.two_phase_route(16, False, cfg.replace(one_pass=True), cpu)
+    assert cfg.replace(one_pass=True).name.endswith("op")
+    # a base weight at small M takes the one-pass table's tile
+    assert lr.select_one_pass_config(16, 128, cpu) == lr.LowRankKernelConfig(16, 64, 64, 4, 3)
+
+
+def _workspace_bytes(m, r_pad, splits, groups):
+    return (splits + groups) * m * r_pad * 4
+
+
+@pytest.mark.parametrize(("m", "r"), [(1, 64), (16, 128), (64, 128), (64, 256)])
+def test_plan_two_phase_covers_k_and_n_and_bounds_the_workspace_traffic(m, r):
+    cpu = torch.device("cpu")
+    cfg = lr.select_config(m, lrf.padded_rank(r), cpu)
+    n = k = 8192
+    splits, tps, groups, per = lr.plan_two_phase(cfg, m, n, k, r, 2, cpu, sms=132)
+    k_tiles, n_tiles = -(-k // cfg.block_k), -(-n // cfg.block_n)
+    # every K tile in exactly one split, every N tile in exactly one group
+    assert (splits - 1) * tps < k_tiles <= splits * tps
+    assert (groups - 1) * per < n_tiles <= groups * per
+    # at most two programs per SM, phase 1 has about K / (N + K) of them
+    assert splits + groups <= 2 * 132 and splits <= 66
+    # the fp32 workspace's L2 traffic stays within the factors' bytes
+    assert _workspace_bytes(m, lrf.padded_rank(r), splits, groups) <= r * (n + k) * 2
+    # explicit settings are kept; one SM (the interpreter) plans one program per phase
+    assert lr.plan_two_phase(cfg.replace(split_k=5, n_per_program=3), m, n, k, r, 2, cpu,
+                             sms=132)[::2] == (5, -(-n_tiles // 3))
+    assert lr.plan_two_phase(cfg, m, 100, 300, r, 2, cpu)[::2] == (1, 1)

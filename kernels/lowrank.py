@@ -568,7 +568,7 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                     cfg = cfg.replace(n_per_program=0, split_k=0)
                     entries.setdefault(f"{cfg.name}/r{r_pad}/fp16",
                                        (cfg, r_pad, False, "fp16", 1))
-    specs = []
+    specs = _two_phase_audit_specs()
     for name, (cfg, r_pad, base, dt, split) in entries.items():
         yt = "fp32" if split > 1 else dt
         sig = {k: v.format(dt=dt, yt=yt) for k, v in _SIG.items()}
@@ -581,6 +581,47 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                       "aligned": _ALIGNED, "num_warps": cfg.num_warps,
                       "num_stages": cfg.num_stages,
                       "expect_mma": "HGMMA" if cfg.block_m >= 64 else "HMMA"})
+    return specs
+
+
+_SIG_TWO_PHASE = {
+    "x_ptr": "*{dt}", "v_ptr": "*{dt}", "u_ptr": "*{dt}", "bias_ptr": "*{dt}", "y_ptr": "*{dt}",
+    "t_ptr": "*fp32", "sync_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+    "n_splits": "i32", "tiles_per_split": "i32", "n_groups": "i32", "n_per_program": "i32",
+    "stride_xm": "i32", "stride_vr": "i32", "stride_un": "i32", "stride_ym": "i32",
+}
+_ALIGNED_TWO_PHASE = ["x_ptr", "v_ptr", "u_ptr", "bias_ptr", "y_ptr", "t_ptr", "sync_ptr",
+                      "stride_xm", "stride_vr", "stride_ym", "N", "K"]
+
+
+def _two_phase_audit_specs() -> list[dict]:
+    """The two-phase kernel's shipped tiles (the ``two_phase`` tables) at the largest padded
+    rank of their class, fp16 and bf16, as calls compile them: with M inside one tile where
+    the tile covers its M bucket (``ONE_M_TILE``), else spanning several."""
+    specs = []
+    for table in load_tables(_FAMILY).values():
+        for rclass, buckets in table.get("two_phase", {}).items():
+            for bucket, c in buckets.items():
+                cfg = LowRankKernelConfig(**c)
+                for dt in ("fp16", "bf16"):
+                    for one_m in (cfg.block_m >= int(bucket),):
+                        name = (f"{cfg.name}/r{rclass}/{dt}/two-phase"
+                                f"{'' if one_m else '/m-tiles'}")
+                        if any(sp["config"] == name for sp in specs):
+                            continue
+                        sig = {k: v.format(dt=dt) for k, v in _SIG_TWO_PHASE.items()}
+                        consts = {"HAS_BIAS": True, "BLOCK_M": cfg.block_m,
+                                  "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                                  "BLOCK_R": int(rclass), "ONE_M_TILE": one_m,
+                                  "DOT_PRECISION": "tf32", "UPCAST_DOT": False}
+                        sig.update({k: "constexpr" for k in consts})
+                        specs.append({"kernel": _lowrank_two_phase_kernel.__name__,
+                                      "config": name, "fn": _lowrank_two_phase_kernel,
+                                      "signature": sig, "constexprs": consts,
+                                      "aligned": _ALIGNED_TWO_PHASE,
+                                      "num_warps": cfg.num_warps,
+                                      "num_stages": cfg.num_stages,
+                                      "expect_mma": "HGMMA" if cfg.block_m >= 64 else "HMMA"})
     return specs
 
 

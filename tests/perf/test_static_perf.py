@@ -95,8 +95,13 @@ def test_sparse24_records_its_launches(m):
 
 
 def test_model_rows_cover_the_families():
-    """The model's cases: the low-bit formats and 2:4, each at the headline M values."""
-    assert {c.family for c in sp.CASES} == {"dequant", "sparse24"}
+    """The model's cases: the low-bit formats and 2:4 at the headline M values, low rank where
+    its fused route runs (M <= fused_max_m)."""
+    assert {c.family for c in sp.CASES} == {"dequant", "sparse24", "lowrank"}
+    low = [c for c in sp.CASES if c.family == "lowrank"]
+    assert {c.rank for c in low} == {64, 128}
+    assert low[0].weight_bytes(8192, 4096, torch.float16) == low[0].rank * (8192 + 4096) * 2
+    assert [m for m in sp.HEADLINE["M"] if low[0].modelled(m)] == [1, 16, 64]
     sparse = [c for c in sp.CASES if c.family == "sparse24"][0]
     assert sparse.weight_bytes(64, 128, torch.float16) == 64 * 128 + 64 * 128 // 8
     assert sparse.tile_bytes(64, 128, torch.float16) == 64 * 128 * (1 + 1 / 8)
@@ -193,3 +198,26 @@ def test_specialization_is_tritons_own():
     got = json.loads(out.strip().splitlines()[-1])
     assert got["kernel"] == "_fields_gemv_kernel"
     assert {"x_ptr", "q_ptr", "s_ptr", "y_ptr", "K", "KP", "stride_qn"} <= set(got["div"])
+
+
+def test_two_gemms_baseline_is_two_rooflines_and_two_launches():
+    """Low rank's baseline: x V^T then t U^T, each on dense's roofline with its own launch."""
+    e, m, n, k, r = 2, 16, 8192, 4096, 128
+    bw, lu = sp.MODEL["hbm_bytes_per_s"], sp.MODEL["launch_us"]
+    want = ((r * k + m * k + m * r) * e / bw + (n * r + m * r + m * n) * e / bw) * 1e6 + 2 * lu
+    assert sp.two_gemms_us(m, n, k, r, torch.float16) == pytest.approx(want)
+
+
+def test_phase_split_finds_the_end_of_phase_one():
+    sass = """
+        /*0000*/                   ATOMG.E.ADD.STRONG.GPU PT, R3, desc[UR4][R2.64], R5 ;
+        /*0010*/                   REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R8 ;
+        /*0020*/                   REDG.E.ADD.STRONG.GPU desc[UR4][R2.64], R5 ;
+        /*0030*/                   EXIT ;
+        /*0040*/                   LDG.E.STRONG.GPU R4, desc[UR4][R2.64] ;
+        /*0050*/                   EXIT ;
+    """
+    instrs = sp.parse_sass(sass)
+    assert sp._phase_split(instrs) == 4
+    with pytest.raises(ValueError, match="arrival"):
+        sp._phase_split(instrs[3:])

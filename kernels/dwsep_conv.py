@@ -45,9 +45,9 @@ from compress_ops.kernels.formats.dwsep_conv import (
     check_inputs,
     output_size,
 )
-from compress_ops.kernels.tuning import device_name, load_tables
+from compress_ops.kernels.tuning import device_name, gpu_target, load_tables
 
-__all__ = ["dwsep_conv2d", "select_config", "audit_specs"]
+__all__ = ["dwsep_conv2d", "select_config", "plan_config", "audit_specs"]
 
 _FAMILY = "dwsep_conv"
 
@@ -124,7 +124,10 @@ def _dwsep_conv_kernel(
     wo = rem % WO
     hi0 = ho * STRIDE - pad_top
     wi0 = wo * STRIDE - pad_left
-    x_pix = x_ptr + bi.to(tl.int64) * stride_xb  # [BLOCK_P] image bases
+    # [BLOCK_P] addresses of each pixel's tap (0, 0) (outside the image where padded: such
+    # taps are masked, never read); every tap adds a scalar offset to them
+    x_pix = x_ptr + bi.to(tl.int64) * stride_xb + hi0.to(tl.int64) * stride_xh \
+        + wi0 * stride_xw
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_mask = offs_co < COUT
 
@@ -132,20 +135,21 @@ def _dwsep_conv_kernel(
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_mask = offs_c < C
+        x_tile = x_pix[:, None] + offs_c[None, :]
         d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        # a runtime loop over the taps (not unrolled): one [BLOCK_P, BLOCK_C] tile of 64-bit
-        # addresses live at a time (the unrolled form spilled: audit)
-        for tap in range(KSIZE * KSIZE):
-            i = tap // KSIZE
-            j = tap % KSIZE
+        # the taps unrolled, in the order (i, j) row-major: all k^2 loads of a channel chunk
+        # can be in flight together; a tap costs a scalar offset, its two bounds and its FMAs
+        for i in tl.static_range(KSIZE):
             hi = hi0 + i
-            wi = wi0 + j
-            ok = p_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            pix = x_pix + hi.to(tl.int64) * stride_xh + wi * stride_xw
-            xv = tl.load(pix[:, None] + offs_c[None, :], mask=ok[:, None] & c_mask[None, :],
-                         other=0.0)
-            wv = tl.load(dww_ptr + offs_c * (KSIZE * KSIZE) + tap, mask=c_mask, other=0.0)
-            d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+            row_ok = p_mask & (hi >= 0) & (hi < H)
+            for j in tl.static_range(KSIZE):
+                wi = wi0 + j
+                ok = row_ok & (wi >= 0) & (wi < W)
+                xv = tl.load(x_tile + (i * stride_xh + j * stride_xw),
+                             mask=ok[:, None] & c_mask[None, :], other=0.0)
+                wv = tl.load(dww_ptr + offs_c * (KSIZE * KSIZE) + (i * KSIZE + j), mask=c_mask,
+                             other=0.0)
+                d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
         if HAS_DW_BIAS:
             d += tl.load(dwb_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         d = _activation(d, ACT1)
@@ -185,6 +189,22 @@ def select_config(c: int, cout: int, k: int, device: torch.device) -> dict:
     bucket = 1 << max(0, (cout - 1).bit_length())
     key = next((co for co in keys if co >= bucket), keys[-1])
     return dict(table[str(k)][str(key)])
+
+
+def plan_config(cfg: dict, p: int, cout: int, device: torch.device,
+                sms: int | None = None) -> dict:
+    """The table's tile with ``block_p`` halved (down to 16) while the grid has fewer than two
+    programs per SM: MobileNet's 14^2 and 7^2 layers have few pixels, and a program's loads in
+    flight are what feeds HBM. ``sms``: the device's (default: the GPU target's; 1 for the
+    interpreter, which keeps the table's tile)."""
+    if sms is None:
+        target = gpu_target(device)
+        sms = target.sms if target is not None else 1
+    out = dict(cfg)
+    co_tiles = triton.cdiv(cout, out["block_co"])
+    while out["block_p"] > 16 and triton.cdiv(p, out["block_p"]) * co_tiles < 2 * sms:
+        out["block_p"] //= 2
+    return out
 
 
 _SIG = {
@@ -266,8 +286,8 @@ def dwsep_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor
     pw_bias = pw_bias.contiguous() if pw_bias is not None else None
     if residual is not None:
         residual = residual.contiguous(memory_format=cl)
-    cfg = config or select_config(c, cout, k, x.device)
     p = b * ho * wo
+    cfg = config or plan_config(select_config(c, cout, k, x.device), p, cout, x.device)
     dummy = dw_weight
     grid = (triton.cdiv(p, cfg["block_p"]), triton.cdiv(cout, cfg["block_co"]))
     r = residual if residual is not None else y

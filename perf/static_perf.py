@@ -181,6 +181,46 @@ CASES = [
 ]
 
 
+@dataclass(frozen=True)
+class DWSepPair:
+    """A depthwise k x k + pointwise pair of MobileNetV2 (``H`` the input's side, ``C`` its
+    channels, ``Cout`` the pointwise outputs), batch 32, fp16, channels-last, ReLU6 after the
+    depthwise, no residual: the fused op against the cuDNN pair it replaces."""
+
+    h: int
+    c: int
+    cout: int
+    stride: int
+    k: int = 3
+    batch: int = 32
+
+    @property
+    def config(self) -> str:
+        return f"dw{self.k} {self.h}^2x{self.c}->{self.cout} s{self.stride}"
+
+    @property
+    def out(self) -> int:
+        return (self.h + 2 * (self.k // 2) - self.k) // self.stride + 1
+
+    def call(self, dtype: torch.dtype) -> None:
+        from compress_ops.kernels import dwsep_conv as kc
+
+        x = torch.empty(self.batch, self.c, self.h, self.h, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        dw = torch.empty(self.c, self.k, self.k, dtype=dtype)
+        pw = torch.empty(self.cout, self.c, dtype=dtype)
+        bias_dw, bias_pw = torch.empty(self.c, dtype=dtype), torch.empty(self.cout, dtype=dtype)
+        p = self.k // 2
+        kc.dwsep_conv2d(x, dw, bias_dw, pw, bias_pw, None, self.stride, (p, p, p, p),
+                        "relu6", "none", checked=True)
+
+
+# MobileNetV2's depthwise + project pairs at 224 x 224 (perf/bench_dwsep_conv.MBV2_PAIRS)
+DWSEP_PAIRS = [DWSepPair(*t) for t in (
+    (112, 32, 16, 1), (112, 96, 24, 2), (56, 144, 24, 1), (56, 144, 32, 2), (28, 192, 64, 2),
+    (14, 384, 64, 1), (14, 576, 96, 1), (14, 576, 160, 2), (7, 960, 320, 1))]
+
+
 def capture_launches(case: Case, m: int, n: int, k: int, dtype: torch.dtype) -> list:
     """The launches a real call on the modelled GPU makes, recorded without running them."""
     from compress_ops.kernels import launches, tuning
@@ -589,6 +629,156 @@ def model_lowrank(case: LowRankCase, m: int, n: int, k: int, dtype_name: str) ->
     }
 
 
+def all_loops(instrs: list[Instr]) -> list[tuple[int, int]]:
+    """Every loop (a backward branch), nested ones included, outermost and earliest first."""
+    index = {ins.pc: i for i, ins in enumerate(instrs)}
+    found = []
+    for i, ins in enumerate(instrs):
+        if ins.base == "BRA":
+            mt = re.search(r"0x([0-9a-f]+)", ins.operands)
+            if mt and (t := int(mt.group(1), 16)) <= ins.pc and t in index:
+                found.append((index[t], i))
+    return sorted(found, key=lambda lo: (lo[0], -lo[1]))
+
+
+def nested_count(instrs: list[Instr], trips: list[int]) -> float:
+    """Instructions one thread executes when the loops at nesting depth ``d`` (0: outermost)
+    run ``trips[d]`` times each (deeper loops than listed: once): every instruction times the
+    product of the trips of the loops that hold it."""
+    lps = all_loops(instrs)
+    total = 0.0
+    for i in range(len(instrs)):
+        depth_of = [lo for lo in lps if lo[0] <= i <= lo[1]]
+        mult = 1
+        for d in range(len(depth_of)):
+            mult *= trips[d] if d < len(trips) else 1
+        total += mult
+    return total
+
+
+def cudnn_pair_us(pair: DWSepPair, dtype: torch.dtype) -> float:
+    """The cuDNN pair on its rooflines, one launch each, its epilogues (bias, ReLU6) fused:
+    the depthwise conv reads x and writes ``[B, Ho, Wo, C]`` (memory-bound), the 1x1 conv reads
+    it back and writes y (a GEMM on HGMMA's peak or the bytes)."""
+    e = dtype.itemsize
+    b, ho = pair.batch, pair.out
+    bw = MODEL["hbm_bytes_per_s"]
+    dw = (b * pair.h * pair.h * pair.c + b * ho * ho * pair.c) * e / bw
+    p = b * ho * ho
+    pw = max((p * pair.c + pair.c * pair.cout + p * pair.cout) * e / bw,
+             2 * p * pair.c * pair.cout / MODEL["hgmma_flops_per_s"])
+    return (dw + pw) * 1e6 + 2 * MODEL["launch_us"]
+
+
+def model_dwsep(pair: DWSepPair, dtype_name: str = HEADLINE["dtype"]) -> dict:
+    """The fused depthwise + pointwise launch of one MobileNetV2 pair.
+
+    Instructions per program from its SASS with the loops' trips (the channel loop
+    ``cdiv(C, BLOCK_C)`` times, the tap loop inside it ``k^2`` times); memory: x read once per
+    output-channel tile (the grid walks every pixel tile of one Cout tile before the next, and
+    x is larger than L2 at the large layers), y written once, over Little's law with the
+    ``[BLOCK_P, BLOCK_C]`` tap loads in flight per resident program (one with a runtime tap
+    loop; all ``k^2`` when the taps are unrolled, times ``num_stages - 1`` when they are
+    asynchronous copies); tensor cores: the padded 1x1 tiles. ``instr_per_weight`` here is per
+    depthwise multiply-add the launch executes (output pixel x channel x tap, recomputation
+    included), ``loop_instr_per_weight`` the tap loop's (or, unrolled, the channel loop's)
+    instructions per element and tap."""
+    import triton
+
+    from compress_ops.kernels.launches import capture
+    from compress_ops.kernels.tuning import DTYPES, simulate_gpu
+
+    dtype = DTYPES[dtype_name]
+    e = dtype.itemsize
+    with simulate_gpu(MODEL["gpu"], MODEL["sms"]), capture(run=False) as got:
+        pair.call(dtype)
+    launches = list(got)
+    la = launches[0]
+    c = compile_launch(la)
+    instrs = parse_sass(c.sass)
+    bp, bc, bco = (_arg(la, x) for x in ("BLOCK_P", "BLOCK_C", "BLOCK_CO"))
+    b, ho, k2 = pair.batch, pair.out, pair.k * pair.k
+    p = b * ho * ho
+    c_tiles, co_tiles = math.ceil(pair.c / bc), math.ceil(pair.cout / bco)
+    grid = math.prod(la.grid)
+    total = nested_count(instrs, [c_tiles, k2])
+    lps = all_loops(instrs)
+    inner = [lo for lo in lps if any(o[0] < lo[0] and lo[1] <= o[1] for o in lps)]
+    threads = 32 * c.num_warps
+    if inner:  # a runtime tap loop: its body per element and tap; one tap's load in flight
+        tap = instrs[inner[0][0]:inner[0][1] + 1]
+        tap_ipw = len(tap) * threads / (bp * bc)
+        taps_in_flight = 1
+    else:  # taps unrolled in the channel loop: its body per element and tap; all k^2 taps'
+        # loads in flight, times the stages when they are asynchronous copies (LDGSTS)
+        tap = instrs[lps[0][0]:lps[0][1] + 1] if lps else instrs
+        tap_ipw = len(tap) * threads / (bp * bc * k2)
+        taps_in_flight = k2 * (max(1, c.num_stages - 1) if mix(tap)["LDGSTS"] else 1)
+    cps = ctas_per_sm(c.registers, c.shared, c.num_warps)
+    resident = max(1, min(cps, math.ceil(grid / MODEL["sms"])))
+    t_issue = issue_seconds(total, c.num_warps, grid, resident)
+    in_flight = resident * bp * bc * e * taps_in_flight
+    bw = min(MODEL["hbm_bytes_per_s"], in_flight * min(grid, MODEL["sms"])
+             / MODEL["hbm_latency_s"])
+    x_bytes = b * pair.h * pair.h * pair.c * e
+    y_bytes = p * pair.cout * e
+    w_bytes = (pair.c * k2 + pair.c * pair.cout + pair.c + pair.cout) * e
+    t_mem = (x_bytes * co_tiles + y_bytes + w_bytes) / bw
+    mma = "HGMMA" if "HGMMA" in c.sass else "HMMA"
+    peak = MODEL["hgmma_flops_per_s"] * (1.0 if mma == "HGMMA" else MODEL["hmma_fraction"])
+    t_tc = 2 * math.ceil(p / bp) * bp * c_tiles * bc * co_tiles * bco / peak
+    times = {"memory": t_mem * 1e6, "issue": t_issue * 1e6, "tensor": t_tc * 1e6}
+    predicted = max(times.values()) + MODEL["launch_us"] * len(launches)
+    baseline = cudnn_pair_us(pair, dtype)
+    macs = p * pair.c * k2 * co_tiles  # depthwise multiply-adds the launch executes
+    return {
+        "family": "dwsep_conv", "kernel": la.kernel.__name__, "config": pair.config,
+        "M": p, "N": pair.cout, "K": pair.c, "dtype": dtype_name, "bits": 16,
+        "group_size": None, "triton": triton.__version__,
+        "instr_per_weight": round(total * threads * grid / macs, 3),
+        "loop_instr_per_weight": round(tap_ipw, 3),
+        "weight_passes": co_tiles, "instr_per_weight_per_call": None,
+        "bytes_in_flight_per_sm": round(in_flight), "ctas_per_sm": cps,
+        "launches": len(launches),
+        "launch_kinds": [getattr(x.kernel, "__name__", x.kernel) for x in launches],
+        "dw_recompute": co_tiles,
+        "predicted_us": round(predicted, 2),
+        "predicted_dense_us": round(baseline, 2), "predicted_speedup": round(baseline / predicted, 3),
+        "baseline": "cuDNN pair", "predicted_baseline_us": round(baseline, 2),
+        "predicted_speedup_vs_baseline": round(baseline / predicted, 3),
+        "registers": c.registers, "shared_bytes": c.shared, "grid": grid,
+        "block": {"BLOCK_P": bp, "BLOCK_C": bc, "BLOCK_CO": bco, "num_warps": c.num_warps,
+                  "num_stages": c.num_stages},
+        "bound": max(times, key=times.get),
+        "time_us": {kk: round(v, 2) for kk, v in times.items()},
+        "loop_mix": {kk: v for kk, v in mix(tap).items() if v},
+    }
+
+
+def dwsep_sum_row(rows: list[dict]) -> dict:
+    """All of MobileNetV2's pairs summed: the issue's figure of merit."""
+    pred = sum(r["predicted_us"] for r in rows)
+    base = sum(r["predicted_baseline_us"] for r in rows)
+    return {
+        "family": "dwsep_conv", "kernel": rows[0]["kernel"], "config": "mbv2 pairs (sum)",
+        "M": sum(r["M"] for r in rows), "N": 0, "K": 0, "dtype": rows[0]["dtype"], "bits": 16,
+        "group_size": None, "triton": rows[0]["triton"],
+        "instr_per_weight": round(sum(r["instr_per_weight"] for r in rows) / len(rows), 3),
+        "loop_instr_per_weight": round(max(r["loop_instr_per_weight"] for r in rows), 3),
+        "weight_passes": max(r["weight_passes"] for r in rows),
+        "instr_per_weight_per_call": None,
+        "bytes_in_flight_per_sm": min(r["bytes_in_flight_per_sm"] for r in rows),
+        "ctas_per_sm": min(r["ctas_per_sm"] for r in rows),
+        "launches": sum(r["launches"] for r in rows), "launch_kinds": [],
+        "predicted_us": round(pred, 2), "predicted_dense_us": round(base, 2),
+        "predicted_speedup": round(base / pred, 3), "baseline": "cuDNN pairs",
+        "predicted_baseline_us": round(base, 2),
+        "predicted_speedup_vs_baseline": round(base / pred, 3),
+        "registers": max(r["registers"] for r in rows), "shared_bytes": 0, "grid": 0,
+        "block": {}, "bound": "-", "time_us": {}, "loop_mix": {},
+    }
+
+
 def model_case(case: Case, m: int, n: int = HEADLINE["N"], k: int = HEADLINE["K"],
                dtype_name: str = HEADLINE["dtype"]) -> dict:
     import triton
@@ -634,10 +824,13 @@ def model_case(case: Case, m: int, n: int = HEADLINE["N"], k: int = HEADLINE["K"
     }
 
 
-def run(cases: list[Case] = CASES, ms: tuple = HEADLINE["M"]) -> dict:
+def run(cases: list[Case] = CASES, ms: tuple = HEADLINE["M"], dwsep: bool = True) -> dict:
     import triton
 
     rows = [model_case(c, m) for c in cases for m in ms if c.modelled(m)]
+    if dwsep:
+        conv = [model_dwsep(pr) for pr in DWSEP_PAIRS]
+        rows += conv + [dwsep_sum_row(conv)]
     meta = {"model": MODEL, "headline": {**HEADLINE, "M": list(ms)}, "triton": triton.__version__,
             "torch": torch.__version__, "arch": f"sm_{MODEL['arch']}",
             "note": "predictions from SASS, not measurements"}

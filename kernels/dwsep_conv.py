@@ -45,9 +45,9 @@ from compress_ops.kernels.formats.dwsep_conv import (
     check_inputs,
     output_size,
 )
-from compress_ops.kernels.tuning import device_name, gpu_target, load_tables
+from compress_ops.kernels.tuning import device_name, load_tables
 
-__all__ = ["dwsep_conv2d", "select_config", "plan_config", "audit_specs"]
+__all__ = ["dwsep_conv2d", "select_config", "audit_specs"]
 
 _FAMILY = "dwsep_conv"
 
@@ -191,22 +191,6 @@ def select_config(c: int, cout: int, k: int, device: torch.device) -> dict:
     return dict(table[str(k)][str(key)])
 
 
-def plan_config(cfg: dict, p: int, cout: int, device: torch.device,
-                sms: int | None = None) -> dict:
-    """The table's tile with ``block_p`` halved (down to 16) while the grid has fewer than two
-    programs per SM: MobileNet's 14^2 and 7^2 layers have few pixels, and a program's loads in
-    flight are what feeds HBM. ``sms``: the device's (default: the GPU target's; 1 for the
-    interpreter, which keeps the table's tile)."""
-    if sms is None:
-        target = gpu_target(device)
-        sms = target.sms if target is not None else 1
-    out = dict(cfg)
-    co_tiles = triton.cdiv(cout, out["block_co"])
-    while out["block_p"] > 16 and triton.cdiv(p, out["block_p"]) * co_tiles < 2 * sms:
-        out["block_p"] //= 2
-    return out
-
-
 _SIG = {
     "x_ptr": "*{dt}", "dww_ptr": "*{dt}", "dwb_ptr": "*{dt}", "pww_ptr": "*{dt}",
     "pwb_ptr": "*{dt}", "res_ptr": "*{dt}", "y_ptr": "*{dt}", "P": "i32", "H": "i32", "W": "i32",
@@ -287,7 +271,7 @@ def dwsep_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor
     if residual is not None:
         residual = residual.contiguous(memory_format=cl)
     p = b * ho * wo
-    cfg = config or plan_config(select_config(c, cout, k, x.device), p, cout, x.device)
+    cfg = config or select_config(c, cout, k, x.device)
     dummy = dw_weight
     grid = (triton.cdiv(p, cfg["block_p"]), triton.cdiv(cout, cfg["block_co"]))
     r = residual if residual is not None else y

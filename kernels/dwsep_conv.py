@@ -81,6 +81,22 @@ def _activation(v, ACT: tl.constexpr):
 
 
 @triton.jit
+def _tap_row(d, x_tile, dww_ptr, offs_c, c_mask, hi, wi0, p_mask, H, W, i, stride_xh,
+             stride_xw, KSIZE: tl.constexpr):
+    """``d += x[hi, wi0 + j] * w[i, j]`` over the row's taps j (unrolled), fp32 FMAs."""
+    row_ok = p_mask & (hi >= 0) & (hi < H)
+    for j in tl.static_range(KSIZE):
+        wi = wi0 + j
+        ok = row_ok & (wi >= 0) & (wi < W)
+        xv = tl.load(x_tile + (i * stride_xh + j * stride_xw),
+                     mask=ok[:, None] & c_mask[None, :], other=0.0)
+        wv = tl.load(dww_ptr + offs_c * (KSIZE * KSIZE) + (i * KSIZE + j), mask=c_mask,
+                     other=0.0)
+        d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    return d
+
+
+@triton.jit
 def _dwsep_conv_kernel(
     # pointers
     x_ptr, dww_ptr, dwb_ptr, pww_ptr, pwb_ptr, res_ptr, y_ptr,
@@ -137,19 +153,17 @@ def _dwsep_conv_kernel(
         c_mask = offs_c < C
         x_tile = x_pix[:, None] + offs_c[None, :]
         d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        # the taps unrolled, in the order (i, j) row-major: all k^2 loads of a channel chunk
-        # can be in flight together; a tap costs a scalar offset, its two bounds and its FMAs
-        for i in tl.static_range(KSIZE):
-            hi = hi0 + i
-            row_ok = p_mask & (hi >= 0) & (hi < H)
-            for j in tl.static_range(KSIZE):
-                wi = wi0 + j
-                ok = row_ok & (wi >= 0) & (wi < W)
-                xv = tl.load(x_tile + (i * stride_xh + j * stride_xw),
-                             mask=ok[:, None] & c_mask[None, :], other=0.0)
-                wv = tl.load(dww_ptr + offs_c * (KSIZE * KSIZE) + (i * KSIZE + j), mask=c_mask,
-                             other=0.0)
-                d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        # the taps in the order (i, j) row-major, unrolled (a 5 x 5 kernel's rows stay a
+        # runtime loop: 25 tiles in flight spill on sm_80): a tap costs a scalar offset on the
+        # pixels' addresses, its two bounds and its FMAs
+        if KSIZE <= 3:
+            for i in tl.static_range(KSIZE):
+                d = _tap_row(d, x_tile, dww_ptr, offs_c, c_mask, hi0 + i, wi0, p_mask, H, W,
+                             i, stride_xh, stride_xw, KSIZE)
+        else:
+            for i in range(KSIZE):
+                d = _tap_row(d, x_tile, dww_ptr, offs_c, c_mask, hi0 + i, wi0, p_mask, H, W,
+                             i, stride_xh, stride_xw, KSIZE)
         if HAS_DW_BIAS:
             d += tl.load(dwb_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         d = _activation(d, ACT1)

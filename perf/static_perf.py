@@ -762,7 +762,8 @@ def dwsep_sum_row(rows: list[dict]) -> dict:
     base = sum(r["predicted_baseline_us"] for r in rows)
     return {
         "family": "dwsep_conv", "kernel": rows[0]["kernel"], "config": "mbv2 pairs (sum)",
-        "M": sum(r["M"] for r in rows), "N": 0, "K": 0, "dtype": rows[0]["dtype"], "bits": 16,
+        # not a shape: M = 0 keeps the per-pair rules off this row
+        "M": 0, "N": 0, "K": 0, "dtype": rows[0]["dtype"], "bits": 16,
         "group_size": None, "triton": rows[0]["triton"],
         "instr_per_weight": round(sum(r["instr_per_weight"] for r in rows) / len(rows), 3),
         "loop_instr_per_weight": round(max(r["loop_instr_per_weight"] for r in rows), 3),
@@ -775,7 +776,9 @@ def dwsep_sum_row(rows: list[dict]) -> dict:
         "predicted_speedup": round(base / pred, 3), "baseline": "cuDNN pairs",
         "predicted_baseline_us": round(base, 2),
         "predicted_speedup_vs_baseline": round(base / pred, 3),
-        "registers": max(r["registers"] for r in rows), "shared_bytes": 0, "grid": 0,
+        "dw_recompute": max(r["dw_recompute"] for r in rows),
+        "registers": max(r["registers"] for r in rows), "shared_bytes": 0,
+        "grid": min(r["grid"] for r in rows),
         "block": {}, "bound": "-", "time_us": {}, "loop_mix": {},
     }
 

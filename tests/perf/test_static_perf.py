@@ -221,3 +221,50 @@ def test_phase_split_finds_the_end_of_phase_one():
     assert sp._phase_split(instrs) == 4
     with pytest.raises(ValueError, match="arrival"):
         sp._phase_split(instrs[3:])
+
+
+NESTED = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0020*/                   FFMA R3, R4, R5, R3 ;
+        /*0030*/               @P1 BRA 0x20 ;
+        /*0040*/                   IADD3 R6, R6, 0x1, RZ ;
+        /*0050*/               @P0 BRA 0x10 ;
+        /*0060*/                   EXIT ;
+"""
+
+
+def test_nested_loops_are_counted_with_their_trips():
+    """An outer loop of 3 instructions of its own (two adds and its branch) run 5 times around
+    an inner one of 2 run 3 times per outer trip, plus 2 straight-line instructions:
+    2 + 5 (3 + 3 * 2)."""
+    instrs = sp.parse_sass(NESTED)
+    assert sp.all_loops(instrs) == [(1, 5), (2, 3)]
+    assert sp.loops(instrs) == [(1, 5)]
+    assert sp.nested_count(instrs, [5, 3]) == 2 + 5 * (3 + 3 * 2)
+    assert sp.nested_count(instrs, [1]) == len(instrs)
+
+
+def test_cudnn_pair_is_two_rooflines_and_two_launches():
+    pair = sp.DWSepPair(56, 144, 24, 1)
+    e, bw, lu = 2, sp.MODEL["hbm_bytes_per_s"], sp.MODEL["launch_us"]
+    p = 32 * 56 * 56
+    dw = (32 * 56 * 56 * 144 + p * 144) * e / bw
+    pw = max((p * 144 + 144 * 24 + p * 24) * e / bw,
+             2 * p * 144 * 24 / sp.MODEL["hgmma_flops_per_s"])
+    assert sp.cudnn_pair_us(pair, torch.float16) == pytest.approx((dw + pw) * 1e6 + 2 * lu)
+    assert sp.DWSepPair(56, 144, 32, 2).out == 28 and pair.out == 56
+    assert len(sp.DWSEP_PAIRS) == 9
+
+
+def test_dwsep_sum_row_sums_the_pairs_and_is_not_a_shape():
+    rows = [{"predicted_us": 2.0, "predicted_baseline_us": 3.0, "M": 10, "kernel": "k",
+             "dtype": "fp16", "triton": "x", "instr_per_weight": 4.0,
+             "loop_instr_per_weight": 5.0, "weight_passes": 1, "bytes_in_flight_per_sm": 7,
+             "ctas_per_sm": 2, "launches": 1, "dw_recompute": r, "registers": 90,
+             "grid": g} for r, g in ((1, 200), (3, 50))]
+    s = sp.dwsep_sum_row(rows)
+    assert s["predicted_us"] == 4.0 and s["predicted_baseline_us"] == 6.0
+    assert s["predicted_speedup_vs_baseline"] == 1.5 and s["launches"] == 2
+    assert s["M"] == 0 and s["dw_recompute"] == 3 and s["grid"] == 50
+    assert s["dtype"] == "fp16" and s["config"] == "mbv2 pairs (sum)"

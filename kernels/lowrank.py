@@ -232,6 +232,7 @@ def _lowrank_two_phase_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     ONE_M_TILE: tl.constexpr,
+    ONE_N_TILE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr = False,
 ):
@@ -315,10 +316,11 @@ def _lowrank_two_phase_kernel(
                            UPCAST_DOT)
                 store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, 0,
                            HAS_BIAS, 1)
-            offs_n += BLOCK_N  # the next tile's U (none after the last)
-            ut = tl.load(u_cols + offs_n.to(tl.int64)[:, None] * stride_un,
-                         mask=(offs_n < min(N, j_end * BLOCK_N))[:, None] & r_mask[None, :],
-                         other=0.0)
+            if not ONE_N_TILE:  # the next tile's U (none after the last)
+                offs_n += BLOCK_N
+                ut = tl.load(u_cols + offs_n.to(tl.int64)[:, None] * stride_un,
+                             mask=(offs_n < min(N, j_end * BLOCK_N))[:, None] & r_mask[None, :],
+                             other=0.0)
         tl.debug_barrier()  # every thread has read t before the finish is counted
         finished = tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel")
         if finished == n_groups - 1:  # the last reader: leave t and the counters zeroed
@@ -597,22 +599,25 @@ _ALIGNED_TWO_PHASE = ["x_ptr", "v_ptr", "u_ptr", "bias_ptr", "y_ptr", "t_ptr", "
 def _two_phase_audit_specs() -> list[dict]:
     """The two-phase kernel's shipped tiles (the ``two_phase`` tables) at the largest padded
     rank of their class, fp16 and bf16, as calls compile them: with M inside one tile where
-    the tile covers its M bucket (``ONE_M_TILE``), else spanning several."""
+    the tile covers its M bucket (``ONE_M_TILE``), else spanning several; one N tile per
+    phase-2 program (the plan on a large GPU) and several."""
     specs = []
     for table in load_tables(_FAMILY).values():
         for rclass, buckets in table.get("two_phase", {}).items():
             for bucket, c in buckets.items():
                 cfg = LowRankKernelConfig(**c)
                 for dt in ("fp16", "bf16"):
-                    for one_m in (cfg.block_m >= int(bucket),):
+                    for one_m, one_n in ((cfg.block_m >= int(bucket), True),
+                                         (cfg.block_m >= int(bucket), False)):
                         name = (f"{cfg.name}/r{rclass}/{dt}/two-phase"
-                                f"{'' if one_m else '/m-tiles'}")
+                                f"{'' if one_m else '/m-tiles'}{'' if one_n else '/n-tiles'}")
                         if any(sp["config"] == name for sp in specs):
                             continue
                         sig = {k: v.format(dt=dt) for k, v in _SIG_TWO_PHASE.items()}
                         consts = {"HAS_BIAS": True, "BLOCK_M": cfg.block_m,
                                   "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
                                   "BLOCK_R": int(rclass), "ONE_M_TILE": one_m,
+                                  "ONE_N_TILE": one_n,
                                   "DOT_PRECISION": "tf32", "UPCAST_DOT": False}
                         sig.update({k: "constexpr" for k in consts})
                         specs.append({"kernel": _lowrank_two_phase_kernel.__name__,
@@ -644,7 +649,8 @@ def _launch_two_phase(x2: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
         x2, v, u, bp, y, t, sync, m, n, k, r, splits, tps, groups, per,
         x2.stride(0), v.stride(0), u.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, BLOCK_R=r_pad, ONE_M_TILE=m <= cfg.block_m, num_warps=cfg.num_warps,
+        BLOCK_K=cfg.block_k, BLOCK_R=r_pad, ONE_M_TILE=m <= cfg.block_m, ONE_N_TILE=per == 1,
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **dot_meta(x2))
     return y
 

@@ -33,7 +33,9 @@ limit, and passes ``--resume`` to every step after the first so that they all fi
     only; ``torch._weight_int8pack_mm``; for 2:4, ``torch.sparse.to_sparse_semi_structured``:
     cuSPARSELt or CUTLASS; for low rank, rank 128 with random factors, the two cuBLAS GEMMs
     ``F.linear(F.linear(x, V), U)``, checked against the factors' exact product with twice the
-    tolerance as in ``tests/kernels``). Each provider is first checked against
+    tolerance as in ``tests/kernels``). Then the fused dw + pw conv on two MobileNetV2 pairs
+    (:data:`CONV_PAIRS`, batch 32), ours against the cuDNN pair (the ``dense`` provider
+    there). Each provider is first checked against
     ``F.linear(x.double(), dense_weight().double())``; a wrong one is recorded as ``wrong`` and
     not timed; a torch-private call that cannot run is recorded as ``unavailable: <reason>``.
     Then it is timed eagerly (:func:`compress_ops.perf.timing.time_fn`: ``do_bench``, L2 flushed,
@@ -176,6 +178,18 @@ CASES: tuple[HeadlineCase, ...] = (
 # the low-bit formats (the smoke step's dequant variants)
 CASE_NAMES: tuple[str, ...] = tuple(c.name for c in CASES if c.family == "dequant")
 _CASE_BY_NAME = {c.name: c for c in CASES}
+
+
+# MobileNetV2's dw + project pairs the headline times (H = W of the input, C, Cout, stride;
+# k = 3, batch 32, fp16, channels-last, ReLU6 after the depthwise): the static model's rows of
+# the same names (``perf/static_perf.DWSEP_PAIRS``); ``--small``: tiny shapes
+CONV_PAIRS = ((56, 144, 24, 1), (14, 576, 96, 1))
+CONV_PAIRS_SMALL = ((8, 16, 8, 1), (6, 32, 16, 2))
+
+
+def conv_config(h: int, c: int, cout: int, stride: int, k: int = 3) -> str:
+    """The static model's name of a pair (``static_perf.DWSepPair.config``)."""
+    return f"dw{k} {h}^2x{c}->{cout} s{stride}"
 
 
 def headline_shapes(small: bool) -> tuple[tuple[int, ...], int, int, str]:
@@ -684,6 +698,69 @@ def run_headline(device: torch.device, small: bool, record: Callable[[dict[str, 
                                    f"rows): the remaining rows were not run")
         del x
         if cuda:
+            torch.cuda.empty_cache()
+    run_headline_conv(device, small, record, time_it=time_it, capture=capture, log=log)
+
+
+def run_headline_conv(device: torch.device, small: bool,
+                      record: Callable[[dict[str, Any]], None], *,
+                      time_it: Callable[[Callable[[], object]], Timing],
+                      capture: Callable[[Callable[[], torch.Tensor]],
+                                        tuple[Callable[[], None], torch.Tensor]] | None,
+                      log: Callable[[str], None] = print) -> None:
+    """The fused dw + pw conv on MobileNetV2 pairs (:data:`CONV_PAIRS`, batch 32, fp16,
+    channels-last; ``--small``: tiny shapes, batch 2): ours (the op) and the cuDNN pair
+    (``F.conv2d`` depthwise + bias + ReLU6, then the 1x1 ``F.conv2d`` + bias, recorded as the
+    ``dense`` provider: the baseline), each checked against the float64 reference with twice
+    the kernel tests' tolerance. ``M, N, K`` = ``B Ho Wo, Cout, C`` (the static model's
+    row)."""
+    from compress_ops.kernels.formats.dwsep_conv import output_size
+    from compress_ops.reference import dwsep_conv2d_ref
+
+    dts = headline_shapes(small)[3]
+    dt = DTYPES[dts]
+    batch = 2 if small else 32
+    g = torch.Generator(device=device).manual_seed(1)
+    op = torch.ops.compress_ops.dwsep_conv2d
+    for h, c, cout, stride in CONV_PAIRS_SMALL if small else CONV_PAIRS:
+        ho, wo = output_size(h, h, 3, stride, (1, 1, 1, 1))
+        base = {"case": conv_config(h, c, cout, stride), "M": batch * ho * wo, "N": cout,
+                "K": c, "dtype": dts}
+        try:
+            x = torch.randn(batch, c, h, h, device=device, generator=g).to(dt).contiguous(
+                memory_format=torch.channels_last)
+            dw = (torch.randn(c, 3, 3, device=device, generator=g) / 3).to(dt)
+            dwb = torch.randn(c, device=device, generator=g).to(dt)
+            pw = (torch.randn(cout, c, device=device, generator=g) * c**-0.5).to(dt)
+            pwb = torch.randn(cout, device=device, generator=g).to(dt)
+            ref = dwsep_conv2d_ref(x, dw, dwb, pw, pwb, None, stride, [1, 1, 1, 1], "relu6",
+                                   "none", dtype=torch.float64)
+        except Exception as ex:  # noqa: BLE001
+            for p in ("ours", "dense"):
+                record({**base, "provider": p, "status": f"error: build: {_error_text(ex)}"})
+            continue
+        tl_ = 2.0 * tol(dt, c * 9)
+        dw4, pw4 = dw.unsqueeze(1), pw[:, :, None, None]
+
+        def ours(x=x, dw=dw, dwb=dwb, pw=pw, pwb=pwb, stride=stride) -> torch.Tensor:
+            return op(x, dw, dwb, pw, pwb, None, stride, [1, 1, 1, 1], "relu6", "none")
+
+        def cudnn(x=x, dw4=dw4, dwb=dwb, pw4=pw4, pwb=pwb, stride=stride, c=c) -> torch.Tensor:
+            t = F.relu6(F.conv2d(x, dw4, dwb, stride, 1, groups=c))
+            return F.conv2d(t, pw4, pwb)
+
+        with torch.no_grad():
+            r = measure_provider(ours, ref, tl_, time_it=time_it, capture=capture,
+                                 graph_skip="skipped (cpu)")
+            record({**base, "provider": "ours", **r, "note": "fused dw+pw (one launch)"})
+            r = measure_provider(cudnn, ref, tl_, time_it=time_it, capture=capture,
+                                 graph_skip="skipped (cpu)")
+            record({**base, "provider": "dense", **r,
+                    "note": "cuDNN pair: conv2d dw + ReLU6, conv2d 1x1" if device.type == "cuda"
+                    else "two ATen convolutions"})
+        log(f"  conv pair {base['case']} done")
+        del x, ref
+        if device.type == "cuda":
             torch.cuda.empty_cache()
 
 

@@ -48,6 +48,12 @@ def test_headline_cases_are_the_static_models_configs() -> None:
     assert {c.family for c in qc.CASES if c.name in qc.CASE_NAMES} == {"dequant"}
     ms, n, k, _ = qc.headline_shapes(True)
     assert ms == (1, 16) and n == k == 256
+    # the fused conv's pairs (issue 15) carry the static model's names
+    from compress_ops.perf import static_perf as sp
+
+    names = {p.config for p in sp.DWSEP_PAIRS}
+    assert {qc.conv_config(*t) for t in qc.CONV_PAIRS} <= names
+    assert len(qc.CONV_PAIRS) == 2
 
 
 @pytest.mark.parametrize("small", [True, False])
@@ -353,11 +359,19 @@ def test_quick_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     assert len(obj["smoke"]) == len(qc.smoke_cases(True))
     assert all(r["status"] == "ok" for r in obj["smoke"]), [
         r for r in obj["smoke"] if r["status"] != "ok"]
-    rows = obj["rows"]
+    conv = [r for r in obj["rows"] if r["case"].startswith("dw3 ")]
+    rows = [r for r in obj["rows"] if not r["case"].startswith("dw3 ")]
     assert [(r["M"], r["case"], r["provider"]) for r in rows][:3] == [
         (1, "int4 g128 asym", "ours"), (1, "int4 g128 asym", "dense"),
         (1, "int4 g128 asym", "tinygemm")]
     assert {r["M"] for r in rows} == set(ms)
+    # the fused conv's pairs after the linear rows: ours and the cuDNN pair ("dense"), named
+    # as the static model names them, M = B Ho Wo, N = Cout, K = C
+    assert obj["rows"][-len(conv):] == conv
+    assert [(r["case"], r["provider"], r["M"], r["N"], r["K"]) for r in conv] == [
+        (qc.conv_config(h, c, co, s), p, 2 * (-(-h // s)) ** 2, co, c)
+        for h, c, co, s in qc.CONV_PAIRS_SMALL for p in ("ours", "dense")]
+    assert all(r["status"] == "ok" and r["eager_us"] > 0 for r in conv), conv
     # M = 1 also times the GEMV (the alternative to the shipped 16-row tile), every case
     assert {r["case"] for r in rows if r["provider"] == qc.GEMV_ALT} == {
         c.name for c in qc.CASES if c.family != "lowrank"}
@@ -383,7 +397,7 @@ def test_quick_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
         elif r["provider"] in ("tinygemm", "semi"):
             assert r["status"].startswith("skipped")
     pvm = obj["predicted_vs_measured"]
-    assert len(pvm) == len(ms) * len(qc.CASES)
+    assert len(pvm) == len(ms) * len(qc.CASES) + len(qc.CONV_PAIRS_SMALL)
     hit = [p for p in pvm if p["predicted_us"] is not None]
     assert [(p["config"], p["M"]) for p in hit] == [("int4 g128 asym", 1)]
     assert "nearest" in meta["static"]["note"] or meta["triton"] == "3.6.0"

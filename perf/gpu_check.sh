@@ -23,7 +23,8 @@
 # perf/results/), else in perf/results/; a dry run writes it under the logs folder instead:
 #   3q. smoke: every family against its float64 reference, fp16 + bf16, a ragged shape each
 #   4q. headline: M in {1, 16, 2048}, N = K = 8192, fp16: ours / F.linear / torch's native
-#       kernel, each checked then timed eagerly and as a CUDA-graph replay (no autotune)
+#       kernel, each checked then timed eagerly and as a CUDA-graph replay (no autotune); then
+#       the fused dw+pw conv on two MobileNetV2 pairs (batch 32) against the cuDNN pair
 #   5q. table: the static model's predictions (perf/results/static-triton<ver>.json) against
 #       the measured rows, then a compact table of everything
 #

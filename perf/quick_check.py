@@ -184,7 +184,7 @@ _CASE_BY_NAME = {c.name: c for c in CASES}
 # k = 3, batch 32, fp16, channels-last, ReLU6 after the depthwise): the static model's rows of
 # the same names (``perf/static_perf.DWSEP_PAIRS``); ``--small``: tiny shapes
 CONV_PAIRS = ((56, 144, 24, 1), (14, 576, 96, 1))
-CONV_PAIRS_SMALL = ((8, 16, 8, 1), (6, 32, 16, 2))
+CONV_PAIRS_SMALL = ((6, 32, 16, 2),)
 
 
 def conv_config(h: int, c: int, cout: int, stride: int, k: int = 3) -> str:

@@ -7,12 +7,26 @@ Kernel
 ------
 :func:`_dwsep_conv_kernel` tiles the output as ``[BLOCK_P pixels, BLOCK_CO channels]``
 (pixels flattened over ``B x Ho x Wo``). For each chunk of ``BLOCK_C`` input channels it
-computes the depthwise output of its pixels in registers (a loop over the ``k*k`` taps:
-shifted, masked loads of ``[BLOCK_P, BLOCK_C]`` NHWC rows, fp32 FMAs), adds the bias, applies
-the activation, casts to the activation dtype and feeds it to ``tl.dot`` with the
-``[BLOCK_C, BLOCK_CO]`` pointwise tile. The depthwise output never goes to HBM. With
-``Cout > BLOCK_CO`` the depthwise part is recomputed per output-channel tile (``k*k`` FMAs
-per element against ``Cout`` for the 1x1).
+computes the depthwise output of its pixels in registers (the ``k*k`` taps: shifted, masked
+loads of ``[BLOCK_P, BLOCK_C]`` NHWC rows and one ``[BLOCK_C]`` weight vector per tap), adds
+the bias, applies the activation, casts to the activation dtype and feeds it to ``tl.dot``
+with the ``[BLOCK_C, BLOCK_CO]`` pointwise tile.
+
+Arithmetic: fp16 activations accumulate the taps in fp16 (``F16_ACC``; on a GPU one
+``HFMA2`` per two channels and tap, no conversions, and the result is already the packed dot
+operand; the unfused pair rounds the depthwise output to fp16 too); bf16 and fp32
+accumulate in fp32 (bf16's 8-bit mantissa would lose too much over 9 or 25 taps), with half
+the channel block (:func:`table_tile`: the same registers). The
+fp16 sum rounds once per tap: the error grows with ``k*k`` roundings of the partial sums
+(about ``sqrt(k*k) 2**-11`` relative, against one ``2**-11`` rounding of an fp32 sum), and
+a partial sum past 65504 becomes Inf even where the full sum would not.
+
+Weights: ``dw_weight [C, k, k]`` at any strides whose taps are ``(i*k + j) stride(2)`` apart
+(contiguous, or the module's tap-major ``(1, k C, C)``, where a tap of ``BLOCK_C`` channels is
+one vector load); other layouts are copied once per call.
+
+The depthwise output never goes to HBM. With ``Cout > BLOCK_CO`` the depthwise part is
+recomputed per output-channel tile (``k*k`` FMAs per element against ``Cout`` for the 1x1).
 
 Bytes (activations of ``e`` bytes; weights are small and cached)
 ---------------------------------------------------------------
@@ -81,18 +95,23 @@ def _activation(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tap_row(d, x_tile, dww_ptr, offs_c, c_mask, hi, wi0, p_mask, H, W, i, stride_xh,
-             stride_xw, KSIZE: tl.constexpr):
-    """``d += x[hi, wi0 + j] * w[i, j]`` over the row's taps j (unrolled), fp32 FMAs."""
-    row_ok = p_mask & (hi >= 0) & (hi < H)
+def _tap_row(d, x_tile, w_row, c_mask, hi, wi0, H, W, i, stride_xh, stride_xw,
+             stride_wt, KSIZE: tl.constexpr, EVEN_C: tl.constexpr):
+    """``d += x[hi, wi0 + j] * w[i, j]`` over the row's taps j (unrolled), FMAs in ``d``'s dtype
+    (fp32, or packed fp16 pairs). ``w_row``: the channels' tap (0, 0) addresses."""
+    # 0 <= v < n as one unsigned compare (pixels past P carry a negative row)
+    row_ok = hi.to(tl.uint32) < H.to(tl.uint32)
     for j in tl.static_range(KSIZE):
         wi = wi0 + j
-        ok = row_ok & (wi >= 0) & (wi < W)
-        xv = tl.load(x_tile + (i * stride_xh + j * stride_xw),
-                     mask=ok[:, None] & c_mask[None, :], other=0.0)
-        wv = tl.load(dww_ptr + offs_c * (KSIZE * KSIZE) + (i * KSIZE + j), mask=c_mask,
-                     other=0.0)
-        d += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+        ok = row_ok & (wi.to(tl.uint32) < W.to(tl.uint32))
+        if EVEN_C:  # whole channel blocks: the pixel's bounds are the only mask
+            xv = tl.load(x_tile + (i * stride_xh + j * stride_xw), mask=ok[:, None], other=0.0)
+            wv = tl.load(w_row + (i * KSIZE + j) * stride_wt)
+        else:
+            xv = tl.load(x_tile + (i * stride_xh + j * stride_xw),
+                         mask=ok[:, None] & c_mask[None, :], other=0.0)
+            wv = tl.load(w_row + (i * KSIZE + j) * stride_wt, mask=c_mask, other=0.0)
+        d = tl.fma(xv.to(d.dtype), wv.to(d.dtype)[None, :], d)
     return d
 
 
@@ -104,8 +123,7 @@ def _dwsep_conv_kernel(
     P, H, W, C, HO, WO, COUT, pad_top, pad_left,
     # strides (channels-last: unit channel stride everywhere)
     stride_xb, stride_xh, stride_xw,
-    stride_yb, stride_yh, stride_yw,
-    stride_rb, stride_rh, stride_rw,
+    stride_wc, stride_wt,
     # meta-parameters
     KSIZE: tl.constexpr,
     STRIDE: tl.constexpr,
@@ -119,6 +137,8 @@ def _dwsep_conv_kernel(
     BLOCK_CO: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr = False,
+    F16_ACC: tl.constexpr = False,
+    EVEN_C: tl.constexpr = False,
 ):
     """y[b, ho, wo, :] = act2(act1(dw(x) + dw_b) @ pw^T + pw_b) (+ residual), NHWC.
 
@@ -138,7 +158,7 @@ def _dwsep_conv_kernel(
     rem = offs_p % (HO * WO)
     ho = rem // WO
     wo = rem % WO
-    hi0 = ho * STRIDE - pad_top
+    hi0 = tl.where(p_mask, ho * STRIDE - pad_top, -KSIZE - 1)  # past P: no row is inside
     wi0 = wo * STRIDE - pad_left
     # [BLOCK_P] addresses of each pixel's tap (0, 0) (outside the image where padded: such
     # taps are masked, never read); every tap adds a scalar offset to them
@@ -152,21 +172,28 @@ def _dwsep_conv_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_mask = offs_c < C
         x_tile = x_pix[:, None] + offs_c[None, :]
-        d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        w_row = dww_ptr + offs_c * stride_wc
+        if F16_ACC:
+            d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float16)
+        else:
+            d = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         # the taps in the order (i, j) row-major, unrolled (a 5 x 5 kernel's rows stay a
         # runtime loop: 25 tiles in flight spill on sm_80): a tap costs a scalar offset on the
         # pixels' addresses, its two bounds and its FMAs
         if KSIZE <= 3:
             for i in tl.static_range(KSIZE):
-                d = _tap_row(d, x_tile, dww_ptr, offs_c, c_mask, hi0 + i, wi0, p_mask, H, W,
-                             i, stride_xh, stride_xw, KSIZE)
+                d = _tap_row(d, x_tile, w_row, c_mask, hi0 + i, wi0, H, W, i,
+                             stride_xh, stride_xw, stride_wt, KSIZE, EVEN_C)
         else:
             for i in range(KSIZE):
-                d = _tap_row(d, x_tile, dww_ptr, offs_c, c_mask, hi0 + i, wi0, p_mask, H, W,
-                             i, stride_xh, stride_xw, KSIZE)
+                d = _tap_row(d, x_tile, w_row, c_mask, hi0 + i, wi0, H, W, i,
+                             stride_xh, stride_xw, stride_wt, KSIZE, EVEN_C)
         if HAS_DW_BIAS:
-            d += tl.load(dwb_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-        d = _activation(d, ACT1)
+            d += tl.load(dwb_ptr + offs_c, mask=c_mask, other=0.0).to(d.dtype)[None, :]
+        if ACT1 >= 3:  # hardswish, silu: in fp32
+            d = _activation(d.to(tl.float32), ACT1)
+        else:
+            d = _activation(d, ACT1)
         pw = tl.load(pww_ptr + offs_co[None, :] * C + offs_c[:, None],
                      mask=c_mask[:, None] & co_mask[None, :], other=0.0)  # [BLOCK_C, BLOCK_CO]
         if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
@@ -179,11 +206,12 @@ def _dwsep_conv_kernel(
     acc = _activation(acc, ACT2)
     out_mask = p_mask[:, None] & co_mask[None, :]
     if HAS_RES:
-        r_pix = res_ptr + bi.to(tl.int64) * stride_rb + ho.to(tl.int64) * stride_rh \
-            + wo * stride_rw
+        # y and the residual are dense [B, Ho, Wo, Cout]: pixel p's row starts at p Cout (no
+        # div/mod in the accumulator's layout)
+        r_pix = res_ptr + offs_p.to(tl.int64) * COUT
         acc += tl.load(r_pix[:, None] + offs_co[None, :], mask=out_mask,
                        other=0.0).to(tl.float32)
-    y_pix = y_ptr + bi.to(tl.int64) * stride_yb + ho.to(tl.int64) * stride_yh + wo * stride_yw
+    y_pix = y_ptr + offs_p.to(tl.int64) * COUT
     tl.store(y_pix[:, None] + offs_co[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -205,17 +233,24 @@ def select_config(c: int, cout: int, k: int, device: torch.device) -> dict:
     return dict(table[str(k)][str(key)])
 
 
+def table_tile(c: int, cout: int, k: int, device: torch.device, f16_acc: bool) -> dict:
+    """The table's tile for a call: :func:`select_config`, whose ``block_c`` is the fp16 one; a
+    depthwise tile accumulated in fp32 (bf16, fp32) holds twice the registers per channel, so it
+    takes half the channels (at least 16)."""
+    cfg = select_config(c, cout, k, device)
+    if not f16_acc:
+        cfg["block_c"] = max(16, cfg["block_c"] // 2)
+    return cfg
+
+
 _SIG = {
     "x_ptr": "*{dt}", "dww_ptr": "*{dt}", "dwb_ptr": "*{dt}", "pww_ptr": "*{dt}",
     "pwb_ptr": "*{dt}", "res_ptr": "*{dt}", "y_ptr": "*{dt}", "P": "i32", "H": "i32", "W": "i32",
     "C": "i32", "HO": "i32", "WO": "i32", "COUT": "i32", "pad_top": "i32", "pad_left": "i32",
-    "stride_xb": "i32", "stride_xh": "i32", "stride_xw": "i32", "stride_yb": "i32",
-    "stride_yh": "i32", "stride_yw": "i32", "stride_rb": "i32", "stride_rh": "i32",
-    "stride_rw": "i32",
+    "stride_xb": "i32", "stride_xh": "i32", "stride_xw": "i32", "stride_wt": "i32",
 }
 _ALIGNED = ["x_ptr", "dww_ptr", "dwb_ptr", "pww_ptr", "pwb_ptr", "res_ptr", "y_ptr", "C", "COUT",
-            "stride_xb", "stride_xh", "stride_xw", "stride_yb", "stride_yh", "stride_yw",
-            "stride_rb", "stride_rh", "stride_rw"]
+            "stride_xb", "stride_xh", "stride_xw", "stride_wt"]
 
 
 def audit_specs(defaults_only: bool = False) -> list[dict]:
@@ -231,14 +266,16 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                 if k == 3 and not defaults_only:
                     variants += [("bf16", 2, 0, True, 1), ("fp16", 3, 4, False, 1)]
                 for dt, a1, a2, res, stride in variants:
-                    name = (f"p{cfg['block_p']}c{cfg['block_c']}co{cfg['block_co']}"
+                    bc = cfg["block_c"] if dt == "fp16" else max(16, cfg["block_c"] // 2)
+                    name = (f"p{cfg['block_p']}c{bc}co{cfg['block_co']}"
                             f"w{cfg['num_warps']}s{cfg['num_stages']}/k{k}s{stride}/"
                             f"{ACTIVATIONS[a1]}-{ACTIVATIONS[a2]}{'+res' if res else ''}/{dt}")
                     consts = {"KSIZE": k, "STRIDE": stride, "ACT1": a1, "ACT2": a2,
                               "HAS_DW_BIAS": True, "HAS_PW_BIAS": True, "HAS_RES": res,
-                              "BLOCK_P": cfg["block_p"], "BLOCK_C": cfg["block_c"],
+                              "BLOCK_P": cfg["block_p"], "BLOCK_C": bc,
                               "BLOCK_CO": cfg["block_co"], "DOT_PRECISION": "tf32",
-                              "UPCAST_DOT": False}
+                              "UPCAST_DOT": False, "F16_ACC": dt == "fp16",
+                              "EVEN_C": True, "stride_wc": 1}
                     sig = {a: v.format(dt=dt) for a, v in _SIG.items()}
                     sig.update({c: "constexpr" for c in consts})
                     specs.setdefault(name, {
@@ -279,13 +316,17 @@ def dwsep_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor
     if y.numel() == 0:  # B = 0, Cout = 0, Ho = 0 or Wo = 0: nothing to launch
         return y.contiguous(memory_format=cl)
     x = x.contiguous(memory_format=cl)
-    dw_weight, pw_weight = dw_weight.contiguous(), pw_weight.contiguous()
+    if dw_weight.stride(1) != k * dw_weight.stride(2):  # taps not at one stride: copy
+        dw_weight = dw_weight.contiguous()
+    pw_weight = pw_weight.contiguous()
     dw_bias = dw_bias.contiguous() if dw_bias is not None else None
     pw_bias = pw_bias.contiguous() if pw_bias is not None else None
     if residual is not None:
-        residual = residual.contiguous(memory_format=cl)
+        nhwc = residual.permute(0, 2, 3, 1)  # dense [B, Ho, Wo, Cout] (size-1 dims: any stride)
+        residual = residual if nhwc.is_contiguous() else nhwc.contiguous().permute(0, 3, 1, 2)
     p = b * ho * wo
-    cfg = config or select_config(c, cout, k, x.device)
+    f16_acc = x.dtype == torch.float16
+    cfg = config or table_tile(c, cout, k, x.device, f16_acc)
     dummy = dw_weight
     grid = (triton.cdiv(p, cfg["block_p"]), triton.cdiv(cout, cfg["block_co"]))
     r = residual if residual is not None else y
@@ -295,11 +336,11 @@ def dwsep_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor
         pw_bias if pw_bias is not None else dummy, r, y,
         p, h, w, c, ho, wo, cout, padding[2], padding[0],
         x.stride(0), x.stride(2), x.stride(3),
-        y.stride(0), y.stride(2), y.stride(3),
-        r.stride(0), r.stride(2), r.stride(3),
+        dw_weight.stride(0), dw_weight.stride(2),
         KSIZE=k, STRIDE=stride, ACT1=ACTIVATIONS.index(act1), ACT2=ACTIVATIONS.index(act2),
         HAS_DW_BIAS=dw_bias is not None, HAS_PW_BIAS=pw_bias is not None,
         HAS_RES=residual is not None, BLOCK_P=cfg["block_p"], BLOCK_C=cfg["block_c"],
-        BLOCK_CO=cfg["block_co"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_CO=cfg["block_co"], F16_ACC=f16_acc,
+        EVEN_C=c % cfg["block_c"] == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **dot_meta(x))
     return y

@@ -131,6 +131,22 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def _x_vt(t, x_rows, vt_cols, m_mask, r_mask, K, t_begin, t_end, BLOCK_K: tl.constexpr,
+          DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``t += x[:, K tiles t_begin..t_end) V^T`` (fp32): ``x_rows`` the rows' addresses
+    ``[BLOCK_M, 1]``, ``vt_cols`` the ``V^T`` tile's columns ``[1, BLOCK_R]``."""
+    for kt in range(t_begin, t_end):
+        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        vt = tl.load(vt_cols + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :],
+                     other=0.0)
+        t = _dot(a, vt, t, DOT_PRECISION, UPCAST_DOT)
+    return t
+
+
+@triton.jit
 def _lowrank_matmul_kernel(
     # pointers: w_ptr is the optional dense base weight
     x_ptr, v_ptr, u_ptr, w_ptr, bias_ptr, y_ptr,
@@ -199,14 +215,8 @@ def _lowrank_matmul_kernel(
         store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k,
                     HAS_BIAS, SPLIT_K)
     else:
-        for kt in range(t_begin, t_end):
-            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0)
-            vt = tl.load(vt_cols + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :],
-                         other=0.0)
-            t = _dot(a, vt, t, DOT_PRECISION, UPCAST_DOT)
+        t = _x_vt(t, x_rows, vt_cols, m_mask, r_mask, K, t_begin, t_end, BLOCK_K,
+                  DOT_PRECISION, UPCAST_DOT)
         tt = t.to(x_ptr.dtype.element_ty)  # what two unfused GEMMs would write to HBM
         j_begin = pid_n * n_per_program
         j_end = min(j_begin + n_per_program, tl.cdiv(N, BLOCK_N))
@@ -269,15 +279,8 @@ def _lowrank_two_phase_kernel(
             offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
             m_mask = offs_m < M
             x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for kt in range(t_begin, t_end):
-                offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < K
-                a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                            other=0.0)
-                vt = tl.load(vt_cols + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :],
-                             other=0.0)
-                t = _dot(a, vt, t, DOT_PRECISION, UPCAST_DOT)
+            t = _x_vt(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_rows, vt_cols,
+                      m_mask, r_mask, K, t_begin, t_end, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
             tl.atomic_add(t_ptr + offs_m[:, None] * BLOCK_R + offs_r[None, :], t,
                           mask=m_mask[:, None], sem="relaxed")
         tl.debug_barrier()  # every thread's adds are issued before the arrival is released

@@ -207,7 +207,8 @@ class DWSepPair:
 
         x = torch.empty(self.batch, self.c, self.h, self.h, dtype=dtype).contiguous(
             memory_format=torch.channels_last)
-        dw = torch.empty(self.c, self.k, self.k, dtype=dtype)
+        # the module's tap-major layout (FusedDWSepConv2d): [C, k, k] with strides (1, k C, C)
+        dw = torch.empty(self.k, self.k, self.c, dtype=dtype).permute(2, 0, 1)
         pw = torch.empty(self.cout, self.c, dtype=dtype)
         bias_dw, bias_pw = torch.empty(self.c, dtype=dtype), torch.empty(self.cout, dtype=dtype)
         p = self.k // 2

@@ -72,13 +72,15 @@ class FusedDWSepConv2d(CompressedModule):
     """``act2(pw(act1(dw(x) + b1)) + b2) (+ residual)``: MobileNet's depthwise-separable unit
     with BatchNorm folded in, as one op (``torch.ops.compress_ops.dwsep_conv2d``).
 
-    Parameters: ``dw_weight [C, k, k]``, ``dw_bias [C]``, ``pw_weight [Cout, C]``,
-    ``pw_bias [Cout]``. ``padding`` is ``(left, right, top, bottom)`` zero padding (an int
-    pads every side). ``forward(x, residual=None)`` takes ``x [B, C, H, W]`` in any memory
-    format and returns the kernel's ``channels_last`` tensor, or a contiguous NCHW copy when
-    ``x`` was NCHW-contiguous (what the convolutions it replaces returned; run the model
-    channels-last to skip that copy); ``residual`` is added last. Use :meth:`from_modules` to
-    fuse existing layers (eval-mode BatchNorm statistics).
+    Parameters: ``dw_weight [C, k, k]`` (stored tap-major, strides ``(1, k C, C)``, so the kernel
+    reads a tap's channels as one vector; ``load_state_dict`` and ``.to()`` keep that layout; a
+    contiguous one runs too, with one scalar load per channel and tap), ``dw_bias [C]``,
+    ``pw_weight [Cout, C]``, ``pw_bias [Cout]``. ``padding`` is ``(left, right, top, bottom)``
+    zero padding (an int pads every side). ``forward(x, residual=None)`` takes ``x``
+    ``[B, C, H, W]`` in any memory format and returns the kernel's ``channels_last`` tensor,
+    or a contiguous NCHW copy when ``x`` was NCHW-contiguous (what the convolutions it
+    replaces returned; run the model channels-last to skip that copy); ``residual`` is added
+    last. Use :meth:`from_modules` to fuse existing layers (eval-mode BatchNorm statistics).
     """
 
     kind = "dwsep-fused"
@@ -106,7 +108,10 @@ class FusedDWSepConv2d(CompressedModule):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, pad
         self.act1, self.act2 = act1, act2
-        self.dw_weight = nn.Parameter(torch.empty(in_channels, kernel_size, kernel_size, **kw))
+        # [C, k, k] stored tap-major (strides (1, k C, C)): the kernel reads one tap of a
+        # channel block as contiguous, packed fp16 pairs (kernels/dwsep_conv.py)
+        self.dw_weight = nn.Parameter(
+            torch.empty(kernel_size, kernel_size, in_channels, **kw).permute(2, 0, 1))
         self.pw_weight = nn.Parameter(torch.empty(out_channels, in_channels, **kw))
         nn.init.kaiming_uniform_(self.dw_weight, a=5**0.5)
         nn.init.kaiming_uniform_(self.pw_weight, a=5**0.5)

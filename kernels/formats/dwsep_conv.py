@@ -7,10 +7,11 @@ Activations are channels-last (NHWC in memory): the op takes a logical ``[B, C, 
 converts it once to ``torch.channels_last`` (free when it already is) and returns a
 ``channels_last`` ``[B, Cout, Ho, Wo]`` tensor. Weights in PyTorch's own shapes: depthwise
 ``dw_weight [C, kh, kw]`` (a ``Conv2d(C, C, k, groups=C)`` weight without its unit dim),
-pointwise ``pw_weight [Cout, C]``; biases ``[C]`` / ``[Cout]`` with BatchNorm folded in by the
-module. ``k`` in {3, 5}, stride 1 or 2, dilation 1, zero padding ``(left, right, top, bottom)``
-(asymmetric 'same' padding of TensorFlow ports included): ``Ho = (H + top + bottom - k) //
-stride + 1``, likewise ``Wo``.
+pointwise ``pw_weight [Cout, C]`` (any strides; the module keeps ``dw_weight`` tap-major,
+strides ``(1, k C, C)``, for the kernel's vector loads); biases ``[C]`` / ``[Cout]`` with
+BatchNorm folded in by the module. ``k`` in {3, 5}, stride 1 or 2, dilation 1, zero padding
+``(left, right, top, bottom)`` (asymmetric 'same' padding of TensorFlow ports included): 
+``Ho = (H + top + bottom - k) // stride + 1``, likewise ``Wo``.
 
 Empty dimensions: an empty batch works and gives the empty result: ``B = 0``, or ``Ho = 0`` /
 ``Wo = 0`` (the padded input short of the kernel by less than one stride; an input with

@@ -53,6 +53,12 @@ def test_zero_pad_is_absorbed_and_state_dict_round_trips(tmp_path):
     fresh = FusedDWSepConv2d(8, 4, 3, 2, (0, 1, 0, 1), "none", "none")
     fresh.load_state_dict(torch.load(tmp_path / "f.pt"))
     torch.testing.assert_close(fresh(x), fused(x), rtol=0, atol=0)
+    # dw_weight stays tap-major (the kernel's vector loads) through every copy a user makes
+    tap_major = (1, 3 * 8, 8)
+    for m in (fused, fresh, copy.deepcopy(fused), copy.deepcopy(fused).half(),
+              FusedDWSepConv2d(8, 4).to(torch.bfloat16)):
+        assert m.dw_weight.stride() == tap_major and m.dw_weight.shape == (8, 3, 3)
+    assert fused.state_dict()["dw_weight"].stride() == tap_major
 
 
 

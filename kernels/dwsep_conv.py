@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
-from compress_ops.kernels._launch import dot_meta
+from compress_ops.kernels._launch import dot_meta, ptx
 from compress_ops.kernels.formats.dwsep_conv import (
     ACTIVATIONS,
     KERNEL_SIZES,
@@ -64,6 +64,9 @@ from compress_ops.kernels.tuning import device_name, load_tables
 __all__ = ["dwsep_conv2d", "select_config", "audit_specs"]
 
 _FAMILY = "dwsep_conv"
+# Triton before 3.9 lowers fp16 tl.maximum / tl.minimum through fp32 (two conversions, two FMNMX
+# and a pack per pair); 3.9 emits HMNMX2 / HFMA2.RELU, a little leaner than the inline PTX
+_ASM_RELU = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +95,23 @@ def _activation(v, ACT: tl.constexpr):
     elif ACT == 4:  # silu
         v = v / (1.0 + tl.exp(-v))
     return v
+
+
+@triton.jit
+def _relu_f16x2(v, SIX: tl.constexpr):
+    """relu (``SIX`` off) or relu6 of fp16 ``v`` in packed fp16, NaN kept (PTX ``max.NaN`` /
+    ``min.NaN.f16x2``, sm_80+): Triton 3.6 lowers ``tl.maximum`` of fp16 through fp32 (two
+    conversions, two FMNMX and a pack per pair)."""
+    if SIX:
+        out = tl.inline_asm_elementwise(
+            "{ .reg .b32 z, s, t; mov.b32 z, 0; mov.b32 s, 0x46004600; "
+            "max.NaN.f16x2 t, $1, z; min.NaN.f16x2 $0, t, s; }",
+            "=r,r", [v], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        out = tl.inline_asm_elementwise(
+            "{ .reg .b32 z; mov.b32 z, 0; max.NaN.f16x2 $0, $1, z; }",
+            "=r,r", [v], dtype=tl.float16, is_pure=True, pack=2)
+    return out
 
 
 @triton.jit
@@ -139,6 +159,7 @@ def _dwsep_conv_kernel(
     UPCAST_DOT: tl.constexpr = False,
     F16_ACC: tl.constexpr = False,
     EVEN_C: tl.constexpr = False,
+    ASM_RELU: tl.constexpr = False,
 ):
     """y[b, ho, wo, :] = act2(act1(dw(x) + dw_b) @ pw^T + pw_b) (+ residual), NHWC.
 
@@ -192,6 +213,8 @@ def _dwsep_conv_kernel(
             d += tl.load(dwb_ptr + offs_c, mask=c_mask, other=0.0).to(d.dtype)[None, :]
         if ACT1 >= 3:  # hardswish, silu: in fp32
             d = _activation(d.to(tl.float32), ACT1)
+        elif F16_ACC and ASM_RELU and ACT1 > 0:
+            d = _relu_f16x2(d, ACT1 == 2)
         else:
             d = _activation(d, ACT1)
         pw = tl.load(pww_ptr + offs_co[None, :] * C + offs_c[:, None],
@@ -237,7 +260,7 @@ def table_tile(c: int, cout: int, k: int, device: torch.device, f16_acc: bool) -
     """The table's tile for a call: :func:`select_config`, whose ``block_c`` is the fp16 one; a
     depthwise tile accumulated in fp32 (bf16, fp32) holds twice the registers per channel, so it
     takes half the channels (at least 16)."""
-    cfg = select_config(c, cout, k, device)
+    cfg = dict(select_config(c, cout, k, device))  # (a copy: select_config is cached)
     if not f16_acc:
         cfg["block_c"] = max(16, cfg["block_c"] // 2)
     return cfg
@@ -275,7 +298,8 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                               "BLOCK_P": cfg["block_p"], "BLOCK_C": bc,
                               "BLOCK_CO": cfg["block_co"], "DOT_PRECISION": "tf32",
                               "UPCAST_DOT": False, "F16_ACC": dt == "fp16",
-                              "EVEN_C": True, "stride_wc": 1}
+                              "EVEN_C": True, "ASM_RELU": _ASM_RELU,
+                              "stride_wc": 1}
                     sig = {a: v.format(dt=dt) for a, v in _SIG.items()}
                     sig.update({c: "constexpr" for c in consts})
                     specs.setdefault(name, {
@@ -341,6 +365,7 @@ def dwsep_conv2d(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Tensor
         HAS_DW_BIAS=dw_bias is not None, HAS_PW_BIAS=pw_bias is not None,
         HAS_RES=residual is not None, BLOCK_P=cfg["block_p"], BLOCK_C=cfg["block_c"],
         BLOCK_CO=cfg["block_co"], F16_ACC=f16_acc,
-        EVEN_C=c % cfg["block_c"] == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        EVEN_C=c % cfg["block_c"] == 0, ASM_RELU=_ASM_RELU and ptx(x),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **dot_meta(x))
     return y

@@ -729,7 +729,8 @@ def run_headline_conv(device: torch.device, small: bool,
         try:
             x = torch.randn(batch, c, h, h, device=device, generator=g).to(dt).contiguous(
                 memory_format=torch.channels_last)
-            dw = (torch.randn(c, 3, 3, device=device, generator=g) / 3).to(dt)
+            # tap-major, as FusedDWSepConv2d stores it (the kernel's vector loads)
+            dw = (torch.randn(3, 3, c, device=device, generator=g) / 3).to(dt).permute(2, 0, 1)
             dwb = torch.randn(c, device=device, generator=g).to(dt)
             pw = (torch.randn(cout, c, device=device, generator=g) * c**-0.5).to(dt)
             pwb = torch.randn(cout, device=device, generator=g).to(dt)

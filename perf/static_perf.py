@@ -490,6 +490,38 @@ def dense_us(m: int, n: int, k: int, dtype: torch.dtype) -> float:
     return t * 1e6 + MODEL["launch_us"]
 
 
+def semi_structured_route_us(m: int, n: int = HEADLINE["N"], k: int = HEADLINE["K"],
+                             dtype: torch.dtype = torch.float16,
+                             sparse_speedup: float = 2.0) -> float:
+    """torch's 2:4 route (cuSPARSELt / CUTLASS) as the op would run it past
+    ``semi_structured_min_m`` (compress_ops/ops/sparse24.py), on rooflines, a lower bound: the
+    packed weight unpacked to dense (read ``values`` and ``meta``, write ``W``), converted by
+    ``to_sparse_semi_structured`` (read ``W``, write its halves and metadata), then the sparse
+    GEMM at ``sparse_speedup`` times the dense tensor-core peak (2 in theory; not measured
+    here), three launches at least. No GPU has timed it: a prediction, and the route stays off
+    until a measured crossover ships (``semi_structured_min_m``)."""
+    e, bw = dtype.itemsize, MODEL["hbm_bytes_per_s"]
+    packed = n * k // 2 * e + n * k // 8  # values + 2-bit positions
+    unpack = (packed + n * k * e) / bw
+    convert = (n * k * e + packed) / bw
+    gemm = max((packed + m * k * e + m * n * e) / bw,
+               2 * m * n * k / (MODEL["hgmma_flops_per_s"] * sparse_speedup))
+    return (unpack + convert + gemm) * 1e6 + 3 * MODEL["launch_us"]
+
+
+def semi_structured_crossover(kernel_vs_dense: float, sparse_speedup: float = 2.0,
+                              n: int = HEADLINE["N"], k: int = HEADLINE["K"],
+                              dtype: torch.dtype = torch.float16) -> int | None:
+    """The smallest M (a multiple of 64, up to 65536) from which :func:`semi_structured_route_us`
+    beats the Triton 2:4 kernel, taken as tensor-bound at ``kernel_vs_dense`` times dense's
+    speed (the M = 2048 row's predicted speedup); ``None`` if it never does."""
+    for m in range(64, 65537, 64):
+        if semi_structured_route_us(m, n, k, dtype, sparse_speedup) < \
+                dense_us(m, n, k, dtype) / kernel_vs_dense:
+            return m
+    return None
+
+
 def two_gemms_us(m: int, n: int, k: int, r: int, dtype: torch.dtype) -> float:
     """The two cuBLAS GEMMs low rank replaces, ``t = x V^T`` then ``y = t U^T``: each on dense's
     roofline with its own launch (``t`` makes a round trip through memory)."""
@@ -933,6 +965,15 @@ def main(argv: list[str] | None = None) -> int:
         for msg in problems:
             print("BUDGET:", msg)
         print(f"{len(problems)} budget violations ({len(gaps)} open targets)")
+        s24 = [r for r in out["rows"] if r["family"] == "sparse24" and r["M"] == 2048]
+        if s24:  # the cuSPARSELt route: predicted on rooflines, off until measured
+            ratio, dense = s24[0]["predicted_speedup"], dense_us(2048, s24[0]["N"], s24[0]["K"],
+                                                               torch.float16)
+            for sp in (2.0, 1.5):
+                route = semi_structured_route_us(2048, sparse_speedup=sp)
+                print(f"2:4 cuSPARSELt route (roofline, sparse GEMM {sp}x dense peak): M=2048 "
+                      f"{route:.0f} us = {dense / route:.2f}x dense (kernel {ratio:.2f}x); "
+                      f"crossover M = {semi_structured_crossover(ratio, sp)}")
         return 1 if problems else 0
     return 0
 

@@ -268,3 +268,20 @@ def test_dwsep_sum_row_sums_the_pairs_and_is_not_a_shape():
     assert s["predicted_speedup_vs_baseline"] == 1.5 and s["launches"] == 2
     assert s["M"] == 0 and s["dw_recompute"] == 3 and s["grid"] == 50
     assert s["dtype"] == "fp16" and s["config"] == "mbv2 pairs (sum)"
+
+
+def test_semi_structured_route_prediction():
+    """torch's 2:4 route (unpack, convert, sparse GEMM) on rooflines: its conversions are a fixed
+    cost per call, so it loses to dense at small M and wins at large M by less than the sparse
+    tensor cores' factor; a slower sparse GEMM moves the crossover with our kernel up."""
+    half = torch.float16
+    assert sp.semi_structured_route_us(64) > sp.dense_us(64, 8192, 8192, half)
+    big = sp.dense_us(8192, 8192, 8192, half) / sp.semi_structured_route_us(8192)
+    assert 1.5 < big < 2.0
+    assert sp.semi_structured_route_us(2048, sparse_speedup=1.5) > \
+        sp.semi_structured_route_us(2048, sparse_speedup=2.0)
+    fast, slow = sp.semi_structured_crossover(0.97, 2.0), sp.semi_structured_crossover(0.97, 1.5)
+    assert fast is not None and slow is not None and 256 < fast < slow < 8192
+    # a kernel already at dense's speed is beaten only where the sparse GEMM saves more than
+    # the conversions cost
+    assert sp.semi_structured_crossover(1.0, 2.0) >= fast

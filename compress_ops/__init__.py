@@ -5,7 +5,7 @@
     print(co.report(model))
 """
 
-from compress_ops import distill, nn, ops, prune, qat, structured  # noqa: F401  (ops registers torch.ops.compress_ops.*)
+from compress_ops import capture, distill, nn, ops, prune, qat, structured  # noqa: F401  (ops registers torch.ops.compress_ops.*)
 from compress_ops.api import Recipe, Report, ReportRow, compress_, report
 from compress_ops.configs import (
     CodebookConfig,
@@ -37,6 +37,7 @@ __all__ = [
     "compress_",
     "plan",
     "report",
+    "capture",
     "distill",
     "nn",
     "ops",

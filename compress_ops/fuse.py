@@ -18,6 +18,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from compress_ops._swap import hooks_reason, replace_everywhere
+from compress_ops.capture import trace as capture_trace
 from compress_ops.configs import UnfusableError
 from compress_ops.nn.base import check_compute_dtype
 from compress_ops.nn.dwsep_conv import FusedDWSepConv2d, activation_name
@@ -123,7 +124,7 @@ def _search(root: nn.Module, module: nn.Module, prefix: str, filter_fn, fused: l
         return ".".join(p for p in (prefix, name) if p)
 
     try:
-        gm = fx.symbolic_trace(module)
+        gm = capture_trace(module)
     except Exception as exc:  # noqa: BLE001 - any tracing failure: leave this part unfused
         here = prefix or "<root>"
         reasons[here] = (f"not traceable by torch.fx ({type(exc).__name__}): left unfused with "

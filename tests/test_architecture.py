@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("compress_ops.ops", "compress_ops.reference"),
     ("compress_ops.quantize", "compress_ops.factorize"),
     ("compress_ops.nn",),
-    ("compress_ops._swap", "compress_ops.transforms"),
+    ("compress_ops._swap", "compress_ops.transforms", "compress_ops.capture"),
     ("compress_ops.fuse", "compress_ops.structured", "compress_ops.distill"),
     ("compress_ops.api", "compress_ops.prune"),
     ("compress_ops.qat", "compress_ops.planner", "compress_ops.archs"),

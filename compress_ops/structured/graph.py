@@ -16,6 +16,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from compress_ops._validate import is_number
+from compress_ops.capture import trace as capture_trace
+from compress_ops.nn.base import CompressedModule
 
 __all__ = ["ChannelGroup", "channel_groups", "zero_pads", "widths_agree"]
 
@@ -479,7 +481,8 @@ def _method(name: str, rest: tuple, kw: dict) -> Callable:
 
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d, CompressedModule))}
 
 
 def _propagate(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> None:
@@ -538,7 +541,7 @@ def _analyse(model: nn.Module, example_inputs: tuple) -> tuple[list[ChannelGroup
     try:
         if "forward" in vars(model):
             raise TypeError("forward is replaced on the instance, which torch.fx does not see")
-        gm = fx.symbolic_trace(model)
+        gm = capture_trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure: leave the model as it is
         why = f"the model is not traceable by torch.fx ({type(exc).__name__}: {exc}); left as it is"
         return [], dict.fromkeys(layers, why)
@@ -585,7 +588,10 @@ def _analyse(model: nn.Module, example_inputs: tuple) -> tuple[list[ChannelGroup
     for name, m in layers.items():
         if name in in_group:
             continue
-        if name in reasons:
+        if isinstance(m, CompressedModule):  # a leaf of the trace (compress_ops.capture)
+            skipped[name] = (f"already compressed ({type(m).__name__}): structured pruning "
+                             f"runs on the dense model, before compress_; not pruned")
+        elif name in reasons:
             skipped[name] = reasons[name]
         elif type(m) not in (nn.Linear, nn.Conv2d):
             skipped[name] = (f"a {type(m).__name__} (subclass of "

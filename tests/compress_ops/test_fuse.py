@@ -130,3 +130,27 @@ def test_aliases_hooks_crops_train_mode_and_filter_fn():
     kept = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1)).eval()
     co.compress_(kept, co.DWSepFuseConfig(), filter_fn=lambda m, name: name != "0")
     assert {r.name: r.note for r in co.report(kept)}["0"] == "excluded by filter_fn"
+
+
+def test_a_model_compressed_first_still_fuses_and_its_compressed_layers_are_listed():
+    """compress_ops.capture: the package's own modules are leaves of the trace, so a model whose
+    linears were quantized (their forwards check shapes, which fx cannot trace) still fuses its
+    dw + pw chains, and the channel analysis lists the compressed layers with the reason."""
+    torch.manual_seed(0)
+    m = random_bn(nn.Sequential(
+        nn.Conv2d(16, 16, 3, 1, 1, groups=16), nn.BatchNorm2d(16), nn.ReLU6(),
+        nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))).eval()
+    x = torch.randn(2, 16, 8, 8)
+    co.compress_(m, co.QuantConfig(bits=4))
+    ref = m(x)
+    co.compress_(m, co.DWSepFuseConfig())
+    assert isinstance(m[0], FusedDWSepConv2d) and isinstance(m[3], nn.Identity)
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+    gm = co.capture.trace(m)
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert called[0] == "0" and "7" in called and "9" in called  # leaves, not traced into
+    groups, skipped = co.structured.channel_groups(m, (x,))
+    assert groups == []
+    for name in ("0", "7", "9"):
+        assert "already compressed" in skipped[name], skipped

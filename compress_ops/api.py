@@ -138,6 +138,7 @@ def compress_(
     config: object,
     *,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    example_inputs: tuple | None = None,
 ) -> nn.Module:
     """Replace the modules of ``model`` that ``config`` handles, in place; return the model.
 
@@ -147,11 +148,21 @@ def compress_(
     If ``model`` itself is replaced (a bare ``nn.Linear``), the new module is returned.
     A module reachable under several names is compressed once and replaced at every name; a
     weight tied to another module (e.g. an embedding) is left alone.
+
+    ``example_inputs`` (a tuple of the forward's positional arguments) is read by
+    ``DWSepFuseConfig``: the model is then captured with ``torch.export`` on them, which sees
+    through module classes, and the fused model is checked against the original on them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        raise TypeError(f"example_inputs must be a tuple of the model's positional inputs, got "
+                        f"{type(example_inputs).__name__}")
     if isinstance(config, DWSepFuseConfig):
-        return _fuse_dwsep(model, filter_fn)
+        return _fuse_dwsep(model, config, filter_fn, example_inputs)
+    if example_inputs is not None:
+        raise TypeError(f"example_inputs is read by DWSepFuseConfig only; {type(config).__name__} "
+                        f"compresses each layer from its own weights")
     check_config(config)
     idx = index(model, config)
     none_types = (config.noted_types() if isinstance(config, Recipe) else ()) or (nn.Linear,)
@@ -171,10 +182,11 @@ def compress_(
         build=lambda module, cfg, **extras: transform_for(cfg).build(module, cfg, **extras))
 
 
-def _fuse_dwsep(model: nn.Module,
-                filter_fn: Callable[[nn.Module, str], bool] | None) -> nn.Module:
+def _fuse_dwsep(model: nn.Module, config: DWSepFuseConfig,
+                filter_fn: Callable[[nn.Module, str], bool] | None,
+                example_inputs: tuple | None) -> nn.Module:
     skipped = _swap.notes(model)
-    fused, reasons = fuse_dwsep(model, filter_fn)
+    fused, reasons = fuse_dwsep(model, filter_fn, example_inputs, config.fix_input_size)
     for name in fused:
         skipped.pop(name, None)
     skipped.update(reasons)

@@ -1,22 +1,36 @@
-"""The ``torch.fx`` capture that fusion (:mod:`compress_ops.fuse`) and the structured channel
-analysis (:mod:`compress_ops.structured`) share.
+"""Graph capture shared by fusion (:mod:`compress_ops.fuse`) and the structured channel analysis
+(:mod:`compress_ops.structured`): two ways to read what a model computes.
 
-Every module this package builds (:class:`~compress_ops.nn.base.CompressedModule`) is a leaf of
-the trace: its ``forward`` calls one op after input checks that branch on shapes and dtypes,
-which ``fx.symbolic_trace`` cannot follow (``symbolically traced variables cannot be used as
-inputs to control flow``). As a leaf it is one ``call_module`` node, so a model compressed in
-one step (``compress_(model, QuantConfig())``) can still be fused or analysed in the next. The
-analyses treat a leaf they do not understand as opaque: fusion never matches it, and the channel
-analysis stops a channel group at it, with the reason.
+* :func:`trace` - ``torch.fx`` symbolic tracing, no inputs needed. Every module this package
+  builds (:class:`~compress_ops.nn.base.CompressedModule`) is a leaf: its ``forward`` calls one
+  op after input checks that branch on shapes and dtypes, which ``fx.symbolic_trace`` cannot
+  follow (``symbolically traced variables cannot be used as inputs to control flow``). As a
+  leaf it is one ``call_module`` node, so a model compressed in one step can still be fused or
+  analysed in the next; the analyses treat a leaf they do not understand as opaque.
+* :func:`export` - ``torch.export`` (non-strict) on example inputs: the ATen ops that run, at
+  the level of functions, not module classes. It sees through ``Conv2d`` subclasses, wrappers
+  (``Conv2dNormActivation``, timm's ``BatchNormAct2d``) and direct ``F.pad`` / ``F.conv2d``
+  calls, and through code ``fx.symbolic_trace`` cannot follow (a padding computed from the
+  input's size becomes the constant it is at the traced size). Each node records the modules
+  whose ``forward`` it ran in (``nn_module_stack``), which is how a match on the graph is
+  mapped back to the modules to replace. Compressed modules appear as their custom op.
+
+What ``export`` cannot tell is whether a number it recorded would differ for another input
+size: :func:`size_dependent` reads a module's own ``forward`` with ``torch.fx`` to decide that
+for the padding and convolution geometry it computes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
 from torch import fx, nn
 
 from compress_ops.nn.base import CompressedModule
 
-__all__ = ["Tracer", "trace"]
+__all__ = ["Tracer", "trace", "Captured", "export", "size_dependent"]
 
 
 class Tracer(fx.Tracer):
@@ -32,3 +46,113 @@ def trace(module: nn.Module) -> fx.GraphModule:
     tracer = Tracer()
     graph = tracer.trace(module)
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+@dataclass
+class Captured:
+    """A model's computation as exported ATen ops.
+
+    ``graph``: the ``torch.export`` graph (placeholders for parameters, buffers and inputs,
+    ``call_function`` nodes on ``torch.ops.aten`` and ``torch.ops.compress_ops`` ops).
+    ``state``: ``{placeholder name: qualified name}`` of every parameter and buffer the graph
+    reads. :meth:`modules_of` gives the module paths a node ran inside, outermost first.
+    """
+
+    model: nn.Module
+    program: torch.export.ExportedProgram
+    state: dict[str, str] = field(default_factory=dict)
+    # placeholder name -> the tensor itself, resolved at capture (the model may change later)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.program.graph
+
+    def modules_of(self, node: fx.Node) -> list[str]:
+        """The qualified names of the modules whose ``forward`` ran ``node``, outermost first
+        (the root model itself is not listed)."""
+        stack = node.meta.get("nn_module_stack") or {}
+        return [path for path, _ in stack.values() if path]
+
+    def owner(self, node: fx.Node) -> str:
+        """The innermost module that ran ``node`` (``""``: the root model's own forward)."""
+        mods = self.modules_of(node)
+        return mods[-1] if mods else ""
+
+    def nodes_in(self, path: str) -> list[fx.Node]:
+        """Every op node that ran inside module ``path`` (any call of it)."""
+        return [n for n in self.graph.nodes if n.op == "call_function"
+                and path in self.modules_of(n)]
+
+    def tensor(self, node: fx.Node) -> torch.Tensor | None:
+        """The model's parameter or buffer that placeholder ``node`` stands for, else None."""
+        return self.tensors.get(node.name) if isinstance(node, fx.Node) else None
+
+    def placeholder_of(self, tensor: torch.Tensor) -> fx.Node | None:
+        """The placeholder that stands for the model's ``tensor``, if the graph reads it."""
+        for node in self.graph.nodes:
+            if node.op == "placeholder" and self.tensors.get(node.name) is tensor:
+                return node
+        return None
+
+
+def export(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None
+           ) -> Captured:
+    """Capture ``model(*example_inputs, **example_kwargs)`` with ``torch.export`` (non-strict,
+    the model's current train/eval mode, the inputs' static shapes). Raises what export raises;
+    ``TypeError`` when ``example_inputs`` is not a tuple. The model is not changed."""
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(f"example_inputs must be a tuple of the model's positional inputs, got "
+                        f"{type(example_inputs).__name__}")
+    program = torch.export.export(model, example_inputs, example_kwargs or {}, strict=False)
+    sig = program.graph_signature
+    state = dict(sig.inputs_to_parameters) | dict(sig.inputs_to_buffers)
+    tensors = {}
+    for node_name, qualified in state.items():
+        mod, _, attr = qualified.rpartition(".")
+        tensors[node_name] = getattr(model.get_submodule(mod), attr)
+    return Captured(model, program, state, tensors)
+
+
+# The ops whose non-tensor arguments fix the geometry a fusion bakes in.
+_GEOMETRY_FUNCTIONS = {"pad", "constant_pad_nd", "conv2d", "convolution", "conv1d", "conv3d"}
+
+
+def _call_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[-1]
+
+
+def size_dependent(module: nn.Module) -> str | None:
+    """Why the padding or convolution geometry ``module``'s own ``forward`` computes may
+    depend on its input's size, or None when it provably does not.
+
+    ``torch.nn``'s own modules take theirs from attributes. Any other module's ``forward`` is
+    traced with ``torch.fx`` (no values, so nothing computed from an input's shape can become a
+    constant): every pad and convolution call in it must take constants and attributes only.
+    """
+    if type(module).__module__.startswith("torch.nn.") or isinstance(module, CompressedModule):
+        return None
+    try:
+        gm = trace(module)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure: nothing is proven
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        return (f"torch.fx cannot read its forward without running it ({type(exc).__name__}: "
+                f"{msg[:120]}), so its padding may depend on the input size")
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or _call_name(node) not in _GEOMETRY_FUNCTIONS:
+            continue
+        geometry = list(node.args[1:]) + [v for k, v in node.kwargs.items()
+                                          if k not in ("input", "weight", "bias")]
+        if _call_name(node) in ("conv2d", "convolution", "conv1d", "conv3d"):
+            geometry = list(node.args[3:]) + [v for k, v in node.kwargs.items()
+                                              if k not in ("input", "weight", "bias")]
+        if any(n.op != "get_attr" for n in _nodes(geometry)):
+            return (f"its forward computes the arguments of {_call_name(node)} from its inputs "
+                    f"(node {node.name}), so they may depend on the input size")
+    return None
+
+
+def _nodes(args: Iterable) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(list(args), found.append)
+    return found

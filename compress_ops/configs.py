@@ -172,17 +172,27 @@ class LowRankConfig(CompressionConfig):
 
 @dataclass(frozen=True)
 class DWSepFuseConfig(CompressionConfig):
-    """Fuse depthwise-separable units: ``[ZeroPad2d] -> depthwise Conv2d -> [BatchNorm2d] ->
-    [act] -> 1x1 Conv2d -> [BatchNorm2d] -> [act]`` chains, found in a ``torch.fx`` trace of
-    the model (``nn.Sequential``s and forwards that call the layers in order), become one
+    """Fuse depthwise-separable units: ``[zero pad] -> depthwise conv -> [BatchNorm] -> [act]
+    -> 1x1 conv -> [BatchNorm] -> [act]`` chains become one
     :class:`~compress_ops.nn.FusedDWSepConv2d` each (BatchNorm folded with its running
-    statistics: fuse models in eval mode). Activations: ReLU, ReLU6, Hardswish, SiLU modules.
-    Depthwise convs left unfused, and modules ``torch.fx`` cannot trace, are listed by
-    ``report()`` with the reason. Not usable inside a ``Recipe`` (it matches chains, not
-    single layers).
+    statistics: fuse models in eval mode). Activations: ReLU, ReLU6, Hardswish, SiLU.
+
+    ``compress_(model, DWSepFuseConfig(), example_inputs=(x,))`` captures the model with
+    ``torch.export`` and matches the ops that run, through ``Conv2d`` subclasses, wrappers and
+    functional pads (:func:`compress_ops.fuse.fuse_exported`); the fused model is checked
+    against the original on ``x``. Without ``example_inputs`` the chains are read from a
+    ``torch.fx`` trace, where only plain ``torch.nn`` modules match. ``fix_input_size=True``
+    also fuses units whose padding a module computes from the input's size (TF "same"
+    padding), for the traced size only: the fused module raises for any other size.
+    Depthwise convs left unfused are listed by ``report()`` with the reason. Not usable inside
+    a ``Recipe`` (it matches chains, not single layers).
     """
 
     per_layer: ClassVar[bool] = False
+    fix_input_size: bool = False
+
+    def __post_init__(self) -> None:
+        check_bool("fix_input_size", self.fix_input_size)
 
 
 # --------------------------------------------------------------------------------------------

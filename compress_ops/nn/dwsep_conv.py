@@ -117,6 +117,9 @@ class FusedDWSepConv2d(CompressedModule):
         nn.init.kaiming_uniform_(self.pw_weight, a=5**0.5)
         self.dw_bias = nn.Parameter(torch.zeros(in_channels, **kw)) if dw_bias else None
         self.pw_bias = nn.Parameter(torch.zeros(out_channels, **kw)) if pw_bias else None
+        # (H, W) the unit was fused for, when the padding it replaces was computed per call
+        # from the input's size (TF "same" padding); any other size then raises
+        self.input_size: tuple[int, int] | None = None
 
     @classmethod
     def from_modules(cls, dw_conv: nn.Conv2d, pw_conv: nn.Conv2d,
@@ -182,6 +185,11 @@ class FusedDWSepConv2d(CompressedModule):
         return mod
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
+            raise ValueError(
+                f"this FusedDWSepConv2d was fused for {self.input_size[0]}x{self.input_size[1]} "
+                f"inputs only (the padding it replaced depends on the input size), got "
+                f"{tuple(x.shape[-2:])}: fuse the model again with example inputs of that size")
         y = torch.ops.compress_ops.dwsep_conv2d(
             x, self.dw_weight, self.dw_bias, self.pw_weight, self.pw_bias, residual,
             self.stride, list(self.padding), self.act1, self.act2)
@@ -206,4 +214,5 @@ class FusedDWSepConv2d(CompressedModule):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, act1={self.act1}, "
-                f"act2={self.act2}")
+                f"act2={self.act2}"
+                + ("" if self.input_size is None else f", input_size={self.input_size}"))

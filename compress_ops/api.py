@@ -251,9 +251,9 @@ def report(model: nn.Module) -> Report:
                 rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
                                       module.index_bytes(), f"codebook shared with {first}"))
                 continue
-        if isinstance(module, CompressedModule):
+        if isinstance(module, CompressedModule):  # (a note: e.g. fused for one input size)
             rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
-                                  module.stored_weight_bytes()))
+                                  module.stored_weight_bytes(), skipped.get(name, "")))
         elif isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d)
                                                and (name in skipped or compressed_convs)):
             nbytes = module.weight.numel() * module.weight.element_size()

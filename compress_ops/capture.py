@@ -146,10 +146,24 @@ def size_dependent(module: nn.Module) -> str | None:
         if _call_name(node) in ("conv2d", "convolution", "conv1d", "conv3d"):
             geometry = list(node.args[3:]) + [v for k, v in node.kwargs.items()
                                               if k not in ("input", "weight", "bias")]
-        if any(n.op != "get_attr" for n in _nodes(geometry)):
+        if any(_reads_inputs(n) for n in _nodes(geometry)):
             return (f"its forward computes the arguments of {_call_name(node)} from its inputs "
                     f"(node {node.name}), so they may depend on the input size")
     return None
+
+
+def _reads_inputs(node: fx.Node) -> bool:
+    """Whether ``node``'s value is computed from the forward's inputs (not only from the
+    module's own attributes and constants, e.g. ``self.weight.shape[0]``)."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n.op == "placeholder":
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return False
 
 
 def _nodes(args: Iterable) -> list[fx.Node]:

@@ -191,10 +191,17 @@ _CONVS = {_aten.conv2d.default, _aten.conv2d.padding}
 _PADS = {_aten.pad.default, _aten.constant_pad_nd.default}
 _ACTS = {_aten.relu.default: "relu", _aten.relu_.default: "relu",
          _aten.hardswish.default: "hardswish", _aten.hardswish_.default: "hardswish",
-         _aten.silu.default: "silu", _aten.silu_.default: "silu"}
+         _aten.silu.default: "silu", _aten.silu_.default: "silu",
+         _aten.relu6.default: "relu6"}
 _HARDTANH = {_aten.hardtanh.default, _aten.hardtanh_.default}
 _SE_READS = {_aten.mean.dim, _aten.adaptive_avg_pool2d.default}
 _ACT_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU}
+
+
+def _op(node: fx.Node) -> str:
+    """An ATen op's short name (``relu`` for ``aten.relu.default``)."""
+    t = node.target
+    return getattr(t, "_opname", None) or getattr(t, "__name__", str(t))
 
 
 def _kw(node: fx.Node) -> dict:
@@ -242,7 +249,7 @@ def _link(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node], str]:
     while True:
         users = list(cur.users)
         if len(users) != 1:
-            ops = {getattr(u.target, "__name__", str(u.target)) for u in users}
+            ops = {_op(u) for u in users}
             if any(u.target in _SE_READS for u in users) and any(
                     u.target in (_aten.mul.Tensor, _aten.mul_.Tensor) for u in users):
                 return None, between, ("a squeeze-excite block (x * gate(mean(x))) reads it "
@@ -252,7 +259,7 @@ def _link(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node], str]:
                                    f"({', '.join(sorted(ops))})")
         user = users[0]
         if user.op != "call_function" or not user.args or user.args[0] is not cur:
-            what = getattr(user.target, "__name__", str(user.target))
+            what = _op(user)
             return None, between, f"{what} reads it in a way a fusion cannot reproduce"
         if _passes(user):
             between.append(user)
@@ -296,11 +303,14 @@ def _match(cap: Captured, dw: fx.Node) -> tuple[dict | None, str]:
         if not ok:
             if slot == "pw":
                 if nxt is not None:
-                    what = getattr(nxt.target, "__name__", str(nxt.target))
+                    what = _op(nxt)
                     why = (f"{what} is applied to it before any 1x1 conv: only BatchNorm and "
                            f"a ReLU, ReLU6, Hardswish or SiLU can sit in between")
                 return None, f"no 1x1 conv reads its output ({why})"
             continue
+        if slot in ("bn1", "bn2") and _kw(nxt)["training"]:
+            return None, ("BatchNorm runs in training mode (batch statistics): call model.eval() "
+                          "before fusing")
         chain["nodes"] += between + [nxt]
         chain[slot] = _act_of(nxt) if slot.startswith("act") else nxt
         cur = nxt
@@ -316,7 +326,7 @@ def _modules_for(cap: Captured, model: nn.Module, chain: dict) -> tuple[list[str
     for n in nodes:
         owner = cap.owner(n)
         if not owner:
-            return [], (f"{getattr(n.target, '__name__', n.target)} is called in the model's own "
+            return [], (f"{_op(n)} is called in the model's own "
                         f"forward: only whole modules can be replaced")
         owners.append(owner)
     # a module whose ancestor is also an owner is replaced with it
@@ -329,8 +339,13 @@ def _modules_for(cap: Captured, model: nn.Module, chain: dict) -> tuple[list[str
         mod = model.get_submodule(path)
         inside = [n for alias in aliases[id(mod)] for n in cap.nodes_in(alias)]
         extra = [n for n in inside if n not in pos]
+        calls = {key for n in inside for key, (p, _) in n.meta["nn_module_stack"].items()
+                 if p in aliases[id(mod)]}
+        if extra and len(calls) > 1:
+            return [], (f"{path} ({type(mod).__name__}) is called {len(calls)} times in the "
+                        f"forward (a shared module): replacing it would change every call")
         if extra:
-            what = getattr(extra[0].target, "__name__", str(extra[0].target))
+            what = _op(extra[0])
             return [], (f"{path} ({type(mod).__name__}) also computes {what} (node "
                         f"{extra[0].name}), outside the chain: only whole modules can be "
                         f"replaced")

@@ -1,0 +1,110 @@
+"""Real models, built from code with random weights (no downloads): torchvision and timm
+convnets through DWSepFuseConfig with example inputs. For each: how many depthwise convs exist,
+how many fused, why each of the rest was not, and the fused model's output against the eval-mode
+original. The README's model table is this test's table (``python -m
+tests.compress_ops.test_real_models`` prints it)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import compress_ops as co
+from compress_ops.nn import FusedDWSepConv2d
+
+from .models import random_bn
+
+SE = "squeeze-excite"
+SIZE = "depend on the input size"
+
+# name -> (builder, depthwise convs, fused by default, fused with fix_input_size=True, the
+# reason every other depthwise conv is left unfused)
+MODELS = {
+    "torchvision mobilenet_v2": (torchvision.models.mobilenet_v2, 17, 17, 17, None),
+    "torchvision mobilenet_v3_small": (torchvision.models.mobilenet_v3_small, 11, 2, 2, SE),
+    "torchvision efficientnet_b0": (torchvision.models.efficientnet_b0, 16, 0, 0, SE),
+    "torchvision shufflenet_v2_x0_5": (torchvision.models.shufflenet_v2_x0_5, 19, 19, 19, None),
+    "torchvision mnasnet0_5": (torchvision.models.mnasnet0_5, 17, 17, 17, None),
+    "timm tf_efficientnet_lite0": (lambda: timm.create_model("tf_efficientnet_lite0"),
+                                   16, 12, 16, SIZE),
+    "timm tf_mobilenetv3_small_100": (lambda: timm.create_model("tf_mobilenetv3_small_100"),
+                                      11, 1, 2, SE),  # (and one TF padding, by default)
+    "timm mobilenetv2_100": (lambda: timm.create_model("mobilenetv2_100"), 17, 17, 17, None),
+}
+
+
+def _depthwise(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
+            and m.groups > 1 and m.groups == m.in_channels == m.out_channels]
+
+
+def fuse_model(name: str, fix_input_size: bool, size: int = 64):
+    """(model, depthwise names, fused names, notes, max error / output scale)."""
+    torch.manual_seed(0)
+    model = random_bn(MODELS[name][0]()).eval()
+    dws = _depthwise(model)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref = model(x)
+    co.compress_(model, co.DWSepFuseConfig(fix_input_size=fix_input_size), example_inputs=(x,))
+    fused = [n for n, m in model.named_modules() if isinstance(m, FusedDWSepConv2d)]
+    notes = {r.name: r.note for r in co.report(model)}
+    with torch.no_grad():
+        err = ((model(x) - ref).abs().max() / ref.abs().max()).item()
+    return model, dws, fused, notes, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fix_input_size", [False, True], ids=["default", "fix_input_size"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_real_model_fuses_what_is_exact_and_names_the_rest(name, fix_input_size):
+    _, n_dw, n_default, n_fixed, reason = MODELS[name]
+    model, dws, fused, notes, err = fuse_model(name, fix_input_size)
+    assert len(dws) == n_dw
+    assert len(fused) == (n_fixed if fix_input_size else n_default), notes
+    assert set(fused) <= set(dws)  # the fused module sits where the depthwise conv was
+    allowed = {reason} | (set() if fix_input_size else {SIZE})
+    for dw in set(dws) - set(fused):
+        assert any(r is not None and r in notes[dw] for r in allowed), (dw, notes[dw])
+    assert err < 1e-5, err
+
+
+@pytest.mark.slow
+def test_a_model_quantized_first_still_fuses_through_export():
+    """The package's own ops are captured as what they are: a model whose classifier was
+    quantized first fuses every chain, and its output is unchanged by the fusion."""
+    torch.manual_seed(0)
+    model = random_bn(torchvision.models.mobilenet_v2(num_classes=64)).eval()
+    co.compress_(model, co.QuantConfig(bits=4))
+    x = torch.randn(1, 3, 32, 32)
+    ref = model(x)
+    co.compress_(model, co.DWSepFuseConfig(), example_inputs=(x,))
+    assert sum(isinstance(m, FusedDWSepConv2d) for m in model.modules()) == 17
+    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+    assert isinstance(copy.deepcopy(model), nn.Module)
+
+
+def table() -> str:
+    """The README's table: depthwise convs, fused (default / fix_input_size), max error."""
+    rows = ["| model | depthwise convs | fused | fused, `fix_input_size=True` | the rest | "
+            "max error / output scale |", "|---|---|---|---|---|---|"]
+    for name, (_, _, _, _, reason) in MODELS.items():
+        _, dws, fused, _, err = fuse_model(name, False)
+        _, _, fused_fix, _, err_fix = fuse_model(name, True)
+        why = {SE: "squeeze-excite between dw and pw (a different chain)",
+               SIZE: "padding computed from the input size (TF `Conv2dSame`)",
+               None: "-"}[reason]
+        if reason == SE and len(fused_fix) > len(fused):
+            why += "; by default also TF `Conv2dSame` padding"
+        rows.append(f"| {name} | {len(dws)} | {len(fused)} | {len(fused_fix)} | {why} | "
+                    f"{max(err, err_fix):.1e} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())

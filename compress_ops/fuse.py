@@ -1,5 +1,9 @@
 """Finding depthwise -> pointwise chains in a model and fusing them (``DWSepFuseConfig``).
 
+Two routes: with example inputs, :func:`fuse_exported` matches the chains on the ATen ops
+``torch.export`` records (through module classes, see its docstring); without, the chains are
+read from a ``torch.fx`` trace of plain ``torch.nn`` modules, as follows.
+
 A chain is ``[ZeroPad2d] -> depthwise Conv2d -> [BatchNorm2d] -> [act] -> 1x1 Conv2d ->
 [BatchNorm2d] -> [act]``, read from a ``torch.fx`` trace of the model, so it is found both in
 ``nn.Sequential``s and in models whose ``forward`` calls the layers in that order. Every link

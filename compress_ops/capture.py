@@ -170,3 +170,94 @@ def _nodes(args: Iterable) -> list[fx.Node]:
     found: list[fx.Node] = []
     fx.node.map_arg(list(args), found.append)
     return found
+
+
+# ------------------------------------------------------------------------------------------
+# One vocabulary for the ops a pattern matches, in both dialects
+# ------------------------------------------------------------------------------------------
+
+_aten = torch.ops.aten
+F = torch.nn.functional
+
+# function -> (kind, its parameter names in order, defaults); kinds: conv2d, batch_norm, pad,
+# act:<name> (relu, relu6, hardswish, silu, hardtanh), dropout. ATen overloads and the
+# torch-level functions a Dynamo graph calls share one entry each.
+_SIGNATURES: dict[object, tuple[str, tuple[str, ...], dict]] = {}
+
+
+def _sig(kind: str, params: tuple[str, ...], defaults: dict, *targets) -> None:
+    for t in targets:
+        _SIGNATURES[t] = (kind, params, defaults)
+
+
+_sig("conv2d", ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+     {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1},
+     _aten.conv2d.default, _aten.conv2d.padding, torch.conv2d)
+_sig("batch_norm", ("input", "weight", "bias", "running_mean", "running_var", "training",
+                    "momentum", "eps", "cudnn_enabled"),
+     {"weight": None, "bias": None, "running_mean": None, "running_var": None},
+     _aten.batch_norm.default)
+_sig("batch_norm", ("input", "running_mean", "running_var", "weight", "bias", "training",
+                    "momentum", "eps"),
+     {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5},
+     F.batch_norm)
+_sig("pad", ("input", "pad", "mode", "value"), {"mode": "constant", "value": None},
+     _aten.pad.default, F.pad, torch._C._nn.pad)
+_sig("pad", ("input", "pad", "value"), {"value": 0.0}, _aten.constant_pad_nd.default,
+     torch.constant_pad_nd)
+for _name in ("relu", "hardswish", "silu", "relu6"):
+    _fns = [getattr(_aten, _name).default, getattr(F, _name)]
+    if hasattr(_aten, _name + "_"):
+        _fns.append(getattr(_aten, _name + "_").default)
+    if hasattr(torch, _name):
+        _fns.append(getattr(torch, _name))
+    if hasattr(F, _name + "_"):
+        _fns.append(getattr(F, _name + "_"))
+    if hasattr(torch, _name + "_"):
+        _fns.append(getattr(torch, _name + "_"))
+    _sig("act:" + _name, ("input", "inplace"), {"inplace": False}, *_fns)
+_sig("act:hardtanh", ("input", "min_val", "max_val", "inplace"),
+     {"min_val": -1.0, "max_val": 1.0, "inplace": False},
+     _aten.hardtanh.default, _aten.hardtanh_.default, F.hardtanh, F.hardtanh_)
+_sig("dropout", ("input", "p", "train"), {}, _aten.dropout.default,
+     _aten.feature_dropout.default)
+_sig("dropout", ("input", "p", "training", "inplace"),
+     {"p": 0.5, "training": True, "inplace": False}, F.dropout, F.dropout2d)
+
+
+def canonical(node: fx.Node) -> tuple[str, dict] | None:
+    """``(kind, {parameter: argument})`` for the ops patterns match, in the ``torch.export``
+    ATen dialect and in the torch-level dialect of a Dynamo graph alike, else None. Kinds:
+    ``conv2d``, ``batch_norm`` (``training`` named so in both), ``pad`` (``mode``,
+    ``value``), ``act:relu|relu6|hardswish|silu|hardtanh``, ``dropout`` (``training``)."""
+    if node.op != "call_function":
+        return None
+    try:
+        entry = _SIGNATURES.get(node.target)
+    except TypeError:  # an unhashable target
+        return None
+    if entry is None:
+        return None
+    kind, params, defaults = entry
+    if len(node.args) > len(params) or set(node.kwargs) - set(params):
+        return None
+    kw = dict(defaults) | dict(zip(params, node.args, strict=False)) | dict(node.kwargs)
+    if any(p not in kw for p in params if p not in ("cudnn_enabled", "inplace", "momentum")):
+        return None
+    if "train" in kw:
+        kw["training"] = kw.pop("train")
+    if kind == "conv2d":
+        for key in ("stride", "dilation") + (() if isinstance(kw["padding"], str)
+                                             else ("padding",)):
+            v = kw[key]
+            kw[key] = [v, v] if isinstance(v, int) else list(v)
+    return kind, kw
+
+
+def example_value(node) -> torch.Tensor | None:
+    """The (fake) tensor a node computes, as ``torch.export`` (``val``) or Dynamo
+    (``example_value``) records it."""
+    if not isinstance(node, fx.Node):
+        return None
+    v = node.meta.get("val", node.meta.get("example_value"))
+    return v if isinstance(v, torch.Tensor) else None

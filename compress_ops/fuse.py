@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import torch
 from torch import fx, nn
-from torch.fx.operator_schemas import normalize_function
 from torch.utils._pytree import tree_flatten
 
 from compress_ops._swap import hooks_reason, replace_everywhere, set_submodule
-from compress_ops.capture import Captured, size_dependent
+from compress_ops.capture import Captured, canonical, example_value, size_dependent
 from compress_ops.capture import export as capture_export
 from compress_ops.capture import trace as capture_trace
 from compress_ops.configs import UnfusableError
 from compress_ops.nn.base import check_compute_dtype
 from compress_ops.nn.dwsep_conv import FusedDWSepConv2d, activation_name
 
-__all__ = ["fuse_dwsep"]
+__all__ = ["fuse_dwsep", "fuse_exported", "match_chain", "is_dw_conv", "build_fused"]
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -190,59 +189,48 @@ def _search(root: nn.Module, module: nn.Module, prefix: str, filter_fn, fused: l
 # The same chains, matched on the ATen ops torch.export records (example inputs given)
 # ------------------------------------------------------------------------------------------
 
-_aten = torch.ops.aten
-_CONVS = {_aten.conv2d.default, _aten.conv2d.padding}
-_PADS = {_aten.pad.default, _aten.constant_pad_nd.default}
-_ACTS = {_aten.relu.default: "relu", _aten.relu_.default: "relu",
-         _aten.hardswish.default: "hardswish", _aten.hardswish_.default: "hardswish",
-         _aten.silu.default: "silu", _aten.silu_.default: "silu",
-         _aten.relu6.default: "relu6"}
-_HARDTANH = {_aten.hardtanh.default, _aten.hardtanh_.default}
-_SE_READS = {_aten.mean.dim, _aten.adaptive_avg_pool2d.default}
+_SE_READS = {"mean", "adaptive_avg_pool2d"}
 _ACT_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "silu": nn.SiLU}
+_FUSABLE = "only BatchNorm and a ReLU, ReLU6, Hardswish or SiLU can sit in between"
 
 
 def _op(node: fx.Node) -> str:
-    """An ATen op's short name (``relu`` for ``aten.relu.default``)."""
+    """An op's short name (``relu`` for ``aten.relu.default``, ``F.relu`` and ``x.relu()``)."""
     t = node.target
-    return getattr(t, "_opname", None) or getattr(t, "__name__", str(t))
+    return t if isinstance(t, str) else (getattr(t, "_opname", None)
+                                         or getattr(t, "__name__", str(t)))
 
 
-def _kw(node: fx.Node) -> dict:
-    """``node``'s arguments by schema name, defaults filled in."""
-    pair = normalize_function(node.target, tuple(node.args), dict(node.kwargs),
-                              normalize_to_only_use_kwargs=True)
-    return dict(pair.kwargs) if pair is not None else {}
-
-
-def _val(node) -> torch.Tensor | None:
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
+def _kind(node: fx.Node) -> tuple[str | None, dict]:
+    c = canonical(node)
+    return (None, {}) if c is None else c
 
 
 def _act_of(node: fx.Node) -> str | None:
-    if node.target in _ACTS:
-        return _ACTS[node.target]
-    if node.target in _HARDTANH:
-        kw = _kw(node)
-        if float(kw.get("min_val", -1.0)) == 0.0 and float(kw.get("max_val", 1.0)) == 6.0:
-            return "relu6"
-    return None
+    kind, kw = _kind(node)
+    if kind is None or not kind.startswith("act:"):
+        return None
+    if kind == "act:hardtanh":
+        ok = float(kw["min_val"]) == 0.0 and float(kw["max_val"]) == 6.0
+        return "relu6" if ok else None
+    return kind[4:]
 
 
 def _passes(node: fx.Node) -> bool:
     """An op that leaves its input as it is (eval-mode dropout)."""
-    if node.target in (_aten.dropout.default, _aten.feature_dropout.default):
-        return not _kw(node).get("train", True) or float(_kw(node).get("p", 1.0)) == 0.0
-    return False
+    kind, kw = _kind(node)
+    return kind == "dropout" and (not kw["training"] or float(kw["p"]) == 0.0)
 
 
-def _is_dw_conv(cap: Captured, node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target not in _CONVS:
+def is_dw_conv(node: fx.Node) -> bool:
+    """Whether ``node`` is a depthwise 2-d convolution (groups = in = out channels)."""
+    kind, kw = _kind(node)
+    if kind != "conv2d":
         return False
-    kw, x = _kw(node), _val(node.args[0])
-    w = _val(kw.get("weight"))
-    return (x is not None and w is not None and w.dim() == 4 and x.dim() == 4 and kw["groups"] > 1
-            and kw["groups"] == x.shape[1] == w.shape[0] and w.shape[1] == 1)
+    x, w = example_value(kw["input"]), example_value(kw["weight"])
+    return (x is not None and w is not None and w.dim() == 4 and x.dim() == 4
+            and kw["groups"] > 1 and kw["groups"] == x.shape[1] == w.shape[0]
+            and w.shape[1] == 1)
 
 
 def _link(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node], str]:
@@ -254,8 +242,7 @@ def _link(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node], str]:
         users = list(cur.users)
         if len(users) != 1:
             ops = {_op(u) for u in users}
-            if any(u.target in _SE_READS for u in users) and any(
-                    u.target in (_aten.mul.Tensor, _aten.mul_.Tensor) for u in users):
+            if ops & _SE_READS and ops & {"mul", "mul_"}:
                 return None, between, ("a squeeze-excite block (x * gate(mean(x))) reads it "
                                        "before the 1x1 conv: a different chain (depthwise, SE, "
                                        "pointwise), not fused")
@@ -263,8 +250,7 @@ def _link(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node], str]:
                                    f"({', '.join(sorted(ops))})")
         user = users[0]
         if user.op != "call_function" or not user.args or user.args[0] is not cur:
-            what = _op(user)
-            return None, between, f"{what} reads it in a way a fusion cannot reproduce"
+            return None, between, f"{_op(user)} reads it in a way a fusion cannot reproduce"
         if _passes(user):
             between.append(user)
             cur = user
@@ -272,47 +258,37 @@ def _link(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node], str]:
         return user, between, ""
 
 
-def _param(cap: Captured, arg) -> tuple[torch.Tensor | None, str]:
-    """The model tensor a conv/BN argument reads (None when the argument is None), or a reason."""
-    if arg is None:
-        return None, ""
-    t = cap.tensor(arg)
-    if t is None:
-        return None, f"its argument {arg.name} is computed in the forward, not a stored tensor"
-    return t, ""
-
-
-def _match(cap: Captured, dw: fx.Node) -> tuple[dict | None, str]:
-    """``{"nodes": [...], "pad", "dw", "bn1", "act1", "pw", "bn2", "act2"}`` (nodes or
-    activation names, None when absent) for the chain starting at depthwise conv ``dw``, or
-    None and the reason."""
+def match_chain(dw: fx.Node) -> tuple[dict | None, str]:
+    """The chain starting at depthwise conv ``dw``, read from the graph in either dialect
+    (:func:`compress_ops.capture.canonical`): ``{"nodes": [every node of the chain, in
+    order], "pad", "dw", "bn1", "pw", "bn2": node or None, "act1", "act2": activation name or
+    None}``, or None and the reason."""
     chain = {"nodes": [], "pad": None, "dw": dw, "bn1": None, "act1": None, "pw": None,
              "bn2": None, "act2": None}
     src = dw.args[0]
-    if isinstance(src, fx.Node) and src.op == "call_function" and src.target in _PADS \
-            and len(src.users) == 1:
-        kw = _kw(src)
-        pads = list(kw.get("pad", []))
-        if len(pads) == 4 and min(pads) >= 0 and kw.get("mode", "constant") == "constant" \
+    kind, kw = _kind(src) if isinstance(src, fx.Node) else (None, {})
+    if kind == "pad" and len(src.users) == 1:
+        pads = list(kw["pad"])
+        if len(pads) == 4 and all(isinstance(p, int) for p in pads) and min(pads) >= 0 \
+                and kw.get("mode", "constant") == "constant" \
                 and float(kw.get("value") or 0.0) == 0.0:
             chain["pad"] = src  # (a crop, a non-zero or non-constant pad stays in front)
     chain["nodes"] = [n for n in (chain["pad"], dw) if n is not None]
     cur = dw
     for slot in ("bn1", "act1", "pw", "bn2", "act2"):
         nxt, between, why = _link(cur)
+        kind = _kind(nxt)[0] if nxt is not None else None
         ok = nxt is not None and (
-            (slot in ("bn1", "bn2") and nxt.target is _aten.batch_norm.default)
+            (slot in ("bn1", "bn2") and kind == "batch_norm")
             or (slot in ("act1", "act2") and _act_of(nxt) is not None)
-            or (slot == "pw" and nxt.target in _CONVS))
+            or (slot == "pw" and kind == "conv2d"))
         if not ok:
             if slot == "pw":
                 if nxt is not None:
-                    what = _op(nxt)
-                    why = (f"{what} is applied to it before any 1x1 conv: only BatchNorm and "
-                           f"a ReLU, ReLU6, Hardswish or SiLU can sit in between")
+                    why = f"{_op(nxt)} is applied to it before any 1x1 conv: {_FUSABLE}"
                 return None, f"no 1x1 conv reads its output ({why})"
             continue
-        if slot in ("bn1", "bn2") and _kw(nxt)["training"]:
+        if kind == "batch_norm" and _kind(nxt)[1]["training"]:
             return None, ("BatchNorm runs in training mode (batch statistics): call model.eval() "
                           "before fusing")
         chain["nodes"] += between + [nxt]
@@ -365,56 +341,50 @@ def _modules_for(cap: Captured, model: nn.Module, chain: dict) -> tuple[list[str
     return top, ""
 
 
-def _temp_conv(cap: Captured, node: fx.Node) -> tuple[nn.Conv2d | None, str]:
-    """A plain ``nn.Conv2d`` (sharing the model's tensors) computing what conv ``node`` does."""
-    kw = _kw(node)
-    w, why = _param(cap, kw["weight"])
-    b, why_b = _param(cap, kw.get("bias"))
-    if w is None or why_b:
-        return None, f"the {'weight' if w is None else 'bias'} is computed in the forward"
+def _temp_conv(tensor, node: fx.Node) -> nn.Conv2d:
+    """A plain ``nn.Conv2d`` computing what conv ``node`` does, on the tensors ``tensor(arg)``
+    gives (the model's own, or meta stand-ins)."""
+    kw = _kind(node)[1]
+    w = tensor(kw["weight"])
+    b = None if kw["bias"] is None else tensor(kw["bias"])
+    if w is None or (kw["bias"] is not None and b is None):
+        raise UnfusableError(f"the conv's {'weight' if w is None else 'bias'} is computed in "
+                             f"the forward, not a stored tensor")
     groups = int(kw["groups"])
-    conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[-2:]),
-                     tuple(kw["stride"]), kw["padding"] if isinstance(kw["padding"], str)
-                     else tuple(kw["padding"]), tuple(kw["dilation"]), groups, bias=False,
-                     device="meta")
+    pad = kw["padding"] if isinstance(kw["padding"], str) else tuple(kw["padding"])
+    conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[-2:]), tuple(kw["stride"]),
+                     pad, tuple(kw["dilation"]), groups, bias=False, device="meta")
     conv._parameters["weight"] = w
     conv._parameters["bias"] = b
-    return conv, ""
+    return conv
 
 
-def _temp_bn(cap: Captured, node: fx.Node | None) -> tuple[nn.BatchNorm2d | None, str]:
+def _temp_bn(tensor, node: fx.Node | None) -> nn.BatchNorm2d | None:
     if node is None:
-        return None, ""
-    kw = _kw(node)
-    if kw["training"]:
-        return None, ("BatchNorm runs in training mode (batch statistics): call model.eval() "
-                      "before fusing")
-    tensors = {}
+        return None
+    kw = _kind(node)[1]
+    got = {}
     for key in ("weight", "bias", "running_mean", "running_var"):
-        tensors[key], why = _param(cap, kw[key])
-        if why:
-            return None, f"BatchNorm's {key} is computed in the forward"
-    if tensors["running_mean"] is None or tensors["running_var"] is None:
-        return None, "BatchNorm without running statistics cannot be folded"
-    bn = nn.BatchNorm2d(tensors["running_mean"].shape[0], eps=float(kw["eps"]), device="meta")
+        got[key] = None if kw[key] is None else tensor(kw[key])
+        if kw[key] is not None and got[key] is None:
+            raise UnfusableError(f"BatchNorm's {key} is computed in the forward")
+    if got["running_mean"] is None or got["running_var"] is None:
+        raise UnfusableError("BatchNorm without running statistics cannot be folded")
+    bn = nn.BatchNorm2d(got["running_mean"].shape[0], eps=float(kw["eps"]), device="meta")
     for key in ("weight", "bias"):
-        bn._parameters[key] = tensors[key]
+        bn._parameters[key] = got[key]
     for key in ("running_mean", "running_var"):
-        bn._buffers[key] = tensors[key]
-    return bn.eval(), ""
+        bn._buffers[key] = got[key]
+    return bn.eval()
 
 
-def _build(cap: Captured, chain: dict) -> FusedDWSepConv2d:
-    """The fused module for a matched chain; raises UnfusableError naming what it cannot do."""
-    dw, why = _temp_conv(cap, chain["dw"])
-    pw, why_pw = _temp_conv(cap, chain["pw"])
-    if dw is None or pw is None:
-        raise UnfusableError(why or why_pw)
-    bn1, why = _temp_bn(cap, chain["bn1"])
-    bn2, why2 = _temp_bn(cap, chain["bn2"])
-    if why or why2:
-        raise UnfusableError(why or why2)
-    pad = None if chain["pad"] is None else nn.ZeroPad2d(tuple(_kw(chain["pad"])["pad"]))
+def build_fused(chain: dict, tensor) -> FusedDWSepConv2d:
+    """The fused module for a matched chain, on the tensors ``tensor(node)`` gives for the
+    graph's weight arguments (meta stand-ins give a meta module: the checks and the geometry,
+    no values); raises UnfusableError naming what it cannot do."""
+    dw, pw = _temp_conv(tensor, chain["dw"]), _temp_conv(tensor, chain["pw"])
+    bn1, bn2 = _temp_bn(tensor, chain["bn1"]), _temp_bn(tensor, chain["bn2"])
+    pad = None if chain["pad"] is None else nn.ZeroPad2d(tuple(_kind(chain["pad"])[1]["pad"]))
     acts = [None if chain[a] is None else _ACT_MODULES[chain[a]]() for a in ("act1", "act2")]
     check_compute_dtype("FusedDWSepConv2d", dw.weight.dtype, UnfusableError)
     return FusedDWSepConv2d.from_modules(dw, pw, bn1, acts[0], bn2, acts[1], pad)
@@ -484,11 +454,11 @@ def fuse_exported(model: nn.Module, example_inputs: tuple, filter_fn=None,
     swapped: list[tuple[list[str], nn.Module]] = []
     seen: set[int] = set()
     for node in list(cap.graph.nodes):
-        if not _is_dw_conv(cap, node):
+        if not is_dw_conv(node):
             continue
-        w_name = cap.state.get(_kw(node)["weight"].name, "")
+        w_name = cap.state.get(_kind(node)[1]["weight"].name, "")
         name = w_name.rpartition(".")[0] if w_name else cap.owner(node) or "<root>"
-        chain, why = _match(cap, node)
+        chain, why = match_chain(node)
         mods: list[str] = []
         if chain is not None:
             mods, why = _modules_for(cap, model, chain)
@@ -516,13 +486,13 @@ def fuse_exported(model: nn.Module, example_inputs: tuple, filter_fn=None,
             reasons[name] = "excluded by filter_fn"
             continue
         try:
-            new = _build(cap, chain)
+            new = build_fused(chain, cap.tensor)
         except UnfusableError as exc:
             reasons[name] = str(exc)
             continue
         if dependent:
             src = chain["nodes"][0].args[0]
-            new.input_size = tuple(int(s) for s in _val(src).shape[-2:])
+            new.input_size = tuple(int(s) for s in example_value(src).shape[-2:])
         for i, old in enumerate(objs):
             names = replace_everywhere(model, old, new if i == 0 else nn.Identity())
             swapped.append((names, old))

@@ -203,15 +203,15 @@ def test_a_mismatch_after_fusing_undoes_every_swap(monkeypatch):
     model._depthwise_conv.padding = (1, 1)
     x = torch.randn(1, 8, 6, 6)
     ref = model(x)
-    build = fuse._build
+    build = fuse.build_fused
 
-    def wrong(cap, chain):  # a fusion bug: a wrong weight index
-        new = build(cap, chain)
+    def wrong(chain, tensor):  # a fusion bug: a wrong weight index
+        new = build(chain, tensor)
         with torch.no_grad():
             new.pw_weight.copy_(new.pw_weight.roll(1, 0))
         return new
 
-    monkeypatch.setattr(fuse, "_build", wrong)
+    monkeypatch.setattr(fuse, "build_fused", wrong)
     co.compress_(model, co.DWSepFuseConfig(), example_inputs=(x,))
     assert _fused(model) == [] and type(model._project_conv) is nn.Conv2d
     assert "differs from the original" in _notes(model)["_depthwise_conv"]

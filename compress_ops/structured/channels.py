@@ -74,6 +74,8 @@ def _constants(model: nn.Module, group: ChannelGroup) -> dict[str, torch.Tensor]
                 vals[out] = torch.where(v == 0, v, nan)
             elif kind == "sum":
                 vals[out] = vals[ins[0]] * payload[0] + vals[ins[1]] * payload[1]
+            elif kind == "prod":
+                vals[out] = vals[ins[0]] * vals[ins[1]]
             elif kind == "bn":
                 m = model.get_submodule(payload)
                 g = d(m.weight) if m.weight is not None else torch.ones_like(nan)

@@ -16,6 +16,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from compress_ops._validate import is_number
+from compress_ops.capture import canonical
+from compress_ops.capture import export as capture_export
 from compress_ops.capture import trace as capture_trace
 from compress_ops.nn.base import CompressedModule
 
@@ -49,6 +51,7 @@ _SCALE_FUNCTIONS = {operator.mul: operator.mul, operator.imul: operator.mul,
 _SCALE_METHODS = {"mul": operator.mul, "mul_": operator.mul, "div": operator.truediv,
                   "div_": operator.truediv}
 _BENIGN_ATTRS = {"dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+_PAD_FUNCTIONS = {F.pad, torch._C._nn.pad}
 
 
 @dataclass
@@ -192,7 +195,16 @@ class _Analysis:
         tin = self.tags[ins[0]] if ins else None
         in_shape = _shape(ins[0]) if ins else None
         out_shape = _shape(node)
-        if _is_producer(m):
+        lifted = node.meta.get("lifted")  # an exported op proven to be this module's own call
+        if lifted is not None:
+            producer = lifted == "linear" or (lifted == "conv" and m.groups == 1)
+            depthwise = lifted == "conv" and m.groups > 1 and \
+                m.groups == m.in_channels == m.out_channels
+            norm = lifted == "bn"
+        else:
+            producer, depthwise = _is_producer(m), _is_depthwise(m)
+            norm = type(m) in (nn.BatchNorm1d, nn.BatchNorm2d)
+        if producer:
             if tin is not None:
                 self.consume(ins[0], tin, name, m, in_shape)
             if out_shape is None:
@@ -207,13 +219,13 @@ class _Analysis:
             return
         kind = type(m).__name__
         nd = len(in_shape) if in_shape is not None else -1
-        if _is_depthwise(m):
+        if depthwise:
             if tin.rep != 1 or tin.cdim != nd - 3:
                 self.poison(ins, f"depthwise conv {name} reads them along another dim")
                 return
             self.facts.append((tin.space, "depthwise", name))
             self.step(node, tin, "dw", [ins[0]], name)
-        elif type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
+        elif norm:
             if tin.rep != 1 or tin.cdim != 1:
                 self.poison(ins, f"{kind} {name} normalizes a dim that is not their channel dim")
                 return
@@ -273,6 +285,10 @@ class _Analysis:
         if (is_fn and t in _SCALE_FUNCTIONS) or (not is_fn and t in _SCALE_METHODS):
             f = _SCALE_FUNCTIONS[t] if is_fn else _SCALE_METHODS[t]
             a = node.args[:2]
+            if f is operator.mul and len(ins) == 2 and len(node.args) == 2 and not node.kwargs \
+                    and set(node.args) == set(ins):
+                self.product(node, ins, op)  # gate * up: two channel tensors, one group
+                return
             if len(node.args) == 2 and not node.kwargs and not others and (
                     (first and is_number(a[1])) or (f is operator.mul and is_number(a[0]))):
                 if self.inplace_guard(node, ins):
@@ -324,6 +340,8 @@ class _Analysis:
                 or (got.get("count_include_pad", True)
                     and any(p > 0 for p in _pair(got.get("padding", 0)))))
             self.step(node, tin, "border" if border else "fn", [ins[0]], None)
+        elif is_fn and t in _PAD_FUNCTIONS:
+            self.pad(node, ins[0], tin, op)
         elif not is_fn and t == "size":
             self.size(node, ins[0], tin, op)
         elif not is_fn and t == "dim":
@@ -384,6 +402,38 @@ class _Analysis:
         else:
             fn = _affine(float(coef[1]), float(other))
         self.step(node, self.tags[x], "fn", [x], fn)
+
+    def product(self, node: fx.Node, ins: list[fx.Node], op: str) -> None:
+        a, b = node.args
+        ta, tb = self.tags[a], self.tags[b]
+        if not self.inplace_guard(node, ins):
+            return
+        sa, sb = _shape(a), _shape(b)
+        # channel by channel: the same channel dim and width; other dims equal or broadcast
+        # from 1 (squeeze-excite: x [B, C, H, W] * gate [B, C, 1, 1])
+        if sa is None or sb is None or len(sa) != len(sb) or (ta.cdim, ta.rep) != (tb.cdim,
+                                                                                   tb.rep) \
+                or ta.rep != 1 or sa[ta.cdim] != sb[ta.cdim] \
+                or any(p != q and 1 not in (p, q) for p, q in zip(sa, sb, strict=True)):
+            self.poison(ins, f"{op} (node {node.name}) multiplies tensors of different shapes "
+                             f"or channel layouts")
+            return
+        self.union(ta.space, tb.space)
+        self.step(node, ta, "prod", [a, b], None)
+
+    def pad(self, node: fx.Node, src: fx.Node, tin: _Tag, op: str) -> None:
+        pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+        nd = len(_shape(src) or ())
+        if not isinstance(pads, (list, tuple)) or not all(isinstance(p, int) for p in pads) \
+                or mode != "constant" or value not in (None, 0, 0.0) \
+                or len(pads) > 2 * (nd - 1 - tin.cdim) or tin.rep != 1:
+            self.poison([src], f"{op} (node {node.name}) pads their channel dim, or not with "
+                               f"zeros")
+            return
+        # zero padding: a constant channel stays constant only where it was zero
+        self.step(node, tin, "border", [src], None)
 
     def flatten(self, node: fx.Node, src: fx.Node, tin: _Tag, start, end) -> None:
         shape = _shape(src)
@@ -485,6 +535,144 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, (nn.Linear, nn.Conv2d, CompressedModule))}
 
 
+# ---------------------------------------------------------------------- the exported graph
+
+_A = torch.ops.aten
+
+
+# ATen op -> the torch-level callable the analysis reads, taking the same arguments in the same
+# order (the analysis also calls it on per-channel constants)
+_ATEN_AS: dict = {
+    _A.relu.default: F.relu, _A.relu_.default: F.relu_, _A.gelu.default: F.gelu,
+    _A.silu.default: F.silu, _A.hardswish.default: F.hardswish,
+    _A.hardsigmoid.default: F.hardsigmoid, _A.hardtanh.default: F.hardtanh,
+    _A.sigmoid.default: torch.sigmoid, _A.tanh.default: torch.tanh,
+    _A.leaky_relu.default: F.leaky_relu, _A.mish.default: F.mish,
+    _A.softplus.default: F.softplus,
+    _A.add.Tensor: torch.add, _A.sub.Tensor: torch.sub, _A.mul.Tensor: torch.mul,
+    _A.div.Tensor: torch.div, _A.add_.Tensor: operator.iadd, _A.mul_.Tensor: operator.imul,
+    _A.reshape.default: torch.reshape, _A.flatten.using_ints: torch.flatten,
+    _A.mean.dim: torch.mean, _A.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+    _A.max_pool2d.default: F.max_pool2d, _A.avg_pool2d.default: F.avg_pool2d,
+    _A.dropout.default: F.dropout, _A.pad.default: F.pad,
+}
+_ATEN_METHODS = {_A.view.default: "view", _A.clone.default: "clone"}
+_ATEN_INPLACE_AS = {_A.silu_.default: F.silu, _A.hardswish_.default: F.hardswish,
+                    _A.hardtanh_.default: F.hardtanh, _A.dropout_.default: F.dropout}
+_ATEN_DROP = ("_assert", "sym_constrain")  # checks with no value: not part of the data flow
+
+
+class _Meta(NamedTuple):
+    shape: tuple
+
+
+def _owner_attr(cap, node) -> tuple[str, str] | None:
+    qualified = cap.state.get(node.name) if isinstance(node, fx.Node) else None
+    if qualified is None:
+        return None
+    mod, _, attr = qualified.rpartition(".")
+    return mod, attr
+
+
+def _own_call(model: nn.Module, cap, node: fx.Node) -> tuple[str, str] | None:
+    """``(module name, "linear" | "conv" | "bn")`` when exported op ``node`` is exactly what
+    that module's own ``forward`` computes with its own tensors and attributes."""
+    kw: dict = {}
+    if node.target is _A.linear.default:
+        names = ("input", "weight", "bias")
+        kw = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+        kind, cls = "linear", nn.Linear
+    else:
+        c = canonical(node)
+        if c is None or c[0] not in ("conv2d", "batch_norm"):
+            return None
+        kind, kw = ("conv", c[1]) if c[0] == "conv2d" else ("bn", c[1])
+        cls = nn.Conv2d if kind == "conv" else (nn.BatchNorm1d, nn.BatchNorm2d)
+    owner = _owner_attr(cap, kw.get("weight" if kind != "bn" else "running_mean"))
+    if owner is None:
+        return None
+    name = owner[0]
+    m = model.get_submodule(name)
+    if not isinstance(m, cls):
+        return None
+    slots = ("weight", "bias") if kind != "bn" else ("weight", "bias", "running_mean",
+                                                    "running_var")
+    for slot in slots:
+        arg = kw.get(slot)
+        mine = getattr(m, slot, None)
+        if (arg is None) != (mine is None):
+            return None
+        if arg is not None and _owner_attr(cap, arg) != (name, slot):
+            return None
+    if kind == "conv":
+        pad = kw["padding"]
+        mine = m.padding if isinstance(m.padding, str) else list(m.padding)
+        if m.padding_mode != "zeros" or list(kw["stride"]) != list(m.stride) \
+                or list(kw["dilation"]) != list(m.dilation) or kw["groups"] != m.groups \
+                or (list(pad) if not isinstance(pad, str) else pad) != mine:
+            return None
+    if kind == "bn" and float(kw["eps"]) != float(m.eps):
+        return None
+    return name, kind
+
+
+def _lift(model: nn.Module, cap) -> tuple[fx.GraphModule, set[str]]:
+    """The exported ATen graph in the vocabulary the analysis reads: each op proven to be a
+    Linear / Conv2d / BatchNorm module's own call becomes a ``call_module`` of it (whatever its
+    class: a ``Conv2d`` subclass that pads first is a pad and then this), other ops their
+    ``torch`` / ``F`` equivalents, a parameter read any other way a ``get_attr`` (so the owner
+    is listed), and unknown ops stay as they are (the analysis stops at them). Shapes come from
+    the export."""
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    attrs: dict[str, fx.Node] = {}
+    lifted: set[str] = set()
+
+    def arg(a):
+        def one(n: fx.Node) -> fx.Node:
+            if n.name in cap.state:
+                if n.name not in attrs:
+                    attrs[n.name] = g.get_attr(cap.state[n.name])
+                    t = cap.tensors[n.name]
+                    attrs[n.name].meta["tensor_meta"] = _Meta(tuple(t.shape))
+                return attrs[n.name]
+            return env[n]
+        return fx.node.map_arg(a, one)
+
+    for node in cap.graph.nodes:
+        if node.op == "placeholder":
+            if node.name not in cap.state:
+                env[node] = g.placeholder(node.name)
+        elif node.op == "output":
+            g.output(arg(node.args[0]))
+            continue
+        elif node.op == "call_function":
+            t = node.target
+            name = getattr(t, "__name__", "")
+            own = _own_call(model, cap, node)
+            if name.startswith(_ATEN_DROP):
+                continue
+            if own is not None:
+                env[node] = g.call_module(own[0], (arg(node.args[0]),))
+                env[node].meta["lifted"] = own[1]
+                lifted.add(own[0])
+            elif t in _ATEN_METHODS:
+                env[node] = g.call_method(_ATEN_METHODS[t], arg(node.args), arg(node.kwargs))
+            elif t in _ATEN_INPLACE_AS:
+                env[node] = g.call_function(_ATEN_INPLACE_AS[t], arg(node.args),
+                                            arg(node.kwargs) | {"inplace": True})
+            elif t in _ATEN_AS:
+                env[node] = g.call_function(_ATEN_AS[t], arg(node.args), arg(node.kwargs))
+            else:
+                env[node] = g.call_function(t, arg(node.args), arg(node.kwargs))
+        else:
+            continue
+        v = node.meta.get("val")
+        if isinstance(v, torch.Tensor) and node in env:
+            env[node].meta["tensor_meta"] = _Meta(tuple(v.shape))
+    return fx.GraphModule(model, g), lifted
+
+
 def _propagate(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple) -> None:
     flags = {m: m.training for m in model.modules()}
     try:
@@ -532,20 +720,44 @@ def _module_problems(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
     return problems
 
 
-def _analyse(model: nn.Module, example_inputs: tuple) -> tuple[list[ChannelGroup],
-                                                               dict[str, str]]:
+def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto"
+             ) -> tuple[list[ChannelGroup], dict[str, str]]:
     if not isinstance(example_inputs, (tuple, list)):
         raise TypeError(f"example_inputs must be a tuple of the model's inputs, got "
                         f"{type(example_inputs).__name__}")
     layers = _layers(model)
-    try:
-        if "forward" in vars(model):
-            raise TypeError("forward is replaced on the instance, which torch.fx does not see")
-        gm = capture_trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure: leave the model as it is
-        why = f"the model is not traceable by torch.fx ({type(exc).__name__}: {exc}); left as it is"
-        return [], dict.fromkeys(layers, why)
-    _propagate(model, gm, tuple(example_inputs))
+    lifted: set[str] = set()
+    gm = None
+    if capture in ("auto", "export"):
+        try:
+            if "forward" in vars(model):
+                raise TypeError("forward is replaced on the instance")
+            flags = {m: m.training for m in model.modules()}
+            try:
+                model.eval()  # BatchNorm statistics must not move
+                with torch.no_grad():
+                    cap = capture_export(model, tuple(example_inputs))
+            finally:
+                for m, t in flags.items():
+                    m.training = t
+            gm, lifted = _lift(model, cap)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: try torch.fx
+            if capture == "export":
+                msg = (str(exc).splitlines() or [""])[0][:200]
+                why = (f"torch.export could not capture the model ({type(exc).__name__}: "
+                       f"{msg}); left as it is")
+                return [], dict.fromkeys(layers, why)
+    if gm is None:
+        try:
+            if "forward" in vars(model):
+                raise TypeError("forward is replaced on the instance, which torch.fx does not "
+                                "see")
+            gm = capture_trace(model)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure: leave the model as it is
+            why = (f"the model is not traceable by torch.fx ({type(exc).__name__}: {exc}); left "
+                   f"as it is")
+            return [], dict.fromkeys(layers, why)
+        _propagate(model, gm, tuple(example_inputs))
     an = _Analysis(model, gm)
     an.run()
     problems = _module_problems(model, gm)
@@ -593,7 +805,7 @@ def _analyse(model: nn.Module, example_inputs: tuple) -> tuple[list[ChannelGroup
                              f"runs on the dense model, before compress_; not pruned")
         elif name in reasons:
             skipped[name] = reasons[name]
-        elif type(m) not in (nn.Linear, nn.Conv2d):
+        elif type(m) not in (nn.Linear, nn.Conv2d) and name not in lifted:
             skipped[name] = (f"a {type(m).__name__} (subclass of "
                              f"{'nn.Linear' if isinstance(m, nn.Linear) else 'nn.Conv2d'}): its "
                              f"forward may do more than the base class; not pruned")
@@ -626,15 +838,24 @@ def widths_agree(model: nn.Module, sp: dict, width: int) -> bool:
     return True
 
 
-def channel_groups(model: nn.Module, example_inputs: tuple) -> tuple[list[ChannelGroup],
-                                                                     dict[str, str]]:
-    """Trace ``model`` with ``torch.fx`` (plus shape propagation on ``example_inputs``, a tuple
-    of the forward's arguments, run in eval mode under ``no_grad``; the model is not changed)
-    and return the prunable :class:`ChannelGroup`\\ s in graph order and ``{layer name:
-    reason}`` for every ``nn.Linear`` / ``nn.Conv2d`` whose output channels cannot be proven
-    safe to remove (see the module docstring for what is understood).
+def channel_groups(model: nn.Module, example_inputs: tuple, capture: str = "auto"
+                   ) -> tuple[list[ChannelGroup], dict[str, str]]:
+    """Capture ``model`` on ``example_inputs`` (a tuple of the forward's arguments, run in
+    eval mode under ``no_grad``; the model is not changed) and return the prunable
+    :class:`ChannelGroup`\\ s in graph order and ``{layer name: reason}`` for every
+    ``nn.Linear`` / ``nn.Conv2d`` whose output channels cannot be proven safe to remove (see
+    the module docstring for what is understood).
+
+    ``capture``: ``"export"`` reads the ATen ops ``torch.export`` records
+    (:func:`compress_ops.capture.export`), which sees through module classes (a ``Conv2d``
+    subclass that pads first, timm's ``BatchNormAct2d``, Hugging Face blocks): an op is taken
+    as a layer's own call only when it is exactly that (its weight, bias and attributes).
+    ``"fx"`` traces with ``torch.fx`` plus shape propagation, where only plain ``torch.nn``
+    layers count. ``"auto"`` (default): export, and ``torch.fx`` if export fails.
 
     Raises ``TypeError`` when ``example_inputs`` is not a tuple, ``ValueError`` when the traced
-    model fails on them.
+    model fails on them or ``capture`` is not one of the three.
     """
-    return _analyse(model, example_inputs)
+    if capture not in ("auto", "export", "fx"):
+        raise ValueError(f"capture must be 'auto', 'export' or 'fx', got {capture!r}")
+    return _analyse(model, example_inputs, capture)

@@ -1,12 +1,12 @@
 """Module surgery: keep (remove, reorder) the channels of a :class:`ChannelGroup` by replacing
-every module of the group with a new, sliced ``nn.Linear`` / ``nn.Conv2d`` / BatchNorm
-(:func:`select_channels`)."""
+every module of the group with a sliced copy of itself (:func:`select_channels`)."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
-from torch.nn.utils import skip_init
 
 from compress_ops._swap import replace_everywhere
 from compress_ops.structured.graph import ChannelGroup, widths_agree
@@ -35,31 +35,36 @@ def check_index(index, width: int, what: str = "index") -> torch.Tensor:
     return idx
 
 
+def _resized(m: nn.Module) -> nn.Module:
+    """A copy of ``m`` of the same class (a subclass keeps its own ``forward``: a ``Conv2d``
+    that pads first, timm's ``BatchNormAct2d`` with its activation child) sharing its children
+    and attributes, with its own parameter and buffer dicts, for the slicing below to fill."""
+    new = copy.copy(m)
+    for slot in ("_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks",
+                 "_backward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+        if hasattr(m, slot):
+            setattr(new, slot, type(getattr(m, slot))(getattr(m, slot)))
+    new._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
+    return new
+
+
 def _param(new: nn.Module, name: str, old: nn.Module, value: torch.Tensor | None) -> None:
-    p = getattr(new, name)
-    if p is None or value is None:
+    if getattr(old, name, None) is None or value is None:
         return
-    with torch.no_grad():
-        p.copy_(value)
-    p.requires_grad_(getattr(old, name).requires_grad)
-
-
-def _new_conv(m: nn.Conv2d, cin: int, cout: int, groups: int) -> nn.Conv2d:
-    return skip_init(nn.Conv2d, cin, cout, m.kernel_size, stride=m.stride, padding=m.padding,
-                     dilation=m.dilation, groups=groups, bias=m.bias is not None,
-                     padding_mode=m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
+    new._parameters[name] = nn.Parameter(value.detach().clone(),
+                                         requires_grad=getattr(old, name).requires_grad)
 
 
 def _slice_out(m: nn.Module, idx: torch.Tensor, depthwise: bool = False) -> nn.Module:
     i = idx.to(m.weight.device)
     k = idx.numel()
+    new = _resized(m)
     if isinstance(m, nn.Linear):
-        new = skip_init(nn.Linear, m.in_features, k, bias=m.bias is not None,
-                        device=m.weight.device, dtype=m.weight.dtype)
+        new.out_features = k
     elif depthwise:
-        new = _new_conv(m, k, k, k)
+        new.in_channels = new.out_channels = new.groups = k
     else:
-        new = _new_conv(m, m.in_channels, k, 1)
+        new.out_channels = k
     _param(new, "weight", m, m.weight[i])
     _param(new, "bias", m, None if m.bias is None else m.bias[i])
     return new
@@ -67,34 +72,30 @@ def _slice_out(m: nn.Module, idx: torch.Tensor, depthwise: bool = False) -> nn.M
 
 def _slice_in(m: nn.Module, idx: torch.Tensor, rep: int) -> nn.Module:
     i = idx.to(m.weight.device)
+    new = _resized(m)
     if isinstance(m, nn.Linear):
         cols = (i[:, None] * rep + torch.arange(rep, device=i.device)).reshape(-1)
-        new = skip_init(nn.Linear, cols.numel(), m.out_features, bias=m.bias is not None,
-                        device=m.weight.device, dtype=m.weight.dtype)
+        new.in_features = cols.numel()
         _param(new, "weight", m, m.weight[:, cols])
     else:
-        new = _new_conv(m, idx.numel(), m.out_channels, 1)
+        new.in_channels = idx.numel()
         _param(new, "weight", m, m.weight[:, i])
-    _param(new, "bias", m, m.bias)
     return new
 
 
 def _slice_norm(m: nn.Module, idx: torch.Tensor) -> nn.Module:
     ref = m.weight if m.weight is not None else m.running_mean
     i = idx.to(ref.device) if ref is not None else idx
-    new = skip_init(type(m), idx.numel(), eps=m.eps, momentum=m.momentum, affine=m.affine,
-                    track_running_stats=m.track_running_stats,
-                    device=None if ref is None else ref.device,
-                    dtype=None if ref is None else ref.dtype)
+    new = _resized(m)
+    new.num_features = idx.numel()
     for name in ("weight", "bias"):
         v = getattr(m, name)
         _param(new, name, m, None if v is None else v[i])
-    with torch.no_grad():
-        for name in ("running_mean", "running_var"):
-            if getattr(m, name) is not None:
-                getattr(new, name).copy_(getattr(m, name)[i])
-        if m.num_batches_tracked is not None:
-            new.num_batches_tracked.copy_(m.num_batches_tracked)
+    for name in ("running_mean", "running_var"):
+        if getattr(m, name) is not None:
+            new._buffers[name] = getattr(m, name)[i].clone()
+    if m.num_batches_tracked is not None:
+        new._buffers["num_batches_tracked"] = m.num_batches_tracked.clone()
     return new
 
 
@@ -118,9 +119,11 @@ def select_channels(model: nn.Module, group: ChannelGroup, index: torch.Tensor) 
     reorder them (which gives an exactly equivalent model, e.g. for 2:4 input-channel
     permutations). Producers keep weight rows / bias entries ``index``, norms their weight,
     bias and running statistics, depthwise convs their channels, consumers their input columns
-    (``columns`` per channel) / input channels. Every changed module is replaced by a new
-    ``nn.Linear`` / ``nn.Conv2d`` / BatchNorm of the same dtype, device, hyper-parameters and
-    ``training`` flag, its parameters keeping ``requires_grad``. ``group.width`` is updated.
+    (``columns`` per channel) / input channels. Every changed module is replaced by a copy of
+    the same class (a subclass keeps its ``forward``: the analysis proved the op it runs is the
+    layer's own call) with sliced tensors, its sizes (``out_features``, ``in_channels``,
+    ``num_features``, ...) updated, the same children, dtype, device and ``training`` flag, its
+    parameters keeping ``requires_grad``. ``group.width`` is updated.
     """
     idx = check_index(index, group.width)
     _check_group(model, group)

@@ -728,6 +728,7 @@ def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto"
     layers = _layers(model)
     lifted: set[str] = set()
     gm = None
+    export_failed = ""
     if capture in ("auto", "export"):
         try:
             if "forward" in vars(model):
@@ -742,11 +743,11 @@ def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto"
                     m.training = t
             gm, lifted = _lift(model, cap)
         except Exception as exc:  # noqa: BLE001 - any capture failure: try torch.fx
+            msg = (str(exc).splitlines() or [""])[0][:200]
+            export_failed = (f"torch.export could not capture the model "
+                             f"({type(exc).__name__}: {msg})")
             if capture == "export":
-                msg = (str(exc).splitlines() or [""])[0][:200]
-                why = (f"torch.export could not capture the model ({type(exc).__name__}: "
-                       f"{msg}); left as it is")
-                return [], dict.fromkeys(layers, why)
+                return [], dict.fromkeys(layers, export_failed + "; left as it is")
     if gm is None:
         try:
             if "forward" in vars(model):
@@ -756,6 +757,8 @@ def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto"
         except Exception as exc:  # noqa: BLE001 - any tracing failure: leave the model as it is
             why = (f"the model is not traceable by torch.fx ({type(exc).__name__}: {exc}); left "
                    f"as it is")
+            if export_failed:
+                why = f"{export_failed}, and {why}"
             return [], dict.fromkeys(layers, why)
         _propagate(model, gm, tuple(example_inputs))
     an = _Analysis(model, gm)

@@ -89,20 +89,75 @@ def test_a_model_quantized_first_still_fuses_through_export():
     assert isinstance(copy.deepcopy(model), nn.Module)
 
 
+# structured channel groups found on each model (torch.export capture)
+GROUPS = {"torchvision mobilenet_v2": 25, "torchvision mobilenet_v3_small": 27,
+          "torchvision efficientnet_b0": 40, "torchvision shufflenet_v2_x0_5": 18,
+          "torchvision mnasnet0_5": 25, "timm tf_efficientnet_lite0": 24,
+          "timm tf_mobilenetv3_small_100": 27, "timm mobilenetv2_100": 25}
+
+
+def prune_dead_half(name: str, size: int = 64):
+    """Kill every other channel of every group (producer rows and biases zero, BatchNorm mean
+    and shift zero), then ``prune_channels(zero_only=True)``: (groups, skipped, channels
+    removed, parameters before and after, max error / output scale, the pruned model)."""
+    torch.manual_seed(0)
+    model = random_bn(MODELS[name][0]()).eval()
+    x = torch.randn(2, 3, size, size)
+    groups, skipped = co.structured.channel_groups(model, (x,))
+    with torch.no_grad():
+        for g in groups:
+            idx = torch.arange(0, g.width, 2)
+            for p in g.producers:
+                m = model.get_submodule(p)
+                m.weight[idx] = 0
+                if m.bias is not None:
+                    m.bias[idx] = 0
+            for n in g.norms:
+                bn = model.get_submodule(n)
+                bn.running_mean[idx] = 0
+                bn.bias[idx] = 0
+        ref = model(x)
+    before = sum(p.numel() for p in model.parameters())
+    rep = co.structured.prune_channels(model, (x,), zero_only=True)
+    after = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        err = ((model(x) - ref).abs().max() / ref.abs().max()).item()
+    removed = sum(b - a for _, b, a in rep.groups)
+    return groups, skipped, removed, before, after, err, model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_real_model_channel_groups_remove_dead_channels_exactly(name):
+    """Through module classes (timm's Conv2dSame and BatchNormAct2d: 0 groups with torch.fx),
+    squeeze-excite gates coupled with the channels they scale; the pruned model keeps its
+    classes and runs at another input size."""
+    groups, skipped, removed, before, after, err, model = prune_dead_half(name)
+    assert len(groups) == GROUPS[name]
+    assert removed >= sum(g.width // 2 for g in groups) // 2 and after < before
+    assert err < 1e-5, err
+    assert all(reason for reason in skipped.values())
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 96)).shape[0] == 1
+
+
 def table() -> str:
     """The README's table: depthwise convs, fused (default / fix_input_size), max error."""
     rows = ["| model | depthwise convs | fused | fused, `fix_input_size=True` | the rest | "
-            "max error / output scale |", "|---|---|---|---|---|---|"]
+            "max error / output scale | channel groups | dead half removed: parameters, "
+            "max error |", "|---|---|---|---|---|---|---|---|"]
     for name, (_, _, _, _, reason) in MODELS.items():
         _, dws, fused, _, err = fuse_model(name, False)
         _, _, fused_fix, _, err_fix = fuse_model(name, True)
+        groups, _, _, before, after, err_p, _ = prune_dead_half(name)
         why = {SE: "squeeze-excite between dw and pw (a different chain)",
                SIZE: "padding computed from the input size (TF `Conv2dSame`)",
                None: "-"}[reason]
         if reason == SE and len(fused_fix) > len(fused):
             why += "; by default also TF `Conv2dSame` padding"
         rows.append(f"| {name} | {len(dws)} | {len(fused)} | {len(fused_fix)} | {why} | "
-                    f"{max(err, err_fix):.1e} |")
+                    f"{max(err, err_fix):.1e} | {len(groups)} | {before / 1e6:.2f}M -> "
+                    f"{after / 1e6:.2f}M, {err_p:.1e} |")
     return "\n".join(rows)
 
 

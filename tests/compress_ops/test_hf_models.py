@@ -1,0 +1,67 @@
+"""Hugging Face BERT and Llama built from configs (random weights, no downloads): structured
+channel groups through the torch.export capture (torch.fx cannot trace them: "co_varnames is
+too small")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import compress_ops as co
+
+# a tiny config of each: (model class, config)
+CONFIGS = {
+    "bert": (transformers.BertModel, transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=64)),
+    "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+        use_cache=False)),  # (a DynamicCache in the output is not a pytree torch.export knows)
+}
+MLP = {"bert": [["encoder.layer.0.intermediate.dense"], ["encoder.layer.1.intermediate.dense"]],
+       "llama": [["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
+                 ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]]}
+
+
+def _out(model, ids):
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    cls, cfg = CONFIGS[name]
+    return cls(cfg).eval(), torch.randint(0, 100, (2, 12))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_mlp_intermediate_channels_are_groups_and_dead_ones_go_exactly(name):
+    model, ids = build(name)
+    groups, skipped = co.structured.channel_groups(model, (ids,), capture="fx")
+    assert groups == [] and "not traceable by torch.fx" in next(iter(skipped.values()))
+    groups, skipped = co.structured.channel_groups(model, (ids,))
+    assert [g.producers for g in groups] == MLP[name]
+    assert all(g.width == 128 for g in groups)
+    for reason in skipped.values():  # attention and the residual stream: each with a reason
+        assert "cannot be removed" in reason
+    with torch.no_grad():
+        for g in groups:  # gelu(0) = silu(0) = 0: these channels contribute nothing
+            for p in g.producers:
+                m = model.get_submodule(p)
+                m.weight[:64] = 0
+                if m.bias is not None:
+                    m.bias[:64] = 0
+        ref = _out(model, ids)
+    before = sum(p.numel() for p in model.parameters())
+    rep = co.structured.prune_channels(model, (ids,), zero_only=True)
+    assert [w for _, _, w in rep.groups] == [64, 64]
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model, ids), ref, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in model.parameters()) < before
+    # saliency pruning of half the MLP: the model still runs
+    model, ids = build(name)
+    co.structured.prune_channels(model, (ids,), sparsity=0.5)
+    assert _out(model, ids).shape[:2] == ids.shape

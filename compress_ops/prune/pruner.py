@@ -151,6 +151,12 @@ class Pruner:
         if pattern == "channel":
             groups, unprovable = channel_groups(model, example_inputs)
             self.skipped.update(unprovable)
+            for g in [g for g in groups if g.unit != "channel"]:  # masks are per row
+                for n in g.producers:
+                    unprovable[n] = self.skipped[n] = (
+                        "attention heads (a head group): remove them with "
+                        "co.structured.prune_channels; not masked channel by channel")
+            groups = [g for g in groups if g.unit == "channel"]
             if layers is not None:
                 wanted = set(names)
                 for n in names:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compress_ops._swap import replace_everywhere
 from compress_ops._text import format_table
 from compress_ops._validate import check_number
 from compress_ops.structured.graph import ChannelGroup, channel_groups, zero_pads
@@ -43,9 +44,11 @@ class StructuredReport:
 
 def _dead(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     dead = torch.ones(group.width, dtype=torch.bool)
+    if group.unit == "head":  # a head with zero weights still outputs softmax-weighted v bias
+        return ~dead
     for p in group.producers:
         w = model.get_submodule(p).weight.detach()
-        dead &= (w.reshape(w.shape[0], -1) == 0).all(1).cpu()
+        dead &= (w.reshape(group.width, -1) == 0).all(1).cpu()
     return dead
 
 
@@ -226,16 +229,51 @@ def prune_channels(model: nn.Module, example_inputs: tuple,
 
     before = _num_params(model)
     rows: list[tuple[tuple[str, ...], int, int]] = []
+    heads: list[tuple[int, dict[str, nn.Module]]] = []  # head groups cut, and what they were
     for g, kept in zip(groups, plan, strict=True):
         width = g.width
         if kept.numel() < width:
+            if g.unit == "head":
+                heads.append((len(rows), {n: model.get_submodule(n)
+                                          for n in g.producers + g.consumers}))
             removed = torch.ones(width, dtype=torch.bool)
             removed[kept] = False
             _fold(model, g, removed, _constants(model, g))
             select_channels(model, g, kept)
         rows.append((tuple(g.producers), width, kept.numel()))
+    if heads:
+        _check_heads(model, example_inputs, heads, rows, plan, groups, skipped)
     return StructuredReport(groups=rows, kept=plan, skipped=skipped, params_before=before,
                             params_after=_num_params(model))
+
+
+def _check_heads(model: nn.Module, example_inputs: tuple, heads: list, rows: list, plan: list,
+                 groups: list, skipped: dict[str, str]) -> None:
+    """Run the pruned model once: a forward that fixes its head count or width somewhere the
+    capture could not see (a reshape to a constant size) fails now; then every head group is
+    put back as it was and listed in ``skipped``."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_inputs)
+        return
+    except Exception as exc:  # noqa: BLE001 - any failure: undo the head removal
+        why = (f"its attention heads were not removed: the pruned model failed to run "
+               f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}), so its "
+               f"forward fixes the number of heads somewhere")
+    finally:
+        for m, t in flags.items():
+            m.training = t
+    for i, old in heads:
+        for name, module in old.items():
+            replace_everywhere(model, model.get_submodule(name), module)
+        g = groups[i]
+        rows[i] = (tuple(g.producers), rows[i][1], rows[i][1])
+        plan[i] = torch.arange(rows[i][1])
+        g.width = rows[i][1]
+        for n in g.producers:
+            skipped[n] = why
 
 
 def _group_sparsity(group: ChannelGroup, sparsity: float | dict[str, float] | None) -> float:

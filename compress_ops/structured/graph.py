@@ -20,6 +20,7 @@ from compress_ops.capture import canonical
 from compress_ops.capture import export as capture_export
 from compress_ops.capture import trace as capture_trace
 from compress_ops.nn.base import CompressedModule
+from compress_ops.structured.heads import head_groups
 
 __all__ = ["ChannelGroup", "channel_groups", "zero_pads", "widths_agree"]
 
@@ -72,6 +73,11 @@ class ChannelGroup:
     columns: dict[str, int] = field(default_factory=dict)
     # The path's per-channel value program, in graph order (used for exact dead-channel removal).
     steps: list[tuple] = field(default_factory=list, repr=False, compare=False)
+    # "channel", or "head": one unit is an attention head (a key/value head with the query
+    # heads that read it), ``rows[name]`` consecutive output rows of each producer
+    # (:mod:`compress_ops.structured.heads`); a head is never "dead" (no exact removal)
+    unit: str = "channel"
+    rows: dict[str, int] = field(default_factory=dict)
 
 
 class _Tag(NamedTuple):
@@ -728,6 +734,7 @@ def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto"
     layers = _layers(model)
     lifted: set[str] = set()
     gm = None
+    captured = None
     export_failed = ""
     if capture in ("auto", "export"):
         try:
@@ -742,6 +749,7 @@ def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto"
                 for m, t in flags.items():
                     m.training = t
             gm, lifted = _lift(model, cap)
+            captured = cap
         except Exception as exc:  # noqa: BLE001 - any capture failure: try torch.fx
             msg = (str(exc).splitlines() or [""])[0][:200]
             export_failed = (f"torch.export could not capture the model "
@@ -797,6 +805,24 @@ def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto"
             depthwise=list(dict.fromkeys(sp["depthwise"])),
             columns={c: r for c, r in sp["consumer"]}, steps=sp["steps"]))
 
+    if captured is not None:
+        heads, head_reasons = head_groups(model, captured, _own_call)
+        for h in heads:
+            names = h.producers + [h.consumer]
+            why = [f"{n} {problems[n]}" for n in names if n in problems]
+            if why:
+                for n in h.producers:
+                    head_reasons[n] = "its attention heads cannot be removed: " + why[0]
+                continue
+            groups.append(ChannelGroup(producers=h.producers, consumers=[h.consumer], norms=[],
+                                       width=h.heads, columns={h.consumer: h.columns},
+                                       unit="head", rows=dict(h.rows)))
+            for n in h.producers:
+                reasons.pop(n, None)
+        in_heads = {n for g in groups for n in g.producers}
+        for n, why in head_reasons.items():  # (more telling than the channel analysis' view)
+            if n not in in_heads:
+                reasons[n] = why
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     in_group = {n for g in groups for n in g.producers + g.depthwise}
     skipped: dict[str, str] = {}
@@ -828,8 +854,9 @@ def widths_agree(model: nn.Module, sp: dict, width: int) -> bool:
     """Whether the layers of a group, ``sp`` = ``{"producer": [names], "depthwise": [names],
     "norm": [names], "consumer": [(name, columns per channel)]}``, all have ``width`` channels
     in ``model``."""
+    rows = sp.get("rows", {})  # weight rows per unit (attention heads), default 1
     for n in sp["producer"] + sp["depthwise"]:
-        if model.get_submodule(n).weight.shape[0] != width:
+        if model.get_submodule(n).weight.shape[0] != width * rows.get(n, 1):
             return False
     for n in sp["norm"]:
         if model.get_submodule(n).num_features != width:

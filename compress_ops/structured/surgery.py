@@ -55,9 +55,11 @@ def _param(new: nn.Module, name: str, old: nn.Module, value: torch.Tensor | None
                                          requires_grad=getattr(old, name).requires_grad)
 
 
-def _slice_out(m: nn.Module, idx: torch.Tensor, depthwise: bool = False) -> nn.Module:
+def _slice_out(m: nn.Module, idx: torch.Tensor, depthwise: bool = False,
+               rows: int = 1) -> nn.Module:
     i = idx.to(m.weight.device)
-    k = idx.numel()
+    i = (i[:, None] * rows + torch.arange(rows, device=i.device)).reshape(-1)
+    k = i.numel()
     new = _resized(m)
     if isinstance(m, nn.Linear):
         new.out_features = k
@@ -101,7 +103,8 @@ def _slice_norm(m: nn.Module, idx: torch.Tensor) -> nn.Module:
 
 def _check_group(model: nn.Module, group: ChannelGroup) -> None:
     sp = {"producer": group.producers, "depthwise": group.depthwise, "norm": group.norms,
-          "consumer": [(c, group.columns.get(c, 1)) for c in group.consumers]}
+          "consumer": [(c, group.columns.get(c, 1)) for c in group.consumers],
+          "rows": group.rows}
     try:
         ok = widths_agree(model, sp, group.width)
     except AttributeError as exc:
@@ -133,7 +136,7 @@ def select_channels(model: nn.Module, group: ChannelGroup, index: torch.Tensor) 
         old = model.get_submodule(name)
         new = old
         if name in group.producers:
-            new = _slice_out(new, idx)
+            new = _slice_out(new, idx, rows=group.rows.get(name, 1))
         if name in group.depthwise:
             new = _slice_out(new, idx, depthwise=True)
         if name in group.norms:

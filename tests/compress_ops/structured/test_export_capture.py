@@ -74,3 +74,48 @@ def test_products_couple_their_factors_and_a_broadcast_channel_dim_is_refused():
     torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="capture must be"):
         co.structured.channel_groups(model, (x,), capture="jit")
+
+
+class _Attention(nn.Module):
+    """Self-attention whose forward infers the head count (``-1``), or fixes it
+    (``fixed_heads``: ``view(B, S, 4, -1)`` would silently re-split fewer rows into 4 heads), or
+    fixes the merged width (``fixed_width``: ``reshape(B, S, 64)`` fails once heads are gone)."""
+
+    def __init__(self, fixed_heads: bool = False, fixed_width: bool = False) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(64, 64) for _ in range(4))
+        self.fixed_heads, self.fixed_width = fixed_heads, fixed_width
+
+    def forward(self, x):
+        b, s, _ = x.shape
+
+        def split(z):
+            shape = (b, s, 4, -1) if self.fixed_heads else (b, s, -1, 16)
+            return z.view(*shape).transpose(1, 2)
+
+        a = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)),
+                                                       split(self.v(x)))
+        a = a.transpose(1, 2)
+        return x + self.o(a.reshape(b, s, 64) if self.fixed_width else a.reshape(b, s, -1))
+
+
+def test_heads_whose_count_the_forward_fixes_are_refused_or_put_back():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 64)
+    groups, _ = co.structured.channel_groups(_Attention(), (x,))
+    assert [(g.unit, g.producers, g.width, g.rows["q"], g.columns["o"]) for g in groups] == [
+        ("head", ["q", "k", "v"], 4, 16, 16)]
+    model = _Attention(fixed_heads=True)
+    groups, skipped = co.structured.channel_groups(model, (x,))
+    assert groups == [] and "fixed number of heads (4)" in skipped["q"]
+    model = _Attention(fixed_width=True)
+    ref = model(x)
+    params = {n: p for n, p in model.named_parameters()}
+    rep = co.structured.prune_channels(model, (x,), sparsity=0.5)
+    assert rep.groups == [(("q", "k", "v"), 4, 4)] and "failed to run" in rep.skipped["q"]
+    assert all(p is params[n] for n, p in model.named_parameters())  # put back as it was
+    torch.testing.assert_close(model(x), ref)
+    model = _Attention()
+    rep = co.structured.prune_channels(model, (x,), sparsity=0.5)
+    assert rep.groups == [(("q", "k", "v"), 4, 2)] and model.q.out_features == 32
+    assert model(x).shape == x.shape

@@ -1,7 +1,7 @@
 """``torch.compile(model, backend="compress_ops")``: Inductor, after a graph pass that runs every
 depthwise + pointwise chain of the captured graph as one ``compress_ops::dwsep_conv2d`` op.
 
-The pass (:class:`DWSepFusionPass`) works on the graph Dynamo captured, not on the user's
+The pass (:class:`CompressOpsPass`) works on the graph Dynamo captured, not on the user's
 modules, so nothing has to be traceable by ``torch.fx`` and the model is never changed. It
 matches the same chains as ``compress_(model, DWSepFuseConfig(), example_inputs=...)``
 (:func:`compress_ops.fuse.match_chain` over :func:`compress_ops.capture.canonical`, which reads
@@ -12,6 +12,13 @@ graph's own parameter inputs on every call (a few small kernels, ~C·(k² + Cout
 ``options={"freezing": True}`` Inductor folds them once), so a later ``load_state_dict`` is
 never served stale weights. Weights are never compressed here: that stays an explicit
 ``compress_``.
+
+A second rewrite runs the low-bit linears that read one input with one format (q, k and v)
+as one ``dequant_linear`` launch on their packed weights concatenated along N
+(:func:`merge_shared_inputs`), where Inductor freezes the weights (``torch._inductor.config
+.freezing = True`` before compiling, under ``torch.no_grad()``): the concatenation is then
+folded once; anywhere else it would copy every packed weight per call, so the layers are left
+as they are, with that reason.
 
 Where it applies: on CUDA tensors. On the CPU the op runs ATen's two convolutions plus a
 custom-op dispatch, slower than Inductor's own convolutions, so chains there are left as they
@@ -34,6 +41,7 @@ symbolic op in front of the fused unit.
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +57,13 @@ from compress_ops.capture import canonical, example_value
 from compress_ops.configs import UnfusableError
 from compress_ops.fuse import build_fused, is_dw_conv, match_chain
 
-__all__ = ["compress_ops_backend", "DWSepFusionPass", "Explanation", "explain", "install",
+__all__ = ["compress_ops_backend", "CompressOpsPass", "Explanation", "explain", "install",
            "rewrite", "uninstall"]
 
 BACKEND = "compress_ops"
 _OPTIONS = {"cpu"}  # read by the pass; every other option goes to Inductor
+_DEQUANT_OP = torch.ops.compress_ops.dequant_linear.default
+_DEQUANT = {torch.ops.compress_ops.dequant_linear, _DEQUANT_OP}
 
 
 # ------------------------------------------------------------------------------------------
@@ -180,6 +190,89 @@ def rewrite(graph: fx.Graph, cpu: bool = False) -> tuple[list[str], list[str]]:
     return rewritten, left
 
 
+def _dequant_call(node: fx.Node) -> dict | None:
+    """The arguments of a ``compress_ops::dequant_linear`` call, by name, else None."""
+    if node.op != "call_function" or node.target not in _DEQUANT:
+        return None
+    names = ("x", "qweight", "scales", "zeros", "bias", "bits", "group_size", "format_version")
+    kw = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    return kw if {"x", "qweight", "scales", "bits", "group_size"} <= set(kw) else None
+
+
+def merge_shared_inputs(graph: fx.Graph, freezing: bool) -> tuple[list[str], list[str]]:
+    """Run the low-bit linears that read one input with one format (q, k and v of an
+    attention) as one ``dequant_linear`` call on their packed weights concatenated along the
+    output rows, then split: one launch instead of one per layer. Each output column is the
+    same dot product as before (the kernel may tile K differently for the larger N: equal
+    within rounding). The concatenation is computed in the graph from the layers' own buffers,
+    so it runs on every call unless Inductor freezes them (``options={"freezing": True}``,
+    which folds it once); without freezing it would copy every packed weight per call, more
+    traffic than the launches it saves, so the layers are left as they are. Returns
+    ``(merged, left)`` lines."""
+    groups: dict[tuple, list[tuple[fx.Node, dict]]] = {}
+    for node in graph.nodes:
+        kw = _dequant_call(node)
+        if kw is None:
+            continue
+        vals = [example_value(kw[k]) for k in ("x", "qweight", "scales")]
+        if any(v is None for v in vals) or not isinstance(kw["x"], fx.Node):
+            continue
+        zeros, bias = kw.get("zeros"), kw.get("bias")
+        key = (kw["x"], kw["bits"], kw["group_size"], kw.get("format_version"),
+               tuple(vals[1].shape[1:]), vals[1].dtype, tuple(vals[2].shape[1:]), vals[2].dtype,
+               zeros is None, bias is None)
+        groups.setdefault(key, []).append((node, kw))
+    merged: list[str] = []
+    left: list[str] = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        names = ", ".join(_where(n) for n, _ in members)
+        weights = [kw[k] for _, kw in members for k in ("qweight", "scales", "zeros", "bias")
+                   if kw.get(k) is not None]
+        if not freezing or any(not isinstance(w, fx.Node) or w.op != "get_attr"
+                               for w in weights):
+            left.append(f"{names}: {len(members)} dequant_linear calls on one input; merging "
+                        f"them would copy their packed weights on every call, as Inductor "
+                        f"does not freeze them here (set torch._inductor.config.freezing = "
+                        f"True before compiling, under torch.no_grad())")
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first = min((n for n, _ in members), key=order.__getitem__)
+        for _, kw in members:  # weights Dynamo lifted as attributes next to their use: hoist
+            for k in ("qweight", "scales", "zeros", "bias"):
+                a = kw.get(k)
+                if isinstance(a, fx.Node) and a.op == "get_attr" and order[a] > order[first]:
+                    first.prepend(a)
+        kw0 = members[0][1]
+        sizes = [int(example_value(kw["qweight"]).shape[0]) for _, kw in members]
+        with graph.inserting_before(first):
+            cat = {k: graph.call_function(torch.cat, ([kw[k] for _, kw in members], 0))
+                   for k in ("qweight", "scales", "zeros", "bias") if kw0.get(k) is not None}
+            call = graph.call_function(
+                _DEQUANT_OP, (kw0["x"], cat["qweight"], cat["scales"], cat.get("zeros"),
+                              cat.get("bias"), kw0["bits"], kw0["group_size"])
+                + ((kw0["format_version"],) if "format_version" in kw0 else ()))
+            parts = graph.call_function(torch.split, (call, sizes, -1))
+            outs = [graph.call_function(operator.getitem, (parts, i))
+                    for i in range(len(members))]
+        x = example_value(kw0["x"])
+        mode = getattr(x, "fake_mode", None)
+        if mode is not None:
+            with mode:
+                for n in list(cat.values()) + [call, parts] + outs:
+                    args = fx.node.map_arg(n.args, lambda a: a.meta.get("example_value"))
+                    n.meta["example_value"] = n.target(*args)
+        for (node, _), out in zip(members, outs, strict=True):
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+        merged.append(f"{names}: {len(members)} dequant_linear calls (int{kw0['bits']}, "
+                      f"g{kw0['group_size']}) on one input -> one call, N = {sum(sizes)}")
+    if merged:
+        graph.lint()
+    return merged, left
+
+
 def _source_hash() -> str:
     """A hash of the code that decides and performs the rewrite."""
     h = hashlib.sha256()
@@ -189,7 +282,7 @@ def _source_hash() -> str:
     return h.hexdigest()
 
 
-class DWSepFusionPass(CustomGraphPass):
+class CompressOpsPass(CustomGraphPass):
     """Inductor ``pre_grad_custom_pass``: :func:`rewrite`, then ``previous`` (a pass that was
     set before, kept in the chain). ``uuid()`` hashes this package's rewrite code, the ``cpu``
     flag and ``previous``'s uuid; None (no FX graph caching) if ``previous`` has none."""
@@ -200,7 +293,11 @@ class DWSepFusionPass(CustomGraphPass):
         self.log: list[tuple[list[str], list[str]]] = []
 
     def __call__(self, graph: fx.Graph) -> None:
-        self.log.append(rewrite(graph, self.cpu))
+        from torch._inductor import config as inductor_config
+
+        rewritten, left = rewrite(graph, self.cpu)
+        merged, kept = merge_shared_inputs(graph, bool(inductor_config.freezing))
+        self.log.append((rewritten + merged, left + kept))
         if self.previous is not None:
             self.previous(graph)
 
@@ -231,7 +328,7 @@ def _split_options(options: dict | None) -> tuple[bool, dict]:
 def compress_ops_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None,
                          options: dict | None = None):
     """The ``backend="compress_ops"`` compiler: Inductor (``compile_fx``) with
-    :class:`DWSepFusionPass` first among its pre-grad passes. ``mode`` and ``options`` (less
+    :class:`CompressOpsPass` first among its pre-grad passes. ``mode`` and ``options`` (less
     ``cpu``) are Inductor's."""
     from torch._inductor import config as inductor_config
     from torch._inductor import list_mode_options
@@ -240,25 +337,25 @@ def compress_ops_backend(gm: fx.GraphModule, example_inputs, mode: str | None = 
     cpu, patches = _split_options(options)
     patches = dict(list_mode_options(mode)) | patches if mode else patches
     previous = patches.get("pre_grad_custom_pass", inductor_config.pre_grad_custom_pass)
-    if isinstance(previous, DWSepFusionPass):  # install() was called: run the rewrite once
+    if isinstance(previous, CompressOpsPass):  # install() was called: run the rewrite once
         previous = previous.previous
-    patches["pre_grad_custom_pass"] = DWSepFusionPass(cpu=cpu, previous=previous)
+    patches["pre_grad_custom_pass"] = CompressOpsPass(cpu=cpu, previous=previous)
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 @dataclass
 class Explanation:
     """What the backend would do to a model: ``rewritten`` and ``left`` hold one ``"name:
-    what"`` line per depthwise conv, over every graph Dynamo captured (``graphs``; graph
-    breaks split a model into several)."""
+    what"`` line per depthwise conv and per set of low-bit linears sharing an input, over every
+    graph Dynamo captured (``graphs``; graph breaks split a model into several)."""
 
     rewritten: list[str] = field(default_factory=list)
     left: list[str] = field(default_factory=list)
     graphs: int = 0
 
     def __str__(self) -> str:
-        lines = [f"compress_ops backend: {len(self.rewritten)} chain(s) rewritten, "
-                 f"{len(self.left)} depthwise conv(s) left, {self.graphs} graph(s)"]
+        lines = [f"compress_ops backend: {len(self.rewritten)} rewritten, {len(self.left)} "
+                 f"left, {self.graphs} graph(s)"]
         lines += ["rewritten:"] + [f"  {r}" for r in self.rewritten]
         lines += ["left:"] + [f"  {r}" for r in self.left]
         return "\n".join(lines)
@@ -269,11 +366,16 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> Explanation:
     would rewrite and why it left the rest (the rewritten graphs run eagerly; nothing is
     compiled and the model is not changed). Like ``torch._dynamo.explain``, it resets Dynamo's
     caches first. ``options`` as for the backend (``{"cpu": True}`` rewrites CPU graphs)."""
-    cpu, _ = _split_options(options)
+    cpu, rest = _split_options(options)
     out = Explanation()
 
     def backend(gm: fx.GraphModule, example_inputs):
         rewritten, left = rewrite(gm.graph, cpu)
+        from torch._inductor import config as inductor_config
+
+        freezing = bool(rest.get("freezing", inductor_config.freezing))
+        merged, kept = merge_shared_inputs(gm.graph, freezing)
+        rewritten, left = rewritten + merged, left + kept
         gm.recompile()
         out.rewritten += rewritten
         out.left += left
@@ -286,21 +388,21 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> Explanation:
     return out
 
 
-def install(cpu: bool = False) -> DWSepFusionPass:
-    """Put :class:`DWSepFusionPass` in Inductor's ``pre_grad_custom_pass``, chained before any
+def install(cpu: bool = False) -> CompressOpsPass:
+    """Put :class:`CompressOpsPass` in Inductor's ``pre_grad_custom_pass``, chained before any
     pass already there, so ``torch.compile(model)`` (``backend="inductor"``) fuses too. Returns
     the pass; ``uninstall(p)`` puts the previous one back. Installing twice replaces the first."""
     from torch._inductor import config as inductor_config
 
     previous = inductor_config.pre_grad_custom_pass
-    if isinstance(previous, DWSepFusionPass):
+    if isinstance(previous, CompressOpsPass):
         previous = previous.previous
-    p = DWSepFusionPass(cpu=cpu, previous=previous)
+    p = CompressOpsPass(cpu=cpu, previous=previous)
     inductor_config.pre_grad_custom_pass = p
     return p
 
 
-def uninstall(p: DWSepFusionPass) -> None:
+def uninstall(p: CompressOpsPass) -> None:
     """Undo :func:`install`: Inductor's ``pre_grad_custom_pass`` goes back to what ``p``
     chained."""
     from torch._inductor import config as inductor_config

@@ -102,7 +102,7 @@ def test_mode_and_options_go_to_inductor_and_bad_options_are_named(monkeypatch):
     torch._dynamo.reset()
     torch.compile(model, backend="compress_ops", mode="reduce-overhead")(x)
     assert seen["triton.cudagraphs"] is True  # what mode="reduce-overhead" means to Inductor
-    assert isinstance(seen["pre_grad_custom_pass"], cc.DWSepFusionPass)
+    assert isinstance(seen["pre_grad_custom_pass"], cc.CompressOpsPass)
     assert seen["pre_grad_custom_pass"].cpu is False
     seen.clear()
     torch._dynamo.reset()
@@ -124,7 +124,7 @@ def test_explain_lists_what_is_rewritten_and_why_the_rest_is_left():
     assert "5x5 depthwise (stride 1) + none + 1x1 -> 16 + relu6" in e.rewritten[1]
     assert len(e.left) == 1 and e.left[0].startswith("dw3: no 1x1 conv reads its output")
     assert "sigmoid" in e.left[0]
-    assert "2 chain(s) rewritten, 1 depthwise conv(s) left, 1 graph(s)" in str(e)
+    assert "2 rewritten, 1 left, 1 graph(s)" in str(e)
     e = cc.explain(model, x)  # the CPU without the option: nothing, with the reason
     assert e.rewritten == [] and all("options={'cpu': True}" in r for r in e.left[:2])
     assert isinstance(model.dw1, nn.Conv2d)  # the model itself is never changed
@@ -155,11 +155,11 @@ def test_install_chains_a_previous_pass_with_a_stable_uuid():
         torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-5)
         cc.uninstall(inductor_config.pre_grad_custom_pass)
         assert inductor_config.pre_grad_custom_pass is prev
-    a, b = cc.DWSepFusionPass(True, prev), cc.DWSepFusionPass(True, _Recording())
+    a, b = cc.CompressOpsPass(True, prev), cc.CompressOpsPass(True, _Recording())
     assert a.uuid() == b.uuid() and len(a.uuid()) == 64
-    assert a.uuid() != cc.DWSepFusionPass(False, prev).uuid()
-    assert a.uuid() != cc.DWSepFusionPass(True, _Recording("prev-2")).uuid()
-    assert cc.DWSepFusionPass(True, lambda g: None).uuid() is None  # cannot be cached
+    assert a.uuid() != cc.CompressOpsPass(False, prev).uuid()
+    assert a.uuid() != cc.CompressOpsPass(True, _Recording("prev-2")).uuid()
+    assert cc.CompressOpsPass(True, lambda g: None).uuid() is None  # cannot be cached
 
 
 @pytest.mark.slow
@@ -191,3 +191,35 @@ def test_real_models_rewrite_every_exact_chain_and_match_eager(name):
     assert len(seen["rewritten"]) + len(seen["left"]) == n_dw
     assert all("squeeze-excite" in r for r in seen["left"]), seen["left"]
     assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+class _QKV(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(64, 64) for _ in range(4))
+
+    def forward(self, x):
+        return self.o(self.q(x) * self.k(x) + self.v(x))
+
+
+def test_low_bit_linears_sharing_an_input_run_as_one_launch_where_weights_are_frozen():
+    import compress_ops as co
+
+    torch.manual_seed(0)
+    model = _QKV().eval()
+    co.compress_(model, co.QuantConfig(bits=4, group_size=32))
+    x = torch.randn(2, 5, 64)
+    e = cc.explain(model, x)  # weights are graph inputs: a merge would copy them every call
+    assert e.rewritten == [] and len(e.left) == 1 and "freezing = True" in e.left[0]
+    assert e.left[0].startswith("q, k, v: 3 dequant_linear calls on one input")
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        ref = model(x)
+        e = cc.explain(model, x)
+        assert e.rewritten == ["q, k, v: 3 dequant_linear calls (int4, g32) on one input -> "
+                               "one call, N = 192"]
+        torch._dynamo.reset()
+        y, code = run_and_get_code(torch.compile(model, backend="compress_ops"), x)
+    calls = sum(c.count("compress_ops.dequant_linear.default(") for c in code)
+    assert calls == 2  # q/k/v merged, and o
+    assert not any("cpp_fused_cat" in c for c in code)  # the concatenation was folded once
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)

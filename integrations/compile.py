@@ -8,9 +8,12 @@ matches the same chains as ``compress_(model, DWSepFuseConfig(), example_inputs=
 Dynamo's torch-level calls and ``torch.export``'s ATen ops alike): ``[zero pad] -> depthwise conv
 -> [batch_norm] -> [act] -> 1x1 conv -> [batch_norm] -> [act]``, each value read only by the
 next op. Eval-mode BatchNorm is folded *in the graph*: the folded weights are computed from the
-graph's own parameter inputs on every call (a few small kernels, ~C·(k² + Cout) elements; with
-``options={"freezing": True}`` Inductor folds them once), so a later ``load_state_dict`` is
-never served stale weights. Weights are never compressed here: that stays an explicit
+graph's own parameter inputs on every call (Inductor fuses it into one small kernel per chain,
+~C·(k² + Cout) elements), so a later ``load_state_dict`` is never served stale weights; with
+``torch._inductor.config.freezing = True`` set before compiling, under ``torch.no_grad()``,
+the weights are constants and Inductor folds it once (tested: the fold kernels disappear).
+``options={"freezing": True}`` alone does not do that: Dynamo has already made the weights
+graph inputs. Weights are never compressed here: that stays an explicit
 ``compress_``.
 
 A second rewrite runs the low-bit linears that read one input with one format (q, k and v)
@@ -205,8 +208,9 @@ def merge_shared_inputs(graph: fx.Graph, freezing: bool) -> tuple[list[str], lis
     output rows, then split: one launch instead of one per layer. Each output column is the
     same dot product as before (the kernel may tile K differently for the larger N: equal
     within rounding). The concatenation is computed in the graph from the layers' own buffers,
-    so it runs on every call unless Inductor freezes them (``options={"freezing": True}``,
-    which folds it once); without freezing it would copy every packed weight per call, more
+    so it runs on every call unless Inductor freezes them (``torch._inductor.config.freezing =
+    True`` set before compiling: Dynamo then passes them as constants and the concatenation is
+    folded once); without freezing it would copy every packed weight per call, more
     traffic than the launches it saves, so the layers are left as they are. Returns
     ``(merged, left)`` lines."""
     groups: dict[tuple, list[tuple[fx.Node, dict]]] = {}

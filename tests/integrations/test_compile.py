@@ -223,3 +223,19 @@ def test_low_bit_linears_sharing_an_input_run_as_one_launch_where_weights_are_fr
     assert calls == 2  # q/k/v merged, and o
     assert not any("cpp_fused_cat" in c for c in code)  # the concatenation was folded once
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_fold_runs_per_call_unless_weights_are_frozen():
+    """The fold is in the graph (a later load_state_dict is never served stale weights); with
+    Inductor's freezing the weights are constants and the fold is computed once."""
+    model, x = _net(), torch.randn(2, 8, 11, 11)
+    kernels = {}
+    for freezing in (False, True):
+        with torch.no_grad(), inductor_config.patch(freezing=freezing):
+            torch._dynamo.reset()
+            y, code = run_and_get_code(
+                torch.compile(model, backend="compress_ops", options=CPU), x)
+            torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-5)
+        src = "\n".join(code)
+        kernels[freezing] = src[src.index("def call("):].count("rsqrt")
+    assert kernels[False] > 0 and kernels[True] == 0

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 import compress_ops as co
+
+transformers = pytest.importorskip("transformers")  # (not on the GPU image)
 
 # a tiny config of each: (model class, config)
 CONFIGS = {

@@ -9,9 +9,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
-import torchvision
 from torch import nn
 
 import compress_ops as co
@@ -19,28 +17,46 @@ from compress_ops.nn import FusedDWSepConv2d
 
 from .models import random_bn
 
+
+def _tv(name: str):
+    return lambda **kw: getattr(pytest.importorskip("torchvision").models, name)(**kw)
+
+
+def _timm(name: str):
+    return lambda: pytest.importorskip("timm").create_model(name)
+
+
 SE = "squeeze-excite"
 SIZE = "depend on the input size"
 
 # name -> (builder, depthwise convs, fused by default, fused with fix_input_size=True, the
 # reason every other depthwise conv is left unfused)
 MODELS = {
-    "torchvision mobilenet_v2": (torchvision.models.mobilenet_v2, 17, 17, 17, None),
-    "torchvision mobilenet_v3_small": (torchvision.models.mobilenet_v3_small, 11, 2, 2, SE),
-    "torchvision efficientnet_b0": (torchvision.models.efficientnet_b0, 16, 0, 0, SE),
-    "torchvision shufflenet_v2_x0_5": (torchvision.models.shufflenet_v2_x0_5, 19, 19, 19, None),
-    "torchvision mnasnet0_5": (torchvision.models.mnasnet0_5, 17, 17, 17, None),
-    "timm tf_efficientnet_lite0": (lambda: timm.create_model("tf_efficientnet_lite0"),
-                                   16, 12, 16, SIZE),
-    "timm tf_mobilenetv3_small_100": (lambda: timm.create_model("tf_mobilenetv3_small_100"),
+    "torchvision mobilenet_v2": (_tv("mobilenet_v2"), 17, 17, 17, None),
+    "torchvision mobilenet_v3_small": (_tv("mobilenet_v3_small"), 11, 2, 2, SE),
+    "torchvision efficientnet_b0": (_tv("efficientnet_b0"), 16, 0, 0, SE),
+    "torchvision shufflenet_v2_x0_5": (_tv("shufflenet_v2_x0_5"), 19, 19, 19, None),
+    "torchvision mnasnet0_5": (_tv("mnasnet0_5"), 17, 17, 17, None),
+    "timm tf_efficientnet_lite0": (_timm("tf_efficientnet_lite0"), 16, 12, 16, SIZE),
+    "timm tf_mobilenetv3_small_100": (_timm("tf_mobilenetv3_small_100"),
                                       11, 1, 2, SE),  # (and one TF padding, by default)
-    "timm mobilenetv2_100": (lambda: timm.create_model("mobilenetv2_100"), 17, 17, 17, None),
+    "timm mobilenetv2_100": (_timm("mobilenetv2_100"), 17, 17, 17, None),
 }
 
 
 def _depthwise(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
             and m.groups > 1 and m.groups == m.in_channels == m.out_channels]
+
+
+def test_real_model_libraries_are_installed():
+    """CI installs them (requirements-dev.txt); only the GPU image, which brings its own torch
+    without them, skips the real-model tests."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU image does not carry torchvision / timm / transformers")
+    import timm  # noqa: F401
+    import torchvision  # noqa: F401
+    import transformers  # noqa: F401
 
 
 def fuse_model(name: str, fix_input_size: bool, size: int = 64):
@@ -79,7 +95,7 @@ def test_a_model_quantized_first_still_fuses_through_export():
     """The package's own ops are captured as what they are: a model whose classifier was
     quantized first fuses every chain, and its output is unchanged by the fusion."""
     torch.manual_seed(0)
-    model = random_bn(torchvision.models.mobilenet_v2(num_classes=64)).eval()
+    model = random_bn(MODELS["torchvision mobilenet_v2"][0](num_classes=64)).eval()
     co.compress_(model, co.QuantConfig(bits=4))
     x = torch.randn(1, 3, 32, 32)
     ref = model(x)

@@ -206,9 +206,32 @@ def _kind(node: fx.Node) -> tuple[str | None, dict]:
     return (None, {}) if c is None else c
 
 
+_SCALARS = {"conv2d": ("stride", "padding", "dilation", "groups"),
+            "batch_norm": ("training", "eps"), "act:hardtanh": ("min_val", "max_val"),
+            "pad": ("pad", "mode", "value"), "dropout": ("p", "training")}
+
+
+def _symbolic(kind: str | None, kw: dict) -> str | None:
+    """The first argument of a matched op that is not a constant in the graph (Dynamo with
+    ``dynamic=True`` makes Python floats and ints graph inputs), else None."""
+    for key in _SCALARS.get(kind, ()):
+        found: list[fx.Node] = []
+        fx.node.map_arg(kw.get(key), found.append)
+        if found:
+            return key
+    return None
+
+
+def _constant_args(node: fx.Node) -> str:
+    what = _symbolic(*_kind(node))
+    return "" if not what else (
+        f"the {what} of {_op(node)} (node {node.name}) is not a constant in this graph "
+        f"(torch.compile(dynamic=True) makes Python numbers graph inputs); not fused")
+
+
 def _act_of(node: fx.Node) -> str | None:
     kind, kw = _kind(node)
-    if kind is None or not kind.startswith("act:"):
+    if kind is None or not kind.startswith("act:") or _symbolic(kind, kw):
         return None
     if kind == "act:hardtanh":
         ok = float(kw["min_val"]) == 0.0 and float(kw["max_val"]) == 6.0
@@ -219,13 +242,14 @@ def _act_of(node: fx.Node) -> str | None:
 def _passes(node: fx.Node) -> bool:
     """An op that leaves its input as it is (eval-mode dropout)."""
     kind, kw = _kind(node)
-    return kind == "dropout" and (not kw["training"] or float(kw["p"]) == 0.0)
+    return kind == "dropout" and not _symbolic(kind, kw) and (
+        not kw["training"] or float(kw["p"]) == 0.0)
 
 
 def is_dw_conv(node: fx.Node) -> bool:
     """Whether ``node`` is a depthwise 2-d convolution (groups = in = out channels)."""
     kind, kw = _kind(node)
-    if kind != "conv2d":
+    if kind != "conv2d" or not isinstance(kw["groups"], int):
         return False
     x, w = example_value(kw["input"]), example_value(kw["weight"])
     return (x is not None and w is not None and w.dim() == 4 and x.dim() == 4
@@ -267,13 +291,16 @@ def match_chain(dw: fx.Node) -> tuple[dict | None, str]:
              "bn2": None, "act2": None}
     src = dw.args[0]
     kind, kw = _kind(src) if isinstance(src, fx.Node) else (None, {})
-    if kind == "pad" and len(src.users) == 1:
+    if kind == "pad" and len(src.users) == 1 and not _symbolic(kind, kw):
         pads = list(kw["pad"])
         if len(pads) == 4 and all(isinstance(p, int) for p in pads) and min(pads) >= 0 \
                 and kw.get("mode", "constant") == "constant" \
                 and float(kw.get("value") or 0.0) == 0.0:
             chain["pad"] = src  # (a crop, a non-zero or non-constant pad stays in front)
     chain["nodes"] = [n for n in (chain["pad"], dw) if n is not None]
+    why = _constant_args(dw)
+    if why:
+        return None, why
     cur = dw
     for slot in ("bn1", "act1", "pw", "bn2", "act2"):
         nxt, between, why = _link(cur)
@@ -288,6 +315,9 @@ def match_chain(dw: fx.Node) -> tuple[dict | None, str]:
                     why = f"{_op(nxt)} is applied to it before any 1x1 conv: {_FUSABLE}"
                 return None, f"no 1x1 conv reads its output ({why})"
             continue
+        why = _constant_args(nxt)
+        if why:
+            return None, why
         if kind == "batch_norm" and _kind(nxt)[1]["training"]:
             return None, ("BatchNorm runs in training mode (batch statistics): call model.eval() "
                           "before fusing")

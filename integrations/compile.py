@@ -37,8 +37,10 @@ are unless ``options={"cpu": True}`` (for tests and the curious).
   keeps working), chained after any pass already set.
 
 Chains whose padding Dynamo computed from the input's shape are safe here: Dynamo guards the
-shapes it specialized on and recompiles for others; with dynamic spatial sizes the pad stays a
-symbolic op in front of the fused unit.
+shapes it specialized on and recompiles for others; with dynamic spatial sizes
+(``mark_dynamic``) the pad stays a symbolic op in front of the fused unit (tested).
+``torch.compile(dynamic=True)`` also makes Python numbers such as BatchNorm's ``eps`` graph
+inputs; such chains are left, with the reason.
 """
 
 from __future__ import annotations

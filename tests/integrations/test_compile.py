@@ -239,3 +239,35 @@ def test_batchnorm_fold_runs_per_call_unless_weights_are_frozen():
         src = "\n".join(code)
         kernels[freezing] = src[src.index("def call("):].count("rsqrt")
     assert kernels[False] > 0 and kernels[True] == 0
+
+
+def test_a_padding_computed_from_dynamic_sizes_stays_in_front_and_dynamic_true_is_named():
+    """TF "same" padding computed per call (efficientnet-pytorch's dynamic conv) with dynamic
+    H and W: one graph, the pad stays a symbolic op before the fused unit, equal to eager at
+    every size. torch.compile(dynamic=True) also makes BatchNorm's eps a graph input: that
+    chain is left, with the reason."""
+    from ..compress_ops.test_fuse_export import Conv2dDynamicSamePadding, MBConv
+
+    torch.manual_seed(0)
+    model = random_bn(MBConv(Conv2dDynamicSamePadding, stride=2))
+    seen: list = []
+
+    def backend(gm, example_inputs):
+        seen.append(cc.rewrite(gm.graph, cpu=True))
+        gm.recompile()
+        return gm.forward
+
+    with torch.no_grad():
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend)
+        for hw in (12, 13, 16, 15):
+            x = torch.randn(2, 8, hw, hw)
+            torch._dynamo.mark_dynamic(x, 2)
+            torch._dynamo.mark_dynamic(x, 3)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        assert len(seen) == 1 and len(seen[0][0]) == 1 and seen[0][1] == []
+        seen.clear()
+        torch._dynamo.reset()
+        torch.compile(model, backend=backend, dynamic=True)(torch.randn(2, 8, 12, 12))
+    assert seen[0][0] == [] and "eps of batch_norm" in seen[0][1][0]
+    assert "not a constant in this graph" in seen[0][1][0]

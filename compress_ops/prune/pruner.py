@@ -149,7 +149,7 @@ class Pruner:
         self.layers = {n: mods[n] for n in names}
         self.groups: list = []
         if pattern == "channel":
-            groups, unprovable = channel_groups(model, example_inputs)
+            groups, unprovable = channel_groups(model, example_inputs, strict=True)
             self.skipped.update(unprovable)
             for g in [g for g in groups if g.unit != "channel"]:  # masks are per row
                 for n in g.producers:

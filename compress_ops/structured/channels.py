@@ -206,7 +206,7 @@ def prune_channels(model: nn.Module, example_inputs: tuple,
                              f"{tuple(s.shape) if isinstance(s, torch.Tensor) else type(s)}")
     scores = {layers[n]: s for n, s in scores.items()}
 
-    groups, skipped = channel_groups(model, example_inputs)
+    groups, skipped = channel_groups(model, example_inputs, strict=True)
     keep = dict(keep or {})
     bad = sorted(k for k in keep if not isinstance(k, int) or not 0 <= k < len(groups))
     if bad:

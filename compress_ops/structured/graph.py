@@ -22,7 +22,7 @@ from compress_ops.capture import trace as capture_trace
 from compress_ops.nn.base import CompressedModule
 from compress_ops.structured.heads import head_groups
 
-__all__ = ["ChannelGroup", "channel_groups", "zero_pads", "widths_agree"]
+__all__ = ["ChannelGroup", "UncapturableModel", "channel_groups", "zero_pads", "widths_agree"]
 
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,
                 nn.ELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Tanh, nn.Sigmoid)
@@ -726,8 +726,20 @@ def _module_problems(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
     return problems
 
 
-def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto"
-             ) -> tuple[list[ChannelGroup], dict[str, str]]:
+class UncapturableModel(ValueError):
+    """Raised by ``channel_groups(..., strict=True)`` (``prune_channels``, the channel
+    ``Pruner``) when neither capture can read the model: nothing would be pruned."""
+
+
+def _uncaptured(layers: dict, why: str, strict: bool) -> tuple[list, dict[str, str]]:
+    if strict:
+        raise UncapturableModel(f"no channel can be proven removable: {why}; capture a "
+                                f"submodule that torch.export or torch.fx can read instead")
+    return [], dict.fromkeys(layers, why)
+
+
+def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto",
+             strict: bool = False) -> tuple[list[ChannelGroup], dict[str, str]]:
     if not isinstance(example_inputs, (tuple, list)):
         raise TypeError(f"example_inputs must be a tuple of the model's inputs, got "
                         f"{type(example_inputs).__name__}")
@@ -755,7 +767,7 @@ def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto"
             export_failed = (f"torch.export could not capture the model "
                              f"({type(exc).__name__}: {msg})")
             if capture == "export":
-                return [], dict.fromkeys(layers, export_failed + "; left as it is")
+                return _uncaptured(layers, export_failed + "; left as it is", strict)
     if gm is None:
         try:
             if "forward" in vars(model):
@@ -767,7 +779,7 @@ def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto"
                    f"as it is")
             if export_failed:
                 why = f"{export_failed}, and {why}"
-            return [], dict.fromkeys(layers, why)
+            return _uncaptured(layers, why, strict)
         _propagate(model, gm, tuple(example_inputs))
     an = _Analysis(model, gm)
     an.run()
@@ -868,8 +880,8 @@ def widths_agree(model: nn.Module, sp: dict, width: int) -> bool:
     return True
 
 
-def channel_groups(model: nn.Module, example_inputs: tuple, capture: str = "auto"
-                   ) -> tuple[list[ChannelGroup], dict[str, str]]:
+def channel_groups(model: nn.Module, example_inputs: tuple, capture: str = "auto",
+                   strict: bool = False) -> tuple[list[ChannelGroup], dict[str, str]]:
     """Capture ``model`` on ``example_inputs`` (a tuple of the forward's arguments, run in
     eval mode under ``no_grad``; the model is not changed) and return the prunable
     :class:`ChannelGroup`\\ s in graph order and ``{layer name: reason}`` for every
@@ -883,9 +895,14 @@ def channel_groups(model: nn.Module, example_inputs: tuple, capture: str = "auto
     ``"fx"`` traces with ``torch.fx`` plus shape propagation, where only plain ``torch.nn``
     layers count. ``"auto"`` (default): export, and ``torch.fx`` if export fails.
 
+    A model neither capture can read gives no group and the same reason for every layer;
+    with ``strict=True`` it raises :class:`UncapturableModel` (a ``ValueError``) instead, with
+    the capture errors (``prune_channels`` and the channel ``Pruner`` do, so that pruning never
+    silently does nothing).
+
     Raises ``TypeError`` when ``example_inputs`` is not a tuple, ``ValueError`` when the traced
     model fails on them or ``capture`` is not one of the three.
     """
     if capture not in ("auto", "export", "fx"):
         raise ValueError(f"capture must be 'auto', 'export' or 'fx', got {capture!r}")
-    return _analyse(model, example_inputs, capture)
+    return _analyse(model, example_inputs, capture, strict)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import compress_ops as co
 from compress_ops import structured as st
 from tests.compress_ops.models import Block
 from tests.compress_ops.structured.models import mlp, seed, widths
@@ -103,9 +104,15 @@ def test_untraceable_model_is_left_as_it_is():
             return self.c(h if h.sum() > 0 else -h)
 
     model, x = Branchy(), torch.randn(2, 4)
-    report = st.prune_channels(model, (x,), 0.5)
-    assert report.groups == [] and set(report.skipped) == {"a", "c"}
-    assert "torch.fx" in report.skipped["a"] and model.a.out_features == 4
+    groups, skipped = st.channel_groups(model, (x,))
+    assert groups == [] and set(skipped) == {"a", "c"}
+    assert "torch.export" in skipped["a"] and "torch.fx" in skipped["a"]
+    # pruning it would silently do nothing: prune_channels and the channel Pruner raise
+    with pytest.raises(st.UncapturableModel, match="no channel can be proven removable.*fx"):
+        st.prune_channels(model, (x,), 0.5)
+    with pytest.raises(ValueError, match="no channel can be proven removable"):
+        co.prune.Pruner(model, 0.5, pattern="channel", example_inputs=(x,))
+    assert model.a.out_features == 4
     model = mlp()
     model.forward = lambda x: model[0](x)  # fx would trace the class's forward instead
     assert "instance" in st.channel_groups(model, (x[:, :8].repeat(1, 2),))[1]["0"]

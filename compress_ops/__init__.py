@@ -8,6 +8,7 @@
 from compress_ops import capture, distill, nn, ops, prune, qat, structured  # noqa: F401  (ops registers torch.ops.compress_ops.*)
 from compress_ops.api import Recipe, Report, ReportRow, compress_, report
 from compress_ops.configs import (
+    AlreadyCompressedError,
     CodebookConfig,
     DWSepFuseConfig,
     LowRankConfig,
@@ -22,6 +23,7 @@ from compress_ops.planner import Plan, plan
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlreadyCompressedError",
     "CodebookConfig",
     "DWSepFuseConfig",
     "LowRankConfig",

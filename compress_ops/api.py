@@ -9,6 +9,7 @@ name of a shared module, the notes ``report()`` reads) is :mod:`compress_ops._sw
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import compress_ops.transforms  # noqa: F401  (registers every config's transfor
 from compress_ops import _swap
 from compress_ops._text import format_table
 from compress_ops.configs import (
+    AlreadyCompressedError,
     CompressionConfig,
     DWSepFuseConfig,
     handled_types,
@@ -174,12 +176,44 @@ def compress_(
             matched and isinstance(module, transform_for(cfg).handles if cfg else none_types)
             for matched, cfg in decisions)
 
-    return _swap.replace_layers(
+    before = {id(m) for m in model.modules() if isinstance(m, CompressedModule)}
+    out = _swap.replace_layers(
         model, lambda name: config_for(config, name), idx=idx, in_scope=in_scope,
         reason=lambda idx, module, aliases, cfg: _swap.dense_reason(idx, module, aliases, cfg,
                                                                     filter_fn),
         prepare=lambda cfg: transform_for(cfg).prepare,
         build=lambda module, cfg, **extras: transform_for(cfg).build(module, cfg, **extras))
+    if not any(isinstance(m, CompressedModule) and id(m) not in before
+               for m in out.modules()):
+        _nothing_changed(out, config, idx)
+    return out
+
+
+def _nothing_changed(model: nn.Module, config: object, idx: _swap.Index) -> None:
+    """``compress_`` replaced no layer: never silently. Layers the config would have taken
+    that are compressed already: ``AlreadyCompressedError`` naming them (compress the dense
+    model instead). Otherwise a ``UserWarning`` with the reasons every candidate stayed dense,
+    or saying that no layer is of a type the config handles."""
+    names = {n: m for n, m in idx.by_name().items() if n}
+    what = type(config).__name__
+    done = [n for n, m in names.items() if isinstance(m, CompressedModule)
+            and config_for(config, n)[0] and config_for(config, n)[1] is not None]
+    if done:
+        raise AlreadyCompressedError(
+            f"compress_({what}) changed nothing: the layers it applies to are compressed "
+            f"already ({', '.join(done[:8])}{', ...' if len(done) > 8 else ''}); compress the "
+            f"dense model (a second config on a compressed layer would compress its stored "
+            f"tensors again)")
+    notes = _swap.notes(model)
+    refused = {n: notes[n] for n in names if n in notes}
+    if refused:
+        listed = "; ".join(f"{n}: {why}" for n, why in list(refused.items())[:5])
+        warnings.warn(f"compress_({what}) changed nothing: every candidate layer stayed dense "
+                      f"({listed}{'; ...' if len(refused) > 5 else ''}); see report()",
+                      UserWarning, stacklevel=3)
+    else:
+        warnings.warn(f"compress_({what}) changed nothing: the model has no layer of a type "
+                      f"it handles", UserWarning, stacklevel=3)
 
 
 def _fuse_dwsep(model: nn.Module, config: DWSepFuseConfig,

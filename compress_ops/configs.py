@@ -41,6 +41,7 @@ __all__ = [
     "UnsupportedModule",
     "UnfusableError",
     "UnsupportedWeight",
+    "AlreadyCompressedError",
     "Transform",
     "register_transform",
     "transform_for",
@@ -56,6 +57,11 @@ __all__ = [
 
 class UnsupportedModule(Exception):
     """Raised by a transform for a module it leaves dense; the message says why."""
+
+
+class AlreadyCompressedError(ValueError):
+    """``compress_`` changed nothing because the layers its config applies to are compressed
+    already (running two configs in sequence on one model); the message names them."""
 
 
 class UnfusableError(UnsupportedModule, ValueError):

@@ -74,12 +74,20 @@ def test_unsupported_modules_are_left_dense_with_a_reason():
     assert out.shape == (3, 1, 32)
 
 
-def test_compressing_twice_is_a_no_op_and_root_linear_is_returned():
+def test_compress_that_changes_nothing_is_never_silent_and_root_linear_is_returned():
     model = MLP()
     co.compress_(model, co.Sparse24Config())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    co.compress_(model, co.Sparse24Config())
+    # again (the README's examples run in sequence): an error naming the layers
+    with pytest.raises(co.AlreadyCompressedError, match=r"compressed already \(fc1, fc2"):
+        co.compress_(model, co.QuantConfig(bits=4))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match="no layer of a type it handles"):
+        co.compress_(nn.Sequential(nn.ReLU()), co.QuantConfig())
+    tiny = nn.Sequential(nn.Linear(4, 3))
+    with pytest.warns(UserWarning, match=r"every candidate layer stayed dense \(0: .*rank"):
+        co.compress_(tiny, co.LowRankConfig(rank=3))
+    assert type(tiny[0]) is nn.Linear
     new = co.compress_(nn.Linear(32, 8), co.Sparse24Config())
     assert isinstance(new, Sparse24Linear)
 
@@ -280,7 +288,8 @@ def test_recipe_rule_matching_no_layer_is_an_error():
         with pytest.raises(ValueError, match="match no layer"):
             co.compress_(container, co.Recipe(rules))
     co.compress_(container, co.Recipe({r"0\.fc1": co.Sparse24Config()}))
-    co.compress_(container, co.Recipe({r"0\.fc1": co.Sparse24Config()}))  # again: no error
+    with pytest.raises(co.AlreadyCompressedError, match=r"0\.fc1"):  # again: named
+        co.compress_(container, co.Recipe({r"0\.fc1": co.Sparse24Config()}))
 
 
 @pytest.mark.parametrize("key", [1, None, ("0",), b"0"])

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from compress_ops._swap import index as module_index
 from compress_ops._swap import replace_everywhere
 from compress_ops._validate import check_int, check_number
 from compress_ops.nn.sparse24 import Sparse24Linear
@@ -137,6 +138,16 @@ class Pruner:
             raise ValueError(f"not {' / '.join(t.__name__ for t in types)} layers of the "
                              f"model: {unknown}")
         self.skipped: dict[str, str] = {}
+        idx = module_index(model)
+        tied = {n: idx.tied(mods[n], idx.names[id(mods[n])]) for n in names}
+        tied = {n: t for n, t in tied.items() if t}
+        if layers is not None and tied:  # as compress_: a tied weight is never pruned
+            raise ValueError(f"layers {sorted(tied)} have a weight tied to another module "
+                             f"({', '.join(t[0] for t in tied.values())}); pruning it would "
+                             f"change that module too")
+        for n, t in tied.items():
+            self.skipped[n] = f"weight tied to {t[0]}; pruning would change it too"
+        names = [n for n in names if n not in tied]
         if self.nm is not None:  # N:M needs whole groups of m inputs
             short = [n for n in names if mods[n].weight.shape[1] % self.nm[1]]
             if layers is not None and short:

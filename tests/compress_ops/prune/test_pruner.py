@@ -376,3 +376,29 @@ def test_permute_names_why_conv_consumers_are_not_permuted():
     assert "linear consumers only" in pruner.skipped["conv2"]
     assert "1:1" in pruner.skipped["fc"]  # after a flatten
     assert "head" in pruner.permuted
+
+
+class _TiedLM(nn.Module):
+    """An LM head tied to the embedding (Hugging Face's tie_word_embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(32, 16), nn.Linear(16, 16)
+        self.head = nn.Linear(16, 32, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, t):
+        return self.head(torch.relu(self.fc(self.embed(t))))
+
+
+def test_a_tied_weight_is_never_pruned_as_compress_keeps_it():
+    torch.manual_seed(0)
+    model = _TiedLM()
+    table = model.embed.weight.detach().clone()
+    pruner = prune.Pruner(model, None, pattern="2:4")
+    assert list(pruner.layers) == ["fc"]
+    assert pruner.skipped["head"] == "weight tied to embed; pruning would change it too"
+    pruner.finalize()
+    assert torch.equal(model.embed.weight, table) and model.head.weight is model.embed.weight
+    with pytest.raises(ValueError, match=r"\['head'\] have a weight tied to another module"):
+        prune.Pruner(_TiedLM(), None, pattern="2:4", layers=["head"])

@@ -160,11 +160,17 @@ class LowRankConfig(CompressionConfig):
     parameters than the dense weight stays dense, and ``report()`` says why. A ``residual``
     (keeping a compressed remainder next to the factors) is not implemented; the op already
     takes a dense base weight for it.
+
+    ``patch_embeddings``: a conv with ``stride == kernel_size`` and no padding (a ViT patch
+    embedding) stays dense unless True. It is one layer of the model, and code outside the
+    project reads its ``.weight`` (Hugging Face ViT reads ``projection.weight.dtype`` in its
+    forward), which a ``LowRankConv2d`` does not have.
     """
 
     rank: int | None = None
     energy: float | None = None
     method: str = "auto"
+    patch_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if (self.rank is None) == (self.energy is None):
@@ -174,6 +180,7 @@ class LowRankConfig(CompressionConfig):
         if self.energy is not None:
             check_number("energy", self.energy, low=0.0, high=1.0, low_open=True)
         check_choice("method", self.method, ("auto", "exact", "randomized"))
+        check_bool("patch_embeddings", self.patch_embeddings)
 
 
 @dataclass(frozen=True)

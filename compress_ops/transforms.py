@@ -93,6 +93,12 @@ def _lowrank(module: nn.Module, config: LowRankConfig) -> nn.Module:
     if type(module) is nn.Conv2d:
         if module.groups != 1:
             raise UnsupportedModule(f"Tucker-2 needs groups=1, got groups={module.groups}")
+        if (not config.patch_embeddings and module.stride == module.kernel_size
+                and module.kernel_size != (1, 1) and module.padding in ((0, 0), "valid")):
+            raise UnsupportedModule(
+                f"a patch embedding (kernel {module.kernel_size} = stride, no padding): code "
+                f"outside reads its .weight (e.g. Hugging Face ViT); "
+                f"LowRankConfig(patch_embeddings=True) factorizes it; kept dense")
         c_out, c_in = module.weight.shape[:2]
         ranks = None
         if config.rank is not None:

@@ -296,3 +296,18 @@ def test_recipe_rule_matching_no_layer_is_an_error():
 def test_recipe_keys_must_be_regex_strings(key):
     with pytest.raises(TypeError, match="Recipe keys are regex strings"):
         co.Recipe({key: co.QuantConfig()})
+
+
+def test_lowrank_leaves_patch_embeddings_dense_unless_asked():
+    """A ViT patch embedding (stride = kernel, no padding) stays a Conv2d: Hugging Face's ViT
+    reads projection.weight.dtype in its forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 4, stride=4), nn.Conv2d(64, 64, 3, padding=1))
+    co.compress_(model, co.LowRankConfig(rank=8))
+    assert type(model[0]) is nn.Conv2d and type(model[1]).__name__ == "LowRankConv2d"
+    assert "a patch embedding" in {r.name: r.note for r in co.report(model)}["0"]
+    model = nn.Sequential(nn.Conv2d(3, 64, 4, stride=4))
+    co.compress_(model, co.LowRankConfig(rank=2, patch_embeddings=True))
+    assert type(model[0]).__name__ == "LowRankConv2d"
+    with pytest.raises(TypeError, match="patch_embeddings"):
+        co.LowRankConfig(rank=2, patch_embeddings=1)

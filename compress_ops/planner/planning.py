@@ -83,9 +83,10 @@ class Plan(Recipe):
     it dense) chosen by :func:`plan`, with the table it was chosen from.
 
     ``stored_bytes``/``dense_bytes``: weight bytes of the layers in scope after/before
-    compression (``stored_bytes <= budget * dense_bytes``); ``total_error``: the sum of the
-    chosen options' errors; ``exact``: the choice is optimal, else it is within
-    ``total_error - lower_bound`` of the optimum. ``str(plan)`` renders the table.
+    compression (``stored_bytes <= budget * dense_bytes``; a layer whose weight is tied to
+    another module, which no config may compress, is listed but outside both);
+    ``total_error``: the sum of the chosen options' errors; ``exact``: the choice is optimal,
+    else it is within ``total_error - lower_bound`` of the optimum. ``str(plan)`` renders the table.
     """
 
     table: tuple[PlanRow, ...] = field(repr=False)
@@ -180,6 +181,7 @@ class _Layer:
     module: nn.Module
     dense_bytes: int
     note: str = ""  # why it stays dense
+    budgeted: bool = True  # False: a tied weight, which no config may compress
     # one per applicable candidate: [config, replacement, stored bytes, sq err, sq ref, numel]
     options: list[list] = field(default_factory=list)
     refused: list[tuple[object, str]] = field(default_factory=list)
@@ -196,9 +198,10 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
     x their dense bytes with the least total output error on ``calib_data``.
 
     ``calib_data``: an iterable of batches (a list, a DataLoader), run once; ``forward(model,
-    batch)`` runs one batch (default ``model(batch[0])`` for tuples/lists, else
-    ``model(batch)``). The model runs in eval mode (BatchNorm statistics untouched, no dropout;
-    each module's mode is restored afterwards). ``candidates``:
+    batch)`` runs one batch (default ``model(**batch)`` for a mapping such as a Hugging Face
+    ``BatchEncoding``, ``model(batch[0])`` for tuples/lists, else ``model(batch)``). The model
+    runs in eval mode (BatchNorm statistics untouched, no dropout; each module's mode is
+    restored afterwards). ``candidates``:
     per-layer configs (default :data:`DEFAULT_CANDIDATES`); a shared ``CodebookConfig`` is a
     ``ValueError`` (its table depends on which other layers share it). ``metric``:
     ``"relative_mse"`` or ``"mse"`` (module docstring). ``layers``: names of the layers in
@@ -237,7 +240,9 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
         if len(aliases) > 1:
             layer.note = f"reached under {len(aliases)} names {aliases}; kept dense"
         elif tied:
-            layer.note = f"weight tied to {tied[0]}; kept dense"
+            layer.note = (f"weight tied to {tied[0]}; kept dense and outside the budget (no "
+                          f"config may compress it)")
+            layer.budgeted = False
         found.append(layer)
     if wanted is not None:
         missing = sorted(wanted - {n for la in found for n in la.names})
@@ -267,7 +272,7 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
         raise ValueError(f"no layer of the model can be compressed by the candidates "
                          f"{[_label(c) for c in cands]} (layers of types "
                          f"{sorted(t.__name__ for t in types)}" + (f"; {why})" if why else ")"))
-    dense_total = sum(layer.dense_bytes for layer in found)
+    dense_total = sum(layer.dense_bytes for layer in found if layer.budgeted)
     capacity = math.floor(Fraction(budget) * dense_total)
     _check_reachable([la for la in found if la.options], found, budget, capacity, dense_total)
 
@@ -328,7 +333,7 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
 
     # 4. the choice: each layer's options plus dense
     active = [la for la in found if la.options]
-    fixed = sum(la.dense_bytes for la in found if not la.options)
+    fixed = sum(la.dense_bytes for la in found if not la.options and la.budgeted)
     sol = solve([[(o[2], o[3]) for o in la.options] + [(la.dense_bytes, 0.0)] for la in active],
                 capacity - fixed)
     picked = {id(la): j for la, j in zip(active, sol.choice, strict=True)}
@@ -367,9 +372,9 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
 def _check_reachable(active: list[_Layer], found: list[_Layer], budget: float, capacity: int,
                      dense_total: int) -> None:
     smallest = sum(min([o[2] for o in la.options] + [la.dense_bytes]) for la in active) \
-        + sum(la.dense_bytes for la in found if la not in active)
+        + sum(la.dense_bytes for la in found if la not in active and la.budgeted)
     if smallest > capacity:
-        dense = [la.names[0] or "<root>" for la in found if la not in active]
+        dense = [la.names[0] or "<root>" for la in found if la not in active and la.budgeted]
         raise ValueError(
             f"budget {budget:g} cannot be met: the smallest plan stores {smallest} of "
             f"{dense_total} dense weight bytes ({smallest / dense_total:.4f} of dense) with "

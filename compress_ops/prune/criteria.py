@@ -4,7 +4,7 @@ measure what they need (activation norms for Wanda, the diagonal Fisher for OBD)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -56,7 +56,8 @@ def activation_norms(model: nn.Module, batches: Iterable, layers: dict[str, nn.M
                      ) -> dict[str, torch.Tensor]:
     """``{name: ||x_j||_2}`` per input feature of each ``nn.Linear`` / ``nn.Conv2d`` in
     ``layers``, over every token / pixel of the calibration ``batches`` (``forward(model,
-    batch)`` runs one; default ``model(batch[0])`` for tuples, else ``model(batch)``)."""
+    batch)`` runs one; default as :func:`run_batch`: ``model(**batch)`` for a mapping,
+    ``model(batch[0])`` for tuples, else ``model(batch)``)."""
     sums: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
@@ -82,10 +83,13 @@ def activation_norms(model: nn.Module, batches: Iterable, layers: dict[str, nn.M
 
 
 def run_batch(model: nn.Module, batch, forward: Callable[[nn.Module, object], object] | None):
-    """Run one calibration ``batch``: ``forward(model, batch)``, or by default ``model(batch[0])``
-    for a tuple / list, else ``model(batch)``."""
+    """Run one calibration ``batch``: ``forward(model, batch)``, or by default ``model(**batch)``
+    for a mapping (a Hugging Face ``BatchEncoding``, ``{"input_ids": ...}``), ``model(batch[0])``
+    for a tuple / list (``(x, y)`` from a DataLoader), else ``model(batch)``."""
     if forward is not None:
         return forward(model, batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
     return model(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
 

@@ -269,3 +269,32 @@ def test_unusable_calibration_names_every_layer_and_its_reason(data, bias, why):
     lines = str(exc.value).splitlines()[1:]
     assert [line.split(":")[0].strip() for line in lines] == ["0", "2"]
     assert all(why in line for line in lines)
+
+
+class _TiedKwargsLM(nn.Module):
+    """A Hugging Face-shaped LM: called with keyword inputs, its head tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(64, 32), nn.Linear(32, 32)
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        return self.head(F.gelu(self.fc(h)))
+
+
+def test_dict_batches_and_a_tied_head_outside_the_budget():
+    torch.manual_seed(0)
+    model = _TiedKwargsLM()
+    batches = [{"input_ids": torch.randint(0, 64, (2, 5)),
+                "attention_mask": torch.ones(2, 5)} for _ in range(2)]
+    p = plan(model, batches, 0.5, candidates=(co.QuantConfig(bits=4, group_size=32),),
+             verbose=False)
+    assert p.dense_bytes == model.fc.weight.numel() * 4  # the tied head is not counted
+    head = [r for r in p.table if r.layer == "head"]
+    assert len(head) == 1 and "outside the budget" in head[0].note
+    assert p.stored_bytes <= 0.5 * p.dense_bytes

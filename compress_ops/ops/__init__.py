@@ -3,9 +3,11 @@
 Importing this package registers every op. One module per family: :mod:`.sparse24`,
 :mod:`.dequant` (``dequant_linear``, ``codebook_linear``), :mod:`.lowrank`, :mod:`.dwsep_conv`;
 the device routing they share (CPU paths and crossovers, the derived-weight cache, the lazy
-import of the Triton launchers) is :mod:`.routing`.
+import of the Triton launchers) is :mod:`.routing`; the autocast kernels of every op are
+:mod:`.autocast`.
 """
 
+from compress_ops.ops import autocast  # noqa: F401  (registers every op's autocast kernels)
 from compress_ops.ops.dequant import codebook_linear, dequant_cpu_route, dequant_linear
 from compress_ops.ops.dwsep_conv import dwsep_conv2d
 from compress_ops.ops.lowrank import lowrank_linear, lowrank_route

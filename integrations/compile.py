@@ -66,7 +66,6 @@ __all__ = ["compress_ops_backend", "CompressOpsPass", "Explanation", "explain", 
            "rewrite", "uninstall"]
 
 BACKEND = "compress_ops"
-_OPTIONS = {"cpu"}  # read by the pass; every other option goes to Inductor
 _DEQUANT_OP = torch.ops.compress_ops.dequant_linear.default
 _DEQUANT = {torch.ops.compress_ops.dequant_linear, _DEQUANT_OP}
 

@@ -17,6 +17,7 @@ from torch import nn
 
 import compress_ops.transforms  # noqa: F401  (registers every config's transform)
 from compress_ops import _swap
+from compress_ops._linear import LINEAR_TYPES
 from compress_ops._text import format_table
 from compress_ops.configs import (
     AlreadyCompressedError,
@@ -167,7 +168,7 @@ def compress_(
                         f"compresses each layer from its own weights")
     check_config(config)
     idx = index(model, config)
-    none_types = (config.noted_types() if isinstance(config, Recipe) else ()) or (nn.Linear,)
+    none_types = (config.noted_types() if isinstance(config, Recipe) else ()) or LINEAR_TYPES
 
     def in_scope(module: nn.Module, decisions: set[tuple[bool, object]]) -> bool:
         # layers some matching config handles (or, for "kept dense" notes, layers of a type
@@ -265,7 +266,8 @@ class Report(list):
 def report(model: nn.Module) -> Report:
     """Per weight-bearing layer: name, kind, dense bytes, stored bytes (weights only), ratio.
 
-    Compressed modules report their stored tensors; dense ``nn.Linear`` layers (and
+    Compressed modules report their stored tensors; dense ``nn.Linear`` and Hugging Face
+    ``Conv1D`` layers (and
     ``nn.Conv2d`` layers, once a conv config has looked at the model) report ``kind="dense"``
     with the reason ``compress_`` left them dense, if it tried.
     """
@@ -288,7 +290,7 @@ def report(model: nn.Module) -> Report:
         if isinstance(module, CompressedModule):  # (a note: e.g. fused for one input size)
             rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
                                   module.stored_weight_bytes(), skipped.get(name, "")))
-        elif isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d)
+        elif isinstance(module, LINEAR_TYPES) or (isinstance(module, nn.Conv2d)
                                                and (name in skipped or compressed_convs)):
             nbytes = module.weight.numel() * module.weight.element_size()
             rows.append(ReportRow(name, "dense", nbytes, nbytes, skipped.get(name, "")))

@@ -55,10 +55,12 @@ Design
   get one frozen copy of it (so ``report`` counts it once), taken at finalize time.
 
 * **Which layers.** :func:`prepare_qat` mirrors :func:`~compress_ops.compress_`: plain
-  ``nn.Linear`` layers only; a ``Recipe`` rule of ``None`` keeps a layer dense, rules with
-  other configs (2:4, low rank) are left to ``compress_`` after finalizing; ``filter_fn``,
-  layers shared under names with different rules, weights tied to another module, and codebook
-  ``row_groups`` not dividing ``out_features`` stay ``nn.Linear`` and ``report`` lists why.
+  ``nn.Linear`` layers (and Hugging Face ``Conv1D``: its weight, transposed, becomes a new
+  ``[out, in]`` Parameter; build the optimizer after ``prepare_qat``); a ``Recipe`` rule of
+  ``None`` keeps a layer dense, rules with other configs (2:4, low rank) are left to
+  ``compress_`` after finalizing; ``filter_fn``, layers shared under names with different
+  rules, weights tied to another module, and codebook ``row_groups`` not dividing
+  ``out_features`` stay dense and ``report`` lists why.
 """
 
 from __future__ import annotations
@@ -71,9 +73,10 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from compress_ops import _swap
+from compress_ops._linear import LINEAR_TYPES, linear_weight, plain_linear
 from compress_ops._validate import check_int
 from compress_ops.api import Recipe, check_config, config_for, index
-from compress_ops.configs import CodebookConfig, QuantConfig
+from compress_ops.configs import CodebookConfig, QuantConfig, UnsupportedModule
 from compress_ops.kernels.formats.dequant import dequantize, padded_k
 from compress_ops.nn.dequant import CodebookLinear, QuantLinear
 from compress_ops.quantize import assign_codebook, encode_codebook, fit_codebook, quantize_affine
@@ -345,7 +348,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | Recipe, *,
     _check_refresh(refresh_every)
 
     def in_scope(module: nn.Module, decisions: set[tuple[bool, object]]) -> bool:
-        if not isinstance(module, nn.Linear) or not any(matched for matched, _ in decisions):
+        if not isinstance(module, LINEAR_TYPES) or not any(matched for matched, _ in decisions):
             return False
         # a single 2:4 / low-rank rule: compress_'s business, not QAT's
         ((_, cfg),) = decisions if len(decisions) == 1 else ((True, None),)
@@ -363,7 +366,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | Recipe, *,
         return shared_table if isinstance(cfg, CodebookConfig) and cfg.shared else None
 
     def build(module: nn.Module, cfg: object, codebook: torch.Tensor | None = None) -> nn.Module:
-        return FakeQuantLinear.from_linear(module, cfg, codebook=codebook,
+        return FakeQuantLinear.from_linear(plain_linear(module), cfg, codebook=codebook,
                                            refresh_every=refresh_every)
 
     return _swap.replace_layers(
@@ -375,13 +378,17 @@ def prepare_qat(model: nn.Module, config: QATConfig | Recipe, *,
 def _reason(idx: _swap.Index, module: nn.Module, aliases: list[str], cfg: object,
             filter_fn: Callable[[nn.Module, str], bool] | None) -> str | None:
     """Why ``prepare_qat`` keeps a matched linear dense under ``cfg`` (None: it does not)."""
-    if cfg is not None and type(module) is not nn.Linear:
-        return f"{type(module).__name__} is not a plain nn.Linear"
+    if cfg is not None:
+        try:
+            plain_linear(module)
+        except UnsupportedModule as exc:
+            return str(exc)
     reason = _swap.dense_reason(idx, module, aliases, cfg, filter_fn)
     if reason is not None:
         return reason
-    if isinstance(cfg, CodebookConfig) and module.out_features % cfg.row_groups:
-        return (f"out_features={module.out_features} is not divisible by "
+    out_features = linear_weight(module).shape[0]
+    if isinstance(cfg, CodebookConfig) and out_features % cfg.row_groups:
+        return (f"out_features={out_features} is not divisible by "
                 f"row_groups={cfg.row_groups}")
     return None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from compress_ops._linear import LINEAR_TYPES, is_conv1d, plain_linear
 from compress_ops.configs import (
     CodebookConfig,
     LowRankConfig,
@@ -28,44 +29,38 @@ from compress_ops.quantize import fit_codebook
 __all__ = ["plain_linear", "shared_codebook"]
 
 
-def plain_linear(module: nn.Module) -> None:
-    """``UnsupportedModule`` unless ``module`` is exactly ``nn.Linear`` (a subclass's forward
-    may do more than the linear)."""
-    if type(module) is not nn.Linear:
-        raise UnsupportedModule(f"{type(module).__name__} is not a plain nn.Linear")
-
-
 def shared_codebook(modules: list[nn.Module], config: CodebookConfig) -> dict[int, dict]:
     """Shared codebooks: one k-means table over every layer the config compresses
     (``{id(layer): {"codebook": table}}``; nothing unless ``config.shared``)."""
     if not config.shared:
         return {}
-    linears = [m for m in modules if type(m) is nn.Linear]
+    linears = [plain_linear(m) for m in modules
+               if type(m) is nn.Linear or is_conv1d(m, exact=True)]
     kinds = {(m.weight.dtype, m.weight.device) for m in linears}
     if len(kinds) > 1:
         raise UnsupportedModule(f"a shared codebook needs one dtype and device, got {kinds}")
     if not linears:
         return {}
     cb = fit_codebook([m.weight.detach() for m in linears], config.bits, 1, config.iters)
-    return {id(m): {"codebook": cb} for m in linears}
+    return {id(m): {"codebook": cb} for m in modules
+            if type(m) is nn.Linear or is_conv1d(m, exact=True)}
 
 
-@register_transform(Sparse24Config, (nn.Linear,))
+@register_transform(Sparse24Config, LINEAR_TYPES)
 def _sparse24(module: nn.Module, config: Sparse24Config) -> nn.Module:
-    plain_linear(module)
-    return Sparse24Linear.from_dense(module, prune=config.prune)
+    return Sparse24Linear.from_dense(plain_linear(module), prune=config.prune)
 
 
-@register_transform(QuantConfig, (nn.Linear,))
+@register_transform(QuantConfig, LINEAR_TYPES)
 def _quant(module: nn.Module, config: QuantConfig) -> nn.Module:
-    plain_linear(module)
-    return QuantLinear.from_dense(module, bits=config.bits, group_size=config.group_size,
-                                  symmetric=config.symmetric, search_steps=config.search_steps)
+    return QuantLinear.from_dense(plain_linear(module), bits=config.bits,
+                                  group_size=config.group_size, symmetric=config.symmetric,
+                                  search_steps=config.search_steps)
 
 
-@register_transform(CodebookConfig, (nn.Linear,), prepare=shared_codebook)
+@register_transform(CodebookConfig, LINEAR_TYPES, prepare=shared_codebook)
 def _codebook(module: nn.Module, config: CodebookConfig, codebook: object = None) -> nn.Module:
-    plain_linear(module)
+    module = plain_linear(module)
     if config.row_groups > 1 and module.out_features % config.row_groups:
         raise UnsupportedModule(f"out_features={module.out_features} is not divisible by "
                                 f"row_groups={config.row_groups}")
@@ -85,7 +80,7 @@ def _tucker2_params(conv: nn.Conv2d, r_out: int, r_in: int) -> int:
     return c_in * r_in + r_out * r_in * kh * kw + r_out * c_out
 
 
-@register_transform(LowRankConfig, (nn.Linear, nn.Conv2d))
+@register_transform(LowRankConfig, (*LINEAR_TYPES, nn.Conv2d))
 def _lowrank(module: nn.Module, config: LowRankConfig) -> nn.Module:
     if isinstance(module, nn.Conv2d) and type(module) is not nn.Conv2d:
         raise UnsupportedModule(f"{type(module).__name__} is not a plain nn.Conv2d (its forward "
@@ -109,7 +104,7 @@ def _lowrank(module: nn.Module, config: LowRankConfig) -> nn.Module:
         _no_saving("Tucker-2", _tucker2_params(module, *new.ranks), module.weight.numel(),
                    new.ranks)
         return new
-    plain_linear(module)
+    module = plain_linear(module)
     n, k = module.out_features, module.in_features
     if config.rank is not None:
         r = min(config.rank, n, k)

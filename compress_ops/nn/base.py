@@ -25,6 +25,21 @@ class CompressedModule(nn.Module):
     """
 
     kind: str = "compressed"
+
+    def dense_weight(self) -> torch.Tensor:
+        """The effective dense weight, shaped as the weight of the module it replaced."""
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A decompressed copy of the weight (:meth:`dense_weight`), for code that reads
+        ``.weight`` of the layer it replaced: its shape, dtype and device, or its values
+        (Hugging Face ViT reads ``projection.weight.dtype``; initialisers and tie checks look
+        at ``.weight``). It is computed on every access (a full dense tensor: never on a hot
+        path), writing into it changes nothing, and assigning ``.weight`` is an
+        ``AttributeError``: the stored tensors are the module's state."""
+        return self.dense_weight()
+
     def stored_weight_bytes(self) -> int:
         """Bytes of the compressed weight as stored (every weight tensor but the bias)."""
         raise NotImplementedError
@@ -49,9 +64,6 @@ class CompressedLinear(CompressedModule):
 
     in_features: int
     out_features: int
-
-    def dense_weight(self) -> torch.Tensor:
-        raise NotImplementedError
 
     def dense_weight_bytes(self) -> int:
         return self.out_features * self.in_features * self.weight_dtype.itemsize

@@ -85,6 +85,13 @@ class FusedDWSepConv2d(CompressedModule):
 
     kind = "dwsep-fused"
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """No single weight: the unit replaced two convs (``dw_weight``, ``pw_weight``), so
+        ``.weight`` is absent (``hasattr(m, "weight")`` is False) rather than a guess."""
+        raise AttributeError(f"{type(self).__name__} fuses two convs: read dw_weight and "
+                             f"pw_weight")
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  stride: int = 1, padding: int | tuple[int, int, int, int] = 1,
                  act1: str = "relu6", act2: str = "none", dw_bias: bool = True,

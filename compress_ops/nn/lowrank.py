@@ -34,11 +34,13 @@ def _rank_args(config: object | None, rank: int | None, energy: float | None,
 
 
 class LowRankLinear(CompressedLinear):
-    """``y = x @ (u @ v)^T (+ x @ weight^T) + b``: a rank-``r`` factorized ``nn.Linear``.
+    """``y = x @ (u @ v)^T (+ x @ base_weight^T) + b``: a rank-``r`` factorized ``nn.Linear``.
 
     Parameters (trainable: fine-tuning the factors is a normal use): ``u [out, r]``,
-    ``v [r, in]``, optional ``weight [out, in]`` (a dense base, ``base=True``: the shape of a
-    LoRA adapter on a frozen layer) and ``bias``. ``forward`` is one op,
+    ``v [r, in]``, optional ``base_weight [out, in]`` (a dense base, ``base=True``: the shape of
+    a LoRA adapter on a frozen layer) and ``bias``. ``weight`` is the decompressed copy every
+    compressed module has (``u @ v (+ base_weight)``); a state_dict saved when the base was
+    called ``weight`` still loads. ``forward`` is one op,
     ``torch.ops.compress_ops.lowrank_linear``. A fresh module holds a zero product (``u = 0``,
     ``v`` Kaiming-uniform, as LoRA initialises), so it trains from the start; use
     :meth:`from_dense` to factorize an existing layer.
@@ -62,10 +64,10 @@ class LowRankLinear(CompressedLinear):
         self.v = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.v, a=5**0.5)
         if base:
-            self.weight = nn.Parameter(torch.zeros(out_features, in_features, device=device,
-                                                   dtype=dtype))
+            self.base_weight = nn.Parameter(torch.zeros(out_features, in_features,
+                                                        device=device, dtype=dtype))
         else:
-            self.register_parameter("weight", None)
+            self.register_parameter("base_weight", None)
         init_bias(self, bias, out_features, device, dtype)
 
     @property
@@ -97,11 +99,20 @@ class LowRankLinear(CompressedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_in_features(x)
-        return torch.ops.compress_ops.lowrank_linear(x, self.u, self.v, self.weight, self.bias)
+        return torch.ops.compress_ops.lowrank_linear(x, self.u, self.v, self.base_weight,
+                                                     self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         w = self.u @ self.v
-        return w + self.weight if self.weight is not None else w
+        return w + self.base_weight if self.base_weight is not None else w
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        old = prefix + "weight"  # the base's name before every compressed module had .weight
+        if old in state_dict and prefix + "base_weight" not in state_dict:
+            state_dict[prefix + "base_weight"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -109,14 +120,14 @@ class LowRankLinear(CompressedLinear):
 
     def stored_weight_bytes(self) -> int:
         n = lowrank_bytes(self.out_features, self.in_features, self.rank, self.u.dtype)
-        if self.weight is not None:
-            n += self.weight.numel() * self.weight.element_size()
+        if self.base_weight is not None:
+            n += self.base_weight.numel() * self.base_weight.element_size()
         return n
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.bias is not None}, "
-                f"base={self.weight is not None}, dtype={self.u.dtype}")
+                f"base={self.base_weight is not None}, dtype={self.u.dtype}")
 
 
 class LowRankConv2d(CompressedModule):

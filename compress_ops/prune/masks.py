@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from compress_ops._linear import LINEAR_TYPES, oriented
 from compress_ops._validate import check_number
 
 __all__ = ["unstructured_masks", "nm_mask", "structured_mask", "cubic_sparsity", "GroupLasso",
@@ -94,7 +95,8 @@ class GroupLasso:
     ``groups``: ``"channel"`` (each output row / channel), ``"input"`` (each input column /
     channel), or ``"n:m"`` such as ``"2:4"`` (in every group of ``m`` consecutive inputs, the
     ``m - n`` smallest weights, chosen again at every call: the ones an N:M mask would remove).
-    ``layers`` defaults to every ``nn.Linear`` and ``nn.Conv2d`` of ``model``.
+    ``layers`` defaults to every ``nn.Linear``, Hugging Face ``Conv1D`` and ``nn.Conv2d`` of
+    ``model`` (a ``Conv1D``'s ``[in, out]`` weight is read as ``[out, in]``).
     """
 
     def __init__(self, model: nn.Module, groups: str = "channel", lam: float = 1e-4,
@@ -105,11 +107,11 @@ class GroupLasso:
         self.groups, self.lam = groups, check_number("lam", lam, low=0.0)
         mods = dict(model.named_modules())
         names = list(layers) if layers is not None else [
-            n for n, m in mods.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
+            n for n, m in mods.items() if isinstance(m, (*LINEAR_TYPES, nn.Conv2d))]
         unknown = [n for n in names if n not in mods]
         if unknown:
             raise ValueError(f"unknown layers: {unknown}")
-        self.weights = {n: mods[n].weight for n in names}
+        self.layers = {n: mods[n] for n in names}
 
     def group_norms(self, weight: torch.Tensor) -> torch.Tensor:
         """The L2 norm of every group of ``weight`` (differentiable)."""
@@ -126,7 +128,8 @@ class GroupLasso:
         return torch.gather(g, 1, drop).norm(dim=1)
 
     def penalty(self) -> torch.Tensor:
-        total = sum(self.group_norms(w).sum() for w in self.weights.values())
+        total = sum(self.group_norms(oriented(m, m.weight)).sum()
+                    for m in self.layers.values())
         return self.lam * total
 
     __call__ = penalty

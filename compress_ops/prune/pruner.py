@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from compress_ops._linear import LINEAR_TYPES, from_oriented, is_conv1d, oriented, plain_linear
 from compress_ops._swap import index as module_index
 from compress_ops._swap import replace_everywhere
 from compress_ops._validate import check_int, check_number
@@ -130,13 +131,13 @@ class Pruner:
         self.schedule, self.update_every, self.step_count = schedule, update_every, 0
         self.example_inputs = example_inputs
         mods = dict(model.named_modules())
-        types = (nn.Linear, nn.Conv2d)
+        types = (*LINEAR_TYPES, nn.Conv2d)
         names = list(layers) if layers is not None else [
             n for n, m in mods.items() if isinstance(m, types)]
         unknown = [n for n in names if n not in mods or not isinstance(mods[n], types)]
         if unknown:
-            raise ValueError(f"not {' / '.join(t.__name__ for t in types)} layers of the "
-                             f"model: {unknown}")
+            raise ValueError(f"not Linear / Conv1D / Conv2d layers of the model: "
+                             f"{unknown}")
         self.skipped: dict[str, str] = {}
         idx = module_index(model)
         tied = {n: idx.tied(mods[n], idx.names[id(mods[n])]) for n in names}
@@ -149,12 +150,14 @@ class Pruner:
             self.skipped[n] = f"weight tied to {t[0]}; pruning would change it too"
         names = [n for n in names if n not in tied]
         if self.nm is not None:  # N:M needs whole groups of m inputs
-            short = [n for n in names if mods[n].weight.shape[1] % self.nm[1]]
+            short = [n for n in names if oriented(mods[n], mods[n].weight).shape[1]
+                     % self.nm[1]]
             if layers is not None and short:
                 raise ValueError(f"layers {short} have an input dimension that is not a "
                                  f"multiple of m={self.nm[1]}")
             for n in short:
-                self.skipped[n] = (f"{mods[n].weight.shape[1]} inputs are not groups of "
+                self.skipped[n] = (f"{oriented(mods[n], mods[n].weight).shape[1]} inputs "
+                                   f"are not groups of "
                                    f"{self.nm[1]}; left dense")
             names = [n for n in names if n not in short]
         self.layers = {n: mods[n] for n in names}
@@ -261,20 +264,24 @@ class Pruner:
         return cubic_sparsity(self.step_count, *self.schedule, self.final, self.initial)
 
     def scores(self) -> dict[str, torch.Tensor]:
-        """The criterion's saliency of every weight of every layer, from the current weights."""
+        """The criterion's saliency of every weight of every layer, from the current weights,
+        as ``[out, in, ...]`` (a ``Conv1D``'s ``[in, out]`` weight transposed; a callable
+        criterion returns scores shaped like ``module.weight``)."""
         out = {}
         for n, m in self.layers.items():
+            w = oriented(m, m.weight)
             if callable(self.criterion):
                 s = self.criterion(n, m)
                 if s.shape != m.weight.shape:
                     raise ValueError(f"criterion gave scores of shape {tuple(s.shape)} for "
                                      f"{n}, expected {tuple(m.weight.shape)}")
+                s = oriented(m, s)
             elif self.criterion == "wanda":
-                s = wanda_scores(m.weight, self._norms[n])
+                s = wanda_scores(w, self._norms[n])
             elif self.criterion == "obd":
-                s = obd_scores(m.weight, self._fisher[n])
+                s = obd_scores(w, oriented(m, self._fisher[n]))
             else:
-                s = magnitude_scores(m.weight)
+                s = magnitude_scores(w)
             out[n] = s.detach()
         return out
 
@@ -306,10 +313,12 @@ class Pruner:
                         masks[(b, "weight")] = keep.clone()
                         masks[(b, "bias")] = keep.clone()
         for key, keep in masks.items():
+            module = self.model.get_submodule(key[0])
+            if key[1] == "weight":
+                keep = from_oriented(module, keep)  # a Conv1D's mask: [in, out] again
             if key in self._masks:
                 self._masks[key].keep.copy_(keep)
             else:
-                module = self.model.get_submodule(key[0])
                 mask = _Mask(keep.to(getattr(module, key[1]).device))
                 parametrize.register_parametrization(module, key[1], mask)
                 self._masks[key] = mask
@@ -379,8 +388,8 @@ class Pruner:
         self._state = "finalized"
         if self.nm == (2, 4):
             for m in dict.fromkeys(self.layers.values()):
-                if type(m) is nn.Linear:  # once per module, swapped in at every name
-                    new = Sparse24Linear.from_dense(m, prune=False)
+                if type(m) is nn.Linear or is_conv1d(m, exact=True):  # once per module,
+                    new = Sparse24Linear.from_dense(plain_linear(m), prune=False)  # every name
                     if m is self.model:
                         self.model = new
                     else:

@@ -9,6 +9,7 @@ from torch import nn
 
 import compress_ops as co
 from compress_ops import configs
+from compress_ops._linear import HFConv1D
 from compress_ops.nn.dequant import CODEBOOK_DEFAULTS, QUANT_DEFAULTS
 from compress_ops.nn.sparse24 import SPARSE24_DEFAULTS
 
@@ -52,7 +53,7 @@ def test_from_dense_names_unknown_keywords():
 def test_registry_names_unknown_configs_and_takes_per_layer_configs_only():
     with pytest.raises(TypeError, match="unknown config"):
         configs.transform_for(object())
-    assert configs.transform_for(co.QuantConfig()).handles == (nn.Linear,)
+    assert configs.transform_for(co.QuantConfig()).handles == (nn.Linear, HFConv1D)
     assert set(configs.per_layer_configs()) == {co.Sparse24Config, co.QuantConfig,
                                                 co.CodebookConfig, co.LowRankConfig}
     with pytest.raises(TypeError, match="per-layer"):

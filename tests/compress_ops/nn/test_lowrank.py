@@ -66,10 +66,10 @@ def test_fresh_module_is_a_trainable_zero_weight_and_base_is_lora_shaped():
     mod = LowRankLinear(16, 12, rank=4, base=True)
     assert torch.count_nonzero(mod.dense_weight()) == 0
     with torch.no_grad():
-        mod.weight.copy_(torch.randn(12, 16))  # a frozen base, the adapter trains
-    mod.weight.requires_grad_(False)
+        mod.base_weight.copy_(torch.randn(12, 16))  # a frozen base, the adapter trains
+    mod.base_weight.requires_grad_(False)
     x = torch.randn(8, 16)
-    torch.testing.assert_close(mod(x), F.linear(x, mod.weight, mod.bias))
+    torch.testing.assert_close(mod(x), F.linear(x, mod.base_weight, mod.bias))
     opt = torch.optim.SGD([mod.u, mod.v], lr=0.1)
     target = torch.randn(8, 12)
     losses = []

@@ -1,0 +1,157 @@
+"""Hugging Face ``Conv1D`` (GPT-2's projections: a linear with the weight stored ``[in, out]``)
+is compressed, pruned, planned and fake-quantized like the linear it is, never skipped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import compress_ops as co
+from compress_ops._linear import HFConv1D, is_conv1d
+
+pytorch_utils = pytest.importorskip("transformers.pytorch_utils")  # (not on the GPU image)
+Conv1D = pytorch_utils.Conv1D
+
+CONFIGS = [co.QuantConfig(bits=4, group_size=32), co.QuantConfig(bits=8, group_size=None),
+           co.Sparse24Config(), co.LowRankConfig(rank=8), co.CodebookConfig(bits=4)]
+
+
+def conv1d(nf: int = 48, nx: int = 64, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = Conv1D(nf, nx)
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    return m
+
+
+def as_linear(c: nn.Module) -> nn.Linear:
+    lin = nn.Linear(c.nx, c.nf)
+    with torch.no_grad():
+        lin.weight.copy_(c.weight.t())
+        lin.bias.copy_(c.bias)
+    return lin
+
+
+def test_conv1d_is_recognised_without_subclasses():
+    c = conv1d()
+    assert isinstance(c, HFConv1D) and is_conv1d(c, exact=True)
+    assert not isinstance(nn.Linear(2, 2), HFConv1D)
+
+    class Sub(Conv1D):
+        pass
+
+    assert isinstance(Sub(4, 4), HFConv1D) and not is_conv1d(Sub(4, 4), exact=True)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=repr)
+def test_a_conv1d_compresses_to_what_its_transposed_linear_does(config):
+    c = conv1d()
+    x = torch.randn(3, 5, 64)
+    new = co.compress_(c, config)
+    ref = co.compress_(as_linear(c), config)
+    assert type(new) is type(ref) and type(new).__name__ != "Conv1D"
+    theirs = ref.state_dict()
+    for k, v in new.state_dict().items():
+        assert torch.equal(v, theirs[k]), k
+    assert new.bias is c.bias  # the bias Parameter itself carries over
+    torch.testing.assert_close(new(x), ref(x), rtol=0, atol=0)
+    exact = F.linear(x.double(), new.dense_weight().double(), new.bias.double())
+    torch.testing.assert_close(new(x).double(), exact, rtol=1e-4, atol=1e-4)
+
+
+def test_a_conv1d_subclass_stays_dense_with_the_reason():
+    class Scaled(Conv1D):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Scaled(8, 64), nn.ReLU())
+    with pytest.warns(UserWarning, match="changed nothing"):
+        co.compress_(model, co.QuantConfig(bits=4, group_size=32))
+    (row,) = co.report(model)
+    assert row.kind == "dense" and "Conv1D subclass" in row.note
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128,
+                                  n_positions=32, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval(), torch.randint(0, 128, (2, 12))
+
+
+PROJ = [f"transformer.h.{i}.{p}" for i in range(2)
+        for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+
+def test_gpt2_is_compressed_and_reported():
+    model, ids = gpt2()
+    ref = model(ids).logits
+    co.compress_(model, co.QuantConfig(bits=8, group_size=None))
+    rows = {r.name: r for r in co.report(model)}
+    assert [n for n in rows if n != "lm_head"] == PROJ
+    assert all(rows[n].kind == "quant" for n in PROJ)
+    assert rows["lm_head"].kind == "dense" and "tied to transformer.wte" in rows["lm_head"].note
+    out = model(ids).logits
+    assert ((out - ref).norm() / ref.norm()) < 0.02  # 8-bit: close to the dense model
+    # the README's sequence run twice is an error naming the layers, not a silent no-op
+    with pytest.raises(co.AlreadyCompressedError, match="c_attn"):
+        co.compress_(model, co.QuantConfig(bits=4, group_size=32))
+
+
+def test_filter_fn_keeps_a_conv1d_dense_and_report_says_so():
+    model, _ = gpt2()
+    co.compress_(model, co.Sparse24Config(), filter_fn=lambda m, n: "c_fc" not in n)
+    rows = {r.name: r for r in co.report(model)}
+    assert rows["transformer.h.0.mlp.c_fc"].kind == "dense"
+    assert rows["transformer.h.0.mlp.c_fc"].note == "excluded by filter_fn"
+    assert rows["transformer.h.0.mlp.c_proj"].kind == "sparse24"
+
+
+def test_pruner_masks_a_conv1d_along_its_inputs_and_finalizes_to_sparse24():
+    model, ids = gpt2()
+    p = co.prune.Pruner(model, pattern="2:4", sparsity=None, criterion="wanda",
+                        calib=[{"input_ids": ids}])
+    assert set(p.layers) == set(PROJ) and "lm_head" in p.skipped
+    keep = p.masks[("transformer.h.0.mlp.c_fc", "weight")]
+    assert keep.shape == (64, 256)  # Conv1D layout [in, out]
+    per_group = keep.t().reshape(256, 16, 4).sum(-1)  # 2 of every 4 inputs of each output
+    assert torch.equal(per_group, torch.full_like(per_group, 2))
+    with torch.no_grad():
+        masked = model(ids).logits
+    model = p.finalize()
+    assert all(type(model.get_submodule(n)).__name__ == "Sparse24Linear" for n in PROJ)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_group_lasso_reads_a_conv1d_as_out_by_in():
+    c = conv1d()
+    lin = as_linear(c)
+    a = co.prune.GroupLasso(nn.Sequential(c), groups="2:4").penalty()
+    b = co.prune.GroupLasso(nn.Sequential(lin), groups="2:4").penalty()
+    torch.testing.assert_close(a, b)
+
+
+def test_qat_on_conv1d_finalizes_to_the_compressed_linear():
+    model, ids = gpt2()
+    co.qat.prepare_qat(model, co.QuantConfig(bits=4, group_size=32))
+    assert all(isinstance(model.get_submodule(n), co.qat.FakeQuantLinear) for n in PROJ)
+    with torch.no_grad():
+        fake = model(ids).logits
+    co.qat.finalize_qat(model)
+    assert all(type(model.get_submodule(n)).__name__ == "QuantLinear" for n in PROJ)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, fake, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_takes_conv1d_layers():
+    model, ids = gpt2()
+    pl = co.plan(model, [{"input_ids": ids}], 0.5,
+                 candidates=[co.QuantConfig(bits=4, group_size=32)], verbose=False)
+    chosen = {r.layer for r in pl.table if r.chosen and r.config is not None}
+    assert chosen and chosen <= set(PROJ)

@@ -18,12 +18,14 @@ from compress_ops.configs import (
     UnsupportedModule,
     UnsupportedWeight,
 )
+from compress_ops.integrations.serialization import CheckpointError, load, save
 from compress_ops.planner import Plan, plan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadyCompressedError",
+    "CheckpointError",
     "CodebookConfig",
     "DWSepFuseConfig",
     "LowRankConfig",
@@ -37,8 +39,10 @@ __all__ = [
     "UnsupportedWeight",
     "Plan",
     "compress_",
+    "load",
     "plan",
     "report",
+    "save",
     "capture",
     "distill",
     "nn",

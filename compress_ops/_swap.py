@@ -19,11 +19,14 @@ from torch import nn
 
 from compress_ops.configs import UnsupportedModule, UnsupportedWeight
 
-__all__ = ["SKIPPED_ATTR", "Index", "index", "dense_reason", "hooks_reason", "carry_state",
-           "set_submodule", "replace_everywhere", "notes", "record_notes", "replace_layers"]
+__all__ = ["SKIPPED_ATTR", "CONFIGS_ATTR", "applied_configs", "record_config", "Index",
+           "index", "dense_reason", "hooks_reason", "carry_state", "set_submodule",
+           "replace_everywhere", "notes", "record_notes", "replace_layers"]
 
 #: Attribute of a model holding ``{name: why it stays dense}`` for ``report()``.
 SKIPPED_ATTR = "_compress_ops_skipped"
+#: Attribute of a model holding the configs ``compress_`` applied to it (for ``co.save``).
+CONFIGS_ATTR = "_compress_ops_configs"
 
 FilterFn = Callable[[nn.Module, str], bool]
 Decision = tuple[bool, object]  # (some rule matched, its config or None)
@@ -135,6 +138,17 @@ def replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> list[
 def notes(model: nn.Module) -> dict[str, str]:
     """A copy of the ``{name: reason}`` notes recorded on ``model``."""
     return dict(getattr(model, SKIPPED_ATTR, {}))
+
+
+def applied_configs(model: nn.Module) -> list[object]:
+    """The configs (or Recipes) ``compress_`` applied to ``model``, in order."""
+    return list(getattr(model, CONFIGS_ATTR, []))
+
+
+def record_config(model: nn.Module, config: object) -> None:
+    """Append ``config`` to the configs applied to ``model`` (kept for checkpoints; not a
+    submodule, not in the state_dict)."""
+    object.__setattr__(model, CONFIGS_ATTR, [*applied_configs(model), config])
 
 
 def record_notes(model: nn.Module, skipped: dict[str, str]) -> None:

@@ -187,6 +187,7 @@ def compress_(
     if not any(isinstance(m, CompressedModule) and id(m) not in before
                for m in out.modules()):
         _nothing_changed(out, config, idx)
+    _swap.record_config(out, config)
     return out
 
 
@@ -226,6 +227,8 @@ def _fuse_dwsep(model: nn.Module, config: DWSepFuseConfig,
         skipped.pop(name, None)
     skipped.update(reasons)
     _swap.record_notes(model, skipped)
+    if fused:
+        _swap.record_config(model, config)
     return model
 
 

@@ -40,6 +40,16 @@ class CompressedModule(nn.Module):
         ``AttributeError``: the stored tensors are the module's state."""
         return self.dense_weight()
 
+    #: plain attributes outside the constructor that a checkpoint keeps (co.save / co.load)
+    saved_attrs: tuple[str, ...] = ()
+
+    def init_args(self) -> dict[str, Any]:
+        """The constructor's arguments (JSON values; device and dtype excepted) that rebuild
+        this module's structure: ``type(m)(**m.init_args(), device=..., dtype=...)`` holds
+        tensors of the shapes ``m.state_dict()`` has (what ``co.load`` builds on the meta
+        device before the tensors are assigned)."""
+        raise NotImplementedError
+
     def stored_weight_bytes(self) -> int:
         """Bytes of the compressed weight as stored (every weight tensor but the bias)."""
         raise NotImplementedError

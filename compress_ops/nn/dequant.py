@@ -156,6 +156,11 @@ class QuantLinear(PackedFieldsRecord, CompressedLinear):
         return affine_bytes(self.out_features, self.in_features, self.bits, self.group_size,
                             self.scales.dtype, self.symmetric)
 
+    def init_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "bits": self.bits,
+                "group_size": self.group_size, "symmetric": self.symmetric}
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, bits={self.bits}, group_size={self.group_size}, "
@@ -246,6 +251,11 @@ class CodebookLinear(PackedFieldsRecord, CompressedLinear):
         """Bytes of the packed indices alone (a shared codebook is counted once elsewhere)."""
         return codebook_bytes(self.out_features, self.in_features, self.bits, 0,
                               self.codebook.dtype)
+
+    def init_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "bits": self.bits,
+                "row_groups": self.row_groups}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

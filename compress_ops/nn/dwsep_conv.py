@@ -3,6 +3,8 @@ it, its BatchNorm and activation (and a residual add), as one module calling one
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
@@ -84,6 +86,7 @@ class FusedDWSepConv2d(CompressedModule):
     """
 
     kind = "dwsep-fused"
+    saved_attrs = ("input_size",)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -206,6 +209,20 @@ class FusedDWSepConv2d(CompressedModule):
             y = y.contiguous()
         return y
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.pw_weight.dtype
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        key = prefix + "dw_weight"
+        w = state_dict.get(key)
+        if isinstance(w, torch.Tensor) and w.dim() == 3 and w.stride()[0] != 1:
+            # tap-major, also when the tensor is assigned (load_state_dict(assign=True))
+            state_dict[key] = w.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def dense_weight_bytes(self) -> int:
         """Bytes of the two conv weights it replaces (BatchNorm folded: the same count)."""
         return self.stored_weight_bytes()
@@ -217,6 +234,12 @@ class FusedDWSepConv2d(CompressedModule):
         """Multiply-adds x 2 for one ``[batch, C, h, w]`` input."""
         ho, wo = output_size(h, w, self.kernel_size, self.stride, self.padding)
         return 2 * batch * ho * wo * self.in_channels * (self.kernel_size**2 + self.out_channels)
+
+    def init_args(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": self.kernel_size, "stride": self.stride,
+                "padding": list(self.padding), "act1": self.act1, "act2": self.act2,
+                "dw_bias": self.dw_bias is not None, "pw_bias": self.pw_bias is not None}
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,6 +126,11 @@ class LowRankLinear(CompressedLinear):
             n += self.base_weight.numel() * self.base_weight.element_size()
         return n
 
+    def init_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "rank": self.rank, "bias": self.bias is not None,
+                "base": self.base_weight is not None}
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.bias is not None}, "
@@ -233,6 +240,14 @@ class LowRankConv2d(CompressedModule):
     def stored_weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size()
                    for p in (self.reduce_weight, self.core, self.restore_weight))
+
+    def init_args(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "ranks": list(self.ranks),
+                "stride": list(self.stride),
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "dilation": list(self.dilation), "bias": self.bias is not None,
+                "padding_mode": self.padding_mode}
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

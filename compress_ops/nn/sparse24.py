@@ -134,6 +134,10 @@ class Sparse24Linear(FormatRecord, CompressedLinear):
     def stored_weight_bytes(self) -> int:
         return sparse24_bytes(self.out_features, self.in_features, self.values.dtype)
 
+    def init_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None}
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, dtype={self.values.dtype}")

@@ -18,8 +18,11 @@ from compress_ops.configs import (
     UnsupportedModule,
     UnsupportedWeight,
 )
+from compress_ops.integrations import hf as _hf
 from compress_ops.integrations.serialization import CheckpointError, load, save
 from compress_ops.planner import Plan, plan
+
+_hf.install()  # Hugging Face: quant_method="compress_ops" (transformers is not imported here)
 
 __version__ = "0.1.0"
 

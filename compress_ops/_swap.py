@@ -19,7 +19,8 @@ from torch import nn
 
 from compress_ops.configs import UnsupportedModule, UnsupportedWeight
 
-__all__ = ["SKIPPED_ATTR", "CONFIGS_ATTR", "applied_configs", "record_config", "Index",
+__all__ = ["SKIPPED_ATTR", "CONFIGS_ATTR", "AFTER_COMPRESS", "after_compress",
+           "applied_configs", "record_config", "Index",
            "index", "dense_reason", "hooks_reason", "carry_state", "set_submodule",
            "replace_everywhere", "notes", "record_notes", "replace_layers"]
 
@@ -138,6 +139,17 @@ def replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> list[
 def notes(model: nn.Module) -> dict[str, str]:
     """A copy of the ``{name: reason}`` notes recorded on ``model``."""
     return dict(getattr(model, SKIPPED_ATTR, {}))
+
+
+#: Functions ``compress_`` calls with the model after it compressed something (e.g. the
+#: Hugging Face integration attaches its quantizer, so ``save_pretrained`` writes a manifest).
+AFTER_COMPRESS: list[Callable[[nn.Module], None]] = []
+
+
+def after_compress(model: nn.Module) -> None:
+    """Run every :data:`AFTER_COMPRESS` function on ``model``."""
+    for fn in AFTER_COMPRESS:
+        fn(model)
 
 
 def applied_configs(model: nn.Module) -> list[object]:

@@ -188,6 +188,7 @@ def compress_(
                for m in out.modules()):
         _nothing_changed(out, config, idx)
     _swap.record_config(out, config)
+    _swap.after_compress(out)
     return out
 
 
@@ -229,6 +230,7 @@ def _fuse_dwsep(model: nn.Module, config: DWSepFuseConfig,
     _swap.record_notes(model, skipped)
     if fused:
         _swap.record_config(model, config)
+        _swap.after_compress(model)
     return model
 
 

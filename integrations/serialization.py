@@ -46,8 +46,9 @@ from compress_ops.configs import DWSepFuseConfig, per_layer_configs
 from compress_ops.nn import FusedDWSepConv2d, LowRankConv2d
 from compress_ops.nn.base import CompressedLinear, CompressedModule
 
-__all__ = ["FORMAT_VERSION", "METADATA_KEY", "CheckpointError", "save", "load", "manifest",
-           "read_manifest", "apply_manifest", "config_to_json", "config_from_json"]
+__all__ = ["FORMAT_VERSION", "METADATA_KEY", "CheckpointError", "save", "load", "load_into",
+           "manifest", "read_manifest", "checked_manifest", "apply_manifest", "finish_load",
+           "config_to_json", "config_from_json"]
 
 #: The version of the manifest and of the tensors' layout it describes.
 FORMAT_VERSION = 1
@@ -133,12 +134,14 @@ def _storage_key(t: torch.Tensor) -> tuple:
             t.stride(), t.dtype)
 
 
-def manifest(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def manifest(model: nn.Module, *, tensors: bool = True
+             ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(manifest, tensors)``: what :func:`save` writes (tensors deduplicated, on the CPU,
-    contiguous)."""
+    contiguous; ``tensors=False``: the manifest only, and no tensor is copied)."""
+    want = tensors
     entries, identity = _module_entries(model)
     state = model.state_dict(keep_vars=True)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors = {}
     aliases: dict[str, str] = {}
     first: dict[tuple, str] = {}
     storages: dict[tuple, str] = {}
@@ -155,10 +158,11 @@ def manifest(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
         first[sk] = key
         tensor = value.detach()
         storage = (tensor.untyped_storage().data_ptr(), tensor.device)
-        if storage in storages or not tensor.is_contiguous():
+        if want and (storage in storages or not tensor.is_contiguous()):
             tensor = tensor.clone(memory_format=torch.contiguous_format)  # a partial view
         storages.setdefault(storage, key)
-        tensors[key] = tensor.cpu().contiguous()
+        if want:
+            tensors[key] = tensor.cpu().contiguous()
     notes: dict[str, str] = {}
     for prefix, sub in model.named_modules():  # as report() gathers them
         for name, note in _swap.notes(sub).items():
@@ -193,10 +197,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    return _checked(meta.get(METADATA_KEY), path)
+    return checked_manifest(meta.get(METADATA_KEY), path)
 
 
-def _checked(raw: str | None, where: object) -> dict[str, Any]:
+def checked_manifest(raw: str | dict | None, where: object) -> dict[str, Any]:
+    """The manifest (JSON text or parsed), refused unless this version can read it."""
     if raw is None:
         raise CheckpointError(f"{where}: no compress_ops manifest in the header (not written "
                               f"by co.save)")
@@ -315,7 +320,7 @@ def load(model: nn.Module | Callable[[], nn.Module], path: str | Path) -> nn.Mod
         if not isinstance(model, nn.Module):
             raise TypeError(f"the factory returned {type(model).__name__}, not an nn.Module")
     with safe_open(str(path), framework="pt") as f:
-        man = _checked((f.metadata() or {}).get(METADATA_KEY), path)
+        man = checked_manifest((f.metadata() or {}).get(METADATA_KEY), path)
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open API)
     return load_into(model, man, tensors)
 
@@ -323,7 +328,7 @@ def load(model: nn.Module | Callable[[], nn.Module], path: str | Path) -> nn.Mod
 def load_into(model: nn.Module, man: dict[str, Any],
               tensors: dict[str, torch.Tensor]) -> nn.Module:
     """:func:`load` from a manifest and its tensors already read (the Hugging Face route)."""
-    man = _checked(man, "manifest")
+    man = checked_manifest(man, "manifest")
     apply_manifest(model, man)
     state = dict(tensors)
     for key, target in man["aliases"].items():
@@ -345,6 +350,12 @@ def load_into(model: nn.Module, man: dict[str, Any],
             raise CheckpointError(f"{key}: the checkpoint holds {tuple(state[key].shape)}, the "
                                   f"model {tuple(value.shape)}")
     model.load_state_dict(state, strict=True, assign=True)
+    return finish_load(model, man)
+
+
+def finish_load(model: nn.Module, man: dict[str, Any]) -> nn.Module:
+    """After the tensors are in: re-tie the aliases, freeze what was frozen, check that no
+    tensor is left on the meta device, restore ``report()``'s notes and the configs."""
     _retie(model, man["aliases"])
     frozen = set(man.get("frozen", []))
     for name, param in model.named_parameters(remove_duplicate=False):

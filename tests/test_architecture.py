@@ -31,7 +31,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("compress_ops.fuse", "compress_ops.structured", "compress_ops.distill"),
     ("compress_ops.api", "compress_ops.prune"),
     ("compress_ops.qat", "compress_ops.planner", "compress_ops.archs",
-     "compress_ops.integrations.serialization"),  # re-exported as co.save / co.load
+     "compress_ops.integrations.serialization",  # re-exported as co.save / co.load
+     "compress_ops.integrations.hf"),  # installed by import compress_ops
     ("compress_ops", "compress_ops.demo"),  # the package root re-exports the public API
     ("compress_ops.integrations", "compress_ops.perf"),
     ("compress_ops.__main__",),  # the CLI: demo, bench, dashboard

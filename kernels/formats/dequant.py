@@ -310,7 +310,8 @@ def empty_affine(n: int, k: int, bits: int, group_size: int | None, symmetric: b
     kp = padded_k(k, gs)
     zero_q = 2 ** (bits - 1)  # offset binary: q = 2**(b-1) is a zero weight
     # packed on the CPU (one unit: 32 fields), so a meta-device module can be built too
-    unit = pack_bits(torch.full((1, WORD_COLS), zero_q, dtype=torch.int32), bits).to(device)
+    unit = pack_bits(torch.full((1, WORD_COLS), zero_q, dtype=torch.int32, device="cpu"),
+                     bits).to(device)
     qweight = unit.repeat(n, kp // WORD_COLS)  # one packing unit of zeros, tiled
     scales = torch.ones(n, kp // gs, device=device, dtype=dtype)
     zeros = None if symmetric else torch.full_like(scales, float(zero_q))

@@ -1,0 +1,251 @@
+"""Hugging Face transformers: ``compress_ops`` as a transformers quantization method
+(``quant_method="compress_ops"``).
+
+* ``save_pretrained`` of a compressed ``PreTrainedModel`` writes the packed tensors and, in
+  ``config.json``'s ``quantization_config``, the manifest of :mod:`.serialization` (which
+  module is which compressed class, with which arguments; ties; report notes; configs).
+* ``from_pretrained(saved_dir)`` builds the compressed modules on the meta device before the
+  weights load (the manifest), so every tensor loads where it was saved: no warnings, nothing
+  re-initialised, outputs bit for bit.
+* ``from_pretrained(dense_dir, quantization_config=CompressOpsConfig(recipe=...))`` loads the
+  dense weights, then compresses with ``recipe`` (a config or a ``Recipe``). The output
+  embeddings and ``modules_to_not_convert`` stay dense, as transformers' quantizers keep them;
+  tied weights stay dense as ``compress_`` keeps them. Every config compresses after all
+  weights are loaded (shared codebooks and plans need them all; per-layer configs do not, but
+  streaming them layer by layer is not implemented), so the peak memory is the dense model's.
+* Accelerate offload (a ``device_map`` with ``"disk"``, ``"meta"``, or ``"cpu"`` beside an
+  accelerator) is refused: offload hooks swap a module's parameters, not the packed buffers.
+
+Registration: ``import compress_ops`` calls :func:`install`, which registers the config and
+the quantizer with transformers as soon as ``transformers.quantizers.auto`` is imported (or at
+once if it is), without importing transformers itself. A checkpoint loaded while
+``compress_ops`` is not imported gets transformers' warning "Unknown quantization type, got
+compress_ops ... we will skip the quantization" and its compressed layers are missing: import
+``compress_ops`` first.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import re
+import sys
+from collections.abc import Callable
+from functools import cache
+from typing import Any
+
+from torch import nn
+
+from compress_ops import _swap
+from compress_ops.api import compress_
+from compress_ops.integrations import serialization as ser
+
+__all__ = ["QUANT_METHOD", "install", "register", "is_pretrained_model", "attach"]
+# (also CompressOpsConfig and CompressOpsHfQuantizer, defined on first use: they need transformers)
+
+QUANT_METHOD = "compress_ops"
+_AUTO = "transformers.quantizers.auto"
+
+
+def is_pretrained_model(model: object) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (without importing it)."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
+               for c in type(model).__mro__)
+
+
+@cache
+def _classes() -> tuple[type, type]:
+    """Define (once) the config and the quantizer; needs transformers."""
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    class CompressOpsConfig(QuantizationConfigMixin):
+        """The ``quantization_config`` of a compress_ops model.
+
+        ``recipe``: a compress_ops config or ``Recipe`` (or its JSON) applied after the dense
+        weights load (``from_pretrained(dense_dir, quantization_config=...)``);
+        ``modules_to_not_convert``: regexes of module names kept dense besides the output
+        embeddings; ``manifest``: what ``save_pretrained`` wrote (set by it, read by
+        ``from_pretrained``)."""
+
+        def __init__(self, recipe: object = None, manifest: dict | None = None,
+                     modules_to_not_convert: list[str] | None = None, **kwargs: Any) -> None:
+            self.quant_method = QUANT_METHOD
+            self.recipe = (ser.config_from_json(recipe) if isinstance(recipe, dict)
+                           else recipe)
+            if self.recipe is not None:
+                ser.config_to_json(self.recipe)  # a TypeError now for a config it cannot write
+            self.manifest = manifest
+            self.modules_to_not_convert = list(modules_to_not_convert or [])
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"quant_method": QUANT_METHOD, "recipe": ser.config_to_json(self.recipe),
+                    "modules_to_not_convert": self.modules_to_not_convert,
+                    "manifest": self.manifest}
+
+        def to_diff_dict(self) -> dict[str, Any]:
+            return self.to_dict()
+
+    class CompressOpsHfQuantizer(HfQuantizer):
+        """transformers' side of compress_ops (see :mod:`compress_ops.integrations.hf`)."""
+
+        requires_calibration = False
+
+        def validate_environment(self, *args: Any, device_map: Any = None,
+                                 **kwargs: Any) -> None:
+            if isinstance(device_map, dict):
+                places = {str(v) for v in device_map.values()}
+                offloaded = places & {"disk", "meta"} or (
+                    {"cpu"} & places and places - {"cpu"})
+                if offloaded:
+                    raise ValueError(
+                        f"compress_ops: device_map offloads modules ({sorted(places)}); "
+                        f"accelerate's offload hooks move a module's parameters, not the "
+                        f"packed buffers of compressed layers, so offload is refused. Load "
+                        f"the model on one device (device_map={{'': 'cuda:0'}} or 'cpu').")
+            if self.pre_quantized and not self.quantization_config.manifest:
+                raise ValueError("compress_ops: this checkpoint's quantization_config has no "
+                                 "manifest (it was not written by save_pretrained of a "
+                                 "compressed model)")
+
+        def _process_model_before_weight_loading(self, model: nn.Module,
+                                                 **kwargs: Any) -> nn.Module:
+            if self.pre_quantized:  # the compressed skeleton, on the meta device
+                ser.apply_manifest(model, ser.checked_manifest(
+                    self.quantization_config.manifest, "config.json quantization_config"))
+            return model
+
+        def _process_model_after_weight_loading(self, model: nn.Module,
+                                                **kwargs: Any) -> nn.Module:
+            cfg = self.quantization_config
+            if self.pre_quantized:
+                man = ser.checked_manifest(cfg.manifest, "config.json quantization_config")
+                ser.finish_load(model, man)
+            elif cfg.recipe is not None:
+                keep = _kept(model, cfg.modules_to_not_convert)
+                compress_(model, cfg.recipe, filter_fn=lambda m, name: name not in keep)
+                notes = _swap.notes(model)
+                for name, why in keep.items():
+                    if notes.get(name) == "excluded by filter_fn":
+                        notes[name] = why
+                _swap.record_notes(model, notes)
+            _link(model, self)
+            return model
+
+        def get_state_dict_and_metadata(self, model: nn.Module):
+            man, _ = ser.manifest(model, tensors=False)
+            self.quantization_config.manifest = man
+            state = model.state_dict()
+            buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+            for key in man["aliases"]:  # a shared codebook: a copy per layer (tiny), re-tied
+                if key in buffers:  # on load; tied parameters are transformers' business
+                    state[key] = state[key].clone()
+            return state, {}
+
+        def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return True
+
+        @property
+        def is_compileable(self) -> bool:
+            return True
+
+    return CompressOpsConfig, CompressOpsHfQuantizer
+
+
+def _kept(model: nn.Module, patterns: list[str]) -> dict[str, str]:
+    """``{module name: why}`` kept dense on load: the output embeddings (as transformers'
+    quantizers keep them), and the matches of ``modules_to_not_convert``."""
+    keep = {n: "in modules_to_not_convert" for n, _ in model.named_modules()
+            if any(re.fullmatch(p, n) for p in patterns)}
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None:
+        for n, m in model.named_modules(remove_duplicate=False):
+            if m is out:
+                keep.setdefault(n, "output embeddings: kept dense, as transformers' "
+                                   "quantizers keep them")
+    return keep
+
+
+def _link(model: nn.Module, quantizer: object) -> None:
+    model.config.quantization_config = quantizer.quantization_config
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+
+
+def __getattr__(name: str) -> type:
+    if name in ("CompressOpsConfig", "CompressOpsHfQuantizer"):
+        register()
+        config, quantizer = _classes()
+        return config if name == "CompressOpsConfig" else quantizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def register() -> None:
+    """Register ``quant_method="compress_ops"`` with transformers (idempotent; imports
+    transformers)."""
+    from transformers.quantizers import auto
+
+    config, quantizer = _classes()
+    if auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not config:
+        auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = config
+    if auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not quantizer:
+        auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = quantizer
+
+
+def attach(model: nn.Module) -> None:
+    """Make ``save_pretrained`` of a ``PreTrainedModel`` compressed by ``compress_`` write
+    the manifest: give it the compress_ops ``quantization_config`` and quantizer (no-op for
+    other models, and for one that has them)."""
+    if not is_pretrained_model(model) or isinstance(getattr(model, "hf_quantizer", None),
+                                                    _classes()[1]):
+        return
+    register()
+    config, quantizer = _classes()
+    _link(model, quantizer(config(), pre_quantized=True))
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Runs :func:`register` right after ``transformers.quantizers.auto`` is imported."""
+
+    def find_spec(self, fullname: str, path: object, target: object = None):
+        if fullname != _AUTO:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module: object, _run: Callable = run) -> None:
+            _run(module)
+            try:
+                register()
+            except Exception as exc:  # a transformers this code does not know: say so
+                import warnings
+
+                warnings.warn(f"compress_ops could not register with transformers: {exc}",
+                              RuntimeWarning, stacklevel=2)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    """Called by ``import compress_ops``: register with transformers when (or if) its
+    quantizers are imported, and attach the quantizer to Hugging Face models ``compress_``
+    compresses. Never imports transformers itself."""
+    if _attach_hook not in _swap.AFTER_COMPRESS:
+        _swap.AFTER_COMPRESS.append(_attach_hook)
+    if _AUTO in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+def _attach_hook(model: nn.Module) -> None:
+    if is_pretrained_model(model):
+        attach(model)

@@ -1,0 +1,166 @@
+"""Hugging Face transformers: co.save / co.load and save_pretrained / from_pretrained of
+compressed GPT-2 (Conv1D), Llama (tied embeddings), BERT and ViT built from configs (random
+weights, no downloads); compress on load; the refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import compress_ops as co
+
+transformers = pytest.importorskip("transformers")  # (not on the GPU image)
+hf = pytest.importorskip("compress_ops.integrations.hf")
+
+torch.set_grad_enabled(False)
+
+
+def gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128,
+                                  n_positions=32, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=96, tie_word_embeddings=True,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=96,
+                                  max_position_embeddings=32)
+    return transformers.BertModel(cfg).eval()
+
+
+def vit():
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=96)
+    return transformers.ViTModel(cfg).eval()
+
+
+MODELS = {"gpt2": gpt2, "llama": llama, "bert": bert, "vit": vit}
+IDS = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+CONFIGS = {"int4": co.QuantConfig(bits=4, group_size=32), "2:4": co.Sparse24Config(),
+           "lowrank": co.LowRankConfig(energy=0.8),
+           "codebook": co.CodebookConfig(bits=4, shared=True)}
+
+
+def run(model):
+    out = model(PIXELS) if isinstance(model, transformers.ViTModel) else model(IDS)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_co_save_load_is_exact(name, config, tmp_path):
+    build = MODELS[name]
+    model = co.compress_(build(), CONFIGS[config])
+    ref = run(model)
+    co.save(model, tmp_path / "m.safetensors")
+    loaded = co.load(build, tmp_path / "m.safetensors")
+    assert torch.equal(run(loaded), ref)
+    assert str(co.report(loaded)) == str(co.report(model))
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_save_pretrained_from_pretrained_is_exact(name, config, tmp_path):
+    model = co.compress_(MODELS[name](), CONFIGS[config])
+    ref = run(model)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "compress_ops" and saved["manifest"]["modules"]
+    loaded, info = type(model).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+    assert torch.equal(run(loaded), ref)
+    assert str(co.report(loaded)) == str(co.report(model))
+    assert not [n for n, t in loaded.state_dict().items() if t.device.type == "meta"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generate_gives_equal_tokens_after_reload(name, tmp_path):
+    model = co.compress_(MODELS[name](), co.QuantConfig(bits=4, group_size=32))
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(IDS[:1], **kw), loaded.generate(IDS[:1], **kw))
+    if name == "llama":
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # the tie holds
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_compress_on_load_equals_compress_after_load(name, tmp_path):
+    dense = MODELS[name]()
+    dense.save_pretrained(tmp_path / "dense")
+    cls = type(dense)
+    config = hf.CompressOpsConfig(recipe=co.QuantConfig(bits=4, group_size=32))
+    on_load = cls.from_pretrained(tmp_path / "dense", quantization_config=config)
+    after = co.compress_(cls.from_pretrained(tmp_path / "dense"),
+                         co.QuantConfig(bits=4, group_size=32))
+    assert torch.equal(run(on_load), run(after))
+    rows = {r.name: r for r in co.report(on_load)}
+    assert rows["lm_head"].kind == "dense" and "output embeddings" in rows["lm_head"].note
+    on_load.save_pretrained(tmp_path / "q")  # and the compressed-on-load model saves
+    again = cls.from_pretrained(tmp_path / "q")
+    assert torch.equal(run(again), run(on_load))
+
+
+def test_config_json_roundtrip_and_bad_recipes():
+    cfg = hf.CompressOpsConfig(recipe=co.Recipe({r".*mlp.*": co.Sparse24Config(),
+                                                 r".*attn.*": None}),
+                               modules_to_not_convert=["model.layers.0.*"])
+    back = hf.CompressOpsConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back.to_dict() == cfg.to_dict()
+    assert back.recipe.rules[r".*mlp.*"] == co.Sparse24Config()
+    with pytest.raises(TypeError, match="cannot write config"):
+        hf.CompressOpsConfig(recipe=object())
+
+
+def test_offload_is_refused_with_the_reason():
+    q = hf.CompressOpsHfQuantizer(hf.CompressOpsConfig(recipe=co.Sparse24Config()),
+                                  pre_quantized=False)
+    for device_map in ({"model": "cpu", "lm_head": "disk"}, {"model": 0, "lm_head": "cpu"}):
+        with pytest.raises(ValueError, match="offload"):
+            q.validate_environment(device_map=device_map)
+    q.validate_environment(device_map={"": "cpu"})  # one device: fine
+    bare = hf.CompressOpsHfQuantizer(hf.CompressOpsConfig(), pre_quantized=True)
+    with pytest.raises(ValueError, match="no manifest"):
+        bare.validate_environment(device_map=None)
+
+
+def test_without_compress_ops_imported_transformers_warns(tmp_path):
+    co.compress_(gpt2(), co.QuantConfig(bits=4, group_size=32)).save_pretrained(tmp_path)
+    code = textwrap.dedent(f"""
+        import sys, torch
+        try:
+            import torchvision  # noqa: F401
+        except RuntimeError:  # the CPU torch here: see tests/conftest.py
+            for n in [n for n in sys.modules if n.startswith("torchvision")]:
+                del sys.modules[n]
+            lib = torch.library.Library("torchvision", "DEF")
+            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+        import transformers
+        transformers.GPT2LMHeadModel.from_pretrained({str(tmp_path)!r})
+        assert "compress_ops" not in sys.modules
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Unknown quantization type, got compress_ops" in out.stderr

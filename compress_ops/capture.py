@@ -100,11 +100,23 @@ def export(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None 
            ) -> Captured:
     """Capture ``model(*example_inputs, **example_kwargs)`` with ``torch.export`` (non-strict,
     the model's current train/eval mode, the inputs' static shapes). Raises what export raises;
-    ``TypeError`` when ``example_inputs`` is not a tuple. The model is not changed."""
+    ``TypeError`` when ``example_inputs`` is not a tuple. The model is not changed.
+
+    A model with ``config.use_cache`` (Hugging Face) is captured with it off: its key/value
+    cache object is no output ``torch.export`` can hold, and the layers are the same."""
     if not isinstance(example_inputs, tuple):
         raise TypeError(f"example_inputs must be a tuple of the model's positional inputs, got "
                         f"{type(example_inputs).__name__}")
-    program = torch.export.export(model, example_inputs, example_kwargs or {}, strict=False)
+    config = getattr(model, "config", None)
+    cache = getattr(config, "use_cache", None)
+    try:
+        if cache:
+            config.use_cache = False
+        program = torch.export.export(model, example_inputs, example_kwargs or {},
+                                      strict=False)
+    finally:
+        if cache:
+            config.use_cache = cache
     sig = program.graph_signature
     state = dict(sig.inputs_to_parameters) | dict(sig.inputs_to_buffers)
     tensors = {}

@@ -303,7 +303,7 @@ class Pruner:
                           for p in g.producers)
                 keep = structured_mask(sal[:, None], sparsity)[:, 0]
                 for p in g.producers:
-                    w = mods[p].weight
+                    w = oriented(mods[p], mods[p].weight)  # [out, ...]
                     masks[(p, "weight")] = keep.reshape(-1, *([1] * (w.dim() - 1))).expand(
                         w.shape).clone()
                     if mods[p].bias is not None:
@@ -406,7 +406,8 @@ class Pruner:
         return self.model
 
     def _row_keep(self, group) -> torch.Tensor:
-        keep = self._masks[(group.producers[0], "weight")].keep
+        name = group.producers[0]
+        keep = oriented(self.model.get_submodule(name), self._masks[(name, "weight")].keep)
         return keep.reshape(keep.shape[0], -1)[:, 0]
 
 

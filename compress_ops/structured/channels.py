@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compress_ops._linear import LINEAR_TYPES, oriented
 from compress_ops._swap import replace_everywhere
 from compress_ops._text import format_table
 from compress_ops._validate import check_number
@@ -47,7 +48,8 @@ def _dead(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     if group.unit == "head":  # a head with zero weights still outputs softmax-weighted v bias
         return ~dead
     for p in group.producers:
-        w = model.get_submodule(p).weight.detach()
+        m = model.get_submodule(p)
+        w = oriented(m, m.weight.detach())
         dead &= (w.reshape(group.width, -1) == 0).all(1).cpu()
     return dead
 
@@ -67,7 +69,7 @@ def _constants(model: nn.Module, group: ChannelGroup) -> dict[str, torch.Tensor]
             v = vals[ins[0]] if ins else None
             if kind == "src":
                 m = model.get_submodule(payload)
-                w = m.weight.detach()
+                w = oriented(m, m.weight.detach())
                 zero = (w.reshape(w.shape[0], -1) == 0).all(1).cpu()
                 b = d(m.bias) if m.bias is not None else torch.zeros_like(nan)
                 vals[out] = torch.where(zero, b, nan)
@@ -100,7 +102,7 @@ def _constants(model: nn.Module, group: ChannelGroup) -> dict[str, torch.Tensor]
 
 
 def _foldable(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or not zero_pads(m)
+    return isinstance(m, LINEAR_TYPES) or not zero_pads(m)
 
 
 def _exactly_removable(model: nn.Module, group: ChannelGroup,
@@ -121,8 +123,8 @@ def _fold(model: nn.Module, group: ChannelGroup, removed: torch.Tensor,
         sel = removed & torch.isfinite(v) & (v != 0)
         if not sel.any() or not _foldable(m):
             continue
-        w = m.weight.detach().to("cpu", torch.float64)
-        if isinstance(m, nn.Linear):
+        w = oriented(m, m.weight.detach()).to("cpu", torch.float64)
+        if isinstance(m, LINEAR_TYPES):
             w = w.reshape(w.shape[0], group.width, group.columns.get(name, 1)).sum(2)
         else:
             w = w.sum((2, 3))
@@ -139,7 +141,8 @@ def _saliency(model: nn.Module, group: ChannelGroup,
               scores: dict[str, torch.Tensor]) -> torch.Tensor:
     total = torch.zeros(group.width, dtype=torch.float64)
     for p in group.producers:
-        s = scores.get(p, model.get_submodule(p).weight).detach()
+        m = model.get_submodule(p)
+        s = oriented(m, scores.get(p, m.weight).detach())
         total += s.to("cpu", torch.float64).reshape(group.width, -1).norm(dim=1)
     return total
 
@@ -182,7 +185,7 @@ def prune_channels(model: nn.Module, example_inputs: tuple,
         raise ValueError("give sparsity, keep, or zero_only=True")
     first = {id(m): n for n, m in model.named_modules()}
     layers = {n: first[id(m)] for n, m in model.named_modules(remove_duplicate=False)
-              if isinstance(m, (nn.Linear, nn.Conv2d))}  # every name -> the name groups use
+              if isinstance(m, (*LINEAR_TYPES, nn.Conv2d))}  # every name -> the name groups use
     if isinstance(sparsity, dict):
         unknown = sorted(set(sparsity) - set(layers))
         if unknown:

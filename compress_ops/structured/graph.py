@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from compress_ops._linear import LINEAR_TYPES, is_conv1d, oriented
 from compress_ops._validate import is_number
 from compress_ops.capture import canonical
 from compress_ops.capture import export as capture_export
@@ -39,8 +40,9 @@ _POOL_FUNCTIONS = {
 }
 _ACT_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.hardswish,
                   F.hardsigmoid, F.leaky_relu, F.elu, F.mish, F.softplus, F.hardtanh, torch.tanh,
-                  F.tanh, torch.sigmoid, F.sigmoid}
-_ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+                  F.tanh, torch.sigmoid, F.sigmoid,
+                  torch.pow}  # (x ** a number: elementwise; a tensor exponent is refused)
+_ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "pow"}
 _IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d}
 _IDENTITY_METHODS = {"contiguous", "clone", "detach"}
 _ADD_FUNCTIONS = {operator.add: 1, operator.iadd: 1, torch.add: 1, operator.sub: -1,
@@ -216,7 +218,7 @@ class _Analysis:
             if out_shape is None:
                 return
             s = self.new_space()
-            cdim = len(out_shape) - (1 if isinstance(m, nn.Linear) else 3)
+            cdim = len(out_shape) - (1 if isinstance(m, LINEAR_TYPES) else 3)
             self.tags[node] = _Tag(s, cdim, 1)
             self.facts.append((s, "producer", name))
             self.steps.append((s, ("src", node.name, [], name)))
@@ -263,7 +265,7 @@ class _Analysis:
 
     def consume(self, src: fx.Node, tin: _Tag, name: str, m: nn.Module, in_shape) -> None:
         nd = len(in_shape) if in_shape is not None else -1
-        if isinstance(m, nn.Linear):
+        if isinstance(m, LINEAR_TYPES):
             ok = tin.cdim == nd - 1
         else:
             ok = tin.rep == 1 and tin.cdim == nd - 3
@@ -538,7 +540,7 @@ def _method(name: str, rest: tuple, kw: dict) -> Callable:
 
 def _layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d, CompressedModule))}
+            if isinstance(m, (*LINEAR_TYPES, nn.Conv2d, CompressedModule))}
 
 
 # ---------------------------------------------------------------------- the exported graph
@@ -554,7 +556,7 @@ _ATEN_AS: dict = {
     _A.hardsigmoid.default: F.hardsigmoid, _A.hardtanh.default: F.hardtanh,
     _A.sigmoid.default: torch.sigmoid, _A.tanh.default: torch.tanh,
     _A.leaky_relu.default: F.leaky_relu, _A.mish.default: F.mish,
-    _A.softplus.default: F.softplus,
+    _A.softplus.default: F.softplus, _A.pow.Tensor_Scalar: torch.pow,
     _A.add.Tensor: torch.add, _A.sub.Tensor: torch.sub, _A.mul.Tensor: torch.mul,
     _A.div.Tensor: torch.div, _A.add_.Tensor: operator.iadd, _A.mul_.Tensor: operator.imul,
     _A.reshape.default: torch.reshape, _A.flatten.using_ints: torch.flatten,
@@ -622,6 +624,44 @@ def _own_call(model: nn.Module, cap, node: fx.Node) -> tuple[str, str] | None:
     return name, kind
 
 
+def _conv1d_calls(model: nn.Module, cap) -> tuple[dict, set, dict]:
+    """Hugging Face ``Conv1D`` calls in the exported graph: ``view(x, [-1, in])`` ->
+    ``addmm(bias, ., weight)`` -> ``view(., [..., out])`` with the module's own tensors.
+    Returns ``{addmm: (module name, x)}``, the input views read only by such a call (left
+    out) and ``{final view: addmm}`` (the call's output)."""
+    calls: dict = {}
+    dropped: set = set()
+    same: dict = {}
+    views = (_A.view.default, _A._unsafe_view.default, _A.reshape.default)
+    for node in cap.graph.nodes:
+        if node.op != "call_function" or node.target is not _A.addmm.default \
+                or len(node.args) != 3 or node.kwargs:
+            continue
+        bias, flat, weight = node.args
+        owner = _owner_attr(cap, weight)
+        if owner is None or owner[1] != "weight" or _owner_attr(cap, bias) != (owner[0],
+                                                                              "bias"):
+            continue
+        m = model.get_submodule(owner[0])
+        if not is_conv1d(m, exact=True) or not isinstance(flat, fx.Node) \
+                or flat.target not in views:
+            continue
+        x = flat.args[0]
+        xv, ov = x.meta.get("val") if isinstance(x, fx.Node) else None, None
+        users = list(node.users)
+        if len(users) == 1 and users[0].target in views:
+            ov = users[0].meta.get("val")
+        if not isinstance(xv, torch.Tensor) or not isinstance(ov, torch.Tensor) \
+                or tuple(ov.shape) != (*xv.shape[:-1], m.weight.shape[1]) \
+                or xv.shape[-1] != m.weight.shape[0]:
+            continue
+        calls[node] = (owner[0], x)
+        same[users[0]] = node
+        if len(flat.users) == 1:
+            dropped.add(flat)
+    return calls, dropped, same
+
+
 def _lift(model: nn.Module, cap) -> tuple[fx.GraphModule, set[str]]:
     """The exported ATen graph in the vocabulary the analysis reads: each op proven to be a
     Linear / Conv2d / BatchNorm module's own call becomes a ``call_module`` of it (whatever its
@@ -633,6 +673,7 @@ def _lift(model: nn.Module, cap) -> tuple[fx.GraphModule, set[str]]:
     env: dict[fx.Node, fx.Node] = {}
     attrs: dict[str, fx.Node] = {}
     lifted: set[str] = set()
+    conv1d, dropped, same = _conv1d_calls(model, cap)
 
     def arg(a):
         def one(n: fx.Node) -> fx.Node:
@@ -656,9 +697,15 @@ def _lift(model: nn.Module, cap) -> tuple[fx.GraphModule, set[str]]:
             t = node.target
             name = getattr(t, "__name__", "")
             own = _own_call(model, cap, node)
-            if name.startswith(_ATEN_DROP):
+            if name.startswith(_ATEN_DROP) or node in dropped:
                 continue
-            if own is not None:
+            if node in same:  # a Conv1D's final view: its call's output
+                env[node] = env[same[node]]
+            elif node in conv1d:
+                env[node] = g.call_module(conv1d[node][0], (arg(conv1d[node][1]),))
+                env[node].meta["lifted"] = "linear"
+                lifted.add(conv1d[node][0])
+            elif own is not None:
                 env[node] = g.call_module(own[0], (arg(node.args[0]),))
                 env[node].meta["lifted"] = own[1]
                 lifted.add(own[0])
@@ -800,7 +847,8 @@ def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto",
         members = sp["producer"] + [c for c, _ in sp["consumer"]] + sp["norm"] + sp["depthwise"]
         why = list(dict.fromkeys(sp["poison"]))
         why += [f"{n} {problems[n]}" for n in dict.fromkeys(members) if n in problems]
-        width = model.get_submodule(sp["producer"][0]).weight.shape[0]
+        first = model.get_submodule(sp["producer"][0])
+        width = oriented(first, first.weight).shape[0]
         if not why and not widths_agree(model, sp, width):
             why.append("the layers' widths disagree with the traced shapes")
         if why:
@@ -846,9 +894,11 @@ def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto",
                              f"runs on the dense model, before compress_; not pruned")
         elif name in reasons:
             skipped[name] = reasons[name]
-        elif type(m) not in (nn.Linear, nn.Conv2d) and name not in lifted:
-            skipped[name] = (f"a {type(m).__name__} (subclass of "
-                             f"{'nn.Linear' if isinstance(m, nn.Linear) else 'nn.Conv2d'}): its "
+        elif type(m) not in (nn.Linear, nn.Conv2d) and not is_conv1d(m, exact=True) \
+                and name not in lifted:
+            base = ("nn.Linear" if isinstance(m, nn.Linear) else "Conv1D"
+                    if is_conv1d(m) else "nn.Conv2d")
+            skipped[name] = (f"a {type(m).__name__} (subclass of {base}): its "
                              f"forward may do more than the base class; not pruned")
         elif name not in called:
             skipped[name] = "not called as a module in the traced forward"
@@ -868,14 +918,15 @@ def widths_agree(model: nn.Module, sp: dict, width: int) -> bool:
     in ``model``."""
     rows = sp.get("rows", {})  # weight rows per unit (attention heads), default 1
     for n in sp["producer"] + sp["depthwise"]:
-        if model.get_submodule(n).weight.shape[0] != width * rows.get(n, 1):
+        m = model.get_submodule(n)
+        if oriented(m, m.weight).shape[0] != width * rows.get(n, 1):
             return False
     for n in sp["norm"]:
         if model.get_submodule(n).num_features != width:
             return False
     for n, rep in sp["consumer"]:
         m = model.get_submodule(n)
-        if m.weight.shape[1] != width * rep:
+        if oriented(m, m.weight).shape[1] != width * rep:
             return False
     return True
 

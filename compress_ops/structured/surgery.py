@@ -8,6 +8,7 @@ import copy
 import torch
 from torch import nn
 
+from compress_ops._linear import is_conv1d
 from compress_ops._swap import replace_everywhere
 from compress_ops.structured.graph import ChannelGroup, widths_agree
 
@@ -61,6 +62,11 @@ def _slice_out(m: nn.Module, idx: torch.Tensor, depthwise: bool = False,
     i = (i[:, None] * rows + torch.arange(rows, device=i.device)).reshape(-1)
     k = i.numel()
     new = _resized(m)
+    if is_conv1d(m):  # (weight [in, out]: its outputs are columns)
+        new.nf = k
+        _param(new, "weight", m, m.weight[:, i])
+        _param(new, "bias", m, None if m.bias is None else m.bias[i])
+        return new
     if isinstance(m, nn.Linear):
         new.out_features = k
     elif depthwise:
@@ -75,6 +81,11 @@ def _slice_out(m: nn.Module, idx: torch.Tensor, depthwise: bool = False,
 def _slice_in(m: nn.Module, idx: torch.Tensor, rep: int) -> nn.Module:
     i = idx.to(m.weight.device)
     new = _resized(m)
+    if is_conv1d(m):  # (weight [in, out]: its inputs are rows)
+        rows = (i[:, None] * rep + torch.arange(rep, device=i.device)).reshape(-1)
+        new.nx = rows.numel()
+        _param(new, "weight", m, m.weight[rows])
+        return new
     if isinstance(m, nn.Linear):
         cols = (i[:, None] * rep + torch.arange(rep, device=i.device)).reshape(-1)
         new.in_features = cols.numel()

@@ -155,3 +155,37 @@ def test_plan_takes_conv1d_layers():
                  candidates=[co.QuantConfig(bits=4, group_size=32)], verbose=False)
     chosen = {r.layer for r in pl.table if r.chosen and r.config is not None}
     assert chosen and chosen <= set(PROJ)
+
+
+def test_gpt2_mlp_channels_are_groups_through_conv1d_and_gelu_new():
+    model, ids = gpt2()
+    groups, skipped = co.structured.channel_groups(model, (ids,))
+    assert [(g.producers, g.consumers, g.width) for g in groups] == [
+        ([f"transformer.h.{i}.mlp.c_fc"], [f"transformer.h.{i}.mlp.c_proj"], 256)
+        for i in range(2)]
+    assert "split" in skipped["transformer.h.0.attn.c_attn"]  # q, k, v in one Conv1D
+    with torch.no_grad():
+        for g in groups:  # gelu_new(0) = 0: the first half of the channels contributes nothing
+            m = model.get_submodule(g.producers[0])
+            m.weight[:, :128] = 0
+            m.bias[:128] = 0
+        ref = model(ids).logits
+    co.structured.prune_channels(model, (ids,), zero_only=True)
+    c_fc = model.transformer.h[0].mlp.c_fc
+    assert type(c_fc).__name__ == "Conv1D" and c_fc.weight.shape == (64, 128) and c_fc.nf == 128
+    assert model.transformer.h[0].mlp.c_proj.weight.shape == (128, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_pruner_masks_conv1d_rows_and_removes_them():
+    model, ids = gpt2()
+    p = co.prune.Pruner(model, 0.25, pattern="channel", example_inputs=(ids,))
+    keep = p.masks[("transformer.h.0.mlp.c_fc", "weight")]
+    assert keep.shape == (64, 256) and (keep == keep[:1]).all()  # whole output columns
+    with torch.no_grad():
+        masked = model(ids).logits
+    model = p.finalize()
+    assert model.transformer.h[0].mlp.c_fc.nf == 192
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, masked, rtol=1e-4, atol=1e-4)

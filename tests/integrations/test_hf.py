@@ -17,7 +17,12 @@ import compress_ops as co
 transformers = pytest.importorskip("transformers")  # (not on the GPU image)
 hf = pytest.importorskip("compress_ops.integrations.hf")
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 def gpt2():

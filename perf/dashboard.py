@@ -14,6 +14,12 @@ per (kernel, device, commit, provider, dtype) saying where it wins and loses, th
 files and their measured peaks, a "problems" section listing every file or row with missing or
 unknown fields (such rows are still shown and plotted as far as their fields allow), and a table
 of all rows.
+
+End-to-end rows (``perf/bench_e2e.py``: rows with an ``e2e`` object, files
+``<date>-<device>-e2e.json``) get their own table, "End to end", one line per (model, size,
+config, mode): tokens/s or images/s, speedup against the dense (unfused) row of the same mode,
+weight and peak-memory bytes, the output check, and why a row did not run. They are left out of
+the kernel summary and the plots (whose axis is a kernel's M), and shown in the table of all rows.
 """
 
 from __future__ import annotations
@@ -100,6 +106,11 @@ def line_key(r: dict[str, Any]) -> tuple[str, str, str, str]:
             str(r.get("provider", "?")), str(r.get("backend", "?")))
 
 
+def is_e2e(r: dict[str, Any]) -> bool:
+    """An end-to-end row (``perf/bench_e2e.py``): a whole model, not a kernel."""
+    return isinstance(r.get("e2e"), dict)
+
+
 def _num(v: Any) -> float | None:
     if not is_number(v) or not math.isfinite(v):
         return None
@@ -119,7 +130,8 @@ def render_png(loaded: Loaded, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels: dict[tuple, list[dict]] = defaultdict(list)
-    for r in loaded.rows:
+    kernel_rows = [r for r in loaded.rows if not is_e2e(r)]
+    for r in kernel_rows:
         if _xkey(_shape(r)) is not None:
             panels[panel_key(r)].append(r)
     if not panels:
@@ -130,7 +142,7 @@ def render_png(loaded: Loaded, path: Path) -> None:
         plt.close(fig)
         return
 
-    lines = sorted({line_key(r) for r in loaded.rows})
+    lines = sorted({line_key(r) for r in kernel_rows})
     providers = sorted({lk[2] for lk in lines})
     machines = sorted({(lk[0], lk[1]) for lk in lines})
     cmap = plt.get_cmap("tab10")
@@ -202,7 +214,7 @@ def summary_rows(loaded: Loaded) -> list[dict[str, Any]]:
     """Per (kernel, device, commit, provider, backend, dtype): wins, best and worst speedup."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in loaded.rows:
-        if r.get("provider") in BASELINE_PROVIDERS:
+        if r.get("provider") in BASELINE_PROVIDERS or is_e2e(r):
             continue
         groups[(str(r.get("kernel")),) + line_key(r) + (str(r.get("dtype")),)].append(r)
     out = []
@@ -276,6 +288,8 @@ def render_html(loaded: Loaded, path: Path, png_name: str | None) -> None:
             f"<td class='l'>{e(_case_str(w)) if w else '-'}</td></tr>")
     parts.append("</table>")
 
+    parts += e2e_html(loaded)
+
     if png_name is not None:  # None: no plots (matplotlib is not installed)
         parts.append(f"<h2>Plots</h2><p><img src='{e(png_name)}' alt='benchmark plots'></p>")
 
@@ -331,6 +345,56 @@ def render_html(loaded: Loaded, path: Path, png_name: str | None) -> None:
             f"<td class='l'>{e(str(r.get('note') or ''))}</td></tr>")
     parts.append("</table></body></html>")
     Path(path).write_text("\n".join(parts) + "\n")
+
+
+def _mb(v: Any) -> str:
+    n = _num(v)
+    return "-" if n is None else f"{n / 1e6:.1f}"
+
+
+def e2e_html(loaded: Loaded) -> list[str]:
+    """The "End to end" section: one line per end-to-end row (nothing when there is none)."""
+    rows = [r for r in loaded.rows if is_e2e(r)]
+    if not rows:
+        return []
+    e = html.escape
+    parts = [
+        "<h2>End to end (models)</h2>",
+        "<p>Whole models with random weights (<code>python -m compress_ops.perf.bench_e2e</code>"
+        "): batch-1 greedy decode of a Llama-shaped decoder (tokens/s) and MobileNetV2 "
+        "(images/s). x dense: against the dense (unfused) row of the same model, size and "
+        "mode. Max rel err: logits against the dense model (a sanity number). Peak memory is "
+        "measured on CUDA only.</p>",
+        "<table><tr><th>file</th><th>model</th><th>size</th><th>config</th><th>mode</th>"
+        "<th>device</th><th>commit</th><th>dtype</th><th>rate</th><th>x dense</th>"
+        "<th>weight MB</th><th>peak MB</th><th>max rel err</th><th>token match</th>"
+        "<th>status</th></tr>",
+    ]
+    for r in rows:
+        x = r["e2e"]
+        sp = _num(r.get("speedup_vs_dense"))
+        sp_cls = "" if sp is None or r.get("provider") in BASELINE_PROVIDERS | {"unfused"} \
+            else (" class='win'" if sp > 1.0 else " class='lose'")
+        rate = _num(x.get("rate"))
+        rate_s = f"{rate:.1f} {e(str(x.get('rate_unit', '')))}" if rate is not None else "-"
+        status = str(x.get("status", "?"))
+        if x.get("error"):
+            status += f": {x['error']}"
+        parts.append(
+            f"<tr><td class='l'>{e(r['_file'])}</td><td class='l'>{e(str(x.get('model')))}</td>"
+            f"<td class='l'>{e(str(x.get('size')))}</td>"
+            f"<td class='l'>{e(str(r.get('provider', '?')))}</td>"
+            f"<td class='l'>{e(str(x.get('mode')))}</td>"
+            f"<td class='l'>{e(str(r.get('device', '?')))}</td>"
+            f"<td class='l'>{e(str(r.get('git_sha', '?')))}</td>"
+            f"<td class='l'>{e(str(r.get('dtype', '?')))}</td><td>{rate_s}</td>"
+            f"<td{sp_cls}>{_fmt(sp, '.2f')}</td><td>{_mb(x.get('weight_bytes'))}</td>"
+            f"<td>{_mb(x.get('peak_mem_bytes'))}</td>"
+            f"<td>{_fmt(r.get('max_rel_err'), '.2g')}</td>"
+            f"<td>{_fmt(x.get('token_match'), '.2f')}</td>"
+            f"<td class='l'>{e(status)}</td></tr>")
+    parts.append("</table>")
+    return parts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 # One prepared GPU check (at most ~9 minutes with the default limits): install, CUDA tests, benchmarks.
 #
 #   bash perf/gpu_check.sh                              # on the GPU machine, from anywhere
-#   bash perf/gpu_check.sh --quick                      # the quick check (at most ~6 minutes)
+#   bash perf/gpu_check.sh --quick                      # the quick check (at most ~7 minutes)
 #   COMPRESS_OPS_GIT_SHA=<sha> bash perf/gpu_check.sh   # name the commit when .git is absent
 #   GPU_CHECK_DRY=1 bash perf/gpu_check.sh [--quick]    # CPU rehearsal: tests/perf + --quick bench
 #                                                       # (--quick: the quick check, tiny shapes)
@@ -27,10 +27,23 @@
 #       the fused dw+pw conv on two MobileNetV2 pairs (batch 32) against the cuDNN pair
 #   5q. table: the static model's predictions (perf/results/static-triton<ver>.json) against
 #       the measured rows, then a compact table of everything
+#   6q. e2e: python -m compress_ops.perf.bench_e2e -> <date>-<gpu>-e2e.json next to the quick
+#       file: a random-weight Llama decoder, batch-1 greedy decode tokens/s, dense fp16 vs
+#       int4 g128 / int8 / 2:4 / low rank / 4-bit codebook, eager and torch.compile
+#       reduce-overhead; MobileNetV2 images/s (batch 32) fused vs unfused, eager and compiled.
+#       Size 1b (Llama-3.2-1B's shape) when the quick budget left (GPU_CHECK_QUICK_BUDGET, 480 s,
+#       minus the time spent so far) covers the step's limit and that limit is at least
+#       GPU_CHECK_E2E_1B_MIN (80 s), else small (4 layers of 1024); GPU_CHECK_E2E_SIZE forces
+#       one. The choice and its reason are stored in the file (meta.e2e.size, size_reason). The
+#       step stops starting rows 20 s before its limit (the rest: "skipped" rows) and rewrites
+#       the file after every row. Without transformers in the image the Llama part is one
+#       skipped row ("transformers missing") and MobileNetV2 still runs. A dry run: tiny, eager
+#       only, the ops' CPU routes (not the interpreter).
 #
 # Time limits (seconds), overridable: GPU_CHECK_INSTALL_TIMEOUT (60), GPU_CHECK_TEST_TIMEOUT
 # (270), GPU_CHECK_BENCH_TIMEOUT (210); --quick: GPU_CHECK_SMOKE_TIMEOUT (90),
-# GPU_CHECK_HEADLINE_TIMEOUT (150), GPU_CHECK_TABLE_TIMEOUT (20), GPU_CHECK_SMOKE_WORKERS (4).
+# GPU_CHECK_HEADLINE_TIMEOUT (150), GPU_CHECK_TABLE_TIMEOUT (20), GPU_CHECK_SMOKE_WORKERS (4),
+# GPU_CHECK_E2E_TIMEOUT (90; 0 skips the e2e step).
 # GPU_CHECK_FAMILIES (comma-separated) limits the benchmark to those families.
 # Exit status: 0 when every step passed, else 1 (2: a bad argument).
 set -u
@@ -54,6 +67,9 @@ T_BENCH=${GPU_CHECK_BENCH_TIMEOUT:-210}
 T_SMOKE=${GPU_CHECK_SMOKE_TIMEOUT:-90}
 T_HEADLINE=${GPU_CHECK_HEADLINE_TIMEOUT:-150}
 T_TABLE=${GPU_CHECK_TABLE_TIMEOUT:-20}
+T_E2E=${GPU_CHECK_E2E_TIMEOUT:-90}
+QUICK_BUDGET=${GPU_CHECK_QUICK_BUDGET:-480}
+E2E_1B_MIN=${GPU_CHECK_E2E_1B_MIN:-80}
 
 if [ "$DRY" = "1" ] && [ -x "$REPO/.venv/bin/python" ]; then
     PY=${PYTHON:-$REPO/.venv/bin/python}
@@ -199,6 +215,58 @@ if [ "$QUICK" = "1" ]; then
         fi
         [ $RC -ne 0 ] && RC_QUICK=1
     done
+    # 6q. e2e: its own process and limit; the size by the time left of the quick budget
+    if [ "$T_E2E" -gt 0 ]; then
+        LEFT=$(( QUICK_BUDGET - $(elapsed) ))
+        if [ -n "${GPU_CHECK_E2E_SIZE:-}" ]; then
+            E2E_SIZE=$GPU_CHECK_E2E_SIZE; E2E_WHY="GPU_CHECK_E2E_SIZE=$GPU_CHECK_E2E_SIZE"
+        elif [ "$DRY" = "1" ]; then
+            E2E_SIZE=tiny; E2E_WHY="dry run (CPU rehearsal)"
+        elif [ "$LEFT" -ge "$T_E2E" ] && [ "$T_E2E" -ge "$E2E_1B_MIN" ]; then
+            E2E_SIZE=1b
+            E2E_WHY="gpu_check --quick: ${LEFT}s left of the ${QUICK_BUDGET}s budget >= the ${T_E2E}s e2e limit (>= ${E2E_1B_MIN}s)"
+        else
+            E2E_SIZE=small
+            E2E_WHY="gpu_check --quick: ${LEFT}s left of the ${QUICK_BUDGET}s budget, e2e limit ${T_E2E}s (1b needs both >= the limit and the limit >= ${E2E_1B_MIN}s)"
+        fi
+        SLUG=$(basename "$QRESULT" .json | sed 's/^.*-quick-//')
+        E2E_OUT="$QDIR/$(date +%F)-${SLUG}-e2e.json"
+        E2E_BUDGET=$(( T_E2E - 20 ))
+        [ "$E2E_BUDGET" -lt 10 ] && E2E_BUDGET=10
+        E2E_ARGS=(--device "$DEVICE" --size "$E2E_SIZE" --size-reason "$E2E_WHY"
+                  --out "$E2E_OUT" --budget-s "$E2E_BUDGET")
+        # the rehearsal: eager only, tiny counts, one thread, the ops' CPU routes (the interpreter would
+        # take minutes over a whole model)
+        [ "$DRY" = "1" ] && E2E_ARGS+=(--no-compile --decode-tokens 8 --reps 3 --no-peaks --threads 1)
+        section "quick: e2e, size $E2E_SIZE (limit ${T_E2E}s)"
+        echo "e2e size: $E2E_SIZE ($E2E_WHY)"
+        # SIGINT first: the benchmark records 'interrupted' and the file keeps its rows
+        timeout -s INT -k 10 "$T_E2E" "$PY" -m compress_ops.perf.bench_e2e "${E2E_ARGS[@]}" \
+            2>&1 | tee "$LOG_DIR/quick-e2e.log"
+        RC=$?
+        E2E_ROWS=$("$PY" - "$E2E_OUT" <<'EOF' 2>&1
+import sys
+from compress_ops.perf import schema
+obj, problems = schema.load_results(sys.argv[1])
+if obj is None:
+    print("no e2e file:", "; ".join(problems))
+else:
+    st = [r.get("e2e", {}).get("status") for r in obj["rows"]]
+    e2e = obj["meta"].get("e2e", {})
+    print(f"{len(st)} rows ({st.count('ok')} ok, {st.count('error')} error, "
+          f"{st.count('skipped')} skipped), size {e2e.get('size')}, {e2e.get('transformers')}, "
+          f"complete={obj['meta'].get('complete')}, {len(problems)} schema problems")
+EOF
+)
+        if timed_out $RC; then
+            note "quick e2e: TIMED OUT after ${T_E2E}s (rc=$RC); $E2E_ROWS -> $E2E_OUT"
+        else
+            note "quick e2e: rc=$RC; $E2E_ROWS -> $E2E_OUT"
+        fi
+        [ $RC -ne 0 ] && RC_QUICK=1
+    else
+        note "quick e2e: skipped (GPU_CHECK_E2E_TIMEOUT=0)"
+    fi
     if [ -f "$QRESULT" ]; then
         note "quick results -> $QRESULT"
     else

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import compress_ops as co
+from compress_ops.perf.compat import import_torchvision
 
 CONFIGS: dict[str, object] = {
     "int8": co.QuantConfig(bits=8, group_size=None),
@@ -121,6 +122,7 @@ def row(name: str, build: Callable[[], nn.Module], x: torch.Tensor, label: str,
 
 
 def main(argv: list[str] | None = None) -> int:
+    import_torchvision()
     import transformers
 
     transformers.logging.set_verbosity_error()

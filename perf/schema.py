@@ -22,6 +22,12 @@ FLOP/s.
 
 Rows whose provider could not run keep ``median_us`` and the derived numbers ``null`` and say
 why in ``note``.
+
+End-to-end rows (:mod:`compress_ops.perf.bench_e2e`: a whole model, ``kernel`` ``e2e_*``) are
+rows of the same schema with one more field, ``e2e``: an object with what a kernel row has no
+field for (model, size, config, mode, status, rate and its unit, weight and peak-memory bytes,
+...; :data:`E2E_FIELDS` are required in it). Their file header may carry ``meta.e2e`` (the run's
+settings and what was skipped and why).
 """
 
 from __future__ import annotations
@@ -68,16 +74,20 @@ ROW_FIELDS: tuple[str, ...] = (
     "backend",
 )
 #: Fields a row may carry in addition.
-OPTIONAL_ROW_FIELDS: tuple[str, ...] = ("samples", "note", "max_rel_err")
+OPTIONAL_ROW_FIELDS: tuple[str, ...] = ("samples", "note", "max_rel_err", "e2e")
 #: Fields that may be ``null`` (a provider that could not run, a missing baseline).
 NULLABLE_ROW_FIELDS: frozenset[str] = frozenset(
     {"median_us", "tflops", "gbps", "pct_peak", "peak_kind", "speedup_vs_dense",
      "samples", "note", "max_rel_err"}
 )
+#: Fields the ``e2e`` object of an end-to-end row must carry (``rate``: tokens/s or images/s,
+#: as ``rate_unit`` says; ``null`` when the row did not run, ``status`` then says why not).
+E2E_FIELDS: tuple[str, ...] = ("model", "size", "config", "mode", "status", "rate", "rate_unit")
+E2E_STATUSES = ("ok", "error", "skipped")
 META_FIELDS: tuple[str, ...] = ("device", "backend", "torch", "triton", "git_sha", "date", "peaks")
 OPTIONAL_META_FIELDS: tuple[str, ...] = (
     "python", "cuda", "host", "cpu_threads", "argv", "quick", "families", "duration_s",
-    "complete", "errors", "load_avg",
+    "complete", "errors", "load_avg", "e2e",
 )
 TOP_FIELDS: tuple[str, ...] = ("schema", "meta", "rows")
 PEAK_KINDS = ("hbm", "flops")
@@ -117,6 +127,7 @@ class Row:
     samples: int | None = None
     note: str | None = None
     max_rel_err: float | None = None
+    e2e: dict[str, Any] | None = None  # end-to-end rows only (module docstring)
 
     def to_dict(self) -> dict[str, Any]:
         """The row as written to JSON (optional fields left out when ``None``)."""
@@ -364,6 +375,28 @@ def _validate_row(i: int, r: Any) -> list[str]:
         out.append(f"{where}: shape should be a non-empty object of integers, got {r['shape']!r}")
     if r.get("peak_kind") is not None and r["peak_kind"] not in PEAK_KINDS:
         out.append(f"{where}: peak_kind should be one of {PEAK_KINDS}, got {r['peak_kind']!r}")
+    if "e2e" in r:
+        out.extend(_validate_e2e(where, r["e2e"]))
+    return out
+
+
+def _validate_e2e(where: str, e: Any) -> list[str]:
+    """Problems with the ``e2e`` object of an end-to-end row."""
+    if not isinstance(e, dict):
+        return [f"{where}: e2e should be an object, got {e!r}"]
+    out = [f"{where}: e2e: missing field {k!r}" for k in E2E_FIELDS if k not in e]
+    for k in ("model", "size", "config", "mode", "rate_unit"):
+        if k in e and not isinstance(e[k], str):
+            out.append(f"{where}: e2e: field {k!r} should be a string, got {e[k]!r}")
+    if "status" in e and e["status"] not in E2E_STATUSES:
+        out.append(f"{where}: e2e: status should be one of {E2E_STATUSES}, got {e['status']!r}")
+    rate = e.get("rate")
+    if rate is not None and not is_number(rate):
+        out.append(f"{where}: e2e: rate should be a number or null, got {rate!r}")
+    if e.get("status") == "ok" and not (is_number(rate) and rate > 0):
+        out.append(f"{where}: e2e: status ok without a positive rate")
+    if e.get("status") in ("error", "skipped") and not e.get("error"):
+        out.append(f"{where}: e2e: status {e['status']} without an error saying why")
     return out
 
 

@@ -33,39 +33,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from compress_ops.perf.compat import import_torchvision  # noqa: E402
 
-def _import_torchvision() -> None:
-    """Import torchvision (a test dependency: the real-model tests build its models, and timm's)
-    on a torch without its compiled ops.
-
-    The torchvision wheel on the package index is built against the CUDA torch of the same
-    release; with the CPU wheel pinned here its ``_C`` extension does not load, and the import
-    then fails while it registers fake impls for ``torchvision::nms`` ("operator
-    torchvision::nms does not exist"), though its models are pure Python. Defining the two op
-    schemas it registers fakes for (``nms``, ``qnms``; no kernel behind them, so calling them
-    raises) lets the import finish. Only the test process does this: the library never imports
-    torchvision.
-    """
-    import sys
-
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        return  # not installed: the tests that need it skip
-    except RuntimeError as exc:
-        if "torchvision::" not in str(exc) or "does not exist" not in str(exc):
-            raise
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-        _TORCHVISION_SCHEMAS.append(lib)  # the definitions live as long as the library object
-        import torchvision  # noqa: F401
-
-
-_TORCHVISION_SCHEMAS: list = []
-_import_torchvision()
+# torchvision (a test dependency: the real-model tests build its models, and timm's) on a
+# torch without its compiled ops: see compress_ops.perf.compat. Only the test process and the
+# benchmarks do this; the library never imports torchvision.
+import_torchvision()
 
 _COMMON = dict(
     deadline=None,

@@ -20,7 +20,8 @@ from torch import nn
 from compress_ops.configs import UnsupportedModule, UnsupportedWeight
 
 __all__ = ["SKIPPED_ATTR", "CONFIGS_ATTR", "AFTER_COMPRESS", "after_compress",
-           "applied_configs", "record_config", "Index",
+           "applied_configs", "record_config", "RESIZED_ATTR", "resized", "record_resized",
+           "Index",
            "index", "dense_reason", "hooks_reason", "carry_state", "set_submodule",
            "replace_everywhere", "notes", "record_notes", "replace_layers"]
 
@@ -28,6 +29,8 @@ __all__ = ["SKIPPED_ATTR", "CONFIGS_ATTR", "AFTER_COMPRESS", "after_compress",
 SKIPPED_ATTR = "_compress_ops_skipped"
 #: Attribute of a model holding the configs ``compress_`` applied to it (for ``co.save``).
 CONFIGS_ATTR = "_compress_ops_configs"
+#: Attribute of a model holding the names of modules structured pruning resized.
+RESIZED_ATTR = "_compress_ops_resized"
 
 FilterFn = Callable[[nn.Module, str], bool]
 Decision = tuple[bool, object]  # (some rule matched, its config or None)
@@ -150,6 +153,17 @@ def after_compress(model: nn.Module) -> None:
     """Run every :data:`AFTER_COMPRESS` function on ``model``."""
     for fn in AFTER_COMPRESS:
         fn(model)
+
+
+def resized(model: nn.Module) -> list[str]:
+    """Names of the dense modules structured pruning resized in ``model`` (for checkpoints:
+    a freshly built model has them at their original sizes)."""
+    return list(getattr(model, RESIZED_ATTR, []))
+
+
+def record_resized(model: nn.Module, name: str) -> None:
+    """Note that the module at ``name`` of ``model`` was resized."""
+    object.__setattr__(model, RESIZED_ATTR, list(dict.fromkeys([*resized(model), name])))
 
 
 def applied_configs(model: nn.Module) -> list[object]:

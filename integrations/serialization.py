@@ -12,6 +12,9 @@ and, in its header (``__metadata__["compress_ops"]``), a JSON manifest:
 ``identity``
     names that are ``nn.Identity`` in the compressed model (the later members of a fused
     chain, a BatchNorm folded away).
+``resized``
+    dense modules structured pruning made smaller: their class, size attributes and tensor
+    shapes (applied before anything else on load).
 ``aliases``
     ``{key: the key it is stored under}`` for tensors held under several names.
 ``frozen``
@@ -45,6 +48,7 @@ from compress_ops.api import Recipe, report
 from compress_ops.configs import DWSepFuseConfig, per_layer_configs
 from compress_ops.nn import FusedDWSepConv2d, LowRankConv2d
 from compress_ops.nn.base import CompressedLinear, CompressedModule
+from compress_ops.structured.surgery import resized_copy
 
 __all__ = ["FORMAT_VERSION", "METADATA_KEY", "CheckpointError", "save", "load", "load_into",
            "manifest", "read_manifest", "checked_manifest", "apply_manifest", "finish_load",
@@ -105,8 +109,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _all_resized(model: nn.Module) -> set[str]:
+    return {".".join(p for p in (prefix, rel) if p)
+            for prefix, sub in model.named_modules() for rel in _swap.resized(sub)}
+
+
 def _module_entries(model: nn.Module) -> tuple[list[dict[str, Any]], list[str]]:
     idx = _swap.index(model)
+    resized = _all_resized(model)
     entries, identity = [], []
     for mid, names in idx.names.items():
         module = idx.modules[mid]
@@ -120,6 +130,7 @@ def _module_entries(model: nn.Module) -> tuple[list[dict[str, Any]], list[str]]:
                 "args": module.init_args(),
                 "dtype": _dtype_name(module.weight_dtype),
                 "attrs": {a: getattr(module, a) for a in module.saved_attrs},
+                "resized": any(n in resized for n in names),
             })
         elif type(module) is nn.Identity:
             identity += [n for n in names if n]
@@ -132,6 +143,60 @@ def _module_entries(model: nn.Module) -> tuple[list[dict[str, Any]], list[str]]:
 def _storage_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.device, t.storage_offset(), tuple(t.shape),
             t.stride(), t.dtype)
+
+
+#: The size attributes structured pruning changes (``select_channels``), by module type.
+SIZE_ATTRS = ("in_features", "out_features", "nf", "nx", "in_channels", "out_channels",
+              "groups", "num_features")
+
+
+def _resized_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{name: {"class", "attrs", "shapes"}}`` of the dense modules structured pruning
+    resized (their sizes and own tensors' shapes; compressed ones have their own entry)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(_all_resized(model)):
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if not isinstance(m, CompressedModule):
+            tensors = {**{k: v for k, v in m._parameters.items() if v is not None},
+                       **{k: v for k, v in m._buffers.items() if v is not None}}
+            out[name] = {"class": type(m).__name__,
+                         "attrs": {a: getattr(m, a) for a in SIZE_ATTRS if hasattr(m, a)},
+                         "shapes": {k: list(v.shape) for k, v in tensors.items()}}
+    return out
+
+
+def _apply_resized(model: nn.Module, resized: dict[str, dict[str, Any]]) -> None:
+    """Give each recorded dense module the sizes it was saved with (a same-class copy holding
+    meta tensors of the saved shapes, put in at every name)."""
+    for name, entry in resized.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"the checkpoint resized {name!r} (structured pruning), "
+                                  f"which the model does not have") from None
+        if type(old).__name__ != entry["class"]:
+            raise CheckpointError(f"{name} is a {type(old).__name__}; the checkpoint resized a "
+                                  f"{entry['class']} there")
+        new = resized_copy(old)
+        for attr, value in entry["attrs"].items():
+            setattr(new, attr, value)
+        for key, shape in entry["shapes"].items():
+            if key in old._parameters and old._parameters[key] is not None:
+                p = old._parameters[key]
+                new._parameters[key] = nn.Parameter(
+                    torch.empty(shape, dtype=p.dtype, device="meta"),
+                    requires_grad=p.requires_grad)
+            elif key in old._buffers and old._buffers[key] is not None:
+                b = old._buffers[key]
+                new._buffers[key] = torch.empty(shape, dtype=b.dtype, device="meta")
+            else:
+                raise CheckpointError(f"{name}.{key}: the checkpoint has it, the model's "
+                                      f"{type(old).__name__} does not")
+        _swap.replace_everywhere(model, old, new)
+        _swap.record_resized(model, name)
 
 
 def manifest(model: nn.Module, *, tensors: bool = True
@@ -168,7 +233,9 @@ def manifest(model: nn.Module, *, tensors: bool = True
         for name, note in _swap.notes(sub).items():
             notes.setdefault(".".join(p for p in (prefix, name) if p), note)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    resized = _resized_entries(model)
     man = {"format_version": FORMAT_VERSION, "modules": entries, "identity": identity,
+           "resized": resized,
            "aliases": aliases, "frozen": frozen, "notes": notes,
            "configs": [config_to_json(c) for c in _swap.applied_configs(model)],
            "torch": torch.__version__}
@@ -255,6 +322,7 @@ def apply_manifest(model: nn.Module, man: dict[str, Any]) -> nn.Module:
     """Put the manifest's compressed modules (built on the meta device) and identities into
     ``model``; every module must be where the manifest says, and fit."""
     classes = _classes()
+    _apply_resized(model, man.get("resized", {}))
     names = dict(model.named_modules(remove_duplicate=False))
     for entry in man["modules"]:
         cls = classes.get(entry["class"])
@@ -267,6 +335,8 @@ def apply_manifest(model: nn.Module, man: dict[str, Any]) -> nn.Module:
                                       f"does not have: build the model the way it was built "
                                       f"before compress_")
             why = _fits(cls, entry["args"], names[name])
+            if why and entry.get("resized") and "has a weight of" in why:
+                why = None  # structured pruning made it smaller before it was compressed
             if why:
                 raise CheckpointError(f"{name} {why}: the checkpoint's {entry['class']} does "
                                       f"not fit it")

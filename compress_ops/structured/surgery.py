@@ -8,11 +8,12 @@ import copy
 import torch
 from torch import nn
 
+from compress_ops import _swap
 from compress_ops._linear import is_conv1d
 from compress_ops._swap import replace_everywhere
 from compress_ops.structured.graph import ChannelGroup, widths_agree
 
-__all__ = ["select_channels", "check_index"]
+__all__ = ["select_channels", "check_index", "resized_copy"]
 
 
 def check_index(index, width: int, what: str = "index") -> torch.Tensor:
@@ -36,7 +37,7 @@ def check_index(index, width: int, what: str = "index") -> torch.Tensor:
     return idx
 
 
-def _resized(m: nn.Module) -> nn.Module:
+def resized_copy(m: nn.Module) -> nn.Module:
     """A copy of ``m`` of the same class (a subclass keeps its own ``forward``: a ``Conv2d``
     that pads first, timm's ``BatchNormAct2d`` with its activation child) sharing its children
     and attributes, with its own parameter and buffer dicts, for the slicing below to fill."""
@@ -61,7 +62,7 @@ def _slice_out(m: nn.Module, idx: torch.Tensor, depthwise: bool = False,
     i = idx.to(m.weight.device)
     i = (i[:, None] * rows + torch.arange(rows, device=i.device)).reshape(-1)
     k = i.numel()
-    new = _resized(m)
+    new = resized_copy(m)
     if is_conv1d(m):  # (weight [in, out]: its outputs are columns)
         new.nf = k
         _param(new, "weight", m, m.weight[:, i])
@@ -80,7 +81,7 @@ def _slice_out(m: nn.Module, idx: torch.Tensor, depthwise: bool = False,
 
 def _slice_in(m: nn.Module, idx: torch.Tensor, rep: int) -> nn.Module:
     i = idx.to(m.weight.device)
-    new = _resized(m)
+    new = resized_copy(m)
     if is_conv1d(m):  # (weight [in, out]: its inputs are rows)
         rows = (i[:, None] * rep + torch.arange(rep, device=i.device)).reshape(-1)
         new.nx = rows.numel()
@@ -99,7 +100,7 @@ def _slice_in(m: nn.Module, idx: torch.Tensor, rep: int) -> nn.Module:
 def _slice_norm(m: nn.Module, idx: torch.Tensor) -> nn.Module:
     ref = m.weight if m.weight is not None else m.running_mean
     i = idx.to(ref.device) if ref is not None else idx
-    new = _resized(m)
+    new = resized_copy(m)
     new.num_features = idx.numel()
     for name in ("weight", "bias"):
         v = getattr(m, name)
@@ -156,4 +157,5 @@ def select_channels(model: nn.Module, group: ChannelGroup, index: torch.Tensor) 
             new = _slice_in(new, idx, group.columns.get(name, 1))
         new.train(old.training)
         replace_everywhere(model, old, new)
+        _swap.record_resized(model, name)
     group.width = idx.numel()

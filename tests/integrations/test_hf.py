@@ -169,3 +169,18 @@ def test_without_compress_ops_imported_transformers_warns(tmp_path):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Unknown quantization type, got compress_ops" in out.stderr
+
+
+def test_structured_pruned_llama_roundtrips_through_save_pretrained(tmp_path):
+    model = llama()
+    co.structured.prune_channels(model, (IDS,), sparsity=0.25)
+    up = model.model.layers[0].mlp.up_proj
+    assert up.out_features == 72  # 96 -> 72 channels
+    co.compress_(model, co.QuantConfig(bits=8, group_size=None))
+    ref = run(model)
+    model.save_pretrained(tmp_path)
+    loaded, info = type(model).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert torch.equal(run(loaded), ref)
+    co.save(model, tmp_path / "m.safetensors")
+    assert torch.equal(run(co.load(llama, tmp_path / "m.safetensors")), ref)

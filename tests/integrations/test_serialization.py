@@ -194,3 +194,28 @@ def test_qat_models_are_refused_until_finalized(tmp_path):
     model = co.qat.prepare_qat(build(), co.QuantConfig(bits=4, group_size=32))
     with pytest.raises(co.CheckpointError, match="finalize_qat"):
         co.save(model, tmp_path / "q.safetensors")
+
+
+def test_structured_pruning_then_compression_roundtrips(tmp_path):
+    def convnet():
+        torch.manual_seed(0)
+        return random_bn(nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 64), nn.ReLU(),
+            nn.Linear(64, 10))).eval()
+
+    x = torch.randn(2, 3, 8, 8)
+    model = convnet()
+    co.structured.prune_channels(model, (x,), sparsity=0.5)
+    assert model[0].out_channels == 8 and model[8].out_features == 32
+    co.compress_(model, co.QuantConfig(bits=8, group_size=None))
+    with torch.no_grad():
+        ref = model(x)
+    man, _ = ser.manifest(model)
+    assert set(man["resized"]) == {"0", "1", "3", "4"}  # 8 and 10 are compressed now
+    loaded = roundtrip(model, tmp_path, convnet)
+    assert loaded[0].out_channels == 8 and loaded[1].num_features == 8
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ref)
+    assert str(co.report(loaded)) == str(co.report(model))

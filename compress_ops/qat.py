@@ -409,4 +409,6 @@ def finalize_qat(model: nn.Module) -> nn.Module:
             _swap.replace_everywhere(model, fake, new)
     if result is not model:
         _swap.record_notes(result, _swap.notes(model))
+    if fakes:
+        _swap.after_compress(result)
     return result

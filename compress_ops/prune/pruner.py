@@ -10,8 +10,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compress_ops._linear import LINEAR_TYPES, from_oriented, is_conv1d, oriented, plain_linear
+from compress_ops._swap import after_compress, replace_everywhere
 from compress_ops._swap import index as module_index
-from compress_ops._swap import replace_everywhere
 from compress_ops._validate import check_int, check_number
 from compress_ops.nn.sparse24 import Sparse24Linear
 from compress_ops.prune.criteria import (
@@ -394,6 +394,7 @@ class Pruner:
                         self.model = new
                     else:
                         replace_everywhere(self.model, m, new)
+            after_compress(self.model)
         elif self.pattern == "channel":
             masked = {tuple(g.producers): int((~self._row_keep(g)).sum()) for g in self.groups}
             self.structured = prune_channels(self.model, self.example_inputs, zero_only=True)

@@ -184,3 +184,17 @@ def test_structured_pruned_llama_roundtrips_through_save_pretrained(tmp_path):
     assert torch.equal(run(loaded), ref)
     co.save(model, tmp_path / "m.safetensors")
     assert torch.equal(run(co.load(llama, tmp_path / "m.safetensors")), ref)
+
+
+def test_pruner_and_qat_results_save_with_their_manifest(tmp_path):
+    model = gpt2()
+    p = co.prune.Pruner(model, pattern="2:4", sparsity=None)
+    model = p.finalize()  # Conv1D -> Sparse24Linear, outside compress_
+    ref = run(model)
+    model.save_pretrained(tmp_path / "pruned")
+    assert torch.equal(run(type(model).from_pretrained(tmp_path / "pruned")), ref)
+    model = co.qat.finalize_qat(co.qat.prepare_qat(llama(), co.QuantConfig(bits=4,
+                                                                           group_size=32)))
+    ref = run(model)
+    model.save_pretrained(tmp_path / "qat")
+    assert torch.equal(run(type(model).from_pretrained(tmp_path / "qat")), ref)

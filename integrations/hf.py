@@ -7,12 +7,15 @@
 * ``from_pretrained(saved_dir)`` builds the compressed modules on the meta device before the
   weights load (the manifest), so every tensor loads where it was saved: no warnings, nothing
   re-initialised, outputs bit for bit.
-* ``from_pretrained(dense_dir, quantization_config=CompressOpsConfig(recipe=...))`` loads the
-  dense weights, then compresses with ``recipe`` (a config or a ``Recipe``). The output
-  embeddings and ``modules_to_not_convert`` stay dense, as transformers' quantizers keep them;
-  tied weights stay dense as ``compress_`` keeps them. Every config compresses after all
-  weights are loaded (shared codebooks and plans need them all; per-layer configs do not, but
-  streaming them layer by layer is not implemented), so the peak memory is the dense model's.
+* ``from_pretrained(dense_dir, quantization_config=CompressOpsConfig(recipe=...))``
+  compresses with ``recipe`` (a config, a ``Recipe`` or a ``Plan``) while loading: each layer a
+  per-layer config applies to is compressed as soon as its weight is read (a transformers
+  conversion op), so its dense weight never becomes a parameter. Layers that need every weight
+  first (a shared codebook) or are shared under several names compress after loading. The
+  peak memory is only somewhat lower than loading dense and compressing after (transformers
+  holds the checkpoint's tensors while it loads; ``perf/load_memory.py`` measures it). The
+  output embeddings and ``modules_to_not_convert`` stay dense, as transformers' quantizers
+  keep them; tied weights stay dense as ``compress_`` keeps them.
 * Accelerate offload (a ``device_map`` with ``"disk"``, ``"meta"``, or ``"cpu"`` beside an
   accelerator) is refused: offload hooks swap a module's parameters, not the packed buffers.
 
@@ -34,11 +37,20 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
+import torch
 from torch import nn
 
 from compress_ops import _swap
-from compress_ops.api import compress_
+from compress_ops.api import Recipe, compress_, config_for
+from compress_ops.configs import (
+    AlreadyCompressedError,
+    UnsupportedModule,
+    UnsupportedWeight,
+    transform_for,
+)
 from compress_ops.integrations import serialization as ser
+from compress_ops.nn.base import CompressedModule
+from compress_ops.structured.surgery import resized_copy
 
 __all__ = ["QUANT_METHOD", "install", "register", "is_pretrained_model", "attach"]
 # (also CompressOpsConfig and CompressOpsHfQuantizer, defined on first use: they need transformers)
@@ -110,10 +122,23 @@ def _classes() -> tuple[type, type]:
 
         def _process_model_before_weight_loading(self, model: nn.Module,
                                                  **kwargs: Any) -> nn.Module:
+            cfg = self.quantization_config
             if self.pre_quantized:  # the compressed skeleton, on the meta device
                 ser.apply_manifest(model, ser.checked_manifest(
-                    self.quantization_config.manifest, "config.json quantization_config"))
+                    cfg.manifest, "config.json quantization_config"))
+            elif cfg.recipe is not None:
+                self.keep = _kept(model, cfg.modules_to_not_convert)
+                self.streamed = _streamable(model, cfg.recipe, self.keep)
             return model
+
+        def param_needs_quantization(self, model: nn.Module, param_name: str,
+                                     **kwargs: Any) -> bool:
+            module, _, attr = param_name.rpartition(".")
+            return (not self.pre_quantized and attr == "weight"
+                    and module in getattr(self, "streamed", {}))
+
+        def get_quantize_ops(self) -> object:
+            return _compress_op_class()(self)
 
         def _process_model_after_weight_loading(self, model: nn.Module,
                                                 **kwargs: Any) -> nn.Module:
@@ -122,13 +147,7 @@ def _classes() -> tuple[type, type]:
                 man = ser.checked_manifest(cfg.manifest, "config.json quantization_config")
                 ser.finish_load(model, man)
             elif cfg.recipe is not None:
-                keep = _kept(model, cfg.modules_to_not_convert)
-                compress_(model, cfg.recipe, filter_fn=lambda m, name: name not in keep)
-                notes = _swap.notes(model)
-                for name, why in keep.items():
-                    if notes.get(name) == "excluded by filter_fn":
-                        notes[name] = why
-                _swap.record_notes(model, notes)
+                _compress_the_rest(model, cfg.recipe, self.keep)
             _link(model, self)
             return model
 
@@ -154,6 +173,96 @@ def _classes() -> tuple[type, type]:
             return True
 
     return CompressOpsConfig, CompressOpsHfQuantizer
+
+
+def _streamable(model: nn.Module, recipe: object, keep: dict[str, str]) -> dict[str, object]:
+    """``{module name: config}`` of the layers compressed as their weights load (one at a
+    time: the peak memory is the compressed model plus one dense layer): every layer a
+    per-layer config applies to on its own. Shared codebooks (a table fitted over many layers),
+    layers shared under several names, tied or hooked ones, and the kept ones are left for
+    after loading (``compress_`` then says why any stays dense)."""
+    idx = _swap.index(model)
+    out: dict[str, object] = {}
+    for mid, names in idx.names.items():
+        module = idx.modules[mid]
+        if len(names) != 1 or not names[0] or names[0] in keep:
+            continue
+        matched, cfg = config_for(recipe, names[0])
+        if not matched or cfg is None:
+            continue
+        if not isinstance(module, transform_for(cfg).handles) or getattr(cfg, "shared", False):
+            continue  # (a shared table is fitted over every layer it covers: after loading)
+        if _swap.dense_reason(idx, module, names, cfg, None) is None:
+            out[names[0]] = cfg
+    return out
+
+
+def _compress_the_rest(model: nn.Module, recipe: object, keep: dict[str, str]) -> None:
+    """After loading: compress what was not streamed (shared codebooks, ...) and note why the
+    kept layers stay dense; record the config and the notes."""
+    rest = [n for n, m in model.named_modules() if n and n not in keep
+            and isinstance(m, _handled(recipe)) and not isinstance(m, CompressedModule)
+            and config_for(recipe, n)[1] is not None]
+    try:
+        if not rest:
+            raise AlreadyCompressedError("every layer was compressed as it loaded")
+        compress_(model, recipe, filter_fn=lambda m, name: name in rest)
+    except AlreadyCompressedError:  # the rest stayed dense (notes recorded): streamed layers
+        _swap.record_config(model, recipe)
+    notes = _swap.notes(model)
+    for name, why in keep.items():
+        if notes.get(name, "excluded by filter_fn") == "excluded by filter_fn":
+            notes[name] = why
+    _swap.record_notes(model, notes)
+
+
+def _handled(recipe: object) -> tuple[type, ...]:
+    configs = recipe.rules.values() if isinstance(recipe, Recipe) else [recipe]
+    return tuple(dict.fromkeys(t for c in configs if c is not None
+                               for t in transform_for(c).handles))
+
+
+@cache
+def _compress_op_class() -> type:
+    """The transformers conversion op that compresses one layer as its weight loads."""
+    from transformers.core_model_loading import ConversionOps
+
+    class CompressOnLoad(ConversionOps):
+        def __init__(self, quantizer: object) -> None:
+            self.quantizer = quantizer
+
+        def convert(self, input_dict: dict[str, Any], source_patterns: list[str] | None = None,
+                    target_patterns: list[str] | None = None, model: nn.Module | None = None,
+                    missing_keys: set | None = None, **kwargs: Any) -> dict[str, Any]:
+            (key, value), = input_dict.items()
+            value = value[0] if isinstance(value, list) else value
+            name = key.rpartition(".")[0]
+            old = model.get_submodule(name)
+            cfg = self.quantizer.streamed[name]
+            dense = resized_copy(old)  # the layer with its loaded weight, for the transform
+            dense._parameters["weight"] = nn.Parameter(
+                value.detach().to(old.weight.dtype), requires_grad=False)
+            bias = getattr(old, "bias", None)
+            if isinstance(bias, nn.Parameter) and bias.device.type == "meta":
+                dense._parameters["bias"] = nn.Parameter(
+                    torch.zeros(bias.shape, dtype=bias.dtype, device=value.device),
+                    requires_grad=False)
+            try:
+                new = transform_for(cfg).build(dense, cfg)
+            except UnsupportedWeight:
+                raise
+            except UnsupportedModule:  # stays dense: compress_ after loading says why
+                del self.quantizer.streamed[name]
+                return {key: value}
+            if isinstance(bias, nn.Parameter):
+                new.bias = bias  # loaded before or after the weight, into the same Parameter
+            new.train(old.training)
+            _swap.set_submodule(model, name, new)
+            if missing_keys is not None:
+                missing_keys.discard(key)
+            return {f"{name}.{k}": v for k, v in new.state_dict().items() if k != "bias"}
+
+    return CompressOnLoad
 
 
 def _kept(model: nn.Module, patterns: list[str]) -> dict[str, str]:

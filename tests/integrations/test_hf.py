@@ -109,21 +109,42 @@ def test_generate_gives_equal_tokens_after_reload(name, tmp_path):
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # the tie holds
 
 
+@pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_compress_on_load_equals_compress_after_load(name, tmp_path):
+def test_compress_on_load_equals_compress_after_load(name, config, tmp_path, monkeypatch):
     dense = MODELS[name]()
     dense.save_pretrained(tmp_path / "dense")
     cls = type(dense)
-    config = hf.CompressOpsConfig(recipe=co.QuantConfig(bits=4, group_size=32))
-    on_load = cls.from_pretrained(tmp_path / "dense", quantization_config=config)
-    after = co.compress_(cls.from_pretrained(tmp_path / "dense"),
-                         co.QuantConfig(bits=4, group_size=32))
+    after = co.compress_(cls.from_pretrained(tmp_path / "dense"), CONFIGS[config])
+    calls = []
+    monkeypatch.setattr(hf, "compress_", lambda *a, **k: calls.append(a) or co.compress_(*a, **k))
+    on_load, info = cls.from_pretrained(
+        tmp_path / "dense", quantization_config=hf.CompressOpsConfig(recipe=CONFIGS[config]),
+        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
     assert torch.equal(run(on_load), run(after))
+    shared = config == "codebook"  # one table over every layer: after loading
+    assert bool(calls) == shared and bool(on_load.hf_quantizer.streamed) != shared
+    if config != "int4":
+        return
     rows = {r.name: r for r in co.report(on_load)}
     assert rows["lm_head"].kind == "dense" and "output embeddings" in rows["lm_head"].note
+    theirs = {r.name: r for r in co.report(after)}  # the same layers, the same bytes
+    assert [(n, r.kind, r.stored_bytes) for n, r in rows.items()] == \
+        [(n, r.kind, r.stored_bytes) for n, r in theirs.items()]
     on_load.save_pretrained(tmp_path / "q")  # and the compressed-on-load model saves
     again = cls.from_pretrained(tmp_path / "q")
     assert torch.equal(run(again), run(on_load))
+
+
+def test_layers_refused_while_loading_are_noted(tmp_path):
+    gpt2().save_pretrained(tmp_path)
+    config = hf.CompressOpsConfig(recipe=co.LowRankConfig(rank=48))  # saves nothing on c_proj
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, quantization_config=config)
+    rows = {r.name: r for r in co.report(model)}
+    assert rows["transformer.h.0.attn.c_proj"].kind == "dense"
+    assert "SVD rank 48" in rows["transformer.h.0.attn.c_proj"].note
+    assert rows["transformer.h.0.mlp.c_fc"].kind == "lowrank"
 
 
 def test_config_json_roundtrip_and_bad_recipes():

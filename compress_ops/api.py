@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 import compress_ops.transforms  # noqa: F401  (registers every config's transform)
 from compress_ops import _swap
 from compress_ops._linear import LINEAR_TYPES
 from compress_ops._text import format_table
+from compress_ops.calibrate import input_hessians
 from compress_ops.configs import (
     AlreadyCompressedError,
     CompressionConfig,
@@ -142,6 +144,8 @@ def compress_(
     *,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     example_inputs: tuple | None = None,
+    calib: Iterable | None = None,
+    forward: Callable[[nn.Module, object], object] | None = None,
 ) -> nn.Module:
     """Replace the modules of ``model`` that ``config`` handles, in place; return the model.
 
@@ -155,6 +159,11 @@ def compress_(
     ``example_inputs`` (a tuple of the forward's positional arguments) is read by
     ``DWSepFuseConfig``: the model is then captured with ``torch.export`` on them, which sees
     through module classes, and the fused model is checked against the original on them.
+
+    ``calib`` (an iterable of batches, run as ``forward(model, batch)``, by default as
+    ``co.plan`` runs them) is read by configs that need calibration data
+    (``QuantConfig(method="gptq")``: each layer's input Hessian, from the dense model's
+    inputs); such a config without ``calib`` is a ``ValueError``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -162,11 +171,17 @@ def compress_(
         raise TypeError(f"example_inputs must be a tuple of the model's positional inputs, got "
                         f"{type(example_inputs).__name__}")
     if isinstance(config, DWSepFuseConfig):
+        if calib is not None or forward is not None:
+            raise TypeError("calib / forward are read by configs that need calibration data "
+                            "(QuantConfig(method='gptq')); DWSepFuseConfig folds BatchNorm "
+                            "exactly and reads none")
         return _fuse_dwsep(model, config, filter_fn, example_inputs)
     if example_inputs is not None:
         raise TypeError(f"example_inputs is read by DWSepFuseConfig only; {type(config).__name__} "
                         f"compresses each layer from its own weights")
     check_config(config)
+    if calib is not None and (isinstance(calib, torch.Tensor) or not isinstance(calib, Iterable)):
+        raise TypeError(f"calib must be an iterable of batches, got {type(calib).__name__}")
     idx = index(model, config)
     none_types = (config.noted_types() if isinstance(config, Recipe) else ()) or LINEAR_TYPES
 
@@ -178,18 +193,52 @@ def compress_(
             for matched, cfg in decisions)
 
     before = {id(m) for m in model.modules() if isinstance(m, CompressedModule)}
+    hessians = _calibrate(model, config, idx, in_scope, filter_fn, calib, forward)
+
+    def build(module: nn.Module, cfg: object, **extras: object) -> nn.Module:
+        if getattr(cfg, "needs_calibration", False) and id(module) in hessians:
+            extras["hessian"] = hessians[id(module)]
+        return transform_for(cfg).build(module, cfg, **extras)
+
     out = _swap.replace_layers(
         model, lambda name: config_for(config, name), idx=idx, in_scope=in_scope,
         reason=lambda idx, module, aliases, cfg: _swap.dense_reason(idx, module, aliases, cfg,
                                                                     filter_fn),
-        prepare=lambda cfg: transform_for(cfg).prepare,
-        build=lambda module, cfg, **extras: transform_for(cfg).build(module, cfg, **extras))
+        prepare=lambda cfg: transform_for(cfg).prepare, build=build)
     if not any(isinstance(m, CompressedModule) and id(m) not in before
                for m in out.modules()):
         _nothing_changed(out, config, idx)
     _swap.record_config(out, config)
     _swap.after_compress(out)
     return out
+
+
+def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
+               in_scope: Callable[[nn.Module, set], bool],
+               filter_fn: Callable[[nn.Module, str], bool] | None, calib: Iterable | None,
+               forward: Callable[[nn.Module, object], object] | None
+               ) -> dict[int, torch.Tensor]:
+    """``{id(layer): its input Hessian}`` for the layers whose config needs calibration
+    (from the dense model's inputs on ``calib``); ``ValueError`` naming them without it."""
+    wanted: dict[str, nn.Module] = {}
+    for mid, aliases in idx.names.items():
+        module = idx.modules[mid]
+        decisions = {config_for(config, n) for n in aliases}
+        if len(decisions) != 1 or not in_scope(module, decisions):
+            continue
+        ((_, cfg),) = decisions
+        if getattr(cfg, "needs_calibration", False) and isinstance(module, LINEAR_TYPES) \
+                and _swap.dense_reason(idx, module, aliases, cfg, filter_fn) is None:
+            wanted[aliases[0]] = module
+    if not wanted:
+        return {}
+    if calib is None:
+        raise ValueError(f"{len(wanted)} layers ({', '.join(list(wanted)[:4])}"
+                         f"{', ...' if len(wanted) > 4 else ''}) have a config that needs "
+                         f"calibration data (GPTQ: each layer's input Hessian): pass "
+                         f"compress_(model, config, calib=batches[, forward=fn])")
+    hessians = input_hessians(model, wanted, calib, forward)
+    return {id(wanted[n]): h for n, h in hessians.items()}
 
 
 def _nothing_changed(model: nn.Module, config: object, idx: _swap.Index) -> None:

@@ -85,19 +85,40 @@ class CompressionConfig:
 
     per_layer: ClassVar[bool] = True
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether compressing with this config reads calibration data (``compress_(...,
+        calib=batches)``): the layer's input Hessian for GPTQ."""
+        return False
+
 
 @dataclass(frozen=True)
 class Sparse24Config(CompressionConfig):
     """2:4 structured sparsity for ``nn.Linear`` (along ``in_features``).
 
-    ``prune=True`` keeps the two largest-magnitude weights of every group of four; with
+    ``prune=True`` keeps two weights of every group of four, chosen by ``method``:
+    ``"magnitude"`` (the two largest ``|w|``), ``"wanda"`` (the largest ``|w| * ||x||``) or
+    ``"sparsegpt"`` (least Optimal-Brain-Surgeon saliency removed, the kept weights updated to
+    absorb the error; :func:`compress_ops.sparsify.sparsegpt_2to4`, ``damp`` as GPTQ's). The
+    last two read calibration data: ``compress_(model, config, calib=batches)``. With
     ``prune=False`` the weights must already be 2:4 (``ValueError`` otherwise).
     """
 
     prune: bool = True
+    method: str = "magnitude"
+    damp: float = 0.01
 
     def __post_init__(self) -> None:
         check_bool("prune", self.prune)
+        check_choice("method", self.method, ("magnitude", "wanda", "sparsegpt"))
+        check_number("damp", self.damp, low=0.0, high=1.0, high_open=True)
+        if not self.prune and self.method != "magnitude":
+            raise ValueError(f"method={self.method!r} chooses which weights to prune; with "
+                             f"prune=False the weights are 2:4 already")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "magnitude"
 
 
 @dataclass(frozen=True)
@@ -106,12 +127,22 @@ class QuantConfig(CompressionConfig):
     (and, unless ``symmetric``, one zero point) per ``group_size`` input features of a row
     (32, 64, 128, 256, or ``None`` for the whole row). ``search_steps`` > 0 searches a
     shrunk range per group (least squared error); 0 is plain min/max round-to-nearest.
+
+    ``method``: ``"rtn"`` rounds every weight to its nearest level; ``"gptq"`` chooses the
+    levels with GPTQ's error feedback through the layer's input Hessian
+    (:func:`compress_ops.quantize.gptq_affine`: the same grids and packed format, less output
+    error), which needs calibration data: ``compress_(model, config, calib=batches)``.
+    ``act_order`` (GPTQ: columns in order of decreasing input energy, static groups) and
+    ``damp`` (GPTQ: the fraction of the mean Hessian diagonal added to it) tune it.
     """
 
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
     search_steps: int = 20
+    method: str = "rtn"
+    act_order: bool = True
+    damp: float = 0.01
 
     def __post_init__(self) -> None:
         check_choice("bits", self.bits, BITS)
@@ -119,12 +150,20 @@ class QuantConfig(CompressionConfig):
             check_choice("group_size", self.group_size, GROUP_SIZES, hint="or None (whole row)")
         check_bool("symmetric", self.symmetric)
         check_int("search_steps", self.search_steps, min=0)
+        check_choice("method", self.method, ("rtn", "gptq"))
+        check_bool("act_order", self.act_order)
+        check_number("damp", self.damp, low=0.0, high=1.0, high_open=True)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
 
 
 @dataclass(frozen=True)
 class CodebookConfig(CompressionConfig):
     """Weight sharing for ``nn.Linear``: every weight becomes one of ``2**bits`` values
-    (``bits`` in {2, 3, 4, 8}) found by k-means (``iters`` Lloyd steps from quantiles).
+    (``bits`` in {2, 3, 4, 8}) found by 1-D k-means: Lloyd's steps from two starts until the
+    assignment stops changing (converged; at most ``iters`` steps, cheap on sorted values).
 
     ``row_groups`` > 1 fits one table per equal group of output rows. ``shared=True`` fits one
     table over every layer this config compresses in one ``compress_`` call (under a
@@ -135,7 +174,7 @@ class CodebookConfig(CompressionConfig):
 
     bits: int = 4
     row_groups: int = 1
-    iters: int = 25
+    iters: int = 1000
     shared: bool = False
 
     def __post_init__(self) -> None:

@@ -346,6 +346,11 @@ def prepare_qat(model: nn.Module, config: QATConfig | Recipe, *,
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_config(config, _QAT_CONFIGS)
     _check_refresh(refresh_every)
+    rules = config.rules.values() if isinstance(config, Recipe) else [config]
+    one_shot = [c for c in rules if isinstance(c, QuantConfig) and c.method != "rtn"]
+    if one_shot:
+        raise ValueError(f"prepare_qat trains round-to-nearest weights; {one_shot[0]!r} is a "
+                         f"one-shot method: use it with compress_(..., calib=) instead")
 
     def in_scope(module: nn.Module, decisions: set[tuple[bool, object]]) -> bool:
         if not isinstance(module, LINEAR_TYPES) or not any(matched for matched, _ in decisions):

@@ -24,6 +24,7 @@ __all__ = [
     "AffineWeight",
     "CodebookWeight",
     "quantize_affine",
+    "gptq_affine",
     "kmeans_1d",
     "fit_codebook",
     "assign_codebook",
@@ -283,6 +284,106 @@ def quantize_affine(w: torch.Tensor, bits: int, group_size: int | None = 128, *,
     return out
 
 
+def gptq_affine(w: torch.Tensor, hessian: torch.Tensor, bits: int,
+                group_size: int | None = 128, *, symmetric: bool = False,
+                search_steps: int = 20, act_order: bool = True, block_size: int = 128,
+                damp: float = 0.01) -> AffineWeight:
+    """GPTQ (Frantar et al., 2023): b-bit weights of ``w[N, K]`` chosen column by column, each
+    column's rounding error spread over the columns not yet quantized through the inverse of
+    the layer's input Hessian ``hessian [K, K]`` (``2 X^T X / n``, :func:`compress_ops.calibrate.
+    input_hessians`), so the layer's *output* error on the calibration inputs shrinks, not the
+    weights' own.
+
+    - **The grid is the stored one.** Each group's scale and zero point are
+      :func:`quantize_affine`'s (the same range search, on the original weights: static
+      groups), so the packed format, the module and the kernels are unchanged; only which
+      level each weight takes differs. With an identity (or any diagonal) Hessian nothing
+      spreads, and the result equals :func:`quantize_affine` exactly.
+    - **Activation order** (``act_order``): columns are quantized in order of decreasing
+      Hessian diagonal (the inputs with the most energy first, while the most columns are left
+      to absorb their error). Groups stay the contiguous runs of ``group_size`` columns of the
+      original order, with their static grids, so there is no ``g_idx`` and no permutation at
+      run time; g_idx-style act-order instead regroups columns in the processing order and
+      must gather scales by column in the kernel.
+    - **Dampening**: ``damp * mean(diag H)`` is added to the diagonal before the Cholesky
+      factorization of its inverse; inputs that never fire (a zero diagonal) get 1 there and
+      take no error. Columns are processed in blocks of ``block_size`` with lazy updates of the
+      rest (the same arithmetic, fewer passes over ``w``).
+
+    ``ValueError`` for a Hessian of the wrong shape, non-finite, or not positive definite even
+    after dampening (raise ``damp``); :class:`~compress_ops.configs.UnsupportedWeight` as
+    :func:`quantize_affine`, and for weights within a factor 4 of the storage dtype's maximum
+    (the grids clip levels there; use round-to-nearest).
+    """
+    _check_weight(w)
+    n, k = w.shape
+    if not isinstance(hessian, torch.Tensor) or hessian.shape != (k, k):
+        got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else repr(hessian)
+        raise ValueError(f"hessian must be a [{k}, {k}] tensor (the layer's input Hessian), "
+                         f"got {got}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("hessian holds NaN or Inf (non-finite calibration activations)")
+    if not 0.0 <= damp < 1.0 or block_size < 1:
+        raise ValueError(f"damp must be in [0, 1) and block_size >= 1, got {damp}, {block_size}")
+    dtype = w.dtype
+    if float(w.detach().abs().max()) * 4 > torch.finfo(dtype).max:
+        raise UnsupportedWeight(f"GPTQ: weights within a factor 4 of {_dtype_name(dtype)}'s "
+                                f"maximum, where the grids clip levels; use round-to-nearest")
+    rtn = quantize_affine(w, bits, group_size, symmetric=symmetric, search_steps=search_steps)
+    gs = rtn.group_size
+    kp = padded_k(k, gs)
+    wf = _work(w).clone()
+    work = wf.dtype
+    s = rtn.scales.to(work)
+    off = (torch.full_like(s, float(2 ** (bits - 1))) if rtn.zeros is None
+           else rtn.zeros.to(work))
+    qmax = 2**bits - 1
+
+    def stored(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).to(work) if dtype != work else t
+
+    h = hessian.detach().to(device=w.device, dtype=work).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    wf[:, dead] = 0.0
+    perm = (torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order
+            else torch.arange(k, device=w.device))
+    wf, h = wf[:, perm], h[perm][:, perm]
+    h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)),
+                                     upper=True)
+    except RuntimeError as exc:  # torch.linalg.LinAlgError
+        raise ValueError(f"GPTQ: the Hessian is not positive definite after dampening "
+                         f"(damp={damp}); raise damp ({exc})") from exc
+    group = (perm // gs).tolist()
+    q = torch.empty(n, k, dtype=work, device=w.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = wf[:, i1:i2].clone()
+        e1 = torch.zeros_like(w1)
+        u1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = group[i1 + i]
+            col = w1[:, i]
+            qc = (col / s[:, g] + off[:, g]).round_().clamp_(0, qmax)
+            err = (col - stored((qc - off[:, g]) * s[:, g])) / u1[i, i]
+            q[:, i1 + i] = qc
+            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+            e1[:, i] = err
+        wf[:, i2:] -= e1 @ hinv[i1:i2, i2:]
+    full = torch.empty(n, kp, dtype=work, device=w.device)
+    full[:, perm] = q
+    if kp > k:  # padding columns hold what quantize_affine stores for a zero weight
+        full[:, k:] = off[:, -1:].round().clamp(0, qmax)
+    out = AffineWeight(pack_bits(full.to(torch.int32), bits), rtn.scales, rtn.zeros, bits, gs)
+    bad = ~torch.isfinite(dequantize(out.qweight, out.scales, out.zeros, bits, gs, k))
+    if bool(bad.any()):
+        r, c = (int(i) for i in bad.nonzero()[0])
+        raise UnsupportedWeight(f"GPTQ: row {r}, column {c} dequantizes to a non-finite value")
+    return out
+
+
 def _check_affine_fit(w: torch.Tensor, a: AffineWeight) -> None:
     """Refuse a packed weight that would store garbage: a group that dequantizes (as
     ``dequantize`` does in the storage dtype, or as the kernels do in float32 and cast) to a
@@ -339,7 +440,7 @@ def _pow2_scale(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 25, *, init: str = "quantile",
-              history: list[float] | None = None) -> torch.Tensor:
+              history: list[float] | None = None, tol: float = 0.0) -> torch.Tensor:
     """Lloyd's k-means on the rows of ``values[R, P]`` (each row its own 1-D problem).
 
     Deterministic initialisation: ``"quantile"`` puts centroid ``j`` at the ``(j + 1/2) / k``
@@ -348,8 +449,12 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 25, *, init: str = "qua
     that grid). In 1-D the nearest centroid is found by binary search over the midpoints of the
     sorted centroids. Empty clusters keep their centroid. Returns sorted centroids ``[R, k]``.
     With ``history``, appends the total squared error before every iteration and after the
-    last: Lloyd's steps never increase it. Rows near either end of float32's range run
-    scaled by a power of two (exact), so their sums neither overflow nor underflow.
+    last: Lloyd's steps never increase it. It stops early when the assignment no longer changes
+    (a fixed point) or, with ``tol > 0``, when an iteration lowers the total squared error by
+    less than ``tol`` of it (converged to that tolerance; ``iters`` is then only a cap). Rows
+    near either end of float32's range run scaled by a power of two (exact), so their sums
+    neither overflow nor underflow. The values are sorted once: a cluster is a run of them
+    and its mean a difference of float64 prefix sums, so a step costs ``O(k log P)`` per row.
     """
     if values.dim() != 2 or values.shape[1] == 0:
         raise ValueError("values must be [R, P] with P >= 1")
@@ -367,20 +472,37 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 25, *, init: str = "qua
         c = lo + (hi - lo) * torch.linspace(0, 1, k, device=v.device, dtype=v.dtype)
     else:
         raise ValueError(f"init must be 'quantile' or 'uniform', got {init!r}")
+    # Sorted once: a cluster is then a run of the sorted values, its sum a difference of
+    # prefix sums, and one Lloyd step costs O(k log P) per row instead of O(P).
+    srt = v.sort(dim=1).values
+    zero = torch.zeros(r, 1, dtype=torch.float64, device=v.device)
+    cs = torch.cat([zero, srt.double().cumsum(1)], 1)
+    cs2 = torch.cat([zero, srt.double().square().cumsum(1)], 1)
+    last = torch.full((r, 1), p, dtype=torch.long, device=v.device)
+    first = torch.zeros_like(last)
+    unscale = None if scale is None else \
+        (scale[0].double() * scale[1].double()).reciprocal().square()
+    prev = None
     for it in range(iters + 1):
-        idx = torch.searchsorted(_midpoints(c), v)
-        if history is not None:
-            sq = (v - torch.gather(c, 1, idx)) ** 2
-            if scale is None:
-                history.append(float(sq.sum()))
-            else:  # back at the values' own scale, in float64
-                unscale = (scale[0].double() * scale[1].double()).reciprocal().square()
-                history.append(float((sq.sum(1, keepdim=True).double() * unscale).sum()))
+        # cluster j holds the values in (mid[j-1], mid[j]] (what searchsorted assigns)
+        cuts = torch.searchsorted(srt, _midpoints(c).contiguous(), right=True)
+        edges = torch.cat([first, cuts, last], 1)
+        lo, hi = edges[:, :-1], edges[:, 1:]
+        counts = (hi - lo).double()
+        sums = cs.gather(1, hi) - cs.gather(1, lo)
+        if history is not None or tol > 0:
+            sq = cs2.gather(1, hi) - cs2.gather(1, lo)
+            cd = c.double()
+            per_row = (sq - 2 * cd * sums + counts * cd * cd).clamp_min(0).sum(1, keepdim=True)
+            sse = float(per_row.sum() if unscale is None else (per_row * unscale).sum())
+            if history is not None:
+                history.append(sse)
+            if tol > 0 and prev is not None and prev - sse <= tol * prev:
+                break
+            prev = sse
         if it == iters:
             break
-        sums = torch.zeros_like(c).scatter_add_(1, idx, v)
-        counts = torch.zeros_like(c).scatter_add_(1, idx, torch.ones_like(v))
-        new = torch.where(counts > 0, sums / counts.clamp_min(1), c)
+        new = torch.where(counts > 0, sums / counts.clamp_min(1), c.double()).to(v.dtype)
         if torch.equal(new, c):
             if history is not None:
                 history.append(history[-1])
@@ -414,11 +536,14 @@ def assign_codebook(w: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 
 def fit_codebook(weights: list[torch.Tensor], bits: int, row_groups: int = 1,
-                 iters: int = 25, dtype: torch.dtype | None = None) -> torch.Tensor:
+                 iters: int = 1000, dtype: torch.dtype | None = None,
+                 tol: float = 0.0) -> torch.Tensor:
     """One k-means codebook (``2**bits`` values) per row group, fit over ``weights``.
 
-    Runs :func:`kmeans_1d` from the quantile and the uniform start and keeps, per row group,
-    the table with the lower error (so never worse than the min/max uniform grid).
+    Runs :func:`kmeans_1d` from the quantile and the uniform start (at most ``iters`` Lloyd
+    steps each, stopping at a fixed point or, with ``tol``, when a step improves the error by
+    less than that fraction) and keeps, per row group, the table with the lower error (so
+    never worse than the min/max uniform grid).
 
     One weight with ``row_groups = R``: R tables over equal groups of rows. Several weights
     (cross-layer sharing): ``row_groups`` must be 1 and one table is fit over all of them.
@@ -444,8 +569,8 @@ def fit_codebook(weights: list[torch.Tensor], bits: int, row_groups: int = 1,
     # Lloyd from both deterministic starts; each row group keeps the better table (quantiles
     # win on bell-shaped weights at few bits, the uniform grid on heavy tails at many bits).
     values = values.contiguous()
-    best = kmeans_1d(values, 2**bits, iters, init="quantile")
-    other = kmeans_1d(values, 2**bits, iters, init="uniform")
+    best = kmeans_1d(values, 2**bits, iters, init="quantile", tol=tol)
+    other = kmeans_1d(values, 2**bits, iters, init="uniform", tol=tol)
     take = _row_errors(values, other) < _row_errors(values, best)
     best = torch.where(take[:, None], other, best).to(dtype).contiguous()
     if not bool(torch.isfinite(best).all()):

@@ -10,6 +10,7 @@ imports this module.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from compress_ops._linear import LINEAR_TYPES, is_conv1d, plain_linear
@@ -21,10 +22,12 @@ from compress_ops.configs import (
     UnsupportedModule,
     register_transform,
 )
+from compress_ops.nn.base import check_compute_dtype
 from compress_ops.nn.dequant import CodebookLinear, QuantLinear
 from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
 from compress_ops.nn.sparse24 import Sparse24Linear
-from compress_ops.quantize import fit_codebook
+from compress_ops.quantize import fit_codebook, gptq_affine
+from compress_ops.sparsify import sparsegpt_2to4, wanda_2to4
 
 __all__ = ["plain_linear", "shared_codebook"]
 
@@ -46,14 +49,43 @@ def shared_codebook(modules: list[nn.Module], config: CodebookConfig) -> dict[in
             if type(m) is nn.Linear or is_conv1d(m, exact=True)}
 
 
+def _calibration(config: object, hessian: torch.Tensor | None) -> torch.Tensor:
+    if hessian is None:
+        raise ValueError(f"{config!r} needs calibration data: compress_(model, config, "
+                         f"calib=batches) (the layer's input Hessian)")
+    return hessian
+
+
 @register_transform(Sparse24Config, LINEAR_TYPES)
-def _sparse24(module: nn.Module, config: Sparse24Config) -> nn.Module:
-    return Sparse24Linear.from_dense(plain_linear(module), prune=config.prune)
+def _sparse24(module: nn.Module, config: Sparse24Config,
+              hessian: torch.Tensor | None = None) -> nn.Module:
+    linear = plain_linear(module)
+    if config.method == "magnitude":
+        return Sparse24Linear.from_dense(linear, prune=config.prune)
+    hessian = _calibration(config, hessian)
+    check_compute_dtype("Sparse24Linear", linear.weight.dtype)
+    if config.method == "wanda":
+        w = wanda_2to4(linear.weight, hessian)
+    else:
+        w = sparsegpt_2to4(linear.weight, hessian, damp=config.damp)
+    pruned = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
+    pruned.weight = nn.Parameter(w, requires_grad=False)
+    pruned.bias = linear.bias
+    return Sparse24Linear.from_dense(pruned, prune=False)
 
 
 @register_transform(QuantConfig, LINEAR_TYPES)
-def _quant(module: nn.Module, config: QuantConfig) -> nn.Module:
-    return QuantLinear.from_dense(plain_linear(module), bits=config.bits,
+def _quant(module: nn.Module, config: QuantConfig,
+           hessian: torch.Tensor | None = None) -> nn.Module:
+    linear = plain_linear(module)
+    if config.method == "gptq":
+        hessian = _calibration(config, hessian)
+        check_compute_dtype("QuantLinear", linear.weight.dtype)
+        qw = gptq_affine(linear.weight.detach(), hessian, config.bits, config.group_size,
+                         symmetric=config.symmetric, search_steps=config.search_steps,
+                         act_order=config.act_order, damp=config.damp)
+        return QuantLinear.from_affine(linear, qw)
+    return QuantLinear.from_dense(linear, bits=config.bits,
                                   group_size=config.group_size, symmetric=config.symmetric,
                                   search_steps=config.search_steps)
 

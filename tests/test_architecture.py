@@ -24,11 +24,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("compress_ops.kernels",),  # the Triton kernels, their configs and launchers
     ("compress_ops.configs",),
     ("compress_ops.ops", "compress_ops.reference"),
-    ("compress_ops.quantize", "compress_ops.factorize"),
+    ("compress_ops.quantize", "compress_ops.factorize", "compress_ops.sparsify"),
     ("compress_ops.nn",),
     ("compress_ops._swap", "compress_ops._linear", "compress_ops.transforms",
      "compress_ops.capture"),
-    ("compress_ops.fuse", "compress_ops.structured", "compress_ops.distill"),
+    ("compress_ops.fuse", "compress_ops.structured", "compress_ops.distill",
+     "compress_ops.calibrate"),
     ("compress_ops.api", "compress_ops.prune"),
     ("compress_ops.qat", "compress_ops.planner", "compress_ops.archs",
      "compress_ops.integrations.serialization",  # re-exported as co.save / co.load

@@ -30,7 +30,7 @@ from compress_ops.nn.base import (
     from_dense_values,
     init_bias,
 )
-from compress_ops.quantize import encode_codebook, fit_codebook, quantize_affine
+from compress_ops.quantize import AffineWeight, encode_codebook, fit_codebook, quantize_affine
 
 __all__ = ["QuantLinear", "CodebookLinear", "QUANT_DEFAULTS", "CODEBOOK_DEFAULTS"]
 
@@ -38,7 +38,7 @@ __all__ = ["QuantLinear", "CodebookLinear", "QUANT_DEFAULTS", "CODEBOOK_DEFAULTS
 QUANT_DEFAULTS: dict[str, Any] = {"bits": 4, "group_size": 128, "symmetric": False,
                                   "search_steps": 20}
 #: ``CodebookLinear.from_dense`` keyword values when no config is given (``CodebookConfig()``'s).
-CODEBOOK_DEFAULTS: dict[str, Any] = {"bits": 4, "row_groups": 1, "iters": 25}
+CODEBOOK_DEFAULTS: dict[str, Any] = {"bits": 4, "row_groups": 1, "iters": 1000}
 
 
 def _check_sizes(in_features: int, out_features: int, bits: int) -> None:
@@ -127,9 +127,19 @@ class QuantLinear(PackedFieldsRecord, CompressedLinear):
         w = linear.weight.detach()
         qw = quantize_affine(w, v["bits"], v["group_size"], symmetric=v["symmetric"],
                              search_steps=v["search_steps"])
+        return cls.from_affine(linear, qw)
+
+    @classmethod
+    def from_affine(cls, linear: nn.Linear, qw: AffineWeight) -> QuantLinear:
+        """The module holding the packed weight ``qw`` (from :func:`~compress_ops.quantize.
+        quantize_affine` or :func:`~compress_ops.quantize.gptq_affine` of ``linear.weight``)
+        and ``linear``'s bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  bits=v["bits"], group_size=qw.group_size, symmetric=v["symmetric"],
-                  device=w.device, dtype=w.dtype)
+                  bits=qw.bits, group_size=qw.group_size, symmetric=qw.zeros is None,
+                  device=w.device, dtype=qw.scales.dtype)
         mod.qweight.copy_(qw.qweight)
         mod.scales.copy_(qw.scales)
         if qw.zeros is not None:

@@ -3,27 +3,15 @@ measure what they need (activation norms for Wanda, the diagonal Fisher for OBD)
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
+from compress_ops.calibrate import eval_mode, run_batch
+
 __all__ = ["eval_mode", "run_batch", "magnitude_scores", "wanda_scores", "obd_scores",
            "activation_norms", "fisher_diagonal"]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Run calibration in eval mode (BatchNorm statistics untouched, dropout off); every
-    module's mode is restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -80,17 +68,6 @@ def activation_norms(model: nn.Module, batches: Iterable, layers: dict[str, nn.M
     if missing:
         raise ValueError(f"layers never ran on the calibration data: {missing}")
     return {n: s.sqrt() for n, s in sums.items()}
-
-
-def run_batch(model: nn.Module, batch, forward: Callable[[nn.Module, object], object] | None):
-    """Run one calibration ``batch``: ``forward(model, batch)``, or by default ``model(**batch)``
-    for a mapping (a Hugging Face ``BatchEncoding``, ``{"input_ids": ...}``), ``model(batch[0])``
-    for a tuple / list (``(x, y)`` from a DataLoader), else ``model(batch)``."""
-    if forward is not None:
-        return forward(model, batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    return model(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
 
 def fisher_diagonal(model: nn.Module, batches: Iterable, loss_fn: Callable,

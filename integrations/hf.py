@@ -87,6 +87,14 @@ def _classes() -> tuple[type, type]:
                            else recipe)
             if self.recipe is not None:
                 ser.config_to_json(self.recipe)  # a TypeError now for a config it cannot write
+                rules = (self.recipe.rules.values() if isinstance(self.recipe, Recipe)
+                         else [self.recipe])
+                calibrated = [c for c in rules if getattr(c, "needs_calibration", False)]
+                if calibrated:
+                    raise ValueError(
+                        f"{calibrated[0]!r} needs calibration data, which from_pretrained does "
+                        f"not have: load the dense model, then compress_(model, config, "
+                        f"calib=batches); save_pretrained and from_pretrained then keep it")
             self.manifest = manifest
             self.modules_to_not_convert = list(modules_to_not_convert or [])
 

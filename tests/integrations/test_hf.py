@@ -156,6 +156,8 @@ def test_config_json_roundtrip_and_bad_recipes():
     assert back.recipe.rules[r".*mlp.*"] == co.Sparse24Config()
     with pytest.raises(TypeError, match="cannot write config"):
         hf.CompressOpsConfig(recipe=object())
+    with pytest.raises(ValueError, match="needs calibration data"):
+        hf.CompressOpsConfig(recipe=co.QuantConfig(method="gptq"))
 
 
 def test_offload_is_refused_with_the_reason():

@@ -46,12 +46,12 @@ def run_batch(model: nn.Module, batch, forward: Callable[[nn.Module, object], ob
 
 @torch.no_grad()
 def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
-                   forward: Callable[[nn.Module, object], object] | None = None
-                   ) -> dict[str, torch.Tensor]:
+                   forward: Callable[[nn.Module, object], object] | None = None, *,
+                   strict: bool = True) -> dict[str, torch.Tensor]:
     """``{name: H}`` with ``H = 2 X^T X / n`` (float32 ``[K, K]``, on the layer's device) over
     every row ``x`` (a token, a sample) each linear layer of ``layers`` (``nn.Linear`` or
-    Hugging Face ``Conv1D``) reads on ``batches``. ``ValueError`` for a layer that never ran,
-    for non-finite inputs (named), and for no batches at all."""
+    Hugging Face ``Conv1D``) reads on ``batches``. ``ValueError`` for a layer that never ran
+    (``strict=False``: it is left out), for non-finite inputs (named), and for no batches."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -79,6 +79,6 @@ def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iter
     if ran == 0:
         raise ValueError("calibration needs at least one batch (calib= was empty)")
     missing = [n for n in layers if n not in sums]
-    if missing:
+    if missing and strict:
         raise ValueError(f"layers never ran on the calibration data: {missing}")
     return {n: 2.0 * s / counts[n] for n, s in sums.items()}

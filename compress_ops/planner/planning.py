@@ -13,10 +13,12 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from compress_ops._linear import LINEAR_TYPES
 from compress_ops._swap import index
 from compress_ops._text import format_table
 from compress_ops._validate import check_choice, check_number
 from compress_ops.api import Recipe
+from compress_ops.calibrate import input_hessians
 from compress_ops.configs import (
     CodebookConfig,
     LowRankConfig,
@@ -250,7 +252,16 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
             raise ValueError(f"layers {missing} are not modules of the model that the "
                              f"candidates handle ({[t.__name__ for t in types]})")
 
-    # 2. every candidate for every layer (the transforms build new modules; the model is kept)
+    # 2. every candidate for every layer (the transforms build new modules; the model is kept);
+    # calibrated candidates (GPTQ, SparseGPT, Wanda) from each layer's input Hessian
+    hessians: dict[str, torch.Tensor] = {}
+    if any(getattr(cfg, "needs_calibration", False) for cfg in cands):
+        if iter(calib_data) is calib_data:
+            calib_data = list(calib_data)  # (run twice: the Hessians, then the errors)
+        linears = {la.names[0]: la.module for la in found
+                   if not la.note and isinstance(la.module, LINEAR_TYPES)}
+        if linears:
+            hessians = input_hessians(model, linears, calib_data, forward, strict=False)
     for layer in found:
         if layer.note:
             continue
@@ -258,8 +269,14 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
             transform = transform_for(cfg)
             if not isinstance(layer.module, transform.handles):
                 continue
+            extras = {}
+            if getattr(cfg, "needs_calibration", False):
+                if layer.names[0] not in hessians:
+                    layer.refused.append((cfg, "never ran on the calibration data"))
+                    continue
+                extras["hessian"] = hessians[layer.names[0]]
             try:
-                new = transform.build(layer.module, cfg)
+                new = transform.build(layer.module, cfg, **extras)
             except UnsupportedModule as exc:  # UnsupportedWeight included
                 layer.refused.append((cfg, str(exc)))
                 continue

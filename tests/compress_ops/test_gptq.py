@@ -183,3 +183,18 @@ def test_sparse24_methods_through_compress():
         co.compress_(mlp_and_data()[0], co.Sparse24Config(method="sparsegpt"))
     with pytest.raises(ValueError, match="2:4 already"):
         co.Sparse24Config(prune=False, method="wanda")
+
+
+def test_plan_weighs_calibrated_candidates_and_applies_with_calib():
+    model, batches = mlp_and_data()
+    cands = [co.QuantConfig(bits=3, group_size=32), co.QuantConfig(bits=3, group_size=32,
+                                                                   method="gptq")]
+    pl = co.plan(model, iter(batches), 0.3, candidates=cands, verbose=False)
+    for name in ("up", "down"):
+        err = {r.config.method: r.error for r in pl.table if r.layer == name and r.config}
+        assert err["gptq"] < err["rtn"]  # measured on the calibration data
+    with pytest.raises(ValueError, match="calib=batches"):
+        co.compress_(mlp_and_data()[0], pl)
+    m, _ = mlp_and_data()
+    co.compress_(m, pl, calib=batches)
+    assert type(m.up).__name__ == "QuantLinear"

@@ -25,6 +25,7 @@ __all__ = [
     "CodebookWeight",
     "quantize_affine",
     "gptq_affine",
+    "inverse_hessian_factor",
     "kmeans_1d",
     "fit_codebook",
     "assign_codebook",
@@ -284,6 +285,25 @@ def quantize_affine(w: torch.Tensor, bits: int, group_size: int | None = 128, *,
     return out
 
 
+def inverse_hessian_factor(h: torch.Tensor, damp: float, who: str
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, dead)``: the upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` that
+    GPTQ and SparseGPT spread errors with, and the inputs that never fire (a zero diagonal:
+    given 1 there, so they take no error; their weights carry no output). ``ValueError``
+    (naming ``who``) when the dampened Hessian is not positive definite."""
+    h = h.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
+    try:
+        factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)),
+                                       upper=True)
+    except RuntimeError as exc:  # torch.linalg.LinAlgError
+        raise ValueError(f"{who}: the Hessian is not positive definite after dampening "
+                         f"(damp={damp}); raise damp ({exc})") from exc
+    return factor, dead
+
+
 def gptq_affine(w: torch.Tensor, hessian: torch.Tensor, bits: int,
                 group_size: int | None = 128, *, symmetric: bool = False,
                 search_steps: int = 20, act_order: bool = True, block_size: int = 128,
@@ -342,20 +362,12 @@ def gptq_affine(w: torch.Tensor, hessian: torch.Tensor, bits: int,
     def stored(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype).to(work) if dtype != work else t
 
-    h = hessian.detach().to(device=w.device, dtype=work).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    wf[:, dead] = 0.0
+    h = hessian.detach().to(device=w.device, dtype=work)
     perm = (torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order
             else torch.arange(k, device=w.device))
-    wf, h = wf[:, perm], h[perm][:, perm]
-    h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
-    try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)),
-                                     upper=True)
-    except RuntimeError as exc:  # torch.linalg.LinAlgError
-        raise ValueError(f"GPTQ: the Hessian is not positive definite after dampening "
-                         f"(damp={damp}); raise damp ({exc})") from exc
+    hinv, dead = inverse_hessian_factor(h[perm][:, perm], damp, "GPTQ")
+    wf = wf[:, perm]
+    wf[:, dead] = 0.0
     group = (perm // gs).tolist()
     q = torch.empty(n, k, dtype=work, device=w.device)
     for i1 in range(0, k, block_size):

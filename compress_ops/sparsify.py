@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from compress_ops.kernels.formats.sparse24 import mask_2to4
+from compress_ops.quantize import inverse_hessian_factor
 
 __all__ = ["wanda_2to4", "sparsegpt_2to4"]
 
@@ -52,17 +53,9 @@ def sparsegpt_2to4(w: torch.Tensor, hessian: torch.Tensor, *, block_size: int = 
     n, k = w.shape
     work = torch.float64 if w.dtype == torch.float64 else torch.float32
     wf = w.detach().to(work).clone()
-    h = hessian.detach().to(device=w.device, dtype=work).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    hinv, dead = inverse_hessian_factor(hessian.detach().to(device=w.device, dtype=work),
+                                        damp, "SparseGPT")
     wf[:, dead] = 0.0
-    h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
-    try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)),
-                                     upper=True)
-    except RuntimeError as exc:  # torch.linalg.LinAlgError
-        raise ValueError(f"SparseGPT: the Hessian is not positive definite after dampening "
-                         f"(damp={damp}); raise damp ({exc})") from exc
     keep = torch.ones(n, k, dtype=torch.bool, device=w.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)

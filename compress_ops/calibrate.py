@@ -17,7 +17,7 @@ from torch import nn
 
 from compress_ops._linear import in_features
 
-__all__ = ["eval_mode", "run_batch", "input_hessians"]
+__all__ = ["eval_mode", "run_batch", "run_with_hooks", "input_hessians"]
 
 
 @contextlib.contextmanager
@@ -44,6 +44,22 @@ def run_batch(model: nn.Module, batch, forward: Callable[[nn.Module, object], ob
     return model(batch[0] if isinstance(batch, (tuple, list)) else batch)
 
 
+def run_with_hooks(model: nn.Module, hooks: list, batches: Iterable,
+                   forward: Callable[[nn.Module, object], object] | None = None) -> int:
+    """Run every batch (:func:`run_batch`, eval mode), then remove ``hooks`` (the handles the
+    caller registered to collect what it needs), also on an error; returns the batch count."""
+    ran = 0
+    try:
+        with eval_mode(model):
+            for batch in batches:
+                run_batch(model, batch, forward)
+                ran += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    return ran
+
+
 @torch.no_grad()
 def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
                    forward: Callable[[nn.Module, object], object] | None = None, *,
@@ -67,16 +83,7 @@ def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iter
         return fn
 
     hooks = [m.register_forward_hook(hook(n, in_features(m))) for n, m in layers.items()]
-    ran = 0
-    try:
-        with eval_mode(model):
-            for batch in batches:
-                run_batch(model, batch, forward)
-                ran += 1
-    finally:
-        for h in hooks:
-            h.remove()
-    if ran == 0:
+    if run_with_hooks(model, hooks, batches, forward) == 0:
         raise ValueError("calibration needs at least one batch (calib= was empty)")
     missing = [n for n in layers if n not in sums]
     if missing and strict:

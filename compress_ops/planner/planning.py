@@ -18,7 +18,7 @@ from compress_ops._swap import index
 from compress_ops._text import format_table
 from compress_ops._validate import check_choice, check_number
 from compress_ops.api import Recipe
-from compress_ops.calibrate import input_hessians
+from compress_ops.calibrate import input_hessians, run_with_hooks
 from compress_ops.configs import (
     CodebookConfig,
     LowRankConfig,
@@ -31,8 +31,6 @@ from compress_ops.configs import (
 from compress_ops.nn.base import CompressedModule
 from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
 from compress_ops.planner.solver import solve
-from compress_ops.prune import eval_mode
-from compress_ops.prune.criteria import run_batch
 
 __all__ = ["DEFAULT_CANDIDATES", "METRICS", "Plan", "PlanRow", "plan"]
 
@@ -309,16 +307,7 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
 
     active = [la for la in found if la.options]
     handles = [la.module.register_forward_hook(hook(la), with_kwargs=True) for la in active]
-    batches = 0
-    try:
-        with eval_mode(model):
-            for batch in calib_data:
-                run_batch(model, batch, forward)
-                batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if batches == 0:
+    if run_with_hooks(model, handles, calib_data, forward) == 0:
         raise ValueError("calib_data yielded no batches; plan needs calibration data")
     for layer in active:
         if layer.calls == 0:

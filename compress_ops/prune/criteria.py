@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from compress_ops.calibrate import eval_mode, run_batch
+from compress_ops.calibrate import eval_mode, run_batch, run_with_hooks
 
 __all__ = ["eval_mode", "run_batch", "magnitude_scores", "wanda_scores", "obd_scores",
            "activation_norms", "fisher_diagonal"]
@@ -56,14 +56,8 @@ def activation_norms(model: nn.Module, batches: Iterable, layers: dict[str, nn.M
             sums[name] = sums[name] + s if name in sums else s
         return fn
 
-    hooks = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with eval_mode(model):
-            for batch in batches:
-                run_batch(model, batch, forward)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, [m.register_forward_hook(hook(n)) for n, m in layers.items()],
+                   batches, forward)
     missing = [n for n in layers if n not in sums]
     if missing:
         raise ValueError(f"layers never ran on the calibration data: {missing}")

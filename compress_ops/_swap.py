@@ -21,8 +21,7 @@ from compress_ops.configs import UnsupportedModule, UnsupportedWeight
 
 __all__ = ["SKIPPED_ATTR", "CONFIGS_ATTR", "AFTER_COMPRESS", "after_compress",
            "applied_configs", "record_config", "RESIZED_ATTR", "resized", "record_resized",
-           "Index",
-           "index", "dense_reason", "hooks_reason", "carry_state", "set_submodule",
+           "Index", "index", "dense_reason", "hooks_reason", "carry_state", "set_submodule",
            "replace_everywhere", "notes", "record_notes", "replace_layers"]
 
 #: Attribute of a model holding ``{name: why it stays dense}`` for ``report()``.

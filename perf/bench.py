@@ -33,8 +33,6 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
 from compress_ops.perf import machine, schema, timing
 
 #: Kernel families, in run order: module ``compress_ops.perf.bench_<name>``.
@@ -61,13 +59,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; returns 0, or 1 when a family failed outright (its rows are missing)."""
     args = _parse(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            print("bench: --device cuda but no CUDA device is available", file=sys.stderr)
-            return 2
+    device = machine.resolve_device(args.device, "bench")
+    if device is None:
+        return 2
     names = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in names if f not in FAMILIES]
     if unknown:

@@ -754,13 +754,9 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] | None = None
     failed or the file has schema problems, 2 for a bad argument, 130 when interrupted."""
     log = log or (lambda text: print(text, flush=True))
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            print("bench_e2e: --device cuda but no CUDA device is available", file=sys.stderr)
-            return 2
+    device = machine.resolve_device(args.device, "bench_e2e")
+    if device is None:
+        return 2
     s = settings_from(args, device)
     threads = torch.get_num_threads()
     if args.threads:

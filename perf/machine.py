@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,18 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def resolve_device(choice: str, prog: str) -> torch.device | None:
+    """The ``--device`` of a benchmark: ``"auto"`` is CUDA when present, else the CPU; None
+    (after saying why on stderr, as ``prog``) for ``cuda`` without a CUDA device."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(choice)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{prog}: --device cuda but no CUDA device is available", file=sys.stderr)
+        return None
+    return device
 
 
 def device_name(device: torch.device) -> str:

@@ -20,11 +20,13 @@ import compress_ops.transforms  # noqa: F401  (registers every config's transfor
 from compress_ops import _swap
 from compress_ops._linear import LINEAR_TYPES
 from compress_ops._text import format_table
-from compress_ops.calibrate import input_hessians
+from compress_ops.calibrate import NO_BLOCKS, sequential_build
 from compress_ops.configs import (
     AlreadyCompressedError,
     CompressionConfig,
     DWSepFuseConfig,
+    UnsupportedModule,
+    UnsupportedWeight,
     handled_types,
     per_layer_configs,
     transform_for,
@@ -146,6 +148,8 @@ def compress_(
     example_inputs: tuple | None = None,
     calib: Iterable | None = None,
     forward: Callable[[nn.Module, object], object] | None = None,
+    sequential: bool = True,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Replace the modules of ``model`` that ``config`` handles, in place; return the model.
 
@@ -160,10 +164,16 @@ def compress_(
     ``DWSepFuseConfig``: the model is then captured with ``torch.export`` on them, which sees
     through module classes, and the fused model is checked against the original on them.
 
-    ``calib`` (an iterable of batches, run as ``forward(model, batch)``, by default as
-    ``co.plan`` runs them) is read by configs that need calibration data
-    (``QuantConfig(method="gptq")``: each layer's input Hessian, from the dense model's
-    inputs); such a config without ``calib`` is a ``ValueError``.
+    ``calib`` (an iterable of batches, read once into a list, run as ``forward(model,
+    batch)``, by default as ``co.plan`` runs them) is read by configs that need calibration
+    data (GPTQ, SparseGPT, Wanda: each layer's input Hessian); such a config without ``calib``
+    is a ``ValueError``. With ``sequential=True`` the layers are calibrated block by block
+    (:func:`compress_ops.calibrate.sequential_build`): each block of the model's stack (a
+    transformer's layers, a Sequential's children) on the outputs of the blocks before it,
+    already compressed. A model without such a chain (or ``sequential=False``) is calibrated
+    layer by layer from the dense model's inputs (a ``UserWarning`` says why when the model
+    has a stack of blocks that failed the check). ``progress``
+    shows a bar over the blocks (None: when stderr is a terminal).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -193,11 +203,14 @@ def compress_(
             for matched, cfg in decisions)
 
     before = {id(m) for m in model.modules() if isinstance(m, CompressedModule)}
-    hessians = _calibrate(model, config, idx, in_scope, filter_fn, calib, forward)
+    built = _calibrate(model, config, idx, in_scope, filter_fn, calib, forward, sequential,
+                       progress)
 
     def build(module: nn.Module, cfg: object, **extras: object) -> nn.Module:
-        if getattr(cfg, "needs_calibration", False) and id(module) in hessians:
-            extras["hessian"] = hessians[id(module)]
+        if id(module) in built:  # calibrated (and built) block by block already
+            if isinstance(built[id(module)], Exception):
+                raise built[id(module)]
+            return built[id(module)]
         return transform_for(cfg).build(module, cfg, **extras)
 
     out = _swap.replace_layers(
@@ -216,11 +229,14 @@ def compress_(
 def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
                in_scope: Callable[[nn.Module, set], bool],
                filter_fn: Callable[[nn.Module, str], bool] | None, calib: Iterable | None,
-               forward: Callable[[nn.Module, object], object] | None
-               ) -> dict[int, torch.Tensor]:
-    """``{id(layer): its input Hessian}`` for the layers whose config needs calibration
-    (from the dense model's inputs on ``calib``); ``ValueError`` naming them without it."""
+               forward: Callable[[nn.Module, object], object] | None, sequential: bool,
+               progress: bool | None) -> dict[int, nn.Module | Exception]:
+    """``{id(layer): its compressed module, or the UnsupportedModule keeping it dense}`` for
+    the layers whose config needs calibration, built block by block on ``calib``
+    (:func:`~compress_ops.calibrate.sequential_build`); ``ValueError`` naming them without
+    it."""
     wanted: dict[str, nn.Module] = {}
+    configs: dict[str, object] = {}
     for mid, aliases in idx.names.items():
         module = idx.modules[mid]
         decisions = {config_for(config, n) for n in aliases}
@@ -230,6 +246,7 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
         if getattr(cfg, "needs_calibration", False) and isinstance(module, LINEAR_TYPES) \
                 and _swap.dense_reason(idx, module, aliases, cfg, filter_fn) is None:
             wanted[aliases[0]] = module
+            configs[aliases[0]] = cfg
     if not wanted:
         return {}
     if calib is None:
@@ -237,8 +254,23 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
                          f"{', ...' if len(wanted) > 4 else ''}) have a config that needs "
                          f"calibration data (GPTQ: each layer's input Hessian): pass "
                          f"compress_(model, config, calib=batches[, forward=fn])")
-    hessians = input_hessians(model, wanted, calib, forward)
-    return {id(wanted[n]): h for n, h in hessians.items()}
+
+    def build(name: str, module: nn.Module, hessian: torch.Tensor) -> nn.Module | Exception:
+        try:
+            return transform_for(configs[name]).build(module, configs[name], hessian=hessian)
+        except UnsupportedWeight:
+            raise
+        except UnsupportedModule as exc:
+            return exc
+
+    def fallback(why: str) -> None:  # (silent without a stack; no_grad adds a frame)
+        if sequential and why != NO_BLOCKS:
+            warnings.warn(f"compress_: calibrated layer by layer from the dense model's "
+                          f"inputs, not block by block: {why}", UserWarning, stacklevel=6)
+
+    built = sequential_build(model, wanted, calib, forward, build, sequential=sequential,
+                             progress=progress, on_fallback=fallback)
+    return {id(wanted[n]): m for n, m in built.items()}
 
 
 def _nothing_changed(model: nn.Module, config: object, idx: _swap.Index) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import compress_ops.transforms  # noqa: F401  (registers every config's transform)
-from compress_ops import _swap
+from compress_ops import _swap, awq
 from compress_ops._linear import LINEAR_TYPES
 from compress_ops._text import format_table
 from compress_ops.calibrate import NO_BLOCKS, sequential_build
@@ -25,6 +25,7 @@ from compress_ops.configs import (
     AlreadyCompressedError,
     CompressionConfig,
     DWSepFuseConfig,
+    QuantConfig,
     UnsupportedModule,
     UnsupportedWeight,
     handled_types,
@@ -255,9 +256,14 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
                          f"calibration data (GPTQ: each layer's input Hessian): pass "
                          f"compress_(model, config, calib=batches[, forward=fn])")
 
+    awq = [n for n, c in configs.items() if isinstance(c, QuantConfig) and c.method == "awq"]
+    unfolded: dict[str, str] = {}
+
     def build(name: str, module: nn.Module, hessian: torch.Tensor) -> nn.Module | Exception:
+        extras = {"awq_applied": True} if name in awq else {}
         try:
-            return transform_for(configs[name]).build(module, configs[name], hessian=hessian)
+            return transform_for(configs[name]).build(module, configs[name], hessian=hessian,
+                                                      **extras)
         except UnsupportedWeight:
             raise
         except UnsupportedModule as exc:
@@ -268,9 +274,50 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
             warnings.warn(f"compress_: calibrated layer by layer from the dense model's "
                           f"inputs, not block by block: {why}", UserWarning, stacklevel=6)
 
+    prepare = None if not awq else \
+        lambda container, group, hessians, run: unfolded.update(_awq_fold(
+            container, {n: m for n, m in group.items() if n in awq and n in hessians},
+            {n: configs[n] for n in group}, hessians, run))
     built = sequential_build(model, wanted, calib, forward, build, sequential=sequential,
-                             progress=progress, on_fallback=fallback)
+                             progress=progress, on_fallback=fallback, prepare=prepare)
+    if unfolded:
+        listed = "; ".join(f"{n}: {why}" for n, why in list(unfolded.items())[:4])
+        warnings.warn(f"compress_: AWQ found no exact fold for {len(unfolded)} of {len(awq)} "
+                      f"layers, quantized by round-to-nearest unscaled ({listed}"
+                      f"{'; ...' if len(unfolded) > 4 else ''})", UserWarning, stacklevel=3)
     return {id(wanted[n]): m for n, m in built.items()}
+
+
+def _awq_fold(container: nn.Module, layers: dict[str, nn.Module], configs: dict[str, object],
+              hessians: dict[str, torch.Tensor], run: Callable[[], object]) -> dict[str, str]:
+    """AWQ for ``layers`` (``{name: linear}``, names as in the model) of ``container``: find
+    the exact folds, search each fold's scales, fold them in place; returns ``{name: why it
+    is not scaled}``."""
+    if not layers:
+        return {}
+    rel = {id(m): n for n, m in container.named_modules() if n}
+    local = {rel[id(m)]: m for m in layers.values() if type(m) is nn.Linear and id(m) in rel}
+    name_of = {rel[id(m)]: n for n, m in layers.items() if id(m) in rel}
+    why = {n: "AWQ scales nn.Linear layers only" for n, m in layers.items()
+           if type(m) is not nn.Linear}
+    if not local:
+        return why
+    dtype = next(iter(local.values())).weight.dtype
+    folds, missing = awq.find_folds(container, local, run, dtype)
+    why.update({name_of[c]: w for c, w in missing.items()})
+    for fold in folds:
+        cfgs = {configs[name_of[c]] for c in fold.consumers}
+        if len(cfgs) > 1:
+            why.update(dict.fromkeys((name_of[c] for c in fold.consumers),
+                                     f"the layers reading {fold.producer}'s output have "
+                                     f"different configs"))
+            continue
+        (cfg,) = cfgs
+        s, _ = awq.awq_scales([local[c].weight for c in fold.consumers],
+                              hessians[name_of[fold.consumers[0]]], cfg.bits, cfg.group_size,
+                              symmetric=cfg.symmetric, search_steps=cfg.search_steps)
+        awq.apply_fold(container, fold, s)
+    return why
 
 
 def _nothing_changed(model: nn.Module, config: object, idx: _swap.Index) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from compress_ops._linear import in_features
 
 __all__ = ["eval_mode", "run_batch", "run_with_hooks", "input_hessians", "find_blocks",
-           "sequential_build", "Blocks", "NO_BLOCKS"]
+           "sequential_build", "Blocks", "NO_BLOCKS", "main_output"]
 
 
 @contextlib.contextmanager
@@ -141,7 +141,7 @@ def find_blocks(model: nn.Module, layers: dict[str, nn.Module]) -> Blocks | None
     return None if best is None else Blocks(best[2], best[3])
 
 
-def _main(out: object) -> object:
+def main_output(out: object) -> object:
     """The tensor a block hands on: its output, or the first element of a tuple / list /
     Hugging Face ``ModelOutput``."""
     if isinstance(out, torch.Tensor):
@@ -233,7 +233,7 @@ class _Probe:
     def _post(self, i: int):
         def fn(mod, args, out):
             self.calls.append(("end", i))
-            self.outs.setdefault(i, _main(out))
+            self.outs.setdefault(i, main_output(out))
         return fn
 
     def why_not_a_chain(self, n: int, inside: set[str]) -> str | None:
@@ -302,14 +302,19 @@ def _progress(total: int, show: bool | None, what: str):
 
 
 Build = Callable[[str, nn.Module, torch.Tensor], "nn.Module | Exception"]
+#: ``prepare(container, layers, hessians, run)``: called before a group of layers is built
+#: (``layers`` and ``hessians`` by name; ``run()`` runs ``container`` on a calibration batch and
+#: returns its output tensor). It may change the container's weights if the function it
+#: computes stays the same (AWQ's folds).
+Prepare = Callable[[nn.Module, dict, dict, Callable[[], object]], None]
 
 
 @torch.no_grad()
 def sequential_build(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
                      forward: Callable[[nn.Module, object], object] | None, build: Build, *,
                      sequential: bool = True, progress: bool | None = None,
-                     on_fallback: Callable[[str], None] | None = None
-                     ) -> dict[str, nn.Module | Exception]:
+                     on_fallback: Callable[[str], None] | None = None,
+                     prepare: Prepare | None = None) -> dict[str, nn.Module | Exception]:
     """Compress ``layers`` (``{name: linear}``) of ``model`` one block at a time:
     ``{name: build(name, layer, H)}``, where ``H`` is the layer's input Hessian (as
     :func:`input_hessians`) taken on the inputs it gets when every layer before it is
@@ -330,6 +335,8 @@ def sequential_build(model: nn.Module, layers: dict[str, nn.Module], batches: It
     is calibrated layer by layer from the dense model's inputs (one pass), and
     ``on_fallback(reason)`` is told why. Hugging Face models run with ``config.use_cache``
     off. ``progress``: a bar over the blocks (None: when stderr is a terminal).
+    ``prepare`` (see :data:`Prepare`) runs before each group of layers (a block's, or those
+    calibrated on the whole model) is built.
     """
     batches = list(batches)
     if not batches:
@@ -354,13 +361,20 @@ def sequential_build(model: nn.Module, layers: dict[str, nn.Module], batches: It
             if on_fallback is not None:
                 on_fallback(why)
             hessians = input_hessians(model, layers, batches, forward)
+            if prepare is not None:
+                prepare(model, layers, hessians, _runner(model, batches[0], forward))
             return {n: build(n, layers[n], h) for n, h in hessians.items()}
-        return _walk(model, chain, layers, inside, ahead, batches, forward, build, progress)
+        return _walk(model, chain, layers, inside, ahead, batches, forward, build, progress,
+                     prepare)
+
+
+def _runner(model: nn.Module, batch: object, forward) -> Callable[[], object]:
+    return lambda: main_output(run_batch(model, batch, forward))
 
 
 def _walk(model: nn.Module, chain: Blocks, layers: dict[str, nn.Module], inside: set[str],
           ahead: list[str], batches: list, forward, build: Build,
-          progress: bool | None) -> dict[str, nn.Module | Exception]:
+          progress: bool | None, prepare: Prepare | None) -> dict[str, nn.Module | Exception]:
     """:func:`sequential_build` on a checked chain; ``ahead``: the layers that ran before
     the first block on the probe batch."""
     before = {n: layers[n] for n in dict.fromkeys(ahead)}
@@ -369,7 +383,10 @@ def _walk(model: nn.Module, chain: Blocks, layers: dict[str, nn.Module], inside:
     live: dict[int, tuple[nn.Module, nn.Module]] = {}
     handles: list = []
 
-    def adopt(group: dict[str, nn.Module], hessians: dict[str, torch.Tensor]) -> None:
+    def adopt(group: dict[str, nn.Module], hessians: dict[str, torch.Tensor],
+              container: nn.Module, run: Callable[[], object]) -> None:
+        if prepare is not None:
+            prepare(container, group, hessians, run)
         for n, h in hessians.items():
             built[n] = new = build(n, group[n], h)
             if isinstance(new, nn.Module):
@@ -378,20 +395,23 @@ def _walk(model: nn.Module, chain: Blocks, layers: dict[str, nn.Module], inside:
 
     try:
         if before:
-            adopt(before, input_hessians(model, before, batches, forward))
+            adopt(before, input_hessians(model, before, batches, forward), model,
+                  _runner(model, batches[0], forward))
         inputs = _first_inputs(model, chain.blocks[0], batches, forward)
         tick = _progress(len(chain.blocks), progress, chain.container or "model")
         for i, block in enumerate(chain.blocks):
             mine = {n: m for n, m in layers.items() if n in inside
                     and any(m is x for x in block.modules())}
             if mine:
-                adopt(mine, input_hessians(block, mine, inputs, _call_block))
+                adopt(mine, input_hessians(block, mine, inputs, _call_block), block,
+                      _runner(block, inputs[0], _call_block))
             if i + 1 < len(chain.blocks):
-                inputs = [_with_hidden(a, k, _main(block(*a, **k))) for a, k in inputs]
+                inputs = [_with_hidden(a, k, main_output(block(*a, **k))) for a, k in inputs]
             tick()
         del inputs
         if after:
-            adopt(after, input_hessians(model, after, batches, forward))
+            adopt(after, input_hessians(model, after, batches, forward), model,
+                  _runner(model, batches[0], forward))
     finally:
         for h in handles:
             h.remove()

@@ -134,6 +134,10 @@ class QuantConfig(CompressionConfig):
     error), which needs calibration data: ``compress_(model, config, calib=batches)``.
     ``act_order`` (GPTQ: columns in order of decreasing input energy, static groups) and
     ``damp`` (GPTQ: the fraction of the mean Hessian diagonal added to it) tune it.
+    ``"awq"`` (:mod:`compress_ops.awq`) scales each layer's input channels by the activation
+    magnitudes (searched to least output error), folds the scales exactly into the norm or
+    linear before the layer, then rounds to nearest; also from ``calib``. Layers with no exact
+    fold are rounded to nearest unscaled, and a warning lists them.
     """
 
     bits: int = 4
@@ -150,13 +154,13 @@ class QuantConfig(CompressionConfig):
             check_choice("group_size", self.group_size, GROUP_SIZES, hint="or None (whole row)")
         check_bool("symmetric", self.symmetric)
         check_int("search_steps", self.search_steps, min=0)
-        check_choice("method", self.method, ("rtn", "gptq"))
+        check_choice("method", self.method, ("rtn", "gptq", "awq"))
         check_bool("act_order", self.act_order)
         check_number("damp", self.damp, low=0.0, high=1.0, high_open=True)
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq"
+        return self.method in ("gptq", "awq")
 
 
 @dataclass(frozen=True)

@@ -75,9 +75,12 @@ def _sparse24(module: nn.Module, config: Sparse24Config,
 
 
 @register_transform(QuantConfig, LINEAR_TYPES)
-def _quant(module: nn.Module, config: QuantConfig,
-           hessian: torch.Tensor | None = None) -> nn.Module:
+def _quant(module: nn.Module, config: QuantConfig, hessian: torch.Tensor | None = None,
+           awq_applied: bool = False) -> nn.Module:
     linear = plain_linear(module)
+    if config.method == "awq" and not awq_applied:
+        raise UnsupportedModule("AWQ folds its scales into the layers before this one: only "
+                                "compress_(model, config, calib=batches) applies it")
     if config.method == "gptq":
         hessian = _calibration(config, hessian)
         check_compute_dtype("QuantLinear", linear.weight.dtype)

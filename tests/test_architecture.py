@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("compress_ops._swap", "compress_ops._linear", "compress_ops.transforms",
      "compress_ops.capture"),
     ("compress_ops.fuse", "compress_ops.structured", "compress_ops.distill",
-     "compress_ops.calibrate"),
+     "compress_ops.calibrate", "compress_ops.awq"),
     ("compress_ops.api", "compress_ops.prune"),
     ("compress_ops.qat", "compress_ops.planner", "compress_ops.archs",
      "compress_ops.integrations.serialization",  # re-exported as co.save / co.load

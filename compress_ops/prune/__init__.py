@@ -17,6 +17,12 @@ Patterns (a boolean keep-mask from scores):
 * :func:`structured_mask` -- whole output rows / channels, ranked by their L2 saliency.
 
 Schedule: :func:`cubic_sparsity` (Zhu & Gupta, 2017). Regularizer: :class:`GroupLasso`.
+
+One shot, without training:
+
+* :func:`prune_one_shot_` -- unstructured SparseGPT (Frantar & Alistarh, 2023), Wanda or
+  magnitude pruning of every linear layer in place, from calibration data; the layers stay
+  dense (for accuracy studies: no kernel reads the mask).
 """
 
 from compress_ops.prune.criteria import (
@@ -36,8 +42,9 @@ from compress_ops.prune.masks import (
     structured_mask,
     unstructured_masks,
 )
+from compress_ops.prune.oneshot import prune_one_shot_
 from compress_ops.prune.pruner import Pruner
 
 __all__ = ["Pruner", "magnitude_scores", "wanda_scores", "obd_scores", "activation_norms",
            "fisher_diagonal", "unstructured_masks", "nm_mask", "nm_kept", "nm_permutation",
-           "structured_mask", "cubic_sparsity", "GroupLasso", "eval_mode"]
+           "structured_mask", "cubic_sparsity", "GroupLasso", "eval_mode", "prune_one_shot_"]

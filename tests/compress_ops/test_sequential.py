@@ -245,3 +245,14 @@ def test_hugging_face_models_run_block_by_block(make, stack):
     out = [m(**x)[0] for m in (seq, ref, dense)]
     torch.testing.assert_close(out[0], out[1], rtol=1e-4, atol=1e-4)
     assert not torch.equal(out[0], out[2])
+
+
+@torch.no_grad()
+def test_one_shot_pruning_runs_block_by_block_too():
+    calib = data()
+    seq, flat = model(), model()
+    co.prune.prune_one_shot_(seq, 0.5, calib=calib, block_size=16)
+    co.prune.prune_one_shot_(flat, 0.5, calib=calib, block_size=16, sequential=False)
+    assert torch.equal(seq.inp.weight, flat.inp.weight)  # (nothing before it)
+    assert not torch.equal(seq.blocks[2].down.weight, flat.blocks[2].down.weight)
+    assert float((seq.blocks[2].down.weight == 0).float().mean()) == 0.5

@@ -158,3 +158,12 @@ def test_awq_beats_rtn_end_to_end_on_salient_channels_and_needs_calib():
         co.compress_(NormLinear(), AWQ)
     with pytest.raises(co.UnsupportedModule, match="AWQ folds"):
         co.configs.transform_for(AWQ).build(nn.Linear(64, 8), AWQ, hessian=torch.eye(64))
+
+
+@torch.no_grad()
+def test_an_awq_model_round_trips_through_co_save(tmp_path):
+    batches = _tokens()
+    m = co.compress_(_llama(kv_heads=4), co.Recipe({"model[.].*": AWQ}), calib=batches)
+    co.save(m, tmp_path / "awq.safetensors")
+    back = co.load(_llama(kv_heads=4), tmp_path / "awq.safetensors")  # folded norms included
+    assert torch.equal(m(**batches[0]).logits, back(**batches[0]).logits)

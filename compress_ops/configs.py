@@ -166,8 +166,25 @@ class QuantConfig(CompressionConfig):
 @dataclass(frozen=True)
 class CodebookConfig(CompressionConfig):
     """Weight sharing for ``nn.Linear``: every weight becomes one of ``2**bits`` values
-    (``bits`` in {2, 3, 4, 8}) found by 1-D k-means: Lloyd's steps from two starts until the
-    assignment stops changing (converged; at most ``iters`` steps, cheap on sorted values).
+    (``bits`` in {2, 3, 4, 8}) found by 1-D k-means.
+
+    ``method="optimal"`` (the default): the least-squares table, exactly, by dynamic programming
+    over the sorted weights (:func:`compress_ops.quantize.kmeans_1d_optimal`); a row group with
+    more distinct values than the DP's bins (16384 for one table at 2-4 bits, 512 at 8 bits) is
+    solved on the bins, polished by at most ``iters`` Lloyd steps and compared with Lloyd from
+    two starts (never worse than ``"lloyd"``); 8-bit tables over many row groups, where the DP
+    would take seconds, are Lloyd's (:func:`~compress_ops.quantize.fit_codebook`).
+    ``method="lloyd"``: Lloyd's steps from two starts until the
+    assignment stops changing (at most ``iters`` steps, cheap on sorted values), a local
+    optimum; on heavy-tailed weights it can be far from the best table (one 8-bit table of
+    Student-t(3) weights: 4x the squared error, 6 dB).
+
+    ``weighted=True`` (activation-aware k-means) weighs each weight's squared error by the
+    energy of its input, the diagonal ``H_jj`` of the layer's input Hessian (``2 X^T X / n``),
+    so the table spends its levels where the output feels them; it needs calibration data:
+    ``compress_(model, config, calib=batches)``. Not with ``shared=True``: a shared table is
+    fit over all its layers before any layer is built, where no Hessian is available, and the
+    layers' Hessians have no common scale to weigh them against each other.
 
     ``row_groups`` > 1 fits one table per equal group of output rows. ``shared=True`` fits one
     table over every layer this config compresses in one ``compress_`` call (under a
@@ -180,14 +197,26 @@ class CodebookConfig(CompressionConfig):
     row_groups: int = 1
     iters: int = 1000
     shared: bool = False
+    method: str = "optimal"
+    weighted: bool = False
 
     def __post_init__(self) -> None:
         check_choice("bits", self.bits, BITS)
         check_int("row_groups", self.row_groups, min=1)
         check_int("iters", self.iters, min=0)
         check_bool("shared", self.shared)
+        check_choice("method", self.method, ("optimal", "lloyd"))
+        check_bool("weighted", self.weighted)
         if self.shared and self.row_groups != 1:
             raise ValueError("a shared codebook has one row group (row_groups=1)")
+        if self.shared and self.weighted:
+            raise ValueError("weighted=True weighs each layer by its own input Hessian; a shared "
+                             "codebook (shared=True) is fit over all its layers before they are "
+                             "built, without Hessians: use one of the two")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.weighted
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,7 @@ class FakeQuantLinear(nn.Module):
         mod.bias = linear.bias
         if isinstance(config, CodebookConfig) and codebook is None:
             codebook = fit_codebook([linear.weight.detach()], config.bits, config.row_groups,
-                                    config.iters)
+                                    config.iters, method=config.method)
         mod._set_table(codebook)
         return mod
 
@@ -347,10 +347,11 @@ def prepare_qat(model: nn.Module, config: QATConfig | Recipe, *,
     check_config(config, _QAT_CONFIGS)
     _check_refresh(refresh_every)
     rules = config.rules.values() if isinstance(config, Recipe) else [config]
-    one_shot = [c for c in rules if isinstance(c, QuantConfig) and c.method != "rtn"]
+    one_shot = [c for c in rules if getattr(c, "needs_calibration", False)]
     if one_shot:
-        raise ValueError(f"prepare_qat trains round-to-nearest weights; {one_shot[0]!r} is a "
-                         f"one-shot method: use it with compress_(..., calib=) instead")
+        raise ValueError(f"prepare_qat trains from the weights alone; {one_shot[0]!r} reads "
+                         f"calibration data (a one-shot method): use it with compress_(..., "
+                         f"calib=) instead")
 
     def in_scope(module: nn.Module, decisions: set[tuple[bool, object]]) -> bool:
         if not isinstance(module, LINEAR_TYPES) or not any(matched for matched, _ in decisions):

@@ -44,7 +44,8 @@ def shared_codebook(modules: list[nn.Module], config: CodebookConfig) -> dict[in
         raise UnsupportedModule(f"a shared codebook needs one dtype and device, got {kinds}")
     if not linears:
         return {}
-    cb = fit_codebook([m.weight.detach() for m in linears], config.bits, 1, config.iters)
+    cb = fit_codebook([m.weight.detach() for m in linears], config.bits, 1, config.iters,
+                      method=config.method)
     return {id(m): {"codebook": cb} for m in modules
             if type(m) is nn.Linear or is_conv1d(m, exact=True)}
 
@@ -94,13 +95,24 @@ def _quant(module: nn.Module, config: QuantConfig, hessian: torch.Tensor | None 
 
 
 @register_transform(CodebookConfig, LINEAR_TYPES, prepare=shared_codebook)
-def _codebook(module: nn.Module, config: CodebookConfig, codebook: object = None) -> nn.Module:
+def _codebook(module: nn.Module, config: CodebookConfig, codebook: object = None,
+              hessian: torch.Tensor | None = None) -> nn.Module:
     module = plain_linear(module)
     if config.row_groups > 1 and module.out_features % config.row_groups:
         raise UnsupportedModule(f"out_features={module.out_features} is not divisible by "
                                 f"row_groups={config.row_groups}")
-    return CodebookLinear.from_dense(module, codebook=codebook, bits=config.bits,
-                                     row_groups=config.row_groups, iters=config.iters)
+    importance = None
+    if config.weighted:  # activation-aware: the energy of input j weighs column j's weights
+        hessian = _calibration(config, hessian)
+        k = module.in_features
+        if not isinstance(hessian, torch.Tensor) or hessian.shape != (k, k):
+            got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else repr(hessian)
+            raise ValueError(f"hessian must be a [{k}, {k}] tensor (the layer's input "
+                             f"Hessian), got {got}")
+        importance = torch.diagonal(hessian.detach())[None, :]
+    return CodebookLinear.from_dense(module, codebook=codebook, importance=importance,
+                                     bits=config.bits, row_groups=config.row_groups,
+                                     iters=config.iters, method=config.method)
 
 
 def _no_saving(kind: str, factor_params: int, dense_params: int, rank: object) -> None:

@@ -38,7 +38,8 @@ __all__ = ["QuantLinear", "CodebookLinear", "QUANT_DEFAULTS", "CODEBOOK_DEFAULTS
 QUANT_DEFAULTS: dict[str, Any] = {"bits": 4, "group_size": 128, "symmetric": False,
                                   "search_steps": 20}
 #: ``CodebookLinear.from_dense`` keyword values when no config is given (``CodebookConfig()``'s).
-CODEBOOK_DEFAULTS: dict[str, Any] = {"bits": 4, "row_groups": 1, "iters": 1000}
+CODEBOOK_DEFAULTS: dict[str, Any] = {"bits": 4, "row_groups": 1, "iters": 1000,
+                                     "method": "optimal"}
 
 
 def _check_sizes(in_features: int, out_features: int, bits: int) -> None:
@@ -217,18 +218,25 @@ class CodebookLinear(PackedFieldsRecord, CompressedLinear):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, config: object | None = None, *,
-                   codebook: torch.Tensor | None = None, **values: Any) -> CodebookLinear:
+                   codebook: torch.Tensor | None = None, importance: torch.Tensor | None = None,
+                   **values: Any) -> CodebookLinear:
         """Fit a k-means codebook to ``linear``'s weight (or use the given shared ``codebook``
         ``[1, 2**bits]``, which the module then holds by reference) and encode the weight; with
-        the values of a ``CodebookConfig`` or the keywords ``bits``, ``row_groups``, ``iters``
-        (defaults :data:`CODEBOOK_DEFAULTS`)."""
+        the values of a ``CodebookConfig`` or the keywords ``bits``, ``row_groups``, ``iters``,
+        ``method`` (defaults :data:`CODEBOOK_DEFAULTS`). ``importance`` (broadcast to the
+        weight, >= 0; e.g. the input Hessian diagonal ``[1, in_features]``) weighs each
+        weight's squared error in the fit (:func:`~compress_ops.quantize.fit_codebook`)."""
         v = from_dense_values(config, values, CODEBOOK_DEFAULTS)
         bits = v["bits"]
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         if codebook is None:
-            codebook = fit_codebook([w], bits, v["row_groups"], v["iters"])
+            codebook = fit_codebook([w], bits, v["row_groups"], v["iters"], method=v["method"],
+                                    importance=importance)
+        elif importance is not None:
+            raise ValueError("importance weighs the fit of a codebook; a given (shared) "
+                             "codebook is not fit here")
         elif codebook.shape != (1, 2**bits) or codebook.dtype != w.dtype:
             raise ValueError(f"a shared codebook must be [1, {2**bits}] {w.dtype}, got "
                              f"{tuple(codebook.shape)} {codebook.dtype}")

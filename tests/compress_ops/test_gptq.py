@@ -111,8 +111,10 @@ def test_gptq_needs_calibration_and_says_so():
         co.compress_(model, co.QuantConfig(method="gptq"), calib=batches[0])
     with pytest.raises(ValueError, match="method"):
         co.QuantConfig(method="awq-ish")
-    with pytest.raises(ValueError, match="one-shot"):
-        co.qat.prepare_qat(model, co.QuantConfig(method="gptq"))
+    for one_shot in (co.QuantConfig(method="gptq"), co.QuantConfig(method="awq"),
+                     co.CodebookConfig(weighted=True)):
+        with pytest.raises(ValueError, match="one-shot"):
+            co.qat.prepare_qat(model, one_shot)
     nan = [torch.full((2, 96), float("nan"))]
     with pytest.raises(ValueError, match="NaN or Inf"):
         co.compress_(model, co.QuantConfig(method="gptq"), calib=nan)

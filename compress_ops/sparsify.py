@@ -104,8 +104,27 @@ def sparsegpt_2to4(w: torch.Tensor, hessian: torch.Tensor, *, block_size: int = 
     if block_size < 4 or block_size % 4 or not 0.0 <= damp < 1.0:
         raise ValueError(f"block_size must be a multiple of 4 and damp in [0, 1), got "
                          f"{block_size}, {damp}")
+    def groups_of_four(w1: torch.Tensor, d1: torch.Tensor, i: int) -> torch.Tensor | None:
+        width = min(4, w1.shape[1] - i)
+        if i % 4 or width <= 2:  # (a last group of 2 or fewer real inputs keeps them all)
+            return None
+        sal = w1[:, i:i + width].square() / d1[i:i + width].square()[None, :]
+        keep = torch.ones(sal.shape, dtype=torch.bool, device=sal.device)
+        return keep.scatter_(1, torch.topk(sal, width - 2, dim=1, largest=False).indices, False)
+
+    return _obs_prune(w, hessian, damp, block_size, groups_of_four)
+
+
+def _obs_prune(w: torch.Tensor, hessian: torch.Tensor, damp: float, block_size: int,
+               choose) -> torch.Tensor:
+    """SparseGPT's pass over ``w [N, K]``: columns in order, in blocks of ``block_size``;
+    before column ``i`` of a block is visited, ``choose(w1, d1, i)`` (the block's updated
+    weights, the diagonal of its part of ``U``, the upper Cholesky factor of the dampened
+    ``H^-1``) may return the keep-mask of the columns from ``i`` on (``[N, width]``); each
+    pruned weight's error is then spread over the columns not yet visited through ``U``, with
+    lazy batch updates of the later blocks. Returns the pruned weight in ``w``'s dtype."""
     n, k = w.shape
-    work = torch.float64 if w.dtype == torch.float64 else torch.float32
+    work = _work_dtype(w)
     wf = w.detach().to(work).clone()
     hinv, dead = inverse_hessian_factor(hessian.detach().to(device=w.device, dtype=work),
                                         damp, "SparseGPT")
@@ -118,12 +137,9 @@ def sparsegpt_2to4(w: torch.Tensor, hessian: torch.Tensor, *, block_size: int = 
         u1 = hinv[i1:i2, i1:i2]
         d1 = torch.diagonal(u1)
         for i in range(i2 - i1):
-            if i % 4 == 0:
-                width = min(4, i2 - i1 - i)
-                if width > 2:  # (a last group of 2 or fewer real inputs keeps them all)
-                    sal = w1[:, i:i + width].square() / d1[i:i + width].square()[None, :]
-                    drop = torch.topk(sal, width - 2, dim=1, largest=False).indices
-                    keep[:, i1 + i:i1 + i + width].scatter_(1, drop, False)
+            chosen = choose(w1, d1, i)
+            if chosen is not None:
+                keep[:, i1 + i:i1 + i + chosen.shape[1]] = chosen
             col = w1[:, i]
             q = torch.where(keep[:, i1 + i], col, torch.zeros_like(col))
             err = (col - q) / u1[i, i]
@@ -132,7 +148,7 @@ def sparsegpt_2to4(w: torch.Tensor, hessian: torch.Tensor, *, block_size: int = 
             e1[:, i] = err
         wf[:, i1:i2] = w1
         wf[:, i2:] -= e1 @ hinv[i1:i2, i2:]
-    return (wf * keep).to(w.dtype)
+    return _zero_outside(wf, keep).to(w.dtype)
 
 
 def magnitude_unstructured(w: torch.Tensor, sparsity: float, *, per: str = "row"
@@ -209,28 +225,9 @@ def sparsegpt_unstructured(w: torch.Tensor, hessian: torch.Tensor, sparsity: flo
     sparsity = _check_sparsity(sparsity)
     check_int("block_size", block_size, min=1)
     damp = check_number("damp", damp, low=0.0, high=1.0, high_open=True)
-    n, k = w.shape
-    work = _work_dtype(w)
-    wf = w.detach().to(work).clone()
-    hinv, dead = inverse_hessian_factor(hessian.detach().to(device=w.device, dtype=work),
-                                        damp, "SparseGPT")
-    wf[:, dead] = 0.0
-    keep = torch.ones(n, k, dtype=torch.bool, device=w.device)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        w1 = wf[:, i1:i2].clone()
-        e1 = torch.zeros_like(w1)
-        u1 = hinv[i1:i2, i1:i2]
-        saliency = w1.square() / torch.diagonal(u1).square()[None, :]
-        keep1 = _drop_lowest(saliency, sparsity, per_row=False)
-        keep[:, i1:i2] = keep1
-        for i in range(i2 - i1):
-            col = w1[:, i]
-            q = torch.where(keep1[:, i], col, torch.zeros_like(col))
-            err = (col - q) / u1[i, i]
-            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-            w1[:, i] = q
-            e1[:, i] = err
-        wf[:, i1:i2] = w1
-        wf[:, i2:] -= e1 @ hinv[i1:i2, i2:]
-    return _zero_outside(wf, keep).to(w.dtype)
+    def whole_block(w1: torch.Tensor, d1: torch.Tensor, i: int) -> torch.Tensor | None:
+        # the mask of a block is chosen once, at its first column, over the whole tile
+        return None if i else _drop_lowest(w1.square() / d1.square()[None, :], sparsity,
+                                           per_row=False)
+
+    return _obs_prune(w, hessian, damp, block_size, whole_block)

@@ -25,6 +25,7 @@ __all__ = [
     "CodebookWeight",
     "quantize_affine",
     "gptq_affine",
+    "check_hessian",
     "inverse_hessian_factor",
     "kmeans_1d",
     "kmeans_1d_optimal",
@@ -306,6 +307,17 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, who: str
     return factor, dead
 
 
+def check_hessian(hessian: object, k: int) -> None:
+    """``ValueError`` unless ``hessian`` is a finite ``[k, k]`` tensor (a layer's input
+    Hessian, as GPTQ, SparseGPT and Wanda take it)."""
+    if not isinstance(hessian, torch.Tensor) or hessian.shape != (k, k):
+        got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else repr(hessian)
+        raise ValueError(f"hessian must be a [{k}, {k}] tensor (the layer's input Hessian), "
+                         f"got {got}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("the hessian holds NaN or Inf (non-finite calibration activations)")
+
+
 def gptq_affine(w: torch.Tensor, hessian: torch.Tensor, bits: int,
                 group_size: int | None = 128, *, symmetric: bool = False,
                 search_steps: int = 20, act_order: bool = True, block_size: int = 128,
@@ -339,12 +351,7 @@ def gptq_affine(w: torch.Tensor, hessian: torch.Tensor, bits: int,
     """
     _check_weight(w)
     n, k = w.shape
-    if not isinstance(hessian, torch.Tensor) or hessian.shape != (k, k):
-        got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else repr(hessian)
-        raise ValueError(f"hessian must be a [{k}, {k}] tensor (the layer's input Hessian), "
-                         f"got {got}")
-    if not bool(torch.isfinite(hessian).all()):
-        raise ValueError("hessian holds NaN or Inf (non-finite calibration activations)")
+    check_hessian(hessian, k)
     if not 0.0 <= damp < 1.0 or block_size < 1:
         raise ValueError(f"damp must be in [0, 1) and block_size >= 1, got {damp}, {block_size}")
     dtype = w.dtype

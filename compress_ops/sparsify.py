@@ -18,7 +18,7 @@ import torch
 
 from compress_ops._validate import check_choice, check_int, check_number
 from compress_ops.kernels.formats.sparse24 import mask_2to4
-from compress_ops.quantize import inverse_hessian_factor
+from compress_ops.quantize import check_hessian, inverse_hessian_factor
 
 __all__ = ["wanda_2to4", "sparsegpt_2to4", "sparsegpt_unstructured", "wanda_unstructured",
            "magnitude_unstructured", "pruned_count"]
@@ -33,13 +33,7 @@ def _check_weight(w: torch.Tensor) -> None:
 
 def _check(w: torch.Tensor, hessian: torch.Tensor) -> None:
     _check_weight(w)
-    k = w.shape[1]
-    if not isinstance(hessian, torch.Tensor) or hessian.shape != (k, k):
-        got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else repr(hessian)
-        raise ValueError(f"hessian must be a [{k}, {k}] tensor (the layer's input Hessian), "
-                         f"got {got}")
-    if not bool(torch.isfinite(hessian).all()):
-        raise ValueError("the hessian holds NaN or Inf (non-finite calibration activations)")
+    check_hessian(hessian, w.shape[1])
 
 
 def _work_dtype(w: torch.Tensor) -> torch.dtype:

@@ -26,7 +26,7 @@ from compress_ops.nn.base import check_compute_dtype
 from compress_ops.nn.dequant import CodebookLinear, QuantLinear
 from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
 from compress_ops.nn.sparse24 import Sparse24Linear
-from compress_ops.quantize import fit_codebook, gptq_affine
+from compress_ops.quantize import check_hessian, fit_codebook, gptq_affine
 from compress_ops.sparsify import sparsegpt_2to4, wanda_2to4
 
 __all__ = ["plain_linear", "shared_codebook"]
@@ -104,11 +104,7 @@ def _codebook(module: nn.Module, config: CodebookConfig, codebook: object = None
     importance = None
     if config.weighted:  # activation-aware: the energy of input j weighs column j's weights
         hessian = _calibration(config, hessian)
-        k = module.in_features
-        if not isinstance(hessian, torch.Tensor) or hessian.shape != (k, k):
-            got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else repr(hessian)
-            raise ValueError(f"hessian must be a [{k}, {k}] tensor (the layer's input "
-                             f"Hessian), got {got}")
+        check_hessian(hessian, module.in_features)
         importance = torch.diagonal(hessian.detach())[None, :]
     return CodebookLinear.from_dense(module, codebook=codebook, importance=importance,
                                      bits=config.bits, row_groups=config.row_groups,

@@ -17,6 +17,7 @@ from compress_ops.configs import (
     UnfusableError,
     UnsupportedModule,
     UnsupportedWeight,
+    W8A8Config,
 )
 from compress_ops.integrations import hf as _hf
 from compress_ops.integrations.serialization import CheckpointError, load, save
@@ -37,6 +38,7 @@ __all__ = [
     "Report",
     "ReportRow",
     "Sparse24Config",
+    "W8A8Config",
     "UnsupportedModule",
     "UnfusableError",
     "UnsupportedWeight",

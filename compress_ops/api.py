@@ -28,6 +28,7 @@ from compress_ops.configs import (
     QuantConfig,
     UnsupportedModule,
     UnsupportedWeight,
+    W8A8Config,
     handled_types,
     per_layer_configs,
     transform_for,
@@ -257,10 +258,17 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
                          f"compress_(model, config, calib=batches[, forward=fn])")
 
     awq = [n for n, c in configs.items() if isinstance(c, QuantConfig) and c.method == "awq"]
+    w8a8 = [n for n, c in configs.items() if isinstance(c, W8A8Config)]
+    smooth = [n for n in w8a8 if configs[n].smoothing is not None]
     unfolded: dict[str, str] = {}
+    unsmoothed: dict[str, str] = {}
+    absmax: dict[str, torch.Tensor] | None = {} if w8a8 else None
 
     def build(name: str, module: nn.Module, hessian: torch.Tensor) -> nn.Module | Exception:
-        extras = {"awq_applied": True} if name in awq else {}
+        extras: dict[str, object] = {"awq_applied": True} if name in awq else {}
+        if name in w8a8:
+            extras = {"calibrated": True, "absmax": absmax.get(name),
+                      "no_fold": unsmoothed.get(name)}
         try:
             return transform_for(configs[name]).build(module, configs[name], hessian=hessian,
                                                       **extras)
@@ -274,17 +282,28 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
             warnings.warn(f"compress_: calibrated layer by layer from the dense model's "
                           f"inputs, not block by block: {why}", UserWarning, stacklevel=6)
 
-    prepare = None if not awq else \
-        lambda container, group, hessians, run: unfolded.update(_awq_fold(
-            container, {n: m for n, m in group.items() if n in awq and n in hessians},
-            {n: configs[n] for n in group}, hessians, run))
+    def prepare(container: nn.Module, group: dict[str, nn.Module],
+                hessians: dict[str, torch.Tensor], run: Callable[[], object]) -> None:
+        if awq:
+            unfolded.update(_awq_fold(
+                container, {n: m for n, m in group.items() if n in awq and n in hessians},
+                {n: configs[n] for n in group}, hessians, run))
+        if smooth:
+            unsmoothed.update(_smooth_fold(
+                container, {n: m for n, m in group.items() if n in smooth and n in absmax},
+                {n: configs[n] for n in group}, absmax, run))
+
     built = sequential_build(model, wanted, calib, forward, build, sequential=sequential,
-                             progress=progress, on_fallback=fallback, prepare=prepare)
-    if unfolded:
-        listed = "; ".join(f"{n}: {why}" for n, why in list(unfolded.items())[:4])
-        warnings.warn(f"compress_: AWQ found no exact fold for {len(unfolded)} of {len(awq)} "
-                      f"layers, quantized by round-to-nearest unscaled ({listed}"
-                      f"{'; ...' if len(unfolded) > 4 else ''})", UserWarning, stacklevel=3)
+                             progress=progress, on_fallback=fallback,
+                             prepare=prepare if awq or smooth else None, absmax=absmax)
+    for what, missing, total, then in (
+            ("AWQ", unfolded, awq, "quantized by round-to-nearest unscaled"),
+            ("SmoothQuant", unsmoothed, smooth, "left weight-only (int8)")):
+        if missing:
+            listed = "; ".join(f"{n}: {why}" for n, why in list(missing.items())[:4])
+            warnings.warn(f"compress_: {what} found no exact fold for {len(missing)} of "
+                          f"{len(total)} layers, {then} ({listed}"
+                          f"{'; ...' if len(missing) > 4 else ''})", UserWarning, stacklevel=3)
     return {id(wanted[n]): m for n, m in built.items()}
 
 
@@ -317,6 +336,43 @@ def _awq_fold(container: nn.Module, layers: dict[str, nn.Module], configs: dict[
                               hessians[name_of[fold.consumers[0]]], cfg.bits, cfg.group_size,
                               symmetric=cfg.symmetric, search_steps=cfg.search_steps)
         awq.apply_fold(container, fold, s)
+    return why
+
+
+def _smooth_fold(container: nn.Module, layers: dict[str, nn.Module], configs: dict[str, object],
+                 absmax: dict[str, torch.Tensor], run: Callable[[], object]) -> dict[str, str]:
+    """SmoothQuant for ``layers`` (``{name: linear}``, names as in the model) of
+    ``container``: find the exact folds (:func:`~compress_ops.awq.find_folds`), fold
+    ``s = max|X|^alpha / max|W|^(1 - alpha)`` per input channel in place, and divide each
+    smoothed layer's recorded input absmax by ``s`` (its input is now ``x / s``); returns
+    ``{name: why it is not smoothed}``."""
+    if not layers:
+        return {}
+    rel = {id(m): n for n, m in container.named_modules() if n}
+    local = {rel[id(m)]: m for m in layers.values() if type(m) is nn.Linear and id(m) in rel}
+    name_of = {rel[id(m)]: n for n, m in layers.items() if id(m) in rel}
+    why = {n: "SmoothQuant scales nn.Linear layers only" for n, m in layers.items()
+           if type(m) is not nn.Linear}
+    if not local:
+        return why
+    dtype = next(iter(local.values())).weight.dtype
+    folds, missing = awq.find_folds(container, local, run, dtype)
+    why.update({name_of[c]: w for c, w in missing.items()})
+    for fold in folds:
+        names = [name_of[c] for c in fold.consumers]
+        alphas = {configs[n].smoothing for n in names}
+        if len(alphas) > 1:
+            why.update(dict.fromkeys(names, f"the layers reading {fold.producer}'s output "
+                                            f"have different smoothing"))
+            continue
+        alpha = alphas.pop()
+        x_max = torch.stack([absmax[n].double() for n in names]).amax(0).clamp_min(1e-5)
+        w_max = torch.stack([local[c].weight.detach().abs().amax(0).double().to(x_max.device)
+                             for c in fold.consumers]).amax(0).clamp_min(1e-5)
+        s = (x_max.pow(alpha) / w_max.pow(1.0 - alpha)).clamp(1e-5, 1e5)
+        awq.apply_fold(container, fold, s)
+        for n in names:
+            absmax[n] = (absmax[n].double() / s.to(absmax[n].device)).float()
     return why
 
 
@@ -421,8 +477,9 @@ def report(model: nn.Module) -> Report:
                                       module.index_bytes(), f"codebook shared with {first}"))
                 continue
         if isinstance(module, CompressedModule):  # (a note: e.g. fused for one input size)
+            note = "; ".join(n for n in (skipped.get(name, ""), module.report_note()) if n)
             rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
-                                  module.stored_weight_bytes(), skipped.get(name, "")))
+                                  module.stored_weight_bytes(), note))
         elif isinstance(module, LINEAR_TYPES) or (isinstance(module, nn.Conv2d)
                                                and (name in skipped or compressed_convs)):
             nbytes = module.weight.numel() * module.weight.element_size()

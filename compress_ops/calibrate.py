@@ -68,11 +68,14 @@ def run_with_hooks(model: nn.Module, hooks: list, batches: Iterable,
 @torch.no_grad()
 def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
                    forward: Callable[[nn.Module, object], object] | None = None, *,
-                   strict: bool = True) -> dict[str, torch.Tensor]:
+                   strict: bool = True,
+                   absmax: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """``{name: H}`` with ``H = 2 X^T X / n`` (float32 ``[K, K]``, on the layer's device) over
     every row ``x`` (a token, a sample) each linear layer of ``layers`` (``nn.Linear`` or
     Hugging Face ``Conv1D``) reads on ``batches``. ``ValueError`` for a layer that never ran
-    (``strict=False``: it is left out), for non-finite inputs (named), and for no batches."""
+    (``strict=False``: it is left out), for non-finite inputs (named), and for no batches.
+    ``absmax``: a dict that also receives ``{name: max |x| per input channel}`` (float32
+    ``[K]``, SmoothQuant's and the static activation scales' statistic)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -84,6 +87,9 @@ def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iter
                                  f"Hessian needs finite activations")
             h = x.t() @ x
             sums[name] = sums[name] + h if name in sums else h
+            if absmax is not None and x.shape[0]:
+                top = x.abs().amax(0)
+                absmax[name] = torch.maximum(absmax[name], top) if name in absmax else top
             counts[name] = counts.get(name, 0) + x.shape[0]
         return fn
 
@@ -314,7 +320,9 @@ def sequential_build(model: nn.Module, layers: dict[str, nn.Module], batches: It
                      forward: Callable[[nn.Module, object], object] | None, build: Build, *,
                      sequential: bool = True, progress: bool | None = None,
                      on_fallback: Callable[[str], None] | None = None,
-                     prepare: Prepare | None = None) -> dict[str, nn.Module | Exception]:
+                     prepare: Prepare | None = None,
+                     absmax: dict[str, torch.Tensor] | None = None
+                     ) -> dict[str, nn.Module | Exception]:
     """Compress ``layers`` (``{name: linear}``) of ``model`` one block at a time:
     ``{name: build(name, layer, H)}``, where ``H`` is the layer's input Hessian (as
     :func:`input_hessians`) taken on the inputs it gets when every layer before it is
@@ -336,7 +344,8 @@ def sequential_build(model: nn.Module, layers: dict[str, nn.Module], batches: It
     ``on_fallback(reason)`` is told why. Hugging Face models run with ``config.use_cache``
     off. ``progress``: a bar over the blocks (None: when stderr is a terminal).
     ``prepare`` (see :data:`Prepare`) runs before each group of layers (a block's, or those
-    calibrated on the whole model) is built.
+    calibrated on the whole model) is built. ``absmax``: a dict that also receives each
+    layer's input absmax per channel, from the same passes (see :func:`input_hessians`).
     """
     batches = list(batches)
     if not batches:
@@ -360,12 +369,12 @@ def sequential_build(model: nn.Module, layers: dict[str, nn.Module], batches: It
         if why is not None:
             if on_fallback is not None:
                 on_fallback(why)
-            hessians = input_hessians(model, layers, batches, forward)
+            hessians = input_hessians(model, layers, batches, forward, absmax=absmax)
             if prepare is not None:
                 prepare(model, layers, hessians, _runner(model, batches[0], forward))
             return {n: build(n, layers[n], h) for n, h in hessians.items()}
         return _walk(model, chain, layers, inside, ahead, batches, forward, build, progress,
-                     prepare)
+                     prepare, absmax)
 
 
 def _runner(model: nn.Module, batch: object, forward) -> Callable[[], object]:
@@ -374,7 +383,8 @@ def _runner(model: nn.Module, batch: object, forward) -> Callable[[], object]:
 
 def _walk(model: nn.Module, chain: Blocks, layers: dict[str, nn.Module], inside: set[str],
           ahead: list[str], batches: list, forward, build: Build,
-          progress: bool | None, prepare: Prepare | None) -> dict[str, nn.Module | Exception]:
+          progress: bool | None, prepare: Prepare | None,
+          absmax: dict[str, torch.Tensor] | None) -> dict[str, nn.Module | Exception]:
     """:func:`sequential_build` on a checked chain; ``ahead``: the layers that ran before
     the first block on the probe batch."""
     before = {n: layers[n] for n in dict.fromkeys(ahead)}
@@ -395,7 +405,7 @@ def _walk(model: nn.Module, chain: Blocks, layers: dict[str, nn.Module], inside:
 
     try:
         if before:
-            adopt(before, input_hessians(model, before, batches, forward), model,
+            adopt(before, input_hessians(model, before, batches, forward, absmax=absmax), model,
                   _runner(model, batches[0], forward))
         inputs = _first_inputs(model, chain.blocks[0], batches, forward)
         tick = _progress(len(chain.blocks), progress, chain.container or "model")
@@ -403,14 +413,15 @@ def _walk(model: nn.Module, chain: Blocks, layers: dict[str, nn.Module], inside:
             mine = {n: m for n, m in layers.items() if n in inside
                     and any(m is x for x in block.modules())}
             if mine:
-                adopt(mine, input_hessians(block, mine, inputs, _call_block), block,
+                adopt(mine, input_hessians(block, mine, inputs, _call_block, absmax=absmax),
+                      block,
                       _runner(block, inputs[0], _call_block))
             if i + 1 < len(chain.blocks):
                 inputs = [_with_hidden(a, k, main_output(block(*a, **k))) for a, k in inputs]
             tick()
         del inputs
         if after:
-            adopt(after, input_hessians(model, after, batches, forward), model,
+            adopt(after, input_hessians(model, after, batches, forward, absmax=absmax), model,
                   _runner(model, batches[0], forward))
     finally:
         for h in handles:

@@ -38,6 +38,7 @@ __all__ = [
     "CodebookConfig",
     "LowRankConfig",
     "DWSepFuseConfig",
+    "W8A8Config",
     "UnsupportedModule",
     "UnfusableError",
     "UnsupportedWeight",
@@ -161,6 +162,44 @@ class QuantConfig(CompressionConfig):
     @property
     def needs_calibration(self) -> bool:
         return self.method in ("gptq", "awq")
+
+
+@dataclass(frozen=True)
+class W8A8Config(CompressionConfig):
+    """8-bit weights *and* activations for ``nn.Linear``
+    (:class:`~compress_ops.nn.W8A8Linear`): on the GPU the tensor cores multiply 8-bit
+    operands at twice the fp16 rate, so compute-bound layers (large batches, prefill) run
+    faster; weight-only configs (:class:`QuantConfig`) help memory-bound ones.
+
+    ``dtype``: ``"int8"`` (int8 x int8 -> int32 tensor cores, every GPU) or ``"fp8"`` (e4m3,
+    sm_89+; emulated elsewhere, and ``report()`` says so). Weights: symmetric, one scale per
+    output channel. Activations: ``act_scale="dynamic"`` quantizes each row (token) with its own
+    absmax scale inside the op; ``"static"`` uses one scale per layer, the largest ``|x|`` seen
+    on calibration data (``compress_(model, config, calib=batches)``): no reduction at run
+    time, but inputs beyond the calibrated range clip.
+
+    ``smoothing`` (SmoothQuant, Xiao et al. 2023): ``alpha`` in ``[0, 1]`` moves the
+    quantization difficulty of outlier activation channels into the weights, per input channel
+    ``s = max|X|^alpha / max|W|^(1 - alpha)`` (from ``calib``), folded exactly into the norm or
+    linear before the layer (``x / s``; the weight's columns times ``s``), where the block's
+    output provably does not change (:mod:`compress_ops.awq`'s fold search). A layer with no
+    exact fold is left weight-only (int8, one scale per row), and a warning and ``report()``
+    list it with the reason.
+    """
+
+    dtype: str = "int8"
+    smoothing: float | None = None
+    act_scale: str = "dynamic"
+
+    def __post_init__(self) -> None:
+        check_choice("dtype", self.dtype, ("int8", "fp8"))
+        if self.smoothing is not None:
+            check_number("smoothing", self.smoothing, low=0.0, high=1.0)
+        check_choice("act_scale", self.act_scale, ("dynamic", "static"))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.smoothing is not None or self.act_scale == "static"
 
 
 @dataclass(frozen=True)

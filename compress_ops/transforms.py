@@ -20,12 +20,15 @@ from compress_ops.configs import (
     QuantConfig,
     Sparse24Config,
     UnsupportedModule,
+    W8A8Config,
     register_transform,
 )
+from compress_ops.kernels.formats.w8a8 import QDTYPES, QMAX
 from compress_ops.nn.base import check_compute_dtype
 from compress_ops.nn.dequant import CodebookLinear, QuantLinear
 from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
 from compress_ops.nn.sparse24 import Sparse24Linear
+from compress_ops.nn.w8a8 import W8A8Linear
 from compress_ops.quantize import check_hessian, fit_codebook, gptq_affine
 from compress_ops.sparsify import sparsegpt_2to4, wanda_2to4
 
@@ -109,6 +112,35 @@ def _codebook(module: nn.Module, config: CodebookConfig, codebook: object = None
     return CodebookLinear.from_dense(module, codebook=codebook, importance=importance,
                                      bits=config.bits, row_groups=config.row_groups,
                                      iters=config.iters, method=config.method)
+
+
+@register_transform(W8A8Config, LINEAR_TYPES)
+def _w8a8(module: nn.Module, config: W8A8Config, hessian: torch.Tensor | None = None,
+          absmax: torch.Tensor | None = None, calibrated: bool = False,
+          no_fold: str | None = None) -> nn.Module:
+    """``absmax``: the largest ``|x|`` per input channel on the calibration data, already
+    divided by the SmoothQuant scales folded in (``compress_(..., calib=)`` measures it and
+    folds, then passes ``calibrated=True``); ``no_fold``: why SmoothQuant found no exact fold
+    for this layer, which then stays weight-only (int8, one scale per row)."""
+    linear = plain_linear(module)
+    if config.needs_calibration and not calibrated:
+        raise UnsupportedModule(f"{config!r} reads calibration data (SmoothQuant's fold, the "
+                                f"static activation scale): only compress_(model, config, "
+                                f"calib=batches) applies it")
+    if config.smoothing is not None and no_fold is not None:
+        check_compute_dtype("QuantLinear", linear.weight.dtype)
+        weight_only = QuantLinear.from_dense(linear, bits=8, group_size=None, symmetric=True)
+        weight_only.note = f"weight-only int8: no exact SmoothQuant fold ({no_fold})"
+        return weight_only
+    input_scale = None
+    if config.act_scale == "static":
+        if absmax is None or absmax.numel() != linear.in_features:
+            raise ValueError(f"{config!r}: the static activation scale needs the input's "
+                             f"absmax per channel ([{linear.in_features}]) from calibration")
+        top = float(absmax.max())
+        input_scale = top / QMAX[QDTYPES[config.dtype]] if top > 0 else 1.0
+    return W8A8Linear.from_dense(linear, input_scale=input_scale, dtype=config.dtype,
+                                 act_scale=config.act_scale)
 
 
 def _no_saving(kind: str, factor_params: int, dense_params: int, rank: object) -> None:

@@ -40,6 +40,14 @@ class CompressedModule(nn.Module):
         ``AttributeError``: the stored tensors are the module's state."""
         return self.dense_weight()
 
+    #: what ``report()`` adds about this layer (set by a transform, e.g. why a layer became
+    #: weight-only); a subclass may compute it in :meth:`report_note`
+    note: str = ""
+
+    def report_note(self) -> str:
+        """The note ``report()`` shows for this layer (:attr:`note` unless overridden)."""
+        return self.note
+
     #: plain attributes outside the constructor that a checkpoint keeps (co.save / co.load)
     saved_attrs: tuple[str, ...] = ()
 

@@ -1,7 +1,8 @@
 """Custom ops (``torch.ops.compress_ops.*``): one per kernel, with fake impls and autograd.
 
 Importing this package registers every op. One module per family: :mod:`.sparse24`,
-:mod:`.dequant` (``dequant_linear``, ``codebook_linear``), :mod:`.lowrank`, :mod:`.dwsep_conv`;
+:mod:`.dequant` (``dequant_linear``, ``codebook_linear``), :mod:`.lowrank`, :mod:`.dwsep_conv`,
+:mod:`.w8a8`;
 the device routing they share (CPU paths and crossovers, the derived-weight cache, the lazy
 import of the Triton launchers) is :mod:`.routing`; the autocast kernels of every op are
 :mod:`.autocast`.
@@ -13,7 +14,9 @@ from compress_ops.ops.dwsep_conv import dwsep_conv2d
 from compress_ops.ops.lowrank import lowrank_linear, lowrank_route
 from compress_ops.ops.routing import cpu_backend, cpu_dense_cache
 from compress_ops.ops.sparse24 import sparse24_linear
+from compress_ops.ops.w8a8 import w8a8_linear, w8a8_route
 
 __all__ = ["sparse24_linear", "dequant_linear", "codebook_linear", "lowrank_linear",
-           "dwsep_conv2d",
-           "cpu_backend", "cpu_dense_cache", "dequant_cpu_route", "lowrank_route"]
+           "dwsep_conv2d", "w8a8_linear",
+           "cpu_backend", "cpu_dense_cache", "dequant_cpu_route", "lowrank_route",
+           "w8a8_route"]

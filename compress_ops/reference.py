@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from compress_ops.kernels.formats.dequant import codebook_weight, dequantize
 from compress_ops.kernels.formats.dwsep_conv import ACTIVATION_FNS
 from compress_ops.kernels.formats.sparse24 import unpack_sparse24
+from compress_ops.kernels.formats.w8a8 import epilogue, quantize_activation
 
 __all__ = ["sparse24_linear_ref", "dequant_linear_ref", "codebook_linear_ref",
-           "lowrank_linear_ref", "dwsep_conv2d_ref"]
+           "lowrank_linear_ref", "dwsep_conv2d_ref", "w8a8_linear_ref"]
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
@@ -83,3 +84,21 @@ def dwsep_conv2d_ref(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Te
     y = F.conv2d(ACTIVATION_FNS[act1](t), cast(pw_weight)[:, :, None, None], cast(pw_bias))
     y = ACTIVATION_FNS[act2](y)
     return y if residual is None else y + residual.to(dtype)
+
+
+def w8a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                    bias: torch.Tensor | None, input_scale: torch.Tensor | None, *,
+                    exact_epilogue: bool = True) -> torch.Tensor:
+    """``Q(x) @ qweight^T * s_x * w_scales + bias`` on the quantized activation (the format's
+    rule), the product summed in float64 (exact: int8 sums stay below 2**31, FP8 products
+    have 8 significant bits). ``exact_epilogue``: then the format's float32 epilogue, rounded
+    to ``x.dtype`` (what every int8 path must give bit for bit); else everything in float64."""
+    q, s_x = quantize_activation(x, qweight.dtype, input_scale)
+    acc = q.double() @ qweight.double().t()
+    n = qweight.shape[0]
+    if exact_epilogue:
+        return epilogue(acc, s_x, w_scales, bias, x.dtype).reshape(*x.shape[:-1], n)
+    y = acc * s_x.double()[:, None] * w_scales.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], n)

@@ -12,6 +12,7 @@ from compress_ops import configs
 from compress_ops._linear import HFConv1D
 from compress_ops.nn.dequant import CODEBOOK_DEFAULTS, QUANT_DEFAULTS
 from compress_ops.nn.sparse24 import SPARSE24_DEFAULTS
+from compress_ops.nn.w8a8 import W8A8_DEFAULTS
 
 
 def test_one_exception_hierarchy():
@@ -23,7 +24,7 @@ def test_one_exception_hierarchy():
 
 @pytest.mark.parametrize(("config", "defaults"), [
     (co.QuantConfig(), QUANT_DEFAULTS), (co.CodebookConfig(), CODEBOOK_DEFAULTS),
-    (co.Sparse24Config(), SPARSE24_DEFAULTS)])
+    (co.Sparse24Config(), SPARSE24_DEFAULTS), (co.W8A8Config(), W8A8_DEFAULTS)])
 def test_module_defaults_are_the_config_defaults(config, defaults):
     assert {k: getattr(config, k) for k in defaults} == defaults
 
@@ -55,7 +56,8 @@ def test_registry_names_unknown_configs_and_takes_per_layer_configs_only():
         configs.transform_for(object())
     assert configs.transform_for(co.QuantConfig()).handles == (nn.Linear, HFConv1D)
     assert set(configs.per_layer_configs()) == {co.Sparse24Config, co.QuantConfig,
-                                                co.CodebookConfig, co.LowRankConfig}
+                                                co.CodebookConfig, co.LowRankConfig,
+                                                co.W8A8Config}
     with pytest.raises(TypeError, match="per-layer"):
         configs.register_transform(co.DWSepFuseConfig, (nn.Conv2d,))
     with pytest.raises(TypeError, match="matches chains of layers"):

@@ -20,6 +20,7 @@ CONFIGS = {
     "codebook_linear": co.CodebookConfig(bits=4),
     "sparse24_linear": co.Sparse24Config(),
     "lowrank_linear": co.LowRankConfig(rank=8),
+    "w8a8_linear": co.W8A8Config(),
 }
 
 

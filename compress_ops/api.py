@@ -18,7 +18,7 @@ from torch import nn
 
 import compress_ops.transforms  # noqa: F401  (registers every config's transform)
 from compress_ops import _swap, awq
-from compress_ops._linear import LINEAR_TYPES
+from compress_ops._linear import LINEAR_TYPES, plain_linear
 from compress_ops._text import format_table
 from compress_ops.calibrate import NO_BLOCKS, sequential_build
 from compress_ops.configs import (
@@ -261,14 +261,14 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
     w8a8 = [n for n, c in configs.items() if isinstance(c, W8A8Config)]
     smooth = [n for n in w8a8 if configs[n].smoothing is not None]
     unfolded: dict[str, str] = {}
-    unsmoothed: dict[str, str] = {}
+    smoothing: dict[str, dict] = {}  # SmoothQuant: {name: {"smooth_scales"?, "note"}}
     absmax: dict[str, torch.Tensor] | None = {} if w8a8 else None
 
     def build(name: str, module: nn.Module, hessian: torch.Tensor) -> nn.Module | Exception:
         extras: dict[str, object] = {"awq_applied": True} if name in awq else {}
         if name in w8a8:
             extras = {"calibrated": True, "absmax": absmax.get(name),
-                      "no_fold": unsmoothed.get(name)}
+                      **smoothing.get(name, {})}
         try:
             return transform_for(configs[name]).build(module, configs[name], hessian=hessian,
                                                       **extras)
@@ -289,21 +289,18 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
                 container, {n: m for n, m in group.items() if n in awq and n in hessians},
                 {n: configs[n] for n in group}, hessians, run))
         if smooth:
-            unsmoothed.update(_smooth_fold(
+            smoothing.update(_smooth(
                 container, {n: m for n, m in group.items() if n in smooth and n in absmax},
                 {n: configs[n] for n in group}, absmax, run))
 
     built = sequential_build(model, wanted, calib, forward, build, sequential=sequential,
                              progress=progress, on_fallback=fallback,
                              prepare=prepare if awq or smooth else None, absmax=absmax)
-    for what, missing, total, then in (
-            ("AWQ", unfolded, awq, "quantized by round-to-nearest unscaled"),
-            ("SmoothQuant", unsmoothed, smooth, "left weight-only (int8)")):
-        if missing:
-            listed = "; ".join(f"{n}: {why}" for n, why in list(missing.items())[:4])
-            warnings.warn(f"compress_: {what} found no exact fold for {len(missing)} of "
-                          f"{len(total)} layers, {then} ({listed}"
-                          f"{'; ...' if len(missing) > 4 else ''})", UserWarning, stacklevel=3)
+    if unfolded:
+        listed = "; ".join(f"{n}: {why}" for n, why in list(unfolded.items())[:4])
+        warnings.warn(f"compress_: AWQ found no exact fold for {len(unfolded)} of {len(awq)} "
+                      f"layers, quantized by round-to-nearest unscaled ({listed}"
+                      f"{'; ...' if len(unfolded) > 4 else ''})", UserWarning, stacklevel=3)
     return {id(wanted[n]): m for n, m in built.items()}
 
 
@@ -339,41 +336,51 @@ def _awq_fold(container: nn.Module, layers: dict[str, nn.Module], configs: dict[
     return why
 
 
-def _smooth_fold(container: nn.Module, layers: dict[str, nn.Module], configs: dict[str, object],
-                 absmax: dict[str, torch.Tensor], run: Callable[[], object]) -> dict[str, str]:
+def _smooth(container: nn.Module, layers: dict[str, nn.Module], configs: dict[str, object],
+            absmax: dict[str, torch.Tensor], run: Callable[[], object]) -> dict[str, dict]:
     """SmoothQuant for ``layers`` (``{name: linear}``, names as in the model) of
-    ``container``: find the exact folds (:func:`~compress_ops.awq.find_folds`), fold
-    ``s = max|X|^alpha / max|W|^(1 - alpha)`` per input channel in place, and divide each
-    smoothed layer's recorded input absmax by ``s`` (its input is now ``x / s``); returns
-    ``{name: why it is not smoothed}``."""
+    ``container``: per input channel ``s = max|X|^alpha / max|W|^(1 - alpha)``, folded in
+    place where :func:`~compress_ops.awq.find_folds` finds an exact fold (the layers reading
+    one output share one ``s``), else carried in the op (``smooth_scales``, from the layer's
+    own weight). Each layer's recorded input absmax is divided by its ``s`` (its input is
+    now ``x / s``). Returns the transform's extras: ``{name: {"smooth_scales"?, "note"}}``."""
     if not layers:
         return {}
+
+    def scales(names: list[str], weights: list[torch.Tensor]) -> torch.Tensor:
+        alpha = configs[names[0]].smoothing
+        x_max = torch.stack([absmax[n].double() for n in names]).amax(0).clamp_min(1e-5)
+        w_max = torch.stack([w.detach().abs().amax(0).double().to(x_max.device)
+                             for w in weights]).amax(0).clamp_min(1e-5)
+        s = (x_max.pow(alpha) / w_max.pow(1.0 - alpha)).clamp(1e-5, 1e5)
+        for n in names:
+            absmax[n] = (absmax[n].double() / s.to(absmax[n].device)).float()
+        return s
+
     rel = {id(m): n for n, m in container.named_modules() if n}
     local = {rel[id(m)]: m for m in layers.values() if type(m) is nn.Linear and id(m) in rel}
     name_of = {rel[id(m)]: n for n, m in layers.items() if id(m) in rel}
-    why = {n: "SmoothQuant scales nn.Linear layers only" for n, m in layers.items()
+    why = {n: "the fold search reads nn.Linear layers only" for n, m in layers.items()
            if type(m) is not nn.Linear}
-    if not local:
-        return why
-    dtype = next(iter(local.values())).weight.dtype
-    folds, missing = awq.find_folds(container, local, run, dtype)
-    why.update({name_of[c]: w for c, w in missing.items()})
-    for fold in folds:
-        names = [name_of[c] for c in fold.consumers]
-        alphas = {configs[n].smoothing for n in names}
-        if len(alphas) > 1:
-            why.update(dict.fromkeys(names, f"the layers reading {fold.producer}'s output "
-                                            f"have different smoothing"))
-            continue
-        alpha = alphas.pop()
-        x_max = torch.stack([absmax[n].double() for n in names]).amax(0).clamp_min(1e-5)
-        w_max = torch.stack([local[c].weight.detach().abs().amax(0).double().to(x_max.device)
-                             for c in fold.consumers]).amax(0).clamp_min(1e-5)
-        s = (x_max.pow(alpha) / w_max.pow(1.0 - alpha)).clamp(1e-5, 1e5)
-        awq.apply_fold(container, fold, s)
-        for n in names:
-            absmax[n] = (absmax[n].double() / s.to(absmax[n].device)).float()
-    return why
+    out: dict[str, dict] = {}
+    if local:
+        dtype = next(iter(local.values())).weight.dtype
+        folds, missing = awq.find_folds(container, local, run, dtype)
+        why.update({name_of[c]: w for c, w in missing.items()})
+        for fold in folds:
+            names = [name_of[c] for c in fold.consumers]
+            if len({configs[n].smoothing for n in names}) > 1:
+                why.update(dict.fromkeys(names, f"the layers reading {fold.producer}'s output "
+                                                f"have different smoothing"))
+                continue
+            s = scales(names, [local[c].weight for c in fold.consumers])
+            awq.apply_fold(container, fold, s)
+            out.update({n: {"note": f"SmoothQuant folded into {fold.producer}"}
+                        for n in names})
+    for n, reason in why.items():
+        s = scales([n], [plain_linear(layers[n]).weight])
+        out[n] = {"smooth_scales": s, "note": f"SmoothQuant in the op (no exact fold: {reason})"}
+    return out
 
 
 def _nothing_changed(model: nn.Module, config: object, idx: _swap.Index) -> None:

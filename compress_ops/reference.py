@@ -87,13 +87,14 @@ def dwsep_conv2d_ref(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: torch.Te
 
 
 def w8a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
-                    bias: torch.Tensor | None, input_scale: torch.Tensor | None, *,
+                    bias: torch.Tensor | None, input_scale: torch.Tensor | None,
+                    smooth: torch.Tensor | None = None, *,
                     exact_epilogue: bool = True) -> torch.Tensor:
-    """``Q(x) @ qweight^T * s_x * w_scales + bias`` on the quantized activation (the format's
-    rule), the product summed in float64 (exact: int8 sums stay below 2**31, FP8 products
+    """``Q(x * smooth) @ qweight^T * s_x * w_scales + bias`` on the quantized activation (the
+    format's rule), the product summed in float64 (exact: int8 sums stay below 2**31, FP8 products
     have 8 significant bits). ``exact_epilogue``: then the format's float32 epilogue, rounded
     to ``x.dtype`` (what every int8 path must give bit for bit); else everything in float64."""
-    q, s_x = quantize_activation(x, qweight.dtype, input_scale)
+    q, s_x = quantize_activation(x, qweight.dtype, input_scale, smooth)
     acc = q.double() @ qweight.double().t()
     n = qweight.shape[0]
     if exact_epilogue:

@@ -117,21 +117,16 @@ def _codebook(module: nn.Module, config: CodebookConfig, codebook: object = None
 @register_transform(W8A8Config, LINEAR_TYPES)
 def _w8a8(module: nn.Module, config: W8A8Config, hessian: torch.Tensor | None = None,
           absmax: torch.Tensor | None = None, calibrated: bool = False,
-          no_fold: str | None = None) -> nn.Module:
-    """``absmax``: the largest ``|x|`` per input channel on the calibration data, already
-    divided by the SmoothQuant scales folded in (``compress_(..., calib=)`` measures it and
-    folds, then passes ``calibrated=True``); ``no_fold``: why SmoothQuant found no exact fold
-    for this layer, which then stays weight-only (int8, one scale per row)."""
+          smooth_scales: torch.Tensor | None = None, note: str = "") -> nn.Module:
+    """``absmax``: the largest ``|x|`` per input channel on the calibration data, divided by
+    the SmoothQuant scales (folded into an earlier layer, or ``smooth_scales``, carried in the
+    op); ``compress_(..., calib=)`` measures and folds, then passes ``calibrated=True``.
+    ``note``: what ``report()`` says about the smoothing."""
     linear = plain_linear(module)
     if config.needs_calibration and not calibrated:
-        raise UnsupportedModule(f"{config!r} reads calibration data (SmoothQuant's fold, the "
+        raise UnsupportedModule(f"{config!r} reads calibration data (SmoothQuant's scales, the "
                                 f"static activation scale): only compress_(model, config, "
                                 f"calib=batches) applies it")
-    if config.smoothing is not None and no_fold is not None:
-        check_compute_dtype("QuantLinear", linear.weight.dtype)
-        weight_only = QuantLinear.from_dense(linear, bits=8, group_size=None, symmetric=True)
-        weight_only.note = f"weight-only int8: no exact SmoothQuant fold ({no_fold})"
-        return weight_only
     input_scale = None
     if config.act_scale == "static":
         if absmax is None or absmax.numel() != linear.in_features:
@@ -139,8 +134,10 @@ def _w8a8(module: nn.Module, config: W8A8Config, hessian: torch.Tensor | None = 
                              f"absmax per channel ([{linear.in_features}]) from calibration")
         top = float(absmax.max())
         input_scale = top / QMAX[QDTYPES[config.dtype]] if top > 0 else 1.0
-    return W8A8Linear.from_dense(linear, input_scale=input_scale, dtype=config.dtype,
-                                 act_scale=config.act_scale)
+    new = W8A8Linear.from_dense(linear, input_scale=input_scale, smooth_scales=smooth_scales,
+                                dtype=config.dtype, act_scale=config.act_scale)
+    new.note = note
+    return new
 
 
 def _no_saving(kind: str, factor_params: int, dense_params: int, rank: object) -> None:

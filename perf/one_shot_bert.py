@@ -1,7 +1,8 @@
 """One-shot compression of a real pretrained transformer, against the dense model, on held-out
 sentences: GPTQ against round-to-nearest, SparseGPT and Wanda against magnitude (2:4 and
 unstructured), AWQ-scaled int4, codebooks (the old 25-step Lloyd, Lloyd to convergence, the
-exact optimal table, and the optimal table weighted by the input energy), and
+exact optimal table, and the optimal table weighted by the input energy), 8-bit activations
+(W8A8 int8 / FP8, dynamic or static scales, SmoothQuant) against weight-only int8, and
 ``co.plan`` against every uniform config at 0.15 and 0.30 of the fp16 weight bytes.
 
 The model is sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, fp32) from the
@@ -28,6 +29,7 @@ through ``compress_``'s default pipeline, and ``co.plan`` (its defaults) scores 
 embedding, which ``forward`` returns.
 
     python -m compress_ops.perf.one_shot_bert [--markdown] [--json PATH] [--quick]
+                                              [--section W8A8 ...]
     python -m compress_ops.perf.one_shot_bert --from-json PATH [--markdown]   # re-print a run
 """
 
@@ -294,6 +296,42 @@ def _codebook_label(cfg: object) -> str:
                                                else "")
 
 
+def w8a8_row(label: str, make: Callable[[], object]) -> Row:
+    """A ``W8A8Config`` row (n/a before the config exists); the note counts the layers that
+    run with 8-bit activations (SmoothQuant leaves layers without an exact fold weight-only)."""
+    row = config_row("W8A8", label, make)
+    if row.apply is None:
+        return row
+    inner = row.apply
+
+    def apply(model: nn.Module, calib: list, fwd: Forward) -> str:
+        inner(model, calib, fwd)
+        kinds = Counter(type(m).__name__ for m in model.modules()
+                        if isinstance(m, co.nn.CompressedLinear))
+        return f"8-bit activations in {kinds.get('W8A8Linear', 0)} of {sum(kinds.values())}"
+
+    return Row(row.section, label, apply, key=row.key)
+
+
+def w8a8_rows() -> list[Row]:
+    """Weight-only int8 against 8-bit activations (int8, FP8; dynamic per token or one static
+    scale), with and without SmoothQuant."""
+    w8 = getattr(co, "W8A8Config", None)
+    out = [config_row("W8A8", "int8 per-row weight-only (RTN)",
+                      lambda: co.QuantConfig(bits=8, group_size=None, symmetric=True))]
+    for label, kw in (("W8A8 int8 dynamic", {}), ("W8A8 int8 static", {"act_scale": "static"}),
+                      ("W8A8 fp8 dynamic", {"dtype": "fp8"}),
+                      ("W8A8 fp8 static", {"dtype": "fp8", "act_scale": "static"}),
+                      ("W8A8 int8 dynamic, SmoothQuant 0.5", {"smoothing": 0.5}),
+                      ("W8A8 int8 static, SmoothQuant 0.5",
+                       {"smoothing": 0.5, "act_scale": "static"}),
+                      ("W8A8 int8 static, SmoothQuant 0.8",
+                       {"smoothing": 0.8, "act_scale": "static"})):
+        out.append(w8a8_row(label, lambda k=kw: w8(**k)) if w8 is not None
+                   else Row("W8A8", label, missing=NA_NOT_BUILT))
+    return out
+
+
 #: The plan's budgets: (fraction of the fp16 bytes, the same as a fraction of the fp32 bytes).
 BUDGETS = ((0.15, 0.075), (0.30, 0.15))
 
@@ -330,6 +368,7 @@ def rows(quick: bool = False) -> list[Row]:
                                   _codebook(bits, method="optimal")))
             out.append(config_row("codebook", f"codebook {bits}-bit, optimal, weighted",
                                   _codebook(bits, method="optimal", weighted=True)))
+    out.extend(w8a8_rows()[:3] if quick else w8a8_rows())
     candidates = uniform_candidates(quick)
     for fp16, fp32 in BUDGETS[1:] if quick else BUDGETS:
         section = f"budget {fp16:.2f} x fp16"
@@ -507,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", type=int, default=None, help="calibration sentences (128)")
     ap.add_argument("--heldout", type=int, default=None, help="held-out sentences (256)")
     ap.add_argument("--batch", type=int, default=32, help="sentences per batch")
+    ap.add_argument("--section", action="append", default=None, metavar="NAME",
+                    help="run only the rows of this section (repeatable), e.g. W8A8")
     args = ap.parse_args(argv)
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
@@ -533,13 +574,16 @@ def main(argv: list[str] | None = None) -> int:
           f"({tokens[0]} tokens), {n_held} held out ({tokens[1]} tokens); torch threads "
           f"{torch.get_num_threads()}", file=sys.stderr, flush=True)
 
-    results = evaluate(model, calib, heldout, rows(args.quick))
+    chosen = [r for r in rows(args.quick)
+              if args.section is None or r.section in args.section]
+    results = evaluate(model, calib, heldout, chosen)
     meta = dict(model=DIST, git=git, python=sys.version.split()[0],
                 torch=torch.__version__, threads=torch.get_num_threads(),
                 sentences=len(sentences), calib=n_calib, heldout=n_held, tokens=tokens,
                 batch=args.batch, linears=n_linears, linear_params=linear_params,
                 params=params, budgets=[dict(fp16=a, fp32=b) for a, b in BUDGETS],
-                quick=args.quick, seconds=time.perf_counter() - t_start)
+                quick=args.quick, sections=args.section,
+                seconds=time.perf_counter() - t_start)
     print(render(meta, results, args.markdown))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(meta=meta, rows=results), indent=1) + "\n")

@@ -40,17 +40,20 @@ class W8A8Linear(FormatRecord, CompressedLinear):
     batches, prefill); a weight-only layer helps where it is memory-bound.
 
     Buffers (format of :mod:`compress_ops.kernels.formats.w8a8`): ``qweight [out, in]`` int8 or
-    float8_e4m3fn, ``w_scales [out]`` in the compute dtype (symmetric per output channel), and
+    float8_e4m3fn, ``w_scales [out]`` in the compute dtype (symmetric per output channel),
     with ``act_scale="static"`` ``input_scale [1]`` (one calibrated scale for the whole input;
-    ``"dynamic"``: each row of ``x`` gets its own absmax scale at run time). ``.to(dtype)`` /
+    ``"dynamic"``: each row of ``x`` gets its own absmax scale at run time), and with
+    ``smoothed=True`` ``smooth [in]``: SmoothQuant's ``1 / s`` per input channel, applied to
+    ``x`` inside the op's quantization step (where no exact fold into an earlier layer exists;
+    ``qweight`` then holds the columns of ``W`` times ``s``). ``.to(dtype)`` /
     ``.half()`` convert the scales and the bias, never the stored FP8 levels.
     """
 
     kind = "w8a8"
-    format_fields = ("in_features", "out_features", "dtype_code", "static_scale")
+    format_fields = ("in_features", "out_features", "dtype_code", "static_scale", "smoothed")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 qdtype: str = "int8", act_scale: str = "dynamic",
+                 qdtype: str = "int8", act_scale: str = "dynamic", smoothed: bool = False,
                  device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -70,6 +73,9 @@ class W8A8Linear(FormatRecord, CompressedLinear):
         self.register_buffer("w_scales", torch.zeros(out_features, device=device, dtype=dtype))
         self.register_buffer("input_scale", torch.ones(1, device=device, dtype=dtype)
                              if act_scale == "static" else None)
+        self.smoothed = bool(smoothed)
+        self.register_buffer("smooth", torch.ones(in_features, device=device, dtype=dtype)
+                             if smoothed else None)
         init_bias(self, bias, out_features, device, dtype)
 
     # the format record: the weight type and whether a static scale is held
@@ -84,12 +90,15 @@ class W8A8Linear(FormatRecord, CompressedLinear):
     @classmethod
     def from_dense(cls, linear: nn.Linear, config: object | None = None, *,
                    input_scale: float | torch.Tensor | None = None,
+                   smooth_scales: torch.Tensor | None = None,
                    **values: Any) -> W8A8Linear:
         """Quantize ``linear``'s weight per output channel (symmetric) with the values of a
         ``W8A8Config`` or the keywords ``dtype`` (``"int8"`` / ``"fp8"``) and ``act_scale``
         (``"dynamic"`` / ``"static"``; defaults :data:`W8A8_DEFAULTS`). ``"static"`` needs
-        ``input_scale``: the activation scale, ``max |x| / QMAX`` over calibration data
-        (``compress_(model, W8A8Config(act_scale="static"), calib=batches)`` measures it)."""
+        ``input_scale``: the activation scale, ``max |x| / QMAX`` over calibration data of the
+        smoothed input (``compress_(model, W8A8Config(act_scale="static"), calib=batches)``
+        measures it). ``smooth_scales [in]`` (positive): SmoothQuant's ``s``, carried in the op
+        (``x / s``, ``W`` times ``s``)."""
         v = from_dense_values(config, values, W8A8_DEFAULTS)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
@@ -101,11 +110,23 @@ class W8A8Linear(FormatRecord, CompressedLinear):
                              if static else "input_scale is only for act_scale='static'")
         w = linear.weight.detach()
         check_compute_dtype("W8A8Linear", w.dtype)
+        smooth = None
+        if smooth_scales is not None:
+            s64 = torch.as_tensor(smooth_scales).detach().to(w.device, torch.float64)
+            if s64.shape != (linear.in_features,) or not bool((s64 > 0).all()
+                                                              & torch.isfinite(s64).all()):
+                raise ValueError(f"smooth_scales must be {linear.in_features} finite values "
+                                 f"> 0, got shape {tuple(s64.shape)}")
+            smooth = (1.0 / s64).to(w.dtype)  # stored as the op reads it; W takes its inverse
+            w = (w.to(torch.float64) / smooth.to(torch.float64)[None, :]).to(w.dtype)
         q, s = quantize_weight(w, QDTYPES[v["dtype"]], w.dtype)
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  qdtype=v["dtype"], act_scale=v["act_scale"], device=w.device, dtype=w.dtype)
+                  qdtype=v["dtype"], act_scale=v["act_scale"], smoothed=smooth is not None,
+                  device=w.device, dtype=w.dtype)
         mod.qweight.copy_(q)
         mod.w_scales.copy_(s)
+        if smooth is not None:
+            mod.smooth.copy_(smooth)
         if static:
             mod.set_input_scale(input_scale)
         if linear.bias is not None:
@@ -134,27 +155,30 @@ class W8A8Linear(FormatRecord, CompressedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_in_features(x)
         return torch.ops.compress_ops.w8a8_linear(x, self.qweight, self.w_scales, self.bias,
-                                                  self.input_scale)
+                                                  self.input_scale, self.smooth)
 
     def dense_weight(self) -> torch.Tensor:
-        return dequantize_weight(self.qweight, self.w_scales)
+        return dequantize_weight(self.qweight, self.w_scales, smooth=self.smooth)
 
     @property
     def weight_dtype(self) -> torch.dtype:
         return self.w_scales.dtype
 
     def stored_weight_bytes(self) -> int:
-        extra = 0 if self.input_scale is None else self.input_scale.element_size()
+        extra = sum(t.numel() * t.element_size() for t in (self.input_scale, self.smooth)
+                    if t is not None)
         return w8a8_bytes(self.out_features, self.in_features, self.w_scales.dtype) + extra
 
     def init_args(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "qdtype": self.qdtype,
-                "act_scale": self.act_scale}
+                "act_scale": self.act_scale, "smoothed": self.smoothed}
 
     def report_note(self) -> str:
         """What ``report()`` says of the layer: the formats, and the route on this device."""
-        what = self.note or f"W8A8 {self.qdtype}, {self.act_scale} activation scale"
+        what = f"W8A8 {self.qdtype}, {self.act_scale} activation scale"
+        if self.note:
+            what += f"; {self.note}"
         dev = self.qweight.device
         if self.qdtype == "fp8":
             if dev.type == "cpu":
@@ -173,4 +197,5 @@ class W8A8Linear(FormatRecord, CompressedLinear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, qdtype={self.qdtype}, "
-                f"act_scale={self.act_scale}, dtype={self.w_scales.dtype}")
+                f"act_scale={self.act_scale}, smoothed={self.smoothed}, "
+                f"dtype={self.w_scales.dtype}")

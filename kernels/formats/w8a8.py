@@ -9,8 +9,14 @@ that rounded value (:func:`quantize_weight`), so ``dense_weight()`` is what the 
 multiplies. int8 levels are in ``[-127, 127]`` (``-128`` is never written: the grid is
 symmetric), FP8 values in ``[-448, 448]``. A zero row has scale 0 and levels 0.
 
+**Smoothing** (optional, SmoothQuant where no exact fold exists): ``smooth [K]`` in the
+compute dtype multiplies the activation's columns before it is quantized,
+``x'[m, k] = float32(x[m, k]) * float32(smooth[k])`` (one float32 rounding), and the stored
+weight is the smoothed one, ``W[:, k] / smooth[k]`` quantized. The effective dense weight is
+``qweight * w_scales[:, None] * smooth[None, :]``. Without ``smooth``, ``x' = float32(x)``.
+
 **Activations** (:func:`quantize_activation`, the one rule every path follows, bit for bit).
-Each row ``x[m, :]`` of the activation (per token) is read in float32 (exact for fp16/bf16):
+Each row ``x'[m, :]`` of the activation (per token) is read in float32 (exact for fp16/bf16):
 
 * dynamic (``input_scale`` None): ``amax = max |x[m, :]|``, ``s_x = amax / QMAX`` and
   ``inv = QMAX / amax`` (float32, each one correctly rounded operation; ``inv = 0`` where
@@ -94,12 +100,16 @@ def quantize_weight(w: torch.Tensor, qdtype: torch.dtype, dtype: torch.dtype | N
 
 
 def quantize_activation(x: torch.Tensor, qdtype: torch.dtype,
-                        input_scale: torch.Tensor | None = None
+                        input_scale: torch.Tensor | None = None,
+                        smooth: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q [M, K], s_x [M] float32)`` of ``x [..., K]`` (rows flattened) by the module's rule:
-    per row and dynamic, or with the static per-tensor ``input_scale``."""
+    per row and dynamic, or with the static per-tensor ``input_scale``; the columns first
+    multiplied by ``smooth [K]`` where given."""
     k = x.shape[-1]
     xf = x.reshape(-1, k).float()
+    if smooth is not None:
+        xf = xf * smooth.float()[None, :]
     qmax = QMAX[qdtype]
     bad = torch.isfinite(xf).all(dim=1).logical_not_()
     if input_scale is None:
@@ -127,9 +137,13 @@ def epilogue(acc: torch.Tensor, s_x: torch.Tensor, w_scales: torch.Tensor,
 
 
 def dequantize_weight(qweight: torch.Tensor, w_scales: torch.Tensor,
-                      dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``qweight * w_scales[:, None]`` computed in float32, in ``dtype`` (default: the scales')."""
+                      dtype: torch.dtype | None = None,
+                      smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """The effective dense weight ``qweight * w_scales[:, None] (* smooth[None, :])``, computed
+    in float32, in ``dtype`` (default: the scales')."""
     w = qweight.float() * w_scales.float()[:, None]
+    if smooth is not None:
+        w = w * smooth.float()[None, :]
     return w.to(dtype or w_scales.dtype)
 
 
@@ -164,11 +178,11 @@ def check_weight(qweight: object, w_scales: object) -> None:
 
 
 def check_inputs(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
-                 bias: torch.Tensor | None, input_scale: torch.Tensor | None, *,
-                 values: bool = True) -> None:
+                 bias: torch.Tensor | None, input_scale: torch.Tensor | None,
+                 smooth: torch.Tensor | None = None, *, values: bool = True) -> None:
     """Named ``TypeError``/``ValueError`` for every bad input of ``w8a8_linear``: the weight
     (:func:`check_weight`), ``x[..., K]`` in the scales' dtype and device, ``bias [N]`` and a
-    static ``input_scale`` (one element, the scales' dtype;
+    static ``input_scale`` (one element, the scales' dtype; ``smooth [K]`` in the same dtype;
     on the CPU also finite and > 0, unless ``values=False``: a fake impl has no values)."""
     check_weight(qweight, w_scales)
     n, k = qweight.shape
@@ -179,3 +193,5 @@ def check_inputs(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
         if values and input_scale.device.type == "cpu" and not bool((input_scale > 0).all()
                                                          & torch.isfinite(input_scale).all()):
             raise ValueError(f"input_scale must be finite and > 0, got {input_scale.tolist()}")
+    if smooth is not None:
+        check_companion(smooth, "smooth", (k,), x, "x")

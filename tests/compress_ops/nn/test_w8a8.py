@@ -174,21 +174,42 @@ def _err(model, dense, x):
     return float((model(x) - dense(x)).norm() / dense(x).norm())
 
 
-def test_smoothquant_folds_exactly_lowers_the_error_and_lists_the_rest():
+def test_smoothquant_folds_where_exact_carries_the_rest_in_the_op_and_lowers_the_error():
     net, calib, x = _outlier_net()
     plain = copy.deepcopy(net)
     co.compress_(plain, co.W8A8Config())
     smooth = copy.deepcopy(net)
-    with pytest.warns(UserWarning, match="SmoothQuant found no exact fold for 1 of 5") as rec:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: every layer runs W8A8
         co.compress_(smooth, co.W8A8Config(smoothing=0.5), calib=calib)
-    assert "head" in str(rec[0].message)
     for b in smooth.blocks:
         assert isinstance(b.up, W8A8Linear) and isinstance(b.down, W8A8Linear)
         assert not torch.equal(b.norm.weight, net.blocks[0].norm.weight)  # folded in place
-    assert isinstance(smooth.head, co.nn.QuantLinear) and smooth.head.bits == 8
-    note = {r.name: r.note for r in co.report(smooth)}["head"]
-    assert note.startswith("weight-only int8: no exact SmoothQuant fold")
-    assert _err(smooth, net, x) < 0.7 * _err(plain, net, x)  # measured 0.55x
+        assert not b.up.smoothed and not b.down.smoothed  # relu(h / s) = relu(h) / s
+    assert isinstance(smooth.head, W8A8Linear) and smooth.head.smoothed
+    notes = {r.name: r.note for r in co.report(smooth)}
+    assert "SmoothQuant folded into norm" in notes["blocks.0.up"]
+    assert "SmoothQuant folded into up" in notes["blocks.0.down"]
+    assert "SmoothQuant in the op (no exact fold" in notes["head"]
+    assert _err(smooth, net, x) < 0.7 * _err(plain, net, x)
+
+
+def test_in_op_smoothing_is_exact_algebra():
+    lin = _linear()
+    s = torch.rand(48) * 4 + 0.25
+    m = W8A8Linear.from_dense(lin, smooth_scales=s)
+    assert m.smoothed and torch.allclose(m.smooth, 1 / s)
+    torch.testing.assert_close(m.dense_weight(), lin.weight.detach(), rtol=0,
+                               atol=float(m.w_scales.max() * m.smooth.max()) * 0.51)
+    x = torch.randn(7, 48)
+    assert torch.equal(m(x), w8a8_linear_ref(x, m.qweight, m.w_scales, m.bias, None, m.smooth))
+    with pytest.raises(ValueError, match="smooth_scales must be"):
+        W8A8Linear.from_dense(lin, smooth_scales=-s)
+    fresh = W8A8Linear(48, 32, smoothed=True)
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh(x), m(x))
+    with pytest.raises(ValueError, match="smoothed"):
+        W8A8Linear(48, 32).load_state_dict(m.state_dict(), strict=False)
 
 
 def test_smoothing_zero_is_unsmoothed_and_folds_keep_the_dense_function():

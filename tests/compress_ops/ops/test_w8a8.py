@@ -104,7 +104,8 @@ def cases(draw):
     return {"m": draw(st.integers(0, 20)), "k": draw(st.integers(1, 80)),
             "n": draw(st.integers(1, 40)), "lead": draw(st.integers(1, 2)),
             "dtype": draw(st.sampled_from(DTYPES)), "static": draw(st.booleans()),
-            "bias": draw(st.booleans()), "seed": draw(st.integers(0, 2**16))}
+            "bias": draw(st.booleans()), "smooth": draw(st.booleans()),
+            "seed": draw(st.integers(0, 2**16))}
 
 
 def _case_args(c, qdtype):
@@ -113,7 +114,8 @@ def _case_args(c, qdtype):
     x = _x(*shape, dtype=c["dtype"], seed=c["seed"] + 1)
     b = torch.randn(c["n"]).to(c["dtype"]) if c["bias"] else None
     s = torch.tensor([0.015], dtype=c["dtype"]) if c["static"] else None
-    return x, qw, ws, b, s
+    sm = (torch.rand(c["k"]) + 0.5).to(c["dtype"]) if c["smooth"] else None
+    return x, qw, ws, b, s, sm
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -123,10 +125,10 @@ def test_int8_is_bit_exact_against_integer_arithmetic(backend, monkeypatch):
     @settings(max_examples=25 if backend == "reference" else 8, deadline=None)
     @given(cases())
     def run(c):
-        x, qw, ws, b, s = _case_args(c, INT8)
-        y = op(x, qw, ws, b, s)
+        x, qw, ws, b, s, sm = _case_args(c, INT8)
+        y = op(x, qw, ws, b, s, sm)
         assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], c["n"])
-        assert torch.equal(y, w8a8_linear_ref(x, qw, ws, b, s))
+        assert torch.equal(y, w8a8_linear_ref(x, qw, ws, b, s, sm))
 
     run()
 
@@ -138,9 +140,9 @@ def test_fp8_matches_float64_within_float32_rounding(backend, monkeypatch):
     @settings(max_examples=15 if backend == "reference" else 6, deadline=None)
     @given(cases())
     def run(c):
-        x, qw, ws, b, s = _case_args(c, FP8)
-        y = op(x, qw, ws, b, s)
-        ref = w8a8_linear_ref(x, qw, ws, b, s, exact_epilogue=False)
+        x, qw, ws, b, s, sm = _case_args(c, FP8)
+        y = op(x, qw, ws, b, s, sm)
+        ref = w8a8_linear_ref(x, qw, ws, b, s, sm, exact_epilogue=False)
         if y.numel():
             err = (y.double() - ref).norm() / ref.norm().clamp_min(1e-30)
             # fp32 sums (1e-6 sqrt(K)), then one rounding to the activation dtype
@@ -180,7 +182,8 @@ def test_opcheck(qdtype, static):
     # opcheck's schema test compares inputs with arithmetic torch has no FP8 CPU kernel for
     utils = OPCHECKS[1:] if qdtype == FP8 else OPCHECKS
     torch.library.opcheck(op, (x, qw, ws, b, s), test_utils=utils)
-    torch.library.opcheck(op, (x.detach(), qw, ws, None, s), test_utils=utils)
+    torch.library.opcheck(op, (x.detach(), qw, ws, None, s, torch.rand(64) + 0.5),
+                          test_utils=utils)
 
 
 def test_m_zero_and_leading_dims():
@@ -193,19 +196,24 @@ def test_m_zero_and_leading_dims():
                        op(_x(3, 140)[:, ::2].contiguous(), qw, ws, b, None))
 
 
+@pytest.mark.parametrize("smooth", [False, True])
 @pytest.mark.parametrize("static", [False, True])
-def test_straight_through_gradient(static):
+def test_straight_through_gradient(static, smooth):
     qw, ws = _weight()
     x = (_x(5, 70) * 2).requires_grad_()
     b = torch.randn(24, requires_grad=True)
-    s = torch.tensor([0.02]) if static else None  # clips |x| > 2.54
+    s = torch.tensor([0.02]) if static else None  # clips |x * smooth| > 2.54
+    sm = torch.rand(70) + 0.5 if smooth else None
     g = torch.randn(5, 24)
-    op(x, qw, ws, b, s).backward(g)
+    op(x, qw, ws, b, s, sm).backward(g)
     w = fmt.dequantize_weight(qw, ws).double()
+    if smooth:
+        w = w * sm.double()[None, :]
     want = g.double() @ w
     if static:
-        want = want * (x.detach().abs() <= 127 * 0.02).double()
-        assert (x.detach().abs() > 127 * 0.02).any()
+        xs = x.detach() * (1 if sm is None else sm)
+        want = want * (xs.abs() <= 127 * 0.02).double()
+        assert (xs.abs() > 127 * 0.02).any()
     torch.testing.assert_close(x.grad.double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.grad, g.sum(0))
 
@@ -233,6 +241,8 @@ BAD = [
     (lambda a: {**a, "input_scale": torch.tensor([float("nan")])}, ValueError, "finite"),
     (lambda a: {**a, "input_scale": torch.tensor([1.0, 2.0])}, ValueError, "input_scale shape"),
     (lambda a: {**a, "qweight": a["qweight"][:, :0], "x": a["x"][:, :0]}, ValueError, "K"),
+    (lambda a: {**a, "smooth": torch.ones(69)}, ValueError, "smooth shape"),
+    (lambda a: {**a, "smooth": torch.ones(70).half()}, TypeError, "smooth dtype"),
 ]
 
 
@@ -240,9 +250,9 @@ BAD = [
 def test_bad_inputs_raise_named_errors(mutate, exc, match):
     qw, ws = _weight()
     a = mutate({"x": _x(2, 70), "qweight": qw, "w_scales": ws, "bias": None,
-                "input_scale": None})
+                "input_scale": None, "smooth": None})
     with pytest.raises(exc, match=match):
-        op(a["x"], a["qweight"], a["w_scales"], a["bias"], a["input_scale"])
+        op(a["x"], a["qweight"], a["w_scales"], a["bias"], a["input_scale"], a["smooth"])
 
 
 def test_int8_k_limit_is_named():
@@ -265,3 +275,9 @@ def test_weight_levels_and_scales():
             assert ((deq - w.double()).abs()[big] <= w.double().abs()[big] / 16 + 1e-7).all()
     with pytest.raises(ValueError, match="NaN"):
         fmt.quantize_weight(torch.tensor([[float("nan"), 1.0]]), INT8)
+
+
+def test_k_one_is_exact():  # torch 2.13's CPU _int_mm returns wrong sums at K = 1
+    qw, ws = _weight(5, 1)
+    x = _x(3, 1)
+    assert torch.equal(op(x, qw, ws, None, None), w8a8_linear_ref(x, qw, ws, None, None))

@@ -38,6 +38,7 @@ __all__ = [
     "CodebookConfig",
     "LowRankConfig",
     "DWSepFuseConfig",
+    "TernaryConfig",
     "W8A8Config",
     "UnsupportedModule",
     "UnfusableError",
@@ -129,6 +130,13 @@ class QuantConfig(CompressionConfig):
     (32, 64, 128, 256, or ``None`` for the whole row). ``search_steps`` > 0 searches a
     shrunk range per group (least squared error); 0 is plain min/max round-to-nearest.
 
+    ``bits=1``: binary weights, ``sign(w) * s`` with ``s`` the group's mean ``|w|``
+    (XNOR-Net; :func:`compress_ops.quantize.quantize_absmean`), stored in the 2-bit format
+    (packing 32 weights per word is not implemented: a binary layer takes the bytes of a
+    2-bit one). One bit loses most of a trained layer's accuracy without retraining: train
+    it with :func:`compress_ops.qat.prepare_qat`. ``symmetric``, ``search_steps`` and
+    ``method`` other than ``"rtn"`` do not apply.
+
     ``method``: ``"rtn"`` rounds every weight to its nearest level; ``"gptq"`` chooses the
     levels with GPTQ's error feedback through the layer's input Hessian
     (:func:`compress_ops.quantize.gptq_affine`: the same grids and packed format, less output
@@ -150,18 +158,39 @@ class QuantConfig(CompressionConfig):
     damp: float = 0.01
 
     def __post_init__(self) -> None:
-        check_choice("bits", self.bits, BITS)
+        check_choice("bits", self.bits, (1, *BITS))
         if self.group_size is not None:
             check_choice("group_size", self.group_size, GROUP_SIZES, hint="or None (whole row)")
         check_bool("symmetric", self.symmetric)
         check_int("search_steps", self.search_steps, min=0)
         check_choice("method", self.method, ("rtn", "gptq", "awq"))
+        if self.bits == 1 and self.method != "rtn":
+            raise ValueError(f"bits=1 (binary, sign times mean |w|) has no method "
+                             f"{self.method!r}; use method='rtn', or QAT (co.qat.prepare_qat)")
         check_bool("act_order", self.act_order)
         check_number("damp", self.damp, low=0.0, high=1.0, high_open=True)
 
     @property
     def needs_calibration(self) -> bool:
         return self.method in ("gptq", "awq")
+
+
+@dataclass(frozen=True)
+class TernaryConfig(CompressionConfig):
+    """Ternary weights for ``nn.Linear`` (BitNet b1.58 / TTQ style): every weight is
+    ``-s``, ``0`` or ``+s``, one scale ``s`` per ``group_size`` input features of a row
+    (``None``: the row), ``s`` the group's mean ``|w|`` and the threshold ``s / 2``
+    ("absmean", :func:`compress_ops.quantize.quantize_absmean`). Stored in the 2-bit format
+    (a :class:`~compress_ops.nn.QuantLinear` with a symmetric 2-bit grid), which every low-bit
+    kernel reads; 5 trits per byte would take 0.8x the bytes but need a base-3 decode per
+    weight. Round-to-nearest on a trained layer loses much of its accuracy: train with
+    :func:`compress_ops.qat.prepare_qat` (the scale recomputed every step, as BitNet does)."""
+
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.group_size is not None:
+            check_choice("group_size", self.group_size, GROUP_SIZES, hint="or None (whole row)")
 
 
 @dataclass(frozen=True)

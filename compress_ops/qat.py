@@ -25,6 +25,10 @@ Design
     :meth:`FakeQuantLinear.finalize` always recompute the grid, so they agree with each other
     (a training forward right after a refresh agrees with them too; later ones, and weights
     loaded or edited in between, meet the cached grid until the next refresh).
+  - ``TernaryConfig`` and ``QuantConfig(bits=1)``: the absmean grid of
+    :func:`~compress_ops.quantize.quantize_absmean` (``s`` = the group's mean ``|w|``,
+    recomputed on every forward as BitNet b1.58 does; ternary ``clamp(round(w / s), -1, 1) s``,
+    binary ``sign(w) s``), bit-identical to the finalized module's ``dense_weight()``.
   - ``CodebookConfig``: ``Q(w) = codebook[row group, nearest entry of w]`` (nearest entry by
     :func:`~compress_ops.quantize.assign_codebook`, the assignment
     :func:`~compress_ops.quantize.encode_codebook` makes at finalize). The k-means table is fit
@@ -76,16 +80,23 @@ from compress_ops import _swap
 from compress_ops._linear import LINEAR_TYPES, linear_weight, plain_linear
 from compress_ops._validate import check_int
 from compress_ops.api import Recipe, check_config, config_for, index
-from compress_ops.configs import CodebookConfig, QuantConfig, UnsupportedModule
+from compress_ops.configs import CodebookConfig, QuantConfig, TernaryConfig, UnsupportedModule
 from compress_ops.kernels.formats.dequant import dequantize, padded_k
-from compress_ops.nn.dequant import CodebookLinear, QuantLinear
-from compress_ops.quantize import assign_codebook, encode_codebook, fit_codebook, quantize_affine
+from compress_ops.nn.dequant import BINARY_NOTE, TERNARY_NOTE, CodebookLinear, QuantLinear
+from compress_ops.quantize import (
+    AffineWeight,
+    assign_codebook,
+    encode_codebook,
+    fit_codebook,
+    quantize_absmean,
+    quantize_affine,
+)
 from compress_ops.transforms import shared_codebook
 
 __all__ = ["FakeQuantLinear", "prepare_qat", "finalize_qat"]
 
-QATConfig = QuantConfig | CodebookConfig
-_QAT_CONFIGS = (QuantConfig, CodebookConfig)
+QATConfig = QuantConfig | CodebookConfig | TernaryConfig
+_QAT_CONFIGS = (QuantConfig, CodebookConfig, TernaryConfig)
 
 # trained table Parameter -> the frozen copy finalized modules hold (one per table, so layers
 # that share a table in training share one buffer after finalize)
@@ -94,7 +105,17 @@ _FROZEN_TABLES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 def _check_config(config: object) -> None:
     if type(config) not in _QAT_CONFIGS:
-        raise TypeError(f"config must be a QuantConfig or CodebookConfig, got {config!r}")
+        raise TypeError(f"config must be a QuantConfig, CodebookConfig or TernaryConfig, got "
+                        f"{config!r}")
+
+
+def _absmean(config: object) -> str | None:
+    """``"binary"`` / ``"ternary"`` for the configs whose grid is the absmean one, else None."""
+    if isinstance(config, TernaryConfig):
+        return "ternary"
+    if isinstance(config, QuantConfig) and config.bits == 1:
+        return "binary"
+    return None
 
 
 def _check_refresh(refresh_every: object) -> None:
@@ -177,6 +198,9 @@ class FakeQuantLinear(nn.Module):
         if isinstance(config, CodebookConfig) and out_features % config.row_groups:
             raise ValueError(f"row_groups={config.row_groups} must divide "
                              f"out_features={out_features}")
+        if _absmean(config) and refresh_every != 1:
+            raise ValueError(f"{config!r}: the absmean scale is recomputed on every forward "
+                             f"(it costs one mean per group); refresh_every must be 1")
         self.in_features = in_features
         self.out_features = out_features
         self.config = config
@@ -235,12 +259,18 @@ class FakeQuantLinear(nn.Module):
 
     # -- the quantizer ------------------------------------------------------------------------
 
+    def _packed(self, w: torch.Tensor) -> AffineWeight:
+        cfg = self.config
+        levels = _absmean(cfg)
+        if levels is not None:  # binary / ternary: the scale is the mean |w|, every step
+            return quantize_absmean(w, levels, cfg.group_size)
+        return quantize_affine(w, cfg.bits, cfg.group_size, symmetric=cfg.symmetric,
+                               search_steps=cfg.search_steps)
+
     def _affine(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                 torch.Tensor | None, int]:
-        cfg = self.config
-        qw = quantize_affine(w, cfg.bits, cfg.group_size, symmetric=cfg.symmetric,
-                             search_steps=cfg.search_steps)
-        wq = dequantize(qw.qweight, qw.scales, qw.zeros, cfg.bits, qw.group_size,
+        qw = self._packed(w)
+        wq = dequantize(qw.qweight, qw.scales, qw.zeros, qw.bits, qw.group_size,
                         self.in_features)
         return wq, qw.scales, qw.zeros, qw.group_size
 
@@ -303,7 +333,11 @@ class FakeQuantLinear(nn.Module):
         cfg = self.config
         with torch.no_grad():
             if self.codebook is None:
-                return QuantLinear.from_dense(lin, cfg)
+                if _absmean(cfg) is None:
+                    return QuantLinear.from_dense(lin, cfg)
+                mod = QuantLinear.from_affine(lin, self._packed(lin.weight))
+                mod.note = BINARY_NOTE if _absmean(cfg) == "binary" else TERNARY_NOTE
+                return mod
             table = _frozen_table(self.codebook)
             if table.shape[0] == 1:
                 return CodebookLinear.from_dense(lin, cfg, codebook=table)
@@ -332,7 +366,8 @@ def prepare_qat(model: nn.Module, config: QATConfig | Recipe, *,
                 filter_fn: Callable[[nn.Module, str], bool] | None = None,
                 refresh_every: int = 1) -> nn.Module:
     """Replace, in place, every plain ``nn.Linear`` that ``config`` (a ``QuantConfig``, a
-    ``CodebookConfig`` or a :class:`~compress_ops.Recipe` of them) applies to with a
+    ``CodebookConfig``, a ``TernaryConfig`` or a :class:`~compress_ops.Recipe` of them) applies
+    to with a
     :class:`FakeQuantLinear`; return the model (the new module if ``model`` itself is a
     replaced ``nn.Linear``).
 

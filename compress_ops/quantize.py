@@ -24,6 +24,8 @@ __all__ = [
     "AffineWeight",
     "CodebookWeight",
     "quantize_affine",
+    "quantize_absmean",
+    "ABSMEAN_LEVELS",
     "gptq_affine",
     "check_hessian",
     "inverse_hessian_factor",
@@ -286,6 +288,43 @@ def quantize_affine(w: torch.Tensor, bits: int, group_size: int | None = 128, *,
                        None if z is None else z.to(dtype).contiguous(), bits, gs)
     _check_affine_fit(w, out)
     return out
+
+
+#: The levels of :func:`quantize_absmean`: ``"binary"`` {-1, +1} (XNOR-Net) and ``"ternary"``
+#: {-1, 0, +1} (BitNet b1.58), times one scale per group.
+ABSMEAN_LEVELS = ("binary", "ternary")
+
+
+@torch.no_grad()
+def quantize_absmean(w: torch.Tensor, levels: str, group_size: int | None = None, *,
+                     dtype: torch.dtype | None = None) -> AffineWeight:
+    """Binary or ternary weights with one scale per group of ``group_size`` input features
+    (None: the row), stored as a symmetric 2-bit affine weight (``W = (q - 2) s``, ``q`` in
+    {1, 3} or {1, 2, 3}), which every low-bit kernel reads.
+
+    The scale is the mean ``|w|`` of the group, rounded to ``dtype`` (default ``w.dtype``):
+    ``"binary"``: ``sign(w) * s`` (zero counts as +), the least-squares scale for the signs
+    (XNOR-Net, Rastegari et al. 2016); ``"ternary"``: ``clamp(round(w / s), -1, 1) * s``, the
+    threshold at ``s / 2`` (BitNet b1.58, Ma et al. 2024: "absmean"). A group of zeros keeps
+    scale 0 (exact zeros). Raises :class:`UnsupportedWeight` for NaN or Inf."""
+    _check_weight(w)
+    check_choice("levels", levels, ABSMEAN_LEVELS)
+    dtype = dtype or w.dtype
+    n, k = w.shape
+    gs = effective_group_size(k, group_size)
+    kp = padded_k(k, gs)
+    wf = torch.nn.functional.pad(_work(w), (0, kp - k)).reshape(n, kp // gs, gs)
+    valid = torch.zeros(kp, dtype=wf.dtype, device=w.device)
+    valid[:k] = 1
+    valid = valid.reshape(kp // gs, gs)
+    mean = (wf.abs() * valid).sum(-1) / valid.sum(-1)
+    s = mean.to(dtype).to(wf.dtype)  # the stored scale
+    if levels == "binary":
+        t = torch.where(wf >= 0, 1.0, -1.0).to(wf.dtype)
+    else:
+        t = torch.round(wf / torch.where(s > 0, s, 1.0)[..., None]).clamp_(-1, 1)
+    q = (t * valid + 2).reshape(n, kp).to(torch.int32)  # padding: level 0
+    return AffineWeight(pack_bits(q, 2), s.to(dtype).contiguous(), None, 2, gs)
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float, who: str

@@ -19,17 +19,18 @@ from compress_ops.configs import (
     LowRankConfig,
     QuantConfig,
     Sparse24Config,
+    TernaryConfig,
     UnsupportedModule,
     W8A8Config,
     register_transform,
 )
 from compress_ops.kernels.formats.w8a8 import QDTYPES, QMAX
 from compress_ops.nn.base import check_compute_dtype
-from compress_ops.nn.dequant import CodebookLinear, QuantLinear
+from compress_ops.nn.dequant import TERNARY_NOTE, CodebookLinear, QuantLinear
 from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
 from compress_ops.nn.sparse24 import Sparse24Linear
 from compress_ops.nn.w8a8 import W8A8Linear
-from compress_ops.quantize import check_hessian, fit_codebook, gptq_affine
+from compress_ops.quantize import check_hessian, fit_codebook, gptq_affine, quantize_absmean
 from compress_ops.sparsify import sparsegpt_2to4, wanda_2to4
 
 __all__ = ["plain_linear", "shared_codebook"]
@@ -95,6 +96,16 @@ def _quant(module: nn.Module, config: QuantConfig, hessian: torch.Tensor | None 
     return QuantLinear.from_dense(linear, bits=config.bits,
                                   group_size=config.group_size, symmetric=config.symmetric,
                                   search_steps=config.search_steps)
+
+
+@register_transform(TernaryConfig, LINEAR_TYPES)
+def _ternary(module: nn.Module, config: TernaryConfig) -> nn.Module:
+    linear = plain_linear(module)
+    check_compute_dtype("QuantLinear", linear.weight.dtype)
+    mod = QuantLinear.from_affine(linear, quantize_absmean(linear.weight.detach(), "ternary",
+                                                           config.group_size))
+    mod.note = TERNARY_NOTE
+    return mod
 
 
 @register_transform(CodebookConfig, LINEAR_TYPES, prepare=shared_codebook)

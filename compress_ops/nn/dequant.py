@@ -30,9 +30,20 @@ from compress_ops.nn.base import (
     from_dense_values,
     init_bias,
 )
-from compress_ops.quantize import AffineWeight, encode_codebook, fit_codebook, quantize_affine
+from compress_ops.quantize import (
+    AffineWeight,
+    encode_codebook,
+    fit_codebook,
+    quantize_absmean,
+    quantize_affine,
+)
 
-__all__ = ["QuantLinear", "CodebookLinear", "QUANT_DEFAULTS", "CODEBOOK_DEFAULTS"]
+__all__ = ["QuantLinear", "CodebookLinear", "QUANT_DEFAULTS", "CODEBOOK_DEFAULTS",
+           "BINARY_NOTE", "TERNARY_NOTE"]
+
+#: What ``report()`` says of binary and ternary layers (2-bit fields holding fewer levels).
+BINARY_NOTE = "binary: sign(w) x mean|w| per group, in 2-bit fields"
+TERNARY_NOTE = "ternary: {-1, 0, +1} x mean|w| per group (absmean), in 2-bit fields"
 
 #: ``QuantLinear.from_dense`` keyword values when no config is given (``QuantConfig()``'s).
 QUANT_DEFAULTS: dict[str, Any] = {"bits": 4, "group_size": 128, "symmetric": False,
@@ -121,11 +132,16 @@ class QuantLinear(PackedFieldsRecord, CompressedLinear):
                    **values: Any) -> QuantLinear:
         """Quantize ``linear`` (round-to-nearest, per-group range search) with the values of a
         ``QuantConfig`` or the keywords ``bits``, ``group_size``, ``symmetric``,
-        ``search_steps`` (defaults :data:`QUANT_DEFAULTS`)."""
+        ``search_steps`` (defaults :data:`QUANT_DEFAULTS`). ``bits=1``: binary weights,
+        ``sign(w)`` times the group's mean ``|w|``, in 2-bit fields."""
         v = from_dense_values(config, values, QUANT_DEFAULTS)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
+        if v["bits"] == 1:  # binary: sign(w) * mean |w|, in 2-bit fields
+            mod = cls.from_affine(linear, quantize_absmean(w, "binary", v["group_size"]))
+            mod.note = BINARY_NOTE
+            return mod
         qw = quantize_affine(w, v["bits"], v["group_size"], symmetric=v["symmetric"],
                              search_steps=v["search_steps"])
         return cls.from_affine(linear, qw)

@@ -313,7 +313,8 @@ def quantize_absmean(w: torch.Tensor, levels: str, group_size: int | None = None
     n, k = w.shape
     gs = effective_group_size(k, group_size)
     kp = padded_k(k, gs)
-    wf = torch.nn.functional.pad(_work(w), (0, kp - k)).reshape(n, kp // gs, gs)
+    # float64: the mean is rounded once, to the stored dtype
+    wf = torch.nn.functional.pad(w.detach().double(), (0, kp - k)).reshape(n, kp // gs, gs)
     valid = torch.zeros(kp, dtype=wf.dtype, device=w.device)
     valid[:k] = 1
     valid = valid.reshape(kp // gs, gs)

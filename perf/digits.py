@@ -14,8 +14,9 @@ are nonzero (what unstructured pruning changes: it keeps the dense storage). Row
 * unstructured 50% / 90% (gradual cubic schedule over retraining, magnitude);
 * structured 50% / 90% of channels / neurons (gradual schedule, then the masked channels are
   removed: a physically smaller dense model);
-* int4 / int2 / 2-bit codebook PTQ, and QAT (fake-quant with a straight-through estimator,
-  then finalized to the packed modules);
+* int4 / int2 / ternary / binary / 2-bit codebook PTQ, and QAT (fake-quant with a
+  straight-through estimator, then finalized to the packed modules; ternary and binary
+  recompute their absmean scale every step);
 * low-rank (SVD / Tucker-2 at 90% energy) one-shot and after retraining the factors;
 * a half-width student trained on the labels alone vs distilled from the dense model (mean over
   ``--seeds`` seeds, same initialisations, batches and steps), on the training batches and on
@@ -28,7 +29,7 @@ from the dense model with T = 4, alpha = 0.5). Wall time on the 2-core CI machin
 minutes.
 
     python -m compress_ops.perf.digits [--markdown] [--models mlp,cnn] [--steps 1500]
-                                       [--retrain 600]
+                                       [--retrain 600] [--sections quant,...]
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from compress_ops.nn import LowRankConv2d, LowRankLinear
 from compress_ops.nn.base import CompressedLinear
 
 BATCH = 64
+#: The row groups of the table (``--sections``), in order.
+SECTIONS = ("sparse", "quant", "lowrank", "distill", "plan")
 
 
 def load(seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -191,34 +194,56 @@ def run_model(kind: str, args: argparse.Namespace,
         return train(model, data, args.retrain, teacher=dense, lr=5e-4, on_step=on_step)
 
     add("dense", dense)
-    add("2:4 one-shot", co.compress_(copy_dense(), co.Sparse24Config()))
-    m = copy_dense()
-    linears = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)]
-    pruner = prune.Pruner(m, None, pattern="2:4", layers=linears, example_inputs=example,
-                          permute=True)
-    retrain(m, pruner.step)
-    add("2:4 retrained (permuted)", pruner.finalize())
-    for s in (0.5, 0.9):
+    want = set(args.sections.split(","))
+    if "sparse" in want:
+        add("2:4 one-shot", co.compress_(copy_dense(), co.Sparse24Config()))
         m = copy_dense()
-        pruner = prune.Pruner(m, s, schedule=(0, args.retrain // 2), update_every=10)
+        linears = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)]
+        pruner = prune.Pruner(m, None, pattern="2:4", layers=linears, example_inputs=example,
+                              permute=True)
         retrain(m, pruner.step)
-        add(f"unstructured {s:.0%} retrained", pruner.finalize())
-    for s in (0.5, 0.9):
-        m = copy_dense()
-        pruner = prune.Pruner(m, s, pattern="channel", example_inputs=example,
-                              schedule=(0, args.retrain // 2), update_every=10)
-        retrain(m, pruner.step)
-        add(f"structured {s:.0%} retrained", pruner.finalize())
-    for label, cfg in (("int4 g32", co.QuantConfig(bits=4, group_size=32)),
-                       ("int2 g32", co.QuantConfig(bits=2, group_size=32)),
-                       ("codebook 2-bit", co.CodebookConfig(bits=2))):
-        add(f"{label} PTQ", co.compress_(copy_dense(), cfg))
-        m = qat.prepare_qat(copy_dense(), cfg)
-        retrain(m)
-        add(f"{label} QAT", qat.finalize_qat(m))
-    lowrank = co.LowRankConfig(energy=0.9)
-    add("low-rank e=0.9 one-shot", co.compress_(copy_dense(), lowrank))
-    add("low-rank e=0.9 retrained", retrain(co.compress_(copy_dense(), lowrank)))
+        add("2:4 retrained (permuted)", pruner.finalize())
+        for s in (0.5, 0.9):
+            m = copy_dense()
+            pruner = prune.Pruner(m, s, schedule=(0, args.retrain // 2), update_every=10)
+            retrain(m, pruner.step)
+            add(f"unstructured {s:.0%} retrained", pruner.finalize())
+        for s in (0.5, 0.9):
+            m = copy_dense()
+            pruner = prune.Pruner(m, s, pattern="channel", example_inputs=example,
+                                  schedule=(0, args.retrain // 2), update_every=10)
+            retrain(m, pruner.step)
+            add(f"structured {s:.0%} retrained", pruner.finalize())
+    if "quant" in want:
+        for label, cfg in (("int4 g32", co.QuantConfig(bits=4, group_size=32)),
+                           ("int2 g32", co.QuantConfig(bits=2, group_size=32)),
+                           ("ternary (per row)", co.TernaryConfig()),
+                           ("ternary g32", co.TernaryConfig(group_size=32)),
+                           ("binary (per row)", co.QuantConfig(bits=1, group_size=None)),
+                           ("binary g32", co.QuantConfig(bits=1, group_size=32)),
+                           ("codebook 2-bit", co.CodebookConfig(bits=2))):
+            add(f"{label} PTQ", co.compress_(copy_dense(), cfg))
+            m = qat.prepare_qat(copy_dense(), cfg)
+            retrain(m)
+            add(f"{label} QAT", qat.finalize_qat(m))
+    if "lowrank" in want:
+        lowrank = co.LowRankConfig(energy=0.9)
+        add("low-rank e=0.9 one-shot", co.compress_(copy_dense(), lowrank))
+        add("low-rank e=0.9 retrained", retrain(co.compress_(copy_dense(), lowrank)))
+    if "distill" in want:
+        _students(kind, args, dense, data, x_tr, y_tr, x_te, y_te, dense_bytes, dense_nnz,
+                  rows)
+    if "plan" in want:
+        for budget in (0.5, 0.25):
+            recipe = co.plan(copy_dense(), calib, budget, verbose=args.verbose)
+            add(f"plan budget {budget}", co.compress_(copy_dense(), recipe))
+    return rows
+
+
+def _students(kind: str, args: argparse.Namespace, dense: nn.Module, data: list,
+              x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor,
+              dense_bytes: int, dense_nnz: int, rows: list) -> None:
+    """The half-width student rows: trained alone vs distilled, mean over seeds."""
     half = MODELS[kind](2)
     size = (weight_bytes(half) / dense_bytes, nonzero_weights(half) / dense_nnz)
     for label, student_data in (("", data),
@@ -236,10 +261,6 @@ def run_model(kind: str, args: argparse.Namespace,
                          sum(accs) / len(accs), *size))
             print(f"  {kind:4s} {rows[-1][0]:32s} {rows[-1][1]:6.2f}%  per seed "
                   f"{[round(a, 2) for a in accs]}", file=sys.stderr)
-    for budget in (0.5, 0.25):
-        recipe = co.plan(copy_dense(), calib, budget, verbose=args.verbose)
-        add(f"plan budget {budget}", co.compress_(copy_dense(), recipe))
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,11 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the student comparison")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="print the plans' tables")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated row groups to run, of {','.join(SECTIONS)}")
     args = ap.parse_args(argv)
     kinds = args.models.split(",")
     unknown = [k for k in kinds if k not in MODELS]
     if unknown:
         ap.error(f"unknown models {unknown}; choose from {list(MODELS)}")
+    bad = sorted(set(args.sections.split(",")) - set(SECTIONS))
+    if bad:
+        ap.error(f"unknown sections {bad}; choose from {list(SECTIONS)}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     split = load()
     start = time.perf_counter()

@@ -8,7 +8,10 @@ in Triton's wheel), and checks:
 * no local-memory spills (``LDL`` / ``STL`` instructions),
 * shared memory within the chip's per-block limit (sm_80: 163 KiB, sm_90: 227 KiB),
 * tensor-core instructions in every kernel that calls ``tl.dot`` on 16-bit inputs:
-  ``HGMMA`` on sm_90 when BLOCK_M >= 64, ``HMMA`` otherwise (and always on sm_80).
+  ``HGMMA`` on sm_90 when BLOCK_M >= 64, ``HMMA`` otherwise (and always on sm_80); on 8-bit
+  inputs (w8a8) what the spec names per architecture (``expect_mma`` as ``{arch: kind}``):
+  int8 ``IMMA`` on sm_80 and ``IGMMA`` on sm_90 (64+ rows), FP8 ``QGMMA`` on sm_90 (a spec's
+  ``archs`` lists the architectures it is compiled for: FP8 has no sm_80 tensor cores).
 
 Prints one row per (kernel, config, arch) and exits non-zero on any violation.
 
@@ -37,7 +40,7 @@ from triton.compiler import ASTSource
 
 from compress_ops._text import format_table as _format_table
 
-FAMILIES = ["sparse24", "dequant", "lowrank", "dwsep_conv"]
+FAMILIES = ["sparse24", "dequant", "lowrank", "dwsep_conv", "w8a8"]
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
@@ -65,9 +68,26 @@ def cuobjdump(cubin: bytes, flag: str) -> str:
                               capture_output=True, text=True).stdout
 
 
+MMA_KINDS = ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA")
+
+
 def _mma_kind(sass: str) -> str:
-    kinds = [k for k in ("HGMMA", "HMMA") if re.search(rf"\b{k}\b", sass)]
+    """The tensor-core instructions in ``sass``: wgmma (``HGMMA`` 16-bit, ``IGMMA`` int8,
+    ``QGMMA`` FP8) and mma.sync (``HMMA`` 16-bit and FP8 on sm_89, ``IMMA`` int8)."""
+    kinds = [k for k in MMA_KINDS if re.search(rf"\b{k}\b", sass)]
     return "+".join(kinds) if kinds else "-"
+
+
+def expected_mma(spec: dict, arch: int) -> str:
+    """The tensor-core instruction ``spec`` must compile to on ``sm_<arch>``: its
+    ``expect_mma`` for that arch when given per arch (``{80: "IMMA", 90: "IGMMA"}``), else
+    its kind on sm_90 and ``HMMA`` on sm_80; ``-``: none expected."""
+    expect = spec.get("expect_mma", "-")
+    if isinstance(expect, dict):
+        return expect.get(arch, "-")
+    if expect != "-" and arch == 80:
+        return "HMMA"
+    return expect
 
 
 def compile_spec(spec: dict, arch: int) -> AuditRow:
@@ -79,14 +99,15 @@ def compile_spec(spec: dict, arch: int) -> AuditRow:
         attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
                  for a in spec.get("aligned", [])}
     src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
-    options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
+    options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"],
+               **spec.get("options", {})}
+    expect = expected_mma(spec, arch)
     problems: list[str] = []
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as exc:  # a config that does not compile is a violation, not a crash
         msg = str(exc).strip().splitlines()
-        return AuditRow(spec["kernel"], spec["config"], arch, 0, 0, 0, 0, "-",
-                        spec.get("expect_mma", "-"), False,
+        return AuditRow(spec["kernel"], spec["config"], arch, 0, 0, 0, 0, "-", expect, False,
                         f"compile failed: {msg[-1] if msg else type(exc).__name__}")
     cubin = compiled.asm["cubin"]
     sass = cuobjdump(cubin, "-sass")
@@ -96,9 +117,6 @@ def compile_spec(spec: dict, arch: int) -> AuditRow:
     ldl = len(re.findall(r"\bLDL(\.\w+)*\b", sass))
     stl = len(re.findall(r"\bSTL(\.\w+)*\b", sass))
     mma = _mma_kind(sass)
-    expect = spec.get("expect_mma", "-")
-    if expect != "-" and arch == 80:
-        expect = "HMMA"
     if ldl or stl:
         problems.append(f"spills: {ldl} LDL / {stl} STL")
     if shared > SHARED_LIMIT[arch]:
@@ -149,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cuobjdump not found at {_CUOBJDUMP}", file=sys.stderr)
         return 2
     _SPECS[:] = collect_specs(args.family or FAMILIES, args.defaults_only)
-    jobs = [(i, arch) for i in range(len(_SPECS)) for arch in (args.arch or [80, 90])]
+    jobs = [(i, arch) for i in range(len(_SPECS)) for arch in (args.arch or [80, 90])
+            if arch in _SPECS[i].get("archs", (80, 90))]
     print(f"auditing {len(jobs)} compiles ({len(_SPECS)} specs) with triton {triton.__version__} "
           f"on {args.jobs} processes",
           flush=True)

@@ -26,9 +26,15 @@ For every case (family, format, M) at the headline shapes (fp16, N = K = 8192) t
    * issue: warp instructions per SM / (schedulers x 1.98 GHz), with as many schedulers as
      resident warps up to 4 (a warp stays on one SM sub-partition: a CTA of 2 warps alone
      on an SM issues from 2 of its 4 schedulers),
-   * tensor cores: the padded tile FLOPs / the HGMMA peak (HMMA: half of it),
+   * tensor cores: the padded tile FLOPs / the HGMMA peak (HMMA: half of it; 8-bit operands,
+     IGMMA / QGMMA and IMMA / FP8 HMMA: ``mma8_factor`` times those),
    plus a fixed cost per launch; the same roofline for dense cuBLAS (one launch, its bytes at
    4.8 TB/s, its FLOPs at the HGMMA peak) gives the predicted speedup.
+
+W8A8 (``W8A8Case``: 8-bit weights and activations, int8 and FP8) is one call of two launches,
+the activation quantization (its own memory / issue roofline, :func:`model_act_quant`) and
+the 8-bit GEMM; its rows also carry ``predicted_speedup_vs_int8_weight_only``, against the
+low-bit family's ``int8 row sym`` call at the same M.
 
 The constants are leads, not truths (``MODEL``, written into the JSON's meta). Calibrate them
 whenever a GPU is lent (``perf/gpu_check.sh --quick`` prints predicted against measured).
@@ -62,6 +68,8 @@ MODEL = {
     "hbm_latency_s": 0.8e-6,  # 29 KB in flight per SM saturates 4.8 TB/s
     "hgmma_flops_per_s": 790e12,  # fp16/bf16 dense, measured on this workplace's H200s
     "hmma_fraction": 0.5,  # mma.sync against wgmma (a lead)
+    # int8 / FP8 tensor cores against fp16's (the datasheet's dense ratio on sm_90; a lead)
+    "mma8_factor": 2.0,
     "launch_us": 1.0,  # per kernel: start, ramp and drain (a lead; CUDA-graph scale)
     # a grid-wide handoff inside one launch (low rank's two phases): a release fence, a
     # counter atomic, the poll that sees it and an L2 read, about four L2 round trips (a lead)
@@ -75,7 +83,9 @@ MODEL = {
 HEADLINE = {"N": 8192, "K": 8192, "M": (1, 16, 64, 2048), "dtype": "fp16"}
 BUDGETS = Path(__file__).resolve().parent.parent / "kernels" / "configs" / "budgets.json"
 COUNTED = ("LDG", "LDGSTS", "LDS", "LDSM", "STS", "STSM", "BAR", "SHFL", "I2F", "PRMT", "LOP3",
-           "FFMA", "HFMA2", "HMMA", "HGMMA", "ATOM", "RED")
+           "FFMA", "HFMA2", "HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "ATOM", "RED")
+WGMMA = ("HGMMA", "IGMMA", "QGMMA")  # warpgroup MMAs (sm_90); the rest of MMAS: mma.sync
+MMAS = WGMMA + ("HMMA", "IMMA")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +128,27 @@ class Case:
     def tile_bytes(self, bn: int, bk: int, dtype: torch.dtype) -> float:
         """HBM bytes of a ``[bn, bk]`` tile of the weight (dense columns)."""
         return bn * bk * self.bits / 8
+
+    def x_bytes(self, m: int, k: int, dtype: torch.dtype) -> int:
+        """HBM bytes of the activation a GEMM launch reads."""
+        return m * k * dtype.itemsize
+
+    mma_bits = 16  # the tensor cores' operand width
+
+    def launch_model(self, launch, m: int, n: int, k: int, dtype: torch.dtype):
+        """A launch this case models itself (a :class:`KernelRow`), or None: the weight-streaming
+        model (:func:`model_launch`)."""
+        return None
+
+    def main_loop(self, instrs: list, lps: list[tuple[int, int]]) -> int:
+        """Index in ``lps`` (the top-level loops) of the K loop :func:`model_launch` reads:
+        the first loop."""
+        return 0
+
+    def other_loop_trips(self, launch, trips: int) -> int:
+        """How many times the top-level loops other than the main one run (1: once, as
+        straight-line code)."""
+        return 1
 
     def modelled(self, m: int) -> bool:
         """Whether the model has a row for this M (every M but low rank's past its fused
@@ -170,6 +201,51 @@ class LowRankCase(Case):
         return m <= device_table("lowrank", torch.device("cpu"))["fused_max_m"]
 
 
+@dataclass(frozen=True)
+class W8A8Case(Case):
+    """W8A8: ``qweight [N, K]`` of one byte per weight (int8 or FP8 e4m3: ``qdtype``) and a
+    scale per row; the call quantizes x (one launch, :func:`model_act_quant`) and runs the
+    8-bit GEMM on the quantized rows (one byte per element, plus an fp32 scale per row)."""
+
+    qdtype: str = "int8"
+    mma_bits = 8
+
+    def call(self, m: int, n: int, k: int, dtype: torch.dtype) -> None:
+        from compress_ops.kernels import w8a8 as kw
+        from compress_ops.kernels.formats.w8a8 import QDTYPES
+
+        x = torch.randn(m, k, dtype=dtype)
+        qweight = torch.empty(n, k, dtype=QDTYPES[self.qdtype])
+        w_scales = torch.ones(n, dtype=dtype)
+        kw.w8a8_linear(x, qweight, w_scales, None, None)
+
+    def weight_bytes(self, n: int, k: int, dtype: torch.dtype) -> int:
+        from compress_ops.kernels.formats.w8a8 import w8a8_bytes
+
+        return w8a8_bytes(n, k, dtype)
+
+    def x_bytes(self, m: int, k: int, dtype: torch.dtype) -> int:
+        return m * k + 4 * m
+
+    def launch_model(self, launch, m: int, n: int, k: int, dtype: torch.dtype):
+        if launch.kernel.__name__ == "_act_quant_kernel":
+            return model_act_quant(launch, m, k, dtype)
+        return None
+
+    def main_loop(self, instrs: list, lps: list[tuple[int, int]]) -> int:
+        """The loop with the tensor-core instructions (the fused GEMM's first loop is its
+        pass over x for the row maxima)."""
+        return next((i for i, (a, b) in enumerate(lps)
+                     if any(mix(instrs[a:b + 1])[kind] for kind in MMAS)), 0)
+
+    def other_loop_trips(self, launch, trips: int) -> int:
+        """The fused GEMM's pass over x walks the same K tiles as its main loop."""
+        return trips if launch.kwargs.get("QUANT_X") else 1
+
+
+#: the weight-only baseline of the W8A8 rows (predicted_speedup_vs_int8_weight_only)
+INT8_WEIGHT_ONLY = Case("dequant", "int8 row sym", 8, None)
+
 CASES = [
     Case("dequant", "int4 g128 asym", 4, 128),
     Case("dequant", "int8 row sym", 8, None),
@@ -178,6 +254,8 @@ CASES = [
     Sparse24Case("sparse24", "2:4", 9, None),
     LowRankCase("lowrank", "rank 64", 16, None, rank=64),
     LowRankCase("lowrank", "rank 128", 16, None, rank=128),
+    W8A8Case("w8a8", "w8a8 int8", 8, None, qdtype="int8"),
+    W8A8Case("w8a8", "w8a8 fp8", 8, None, qdtype="fp8"),
 ]
 
 
@@ -272,10 +350,12 @@ def compile_launch(launch, arch: int = 90) -> Compiled:
                                                             arch)
     key = (kernel.__name__, arch, repr(sorted(signature.items())),
            repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
-           options.num_warps, options.num_stages)
+           options.num_warps, options.num_stages, launch.kwargs.get("enable_fp_fusion"))
     if key not in _COMPILED:
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         opts = {"num_warps": options.num_warps, "num_stages": options.num_stages}
+        if "enable_fp_fusion" in launch.kwargs:  # a launch that sets it (w8a8: no FMA)
+            opts["enable_fp_fusion"] = launch.kwargs["enable_fp_fusion"]
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
         cubin = compiled.asm["cubin"]
         res = cuobjdump(cubin, "-res-usage")
@@ -427,19 +507,25 @@ def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype)
     bk = _arg(launch, "BLOCK_K") or 2 * _arg(launch, "BLOCK_KH")
     bm = _arg(launch, "BLOCK_M", 1)  # a kernel without BLOCK_M: one x row per program
     split = _arg(launch, "SPLIT_K", 1)
-    kp = _arg(launch, "KP") or 2 * _arg(launch, "KP_HALF")  # padded dense K
+    # padded dense K (2:4: twice its stored values; an unpacked weight: K)
+    kp = _arg(launch, "KP") or (2 * _arg(launch, "KP_HALF") if _arg(launch, "KP_HALF")
+                                else _arg(launch, "K"))
     k_tiles = math.ceil(kp / bk)
     trips = math.ceil(k_tiles / split)
     if _arg(launch, "TILES"):  # a program takes at most TILES of the K tiles
         trips = min(trips, _arg(launch, "TILES"))
+    others = 0  # instructions of the other top-level loops
     if lps:
-        a, b = lps[0]
+        main = case.main_loop(instrs, lps)
+        a, b = lps[main]
         body = instrs[a:b + 1]
+        others = sum(hi - lo + 1 for j, (lo, hi) in enumerate(lps) if j != main)
     else:  # one K block per program: the whole kernel
         body, trips = [], 1
     weights_per_thread = min(bn, n) * trips * bk / threads
     straight = len(instrs) - len(body)
-    total = straight + len(body) * trips
+    total = (straight + len(body) * trips
+             + others * (case.other_loop_trips(launch, trips) - 1))
     body_mix = mix(body)
     per_iter_weights = min(bn, n) * bk / threads if body else weights_per_thread
     loop_ipw = len(body) / per_iter_weights if body else total / weights_per_thread
@@ -461,14 +547,14 @@ def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype)
         reads = case.weight_bytes(n, k, dtype)
         t_mem = max(reads / bw, (reads + n * k * e) / MODEL["hbm_bytes_per_s"])
     else:
-        hbm = case.weight_bytes(n, k, dtype) + m * k * e + y_bytes
+        hbm = case.weight_bytes(n, k, dtype) + case.x_bytes(m, k, dtype) + y_bytes
         t_mem = hbm / bw
     waves_ctas = math.ceil(grid / MODEL["sms"])
     t_issue = issue_seconds(total, c.num_warps, grid, resident)
-    mma = body_mix["HGMMA"] and "HGMMA" or (body_mix["HMMA"] and "HMMA") or ""
+    mma = next((kind for kind in MMAS if body_mix[kind]), "")
     t_tc = 0.0
     if mma:
-        peak = MODEL["hgmma_flops_per_s"] * (1.0 if mma == "HGMMA" else MODEL["hmma_fraction"])
+        peak = mma_peak(mma, case.mma_bits)
         flops_per_cta = 2 * max(bm, 16) * bn * bk * trips
         t_tc = waves_ctas * flops_per_cta / (peak / MODEL["sms"])
     times = {"memory": t_mem * 1e6, "issue": t_issue * 1e6, "tensor": t_tc * 1e6}
@@ -481,6 +567,48 @@ def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype)
         loop_instr_per_weight=loop_ipw, loop=body_mix, bytes_in_flight_per_sm=in_flight,
         pipelined=pipelined, time_us=times,
         weight_passes=1 if dense_weight else math.ceil(m / bm))
+
+
+def mma_peak(kind: str, bits: int = 16) -> float:
+    """Tensor-core FLOP/s of an MMA kind: the HGMMA peak for warpgroup MMAs, ``hmma_fraction``
+    of it for mma.sync; 8-bit operands ``mma8_factor`` times either."""
+    peak = MODEL["hgmma_flops_per_s"] * (1.0 if kind in WGMMA else MODEL["hmma_fraction"])
+    return peak * (MODEL["mma8_factor"] if bits == 8 else 1.0)
+
+
+def model_act_quant(launch, m: int, k: int, dtype: torch.dtype) -> KernelRow:
+    """W8A8's activation quantization (one program per row): memory, ``M K e`` bytes read and
+    ``M K + 4 M`` written, over Little's law with each resident program's row loads in flight
+    (its whole row in one pass, else one ``BLOCK_K`` block; the second pass's reads come from
+    L2 and are not counted); issue, the SASS with its loops times their trips (both passes'
+    loops ``cdiv(K, BLOCK_K)`` times). ``instr_per_weight`` here is per activation element."""
+    c = compile_launch(launch)
+    instrs = parse_sass(c.sass)
+    grid = math.prod(launch.grid)
+    bk = _arg(launch, "BLOCK_K")
+    one_pass = _arg(launch, "ONE_PASS")
+    trips = 1 if one_pass else math.ceil(k / bk)
+    total = nested_count(instrs, [trips])
+    threads = 32 * c.num_warps
+    cps = ctas_per_sm(c.registers, c.shared, c.num_warps)
+    resident = max(1, min(cps, math.ceil(grid / MODEL["sms"])))
+    e = dtype.itemsize
+    in_flight = resident * bk * e
+    bw = min(MODEL["hbm_bytes_per_s"], in_flight * min(grid, MODEL["sms"])
+             / MODEL["hbm_latency_s"])
+    t_mem = (m * k * e + m * k + 4 * m) / bw
+    t_issue = issue_seconds(total, c.num_warps, grid, resident)
+    lps = loops(instrs)
+    body = instrs[lps[0][0]:lps[0][1] + 1] if lps else []
+    per_thread = k / threads
+    return KernelRow(
+        kernel=launch.kernel.__name__, grid=grid,
+        block={"BLOCK_K": bk, "ONE_PASS": one_pass, "num_warps": c.num_warps},
+        registers=c.registers, shared=c.shared, ctas_per_sm=cps, trips=trips,
+        weights_per_thread=per_thread, instr_per_weight=total / per_thread,
+        loop_instr_per_weight=len(body) * threads / bk if body else total / per_thread,
+        loop=mix(body), bytes_in_flight_per_sm=in_flight, pipelined=False,
+        time_us={"memory": t_mem * 1e6, "issue": t_issue * 1e6, "tensor": 0.0})
 
 
 def dense_us(m: int, n: int, k: int, dtype: torch.dtype) -> float:
@@ -834,10 +962,18 @@ def model_case(case: Case, m: int, n: int = HEADLINE["N"], k: int = HEADLINE["K"
             nbytes = m * n * (4 if la.kernel == "torch.zeros" else 4 + dtype.itemsize)
             extra_us += nbytes / MODEL["hbm_bytes_per_s"] * 1e6 + MODEL["launch_us"]
         else:
-            kernels.append(model_launch(la, case, m, n, k, dtype))
+            kernels.append(case.launch_model(la, m, n, k, dtype)
+                           or model_launch(la, case, m, n, k, dtype))
     predicted = extra_us + sum(max(r.time_us.values()) + MODEL["launch_us"] for r in kernels)
     dense = dense_us(m, n, k, dtype)
     main = max(kernels, key=lambda r: max(r.time_us.values()))
+    extra = {}
+    if isinstance(case, W8A8Case):
+        wo = model_case(INT8_WEIGHT_ONLY, m, n, k, dtype_name)["predicted_us"]
+        extra = {"predicted_int8_weight_only_us": wo,
+                 "predicted_speedup_vs_int8_weight_only": round(wo / predicted, 3),
+                 "launch_us": {r.kernel: round(max(r.time_us.values()) + MODEL["launch_us"], 2)
+                               for r in kernels}}
     return {
         "family": case.family, "kernel": "+".join(r.kernel for r in kernels),
         "config": case.config, "M": m, "N": n, "K": k, "dtype": dtype_name, "bits": case.bits,
@@ -858,6 +994,7 @@ def model_case(case: Case, m: int, n: int = HEADLINE["N"], k: int = HEADLINE["K"
         "block": main.block, "bound": max(main.time_us, key=main.time_us.get),
         "time_us": {kk: round(v, 2) for kk, v in main.time_us.items()},
         "loop_mix": {kk: v for kk, v in main.loop.items() if v},
+        **extra,
     }
 
 
@@ -951,6 +1088,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = run(ms=tuple(args.M) if args.M else HEADLINE["M"])
     print(table(out["rows"], args.markdown))
+    for r in out["rows"]:
+        if "predicted_speedup_vs_int8_weight_only" in r:
+            print(f"{r['config']} M={r['M']}: {r['predicted_speedup']:.2f}x dense fp16, "
+                  f"{r['predicted_speedup_vs_int8_weight_only']:.2f}x int8 weight-only "
+                  f"({r['predicted_us']:.1f} us against {r['predicted_int8_weight_only_us']:.1f}; "
+                  f"per launch {r['launch_us']})")
     if not args.no_json:
         path = Path(args.json) if args.json else default_json_path()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,10 @@ weight is the smoothed one, ``W[:, k] / smooth[k]`` quantized. The effective den
 **Activations** (:func:`quantize_activation`, the one rule every path follows, bit for bit).
 Each row ``x'[m, :]`` of the activation (per token) is read in float32 (exact for fp16/bf16):
 
-* dynamic (``input_scale`` None): ``amax = max |x[m, :]|``, ``s_x = amax / QMAX`` and
-  ``inv = QMAX / amax`` (float32, each one correctly rounded operation; ``inv = 0`` where
-  ``amax = 0``);
+* dynamic (``input_scale`` None): ``amax = max |x[m, :]|``, ``s_x = amax / QMAX`` (one
+  correctly rounded float32 division) and ``inv = (1 / amax) * QMAX`` (float32, two roundings:
+  the reciprocal, then the product, as torch evaluates ``QMAX / amax`` for a Python scalar;
+  ``inv = 0`` where ``amax = 0``);
 * static (``input_scale``, one value calibrated per tensor): ``s_x = input_scale`` (in float32)
   and ``inv = 1 / s_x``;
 * int8: ``q = clamp(rint(x * inv), -127, 127)``, ``rint`` rounding half to even (the float32
@@ -115,10 +116,10 @@ def quantize_activation(x: torch.Tensor, qdtype: torch.dtype,
     if input_scale is None:
         amax = xf.abs().amax(dim=1) if k else xf.new_zeros(xf.shape[0])
         s = amax / qmax
-        inv = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
+        inv = torch.where(amax > 0, amax.reciprocal() * qmax, torch.zeros_like(amax))
     else:
         s = input_scale.reshape(()).float().expand(xf.shape[0]).clone()
-        inv = (1.0 / s).nan_to_num(posinf=0.0)
+        inv = s.reciprocal().nan_to_num(posinf=0.0)
     v = xf * inv[:, None]
     v[bad] = 0.0
     s[bad] = float("nan")

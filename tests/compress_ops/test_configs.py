@@ -57,7 +57,7 @@ def test_registry_names_unknown_configs_and_takes_per_layer_configs_only():
     assert configs.transform_for(co.QuantConfig()).handles == (nn.Linear, HFConv1D)
     assert set(configs.per_layer_configs()) == {co.Sparse24Config, co.QuantConfig,
                                                 co.CodebookConfig, co.LowRankConfig,
-                                                co.W8A8Config}
+                                                co.TernaryConfig, co.W8A8Config}
     with pytest.raises(TypeError, match="per-layer"):
         configs.register_transform(co.DWSepFuseConfig, (nn.Conv2d,))
     with pytest.raises(TypeError, match="matches chains of layers"):

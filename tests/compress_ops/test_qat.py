@@ -373,7 +373,7 @@ def test_errors():
     lin = _linear()
     with pytest.raises(TypeError, match="expected nn.Linear"):
         FakeQuantLinear.from_linear(nn.Conv2d(3, 4, 1), co.QuantConfig())
-    with pytest.raises(TypeError, match="QuantConfig or CodebookConfig"):
+    with pytest.raises(TypeError, match="QuantConfig, CodebookConfig or TernaryConfig"):
         FakeQuantLinear.from_linear(lin, co.Sparse24Config())
     with pytest.raises(TypeError, match="unknown config"):
         prepare_qat(MLP(), co.LowRankConfig(rank=4))

@@ -14,10 +14,11 @@ from compress_ops.perf import digits  # noqa: E402
 
 
 def test_digits_rows_have_the_promised_sizes():
-    args = argparse.Namespace(steps=3, retrain=4, seeds=1, verbose=False)
+    args = argparse.Namespace(steps=3, retrain=4, seeds=1, verbose=False,
+                              sections=",".join(digits.SECTIONS))
     rows = {name: (acc, size, nonzero)
             for name, acc, size, nonzero in digits.run_model("mlp", args, digits.load())}
-    assert len(rows) == 21
+    assert len(rows) == 29
     assert all(0.0 <= acc <= 100.0 for acc, _, _ in rows.values())
     assert rows["dense"][1:] == (1.0, 1.0)
     # 2:4: half the weights, values + 2-bit metadata (64 + 256 + 256 inputs, fp32)
@@ -29,4 +30,8 @@ def test_digits_rows_have_the_promised_sizes():
         assert rows[f"structured {s:.0%} retrained"][1] < (1 - s) + 0.02  # smaller layers
     assert rows["int4 g32 PTQ"][1] == rows["int4 g32 QAT"][1] == pytest.approx(0.1875)
     assert rows["int2 g32 QAT"][1] == pytest.approx(0.125)
+    # ternary / binary: 2-bit fields + one fp32 scale per group (no zero points)
+    for label in ("ternary g32", "binary g32"):
+        assert rows[f"{label} PTQ"][1] == rows[f"{label} QAT"][1] == pytest.approx(0.09375)
+    assert rows["binary (per row) PTQ"][2] == 1.0  # a binary weight is never zero
     assert rows["plan budget 0.5"][1] <= 0.5 and rows["plan budget 0.25"][1] <= 0.25

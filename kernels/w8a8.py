@@ -17,8 +17,8 @@ above it two:
   ``max_one_pass_k`` columns are read once and held in registers, longer rows twice (the second
   pass from L2). Every division is correctly rounded (``tl.math.div_rn``: a plain ``/`` of fp32
   on a GPU is PTX's approximate ``div.full.f32``); the dynamic ``inv`` is ``(1 / amax) *
-  QMAX``, two roundings, because that is what the reference's ``qmax / amax`` computes (torch
-  divides a Python scalar by a tensor as ``reciprocal() * scalar``). Both kernels launch
+  QMAX``, two roundings, the format's rule (what torch computes for ``QMAX / amax`` with a
+  Python scalar: ``reciprocal() * scalar``). Both kernels launch
   with FMA contraction off (``enable_fp_fusion=False``): ``x * inv + magic`` must round twice,
   as the reference does, and so must the epilogue.
 * :func:`_w8a8_gemm_kernel`: a tiled ``tl.dot`` GEMM in grouped program order
@@ -145,8 +145,7 @@ def _quantize(x, inv, ok, QMAX: tl.constexpr, FP8: tl.constexpr, EXACT_CVT: tl.c
 def _row_scales(amax, nf, scale_ptr, QMAX: tl.constexpr, STATIC: tl.constexpr):
     """``(s_x, inv, ok)`` of rows with absolute maxima ``amax`` and flags ``nf`` (``sum(x *
     0)``: 0, or NaN for a row holding NaN/Inf). Dynamic: ``s = amax / QMAX`` and ``inv = (1 /
-    amax) * QMAX`` (0 for a zero row): what the reference's ``qmax / amax`` computes, torch
-    dividing a Python scalar by a tensor as ``reciprocal() * scalar``. Static: ``s`` the
+    amax) * QMAX`` (0 for a zero row), the format's rule. Static: ``s`` the
     per-tensor ``input_scale``, ``inv = 1 / s`` with ``nan_to_num(posinf=0)``. Every division
     correctly rounded (``div_rn``); ``s_x = s + nf`` is NaN for a bad row."""
     one = amax * 0.0 + 1.0

@@ -17,6 +17,9 @@ FAMILIES = {
     "int8sym": co.QuantConfig(bits=8, group_size=None, symmetric=True),
     "codebook": co.CodebookConfig(bits=3),
     "lowrank": co.LowRankConfig(rank=16),
+    "w8a8": co.W8A8Config(),
+    "w8a8fp8": co.W8A8Config(dtype="fp8"),
+    "ternary": co.TernaryConfig(group_size=32),
 }
 
 
@@ -43,7 +46,7 @@ def test_fullgraph_aot_eager_matches_eager(op_device, make, family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sparse24", "int4", "codebook", "lowrank"])
+@pytest.mark.parametrize("family", ["sparse24", "int4", "codebook", "lowrank", "w8a8"])
 def test_fullgraph_inductor_matches_eager_with_grad(family):
     model = _compressed(Block(), family)
     x = torch.randn(2, 8, 64, requires_grad=True)

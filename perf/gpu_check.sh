@@ -21,9 +21,11 @@
 # --quick replaces steps 3-4 with python -m compress_ops.perf.quick_check, one process per step,
 # all filling one <date>-quick-<gpu>.json: in $OUT/results/ when $OUT is set (not copied into
 # perf/results/), else in perf/results/; a dry run writes it under the logs folder instead:
-#   3q. smoke: every family against its float64 reference, fp16 + bf16, a ragged shape each
+#   3q. smoke: every family against its float64 reference (W8A8: its exact reference, the
+#       quantized activation's product), fp16 + bf16, a ragged shape each
 #   4q. headline: M in {1, 16, 2048}, N = K = 8192, fp16: ours / F.linear / torch's native
-#       kernel, each checked then timed eagerly and as a CUDA-graph replay (no autotune); then
+#       kernel, each checked then timed eagerly and as a CUDA-graph replay (no autotune; W8A8
+#       int8 and FP8 also against the int8 weight-only row); then
 #       the fused dw+pw conv on two MobileNetV2 pairs (batch 32) against the cuDNN pair
 #   5q. table: the static model's predictions (perf/results/static-triton<ver>.json) against
 #       the measured rows, then a compact table of everything
@@ -42,7 +44,7 @@
 #
 # Time limits (seconds), overridable: GPU_CHECK_INSTALL_TIMEOUT (60), GPU_CHECK_TEST_TIMEOUT
 # (270), GPU_CHECK_BENCH_TIMEOUT (210); --quick: GPU_CHECK_SMOKE_TIMEOUT (90),
-# GPU_CHECK_HEADLINE_TIMEOUT (150), GPU_CHECK_TABLE_TIMEOUT (20), GPU_CHECK_SMOKE_WORKERS (4),
+# GPU_CHECK_HEADLINE_TIMEOUT (180), GPU_CHECK_TABLE_TIMEOUT (20), GPU_CHECK_SMOKE_WORKERS (8),
 # GPU_CHECK_E2E_TIMEOUT (90; 0 skips the e2e step).
 # GPU_CHECK_FAMILIES (comma-separated) limits the benchmark to those families.
 # Exit status: 0 when every step passed, else 1 (2: a bad argument).
@@ -65,7 +67,7 @@ T_INSTALL=${GPU_CHECK_INSTALL_TIMEOUT:-60}
 T_TEST=${GPU_CHECK_TEST_TIMEOUT:-270}
 T_BENCH=${GPU_CHECK_BENCH_TIMEOUT:-210}
 T_SMOKE=${GPU_CHECK_SMOKE_TIMEOUT:-90}
-T_HEADLINE=${GPU_CHECK_HEADLINE_TIMEOUT:-150}
+T_HEADLINE=${GPU_CHECK_HEADLINE_TIMEOUT:-180}
 T_TABLE=${GPU_CHECK_TABLE_TIMEOUT:-20}
 T_E2E=${GPU_CHECK_E2E_TIMEOUT:-90}
 QUICK_BUDGET=${GPU_CHECK_QUICK_BUDGET:-480}
@@ -195,7 +197,7 @@ if [ "$QUICK" = "1" ]; then
     RESUME=()
     for STEP in smoke headline table; do
         case "$STEP" in
-            smoke) LIMIT=$T_SMOKE; EXTRA=(--workers "${GPU_CHECK_SMOKE_WORKERS:-4}") ;;
+            smoke) LIMIT=$T_SMOKE; EXTRA=(--workers "${GPU_CHECK_SMOKE_WORKERS:-8}") ;;
             headline) LIMIT=$T_HEADLINE; EXTRA=() ;;
             table) LIMIT=$T_TABLE; EXTRA=() ;;
         esac

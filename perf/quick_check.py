@@ -14,12 +14,17 @@ limit, and passes ``--resume`` to every step after the first so that they all fi
 ``smoke``
     Every family against its float64 reference, in fp16 and bf16, with a few shapes each (one
     ragged): the affine formats int4 g128 asym / int8 per-row sym / int2 g128 asym, the 4-bit
-    codebook, 2:4 sparse, low rank and the fused dw+pw conv. Weights come from the modules'
+    codebook, 2:4 sparse, low rank, the fused dw+pw conv and W8A8 (int8 and FP8 e4m3, 8-bit
+    weights and activations). Weights come from the modules'
     ``from_dense`` (``FusedDWSepConv2d``'s own init for the conv); the reference is
     ``F.linear(x.double(), m.dense_weight().double(), bias)`` (low rank: the factors' exact
     product; the conv: :func:`compress_ops.reference.dwsep_conv2d_ref` in float64). A case
     passes when ``||y - ref|| / ||ref||`` is within the tolerance of ``tests/kernels`` (the same
-    numbers: :func:`tol`; twice that for low rank and the conv, as there). One line per case;
+    numbers: :func:`tol`; twice that for low rank and the conv, as there). W8A8 is checked
+    against its exact reference instead (:func:`w8a8_ref`: the activation quantized by the
+    format's rule, the levels' product exact in float64, the format's epilogue; dense differs
+    by the activation's quantization error, ~1e-2) within :func:`w8a8_tol` (the output's
+    rounding; FP8: plus its float32 sums' order). One line per case;
     a failure is recorded and the next case still runs. On CUDA the cases are spread over
     ``--workers`` processes (Triton compiles each kernel specialization serially within one
     process); a worker whose CUDA context an error has poisoned hands its remaining cases back,
@@ -33,7 +38,12 @@ limit, and passes ``--resume`` to every step after the first so that they all fi
     only; ``torch._weight_int8pack_mm``; for 2:4, ``torch.sparse.to_sparse_semi_structured``:
     cuSPARSELt or CUTLASS; for low rank, rank 128 with random factors, the two cuBLAS GEMMs
     ``F.linear(F.linear(x, V), U)``, checked against the factors' exact product with twice the
-    tolerance as in ``tests/kernels``). Then the fused dw + pw conv on two MobileNetV2 pairs
+    tolerance as in ``tests/kernels``; for W8A8 int8, ``torch._int_mm``, cuBLASLt's int8 GEMM,
+    at M > 16 (its limit on CUDA), and for FP8 ``torch._scaled_mm`` with row and column scales,
+    both on the activation quantized beforehand, outside the timing). W8A8's ``ours`` is
+    checked against its exact reference (as in the smoke step) and also compared with the int8
+    weight-only row of the same M (``vs_eager`` / ``vs_graph``: the question at M <= 16 is
+    whether quantizing x pays). Then the fused dw + pw conv on two MobileNetV2 pairs
     (:data:`CONV_PAIRS`, batch 32), ours against the cuDNN pair (the ``dense`` provider
     there). Each provider is first checked against
     ``F.linear(x.double(), dense_weight().double())``; a wrong one is recorded as ``wrong`` and
@@ -119,6 +129,41 @@ def tol(dtype: torch.dtype, k: int) -> float:
             torch.bfloat16: 1.6e-2}[dtype]
 
 
+#: half an ulp of each output dtype, relative (the rounding of the result to it)
+OUT_ROUNDING = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
+#: FP8 W8A8 on a GPU: sm_90's FP8 tensor cores add their products in less than fp32 precision
+#: (~14 bits) and the kernel promotes the partial sums into fp32 every K tile
+#: (``kernels/w8a8.py``): some 1e-4 relative in norm (a few 2**-14 per tile's partial sum);
+#: allowed 2**-9 (~2e-3, the fp16 kernel tests' tolerance), well below the activation
+#: quantization's error that skipping the exact rule would show (int8 ~1e-2, FP8 ~3e-2)
+FP8_GPU_ACC = 2.0**-9
+
+
+def w8a8_tol(dtype: torch.dtype, k: int, qdtype: str, device: torch.device) -> float:
+    """Relative (to ``||ref||``) tolerance of W8A8 against its exact reference
+    (:func:`w8a8_ref`, rounded to ``dtype`` as the kernel's output is): the output's rounding
+    (half an ulp: a tie resolved the other way, or one epilogue rounding apart, flips an
+    output by one ulp; int8 follows the same rules bit for bit, so it is near 0 in practice),
+    plus for FP8 its float32 sums in another order (``sqrt(K)`` fp32 roundings; on CUDA
+    :data:`FP8_GPU_ACC`)."""
+    t = OUT_ROUNDING[dtype]
+    if qdtype == "fp8":
+        t += FP8_GPU_ACC if device.type == "cuda" else math.sqrt(k) * 2.0**-24
+    return t
+
+
+def w8a8_ref(x: torch.Tensor, mod: nn.Module) -> torch.Tensor:
+    """The exact reference of a ``W8A8Linear`` on a 2-D ``x``: its activation quantized by the
+    format's rule (:func:`~compress_ops.kernels.formats.w8a8.quantize_activation`), the product
+    of the levels summed in float64 (exact), then the format's float32 epilogue rounded to
+    ``x.dtype``. Not dense ``F.linear``: that differs by the activation's quantization error."""
+    from compress_ops.kernels.formats.w8a8 import epilogue, quantize_activation
+
+    q, s_x = quantize_activation(x, mod.qweight.dtype, mod.input_scale, mod.smooth)
+    acc = q.double() @ mod.qweight.double().t()
+    return epilogue(acc, s_x, mod.w_scales, mod.bias, x.dtype)
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     """``||y - ref|| / ||ref||`` in float64 (what :func:`tol` bounds)."""
     return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
@@ -152,15 +197,19 @@ class HeadlineCase:
 
     name: str
     kind: str  # "affine" (QuantLinear) | "codebook" (CodebookLinear) | "sparse24" | "lowrank"
+    # | "w8a8" (W8A8Linear: 8-bit weights and activations)
     bits: int
     group_size: int | None
     symmetric: bool | None
     native: str | None  # "tinygemm" | "int8pack" | "semi" (cuSPARSELt / CUTLASS) |
-    # "two-gemm" (x V^T, then U: the two cuBLAS GEMMs low rank replaces) | None
+    # "two-gemm" (x V^T, then U: the two cuBLAS GEMMs low rank replaces) | "int-mm"
+    # (torch._int_mm) | "scaled-mm" (torch._scaled_mm) | None
+    #: the case whose ``ours`` row (same M) this one is also compared with (``vs_*`` fields)
+    versus: str | None = None
 
     @property
     def family(self) -> str:
-        return self.kind if self.kind in ("sparse24", "lowrank") else "dequant"
+        return self.kind if self.kind in ("sparse24", "lowrank", "w8a8") else "dequant"
 
     @property
     def rank(self) -> int:
@@ -174,10 +223,16 @@ CASES: tuple[HeadlineCase, ...] = (
     HeadlineCase("codebook 4-bit", "codebook", 4, None, None, None),
     HeadlineCase("2:4", "sparse24", 9, None, None, "semi"),  # bits: per dense element, fp16
     HeadlineCase("rank 128", "lowrank", 16, None, None, "two-gemm"),  # random factors
+    # 8-bit weights and activations (dynamic per-row activation scales), against the int8
+    # weight-only row as well as dense: the question at M <= 16 is whether quantizing x pays
+    HeadlineCase("w8a8 int8", "w8a8", 8, None, True, "int-mm", versus="int8 row sym"),
+    HeadlineCase("w8a8 fp8", "w8a8", 8, None, True, "scaled-mm", versus="int8 row sym"),
 )
-# the low-bit formats (the smoke step's dequant variants)
+# the low-bit weight-only formats (the smoke step's dequant variants)
 CASE_NAMES: tuple[str, ...] = tuple(c.name for c in CASES if c.family == "dequant")
 _CASE_BY_NAME = {c.name: c for c in CASES}
+#: the stored types of W8A8 (the smoke step's w8a8 variants; the cases ``"w8a8 <type>"``)
+W8A8_VARIANTS: tuple[str, ...] = ("int8", "fp8")
 
 
 # MobileNetV2's dw + project pairs the headline times (H = W of the input, C, Cout, stride;
@@ -199,7 +254,13 @@ def headline_shapes(small: bool) -> tuple[tuple[int, ...], int, int, str]:
 
 def build_linear_module(family: str, variant: str, linear: nn.Linear) -> nn.Module:
     """The compressed module of ``linear`` through its ``from_dense``."""
-    from compress_ops.nn import CodebookLinear, LowRankLinear, QuantLinear, Sparse24Linear
+    from compress_ops.nn import (
+        CodebookLinear,
+        LowRankLinear,
+        QuantLinear,
+        Sparse24Linear,
+        W8A8Linear,
+    )
 
     if family == "dequant":
         c = _CASE_BY_NAME[variant]
@@ -211,6 +272,8 @@ def build_linear_module(family: str, variant: str, linear: nn.Linear) -> nn.Modu
         return Sparse24Linear.from_dense(linear)
     if family == "lowrank":
         return LowRankLinear.from_dense(linear, rank=int(variant.split()[-1]))
+    if family == "w8a8":  # variant "int8" / "fp8" (smoke) or "w8a8 int8" (the case's name)
+        return W8A8Linear.from_dense(linear, dtype=variant.split()[-1])
     raise ValueError(f"unknown linear family {family!r}")
 
 
@@ -251,6 +314,7 @@ def smoke_cases(small: bool = False) -> list[SmokeCase]:
         rank = 64
     variants = [("dequant", name) for name in CASE_NAMES]
     variants += [("sparse24", "2:4"), ("lowrank", f"rank {rank}"), ("dwsep_conv", "relu6")]
+    variants += [("w8a8", v) for v in W8A8_VARIANTS]
     out = []
     for dt in ("fp16", "bf16"):
         for i in range(max(len(linear), len(conv))):
@@ -270,8 +334,10 @@ def _seed(case: SmokeCase) -> int:
 
 
 def _smoke_eval(case: SmokeCase, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-    """``(output, float64 reference, reduction length, tolerance factor)`` of one case."""
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(output, reference, tolerance)`` of one case: the float64 reference with the kernel
+    tests' tolerance (:func:`tol`; x2 for low rank and the conv), or for W8A8 its exact
+    reference (:func:`w8a8_ref`) with :func:`w8a8_tol`."""
     import compress_ops  # noqa: F401  (registers the ops)
     from compress_ops.reference import dwsep_conv2d_ref
 
@@ -292,7 +358,7 @@ def _smoke_eval(case: SmokeCase, device: torch.device
             ref = dwsep_conv2d_ref(x, mod.dw_weight, mod.dw_bias, mod.pw_weight, mod.pw_bias,
                                    None, mod.stride, list(mod.padding), mod.act1, mod.act2,
                                    dtype=torch.float64)
-        return y, ref, c * k * k, 2.0
+        return y, ref, 2.0 * tol(dt, c * k * k)
     m, n, k = case.shape
     lin = nn.Linear(k, n, bias=True, dtype=dt, device=device)
     with torch.no_grad():
@@ -302,12 +368,14 @@ def _smoke_eval(case: SmokeCase, device: torch.device
     x = torch.randn(m, k, generator=g).to(dt).to(device)
     with torch.no_grad():
         y = mod(x)
+        if case.family == "w8a8":  # the quantized activation's exact product, not dense
+            return y, w8a8_ref(x, mod), w8a8_tol(dt, k, case.variant, device)
         if case.family == "lowrank":  # the factors' exact product (dense_weight rounds it)
             w = mod.u.double() @ mod.v.double()
         else:
             w = mod.dense_weight().double()
         ref = F.linear(x.double(), w, mod.bias.double())
-    return y, ref, k, 2.0 if case.family == "lowrank" else 1.0
+    return y, ref, tol(dt, k) * (2.0 if case.family == "lowrank" else 1.0)
 
 
 def _error_text(ex: BaseException) -> str:
@@ -332,8 +400,7 @@ def run_smoke_case(case: SmokeCase, device: torch.device) -> dict[str, Any]:
                            "device": device.type, "status": "FAIL", "rel_err": None,
                            "max_rel_err": None, "tol": None, "note": None}
     try:
-        y, ref, k, factor = _smoke_eval(case, device)
-        res["tol"] = factor * tol(DTYPES[case.dtype], k)
+        y, ref, res["tol"] = _smoke_eval(case, device)
         ok, res["rel_err"], res["max_rel_err"] = check_output(y, ref, res["tol"])
         res["status"] = "ok" if ok else "FAIL"
         if not ok:
@@ -520,13 +587,25 @@ def measure_provider(fn: Callable[[], torch.Tensor], ref: torch.Tensor, toleranc
 
 def fill_speedups(rows: list[dict[str, Any]]) -> None:
     """``speedup_eager`` / ``speedup_graph`` = dense time / row time, against the dense row of
-    the same (case, M, N, K, dtype) (measured right next to it)."""
+    the same (case, M, N, K, dtype) (measured right next to it). The ``ours`` row of a case
+    with a ``versus`` case (W8A8: the int8 weight-only row) also gets ``versus`` and
+    ``vs_eager`` / ``vs_graph`` = that case's ``ours`` time at the same (M, N, K, dtype) /
+    this row's (> 1: this one is faster)."""
     dense = {_key(r): r for r in rows if r.get("provider") == "dense"}
+    ours = {_key(r): r for r in rows if r.get("provider") == "ours"}
     for r in rows:
         d = dense.get(_key(r))
         for mode in ("eager", "graph"):
             t, td = r.get(f"{mode}_us"), (d or {}).get(f"{mode}_us")
             r[f"speedup_{mode}"] = (td / t) if (t and td) else None
+        c = _CASE_BY_NAME.get(r.get("case"))
+        if c is None or c.versus is None or r.get("provider") != "ours":
+            continue
+        v = ours.get((c.versus, *_key(r)[1:])) or {}
+        r["versus"] = c.versus
+        for mode in ("eager", "graph"):
+            t, tv = r.get(f"{mode}_us"), v.get(f"{mode}_us")
+            r[f"vs_{mode}"] = (tv / t) if (t and tv) else None
 
 
 def _key(r: dict[str, Any]) -> tuple:
@@ -596,6 +675,19 @@ def _kernel_note(case: HeadlineCase, mod: nn.Module, m: int, device: torch.devic
 
             fused = kl.fused_route(m, case.rank, False, device)
             return "fused" if fused else "route=two GEMMs (cuBLAS)"
+        if case.family == "w8a8":
+            from compress_ops.kernels import w8a8 as kw
+            from compress_ops.ops.w8a8 import w8a8_route
+
+            x = torch.empty(1, mod.in_features, device=device, dtype=dtype)
+            route = w8a8_route(x, mod.qweight)
+            if route != "triton":
+                return f"route={route}"
+            cfg = kw.gemm_tile(kw.select_config(m, mod.out_features, mod.in_features, device),
+                               mod.in_features)
+            return (f"config={cfg.name}" + (" (quantizes x itself)"
+                                            if kw.fused_call(m, cfg, device)
+                                            else " after _act_quant_kernel"))
         if case.family == "sparse24":
             from compress_ops.kernels import sparse24 as ks
 
@@ -675,15 +767,25 @@ def run_headline(device: torch.device, small: bool, record: Callable[[dict[str, 
             with torch.no_grad():
                 ref = (F.linear(x.double(), mod.u.double() @ mod.v.double())
                        if c.kind == "lowrank" else F.linear(x.double(), w.double()))
+                # W8A8: ours against its exact reference (the quantized activation's product),
+                # the dense baseline against dense
+                ref_ours, tl_ours = ((w8a8_ref(x, mod), w8a8_tol(dt, k, mod.qdtype, device))
+                                     if c.kind == "w8a8" else (ref, tl_))
             with torch.no_grad():
-                r = measure_provider(lambda mod=mod, x=x: mod(x), ref, tl_, time_it=time_it,
-                                     capture=capture, graph_skip="skipped (cpu)")
+                r = measure_provider(lambda mod=mod, x=x: mod(x), ref_ours, tl_ours,
+                                     time_it=time_it, capture=capture,
+                                     graph_skip="skipped (cpu)")
             record({**base, "provider": "ours", **r, "note": _kernel_note(c, mod, m, device, dt)})
             r = measure_provider(lambda w=w, x=x: F.linear(x, w), ref, tl_, time_it=time_it,
                                  capture=capture, graph_skip="skipped (cpu)")
             record({**base, "provider": "dense", **r,
                      "note": "F.linear (cuBLAS)" if cuda else "F.linear"})
-            if c.native is not None:
+            if c.kind == "w8a8":
+                with torch.no_grad():
+                    record({**base, "provider": c.native,
+                            **_measure_w8a8_native(c, mod, x, ref_ours, device, time_it,
+                                                   capture)})
+            elif c.native is not None:
                 record({**base, "provider": c.native,
                         **_measure_native(c, mod, x, ref, k, device, time_it, capture, tl_)})
             alt = _alt_fn(c, mod, x)  # the route not shipped at this M: settle it on the GPU
@@ -692,7 +794,7 @@ def run_headline(device: torch.device, small: bool, record: Callable[[dict[str, 
                 r = measure_provider(fn, ref, tol(dt, k), time_it=time_it, capture=capture,
                                      graph_skip="skipped (cpu)")
                 record({**base, "provider": provider, **r, "note": note})
-            del ref
+            del ref, ref_ours
             if cuda and not _cuda_context_ok(device):
                 raise RuntimeError(f"the CUDA context is lost after M={m} {c.name} (see its "
                                    f"rows): the remaining rows were not run")
@@ -794,7 +896,7 @@ def _alt_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
     with its shipped tile where the large-M route (dequantize once + cuBLAS,
     ``kernels/dequant.dense_route``) is taken. None elsewhere."""
     m = x.shape[0]
-    if case.family == "lowrank":  # its routes are measured by the two-gemm provider
+    if case.family in ("lowrank", "w8a8"):  # lowrank: the two-gemm provider; w8a8: one route
         return None
     if case.family == "sparse24":  # fp16 M = 1 ships the 16-row tile (gemv_max_m_half = 0)
         return (GEMV_ALT, *_sparse24_gemv_alt_fn(mod, x)) if m == 1 else None
@@ -855,6 +957,54 @@ def _measure_native(c: HeadlineCase, mod: nn.Module, x: torch.Tensor, ref: torch
     except Exception as ex:  # noqa: BLE001 - torch-private: record, never crash
         return {"status": f"unavailable: {_error_text(ex).removeprefix('error: ')}"}
     tolerance = tol(tol_dtype, k) if tolerance is None else tolerance
+    r = measure_provider(fn, ref, tolerance, time_it=time_it, capture=capture,
+                         graph_skip="skipped (cpu)", error_status="unavailable")
+    return {**r, "note": note}
+
+
+def _measure_w8a8_native(c: HeadlineCase, mod: nn.Module, x: torch.Tensor, ref: torch.Tensor,
+                         device: torch.device, time_it, capture) -> dict[str, Any]:
+    """torch's own 8-bit GEMM on the activation quantized beforehand (by the format's rule,
+    outside the timing) and ``mod``'s stored levels: ``int-mm``, ``torch._int_mm`` (int8 x int8
+    -> int32, no scaling; checked bit for bit against the exact int32 product; CUDA: M > 16
+    only, cuBLASLt's limit); ``scaled-mm``, ``torch._scaled_mm`` with the row scales of x and
+    the column scales of the weight (FP8, the scaling and the output dtype in the GEMM; checked
+    against the exact reference with :func:`w8a8_tol`; bf16 output where x's dtype is
+    refused). A call torch cannot make here is ``unavailable: <reason>``."""
+    from compress_ops.kernels.formats.w8a8 import quantize_activation
+
+    m, k = x.shape
+    if c.native == "int-mm" and device.type == "cuda" and m <= 16:
+        return {"status": "skipped: torch._int_mm needs M > 16 on CUDA"}
+    try:
+        q, s_x = quantize_activation(x, mod.qweight.dtype, mod.input_scale, mod.smooth)
+        wt = mod.qweight.t()  # [K, N] column-major: the layout cuBLASLt's 8-bit GEMMs take
+        if c.native == "int-mm":
+            fn = lambda: torch._int_mm(q, wt)  # noqa: E731
+            ref, tolerance = q.double() @ mod.qweight.double().t(), 0.0  # exact: bit for bit
+            note = "torch._int_mm on the pre-quantized x: int32 out, no scaling"
+        elif c.native == "scaled-mm":
+            sa, sb = s_x[:, None].float().contiguous(), mod.w_scales[None, :].float().contiguous()
+            fn, errors = None, []
+            for out_dtype in dict.fromkeys((x.dtype, torch.bfloat16)):
+                def call(out_dtype=out_dtype) -> torch.Tensor:
+                    return torch._scaled_mm(q, wt, sa, sb, out_dtype=out_dtype)
+                try:
+                    call()
+                    fn = call
+                    break
+                except Exception as ex:  # noqa: BLE001 - the next output dtype, else recorded
+                    errors.append(f"{short_dtype(out_dtype)} out: "
+                                  f"{_error_text(ex).removeprefix('error: ')}")
+            if fn is None:
+                return {"status": f"unavailable: {'; '.join(errors)}"[:400]}
+            tolerance = w8a8_tol(out_dtype, k, mod.qdtype, device)
+            note = (f"torch._scaled_mm on the pre-quantized x, row x column scales, "
+                    f"{short_dtype(out_dtype)} out")
+        else:
+            raise ValueError(f"no native kernel for {c.name}")
+    except Exception as ex:  # noqa: BLE001 - torch-private: record, never crash
+        return {"status": f"unavailable: {_error_text(ex).removeprefix('error: ')}"}
     r = measure_provider(fn, ref, tolerance, time_it=time_it, capture=capture,
                          graph_skip="skipped (cpu)", error_status="unavailable")
     return {**r, "note": note}
@@ -934,12 +1084,14 @@ def join_predictions(measured: Iterable[dict[str, Any]], static_rows: Iterable[d
         except (KeyError, TypeError, ValueError):
             continue
     dense = {_key(r): r for r in measured if r.get("provider") == "dense"}
+    ours = {_key(r): r for r in measured if r.get("provider") == "ours"}
     out = []
     for r in measured:
         if r.get("provider") != "ours":
             continue
         key = _key(r)
         s, d = static.get(key, {}), dense.get(key, {})
+        case = _CASE_BY_NAME.get(key[0])
         pred = s.get("predicted_us")
         rec: dict[str, Any] = {
             "config": key[0], "M": key[1], "N": key[2], "K": key[3], "dtype": key[4],
@@ -958,6 +1110,16 @@ def join_predictions(measured: Iterable[dict[str, Any]], static_rows: Iterable[d
             rec[f"measured_speedup_{mode}"] = (td / t) if (t and td) else None
         if rec["predicted_speedup"] is None and pred and rec["predicted_dense_us"]:
             rec["predicted_speedup"] = rec["predicted_dense_us"] / pred
+        if case is not None and case.versus is not None:
+            # against the versus case (W8A8: int8 weight-only), predicted and measured
+            vkey = (case.versus, *key[1:])
+            sv, rv = static.get(vkey, {}), ours.get(vkey, {})
+            pv = sv.get("predicted_us")
+            rec["versus"] = case.versus
+            rec["predicted_vs"] = (pv / pred) if (pv and pred) else None
+            for mode in ("eager", "graph"):
+                t, tv = rec[f"measured_{mode}_us"], rv.get(f"{mode}_us")
+                rec[f"measured_vs_{mode}"] = (tv / t) if (t and tv) else None
         out.append(rec)
     return out
 
@@ -967,7 +1129,8 @@ def _f(v: float | None, fmt: str = "8.1f") -> str:
 
 
 def predictions_table(pvm: list[dict[str, Any]]) -> list[str]:
-    """The predicted-vs-measured table, one line per measured row."""
+    """The predicted-vs-measured table, one line per measured row (and under a row with a
+    ``versus`` case, its time / this one's: predicted, measured eager and graph)."""
     lines = [f"  {'config':<15} {'M':>5} {'pred us':>8} {'eager us':>8} {'graph us':>8} "
              f"{'pred/eag':>8} {'pred/gr':>8} {'pred x':>7} {'meas x e':>8} {'meas x g':>8}"]
     for p in pvm:
@@ -977,6 +1140,11 @@ def predictions_table(pvm: list[dict[str, Any]]) -> list[str]:
             f"{_f(p['pred_over_eager'], '8.2f')} {_f(p['pred_over_graph'], '8.2f')} "
             f"{_f(p['predicted_speedup'], '7.2f')} {_f(p['measured_speedup_eager'], '8.2f')} "
             f"{_f(p['measured_speedup_graph'], '8.2f')}")
+        if p.get("versus"):
+            lines.append(
+                f"  {'  x ' + p['versus']:<21} {'':>8} {'':>8} {'':>8} {'':>8} {'':>8} "
+                f"{_f(p.get('predicted_vs'), '7.2f')} {_f(p.get('measured_vs_eager'), '8.2f')} "
+                f"{_f(p.get('measured_vs_graph'), '8.2f')}")
     return lines
 
 
@@ -1004,6 +1172,10 @@ def headline_table(rows: list[dict[str, Any]]) -> list[str]:
         nat_txt = f"{nat['provider']:<9} {cell(nat)}" if nat else f"{'':<9} {cell(None)}"
         lines.append(f"  {case:<15} {m:>5} {cell(p.get('ours'))} {cell(p.get('dense'))} "
                      f"{nat_txt:>28} {sp:>14}")
+        if ours.get("versus"):  # ours against the versus case's ours (> 1: this one faster)
+            vs = f"{_f(ours.get('vs_eager'), '6.2f')} /{_f(ours.get('vs_graph'), '6.2f')}"
+            lines.append(f"  {'  x ' + ours['versus']:<21} {'':>17} {'':>17} {'':>28} "
+                         f"{vs:>14}")
         for alt in (a for a in ALTS if a in p):  # the route not shipped, under "ours"
             tc = p[alt]
             sp = (f"{_f(tc.get('speedup_eager'), '6.2f')} /{_f(tc.get('speedup_graph'), '6.2f')}"
@@ -1144,7 +1316,10 @@ def make_meta(device: torch.device, small: bool, argv: list[str]) -> dict[str, A
                        "(interpreted kernels: not a measurement)"),
             "tolerance": ("||y - ref|| / ||ref|| against float64; fp16 2e-3, bf16 1.6e-2, "
                           "fp32 1e-5 sqrt(K) (tests/kernels/tolerances.py); x2 for low rank "
-                          "and the conv")}
+                          "and the conv; W8A8 against its exact reference (quantized x, exact "
+                          "product, the format's epilogue): half an output ulp (fp16 2^-11, "
+                          f"bf16 2^-8), FP8 plus {FP8_GPU_ACC:g} on CUDA (sqrt(K) 2^-24 "
+                          "elsewhere); torch._int_mm bit-exact")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1267,7 +1442,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="keep the other steps' sections of an existing file")
     p.add_argument("--workers", type=int, default=None,
-                   help="smoke processes (default: 4 on CUDA, 1 on the CPU)")
+                   help="smoke processes (default: 8 on CUDA, at most the CPUs; 1 on the CPU)")
     p.add_argument("--static-dir", type=Path, default=machine.PERF_DIR / "results",
                    help="where static-triton*.json files are (default: perf/results)")
     p.add_argument("--print-path", action="store_true",
@@ -1296,7 +1471,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         os.environ.setdefault("COMPRESS_OPS_CPU_BACKEND", "triton")
     workers = args.workers if args.workers is not None else (
-        min(4, os.cpu_count() or 1) if device.type == "cuda" else 1)
+        min(8, os.cpu_count() or 1) if device.type == "cuda" else 1)
     argv_list = list(sys.argv[1:] if argv is None else argv)
     # the table step alone (its own short time limit) reads the file; it measures nothing
     table_only = args.resume and set(steps) <= {"table"} and path.is_file()

@@ -40,12 +40,20 @@ def test_headline_cases_are_the_static_models_configs() -> None:
     assert by["int8 row sym"].native == "int8pack"
     assert qc.headline_shapes(False) == ((1, 16, 2048), 8192, 8192, "fp16")
     # 2:4 joins the headline (issue 15), against torch's semi-structured (cuSPARSELt) GEMM
-    assert [c.name for c in qc.CASES][-2:] == ["2:4", "rank 128"]
+    assert [c.name for c in qc.CASES][-4:-2] == ["2:4", "rank 128"]
     assert by["2:4"].family == "sparse24" and by["2:4"].native == "semi"
     # low rank (issue 15) against the two cuBLAS GEMMs it fuses
     assert by["rank 128"].family == "lowrank" and by["rank 128"].rank == 128
     assert by["rank 128"].native == "two-gemm"
     assert {c.family for c in qc.CASES if c.name in qc.CASE_NAMES} == {"dequant"}
+    # W8A8 (8-bit weights and activations) last, against torch's 8-bit GEMMs and the int8
+    # weight-only row
+    assert [c.name for c in qc.CASES][-2:] == ["w8a8 int8", "w8a8 fp8"]
+    assert qc.W8A8_VARIANTS == ("int8", "fp8")
+    for name, native in (("w8a8 int8", "int-mm"), ("w8a8 fp8", "scaled-mm")):
+        assert by[name].family == "w8a8" and by[name].native == native
+        assert by[name].versus == "int8 row sym" and by[name].versus in by
+    assert {c.versus for c in qc.CASES if c.family != "w8a8"} == {None}
     ms, n, k, _ = qc.headline_shapes(True)
     assert ms == (1, 16) and n == k == 256
     # the fused conv's pairs (issue 15) carry the static model's names
@@ -62,7 +70,8 @@ def test_smoke_covers_every_family_dtype_and_a_ragged_shape(small: bool) -> None
     assert len({c.name for c in cases}) == len(cases)
     variants = {(c.family, c.variant) for c in cases}
     assert {v for f, v in variants if f == "dequant"} == set(qc.CASE_NAMES)
-    assert {f for f, _ in variants} == {"dequant", "sparse24", "lowrank", "dwsep_conv"}
+    assert {f for f, _ in variants} == {"dequant", "sparse24", "lowrank", "dwsep_conv", "w8a8"}
+    assert {v for f, v in variants if f == "w8a8"} == set(qc.W8A8_VARIANTS)
     for fam, var in variants:
         for dt in ("fp16", "bf16"):
             mine = [c for c in cases if (c.family, c.variant, c.dtype) == (fam, var, dt)]
@@ -77,6 +86,54 @@ def test_tolerances_are_the_kernel_tests() -> None:
     for dt in (torch.float16, torch.bfloat16, torch.float32):
         for k in (72, 8192):
             assert qc.tol(dt, k) == kernel_tol(dt, k)
+
+
+def test_w8a8_static_rows_join_the_headline() -> None:
+    """The static model files hold W8A8 rows under the cases' names at the headline shapes
+    (the join on STATIC_KEYS finds them)."""
+    ms, n, k, dt = qc.headline_shapes(False)
+    files = sorted((REPO / "perf" / "results").glob("static-triton*.json"))
+    assert files
+    for f in files:
+        rows, _, _ = qc.load_static(f)
+        keys = {(r["config"], int(r["M"]), int(r["N"]), int(r["K"]), qc.short_dtype(r["dtype"]))
+                for r in rows}
+        for c in qc.CASES:
+            if c.family == "w8a8":
+                assert {(c.name, m, n, k, dt) for m in ms} <= keys, (f.name, c.name)
+                assert {(c.versus, m, n, k, dt) for m in ms} <= keys, (f.name, c.versus)
+
+
+@pytest.mark.parametrize("qdtype", ["int8", "fp8"])
+def test_w8a8_reference_is_the_exact_one_not_dense(qdtype: str) -> None:
+    """``w8a8_ref`` is the op's exact reference (compress_ops.reference, which the script does
+    not import); dense ``F.linear`` misses it by the activation's quantization error, far
+    outside ``w8a8_tol``, which is rounding-level."""
+    from compress_ops.nn import W8A8Linear
+    from compress_ops.reference import w8a8_linear_ref
+
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(200, 48, dtype=torch.float16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 200, generator=g) * 200**-0.5)
+        lin.bias.copy_(torch.randn(48, generator=g) * 0.1)
+    mod = W8A8Linear.from_dense(lin, dtype=qdtype)
+    x = torch.randn(7, 200, generator=g).half()
+    ref = qc.w8a8_ref(x, mod)
+    assert ref.dtype == torch.float16
+    assert torch.equal(ref, w8a8_linear_ref(x, mod.qweight, mod.w_scales, mod.bias, None))
+    cpu = torch.device("cpu")
+    t = qc.w8a8_tol(torch.float16, 200, qdtype, cpu)
+    assert 2.0**-11 <= t < 2.0**-11 + 1e-5
+    assert qc.w8a8_tol(torch.bfloat16, 200, "int8", torch.device("cuda")) == 2.0**-8
+    assert qc.w8a8_tol(torch.float16, 8192, "fp8", torch.device("cuda")) == (
+        2.0**-11 + qc.FP8_GPU_ACC)
+    assert qc.FP8_GPU_ACC <= 2e-3  # well below the activation's quantization error
+    dense = torch.nn.functional.linear(x, mod.dense_weight(), mod.bias)
+    ok, err, _ = qc.check_output(dense, ref, t)
+    assert not ok and err > 5 * t
+    ok, err, _ = qc.check_output(mod(x), ref, t)
+    assert ok, err
 
 
 def test_short_dtype_names() -> None:
@@ -270,6 +327,53 @@ def test_join_measured_with_static_rows() -> None:
     assert len(lines) == 4 and "int4 g128 asym" in lines[1]
 
 
+def test_w8a8_rows_are_compared_with_the_int8_weight_only_row(tmp_path: Path) -> None:
+    """W8A8's ours row: the dense speedup, and the int8 weight-only ours row's time over its
+    own (``vs_*``), measured and predicted; other rows get no ``versus``."""
+    res = qc.QuickResults(tmp_path / "q.json", {})
+    for r in (_row("int8 row sym", 1, "ours", 30.0, 20.0), _row("int8 row sym", 1, "dense", 60.0),
+              _row("w8a8 int8", 1, "ours", 15.0, 10.0), _row("w8a8 int8", 1, "dense", 60.0, 40.0),
+              _row("w8a8 int8", 1, "int-mm", None, status="skipped: x"),
+              _row("w8a8 fp8", 16, "ours", 12.0), _row("w8a8 fp8", 16, "dense", 48.0)):
+        res.add("rows", r)
+    rows = json.loads(res.path.read_text())["rows"]
+    wo, w8, w8nat, fp8 = rows[0], rows[2], rows[4], rows[5]
+    assert "versus" not in wo and "vs_eager" not in w8nat
+    assert w8["versus"] == "int8 row sym" and w8["speedup_eager"] == pytest.approx(4.0)
+    assert w8["vs_eager"] == pytest.approx(2.0) and w8["vs_graph"] == pytest.approx(2.0)
+    assert fp8["versus"] == "int8 row sym" and fp8["vs_eager"] is None  # no int8 row at 16
+    static = [_static("int8 row sym", 1, 30.0, 54.0), _static("w8a8 int8", 1, 15.0, 54.0)]
+    pvm = qc.join_predictions(rows, static, static_file="s.json")
+    by = {(p["config"], p["M"]): p for p in pvm}
+    p = by[("w8a8 int8", 1)]
+    assert p["versus"] == "int8 row sym" and p["predicted_vs"] == pytest.approx(2.0)
+    assert p["measured_vs_eager"] == pytest.approx(2.0)
+    assert p["measured_vs_graph"] == pytest.approx(2.0)
+    assert by[("w8a8 fp8", 16)]["predicted_vs"] is None and "versus" not in by[("int8 row sym", 1)]
+    lines = qc.predictions_table(pvm)
+    assert len(lines) == 1 + len(pvm) + 2 and "x int8 row sym" in lines[3]
+    table = qc.headline_table(rows)
+    assert any("x int8 row sym" in line and "2.00" in line for line in table)
+
+
+def test_w8a8_native_int_mm_is_not_called_at_small_m_on_cuda() -> None:
+    """cuBLASLt's int8 GEMM takes M > 16: at M <= 16 on CUDA the row is skipped (nothing runs:
+    CPU tensors suffice here); on the CPU it runs, bit-exact against the int32 product."""
+    from compress_ops.nn import W8A8Linear
+
+    lin = torch.nn.Linear(64, 32, bias=False, dtype=torch.float16)
+    mod = W8A8Linear.from_dense(lin, dtype="int8")
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0)).half()
+    case = {c.name: c for c in qc.CASES}["w8a8 int8"]
+    r = qc._measure_w8a8_native(case, mod, x, qc.w8a8_ref(x, mod), torch.device("cuda"),
+                                _never, None)
+    assert r == {"status": "skipped: torch._int_mm needs M > 16 on CUDA"}
+    r = qc._measure_w8a8_native(case, mod, x, qc.w8a8_ref(x, mod), torch.device("cpu"),
+                                lambda fn: Timing(1.0, 3), None)
+    assert r["status"] == "ok" and r["rel_err"] == 0.0 and r["tol"] == 0.0
+    assert "torch._int_mm" in r["note"]
+
+
 def test_pick_static_prefers_the_exact_version_else_the_nearest(tmp_path: Path) -> None:
     path, note = qc.pick_static("3.6.0", tmp_path)
     assert path is None and "no static model file" in note
@@ -338,7 +442,8 @@ def test_quick_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     """``--device cpu --small`` under the interpreter (~15 s): every step, every record."""
     ms, n, k, _ = qc.headline_shapes(True)
     (tmp_path / "static-triton3.6.0.json").write_text(json.dumps(
-        {"meta": {}, "rows": [{**_static("int4 g128 asym", 1, 5.0, 9.0), "N": n, "K": k}]}))
+        {"meta": {}, "rows": [{**_static(c, 1, p, 9.0), "N": n, "K": k} for c, p in (
+            ("int4 g128 asym", 5.0), ("int8 row sym", 6.0), ("w8a8 int8", 3.0))]}))
     out = tmp_path / "q.json"
     # M = 16 takes the large-M route here (dequantize + F.linear), as M = 2048 does on a GPU
     env = {**os.environ, "TRITON_INTERPRET": "1", "COMPRESS_OPS_DENSE_MIN_M": "16"}
@@ -374,7 +479,7 @@ def test_quick_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     assert all(r["status"] == "ok" and r["eager_us"] > 0 for r in conv), conv
     # M = 1 also times the GEMV (the alternative to the shipped 16-row tile), every case
     assert {r["case"] for r in rows if r["provider"] == qc.GEMV_ALT} == {
-        c.name for c in qc.CASES if c.family != "lowrank"}
+        c.name for c in qc.CASES if c.family not in ("lowrank", "w8a8")}
     assert {r["M"] for r in rows if r["provider"] == qc.GEMV_ALT} == {1}
     # the large-M route's rows also time the fused GEMM (its alternative), every low-bit case
     assert {(r["case"], r["M"]) for r in rows if r["provider"] == qc.FUSED_ALT} == {
@@ -390,8 +495,26 @@ def test_quick_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     assert {r["note"] for r in rows if r["provider"] == "ours" and r["case"] == "rank 128"} == {
         "fused"}
     assert {r["M"] for r in rows if r["provider"] == "two-gemm"} == set(ms)
+    # W8A8: ours against its exact reference (bit-exact under the interpreter), dense against
+    # dense, torch's 8-bit GEMMs on the pre-quantized x (the CPU runs _int_mm at any M), and
+    # the int8 weight-only row of the same M
+    w8 = {(r["case"], r["M"], r["provider"]): r for r in rows if r["case"].startswith("w8a8")}
+    assert set(w8) == {(c, m, p) for m in ms for c, p in (
+        ("w8a8 int8", "ours"), ("w8a8 int8", "dense"), ("w8a8 int8", "int-mm"),
+        ("w8a8 fp8", "ours"), ("w8a8 fp8", "dense"), ("w8a8 fp8", "scaled-mm"))}
+    for (_, _, p), r in w8.items():
+        if p == "ours":
+            assert r["status"] == "ok" and r["rel_err"] <= r["tol"] <= 2.0**-11 + 1e-4, r
+            assert r["versus"] == "int8 row sym" and r["vs_eager"] > 0, r
+            assert r["note"].startswith("config=gemm_"), r
+        elif p == "dense":
+            assert r["tol"] == qc.tol(torch.float16, k) and r["rel_err"] <= r["tol"], r
+        elif p == "int-mm":
+            assert r["status"] == "ok" and r["rel_err"] == 0.0, r
+        else:  # torch._scaled_mm on the CPU: where this torch has it
+            assert r["status"] == "ok" or r["status"].startswith("unavailable"), r
     for r in rows:
-        if r["provider"] in ("ours", "dense", "int8pack", "two-gemm", *qc.ALTS):
+        if r["provider"] in ("ours", "dense", "int8pack", "two-gemm", "int-mm", *qc.ALTS):
             assert r["status"] == "ok" and r["eager_us"] > 0, r
             assert r["graph_status"].startswith("skipped")
         elif r["provider"] in ("tinygemm", "semi"):
@@ -399,9 +522,12 @@ def test_quick_check_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     pvm = obj["predicted_vs_measured"]
     assert len(pvm) == len(ms) * len(qc.CASES) + len(qc.CONV_PAIRS_SMALL)
     hit = [p for p in pvm if p["predicted_us"] is not None]
-    assert [(p["config"], p["M"]) for p in hit] == [("int4 g128 asym", 1)]
+    assert [(p["config"], p["M"]) for p in hit] == [
+        ("int4 g128 asym", 1), ("int8 row sym", 1), ("w8a8 int8", 1)]
+    assert hit[2]["predicted_vs"] == pytest.approx(2.0) and hit[2]["measured_vs_eager"] > 0
     assert "nearest" in meta["static"]["note"] or meta["triton"] == "3.6.0"
     assert "predicted vs measured" in proc.stdout and "headline" in proc.stdout
+    assert "x int8 row sym" in proc.stdout
 
 
 def test_gpu_check_script_parses_and_rejects_unknown_arguments() -> None:

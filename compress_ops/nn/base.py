@@ -48,8 +48,9 @@ class CompressedModule(nn.Module):
         """The note ``report()`` shows for this layer (:attr:`note` unless overridden)."""
         return self.note
 
-    #: plain attributes outside the constructor that a checkpoint keeps (co.save / co.load)
-    saved_attrs: tuple[str, ...] = ()
+    #: plain attributes outside the constructor that a checkpoint keeps (co.save / co.load),
+    #: the report note among them
+    saved_attrs: tuple[str, ...] = ("note",)
 
     def init_args(self) -> dict[str, Any]:
         """The constructor's arguments (JSON values; device and dtype excepted) that rebuild

@@ -86,7 +86,7 @@ class FusedDWSepConv2d(CompressedModule):
     """
 
     kind = "dwsep-fused"
-    saved_attrs = ("input_size",)
+    saved_attrs = ("input_size", "note")
 
     @property
     def weight(self) -> torch.Tensor:

@@ -62,7 +62,8 @@ IDS = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 CONFIGS = {"int4": co.QuantConfig(bits=4, group_size=32), "2:4": co.Sparse24Config(),
            "lowrank": co.LowRankConfig(energy=0.8),
-           "codebook": co.CodebookConfig(bits=4, shared=True)}
+           "codebook": co.CodebookConfig(bits=4, shared=True), "w8a8": co.W8A8Config(),
+           "ternary": co.TernaryConfig(group_size=32)}
 
 
 def run(model):
@@ -221,3 +222,17 @@ def test_pruner_and_qat_results_save_with_their_manifest(tmp_path):
     ref = run(model)
     model.save_pretrained(tmp_path / "qat")
     assert torch.equal(run(type(model).from_pretrained(tmp_path / "qat")), ref)
+
+
+def test_smoothquant_static_llama_roundtrips_with_its_notes(tmp_path):
+    model = llama()
+    calib = [{"input_ids": IDS}, {"input_ids": IDS.flip(1)}]
+    co.compress_(model, co.W8A8Config(smoothing=0.5, act_scale="static"), calib=calib)
+    notes = {r.name: r.note for r in co.report(model)}
+    assert "SmoothQuant folded into input_layernorm" in notes["model.layers.0.self_attn.q_proj"]
+    assert "SmoothQuant in the op" in notes["model.layers.0.self_attn.o_proj"]  # GQA: no fold
+    ref = run(model)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert torch.equal(run(loaded), ref)
+    assert str(co.report(loaded)) == str(co.report(model))

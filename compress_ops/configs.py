@@ -131,11 +131,11 @@ class QuantConfig(CompressionConfig):
     shrunk range per group (least squared error); 0 is plain min/max round-to-nearest.
 
     ``bits=1``: binary weights, ``sign(w) * s`` with ``s`` the group's mean ``|w|``
-    (XNOR-Net; :func:`compress_ops.quantize.quantize_absmean`), stored in the 2-bit format
-    (packing 32 weights per word is not implemented: a binary layer takes the bytes of a
-    2-bit one). One bit loses most of a trained layer's accuracy without retraining: train
-    it with :func:`compress_ops.qat.prepare_qat`. ``symmetric``, ``search_steps`` and
-    ``method`` other than ``"rtn"`` do not apply.
+    (XNOR-Net; :func:`compress_ops.quantize.quantize_absmean`), stored as 1-bit fields, 32 per
+    int32 word, with one scale per group (``W = (q - 1/2) 2s``). One bit loses most of a
+    trained layer's accuracy without retraining: train it with
+    :func:`compress_ops.qat.prepare_qat`. ``symmetric``, ``search_steps`` and ``method`` other
+    than ``"rtn"`` do not apply.
 
     ``method``: ``"rtn"`` rounds every weight to its nearest level; ``"gptq"`` chooses the
     levels with GPTQ's error feedback through the layer's input Hessian

@@ -299,14 +299,19 @@ ABSMEAN_LEVELS = ("binary", "ternary")
 def quantize_absmean(w: torch.Tensor, levels: str, group_size: int | None = None, *,
                      dtype: torch.dtype | None = None) -> AffineWeight:
     """Binary or ternary weights with one scale per group of ``group_size`` input features
-    (None: the row), stored as a symmetric 2-bit affine weight (``W = (q - 2) s``, ``q`` in
-    {1, 3} or {1, 2, 3}), which every low-bit kernel reads.
+    (None: the row), stored as affine weights every low-bit kernel reads: ternary as a
+    symmetric 2-bit weight (``W = (q - 2) s``, ``q`` in {1, 2, 3}), binary as a 1-bit weight,
+    32 per int32 word, on the symmetric 1-bit grid (no zero points stored: ``z = 1/2``,
+    :func:`~compress_ops.kernels.formats.dequant.symmetric_zero`) with stored scales ``2 s``
+    (``W = (q - 1/2) 2 s = (2 q - 1) s``, ``q`` in {0, 1}: exactly ``±s``; its padding columns
+    hold ``q = 0``, whose activations are zero on every path).
 
     The scale is the mean ``|w|`` of the group, rounded to ``dtype`` (default ``w.dtype``):
     ``"binary"``: ``sign(w) * s`` (zero counts as +), the least-squares scale for the signs
     (XNOR-Net, Rastegari et al. 2016); ``"ternary"``: ``clamp(round(w / s), -1, 1) * s``, the
     threshold at ``s / 2`` (BitNet b1.58, Ma et al. 2024: "absmean"). A group of zeros keeps
-    scale 0 (exact zeros). Raises :class:`UnsupportedWeight` for NaN or Inf."""
+    scale 0 (exact zeros). Raises :class:`UnsupportedWeight` for NaN or Inf (and, binary, for a
+    scale whose double overflows ``dtype``)."""
     _check_weight(w)
     check_choice("levels", levels, ABSMEAN_LEVELS)
     dtype = dtype or w.dtype
@@ -320,10 +325,15 @@ def quantize_absmean(w: torch.Tensor, levels: str, group_size: int | None = None
     valid = valid.reshape(kp // gs, gs)
     mean = (wf.abs() * valid).sum(-1) / valid.sum(-1)
     s = mean.to(dtype).to(wf.dtype)  # the stored scale
-    if levels == "binary":
-        t = torch.where(wf >= 0, 1.0, -1.0).to(wf.dtype)
-    else:
-        t = torch.round(wf / torch.where(s > 0, s, 1.0)[..., None]).clamp_(-1, 1)
+    if levels == "binary":  # 1-bit fields: q = 1 for +s, 0 for -s (and the padding)
+        q = (wf >= 0).to(torch.int32) * valid.to(torch.int32)
+        # 2 s is exact (s's exponent raised) where s is finite in dtype at twice its value
+        s2 = (2 * s).to(dtype)
+        if not torch.isfinite(s2).all():
+            raise UnsupportedWeight(f"binary: twice a group's mean |w| overflows {dtype}")
+        # the symmetric 1-bit grid: z = 1/2 implied, no zero points stored
+        return AffineWeight(pack_bits(q.reshape(n, kp), 1), s2.contiguous(), None, 1, gs)
+    t = torch.round(wf / torch.where(s > 0, s, 1.0)[..., None]).clamp_(-1, 1)
     q = (t * valid + 2).reshape(n, kp).to(torch.int32)  # padding: level 0
     return AffineWeight(pack_bits(q, 2), s.to(dtype).contiguous(), None, 2, gs)
 

@@ -1,4 +1,4 @@
-"""Low-bit weights (affine int8/int4/int3/int2 and codebook): Triton matmuls, configs, launchers.
+"""Low-bit weights (affine int8/int4/int3/int2/int1, codebook): Triton matmuls, configs, launchers.
 
 The packed fields, the affine and codebook formats, packing and checks:
 :mod:`compress_ops.kernels.formats.dequant`.
@@ -12,9 +12,10 @@ Kernels
   its fields (``tl.static_range``), multiplying field ``i`` of a ``[U, BLOCK_N]`` word tile by
   the activations at columns ``u * fields + i``; FMA into a ``[BLOCK_M, U, BLOCK_N]`` fp32
   accumulator reduced once at the end; optional split-K (fp32 atomic adds).
-* :func:`_dequant_matmul_kernel` (the bit-plane 3-bit GEMM): tiled
-  ``tl.dot`` GEMM; each ``[BLOCK_K, BLOCK_N]`` weight tile is unpacked and dequantized (or
-  looked up) in registers, grouped program order, ``num_stages`` pipelining, optional split-K.
+* :func:`_dequant_matmul_kernel` (the bit-plane GEMM: 3-bit fields, and 1-bit fields as one
+  plane): tiled ``tl.dot`` GEMM; each ``[BLOCK_K, BLOCK_N]`` weight tile is unpacked and
+  dequantized (or looked up) in registers, grouped program order, ``num_stages`` pipelining,
+  optional split-K.
 
 The contiguous 2/4/8-bit fields have their own kernels, which every call with those widths
 takes, affine or codebook: :func:`_fields_gemv_kernel` (M = 1) and
@@ -87,9 +88,11 @@ def _field(w0, w1, w2, i: tl.constexpr, BITS: tl.constexpr):
     """Position ``i`` of a packing unit: one word (contiguous fields in version 2's order:
     formats 2 and 3 interleave 2- and 4-bit ones, position ``i`` is field
     ``i // 2 + (i % 2) * F / 2``; format 3's column: :func:`_pos_col`) or three bit planes
-    (column ``i``)."""
+    (column ``i``), or one (1-bit fields: a single bit plane)."""
     if BITS == 3:
         return ((w0 >> i) & 1) | (((w1 >> i) & 1) << 1) | (((w2 >> i) & 1) << 2)
+    elif BITS == 1:
+        return (w0 >> i) & 1
     else:
         F: tl.constexpr = 32 // BITS
         POS: tl.constexpr = i // 2 + (i % 2) * (F // 2) if BITS < 8 else i
@@ -422,8 +425,8 @@ def _gemv_tile(acc, t, x_rows, q_ptr, s_ptr, z_ptr, lut_rows, rows_n, m_mask, n_
     """``acc`` plus K tile ``t`` of :func:`_dequant_gemv_kernel`. ``TAIL``: the tile may hold
     columns past K (masked: their activations are 0 and their codebook entries are not read,
     since 0 * a NaN entry would be NaN); else every column is real and nothing is masked."""
-    COLS: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # columns per unit
-    WORDS: tl.constexpr = 3 if BITS == 3 else 1  # words per unit
+    COLS: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # columns per unit (1 bit: 32)
+    WORDS: tl.constexpr = 3 if BITS == 3 else 1  # words per unit (bit planes: 3 or 1)
     U: tl.constexpr = BLOCK_K // COLS
     offs_u = t * U + tl.arange(0, U)  # unit index along the row
     if TAIL:
@@ -469,6 +472,8 @@ def _gemv_tile(acc, t, x_rows, q_ptr, s_ptr, z_ptr, lut_rows, rows_n, m_mask, n_
         s = tl.load(s_ptr + s_ptrs, mask=n_mask, other=0.0).to(tl.float32)
         if MODE == 0:
             zs = tl.load(z_ptr + s_ptrs, mask=n_mask, other=0.0).to(tl.float32) * s
+        elif BITS == 1:  # the symmetric 1-bit grid is binary: z = 1/2 (formats.symmetric_zero)
+            zs = s * 0.5
         else:
             zs = s * (1 << (BITS - 1))
         acc += tl.sum(part, axis=1) * s[None, :] - tl.sum(xsum, axis=1)[:, None] * zs[None, :]
@@ -1355,6 +1360,9 @@ def _dequant_matmul_kernel(
             q = ((tl.load(w_ptrs, mask=kn_mask, other=0) >> shift) & 1) \
                 | (((tl.load(w_ptrs + 1, mask=kn_mask, other=0) >> shift) & 1) << 1) \
                 | (((tl.load(w_ptrs + 2, mask=kn_mask, other=0) >> shift) & 1) << 2)
+        elif BITS == 1:  # one bit plane: column 32 j + i at bit i of word j
+            w_ptrs = q_rows + (offs_k // 32)[:, None]
+            q = (tl.load(w_ptrs, mask=kn_mask, other=0) >> (offs_k % 32)[:, None]) & 1
         else:
             pos = _col_pos(offs_k, BITS)  # the column's position (format 3: permuted)
             words = tl.load(q_rows + (pos // COLS)[:, None], mask=kn_mask, other=0)
@@ -1368,8 +1376,8 @@ def _dequant_matmul_kernel(
             s = tl.load(s_ptr + s_off, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             if MODE == 0:
                 z = tl.load(z_ptr + s_off, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            else:
-                z = 1 << (BITS - 1)
+            else:  # formats.symmetric_zero: 1/2 at one bit (binary), else 2**(b - 1)
+                z = 0.5 if BITS == 1 else 1 << (BITS - 1)
             w = (q.to(tl.float32) - z) * s
         if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
@@ -1477,9 +1485,10 @@ _SIG_COMMON = {
 _ALIGNED = ["x_ptr", "q_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "KP",
             "stride_xm", "stride_ym", "K"]
 # (bits, mode) variants the audit compiles for every config: int4 asymmetric (the default),
-# int8 symmetric, int2 asymmetric, 4-bit and 3-bit (bit-plane) codebooks.
+# int8 symmetric, int2 asymmetric, 4-bit and 3-bit (bit-plane) codebooks, binary 1-bit fields
+# (one bit plane: zero points stored, as quantize_absmean writes them, and symmetric, z = 1/2).
 _AUDIT_VARIANTS = ((4, MODE_ASYM), (8, MODE_SYM), (2, MODE_ASYM), (4, MODE_CODEBOOK),
-                   (3, MODE_CODEBOOK))
+                   (3, MODE_CODEBOOK), (1, MODE_ASYM), (1, MODE_SYM))
 
 
 def _expected_mma(consts: dict) -> str:
@@ -1816,7 +1825,8 @@ def group_shift_arg(group_size: int, kp: int) -> int:
 
 def fields_gemm(bits: int) -> bool:
     """Whether a GEMM runs :func:`_fields_matmul_kernel` (else :func:`_dequant_matmul_kernel`,
-    the bit-plane 3-bit fields): contiguous 2/4/8-bit fields, affine or codebook, every tile."""
+    the bit-plane 3- and 1-bit fields): contiguous 2/4/8-bit fields, affine or codebook, every
+    tile."""
     return bits in MAGIC_BITS
 
 

@@ -1,4 +1,4 @@
-"""``QuantLinear`` (int8/int4/int2 weights) and ``CodebookLinear`` (k-means weight sharing)."""
+"""``QuantLinear`` (int8/int4/int2/binary weights), ``CodebookLinear`` (k-means weight sharing)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import nn
 import compress_ops.ops  # noqa: F401  (registers torch.ops.compress_ops.*)
 from compress_ops._validate import check_choice
 from compress_ops.kernels.formats.dequant import (
+    AFFINE_BITS,
     BITS,
     FORMAT_VERSION,
     OLDER_VERSIONS,
@@ -41,8 +42,9 @@ from compress_ops.quantize import (
 __all__ = ["QuantLinear", "CodebookLinear", "QUANT_DEFAULTS", "CODEBOOK_DEFAULTS",
            "BINARY_NOTE", "TERNARY_NOTE"]
 
-#: What ``report()`` says of binary and ternary layers (2-bit fields holding fewer levels).
-BINARY_NOTE = "binary: sign(w) x mean|w| per group, in 2-bit fields"
+#: What ``report()`` says of binary and ternary layers (1-bit fields, and 2-bit fields holding
+#: three levels).
+BINARY_NOTE = "binary: sign(w) x mean|w| per group, in 1-bit fields"
 TERNARY_NOTE = "ternary: {-1, 0, +1} x mean|w| per group (absmean), in 2-bit fields"
 
 #: ``QuantLinear.from_dense`` keyword values when no config is given (``QuantConfig()``'s).
@@ -53,11 +55,12 @@ CODEBOOK_DEFAULTS: dict[str, Any] = {"bits": 4, "row_groups": 1, "iters": 1000,
                                      "method": "optimal"}
 
 
-def _check_sizes(in_features: int, out_features: int, bits: int) -> None:
+def _check_sizes(in_features: int, out_features: int, bits: int,
+                 allowed: tuple[int, ...] = BITS) -> None:
     if in_features < 1 or out_features < 1:
         raise ValueError(
             f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
-    check_choice("bits", bits, BITS)
+    check_choice("bits", bits, allowed)
 
 
 class PackedFieldsRecord(FormatRecord):
@@ -112,7 +115,7 @@ class QuantLinear(PackedFieldsRecord, CompressedLinear):
                  device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        _check_sizes(in_features, out_features, bits)
+        _check_sizes(in_features, out_features, bits, AFFINE_BITS)
         dtype = dtype or torch.get_default_dtype()
         check_compute_dtype("QuantLinear", dtype)
         self.in_features = in_features
@@ -133,12 +136,13 @@ class QuantLinear(PackedFieldsRecord, CompressedLinear):
         """Quantize ``linear`` (round-to-nearest, per-group range search) with the values of a
         ``QuantConfig`` or the keywords ``bits``, ``group_size``, ``symmetric``,
         ``search_steps`` (defaults :data:`QUANT_DEFAULTS`). ``bits=1``: binary weights,
-        ``sign(w)`` times the group's mean ``|w|``, in 2-bit fields."""
+        ``sign(w)`` times the group's mean ``|w|``, in 1-bit fields (``bits=1``, zero points 1/2,
+        scales twice the mean: :func:`~compress_ops.quantize.quantize_absmean`)."""
         v = from_dense_values(config, values, QUANT_DEFAULTS)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
-        if v["bits"] == 1:  # binary: sign(w) * mean |w|, in 2-bit fields
+        if v["bits"] == 1:  # binary: sign(w) * mean |w|, in 1-bit fields
             mod = cls.from_affine(linear, quantize_absmean(w, "binary", v["group_size"]))
             mod.note = BINARY_NOTE
             return mod

@@ -1,4 +1,4 @@
-"""``compress_ops::dequant_linear`` (affine int8/int4/int3/int2 weights) and
+"""``compress_ops::dequant_linear`` (affine int8/int4/int3/int2/int1 weights) and
 ``compress_ops::codebook_linear`` (k-means weight sharing): the low-bit family's ops, over the
 packed formats of :mod:`compress_ops.kernels.formats.dequant`, with fake impls and autograd.
 
@@ -6,9 +6,9 @@ Routes (:mod:`.routing`): CUDA runs the Triton kernels. On the CPU, affine weigh
 native weight-only kernels where measured faster (:func:`dequant_cpu_route`, crossovers in
 ``kernels/configs/cpu.json``; int8 with one group per row folds an asymmetric zero point into a
 row-sum correction, int2/int3 run as int4), else int8 rows converted in chunks or dequantized
-in row chunks + ``F.linear``; codebooks gather one row chunk at a time (a table lookup per
-packed byte) + ``F.linear``. No route keeps a dense copy unless asked
-(``COMPRESS_OPS_CPU_DENSE_CACHE=1``).
+in row chunks + ``F.linear`` (1-bit fields, binary weights, always the latter); codebooks gather
+one row chunk at a time (a table lookup per packed byte) + ``F.linear``. No route keeps a dense
+copy unless asked (``COMPRESS_OPS_CPU_DENSE_CACHE=1``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ NATIVE_INT4_GROUPS = (32, 64, 128, 256)
 def _native_route(bits: int, group_size: int, kp: int, n: int, m: int,
                   dtype: torch.dtype) -> str | None:
     max_m = routing.NATIVE_MAX_M.get((bits, dtype))  # absent: never
-    if max_m is None or m > max_m:
+    if max_m is None or m > max_m or bits == 1:  # 1 bit: no native route (its zero is 1/2)
         return None
     if bits == 8:
         return "native-int8" if group_size == kp else None
@@ -174,6 +174,8 @@ def _fields_u8(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     b = qweight.contiguous().view(torch.uint8)  # little-endian: byte j of word w = bits 8j..
     if bits == 8:
         return b
+    if bits == 1:  # one bit plane: byte t of word j holds columns 32j + 8t + (0..7)
+        return _BYTE_BITS.index_select(0, b.reshape(-1).int()).view(torch.uint8).view(r, -1)
     if bits == 3:  # bit planes: byte t of word 3j + p holds bit p of columns 32j + 8t + (0..7)
         planes = _BYTE_BITS.index_select(0, b.reshape(-1).int()).view(r, -1, 3, 4)
         q = planes[:, :, 0] | (planes[:, :, 1] << 1) | (planes[:, :, 2] << 2)  # 8 fields a word
@@ -229,11 +231,13 @@ def _dequant_rows(buf: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 
     ``fold_zero``: ``(q - 2**(b - 1)) * s`` instead, the grid's midpoint taken off in the bytes
     (int8) rather than in a float pass; what is left of the zero point, ``z - 2**(b - 1)`` (0
-    for symmetric grids), is the caller's."""
+    for symmetric grids of 2+ bits; not used for the symmetric 1-bit grid, whose zero is 1/2),
+    is the caller's."""
     r, kp = qweight.shape[0], buf.shape[1]
     p, groups = _parts(bits), kp // group_size
     w = buf[:r].view(r, p, groups, group_size // p)
     mid = 2 ** (bits - 1)
+    sym_zero = _dq.symmetric_zero(bits)  # mid, or 1/2 for the binary 1-bit grid
     if p == 1:
         f = _fields_u8(qweight, bits).view(r, groups, group_size)
         if fold_zero:  # q - mid in int8: the top bit flipped (int8) or mid taken off (int3)
@@ -246,7 +250,7 @@ def _dequant_rows(buf: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
             f = b & mask if i == 0 else (b >> (bits * i)) & mask
             w[:, i].copy_(f.view(torch.int8).sub_(mid) if fold_zero else f)
     if not fold_zero:
-        w.sub_(float(mid) if zeros is None else zeros.float()[:, None, :, None])
+        w.sub_(sym_zero if zeros is None else zeros.float()[:, None, :, None])
     w.mul_(scales.float()[:, None, :, None])
     return buf[:r]
 
@@ -269,7 +273,8 @@ def _dequant_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     step = _row_step(n, kp)
     xp = x if kp == k else F.pad(x, (0, kp - k))
     xp = _part_major(xp, bits)
-    fold = x.dtype == torch.float32
+    # (not the symmetric 1-bit grid: its zero point 1/2 is not the midpoint taken off in int8)
+    fold = x.dtype == torch.float32 and not (zeros is None and bits == 1)
     buf = torch.empty(step, kp, dtype=torch.float32)
     cast = None if fold else torch.empty(step, kp, dtype=x.dtype)
     outs = []

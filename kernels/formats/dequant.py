@@ -1,8 +1,9 @@
-"""Low-bit weights (affine int8/int4/int3/int2 and codebook): the packed formats (Triton-free).
+"""Low-bit weights (affine int8/int4/int3/int2/int1 and codebook): the packed formats (Triton-free).
 
 Packed fields
 -------------
-A weight ``W[N, K]`` is stored as unsigned b-bit integers ``q[N, Kp]`` (``b`` in {2, 3, 4, 8}),
+A weight ``W[N, K]`` is stored as unsigned b-bit integers ``q[N, Kp]`` (``b`` in {1, 2, 3, 4, 8}:
+:data:`AFFINE_BITS`; codebooks {2, 3, 4, 8}: :data:`BITS`),
 ``Kp`` = K rounded up to the group size (whole-row groups: to 32). Padding columns hold ``q`` of
 a zero weight; kernels also mask activations at ``k >= K``. ``q`` is packed along K into
 ``qweight[N, Kp * b / 32]`` int32: every 32 dense columns of a row take exactly ``b`` words.
@@ -29,21 +30,35 @@ a zero weight; kernels also mask activations at ``k >= K``. ``q`` is packed alon
 * ``b`` = 3 (bit planes): the 32 columns of block ``j`` use words ``3j, 3j + 1, 3j + 2``; word
   ``3j + p`` holds bit ``p`` of column ``32j + i`` at bit ``i``. Exactly 3 bits per weight, and
   every tile of 32 columns stays word aligned.
+* ``b`` = 1 (affine only): one bit plane, word ``j`` holds column ``32j + i`` at bit ``i`` (plain
+  little-endian, which is also the 3-bit layout with a single plane, so the bit-plane kernels
+  and CPU paths read it; format versions do not change it, :func:`repack` returns it as is).
 
 Affine format (int-b quantization)
 ----------------------------------
 ``W[n, c] = (q[n, c] - z[n, g]) * s[n, g]`` with ``g = c // group_size``: ``scales[N, Kp / gs]``
 and, for asymmetric grids, ``zeros[N, Kp / gs]`` (both in the activation dtype; a zero point may
-be fractional). Symmetric grids store no zeros: ``z = 2**(b - 1)`` (offset binary, so ``q`` in
-``[0, 2**b)`` covers ``[-2**(b-1), 2**(b-1) - 1]``). ``group_size`` is 32, 64, 128, 256 or the
-whole (padded) row, ``Kp``. Bytes per weight: ``b / 8 + (1 or 2) * e / group_size``
-(int4, group 128, fp16 scales and zeros: 0.5 + 0.03125 = 0.2656x of fp16).
+be fractional). Symmetric grids store no zeros: ``z`` is :func:`symmetric_zero`, ``2**(b - 1)``
+for ``b >= 2`` (offset binary, so ``q`` in ``[0, 2**b)`` covers ``[-2**(b-1), 2**(b-1) - 1]``)
+and ``1/2`` for ``b = 1``: the symmetric 1-bit grid is binary, ``W = (q - 1/2) s = ±s / 2``.
+Binary weights ``W = ±a`` (``a`` the group's mean ``|w|``) are ``q`` in {0, 1} with
+``scales = 2 a`` and ``z = 1/2``: exact in every dtype (``q - 1/2 = ±1/2``, and ``2 a`` is ``a``
+with its exponent raised). :func:`compress_ops.quantize.quantize_absmean` returns the symmetric
+1-bit grid (no zeros stored: ``1 / 8 + e / group_size`` bytes per weight, fp16 g128 0.1406x of
+fp16, against 0.2656 for the 2-bit fields binary used before); an asymmetric 1-bit grid with
+``zeros = 0.5`` stored is the same weight (0.1563). The kernels take the symmetric zero as a
+constexpr and the CPU paths from :func:`symmetric_zero`. The binary grid
+has no zero level: 1-bit padding columns hold ``q = 0`` (a finite weight), which every path
+multiplies by zero activations, and an all-zero 1-bit symmetric weight has zero scales.
+``group_size`` is 32, 64, 128, 256 or the whole (padded) row, ``Kp``. Bytes per weight:
+``b / 8 + (1 or 2) * e / group_size`` (int4, group 128, fp16 scales and zeros: 0.5 + 0.03125 =
+0.2656x of fp16).
 
 Codebook format (weight sharing)
 --------------------------------
 ``W[n, c] = codebook[n // rows_per_group, q[n, c]]``: ``codebook[R, 2**b]`` in the activation
 dtype, ``R`` row groups (``R`` divides N; ``R = 1``: one table for the layer), ``q`` packed as
-above (``b`` in {2, 3, 4, 8}).
+above (``b`` in {2, 3, 4, 8}: no 1-bit codebooks).
 
 N, K and R are at least 1: the packers and the checks refuse an empty weight by name.
 
@@ -72,6 +87,8 @@ __all__ = [
     "position_columns",
     "repack",
     "BITS",
+    "AFFINE_BITS",
+    "symmetric_zero",
     "GROUP_SIZES",
     "WORD_COLS",
     "packed_k",
@@ -91,7 +108,10 @@ __all__ = [
     "codebook_bytes",
 ]
 
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 8)  # codebook widths (and those of CodebookConfig / QuantConfig's grids)
+#: Affine field widths: :data:`BITS` and 1 (one bit plane; binary weights, see the docstring).
+AFFINE_BITS = (1, 2, 3, 4, 8)
+_PLANE_BITS = (1, 3)  # bit-plane layouts (one plane per bit of a field)
 GROUP_SIZES = (32, 64, 128, 256)  # or the whole (padded) row
 WORD_COLS = 32  # dense columns per b words (the packing unit)
 #: Version of the packed-field layout written by :func:`pack_bits` (see the module docstring).
@@ -161,8 +181,14 @@ def _field_shifts(bits: int, version: int, device: torch.device) -> torch.Tensor
     return bits * (c // 2 + (c % 2) * (16 // bits))
 
 
-def _check_bits(bits: int) -> None:
-    check_choice("bits", bits, BITS)
+def symmetric_zero(bits: int) -> float:
+    """The zero point ``z`` of a symmetric ``bits``-bit grid (one that stores no zeros):
+    ``2**(bits - 1)``, or ``0.5`` at one bit (the binary grid ``±s / 2``)."""
+    return 0.5 if bits == 1 else float(2 ** (bits - 1))
+
+
+def _check_bits(bits: int, allowed: tuple[int, ...] = AFFINE_BITS) -> None:
+    check_choice("bits", bits, allowed)
 
 
 def packed_k(words: int, bits: int) -> int:
@@ -208,10 +234,10 @@ def pack_bits(q: torch.Tensor, bits: int, *, version: int = FORMAT_VERSION) -> t
     if q.numel() and (q.min() < 0 or q.max() >= 2**bits):
         raise ValueError(f"q values must lie in [0, {2**bits}) for bits={bits}")
     q = q.to(torch.int64)
-    if bits == 3:
+    if bits in _PLANE_BITS:
         blocks = q.reshape(n, kp // 32, 1, 32)
-        planes = (blocks >> torch.arange(3, device=q.device)[:, None]) & 1  # [N, B, 3, 32]
-        words = (planes << torch.arange(32, device=q.device)).sum(-1)  # [N, B, 3]
+        planes = (blocks >> torch.arange(bits, device=q.device)[:, None]) & 1  # [N, B, b, 32]
+        words = (planes << torch.arange(32, device=q.device)).sum(-1)  # [N, B, b]
     else:
         per = 32 // bits
         shifts = _field_shifts(bits, version, q.device)
@@ -233,10 +259,10 @@ def unpack_bits(qweight: torch.Tensor, bits: int, k: int | None = None, *,
     k = kp if k is None else k
     if not 0 <= kp - k < kp or k < 1:
         raise ValueError(f"k={k} does not fit a packed row of {kp} columns")
-    if bits == 3:
-        words = qweight.reshape(n, kp // 32, 3, 1)
+    if bits in _PLANE_BITS:
+        words = qweight.reshape(n, kp // 32, bits, 1)
         bit = (words >> torch.arange(32, device=qweight.device, dtype=torch.int32)) & 1
-        q = (bit << torch.arange(3, device=qweight.device, dtype=torch.int32)[:, None]).sum(2)
+        q = (bit << torch.arange(bits, device=qweight.device, dtype=torch.int32)[:, None]).sum(2)
         q = q.to(torch.int32)
     else:
         shifts = _field_shifts(bits, version, qweight.device).to(torch.int32)
@@ -249,7 +275,7 @@ def unpack_bits(qweight: torch.Tensor, bits: int, k: int | None = None, *,
 
 def repack(qweight: torch.Tensor, bits: int, from_version: int) -> torch.Tensor:
     """``qweight`` packed in format ``from_version``, in the current format: the same tensor
-    where the layouts agree (3- and 8-bit fields, or already current), else the fields
+    where the layouts agree (1-, 3- and 8-bit fields, or already current), else the fields
     unpacked and packed again. ``ValueError`` for a version this build does not know."""
     _check_version(from_version)
     if from_version == FORMAT_VERSION or bits not in (2, 4):
@@ -284,7 +310,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
     n = qweight.shape[0]
     q = unpack_bits(qweight, bits).to(work).reshape(n, scales.shape[1], -1)
     s = scales.to(work)[:, :, None]
-    z = zeros.to(work)[:, :, None] if zeros is not None else 2.0 ** (bits - 1)
+    z = zeros.to(work)[:, :, None] if zeros is not None else symmetric_zero(bits)
     w = ((q - z) * s).to(dtype).reshape(n, -1)
     return w if k is None else w[:, :k]
 
@@ -303,8 +329,9 @@ def codebook_weight(indices: torch.Tensor, codebook: torch.Tensor, bits: int,
 def empty_affine(n: int, k: int, bits: int, group_size: int | None, symmetric: bool, *,
                  dtype: torch.dtype, device: torch.device | str | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(qweight, scales, zeros)`` of an all-zero ``[n, k]`` weight: every field holds the
-    grid's zero ``2**(bits - 1)``, scales are one (``zeros`` is None when ``symmetric``)."""
+    """``(qweight, scales, zeros)`` of an all-zero ``[n, k]`` weight: every field holds
+    ``2**(bits - 1)``, the grid's zero, and scales are one (``zeros`` is None when
+    ``symmetric``; the symmetric 1-bit grid, ``±s / 2``, has no zero level: its scales are 0)."""
     check_nonempty("empty_affine", ("N", n), ("K", k))
     gs = effective_group_size(k, group_size)
     kp = padded_k(k, gs)
@@ -313,7 +340,9 @@ def empty_affine(n: int, k: int, bits: int, group_size: int | None, symmetric: b
     unit = pack_bits(torch.full((1, WORD_COLS), zero_q, dtype=torch.int32, device="cpu"),
                      bits).to(device)
     qweight = unit.repeat(n, kp // WORD_COLS)  # one packing unit of zeros, tiled
-    scales = torch.ones(n, kp // gs, device=device, dtype=dtype)
+    no_zero_level = symmetric and symmetric_zero(bits) != zero_q
+    scales = (torch.zeros if no_zero_level else torch.ones)(n, kp // gs, device=device,
+                                                             dtype=dtype)
     zeros = None if symmetric else torch.full_like(scales, float(zero_q))
     return qweight, scales, zeros
 
@@ -349,7 +378,7 @@ def check_codebook(indices: torch.Tensor, codebook: torch.Tensor, bits: int, *,
                    where: str = "check_codebook") -> None:
     """Validate a codebook packed weight (shapes, dtypes, devices), with named errors; an empty
     weight (no rows, columns or row groups) is refused naming the dimension, after ``where``."""
-    _check_bits(bits)
+    _check_bits(bits, BITS)
     _check_qweight(indices, bits, "indices", where=where)
     n = indices.shape[0]
     if not isinstance(codebook, torch.Tensor) or not codebook.is_floating_point():

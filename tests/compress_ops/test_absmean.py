@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import compress_ops as co
-from compress_ops.kernels.formats.dequant import dequantize
+from compress_ops.kernels.formats.dequant import affine_bytes, dequantize
 from compress_ops.quantize import quantize_absmean
 from tests.kernels.tolerances import rel_err, tol
 
@@ -47,10 +47,23 @@ def test_absmean_levels_and_scales_match_float64(levels, group_size, dtype):
     w[3] = 0.0
     qw = quantize_absmean(w, levels, group_size)
     gs = qw.group_size
-    assert qw.bits == 2 and qw.zeros is None and qw.scales.dtype == dtype
     t, s = _ref_levels(w, levels, gs if group_size else 70)
-    assert torch.equal(qw.scales.double()[:, :s.shape[1]], s)
-    deq = dequantize(qw.qweight, qw.scales, None, 2, gs, 70, dtype=torch.float64)
+    assert qw.scales.dtype == dtype
+    if levels == "binary":  # 1-bit fields: W = (q - 1/2) * 2s, q in {0, 1}
+        assert qw.bits == 1 and qw.zeros is None  # the symmetric 1-bit grid: z = 1/2
+        # the same weight as an asymmetric grid with its zero points 1/2 stored
+        half = torch.full_like(qw.scales, 0.5)
+        assert torch.equal(dequantize(qw.qweight, qw.scales, None, 1, gs, 70),
+                           dequantize(qw.qweight, qw.scales, half, 1, gs, 70))
+        assert torch.equal(qw.scales.double()[:, :s.shape[1]], 2 * s)
+        assert qw.qweight.shape == (12, -(-70 // gs) * gs // 32)
+    else:
+        assert qw.bits == 2 and qw.zeros is None
+        assert torch.equal(qw.scales.double()[:, :s.shape[1]], s)
+    deq = dequantize(qw.qweight, qw.scales, qw.zeros, qw.bits, gs, 70, dtype=torch.float64)
+    # the stored dtype's own dequantization is exactly +-s too (2s and q - 0.5 are exact)
+    assert torch.equal(dequantize(qw.qweight, qw.scales, qw.zeros, qw.bits, gs, 70).double(),
+                       deq)
     want = t * s.repeat_interleave(gs if group_size else 70, 1)[:, :70]
     torch.testing.assert_close(deq, want, rtol=0, atol=0)
     assert (deq[3] == 0).all()  # a zero row stays zero
@@ -74,7 +87,18 @@ def test_compress_then_forward_on_both_backends(op_device, cfg, dtype):
     model = nn.Sequential(nn.Linear(70, 24), nn.ReLU(), nn.Linear(24, 8)).to(dtype)
     co.compress_(model, cfg)
     layer = model[0]
-    assert isinstance(layer, co.nn.QuantLinear) and layer.bits == 2
+    binary = getattr(cfg, "bits", 2) == 1
+    assert isinstance(layer, co.nn.QuantLinear) and layer.bits == (1 if binary else 2)
+    assert layer.symmetric  # no zero points stored (binary: z = 1/2 implied)
+    gs = layer.group_size
+    two_bit = affine_bytes(24, 70, 2, gs, dtype, symmetric=True)  # binary's bytes before
+    if binary:  # half the fields of 2 bits, the same scales
+        assert layer.stored_weight_bytes() == affine_bytes(24, 70, 1, gs, dtype,
+                                                           symmetric=True) < two_bit
+        assert 2 * layer.qweight.nbytes == 24 * (-(-70 // gs) * gs) * 2 // 8
+        assert two_bit - layer.stored_weight_bytes() == layer.qweight.nbytes
+    else:
+        assert layer.stored_weight_bytes() == two_bit
     note = {r.name: r.note for r in co.report(model)}["0"]
     assert note.startswith("binary" if getattr(cfg, "bits", 2) == 1 else "ternary")
     x = torch.randn(3, 70).to(dtype).to(op_device)
@@ -82,10 +106,15 @@ def test_compress_then_forward_on_both_backends(op_device, cfg, dtype):
     y = model[0](x)
     ref = F.linear(x.double(), layer.dense_weight().double(), layer.bias.double())
     assert rel_err(y, ref) <= tol(dtype, 70)
-    fresh = co.nn.QuantLinear(70, 24, bits=2, group_size=layer.group_size, symmetric=True,
-                              dtype=dtype)
+    fresh = co.nn.QuantLinear(70, 24, bits=layer.bits, group_size=layer.group_size,
+                              symmetric=layer.symmetric, dtype=dtype)
     fresh.load_state_dict(layer.state_dict())
     assert torch.equal(fresh.to(op_device)(x), y)
+    if binary:  # the format record names the width: a 2-bit state_dict is refused
+        other = co.nn.QuantLinear(70, 24, bits=2, group_size=layer.group_size, symmetric=True,
+                                  dtype=dtype)
+        with pytest.raises(ValueError, match="bits=2"):
+            fresh.load_state_dict(other.state_dict())
 
 
 @pytest.mark.parametrize("cfg", [co.TernaryConfig(group_size=32),

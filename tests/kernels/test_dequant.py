@@ -66,7 +66,7 @@ CONFIGS = {
 
 
 @given(m=st.sampled_from(MS), n=st.integers(1, MAX_N), k=st.integers(1, MAX_K),
-       bits=st.sampled_from(dqf.BITS), group=st.sampled_from(GROUPS), sym=st.booleans(),
+       bits=st.sampled_from(dqf.AFFINE_BITS), group=st.sampled_from(GROUPS), sym=st.booleans(),
        dtype=st.sampled_from(DTYPES), cfg=st.sampled_from([None, *CONFIGS]),
        bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_dequant_kernel_matches_float64_reference(poison, device, m, n, k, bits, group, sym,
@@ -80,6 +80,63 @@ def test_dequant_kernel_matches_float64_reference(poison, device, m, n, k, bits,
     ref = dequant_linear_ref(x, qw, s, z, b, bits, gs, dtype=torch.float64)
     assert y.shape == (m, n) and y.dtype == dtype
     assert _rel_err(y, ref) < _tol(dtype, k)
+
+
+@pytest.mark.parametrize("cfg", [None, "gemv_m4_splitk", "gemm_16", "gemm_64_splitk"])
+def test_binary_one_bit_kernels_match_float64_reference(poison, device, cfg):
+    """1-bit fields (one bit plane: column 32j + i at bit i of word j) with binary weights
+    (``quantize_absmean``: the symmetric 1-bit grid, whose zero is 1/2, scales 2 s, so W = ±s;
+    and the same weight with its zero points 1/2 stored) on the GEMV and the GEMM tiles,
+    ragged K included: padding columns hold q = 0 (a weight of -s), masked by x. (The
+    property above draws 1-bit fields with any scales and zeros.)"""
+    from compress_ops.quantize import quantize_absmean
+
+    w = torch.randn(20, 83, generator=_gen(11))
+    for dtype, group in ((torch.float32, 32), (torch.float16, None), (torch.bfloat16, 64)):
+        aw = quantize_absmean(w, "binary", group, dtype=dtype)
+        assert aw.bits == 1 and aw.zeros is None
+        assert aw.qweight.shape == (20, dqf.padded_k(83, aw.group_size) // 32)
+        half = torch.full_like(aw.scales, 0.5)
+        dense = dqf.dequantize(aw.qweight, aw.scales, half, 1, aw.group_size, 83)
+        assert torch.equal(dense, dqf.dequantize(aw.qweight, aw.scales, None, 1, aw.group_size,
+                                                 83))
+        z = None if dtype == torch.float16 else half.to(device)  # symmetric: z = 1/2
+        assert torch.equal(dense.abs(), aw.scales.repeat_interleave(aw.group_size, 1)[:, :83] / 2)
+        for m in (1, 5, 17):
+            x = (torch.randn(m, 83, generator=_gen(m)) + 0.1).to(dtype).to(device)
+            qw, s = aw.qweight.to(device), aw.scales.to(device)
+            y = dq.dequant_matmul(x, qw, s, z, None, 1, aw.group_size,
+                                  config=CONFIGS[cfg] if cfg else None)
+            ref = dequant_linear_ref(x, qw, s, z, None, 1, aw.group_size, dtype=torch.float64)
+            assert y.shape == (m, 20) and y.dtype == dtype
+            assert _rel_err(y, ref) < _tol(dtype, 83)
+
+
+def test_one_bit_fields_pack_as_one_bit_plane():
+    """b = 1: plain little-endian (column 32j + i at bit i of word j), the 3-bit layout with a
+    single plane; 32 weights per word, round trips, unchanged by repack; no 1-bit codebooks."""
+    q = torch.randint(0, 2, (3, 96), generator=_gen(5))
+    packed = dqf.pack_bits(q, 1)
+    assert packed.shape == (3, 3) and dqf.packed_words(96, 1) == 3 and dqf.packed_k(3, 1) == 96
+    for j in range(3):
+        word = packed[0, j].item() & 0xFFFFFFFF
+        assert [(word >> i) & 1 for i in range(32)] == q[0, 32 * j:32 * j + 32].tolist()
+    assert torch.equal(dqf.unpack_bits(packed, 1), q.to(torch.int32))
+    assert torch.equal(dqf.unpack_bits(packed, 1, 90), q[:, :90].to(torch.int32))
+    assert dqf.repack(packed, 1, 1) is packed
+    planes3 = dqf.pack_bits(q * 0b101, 3)  # bit 0 and bit 2 of each 3-bit field: q's plane
+    assert torch.equal(planes3[:, 0::3], packed) and torch.equal(planes3[:, 2::3], packed)
+    # binary g128 fp16: 1-bit fields (half the 2-bit ones) + one scale per group
+    assert dqf.affine_bytes(8, 256, 1, 128, torch.float16, True) == 8 * 256 // 8 + 8 * 2 * 2
+    assert dqf.affine_bytes(8, 256, 2, 128, torch.float16, True) == 8 * 256 // 4 + 8 * 2 * 2
+    # the symmetric 1-bit grid is binary, (q - 1/2) s; an empty one has zero scales
+    assert dqf.symmetric_zero(1) == 0.5 and dqf.symmetric_zero(4) == 8.0
+    w = dqf.dequantize(packed, torch.full((3, 3), 4.0), None, 1, 32)
+    assert torch.equal(w, (q - 0.5) * 4.0)
+    qe, se, ze = dqf.empty_affine(3, 40, 1, 32, True, dtype=torch.float32)
+    assert ze is None and (dqf.dequantize(qe, se, None, 1, 32) == 0).all()
+    with pytest.raises(ValueError, match="bits must be one of"):
+        dqf.check_codebook(packed, torch.zeros(1, 2), 1)
 
 
 # the interpreter's slowest property (~1.8 s an example): 24 examples keep CI under its budget;
@@ -270,7 +327,7 @@ def test_prmt_portable_form_is_ptx_prmt():
         assert oi & 0xFFFFFFFF == _ptx_prmt(ai & 0xFFFFFFFF, bi & 0xFFFFFFFF, si)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_kernel_column_maps_are_the_format(bits):
     """The kernels' position <-> column maps of format 3 (``_pos_col``, ``_col_pos``), which
     every kernel's K order and masks use, against the format's own (plain torch)
@@ -288,7 +345,7 @@ def test_kernel_column_maps_are_the_format(bits):
     pc = torch.empty(256, dtype=torch.int32)
     cp = torch.empty_like(pc)
     maps_kernel[(1,)](pc, cp, N=256, BITS=bits)
-    expect = (dqf.position_columns(bits, 256) if bits != 3 else torch.arange(256)).int()
+    expect = (dqf.position_columns(bits, 256) if bits in (2, 4, 8) else torch.arange(256)).int()
     assert torch.equal(pc, expect)
     assert torch.equal(cp[expect.long()], torch.arange(256, dtype=torch.int32))
     assert (bits in (2, 4)) == (not torch.equal(expect, torch.arange(256, dtype=torch.int32)))
@@ -412,7 +469,8 @@ def test_audit_specs_cover_every_shipped_config():
             if int(bucket) <= SPLIT_K_MAX_M:
                 assert KernelConfig("gemm", **c).with_split_k(2).name in names
     variants = {s["config"].split("/", 1)[1] for s in specs}
-    assert {"asym4/fp16", "sym8/fp16", "asym2/fp16", "cb4/fp16", "cb3/fp16"} <= variants
+    assert {"asym4/fp16", "sym8/fp16", "asym2/fp16", "cb4/fp16", "cb3/fp16",
+            "asym1/fp16", "sym1/fp16"} <= variants  # 1: binary, one bit plane
 
 
 

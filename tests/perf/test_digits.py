@@ -30,8 +30,8 @@ def test_digits_rows_have_the_promised_sizes():
         assert rows[f"structured {s:.0%} retrained"][1] < (1 - s) + 0.02  # smaller layers
     assert rows["int4 g32 PTQ"][1] == rows["int4 g32 QAT"][1] == pytest.approx(0.1875)
     assert rows["int2 g32 QAT"][1] == pytest.approx(0.125)
-    # ternary / binary: 2-bit fields + one fp32 scale per group (no zero points)
-    for label in ("ternary g32", "binary g32"):
-        assert rows[f"{label} PTQ"][1] == rows[f"{label} QAT"][1] == pytest.approx(0.09375)
+    # ternary: 2-bit fields, binary: 1-bit fields, + one fp32 scale per group (no zero points)
+    for label, size in (("ternary g32", 0.09375), ("binary g32", 0.0625)):
+        assert rows[f"{label} PTQ"][1] == rows[f"{label} QAT"][1] == pytest.approx(size)
     assert rows["binary (per row) PTQ"][2] == 1.0  # a binary weight is never zero
     assert rows["plan budget 0.5"][1] <= 0.5 and rows["plan budget 0.25"][1] <= 0.25

@@ -25,6 +25,9 @@ def _weight(n: int, k: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
 
 
 def _affine(n, k, bits=4, group=32, sym=False, dtype=torch.float32, seed=0):
+    if bits == 1:  # binary: 1-bit fields, symmetric (z = 1/2 implied; quantize_absmean)
+        a = qz.quantize_absmean(_weight(n, k, dtype, seed), "binary", group)
+        return a.qweight, a.scales, a.zeros, a.bits, a.group_size
     a = qz.quantize_affine(_weight(n, k, dtype, seed), bits, group, symmetric=sym)
     return a.qweight, a.scales, a.zeros, a.bits, a.group_size
 
@@ -40,7 +43,8 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(("bits", "group", "sym"),
-                         [(4, 32, False), (8, None, True), (2, 64, False), (3, 32, True)])
+                         [(4, 32, False), (8, None, True), (2, 64, False), (3, 32, True),
+                          (1, 32, False), (1, None, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequant_op_matches_reference_on_both_backends(op_device, bits, group, sym, dtype):
     qw, s, z, bits, gs = (t.to(op_device) if isinstance(t, torch.Tensor) else t
@@ -73,6 +77,28 @@ def test_dequant_opcheck(op_device, with_bias, sym):
     x = torch.randn(4, 64, device=op_device, requires_grad=True)
     b = torch.randn(16, device=op_device, requires_grad=True) if with_bias else None
     torch.library.opcheck(dequant_op, (x, qw, s, z, b, bits, gs))
+
+
+def test_binary_one_bit_cpu_route_and_opcheck(op_device):
+    """1-bit fields take the dequantize route on the CPU (no native kernel: the byte-wise
+    field expansion of one bit plane), in every activation dtype, and pass opcheck."""
+    qw, s, z, bits, gs = _affine(16, 70, 1, 32)
+    assert bits == 1 and z is None  # binary: the symmetric 1-bit grid, z = 1/2 implied
+    z = torch.full_like(s, 0.5)  # the same weight with its zero points stored
+    zf = torch.rand(s.shape) + 0.25  # and other (fractional) zero points
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(2, 70).to(dtype)
+        for zz in (None, z.to(dtype), zf.to(dtype)):  # None: the symmetric 1-bit grid, z = 1/2
+            assert ops_mod.dequant_cpu_route(x, qw, zz, bits, gs) == "dequant"
+            ref = dequant_linear_ref(x, qw, s.to(dtype), zz, None, bits, gs,
+                                     dtype=torch.float64)
+            y = dequant_op(x, qw, s.to(dtype), zz, None, bits, gs)
+            assert _rel(y, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+    qw, s, z = qw.to(op_device), s.to(op_device), z.to(op_device)
+    x = torch.randn(4, 70, device=op_device, requires_grad=True)
+    b = torch.randn(16, device=op_device, requires_grad=True)
+    torch.library.opcheck(dequant_op, (x, qw, s, z, b, bits, gs))
+    torch.library.opcheck(dequant_op, (x, qw, s, None, b, bits, gs))
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -202,7 +228,8 @@ def test_cpu_paths_chunk_large_weights_exactly(monkeypatch):
     monkeypatch.setattr(routing, "CPU_CHUNK_ELEMS", 64 * 64)  # force several row chunks
     monkeypatch.setattr(routing, "NATIVE_MAX_M", {})
     qw, s, z, bits, gs = _affine(300, 70, seed=9)
-    x, b = torch.randn(2, 3, 70), torch.randn(300)
+    g = torch.Generator().manual_seed(9)  # (not the global RNG: other tests move it)
+    x, b = torch.randn(2, 3, 70, generator=g), torch.randn(300, generator=g)
     torch.testing.assert_close(dequant_op(x, qw, s, z, b, bits, gs),
                                dequant_linear_ref(x, qw, s, z, b, bits, gs),
                                rtol=1e-6, atol=1e-6)

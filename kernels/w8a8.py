@@ -458,14 +458,16 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
     """Every (kernel, specialization) the static GPU audit compiles, recorded from real calls
     (CPU tensors configured as on an H200, :func:`~compress_ops.kernels.tuning.simulate_gpu`)
     with the specialization Triton computes for their arguments: the GEMM at every shipped
-    bucket (and at N / 2, where the small tiles narrow) for int8 and FP8 with fp16 x, fp16 at
-    a ragged K, bf16 and fp32 x at the small and the large tile, fused (``QUANT_X``, up to
+    bucket for int8 and FP8 with fp16 x, fp16 at a ragged K, bf16 x at the small and the large
+    tile (fp32 x in the two-pass calls), fused (``QUANT_X``, up to
     ``fused_max_m`` rows) or not, with SmoothQuant factors or not; the activation quantization
     in one pass and in two (K past ``max_one_pass_k``), dynamic and static, every x dtype.
     FP8 specs are compiled for sm_90 only (``archs``: sm_80 has no FP8 tensor cores). int8
     expects IMMA on sm_80 and, from 64 rows, IGMMA on sm_90; FP8 QGMMA from 64 rows (HMMA-class
-    FP8 mma below). ``defaults_only`` changes nothing: every spec is a shipped default. Empty
-    under the interpreter (recording needs Triton's JIT binder)."""
+    FP8 mma below). ``defaults_only`` (the second audit, under the GPU image's Triton): the
+    fp16 calls at every bucket and a ragged K only (the other dtypes, shapes, static scales and
+    smoothing are compiled by the full audit). Empty under the interpreter (recording needs
+    Triton's JIT binder)."""
     import os
 
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -479,14 +481,12 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
     for qd in (torch.int8, torch.float8_e4m3fn):
         for m in [1] + buckets + [2048]:  # M = 1: the 16-row tile with FEW_ROWS
             calls.append((m, n, k, torch.float16, qd, False))
-        for m in buckets:
-            if m <= SMALL_MAX_BM:
-                calls.append((m, n // 2, k, torch.float16, qd, False))
-        for dt in (torch.bfloat16, torch.float32):
-            for m in (16, 2048):
-                calls.append((m, n, k, dt, qd, False))
         for m in (16, 2048):
             calls.append((m, n, k - 92, torch.float16, qd, False))  # ragged K
+        if defaults_only:
+            continue
+        for m in (16, 2048):  # bf16 x (fp32 x: the two-pass calls below)
+            calls.append((m, n, k, torch.bfloat16, qd, False))
         for m in (16, 2048):  # static scale: fused, and the quantization kernel
             calls.append((m, n, k, torch.float16, qd, True))
         calls.append((32, n, 3 * k, torch.float16, qd, False))  # two-pass quantization

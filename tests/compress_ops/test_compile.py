@@ -19,7 +19,6 @@ FAMILIES = {
     "lowrank": co.LowRankConfig(rank=16),
     "w8a8": co.W8A8Config(),
     "w8a8fp8": co.W8A8Config(dtype="fp8"),
-    "ternary": co.TernaryConfig(group_size=32),
 }
 
 

@@ -1485,10 +1485,10 @@ _SIG_COMMON = {
 _ALIGNED = ["x_ptr", "q_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "KP",
             "stride_xm", "stride_ym", "K"]
 # (bits, mode) variants the audit compiles for every config: int4 asymmetric (the default),
-# int8 symmetric, int2 asymmetric, 4-bit and 3-bit (bit-plane) codebooks, binary 1-bit fields
-# (one bit plane, the symmetric grid quantize_absmean writes: z = 1/2).
+# int8 symmetric, int2 asymmetric, 4-bit and 3-bit (bit-plane) codebooks, 1-bit fields (one
+# bit plane: the symmetric grid quantize_absmean writes, z = 1/2, and stored zero points).
 _AUDIT_VARIANTS = ((4, MODE_ASYM), (8, MODE_SYM), (2, MODE_ASYM), (4, MODE_CODEBOOK),
-                   (3, MODE_CODEBOOK), (1, MODE_SYM))
+                   (3, MODE_CODEBOOK), (1, MODE_ASYM), (1, MODE_SYM))
 
 
 def _expected_mma(consts: dict) -> str:

@@ -304,6 +304,23 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
     return {id(wanted[n]): m for n, m in built.items()}
 
 
+def _exact_folds(container: nn.Module, layers: dict[str, nn.Module], run: Callable[[], object],
+                 not_linear: str) -> tuple[list[tuple[awq.Fold, list[str]]], dict[str, str]]:
+    """The exact folds (:func:`~compress_ops.awq.find_folds`) for ``layers`` (``{name:
+    linear}``, names as in the model) of ``container``: ``([(fold, its consumers' names)],
+    {name: why it has no fold})``; a layer that is not an ``nn.Linear`` gets ``not_linear``."""
+    rel = {id(m): n for n, m in container.named_modules() if n}
+    local = {rel[id(m)]: m for m in layers.values() if type(m) is nn.Linear and id(m) in rel}
+    name_of = {rel[id(m)]: n for n, m in layers.items() if id(m) in rel}
+    why = {n: not_linear for n, m in layers.items() if type(m) is not nn.Linear}
+    if not local:
+        return [], why
+    dtype = next(iter(local.values())).weight.dtype
+    folds, missing = awq.find_folds(container, local, run, dtype)
+    why.update({name_of[c]: w for c, w in missing.items()})
+    return [(f, [name_of[c] for c in f.consumers]) for f in folds], why
+
+
 def _awq_fold(container: nn.Module, layers: dict[str, nn.Module], configs: dict[str, object],
               hessians: dict[str, torch.Tensor], run: Callable[[], object]) -> dict[str, str]:
     """AWQ for ``layers`` (``{name: linear}``, names as in the model) of ``container``: find
@@ -311,27 +328,17 @@ def _awq_fold(container: nn.Module, layers: dict[str, nn.Module], configs: dict[
     is not scaled}``."""
     if not layers:
         return {}
-    rel = {id(m): n for n, m in container.named_modules() if n}
-    local = {rel[id(m)]: m for m in layers.values() if type(m) is nn.Linear and id(m) in rel}
-    name_of = {rel[id(m)]: n for n, m in layers.items() if id(m) in rel}
-    why = {n: "AWQ scales nn.Linear layers only" for n, m in layers.items()
-           if type(m) is not nn.Linear}
-    if not local:
-        return why
-    dtype = next(iter(local.values())).weight.dtype
-    folds, missing = awq.find_folds(container, local, run, dtype)
-    why.update({name_of[c]: w for c, w in missing.items()})
-    for fold in folds:
-        cfgs = {configs[name_of[c]] for c in fold.consumers}
+    folds, why = _exact_folds(container, layers, run, "AWQ scales nn.Linear layers only")
+    for fold, names in folds:
+        cfgs = {configs[n] for n in names}
         if len(cfgs) > 1:
-            why.update(dict.fromkeys((name_of[c] for c in fold.consumers),
-                                     f"the layers reading {fold.producer}'s output have "
-                                     f"different configs"))
+            why.update(dict.fromkeys(names, f"the layers reading {fold.producer}'s output have "
+                                            f"different configs"))
             continue
         (cfg,) = cfgs
-        s, _ = awq.awq_scales([local[c].weight for c in fold.consumers],
-                              hessians[name_of[fold.consumers[0]]], cfg.bits, cfg.group_size,
-                              symmetric=cfg.symmetric, search_steps=cfg.search_steps)
+        s, _ = awq.awq_scales([layers[n].weight for n in names], hessians[names[0]], cfg.bits,
+                              cfg.group_size, symmetric=cfg.symmetric,
+                              search_steps=cfg.search_steps)
         awq.apply_fold(container, fold, s)
     return why
 
@@ -357,26 +364,17 @@ def _smooth(container: nn.Module, layers: dict[str, nn.Module], configs: dict[st
             absmax[n] = (absmax[n].double() / s.to(absmax[n].device)).float()
         return s
 
-    rel = {id(m): n for n, m in container.named_modules() if n}
-    local = {rel[id(m)]: m for m in layers.values() if type(m) is nn.Linear and id(m) in rel}
-    name_of = {rel[id(m)]: n for n, m in layers.items() if id(m) in rel}
-    why = {n: "the fold search reads nn.Linear layers only" for n, m in layers.items()
-           if type(m) is not nn.Linear}
+    folds, why = _exact_folds(container, layers, run,
+                              "the fold search reads nn.Linear layers only")
     out: dict[str, dict] = {}
-    if local:
-        dtype = next(iter(local.values())).weight.dtype
-        folds, missing = awq.find_folds(container, local, run, dtype)
-        why.update({name_of[c]: w for c, w in missing.items()})
-        for fold in folds:
-            names = [name_of[c] for c in fold.consumers]
-            if len({configs[n].smoothing for n in names}) > 1:
-                why.update(dict.fromkeys(names, f"the layers reading {fold.producer}'s output "
-                                                f"have different smoothing"))
-                continue
-            s = scales(names, [local[c].weight for c in fold.consumers])
-            awq.apply_fold(container, fold, s)
-            out.update({n: {"note": f"SmoothQuant folded into {fold.producer}"}
-                        for n in names})
+    for fold, names in folds:
+        if len({configs[n].smoothing for n in names}) > 1:
+            why.update(dict.fromkeys(names, f"the layers reading {fold.producer}'s output "
+                                            f"have different smoothing"))
+            continue
+        s = scales(names, [layers[n].weight for n in names])
+        awq.apply_fold(container, fold, s)
+        out.update({n: {"note": f"SmoothQuant folded into {fold.producer}"} for n in names})
     for n, reason in why.items():
         s = scales([n], [plain_linear(layers[n]).weight])
         out[n] = {"smooth_scales": s, "note": f"SmoothQuant in the op (no exact fold: {reason})"}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import compress_ops.transforms  # noqa: F401  (registers every config's transform)
-from compress_ops import _swap, awq
+from compress_ops import _swap, awq, smoothquant
 from compress_ops._linear import LINEAR_TYPES, plain_linear
 from compress_ops._text import format_table
 from compress_ops.calibrate import NO_BLOCKS, sequential_build
@@ -291,7 +291,7 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
         if smooth:
             smoothing.update(_smooth(
                 container, {n: m for n, m in group.items() if n in smooth and n in absmax},
-                {n: configs[n] for n in group}, absmax, run))
+                {n: configs[n] for n in group}, absmax, hessians, run))
 
     built = sequential_build(model, wanted, calib, forward, build, sequential=sequential,
                              progress=progress, on_fallback=fallback,
@@ -344,25 +344,32 @@ def _awq_fold(container: nn.Module, layers: dict[str, nn.Module], configs: dict[
 
 
 def _smooth(container: nn.Module, layers: dict[str, nn.Module], configs: dict[str, object],
-            absmax: dict[str, torch.Tensor], run: Callable[[], object]) -> dict[str, dict]:
+            absmax: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
+            run: Callable[[], object]) -> dict[str, dict]:
     """SmoothQuant for ``layers`` (``{name: linear}``, names as in the model) of
-    ``container``: per input channel ``s = max|X|^alpha / max|W|^(1 - alpha)``, folded in
-    place where :func:`~compress_ops.awq.find_folds` finds an exact fold (the layers reading
-    one output share one ``s``), else carried in the op (``smooth_scales``, from the layer's
-    own weight). Each layer's recorded input absmax is divided by its ``s`` (its input is
-    now ``x / s``). Returns the transform's extras: ``{name: {"smooth_scales"?, "note"}}``."""
+    ``container``: per input channel ``s = max|X|^alpha / max|W|^(1 - alpha)``
+    (:mod:`compress_ops.smoothquant`; ``smoothing="auto"``: ``alpha`` searched on the layers'
+    Hessians), folded in place where :func:`~compress_ops.awq.find_folds` finds an exact fold
+    (the layers reading one output share one ``s``), else carried in the op
+    (``smooth_scales``, from the layer's own weight). Each layer's recorded input absmax is
+    divided by its ``s`` (its input is now ``x / s``). Returns the transform's extras:
+    ``{name: {"smooth_scales"?, "note"}}``."""
     if not layers:
         return {}
 
-    def scales(names: list[str], weights: list[torch.Tensor]) -> torch.Tensor:
-        alpha = configs[names[0]].smoothing
-        x_max = torch.stack([absmax[n].double() for n in names]).amax(0).clamp_min(1e-5)
-        w_max = torch.stack([w.detach().abs().amax(0).double().to(x_max.device)
-                             for w in weights]).amax(0).clamp_min(1e-5)
-        s = (x_max.pow(alpha) / w_max.pow(1.0 - alpha)).clamp(1e-5, 1e5)
+    def scales(names: list[str], weights: list[torch.Tensor]) -> tuple[torch.Tensor | None, str]:
+        cfg = configs[names[0]]
+        x_max = torch.stack([absmax[n].double() for n in names]).amax(0)
+        if cfg.smoothing == "auto":
+            alpha, s = smoothquant.search_alpha(x_max, weights, hessians[names[0]], cfg.dtype)
+            if alpha is None:
+                return None, "SmoothQuant searched: no smoothing predicted best"
+            label = f"SmoothQuant (alpha {alpha:g}, searched)"
+        else:
+            s, label = smoothquant.smooth_factors(x_max, weights, cfg.smoothing), "SmoothQuant"
         for n in names:
             absmax[n] = (absmax[n].double() / s.to(absmax[n].device)).float()
-        return s
+        return s, label
 
     folds, why = _exact_folds(container, layers, run,
                               "the fold search reads nn.Linear layers only")
@@ -372,12 +379,16 @@ def _smooth(container: nn.Module, layers: dict[str, nn.Module], configs: dict[st
             why.update(dict.fromkeys(names, f"the layers reading {fold.producer}'s output "
                                             f"have different smoothing"))
             continue
-        s = scales(names, [layers[n].weight for n in names])
+        s, label = scales(names, [layers[n].weight for n in names])
+        if s is None:
+            out.update({n: {"note": label} for n in names})
+            continue
         awq.apply_fold(container, fold, s)
-        out.update({n: {"note": f"SmoothQuant folded into {fold.producer}"} for n in names})
+        out.update({n: {"note": f"{label} folded into {fold.producer}"} for n in names})
     for n, reason in why.items():
-        s = scales([n], [plain_linear(layers[n]).weight])
-        out[n] = {"smooth_scales": s, "note": f"SmoothQuant in the op (no exact fold: {reason})"}
+        s, label = scales([n], [plain_linear(layers[n]).weight])
+        out[n] = ({"note": label} if s is None else
+                  {"smooth_scales": s, "note": f"{label} in the op (no exact fold: {reason})"})
     return out
 
 

@@ -212,17 +212,24 @@ class W8A8Config(CompressionConfig):
     ``s = max|X|^alpha / max|W|^(1 - alpha)`` (from ``calib``), folded exactly into the norm or
     linear before the layer (``x / s``; the weight's columns times ``s``), where the block's
     output provably does not change (:mod:`compress_ops.awq`'s fold search). A layer with no
-    exact fold is left weight-only (int8, one scale per row), and a warning and ``report()``
-    list it with the reason.
+    exact fold carries its factors in the op (``W8A8Linear``'s ``smooth``: one multiply per
+    input element, fused into the activation's quantization), and ``report()`` says which.
+    ``smoothing="auto"`` searches ``alpha`` for each group of layers reading one input, among
+    :data:`compress_ops.smoothquant.ALPHAS` and no smoothing, by the output error predicted
+    from the calibration statistics (:func:`compress_ops.smoothquant.search_alpha`); the
+    chosen ``alpha`` is in ``report()``.
     """
 
     dtype: str = "int8"
-    smoothing: float | None = None
+    smoothing: float | str | None = None
     act_scale: str = "dynamic"
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, ("int8", "fp8"))
-        if self.smoothing is not None:
+        if isinstance(self.smoothing, str):
+            check_choice("smoothing", self.smoothing, ("auto",),
+                         hint="or a number alpha in [0, 1], or None")
+        elif self.smoothing is not None:
             check_number("smoothing", self.smoothing, low=0.0, high=1.0)
         check_choice("act_scale", self.act_scale, ("dynamic", "static"))
 

@@ -298,7 +298,8 @@ def _codebook_label(cfg: object) -> str:
 
 def w8a8_row(label: str, make: Callable[[], object]) -> Row:
     """A ``W8A8Config`` row (n/a before the config exists); the note counts the layers that
-    run with 8-bit activations (SmoothQuant leaves layers without an exact fold weight-only)."""
+    run with 8-bit activations (every layer, where SmoothQuant has no exact fold too: it
+    carries its factors in the op)."""
     row = config_row("W8A8", label, make)
     if row.apply is None:
         return row
@@ -326,7 +327,10 @@ def w8a8_rows() -> list[Row]:
                       ("W8A8 int8 static, SmoothQuant 0.5",
                        {"smoothing": 0.5, "act_scale": "static"}),
                       ("W8A8 int8 static, SmoothQuant 0.8",
-                       {"smoothing": 0.8, "act_scale": "static"})):
+                       {"smoothing": 0.8, "act_scale": "static"}),
+                      ("W8A8 int8 dynamic, SmoothQuant auto", {"smoothing": "auto"}),
+                      ("W8A8 int8 static, SmoothQuant auto",
+                       {"smoothing": "auto", "act_scale": "static"})):
         out.append(w8a8_row(label, lambda k=kw: w8(**k)) if w8 is not None
                    else Row("W8A8", label, missing=NA_NOT_BUILT))
     return out

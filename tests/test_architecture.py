@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("compress_ops.kernels",),  # the Triton kernels, their configs and launchers
     ("compress_ops.configs",),
     ("compress_ops.ops", "compress_ops.reference"),
-    ("compress_ops.quantize", "compress_ops.factorize", "compress_ops.sparsify"),
+    ("compress_ops.quantize", "compress_ops.factorize", "compress_ops.sparsify",
+     "compress_ops.smoothquant"),
     ("compress_ops.nn",),
     ("compress_ops._swap", "compress_ops._linear", "compress_ops.transforms",
      "compress_ops.capture"),

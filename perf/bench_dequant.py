@@ -142,7 +142,7 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
             yield logged(log, make_row(
                 provider="cublas-dense" if cuda else "dense", median_us=t.median_us,
                 min_bytes=n * k * e + act, backend="cuda" if cuda else "cpu-dense",
-                samples=t.samples, **common))
+                samples=t.samples, p20_us=t.p20_us, p80_us=t.p80_us, **common))
             for name, fmt in fmts.items():
                 ref = F.linear(x, fmt["dense"])
                 if cuda:

@@ -109,6 +109,7 @@ def _case(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, w: torch.Tensor, ba
     yield logged(log, make_row(
         provider="cublas-dense" if cuda else "dense", median_us=t.median_us,
         min_bytes=n * k * e + act, backend="cuda" if cuda else "cpu-dense", samples=t.samples,
+        p20_us=t.p20_us, p80_us=t.p80_us,
         note="full-rank weight" + (" (the base alone)" if base else ""), **common))
     if base:
         yield row(lambda: F.linear(x, w) + F.linear(F.linear(x, v), u), "cublas-base-unfused",

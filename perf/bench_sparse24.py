@@ -129,7 +129,8 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
             t = time_it(lambda x=x, w=wp: F.linear(x, w))
             yield logged(log, make_row(
                 provider=dense_name, median_us=t.median_us, min_bytes=n * k * e + act,
-                backend=dense_backend, samples=t.samples, **common))
+                backend=dense_backend, samples=t.samples, p20_us=t.p20_us, p80_us=t.p80_us,
+                **common))
 
             # ours
             if op is None:

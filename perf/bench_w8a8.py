@@ -104,6 +104,7 @@ def _case(x: torch.Tensor, w: torch.Tensor, device: torch.device, env: Env, peak
     yield logged(log, make_row(
         provider="cublas-dense" if cuda else "dense", median_us=t.median_us,
         min_bytes=n * k * e + act, backend="cuda" if cuda else "cpu-dense", samples=t.samples,
+        p20_us=t.p20_us, p80_us=t.p80_us,
         note="fp weight", **common))
     if cuda:
         qa = quantize_affine(w, 8, None, symmetric=True, search_steps=0)

@@ -100,7 +100,7 @@ def time_provider(fn: Callable[[], torch.Tensor], x: torch.Tensor, ref: torch.Te
                         note=f"{note}; {msg}" if note else msg, **common)
     return make_row(provider=provider, median_us=t.median_us, min_bytes=min_bytes,
                     backend=backend, dtype=dtype, samples=t.samples, note=note,
-                    max_rel_err=err, **common)
+                    max_rel_err=err, p20_us=t.p20_us, p80_us=t.p80_us, **common)
 
 
 def logged(log: Callable[[str], None], row: Row) -> Row:

@@ -6,7 +6,7 @@ One results file per run:
     {"schema": 1, "meta": {device, backend, torch, triton, git_sha, date, peaks, ...},
      "rows": [{kernel, provider, shape, dtype, median_us, tflops, gbps, pct_peak, peak_kind,
                speedup_vs_dense, device, torch, triton, git_sha, backend, [samples, note,
-               max_rel_err]}, ...]}
+               max_rel_err, e2e, p20_us, p80_us]}, ...]}
 
 The results dir is :func:`default_results_dir`: ``perf/results/`` when this package runs from a
 source checkout (an editable install included), else ``./perf-results/`` under the current
@@ -19,6 +19,10 @@ row's dtype (``peak_kind = "flops"``). Which one applies is decided by the roofl
 arithmetic intensity (FLOPs / minimum bytes) is below the machine's ridge point
 (peak FLOP/s / peak B/s) is memory-bound and reported against bandwidth, otherwise against
 FLOP/s.
+
+``p20_us`` / ``p80_us`` are the 20th / 80th percentiles of the same samples as ``median_us``
+(:func:`compress_ops.perf.timing.time_fn`); rows written before they were recorded, and rows
+whose time is not a sample statistic (a decode time is a difference of medians), leave them out.
 
 Rows whose provider could not run keep ``median_us`` and the derived numbers ``null`` and say
 why in ``note``.
@@ -74,11 +78,12 @@ ROW_FIELDS: tuple[str, ...] = (
     "backend",
 )
 #: Fields a row may carry in addition.
-OPTIONAL_ROW_FIELDS: tuple[str, ...] = ("samples", "note", "max_rel_err", "e2e")
+OPTIONAL_ROW_FIELDS: tuple[str, ...] = ("samples", "note", "max_rel_err", "e2e", "p20_us",
+                                         "p80_us")
 #: Fields that may be ``null`` (a provider that could not run, a missing baseline).
 NULLABLE_ROW_FIELDS: frozenset[str] = frozenset(
     {"median_us", "tflops", "gbps", "pct_peak", "peak_kind", "speedup_vs_dense",
-     "samples", "note", "max_rel_err"}
+     "samples", "note", "max_rel_err", "p20_us", "p80_us"}
 )
 #: Fields the ``e2e`` object of an end-to-end row must carry (``rate``: tokens/s or images/s,
 #: as ``rate_unit`` says; ``null`` when the row did not run, ``status`` then says why not).
@@ -93,7 +98,8 @@ TOP_FIELDS: tuple[str, ...] = ("schema", "meta", "rows")
 PEAK_KINDS = ("hbm", "flops")
 
 _STR_FIELDS = ("kernel", "provider", "dtype", "device", "torch", "triton", "git_sha", "backend")
-_NUM_FIELDS = ("median_us", "tflops", "gbps", "pct_peak", "speedup_vs_dense", "max_rel_err")
+_NUM_FIELDS = ("median_us", "tflops", "gbps", "pct_peak", "speedup_vs_dense", "max_rel_err",
+               "p20_us", "p80_us")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +134,8 @@ class Row:
     note: str | None = None
     max_rel_err: float | None = None
     e2e: dict[str, Any] | None = None  # end-to-end rows only (module docstring)
+    p20_us: float | None = None  # 20th / 80th percentiles of the samples of median_us
+    p80_us: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The row as written to JSON (optional fields left out when ``None``)."""
@@ -176,11 +184,14 @@ def make_row(
     samples: int | None = None,
     note: str | None = None,
     max_rel_err: float | None = None,
+    p20_us: float | None = None,
+    p80_us: float | None = None,
 ) -> Row:
     """Build a row, deriving TFLOP/s, GB/s and % of peak from the timing and the roofline.
 
     ``flops`` are dense-equivalent FLOPs of the call and ``min_bytes`` the bytes this provider
-    must move at least (its stored weight + activations + output). ``speedup_vs_dense`` is
+    must move at least (its stored weight + activations + output); ``p20_us`` / ``p80_us`` are
+    kept only with a timing (:class:`compress_ops.perf.timing.Timing`). ``speedup_vs_dense`` is
     filled in later by :func:`fill_speedups`, once the dense baseline of the case is known.
     """
     tflops = gbps = pct = None
@@ -202,6 +213,8 @@ def make_row(
         speedup_vs_dense=None, device=env.device, torch=env.torch, triton=env.triton,
         git_sha=env.git_sha, backend=backend, samples=samples, note=note,
         max_rel_err=max_rel_err,
+        p20_us=p20_us if median_us is not None else None,
+        p80_us=p80_us if median_us is not None else None,
     )
 
 

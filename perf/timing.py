@@ -1,10 +1,13 @@
-"""Timing: the median time of a callable on the CPU or a CUDA device, and the machine's peaks.
+"""Timing: the median time of a callable on the CPU or a CUDA device (with its 20th and 80th
+percentiles), and the machine's peaks.
 
 On CUDA ``triton.testing.do_bench`` (L2 flushed before every run, CUDA-event timed, the median
 of all samples, at least :data:`MIN_SAMPLES`); on the CPU a ``time.perf_counter`` loop, median
 of at least :data:`MIN_SAMPLES` runs (fewer, down to :data:`MIN_SAMPLES_SLOW`, for very slow
-cases; the count is recorded in ``samples``). :class:`Timer` is :func:`time_fn` with a family
-run's settings, what every ``bench_<family>`` module times its providers with.
+cases; the count is recorded in ``samples``). The 20th / 80th percentiles of the same samples
+(:func:`quantile`, linear interpolation as ``torch.quantile``; what ``do_bench(quantiles=[0.5,
+0.2, 0.8])`` reports) go into ``p20_us`` / ``p80_us``. :class:`Timer` is :func:`time_fn` with
+a family run's settings, what every ``bench_<family>`` module times its providers with.
 
 The peaks (``meta.peaks``, :class:`~compress_ops.perf.schema.Peaks`) are measured once per run
 with the same timers: a large device-to-device copy for memory bandwidth and a large matmul of
@@ -29,10 +32,31 @@ MIN_SAMPLES_SLOW = 10
 
 @dataclass
 class Timing:
-    """Median time of a callable and how many samples it came from."""
+    """Median time of a callable, how many samples it came from, and the 20th / 80th percentiles
+    of those samples (``None`` when the samples are not known, e.g. an old Triton's median)."""
 
     median_us: float
     samples: int
+    p20_us: float | None = None
+    p80_us: float | None = None
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The ``q``-quantile of ``values``, linear interpolation between the closest ranks (the
+    default of ``torch.quantile`` and ``numpy.quantile``; ``do_bench(quantiles=...)`` uses it)."""
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("quantile of no values")
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def timing_of(times_s: list[float], scale: float) -> Timing:
+    """:class:`Timing` of raw samples (``times_s * scale`` in us): median, count, p20, p80."""
+    return Timing(median_us=statistics.median(times_s) * scale, samples=len(times_s),
+                  p20_us=quantile(times_s, 0.2) * scale, p80_us=quantile(times_s, 0.8) * scale)
 
 
 def time_fn(fn: Callable[[], Any], device: torch.device, *, max_seconds: float = 3.0,
@@ -66,7 +90,7 @@ def _time_cuda(fn: Callable[[], Any], *, rep_ms: int, warmup_ms: int) -> Timing:
         # do_bench sizes the sample count from a 5-run estimate: scale rep up to reach 50+.
         per = max(statistics.median(times), 1e-3)
         rep = int(max(rep * 2, per * MIN_SAMPLES * 1.5 + 1))
-    return Timing(median_us=statistics.median(times) * 1e3, samples=len(times))
+    return timing_of(times, 1e3)
 
 
 def _time_cpu(fn: Callable[[], Any], *, max_seconds: float) -> Timing:
@@ -86,7 +110,7 @@ def _time_cpu(fn: Callable[[], Any], *, max_seconds: float) -> Timing:
             break
         if n >= MIN_SAMPLES_SLOW and time.perf_counter() - t_start > max_seconds:
             break
-    return Timing(median_us=statistics.median(times) * 1e6, samples=len(times))
+    return timing_of(times, 1e6)
 
 
 @dataclass(frozen=True)

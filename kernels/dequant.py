@@ -12,15 +12,20 @@ Kernels
   its fields (``tl.static_range``), multiplying field ``i`` of a ``[U, BLOCK_N]`` word tile by
   the activations at columns ``u * fields + i``; FMA into a ``[BLOCK_M, U, BLOCK_N]`` fp32
   accumulator reduced once at the end; optional split-K (fp32 atomic adds).
-* :func:`_dequant_matmul_kernel` (the bit-plane GEMM: 3-bit fields, and 1-bit fields as one
-  plane): tiled ``tl.dot`` GEMM; each ``[BLOCK_K, BLOCK_N]`` weight tile is unpacked and
-  dequantized (or looked up) in registers, grouped program order, ``num_stages`` pipelining,
-  optional split-K.
+* :func:`_dequant_matmul_kernel` (the bit-plane GEMM: 3-bit fields): tiled ``tl.dot`` GEMM;
+  each ``[BLOCK_K, BLOCK_N]`` weight tile is unpacked and dequantized (or looked up) in
+  registers, grouped program order, ``num_stages`` pipelining, optional split-K. (It and the
+  GEMV still read 1-bit fields as one plane; no call routes them there.)
 
-The contiguous 2/4/8-bit fields have their own kernels, which every call with those widths
-takes, affine or codebook: :func:`_fields_gemv_kernel` (M = 1) and
-:func:`_fields_matmul_kernel` (M >= 2; tiles of up to 32 rows scale each K step's dot per
-output element, larger tiles dequantize each weight once per CTA).
+The contiguous 2/4/8-bit fields, and the 1-bit fields (affine; their one bit plane read as
+sixteen pairs of fields per word: with fp16 x each byte copied into all four by a PRMT, then
+one LOP3 per pair of adjacent columns; otherwise one shift and mask per pair, pair ``p``
+holding columns ``p`` and ``p + 16``, a fixed permutation of each 32-column block that
+:func:`_k_order` undoes), have their own kernels, which every call with those widths takes,
+affine or codebook:
+:func:`_fields_gemv_kernel` (M = 1) and :func:`_fields_matmul_kernel` (M >= 2; tiles of up
+to 32 rows scale each K step's dot per output element, larger tiles dequantize each weight
+once per CTA).
 
 Roofline for one call (M, N, K), activations of ``e`` bytes: ``2 M N K`` FLOPs; minimum bytes
 ``N Kp b / 8 + N (Kp / gs) e (1 + asym)`` (affine) or ``N Kp b / 8 + R 2**b e`` (codebook)
@@ -154,7 +159,19 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM:
         else:
             EXP: tl.constexpr = 0x43004300
             HALF: tl.constexpr = tl.bfloat16
-        if BYTE_SHIFT:
+        if BYTE_SHIFT and BITS == 1:  # w: one byte of the word in all four bytes (PRMT,
+            # :func:`_unpack_words`); pair i holds its columns 2j, 2j + 1 (j = i % 4): column
+            # 2j at bit 2j of the low half (j = 0: bit 8, its copy in byte 1), 2j + 1 at bit
+            # 2j + 1 of the high half, each under the exponent that makes its bit worth 1
+            # (1024 / 2**r, r in 1 .. 8: plus the symmetric zero 1/2 it stays exact in fp16)
+            tl.static_assert(HALF_MAGIC == 1, "BYTE_SHIFT: fp16 fields only")
+            J: tl.constexpr = i % 4
+            R_LO: tl.constexpr = 8 if J == 0 else 2 * J
+            R_HI: tl.constexpr = 2 * J + 1
+            OFF_LO: tl.constexpr = (25 - R_LO) << 10
+            OFF_HI: tl.constexpr = (25 - R_HI) << 10
+            v = _and_or(w, (1 << R_LO) | ((1 << R_HI) << 16), OFF_LO | (OFF_HI << 16), ASM)
+        elif BYTE_SHIFT:
             tl.static_assert(HALF_MAGIC == 1, "BYTE_SHIFT: fp16 fields only")
             R: tl.constexpr = (BITS * i) % 8
             SH: tl.constexpr = BITS * i - R
@@ -171,8 +188,14 @@ def _pair(w, i: tl.constexpr, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM:
             OFF0: tl.constexpr = EXP & 0xFFFF
             RB: tl.constexpr = 0
         if DQ:  # the halves' offset, with a symmetric grid's constant zero folded in (an
-            # integer: a whole number of the offset's units, 2**-r)
-            OFF: tl.constexpr = (OFF0 + (SYM_Z << RB)) * 0x10001
+            # integer: a whole number of the offset's units, 2**-r; 1 bit: SYM_Z 1 is the zero
+            # 1/2, which needs r >= 1, BYTE_SHIFT)
+            if BITS == 1 and BYTE_SHIFT:  # each half its own offset (and 1/2: 2**(r - 1) units)
+                OFF: tl.constexpr = ((OFF_LO + ((SYM_Z << R_LO) >> 1))
+                                     | ((OFF_HI + ((SYM_Z << R_HI) >> 1)) << 16))
+            else:
+                tl.static_assert(BITS > 1 or SYM_Z == 0, "1-bit zero 1/2: BYTE_SHIFT only")
+                OFF: tl.constexpr = (OFF0 + (SYM_Z << RB)) * 0x10001
             v = _dequant_halves(v, z2, s2, SYM_Z, DQ == 1, HALF_MAGIC, OFF, DQ == 3)
         lo, hi = _halves(v, HALF)
     return lo, hi
@@ -284,7 +307,10 @@ def _lut_tile(words, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3, c3210, HALF: tl.con
 def _pair_offset(col, BITS: tl.constexpr, BYTE_SHIFT: tl.constexpr):
     """The fp16 offset the unpacked field of column ``col`` carries (:func:`_pair`): 1024, or
     with ``BYTE_SHIFT`` ``1024 / 2**r`` for its pair's bit offset ``r`` within its byte."""
-    if BYTE_SHIFT:
+    if BYTE_SHIFT and BITS == 1:  # column c at bit r = c % 8 of its half (8 for r = 0)
+        r = col & 7
+        out = (1024 >> tl.where(r == 0, 8, r)).to(tl.float32)
+    elif BYTE_SHIFT:
         F: tl.constexpr = 32 // BITS
         pair = (_col_pos(col, BITS) % F) // 2
         out = (1024 >> ((BITS * pair) % 8)).to(tl.float32)
@@ -376,10 +402,44 @@ def _unpack_words(w, BITS: tl.constexpr, HALF_MAGIC: tl.constexpr, ASM: tl.const
     (``2i``, ``2i + 1``) in the two halves of one register: the low and the high halves are
     joined separately (bit-reversed pair order) and then to each other, so each register's two
     halves stay adjacent (the fp16/bf16 store takes the register as it is, no PRMT). int8
-    (fields in column order) pairs bytes with a PRMT in fp16; else ``(i, i + 2)``. ``DQ``:
-    each register's pair dequantized before it is split (:func:`_pair`; 1: ``(q - z) s``,
-    2: ``q - z``)."""
-    if BITS == 8 and HALF_MAGIC == 1:  # two PRMT per word; each pair already in column order
+    (fields in column order) pairs bytes with a PRMT in fp16; else ``(i, i + 2)``. 1-bit
+    fields: sixteen pairs per word, with ``BYTE_SHIFT`` (fp16) adjacent columns from each byte
+    copied into all four bytes (one PRMT per byte), else columns ``(p, p + 16)``
+    (:func:`_k_order` puts them in K order). ``DQ``: each register's pair dequantized before
+    it is split (:func:`_pair`; 1: ``(q - z) s``, 2: ``q - z``)."""
+    if BITS == 1:  # sixteen pairs per word
+        if BYTE_SHIFT:  # fp16: byte b of each word in all four bytes (one PRMT per byte), its
+            # pairs 4b .. 4b + 3 in column order (pair p: columns 2p, 2p + 1; :func:`_pair`)
+            w0 = _prmt(w, w, 0x0000, ASM)
+            w1 = _prmt(w, w, 0x1111, ASM)
+            w2 = _prmt(w, w, 0x2222, ASM)
+            w3 = _prmt(w, w, 0x3333, ASM)
+        else:  # one shift per pair: pair p holds columns p and p + 16 (:func:`_k_order`)
+            w0 = w
+            w1 = w
+            w2 = w
+            w3 = w
+        l0, h0 = _pair(w0, 0, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l1, h1 = _pair(w0, 1, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l2, h2 = _pair(w0, 2, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l3, h3 = _pair(w0, 3, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l4, h4 = _pair(w1, 4, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l5, h5 = _pair(w1, 5, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l6, h6 = _pair(w1, 6, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l7, h7 = _pair(w1, 7, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l8, h8 = _pair(w2, 8, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l9, h9 = _pair(w2, 9, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l10, h10 = _pair(w2, 10, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l11, h11 = _pair(w2, 11, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l12, h12 = _pair(w3, 12, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l13, h13 = _pair(w3, 13, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l14, h14 = _pair(w3, 14, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        l15, h15 = _pair(w3, 15, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQ, BYTE_SHIFT)
+        h = tl.join(tl.join(_join8(l0, l2, l4, l6, l8, l10, l12, l14),
+                            _join8(l1, l3, l5, l7, l9, l11, l13, l15)),
+                    tl.join(_join8(h0, h2, h4, h6, h8, h10, h12, h14),
+                            _join8(h1, h3, h5, h7, h9, h11, h13, h15)))
+    elif BITS == 8 and HALF_MAGIC == 1:  # two PRMT per word; each pair already in column order
         v0 = _byte_pair(w, 0, ASM, mg)
         v1 = _byte_pair(w, 1, ASM, mg)
         if DQ:
@@ -587,7 +647,8 @@ def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_p
     SPLIT_X: tl.constexpr = not MASKED and FIELDS == 4
     if SPLIT_X:
         xf = _x_fields(x_row, cols_w, t, BLOCK_K, FIELDS)
-    ILV: tl.constexpr = 1 if BITS < 8 else 0  # format 2 interleaves 2- and 4-bit fields
+    # format 2 interleaves 2- and 4-bit fields (1-bit fields lie in column order)
+    ILV: tl.constexpr = 1 if BITS == 2 or BITS == 4 else 0
     for i in tl.static_range(FIELDS):
         # field i's column in its word: (2i) % F + 2i // F (interleaved), else i; then the
         # block permutation of format 3 (_pos_col)
@@ -644,8 +705,8 @@ def _magic_tile(acc, x0, w, x_row, cols_w, chunk_cols, chunk_mask, t, s_ptr, z_p
             z = tl.load(z_ptr + s_off, mask=chunk_mask, other=0.0).to(tl.float32)
         else:
             z = tl.load(z_ptr + s_off).to(tl.float32)
-    else:
-        z = 1 << (BITS - 1)
+    else:  # the symmetric zero (1 bit: 1/2)
+        z = 0.5 if BITS == 1 else 1 << (BITS - 1)
     return acc + s * (xq - z * xc[None, :]), x0
 
 
@@ -665,7 +726,7 @@ def _fields_gemv_kernel(
     SPLIT_K: tl.constexpr,
     ASM: tl.constexpr = False,
 ):
-    """Small-M path for contiguous b-bit fields (b = 2, 4, 8; affine or codebook): one row of x
+    """Small-M path for contiguous b-bit fields (b = 1, 2, 4, 8; affine or codebook): one row of x
     per program.
 
     Grid: (cdiv(N, BLOCK_N), M, SPLIT_K). A K tile is ``[BLOCK_N, C, VEC]`` packed words (each
@@ -730,7 +791,7 @@ def _fields_gemv_kernel(
         if MODE == 0:
             z = tl.load(z_ptr + rows * stride_sn).to(tl.float32)
         else:
-            z = 1 << (BITS - 1)
+            z = 0.5 if BITS == 1 else 1 << (BITS - 1)
         y = s * (y - z * tl.sum(x0, axis=0))
     offs_m = pid_m + tl.arange(0, 1)
     store_tile(y[None, :], bias_ptr, y_ptr, offs_m, offs_n, offs_m < M, n_mask, stride_ym, pid_k,
@@ -797,7 +858,7 @@ def _field_shifts(BITS: tl.constexpr):
     ``(c // 2 + (c % 2) F / 2) b`` (``F = 32 / b``); 8-bit fields lie in column order."""
     FIELDS: tl.constexpr = 32 // BITS
     c = tl.arange(0, FIELDS)
-    if BITS < 8:
+    if BITS == 2 or BITS == 4:
         out = (c // 2 + (c % 2) * (FIELDS // 2)) * BITS
     else:
         out = c * BITS
@@ -805,7 +866,8 @@ def _field_shifts(BITS: tl.constexpr):
 
 
 @triton.jit
-def _k_order(h, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr):
+def _k_order(h, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+             BYTE_SHIFT: tl.constexpr = False):
     """A ``[BLOCK_N, BLOCK_K]`` tile of fields (``h``: ``[BLOCK_N, words, ...]`` in version 2's
     order: pair ``q`` of a word in its columns ``2q, 2q + 1``) in K order. Format 3 permutes
     every 32-column block of 2- and 4-bit fields
@@ -815,6 +877,11 @@ def _k_order(h, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr
     is one thread's share of its block)."""
     if BITS == 8:
         out = tl.reshape(h, (BLOCK_N, BLOCK_K))
+    elif BITS == 1 and BYTE_SHIFT:  # pairs of adjacent columns (:func:`_unpack_words`)
+        out = tl.reshape(h, (BLOCK_N, BLOCK_K))
+    elif BITS == 1:  # pair p, half e: column p + 16 e of its word (:func:`_unpack_words`)
+        h = tl.reshape(h, (BLOCK_N, BLOCK_K // 32, 16, 2))
+        out = tl.reshape(tl.permute(h, (0, 1, 3, 2)), (BLOCK_N, BLOCK_K))
     else:
         h = tl.reshape(h, (BLOCK_N, BLOCK_K // 32, 4, 2, 2, 2))
         out = tl.reshape(tl.permute(h, (0, 1, 3, 4, 2, 5)), (BLOCK_N, BLOCK_K))
@@ -874,7 +941,7 @@ def _fields_matmul_kernel(
     SWAP_AB: tl.constexpr = False,
     BYTE_SHIFT: tl.constexpr = False,
 ):
-    """Tiled GEMM for contiguous b-bit fields (b = 2, 4, 8; affine or codebook):
+    """Tiled GEMM for contiguous b-bit fields (b = 1, 2, 4, 8; affine or codebook):
     y = x @ W^T (+ bias). Codebooks (MODE 2) look each field up in its row group's table and
     feed ``tl.dot`` directly: 4-bit fields with two-byte entries (``LUT_PRMT``) in registers
     (each row's 16 entries loaded once as eight registers of bytes, :func:`_lut_word`: 20
@@ -926,6 +993,15 @@ def _fields_matmul_kernel(
     FIELDS: tl.constexpr = 32 // BITS
     W: tl.constexpr = BLOCK_K // FIELDS
     MASK: tl.constexpr = (1 << BITS) - 1
+    # the symmetric grid's constant zero (1 bit: 1/2, not an integer: never folded into the
+    # exact fp16 offset, which 1024.5 is not)
+    ZSYM: tl.constexpr = 0.5 if BITS == 1 else 1 << (BITS - 1)
+    # symmetric 1-bit fp16 small tiles (BYTE_SHIFT): every row of the all-ones operand holds
+    # each column's offset plus the zero, 1024 / 2**r + 1/2 (exact), so its dot is the whole
+    # offset term: the step adds s (part - xsb)
+    OFF_ONES: tl.constexpr = ONES_DOT and BYTE_SHIFT and BITS == 1
+    if OFF_ONES:
+        tl.static_assert(MODE == 1, "1-bit BYTE_SHIFT: the symmetric grid only")
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -978,20 +1054,25 @@ def _fields_matmul_kernel(
             if MODE == 0:
                 zo_one = z_one.to(tl.float32) + off_one
             else:
-                zo_one = tl.zeros((BLOCK_N,), dtype=tl.float32) + (off_one + (1 << (BITS - 1)))
+                zo_one = tl.zeros((BLOCK_N,), dtype=tl.float32) + (off_one + ZSYM)
     if ONES_DOT:
         # the all-ones operand, made once: with SWAP_AB a masked-off load (K >> 31 is 0 at run
         # time, unknown to the compiler), which the wgmma then reads from shared memory; a
         # constant would be rebuilt in its registers before every K step
         ones_idx = tl.arange(0, BLOCK_N)[:, None] * 0 + tl.arange(0, BLOCK_K)[None, :]
-        if BYTE_SHIFT:  # rows n % 16 < 8: each column's offset; rows n % 16 >= 8: ones
+        if OFF_ONES:  # every row: each column's offset plus the zero
+            col_off = _pair_offset(tl.arange(0, BLOCK_K), BITS, True) + ZSYM
+            ones_val = tl.broadcast_to(col_off[None, :], (BLOCK_N, BLOCK_K)).to(
+                x_ptr.dtype.element_ty)
+        elif BYTE_SHIFT:  # rows n % 16 < 8: each column's offset; rows n % 16 >= 8: ones
             col_off = _pair_offset(tl.arange(0, BLOCK_K), BITS, True)
             lo_rows = (tl.arange(0, BLOCK_N) % 16) < 8
             ones_val = tl.where(lo_rows[:, None], col_off[None, :], 1.0).to(
                 x_ptr.dtype.element_ty)
         else:
             ones_val = tl.full((BLOCK_N, BLOCK_K), 1.0, x_ptr.dtype.element_ty)
-        if SWAP_AB and not UPCAST_DOT:
+        if (SWAP_AB or OFF_ONES) and not UPCAST_DOT:  # (OFF_ONES: the columns' offsets, a
+            # constant tile rebuilt through shared memory in every K step otherwise)
             ones_w = tl.load(x_ptr + ones_idx, mask=ones_idx < (K >> 31), other=ones_val)
         else:
             ones_w = ones_val
@@ -1053,13 +1134,14 @@ def _fields_matmul_kernel(
             s_off = (t * BLOCK_K) >> group_shift  # the group (SCALE_AFTER: unused)
             PACKED_DQ: tl.constexpr = DEQUANT_W and HALF_MAGIC == 1 and ASM
             # (the large tiles' byte shifts: not with one group per row, whose q - z folds
-            # the symmetric zero into the one offset)
-            BS: tl.constexpr = BYTE_SHIFT and not (DEQUANT_W and SCALE_AFTER)
+            # the symmetric zero into the one offset; 1 bit: there the byte shifts make the
+            # fold of its zero 1/2 exact)
+            BS: tl.constexpr = BYTE_SHIFT and not (DEQUANT_W and SCALE_AFTER and BITS != 1)
             if not PACKED_DQ:
                 h = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, mg=mg, BYTE_SHIFT=BS,
                                            HALF_WORDS=SWAP_AB and BITS == 2, kz=K >> 31,
                                            EXP_REG=BS and ASM and BITS == 2),
-                             BLOCK_N, BLOCK_K, BITS)
+                             BLOCK_N, BLOCK_K, BITS, BS)
             if ONES_DOT:
                 # the dot sees offset + q as unpacked; a second dot with an all-ones operand
                 # gives sum_k x in every column (in the accumulator's layout): the step adds
@@ -1075,7 +1157,7 @@ def _fields_matmul_kernel(
                     else:
                         zo = tl.load(z_row_ptrs + s_off).to(tl.float32) + off_z
                 else:
-                    zo = tl.zeros((BLOCK_N,), dtype=tl.float32) + (off_z + (1 << (BITS - 1)))
+                    zo = tl.zeros((BLOCK_N,), dtype=tl.float32) + (off_z + ZSYM)
                 if UPCAST_DOT:
                     hd = h.to(tl.float32)
                 elif SWAP_AB:
@@ -1089,16 +1171,27 @@ def _fields_matmul_kernel(
                     part = _mm(a, hd, None, SWAP_AB, PREC)
                     xsb = _mm(a, ones, None, SWAP_AB, PREC)
                     sc = tl.load(s_row_ptrs + s_off).to(tl.float32)
-                    acc += ((part - _offset_terms(xsb, zo, SWAP_AB, BYTE_SHIFT, BLOCK_N, BLOCK_M))
-                            * _per_n(sc, SWAP_AB))
+                    if OFF_ONES:
+                        acc += (part - xsb) * _per_n(sc, SWAP_AB)
+                    else:
+                        acc += ((part - _offset_terms(xsb, zo, SWAP_AB, BYTE_SHIFT, BLOCK_N,
+                                                      BLOCK_M)) * _per_n(sc, SWAP_AB))
             elif PACKED_DQ:
                 # fp16 on a GPU: each register's pair of fields dequantized in packed fp16:
                 # (v - offset) s - z s by one subtraction and one fma (DQ 3), or with one
                 # group per row (SCALE_AFTER) q - z only (DQ 2), the scale after the loop
+                # (the symmetric 1-bit zero, 1/2, as a stored zero: z2 = 1/2, or -s / 2)
+                ZREG: tl.constexpr = MODE == 0 or BITS == 1
                 if SCALE_AFTER:
                     s2 = 0
                     if MODE == 0:
                         z2 = _half_pair(z_one)[:, None]
+                        SYM_Z: tl.constexpr = 0
+                    elif BITS == 1 and BYTE_SHIFT:  # 1/2 folded into each pair's offset
+                        z2 = 0
+                        SYM_Z: tl.constexpr = 1
+                    elif BITS == 1:
+                        z2 = _half_pair(tl.full((BLOCK_N,), 0.5, tl.float16))[:, None]
                         SYM_Z: tl.constexpr = 0
                     else:
                         z2 = 0
@@ -1106,18 +1199,21 @@ def _fields_matmul_kernel(
                 else:
                     sh = tl.load(s_row_ptrs + s_off)
                     s2 = _half_pair(sh)[:, None]
-                    if MODE == 0:  # z2 = -z s: the fma's addend
-                        zf = tl.load(z_row_ptrs + s_off).to(tl.float32)
+                    if ZREG:  # z2 = -z s: the fma's addend (1 bit, symmetric: -s / 2, exact)
+                        if MODE == 0:
+                            zf = tl.load(z_row_ptrs + s_off).to(tl.float32)
+                        else:
+                            zf = 0.5
                         z2 = _half_pair((-(zf * sh.to(tl.float32))).to(tl.float16))[:, None]
                         SYM_Z: tl.constexpr = 0
                     else:  # the constant zero folded into the subtracted offset (exact)
                         z2 = 0
                         SYM_Z: tl.constexpr = 1 << (BITS - 1)
-                DQM: tl.constexpr = 2 if SCALE_AFTER else 3 if MODE == 0 else 1
+                DQM: tl.constexpr = 2 if SCALE_AFTER else 3 if ZREG else 1
+                BSP: tl.constexpr = BYTE_SHIFT and (not SCALE_AFTER or BITS == 1)
                 w = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQM, mg,
-                                           BYTE_SHIFT=BYTE_SHIFT and not SCALE_AFTER,
-                                           HALF_WORDS=SWAP_AB and BITS == 2),
-                             BLOCK_N, BLOCK_K, BITS)
+                                           BYTE_SHIFT=BSP, HALF_WORDS=SWAP_AB and BITS == 2),
+                             BLOCK_N, BLOCK_K, BITS, BSP)
                 acc = _mm(a, w, acc, SWAP_AB, PREC)
             elif DEQUANT_W:  # w = (q - z) s per weight, once per CTA; the dot accumulates
                 if UPCAST_DOT:  # the interpreter's bf16 arithmetic on bitcast values is wrong
@@ -1138,7 +1234,7 @@ def _fields_matmul_kernel(
                         zz = tl.load(z_row_ptrs + s_off).to(hq.dtype)
                     w = hq - zz[:, None]
                 else:
-                    w = hq - (1 << (BITS - 1))
+                    w = hq - ZSYM
                 if not SCALE_AFTER:  # (q - z) s, one rounding
                     w = w * tl.load(s_row_ptrs + s_off).to(hq.dtype)[:, None]
                 acc = _mm(a, w.to(xdt).to(a.dtype), acc, SWAP_AB, PREC)
@@ -1159,12 +1255,14 @@ def _fields_matmul_kernel(
                         zs = (tl.load(z_row_ptrs + s_off).to(tl.float32) + offset) * sc
                         acc -= _per_m(xs, SWAP_AB) * _per_n(zs, SWAP_AB)
                     else:  # a constant zero: (offset + z) sum_k x per row, times s per column
-                        acc -= (_per_m(xs * (offset + (1 << (BITS - 1))), SWAP_AB)
+                        acc -= (_per_m(xs * (offset + ZSYM), SWAP_AB)
                                 * _per_n(sc, SWAP_AB))
 
     if SCALE_AFTER:
         s_one = _per_n(tl.load(s_ptr + rows * stride_sn).to(tl.float32), SWAP_AB)
-        if ONES_DOT:  # the dots summed x (offset + q) and x
+        if OFF_ONES:  # the dots summed x (offset + q) and x (offset + z)
+            acc = (acc - xsb_all) * s_one
+        elif ONES_DOT:  # the dots summed x (offset + q) and x
             acc = (acc - _offset_terms(xsb_all, zo_one, SWAP_AB, BYTE_SHIFT, BLOCK_N,
                                        BLOCK_M)) * s_one
         elif DEQUANT_W or HALF_MAGIC > 0:  # the dot summed x (q - z)
@@ -1173,7 +1271,7 @@ def _fields_matmul_kernel(
             if MODE == 0:
                 zo = z_one.to(tl.float32)
             else:
-                zo = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1 << (BITS - 1))
+                zo = tl.zeros((BLOCK_N,), dtype=tl.float32) + ZSYM
             acc = (acc - _per_m(xs_all, SWAP_AB) * _per_n(zo, SWAP_AB)) * s_one
     if SWAP_AB:
         acc = tl.trans(acc)
@@ -1263,8 +1361,13 @@ def _dequant_weight_kernel(
             g = (t * BLOCK_K) >> group_shift
             sh = tl.load(s_rows + g)
             s2 = _half_pair(sh)[:, None]
-            if MODE == 0:  # z2 = -z s: the fma's addend
-                zs = -(tl.load(z_rows + g).to(tl.float32) * sh.to(tl.float32))
+            if MODE == 0 or BITS == 1:  # z2 = -z s: the fma's addend (1 bit, symmetric:
+                # z = 1/2, -s / 2 exact; not an integer, not folded into the offset)
+                if MODE == 0:
+                    zf = tl.load(z_rows + g).to(tl.float32)
+                else:
+                    zf = 0.5
+                zs = -(zf * sh.to(tl.float32))
                 z2 = _half_pair(zs.to(tl.float16))[:, None]
                 SYM_Z: tl.constexpr = 0
                 DQM: tl.constexpr = 3
@@ -1275,7 +1378,7 @@ def _dequant_weight_kernel(
             w = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, z2, s2, SYM_Z, DQM, mg,
                                        BYTE_SHIFT=BYTE_SHIFT, kz=K >> 31,
                                        EXP_REG=BYTE_SHIFT and BITS == 2),
-                         BLOCK_N, BLOCK_K, BITS)
+                         BLOCK_N, BLOCK_K, BITS, BYTE_SHIFT)
         else:
             h = _k_order(_unpack_words(words, BITS, HALF_MAGIC, ASM, mg=mg), BLOCK_N, BLOCK_K,
                          BITS).to(tl.float32)
@@ -1285,8 +1388,8 @@ def _dequant_weight_kernel(
             g = (t * BLOCK_K) >> group_shift
             if MODE == 0:
                 z = tl.load(z_rows + g).to(tl.float32)
-            else:
-                z = tl.zeros((BLOCK_N,), dtype=tl.float32) + (1 << (BITS - 1))
+            else:  # the symmetric zero (1 bit: 1/2)
+                z = tl.zeros((BLOCK_N,), dtype=tl.float32) + (0.5 if BITS == 1 else 1 << (BITS - 1))
             w = ((h - offset) - z[:, None]) * tl.load(s_rows + g).to(tl.float32)[:, None]
         if EVEN_K:
             mask = n_mask[:, None]
@@ -1505,7 +1608,8 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
     the small tiles, whose BLOCK_N the launcher narrows there): every shipped GEMV and
     GEMM bucket that routes to :func:`_fields_gemv_kernel` / :func:`_fields_matmul_kernel`,
     and the large-M route's :func:`_dequant_weight_kernel` (at ``dense_min_m`` rows),
-    int2/int4/int8, symmetric and asymmetric, fp16 and bf16 (and int4 fp16 at a ragged K),
+    int2/int4/int8, symmetric and asymmetric, fp16 and bf16 (and int4 fp16 at a ragged K;
+    1-bit fields: binary per row in fp16, bf16 and fp32, and fp16 groups of 128),
     codebooks of 2/4 bits (and their GEMM where it is :func:`_dequant_matmul_kernel`),
     recorded on CPU tensors as on an H200 and compiled with the specialization Triton computes
     for those arguments (:func:`~compress_ops.kernels.launches.specialization`)."""
@@ -1521,13 +1625,17 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
                 for sym in (False, True) for dt in (torch.float16, torch.bfloat16)]
     variants += [(b, g, False, torch.float32, k) for b, g in ((4, 128), (8, None))]
     variants.append((4, 128, False, torch.float16, k - 92))  # ragged K
+    # 1-bit fields: binary (symmetric, one group per row; fp16's byte pairs), and groups
+    variants += [(1, None, True, dt, k) for dt in (torch.float16, torch.bfloat16, torch.float32)]
+    variants += [(1, 128, sym, torch.float16, k) for sym in (False, True)]
     specs, seen = [], set()
     # the small tiles also at N / 2, where the launcher narrows BLOCK_N (select_config)
     shapes = [(m, n) for m in ms] + [(m, n // 2) for m in ms if 1 < m <= 16]
     with tuning.simulate_gpu():
         for bits, group, sym, dt, kk in variants:
             gs = effective_group_size(kk, group)
-            cb = torch.empty(2, 2**bits, dtype=dt) if bits < 8 or not sym else None
+            cb = (torch.empty(2, 2**bits, dtype=dt) if bits > 1 and (bits < 8 or not sym)
+                  else None)  # (no 1-bit codebooks)
             for m, nn in shapes:
                 q, s, z = empty_affine(nn, kk, bits, group, sym, dtype=dt)
                 x = torch.empty(m, kk, dtype=dt)
@@ -1543,7 +1651,8 @@ def recorded_specs(n: int = 8192, k: int = 8192) -> list[dict]:
                     kind = ("cb" if la.kwargs.get("MODE") == MODE_CODEBOOK
                             else "sym" if sym else "asym")
                     name = (f"real_m{m}{'' if nn == n else f'n{nn}'}/{kind}{bits}/"
-                            f"{str(dt).split('.')[-1]}/k{kk}")
+                            f"{str(dt).split('.')[-1]}/k{kk}"
+                            f"{f'/g{group}' if bits == 1 and group else ''}")
                     key = (la.kernel.__name__, repr(sig), repr(sorted(consts.items())), repr(attrs),
                            opts.num_warps, opts.num_stages)
                     if key in seen:
@@ -1696,6 +1805,15 @@ def _make_plan(mode: int, x2: torch.Tensor, q: torch.Tensor, bits: int, group: i
         return _dense_plan(mode, x2, bits, group_size, kp, ints)
     if cfg is None:
         cfg = call_config(m, n, kp, x2.device, bits, mode, x2.dtype)
+        if (bits == 1 and cfg.path == "gemm" and cfg.block_m <= 16 and cfg.block_k == 128
+                and cfg.block_n >= 64 and x2.dtype != torch.float32
+                and min(group_size, kp) >= 256):
+            # 1-bit words are a quarter of int4's: the 16-row tile takes 256 columns a K step
+            # where the groups allow it, which halves the per-step overhead (static model,
+            # binary per row, M = 1, sm_90, Triton 3.6: 2.84 -> 2.49 loop instructions per
+            # weight before fp16's PRMT pairs, 4.06x -> 4.38x dense predicted), with 8 stages
+            # (shared memory on sm_80); not with BLOCK_N narrowed to 32 (it spilled on sm_90)
+            cfg = KernelConfig(**{**cfg.__dict__, "block_k": 256, "num_stages": 8})
     if cfg.path == "gemv" and bits in MAGIC_BITS:
         return _fields_gemv_plan(mode, x2, has_bias, bits, group_size, kp, ints, cfg)
     if group_size < kp and cfg.block_k > group_size:  # a K tile must lie in one scale group
@@ -1751,7 +1869,7 @@ def dense_route(m: int, bits: int, dtype: torch.dtype, device: torch.device) -> 
     """Whether a call with the shipped config takes the large-M route: the weight
     dequantized once into a temporary dense ``[N, K]`` (:func:`_dequant_weight_kernel`, at
     most ``DENSE_CHUNK_BYTES`` at a time) and multiplied by cuBLAS (``F.linear``), two
-    launches per chunk. From ``dense_min_m`` rows (:func:`dense_min_m`), contiguous 2/4/8-bit
+    launches per chunk. From ``dense_min_m`` rows (:func:`dense_min_m`), 1/2/4/8-bit
     fields (affine or codebook), fp16/bf16 x. At M = 2048 (N = K = 8192, H200) the fused GEMM
     measured 0.45-0.65x dense cuBLAS (``perf/results/2026-11-30-quick-nvidia-h200.json``): its
     CTAs dequantize every weight once per row tile (16 times at M = 2048) and do not overlap
@@ -1769,7 +1887,8 @@ def _dense_plan(mode: int, x2: torch.Tensor, bits: int, group_size: int, kp: int
     bk = DENSE_BLOCK_K if group_size >= kp else min(DENSE_BLOCK_K, group_size)
     rows = max(DENSE_BLOCK_N, DENSE_CHUNK_BYTES // (k * x2.element_size())
                // DENSE_BLOCK_N * DENSE_BLOCK_N)
-    fields = fields_gemm_meta(bits, mode, 1, x2.dtype)
+    # (the dense weight is dequantized as the large tiles do: asymmetric 1-bit byte pairs too)
+    fields = fields_gemm_meta(bits, mode, AFFINE_GEMM_MAX_BM + 1, x2.dtype)
     k_tiles = -(-kp // bk)
     tiles = min(DENSE_TILES, k_tiles)
     meta = dict(BITS=bits, MODE=mode, BLOCK_N=DENSE_BLOCK_N, BLOCK_K=bk, ASM=ptx(x2),
@@ -1803,7 +1922,11 @@ def _launch_dense(plan: _Plan, x2: torch.Tensor, q: torch.Tensor, s: torch.Tenso
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
-MAGIC_BITS = (2, 4, 8)  # contiguous fields: the fields kernels (affine and codebook, every M)
+# the fields kernels (affine and codebook, every M): contiguous 2/4/8-bit fields, and 1-bit
+# fields (one bit plane, column 32j + i at bit i of word j: fp16 pairs adjacent columns from
+# PRMT byte copies, else the shift-and-mask pair p of a word holds columns p and p + 16, put
+# in K order by :func:`_k_order`)
+MAGIC_BITS = (1, 2, 4, 8)
 # :func:`_fields_matmul_kernel` scales each tile's dot product per output element up to this
 # BLOCK_M (cheaper than dequantizing every weight while BLOCK_M is small); larger tiles
 # dequantize each weight once (DEQUANT_W).
@@ -1825,7 +1948,7 @@ def group_shift_arg(group_size: int, kp: int) -> int:
 
 def fields_gemm(bits: int) -> bool:
     """Whether a GEMM runs :func:`_fields_matmul_kernel` (else :func:`_dequant_matmul_kernel`,
-    the bit-plane 3- and 1-bit fields): contiguous 2/4/8-bit fields, affine or codebook, every
+    the bit-plane 3-bit fields): 1/2/4/8-bit fields, affine or codebook, every
     tile."""
     return bits in MAGIC_BITS
 
@@ -1842,7 +1965,10 @@ def gemm_tile(cfg: KernelConfig, x2: torch.Tensor, bits: int, mode: int) -> Kern
     the affine tiles: ``LUT_PRMT``); int8 above 32 rows at most 6 stages (shared memory
     on sm_80), asymmetric int4 at most 6 with fewer rows than the tile and 5 with bf16 x
     (registers spilled on sm_80); affine int2 at 16
-    rows 18 stages (its words are small: 34 KB in flight per SM)."""
+    rows 18 stages (its words are small: 34 KB in flight per SM; 1-bit fields keep 12, which
+    leave room for two CTAs per SM: 18 took sm_90's shared memory for one, static model; with
+    groups of 256 columns or more their shipped 16-row tile takes 256 columns a K step and 8
+    stages instead, :func:`_make_plan`)."""
     big = cfg.block_m > AFFINE_GEMM_MAX_BM
     if x2.dtype == torch.float32:
         bn = 32 if mode == MODE_CODEBOOK else 64
@@ -1895,7 +2021,17 @@ def fields_gemm_meta(bits: int, mode: int, block_m: int, dtype: torch.dtype) -> 
     and tiles above ``AFFINE_GEMM_MAX_BM`` rows dequantize every weight (``DEQUANT_W``).
     ``BYTE_SHIFT`` (fp16, affine 2- and 4-bit fields, every tile: :func:`_pair`; the large
     tiles subtract each pair's offset before one fma, the small ones fold the offsets into
-    their all-ones operand). ``SWAP_AB`` (the weight tile as the dot's first operand, a
+    their all-ones operand; symmetric 1-bit fields: each byte of a word copied into all four
+    bytes by one PRMT, then one LOP3 per pair of adjacent columns, each half under its own
+    exponent (bit ``r`` in 1 .. 8 worth 1, so that ``1024 / 2**r + 1/2`` is exact): no shifts
+    and no K permutation, where the plain pairs take a shift per pair and a PRMT per pair to
+    put columns ``p, p + 16`` back in K order; the small tiles' all-ones operand holds the
+    offset plus the zero in every row, the large ones fold it into the subtracted offset
+    (asymmetric 1-bit fields: the large tiles and the large-M route only, whose packed
+    ``q - z`` takes any zero; the small tiles' all-ones operand would need each row's zero);
+    static model, sm_90, Triton 3.9, per-row scales: M = 16 3.03 -> 1.98 loop instructions per
+    weight (with 256-column K steps, :func:`_make_plan`), M = 64 4.30 -> 2.95, the large-M
+    route's weight 4.81 -> 4.25). ``SWAP_AB`` (the weight tile as the dot's first operand, a
     register-operand wgmma on sm_90) where the static model predicts it cheaper under both
     Tritons: fp16/bf16 x with affine 2-
     and 4-bit fields in the small tiles (int4 M = 16: 3.34 -> 3.09 instructions per weight
@@ -1908,7 +2044,9 @@ def fields_gemm_meta(bits: int, mode: int, block_m: int, dtype: torch.dtype) -> 
             "LUT_PRMT": mode == MODE_CODEBOOK and bits == 4 and dtype.itemsize == 2,
             "SWAP_AB": (dtype.itemsize == 2 and bits in (2, 4) and mode != MODE_CODEBOOK
                         and block_m <= AFFINE_GEMM_MAX_BM),
-            "BYTE_SHIFT": dtype == torch.float16 and bits in (2, 4) and mode != MODE_CODEBOOK,
+            "BYTE_SHIFT": dtype == torch.float16 and (
+                bits in (2, 4) and mode != MODE_CODEBOOK
+                or bits == 1 and (mode == MODE_SYM or block_m > AFFINE_GEMM_MAX_BM)),
             "ONES_DOT": (mode != MODE_CODEBOOK and block_m <= AFFINE_GEMM_MAX_BM
                          and half_magic > 0)}
 
@@ -1922,7 +2060,8 @@ def fields_gemv_tile(bits: int, group_size: int, kp: int, block_k: int,
     fields = 32 // bits
     bk = max(block_k * 4 // (max(bits, 4) if codebook else bits), WORD_COLS)
     vec = min(4, group_size // fields, bk // fields)
-    return bk, vec
+    # a power of two (1-bit fields, one group per row of 96 columns: 3 words)
+    return bk, 1 << (vec.bit_length() - 1)
 
 
 def _fields_gemv_plan(mode: int, x2: torch.Tensor, has_bias: bool, bits: int,

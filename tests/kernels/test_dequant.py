@@ -86,13 +86,18 @@ def test_dequant_kernel_matches_float64_reference(poison, device, m, n, k, bits,
 def test_binary_one_bit_kernels_match_float64_reference(poison, device, cfg):
     """1-bit fields (one bit plane: column 32j + i at bit i of word j) with binary weights
     (``quantize_absmean``: the symmetric 1-bit grid, whose zero is 1/2, scales 2 s, so W = ±s;
-    and the same weight with its zero points 1/2 stored) on the GEMV and the GEMM tiles,
-    ragged K included: padding columns hold q = 0 (a weight of -s), masked by x. (The
-    property above draws 1-bit fields with any scales and zeros.)"""
+    and the same weight with its zero points 1/2 stored) on the fields kernels (the GEMV, the
+    small tiles, fp16's pairs of adjacent columns from PRMT byte copies with the offsets and
+    the zero in the all-ones operand, and the large tiles above 32 rows), ragged K included:
+    padding columns hold q = 0 (a weight of -s), masked by x. (The property above draws 1-bit
+    fields with any scales and zeros; the large-M route:
+    ``test_large_m_route_matches_float64_reference``.)"""
     from compress_ops.quantize import quantize_absmean
 
     w = torch.randn(20, 83, generator=_gen(11))
-    for dtype, group in ((torch.float32, 32), (torch.float16, None), (torch.bfloat16, 64)):
+    for dtype, group, sym in ((torch.float32, 32, False), (torch.float16, None, True),
+                              (torch.float16, 32, True), (torch.float16, 64, False),
+                              (torch.bfloat16, 64, False)):
         aw = quantize_absmean(w, "binary", group, dtype=dtype)
         assert aw.bits == 1 and aw.zeros is None
         assert aw.qweight.shape == (20, dqf.padded_k(83, aw.group_size) // 32)
@@ -100,16 +105,50 @@ def test_binary_one_bit_kernels_match_float64_reference(poison, device, cfg):
         dense = dqf.dequantize(aw.qweight, aw.scales, half, 1, aw.group_size, 83)
         assert torch.equal(dense, dqf.dequantize(aw.qweight, aw.scales, None, 1, aw.group_size,
                                                  83))
-        z = None if dtype == torch.float16 else half.to(device)  # symmetric: z = 1/2
+        z = None if sym else half.to(device)  # symmetric: z = 1/2
         assert torch.equal(dense.abs(), aw.scales.repeat_interleave(aw.group_size, 1)[:, :83] / 2)
-        for m in (1, 5, 17):
+        for m in (1, 5, 17) if cfg else (1, 5, 17, 40):  # 40: the default 64-row tile
             x = (torch.randn(m, 83, generator=_gen(m)) + 0.1).to(dtype).to(device)
             qw, s = aw.qweight.to(device), aw.scales.to(device)
-            y = dq.dequant_matmul(x, qw, s, z, None, 1, aw.group_size,
-                                  config=CONFIGS[cfg] if cfg else None)
+            with launches.capture() as got:
+                y = dq.dequant_matmul(x, qw, s, z, None, 1, aw.group_size,
+                                      config=CONFIGS[cfg] if cfg else None)
+            (la,) = [la for la in got if not isinstance(la.kernel, str)]
+            assert la.kernel in (dq._fields_gemv_kernel, dq._fields_matmul_kernel)
+            if la.kernel is dq._fields_matmul_kernel:
+                assert la.kwargs["DEQUANT_W"] is (la.kwargs["BLOCK_M"] > 32)
+                assert la.kwargs["BYTE_SHIFT"] is (dtype == torch.float16
+                                                   and (sym or la.kwargs["DEQUANT_W"]))
             ref = dequant_linear_ref(x, qw, s, z, None, 1, aw.group_size, dtype=torch.float64)
             assert y.shape == (m, 20) and y.dtype == dtype
             assert _rel_err(y, ref) < _tol(dtype, 83)
+
+
+@pytest.mark.parametrize(("dtype", "group", "sym"), [(torch.float16, None, True),
+                                                     (torch.bfloat16, 256, False)])
+def test_one_bit_small_tile_takes_256_columns_a_k_step(poison, device, dtype, group, sym):
+    """The shipped 16-row tile of 1-bit fields takes 256 columns a K step where the groups
+    allow it (a ragged K of two tiles here; fp16 binary: PRMT byte copies and pairs of
+    adjacent columns, the offsets and the zero in the all-ones operand); groups of 128 keep
+    128."""
+    n, k = 24, 300
+    qw, s, z, gs = (t.to(device) if isinstance(t, torch.Tensor) else t
+                    for t in _affine(n, k, 1, group, sym, dtype, 5))
+    x = (torch.randn(3, k, generator=_gen(6)) + 0.1).to(dtype).to(device)
+    with launches.capture() as got:
+        y = dq.dequant_matmul(x, qw, s, z, None, 1, gs)
+    (la,) = [la for la in got if not isinstance(la.kernel, str)]
+    assert la.kernel is dq._fields_matmul_kernel
+    # (a GPU narrows BLOCK_N to 32 for so few rows, which keeps 128 columns)
+    assert (la.kwargs["BLOCK_M"], la.kwargs["BLOCK_K"]) == (
+        16, 256 if la.kwargs["BLOCK_N"] >= 64 else 128)
+    assert la.kwargs["BYTE_SHIFT"] is (dtype == torch.float16)
+    ref = dequant_linear_ref(x, qw, s, z, None, 1, gs, dtype=torch.float64)
+    assert _rel_err(y, ref) < _tol(dtype, k)
+    q128, s128, _, _ = _affine(n, k, 1, 128, True, dtype, 5)
+    with launches.capture(run=False) as got:
+        dq.dequant_matmul(x.cpu(), q128, s128, None, None, 1, 128)
+    assert [la.kwargs["BLOCK_K"] for la in got if not isinstance(la.kernel, str)] == [128]
 
 
 def test_one_bit_fields_pack_as_one_bit_plane():
@@ -254,6 +293,8 @@ def test_fields_kernels_take_the_lop3_asm_on_a_gpu_only():
     # M = 1: the GEMV for fp32 x (and bf16 int8), the 16-row tensor-core tile for fp16 x (and
     # bf16 below 8 bits)
     for m, dt, bits, kernel in ((1, torch.float32, 4, dq._fields_gemv_kernel),
+                                (1, torch.float32, 1, dq._fields_gemv_kernel),
+                                (1, torch.float16, 1, dq._fields_matmul_kernel),
                                 (1, torch.bfloat16, 8, dq._fields_gemv_kernel),
                                 (1, torch.bfloat16, 4, dq._fields_matmul_kernel),
                                 (1, torch.float16, 8, dq._fields_matmul_kernel),
@@ -587,18 +628,18 @@ def _kinds(got) -> list[str]:
 
 
 @given(m=st.sampled_from([1, 3, 16, 40]), n=st.integers(1, MAX_N), k=st.integers(1, MAX_K),
-       bits=st.sampled_from([2, 4, 8]), group=st.sampled_from(GROUPS), sym=st.booleans(),
+       bits=st.sampled_from([1, 2, 4, 8]), group=st.sampled_from(GROUPS), sym=st.booleans(),
        codebook=st.booleans(), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
        bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_large_m_route_matches_float64_reference(poison, device, m, n, k, bits, group, sym,
                                                  codebook, dtype, bias, seed):
     """The large-M route (dequantize once + ``F.linear``), forced from M = 1 by
-    ``COMPRESS_OPS_DENSE_MIN_M``: every width, group, grid and codebook, ragged N and K,
-    with and without bias, against float64."""
+    ``COMPRESS_OPS_DENSE_MIN_M``: every width (1-bit fields: affine only), group, grid and
+    codebook, ragged N and K, with and without bias, against float64."""
     x = (torch.randn(m, k, generator=_gen(seed + 1)) + 0.1).to(dtype).to(device)
     b = torch.randn(n, generator=_gen(seed + 2)).to(dtype).to(device) if bias else None
     with _dense_min_m("1"), launches.capture() as got:
-        if codebook:
+        if codebook and bits > 1:
             idx, cb = (t.to(device) for t in _codebook(n, k, bits, 1, dtype, seed))
             y = dq.codebook_matmul(x, idx, cb, b, bits)
             ref = codebook_linear_ref(x, idx, cb, b, bits, dtype=torch.float64)
@@ -613,7 +654,7 @@ def test_large_m_route_matches_float64_reference(poison, device, m, n, k, bits, 
 
 
 @pytest.mark.parametrize(("bits", "half_magic"),  # bf16 int8 unpacks as fp32 q (0)
-                         [(b, h) for b in (2, 4, 8) for h in (1, 2, 0) if (b, h) != (8, 2)])
+                         [(b, h) for b in (1, 2, 4, 8) for h in (1, 2, 0) if (b, h) != (8, 2)])
 @pytest.mark.parametrize(("group", "sym", "k"),
                          [(32, False, 200), (128, True, 200), (None, False, 200), (32, True, 256)])
 def test_dequant_weight_kernel_is_the_formats_weight(bits, half_magic, group, sym, k):
@@ -650,13 +691,15 @@ def test_dequant_weight_kernel_is_the_formats_weight(bits, half_magic, group, sy
 
     ref = dqf.dequantize(qw, s, z, bits, gs, k, dtype=torch.float32)
     assert torch.equal(weight(mode, s, z), ref)
+    if bits == 1:  # (no 1-bit codebooks)
+        return
     cb = torch.randn(n, 2**bits, generator=_gen(3)).to(dtype)  # one table per row
     assert torch.equal(weight(dq.MODE_CODEBOOK, cb, None),
                        dqf.codebook_weight(qw, cb, bits, k, dtype=torch.float32))
 
 
 def test_large_m_route_threshold_chunks_and_errors(monkeypatch):
-    """From ``dense_min_m`` rows (table, or the environment) with fp16/bf16 x and 2/4/8-bit
+    """From ``dense_min_m`` rows (table, or the environment) with fp16/bf16 x and 1/2/4/8-bit
     fields, a call takes the large-M route; fp32 x, 3-bit fields, a forced config and
     ``never`` keep the fused kernels. A weight over ``DENSE_CHUNK_BYTES`` is dequantized in
     row chunks into one buffer (a launch and a GEMM each). Bad settings are named errors."""
@@ -686,6 +729,7 @@ def test_large_m_route_threshold_chunks_and_errors(monkeypatch):
         assert kinds(8, torch.bfloat16) == dense
         assert kinds(8, torch.float32) == ["_fields_matmul_kernel"]
         assert kinds(8, bits=3) == ["_dequant_matmul_kernel"]
+        assert kinds(8, bits=1) == dense  # 1-bit fields: the fields kernels' route too
         assert kinds(8, config=KernelConfig("gemm", 16, 32, 32)) == ["_fields_matmul_kernel"]
         monkeypatch.setattr(dq, "DENSE_CHUNK_BYTES", 32 * 96 * 2)  # 32 rows a chunk: 3
         dq._PLANS.clear()

@@ -13,9 +13,9 @@ limit, and passes ``--resume`` to every step after the first so that they all fi
 
 ``smoke``
     Every family against its float64 reference, in fp16 and bf16, with a few shapes each (one
-    ragged): the affine formats int4 g128 asym / int8 per-row sym / int2 g128 asym, the 4-bit
-    codebook, 2:4 sparse, low rank, the fused dw+pw conv and W8A8 (int8 and FP8 e4m3, 8-bit
-    weights and activations). Weights come from the modules'
+    ragged): the affine formats int4 g128 asym / int8 per-row sym / int2 g128 asym / binary
+    g128 sym, the 4-bit codebook, 2:4 sparse, low rank, the fused dw+pw conv and W8A8 (int8
+    and FP8 e4m3, 8-bit weights and activations). Weights come from the modules'
     ``from_dense`` (``FusedDWSepConv2d``'s own init for the conv); the reference is
     ``F.linear(x.double(), m.dense_weight().double(), bias)`` (low rank: the factors' exact
     product; the conv: :func:`compress_ops.reference.dwsep_conv2d_ref` in float64). A case
@@ -98,7 +98,7 @@ from torch import nn
 
 from compress_ops.kernels.tuning import DTYPES
 from compress_ops.perf import machine, schema
-from compress_ops.perf.timing import Timing, time_fn
+from compress_ops.perf.timing import Timing, time_fn, timing_of
 
 SCHEMA = "quick-1"
 STEPS: tuple[str, ...] = ("smoke", "headline", "table")
@@ -220,6 +220,8 @@ CASES: tuple[HeadlineCase, ...] = (
     HeadlineCase("int4 g128 asym", "affine", 4, 128, False, "tinygemm"),
     HeadlineCase("int8 row sym", "affine", 8, None, True, "int8pack"),
     HeadlineCase("int2 g128 asym", "affine", 2, 128, False, None),
+    # binary weights (QuantConfig(bits=1): 1-bit fields on the symmetric grid, g128)
+    HeadlineCase("binary g128 sym", "affine", 1, 128, True, None),
     HeadlineCase("codebook 4-bit", "codebook", 4, None, None, None),
     HeadlineCase("2:4", "sparse24", 9, None, None, "semi"),  # bits: per dense element, fp16
     HeadlineCase("rank 128", "lowrank", 16, None, None, "two-gemm"),  # random factors
@@ -515,7 +517,7 @@ def time_cpu_rehearsal(fn: Callable[[], object], samples: int = CPU_SAMPLES) -> 
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return Timing(median_us=sorted(times)[len(times) // 2] * 1e6, samples=samples)
+    return timing_of(times, 1e6)
 
 
 def cuda_graph_of(fn: Callable[[], torch.Tensor], warmup: int = 3
@@ -551,7 +553,9 @@ def measure_provider(fn: Callable[[], torch.Tensor], ref: torch.Tensor, toleranc
     """
     out: dict[str, Any] = {"status": None, "rel_err": None, "max_rel_err": None,
                            "tol": tolerance, "eager_us": None, "eager_samples": None,
-                           "graph_us": None, "graph_samples": None, "graph_status": None}
+                           "graph_us": None, "graph_samples": None, "graph_status": None,
+                           "eager_p20_us": None, "eager_p80_us": None, "graph_p20_us": None,
+                           "graph_p80_us": None}
     try:
         ok, out["rel_err"], out["max_rel_err"] = check_output(fn(), ref, tolerance)
     except Exception as ex:  # noqa: BLE001 - recorded, never fatal
@@ -564,6 +568,7 @@ def measure_provider(fn: Callable[[], torch.Tensor], ref: torch.Tensor, toleranc
     try:
         t = time_it(fn)
         out["eager_us"], out["eager_samples"] = t.median_us, t.samples
+        out["eager_p20_us"], out["eager_p80_us"] = t.p20_us, t.p80_us
     except Exception as ex:  # noqa: BLE001
         out["status"] = f"error: timing: {_error_text(ex).removeprefix('error: ')}"
         return out
@@ -579,6 +584,7 @@ def measure_provider(fn: Callable[[], torch.Tensor], ref: torch.Tensor, toleranc
             return out
         t = time_it(replay)
         out["graph_us"], out["graph_samples"] = t.median_us, t.samples
+        out["graph_p20_us"], out["graph_p80_us"] = t.p20_us, t.p80_us
         out["graph_status"] = "ok"
     except Exception as ex:  # noqa: BLE001
         out["graph_status"] = _error_text(ex)

@@ -250,6 +250,10 @@ CASES = [
     Case("dequant", "int4 g128 asym", 4, 128),
     Case("dequant", "int8 row sym", 8, None),
     Case("dequant", "int2 g128 asym", 2, 128),
+    # binary (QuantConfig(bits=1): 1-bit fields, the symmetric grid +-s/2, scales per group of
+    # 128) and ternary (TernaryConfig(): the symmetric 2-bit grid, one scale per row)
+    Case("dequant", "binary g128 sym", 1, 128),
+    Case("dequant", "ternary row sym", 2, None),
     Case("dequant", "codebook 4-bit", 4, None),
     Sparse24Case("sparse24", "2:4", 9, None),
     LowRankCase("lowrank", "rank 64", 16, None, rank=64),

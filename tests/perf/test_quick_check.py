@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_headline_cases_are_the_static_models_configs() -> None:
     assert qc.CASE_NAMES == ("int4 g128 asym", "int8 row sym", "int2 g128 asym",
-                             "codebook 4-bit")
+                             "binary g128 sym", "codebook 4-bit")
     by = {c.name: c for c in qc.CASES}
     assert (by["int4 g128 asym"].bits, by["int4 g128 asym"].group_size,
             by["int4 g128 asym"].symmetric) == (4, 128, False)

@@ -31,8 +31,12 @@ a zero weight; kernels also mask activations at ``k >= K``. ``q`` is packed alon
   ``3j + p`` holds bit ``p`` of column ``32j + i`` at bit ``i``. Exactly 3 bits per weight, and
   every tile of 32 columns stays word aligned.
 * ``b`` = 1 (affine only): one bit plane, word ``j`` holds column ``32j + i`` at bit ``i`` (plain
-  little-endian, which is also the 3-bit layout with a single plane, so the bit-plane kernels
-  and CPU paths read it; format versions do not change it, :func:`repack` returns it as is).
+  little-endian, which is also the 3-bit layout with a single plane, so the CPU paths read it
+  as they read bit planes; format versions do not change it, :func:`repack` returns it as is).
+  The GPU reads it with the contiguous-field kernels (32 one-bit fields per word): a byte
+  copied into a register's four bytes by one PRMT gives two adjacent columns per LOP3 under
+  per-column exponents (fp16), or a shift and a mask gives columns ``p`` and ``p + 16``, put
+  back in K order by a reshape.
 
 Affine format (int-b quantization)
 ----------------------------------

@@ -35,6 +35,11 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 from compress_ops.perf.compat import import_torchvision  # noqa: E402
 
+# Under pytest-xdist (make test: two workers on two cores) each worker gets one intra-op thread:
+# two workers of two threads each would oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 # torchvision (a test dependency: the real-model tests build its models, and timm's) on a
 # torch without its compiled ops: see compress_ops.perf.compat. Only the test process and the
 # benchmarks do this; the library never imports torchvision.

@@ -3,8 +3,8 @@
 
 Each op gets a kernel for the ``AutocastCPU`` and ``AutocastCUDA`` dispatch keys that casts its
 floating-point tensor arguments (the activation, and the stored scales, zeros, codebooks,
-factors, 2:4 values, fused conv weights and biases, W8A8 scales) to the context's dtype, then
-calls the op again below autocast. Packed integer tensors (``qweight``, ``indices``, 2:4
+factors, 2:4 values, fused conv weights and biases, W8A8 scales, hashed buckets) to the
+context's dtype, then calls the op again below autocast. Packed integer tensors (``qweight``, ``indices``, 2:4
 ``meta``) and stored FP8 levels are left as they are. The cast of the stored tensors happens on
 every call (one elementwise copy of each, a few bytes per weight: scales and zeros are
 ``N * K / group`` values, factors ``r (N + K)``); a model that always runs in one dtype is
@@ -18,6 +18,7 @@ import torch
 
 import compress_ops.ops.dequant  # noqa: F401  (the ops must exist before their kernels)
 import compress_ops.ops.dwsep_conv  # noqa: F401
+import compress_ops.ops.hashed  # noqa: F401
 import compress_ops.ops.lowrank  # noqa: F401
 import compress_ops.ops.sparse24  # noqa: F401
 import compress_ops.ops.w8a8  # noqa: F401
@@ -25,7 +26,7 @@ import compress_ops.ops.w8a8  # noqa: F401
 __all__ = ["OPS"]
 
 OPS = ("sparse24_linear", "dequant_linear", "codebook_linear", "lowrank_linear", "dwsep_conv2d",
-       "w8a8_linear")
+       "w8a8_linear", "hashed_linear")
 #: Floating-point types that hold stored levels, not values to compute in: never cast.
 STORED_FLOATS = (torch.float8_e4m3fn,)
 _LIB = torch.library.Library("compress_ops", "IMPL")

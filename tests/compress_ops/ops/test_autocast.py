@@ -21,6 +21,7 @@ CONFIGS = {
     "sparse24_linear": co.Sparse24Config(),
     "lowrank_linear": co.LowRankConfig(rank=8),
     "w8a8_linear": co.W8A8Config(),
+    "hashed_linear": co.HashedConfig(compression=1 / 8),
 }
 
 

@@ -5,7 +5,7 @@
     print(co.report(model))
 """
 
-from compress_ops import capture, distill, nn, ops, prune, qat, structured  # noqa: F401  (ops registers torch.ops.compress_ops.*)
+from compress_ops import capture, distill, nn, ops, prune, qat, share, structured  # noqa: F401  (ops registers torch.ops.compress_ops.*)
 from compress_ops.api import Recipe, Report, ReportRow, compress_, report
 from compress_ops.configs import (
     AlreadyCompressedError,
@@ -58,5 +58,6 @@ __all__ = [
     "ops",
     "prune",
     "qat",
+    "share",
     "structured",
 ]

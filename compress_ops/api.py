@@ -473,8 +473,16 @@ def report(model: nn.Module) -> Report:
 
     Compressed modules report their stored tensors; dense ``nn.Linear`` and Hugging Face
     ``Conv1D`` layers (and
-    ``nn.Conv2d`` layers, once a conv config has looked at the model) report ``kind="dense"``
+    ``nn.Conv2d`` layers, once a conv config has looked at the model, or when their weight is
+    tied to another dense layer's) report ``kind="dense"``
     with the reason ``compress_`` left them dense, if it tried.
+
+    Every tensor is counted once. A module registered under several names is one row (at its
+    first name, noted ``"also at <other names>"``; a dense ``nn.Conv2d`` shared so is listed).
+    A dense weight held by several of these layers (tied: ``co.share.tie_`` with
+    ``share_module=False``) is counted at its first holder; each later holder reports 0 stored
+    bytes with the note ``"weight tied to <first holder>"``, as a shared codebook is counted
+    at its first holder.
     """
     skipped: dict[str, str] = {}
     for prefix, sub in model.named_modules():  # notes of compress_ calls on submodules too
@@ -483,8 +491,17 @@ def report(model: nn.Module) -> Report:
     # Conv2d layers are listed once some conv was compressed (or compress_ left one dense)
     compressed_convs = any(isinstance(m, CompressedModule) and not isinstance(m, CompressedLinear)
                            for m in model.modules())
+    names: dict[int, list[str]] = {}  # id(module) -> every name it is registered under
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    holders: dict[int, int] = {}  # id(dense weight) -> how many listed dense layers hold it
+    for module in model.modules():
+        if isinstance(module, (*LINEAR_TYPES, nn.Conv2d)) \
+                and not isinstance(module, CompressedModule):
+            holders[id(module.weight)] = holders.get(id(module.weight), 0) + 1
     rows = Report()
     tables: dict[int, str] = {}  # id(shared codebook) -> first layer that holds it
+    weights: dict[int, str] = {}  # id(tied dense weight) -> first layer that holds it
     for name, module in model.named_modules():
         if isinstance(module, CodebookLinear):
             first = tables.setdefault(id(module.codebook), name)
@@ -492,14 +509,27 @@ def report(model: nn.Module) -> Report:
                 rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
                                       module.index_bytes(), f"codebook shared with {first}"))
                 continue
+        also = names[id(module)][1:]  # a module under several names is one row, noted
+        shared = f"also at {', '.join(also)}" if also else ""
         if isinstance(module, CompressedModule):  # (a note: e.g. fused for one input size)
-            note = "; ".join(n for n in (skipped.get(name, ""), module.report_note()) if n)
+            note = "; ".join(n for n in (skipped.get(name, ""), module.report_note(), shared)
+                             if n)
             rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
                                   module.stored_weight_bytes(), note))
-        elif isinstance(module, LINEAR_TYPES) or (isinstance(module, nn.Conv2d)
-                                               and (name in skipped or compressed_convs)):
+        elif isinstance(module, LINEAR_TYPES) or (
+                isinstance(module, nn.Conv2d) and (name in skipped or compressed_convs or also
+                                                   or holders.get(id(module.weight), 0) > 1)):
             nbytes = module.weight.numel() * module.weight.element_size()
-            rows.append(ReportRow(name, "dense", nbytes, nbytes, skipped.get(name, "")))
+            stored, tie = nbytes, ""
+            if holders.get(id(module.weight), 0) > 1:
+                first = weights.setdefault(id(module.weight), name)
+                if first != name:  # a tied weight is stored once: count it at its first holder
+                    stored, tie = 0, f"weight tied to {first}"
+            note = skipped.get(name, "")
+            if tie in note:  # (compress_'s reason names the tie already)
+                tie = ""
+            note = "; ".join(n for n in (tie, note, shared) if n)
+            rows.append(ReportRow(name, "dense", nbytes, stored, note))
         elif name in skipped or (name == "" and "<root>" in skipped):
             # a note about a container (e.g. a module torch.fx could not trace)
             rows.append(ReportRow(name, "skipped", 0, 0, skipped.get(name or "<root>", "")))

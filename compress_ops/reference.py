@@ -12,11 +12,12 @@ import torch.nn.functional as F
 
 from compress_ops.kernels.formats.dequant import codebook_weight, dequantize
 from compress_ops.kernels.formats.dwsep_conv import ACTIVATION_FNS
+from compress_ops.kernels.formats.hashed import hashed_weight
 from compress_ops.kernels.formats.sparse24 import unpack_sparse24
 from compress_ops.kernels.formats.w8a8 import epilogue, quantize_activation
 
 __all__ = ["sparse24_linear_ref", "dequant_linear_ref", "codebook_linear_ref",
-           "lowrank_linear_ref", "dwsep_conv2d_ref", "w8a8_linear_ref"]
+           "lowrank_linear_ref", "dwsep_conv2d_ref", "w8a8_linear_ref", "hashed_linear_ref"]
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
@@ -103,3 +104,12 @@ def w8a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tens
     if bias is not None:
         y = y + bias.double()
     return y.reshape(*x.shape[:-1], n)
+
+
+def hashed_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                      out_features: int, in_features: int, seed: int, *,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ W^T + bias`` with the virtual weight of the hashed buckets ``w`` (the whole
+    ``[N, K]`` weight at once), computed in ``dtype`` (default: ``x.dtype``)."""
+    dtype = dtype or x.dtype
+    return _linear(x, hashed_weight(w, out_features, in_features, seed), bias, dtype)

@@ -29,10 +29,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("compress_ops.nn",),
     ("compress_ops._swap", "compress_ops._linear", "compress_ops.transforms",
      "compress_ops.capture"),
-    ("compress_ops.fuse", "compress_ops.structured", "compress_ops.distill",
+    ("compress_ops.fuse", "compress_ops.share", "compress_ops.structured", "compress_ops.distill",
      "compress_ops.calibrate", "compress_ops.awq"),
     ("compress_ops.api", "compress_ops.prune"),
     ("compress_ops.qat", "compress_ops.planner", "compress_ops.archs",
+     "compress_ops.prune.search",  # search-based pruning, seeded from the planner's answer
      "compress_ops.integrations.serialization",  # re-exported as co.save / co.load
      "compress_ops.integrations.hf"),  # installed by import compress_ops
     ("compress_ops", "compress_ops.demo"),  # the package root re-exports the public API

@@ -20,7 +20,9 @@ What each layer becomes
   even, ``Clip`` to +-127), ``MatMulInteger`` on the int8 weight (exact int32), the float32
   epilogue in the op's order (compressed; bit-exact on finite inputs).
 * ``dequant_linear`` with b in {1, 3}, ``codebook_linear`` (``CodebookLinear``),
-  ``sparse24_linear`` (``Sparse24Linear``) and FP8 ``w8a8_linear``: ``MatMul`` on the
+  ``sparse24_linear`` (``Sparse24Linear``), FP8 ``w8a8_linear`` and ``hashed_linear``
+  (``HashedLinear``: ONNX has no hash, and a stored index would outweigh the dense weight):
+  ``MatMul`` on the
   **decompressed** float weight, computed from the stored tensors at export. No size gain: a
   ``UserWarning`` names these layers (and :attr:`OnnxExport.decompressed` lists them).
 
@@ -115,6 +117,7 @@ from torch import nn
 import compress_ops.ops  # noqa: F401  (registers every compress_ops:: op)
 from compress_ops.integrations import export as _export
 from compress_ops.kernels.formats import dequant as _dq
+from compress_ops.kernels.formats import hashed as _hashed
 from compress_ops.kernels.formats import sparse24 as _sp
 from compress_ops.kernels.formats import w8a8 as _w8
 from compress_ops.nn.base import CompressedModule
@@ -397,6 +400,16 @@ class _Translator:
         self.note(self.consts.layer(values), "MatMul (decompressed: 2:4)", True)
         return self.dense_matmul(x, w, bias, self.x_dtype(x))
 
+    def hashed_linear(self, x, w, bias, out_features, in_features, seed, hash_version):
+        op_name = "hashed_linear"
+        if hash_version != _hashed.HASH_VERSION:
+            raise OnnxExportError(f"{op_name}: hash version {hash_version} is not this build's "
+                                  f"({_hashed.HASH_VERSION})")
+        ww = self.consts.get(w, "w", op_name)
+        dense = _hashed.hashed_weight(ww, out_features, in_features, seed).float()
+        self.note(self.consts.layer(w), "MatMul (decompressed: hashed)", True)
+        return self.dense_matmul(x, dense, bias, self.x_dtype(x))
+
     def lowrank_linear(self, x, u, v, weight=None, bias=None):
         op_name = "lowrank_linear"
         op = self.op
@@ -497,7 +510,8 @@ class _Translator:
         ops = torch.ops.compress_ops
         return {getattr(ops, name).default: _function(getattr(self, name))
                 for name in ("dequant_linear", "codebook_linear", "sparse24_linear",
-                             "lowrank_linear", "dwsep_conv2d", "w8a8_linear")}
+                             "lowrank_linear", "dwsep_conv2d", "w8a8_linear",
+                             "hashed_linear")}
 
 
 def _function(method: Callable) -> Callable:

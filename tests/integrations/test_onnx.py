@@ -346,3 +346,14 @@ def test_named_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="accuracy_level"):
         ox.to_onnx(model, (x,), str(tmp_path / "a.onnx"), accuracy_level=7)
     assert not os.path.exists(tmp_path / "a.onnx")
+
+
+def test_hashed_layers_are_written_as_their_virtual_weight(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = co.nn.HashedLinear.from_dense(_lin(40, 24), compression=1 / 8, seed=77).eval()
+    path = str(tmp_path / "hashed.onnx")
+    rec, warned = _export(model, torch.randn(3, 40), path)
+    assert rec.decompressed == ["<root>"] and warned
+    assert rec.layers["<root>"] == "MatMul (decompressed: hashed)"
+    x = torch.randn(5, 40)
+    _close(_run(path, x), model(x))

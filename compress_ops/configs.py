@@ -37,6 +37,8 @@ __all__ = [
     "QuantConfig",
     "CodebookConfig",
     "LowRankConfig",
+    "HashedConfig",
+    "SharedFilterConfig",
     "DWSepFuseConfig",
     "TernaryConfig",
     "W8A8Config",
@@ -239,6 +241,42 @@ class W8A8Config(CompressionConfig):
 
 
 @dataclass(frozen=True)
+class HashedConfig(CompressionConfig):
+    """Hashed weights for ``nn.Linear`` (HashedNets, Chen et al. 2015): each layer becomes a
+    :class:`~compress_ops.nn.HashedLinear` whose ``out * in`` virtual weights share ``B``
+    trainable buckets through a fixed hash of the position; no index is stored.
+
+    ``compression``: ``B = round(compression * out * in)`` (default 1/8; 1/64 is the paper's
+    smallest), or ``buckets``: one ``B`` for every layer (a layer with ``out * in <= B`` stays
+    dense: no saving). ``seed``: the hash seed, an int in ``[0, 2**32)``. ``init="dense"``
+    starts each bucket at the mean of its members' weights (for fine-tuning a trained model);
+    ``init="random"`` draws fresh buckets (``nn.Linear``'s distribution: training from
+    scratch with the model's architecture).
+    """
+
+    compression: float | None = 0.125
+    buckets: int | None = None
+    seed: int = 0
+    init: str = "dense"
+
+    def __post_init__(self) -> None:
+        if self.buckets is not None:
+            if self.compression is not None and self.compression != 0.125:
+                raise ValueError("HashedConfig takes compression or buckets, not both")
+            object.__setattr__(self, "compression", None)
+            check_int("buckets", self.buckets, min=1)
+        else:
+            if self.compression is None:
+                raise ValueError("HashedConfig needs compression or buckets")
+            check_number("compression", self.compression, low=0.0, high=1.0, low_open=True,
+                         high_open=True, hint="(buckets / weights)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        check_choice("init", self.init, ("dense", "random"))
+
+
+@dataclass(frozen=True)
 class CodebookConfig(CompressionConfig):
     """Weight sharing for ``nn.Linear``: every weight becomes one of ``2**bits`` values
     (``bits`` in {2, 3, 4, 8}) found by 1-D k-means.
@@ -328,6 +366,32 @@ class LowRankConfig(CompressionConfig):
             check_number("energy", self.energy, low=0.0, high=1.0, low_open=True)
         check_choice("method", self.method, ("auto", "exact", "randomized"))
         check_bool("patch_embeddings", self.patch_embeddings)
+
+
+@dataclass(frozen=True)
+class SharedFilterConfig(CompressionConfig):
+    """Shared filters within a layer for plain ``nn.Conv2d`` (groups 1): each conv's ``C_out``
+    filters become ``scale[o] * bank[assign[o]]`` over a bank of ``F`` shared filters
+    (:class:`~compress_ops.nn.SharedFilterConv2d`, k-means of the filters up to sign and
+    scale). Exactly one of ``filters`` (``F``, an int) and ``fraction`` (``F = max(1,
+    round(fraction * C_out))``, in (0, 1)). ``iters``: k-means rounds at most. A conv where
+    ``F >= C_out`` or the bank and scales would not hold fewer parameters than the dense
+    weight stays dense, and ``report()`` says why.
+    """
+
+    filters: int | None = None
+    fraction: float | None = None
+    iters: int = 20
+
+    def __post_init__(self) -> None:
+        if (self.filters is None) == (self.fraction is None):
+            raise ValueError("SharedFilterConfig needs exactly one of filters and fraction")
+        if self.filters is not None:
+            check_int("filters", self.filters, min=1)
+        if self.fraction is not None:
+            check_number("fraction", self.fraction, low=0.0, high=1.0, low_open=True,
+                         high_open=True, hint="(of the output channels)")
+        check_int("iters", self.iters, min=1)
 
 
 @dataclass(frozen=True)

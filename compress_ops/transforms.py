@@ -16,18 +16,23 @@ from torch import nn
 from compress_ops._linear import LINEAR_TYPES, is_conv1d, plain_linear
 from compress_ops.configs import (
     CodebookConfig,
+    HashedConfig,
     LowRankConfig,
     QuantConfig,
+    SharedFilterConfig,
     Sparse24Config,
     TernaryConfig,
     UnsupportedModule,
     W8A8Config,
     register_transform,
 )
+from compress_ops.kernels.formats.hashed import buckets_for
 from compress_ops.kernels.formats.w8a8 import QDTYPES, QMAX
 from compress_ops.nn.base import check_compute_dtype
 from compress_ops.nn.dequant import TERNARY_NOTE, CodebookLinear, QuantLinear
+from compress_ops.nn.hashed import HashedLinear
 from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
+from compress_ops.nn.shared_conv import SharedFilterConv2d, shared_filter_count
 from compress_ops.nn.sparse24 import Sparse24Linear
 from compress_ops.nn.w8a8 import W8A8Linear
 from compress_ops.quantize import check_hessian, fit_codebook, gptq_affine, quantize_absmean
@@ -163,6 +168,17 @@ def _tucker2_params(conv: nn.Conv2d, r_out: int, r_in: int) -> int:
     return c_in * r_in + r_out * r_in * kh * kw + r_out * c_out
 
 
+@register_transform(HashedConfig, LINEAR_TYPES)
+def _hashed(module: nn.Module, config: HashedConfig) -> nn.Module:
+    module = plain_linear(module)
+    n, k = module.out_features, module.in_features
+    buckets = config.buckets if config.buckets is not None else buckets_for(n, k,
+                                                                            config.compression)
+    if buckets >= n * k:
+        raise UnsupportedModule(f"{buckets} buckets for {n * k} weights: no saving; kept dense")
+    return HashedLinear.from_dense(module, buckets=buckets, seed=config.seed, init=config.init)
+
+
 @register_transform(LowRankConfig, (*LINEAR_TYPES, nn.Conv2d))
 def _lowrank(module: nn.Module, config: LowRankConfig) -> nn.Module:
     if isinstance(module, nn.Conv2d) and type(module) is not nn.Conv2d:
@@ -196,3 +212,23 @@ def _lowrank(module: nn.Module, config: LowRankConfig) -> nn.Module:
                                    method=config.method)
     _no_saving("SVD", new.rank * (n + k), n * k, new.rank)
     return new
+
+
+@register_transform(SharedFilterConfig, (nn.Conv2d,))
+def _shared_filter(module: nn.Module, config: SharedFilterConfig) -> nn.Module:
+    if type(module) is not nn.Conv2d:
+        raise UnsupportedModule(f"{type(module).__name__} is not a plain nn.Conv2d (its forward "
+                                f"may do more than the conv)")
+    if module.groups != 1:
+        raise UnsupportedModule(f"shared filters need groups=1, got groups={module.groups}")
+    c_out = module.out_channels
+    f = shared_filter_count(c_out, config.filters, config.fraction)
+    if f >= c_out:
+        raise UnsupportedModule(f"{f} shared filters for {c_out} output channels: no sharing; "
+                                f"kept dense")
+    dense = module.weight.numel()
+    shared = f * dense // c_out + c_out
+    if shared >= dense:
+        raise UnsupportedModule(f"{f} shared filters + {c_out} scales hold {shared} parameters "
+                                f">= dense {dense}; kept dense")
+    return SharedFilterConv2d.from_dense(module, filters=f, iters=config.iters)

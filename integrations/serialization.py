@@ -46,7 +46,7 @@ from compress_ops import _swap
 from compress_ops._linear import LINEAR_TYPES, linear_weight
 from compress_ops.api import Recipe, report
 from compress_ops.configs import DWSepFuseConfig, per_layer_configs
-from compress_ops.nn import FusedDWSepConv2d, LowRankConv2d
+from compress_ops.nn import FusedDWSepConv2d, LowRankConv2d, SharedFilterConv2d
 from compress_ops.nn.base import CompressedLinear, CompressedModule
 from compress_ops.structured.surgery import resized_copy
 
@@ -313,7 +313,7 @@ def _fits(cls: type, args: dict[str, Any], target: nn.Module) -> str | None:
             f"is a {type(target).__name__}, neither a depthwise conv nor a zero pad")
     if not isinstance(target, nn.Conv2d):
         return f"is a {type(target).__name__}, not an nn.Conv2d"
-    if cls is LowRankConv2d:
+    if cls in (LowRankConv2d, SharedFilterConv2d):
         want = (args["out_channels"], args["in_channels"], *args["kernel_size"])
         got = tuple(target.weight.shape)
         return None if got == want else f"has a weight of {got}, the checkpoint {want}"

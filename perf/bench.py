@@ -36,7 +36,7 @@ from pathlib import Path
 from compress_ops.perf import machine, schema, timing
 
 #: Kernel families, in run order: module ``compress_ops.perf.bench_<name>``.
-FAMILIES: tuple[str, ...] = ("sparse24", "dequant", "lowrank", "dwsep_conv", "w8a8")
+FAMILIES: tuple[str, ...] = ("sparse24", "dequant", "lowrank", "dwsep_conv", "w8a8", "hashed")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -4,9 +4,10 @@
 Each op gets a kernel for the ``AutocastCPU`` and ``AutocastCUDA`` dispatch keys that casts its
 floating-point tensor arguments (the activation, and the stored scales, zeros, codebooks,
 factors, 2:4 values, fused conv weights and biases, W8A8 scales, hashed buckets) to the
-context's dtype, then calls the op again below autocast. Packed integer tensors (``qweight``, ``indices``, 2:4
-``meta``) and stored FP8 levels are left as they are. The cast of the stored tensors happens on
-every call (one elementwise copy of each, a few bytes per weight: scales and zeros are
+context's dtype, then calls the op again below autocast. Packed integer tensors (``qweight``,
+``indices``, 2:4 ``meta``) and stored FP8 levels are left as they are. The cast of the stored
+tensors happens on every call (one elementwise copy of each, a few bytes per weight: scales and
+zeros are
 ``N * K / group`` values, factors ``r (N + K)``); a model that always runs in one dtype is
 cheaper converted once with ``.to(dtype)``. ``torch.library.register_autocast`` fixes one
 dtype per device; these kernels read the context's instead (fp16 and bf16 alike).

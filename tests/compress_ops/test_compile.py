@@ -19,6 +19,7 @@ FAMILIES = {
     "lowrank": co.LowRankConfig(rank=16),
     "w8a8": co.W8A8Config(),
     "w8a8fp8": co.W8A8Config(dtype="fp8"),
+    "hashed": co.HashedConfig(compression=1 / 8),
 }
 
 
@@ -45,7 +46,8 @@ def test_fullgraph_aot_eager_matches_eager(op_device, make, family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sparse24", "int4", "codebook", "lowrank", "w8a8"])
+@pytest.mark.parametrize("family", ["sparse24", "int4", "codebook", "lowrank", "w8a8",
+                                    "hashed"])
 def test_fullgraph_inductor_matches_eager_with_grad(family):
     model = _compressed(Block(), family)
     x = torch.randn(2, 8, 64, requires_grad=True)

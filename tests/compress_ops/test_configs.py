@@ -11,6 +11,7 @@ import compress_ops as co
 from compress_ops import configs
 from compress_ops._linear import HFConv1D
 from compress_ops.nn.dequant import CODEBOOK_DEFAULTS, QUANT_DEFAULTS
+from compress_ops.nn.hashed import HASHED_DEFAULTS
 from compress_ops.nn.sparse24 import SPARSE24_DEFAULTS
 from compress_ops.nn.w8a8 import W8A8_DEFAULTS
 
@@ -24,7 +25,8 @@ def test_one_exception_hierarchy():
 
 @pytest.mark.parametrize(("config", "defaults"), [
     (co.QuantConfig(), QUANT_DEFAULTS), (co.CodebookConfig(), CODEBOOK_DEFAULTS),
-    (co.Sparse24Config(), SPARSE24_DEFAULTS), (co.W8A8Config(), W8A8_DEFAULTS)])
+    (co.Sparse24Config(), SPARSE24_DEFAULTS), (co.W8A8Config(), W8A8_DEFAULTS),
+    (co.HashedConfig(), HASHED_DEFAULTS)])
 def test_module_defaults_are_the_config_defaults(config, defaults):
     assert {k: getattr(config, k) for k in defaults} == defaults
 
@@ -35,7 +37,9 @@ def test_module_defaults_are_the_config_defaults(config, defaults):
     (co.nn.CodebookLinear, co.CodebookConfig(bits=3, row_groups=2, iters=5),
      {"bits": 3, "row_groups": 2, "iters": 5}),
     (co.nn.Sparse24Linear, co.Sparse24Config(), {"prune": True}),
-    (co.nn.LowRankLinear, co.LowRankConfig(rank=5), {"rank": 5})])
+    (co.nn.LowRankLinear, co.LowRankConfig(rank=5), {"rank": 5}),
+    (co.nn.HashedLinear, co.HashedConfig(compression=0.25, seed=3),
+     {"compression": 0.25, "seed": 3})])
 def test_from_dense_takes_a_config_or_its_plain_values(module, config, values):
     torch.manual_seed(0)
     lin = nn.Linear(70, 12)
@@ -57,7 +61,8 @@ def test_registry_names_unknown_configs_and_takes_per_layer_configs_only():
     assert configs.transform_for(co.QuantConfig()).handles == (nn.Linear, HFConv1D)
     assert set(configs.per_layer_configs()) == {co.Sparse24Config, co.QuantConfig,
                                                 co.CodebookConfig, co.LowRankConfig,
-                                                co.TernaryConfig, co.W8A8Config}
+                                                co.TernaryConfig, co.W8A8Config,
+                                                co.HashedConfig, co.SharedFilterConfig}
     with pytest.raises(TypeError, match="per-layer"):
         configs.register_transform(co.DWSepFuseConfig, (nn.Conv2d,))
     with pytest.raises(TypeError, match="matches chains of layers"):

@@ -25,7 +25,7 @@ import compress_ops as co
 from tests.kernels.tolerances import rel_err, tol
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-KINDS = ["sparse24", "quant", "codebook", "lowrank"]
+KINDS = ["sparse24", "quant", "codebook", "lowrank", "hashed"]
 EXAMPLES = {"reference": int(os.environ.get("COMPRESS_OPS_PROPERTY_EXAMPLES", 25)),
             "triton": int(os.environ.get("COMPRESS_OPS_PROPERTY_EXAMPLES", 8))}
 
@@ -40,6 +40,10 @@ def configs(draw, kind):
                               symmetric=draw(st.booleans()), search_steps=4)
     if kind == "codebook":
         return co.CodebookConfig(bits=draw(st.sampled_from([2, 4])), iters=4)
+    if kind == "hashed":
+        return co.HashedConfig(compression=draw(st.sampled_from([1 / 64, 1 / 8, 0.5])),
+                               seed=draw(st.integers(0, 2**32 - 1)),
+                               init=draw(st.sampled_from(["dense", "random"])))
     return co.LowRankConfig(rank=draw(st.integers(1, 8)))
 
 

@@ -258,6 +258,7 @@ def build_linear_module(family: str, variant: str, linear: nn.Linear) -> nn.Modu
     """The compressed module of ``linear`` through its ``from_dense``."""
     from compress_ops.nn import (
         CodebookLinear,
+        HashedLinear,
         LowRankLinear,
         QuantLinear,
         Sparse24Linear,
@@ -274,6 +275,8 @@ def build_linear_module(family: str, variant: str, linear: nn.Linear) -> nn.Modu
         return Sparse24Linear.from_dense(linear)
     if family == "lowrank":
         return LowRankLinear.from_dense(linear, rank=int(variant.split()[-1]))
+    if family == "hashed":  # variant "1/8": buckets = means of the weight's members
+        return HashedLinear.from_dense(linear, compression=1 / int(variant.split("/")[-1]))
     if family == "w8a8":  # variant "int8" / "fp8" (smoke) or "w8a8 int8" (the case's name)
         return W8A8Linear.from_dense(linear, dtype=variant.split()[-1])
     raise ValueError(f"unknown linear family {family!r}")
@@ -317,6 +320,7 @@ def smoke_cases(small: bool = False) -> list[SmokeCase]:
     variants = [("dequant", name) for name in CASE_NAMES]
     variants += [("sparse24", "2:4"), ("lowrank", f"rank {rank}"), ("dwsep_conv", "relu6")]
     variants += [("w8a8", v) for v in W8A8_VARIANTS]
+    variants += [("hashed", "1/8")]
     out = []
     for dt in ("fp16", "bf16"):
         for i in range(max(len(linear), len(conv))):

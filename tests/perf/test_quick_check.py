@@ -70,7 +70,8 @@ def test_smoke_covers_every_family_dtype_and_a_ragged_shape(small: bool) -> None
     assert len({c.name for c in cases}) == len(cases)
     variants = {(c.family, c.variant) for c in cases}
     assert {v for f, v in variants if f == "dequant"} == set(qc.CASE_NAMES)
-    assert {f for f, _ in variants} == {"dequant", "sparse24", "lowrank", "dwsep_conv", "w8a8"}
+    assert {f for f, _ in variants} == {"dequant", "sparse24", "lowrank", "dwsep_conv", "w8a8",
+                                        "hashed"}
     assert {v for f, v in variants if f == "w8a8"} == set(qc.W8A8_VARIANTS)
     for fam, var in variants:
         for dt in ("fp16", "bf16"):

@@ -14,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import compress_ops  # noqa: F401  (registers the ops)
 from compress_ops import quantize as qz
 from compress_ops.kernels.formats import sparse24 as spf
+from compress_ops.kernels.formats.hashed import HASH_VERSION
 from compress_ops.ops import routing
 
 ops = torch.ops.compress_ops
@@ -47,6 +48,10 @@ def _lowrank(dtype=torch.float32):
             _rand(16, 40, seed=3, dtype=dtype), _rand(16, seed=1, dtype=dtype))
 
 
+def _hashed(dtype=torch.float32):
+    return _rand(50, dtype=dtype), _rand(16, seed=1, dtype=dtype), 16, 40, 7, HASH_VERSION
+
+
 def _dwsep(dtype=torch.float32):
     return (_rand(6, 3, 3, dtype=dtype), _rand(6, seed=1, dtype=dtype),
             _rand(4, 6, seed=2, dtype=dtype), _rand(4, seed=3, dtype=dtype))
@@ -57,6 +62,7 @@ LINEAR = {
     "dequant_linear": (ops.dequant_linear, _affine, "dequant"),
     "codebook_linear": (ops.codebook_linear, _codebook, "dequant"),
     "lowrank_linear": (ops.lowrank_linear, _lowrank, "lowrank"),
+    "hashed_linear": (ops.hashed_linear, _hashed, "hashed"),
 }
 
 
@@ -272,6 +278,13 @@ EMPTY_WEIGHTS = {
     "lowrank r": (ops.lowrank_linear,
                   lambda: (_x(40), torch.randn(4, 0), torch.randn(0, 40), None, None),
                   _named("lowrank_linear", "r (u.shape[1])")),
+    "hashed N": (ops.hashed_linear, lambda: (_x(40), torch.randn(8), None, 0, 40, 0, HASH_VERSION),
+                 _named("hashed_linear", "out_features")),
+    "hashed K": (ops.hashed_linear, lambda: (_x(0), torch.randn(8), None, 4, 0, 0, HASH_VERSION),
+                 _named("hashed_linear", "in_features")),
+    "hashed B": (ops.hashed_linear,
+                 lambda: (_x(40), torch.randn(0), None, 4, 40, 0, HASH_VERSION),
+                 _named("hashed_linear", "buckets (w.numel())")),
     "dwsep C": (ops.dwsep_conv2d,
                 lambda: (torch.randn(2, 0, 7, 5), torch.randn(0, 3, 3), None, torch.randn(4, 0),
                          None, None, 1, [1, 1, 1, 1], "relu", "none"),

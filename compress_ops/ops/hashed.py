@@ -17,6 +17,8 @@ layout version): a traced graph names the hash it was built for.
 from __future__ import annotations
 
 import math
+import os
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 from compress_ops.kernels.formats import hashed as _h
 from compress_ops.ops import routing
 
-__all__ = ["hashed_linear", "hashed_linear_t", "hashed_grad_w", "check_hash_version"]
+__all__ = ["hashed_linear", "hashed_linear_t", "hashed_grad_w", "check_hash_version",
+           "index_cache_bytes", "INDEX_CACHE"]
 
 
 def check_hash_version(version: int) -> None:
@@ -36,6 +39,53 @@ def check_hash_version(version: int) -> None:
                          f"hash; they cannot be read with this one)")
 
 
+#: ``(n, k, buckets, seed, rows, device) -> (bucket int32, negative bool)``: the CPU path's
+#: virtual indices, least recently used last; at most :func:`index_cache_bytes` in all.
+INDEX_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+
+def index_cache_bytes() -> int:
+    """Bytes of virtual indices the CPU path keeps between calls
+    (``COMPRESS_OPS_HASH_CACHE_MB``, default 64; 0 keeps none). An index is 5 bytes per
+    weight and depends only on the shape, the buckets and the seed (never stale); a training
+    step reads it three times (forward, input gradient, bucket gradient)."""
+    mb = os.environ.get("COMPRESS_OPS_HASH_CACHE_MB", "64")
+    try:
+        value = float(mb)
+    except ValueError:
+        raise ValueError(f"COMPRESS_OPS_HASH_CACHE_MB must be a number, got {mb!r}") from None
+    return max(0, int(value * (1 << 20)))
+
+
+def _index(n: int, k: int, buckets: int, seed: int, rows: tuple[int, int],
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (n, k, buckets, seed, rows, str(device))
+    hit = INDEX_CACHE.get(key)
+    if hit is not None:
+        INDEX_CACHE.move_to_end(key)
+        return hit
+    bucket, neg = _h.virtual_index(n, k, buckets, seed, rows=rows, device=device)
+    bucket = bucket.to(torch.int32)  # buckets < 2**31
+    limit = index_cache_bytes()
+    size = bucket.numel() * 5
+    if size <= limit:
+        INDEX_CACHE[key] = (bucket, neg)
+        total = sum(b.numel() * 5 for b, _ in INDEX_CACHE.values())
+        while total > limit:
+            old, _ = INDEX_CACHE.popitem(last=False)[1]
+            total -= old.numel() * 5
+    return bucket, neg
+
+
+def _weight(w: torch.Tensor, n: int, k: int, seed: int, rows: tuple[int, int],
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rows ``rows`` of the virtual weight (``formats.hashed.hashed_weight``, from the cached
+    index)."""
+    bucket, neg = _index(n, k, w.numel(), seed, rows, w.device)
+    v = w.to(dtype or w.dtype)[bucket]
+    return torch.where(neg, -v, v)
+
+
 def _chunks(n: int, k: int):
     step = _h.row_chunk(n, k)
     for start in range(0, n, step):
@@ -45,10 +95,10 @@ def _chunks(n: int, k: int):
 def _cpu_forward(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, n: int, k: int,
                  seed: int) -> torch.Tensor:
     if _h.row_chunk(n, k) >= n:
-        return F.linear(x2, _h.hashed_weight(w, n, k, seed), bias)
+        return F.linear(x2, _weight(w, n, k, seed, (0, n)), bias)
     out = x2.new_empty(x2.shape[0], n)
     for s, e in _chunks(n, k):
-        out[:, s:e] = F.linear(x2, _h.hashed_weight(w, n, k, seed, rows=(s, e)),
+        out[:, s:e] = F.linear(x2, _weight(w, n, k, seed, (s, e)),
                                None if bias is None else bias[s:e])
     return out
 
@@ -56,7 +106,7 @@ def _cpu_forward(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, n
 def _cpu_transposed(g2: torch.Tensor, w: torch.Tensor, n: int, k: int, seed: int) -> torch.Tensor:
     acc = None
     for s, e in _chunks(n, k):
-        part = g2[:, s:e] @ _h.hashed_weight(w, n, k, seed, rows=(s, e), dtype=g2.dtype)
+        part = g2[:, s:e] @ _weight(w, n, k, seed, (s, e), g2.dtype)
         acc = part if acc is None else acc + part
     return acc
 
@@ -67,7 +117,7 @@ def _cpu_grad_w(g2: torch.Tensor, x2: torch.Tensor, buckets: int, n: int, k: int
     xf = x2.float()
     for s, e in _chunks(n, k):
         gm = g2[:, s:e].float().t() @ xf  # [rows, K], the dense weight's gradient rows
-        bucket, neg = _h.virtual_index(n, k, buckets, seed, rows=(s, e), device=g2.device)
+        bucket, neg = _index(n, k, buckets, seed, (s, e), g2.device)
         out.index_add_(0, bucket.flatten(), torch.where(neg, -gm, gm).flatten())
     return out
 

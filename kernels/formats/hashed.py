@@ -50,11 +50,13 @@ CHUNK_ELEMENTS = 1 << 22
 
 def hash_bits(idx: torch.Tensor, seed: int) -> torch.Tensor:
     """The 32-bit hash ``h`` of positions ``idx`` (int64 holding values in ``[0, 2**32)``),
-    as int64 in ``[0, 2**32)``."""
+    as int64 in ``[0, 2**32)``. Works in place on a copy of ``idx`` (two buffers, no
+    temporaries per step)."""
     h = idx ^ seed
-    h = (((h >> 16) ^ h) * MIX) & _M32
-    h = (((h >> 16) ^ h) * MIX) & _M32
-    return (h >> 16) ^ h
+    t = torch.empty_like(h)
+    for _ in range(2):
+        h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=t)).mul_(MIX).bitwise_and_(_M32)
+    return h.bitwise_xor_(torch.bitwise_right_shift(h, 16, out=t))
 
 
 def virtual_index(n: int, k: int, buckets: int, seed: int, *, rows: tuple[int, int] | None = None,
@@ -65,9 +67,10 @@ def virtual_index(n: int, k: int, buckets: int, seed: int, *, rows: tuple[int, i
     start, stop = rows if rows is not None else (0, n)
     r = torch.arange(start, stop, dtype=torch.int64, device=device)
     c = torch.arange(k, dtype=torch.int64, device=device)
-    idx = (r[:, None] * k + c[None, :]) & _M32
+    idx = torch.add(r[:, None] * k, c[None, :]).bitwise_and_(_M32)
     h = hash_bits(idx, seed)
-    return (h * buckets) >> 32, (h & 1).bool()
+    neg = (h & 1).bool()
+    return h.mul_(buckets).bitwise_right_shift_(32), neg
 
 
 def hashed_weight(w: torch.Tensor, n: int, k: int, seed: int, *,

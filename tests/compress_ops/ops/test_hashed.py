@@ -184,3 +184,26 @@ def test_compile_parity_with_gradients():
     torch.testing.assert_close(x.grad, want[0])
     torch.testing.assert_close(w.grad, want[1])
     torch._dynamo.reset()
+
+
+def test_cpu_index_cache_changes_nothing_and_stays_within_its_bound(monkeypatch):
+    n, k, b = 30, 40, 64
+    w, x = _w(b, grad=True), torch.randn(3, k)
+    hashed_ops.INDEX_CACHE.clear()
+    monkeypatch.setenv("COMPRESS_OPS_HASH_CACHE_MB", "0")
+    y0 = op(x, w, None, n, k, 1, V)
+    assert not hashed_ops.INDEX_CACHE  # nothing kept
+    monkeypatch.setenv("COMPRESS_OPS_HASH_CACHE_MB", "1")
+    y1 = op(x, w, None, n, k, 1, V)
+    y2 = op(x, w, None, n, k, 1, V)  # from the cache
+    assert torch.equal(y0, y1) and torch.equal(y1, y2)
+    assert list(hashed_ops.INDEX_CACHE) == [(n, k, b, 1, (0, n), "cpu")]
+    limit = 3 * n * k * 5  # room for three layers' indices
+    monkeypatch.setenv("COMPRESS_OPS_HASH_CACHE_MB", str(limit / (1 << 20)))
+    for seed in range(2, 7):
+        op(x, w, None, n, k, seed, V)
+    assert [key[3] for key in hashed_ops.INDEX_CACHE] == [4, 5, 6]  # least recently used out
+    monkeypatch.setenv("COMPRESS_OPS_HASH_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="COMPRESS_OPS_HASH_CACHE_MB"):
+        op(x, w, None, n, k, 99, V)
+    hashed_ops.INDEX_CACHE.clear()

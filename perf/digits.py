@@ -22,7 +22,24 @@ are nonzero (what unstructured pruning changes: it keeps the dense storage). Row
   ``--seeds`` seeds, same initialisations, batches and steps), on the training batches and on
   randomly shifted digits (one-pixel shifts: the teacher's soft labels on images it has not
   seen are where distillation carries more than the labels);
-* the automatic plan (:func:`compress_ops.plan`) at budgets 0.5 and 0.25, one-shot.
+* the automatic plan (:func:`compress_ops.plan`) at budgets 0.5 and 0.25, one-shot;
+* ``share``: weight sharing carried out BEFORE training (the comparison of HashedNets, Chen et
+  al. 2015), a table of its own (:func:`share_rows`): every model trained from scratch on the
+  labels for ``--share-steps`` steps (default 500: fewer than ``--steps``, for time), mean and
+  std of the held-out accuracy over ``--seeds`` seeds (initialisation and hash seed), the
+  weights stored (every Linear/Conv2d weight counted once, hashed layers as their buckets,
+  shared-filter convs as bank + per-channel scales; the "params" column adds biases and
+  BatchNorm, each tied tensor once) and the training wall time per seed. MLP: hashed at 1/8
+  and 1/64 (every layer, :class:`~compress_ops.HashedConfig` ``init="random"``) against the
+  dense 64-256-256-10 and a narrower dense 64-h-h-10 of the same weight count; an ALBERT-style
+  deep residual MLP 64-256-[256x256]x10-10 untied, with its 10 hidden layers tied
+  (:func:`compress_ops.share.tie_`: 1/8) and tied + hashed at 1/8 (1/64), each against the
+  dense 64-h-h-10 of the same count. CNN: hashed fc layers + shared-filter convs
+  (:class:`~compress_ops.nn.shared_conv.SharedFilterConv2d`) at 1/8 and 1/64 against a
+  narrower dense CNN of about the same count. The section trains single-threaded (restored
+  after), the hashed layers through the package's op (its CPU path keeps the virtual index
+  between calls: ``COMPRESS_OPS_HASH_CACHE_MB``); a model listed in two groups
+  (the equal-count dense MLPs of the deep group) is trained once. About 3 minutes.
 
 Retraining uses :func:`compress_ops.distill.fit` (AdamW, ``--retrain`` steps, distillation
 from the dense model with T = 4, alpha = 0.5). Wall time on the 2-core CI machine: a few
@@ -30,6 +47,7 @@ minutes.
 
     python -m compress_ops.perf.digits [--markdown] [--models mlp,cnn] [--steps 1500]
                                        [--retrain 600] [--sections quant,...]
+                                       [--share-steps 500]
 """
 
 from __future__ import annotations
@@ -52,7 +70,7 @@ from compress_ops.nn.base import CompressedLinear
 
 BATCH = 64
 #: The row groups of the table (``--sections``), in order.
-SECTIONS = ("sparse", "quant", "lowrank", "distill", "plan")
+SECTIONS = ("sparse", "quant", "lowrank", "distill", "plan", "share")
 
 
 def load(seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -263,12 +281,204 @@ def _students(kind: str, args: argparse.Namespace, dense: nn.Module, data: list,
                   f"{[round(a, 2) for a in accs]}", file=sys.stderr)
 
 
+class DeepMLP(nn.Module):
+    """64-w-[w x w] x layers-10 with residual hidden layers (``h = h + relu(W h + b)``): the
+    ALBERT-style stack whose ``hidden`` layers :func:`compress_ops.share.tie_` ties."""
+
+    def __init__(self, layers: int = 10, width: int = 256) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, width)
+        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc1(x))
+        for layer in self.hidden:
+            h = h + F.relu(layer(h))
+        return self.head(h)
+
+
+#: hidden layers of the deep MLP of the ``share`` section (tied: ~1/8 of the untied weights)
+DEEP_LAYERS = 10
+
+
+def share_weights(model: nn.Module) -> int:
+    """Stored weight values: every Linear/Conv2d weight once (a tied weight once), a hashed
+    layer's buckets, a shared-filter conv's bank + per-channel scales (its fixed ``assign``
+    index and every bias excluded)."""
+    from compress_ops.nn import HashedLinear
+
+    seen: set[int] = set()
+    total = 0
+    for m in model.modules():
+        if isinstance(m, HashedLinear):
+            tensors = [m.w]
+        elif type(m).__name__ == "SharedFilterConv2d":
+            tensors = [m.bank, m.scale]
+        elif type(m) in (nn.Linear, nn.Conv2d):
+            tensors = [m.weight]
+        else:
+            continue
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel()
+    return total
+
+
+def all_params(model: nn.Module) -> int:
+    """Every trainable value, each tensor once: weights + biases + BatchNorm affine."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _dense_width(target: int, weights: Callable[[int], int]) -> int:
+    """The width whose dense weight count ``weights(width)`` is closest to ``target``."""
+    return min(range(1, 513), key=lambda w: abs(weights(w) - target))
+
+
+def _mlp_weights(h: int) -> int:
+    return 64 * h + h * h + 10 * h
+
+
+def _cnn_weights(w: int) -> int:
+    """Weights of ``CNN(w)``: convs 1-w-2w (3x3), fc 32w-4w, head 4w-10."""
+    return 9 * w + 18 * w * w + 128 * w * w + 40 * w
+
+
+def _shared_filter_cnn(model: CNN, fraction: float, seed: int) -> CNN:
+    """``model`` with both convs replaced by fresh shared-filter convs: ``F = max(1,
+    round(fraction * C_out))`` bank filters (training from scratch)."""
+    from compress_ops.nn.shared_conv import SharedFilterConv2d
+
+    for name in ("conv1", "conv2"):
+        c = getattr(model, name)
+        setattr(model, name, SharedFilterConv2d(
+            c.in_channels, c.out_channels, c.kernel_size, max(1, round(fraction * c.out_channels)),
+            padding=c.padding, seed=seed))
+    return model
+
+
+def share_rows(kind: str, args: argparse.Namespace, split: tuple) -> list[tuple]:
+    """The ``share`` section for ``kind``: rows ``(method, weights, fraction, params, mean acc,
+    std acc, train s per seed)``; ``fraction`` is of the group's reference (the first row of
+    each group: the dense 64-256-256-10 MLP, the untied deep MLP, the dense CNN). Every model
+    is trained from scratch on the labels (``args.share_steps`` steps, ``args.seeds`` seeds);
+    a model that appears in two groups is trained once."""
+    x_tr, y_tr, x_te, y_te = split
+    data = batches(x_tr, y_tr, seed=1)
+    fractions = (1 / 8, 1 / 64)
+    try:
+        import compress_ops.nn.shared_conv  # noqa: F401
+        have_sf = True
+    except ImportError:
+        have_sf = False
+        print("  SharedFilterConv2d is not importable: CNN rows hash the fc layers only",
+              file=sys.stderr)
+
+    def hashed_config(c: float, seed: int) -> co.HashedConfig:
+        return co.HashedConfig(compression=c, init="random", seed=seed)
+
+    builders: dict[str, Callable[[int], nn.Module]] = {}
+    groups: list[list[str]] = []
+    if kind == "mlp":
+        small = {c: _dense_width(round(c * _mlp_weights(256)), _mlp_weights) for c in fractions}
+
+        def dense_name(h: int) -> str:
+            return "dense 64-256-256-10" if h == 256 else f"dense 64-{h}-{h}-10 (equal count)"
+
+        deep_tied = _mlp_weights(256)  # the tied deep MLP stores one 256x256 hidden weight
+        deep_hashed = round(deep_tied / 8)
+        builders["dense 64-256-256-10"] = lambda s: MLP(256)
+        group = ["dense 64-256-256-10"]
+        for c, label in zip(fractions, ("1/8", "1/64"), strict=True):
+            name = f"hashed {label} (every layer)"
+            builders[name] = lambda s, c=c: co.compress_(MLP(256), hashed_config(c, s))
+            h = small[c]
+            builders[dense_name(h)] = lambda s, h=h: MLP(h)
+            group += [name, dense_name(h)]
+        groups.append(group)
+        hidden = [f"hidden.{i}" for i in range(DEEP_LAYERS)]
+
+        def tied(s: int) -> nn.Module:
+            m = DeepMLP(DEEP_LAYERS)
+            co.share.tie_(m, hidden)
+            return m
+
+        deep = f"deep 64-256-[256x256]x{DEEP_LAYERS}-10 untied"
+        builders[deep] = lambda s: DeepMLP(DEEP_LAYERS)
+        builders[f"deep tied ({DEEP_LAYERS} hidden layers, one weight)"] = tied
+        builders["deep tied + hashed 1/8 (every layer)"] = \
+            lambda s: co.compress_(tied(s), hashed_config(1 / 8, s))
+        h1 = _dense_width(deep_tied, _mlp_weights)
+        h2 = _dense_width(deep_hashed, _mlp_weights)
+        builders.setdefault(dense_name(h1), lambda s: MLP(h1))
+        builders.setdefault(dense_name(h2), lambda s: MLP(h2))
+        groups.append([deep, f"deep tied ({DEEP_LAYERS} hidden layers, one weight)",
+                       dense_name(h1), "deep tied + hashed 1/8 (every layer)", dense_name(h2)])
+    else:
+        builders["dense CNN width 32"] = lambda s: CNN(32)
+        group = ["dense CNN width 32"]
+        for c, label in zip(fractions, ("1/8", "1/64"), strict=True):
+            name = f"hashed fc {label}" + (f" + shared-filter convs {label}" if have_sf
+                                           else " (dense convs)")
+
+            def build(s: int, c: float = c) -> nn.Module:
+                m = co.compress_(CNN(32), hashed_config(c, s))
+                return _shared_filter_cnn(m, c, s) if have_sf else m
+
+            w = _dense_width(share_weights(build(0)), _cnn_weights)
+            builders[name] = build
+            builders[f"dense CNN width {w} (~equal count)"] = lambda s, w=w: CNN(w)
+            group += [name, f"dense CNN width {w} (~equal count)"]
+        groups.append(group)
+
+    results: dict[str, tuple] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: on a shared 2-core machine threads cost more
+    try:
+        for name, build in builders.items():
+            results[name] = _train_seeds(kind, name, build, args, data, x_te, y_te)
+    finally:
+        torch.set_num_threads(threads)
+    rows = []
+    for group in groups:
+        ref = results[group[0]][0]
+        for name in group:
+            w, p, mean, std, secs = results[name]
+            rows.append((name, w, w / ref, p, mean, std, secs))
+    return rows
+
+
+def _train_seeds(kind: str, name: str, build: Callable[[int], nn.Module],
+                 args: argparse.Namespace, data: list, x_te: torch.Tensor,
+                 y_te: torch.Tensor) -> tuple:
+    """``(weights, params, mean acc, std acc, train s per seed)`` of ``build(seed)`` trained
+    from scratch for each seed."""
+    accs, times = [], []
+    for seed in range(args.seeds):
+        torch.manual_seed(100 + seed)
+        model = build(seed)
+        start = time.perf_counter()
+        train(model, data, args.share_steps)
+        times.append(time.perf_counter() - start)
+        accs.append(accuracy(model, x_te, y_te))
+    a = torch.tensor(accs)
+    out = (share_weights(model), all_params(model), a.mean().item(),
+           a.std().item() if len(accs) > 1 else 0.0, sum(times) / len(times))
+    print(f"  {kind:4s} {name:44s} {out[2]:6.2f}% +- {out[3]:.2f}  weights {out[0]}  "
+          f"{out[4]:.1f} s/seed  per seed {[round(x, 2) for x in accs]}", file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--steps", type=int, default=1500, help="dense / student training steps")
     ap.add_argument("--retrain", type=int, default=600, help="retraining steps")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds of the student comparison")
+    ap.add_argument("--seeds", type=int, default=3,
+                    help="seeds of the student comparison and of the share section")
+    ap.add_argument("--share-steps", type=int, default=500,
+                    help="training steps of every model of the share section (from scratch)")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="print the plans' tables")
     ap.add_argument("--sections", default=",".join(SECTIONS),
@@ -284,15 +494,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     split = load()
     start = time.perf_counter()
-    results = {k: run_model(k, args, split) for k in kinds}
-    names = [r[0] for r in results[kinds[0]]]
-    head = ["method"] + [h for k in kinds for h in (f"{k} acc %", f"{k} size",
-                                                     f"{k} nonzero")]
-    rows = [[name] + [v for k in kinds for v in (f"{results[k][i][1]:.2f}",
-                                                 f"{results[k][i][2]:.3f}",
-                                                 f"{results[k][i][3]:.3f}")]
-            for i, name in enumerate(names)]
-    print((markdown_table if args.markdown else format_table)(head, rows))
+    table = markdown_table if args.markdown else format_table
+    if set(args.sections.split(",")) - {"share"}:
+        results = {k: run_model(k, args, split) for k in kinds}
+        names = [r[0] for r in results[kinds[0]]]
+        head = ["method"] + [h for k in kinds for h in (f"{k} acc %", f"{k} size",
+                                                         f"{k} nonzero")]
+        rows = [[name] + [v for k in kinds for v in (f"{results[k][i][1]:.2f}",
+                                                     f"{results[k][i][2]:.3f}",
+                                                     f"{results[k][i][3]:.3f}")]
+                for i, name in enumerate(names)]
+        print(table(head, rows))
+    if "share" in args.sections.split(","):
+        head = ["model", "weight sharing before training", "weights", "fraction", "params",
+                f"acc % (mean +- std, {args.seeds} seeds)", "train s / seed"]
+        rows = [[k, name, str(w), f"{frac:.4f}", str(p), f"{mean:.2f} +- {std:.2f}",
+                 f"{secs:.1f}"]
+                for k in kinds for name, w, frac, p, mean, std, secs in share_rows(k, args, split)]
+        print(("\n" if set(args.sections.split(",")) - {"share"} else "") + table(head, rows))
     print(f"\n{len(split[2])} held-out digits (1 digit = {100 / len(split[2]):.2f} points); "
           f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0

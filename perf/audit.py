@@ -40,7 +40,7 @@ from triton.compiler import ASTSource
 
 from compress_ops._text import format_table as _format_table
 
-FAMILIES = ["sparse24", "dequant", "lowrank", "dwsep_conv", "w8a8"]
+FAMILIES = ["sparse24", "dequant", "lowrank", "dwsep_conv", "w8a8", "hashed"]
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 

@@ -243,6 +243,33 @@ class W8A8Case(Case):
         return trips if launch.kwargs.get("QUANT_X") else 1
 
 
+@dataclass(frozen=True)
+class HashedCase(Case):
+    """Hashed weights (HashedNets): ``B = compression N K`` buckets in the activation dtype
+    (``bits``: 16, the stored element) and no index; every weight is generated in registers
+    (a 32-bit hash, a gather from ``w``, a sign flip), once per row tile. The gathers hit
+    L1/L2 (``w`` is ``compression`` of the dense bytes), so HBM carries ``B e`` bytes and the
+    kernel is issue-bound: ``tile_bytes`` counts the gathered values a tile keeps in flight."""
+
+    compression: float = 1 / 16
+
+    def buckets(self, n: int, k: int) -> int:
+        return max(1, round(self.compression * n * k))
+
+    def call(self, m: int, n: int, k: int, dtype: torch.dtype) -> None:
+        from compress_ops.kernels import hashed as kh
+
+        x = torch.randn(m, k, dtype=dtype)
+        w = torch.empty(self.buckets(n, k), dtype=dtype)
+        kh.hashed_matmul(x, w, None, n, k, 12345, checked=True)
+
+    def weight_bytes(self, n: int, k: int, dtype: torch.dtype) -> int:
+        return self.buckets(n, k) * dtype.itemsize
+
+    def tile_bytes(self, bn: int, bk: int, dtype: torch.dtype) -> float:
+        return bn * bk * dtype.itemsize
+
+
 #: the weight-only baseline of the W8A8 rows (predicted_speedup_vs_int8_weight_only)
 INT8_WEIGHT_ONLY = Case("dequant", "int8 row sym", 8, None)
 
@@ -260,6 +287,8 @@ CASES = [
     LowRankCase("lowrank", "rank 128", 16, None, rank=128),
     W8A8Case("w8a8", "w8a8 int8", 8, None, qdtype="int8"),
     W8A8Case("w8a8", "w8a8 fp8", 8, None, qdtype="fp8"),
+    # hashed weights (HashedNets): issue-bound, every weight generated in registers
+    HashedCase("hashed", "hashed 1/16", 16, None, compression=1 / 16),
 ]
 
 
@@ -1090,7 +1119,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the model compiles real GPU code", file=sys.stderr)
         return 2
-    out = run(ms=tuple(args.M) if args.M else HEADLINE["M"])
+    ms = tuple(args.M) if args.M else HEADLINE["M"]
+    out = run(ms=ms)
     print(table(out["rows"], args.markdown))
     for r in out["rows"]:
         if "predicted_speedup_vs_int8_weight_only" in r:

@@ -97,7 +97,7 @@ def test_sparse24_records_its_launches(m):
 def test_model_rows_cover_the_families():
     """The model's cases: the low-bit formats and 2:4 at the headline M values, low rank where
     its fused route runs (M <= fused_max_m)."""
-    assert {c.family for c in sp.CASES} == {"dequant", "sparse24", "lowrank", "w8a8"}
+    assert {c.family for c in sp.CASES} == {"dequant", "sparse24", "lowrank", "w8a8", "hashed"}
     low = [c for c in sp.CASES if c.family == "lowrank"]
     assert {c.rank for c in low} == {64, 128}
     assert low[0].weight_bytes(8192, 4096, torch.float16) == low[0].rank * (8192 + 4096) * 2
@@ -167,7 +167,8 @@ def test_budgets_limits_and_targets():
 def test_shipped_budget_file_is_well_formed():
     budgets = sp.load_budgets()
     for rule in budgets["rules"]:
-        assert rule["family"] in ("dequant", "sparse24", "lowrank", "dwsep_conv", "w8a8")
+        assert rule["family"] in ("dequant", "sparse24", "lowrank", "dwsep_conv", "w8a8",
+                                  "hashed")
         for key in ("limits", "targets"):
             for name in rule.get(key, {}):
                 assert name[:4] in ("max_", "min_")

@@ -5,6 +5,7 @@
     print(co.report(model))
 """
 
+import compress_ops.prune.search  # noqa: F401  (co.prune.search: one layer above prune/)
 from compress_ops import capture, distill, nn, ops, prune, qat, share, structured  # noqa: F401  (ops registers torch.ops.compress_ops.*)
 from compress_ops.api import Recipe, Report, ReportRow, compress_, report
 from compress_ops.configs import (

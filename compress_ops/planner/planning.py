@@ -40,7 +40,8 @@ from compress_ops.nn.base import CompressedModule
 from compress_ops.nn.lowrank import LowRankConv2d, LowRankLinear
 from compress_ops.planner.solver import solve
 
-__all__ = ["DEFAULT_CANDIDATES", "METRICS", "PROBES", "Plan", "PlanRow", "model_output", "plan"]
+__all__ = ["DEFAULT_CANDIDATES", "METRICS", "PROBES", "Plan", "PlanRow", "model_output", "pinned",
+           "plan"]
 
 #: What :func:`plan` tries by default, from nearly lossless to aggressive: 2:4 sparsity (~0.53
 #: of fp32 dense bytes), int8/4/3/2 with 128-wide groups (~0.27 / 0.14 / 0.11 / 0.08),
@@ -195,7 +196,7 @@ def _weight_bytes(module: nn.Module) -> int:
     return module.weight.numel() * module.weight.element_size()
 
 
-def _pinned(config: object, new: nn.Module) -> object:
+def pinned(config: object, new: nn.Module) -> object:
     """The rule ``compress_`` gets: an energy-based LowRankConfig pinned to the rank that was
     measured (so a re-run of the SVD cannot land one rank higher, over the budget)."""
     if isinstance(config, LowRankConfig) and config.energy is not None:
@@ -658,7 +659,7 @@ def _rules(found: list[_Layer], choice: dict[int, int]) -> dict[str, object]:
         j = choice.get(id(layer))
         for alias in layer.names:
             rules[re.escape(alias)] = (None if j is None
-                                       else _pinned(layer.options[j][0], layer.options[j][1]))
+                                       else pinned(layer.options[j][0], layer.options[j][1]))
     return rules
 
 

@@ -23,6 +23,12 @@ One shot, without training:
 * :func:`prune_one_shot_` -- unstructured SparseGPT (Frantar & Alistarh, 2023), Wanda or
   magnitude pruning of every linear layer in place, from calibration data; the layers stay
   dense (for accuracy studies: no kernel reads the mask).
+
+Search (the submodule :mod:`compress_ops.prune.search`, imported by the package root, not here:
+it sits one layer above this package because it is seeded from :func:`compress_ops.plan`):
+
+* :func:`compress_ops.prune.search.evolve` -- an evolutionary search over one config (or
+  dense) per layer under a byte budget, every individual scored on the real compressed model.
 """
 
 from compress_ops.prune.criteria import (

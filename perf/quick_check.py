@@ -197,7 +197,7 @@ class HeadlineCase:
 
     name: str
     kind: str  # "affine" (QuantLinear) | "codebook" (CodebookLinear) | "sparse24" | "lowrank"
-    # | "w8a8" (W8A8Linear: 8-bit weights and activations)
+    # | "w8a8" (W8A8Linear: 8-bit weights and activations) | "hashed" (HashedLinear)
     bits: int
     group_size: int | None
     symmetric: bool | None
@@ -209,7 +209,7 @@ class HeadlineCase:
 
     @property
     def family(self) -> str:
-        return self.kind if self.kind in ("sparse24", "lowrank", "w8a8") else "dequant"
+        return self.kind if self.kind in ("sparse24", "lowrank", "w8a8", "hashed") else "dequant"
 
     @property
     def rank(self) -> int:
@@ -223,6 +223,8 @@ CASES: tuple[HeadlineCase, ...] = (
     # binary weights (QuantConfig(bits=1): 1-bit fields on the symmetric grid, g128)
     HeadlineCase("binary g128 sym", "affine", 1, 128, True, None),
     HeadlineCase("codebook 4-bit", "codebook", 4, None, None, None),
+    # hashed weights (HashedNets, 1/16 of the weights: B fp16 buckets, no index)
+    HeadlineCase("hashed 1/16", "hashed", 16, None, None, None),
     HeadlineCase("2:4", "sparse24", 9, None, None, "semi"),  # bits: per dense element, fp16
     HeadlineCase("rank 128", "lowrank", 16, None, None, "two-gemm"),  # random factors
     # 8-bit weights and activations (dynamic per-row activation scales), against the int8
@@ -698,6 +700,11 @@ def _kernel_note(case: HeadlineCase, mod: nn.Module, m: int, device: torch.devic
             return (f"config={cfg.name}" + (" (quantizes x itself)"
                                             if kw.fused_call(m, cfg, device)
                                             else " after _act_quant_kernel"))
+        if case.family == "hashed":
+            from compress_ops.kernels import hashed as kh
+
+            cfg = kh.select_config(m, mod.out_features, mod.in_features, device, dtype)
+            return f"config={getattr(cfg, 'name', cfg)}"
         if case.family == "sparse24":
             from compress_ops.kernels import sparse24 as ks
 
@@ -908,6 +915,8 @@ def _alt_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
     m = x.shape[0]
     if case.family in ("lowrank", "w8a8"):  # lowrank: the two-gemm provider; w8a8: one route
         return None
+    if case.family == "hashed":  # fp16 M = 1 ships the 16-row tile (gemv_max_m_half = 0)
+        return (GEMV_ALT, *_hashed_gemv_alt_fn(mod, x)) if m == 1 else None
     if case.family == "sparse24":  # fp16 M = 1 ships the 16-row tile (gemv_max_m_half = 0)
         return (GEMV_ALT, *_sparse24_gemv_alt_fn(mod, x)) if m == 1 else None
     if m == 1:
@@ -916,6 +925,17 @@ def _alt_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor
     if not dense:
         return None
     return FUSED_ALT, kernel_fn(mod, x, cfg), f"config={cfg.name} (forced)"
+
+
+def _hashed_gemv_alt_fn(mod: nn.Module, x: torch.Tensor
+                        ) -> tuple[Callable[[], torch.Tensor], str]:
+    """The hashed GEMV forced (the fp32 path's config) where the 16-row tile ships."""
+    from compress_ops.kernels import hashed as kh
+
+    cfg = kh.select_config(1, mod.out_features, mod.in_features, x.device, torch.float32)
+    return (lambda: kh.hashed_matmul(x, mod.w, None, mod.out_features, mod.in_features,
+                                     mod.seed, config=cfg),
+            f"config={cfg.name} (forced)")
 
 
 def _gemv_alt_fn(case: HeadlineCase, mod: nn.Module, x: torch.Tensor

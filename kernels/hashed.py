@@ -75,6 +75,7 @@ import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
 from compress_ops.kernels._launch import dot_meta, grouped_tile, ptx, store_tile
+from compress_ops.kernels.dequant import _join8, _kwidth_barrier
 from compress_ops.kernels.formats.hashed import MIX, check_inputs, check_seed
 from compress_ops.kernels.tuning import (
     KernelConfig,
@@ -103,6 +104,16 @@ __all__ = [
 
 _FAMILY = "hashed"
 _MIX = tl.constexpr(MIX)
+#: ``KROWS`` (the GEMM's ``OCTETS`` tile, Triton before 3.9): the octets along the position
+#: tile's rows (:func:`_w_octet_rows`), not its columns. The gathers' pointers have no
+#: contiguity, and Triton 3.6's Coalesce then puts a warp's lanes along dim 0 (3.9: dim 1):
+#: with the octets along dim 1 the W tile's lanes ran across its 8-element register runs, so
+#: 3.6 chose a shared layout the runs do not follow (2-byte STS per weight, not one STS.128
+#: per 8) and, a ``#linear`` layout equal to the loads' ``#blocked`` not being recognised,
+#: hashed every weight twice (once for the gather, once for the sign's ``hl``). Measured on
+#: 3.6 and 3.9 only (sm_90 fp16 N = K = 8192, M = 16: 3.6 24.5 -> 14.4 instructions per
+#: weight with :func:`~compress_ops.kernels.dequant._kwidth_barrier`; 3.9's path unchanged).
+_KROWS = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +240,42 @@ def _w_octets(wbits_ptr, t, B, mpos, lim, MJ: tl.constexpr, MASKED: tl.constexpr
 
 
 @triton.jit
+def _w_octet_rows(wbits_ptr, t, B, mpos, lim, MJ: tl.constexpr, MASKED: tl.constexpr,
+                  SIGN_SHIFT: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """``KROWS``: :func:`_w_octets` with the octets along rows, a ``[8 R, C]`` tile from ``t
+    [R, C]`` whose row ``8 r + j`` is position ``i_r + j`` (``mpos + j MJ`` its masked
+    coordinate), the eight joined and permuted into place in registers (:func:`_join8`)."""
+    R: tl.constexpr = t.shape[0]
+    C: tl.constexpr = t.shape[1]
+    if ASM and SIGN_SHIFT == 15:  # 16-bit weights on a GPU: the sign on packed pairs
+        b0, h0 = _gather(wbits_ptr, t, B, mpos, lim, MASKED, ASM)
+        b1, h1 = _gather(wbits_ptr, t ^ 1, B, mpos + 1 * MJ, lim, MASKED, ASM)
+        b2, h2 = _gather(wbits_ptr, t ^ 2, B, mpos + 2 * MJ, lim, MASKED, ASM)
+        b3, h3 = _gather(wbits_ptr, t ^ 3, B, mpos + 3 * MJ, lim, MASKED, ASM)
+        b4, h4 = _gather(wbits_ptr, t ^ 4, B, mpos + 4 * MJ, lim, MASKED, ASM)
+        b5, h5 = _gather(wbits_ptr, t ^ 5, B, mpos + 5 * MJ, lim, MASKED, ASM)
+        b6, h6 = _gather(wbits_ptr, t ^ 6, B, mpos + 6 * MJ, lim, MASKED, ASM)
+        b7, h7 = _gather(wbits_ptr, t ^ 7, B, mpos + 7 * MJ, lim, MASKED, ASM)
+        v = tl.permute(_join8(b0, b1, b2, b3, b4, b5, b6, b7), (0, 2, 3, 4, 1))
+        hl = tl.permute(_join8(h0.to(tl.int16), h1.to(tl.int16), h2.to(tl.int16),
+                               h3.to(tl.int16), h4.to(tl.int16), h5.to(tl.int16),
+                               h6.to(tl.int16), h7.to(tl.int16)), (0, 2, 3, 4, 1))
+        out = _sign_pairs(v.reshape(8 * R, C), hl.reshape(8 * R, C)).to(DTYPE, bitcast=True)
+    else:
+        w0 = _w_from_t(wbits_ptr, t, B, mpos, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
+        w1 = _w_from_t(wbits_ptr, t ^ 1, B, mpos + 1 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
+        w2 = _w_from_t(wbits_ptr, t ^ 2, B, mpos + 2 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
+        w3 = _w_from_t(wbits_ptr, t ^ 3, B, mpos + 3 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
+        w4 = _w_from_t(wbits_ptr, t ^ 4, B, mpos + 4 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
+        w5 = _w_from_t(wbits_ptr, t ^ 5, B, mpos + 5 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
+        w6 = _w_from_t(wbits_ptr, t ^ 6, B, mpos + 6 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
+        w7 = _w_from_t(wbits_ptr, t ^ 7, B, mpos + 7 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
+        out = tl.permute(_join8(w0, w1, w2, w3, w4, w5, w6, w7),
+                         (0, 2, 3, 4, 1)).reshape(8 * R, C)
+    return out
+
+
+@triton.jit
 def _interleave(a, b):
     """``[R, 2C]`` with ``a``'s columns at even and ``b``'s at odd indices (in registers)."""
     return tl.join(a, b).reshape(a.shape[0], 2 * a.shape[1])
@@ -297,18 +344,27 @@ def _positions(offs_r, offs_o, K, TRANS: tl.constexpr):
 
 @triton.jit
 def _start(t_begin, pid_o, KW, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-           TRANS: tl.constexpr, OCTETS: tl.constexpr, JOIN: tl.constexpr):
+           TRANS: tl.constexpr, OCTETS: tl.constexpr, JOIN: tl.constexpr,
+           KROWS: tl.constexpr = False):
     """``(idx, step, so)``: a program's first position tile, its advance per K step and the
     positions' column stride. ``OCTETS``: one position per 8 weights (:func:`_w_octets`;
     ``[BLOCK_K, BLOCK_N / 8]`` with ``TRANS``, whose octets run along N, else ``[BLOCK_N,
-    BLOCK_K / 8]``, octets along K); else ``[BLOCK_K, BLOCK_N >> JOIN]`` (:func:`_w_cols`)."""
+    BLOCK_K / 8]``, octets along K; ``KROWS``: the transposes, ``[BLOCK_N / 8, BLOCK_K]`` and
+    ``[BLOCK_K / 8, BLOCK_N]``, :func:`_w_octet_rows`); else ``[BLOCK_K, BLOCK_N >> JOIN]``
+    (:func:`_w_cols`)."""
     ku = KW.to(tl.uint32)
     offs_k = t_begin * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_o = pid_o * BLOCK_N + tl.arange(0, BLOCK_N)
     if OCTETS:
-        if TRANS:
+        if TRANS and KROWS:
+            offs_c = pid_o * BLOCK_N + 8 * tl.arange(0, BLOCK_N // 8)
+            idx = offs_k.to(tl.uint32)[None, :] * ku + offs_c.to(tl.uint32)[:, None]
+        elif TRANS:
             offs_c = pid_o * BLOCK_N + 8 * tl.arange(0, BLOCK_N // 8)
             idx = offs_k.to(tl.uint32)[:, None] * ku + offs_c.to(tl.uint32)[None, :]
+        elif KROWS:
+            offs_c = t_begin * BLOCK_K + 8 * tl.arange(0, BLOCK_K // 8)
+            idx = offs_o.to(tl.uint32)[None, :] * ku + offs_c.to(tl.uint32)[:, None]
         else:
             offs_c = t_begin * BLOCK_K + 8 * tl.arange(0, BLOCK_K // 8)
             idx = offs_o.to(tl.uint32)[:, None] * ku + offs_c.to(tl.uint32)[None, :]
@@ -323,15 +379,22 @@ def _start(t_begin, pid_o, KW, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 def _w_step(wbits_ptr, idx, so, kt, K, seed_fold, B, BLOCK_K: tl.constexpr,
             TRANS: tl.constexpr, OCTETS: tl.constexpr, MASKED: tl.constexpr,
             JOIN: tl.constexpr, SIGN_SHIFT: tl.constexpr, DTYPE: tl.constexpr,
-            ASM: tl.constexpr):
+            ASM: tl.constexpr, KROWS: tl.constexpr = False):
     """K step ``kt``'s ``[BLOCK_K, BLOCK_N]`` W tile (``Wv``: ``W^T``, or ``W`` with
     ``TRANS``) from its position tile ``idx`` (:func:`_start`); ``MASKED``: rows at or past
     ``K`` read 0."""
     if OCTETS:
         t = (idx >> 16) ^ idx ^ seed_fold.to(tl.uint32)
-        if TRANS:
+        if TRANS and KROWS:
+            mpos = kt * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+            w = tl.trans(_w_octet_rows(wbits_ptr, t, B, mpos, K, 0, MASKED, SIGN_SHIFT, DTYPE,
+                                       ASM))
+        elif TRANS:
             mpos = kt * BLOCK_K + tl.arange(0, BLOCK_K)[:, None]
             w = _w_octets(wbits_ptr, t, B, mpos, K, 0, MASKED, SIGN_SHIFT, DTYPE, ASM)
+        elif KROWS:
+            mpos = kt * BLOCK_K + 8 * tl.arange(0, BLOCK_K // 8)[:, None]
+            w = _w_octet_rows(wbits_ptr, t, B, mpos, K, 1, MASKED, SIGN_SHIFT, DTYPE, ASM)
         else:
             mpos = kt * BLOCK_K + 8 * tl.arange(0, BLOCK_K // 8)[None, :]
             w = tl.trans(_w_octets(wbits_ptr, t, B, mpos, K, 1, MASKED, SIGN_SHIFT, DTYPE,
@@ -430,6 +493,7 @@ def _hashed_gemm_kernel(
     ASM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr = False,
+    KROWS: tl.constexpr = False,
 ):
     """``y[M, N] = x[M, K] @ Wv[K, N]`` (+ bias) with ``tl.dot`` (N, K and ``KW`` as in the
     GEMV): grid ``(M tiles x N tiles, SPLIT_K)`` in grouped order; each K step generates the
@@ -442,7 +506,7 @@ def _hashed_gemm_kernel(
     offs_kt = tl.arange(0, BLOCK_K)
     t_begin = pid_k * tiles_per_split
     t_end = min(t_begin + tiles_per_split, tl.cdiv(K, BLOCK_K))
-    idx, step, so = _start(t_begin, pid_o, KW, BLOCK_N, BLOCK_K, TRANS, OCTETS, JOIN)
+    idx, step, so = _start(t_begin, pid_o, KW, BLOCK_N, BLOCK_K, TRANS, OCTETS, JOIN, KROWS)
     x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(t_begin, t_end):
@@ -450,13 +514,14 @@ def _hashed_gemm_kernel(
         if EVEN_K:
             a = tl.load(x_k + offs_kt[None, :])
             w = _w_step(wbits_ptr, idx, so, kt, K, seed_fold, B, BLOCK_K, TRANS, OCTETS, False,
-                        JOIN, SIGN_SHIFT, x_ptr.dtype.element_ty, ASM)
+                        JOIN, SIGN_SHIFT, x_ptr.dtype.element_ty, ASM, KROWS)
         else:
             k_mask = kt * BLOCK_K + offs_kt < K
             a = tl.load(x_k + offs_kt[None, :], mask=k_mask[None, :], other=0.0)
             w = _w_step(wbits_ptr, idx, so, kt, K, seed_fold, B, BLOCK_K, TRANS, OCTETS, True,
-                        JOIN, SIGN_SHIFT, x_ptr.dtype.element_ty, ASM)
-        acc = _dot(a, w, acc, DOT_PRECISION, UPCAST_DOT)
+                        JOIN, SIGN_SHIFT, x_ptr.dtype.element_ty, ASM, KROWS)
+        # (the barrier: Triton 3.6 gives a dot operand with a tl.join behind it kWidth 4)
+        acc = _dot(a, _kwidth_barrier(w, ASM), acc, DOT_PRECISION, UPCAST_DOT)
         idx += step
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_o, offs_m < M, offs_o < N, stride_ym, pid_k,
                HAS_BIAS, SPLIT_K)
@@ -684,7 +749,7 @@ def _matmul_launch(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(o, cfg.block_n), cfg.split_k)
         _launch_mod.launch(_hashed_gemm_kernel, grid, *args, GROUP_M=cfg.group_m, **common,
-                           **dot_meta(x2))
+                           **dot_meta(x2), KROWS=_KROWS)
     return _launch_mod.finish(y, x2, cfg.split_k)
 
 

@@ -77,9 +77,12 @@ def test_default_config_every_regime(poison, device, dtype, m, trans, k):
 @pytest.mark.parametrize("trans", [False, True])
 @pytest.mark.parametrize("cfg", [GEMV, GEMM])
 @pytest.mark.parametrize("k", [21, 24])
-def test_weight_bit_exact(poison, device, dtype, trans, cfg, k):
+@pytest.mark.parametrize("krows", [False, True])
+def test_weight_bit_exact(poison, device, monkeypatch, dtype, trans, cfg, k, krows):
     """``x`` the identity: every output is one weight times 1 (exact in any dtype and path),
-    so the kernels' W equals the format's ``hashed_weight`` bit for bit (K = 24: octets)."""
+    so the kernels' W equals the format's ``hashed_weight`` bit for bit (K = 24: octets;
+    ``krows``: the GEMM's octet tile built along its rows, as under Triton before 3.9)."""
+    monkeypatch.setattr(kh, "_KROWS", krows)
     n, seed = 19, 2**32 - 7
     assert kh.octets(k, trans, cfg) == (k == 24)
     w = torch.randn(300, dtype=dtype, device=device)
@@ -127,9 +130,13 @@ def test_hash_wraps_modulo_2_32(device, trans, seed):
 @pytest.mark.parametrize("cfg", [GEMV, GEMM])
 @pytest.mark.parametrize("trans", [False, True])
 @pytest.mark.parametrize("k", [33, 40])
-def test_padding_never_reads_a_non_finite_bucket(poison, device, cfg, trans, k):
+@pytest.mark.parametrize("krows", [False, True])
+def test_padding_never_reads_a_non_finite_bucket(poison, device, monkeypatch, cfg, trans, k,
+                                                 krows):
     """Ragged K and N: every bucket no real position maps to is Inf, so a tile position past
-    the edge that gathered one (times x's zero padding) would put a NaN in a real output."""
+    the edge that gathered one (times x's zero padding) would put a NaN in a real output
+    (``krows``: as in :func:`test_weight_bit_exact`)."""
+    monkeypatch.setattr(kh, "_KROWS", krows)
     n, b, seed = 5, 400, 3
     bucket, _ = virtual_index(n, k, b, seed)
     used = torch.zeros(b, dtype=torch.bool)

@@ -70,13 +70,15 @@ def run(device: torch.device, env: Env, peaks: Peaks, *, quick: bool = False,
         act = m * k * e + m * n * e
         t = time_it(lambda dense=dense, x=x: F.linear(x, dense))
         base = dict(kernel=KERNEL, dtype=dtype, env=env, peaks=peaks, flops=2.0 * m * n * k)
-        yield logged(log, make_row(
-            provider="cublas-dense" if cuda else "dense", median_us=t.median_us,
-            min_bytes=n * k * e + act, backend="cuda" if cuda else "cpu-dense",
-            samples=t.samples, p20_us=t.p20_us, p80_us=t.p80_us, note="dense weight",
-            shape={"M": m, "N": n, "K": k, "B": 0}, **base))
         for comp in COMPRESSIONS:
             b = hf.buckets_for(n, k, comp)
+            # the dense row once per B (the baseline a row is compared with has its shape)
+            yield logged(log, make_row(
+                provider="cublas-dense" if cuda else "dense", median_us=t.median_us,
+                min_bytes=n * k * e + act, backend="cuda" if cuda else "cpu-dense",
+                samples=t.samples, p20_us=t.p20_us, p80_us=t.p80_us,
+                note="dense weight (timed once per M)", shape={"M": m, "N": n, "K": k, "B": b},
+                **base))
             w = (torch.randn(b, device=device, generator=gen) * k**-0.5).to(dtype)
             ref = F.linear(x, hf.hashed_weight(w, n, k, 7))
             common = dict(shape={"M": m, "N": n, "K": k, "B": b}, min_bytes=b * e + act, **base)

@@ -77,6 +77,8 @@ __all__ = [
     "get_autotune_configs",
     "autotuned_config",
     "audit_specs",
+    "kwidth_barrier",
+    "join8",
 ]
 
 MODE_ASYM, MODE_SYM, MODE_CODEBOOK = 0, 1, 2
@@ -1489,6 +1491,12 @@ def _dequant_matmul_kernel(
 
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS,
                SPLIT_K)
+
+
+#: The register-level helpers another family's kernels reuse (``kernels/hashed.py``): the
+#: kWidth barrier of Triton 3.6's mma operands and the join of eight values into one run.
+kwidth_barrier = _kwidth_barrier
+join8 = _join8
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,42 +4,45 @@ Format
 ------
 :mod:`compress_ops.kernels.formats.hashed` (the spec): ``w [B]`` buckets in the activation
 dtype and a 32-bit seed; the virtual weight ``W[n, k] = sign(n, k) * w[bucket(n, k)]`` comes
-from a 32-bit hash of the position ``i = n K + k``. No index is stored: the kernels read only
+from the 32-bit hash ``h = (R(n) ^ C(k)) MIX`` of the position, ``R(n) = fmix(n ^ seed)``
+one per row, ``C(k) = k GOLD`` one per column. No index is stored: the kernels read only
 ``x`` and ``w`` from HBM (``w`` is small for a useful ``B`` and stays in L1/L2) and compute
 every weight in registers, bit for bit as
 :func:`~compress_ops.kernels.formats.hashed.hashed_weight`.
 
 Kernels
 -------
-One weight generator serves every kernel (:func:`_w_step`). A tile of positions ``i``
-(uint32, wrapping mod 2**32) is kept in registers and advanced by one scalar add per K step.
-The hash's ``i ^ seed`` folds into its first xor-shift (``t = (i >> 16) ^ i ^ s'``, ``s' =
-(seed >> 16) ^ seed`` made once on the host: one 3-input LOP3); the bucket is ``umulhi(h, B)``
-(PTX ``mul.hi.u32`` on a GPU, :func:`_bucket_ptrs`); the bucket's bits are gathered from ``w``
-(viewed as int16 / int32: unmasked, a bucket is always in range; a ragged K tile masks its
-last rows, so a non-finite bucket cannot reach a real output through ``0 * inf``); the sign is
-an XOR of ``h``'s lowest bit into the sign bit.
+One weight generator serves every kernel (:func:`_w_step`). A program keeps its tile's row
+hashes ``R`` and column hashes ``C`` in registers, each in the shape it broadcasts from
+(:func:`_start`): ``R`` is made once per program for ``y = x W^T`` (its rows are outputs)
+and once per row and K step for ``y = x W`` (``TRANS``: its rows are the reduction), ``C``
+advanced by one add per column and K step (or fixed, ``TRANS``). Per weight the hash is one
+LOP3 (``R ^ C``) and one multiply; the bucket is ``umulhi(h << 1, B)`` (h's low 31 bits;
+PTX ``mul.hi.u32`` on a GPU, :func:`_bucket_ptrs`, the shift folded by ptxas into a second
+multiply); the bucket's bits are gathered from ``w`` (viewed as int16 / int32: unmasked, a
+bucket is always in range; a ragged K tile masks its last rows, so a non-finite bucket
+cannot reach a real output through ``0 * inf``); the sign is an XOR of ``h``'s top bit into
+the sign bit.
 
-* ``OCTETS`` (the weight's rows ``K % 8 == 0``): positions are hashed once per 8 weights. An
-  octet starts at a multiple of 8, so ``i + j = i | j`` and ``(i + j) >> 16 = i >> 16``: the
-  ``j``-th weight's ``t`` is ``t ^ j`` (:func:`_w_octets`: one LOP3 per weight where a
-  position of its own costs an add, a shift and a LOP3). The octets run along stride-1
-  positions: along K for ``y = x W^T`` (the tile is built ``[BLOCK_N, BLOCK_K]`` and
-  transposed, K-major for the MMA), along N for ``y = x W``. Other K: 8 adjacent columns
-  per thread with a position each (:func:`_w_cols`).
+* ``OCTETS`` (the weight's rows ``K % 8 == 0``): columns ``8a .. 8a + 7`` have ``C(8a) + j
+  GOLD``, so a thread keeps one ``C`` per octet and adds the constants (:func:`_w_octets`;
+  the adds are per column a thread holds, shared by its rows). The octets run along
+  stride-1 positions: along K for ``y = x W^T`` (the tile is built ``[BLOCK_N, BLOCK_K]``
+  and transposed, K-major for the MMA), along N for ``y = x W``. Other K: 8 adjacent
+  columns per thread with a hash each (:func:`_w_cols`).
 * A thread's 8 weights are interleaved in registers (``tl.join``): a 16-bit tile goes to
   shared memory in 16-byte stores, and on a GPU the sign is applied per register pair
-  (:func:`_sign_pairs`: the hashes' low halves packed like the weights, one shift and one
+  (:func:`_sign_pairs`: the hashes' high halves packed like the weights, one PRMT, and one
   LOP3 per pair).
 * The transposed product (the input gradient ``y = x W``) walks the same positions with the
-  tile's roles swapped (``i = r K + o``; ``TRANS``): one kernel serves both directions.
+  tile's roles swapped (``TRANS``): one kernel serves both directions.
 
 * :func:`_hashed_gemm_kernel` (fp16 / bf16 x at every M, fp32 x past ``gemv_max_m``): grouped
   program order, the ``[BLOCK_M, BLOCK_K]`` x tile (pipelined copies) and the generated
   ``[BLOCK_K, BLOCK_N]`` W tile in x's dtype into ``tl.dot`` (fp32 accumulation): the
   generation is amortised over ``BLOCK_M`` rows. Rows past M are clamped (computed, never
-  stored). M = 1 takes the 16-row tile: it executes fewer instructions per weight than the
-  GEMV (sm_90: 14.4 against 16.6-18.4 for fp16 x).
+  stored). M = 1 takes the 16-row tile (sm_90, fp16: 10.5 instructions per weight; the GEMV
+  took 16.6-18.4 under the previous, costlier hash).
 * :func:`_hashed_gemv_kernel` (fp32 x up to ``gemv_max_m`` rows: exact fp32 products): a
   program owns ``BLOCK_N`` outputs, ``BLOCK_M`` (1-4) rows and a K split; it multiplies each
   W tile into a ``[BLOCK_M, BLOCK_K, BLOCK_N]`` fp32 accumulator elementwise (one FFMA per
@@ -53,14 +56,16 @@ an XOR of ``h``'s lowest bit into the sign bit.
 
 Roofline for one call (M, N, K), activations of ``e`` bytes: FLOPs ``2 M N K``; minimum HBM
 bytes ``B e + M K e + M N e``. The weight costs no HBM bandwidth but SASS instructions, once
-per row tile (``ceil(M / BLOCK_M)`` times): sm_90, Triton 3.9, fp16, ``OCTETS``, 14.4 per
-weight in the 16-row tile's loop (the hash 7.1: ``t ^ j``, two multiplies, two xor-shifts;
-the bucket's address 3; the load; the sign 1; packing 0.5; the MMA's shared-memory traffic
-and the x copies ~1.5), 18.8 in the 256-row tile (8 warps: fewer weights per thread per
-step). At M = 1 an H200 issues 3.3e13 thread-instructions per second against the 2.4e12 fp16
-weights per second HBM gives a dense GEMV: the kernel is issue-bound and would need below ~14
-instructions per weight to beat dense (static model: 0.94x at 14.4); from M = 256 the
-tensor cores bound it as they bound dense (0.97x).
+per row tile (``ceil(M / BLOCK_M)`` times): sm_90, fp16, ``OCTETS``, N = K = 8192, 10.5
+per weight in the 16-row tile's loop under Triton 3.9 and 3.6 (the hash 2.5: ``R ^ C``, the
+multiply, ptxas's second multiply for ``h << 1`` and re-made ``R ^ C`` under register
+pressure; the bucket's address 3; the load 1; the octets' adds 0.3; the sign and the
+packing 1.5; the MMA's shared-memory traffic and the x copies ~0.7), 10.9 with ``TRANS``
+(``R`` per row and K step), 14.3-14.5 in the 256-row tile (8 warps: fewer weights per
+thread per step). At M = 1 an H200 issues 3.3e13 thread-instructions per second against the
+2.4e12 fp16 weights per second HBM gives a dense GEMV: the kernel is issue-bound and beats
+dense below ~14 instructions per weight (static model: 1.27x at 10.5, 0.94x under the
+previous hash's 14.4); from M = 256 the tensor cores bound it as they bound dense (0.97x).
 """
 
 from __future__ import annotations
@@ -75,8 +80,8 @@ import triton.language as tl
 
 from compress_ops.kernels import _launch as _launch_mod
 from compress_ops.kernels._launch import dot_meta, grouped_tile, ptx, store_tile
-from compress_ops.kernels.dequant import _join8, _kwidth_barrier
-from compress_ops.kernels.formats.hashed import MIX, check_inputs, check_seed
+from compress_ops.kernels.dequant import join8, kwidth_barrier
+from compress_ops.kernels.formats.hashed import GOLD, MIX, check_inputs, check_seed
 from compress_ops.kernels.tuning import (
     KernelConfig,
     auto_split_k,
@@ -104,6 +109,15 @@ __all__ = [
 
 _FAMILY = "hashed"
 _MIX = tl.constexpr(MIX)
+_GOLD = tl.constexpr(GOLD)
+# j GOLD mod 2**32: C(8a + j) = C(8a) + j GOLD (constants typed uint32 / int32 by Triton)
+_G1 = tl.constexpr((1 * GOLD) & 0xFFFFFFFF)
+_G2 = tl.constexpr((2 * GOLD) & 0xFFFFFFFF)
+_G3 = tl.constexpr((3 * GOLD) & 0xFFFFFFFF)
+_G4 = tl.constexpr((4 * GOLD) & 0xFFFFFFFF)
+_G5 = tl.constexpr((5 * GOLD) & 0xFFFFFFFF)
+_G6 = tl.constexpr((6 * GOLD) & 0xFFFFFFFF)
+_G7 = tl.constexpr((7 * GOLD) & 0xFFFFFFFF)
 #: ``KROWS`` (the GEMM's ``OCTETS`` tile, Triton before 3.9): the octets along the position
 #: tile's rows (:func:`_w_octet_rows`), not its columns. The gathers' pointers have no
 #: contiguity, and Triton 3.6's Coalesce then puts a warp's lanes along dim 0 (3.9: dim 1):
@@ -111,8 +125,11 @@ _MIX = tl.constexpr(MIX)
 #: 3.6 chose a shared layout the runs do not follow (2-byte STS per weight, not one STS.128
 #: per 8) and, a ``#linear`` layout equal to the loads' ``#blocked`` not being recognised,
 #: hashed every weight twice (once for the gather, once for the sign's ``hl``). Measured on
-#: 3.6 and 3.9 only (sm_90 fp16 N = K = 8192, M = 16: 3.6 24.5 -> 14.4 instructions per
-#: weight with :func:`~compress_ops.kernels.dequant._kwidth_barrier`; 3.9's path unchanged).
+#: 3.6 and 3.9 only, under the previous hash (sm_90 fp16 N = K = 8192, M = 16: 3.6 24.5 ->
+#: 14.4 instructions per weight with :func:`~compress_ops.kernels.dequant.kwidth_barrier`;
+#: 3.9's path unchanged). Under the current hash: 3.6 10.45 with ``KROWS``, 14.5 without;
+#: 3.9 10.45 without, 10.42 with at M = 16 but 13.5 (not 10.8) at M = 64, 11.7 (not 10.9)
+#: transposed: the gate stays.
 _KROWS = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
 
 
@@ -122,39 +139,53 @@ _KROWS = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
 
 
 @triton.jit
-def _hash(idx, seed_fold):
-    """The format's 32-bit hash ``h`` of positions ``idx`` (uint32), with ``i ^ seed`` folded
-    into the first xor-shift (``seed_fold = (seed >> 16) ^ seed``): one 3-input LOP3."""
-    h = ((idx >> 16) ^ idx ^ seed_fold.to(tl.uint32)) * _MIX
+def _row_hash(n, seed):
+    """The format's row hash ``R(n) = fmix(n ^ seed)`` of rows ``n`` (uint32; ``seed`` int32
+    holding the seed's bits)."""
+    h = n.to(tl.uint32) ^ seed.to(tl.uint32)
+    h = ((h >> 16) ^ h) * _MIX
     h = ((h >> 16) ^ h) * _MIX
     return (h >> 16) ^ h
 
 
 @triton.jit
+def _col_hash(k):
+    """The format's column hash ``C(k) = k GOLD`` (uint32, mod 2**32)."""
+    return k.to(tl.uint32) * _GOLD
+
+
+@triton.jit
+def _hash(n, k, seed):
+    """The format's 32-bit hash ``h = (R(n) ^ C(k)) MIX`` of positions ``(n, k)`` (``n`` and
+    ``k`` broadcast against each other; ``R`` and ``C`` made before they do)."""
+    return (_row_hash(n, seed) ^ _col_hash(k)) * _MIX
+
+
+@triton.jit
 def _bucket_ptrs(ptr, h, B, ASM: tl.constexpr):
-    """``ptr + umulhi(h, B)``: the addresses of the buckets of hashes ``h`` (3 SASS
-    instructions: ``IMAD.HI.U32``, ``LEA``, ``LEA.HI.X``). ``ASM`` (a GPU): the multiply-high
-    is PTX ``mul.hi.u32``, opaque to LLVM, which otherwise fuses ``umulhi(h, B) * itemsize``
-    into a 64-bit product and shifts (8 instructions; an int32 offset costs a sign
-    extension). A ``mad.wide.u32`` address in PTX compiles to the same LEA pair."""
+    """``ptr + umulhi(h << 1, B)``: the addresses of the buckets of hashes ``h`` (their low 31
+    bits scaled to ``[0, B)``; 4 SASS instructions: the shift (ptxas makes it a multiply of
+    ``R ^ C`` by ``2 MIX``), ``IMAD.HI.U32``, ``LEA``, ``LEA.HI.X``; a ``shf.l`` with an
+    opaque zero instead of the shift measured 11.6 per weight, not 10.5: ptxas then keeps
+    both in the chain). ``ASM`` (a GPU): the multiply-high is PTX ``mul.hi.u32``, opaque to LLVM,
+    which otherwise fuses ``umulhi(h, B) * itemsize`` into a 64-bit product and shifts (8
+    instructions; an int32 offset costs a sign extension). A ``mad.wide.u32`` address in PTX
+    compiles to the same LEA pair."""
     if ASM:
-        bucket = tl.inline_asm_elementwise("mul.hi.u32 $0, $1, $2;", "=r,r,r",
-                                           [h, B.to(tl.uint32)], dtype=tl.uint32,
-                                           is_pure=True, pack=1)
+        bucket = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shl.b32 t, $1, 1; mul.hi.u32 $0, t, $2; }", "=r,r,r",
+            [h, B.to(tl.uint32)], dtype=tl.uint32, is_pure=True, pack=1)
     else:
-        bucket = tl.umulhi(h, B.to(tl.uint32))
+        bucket = tl.umulhi(h << 1, B.to(tl.uint32))
     return ptr + bucket
 
 
 @triton.jit
-def _gather(wbits_ptr, t, B, mpos, lim, MASKED: tl.constexpr, ASM: tl.constexpr):
-    """``(bits, h)``: the hash ``h`` of the weights whose hash starts from ``t`` (the first
-    xor-shift's result, before its multiply) and their buckets' bits from ``wbits_ptr`` (w
-    viewed as int16 / int32), unsigned. ``MASKED``: where ``mpos >= lim`` (a ragged K) the
-    bits are 0."""
-    h = t * _MIX
-    h = ((h >> 16) ^ h) * _MIX
-    h = (h >> 16) ^ h
+def _gather(wbits_ptr, x, B, mpos, lim, MASKED: tl.constexpr, ASM: tl.constexpr):
+    """``(bits, h)``: the hash ``h = x MIX`` of the weights whose ``R(n) ^ C(k)`` is ``x``
+    and their buckets' bits from ``wbits_ptr`` (w viewed as int16 / int32), unsigned.
+    ``MASKED``: where ``mpos >= lim`` (a ragged K) the bits are 0."""
+    h = x * _MIX
     ptrs = _bucket_ptrs(wbits_ptr, h, B, ASM)
     if MASKED:
         bits = tl.load(ptrs, mask=mpos < lim, other=0)
@@ -164,113 +195,115 @@ def _gather(wbits_ptr, t, B, mpos, lim, MASKED: tl.constexpr, ASM: tl.constexpr)
 
 
 @triton.jit
-def _w_from_t(wbits_ptr, t, B, mpos, lim, MASKED: tl.constexpr, SIGN_SHIFT: tl.constexpr,
-              DTYPE: tl.constexpr, ASM: tl.constexpr):
-    """The virtual weights of :func:`_gather` in ``DTYPE``, the sign bit XORed by ``h``'s
-    lowest bit."""
-    bits, h = _gather(wbits_ptr, t, B, mpos, lim, MASKED, ASM)
-    bits = bits ^ (h << SIGN_SHIFT).to(bits.dtype)
+def _w_tile(wbits_ptr, x, B, mpos, lim, MASKED: tl.constexpr, SIGN_SHIFT: tl.constexpr,
+            DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """The virtual weights of :func:`_gather` in ``DTYPE``: the sign bit XORed by ``h``'s top
+    bit."""
+    bits, h = _gather(wbits_ptr, x, B, mpos, lim, MASKED, ASM)
+    sgn = (h >> (31 - SIGN_SHIFT)) & (1 << SIGN_SHIFT)
+    bits = bits ^ sgn.to(bits.dtype)
     return bits.to(DTYPE, bitcast=True)
 
 
 @triton.jit
-def _sign_pairs(v, hl):
-    """PTX on register pairs of a 16-bit tile: ``v ^ ((hl << 15) & 0x80008000)``, ``hl`` the
-    hashes' low halves packed as ``v`` is (one PRMT per pair builds it, as it builds ``v``):
-    a shift and a LOP3 per pair where the per-weight form shifts each ``h`` and packs them."""
+def _sign_pairs(v, hs):
+    """PTX on register pairs of a 16-bit tile: ``v ^ (hs & 0x80008000)``, ``hs`` the hashes'
+    high halves packed as ``v`` is (one PRMT per pair builds it, as it builds ``v``): one
+    LOP3 per pair."""
     return tl.inline_asm_elementwise(
-        "{ .reg .b32 s, m; shl.b32 s, $2, 15; mov.b32 m, 0x80008000; "
-        "lop3.b32 $0, $1, s, m, 0x78; }",
-        "=r,r,r", [v, hl], dtype=tl.int16, is_pure=True, pack=2)
+        "{ .reg .b32 m; mov.b32 m, 0x80008000; lop3.b32 $0, $1, $2, m, 0x78; }",
+        "=r,r,r", [v, hs], dtype=tl.int16, is_pure=True, pack=2)
 
 
 @triton.jit
-def _w_tile(wbits_ptr, idx, seed_fold, B, mpos, lim, MASKED: tl.constexpr,
-            SIGN_SHIFT: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
-    """The virtual weights at positions ``idx`` (uint32), as :func:`_w_from_t`."""
-    t = (idx >> 16) ^ idx ^ seed_fold.to(tl.uint32)
-    return _w_from_t(wbits_ptr, t, B, mpos, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
+def _hi(h):
+    """``h``'s high half (its sign bit at bit 15), int16."""
+    return (h >> 16).to(tl.int16)
 
 
 @triton.jit
-def _w_octets(wbits_ptr, t, B, mpos, lim, MJ: tl.constexpr, MASKED: tl.constexpr,
+def _w_octets(wbits_ptr, r, c, B, mpos, lim, MJ: tl.constexpr, MASKED: tl.constexpr,
               SIGN_SHIFT: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
-    """A ``[R, 8 C]`` W tile from ``t [R, C]``, the first xor-shift of positions ``i_c``
-    that are multiples of 8: column ``8 c + j`` is position ``i_c + j``. With ``i_c % 8 ==
-    0``, ``i_c + j = i_c | j`` and ``(i_c + j) >> 16 = i_c >> 16``, so that weight's
-    ``(i >> 16) ^ i ^ s'`` is ``t ^ j``: one LOP3 per weight where a position of its own
-    costs an add, a shift and a LOP3. The eight are interleaved in registers (``tl.join``):
-    a thread holds 8 adjacent columns. ``mpos + j MJ`` is column ``8 c + j``'s masked
-    coordinate (``MJ`` 1: the columns run along K; 0: along N)."""
+    """A ``[R, 8 C]`` W tile from row hashes ``r`` and octet column hashes ``c`` (``C(8a)``;
+    broadcast to ``[R, C]``): column ``8 c + j`` has ``C(8a + j) = C(8a) + j GOLD`` (an add
+    per column a thread holds, not per weight), so a weight's hash is ``(r ^ (c + j GOLD))
+    MIX``. The eight are interleaved in registers (``tl.join``): a thread holds 8 adjacent
+    columns. ``mpos + j MJ`` is column ``8 c + j``'s masked coordinate (``MJ`` 1: the columns
+    run along K; 0: along N)."""
     if ASM and SIGN_SHIFT == 15:  # 16-bit weights on a GPU: the sign on packed pairs
-        b0, h0 = _gather(wbits_ptr, t, B, mpos, lim, MASKED, ASM)
-        b1, h1 = _gather(wbits_ptr, t ^ 1, B, mpos + MJ, lim, MASKED, ASM)
-        b2, h2 = _gather(wbits_ptr, t ^ 2, B, mpos + 2 * MJ, lim, MASKED, ASM)
-        b3, h3 = _gather(wbits_ptr, t ^ 3, B, mpos + 3 * MJ, lim, MASKED, ASM)
-        b4, h4 = _gather(wbits_ptr, t ^ 4, B, mpos + 4 * MJ, lim, MASKED, ASM)
-        b5, h5 = _gather(wbits_ptr, t ^ 5, B, mpos + 5 * MJ, lim, MASKED, ASM)
-        b6, h6 = _gather(wbits_ptr, t ^ 6, B, mpos + 6 * MJ, lim, MASKED, ASM)
-        b7, h7 = _gather(wbits_ptr, t ^ 7, B, mpos + 7 * MJ, lim, MASKED, ASM)
+        b0, h0 = _gather(wbits_ptr, r ^ c, B, mpos, lim, MASKED, ASM)
+        b1, h1 = _gather(wbits_ptr, r ^ (c + _G1), B, mpos + MJ, lim, MASKED, ASM)
+        b2, h2 = _gather(wbits_ptr, r ^ (c + _G2), B, mpos + 2 * MJ, lim, MASKED, ASM)
+        b3, h3 = _gather(wbits_ptr, r ^ (c + _G3), B, mpos + 3 * MJ, lim, MASKED, ASM)
+        b4, h4 = _gather(wbits_ptr, r ^ (c + _G4), B, mpos + 4 * MJ, lim, MASKED, ASM)
+        b5, h5 = _gather(wbits_ptr, r ^ (c + _G5), B, mpos + 5 * MJ, lim, MASKED, ASM)
+        b6, h6 = _gather(wbits_ptr, r ^ (c + _G6), B, mpos + 6 * MJ, lim, MASKED, ASM)
+        b7, h7 = _gather(wbits_ptr, r ^ (c + _G7), B, mpos + 7 * MJ, lim, MASKED, ASM)
         v = _interleave(_interleave(_interleave(b0, b4), _interleave(b2, b6)),
                         _interleave(_interleave(b1, b5), _interleave(b3, b7)))
-        hl = _interleave(
-            _interleave(_interleave(h0.to(tl.int16), h4.to(tl.int16)),
-                        _interleave(h2.to(tl.int16), h6.to(tl.int16))),
-            _interleave(_interleave(h1.to(tl.int16), h5.to(tl.int16)),
-                        _interleave(h3.to(tl.int16), h7.to(tl.int16))))
-        out = _sign_pairs(v, hl).to(DTYPE, bitcast=True)
+        hs = _interleave(_interleave(_interleave(_hi(h0), _hi(h4)), _interleave(_hi(h2), _hi(h6))),
+                         _interleave(_interleave(_hi(h1), _hi(h5)), _interleave(_hi(h3), _hi(h7))))
+        out = _sign_pairs(v, hs).to(DTYPE, bitcast=True)
     else:
-        w0 = _w_from_t(wbits_ptr, t, B, mpos, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
-        w1 = _w_from_t(wbits_ptr, t ^ 1, B, mpos + MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
-        w2 = _w_from_t(wbits_ptr, t ^ 2, B, mpos + 2 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
-                       ASM)
-        w3 = _w_from_t(wbits_ptr, t ^ 3, B, mpos + 3 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
-                       ASM)
-        w4 = _w_from_t(wbits_ptr, t ^ 4, B, mpos + 4 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
-                       ASM)
-        w5 = _w_from_t(wbits_ptr, t ^ 5, B, mpos + 5 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
-                       ASM)
-        w6 = _w_from_t(wbits_ptr, t ^ 6, B, mpos + 6 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
-                       ASM)
-        w7 = _w_from_t(wbits_ptr, t ^ 7, B, mpos + 7 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
-                       ASM)
+        w0 = _w_tile(wbits_ptr, r ^ c, B, mpos, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
+        w1 = _w_tile(wbits_ptr, r ^ (c + _G1), B, mpos + MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
+        w2 = _w_tile(wbits_ptr, r ^ (c + _G2), B, mpos + 2 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
+                     ASM)
+        w3 = _w_tile(wbits_ptr, r ^ (c + _G3), B, mpos + 3 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
+                     ASM)
+        w4 = _w_tile(wbits_ptr, r ^ (c + _G4), B, mpos + 4 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
+                     ASM)
+        w5 = _w_tile(wbits_ptr, r ^ (c + _G5), B, mpos + 5 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
+                     ASM)
+        w6 = _w_tile(wbits_ptr, r ^ (c + _G6), B, mpos + 6 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
+                     ASM)
+        w7 = _w_tile(wbits_ptr, r ^ (c + _G7), B, mpos + 7 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
+                     ASM)
         out = _interleave(_interleave(_interleave(w0, w4), _interleave(w2, w6)),
                           _interleave(_interleave(w1, w5), _interleave(w3, w7)))
     return out
 
 
 @triton.jit
-def _w_octet_rows(wbits_ptr, t, B, mpos, lim, MJ: tl.constexpr, MASKED: tl.constexpr,
+def _w_octet_rows(wbits_ptr, r, c, B, mpos, lim, MJ: tl.constexpr, MASKED: tl.constexpr,
                   SIGN_SHIFT: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
-    """``KROWS``: :func:`_w_octets` with the octets along rows, a ``[8 R, C]`` tile from ``t
-    [R, C]`` whose row ``8 r + j`` is position ``i_r + j`` (``mpos + j MJ`` its masked
-    coordinate), the eight joined and permuted into place in registers (:func:`_join8`)."""
-    R: tl.constexpr = t.shape[0]
-    C: tl.constexpr = t.shape[1]
+    """``KROWS``: :func:`_w_octets` with the octets along rows, a ``[8 R, C]`` tile from ``r``
+    and ``c`` (broadcast to ``[R, C]``; ``c`` the octets' ``C(8a)``) whose row ``8 r + j``
+    has ``C(8a) + j GOLD`` (``mpos + j MJ`` its masked coordinate), the eight joined and
+    permuted into place in registers (:func:`~compress_ops.kernels.dequant.join8`)."""
+    x0 = r ^ c
+    R: tl.constexpr = x0.shape[0]
+    C: tl.constexpr = x0.shape[1]
     if ASM and SIGN_SHIFT == 15:  # 16-bit weights on a GPU: the sign on packed pairs
-        b0, h0 = _gather(wbits_ptr, t, B, mpos, lim, MASKED, ASM)
-        b1, h1 = _gather(wbits_ptr, t ^ 1, B, mpos + 1 * MJ, lim, MASKED, ASM)
-        b2, h2 = _gather(wbits_ptr, t ^ 2, B, mpos + 2 * MJ, lim, MASKED, ASM)
-        b3, h3 = _gather(wbits_ptr, t ^ 3, B, mpos + 3 * MJ, lim, MASKED, ASM)
-        b4, h4 = _gather(wbits_ptr, t ^ 4, B, mpos + 4 * MJ, lim, MASKED, ASM)
-        b5, h5 = _gather(wbits_ptr, t ^ 5, B, mpos + 5 * MJ, lim, MASKED, ASM)
-        b6, h6 = _gather(wbits_ptr, t ^ 6, B, mpos + 6 * MJ, lim, MASKED, ASM)
-        b7, h7 = _gather(wbits_ptr, t ^ 7, B, mpos + 7 * MJ, lim, MASKED, ASM)
-        v = tl.permute(_join8(b0, b1, b2, b3, b4, b5, b6, b7), (0, 2, 3, 4, 1))
-        hl = tl.permute(_join8(h0.to(tl.int16), h1.to(tl.int16), h2.to(tl.int16),
-                               h3.to(tl.int16), h4.to(tl.int16), h5.to(tl.int16),
-                               h6.to(tl.int16), h7.to(tl.int16)), (0, 2, 3, 4, 1))
-        out = _sign_pairs(v.reshape(8 * R, C), hl.reshape(8 * R, C)).to(DTYPE, bitcast=True)
+        b0, h0 = _gather(wbits_ptr, x0, B, mpos, lim, MASKED, ASM)
+        b1, h1 = _gather(wbits_ptr, r ^ (c + _G1), B, mpos + 1 * MJ, lim, MASKED, ASM)
+        b2, h2 = _gather(wbits_ptr, r ^ (c + _G2), B, mpos + 2 * MJ, lim, MASKED, ASM)
+        b3, h3 = _gather(wbits_ptr, r ^ (c + _G3), B, mpos + 3 * MJ, lim, MASKED, ASM)
+        b4, h4 = _gather(wbits_ptr, r ^ (c + _G4), B, mpos + 4 * MJ, lim, MASKED, ASM)
+        b5, h5 = _gather(wbits_ptr, r ^ (c + _G5), B, mpos + 5 * MJ, lim, MASKED, ASM)
+        b6, h6 = _gather(wbits_ptr, r ^ (c + _G6), B, mpos + 6 * MJ, lim, MASKED, ASM)
+        b7, h7 = _gather(wbits_ptr, r ^ (c + _G7), B, mpos + 7 * MJ, lim, MASKED, ASM)
+        v = tl.permute(join8(b0, b1, b2, b3, b4, b5, b6, b7), (0, 2, 3, 4, 1))
+        hs = tl.permute(join8(_hi(h0), _hi(h1), _hi(h2), _hi(h3), _hi(h4), _hi(h5), _hi(h6),
+                               _hi(h7)), (0, 2, 3, 4, 1))
+        out = _sign_pairs(v.reshape(8 * R, C), hs.reshape(8 * R, C)).to(DTYPE, bitcast=True)
     else:
-        w0 = _w_from_t(wbits_ptr, t, B, mpos, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
-        w1 = _w_from_t(wbits_ptr, t ^ 1, B, mpos + 1 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
-        w2 = _w_from_t(wbits_ptr, t ^ 2, B, mpos + 2 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
-        w3 = _w_from_t(wbits_ptr, t ^ 3, B, mpos + 3 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
-        w4 = _w_from_t(wbits_ptr, t ^ 4, B, mpos + 4 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
-        w5 = _w_from_t(wbits_ptr, t ^ 5, B, mpos + 5 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
-        w6 = _w_from_t(wbits_ptr, t ^ 6, B, mpos + 6 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
-        w7 = _w_from_t(wbits_ptr, t ^ 7, B, mpos + 7 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
-        out = tl.permute(_join8(w0, w1, w2, w3, w4, w5, w6, w7),
+        w0 = _w_tile(wbits_ptr, x0, B, mpos, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
+        w1 = _w_tile(wbits_ptr, r ^ (c + _G1), B, mpos + 1 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
+                     ASM)
+        w2 = _w_tile(wbits_ptr, r ^ (c + _G2), B, mpos + 2 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
+                     ASM)
+        w3 = _w_tile(wbits_ptr, r ^ (c + _G3), B, mpos + 3 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
+                     ASM)
+        w4 = _w_tile(wbits_ptr, r ^ (c + _G4), B, mpos + 4 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
+                     ASM)
+        w5 = _w_tile(wbits_ptr, r ^ (c + _G5), B, mpos + 5 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
+                     ASM)
+        w6 = _w_tile(wbits_ptr, r ^ (c + _G6), B, mpos + 6 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
+                     ASM)
+        w7 = _w_tile(wbits_ptr, r ^ (c + _G7), B, mpos + 7 * MJ, lim, MASKED, SIGN_SHIFT, DTYPE,
+                     ASM)
+        out = tl.permute(join8(w0, w1, w2, w3, w4, w5, w6, w7),
                          (0, 2, 3, 4, 1)).reshape(8 * R, C)
     return out
 
@@ -282,143 +315,151 @@ def _interleave(a, b):
 
 
 @triton.jit
-def _w_cols(wbits_ptr, idx, so, seed_fold, B, mpos, lim, MASKED: tl.constexpr,
+def _nb(nv, rv, cv, seed, J: tl.constexpr, GJ: tl.constexpr, TRANS: tl.constexpr):
+    """``R(n) ^ C(k)`` of the ``J``-th output neighbour of :func:`_w_cols`' columns: ``TRANS``
+    (the outputs are k) ``rv ^ (cv + J GOLD)`` (``GJ``: ``J GOLD mod 2**32``), else (the
+    outputs are n) ``R(nv + J) ^ cv`` (loop-invariant, hoisted)."""
+    if J == 0:
+        x = rv ^ cv
+    elif TRANS:
+        x = rv ^ (cv + GJ)
+    else:
+        x = _row_hash(nv + J, seed) ^ cv
+    return x
+
+
+@triton.jit
+def _w_cols(wbits_ptr, nv, rv, cv, seed, B, mpos, lim, MASKED: tl.constexpr,
             SIGN_SHIFT: tl.constexpr, DTYPE: tl.constexpr, JOIN: tl.constexpr,
-            ASM: tl.constexpr):
-    """A ``[BLOCK_K, C << JOIN]`` W tile from the positions ``idx [BLOCK_K, C]`` of its
-    columns ``c << JOIN`` (``JOIN`` 0-3): column ``(c << JOIN) + j`` is at ``idx + j so``
-    (``so`` the positions' column stride). The ``2**JOIN`` neighbours are generated apart and
-    interleaved in registers (``tl.join``), so a thread holds ``2**JOIN`` adjacent columns:
-    the tile goes to shared memory in ``2**JOIN``-element stores, and the GEMV loads x once
-    per row of a thread's columns."""
+            TRANS: tl.constexpr, ASM: tl.constexpr):
+    """A ``[BLOCK_K, C << JOIN]`` W tile from the row indices ``nv``, row hashes ``rv`` and
+    column hashes ``cv`` of its columns ``c << JOIN`` (broadcast to ``[BLOCK_K, C]``): column
+    ``(c << JOIN) + j`` is output ``o + j`` (:func:`_nb`). The ``2**JOIN`` neighbours are
+    generated apart and interleaved in registers (``tl.join``), so a thread holds
+    ``2**JOIN`` adjacent columns: the tile goes to shared memory in ``2**JOIN``-element
+    stores, and the GEMV loads x once per row of a thread's columns."""
     if JOIN == 0:
-        out = _w_tile(wbits_ptr, idx, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM)
+        out = _w_tile(wbits_ptr, rv ^ cv, B, mpos, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
     elif JOIN == 1:
         out = _interleave(
-            _w_tile(wbits_ptr, idx, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM),
-            _w_tile(wbits_ptr, idx + so, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM))
+            _w_tile(wbits_ptr, rv ^ cv, B, mpos, lim, MASKED, SIGN_SHIFT, DTYPE, ASM),
+            _w_tile(wbits_ptr, _nb(nv, rv, cv, seed, 1, _G1, TRANS), B, mpos, lim, MASKED,
+                    SIGN_SHIFT, DTYPE, ASM))
     elif JOIN == 2:
-        t0 = _w_tile(wbits_ptr, idx, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM)
-        t1 = _w_tile(wbits_ptr, idx + so, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM)
-        t2 = _w_tile(wbits_ptr, idx + 2 * so, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM)
-        t3 = _w_tile(wbits_ptr, idx + 3 * so, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM)
+        t0 = _w_tile(wbits_ptr, rv ^ cv, B, mpos, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
+        t1 = _w_tile(wbits_ptr, _nb(nv, rv, cv, seed, 1, _G1, TRANS), B, mpos, lim, MASKED,
+                     SIGN_SHIFT, DTYPE, ASM)
+        t2 = _w_tile(wbits_ptr, _nb(nv, rv, cv, seed, 2, _G2, TRANS), B, mpos, lim, MASKED,
+                     SIGN_SHIFT, DTYPE, ASM)
+        t3 = _w_tile(wbits_ptr, _nb(nv, rv, cv, seed, 3, _G3, TRANS), B, mpos, lim, MASKED,
+                     SIGN_SHIFT, DTYPE, ASM)
         out = _interleave(_interleave(t0, t2), _interleave(t1, t3))
     else:
-        t0 = _w_tile(wbits_ptr, idx, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM)
-        t1 = _w_tile(wbits_ptr, idx + so, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM)
-        t2 = _w_tile(wbits_ptr, idx + 2 * so, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM)
-        t3 = _w_tile(wbits_ptr, idx + 3 * so, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM)
-        t4 = _w_tile(wbits_ptr, idx + 4 * so, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM)
-        t5 = _w_tile(wbits_ptr, idx + 5 * so, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM)
-        t6 = _w_tile(wbits_ptr, idx + 6 * so, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM)
-        t7 = _w_tile(wbits_ptr, idx + 7 * so, seed_fold, B, mpos, lim, MASKED, SIGN_SHIFT,
-                    DTYPE, ASM)
+        t0 = _w_tile(wbits_ptr, rv ^ cv, B, mpos, lim, MASKED, SIGN_SHIFT, DTYPE, ASM)
+        t1 = _w_tile(wbits_ptr, _nb(nv, rv, cv, seed, 1, _G1, TRANS), B, mpos, lim, MASKED,
+                     SIGN_SHIFT, DTYPE, ASM)
+        t2 = _w_tile(wbits_ptr, _nb(nv, rv, cv, seed, 2, _G2, TRANS), B, mpos, lim, MASKED,
+                     SIGN_SHIFT, DTYPE, ASM)
+        t3 = _w_tile(wbits_ptr, _nb(nv, rv, cv, seed, 3, _G3, TRANS), B, mpos, lim, MASKED,
+                     SIGN_SHIFT, DTYPE, ASM)
+        t4 = _w_tile(wbits_ptr, _nb(nv, rv, cv, seed, 4, _G4, TRANS), B, mpos, lim, MASKED,
+                     SIGN_SHIFT, DTYPE, ASM)
+        t5 = _w_tile(wbits_ptr, _nb(nv, rv, cv, seed, 5, _G5, TRANS), B, mpos, lim, MASKED,
+                     SIGN_SHIFT, DTYPE, ASM)
+        t6 = _w_tile(wbits_ptr, _nb(nv, rv, cv, seed, 6, _G6, TRANS), B, mpos, lim, MASKED,
+                     SIGN_SHIFT, DTYPE, ASM)
+        t7 = _w_tile(wbits_ptr, _nb(nv, rv, cv, seed, 7, _G7, TRANS), B, mpos, lim, MASKED,
+                     SIGN_SHIFT, DTYPE, ASM)
         out = _interleave(_interleave(_interleave(t0, t4), _interleave(t2, t6)),
                           _interleave(_interleave(t1, t5), _interleave(t3, t7)))
     return out
 
 
 @triton.jit
-def _positions(offs_r, offs_o, K, TRANS: tl.constexpr):
-    """Positions ``i`` (uint32, mod 2**32) of a ``[R, O]`` tile: ``o K + r`` (``y = x W^T``:
-    o indexes N, r indexes K) or, ``TRANS``, ``r K + o`` (``y = x W``: r indexes N)."""
-    ku = K.to(tl.uint32)
-    if TRANS:
-        return offs_r.to(tl.uint32)[:, None] * ku + offs_o.to(tl.uint32)[None, :]
-    return offs_o.to(tl.uint32)[None, :] * ku + offs_r.to(tl.uint32)[:, None]
-
-
-@triton.jit
-def _start(t_begin, pid_o, KW, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _start(t_begin, pid_o, seed, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
            TRANS: tl.constexpr, OCTETS: tl.constexpr, JOIN: tl.constexpr,
            KROWS: tl.constexpr = False):
-    """``(idx, step, so)``: a program's first position tile, its advance per K step and the
-    positions' column stride. ``OCTETS``: one position per 8 weights (:func:`_w_octets`;
-    ``[BLOCK_K, BLOCK_N / 8]`` with ``TRANS``, whose octets run along N, else ``[BLOCK_N,
-    BLOCK_K / 8]``, octets along K; ``KROWS``: the transposes, ``[BLOCK_N / 8, BLOCK_K]`` and
-    ``[BLOCK_K / 8, BLOCK_N]``, :func:`_w_octet_rows`); else ``[BLOCK_K, BLOCK_N >> JOIN]``
-    (:func:`_w_cols`)."""
-    ku = KW.to(tl.uint32)
+    """``(nv, rv, cv)``: a program's first position tile as its rows ``n`` (uint32), their
+    hashes ``R(n)`` and its columns' hashes ``C(k)``, each in the shape it broadcasts from
+    (the hashes are made per row and per column, not per weight). ``OCTETS``: one column per
+    8 weights, ``C(8a)`` (:func:`_w_octets`; ``[BLOCK_K, BLOCK_N / 8]`` with ``TRANS``, whose
+    octets run along the outputs, else ``[BLOCK_N, BLOCK_K / 8]``, octets along the
+    reduction; ``KROWS``: the transposes, :func:`_w_octet_rows`); else ``[BLOCK_K, BLOCK_N
+    >> JOIN]`` (:func:`_w_cols`). Per K step (:func:`_advance`) ``TRANS`` moves the rows
+    (``R`` made again, per row), else the columns (``C`` advanced by one add)."""
     offs_k = t_begin * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_o = pid_o * BLOCK_N + tl.arange(0, BLOCK_N)
     if OCTETS:
-        if TRANS and KROWS:
+        if TRANS:
+            offs_n = offs_k
             offs_c = pid_o * BLOCK_N + 8 * tl.arange(0, BLOCK_N // 8)
-            idx = offs_k.to(tl.uint32)[None, :] * ku + offs_c.to(tl.uint32)[:, None]
-        elif TRANS:
-            offs_c = pid_o * BLOCK_N + 8 * tl.arange(0, BLOCK_N // 8)
-            idx = offs_k.to(tl.uint32)[:, None] * ku + offs_c.to(tl.uint32)[None, :]
-        elif KROWS:
-            offs_c = t_begin * BLOCK_K + 8 * tl.arange(0, BLOCK_K // 8)
-            idx = offs_o.to(tl.uint32)[None, :] * ku + offs_c.to(tl.uint32)[:, None]
         else:
+            offs_n = offs_o
             offs_c = t_begin * BLOCK_K + 8 * tl.arange(0, BLOCK_K // 8)
-            idx = offs_o.to(tl.uint32)[:, None] * ku + offs_c.to(tl.uint32)[None, :]
+        if KROWS:
+            nv = offs_n.to(tl.uint32)[None, :]
+            cv = _col_hash(offs_c)[:, None]
+        else:
+            nv = offs_n.to(tl.uint32)[:, None]
+            cv = _col_hash(offs_c)[None, :]
     else:
         offs_c = pid_o * BLOCK_N + (tl.arange(0, BLOCK_N >> JOIN) << JOIN)
-        idx = _positions(offs_k, offs_c, KW, TRANS)
-    step, so = _strides(KW, BLOCK_K, TRANS)
-    return idx, step, so
+        if TRANS:
+            nv = offs_k.to(tl.uint32)[:, None]
+            cv = _col_hash(offs_c)[None, :]
+        else:
+            nv = offs_c.to(tl.uint32)[None, :]
+            cv = _col_hash(offs_k)[:, None]
+    return nv, _row_hash(nv, seed), cv
 
 
 @triton.jit
-def _w_step(wbits_ptr, idx, so, kt, K, seed_fold, B, BLOCK_K: tl.constexpr,
+def _advance(nv, rv, cv, seed, BLOCK_K: tl.constexpr, TRANS: tl.constexpr):
+    """The next K step's ``(nv, rv, cv)`` (:func:`_start`): ``TRANS`` the rows move by
+    ``BLOCK_K`` (their ``R`` made again), else the columns (``C += BLOCK_K GOLD``)."""
+    if TRANS:
+        nv = nv + BLOCK_K
+        rv = _row_hash(nv, seed)
+    else:
+        STEP: tl.constexpr = (BLOCK_K * _GOLD) & 0xFFFFFFFF
+        cv = cv + STEP
+    return nv, rv, cv
+
+
+@triton.jit
+def _w_step(wbits_ptr, nv, rv, cv, seed, kt, K, B, BLOCK_K: tl.constexpr,
             TRANS: tl.constexpr, OCTETS: tl.constexpr, MASKED: tl.constexpr,
             JOIN: tl.constexpr, SIGN_SHIFT: tl.constexpr, DTYPE: tl.constexpr,
             ASM: tl.constexpr, KROWS: tl.constexpr = False):
     """K step ``kt``'s ``[BLOCK_K, BLOCK_N]`` W tile (``Wv``: ``W^T``, or ``W`` with
-    ``TRANS``) from its position tile ``idx`` (:func:`_start`); ``MASKED``: rows at or past
-    ``K`` read 0."""
+    ``TRANS``) from its rows and hashes (:func:`_start`); ``MASKED``: rows at or past ``K``
+    read 0."""
     if OCTETS:
-        t = (idx >> 16) ^ idx ^ seed_fold.to(tl.uint32)
         if TRANS and KROWS:
             mpos = kt * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
-            w = tl.trans(_w_octet_rows(wbits_ptr, t, B, mpos, K, 0, MASKED, SIGN_SHIFT, DTYPE,
-                                       ASM))
+            w = tl.trans(_w_octet_rows(wbits_ptr, rv, cv, B, mpos, K, 0, MASKED, SIGN_SHIFT,
+                                       DTYPE, ASM))
         elif TRANS:
             mpos = kt * BLOCK_K + tl.arange(0, BLOCK_K)[:, None]
-            w = _w_octets(wbits_ptr, t, B, mpos, K, 0, MASKED, SIGN_SHIFT, DTYPE, ASM)
+            w = _w_octets(wbits_ptr, rv, cv, B, mpos, K, 0, MASKED, SIGN_SHIFT, DTYPE, ASM)
         elif KROWS:
             mpos = kt * BLOCK_K + 8 * tl.arange(0, BLOCK_K // 8)[:, None]
-            w = _w_octet_rows(wbits_ptr, t, B, mpos, K, 1, MASKED, SIGN_SHIFT, DTYPE, ASM)
+            w = _w_octet_rows(wbits_ptr, rv, cv, B, mpos, K, 1, MASKED, SIGN_SHIFT, DTYPE, ASM)
         else:
             mpos = kt * BLOCK_K + 8 * tl.arange(0, BLOCK_K // 8)[None, :]
-            w = tl.trans(_w_octets(wbits_ptr, t, B, mpos, K, 1, MASKED, SIGN_SHIFT, DTYPE,
+            w = tl.trans(_w_octets(wbits_ptr, rv, cv, B, mpos, K, 1, MASKED, SIGN_SHIFT, DTYPE,
                                    ASM))
     else:
         mpos = kt * BLOCK_K + tl.arange(0, BLOCK_K)[:, None]
-        w = _w_cols(wbits_ptr, idx, so, seed_fold, B, mpos, K, MASKED, SIGN_SHIFT, DTYPE, JOIN,
-                    ASM)
+        w = _w_cols(wbits_ptr, nv, rv, cv, seed, B, mpos, K, MASKED, SIGN_SHIFT, DTYPE, JOIN,
+                    TRANS, ASM)
     return w
 
 
-@triton.jit
-def _strides(K, BLOCK_K: tl.constexpr, TRANS: tl.constexpr):
-    """``(step, so)``: the positions' advance per K step and per output column (uint32)."""
-    ku = K.to(tl.uint32)
-    if TRANS:
-        return ku * BLOCK_K, ku * 0 + 1
-    return ku * 0 + BLOCK_K, ku
-
-
-@triton.jit(do_not_specialize=["seed_fold", "B"])
+@triton.jit(do_not_specialize=["seed", "B"])
 def _hashed_gemv_kernel(
     x_ptr, wbits_ptr, bias_ptr, y_ptr,
-    M, N, K, KW, seed_fold, B, tiles_per_split,
+    M, N, K, KW, seed, B, tiles_per_split,
     stride_xm, stride_ym,
     TRANS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -446,22 +487,22 @@ def _hashed_gemv_kernel(
     offs_kt = tl.arange(0, BLOCK_K)
     t_begin = pid_k * tiles_per_split
     t_end = min(t_begin + tiles_per_split, tl.cdiv(K, BLOCK_K))
-    idx, step, so = _start(t_begin, pid_o, KW, BLOCK_N, BLOCK_K, TRANS, OCTETS, JOIN)
+    nv, rv, cv = _start(t_begin, pid_o, seed, BLOCK_N, BLOCK_K, TRANS, OCTETS, JOIN)
     x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
     acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
     for kt in range(t_begin, t_end):
         x_k = x_rows + kt * BLOCK_K
         if EVEN_K:
             a = tl.load(x_k + offs_kt[None, :])
-            w = _w_step(wbits_ptr, idx, so, kt, K, seed_fold, B, BLOCK_K, TRANS, OCTETS, False,
+            w = _w_step(wbits_ptr, nv, rv, cv, seed, kt, K, B, BLOCK_K, TRANS, OCTETS, False,
                         JOIN, SIGN_SHIFT, x_ptr.dtype.element_ty, ASM)
         else:
             k_mask = kt * BLOCK_K + offs_kt < K
             a = tl.load(x_k + offs_kt[None, :], mask=k_mask[None, :], other=0.0)
-            w = _w_step(wbits_ptr, idx, so, kt, K, seed_fold, B, BLOCK_K, TRANS, OCTETS, True,
+            w = _w_step(wbits_ptr, nv, rv, cv, seed, kt, K, B, BLOCK_K, TRANS, OCTETS, True,
                         JOIN, SIGN_SHIFT, x_ptr.dtype.element_ty, ASM)
         acc3 += a.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
-        idx += step
+        nv, rv, cv = _advance(nv, rv, cv, seed, BLOCK_K, TRANS)
     acc = tl.sum(acc3, axis=1)
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_o, offs_m < M, offs_o < N, stride_ym, pid_k,
                HAS_BIAS, SPLIT_K)
@@ -474,10 +515,10 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
-@triton.jit(do_not_specialize=["seed_fold", "B"])
+@triton.jit(do_not_specialize=["seed", "B"])
 def _hashed_gemm_kernel(
     x_ptr, wbits_ptr, bias_ptr, y_ptr,
-    M, N, K, KW, seed_fold, B, tiles_per_split,
+    M, N, K, KW, seed, B, tiles_per_split,
     stride_xm, stride_ym,
     TRANS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -506,31 +547,31 @@ def _hashed_gemm_kernel(
     offs_kt = tl.arange(0, BLOCK_K)
     t_begin = pid_k * tiles_per_split
     t_end = min(t_begin + tiles_per_split, tl.cdiv(K, BLOCK_K))
-    idx, step, so = _start(t_begin, pid_o, KW, BLOCK_N, BLOCK_K, TRANS, OCTETS, JOIN, KROWS)
+    nv, rv, cv = _start(t_begin, pid_o, seed, BLOCK_N, BLOCK_K, TRANS, OCTETS, JOIN, KROWS)
     x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(t_begin, t_end):
         x_k = x_rows + kt * BLOCK_K
         if EVEN_K:
             a = tl.load(x_k + offs_kt[None, :])
-            w = _w_step(wbits_ptr, idx, so, kt, K, seed_fold, B, BLOCK_K, TRANS, OCTETS, False,
+            w = _w_step(wbits_ptr, nv, rv, cv, seed, kt, K, B, BLOCK_K, TRANS, OCTETS, False,
                         JOIN, SIGN_SHIFT, x_ptr.dtype.element_ty, ASM, KROWS)
         else:
             k_mask = kt * BLOCK_K + offs_kt < K
             a = tl.load(x_k + offs_kt[None, :], mask=k_mask[None, :], other=0.0)
-            w = _w_step(wbits_ptr, idx, so, kt, K, seed_fold, B, BLOCK_K, TRANS, OCTETS, True,
+            w = _w_step(wbits_ptr, nv, rv, cv, seed, kt, K, B, BLOCK_K, TRANS, OCTETS, True,
                         JOIN, SIGN_SHIFT, x_ptr.dtype.element_ty, ASM, KROWS)
         # (the barrier: Triton 3.6 gives a dot operand with a tl.join behind it kWidth 4)
-        acc = _dot(a, _kwidth_barrier(w, ASM), acc, DOT_PRECISION, UPCAST_DOT)
-        idx += step
+        acc = _dot(a, kwidth_barrier(w, ASM), acc, DOT_PRECISION, UPCAST_DOT)
+        nv, rv, cv = _advance(nv, rv, cv, seed, BLOCK_K, TRANS)
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_o, offs_m < M, offs_o < N, stride_ym, pid_k,
                HAS_BIAS, SPLIT_K)
 
 
-@triton.jit(do_not_specialize=["seed_fold", "B"])
+@triton.jit(do_not_specialize=["seed", "B"])
 def _hashed_grad_w_kernel(
     g_ptr, x_ptr, gw_ptr,
-    M, N, K, seed_fold, B, m_tiles_per_split,
+    M, N, K, seed, B, m_tiles_per_split,
     stride_gm, stride_xm,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -563,10 +604,9 @@ def _hashed_grad_w_kernel(
         a = tl.load(x_ptr + rows * stride_xm + offs_k[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         acc = _dot(tl.trans(g), a, acc, DOT_PRECISION, UPCAST_DOT)
-    idx = offs_n.to(tl.uint32)[:, None] * K.to(tl.uint32) + offs_k.to(tl.uint32)[None, :]
-    h = _hash(idx, seed_fold)
-    val = (acc.to(tl.int32, bitcast=True) ^ (h << 31).to(tl.int32)).to(tl.float32,
-                                                                         bitcast=True)
+    h = _hash(offs_n[:, None], offs_k[None, :], seed)
+    val = (acc.to(tl.int32, bitcast=True) ^ (h & 0x80000000).to(tl.int32)).to(tl.float32,
+                                                                                bitcast=True)
     tl.atomic_add(_bucket_ptrs(gw_ptr, h, B, ASM), val, mask=n_mask[:, None] & k_mask[None, :],
                   sem="relaxed")
 
@@ -582,7 +622,8 @@ def select_config(m: int, o: int, r: int, device: torch.device,
     else ``default``) for ``o`` outputs and a reduction of ``r``: the GEMV up to
     ``gemv_max_m`` rows for fp32 x (exact fp32 products), ``gemv_max_m_half`` (0) for fp16 /
     bf16 x, whose 16-row tensor-core tile executes fewer instructions per weight than the
-    GEMV even at M = 1 (sm_90, Triton 3.9, ``OCTETS``: 14.4 against 16.6-18.4); else the
+    GEMV even at M = 1 (sm_90, ``OCTETS``: 10.5; the GEMV's 16.6-18.4 was measured under the
+    previous hash); else the
     GEMM (fp32 x: at most 64 x 64 x 32, :func:`gemm_tile`). Split-K where the output tiles
     leave SMs idle (on a GPU)."""
     return _select_config(m, o, r, device, dtype, gpu_target(device))
@@ -714,15 +755,14 @@ _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32:
 
 
 def seed_args(seed: int) -> int:
-    """``(seed >> 16) ^ seed`` as a signed int32 (the kernels' ``seed_fold``: the hash's
-    ``i ^ seed`` folded into its first xor-shift; int32, so every seed compiles alike)."""
-    fold = (seed >> 16) ^ seed
-    return fold - (1 << 32) if fold >= 1 << 31 else fold
+    """The seed's bits as a signed int32 (the kernels' ``seed``: int32, so every seed compiles
+    alike; :func:`_row_hash` reads it back as uint32)."""
+    return seed - (1 << 32) if seed >= 1 << 31 else seed
 
 
 def octets(k: int, trans: bool, cfg: KernelConfig) -> bool:
-    """``OCTETS``: the kernels hash one position per 8 weights (:func:`_w_octets`) where every
-    octet starts at a multiple of 8: the weight's rows ``K % 8 == 0`` and tiles of 8+ columns
+    """``OCTETS``: the kernels keep one column hash per 8 weights (:func:`_w_octets`) where
+    every octet starts at a multiple of 8: the weight's rows ``K % 8 == 0`` and tiles of 8+ columns
     along the octets' dimension (N with ``trans``, else K)."""
     return k % 8 == 0 and (cfg.block_n if trans else cfg.block_k) >= 8
 

@@ -1,6 +1,6 @@
 """kernels/hashed.py: the hashed-weight kernels (GEMV, tensor-core GEMM, both directions, and the
 bucket gradient) against float64 references built from the format's own virtual weight, the
-hash bit for bit (wrapping positions included), configs and errors."""
+hash bit for bit (positions up to 2**31 - 1 included), configs and errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compress_ops.kernels import hashed as kh
-from compress_ops.kernels.formats.hashed import MAX_SEED, hash_bits, hashed_weight, virtual_index
+from compress_ops.kernels.formats.hashed import (
+    MAX_DIM,
+    MAX_SEED,
+    hash_bits,
+    hashed_weight,
+    virtual_index,
+)
 from compress_ops.kernels.tuning import KernelConfig
 
 from .tolerances import rel_err, tol
@@ -94,36 +100,38 @@ def test_weight_bit_exact(poison, device, monkeypatch, dtype, trans, cfg, k, kro
 
 
 @triton.jit
-def _hash_probe(out_ptr, bucket_ptr, table_ptr, o0, r0, K, seed_fold, B,
-                TRANS: tl.constexpr, BLOCK: tl.constexpr):
+def _hash_probe(out_ptr, bucket_ptr, table_ptr, n0, k0, seed, B, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
-    idx = kh._positions(r0 + offs, o0 + offs, K, TRANS)
-    h = kh._hash(idx, seed_fold)
+    n = (n0 + offs).to(tl.uint32)[:, None]
+    k = (k0 + offs).to(tl.uint32)[None, :]
+    h = kh._hash(n, k, seed)
     flat = offs[:, None] * BLOCK + offs[None, :]
     tl.store(out_ptr + flat, h.to(tl.int64))
     # the kernels' bucket address into a table holding its own indices
     tl.store(bucket_ptr + flat, tl.load(kh._bucket_ptrs(table_ptr, h, B, False)))
 
 
-@pytest.mark.parametrize("trans", [False, True])
+@pytest.mark.parametrize(("n0", "k0"), [(0, 0), (MAX_DIM - 15, MAX_DIM - 15), (70000, 2**30)])
 @pytest.mark.parametrize("seed", [0, 0x9E3779B9, MAX_SEED])
-def test_hash_wraps_modulo_2_32(device, trans, seed):
-    """Positions past 2**32 (``N K`` above it: a 70000 x 70000 weight) wrap as the format's
-    int64 arithmetic does; the bucket is the multiply-high of ``h`` and ``B``."""
-    K, B, blk = 70000, 1000, 16
-    o0, r0 = 69000, 68000
-    h = torch.empty(blk, blk, dtype=torch.int64, device=device)
-    bucket = torch.empty_like(h)
-    table = torch.arange(B, dtype=torch.int64, device=device)
-    _hash_probe[(1,)](h, bucket, table, o0, r0, K, kh.seed_args(seed), B, TRANS=trans,
-                      BLOCK=blk)
-    o = torch.arange(o0, o0 + blk, device=device)[None, :]
-    r = torch.arange(r0, r0 + blk, device=device)[:, None]
-    pos = (r * K + o) if trans else (o * K + r)
-    assert (pos >= 2**32).any()  # it does wrap
-    ref = hash_bits(pos & 0xFFFFFFFF, seed)
-    assert torch.equal(h, ref)
-    assert torch.equal(bucket, (ref * B) >> 32)
+def test_hash_at_large_positions(device, n0, k0, seed):
+    """The kernels' hash (uint32 registers) equals the format's int64 arithmetic up to the
+    largest positions ``n, k = 2**31 - 1`` (``k GOLD`` and ``(R ^ C) MIX`` wrap modulo
+    2**32); the bucket is the multiply-high of ``h << 1`` and ``B``."""
+    blk = 16
+    n = torch.arange(n0, n0 + blk, device=device)[:, None]
+    k = torch.arange(k0, k0 + blk, device=device)[None, :]
+    ref = hash_bits(n, k, seed)
+    assert (ref >= 2**31).any() and (ref < 2**31).any()  # both signs
+    for B in (1000, 65521):
+        h = torch.empty(blk, blk, dtype=torch.int64, device=device)
+        bucket = torch.empty_like(h)
+        table = torch.arange(B, dtype=torch.int64, device=device)
+        _hash_probe[(1,)](h, bucket, table, n0, k0, kh.seed_args(seed), B, BLOCK=blk)
+        assert torch.equal(h, ref)
+        assert torch.equal(bucket, ((ref << 1) & 0xFFFFFFFF) * B >> 32)
+        if k0 < 2**20:  # the format's own index (it builds whole rows: k from 0)
+            got, _ = virtual_index(MAX_DIM, k0 + blk, B, seed, rows=(n0, n0 + blk))
+            assert torch.equal(bucket, got[:, k0:])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # Inf - Inf in columns never stored
@@ -180,21 +188,20 @@ def test_batch_dims_and_non_contiguous_x(poison, device, trans):
 
 
 def test_sign_pairs_ptx_semantics():
-    """``_sign_pairs`` (PTX, GPU only: ``shl.b32 s, hl, 15; lop3.b32 d, v, s, 0x80008000,
-    0x78``) on a register holding two 16-bit weights and the two hashes' low halves flips
-    each weight's sign bit by its own hash's lowest bit, as the per-weight form the
+    """``_sign_pairs`` (PTX, GPU only: ``lop3.b32 d, v, hs, 0x80008000, 0x78``) on a register
+    holding two 16-bit weights and the two hashes' high halves (``_hi``, packed as the weights
+    are) flips each weight's sign bit by its own hash's top bit, as the per-weight form the
     interpreter runs does. Modelled here on the two halves' bits."""
     g = torch.Generator().manual_seed(0)
     lo, hi = (torch.randint(0, 2**16, (4096,), generator=g) for _ in range(2))
     h_lo, h_hi = (torch.randint(0, 2**32, (4096,), generator=g) for _ in range(2))
     v = lo | (hi << 16)
-    hl = (h_lo & 0xFFFF) | ((h_hi & 0xFFFF) << 16)  # the halves as the pairs pack them
-    s = (hl << 15) & 0xFFFFFFFF
+    hs = (h_lo >> 16) | ((h_hi >> 16) << 16)  # the high halves as the pairs pack them
     lut = 0x78  # a ^ (b & c) for a = 0xF0, b = 0xCC, c = 0xAA
     assert lut == 0xF0 ^ (0xCC & 0xAA)
-    d = v ^ (s & 0x80008000)
-    assert torch.equal(d & 0xFFFF, lo ^ ((h_lo << 15) & 0xFFFF))
-    assert torch.equal(d >> 16, hi ^ ((h_hi << 15) & 0xFFFF))
+    d = v ^ (hs & 0x80008000)
+    assert torch.equal(d & 0xFFFF, lo ^ ((h_lo >> 31) << 15))
+    assert torch.equal(d >> 16, hi ^ ((h_hi >> 31) << 15))
 
 
 def _grad_w_ref(g, x, b, n, k, seed):
@@ -265,8 +272,8 @@ def test_select_config_regimes():
     assert kh.get_autotune_configs(1) and kh.get_autotune_configs(2048)
 
 
-def test_seed_args_fold():
+def test_seed_args_bits():
     for seed in SEEDS:
-        fold = kh.seed_args(seed)
-        assert -(2**31) <= fold < 2**31
-        assert fold % 2**32 == (seed >> 16) ^ seed
+        arg = kh.seed_args(seed)
+        assert -(2**31) <= arg < 2**31
+        assert arg % 2**32 == seed

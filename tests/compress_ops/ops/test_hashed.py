@@ -29,27 +29,39 @@ def test_virtual_weight_matches_a_pure_python_hash():
     """The spec of kernels/formats/hashed.py, computed with Python ints (arbitrary
     precision, explicit wrap modulo 2**32): a wrong shift or constant fails here first."""
     m32 = 0xFFFFFFFF
+    mix, gold = 0x045D9F3B, 0x9E3779B1
+    assert (hf.MIX, hf.GOLD) == (mix, gold)
 
-    def h(i: int, seed: int) -> int:
-        v = i ^ seed
-        v = (((v >> 16) ^ v) * hf.MIX) & m32
-        v = (((v >> 16) ^ v) * hf.MIX) & m32
-        return (v >> 16) ^ v
+    def fmix(v: int) -> int:
+        v ^= v >> 16
+        v = (v * mix) & m32
+        v ^= v >> 16
+        v = (v * mix) & m32
+        return v ^ (v >> 16)
+
+    def spec(n: int, k: int, seed: int, b: int) -> tuple[int, bool]:
+        h = ((fmix(n ^ seed) ^ ((k * gold) & m32)) * mix) & m32
+        return (((h << 1) & m32) * b) >> 32, bool(h >> 31)
 
     n, k, b = 7, 13, 29
     for seed in (0, 1, 0xDEADBEEF, 2**32 - 1):
         bucket, neg = hf.virtual_index(n, k, b, seed)
         for r in range(n):
             for c in range(k):
-                v = h((r * k + c) & m32, seed)
-                assert bucket[r, c] == (v * b) >> 32 and bool(neg[r, c]) == bool(v & 1)
-    # positions past 2**32 wrap, as the kernels' uint32 arithmetic does
-    big_n, k = 4294969, 1000  # row 4294968 starts past 2**32
-    bucket, neg = hf.virtual_index(big_n, k, 101, 9, rows=(4294967, 4294969))
-    for r in range(2):
-        for c in (0, 295, 296, 999):
-            v = h(((4294967 + r) * k + c) & m32, 9)
-            assert bucket[r, c] == (v * 101) >> 32 and bool(neg[r, c]) == bool(v & 1)
+                assert (bucket[r, c].item(), bool(neg[r, c])) == spec(r, c, seed, b)
+    # rows up to 2**31 - 1 (a row range of a huge layer: only [2, k] is built) and B up to
+    # 2**31 - 1; large columns through the format's own hash_bits on a slice
+    for b in (101, 2**31 - 1):
+        bucket, neg = hf.virtual_index(2**31 - 1, 40, b, 9, rows=(2**31 - 3, 2**31 - 1))
+        for r in range(2):
+            for c in (0, 1, 17, 39):
+                assert (bucket[r, c].item(), bool(neg[r, c])) == spec(2**31 - 3 + r, c, 9, b)
+    big = torch.tensor([0, 5, 2**30 + 3, 2**31 - 2, 2**31 - 1])
+    h = hf.hash_bits(big[:, None], big[None, :], 0xDEADBEEF)
+    for i, r in enumerate(big.tolist()):
+        for j, c in enumerate(big.tolist()):
+            want = ((fmix(r ^ 0xDEADBEEF) ^ ((c * gold) & m32)) * mix) & m32
+            assert h[i, j].item() == want
 
 
 def test_hash_spreads_positions_over_buckets_and_signs():
@@ -58,6 +70,41 @@ def test_hash_spreads_positions_over_buckets_and_signs():
     assert counts.min() > 0  # every bucket used: 128 members on average
     assert counts.std() / counts.mean() < 0.15  # Poisson-like (1/sqrt(128) = 0.088)
     assert abs(neg.double().mean().item() - 0.5) < 0.01
+    # rows and columns alike: about half of every row's and column's signs (256 each: sd
+    # 0.031; the one-multiply hash leaves a few rows ~5 sd off)
+    assert neg.double().mean(1).sub(0.5).abs().max() < 0.2
+    assert neg.double().mean(0).sub(0.5).abs().max() < 0.2
+
+
+def test_signs_are_independent_of_buckets_and_unstructured():
+    """The sign (``h``'s top bit) is not a function of the bucket (``h``'s low 31 bits):
+    within a bucket both signs occur, about half each, and two members of a bucket have
+    uncorrelated signs (what HashedNets' sign hash is for). The sign matrix is not rank-1
+    structured (``s[n, k] = a[n] b[k]`` would make every two rows' sign vectors correlate
+    +-1): rows' and columns' sign vectors are uncorrelated on average. Known limit of the
+    one-multiply hash: two rows whose ``R`` differ in few bits (or two columns whose ``C``
+    do) have correlated signs, so the pairwise correlations have a tail (about 0.1 % of
+    pairs past 4.8 sd here); such pairs share no more buckets than any others."""
+    b = 512
+    bucket, neg = hf.virtual_index(256, 256, b, 3)
+    neg_count = torch.zeros(b, dtype=torch.float64).index_add_(0, bucket.flatten(),
+                                                               neg.flatten().double())
+    count = torch.bincount(bucket.flatten(), minlength=b).double()
+    frac = neg_count / count
+    assert ((frac > 0) & (frac < 1)).all()  # both signs in every bucket
+    assert abs(frac.mean().item() - 0.5) < 0.02
+    assert (frac - 0.5).abs().max() < 0.25  # 128 members: sd 0.044
+    # members of one bucket: sum over pairs of s_i s_j = (S^2 - count) / 2, S the signed sum
+    s = 1 - 2 * neg.double()
+    signed = torch.zeros(b, dtype=torch.float64).index_add_(0, bucket.flatten(), s.flatten())
+    pair_corr = ((signed.square() - count) / 2).sum() / (count * (count - 1) / 2).sum()
+    assert abs(pair_corr.item()) < 0.01  # 2M pairs
+    for m in (s, s.T):
+        c = (m @ m.T) / m.shape[1]  # correlations of the rows' +-1 vectors
+        off = c[~torch.eye(c.shape[0], dtype=torch.bool)]
+        assert abs(off.mean().item()) < 0.01
+        assert off.abs().mean() < 0.06  # ~ sqrt(2/pi)/16 = 0.050 for independent signs
+        assert (off.abs() > 0.3).double().mean() < 0.005  # the tail (sd 1/16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

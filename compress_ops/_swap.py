@@ -11,7 +11,8 @@ name, so the model keeps one module where it had one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +127,29 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+@contextlib.contextmanager
+def swapped_in(model: nn.Module, swaps: Iterable[tuple[Sequence[str], nn.Module, nn.Module]]
+               ) -> Iterator[nn.Module]:
+    """``model`` with each ``(names, old, new)`` of ``swaps`` in place (``new`` at every name,
+    in ``old``'s train/eval mode; ``swaps`` may build lazily: it is read inside the guard);
+    yields the module to run (``new`` itself where a name is the root, ``""``). Every layer is
+    put back afterwards, also on an error: what ``plan()`` and the search measure."""
+    root, done = model, []
+    try:
+        for names, old, new in swaps:
+            new.train(old.training)
+            for name in names:
+                if name:
+                    set_submodule(model, name, new)
+                    done.append((name, old))
+                else:
+                    root = new
+        yield root
+    finally:
+        for name, old in reversed(done):
+            set_submodule(model, name, old)
 
 
 def replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> list[str]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from compress_ops._linear import LINEAR_TYPES
-from compress_ops._swap import hooks_reason, index, set_submodule
+from compress_ops._swap import hooks_reason, index, swapped_in
 from compress_ops._text import format_table
 from compress_ops._validate import check_bool, check_choice, check_number
 from compress_ops.api import Recipe, compress_
@@ -632,24 +632,9 @@ def _swapped(model: nn.Module, found: list[_Layer], choice: dict[int, int]
     """``model`` with the chosen replacements (built for the table) in place of their layers,
     at every name; yields the model to run (the replacement itself if it is the root).
     Every layer is put back afterwards."""
-    root, done = model, []
-    try:
-        for layer in found:
-            j = choice.get(id(layer))
-            if j is None:
-                continue
-            new = layer.options[j][1]
-            new.train(layer.module.training)
-            for name in layer.names:
-                if name:
-                    set_submodule(model, name, new)
-                    done.append((name, layer.module))
-                else:
-                    root = new
+    with swapped_in(model, ((layer.names, layer.module, layer.options[choice[id(layer)]][1])
+                            for layer in found if id(layer) in choice)) as root:
         yield root
-    finally:
-        for name, old in reversed(done):
-            set_submodule(model, name, old)
 
 
 def _rules(found: list[_Layer], choice: dict[int, int]) -> dict[str, object]:

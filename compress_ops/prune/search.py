@@ -50,7 +50,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from compress_ops._swap import set_submodule
+from compress_ops._swap import swapped_in
 from compress_ops._text import format_table
 from compress_ops._validate import check_bool, check_int, check_number
 from compress_ops.api import Recipe, compress_
@@ -189,22 +189,10 @@ def _swapped(model: nn.Module, layers: Sequence[_Layer], genome: Sequence[int]
              ) -> Iterator[nn.Module]:
     """``model`` with the genome's replacements in place; yields the module to run (the
     replacement itself if it is the root). Every layer is put back afterwards."""
-    root, done = model, []
-    try:
-        for layer, j in zip(layers, genome, strict=True):
-            if j == layer.dense:
-                continue
-            new = layer.build(j)
-            new.train(layer.module.training)
-            if layer.name:
-                set_submodule(model, layer.name, new)
-                done.append((layer.name, layer.module))
-            else:
-                root = new
+    with swapped_in(model, (((layer.name,), layer.module, layer.build(j))
+                            for layer, j in zip(layers, genome, strict=True)
+                            if j != layer.dense)) as root:
         yield root
-    finally:
-        for name, old in reversed(done):
-            set_submodule(model, name, old)
 
 
 def _layers_of(model: nn.Module, plan: Plan) -> tuple[list[_Layer], tuple[int, ...]]:

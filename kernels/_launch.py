@@ -87,22 +87,29 @@ def ptx(x2: torch.Tensor) -> bool:
 def prmt_ref(a, b, sel):
     """Portable PTX ``prmt.b32`` (default mode; the interpreter's form): byte ``k`` of the
     result is byte ``n_k & 7`` of the pair ``{b, a}`` (bytes 0-3 of ``a``, 4-7 of ``b``), ``n_k``
-    the selector's nibble ``k``. Every selector passed here has bit 3 of each nibble clear
-    (PTX's sign-replicate mode, not modelled)."""
+    the selector's nibble ``k``; with bit 3 of ``n_k`` set (sign-replicate mode), that byte's
+    top bit in all eight bits (0x00 or 0xFF)."""
     sel_t = (a & 0) + (b & 0) + sel
     out = sel_t & 0
     for k in tl.static_range(4):
-        n = (sel_t >> (4 * k)) & 7
+        nk = (sel_t >> (4 * k)) & 15
+        n = nk & 7
         src = tl.where(n < 4, a + (b & 0), b + (a & 0))
-        out = out | (((src >> ((n & 3) * 8)) & 0xFF) << (8 * k))
+        byte = (src >> ((n & 3) * 8)) & 0xFF
+        byte = tl.where((nk & 8) != 0, ((byte >> 7) & 1) * 0xFF, byte)
+        out = out | (byte << (8 * k))
     return out
 
 
 @triton.jit
-def prmt(a, b, sel, ASM: tl.constexpr, IMM: tl.constexpr = True):
+def prmt(a, b, sel, ASM: tl.constexpr, IMM: tl.constexpr = True, B_IMM: tl.constexpr = False):
     """``prmt.b32`` (:func:`prmt_ref`); ``IMM``: ``sel`` is an integer, the immediate, else
-    an int32 tensor in a register."""
-    if ASM:
+    an int32 tensor in a register; ``B_IMM``: ``b`` is the integer (an immediate: the second
+    operand's slot takes one, the first's does not)."""
+    if ASM and B_IMM:
+        out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $3, $2;", "=r,r,r,n", [a, sel, b],
+                                        dtype=tl.int32, is_pure=True, pack=1)
+    elif ASM:
         out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;",
                                         "=r,r,r,n" if IMM else "=r,r,r,r", [a, b, sel],
                                         dtype=tl.int32, is_pure=True, pack=1)

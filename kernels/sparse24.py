@@ -139,16 +139,50 @@ def _sparse24_gemv_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-# the bytes of prmt.b32 selectors for a group's column (bytes 0-3: the value pair, 4-7: zero):
-# index 0 -> 0x10 (the first value), 1 -> 0x32 (the second), 2 -> 0x54 (zero)
-_SEL_TABLE = tl.constexpr(0x543210)
+# SWAP_AB's selector lookup (_decompress_frag): sel = prmt(_SEL_TA, _SEL_TB, n * _SEL_M + _SEL_OFF)
+# is 0x54 << 8 p0 | 0x76 << 8 p1 for each of the six position pairs n = p0 | p1 << 2 (found by
+# search; tests/kernels/test_sparse24.py checks all six against the definition)
+_SEL_TA = tl.constexpr(0x00000054)
+_SEL_TB = tl.constexpr(0x76545476)
+_SEL_M = tl.constexpr(0xFD2C)
+_SEL_OFF = tl.constexpr(0x9DC5)
+
+
+@triton.jit
+def _group_columns(pairs, nib, tab_a, ASM: tl.constexpr):
+    """A group's four dense columns as two registers ``(lo, hi)`` (columns 0, 1 and 2, 3;
+    little endian) from its value pair (``pairs``: the two two-byte values in one int32) and its
+    metadata nibble ``nib = p0 | p1 << 2`` (clean: bits above 3 zero).
+
+    Three permutes and a multiply-add: ``nib * _SEL_M + _SEL_OFF`` gives each column a table
+    index in its selector nibble, one permute of the table (``tab_a``: ``_SEL_TA`` in a
+    register; ``_SEL_TB`` an immediate) turns them into the selector bytes
+    ``0x54 << 8 p0 | 0x76 << 8 p1`` (0x54 / 0x76 pick the pair's first / second value from the
+    permute's second operand, 0x00 a zero byte from its first), and two permutes build the
+    columns."""
+    sel = prmt(tab_a, _SEL_TB, nib * _SEL_M + _SEL_OFF, ASM, False, True)
+    lo = prmt(pairs * 0, pairs, sel, ASM, False)
+    hi = prmt(pairs * 0, pairs, sel >> 16, ASM, False)
+    return lo, hi
+
+
+@triton.jit
+def _table_register(shape: tl.constexpr, ASM: tl.constexpr):
+    """``_SEL_TA`` in a register of each thread, made once before the loop (the permute's
+    first operand takes no immediate, and a uniform register would be copied before every
+    use)."""
+    tab_a = tl.full(shape, _SEL_TA, tl.int32)
+    if ASM:
+        tab_a = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [tab_a],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+    return tab_a
 
 
 @triton.jit
 def _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, g0,
                      stride_vn, stride_mn, KP_HALF,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr = False,
-                     table=_SEL_TABLE, META_FIRST: tl.constexpr = False):
+                     table=_SEL_TA, META_FIRST: tl.constexpr = False):
     """Dense K-major ``[BLOCK_K, BLOCK_N]`` tile of W^T starting at group ``g0`` (column 4 g0).
 
     The two stored values of a group are adjacent, so one integer twice their width loads both
@@ -158,15 +192,9 @@ def _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, g0,
     tile is built K-major, ready to be the B operand of ``tl.dot`` with no ``tl.trans``
     (Triton 3.6 cannot lower a transposed joined tile to a wgmma shared layout).
 
-    Two-byte values are placed by byte permutes (:func:`~compress_ops.kernels._launch.prmt`,
-    PTX ``prmt.b32`` on a GPU, its portable form elsewhere): the group's positions ``p0 < p1``
-    give each of its four columns a code, 0 (the first value), 1 (the second) or 2 (zero),
-    as the nibbles of ``0x2222 - (2 << 4 p0) - (1 << 4 p1)``; one permute of a table register
-    turns the four codes into the selectors of two more, which build columns (0, 1) and
-    (2, 3) from the value pair and a zero register: about 11 instructions per group, where the
-    ``tl.where`` chains (four-byte values) took twelve compares and selects and more. ``table``:
-    the selector bytes (``_SEL_TABLE``) as a register made once (an immediate was
-    re-materialized before every permute, which overwrites it). ``META_FIRST``: the metadata
+    Two-byte values are placed by byte permutes (:func:`_group_columns`: a multiply-add and
+    three permutes per group), where the ``tl.where`` chains (four-byte values) take twelve
+    compares and selects and more. ``table``: :func:`_table_register`. ``META_FIRST``: the metadata
     words are loaded before the values (the tiles of 64+ rows: Triton 3.9's SASS then takes
     8.8 instead of 10.75 instructions per element at 64 rows; the 16-row tile loses, 7.0 ->
     7.75; Triton 3.6 is the same either way).
@@ -189,10 +217,7 @@ def _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, g0,
         word = tl.load(meta_ptrs, mask=g_mask, other=0)
     nib = word >> ((offs_g % 8) * 4)[:, None]  # p0 in bits 0-1, p1 in bits 2-3
     if VT.primitive_bitwidth == 16:
-        code = 0x2222 - (2 << ((nib << 2) & 0xC)) - (1 << (nib & 0xC))
-        sel = prmt(code * 0 + table, code * 0, code, ASM, False)
-        lo = prmt(pairs, pairs * 0, sel, ASM, False)  # columns 0 and 1 (little endian)
-        hi = prmt(pairs, pairs * 0, sel >> 16, ASM, False)  # columns 2 and 3
+        lo, hi = _group_columns(pairs, nib & 0xF, table, ASM)
         w0 = lo.to(tl.int16).to(VT, bitcast=True)
         w1 = (lo >> 16).to(tl.int16).to(VT, bitcast=True)
         w2 = hi.to(tl.int16).to(VT, bitcast=True)
@@ -214,6 +239,82 @@ def _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, g0,
 
 
 @triton.jit
+def _x_order(BLOCK_K: tl.constexpr):
+    """The dense column of x that slot ``s`` of a ``SWAP_AB`` K tile holds
+    (:func:`_decompress_frag`): slot ``16 j + 8 c + 2 t + e`` holds column
+    ``t (BLOCK_K / 4) + 4 j + 2 c + e`` (thread ``t`` of a quad owns the ``BLOCK_K / 16``
+    consecutive groups from ``t BLOCK_K / 16``). Pairs of slots are adjacent columns."""
+    s = tl.arange(0, BLOCK_K)
+    col = ((s >> 1) & 3) * (BLOCK_K // 4) + (s >> 4) * 4 + ((s >> 3) & 1) * 2 + (s & 1)
+    return tl.max_contiguous(tl.multiple_of(col, 2), 2)
+
+
+@triton.jit
+def _row_order(BLOCK_N: tl.constexpr):
+    """The weight row each row of a ``SWAP_AB`` tile loads: the load lays row ``r = g + 8 w +
+    32 q`` out in lane ``g``, warp ``w``, register ``q`` (4 warps), the wgmma's fragment wants row
+    ``g + 8 (q % 2) + 16 w + 64 (q // 2)`` there; :func:`_decompress_frag` moves the rows back
+    with a reshape that the layouts make free."""
+    r = tl.arange(0, BLOCK_N)
+    return (r >> 6) * 64 + ((r >> 3) & 3) * 16 + ((r >> 5) & 1) * 8 + (r & 7)
+
+
+@triton.jit
+def _decompress_frag(values_ptr, meta_ptr, rows_n, n_mask, g0, stride_vn, stride_mn, KP_HALF,
+                     tab_a, ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_K: tl.constexpr):
+    """``[BLOCK_N, BLOCK_K]`` tile of W (two-byte values) in the slot order of
+    :func:`_x_order`: the first operand of ``tl.dot(w, x^T)`` (``SWAP_AB``), which a wgmma
+    reads from registers.
+
+    An mma fragment gives thread ``t`` of a quad the slot pairs ``(2 t, 2 t + 1)`` and
+    ``(2 t + 8, 2 t + 9)`` of every 16-slot block ``j``: here the two column pairs (0, 1) and
+    (2, 3) of one group, the group ``t (BLOCK_K / 16) + j``. So each thread's groups are
+    consecutive (its value pairs one vector load, its metadata nibbles one word), each group
+    is expanded where it was loaded (two permutes, :func:`_decompress_tile`'s selectors), and
+    the tile needs no data movement on its way into the dot. x is loaded in the same order."""
+    J: tl.constexpr = BLOCK_K // 16  # groups per thread (one per 16-slot block)
+    G: tl.constexpr = BLOCK_K // 4
+    VT: tl.constexpr = values_ptr.dtype.element_ty
+    offs_g = g0 + tl.arange(0, G)  # group t J + j of the tile
+    if EVEN_K:
+        g_mask = n_mask[:, None]
+    else:
+        g_mask = n_mask[:, None] & (offs_g < KP_HALF // 2)[None, :]
+    pairs = tl.load(values_ptr.to(tl.pointer_type(tl.int32))
+                    + (rows_n * (stride_vn // 2))[:, None] + offs_g[None, :], mask=g_mask,
+                    other=0)
+    # one metadata word per 8 groups, loaded once (a thread's J groups lie in one word)
+    offs_w = g0 // 8 + tl.arange(0, G // 8)
+    if EVEN_K:
+        w_mask = n_mask[:, None]
+    else:
+        w_mask = n_mask[:, None] & (offs_w < KP_HALF // 16)[None, :]
+    words = tl.load(meta_ptr + (rows_n * stride_mn)[:, None] + offs_w[None, :], mask=w_mask,
+                    other=0)
+    word = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, G // 8, 8)), (BLOCK_N, G))
+    # the group's nibble n = p0 | p1 << 2 (tl.arange, not offs_g: g0 is a multiple of 8)
+    nib = (word >> ((tl.arange(0, G) % 8) * 4)[None, :]) & 0xF
+    # its four selector bytes, 0x54 << 8 p0 | 0x76 << 8 p1 (0x54 / 0x76: the value pair's
+    # first / second value in prmt's second operand, 0x00: zero from the first), looked up in
+    # one permute: the multiply-add puts each column's table index (bit 3: sign-replicate of a
+    # byte under 0x80, zero) in its selector nibble
+    lo, hi = _group_columns(pairs, nib, tab_a, ASM)
+    w0 = lo.to(tl.int16).to(VT, bitcast=True)
+    w1 = (lo >> 16).to(tl.int16).to(VT, bitcast=True)
+    w2 = hi.to(tl.int16).to(VT, bitcast=True)
+    w3 = (hi >> 16).to(tl.int16).to(VT, bitcast=True)
+    # [n, group, c, e]: column pair c, element e; the group is t J + j
+    # [n, group, c, e]: column pair c, element e; the group is t J + j; the rows n = g + 8 w +
+    # 32 q as the load lays them out (lane g, warp w, register q) put in the wgmma's order
+    # g + 8 (q % 2) + 16 w + 64 (q // 2)
+    Q: tl.constexpr = BLOCK_N // 32
+    w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (Q // 2, 2, 4, 8, 4, J, 2, 2))
+    # -> [q1, w, q0, g, j, c, t, e]: slot 16 j + 8 c + 2 t + e
+    return tl.reshape(tl.permute(w, (0, 2, 1, 3, 5, 6, 4, 7)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _sparse24_matmul_kernel(
     # pointers
     x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
@@ -231,6 +332,8 @@ def _sparse24_matmul_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr = False,
     ASM: tl.constexpr = False,
+    SWAP_AB: tl.constexpr = False,
+    EVEN_K: tl.constexpr = False,
 ):
     """Tiled GEMM path: y[M, N] = x[M, K] @ W^T (+ bias), W 2:4 compressed.
 
@@ -258,19 +361,47 @@ def _sparse24_matmul_kernel(
     t_begin = pid_k * tiles_per_split
     t_end = min(t_begin + tiles_per_split, k_tiles)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    table = _SEL_TABLE | (K >> 31)  # a register ptxas cannot fold (K >= 0)
-    for t in range(t_begin, t_end):
-        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
-                    other=0.0)
-        w = _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, t * (BLOCK_K // 4),
-                             stride_vn, stride_mn, KP_HALF, BLOCK_N, BLOCK_K, ASM, table,
-                             BLOCK_M >= 64)
-        if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    if SWAP_AB:  # the transposed tile W x^T: W's fragment from registers (_decompress_frag)
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        # a K step of BLOCK_K columns runs as sub-tiles of SUB_K (64: 16 groups per row, four
+        # consecutive ones per thread, the layout a 16-byte load gives; more K per step spreads
+        # the loop's fixed cost over more weights)
+        SUB_K: tl.constexpr = min(BLOCK_K, 64)
+        x_cols = _x_order(SUB_K)
+        frag_rows = pid_n * BLOCK_N + _row_order(BLOCK_N)
+        frag_mask = frag_rows < N
+        tab_a = _table_register((BLOCK_N, 1), ASM)
+        for t in range(t_begin, t_end):
+            for u in tl.static_range(BLOCK_K // SUB_K):
+                offs_k = t * BLOCK_K + u * SUB_K + x_cols
+                if EVEN_K:  # every K tile inside K: only x's rows are masked
+                    a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+                else:
+                    a = tl.load(x_rows + offs_k[None, :],
+                                mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+                w = _decompress_frag(values_ptr, meta_ptr, frag_rows.to(tl.int64), frag_mask,
+                                     (t * BLOCK_K + u * SUB_K) // 4, stride_vn, stride_mn,
+                                     KP_HALF, tab_a, ASM, BLOCK_N, SUB_K, EVEN_K)
+                if UPCAST_DOT:  # Triton-interpreter workaround: bf16 tl.dot multiplies raw bits
+                    acc_t = tl.dot(w.to(tl.float32), tl.trans(a.to(tl.float32)), acc_t,
+                                   input_precision="ieee")
+                else:
+                    acc_t = tl.dot(w, tl.trans(a), acc_t, input_precision=DOT_PRECISION)
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        table = _table_register((1, BLOCK_N), ASM)
+        for t in range(t_begin, t_end):
+            offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+            a = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
+                        other=0.0)
+            w = _decompress_tile(values_ptr, meta_ptr, rows_n, n_mask, t * (BLOCK_K // 4),
+                                 stride_vn, stride_mn, KP_HALF, BLOCK_N, BLOCK_K, ASM, table,
+                                 BLOCK_M >= 64)
+            if UPCAST_DOT:  # Triton-interpreter workaround: its bf16 tl.dot multiplies raw bits
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
 
     store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, pid_k, HAS_BIAS,
                SPLIT_K)
@@ -322,6 +453,15 @@ def semi_structured_min_m(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     return device_table(_FAMILY, device).get("semi_structured_min_m")
+
+
+def swap_ab(cfg: KernelConfig, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a GEMM tile computes ``W x^T`` with the weight as the dot's first operand
+    (``SWAP_AB``, :func:`_decompress_frag`): two-byte activations and tiles of up to the
+    table's ``swap_ab_max_block_m`` rows."""
+    if cfg.path != "gemm" or dtype not in HALF_DTYPES or cfg.block_n < 64:
+        return False
+    return cfg.block_m <= device_table(_FAMILY, device).get("swap_ab_max_block_m", 0)
 
 
 def get_autotune_configs(m: int) -> list[KernelConfig]:
@@ -441,6 +581,7 @@ def _launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
             _sparse24_matmul_kernel, grid, *args, HAS_BIAS=bias is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, ASM=ptx(x2), **dot_meta(x2),
+            SWAP_AB=swap_ab(cfg, x2.dtype, x2.device), EVEN_K=k % cfg.block_k == 0,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return _launch_mod.finish(y, x2, cfg.split_k)
 

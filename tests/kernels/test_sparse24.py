@@ -40,6 +40,10 @@ CONFIGS = {
     "gemm_16": sp.KernelConfig("gemm", 16, 32, 64),
     "gemm_32_splitk": sp.KernelConfig("gemm", 32, 64, 32, split_k=4),
     "gemm_64": sp.KernelConfig("gemm", 64, 32, 64, group_m=2),
+    # two-byte x: SWAP_AB (the weight tile as the dot's first operand) in 64-column sub-tiles
+    "gemm_16_swap_k256": sp.KernelConfig("gemm", 16, 64, 256),
+    "gemm_32_swap_n128_splitk": sp.KernelConfig("gemm", 32, 128, 128, split_k=2),
+    "gemm_128": sp.KernelConfig("gemm", 128, 64, 64),  # past swap_ab_max_block_m
 }
 
 
@@ -182,3 +186,62 @@ def test_kernel_accepts_values_at_an_odd_element_offset(device, dtype):
     y = sp.sparse24_matmul(x.to(device), shifted, meta.to(device), config=CONFIGS["gemm_16"])
     ref = sparse24_linear_ref(x, values, meta, dtype=torch.float64)
     assert _rel_err(y.cpu(), ref) <= _tol(dtype, k)
+
+
+def test_group_selector_lookup_is_the_definition():
+    """``_group_columns``: ``prmt(_SEL_TA, _SEL_TB, n * _SEL_M + _SEL_OFF)`` (PTX semantics,
+    sign-replicate mode included) gives the selector bytes ``0x54 << 8 p0 | 0x76 << 8 p1`` for
+    each of the six position pairs, and the two permutes of ``{pair, 0}`` then place the two
+    values in their columns with zeros elsewhere."""
+    from .test_dequant import _ptx_prmt
+
+    v0, v1 = 0x8123, 0x7ABC  # sign bits set and clear: a sign-replicated value byte would show
+    pair = v0 | v1 << 16
+    for p0, p1 in [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]:
+        n = p0 | p1 << 2
+        c = (n * sp._SEL_M.value + sp._SEL_OFF.value) & 0xFFFFFFFF
+        sel = _ptx_prmt(sp._SEL_TA.value, sp._SEL_TB.value, c)
+        assert sel == (0x54 << 8 * p0) | (0x76 << 8 * p1)
+        lo, hi = _ptx_prmt(0, pair, sel), _ptx_prmt(0, pair, sel >> 16)
+        dense = [0, 0, 0, 0]
+        dense[p0], dense[p1] = v0, v1
+        assert [lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16] == dense
+
+
+def test_swap_ab_route():
+    """Two-byte x with a tile of at most ``swap_ab_max_block_m`` rows and 64+ weight rows takes
+    ``SWAP_AB``; fp32 x, narrower tiles and taller ones do not. ``EVEN_K`` is set exactly when
+    every K step lies inside K."""
+    cpu = torch.device("cpu")
+    limit = sp.device_table("sparse24", cpu)["swap_ab_max_block_m"]
+    half = torch.float16
+    assert sp.swap_ab(sp.KernelConfig("gemm", 16, 64, 256), half, cpu)
+    assert sp.swap_ab(sp.KernelConfig("gemm", limit, 64, 64), torch.bfloat16, cpu)
+    assert not sp.swap_ab(sp.KernelConfig("gemm", 16, 64, 256), torch.float32, cpu)
+    assert not sp.swap_ab(sp.KernelConfig("gemm", 16, 32, 64), half, cpu)
+    assert not sp.swap_ab(sp.KernelConfig("gemm", 2 * limit, 64, 64), half, cpu)
+    assert not sp.swap_ab(sp.KernelConfig("gemv", 1, 64, 64), half, cpu)
+    values, meta = spf.pack_sparse24(spf.prune_2to4(torch.randn(64, 512)).half())
+    with launches.capture(run=False) as got:
+        sp.sparse24_matmul(torch.randn(3, 512).half(), values, meta)
+        sp.sparse24_matmul(torch.randn(3, 500).half(), values, meta)
+    assert [(la.kwargs["SWAP_AB"], la.kwargs["EVEN_K"]) for la in got] == [(True, True),
+                                                                            (True, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 64, 256), (5, 130, 512), (17, 70, 96),
+                                           (16, 64, 200)])
+def test_swap_ab_tiles_match_float64_reference(device, poison, dtype, m, n, k):
+    """The SWAP_AB tile on whole K steps (EVEN_K) and ragged ones, rows past N, several
+    sub-tiles per step and split-K: every row and column in its place."""
+    w = spf.prune_2to4(_rand(n, k, dtype=dtype, seed=m + n))
+    values, meta = (t.to(device) for t in spf.pack_sparse24(w))
+    x = _rand(m, k, dtype=dtype, seed=k).to(device)
+    bias = _rand(n, dtype=dtype, seed=3).to(device)
+    ref = sparse24_linear_ref(x, values, meta, bias, dtype=torch.float64)
+    for cfg in (sp.KernelConfig("gemm", 16, 64, 256), sp.KernelConfig("gemm", 64, 128, 64),
+                sp.KernelConfig("gemm", 16, 64, 128, split_k=2)):
+        assert sp.swap_ab(cfg, dtype, x.device)
+        y = sp.sparse24_matmul(x, values, meta, bias, config=cfg)
+        assert _rel_err(y, ref) <= _tol(dtype, k), cfg.name

@@ -500,6 +500,7 @@ def autotuned_config(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                     lambda cfg: _launch(x2, values, meta, bias, cfg))
 
 
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _SIG_COMMON = {
     "x_ptr": "*{dt}", "values_ptr": "*{dt}", "meta_ptr": "*i32", "bias_ptr": "*{dt}",
     "y_ptr": "*{yt}", "M": "i32", "N": "i32", "K": "i32", "KP_HALF": "i32",
@@ -540,20 +541,26 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                 expect = "-"
             else:
                 fn = _sparse24_matmul_kernel
+                swap = swap_ab(cfg, _DTYPES[dt], torch.device("cpu"))
                 consts = {"HAS_BIAS": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                           "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
                           "SPLIT_K": cfg.split_k, "DOT_PRECISION": "tf32",
-                          "UPCAST_DOT": False, "ASM": True}  # (as a call on the GPU)
-                expect = "HGMMA" if cfg.block_m >= 64 else "HMMA"
+                          "UPCAST_DOT": False, "ASM": True,  # (as a call on the GPU)
+                          "SWAP_AB": swap}
+                # the swapped tile's M dimension is the weight's BLOCK_N
+                expect = "HGMMA" if (cfg.block_n if swap else cfg.block_m) >= 64 else "HMMA"
             sig.update({c: "constexpr" for c in consts})
-            # K % 16 == 0 (every real layer: vector loads of x) and a ragged K (masked scalar
-            # loads): Triton compiles each as its own specialization; both for the defaults.
-            kinds = (("k16", _ALIGNED + ["K"]), ("kany", _ALIGNED))
-            for kname, aligned in kinds if len(dtypes) > 1 else kinds[:1]:
+            # K % 16 == 0 (every real layer: vector loads of x; the tile takes whole K steps,
+            # EVEN_K) and a ragged K (masked scalar loads, masked steps): Triton compiles each
+            # as its own specialization; both for the defaults.
+            kinds = (("k16", _ALIGNED + ["K"], True), ("kany", _ALIGNED, False))
+            for kname, aligned, even in kinds if len(dtypes) > 1 else kinds[:1]:
+                kc = consts if fn is _sparse24_gemv_kernel else {**consts, "EVEN_K": even}
                 specs.append({"kernel": fn.__name__, "config": f"{cfg.name}/{dt}/{kname}",
-                              "fn": fn, "signature": sig, "constexprs": consts,
-                              "aligned": aligned, "num_warps": cfg.num_warps,
-                              "num_stages": cfg.num_stages, "expect_mma": expect})
+                              "fn": fn, "signature": {**sig, **{c: "constexpr" for c in kc}},
+                              "constexprs": kc, "aligned": aligned,
+                              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                              "expect_mma": expect})
     return specs
 
 

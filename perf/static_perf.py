@@ -867,21 +867,39 @@ def cudnn_pair_us(pair: DWSepPair, dtype: torch.dtype) -> float:
 def model_dwsep(pair: DWSepPair, dtype_name: str = HEADLINE["dtype"]) -> dict:
     """The fused depthwise + pointwise launch of one MobileNetV2 pair.
 
-    Instructions per program from its SASS with the loops' trips (the channel loop
-    ``cdiv(C, BLOCK_C)`` times, the tap loop inside it ``k^2`` times); memory: x read once per
-    output-channel tile (the grid walks every pixel tile of one Cout tile before the next, and
-    x is larger than L2 at the large layers), y written once, over Little's law with the
-    ``[BLOCK_P, BLOCK_C]`` tap loads in flight per resident program (one with a runtime tap
-    loop; all ``k^2`` when the taps are unrolled, times ``num_stages - 1`` when they are
-    asynchronous copies); tensor cores: the padded 1x1 tiles. ``instr_per_weight`` here is per
-    depthwise multiply-add the launch executes (output pixel x channel x tap, recomputation
-    included), ``loop_instr_per_weight`` the tap loop's (or, unrolled, the channel loop's)
-    instructions per element and tap."""
+    One-pass kernel (``_dwsep_conv_kernel``): instructions per program from its SASS with the
+    loops' trips (the channel loop ``cdiv(C, BLOCK_C)`` times, the tap loop inside it ``k^2``
+    times); memory: x read once per output-channel tile (the grid walks every pixel tile of
+    one Cout tile before the next, and x is larger than L2 at the large layers), y written
+    once, over Little's law with the ``[BLOCK_P, BLOCK_C]`` tap loads in flight per resident
+    program (one with a runtime tap loop; all ``k^2`` when the taps are unrolled, times
+    ``num_stages - 1`` when they are asynchronous copies); tensor cores: the padded 1x1 tiles.
+    ``instr_per_weight`` here is per depthwise multiply-add the launch executes (output pixel
+    x channel x tap, recomputation included), ``loop_instr_per_weight`` the tap loop's (or,
+    unrolled, the channel loop's) instructions per element and tap.
+
+    Both kernels also pay L2 bandwidth (``l2_bytes_per_s``, a lead): every byte their programs
+    load or store crosses L2 (x per output-channel tile, the pointwise weight's tile once per
+    program, the depthwise weights once per channel chunk and program, y; the two-phase
+    workspace's write and its reads).
+
+    Two-phase kernel (``_dwsep_two_phase_kernel``): the depthwise part once (``dw_recompute``
+    1). Issue per phase from its own SASS (phase 1 up to its arrival's ``EXIT``, phase 2 after,
+    its K loop ``cdiv(C, BLOCK_C)`` times), each phase's programs in turns over the SMs; the
+    workspace ``d`` written to L2 (and counted at HBM: its dirty lines are written back) and
+    read once per output-channel tile; phase 1's taps in flight; then, as low rank's two
+    phases, the handoff (``grid_sync_us``) and the last pointwise program's code after its
+    wait are added to the bound. ``loop_instr_per_weight`` is phase 1's instructions (all of
+    them: ticket, pixels, taps, store, arrival) per element and tap."""
     import triton
 
     from compress_ops.kernels.launches import capture
     from compress_ops.kernels.tuning import DTYPES, simulate_gpu
 
+    # L2 bandwidth (a lead, an upper bound as the model's times are lower bounds): A100's
+    # documented 5120 bytes per clock at the H200's 1.98 GHz (chips and cheese measured 5.5 TB/s
+    # on the power-limited 114-SM H100 PCIe)
+    l2_bytes_per_s = 10e12
     dtype = DTYPES[dtype_name]
     e = dtype.itemsize
     with simulate_gpu(MODEL["gpu"], MODEL["sms"]), capture(run=False) as got:
@@ -894,48 +912,96 @@ def model_dwsep(pair: DWSepPair, dtype_name: str = HEADLINE["dtype"]) -> dict:
     b, ho, k2 = pair.batch, pair.out, pair.k * pair.k
     p = b * ho * ho
     c_tiles, co_tiles = math.ceil(pair.c / bc), math.ceil(pair.cout / bco)
+    p_tiles = math.ceil(p / bp)
     grid = math.prod(la.grid)
-    total = nested_count(instrs, [c_tiles, k2])
-    lps = all_loops(instrs)
-    inner = [lo for lo in lps if any(o[0] < lo[0] and lo[1] <= o[1] for o in lps)]
     threads = 32 * c.num_warps
-    if inner:  # a runtime tap loop: its body per element and tap; one tap's load in flight
-        tap = instrs[inner[0][0]:inner[0][1] + 1]
-        tap_ipw = len(tap) * threads / (bp * bc)
-        taps_in_flight = 1
-    else:  # taps unrolled in the channel loop: its body per element and tap; all k^2 taps'
-        # loads in flight, times the stages when they are asynchronous copies (LDGSTS)
-        tap = instrs[lps[0][0]:lps[0][1] + 1] if lps else instrs
-        tap_ipw = len(tap) * threads / (bp * bc * k2)
-        taps_in_flight = k2 * (max(1, c.num_stages - 1) if mix(tap)["LDGSTS"] else 1)
     cps = ctas_per_sm(c.registers, c.shared, c.num_warps)
     resident = max(1, min(cps, math.ceil(grid / MODEL["sms"])))
-    t_issue = issue_seconds(total, c.num_warps, grid, resident)
-    in_flight = resident * bp * bc * e * taps_in_flight
-    bw = min(MODEL["hbm_bytes_per_s"], in_flight * min(grid, MODEL["sms"])
-             / MODEL["hbm_latency_s"])
     x_bytes = b * pair.h * pair.h * pair.c * e
     y_bytes = p * pair.cout * e
+    dww_bytes = pair.c * k2 * e
     w_bytes = (pair.c * k2 + pair.c * pair.cout + pair.c + pair.cout) * e
-    t_mem = (x_bytes * co_tiles + y_bytes + w_bytes) / bw
     mma = "HGMMA" if "HGMMA" in c.sass else "HMMA"
     peak = MODEL["hgmma_flops_per_s"] * (1.0 if mma == "HGMMA" else MODEL["hmma_fraction"])
-    t_tc = 2 * math.ceil(p / bp) * bp * c_tiles * bc * co_tiles * bco / peak
-    times = {"memory": t_mem * 1e6, "issue": t_issue * 1e6, "tensor": t_tc * 1e6}
-    predicted = max(times.values()) + MODEL["launch_us"] * len(launches)
+    t_tc = 2 * p_tiles * bp * c_tiles * bc * co_tiles * bco / peak
+    # the pointwise weight's [C, BLOCK_CO] tile once per (pixel tile, Cout tile)
+    pw_l2 = p_tiles * co_tiles * pair.c * bco * e
+    two_phase = la.kernel.__name__ == "_dwsep_two_phase_kernel"
+    extra = {}
+    if two_phase:
+        # phase 1 (depthwise chunks) up to its arrival's EXIT, phase 2 (pointwise tiles) after
+        cut = _phase_split(instrs)
+        n1, n2 = p_tiles * c_tiles, p_tiles * co_tiles
+        i1, _ = _phase_instructions(instrs[:cut], 1, pair.k)  # a 5 x 5's runtime row loop
+        i2, _ = _phase_instructions(instrs[cut:], c_tiles, 1)  # the K loop; the poll once
+        spin = loops(instrs[cut:])[0][1] + 1
+        tail, _ = _phase_instructions(instrs[cut + spin:], c_tiles, 1)
+        # every SM runs its share of both phases' programs, in turns per phase
+        per_sm = (math.ceil(n1 / MODEL["sms"]) * i1 + math.ceil(n2 / MODEL["sms"]) * i2)
+        schedulers = min(MODEL["schedulers_per_sm"], resident * c.num_warps)
+        t_issue = per_sm * c.num_warps / (schedulers * MODEL["clock_hz"])
+        total = (n1 * i1 + n2 * i2) / grid
+        lps = loops(instrs[:cut])
+        if lps:  # a runtime row loop: its body per element and tap
+            tap = instrs[lps[0][0]:lps[0][1] + 1]
+            tap_ipw = len(tap) * threads / (bp * bc * pair.k)
+            taps_in_flight = 1
+        else:  # phase 1 straight-line: all of it (ticket, pixels, taps, store, arrival)
+            tap = instrs[:cut]
+            tap_ipw = i1 * threads / (bp * bc * k2)
+            taps_in_flight = k2
+        in_flight = resident * bp * bc * e * taps_in_flight
+        d_bytes = p_tiles * bp * c_tiles * bc * e
+        hbm = x_bytes + y_bytes + w_bytes + d_bytes  # d's dirty lines are written back
+        l2 = (x_bytes + d_bytes * (1 + co_tiles) + pw_l2 + n1 * bc * k2 * e + y_bytes)
+        # as low rank's two phases: the handoff (the last depthwise chunk's release, the poll
+        # that sees it) and the last pointwise program's code after its wait, alone on its SM
+        fill = tail * c.num_warps / (min(MODEL["schedulers_per_sm"], c.num_warps)
+                                     * MODEL["clock_hz"]) + MODEL["grid_sync_us"] * 1e-6
+        macs = p * pair.c * k2
+        recompute = 1
+        extra = {"phase_instr": {"phase1": i1, "phase2": i2, "phase2_after_wait": tail},
+                 "plan": {"n_tiles": p_tiles, "n_c": c_tiles, "n_co": co_tiles},
+                 "workspace_bytes": d_bytes}
+    else:
+        total = nested_count(instrs, [c_tiles, k2])
+        lps = all_loops(instrs)
+        inner = [lo for lo in lps if any(o[0] < lo[0] and lo[1] <= o[1] for o in lps)]
+        if inner:  # a runtime tap loop: its body per element and tap; one tap's load in flight
+            tap = instrs[inner[0][0]:inner[0][1] + 1]
+            tap_ipw = len(tap) * threads / (bp * bc)
+            taps_in_flight = 1
+        else:  # taps unrolled in the channel loop: its body per element and tap; all k^2
+            # taps' loads in flight, times the stages when they are asynchronous copies
+            tap = instrs[lps[0][0]:lps[0][1] + 1] if lps else instrs
+            tap_ipw = len(tap) * threads / (bp * bc * k2)
+            taps_in_flight = k2 * (max(1, c.num_stages - 1) if mix(tap)["LDGSTS"] else 1)
+        t_issue = issue_seconds(total, c.num_warps, grid, resident)
+        in_flight = resident * bp * bc * e * taps_in_flight
+        hbm = x_bytes * co_tiles + y_bytes + w_bytes
+        l2 = x_bytes * co_tiles + pw_l2 + grid * dww_bytes + y_bytes
+        fill = 0.0
+        macs = p * pair.c * k2 * co_tiles  # depthwise multiply-adds the launch executes
+        recompute = co_tiles
+    bw = min(MODEL["hbm_bytes_per_s"], in_flight * min(grid, MODEL["sms"])
+             / MODEL["hbm_latency_s"])
+    t_mem = hbm / bw
+    t_l2 = l2 / l2_bytes_per_s
+    times = {"memory": t_mem * 1e6, "l2": t_l2 * 1e6, "issue": t_issue * 1e6,
+             "tensor": t_tc * 1e6}
+    predicted = max(times.values()) + fill * 1e6 + MODEL["launch_us"] * len(launches)
     baseline = cudnn_pair_us(pair, dtype)
-    macs = p * pair.c * k2 * co_tiles  # depthwise multiply-adds the launch executes
     return {
         "family": "dwsep_conv", "kernel": la.kernel.__name__, "config": pair.config,
         "M": p, "N": pair.cout, "K": pair.c, "dtype": dtype_name, "bits": 16,
         "group_size": None, "triton": triton.__version__,
         "instr_per_weight": round(total * threads * grid / macs, 3),
         "loop_instr_per_weight": round(tap_ipw, 3),
-        "weight_passes": co_tiles, "instr_per_weight_per_call": None,
+        "weight_passes": recompute, "instr_per_weight_per_call": None,
         "bytes_in_flight_per_sm": round(in_flight), "ctas_per_sm": cps,
         "launches": len(launches),
         "launch_kinds": [getattr(x.kernel, "__name__", x.kernel) for x in launches],
-        "dw_recompute": co_tiles,
+        "dw_recompute": recompute,
         "predicted_us": round(predicted, 2),
         "predicted_dense_us": round(baseline, 2),
         "predicted_speedup": round(baseline / predicted, 3),
@@ -946,7 +1012,9 @@ def model_dwsep(pair: DWSepPair, dtype_name: str = HEADLINE["dtype"]) -> dict:
                   "num_stages": c.num_stages},
         "bound": max(times, key=times.get),
         "time_us": {kk: round(v, 2) for kk, v in times.items()},
+        "l2_bytes": l2,
         "loop_mix": {kk: v for kk, v in mix(tap).items() if v},
+        **extra,
     }
 
 

@@ -245,6 +245,7 @@ def _lowrank_two_phase_kernel(
     ONE_N_TILE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr = False,
+    EVEN_M: tl.constexpr = False,
 ):
     """y[M, N] = (x[M, K] @ V[R, K]^T) @ U[N, R]^T (+ bias) in one launch of ``n_splits +
     n_groups`` programs, without a base weight.
@@ -257,7 +258,11 @@ def _lowrank_two_phase_kernel(
     load their first ``U`` tile (it does not depend on ``t``, so phase 2's HBM reads overlap
     phase 1's), wait until ``sync[1] == n_splits`` (acquire), read ``t`` from L2, round it
     to the activation dtype (what two GEMMs store between them; once per program when
-    ``ONE_M_TILE``: M <= BLOCK_M) and write ``y = t @ U^T + bias``.
+    ``ONE_M_TILE``: M <= BLOCK_M) and write ``y^T = U @ t^T + bias`` (``U`` the first
+    operand: on sm_90 wgmma reads it from shared memory, where it is staged before the wait;
+    the accumulator starts at the bias). With one M tile and one N tile per program (the
+    plan's phase 2) the bias, ``y``'s and ``t``'s addresses and masks are made before the
+    wait too: after it come the load of ``t``, its rounding, the dot and the store.
 
     A program waits only for tickets below its own, which have started and never wait, so
     the launch cannot deadlock whatever the grid, the residency or the scheduling order (the
@@ -285,6 +290,45 @@ def _lowrank_two_phase_kernel(
                           mask=m_mask[:, None], sem="relaxed")
         tl.debug_barrier()  # every thread's adds are issued before the arrival is released
         tl.atomic_add(sync_ptr + 1, 1, sem="release")
+    elif ONE_M_TILE and ONE_N_TILE:
+        # the plan's phase 2 (M <= BLOCK_M, one N tile): everything that does not depend on
+        # t (the U tile, the bias, y's and t's addresses and masks) is done before the wait;
+        # after it, one load of t, its rounding, the dot and the store
+        offs_n = (ticket - n_splits) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        ut = tl.load(u_ptr + offs_n.to(tl.int64)[:, None] * stride_un + offs_r[None, :],
+                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+        # y^T = U t^T: U is the dot's first operand, loaded (on sm_90 staged in shared
+        # memory for wgmma) before the wait; t^T, the second, is rounded and staged after it
+        # (half the bytes of the fp32 tile). The accumulator starts at the bias.
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
+        y_mask = n_mask[:, None] & m_mask[None, :]
+        # t's rows past M are not read (L2 traffic: M rows, not BLOCK_M; a masked load
+        # zeroes its registers first, after the wait: EVEN_M, M = BLOCK_M, needs no mask). Its
+        # columns past R are read: they are zero (added to as zero, zeroed after every call).
+        t_ptrs = t_ptr + offs_m[:, None] * BLOCK_R + offs_r[None, :]
+        t_mask = m_mask[:, None]
+        _wait_arrivals(sync_ptr + 1, n_splits)
+        if EVEN_M:
+            tt = tl.load(t_ptrs, cache_modifier=".cg")
+        else:
+            tt = tl.load(t_ptrs, mask=t_mask, other=0.0, cache_modifier=".cg")
+        tt = tt.to(x_ptr.dtype.element_ty)
+        acc = _dot(ut, tl.trans(tt), acc, DOT_PRECISION, UPCAST_DOT)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+        tl.debug_barrier()  # every thread has read t before the finish is counted
+        finished = tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel")
+        if finished == n_groups - 1:  # the last reader: leave t and the counters zeroed
+            if EVEN_M:
+                tl.store(t_ptrs, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32))
+            else:
+                tl.store(t_ptrs, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), mask=t_mask)
+            _reset_counters(sync_ptr)
     else:
         n_tiles = tl.cdiv(N, BLOCK_N)
         j_begin = (ticket - n_splits) * n_per_program
@@ -294,9 +338,7 @@ def _lowrank_two_phase_kernel(
         offs_n = j_begin * BLOCK_N + offs_nt
         ut = tl.load(u_cols + offs_n.to(tl.int64)[:, None] * stride_un,
                      mask=(offs_n < N)[:, None] & r_mask[None, :], other=0.0)
-        arrived = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
-        while arrived < n_splits:
-            arrived = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+        _wait_arrivals(sync_ptr + 1, n_splits)
         if ONE_M_TILE:  # read t from L2 once for all the program's N tiles
             offs_m = tl.arange(0, BLOCK_M)
             t_once = tl.load(t_ptr + offs_m[:, None] * BLOCK_R + offs_r[None, :],
@@ -314,11 +356,13 @@ def _lowrank_two_phase_kernel(
                     tt = tl.load(t_ptr + offs_m[:, None] * BLOCK_R + offs_r[None, :],
                                  mask=m_mask[:, None], other=0.0, cache_modifier=".cg")
                     tt = tt.to(x_ptr.dtype.element_ty)
-                acc = _dot(tt, tl.trans(ut),
-                           tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_PRECISION,
-                           UPCAST_DOT)
-                store_tile(acc, bias_ptr, y_ptr, offs_m, offs_n, m_mask, n_mask, stride_ym, 0,
-                           HAS_BIAS, 1)
+                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T, as above
+                if HAS_BIAS:
+                    acc += tl.load(bias_ptr + offs_n, mask=n_mask,
+                                   other=0.0).to(tl.float32)[:, None]
+                acc = _dot(ut, tl.trans(tt), acc, DOT_PRECISION, UPCAST_DOT)
+                tl.store(y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None],
+                         acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
             if not ONE_N_TILE:  # the next tile's U (none after the last)
                 offs_n += BLOCK_N
                 ut = tl.load(u_cols + offs_n.to(tl.int64)[:, None] * stride_un,
@@ -332,9 +376,22 @@ def _lowrank_two_phase_kernel(
                 tl.store(t_ptr + offs_m[:, None] * BLOCK_R + offs_r[None, :],
                          tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
                          mask=(offs_m < M)[:, None])
-            tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed")
-            tl.atomic_xchg(sync_ptr + 2, 0, sem="relaxed")
-            tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
+            _reset_counters(sync_ptr)
+
+
+@triton.jit
+def _wait_arrivals(counter_ptr, n_splits):
+    """Poll (acquire) until every phase-1 program has counted its arrival."""
+    arrived = tl.atomic_add(counter_ptr, 0, sem="acquire")
+    while arrived < n_splits:
+        arrived = tl.atomic_add(counter_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def _reset_counters(sync_ptr):
+    tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed")
+    tl.atomic_xchg(sync_ptr + 2, 0, sem="relaxed")
+    tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,21 +404,30 @@ def _rank_class(r_pad: int, table: dict) -> str:
     return str(next((c for c in keys if c >= r_pad), keys[-1]))
 
 
-@functools.lru_cache(maxsize=4096)
 def select_config(m: int, r_pad: int, device: torch.device) -> LowRankKernelConfig:
-    """Tuned tile for M's bucket and the padded rank's class (``configs/lowrank.json``): the
-    ``two_phase`` table's up to ``two_phase_max_m`` (the no-base kernel there), else
-    ``rank``'s (the one-pass kernel; a base weight at small M uses
-    :func:`select_one_pass_config`)."""
+    """Tuned tile for M's bucket and the padded rank's class (``configs/lowrank.json``, the
+    GPU's own table if shipped, else ``default``): the ``two_phase`` table's up to
+    ``two_phase_max_m`` (the no-base kernel there), else ``rank``'s (the one-pass kernel; a
+    base weight at small M uses :func:`select_one_pass_config`). Cached per GPU target, so a
+    simulated GPU (the static model) never reuses the interpreter's tile."""
+    return _select_config(m, r_pad, device, gpu_target(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _select_config(m: int, r_pad: int, device: torch.device, target) -> LowRankKernelConfig:
     full = device_table(_FAMILY, device)
     if m <= full.get("two_phase_max_m", 0) and "two_phase" in full:
         return _select(full["two_phase"], m, r_pad)
     return select_one_pass_config(m, r_pad, device)
 
 
-@functools.lru_cache(maxsize=4096)
 def select_one_pass_config(m: int, r_pad: int, device: torch.device) -> LowRankKernelConfig:
     """The one-pass kernel's tuned tile (the table's ``rank``)."""
+    return _select_one_pass(m, r_pad, device, gpu_target(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _select_one_pass(m: int, r_pad: int, device: torch.device, target) -> LowRankKernelConfig:
     return _select(device_table(_FAMILY, device)["rank"], m, r_pad)
 
 
@@ -462,21 +528,33 @@ def plan_two_phase(cfg: LowRankKernelConfig, m: int, n: int, k: int, r: int, ite
     of ``V``'s ``r K`` in the factors' bytes), phase 2 one N tile per program up to two
     programs per SM in all (each loads its ``U`` tile before it waits, so both factors stream
     at once; a phase-2 program with more tiles loads the later ones after the wait).
-    Each phase-1 program adds an fp32 ``[M, r]`` tile into the workspace and
-    each phase-2 program reads it back: while that L2 traffic (and its atomics) exceeds the
-    factors' bytes, the larger phase takes twice the tiles per program. ``cfg.split_k``
-    / ``cfg.n_per_program`` fix the phase-1 programs / phase-2 tiles per program. ``sms``:
-    as :func:`plan_grid`.
+    Each phase-1 program adds an fp32 ``[M, r]`` tile into the workspace, each phase-2 program
+    reads it back and the last one zeroes it: ``(n_splits + n_groups + 1) M r_pad 4`` bytes of
+    L2 traffic, kept within the table's ``two_phase_workspace_over_factors`` of the factors'
+    bytes (a number, or one per rank class; ``default``: 1, the H200's: 0.5 for ranks up to
+    128, the budgets' ``max_l2_over_factors`` 1.5). While it is above, the larger phase
+    shrinks: phase 1 to the most programs the budget leaves beside phase 2's
+    (``tiles_per_split`` the fewest that fit; doubled where none fit), phase 2 by doubling its
+    tiles per program (its later ``U`` tiles are then read after the wait). The H200 table's
+    M = 64 tiles are wide enough that the plan keeps one N tile per program at N = K = 8192:
+    BLOCK_N 256 (32 phase-2 programs, leaving 31 to phase 1), BLOCK_K 512 at rank 64 (16
+    phase-1 programs of one K tile, every load of a program in flight at once) and 128 at
+    rank 128 (22 programs of three).
+    ``cfg.split_k`` / ``cfg.n_per_program`` fix the phase-1 programs / phase-2 tiles per
+    program. ``sms``: as :func:`plan_grid`.
     """
     if sms is None:
         target = gpu_target(device)
         sms = target.sms if target is not None else 1
-    return _plan_two_phase(cfg, m, n, k, r, itemsize, sms)
+    budget = device_table(_FAMILY, device).get("two_phase_workspace_over_factors", 1.0)
+    if isinstance(budget, dict):  # per rank class
+        budget = budget[_rank_class(padded_rank(r), {"rank": budget})]
+    return _plan_two_phase(cfg, m, n, k, r, itemsize, sms, budget)
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan_two_phase(cfg: LowRankKernelConfig, m: int, n: int, k: int, r: int, itemsize: int,
-                    sms: int) -> tuple[int, int, int, int]:
+                    sms: int, budget: float = 1.0) -> tuple[int, int, int, int]:
     k_tiles = max(1, triton.cdiv(k, cfg.block_k))
     n_tiles = max(1, triton.cdiv(n, cfg.block_n))
     want_splits = cfg.split_k or max(1, round(sms * k / (n + k)))
@@ -486,12 +564,14 @@ def _plan_two_phase(cfg: LowRankKernelConfig, m: int, n: int, k: int, r: int, it
     per = min(per, n_tiles)
     if not cfg.split_k and not cfg.n_per_program:
         t_bytes = m * padded_rank(r) * 4  # the workspace's rows are masked to M
-        budget = r * (n + k) * itemsize
-        while ((triton.cdiv(k_tiles, tps) + triton.cdiv(n_tiles, per)) * t_bytes > budget
+        # programs whose workspace traffic fits: adds + reads, less the last one's zeroing
+        fit = int(budget * r * (n + k) * itemsize) // t_bytes - 1
+        while (triton.cdiv(k_tiles, tps) + triton.cdiv(n_tiles, per) > fit
                and (tps < k_tiles or per < n_tiles)):
-            if per >= n_tiles or (tps < k_tiles and
-                                  triton.cdiv(k_tiles, tps) >= triton.cdiv(n_tiles, per)):
-                tps *= 2
+            splits, groups = triton.cdiv(k_tiles, tps), triton.cdiv(n_tiles, per)
+            if per >= n_tiles or (tps < k_tiles and splits >= groups):
+                room = fit - groups  # the most phase-1 programs beside phase 2's
+                tps = max(2 * tps, 1) if room < 1 else max(tps + 1, triton.cdiv(k_tiles, room))
             else:
                 per *= 2
     tps, per = min(tps, k_tiles), min(per, n_tiles)
@@ -589,6 +669,11 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
     return specs
 
 
+# the architectures a GPU's own table (configs/lowrank.json) is compiled for by the audit: its
+# tiles are tuned for that GPU (the H200's M = 64 tiles keep the second dot's U operand in
+# shared memory, which wgmma reads there; on sm_80 mma.sync holds it in registers and spills)
+_TABLE_ARCHS = {"NVIDIA H200": [90]}
+
 _SIG_TWO_PHASE = {
     "x_ptr": "*{dt}", "v_ptr": "*{dt}", "u_ptr": "*{dt}", "bias_ptr": "*{dt}", "y_ptr": "*{dt}",
     "t_ptr": "*fp32", "sync_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
@@ -603,24 +688,31 @@ def _two_phase_audit_specs() -> list[dict]:
     """The two-phase kernel's shipped tiles (the ``two_phase`` tables) at the largest padded
     rank of their class, fp16 and bf16, as calls compile them: with M inside one tile where
     the tile covers its M bucket (``ONE_M_TILE``), else spanning several; one N tile per
-    phase-2 program (the plan on a large GPU) and several."""
+    phase-2 program (the plan on a large GPU: M a whole tile, ``EVEN_M``, and a ragged one)
+    and several. A GPU's own table compiles for its architecture (``_TABLE_ARCHS``)."""
     specs = []
-    for table in load_tables(_FAMILY).values():
+    for table_name, table in load_tables(_FAMILY).items():
         for rclass, buckets in table.get("two_phase", {}).items():
             for bucket, c in buckets.items():
                 cfg = LowRankKernelConfig(**c)
                 for dt in ("fp16", "bf16"):
-                    for one_m, one_n in ((cfg.block_m >= int(bucket), True),
-                                         (cfg.block_m >= int(bucket), False)):
+                    one_m = cfg.block_m >= int(bucket)
+                    for one_n, even_m in ((True, one_m), (True, False), (False, False)):
+                        if even_m == one_m and not one_n:
+                            continue
                         name = (f"{cfg.name}/r{rclass}/{dt}/two-phase"
-                                f"{'' if one_m else '/m-tiles'}{'' if one_n else '/n-tiles'}")
-                        if any(sp["config"] == name for sp in specs):
+                                f"{'' if one_m else '/m-tiles'}{'' if one_n else '/n-tiles'}"
+                                f"{'/ragged-m' if one_m and one_n and not even_m else ''}")
+                        archs = _TABLE_ARCHS.get(table_name, [80, 90])
+                        same = [sp for sp in specs if sp["config"] == name]
+                        if same:  # the same compile: only the architectures it lacks
+                            same[0]["archs"] = sorted(set(same[0]["archs"]) | set(archs))
                             continue
                         sig = {k: v.format(dt=dt) for k, v in _SIG_TWO_PHASE.items()}
                         consts = {"HAS_BIAS": True, "BLOCK_M": cfg.block_m,
                                   "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
                                   "BLOCK_R": int(rclass), "ONE_M_TILE": one_m,
-                                  "ONE_N_TILE": one_n,
+                                  "ONE_N_TILE": one_n, "EVEN_M": even_m,
                                   "DOT_PRECISION": "tf32", "UPCAST_DOT": False}
                         sig.update({k: "constexpr" for k in consts})
                         specs.append({"kernel": _lowrank_two_phase_kernel.__name__,
@@ -628,7 +720,7 @@ def _two_phase_audit_specs() -> list[dict]:
                                       "signature": sig, "constexprs": consts,
                                       "aligned": _ALIGNED_TWO_PHASE,
                                       "num_warps": cfg.num_warps,
-                                      "num_stages": cfg.num_stages,
+                                      "num_stages": cfg.num_stages, "archs": archs,
                                       "expect_mma": "HGMMA" if cfg.block_m >= 64 else "HMMA"})
     return specs
 
@@ -653,6 +745,7 @@ def _launch_two_phase(x2: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
         x2.stride(0), v.stride(0), u.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, BLOCK_R=r_pad, ONE_M_TILE=m <= cfg.block_m, ONE_N_TILE=per == 1,
+        EVEN_M=m == cfg.block_m,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **dot_meta(x2))
     return y

@@ -94,7 +94,7 @@ def _traffic(cfg, m, n, k, r, per, split):
 @pytest.mark.parametrize(("m", "r"), [(1, 32), (16, 128), (64, 256)])
 def test_plan_grid_fills_the_gpu_with_the_least_modelled_traffic(m, r):
     cpu = torch.device("cpu")
-    cfg = lr.select_config(m, lrf.padded_rank(r), cpu)
+    cfg = lr.select_one_pass_config(m, lrf.padded_rank(r), cpu)  # plan_grid's kernel
     n = k = 4096
     n_tiles, m_tiles = -(-n // cfg.block_n), -(-m // cfg.block_m)
     per, split = lr.plan_grid(cfg, m, n, k, r, False, cpu, sms=132)
@@ -236,7 +236,7 @@ def test_two_phase_route_and_configs():
 
 
 def _workspace_bytes(m, r_pad, splits, groups):
-    return (splits + groups) * m * r_pad * 4
+    return (splits + groups + 1) * m * r_pad * 4  # adds, reads and the last one's zeroing
 
 
 @pytest.mark.parametrize(("m", "r"), [(1, 64), (16, 128), (64, 128), (64, 256)])
@@ -251,9 +251,105 @@ def test_plan_two_phase_covers_k_and_n_and_bounds_the_workspace_traffic(m, r):
     assert (groups - 1) * per < n_tiles <= groups * per
     # at most two programs per SM, phase 1 has about K / (N + K) of them
     assert splits + groups <= 2 * 132 and splits <= 66
-    # the fp32 workspace's L2 traffic stays within the factors' bytes
+    # the fp32 workspace's L2 traffic stays within the factors' bytes (the default table's
+    # two_phase_workspace_over_factors)
     assert _workspace_bytes(m, lrf.padded_rank(r), splits, groups) <= r * (n + k) * 2
     # explicit settings are kept; one SM (the interpreter) plans one program per phase
     assert lr.plan_two_phase(cfg.replace(split_k=5, n_per_program=3), m, n, k, r, 2, cpu,
                              sms=132)[::2] == (5, -(-n_tiles // 3))
     assert lr.plan_two_phase(cfg, m, 100, 300, r, 2, cpu)[::2] == (1, 1)
+
+
+def _never_zero(shape, g: torch.Generator, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Random magnitudes in [0.5, 1.5) with random signs, times ``scale``: no element is zero,
+    so a dropped or misplaced term cannot hide behind one."""
+    mag = torch.rand(shape, generator=g) + 0.5
+    sign = torch.randint(0, 2, shape, generator=g) * 2 - 1
+    return (mag * sign * scale).to(dtype)
+
+
+def _two_phase_tables():
+    """Every shipped two-phase tile: (table, rank class, M bucket, config)."""
+    from compress_ops.kernels.tuning import load_tables
+
+    return [(name, rc, b, c) for name, t in load_tables("lowrank").items()
+            for rc, buckets in t["two_phase"].items() for b, c in buckets.items()]
+
+
+@pytest.mark.parametrize(("table", "rclass", "bucket", "c"), _two_phase_tables(),
+                         ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("per", "bias", "full_m"),
+                         [(1, True, True), (1, False, False), (2, True, False)])
+def test_two_phase_shipped_tiles_match_float64_reference(poison, device, table, rclass, bucket,
+                                                         c, dtype, per, bias, full_m):
+    """Each shipped two-phase tile (the GPU tables' too) under the interpreter: one N tile per
+    phase-2 program (the plan on a large GPU: U, bias and addresses before the wait, then
+    ``y^T = U t^T``) and two (the general path), three phase-1 programs, ragged M, N, K and r
+    (N and K past one tile and not multiples of it; r not a power of two), M a whole tile
+    (``EVEN_M``: t read without a mask) or not, never-zero data; the workspace and counters
+    are left zeroed."""
+    cfg = lr.LowRankKernelConfig(**c).replace(n_per_program=per, split_k=3)
+    r = int(rclass) * 3 // 4 + 1  # pads to the class
+    m = cfg.block_m if full_m else max(1, min(int(bucket), cfg.block_m) - 3)  # one M tile
+    n, k = cfg.block_n + 37, 2 * cfg.block_k + 29
+    g = torch.Generator().manual_seed(int(rclass) + int(bucket) + per)
+    x = _never_zero((m, k), g, 1.0, dtype).to(device)
+    u = _never_zero((n, r), g, r**-0.5, dtype).to(device)
+    v = _never_zero((r, k), g, k**-0.5, dtype).to(device)
+    b = _never_zero((n,), g, 1.0, dtype).to(device) if bias else None
+    y, kinds = _two_phase_kernel_runs(x, u, v, b, cfg)
+    assert kinds == ["_lowrank_two_phase_kernel"]
+    ref = lowrank_linear_ref(x, u, v, None, b, dtype=torch.float64)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert rel_err(y, ref) < _tol(dtype, k)
+    t, sync = lr._WORKSPACE[(x.device, 0)]
+    assert not t.any() and not sync.any()
+
+
+def test_two_phase_reads_padded_workspace_rows_as_zero(poison, device):
+    """Phase 2 reads and zeroes t's whole BLOCK_M x BLOCK_R tile without masks: rows past M
+    and columns past r must stay zero from call to call, whatever the previous call's M, r
+    and tile (a wider call first, then narrower ones that read its rows and columns)."""
+    cfgs = [lr.LowRankKernelConfig(64, 64, 64, 4, 2, 1, 2), lr.LowRankKernelConfig(16, 32, 32)]
+    for i, (m, r, cfg) in enumerate([(60, 120, cfgs[0]), (3, 5, cfgs[0]), (2, 17, cfgs[1]),
+                                     (16, 128, cfgs[1])]):
+        g = torch.Generator().manual_seed(10 + i)
+        n, k = 70, 90
+        x = _never_zero((m, k), g, 1.0, torch.float32).to(device)
+        u = _never_zero((n, r), g, r**-0.5, torch.float32).to(device)
+        v = _never_zero((r, k), g, k**-0.5, torch.float32).to(device)
+        b = _never_zero((n,), g, 1.0, torch.float32).to(device)
+        y = lr.lowrank_matmul(x, u, v, None, b, config=cfg)
+        assert rel_err(y, lowrank_linear_ref(x, u, v, None, b, dtype=torch.float64)) < _tol(
+            torch.float32, k)
+        t, sync = lr._WORKSPACE[(x.device, 0)]
+        assert not t.any() and not sync.any()
+
+
+@pytest.mark.parametrize("r", [64, 128])
+def test_h200_plan_meets_the_l2_target_with_one_n_tile_per_program(r):
+    """On the H200 (its own table) the M = 64 plan keeps the workspace's L2 traffic (every
+    phase-1 add, every phase-2 read, the zeroing) within half the factors' bytes (the
+    budgets' l2_over_factors <= 1.5) and one N tile per phase-2 program (no U load after the
+    wait); M <= 16 plans are unchanged by the budget. The config is the one a call gets
+    (the table is per GPU, its cache per target)."""
+    from compress_ops.kernels import tuning
+
+    cpu = torch.device("cpu")
+    n = k = 8192
+    plain = lr.select_config(64, r, cpu)  # the interpreter's (default) tile, cached first
+    with tuning.simulate_gpu("NVIDIA H200", 132):
+        for m in (1, 16, 40, 64):
+            cfg = lr.select_config(m, r, cpu)
+            splits, tps, groups, per = lr.plan_two_phase(cfg, m, n, k, r, 2, cpu)
+            assert per == 1
+            assert (splits + groups + 1) * m * r * 4 <= 0.5 * r * (n + k) * 2
+            k_tiles = -(-k // cfg.block_k)
+            assert (splits - 1) * tps < k_tiles <= splits * tps
+        h200 = lr.select_config(64, r, cpu)
+        assert lr.plan_two_phase(h200, 64, n, k, r, 2, cpu) == (
+            (16, 1, 32, 1) if r == 64 else (22, 3, 32, 1))
+        assert lr.plan_two_phase(lr.select_config(16, r, cpu), 16, n, k, r, 2, cpu) == (
+            64, 1, 128, 1)
+    assert h200 != plain and lr.select_config(64, r, cpu) == plain

@@ -250,19 +250,22 @@ def _x_order(BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _row_order(BLOCK_N: tl.constexpr):
-    """The weight row each row of a ``SWAP_AB`` tile loads: the load lays row ``r = g + 8 w +
-    32 q`` out in lane ``g``, warp ``w``, register ``q`` (4 warps), the wgmma's fragment wants row
-    ``g + 8 (q % 2) + 16 w + 64 (q // 2)`` there; :func:`_decompress_frag` moves the rows back
-    with a reshape that the layouts make free."""
+def _row_order(BLOCK_N: tl.constexpr, WARPS: tl.constexpr):
+    """The weight row each row of a ``SWAP_AB`` tile loads. The load lays row
+    ``r = g + 8 w + 8 WARPS q`` out in lane ``g``, warp ``w``, register ``q``; the wgmma's
+    fragment wants row ``g + 8 (q % 2) + 16 (w % 4) + 64 (w // 4) + 16 WARPS (q // 2)`` there
+    (a warpgroup per 64 rows); :func:`_decompress_frag` moves the rows back with a reshape that
+    the layouts make free."""
     r = tl.arange(0, BLOCK_N)
-    return (r >> 6) * 64 + ((r >> 3) & 3) * 16 + ((r >> 5) & 1) * 8 + (r & 7)
+    q = r // (8 * WARPS)
+    w = (r >> 3) % WARPS
+    return (q >> 1) * (16 * WARPS) + (w >> 2) * 64 + (w & 3) * 16 + (q & 1) * 8 + (r & 7)
 
 
 @triton.jit
 def _decompress_frag(values_ptr, meta_ptr, rows_n, n_mask, g0, stride_vn, stride_mn, KP_HALF,
                      tab_a, ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr):
+                     EVEN_K: tl.constexpr, WARPS: tl.constexpr):
     """``[BLOCK_N, BLOCK_K]`` tile of W (two-byte values) in the slot order of
     :func:`_x_order`: the first operand of ``tl.dot(w, x^T)`` (``SWAP_AB``), which a wgmma
     reads from registers.
@@ -297,21 +300,19 @@ def _decompress_frag(values_ptr, meta_ptr, rows_n, n_mask, g0, stride_vn, stride
     nib = (word >> ((tl.arange(0, G) % 8) * 4)[None, :]) & 0xF
     # its four selector bytes, 0x54 << 8 p0 | 0x76 << 8 p1 (0x54 / 0x76: the value pair's
     # first / second value in prmt's second operand, 0x00: zero from the first), looked up in
-    # one permute: the multiply-add puts each column's table index (bit 3: sign-replicate of a
-    # byte under 0x80, zero) in its selector nibble
     lo, hi = _group_columns(pairs, nib, tab_a, ASM)
     w0 = lo.to(tl.int16).to(VT, bitcast=True)
     w1 = (lo >> 16).to(tl.int16).to(VT, bitcast=True)
     w2 = hi.to(tl.int16).to(VT, bitcast=True)
     w3 = (hi >> 16).to(tl.int16).to(VT, bitcast=True)
-    # [n, group, c, e]: column pair c, element e; the group is t J + j
-    # [n, group, c, e]: column pair c, element e; the group is t J + j; the rows n = g + 8 w +
-    # 32 q as the load lays them out (lane g, warp w, register q) put in the wgmma's order
-    # g + 8 (q % 2) + 16 w + 64 (q // 2)
-    Q: tl.constexpr = BLOCK_N // 32
-    w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (Q // 2, 2, 4, 8, 4, J, 2, 2))
-    # -> [q1, w, q0, g, j, c, t, e]: slot 16 j + 8 c + 2 t + e
-    return tl.reshape(tl.permute(w, (0, 2, 1, 3, 5, 6, 4, 7)), (BLOCK_N, BLOCK_K))
+    # [n, group, c, e]: column pair c, element e; the group is t J + j; the rows as the load
+    # lays them out, [q1, q0, w // 4, w % 4, g] (:func:`_row_order`), put in the wgmma's order
+    # [q1, w // 4, w % 4, q0, g]
+    Q1: tl.constexpr = BLOCK_N // (16 * WARPS)
+    w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)),
+                   (Q1, 2, WARPS // 4, 4, 8, 4, J, 2, 2))
+    # -> [q1, wh, wl, q0, g, j, c, t, e]: slot 16 j + 8 c + 2 t + e
+    return tl.reshape(tl.permute(w, (0, 2, 3, 1, 4, 6, 7, 5, 8)), (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -334,6 +335,7 @@ def _sparse24_matmul_kernel(
     ASM: tl.constexpr = False,
     SWAP_AB: tl.constexpr = False,
     EVEN_K: tl.constexpr = False,
+    WARPS: tl.constexpr = 4,
 ):
     """Tiled GEMM path: y[M, N] = x[M, K] @ W^T (+ bias), W 2:4 compressed.
 
@@ -368,7 +370,7 @@ def _sparse24_matmul_kernel(
         # the loop's fixed cost over more weights)
         SUB_K: tl.constexpr = min(BLOCK_K, 64)
         x_cols = _x_order(SUB_K)
-        frag_rows = pid_n * BLOCK_N + _row_order(BLOCK_N)
+        frag_rows = pid_n * BLOCK_N + _row_order(BLOCK_N, WARPS)
         frag_mask = frag_rows < N
         tab_a = _table_register((BLOCK_N, 1), ASM)
         for t in range(t_begin, t_end):
@@ -381,7 +383,7 @@ def _sparse24_matmul_kernel(
                                 mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
                 w = _decompress_frag(values_ptr, meta_ptr, frag_rows.to(tl.int64), frag_mask,
                                      (t * BLOCK_K + u * SUB_K) // 4, stride_vn, stride_mn,
-                                     KP_HALF, tab_a, ASM, BLOCK_N, SUB_K, EVEN_K)
+                                     KP_HALF, tab_a, ASM, BLOCK_N, SUB_K, EVEN_K, WARPS)
                 if UPCAST_DOT:  # Triton-interpreter workaround: bf16 tl.dot multiplies raw bits
                     acc_t = tl.dot(w.to(tl.float32), tl.trans(a.to(tl.float32)), acc_t,
                                    input_precision="ieee")
@@ -457,11 +459,18 @@ def semi_structured_min_m(device: torch.device) -> int | None:
 
 def swap_ab(cfg: KernelConfig, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a GEMM tile computes ``W x^T`` with the weight as the dot's first operand
-    (``SWAP_AB``, :func:`_decompress_frag`): two-byte activations and tiles of up to the
-    table's ``swap_ab_max_block_m`` rows."""
-    if cfg.path != "gemm" or dtype not in HALF_DTYPES or cfg.block_n < 64:
+    (``SWAP_AB``, :func:`_decompress_frag`): two-byte activations, tiles of up to the
+    device table's ``swap_ab_max_block_m`` rows, whole warpgroups and at least 16 weight rows
+    per warp (the wgmma's 64 rows per warpgroup)."""
+    return _swap_in(cfg, dtype, device_table(_FAMILY, device))
+
+
+def _swap_in(cfg: KernelConfig, dtype: torch.dtype, table: dict) -> bool:
+    if (cfg.path != "gemm" or dtype not in HALF_DTYPES or cfg.num_warps % 4
+            or cfg.block_n < 16 * cfg.num_warps):
         return False
-    return cfg.block_m <= device_table(_FAMILY, device).get("swap_ab_max_block_m", 0)
+    return cfg.block_m <= table.get("swap_ab_max_block_m", 0)
+
 
 
 def get_autotune_configs(m: int) -> list[KernelConfig]:
@@ -516,11 +525,13 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
     fp16 with K % 16 == 0."""
     # SPLIT_K only changes the grid and the epilogue (store vs atomic add): every split > 1
     # compiles to the same code as split 2, so configs are audited with split_k in {1, 2}.
-    cfgs: dict[str, tuple[KernelConfig, tuple[str, ...]]] = {}
+    # (config, dtypes, the table that decides SWAP_AB)
+    cfgs: dict[str, tuple[KernelConfig, tuple[str, ...], dict]] = {}
+    default = _load_defaults()["default"]
     for m in () if defaults_only else (1, 2, 4, 16, 64, 256):
         for cfg in get_autotune_configs(m):
             cfg = cfg.with_split_k(min(cfg.split_k, 2))
-            cfgs[cfg.name] = (cfg, ("fp16",))
+            cfgs[cfg.name] = (cfg, ("fp16",), default)
     for table in _load_defaults().values():
         for path in ("gemv", "gemm"):
             for c in table[path].values():
@@ -528,9 +539,10 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                 split = path == "gemm" and c["block_m"] <= SPLIT_K_MAX_M
                 for sk in ((1, 2) if split else (1,)):
                     cfg = KernelConfig(path, **{**c, "split_k": sk})
-                    cfgs[cfg.name] = (cfg, ("fp16", "bf16"))
+                    key = f"{cfg.name}/swap" if _swap_in(cfg, torch.float16, table) else cfg.name
+                    cfgs[key] = (cfg, ("fp16", "bf16"), table)
     specs = []
-    for cfg, dtypes in cfgs.values():
+    for cfg, dtypes, table in cfgs.values():
         for dt in dtypes:
             yt = "fp32" if cfg.split_k > 1 else dt
             sig = {k: v.format(dt=dt, yt=yt) for k, v in _SIG_COMMON.items()}
@@ -541,12 +553,12 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
                 expect = "-"
             else:
                 fn = _sparse24_matmul_kernel
-                swap = swap_ab(cfg, _DTYPES[dt], torch.device("cpu"))
+                swap = _swap_in(cfg, _DTYPES[dt], table)
                 consts = {"HAS_BIAS": True, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                           "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m,
                           "SPLIT_K": cfg.split_k, "DOT_PRECISION": "tf32",
                           "UPCAST_DOT": False, "ASM": True,  # (as a call on the GPU)
-                          "SWAP_AB": swap}
+                          "SWAP_AB": swap, "WARPS": cfg.num_warps}
                 # the swapped tile's M dimension is the weight's BLOCK_N
                 expect = "HGMMA" if (cfg.block_n if swap else cfg.block_m) >= 64 else "HMMA"
             sig.update({c: "constexpr" for c in consts})
@@ -556,7 +568,8 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
             kinds = (("k16", _ALIGNED + ["K"], True), ("kany", _ALIGNED, False))
             for kname, aligned, even in kinds if len(dtypes) > 1 else kinds[:1]:
                 kc = consts if fn is _sparse24_gemv_kernel else {**consts, "EVEN_K": even}
-                specs.append({"kernel": fn.__name__, "config": f"{cfg.name}/{dt}/{kname}",
+                name = f"{cfg.name}{'/swap' if kc.get('SWAP_AB') else ''}/{dt}/{kname}"
+                specs.append({"kernel": fn.__name__, "config": name,
                               "fn": fn, "signature": {**sig, **{c: "constexpr" for c in kc}},
                               "constexprs": kc, "aligned": aligned,
                               "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
@@ -589,6 +602,7 @@ def _launch(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, SPLIT_K=cfg.split_k, ASM=ptx(x2), **dot_meta(x2),
             SWAP_AB=swap_ab(cfg, x2.dtype, x2.device), EVEN_K=k % cfg.block_k == 0,
+            WARPS=cfg.num_warps,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return _launch_mod.finish(y, x2, cfg.split_k)
 

@@ -209,9 +209,9 @@ def test_group_selector_lookup_is_the_definition():
 
 
 def test_swap_ab_route():
-    """Two-byte x with a tile of at most ``swap_ab_max_block_m`` rows and 64+ weight rows takes
-    ``SWAP_AB``; fp32 x, narrower tiles and taller ones do not. ``EVEN_K`` is set exactly when
-    every K step lies inside K."""
+    """Two-byte x with a tile of at most ``swap_ab_max_block_m`` rows and 64+ weight rows per
+    warpgroup takes ``SWAP_AB``; fp32 x, narrower tiles and taller ones do not. ``EVEN_K`` is set
+    exactly when every K step lies inside K."""
     cpu = torch.device("cpu")
     limit = sp.device_table("sparse24", cpu)["swap_ab_max_block_m"]
     half = torch.float16
@@ -219,6 +219,9 @@ def test_swap_ab_route():
     assert sp.swap_ab(sp.KernelConfig("gemm", limit, 64, 64), torch.bfloat16, cpu)
     assert not sp.swap_ab(sp.KernelConfig("gemm", 16, 64, 256), torch.float32, cpu)
     assert not sp.swap_ab(sp.KernelConfig("gemm", 16, 32, 64), half, cpu)
+    # 64 weight rows per warpgroup: 8 warps need 128
+    assert sp.swap_ab(sp.KernelConfig("gemm", 16, 128, 64, num_warps=8), half, cpu)
+    assert not sp.swap_ab(sp.KernelConfig("gemm", 16, 64, 64, num_warps=8), half, cpu)
     assert not sp.swap_ab(sp.KernelConfig("gemm", 2 * limit, 64, 64), half, cpu)
     assert not sp.swap_ab(sp.KernelConfig("gemv", 1, 64, 64), half, cpu)
     values, meta = spf.pack_sparse24(spf.prune_2to4(torch.randn(64, 512)).half())
@@ -241,7 +244,9 @@ def test_swap_ab_tiles_match_float64_reference(device, poison, dtype, m, n, k):
     bias = _rand(n, dtype=dtype, seed=3).to(device)
     ref = sparse24_linear_ref(x, values, meta, bias, dtype=torch.float64)
     for cfg in (sp.KernelConfig("gemm", 16, 64, 256), sp.KernelConfig("gemm", 64, 128, 64),
-                sp.KernelConfig("gemm", 16, 64, 128, split_k=2)):
+                sp.KernelConfig("gemm", 16, 64, 128, split_k=2),
+                sp.KernelConfig("gemm", 64, 128, 64, num_warps=8),
+                sp.KernelConfig("gemm", 64, 256, 64, num_warps=8)):
         assert sp.swap_ab(cfg, dtype, x.device)
         y = sp.sparse24_matmul(x, values, meta, bias, config=cfg)
         assert _rel_err(y, ref) <= _tol(dtype, k), cfg.name

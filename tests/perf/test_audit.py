@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from compress_ops.kernels import sparse24 as sp
 
@@ -35,7 +36,7 @@ print(json.dumps(asdict(audit.compile_spec(spec, 90))))
 
 
 def test_audit_sees_hgmma_and_no_spills_in_a_shipped_gemm_config():
-    row = _audit("gemm_m64n128k64w8s3/fp16/k16")
+    row = _audit("gemm_m64n128k64w8s3/swap/fp16/k16")  # (the weight as the register operand)
     assert row["ok"], row["problems"]
     assert "HGMMA" in row["mma"] and row["spill_loads"] == row["spill_stores"] == 0
     assert 0 < row["registers"] <= 255 and 0 < row["shared_bytes"] <= 227 * 1024
@@ -58,7 +59,9 @@ def test_audit_covers_every_default_config_and_both_k_specializations():
     for table in sp._load_defaults().values():
         for path in ("gemv", "gemm"):
             for c in table[path].values():
-                name = sp.KernelConfig(path, **c).name
+                cfg = sp.KernelConfig(path, **c)
+                swap = sp.swap_ab(cfg, torch.float16, torch.device("cpu"))  # the default table
+                name = f"{cfg.name}/swap" if swap else cfg.name
                 for dt in ("fp16", "bf16"):
                     assert f"{name}/{dt}/k16" in names and f"{name}/{dt}/kany" in names
 

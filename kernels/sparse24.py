@@ -564,9 +564,14 @@ def audit_specs(defaults_only: bool = False) -> list[dict]:
             sig.update({c: "constexpr" for c in consts})
             # K % 16 == 0 (every real layer: vector loads of x; the tile takes whole K steps,
             # EVEN_K) and a ragged K (masked scalar loads, masked steps): Triton compiles each
-            # as its own specialization; both for the defaults.
+            # as its own specialization; both for the defaults. The split-K epilogue (an
+            # atomic add instead of a store; the loop is the same code) once, fp16 and K % 16.
             kinds = (("k16", _ALIGNED + ["K"], True), ("kany", _ALIGNED, False))
-            for kname, aligned, even in kinds if len(dtypes) > 1 else kinds[:1]:
+            if len(dtypes) == 1 or cfg.split_k > 1:
+                kinds = kinds[:1]
+            if cfg.split_k > 1 and dt != "fp16":
+                continue
+            for kname, aligned, even in kinds:
                 kc = consts if fn is _sparse24_gemv_kernel else {**consts, "EVEN_K": even}
                 name = f"{cfg.name}{'/swap' if kc.get('SWAP_AB') else ''}/{dt}/{kname}"
                 specs.append({"kernel": fn.__name__, "config": name,

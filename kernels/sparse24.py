@@ -139,7 +139,7 @@ def _sparse24_gemv_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-# SWAP_AB's selector lookup (_decompress_frag): sel = prmt(_SEL_TA, _SEL_TB, n * _SEL_M + _SEL_OFF)
+# the tiles' selector lookup (_group_columns): sel = prmt(_SEL_TA, _SEL_TB, n * _SEL_M + _SEL_OFF)
 # is 0x54 << 8 p0 | 0x76 << 8 p1 for each of the six position pairs n = p0 | p1 << 2 (found by
 # search; tests/kernels/test_sparse24.py checks all six against the definition)
 _SEL_TA = tl.constexpr(0x00000054)
@@ -274,7 +274,7 @@ def _decompress_frag(values_ptr, meta_ptr, rows_n, n_mask, g0, stride_vn, stride
     ``(2 t + 8, 2 t + 9)`` of every 16-slot block ``j``: here the two column pairs (0, 1) and
     (2, 3) of one group, the group ``t (BLOCK_K / 16) + j``. So each thread's groups are
     consecutive (its value pairs one vector load, its metadata nibbles one word), each group
-    is expanded where it was loaded (two permutes, :func:`_decompress_tile`'s selectors), and
+    is expanded where it was loaded (:func:`_group_columns`), and
     the tile needs no data movement on its way into the dot. x is loaded in the same order."""
     J: tl.constexpr = BLOCK_K // 16  # groups per thread (one per 16-slot block)
     G: tl.constexpr = BLOCK_K // 4

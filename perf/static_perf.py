@@ -134,6 +134,10 @@ class Case:
         return m * k * dtype.itemsize
 
     mma_bits = 16  # the tensor cores' operand width
+    # rows report decompress_instr_per_weight (operand_slice): where the slice's roots are the
+    # weight's alone (2:4: the register A operand or the staged decompressed tile; W8A8 at
+    # M <= 16 stages its quantized x, the dequantize pass stores a dense weight)
+    reports_decompression = False
 
     def launch_model(self, launch, m: int, n: int, k: int, dtype: torch.dtype):
         """A launch this case models itself (a :class:`KernelRow`), or None: the weight-streaming
@@ -160,6 +164,8 @@ class Case:
 class Sparse24Case(Case):
     """A 2:4 weight in the activation dtype: half the values, 2-bit positions (``bits`` is
     the bits per dense element: ``e * 8 / 2 + 1``)."""
+
+    reports_decompression = True
 
     def call(self, m: int, n: int, k: int, dtype: torch.dtype) -> None:
         from compress_ops.kernels import sparse24 as ks
@@ -411,6 +417,7 @@ class Instr:
     pc: int
     op: str  # the full opcode with modifiers, e.g. LDG.E.128.CONSTANT
     operands: str
+    guard: str = ""  # the predicate guard (``@P0``, ``@!P1``), if any
 
     @property
     def base(self) -> str:
@@ -424,7 +431,8 @@ def parse_sass(sass: str) -> list[Instr]:
     for line in sass.splitlines():
         m = _LINE.search(line)
         if m:
-            out.append(Instr(int(m.group(1), 16), m.group(3), m.group(4)))
+            out.append(Instr(int(m.group(1), 16), m.group(3), m.group(4),
+                             (m.group(2) or "").strip()))
     while out and (out[-1].base == "NOP" or (out[-1].base == "BRA" and
                                              f"{out[-1].pc:#x}" in out[-1].operands)):
         out.pop()
@@ -447,6 +455,87 @@ def loops(instrs: list[Instr]) -> list[tuple[int, int]]:
         if not any(a <= lo[0] and lo[1] <= b for a, b in top):
             top.append(lo)
     return top
+
+
+# opcodes that write no register (their first operand is a source or an address)
+_NO_DEST = frozenset((
+    "STS", "STG", "ST", "STL", "STSM", "RED", "REDG", "REDUX", "BAR", "BRA", "EXIT", "DEPBAR",
+    "WARPGROUP", "FENCE", "MEMBAR", "LDGSTS", "LDGDEPBAR", "NOP", "SYNCS", "UTMALDG",
+    "UTMASTG", "UTMAPF", "UBLKCP", "ERRBAR", "CCTL", "WARPSYNC", "BSSY", "BSYNC", "YIELD",
+    "CALL", "RET", "ARRIVES", "ELECT"))
+_REG = re.compile(r"\b(U?R|U?P)(\d+|Z|T)\b(\.64|\.128)?")
+
+
+def _regs(text: str, width: int = 1) -> list[str]:
+    """Register names in an operand text (``R4.64`` is ``R4, R5``; ``width`` widens each
+    general register, as a vector load's destination); zero and true registers omitted."""
+    out = []
+    for kind, num, vec in _REG.findall(text):
+        if num in ("Z", "T"):
+            continue
+        n = {".64": 2, ".128": 4}.get(vec, width if kind in ("R", "UR") else 1)
+        out += [f"{kind}{int(num) + j}" for j in range(n)]
+    return out
+
+
+def _defs_uses(ins: Instr) -> tuple[list[str], list[str]]:
+    """Registers an instruction writes and reads (the guard predicate is read)."""
+    ops = [o.strip() for o in ins.operands.split(",")]
+    if ins.base == "HGMMA" or ins.base in WGMMA:  # 'x64x16.F32 Racc, [Ra,] gdesc[..], Racc'
+        return [], []  # its operands are roots of the slice, not defs (see operand_slice)
+    uses = _regs(ins.guard)
+    if ins.base in _NO_DEST or not ops or not ops[0]:
+        return [], uses + _regs(ins.operands)
+    width = _width(ins.op) // 4 if ins.base in ("LDS", "LDG", "LDSM", "LD", "LDL") else 1
+    if ".WIDE" in ins.op:
+        width = 2
+    defs = _regs(ops[0], max(width, 1))
+    rest = ops[1:]
+    while rest and re.fullmatch(r"U?P\d+", rest[0]):  # carry / second predicate outputs
+        defs += _regs(rest.pop(0))
+    for o in rest:
+        uses += _regs(o)
+    return defs, uses
+
+
+def operand_slice(body: list[Instr]) -> list[int] | None:
+    """Indices (into a loop ``body``) of the instructions that build the weight operand of its
+    tensor-core MMAs: the backward register slice, through the loop's back edge, of each
+    warpgroup MMA's register A operand and of every shared-memory store (a tile that stages
+    a decompressed weight for a shared-memory operand), down to the loads of the packed bytes
+    and the values defined before the loop. ``None`` where the loop has no such root (the
+    weight's shared-memory operand copied as loaded, or no warpgroup MMA). The stores are
+    counted (staging is the decompression's cost there); the MMAs are not."""
+    roots: list[tuple[int, list[str]]] = []
+    for i, ins in enumerate(body):
+        if ins.base in WGMMA:
+            ops = [o.strip() for o in ins.operands.split(",")]
+            # 'x64x16.F32 Racc, Ra, gdesc[UR], Racc': a register A operand is ops[1]
+            if len(ops) > 2 and re.fullmatch(r"R\d+", ops[1]):
+                roots.append((i, _regs(ops[1], 4)))
+        elif ins.base in ("STS", "STSM"):  # 'STS.128 [addr], Rdata': the data is 1-4 registers
+            addr, _, data = ins.operands.rpartition(",")
+            roots.append((i, _regs(addr) + _regs(data, max(_width(ins.op) // 4, 1))))
+    if not roots:
+        return None
+    du = [_defs_uses(ins) for ins in body]
+    seen = {i for i, _ in roots if body[i].base != "HGMMA" and body[i].base not in WGMMA}
+    work = list(roots)
+    n = len(body)
+    while work:
+        i, regs = work.pop()
+        for r in regs:
+            # the reaching definitions: the nearest earlier one in the body, else the last one
+            # (the previous trip); a guarded definition lets the one before it reach as well
+            for step in range(1, n + 1):
+                j = (i - step) % n
+                if r in du[j][0]:
+                    if j not in seen:
+                        seen.add(j)
+                        work.append((j, du[j][1]))
+                    if not body[j].guard:
+                        break
+    return sorted(seen)
 
 
 def _width(op: str) -> int:
@@ -507,6 +596,8 @@ class KernelRow:
     pipelined: bool
     time_us: dict = field(default_factory=dict)
     weight_passes: int = 1  # how many times a call dequantizes each weight (row tiles)
+    # the loop's weight-operand instructions (operand_slice) per weight; None: no such slice
+    decompress_instr_per_weight: float | None = None
 
 
 def _arg(launch, name: str, default=None):
@@ -562,6 +653,8 @@ def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype)
     body_mix = mix(body)
     per_iter_weights = min(bn, n) * bk / threads if body else weights_per_thread
     loop_ipw = len(body) / per_iter_weights if body else total / weights_per_thread
+    operand = operand_slice(body) if body and case.reports_decompression else None
+    decompress_ipw = None if operand is None else len(operand) / per_iter_weights
     cps = ctas_per_sm(c.registers, c.shared, c.num_warps)
     resident = max(1, min(cps, math.ceil(grid / MODEL["sms"])))
     pipelined = body_mix["LDGSTS"] > 0
@@ -599,7 +692,8 @@ def model_launch(launch, case: Case, m: int, n: int, k: int, dtype: torch.dtype)
         weights_per_thread=weights_per_thread, instr_per_weight=total / weights_per_thread,
         loop_instr_per_weight=loop_ipw, loop=body_mix, bytes_in_flight_per_sm=in_flight,
         pipelined=pipelined, time_us=times,
-        weight_passes=1 if dense_weight else math.ceil(m / bm))
+        weight_passes=1 if dense_weight else math.ceil(m / bm),
+        decompress_instr_per_weight=decompress_ipw)
 
 
 def mma_peak(kind: str, bits: int = 16) -> float:
@@ -1081,6 +1175,8 @@ def model_case(case: Case, m: int, n: int = HEADLINE["N"], k: int = HEADLINE["K"
         "group_size": case.group_size, "triton": triton.__version__,
         "instr_per_weight": round(main.instr_per_weight, 3),
         "loop_instr_per_weight": round(main.loop_instr_per_weight, 3),
+        **({} if main.decompress_instr_per_weight is None else
+           {"decompress_instr_per_weight": round(main.decompress_instr_per_weight, 3)}),
         "weight_passes": main.weight_passes,
         "instr_per_weight_per_call": round(main.instr_per_weight * main.weight_passes, 3),
         "bytes_in_flight_per_sm": round(main.bytes_in_flight_per_sm),
@@ -1214,7 +1310,9 @@ def main(argv: list[str] | None = None) -> int:
         if s24:  # the cuSPARSELt route: predicted on rooflines, off until measured
             ratio, dense = s24[0]["predicted_speedup"], dense_us(2048, s24[0]["N"], s24[0]["K"],
                                                                torch.float16)
-            for sp in (2.0, 1.5):
+            # 2.0: the sparse tensor cores' factor; 1.2: what NVIDIA reported for cuSPARSELt on
+            # an H100 at M = N = K = 8192 (1.20-1.22x dense, NVIDIA/CUDALibrarySamples#203)
+            for sp in (2.0, 1.5, 1.2):
                 route = semi_structured_route_us(2048, sparse_speedup=sp)
                 print(f"2:4 cuSPARSELt route (roofline, sparse GEMM {sp}x dense peak): M=2048 "
                       f"{route:.0f} us = {dense / route:.2f}x dense (kernel {ratio:.2f}x); "

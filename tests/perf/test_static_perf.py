@@ -286,3 +286,51 @@ def test_semi_structured_route_prediction():
     # a kernel already at dense's speed is beaten only where the sparse GEMM saves more than
     # the conversions cost
     assert sp.semi_structured_crossover(1.0, 2.0) >= fast
+
+
+OPERAND = """
+        /*0000*/                   LDS.128 R8, [R2+UR4+0x100] ;
+        /*0010*/                   LDS R12, [R2+0x200] ;
+        /*0020*/                   IADD3 R20, R20, 0x1, RZ ;
+        /*0030*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR6][R4.64] ;
+        /*0040*/                   SHF.R.S32.HI R13, RZ, R14, R12 ;
+        /*0050*/                   IMAD R13, R13, R15, 0x9dc5 ;
+        /*0060*/                   PRMT R16, R17, R13, 0x76545476 ;
+        /*0070*/                   PRMT R24, RZ, R16, R8 ;
+        /*0080*/                   PRMT R25, RZ, R16, R9 ;
+        /*0090*/              @P0  PRMT R26, RZ, R16, R10 ;
+        /*00a0*/                   PRMT R27, RZ, R30, R11 ;
+        /*00b0*/                   WARPGROUP.ARRIVE ;
+        /*00c0*/                   HGMMA.64x64x16.F32 R40, R24, gdesc[UR8], R40 ;
+        /*00d0*/                   ISETP.GE.AND P0, PT, R20, R21, PT ;
+        /*00e0*/                   IMAD.MOV.U32 R30, RZ, RZ, R31 ;
+        /*00f0*/               @P1 BRA 0x0 ;
+        /*0100*/                   EXIT ;
+"""
+
+
+def test_operand_slice_is_the_register_path_to_the_mma_weight_operand():
+    """The slice of HGMMA's register A operand (4 registers): the permutes, the selector
+    arithmetic, both loads (LDS.128 defines R8..R11), the guarded permute's compare and the
+    counter it reads, and the definition that reaches around the back edge (R30, set after the
+    MMA); not the async copy, the MMA itself or the branch."""
+    ins = sp.parse_sass(OPERAND)
+    assert ins[9].guard == "@P0" and ins[0].guard == ""
+    lo, hi = sp.loops(ins)[0]
+    body = ins[lo:hi + 1]
+    got = sp.operand_slice(body)
+    assert got == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 13, 14]
+    # a loop with no register operand and no stores has no slice
+    assert sp.operand_slice(body[:4]) is None
+    # a staged tile: the store's data (4 registers of STS.128) and address are the roots,
+    # and the store itself is counted
+    staged = sp.parse_sass("""
+        /*0000*/                   LDS.128 R8, [R2] ;
+        /*0010*/                   PRMT R24, RZ, R5, R8 ;
+        /*0020*/                   PRMT R27, RZ, R5, R11 ;
+        /*0030*/                   IADD3 R6, R6, 0x10, RZ ;
+        /*0040*/                   STS.128 [R7+0x100], R24 ;
+        /*0050*/                   HGMMA.64x64x16.F32 R40, gdesc[UR4], R40 ;
+        /*0060*/               @P1 BRA 0x0 ;
+""")
+    assert sp.operand_slice(staged) == [0, 1, 2, 4]

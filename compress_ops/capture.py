@@ -130,6 +130,41 @@ def export(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None 
 _GEOMETRY_FUNCTIONS = {"pad", "constant_pad_nd", "conv2d", "convolution", "conv1d", "conv3d"}
 
 
+def infer_image_input(model: nn.Module) -> tuple[tuple | None, str]:
+    """An example input for an image model that states none: ``(x,)`` with ``x`` of shape
+    ``[1, C, H, W]``, and where its shape came from; ``(None, why)`` if ``model`` does not run
+    on it.
+
+    ``C`` is the first ``Conv2d``'s (any subclass) input channels; ``H, W`` the size the model
+    declares (timm's ``pretrained_cfg["input_size"]``, a Hugging Face ``config.image_size``),
+    else 224. dtype and device are the first parameter's. The input's values are random
+    normal: a capture reads the ops that run, and what depends on the values (data-dependent
+    control flow) is refused by the capture itself."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        return None, "no Conv2d to infer an image input from"
+    c, (h, w), source = conv.in_channels, (224, 224), "224 x 224, no size declared"
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    hf = getattr(model, "config", None)
+    if isinstance(cfg, dict) and len(cfg.get("input_size") or ()) == 3:
+        h, w = (int(v) for v in cfg["input_size"][1:])
+        source = "timm pretrained_cfg['input_size']"
+    elif isinstance(getattr(hf, "image_size", None), (int, tuple, list)):
+        size = hf.image_size
+        h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
+        source = "config.image_size"
+    p = conv.weight
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, c, h, w, generator=gen).to(p.device, p.dtype)
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:  # noqa: BLE001 - any failure: the input is not one it takes
+        return None, (f"the model does not run on an inferred [1, {c}, {h}, {w}] input "
+                      f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]})")
+    return (x,), f"[1, {c}, {h}, {w}] ({source})"
+
+
 def _call_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target)).split(".")[-1]
 

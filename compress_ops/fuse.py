@@ -19,12 +19,20 @@ pointwise conv after it, a shape the kernel does not support, ...).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from compress_ops._swap import hooks_reason, replace_everywhere, set_submodule
-from compress_ops.capture import Captured, canonical, example_value, size_dependent
+from compress_ops.capture import (
+    Captured,
+    canonical,
+    example_value,
+    infer_image_input,
+    size_dependent,
+)
 from compress_ops.capture import export as capture_export
 from compress_ops.capture import trace as capture_trace
 from compress_ops.configs import UnfusableError
@@ -127,9 +135,39 @@ def fuse_dwsep(model: nn.Module, filter_fn=None, example_inputs: tuple | None = 
     """
     if example_inputs is not None:
         return fuse_exported(model, example_inputs, filter_fn, fix_input_size)
+    if fix_input_size:
+        raise ValueError("DWSepFuseConfig(fix_input_size=True) fuses for the size of "
+                         "example_inputs: pass compress_(model, config, example_inputs=(x,))")
     fused: list[str] = []
     reasons: dict[str, str] = {}
     _search(model, model, "", filter_fn, fused, reasons)
+    left = [n for n, m in model.named_modules() if n and _is_depthwise(m) and n in reasons]
+    if not left:
+        return fused, reasons
+    # What torch.fx left (untraceable roots, Conv2d subclasses, wrappers that trace into shape
+    # checks): captured with torch.export on an inferred image input, over the model the fx
+    # route has already fused (its FusedDWSepConv2d are ops, not chains, there).
+    inferred, source = infer_image_input(model)
+    if inferred is None:
+        for n in left:
+            reasons[n] += (f"; no example_inputs, and {source}: pass example_inputs=(x,) to "
+                           f"capture it with torch.export")
+        return fused, reasons
+    more, why = fuse_exported(model, inferred, filter_fn, False)
+    if "<root>" in why:  # torch.export could not capture it either: both reasons stand
+        for n in left:
+            reasons[n] += f"; with an inferred input {source}, {why['<root>']}"
+        return fused, reasons
+    for n in left:
+        reasons.pop(n, None)
+    for n in [n for n, r in reasons.items() if r.startswith("not traceable by torch.fx")]:
+        reasons.pop(n)  # the export capture read through it
+    reasons.update({n: r for n, r in why.items() if n in left or n not in reasons})
+    fused += more
+    warnings.warn(f"DWSepFuseConfig without example_inputs: {len(left)} depthwise convs the "
+                  f"torch.fx route could not fuse were captured with torch.export on an "
+                  f"inferred input {source}; {len(more)} fused. Pass example_inputs=(x,) to "
+                  f"capture with your own input", stacklevel=3)
     return fused, reasons
 
 

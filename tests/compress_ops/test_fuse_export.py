@@ -5,6 +5,7 @@ a module's parameters and wrappers; what cannot be proven exact is left with the
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -89,8 +90,14 @@ def test_efficientnet_pytorch_static_same_padding_fuses_and_matches(k, stride):
                              k=k, stride=stride))
     x = torch.randn(2, 8, 12, 12)
     ref = model(x)
-    co.compress_(model, co.DWSepFuseConfig())  # torch.fx: a Conv2d subclass, not fused
-    assert _fused(model) == [] and "example_inputs" in _notes(model)["_depthwise_conv"]
+    # without example_inputs: torch.fx sees a Conv2d subclass and leaves it, then torch.export
+    # captures it on an inferred [1, 8, 224, 224] input; the padding is static, so the fused
+    # module is exact at every size
+    guessed = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"inferred input \[1, 8, 224, 224\].*1 fused"):
+        co.compress_(guessed, co.DWSepFuseConfig())
+    assert _fused(guessed) == ["_depthwise_conv"] and _notes(guessed)["_depthwise_conv"] == ""
+    torch.testing.assert_close(guessed(x), ref, rtol=1e-4, atol=1e-5)
     co.compress_(model, co.DWSepFuseConfig(), example_inputs=(x,))
     assert _fused(model) == ["_depthwise_conv"]
     fused = model._depthwise_conv
@@ -122,6 +129,46 @@ def test_padding_computed_from_the_input_size_needs_fix_input_size_and_is_then_g
     torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="fused for 12x12 inputs only"):
         model(torch.randn(2, 8, 13, 13))  # its padding would have been (1, 1, 1, 1)
+
+
+def test_without_example_inputs_an_inferred_input_never_fixes_a_size():
+    """No example_inputs: the inferred input captures the model, but a padding computed from
+    the input size stays unfused (the inferred size is a guess), with both reasons named;
+    fix_input_size=True without example_inputs is refused by name."""
+    torch.manual_seed(0)
+    model = random_bn(MBConv(Conv2dDynamicSamePadding))
+    x = torch.randn(2, 8, 12, 12)
+    ref = model(x)
+    with pytest.warns(UserWarning, match="inferred input.*0 fused"):
+        co.compress_(model, co.DWSepFuseConfig())
+    assert _fused(model) == []
+    note = _notes(model)["_depthwise_conv"]
+    assert "depend on the input size" in note and "fix_input_size=True" in note
+    with pytest.raises(ValueError, match="example_inputs"):
+        co.compress_(model, co.DWSepFuseConfig(fix_input_size=True))
+    torch.testing.assert_close(model(x), ref)
+
+
+class _TokenModel(nn.Module):
+    """Takes token ids: no image input can be inferred for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.block = MBConv(Conv2dDynamicSamePadding)
+
+    def forward(self, ids):
+        return self.block(self.emb(ids).permute(0, 2, 1).reshape(ids.shape[0], 8, 2, -1))
+
+
+def test_without_example_inputs_a_model_that_takes_no_image_keeps_the_fx_reasons():
+    model = random_bn(_TokenModel())
+    co.compress_(model, co.DWSepFuseConfig())
+    assert _fused(model) == []
+    note = _notes(model)["block._depthwise_conv"]
+    assert "torch.fx cannot trace" in note
+    assert "does not run on an inferred [1, 8, 224, 224]" in note
+    assert "pass example_inputs=(x,)" in note
 
 
 class _ConvBnAct(nn.Module):

@@ -91,6 +91,33 @@ def test_real_model_fuses_what_is_exact_and_names_the_rest(name, fix_input_size)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["timm tf_efficientnet_lite0", "timm tf_mobilenetv3_small_100"])
+def test_the_plain_call_without_example_inputs_fuses_what_export_would(name):
+    """The call a new user makes, ``compress_(model.eval(), DWSepFuseConfig())``: torch.fx
+    cannot trace these timm models (``Conv2dSame`` at the root), so the depthwise convs it
+    leaves are captured with torch.export on the input timm declares (``pretrained_cfg``,
+    224 x 224); as many fuse as with example_inputs, and the fused model is exact at another
+    size."""
+    _, n_dw, n_default, _, reason = MODELS[name]
+    torch.manual_seed(0)
+    model = random_bn(MODELS[name][0]()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    with pytest.warns(UserWarning, match=rf"inferred input \[1, 3, 224, 224\] \(timm "
+                                         rf"pretrained_cfg\['input_size'\]\); {n_default} fused"):
+        co.compress_(model, co.DWSepFuseConfig())
+    fused = [n for n, m in model.named_modules() if isinstance(m, FusedDWSepConv2d)]
+    assert len(fused) == n_default
+    notes = {r.name: r.note for r in co.report(model)}
+    for dw in set(_depthwise(model)) - set(fused):
+        assert reason in notes[dw] or SIZE in notes[dw], (dw, notes[dw])
+    with torch.no_grad():
+        err = ((model(x) - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-5, err
+
+
+@pytest.mark.slow
 def test_a_model_quantized_first_still_fuses_through_export():
     """The package's own ops are captured as what they are: a model whose classifier was
     quantized first fuses every chain, and its output is unchanged by the fusion."""

@@ -159,6 +159,11 @@ def compress_(
     :class:`Recipe`. ``filter_fn(module, name)`` returning False keeps a module dense. A module
     the transform cannot handle is left dense and listed by :func:`report` with the reason.
     If ``model`` itself is replaced (a bare ``nn.Linear``), the new module is returned.
+    Layers compressed already (an earlier call) are never recompressed nor skipped silently:
+    if ``config`` would take one of them (it handles the type of layer it replaced, and a
+    ``Recipe`` rule with a config or one config matches it, and ``filter_fn`` keeps it),
+    ``AlreadyCompressedError`` names them before anything changes; leave them out with
+    ``filter_fn`` or a ``Recipe`` to compress the other layers.
     A module reachable under several names is compressed once and replaced at every name; a
     weight tied to another module (e.g. an embedding) is left alone.
 
@@ -195,6 +200,7 @@ def compress_(
     if calib is not None and (isinstance(calib, torch.Tensor) or not isinstance(calib, Iterable)):
         raise TypeError(f"calib must be an iterable of batches, got {type(calib).__name__}")
     idx = index(model, config)
+    _refuse_compressed(config, _compressed_matches(idx, config, filter_fn), model)
     none_types = (config.noted_types() if isinstance(config, Recipe) else ()) or LINEAR_TYPES
 
     def in_scope(module: nn.Module, decisions: set[tuple[bool, object]]) -> bool:
@@ -222,7 +228,7 @@ def compress_(
         prepare=lambda cfg: transform_for(cfg).prepare, build=build)
     if not any(isinstance(m, CompressedModule) and id(m) not in before
                for m in out.modules()):
-        _nothing_changed(out, config, idx)
+        _nothing_changed(out, config, idx, filter_fn)
     _swap.record_config(out, config)
     _swap.after_compress(out)
     return out
@@ -392,31 +398,80 @@ def _smooth(container: nn.Module, layers: dict[str, nn.Module], configs: dict[st
     return out
 
 
-def _nothing_changed(model: nn.Module, config: object, idx: _swap.Index) -> None:
-    """``compress_`` replaced no layer: never silently. Layers the config would have taken
-    that are compressed already: ``AlreadyCompressedError`` naming them (compress the dense
-    model instead). Otherwise a ``UserWarning`` with the reasons every candidate stayed dense,
-    or saying that no layer is of a type the config handles."""
+def _replaced_types(module: CompressedModule) -> tuple[type, ...]:
+    """The dense layer types a compressed module stands in for: a ``CompressedLinear`` an
+    ``nn.Linear`` (or a Hugging Face ``Conv1D``), any other (the convs) an ``nn.Conv2d``."""
+    return LINEAR_TYPES if isinstance(module, CompressedLinear) else (nn.Conv2d,)
+
+
+def _compressed_matches(idx: _swap.Index, config: object,
+                        filter_fn: Callable[[nn.Module, str], bool] | None) -> list[str]:
+    """The first names of the modules compressed already (the model itself among them) that
+    ``config`` would take if they were dense: every name decided alike, by a config (a
+    ``Recipe`` rule matching it with a config; one config matches every layer) whose transform
+    handles the layer type the module replaced, and ``filter_fn`` keeps every name."""
+    found = []
+    for mid, aliases in idx.names.items():
+        module = idx.modules[mid]
+        if not isinstance(module, CompressedModule):
+            continue
+        decisions = {config_for(config, n) for n in aliases}
+        if len(decisions) != 1:  # shared under rules that disagree: it would stay dense
+            continue
+        ((matched, cfg),) = decisions
+        if not matched or cfg is None or not any(
+                issubclass(t, transform_for(cfg).handles) for t in _replaced_types(module)):
+            continue
+        if filter_fn is not None and not all(filter_fn(module, n) for n in aliases):
+            continue
+        found.append(aliases[0])
+    return found
+
+
+def _refuse_compressed(config: object, names: list[str], model: nn.Module) -> None:
+    """``AlreadyCompressedError`` naming the compressed layers ``config`` would take (``names``,
+    from :func:`_compressed_matches`; ``""`` is the model itself), before anything changes:
+    ``compress_`` never skips a layer it applies to silently (a second config on a compressed
+    layer would compress its stored tensors again, so it cannot apply either)."""
+    if not names:
+        return
+    what = type(config).__name__
+    shown = [n or f"<root> ({type(model).__name__})" for n in names[:8]]
+    raise AlreadyCompressedError(
+        f"compress_({what}) applies to layers that are compressed already ({', '.join(shown)}"
+        f"{', ...' if len(names) > 8 else ''}); nothing was changed. Compress the dense model "
+        f"(one compress_ call with a Recipe gives each layer its config), or leave these "
+        f"layers out: filter_fn=lambda m, name: not isinstance(m, co.nn.CompressedModule), or "
+        f"a Recipe whose rules do not match them")
+
+
+def _nothing_changed(model: nn.Module, config: object, idx: _swap.Index,
+                     filter_fn: Callable[[nn.Module, str], bool] | None) -> None:
+    """``compress_`` replaced no layer: never silently. (Layers the config would have taken
+    that are compressed already were an ``AlreadyCompressedError`` before anything changed,
+    :func:`_refuse_compressed`.) A ``UserWarning`` with the reasons every candidate stayed
+    dense, or saying that the layers of a type the config handles are compressed already and
+    ``filter_fn`` left them out, or that no layer is of a type the config handles."""
     names = {n: m for n, m in idx.by_name().items() if n}
     what = type(config).__name__
-    done = [n for n, m in names.items() if isinstance(m, CompressedModule)
-            and config_for(config, n)[0] and config_for(config, n)[1] is not None]
-    if done:
-        raise AlreadyCompressedError(
-            f"compress_({what}) changed nothing: the layers it applies to are compressed "
-            f"already ({', '.join(done[:8])}{', ...' if len(done) > 8 else ''}); compress the "
-            f"dense model (a second config on a compressed layer would compress its stored "
-            f"tensors again)")
     notes = _swap.notes(model)
     refused = {n: notes[n] for n in names if n in notes}
+    excluded = _compressed_matches(idx, config, None) if filter_fn is not None else []
     if refused:
         listed = "; ".join(f"{n}: {why}" for n, why in list(refused.items())[:5])
         warnings.warn(f"compress_({what}) changed nothing: every candidate layer stayed dense "
                       f"({listed}{'; ...' if len(refused) > 5 else ''}); see report()",
                       UserWarning, stacklevel=3)
+    elif excluded:
+        shown = [n or "<root>" for n in excluded[:8]]
+        warnings.warn(f"compress_({what}) changed nothing: the layers of a type it handles "
+                      f"are compressed already and filter_fn left them out ({', '.join(shown)}"
+                      f"{', ...' if len(excluded) > 8 else ''})", UserWarning, stacklevel=3)
     else:
+        root = (f" (the model itself is a compressed {type(model).__name__})"
+                if isinstance(model, CompressedModule) else "")
         warnings.warn(f"compress_({what}) changed nothing: the model has no layer of a type "
-                      f"it handles", UserWarning, stacklevel=3)
+                      f"it handles{root}", UserWarning, stacklevel=3)
 
 
 def _fuse_dwsep(model: nn.Module, config: DWSepFuseConfig,

@@ -64,22 +64,43 @@ def activation_norms(model: nn.Module, batches: Iterable, layers: dict[str, nn.M
     return {n: s.sqrt() for n, s in sums.items()}
 
 
+def _batch_targets(batch: object) -> object:
+    """The targets ``loss_fn(outputs, targets)`` gets for a calibration ``batch``: the second
+    element of a tuple / list ``(inputs, targets, ...)``, else the batch itself (a mapping such
+    as ``{"input_ids": ..., "labels": ...}``, whose loss reads what it needs from it, or a
+    tensor)."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    return batch
+
+
 def fisher_diagonal(model: nn.Module, batches: Iterable, loss_fn: Callable,
-                    params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+                    params: dict[str, nn.Parameter],
+                    forward: Callable[[nn.Module, object], object] | None = None
+                    ) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher ``E[g^2]`` of each parameter in ``params`` over the
-    calibration ``batches`` of ``(inputs, targets)``: one backward per batch of
-    ``loss_fn(model(inputs), targets)``, in eval mode; every gradient of the model is left as
-    it was."""
+    calibration ``batches``: one backward per batch of ``loss_fn(outputs, targets)``, in eval
+    mode; every gradient of the model is left as it was. ``outputs`` is what
+    :func:`run_batch` returns (``forward(model, batch)``; by default ``model(**batch)`` for a
+    mapping, ``model(batch[0])`` for a tuple / list, else ``model(batch)``), ``targets`` what
+    :func:`_batch_targets` picks (``batch[1]`` of ``(inputs, targets)``, else the batch itself:
+    a loss on a mapping batch reads its labels from it)."""
     everything = list(dict.fromkeys([*model.parameters(), *params.values()]))
     saved = [p.grad for p in everything]
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     count = 0
     try:
         with eval_mode(model):
-            for x, y in batches:
+            for batch in batches:
                 for p in everything:
                     p.grad = None
-                loss_fn(model(x), y).backward()
+                loss = loss_fn(run_batch(model, batch, forward), _batch_targets(batch))
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    got = (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+                           else type(loss).__name__)
+                    raise ValueError(f"loss_fn(outputs, targets) must return a scalar tensor "
+                                     f"to backpropagate, got {got}")
+                loss.backward()
                 for n, p in params.items():
                     if p.grad is not None:
                         acc[n] += p.grad.detach().float().pow(2)

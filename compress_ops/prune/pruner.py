@@ -206,7 +206,8 @@ class Pruner:
         self._norms = (activation_norms(self.model, calib, self.layers, forward)
                        if self.criterion == "wanda" else None)
         self._fisher = (fisher_diagonal(self.model, calib, loss_fn,
-                                        {n: m.weight for n, m in self.layers.items()})
+                                        {n: m.weight for n, m in self.layers.items()},
+                                        forward=forward)
                         if self.criterion == "obd" else None)
 
     @torch.no_grad()

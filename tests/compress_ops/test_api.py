@@ -92,6 +92,68 @@ def test_compress_that_changes_nothing_is_never_silent_and_root_linear_is_return
     assert isinstance(new, Sparse24Linear)
 
 
+def test_a_config_over_partly_compressed_layers_is_an_error_before_anything_changes():
+    """Issue 17: a second config that would take a layer compressed already never skips it
+    silently while compressing the rest: AlreadyCompressedError names it, nothing changes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    co.compress_(model, co.QuantConfig(bits=4), filter_fn=lambda m, name: name == "0")
+    assert type(model[0]).__name__ == "QuantLinear" and type(model[2]) is nn.Linear
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for config in (co.Sparse24Config(), co.Recipe({".*": co.Sparse24Config()}),
+                   co.QuantConfig(bits=8), co.LowRankConfig(rank=2)):
+        with pytest.raises(co.AlreadyCompressedError,
+                           match=r"compressed already \(0\); nothing was changed.*filter_fn"):
+            co.compress_(model, config)
+        assert type(model[2]) is nn.Linear  # "2" was not compressed either
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # leaving the compressed layer out compresses the others: a filter_fn, or a Recipe
+    again = co.compress_(model, co.Sparse24Config(),
+                         filter_fn=lambda m, name: not isinstance(m, co.nn.CompressedModule))
+    assert again is model and isinstance(model[2], Sparse24Linear)
+    assert type(model[0]).__name__ == "QuantLinear"
+    other = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    co.compress_(other, co.Recipe({"0": co.QuantConfig(bits=4)}))
+    co.compress_(other, co.Recipe({"0": None, "2": co.Sparse24Config()}))
+    assert type(other[0]).__name__ == "QuantLinear" and isinstance(other[2], Sparse24Linear)
+    # a filter_fn leaving out every compressed layer when nothing else is left: a warning
+    with pytest.warns(UserWarning, match=r"compressed already and filter_fn left them out "
+                                         r"\(0, 2\)"):
+        co.compress_(other, co.QuantConfig(), filter_fn=lambda m, name: name == "x")
+
+
+def test_compressed_layers_a_config_would_not_take_do_not_stop_it():
+    """Only the compressed layers of a type the new config handles count: a conv config's
+    compressed convs do not stop a linear config, and the other way round."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 16))
+    x = torch.randn(2, 4, 6, 6)
+    co.compress_(model, co.SharedFilterConfig(filters=2))
+    assert type(model[0]).__name__ == "SharedFilterConv2d"
+    co.compress_(model, co.QuantConfig(bits=8, group_size=None))  # the linear only
+    assert type(model[2]).__name__ == "QuantLinear" and model(x).shape == (2, 16)
+    # a config handling convs too (LowRank) would take the compressed conv: named
+    with pytest.raises(co.AlreadyCompressedError, match=r"compressed already \(0, 2\)"):
+        co.compress_(model, co.LowRankConfig(rank=2))
+    convs = nn.Sequential(nn.Linear(6, 6), nn.Conv2d(4, 8, 3))
+    co.compress_(convs, co.QuantConfig(bits=8, group_size=None))
+    co.compress_(convs, co.SharedFilterConfig(filters=2))  # the quantized linear is no conv
+    assert type(convs[1]).__name__ == "SharedFilterConv2d"
+
+
+def test_compressing_a_compressed_module_itself_is_an_error_naming_it():
+    new = co.compress_(nn.Linear(32, 8), co.Sparse24Config())
+    for config in (co.QuantConfig(bits=4), co.Sparse24Config(),
+                   co.Recipe({".*": co.QuantConfig()})):
+        with pytest.raises(co.AlreadyCompressedError, match=r"<root> \(Sparse24Linear\)"):
+            co.compress_(new, config)
+    assert isinstance(new, Sparse24Linear)
+    # a config that does not handle its type: the warning says what the model is
+    with pytest.warns(UserWarning, match="no layer of a type it handles.*compressed "
+                                         "Sparse24Linear"):
+        co.compress_(new, co.SharedFilterConfig(filters=2))
+
+
 def test_config_and_argument_validation():
     with pytest.raises(TypeError, match="prune"):
         co.Sparse24Config(prune="yes")

@@ -17,8 +17,11 @@ and are outside every byte fraction below.
 Sentences: the docstrings of the Python standard library's top-level modules (their source,
 parsed with ``ast``, not imported), split into sentences, 6 to 40 words, deduplicated, shuffled
 with a fixed seed; the first ``--calib`` (128) calibrate, the next ``--heldout`` (256) are held
-out (the set depends on the Python version; the JSON records it). Sentence embedding: mean of
-the last hidden state over the attention mask, L2-normalized (what all-MiniLM-L6-v2 does).
+out, and the next ``--verify`` (64) are the plan's verification sentences (``co.plan``'s
+``verify_data``: its end-to-end check against the uniform candidates runs there, not on the
+data it calibrates on). The set depends on the Python version; the JSON records it. Sentence
+embedding: mean of the last hidden state over the attention mask, L2-normalized (what
+all-MiniLM-L6-v2 does).
 Each row: the mean cosine similarity of the compressed model's embeddings to the dense
 model's on the held-out sentences, the fraction of held-out sentences whose nearest neighbour
 among the held-out sentences stays the one the dense model finds, the stored bytes of the 36
@@ -231,14 +234,16 @@ def prune_row(section: str, label: str, sparsity: float, method: str) -> Row:
     return Row(section, label, apply, key=("prune", sparsity, method))
 
 
-def plan_row(section: str, budget: float, candidates: dict[str, object]) -> Row:
+def plan_row(section: str, budget: float, candidates: dict[str, object],
+             verify: list | None = None) -> Row:
     """``co.plan`` at ``budget`` (of the linears' fp32 bytes) over ``candidates``, then
-    ``compress_(model, plan)``; the note is the mix it chose."""
+    ``compress_(model, plan)``; the note is the mix it chose. ``verify``: the batches its
+    end-to-end check runs on (``verify_data``; sentences neither calibrated on nor held out)."""
     names = {id(cfg): label for label, cfg in candidates.items()}
 
     def apply(model: nn.Module, calib: list, fwd: Forward) -> str:
         plan = co.plan(model, calib, budget, candidates=list(candidates.values()), forward=fwd,
-                       verbose=False)
+                       verbose=False, verify_data=verify)
         co.compress_(model, plan, calib=calib, forward=fwd)
         mix = Counter("dense" if r.config is None else names.get(id(r.config), r.candidate)
                       for r in plan.table if r.chosen)
@@ -246,7 +251,8 @@ def plan_row(section: str, budget: float, candidates: dict[str, object]) -> Row:
                                     sorted(((k, n) for n, k in mix.items()), reverse=True))
         picked = getattr(plan, "chosen", "solved")  # (a uniform candidate, when it measured
         if picked != "solved":                      # better end to end than the solver's mix)
-            note += f" ({picked}: it beat the solver's mix on the calibration data)"
+            where = "the verification sentences" if verify else "the calibration data"
+            note += f" ({picked}: it beat the solver's mix on {where})"
         return note
 
     return Row(section, "plan", apply, key=("plan", budget, tuple(candidates)))
@@ -336,12 +342,14 @@ def w8a8_rows() -> list[Row]:
     return out
 
 
-#: The plan's budgets: (fraction of the fp16 bytes, the same as a fraction of the fp32 bytes).
-BUDGETS = ((0.15, 0.075), (0.30, 0.15))
+#: The plan's budgets: (fraction of the fp16 bytes, the same as a fraction of the fp32 bytes);
+#: 0.28125 is uniform int4 g128's own bytes (4 bits + a 2-byte scale and zero per 128)
+BUDGETS = ((0.15, 0.075), (0.28125, 0.140625), (0.30, 0.15))
 
 
-def rows(quick: bool = False) -> list[Row]:
-    """Every row of the table, in order (``quick``: a few of each kind)."""
+def rows(quick: bool = False, verify: list | None = None) -> list[Row]:
+    """Every row of the table, in order (``quick``: a few of each kind; ``verify``: the plan's
+    verification batches)."""
     out: list[Row] = []
     quant = [(4, 128), (3, 128), (2, 64)]
     for bits, group in quant[:1] if quick else quant:
@@ -376,7 +384,7 @@ def rows(quick: bool = False) -> list[Row]:
     candidates = uniform_candidates(quick)
     for fp16, fp32 in BUDGETS[1:] if quick else BUDGETS:
         section = f"budget {fp16:.2f} x fp16"
-        out.append(plan_row(section, fp32, candidates))
+        out.append(plan_row(section, fp32, candidates, verify))
         for label, cfg in candidates.items():
             row = config_row(section, label, lambda c=cfg: c)
             row.budget = fp32
@@ -534,7 +542,8 @@ def render(meta: dict, results: Sequence[dict], markdown: bool = False) -> str:
         f"\n\nall-MiniLM-L6-v2 ({meta['model']}, fp32, {meta['linears']} nn.Linear = "
         f"{meta['linear_params'] / 1e6:.1f}M of {meta['params'] / 1e6:.1f}M parameters; the "
         f"embeddings and LayerNorms stay dense, outside the byte fractions). {meta['calib']} "
-        f"calibration / {meta['heldout']} held-out sentences from the Python {meta['python']} "
+        f"calibration / {meta['heldout']} held-out / {meta.get('verify', 0)} plan-verification "
+        f"sentences from the Python {meta['python']} "
         f"standard library's docstrings; compress s on {meta['threads']} CPU threads; whole "
         f"run {meta['seconds'] / 60:.1f} min.")
 
@@ -549,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a smoke run: 32 + 64 sentences, a few rows of each kind")
     ap.add_argument("--calib", type=int, default=None, help="calibration sentences (128)")
     ap.add_argument("--heldout", type=int, default=None, help="held-out sentences (256)")
+    ap.add_argument("--verify", type=int, default=None,
+                    help="sentences the plan's end-to-end check runs on (64; 0: the "
+                         "calibration sentences), neither calibrated on nor held out")
     ap.add_argument("--batch", type=int, default=32, help="sentences per batch")
     ap.add_argument("--section", action="append", default=None, metavar="NAME",
                     help="run only the rows of this section (repeatable), e.g. W8A8")
@@ -559,16 +571,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     n_calib = args.calib or (32 if args.quick else 128)
     n_held = args.heldout or (64 if args.quick else 256)
+    n_verify = (32 if args.quick else 64) if args.verify is None else args.verify
 
     from compress_ops.perf.machine import git_sha
 
     t_start, git = time.perf_counter(), git_sha()  # (the code that runs: read at the start)
     model, tokenizer = load_minilm()
     sentences = corpus()
-    if len(sentences) < n_calib + n_held:
+    if len(sentences) < n_calib + n_held + n_verify:
         raise SystemExit(f"only {len(sentences)} sentences; ask for fewer")
     calib = tokenize(tokenizer, sentences[:n_calib], args.batch)
     heldout = tokenize(tokenizer, sentences[n_calib:n_calib + n_held], args.batch)
+    end = n_calib + n_held
+    verify = tokenize(tokenizer, sentences[end:end + n_verify], args.batch) if n_verify else None
     n_linears = sum(isinstance(m, nn.Linear) for m in model.modules())
     params = sum(p.numel() for p in model.parameters())
     linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
@@ -578,12 +593,13 @@ def main(argv: list[str] | None = None) -> int:
           f"({tokens[0]} tokens), {n_held} held out ({tokens[1]} tokens); torch threads "
           f"{torch.get_num_threads()}", file=sys.stderr, flush=True)
 
-    chosen = [r for r in rows(args.quick)
+    chosen = [r for r in rows(args.quick, verify)
               if args.section is None or r.section in args.section]
     results = evaluate(model, calib, heldout, chosen)
     meta = dict(model=DIST, git=git, python=sys.version.split()[0],
                 torch=torch.__version__, threads=torch.get_num_threads(),
-                sentences=len(sentences), calib=n_calib, heldout=n_held, tokens=tokens,
+                sentences=len(sentences), calib=n_calib, heldout=n_held, verify=n_verify,
+                tokens=tokens,
                 batch=args.batch, linears=n_linears, linear_params=linear_params,
                 params=params, budgets=[dict(fp16=a, fp32=b) for a, b in BUDGETS],
                 quick=args.quick, sections=args.section,

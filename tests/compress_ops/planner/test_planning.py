@@ -367,6 +367,34 @@ def test_plan_is_never_worse_end_to_end_than_a_uniform_candidate_that_fits(budge
     assert fitting and len(p.end_to_end) == fitting + 1
 
 
+def test_verify_data_is_where_the_plan_is_never_worse(uneven):
+    """With ``verify_data`` the end-to-end check measures every choice on those batches (the
+    options still built from ``calib_data``): what plan measured is what compress_ gives there,
+    and no uniform candidate that fits does better on them."""
+    model, batches = uneven
+    g = torch.Generator().manual_seed(7)
+    held = [torch.randn(32, 64, generator=g) for _ in range(3)]
+    p = plan(model, batches, 0.25, candidates=UNEVEN_CANDS, verbose=False, verify_data=held)
+    q = plan(model, batches, 0.25, candidates=UNEVEN_CANDS, verbose=False)
+    assert p.end_to_end.keys() == q.end_to_end.keys()
+    assert p.end_to_end != q.end_to_end  # measured on other batches
+    got, _ = _end_to_end(model, p, held)
+    assert p.end_to_end[p.chosen.removeprefix("uniform ")] == pytest.approx(got, rel=1e-6)
+    labels = _labels(p)
+    for cfg in UNEVEN_CANDS:
+        if labels[cfg] in p.end_to_end:
+            err, _ = _end_to_end(model, cfg, held)
+            assert p.end_to_end[labels[cfg]] == pytest.approx(err, rel=1e-6)
+            assert got <= err * (1 + 1e-9)
+    with pytest.raises(ValueError, match="verify=True"):
+        plan(model, batches, 0.25, candidates=UNEVEN_CANDS, verify=False, verify_data=held,
+             verbose=False)
+    with pytest.raises(ValueError, match="verify_data is empty"):
+        plan(model, batches, 0.25, candidates=UNEVEN_CANDS, verify_data=[], verbose=False)
+    with pytest.raises(TypeError, match="verify_data must be an iterable"):
+        plan(model, batches, 0.25, candidates=UNEVEN_CANDS, verify_data=held[0], verbose=False)
+
+
 def test_output_metric_beats_the_layer_metric_where_sensitivity_is_uneven(uneven):
     """Without the uniform check, the end-to-end metric alone gives the quiet layer the few
     bits and the loud one the many; the layer-local metric sees two equal layers."""

@@ -107,12 +107,17 @@ def carry_state(old: nn.Module, new: nn.Module) -> nn.Module:
     """Give ``new`` (built from ``old``) the state a replacement must keep: the train/eval mode;
     ``old``'s bias Parameter itself where ``new`` holds an equal copy (so bias ties, its
     ``requires_grad`` and optimizer references carry over); and a frozen weight stays frozen
-    (every other parameter of ``new`` then has ``requires_grad=False``). Returns ``new``."""
+    (every other parameter of ``new`` then has ``requires_grad=False``). Returns ``new``.
+
+    Biases on the meta device have no values to compare (a model built for loading, e.g. the
+    resized skeleton of :func:`compress_ops.integrations.serialization.apply_manifest` under
+    ``from_pretrained``): ``new`` keeps its own bias, which the load fills."""
     new.train(old.training)
     old_bias, new_bias = getattr(old, "bias", None), getattr(new, "bias", None)
     if (isinstance(old_bias, nn.Parameter) and isinstance(new_bias, nn.Parameter)
             and old_bias.shape == new_bias.shape and old_bias.dtype == new_bias.dtype
-            and old_bias.device == new_bias.device and torch.equal(old_bias, new_bias)):
+            and old_bias.device == new_bias.device and old_bias.device.type != "meta"
+            and torch.equal(old_bias, new_bias)):
         new.bias = old_bias
     old_weight = getattr(old, "weight", None)
     if isinstance(old_weight, nn.Parameter) and not old_weight.requires_grad:

@@ -111,6 +111,10 @@ def _classes() -> tuple[type, type]:
 
         requires_calibration = False
 
+        def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+            self.load_dtype = dtype  # the model's dtype: compressed modules follow it on load
+            return dtype
+
         def validate_environment(self, *args: Any, device_map: Any = None,
                                  **kwargs: Any) -> None:
             if isinstance(device_map, dict):
@@ -153,7 +157,8 @@ def _classes() -> tuple[type, type]:
             cfg = self.quantization_config
             if self.pre_quantized:
                 man = ser.checked_manifest(cfg.manifest, "config.json quantization_config")
-                ser.finish_load(model, man)
+                _follow_dtype(model, getattr(self, "load_dtype", None))
+                ser.finish_load(model, man)  # (re-ties the shared tensors .to() copied)
             elif cfg.recipe is not None:
                 _compress_the_rest(model, cfg.recipe, self.keep)
             _link(model, self)
@@ -203,6 +208,29 @@ def _streamable(model: nn.Module, recipe: object, keep: dict[str, str]) -> dict[
         if _swap.dense_reason(idx, module, names, cfg, None) is None:
             out[names[0]] = cfg
     return out
+
+
+def _follow_dtype(model: nn.Module, dtype: object) -> None:
+    """Convert the compressed modules of a loaded checkpoint to the dtype transformers loaded
+    the rest of the model in (``from_pretrained(..., dtype=...)``, or the config's), as
+    ``model.to(dtype)`` converts them (each module's ``.to``: its floating tensors, FP8 levels
+    kept by ``W8A8Linear._apply``). transformers casts a checkpoint tensor to the dtype of the
+    module tensor it loads into, and the compressed modules are built in the dtype they were
+    saved in; so without this a model saved in float32 and loaded in bfloat16 has bfloat16
+    activations meeting float32 scales. A module that the model's ``keep_in_fp32`` plan covers
+    gets the plan's dtype, as a dense one there would."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    plan = [(re.compile(p.replace("*", ".*")), d) for p, d in plan.items()]
+    idx = _swap.index(model)
+    for mid, names in idx.names.items():
+        module = idx.modules[mid]
+        if not isinstance(module, CompressedModule):
+            continue
+        keys = [f"{n}.{k}" for n in names
+                for k, _ in (*module.named_parameters(), *module.named_buffers())]
+        module.to(next((d for p, d in plan for k in keys if p.search(k)), dtype))
 
 
 def _compress_the_rest(model: nn.Module, recipe: object, keep: dict[str, str]) -> None:

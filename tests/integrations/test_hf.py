@@ -5,6 +5,7 @@ weights, no downloads); compress on load; the refusals."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -234,5 +235,55 @@ def test_smoothquant_static_llama_roundtrips_with_its_notes(tmp_path):
     ref = run(model)
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
+    assert torch.equal(run(loaded), ref)
+    assert str(co.report(loaded)) == str(co.report(model))
+
+
+def load_reporting(cls, path, **kwargs):
+    """``cls.from_pretrained(path, **kwargs)``, asserting that transformers found every tensor
+    where the model has it (no missing, unexpected or resized keys, no load report)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        loaded, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    finally:
+        logger.removeHandler(handler)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["mismatched_keys"] and not info["error_msgs"]
+    said = [r.getMessage() for r in records]
+    assert not [m for m in said if "LOAD REPORT" in m or "initialized" in m], said
+    assert not [n for n, t in loaded.state_dict().items() if t.device.type == "meta"]
+    return loaded
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("config", ["int4", "2:4", "lowrank", "codebook", "w8a8"])
+def test_from_pretrained_dtype_converts_compressed_modules_as_to_does(config, dtype, tmp_path):
+    saved_in = torch.bfloat16 if dtype == torch.float32 else torch.float32
+    model = co.compress_(gpt2().to(saved_in), CONFIGS[config])
+    model.save_pretrained(tmp_path)
+    loaded = load_reporting(type(model), tmp_path, dtype=dtype)
+    ref = model.to(dtype)  # what the loaded model must be: the saved one, converted by .to
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == \
+        {k: v.dtype for k, v in ref.state_dict().items()}
+    out = run(loaded)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, run(ref))
+    if config == "codebook":  # one shared table still (ref's .to copied it per layer)
+        tables = {id(m.codebook) for m in loaded.modules() if isinstance(m, co.nn.CodebookLinear)}
+        assert len(tables) == 1
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "vit"])
+def test_channel_pruned_models_with_biases_roundtrip_through_save_pretrained(name, tmp_path):
+    model = MODELS[name]()
+    co.structured.prune_channels(model, (PIXELS if name == "vit" else IDS,), sparsity=0.25)
+    ref = run(model)
+    model.save_pretrained(tmp_path)
+    loaded = load_reporting(type(model), tmp_path)
     assert torch.equal(run(loaded), ref)
     assert str(co.report(loaded)) == str(co.report(model))

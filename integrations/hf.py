@@ -21,10 +21,14 @@
 
 Registration: ``import compress_ops`` calls :func:`install`, which registers the config and
 the quantizer with transformers as soon as ``transformers.quantizers.auto`` is imported (or at
-once if it is), without importing transformers itself. A checkpoint loaded while
-``compress_ops`` is not imported gets transformers' warning "Unknown quantization type, got
-compress_ops ... we will skip the quantization" and its compressed layers are missing: import
-``compress_ops`` first.
+once if it is), without importing transformers itself. ``save_pretrained`` also writes a
+0-element placeholder at the dense ``<layer>.weight`` of every compressed layer (listed in the
+manifest's ``"placeholders"``): a checkpoint loaded while ``compress_ops`` is not imported gets
+transformers' warning "Unknown quantization type, got compress_ops ... we will skip the
+quantization", then its load report (the placeholders MISMATCH, ``torch.Size([0])``) and a
+``RuntimeError`` (a size mismatch; ``ignore_mismatched_sizes=True`` would re-initialise those
+layers), never a model with random layers: import ``compress_ops`` first. With it imported the
+placeholders are skipped (not unexpected keys); checkpoints written before them load as before.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ __all__ = ["QUANT_METHOD", "install", "register", "is_pretrained_model", "attach
 # (also CompressOpsConfig and CompressOpsHfQuantizer, defined on first use: they need transformers)
 
 QUANT_METHOD = "compress_ops"
+#: The manifest's list of the placeholder keys ``save_pretrained`` writes (0-element tensors at
+#: the dense weights of the compressed layers: a load without compress_ops fails on them).
+PLACEHOLDERS = "placeholders"
 _AUTO = "transformers.quantizers.auto"
 
 
@@ -136,8 +143,9 @@ def _classes() -> tuple[type, type]:
                                                  **kwargs: Any) -> nn.Module:
             cfg = self.quantization_config
             if self.pre_quantized:  # the compressed skeleton, on the meta device
-                ser.apply_manifest(model, ser.checked_manifest(
-                    cfg.manifest, "config.json quantization_config"))
+                man = ser.checked_manifest(cfg.manifest, "config.json quantization_config")
+                ser.apply_manifest(model, man)
+                _ignore_placeholders(model, man)
             elif cfg.recipe is not None:
                 self.keep = _kept(model, cfg.modules_to_not_convert)
                 self.streamed = _streamable(model, cfg.recipe, self.keep)
@@ -166,12 +174,13 @@ def _classes() -> tuple[type, type]:
 
         def get_state_dict_and_metadata(self, model: nn.Module):
             man, _ = ser.manifest(model, tensors=False)
-            self.quantization_config.manifest = man
             state = model.state_dict()
             buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
             for key in man["aliases"]:  # a shared codebook: a copy per layer (tiny), re-tied
                 if key in buffers:  # on load; tied parameters are transformers' business
                     state[key] = state[key].clone()
+            man[PLACEHOLDERS] = _add_placeholders(state, man)
+            self.quantization_config.manifest = man
             return state, {}
 
         def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -186,6 +195,33 @@ def _classes() -> tuple[type, type]:
             return True
 
     return CompressOpsConfig, CompressOpsHfQuantizer
+
+
+def _add_placeholders(state: dict[str, torch.Tensor], man: dict[str, Any]) -> list[str]:
+    """Put a 0-element tensor in ``state`` under the dense ``<name>.weight`` of every
+    compressed module (each name it has) that has no tensor of that name; return their keys.
+    transformers without compress_ops registered skips the quantization and builds the dense
+    model: a placeholder makes that load fail (a size mismatch: ``[0]`` where the dense layer
+    has its weight's shape) instead of giving those layers random weights. With compress_ops
+    registered they are dropped (:func:`_ignore_placeholders`)."""
+    keys = []
+    for entry in man["modules"]:
+        for name in entry["names"]:
+            key = f"{name}.weight"
+            if key not in state:
+                state[key] = torch.empty(0, dtype=getattr(torch, entry["dtype"]))
+                keys.append(key)
+    return keys
+
+
+def _ignore_placeholders(model: nn.Module, man: dict[str, Any]) -> None:
+    """Make transformers skip the manifest's placeholders (no tensor of the compressed model
+    has their keys, so they would be unexpected keys) without loading them anywhere."""
+    keys = man.get(PLACEHOLDERS) or []  # (none in a checkpoint written before them)
+    if keys:
+        model._keys_to_ignore_on_load_unexpected = {
+            *(model._keys_to_ignore_on_load_unexpected or ()),
+            *(f"^{re.escape(k)}$" for k in keys)}
 
 
 def _streamable(model: nn.Module, recipe: object, keep: dict[str, str]) -> dict[str, object]:

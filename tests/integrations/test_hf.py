@@ -8,7 +8,6 @@ import json
 import logging
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -92,6 +91,9 @@ def test_save_pretrained_from_pretrained_is_exact(name, config, tmp_path):
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "compress_ops" and saved["manifest"]["modules"]
+    placeholders = saved["manifest"]["placeholders"]  # 0-element, at the dense weights
+    assert sorted(placeholders) == sorted(f"{n}.weight" for e in saved["manifest"]["modules"]
+                                          for n in e["names"])
     loaded, info = type(model).from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"]
@@ -174,26 +176,66 @@ def test_offload_is_refused_with_the_reason():
         bare.validate_environment(device_map=None)
 
 
-def test_without_compress_ops_imported_transformers_warns(tmp_path):
-    co.compress_(gpt2(), co.QuantConfig(bits=4, group_size=32)).save_pretrained(tmp_path)
-    code = textwrap.dedent(f"""
-        import sys, torch
-        try:
-            import torchvision  # noqa: F401
-        except RuntimeError:  # the CPU torch here: see tests/conftest.py
-            for n in [n for n in sys.modules if n.startswith("torchvision")]:
-                del sys.modules[n]
-            lib = torch.library.Library("torchvision", "DEF")
-            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-        import transformers
-        transformers.GPT2LMHeadModel.from_pretrained({str(tmp_path)!r})
-        assert "compress_ops" not in sys.modules
-    """)
+PLAIN_LOAD = """
+import sys, torch
+try:
+    import torchvision  # noqa: F401
+except RuntimeError:  # the CPU torch here: see tests/conftest.py
+    for n in [n for n in sys.modules if n.startswith("torchvision")]:
+        del sys.modules[n]
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+import transformers
+try:
+    transformers.{cls}.from_pretrained({path!r})
+except RuntimeError as exc:
+    print("RAISED:", exc)
+else:
+    print("LOADED")
+assert "compress_ops" not in sys.modules
+"""
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_without_compress_ops_imported_transformers_raises(name, tmp_path):
+    model = co.compress_(MODELS[name](), co.QuantConfig(bits=4, group_size=32))
+    ref = run(model)
+    model.save_pretrained(tmp_path)
+    code = PLAIN_LOAD.format(cls=type(model).__name__, path=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "RAISED:" in out.stdout and "ignore_mismatched_sizes" in out.stdout, out.stdout
     assert "Unknown quantization type, got compress_ops" in out.stderr
+    layer = ("transformer.h.{0, 1}.mlp.c_fc.weight" if name == "gpt2"
+             else "model.layers.{0, 1}.mlp.down_proj.weight")
+    assert layer in out.stderr and "torch.Size([0])" in out.stderr  # the report says where
+    # with compress_ops (imported here) the same directory loads: placeholders dropped
+    loaded = load_reporting(type(model), tmp_path)
+    assert torch.equal(run(loaded), ref)
+    assert not [k for k in loaded.state_dict() if k.endswith(".mlp.c_fc.weight")
+                or k.endswith(".mlp.down_proj.weight")]
+
+
+def test_checkpoint_without_placeholders_still_loads(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = co.compress_(gpt2(), co.Sparse24Config())
+    ref = run(model)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    placeholders = config["quantization_config"]["manifest"].pop("placeholders")
+    assert "transformer.h.0.attn.c_attn.weight" in placeholders and len(placeholders) == 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert all(tensors.pop(k).shape == (0,) for k in placeholders)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata=meta)
+    loaded = load_reporting(type(model), tmp_path)  # as written before placeholders
+    assert torch.equal(run(loaded), ref)
 
 
 def test_structured_pruned_llama_roundtrips_through_save_pretrained(tmp_path):

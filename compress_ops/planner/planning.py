@@ -310,7 +310,7 @@ def plan(model: nn.Module, calib_data: Iterable, budget: float, *,
     on ``calib_data``. Pass batches the model is not calibrated on: on the calibration data
     itself a mix of calibrated options (GPTQ) can measure better than it generalizes (on
     all-MiniLM-L6-v2 at uniform int4's bytes, a mix won on its 128 calibration sentences and
-    lost to uniform int4 GPTQ on held-out ones), and then the plan is never worse than the best
+    lost to uniform int4 GPTQ on held-out ones). The plan is then never worse than the best
     uniform candidate on those batches.
     Cost: one forward pass of the dense model plus one per measured choice per batch. A choice
     of uncalibrated options runs with the replacements already built for the table swapped

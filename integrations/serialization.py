@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from compress_ops import _swap
 from compress_ops._linear import LINEAR_TYPES, linear_weight
@@ -145,6 +146,13 @@ def _module_entries(model: nn.Module) -> tuple[list[dict[str, Any]], list[str]]:
         elif type(module).__name__ == "FakeQuantLinear":
             raise CheckpointError(f"{names[0]} is a FakeQuantLinear (quantization-aware "
                                   f"training): co.qat.finalize_qat(model) first")
+        elif parametrize.is_parametrized(module):
+            kinds = sorted({type(p).__name__ for plist in module.parametrizations.values()
+                            for p in plist})
+            raise CheckpointError(f"{names[0] or '<root>'} carries parametrizations "
+                                  f"({', '.join(kinds)}; a co.prune.Pruner's masks while it "
+                                  f"prunes): pruner.finalize() first, which makes them part "
+                                  f"of the weights")
     return entries, identity
 
 

@@ -219,3 +219,23 @@ def test_structured_pruning_then_compression_roundtrips(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), ref)
     assert str(co.report(loaded)) == str(co.report(model))
+
+
+def test_a_model_a_pruner_is_still_masking_is_refused_until_finalized(tmp_path):
+    """A Pruner's masks are parametrizations (state_dict keys ``parametrizations.weight.*``)
+    that co.load would not rebuild: co.save refuses by name; after ``finalize()`` the masks are
+    the weights' zeros and the model round-trips."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    pruner = co.prune.Pruner(model, 0.5)
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(co.CheckpointError, match=r"0 carries parametrizations.*finalize\(\)"):
+        co.save(model, path)
+    assert not path.exists()
+    pruner.finalize()
+    co.save(model, path)
+    fresh = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    co.load(fresh, path)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    assert float((fresh[0].weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)

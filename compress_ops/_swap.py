@@ -199,6 +199,21 @@ def applied_configs(model: nn.Module) -> list[object]:
     return list(getattr(model, CONFIGS_ATTR, []))
 
 
+BUILT_BY_ATTR = "_compress_ops_built_by"
+
+
+def mark_built_by(module: nn.Module, config: object) -> nn.Module:
+    """Record on a compressed ``module`` the config that built it (not in the state_dict;
+    lost by ``co.load``, which rebuilds modules from the manifest); return it."""
+    object.__setattr__(module, BUILT_BY_ATTR, config)
+    return module
+
+
+def built_by(module: nn.Module) -> object | None:
+    """The config :func:`mark_built_by` recorded on ``module``, or None."""
+    return module.__dict__.get(BUILT_BY_ATTR)
+
+
 def record_config(model: nn.Module, config: object) -> None:
     """Append ``config`` to the configs applied to ``model`` (kept for checkpoints; not a
     submodule, not in the state_dict)."""

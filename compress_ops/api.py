@@ -163,7 +163,9 @@ def compress_(
     if ``config`` would take one of them (it handles the type of layer it replaced, and a
     ``Recipe`` rule with a config or one config matches it, and ``filter_fn`` keeps it),
     ``AlreadyCompressedError`` names them before anything changes; leave them out with
-    ``filter_fn`` or a ``Recipe`` to compress the other layers.
+    ``filter_fn`` or a ``Recipe`` to compress the other layers. A layer built by the very config
+    that would take it (the same Recipe applied again, or after ``finalize_qat``) is already as
+    asked and is left as it is.
     A module reachable under several names is compressed once and replaced at every name; a
     weight tied to another module (e.g. an embedding) is left alone.
 
@@ -200,7 +202,8 @@ def compress_(
     if calib is not None and (isinstance(calib, torch.Tensor) or not isinstance(calib, Iterable)):
         raise TypeError(f"calib must be an iterable of batches, got {type(calib).__name__}")
     idx = index(model, config)
-    _refuse_compressed(config, _compressed_matches(idx, config, filter_fn), model)
+    others, same = _compressed_matches(idx, config, filter_fn)
+    _refuse_compressed(config, others, model)
     none_types = (config.noted_types() if isinstance(config, Recipe) else ()) or LINEAR_TYPES
 
     def in_scope(module: nn.Module, decisions: set[tuple[bool, object]]) -> bool:
@@ -218,8 +221,8 @@ def compress_(
         if id(module) in built:  # calibrated (and built) block by block already
             if isinstance(built[id(module)], Exception):
                 raise built[id(module)]
-            return built[id(module)]
-        return transform_for(cfg).build(module, cfg, **extras)
+            return _swap.mark_built_by(built[id(module)], cfg)
+        return _swap.mark_built_by(transform_for(cfg).build(module, cfg, **extras), cfg)
 
     out = _swap.replace_layers(
         model, lambda name: config_for(config, name), idx=idx, in_scope=in_scope,
@@ -228,6 +231,7 @@ def compress_(
         prepare=lambda cfg: transform_for(cfg).prepare, build=build)
     if not any(isinstance(m, CompressedModule) and id(m) not in before
                for m in out.modules()):
+        _refuse_compressed(config, same, model)  # the same config again, on its own layers
         _nothing_changed(out, config, idx, filter_fn)
     _swap.record_config(out, config)
     _swap.after_compress(out)
@@ -405,12 +409,15 @@ def _replaced_types(module: CompressedModule) -> tuple[type, ...]:
 
 
 def _compressed_matches(idx: _swap.Index, config: object,
-                        filter_fn: Callable[[nn.Module, str], bool] | None) -> list[str]:
+                        filter_fn: Callable[[nn.Module, str], bool] | None
+                        ) -> tuple[list[str], list[str]]:
     """The first names of the modules compressed already (the model itself among them) that
     ``config`` would take if they were dense: every name decided alike, by a config (a
     ``Recipe`` rule matching it with a config; one config matches every layer) whose transform
-    handles the layer type the module replaced, and ``filter_fn`` keeps every name."""
-    found = []
+    handles the layer type the module replaced, and ``filter_fn`` keeps every name. Returned
+    as (built by another config, built by that very config)."""
+    found: list[str] = []
+    done: list[str] = []
     for mid, aliases in idx.names.items():
         module = idx.modules[mid]
         if not isinstance(module, CompressedModule):
@@ -424,8 +431,10 @@ def _compressed_matches(idx: _swap.Index, config: object,
             continue
         if filter_fn is not None and not all(filter_fn(module, n) for n in aliases):
             continue
-        found.append(aliases[0])
-    return found
+        # what this very config built (the same Recipe again, or after finalize_qat) is
+        # already as asked: left alone, unless the call would change nothing at all
+        (done if _swap.built_by(module) == cfg else found).append(aliases[0])
+    return found, done
 
 
 def _refuse_compressed(config: object, names: list[str], model: nn.Module) -> None:
@@ -456,7 +465,10 @@ def _nothing_changed(model: nn.Module, config: object, idx: _swap.Index,
     what = type(config).__name__
     notes = _swap.notes(model)
     refused = {n: notes[n] for n in names if n in notes}
-    excluded = _compressed_matches(idx, config, None) if filter_fn is not None else []
+    excluded: list[str] = []
+    if filter_fn is not None:  # (in the model's order)
+        order = {aliases[0]: i for i, aliases in enumerate(idx.names.values())}
+        excluded = sorted(sum(_compressed_matches(idx, config, None), []), key=order.get)
     if refused:
         listed = "; ".join(f"{n}: {why}" for n, why in list(refused.items())[:5])
         warnings.warn(f"compress_({what}) changed nothing: every candidate layer stayed dense "

@@ -443,7 +443,7 @@ def finalize_qat(model: nn.Module) -> nn.Module:
     fakes = list(dict.fromkeys(m for m in model.modules() if isinstance(m, FakeQuantLinear)))
     result = model
     for fake in fakes:  # each finalized once, swapped in at every name
-        new = fake.finalize()
+        new = _swap.mark_built_by(fake.finalize(), fake.config)
         if fake is model:
             result = new
         else:

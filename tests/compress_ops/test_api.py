@@ -373,3 +373,20 @@ def test_lowrank_leaves_patch_embeddings_dense_unless_asked():
     assert type(model[0]).__name__ == "LowRankConv2d"
     with pytest.raises(TypeError, match="patch_embeddings"):
         co.LowRankConfig(rank=2, patch_embeddings=1)
+
+
+def test_a_recipe_applied_again_leaves_what_it_built_and_does_the_rest():
+    """A layer built by the very config that would take it is already as asked: the same
+    rule applied again, with a new rule for another layer, keeps it (the same module) and
+    compresses the other; the same config with nothing else to do is named, as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    q4 = co.QuantConfig(bits=4)
+    co.compress_(model, co.Recipe({"0": q4}))
+    first = model[0]
+    co.compress_(model, co.Recipe({"0": co.QuantConfig(bits=4), "2": co.Sparse24Config()}))
+    assert model[0] is first and isinstance(model[2], Sparse24Linear)
+    with pytest.raises(co.AlreadyCompressedError, match=r"compressed already \(0, 2\)"):
+        co.compress_(model, co.Recipe({"0": q4, "2": co.Sparse24Config()}))
+    with pytest.raises(co.AlreadyCompressedError, match=r"compressed already \(0\)"):
+        co.compress_(model, co.Recipe({"0": co.QuantConfig(bits=8)}))  # another config

@@ -18,7 +18,7 @@ from torch import nn
 
 import compress_ops.transforms  # noqa: F401  (registers every config's transform)
 from compress_ops import _swap, awq, smoothquant
-from compress_ops._linear import LINEAR_TYPES, plain_linear
+from compress_ops._linear import LINEAR_TYPES, is_conv1d, linear_weight, plain_linear
 from compress_ops._text import format_table
 from compress_ops.calibrate import NO_BLOCKS, sequential_build
 from compress_ops.configs import (
@@ -318,11 +318,13 @@ def _exact_folds(container: nn.Module, layers: dict[str, nn.Module], run: Callab
                  not_linear: str) -> tuple[list[tuple[awq.Fold, list[str]]], dict[str, str]]:
     """The exact folds (:func:`~compress_ops.awq.find_folds`) for ``layers`` (``{name:
     linear}``, names as in the model) of ``container``: ``([(fold, its consumers' names)],
-    {name: why it has no fold})``; a layer that is not an ``nn.Linear`` gets ``not_linear``."""
+    {name: why it has no fold})``; a layer that is not exactly an ``nn.Linear`` or a Hugging Face
+    ``Conv1D`` gets ``not_linear``."""
     rel = {id(m): n for n, m in container.named_modules() if n}
-    local = {rel[id(m)]: m for m in layers.values() if type(m) is nn.Linear and id(m) in rel}
+    plain = {n: m for n, m in layers.items() if type(m) is nn.Linear or is_conv1d(m, exact=True)}
+    local = {rel[id(m)]: m for m in plain.values() if id(m) in rel}
     name_of = {rel[id(m)]: n for n, m in layers.items() if id(m) in rel}
-    why = {n: not_linear for n, m in layers.items() if type(m) is not nn.Linear}
+    why = {n: not_linear for n in layers if n not in plain}
     if not local:
         return [], why
     dtype = next(iter(local.values())).weight.dtype
@@ -338,7 +340,8 @@ def _awq_fold(container: nn.Module, layers: dict[str, nn.Module], configs: dict[
     is not scaled}``."""
     if not layers:
         return {}
-    folds, why = _exact_folds(container, layers, run, "AWQ scales nn.Linear layers only")
+    folds, why = _exact_folds(container, layers, run,
+                              "AWQ scales nn.Linear and Conv1D layers only (not a subclass)")
     for fold, names in folds:
         cfgs = {configs[n] for n in names}
         if len(cfgs) > 1:
@@ -346,8 +349,8 @@ def _awq_fold(container: nn.Module, layers: dict[str, nn.Module], configs: dict[
                                             f"different configs"))
             continue
         (cfg,) = cfgs
-        s, _ = awq.awq_scales([layers[n].weight for n in names], hessians[names[0]], cfg.bits,
-                              cfg.group_size, symmetric=cfg.symmetric,
+        s, _ = awq.awq_scales([linear_weight(layers[n]) for n in names], hessians[names[0]],
+                              cfg.bits, cfg.group_size, symmetric=cfg.symmetric,
                               search_steps=cfg.search_steps)
         awq.apply_fold(container, fold, s)
     return why
@@ -381,15 +384,15 @@ def _smooth(container: nn.Module, layers: dict[str, nn.Module], configs: dict[st
             absmax[n] = (absmax[n].double() / s.to(absmax[n].device)).float()
         return s, label
 
-    folds, why = _exact_folds(container, layers, run,
-                              "the fold search reads nn.Linear layers only")
+    folds, why = _exact_folds(container, layers, run, "the fold search reads nn.Linear and "
+                              "Conv1D layers only (not a subclass)")
     out: dict[str, dict] = {}
     for fold, names in folds:
         if len({configs[n].smoothing for n in names}) > 1:
             why.update(dict.fromkeys(names, f"the layers reading {fold.producer}'s output "
                                             f"have different smoothing"))
             continue
-        s, label = scales(names, [layers[n].weight for n in names])
+        s, label = scales(names, [linear_weight(layers[n]) for n in names])
         if s is None:
             out.update({n: {"note": label} for n in names})
             continue
@@ -508,6 +511,8 @@ class ReportRow:
     dense_bytes: int
     stored_bytes: int
     note: str = ""
+    # False for a layer no config compresses (embeddings, norms, raw parameters)
+    compressible: bool = True
 
     @property
     def ratio(self) -> float:
@@ -535,68 +540,105 @@ class Report(list):
         return format_table(head, rows)
 
 
+def _kept_reason(module: nn.Module) -> str:
+    """Why a weight-bearing layer no config compresses stays dense (:func:`report`)."""
+    kind = type(module).__name__
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return f"{kind}: a table lookup, not a matmul; no config compresses embeddings"
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                           *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))) \
+            or "norm" in kind.lower():
+        return f"{kind}: a normalization's per-channel scale and shift; kept dense"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return f"{kind}: no config compresses it (convolutions: nn.Conv2d only)"
+    own = ", ".join(n for n, _ in module.named_parameters(recurse=False))
+    return (f"{kind}: its own parameters ({own}) are read by its own forward, not a layer "
+            "compress_ops replaces")
+
+
 def report(model: nn.Module) -> Report:
     """Per weight-bearing layer: name, kind, dense bytes, stored bytes (weights only), ratio.
 
-    Compressed modules report their stored tensors; dense ``nn.Linear`` and Hugging Face
-    ``Conv1D`` layers (and
-    ``nn.Conv2d`` layers, once a conv config has looked at the model, or when their weight is
-    tied to another dense layer's) report ``kind="dense"``
-    with the reason ``compress_`` left them dense, if it tried.
+    Every module that holds parameters of its own is listed, so the total is the model's
+    weights (the biases of linear and conv layers aside).
+    Compressed modules report their stored tensors; dense ``nn.Linear``, Hugging Face
+    ``Conv1D`` and ``nn.Conv2d`` layers report ``kind="dense"`` with the reason ``compress_``
+    left them dense, if it tried. Every other weight-bearing module (embeddings, norms, other
+    convolutions, modules with raw parameters such as ``nn.MultiheadAttention`` or a class
+    token) is a ``kind="dense"`` row with ``compressible=False`` and the reason no config takes
+    it; its dense bytes are all its own parameters (biases included).
 
     Every tensor is counted once. A module registered under several names is one row (at its
-    first name, noted ``"also at <other names>"``; a dense ``nn.Conv2d`` shared so is listed).
-    A dense weight held by several of these layers (tied: ``co.share.tie_`` with
-    ``share_module=False``) is counted at its first holder; each later holder reports 0 stored
-    bytes with the note ``"weight tied to <first holder>"``, as a shared codebook is counted
-    at its first holder.
+    first name, noted ``"also at <other names>"``). A dense weight held by several layers
+    (tied: ``co.share.tie_`` with ``share_module=False``, or an output embedding tied to the
+    input one) is counted at its first holder; each later holder reports 0 stored bytes with
+    the note ``"weight tied to <first holder>"``, as a shared codebook is counted at its
+    first holder.
     """
+    from torch.nn.utils.parametrize import ParametrizationList
+
     skipped: dict[str, str] = {}
     for prefix, sub in model.named_modules():  # notes of compress_ calls on submodules too
         for name, note in _swap.notes(sub).items():
             skipped.setdefault(".".join(p for p in (prefix, name) if p), note)
-    # Conv2d layers are listed once some conv was compressed (or compress_ left one dense)
-    compressed_convs = any(isinstance(m, CompressedModule) and not isinstance(m, CompressedLinear)
-                           for m in model.modules())
     names: dict[int, list[str]] = {}  # id(module) -> every name it is registered under
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
-    holders: dict[int, int] = {}  # id(dense weight) -> how many listed dense layers hold it
-    for module in model.modules():
-        if isinstance(module, (*LINEAR_TYPES, nn.Conv2d)) \
-                and not isinstance(module, CompressedModule):
-            holders[id(module.weight)] = holders.get(id(module.weight), 0) + 1
+    inside: list[str] = []  # compressed / linear layers: their submodules are theirs
+    # once compress_ ran, a dense linear / conv it did not take says so
+    tried = bool(skipped) or any(isinstance(m, CompressedModule) for m in model.modules())
     rows = Report()
     tables: dict[int, str] = {}  # id(shared codebook) -> first layer that holds it
-    weights: dict[int, str] = {}  # id(tied dense weight) -> first layer that holds it
+    weights: dict[int, str] = {}  # id(dense tensor) -> first layer that holds it
     for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
         if isinstance(module, CodebookLinear):
             first = tables.setdefault(id(module.codebook), name)
             if first != name:  # a shared table is stored once: count it at its first holder
+                inside.append(name)
                 rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
                                       module.index_bytes(), f"codebook shared with {first}"))
                 continue
         also = names[id(module)][1:]  # a module under several names is one row, noted
         shared = f"also at {', '.join(also)}" if also else ""
         if isinstance(module, CompressedModule):  # (a note: e.g. fused for one input size)
+            inside.append(name)
             note = "; ".join(n for n in (skipped.get(name, ""), module.report_note(), shared)
                              if n)
             rows.append(ReportRow(name, module.kind, module.dense_weight_bytes(),
                                   module.stored_weight_bytes(), note))
-        elif isinstance(module, LINEAR_TYPES) or (
-                isinstance(module, nn.Conv2d) and (name in skipped or compressed_convs or also
-                                                   or holders.get(id(module.weight), 0) > 1)):
-            nbytes = module.weight.numel() * module.weight.element_size()
-            stored, tie = nbytes, ""
-            if holders.get(id(module.weight), 0) > 1:
-                first = weights.setdefault(id(module.weight), name)
-                if first != name:  # a tied weight is stored once: count it at its first holder
-                    stored, tie = 0, f"weight tied to {first}"
+            continue
+        if isinstance(module, ParametrizationList):  # a Pruner's mask: its layer's row
+            continue
+        qat = getattr(module, "_compress_ops_fake_quant", False)  # co.qat's FakeQuantLinear
+        listed = qat or isinstance(module, (*LINEAR_TYPES, nn.Conv2d))
+        if listed:
+            inside.append(name)
+            tensors = [module.weight]
+        else:
+            tensors = [t for t in module.parameters(recurse=False) if t is not None]
+        if tensors:
+            nbytes = sum(t.numel() * t.element_size() for t in tensors)
+            stored, ties = 0, []
+            for t in tensors:
+                first = weights.setdefault(id(t), name)
+                if first == name:
+                    stored += t.numel() * t.element_size()
+                else:  # a tied tensor is stored once: count it at its first holder
+                    ties.append(first)
+            tie = f"weight tied to {ties[0]}" if ties else ""
             note = skipped.get(name, "")
-            if tie in note:  # (compress_'s reason names the tie already)
+            if qat:
+                note = note or "in quantization-aware training: co.qat.finalize_qat packs it"
+            elif listed and not note and tried:
+                note = "not taken by the configs applied"
+            if not listed:
+                note = "; ".join(n for n in (note, _kept_reason(module)) if n)
+            if tie and tie in note:  # (compress_'s reason names the tie already)
                 tie = ""
             note = "; ".join(n for n in (tie, note, shared) if n)
-            rows.append(ReportRow(name, "dense", nbytes, stored, note))
+            rows.append(ReportRow(name, "dense", nbytes, stored, note, compressible=listed))
         elif name in skipped or (name == "" and "<root>" in skipped):
             # a note about a container (e.g. a module torch.fx could not trace)
             rows.append(ReportRow(name, "skipped", 0, 0, skipped.get(name or "<root>", "")))

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compress_ops._linear import LINEAR_TYPES, in_features, linear_weight
 from compress_ops.kernels.formats.dequant import dequantize
 from compress_ops.quantize import quantize_affine
 
@@ -107,29 +108,33 @@ class Fold:
 def _norm_like(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
     b = getattr(m, "bias", None)
-    return (isinstance(w, torch.Tensor) and w.dim() == 1 and not isinstance(m, nn.Linear)
+    return (isinstance(w, torch.Tensor) and w.dim() == 1 and not isinstance(m, LINEAR_TYPES)
             and (b is None or (isinstance(b, torch.Tensor) and b.shape == w.shape)))
 
 
 def _out_size(m: nn.Module) -> int:
-    return m.weight.shape[0]
+    return linear_weight(m).shape[0]
 
 
 def apply_fold(container: nn.Module, fold: Fold, s: torch.Tensor) -> None:
     """Fold ``s`` in place: the producer's output channels (a norm's weight and bias, a
     linear's rows and bias) divided by ``s``, every consumer's input columns multiplied by
-    ``s``. The container computes the same function (up to rounding)."""
+    ``s``. The container computes the same function (up to rounding). A linear is an
+    ``nn.Linear`` or a Hugging Face ``Conv1D`` (its ``[in, out]`` weight: columns and rows
+    swap)."""
     prod = container.get_submodule(fold.producer)
     with torch.no_grad():
         for name in ("weight", "bias"):
             t = getattr(prod, name, None)
             if t is None:
                 continue
+            if name == "weight" and isinstance(prod, LINEAR_TYPES):
+                t = linear_weight(prod)  # [out, in] (a view: the copy reaches the module)
             shape = (-1,) + (1,) * (t.dim() - 1)
             t.copy_((t.to(torch.float64) / s.to(t.device, torch.float64).reshape(shape))
                     .to(t.dtype))
         for c in fold.consumers:
-            w = container.get_submodule(c).weight
+            w = linear_weight(container.get_submodule(c))
             w.copy_((w.to(torch.float64) * s.to(w.device, torch.float64)[None, :]).to(w.dtype))
 
 
@@ -145,7 +150,8 @@ def _relative(a: object, b: object) -> float:
 def find_folds(container: nn.Module, consumers: dict[str, nn.Module],
                run: Callable[[], object], dtype: torch.dtype
                ) -> tuple[list[Fold], dict[str, str]]:
-    """The exact folds for ``consumers`` (``{name relative to container: linear}``):
+    """The exact folds for ``consumers`` (``{name relative to container: linear}``, an
+    ``nn.Linear`` or a Hugging Face ``Conv1D``):
     ``(folds, {consumer: why no fold})``. ``run()`` runs the container on a calibration batch
     and returns its output tensor.
 
@@ -165,9 +171,9 @@ def find_folds(container: nn.Module, consumers: dict[str, nn.Module],
         n = names.get(id(mod))
         if n is None or not isinstance(out, torch.Tensor):
             return
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, LINEAR_TYPES):
             ran.append(n)
-        if _norm_like(mod) or isinstance(mod, nn.Linear):
+        if _norm_like(mod) or isinstance(mod, LINEAR_TYPES):
             outputs.setdefault(id(out), n)
             keep.append(out)
 
@@ -208,7 +214,7 @@ def find_folds(container: nn.Module, consumers: dict[str, nn.Module],
     done: set[str] = set()
     for p, cs in by_norm.items():
         fold = Fold(p, cs)
-        if exact(fold, consumers[cs[0]].weight.shape[1]):
+        if exact(fold, in_features(consumers[cs[0]])):
             folds.append(fold)
             done.update(cs)
         else:
@@ -219,7 +225,7 @@ def find_folds(container: nn.Module, consumers: dict[str, nn.Module],
             if c not in reads:
                 why[c] = "it did not run on the calibration batch"
             continue
-        k = consumers[c].weight.shape[1]
+        k = in_features(consumers[c])
         mine = ran.index(c) if c in ran else len(ran)
         tried = [p for p in reversed(ran[:mine]) if p not in consumers or p != c]
         tried = [p for p in dict.fromkeys(tried)

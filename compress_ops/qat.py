@@ -168,6 +168,8 @@ class FakeQuantLinear(nn.Module):
     or load a state_dict.
     """
 
+    _compress_ops_fake_quant = True  # (co.report lists it as a layer in training)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  config: QATConfig, codebook: torch.Tensor | None = None,
                  refresh_every: int = 1, device: torch.device | str | None = None,

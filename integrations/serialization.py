@@ -49,6 +49,7 @@ from compress_ops.api import Recipe, report
 from compress_ops.configs import DWSepFuseConfig, per_layer_configs
 from compress_ops.nn import FusedDWSepConv2d, LowRankConv2d, SharedFilterConv2d
 from compress_ops.nn.base import CompressedLinear, CompressedModule
+from compress_ops.structured.heads import SIZE_ATTRS as _HEAD_SIZE_ATTRS
 from compress_ops.structured.surgery import resized_copy
 
 __all__ = ["FORMAT_VERSION", "METADATA_KEY", "CheckpointError", "save", "load", "load_into",
@@ -161,9 +162,10 @@ def _storage_key(t: torch.Tensor) -> tuple:
             t.stride(), t.dtype)
 
 
-#: The size attributes structured pruning changes (``select_channels``), by module type.
+#: The size attributes structured pruning changes (``select_channels``), by module type (an
+#: attention module whose fused q/k/v heads were removed: its split size and head counts).
 SIZE_ATTRS = ("in_features", "out_features", "nf", "nx", "in_channels", "out_channels",
-              "groups", "num_features")
+              "groups", "num_features", *_HEAD_SIZE_ATTRS)
 
 
 def _resized_entries(model: nn.Module) -> dict[str, dict[str, Any]]:

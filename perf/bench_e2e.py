@@ -526,9 +526,12 @@ def _report_bytes(model: nn.Module) -> dict[str, Any]:
     import compress_ops as co
 
     rep = co.report(model)
-    return {"linear_dense_bytes": rep.dense_bytes, "linear_stored_bytes": rep.stored_bytes,
-            "dense_linears": sum(r.kind == "dense" for r in rep),
-            "compressed_linears": sum(r.kind != "dense" for r in rep)}
+    layers = [r for r in rep if r.compressible]  # (not embeddings and norms)
+    return {"linear_dense_bytes": sum(r.dense_bytes for r in layers),
+            "linear_stored_bytes": sum(r.stored_bytes for r in layers),
+            "dense_linears": sum(r.kind == "dense" for r in layers),
+            "compressed_linears": sum(r.kind != "dense" for r in layers),
+            "model_dense_bytes": rep.dense_bytes, "model_stored_bytes": rep.stored_bytes}
 
 
 def _decode_row(run: Run, transformers: Any, model: nn.Module, ids: torch.Tensor,

@@ -396,6 +396,7 @@ def _linear_stats(model: nn.Module) -> tuple[float, int, float]:
     """(stored / dense fp32 bytes of the linear layers, how many stay dense, the fraction of
     zeros in the weights of those that stay dense)."""
     rep = co.report(model)
+    rep = [r for r in rep if r.compressible]  # (the linear layers, not embeddings and norms)
     dense = [r for r in rep if r.kind == "dense"]
     zeros = total = 0
     modules = dict(model.named_modules())
@@ -403,7 +404,8 @@ def _linear_stats(model: nn.Module) -> tuple[float, int, float]:
         w = modules[r.name].weight
         zeros += int((w == 0).sum())
         total += w.numel()
-    return rep.stored_bytes / rep.dense_bytes, len(dense), zeros / total if total else 0.0
+    stored, dense_bytes = sum(r.stored_bytes for r in rep), sum(r.dense_bytes for r in rep)
+    return stored / dense_bytes, len(dense), zeros / total if total else 0.0
 
 
 @torch.no_grad()

@@ -24,13 +24,15 @@ of two channel tensors of the same shape (residual adds) and ``+ - * /`` with a 
 is columns ``c*H*W .. (c+1)*H*W - 1`` of the consumer Linear), and ``x.size(d)`` /
 ``x.shape[d]`` for a non-channel ``d``, zero padding, and the product of two channel tensors
 with the same channel layout (gated MLPs, squeeze-excite gates), which couples them. Attention
-heads are groups of their own (``unit="head"``, :mod:`compress_ops.structured.heads`). Anything
-else reached by the channels (``torch.cat``, a
-``view`` of other semantics, a sum over channels, LayerNorm, a grouped conv, an add with the
-model input, the model output, ...) makes the whole group unprovable: its producers are listed
-in ``skipped`` with the reason, and stay untouched. So is every layer that is called more than
-once, has hooks, shares a parameter, or has its weight read directly in the forward (with the
-fx capture: or is a subclass). A model neither capture can read gives no group (every layer
+heads are groups of their own (``unit="head"``, :mod:`compress_ops.structured.heads`), also
+with one fused q/k/v projection split into q, k and v (GPT-2's ``c_attn``: ``chunks`` gives
+each chunk's rows per head, and the attention's ``split_size`` / head counts are rescaled).
+Anything else reached by the channels (``torch.cat``, a ``view`` of other semantics, a sum
+over channels, LayerNorm, a grouped conv, an add with the model input, the model output, ...)
+makes the whole group unprovable: its producers are listed in ``skipped`` with the reason, and
+stay untouched. So is every layer that is called more than once, has hooks, shares a
+parameter, or has its weight read directly in the forward (with the fx capture: or is a
+subclass). A model neither capture can read gives no group (every layer
 listed); ``prune_channels`` and the channel ``Pruner`` then raise
 :class:`UncapturableModel` rather than prune nothing.
 

@@ -15,7 +15,7 @@ from compress_ops._swap import replace_everywhere
 from compress_ops._text import format_table
 from compress_ops._validate import check_number
 from compress_ops.structured.graph import ChannelGroup, channel_groups, zero_pads
-from compress_ops.structured.surgery import check_index, select_channels
+from compress_ops.structured.surgery import check_index, select_channels, unit_rows
 
 __all__ = ["StructuredReport", "prune_channels"]
 
@@ -142,8 +142,11 @@ def _saliency(model: nn.Module, group: ChannelGroup,
     total = torch.zeros(group.width, dtype=torch.float64)
     for p in group.producers:
         m = model.get_submodule(p)
-        s = oriented(m, scores.get(p, m.weight).detach())
-        total += s.to("cpu", torch.float64).reshape(group.width, -1).norm(dim=1)
+        s = oriented(m, scores.get(p, m.weight).detach()).to("cpu", torch.float64)
+        if p in group.chunks:  # a fused producer: each unit's rows in each chunk
+            s = s.reshape(s.shape[0], -1)[unit_rows(torch.arange(group.width),
+                                                    chunks=group.chunks[p])]
+        total += s.reshape(group.width, -1).norm(dim=1)
     return total
 
 
@@ -232,13 +235,16 @@ def prune_channels(model: nn.Module, example_inputs: tuple,
 
     before = _num_params(model)
     rows: list[tuple[tuple[str, ...], int, int]] = []
-    heads: list[tuple[int, dict[str, nn.Module]]] = []  # head groups cut, and what they were
+    # head groups cut, and what they were (modules, then rescaled attributes)
+    heads: list[tuple[int, dict[str, nn.Module], dict[tuple[str, str], object]]] = []
     for g, kept in zip(groups, plan, strict=True):
         width = g.width
         if kept.numel() < width:
             if g.unit == "head":
                 heads.append((len(rows), {n: model.get_submodule(n)
-                                          for n in g.producers + g.consumers}))
+                                          for n in g.producers + g.consumers},
+                              {(n, a): getattr(model.get_submodule(n), a)
+                               for n, attrs in g.attrs.items() for a in attrs}))
             removed = torch.ones(width, dtype=torch.bool)
             removed[kept] = False
             _fold(model, g, removed, _constants(model, g))
@@ -268,9 +274,11 @@ def _check_heads(model: nn.Module, example_inputs: tuple, heads: list, rows: lis
     finally:
         for m, t in flags.items():
             m.training = t
-    for i, old in heads:
+    for i, old, attrs in heads:
         for name, module in old.items():
             replace_everywhere(model, model.get_submodule(name), module)
+        for (name, a), v in attrs.items():
+            setattr(model.get_submodule(name), a, v)
         g = groups[i]
         rows[i] = (tuple(g.producers), rows[i][1], rows[i][1])
         plan[i] = torch.arange(rows[i][1])

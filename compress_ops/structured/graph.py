@@ -80,6 +80,13 @@ class ChannelGroup:
     # (:mod:`compress_ops.structured.heads`); a head is never "dead" (no exact removal)
     unit: str = "channel"
     rows: dict[str, int] = field(default_factory=dict)
+    # a fused producer (q, k, v in one projection, split): ``(offset, rows per unit)`` of each
+    # chunk of its output; unit ``u`` is rows ``offset + u * r .. offset + (u + 1) * r - 1`` of
+    # every chunk (``rows[name]`` is their sum)
+    chunks: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    # ``{module name: {int attribute: value per unit}}``: sizes the forward reads (a fused
+    # attention's ``split_size``, head counts), set to ``width * value`` when pruned
+    attrs: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class _Tag(NamedTuple):
@@ -866,7 +873,8 @@ def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto",
             columns={c: r for c, r in sp["consumer"]}, steps=sp["steps"]))
 
     if captured is not None:
-        heads, head_reasons = head_groups(model, captured, _own_call)
+        heads, head_reasons = head_groups(model, captured, _own_call,
+                                          _conv1d_calls(model, captured))
         for h in heads:
             names = h.producers + [h.consumer]
             why = [f"{n} {problems[n]}" for n in names if n in problems]
@@ -876,7 +884,9 @@ def _analyse(model: nn.Module, example_inputs: tuple, capture: str = "auto",
                 continue
             groups.append(ChannelGroup(producers=h.producers, consumers=[h.consumer], norms=[],
                                        width=h.heads, columns={h.consumer: h.columns},
-                                       unit="head", rows=dict(h.rows)))
+                                       unit="head", rows=dict(h.rows),
+                                       chunks={p: list(c) for p, c in h.chunks.items()},
+                                       attrs={m: dict(a) for m, a in h.attrs.items()}))
             for n in h.producers:
                 reasons.pop(n, None)
         in_heads = {n for g in groups for n in g.producers}

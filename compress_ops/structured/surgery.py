@@ -13,7 +13,7 @@ from compress_ops._linear import is_conv1d
 from compress_ops._swap import replace_everywhere
 from compress_ops.structured.graph import ChannelGroup, widths_agree
 
-__all__ = ["select_channels", "check_index", "resized_copy"]
+__all__ = ["select_channels", "check_index", "resized_copy", "unit_rows"]
 
 
 def check_index(index, width: int, what: str = "index") -> torch.Tensor:
@@ -57,10 +57,21 @@ def _param(new: nn.Module, name: str, old: nn.Module, value: torch.Tensor | None
                                          requires_grad=getattr(old, name).requires_grad)
 
 
+def unit_rows(idx: torch.Tensor, rows: int = 1,
+              chunks: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """The output rows of a producer that units ``idx`` occupy, ``[len(idx), rows]``: ``rows``
+    consecutive rows per unit, or with ``chunks`` (a fused producer, ``(offset, rows per
+    unit)`` each) each chunk's rows of the unit, in chunk order."""
+    parts = [(off + idx[:, None] * r + torch.arange(r, device=idx.device))
+             for off, r in (chunks or [(0, rows)])]
+    return torch.cat(parts, 1)
+
+
 def _slice_out(m: nn.Module, idx: torch.Tensor, depthwise: bool = False,
-               rows: int = 1) -> nn.Module:
+               rows: int = 1, chunks: list[tuple[int, int]] | None = None) -> nn.Module:
     i = idx.to(m.weight.device)
-    i = (i[:, None] * rows + torch.arange(rows, device=i.device)).reshape(-1)
+    # chunk by chunk (a fused producer): the kept units of the first chunk, then the next ...
+    i = torch.cat([unit_rows(i, r).reshape(-1) + off for off, r in (chunks or [(0, rows)])])
     k = i.numel()
     new = resized_copy(m)
     if is_conv1d(m):  # (weight [in, out]: its outputs are columns)
@@ -122,6 +133,10 @@ def _check_group(model: nn.Module, group: ChannelGroup) -> None:
     except AttributeError as exc:
         raise ValueError(f"group does not match the model ({exc}); call channel_groups "
                          f"again") from exc
+    for name, attrs in group.attrs.items():
+        m = model.get_submodule(name)
+        if any(getattr(m, a, None) != group.width * v for a, v in attrs.items()):
+            ok = False
     if not ok:
         raise ValueError(f"group of {group.producers} (width {group.width}) does not match the "
                          f"model's layers any more; call channel_groups again")
@@ -134,11 +149,13 @@ def select_channels(model: nn.Module, group: ChannelGroup, index: torch.Tensor) 
     reorder them (which gives an exactly equivalent model, e.g. for 2:4 input-channel
     permutations). Producers keep weight rows / bias entries ``index``, norms their weight,
     bias and running statistics, depthwise convs their channels, consumers their input columns
-    (``columns`` per channel) / input channels. Every changed module is replaced by a copy of
-    the same class (a subclass keeps its ``forward``: the analysis proved the op it runs is the
-    layer's own call) with sliced tensors, its sizes (``out_features``, ``in_channels``,
-    ``num_features``, ...) updated, the same children, dtype, device and ``training`` flag, its
-    parameters keeping ``requires_grad``. ``group.width`` is updated.
+    (``columns`` per channel) / input channels; a fused producer keeps the rows of the kept
+    units in each of its chunks, and the group's ``attrs`` are rescaled. Every changed module
+    is replaced by a copy of the same class (a subclass keeps its ``forward``: the analysis
+    proved the op it runs is the layer's own call) with sliced tensors, its sizes
+    (``out_features``, ``in_channels``, ``num_features``, ...) updated, the same children,
+    dtype, device and ``training`` flag, its parameters keeping ``requires_grad``.
+    ``group.width`` is updated.
     """
     idx = check_index(index, group.width)
     _check_group(model, group)
@@ -148,7 +165,8 @@ def select_channels(model: nn.Module, group: ChannelGroup, index: torch.Tensor) 
         old = model.get_submodule(name)
         new = old
         if name in group.producers:
-            new = _slice_out(new, idx, rows=group.rows.get(name, 1))
+            new = _slice_out(new, idx, rows=group.rows.get(name, 1),
+                             chunks=group.chunks.get(name))
         if name in group.depthwise:
             new = _slice_out(new, idx, depthwise=True)
         if name in group.norms:
@@ -158,5 +176,11 @@ def select_channels(model: nn.Module, group: ChannelGroup, index: torch.Tensor) 
         new.train(old.training)
         replace_everywhere(model, old, new)
         _swap.record_resized(model, name)
+    for name, attrs in group.attrs.items():  # (a fused attention's split size, head counts)
+        m = model.get_submodule(name)
+        for a, v in attrs.items():
+            setattr(m, a, idx.numel() * v)
+        if name:  # (a checkpoint then records the attention module's sizes too)
+            _swap.record_resized(model, name)
     group.width = idx.numel()
     _swap.after_compress(model)  # (a Hugging Face model's save_pretrained records the sizes)

@@ -59,7 +59,7 @@ def test_recipe_first_match_wins_and_none_keeps_dense():
     assert type(model.q) is nn.Linear and type(model.o) is nn.Linear
     assert isinstance(model.up, Sparse24Linear) and isinstance(model.down, Sparse24Linear)
     notes = {r.name: r.note for r in co.report(model)}
-    assert notes["q"] == "kept dense by recipe" and notes["o"] == ""
+    assert notes["q"] == "kept dense by recipe" and notes["o"] == "not taken by the configs applied"
 
 
 def test_unsupported_modules_are_left_dense_with_a_reason():

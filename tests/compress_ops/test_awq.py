@@ -167,3 +167,60 @@ def test_an_awq_model_round_trips_through_co_save(tmp_path):
     co.save(m, tmp_path / "awq.safetensors")
     back = co.load(_llama(kv_heads=4), tmp_path / "awq.safetensors")  # folded norms included
     assert torch.equal(m(**batches[0]).logits, back(**batches[0]).logits)
+
+
+# ----------------------------------------------------------------- Hugging Face Conv1D (GPT-2)
+
+
+@torch.no_grad()
+def test_conv1d_folds_are_exact_as_producer_and_consumer():
+    """A Conv1D stores its weight [in, out]: a fold scales its columns as a producer and its
+    rows as a consumer; the container's output must not change."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LayerNorm(24), Conv1D(40, 24), Conv1D(16, 40)).eval()
+    for p in net.parameters():
+        p.normal_(0, 0.3)
+    x = torch.randn(5, 24)
+    ref = net(x)
+    layers = {"1": net[1], "2": net[2]}
+    folds, why = awq.find_folds(net, layers, lambda: net(x), torch.float32)
+    assert {f.producer: f.consumers for f in folds} == {"0": ["1"], "1": ["2"]} and why == {}
+    g = torch.Generator().manual_seed(3)
+    before = [p.detach().clone() for p in net.parameters()]
+    for f in folds:
+        k = 24 if f.producer == "0" else 40
+        awq.apply_fold(net, f, torch.exp(0.5 * torch.randn(k, generator=g)))
+    after = [net[0].weight, net[1].weight, net[2].weight]
+    assert not any(torch.equal(a, b) for a, b in zip(before[0::2], after, strict=True))
+    torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_awq_folds_the_norms_into_conv1d_and_smoothquant_too():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=96, n_positions=32,
+                        bos_token_id=0, eos_token_id=0)
+    dense = tf.GPT2LMHeadModel(cfg).eval()
+    batches = _tokens(1)
+    with torch.no_grad():
+        for p in dense.parameters():  # (non-trivial norms: a fold must scale them)
+            if p.dim() == 1:
+                p.normal_(1.0, 0.2)
+        ref = dense(**batches[0]).logits
+    # c_attn reads ln_1, c_fc reads ln_2; attn.c_proj reads heads, mlp.c_proj reads a gelu
+    with pytest.warns(UserWarning, match=r"no exact fold for 2 of 4 layers.*h\.0\.attn\.c_proj"):
+        m = co.compress_(copy.deepcopy(dense), AWQ, calib=batches)
+    assert type(m.transformer.h[0].attn.c_attn).__name__ == "QuantLinear"
+    w = co.compress_(copy.deepcopy(dense), co.W8A8Config(smoothing=0.5), calib=batches)
+    notes = {r.name.removeprefix("transformer.h.0."): r.note for r in co.report(w)}
+    assert notes["attn.c_attn"].endswith("SmoothQuant folded into transformer.h.0.ln_1")
+    assert notes["mlp.c_fc"].endswith("SmoothQuant folded into transformer.h.0.ln_2")
+    assert "in the op" in notes["mlp.c_proj"]
+    assert not torch.equal(w.transformer.h[0].ln_2.weight, dense.transformer.h[0].ln_2.weight)
+    with torch.no_grad():  # folds change nothing but the rounding: both stay close to dense
+        for model, tol in ((m, 0.3), (w, 0.05)):
+            out = model(**batches[0]).logits
+            assert float((out - ref).norm() / ref.norm()) < tol

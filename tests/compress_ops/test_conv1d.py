@@ -91,11 +91,27 @@ PROJ = [f"transformer.h.{i}.{p}" for i in range(2)
 def test_gpt2_is_compressed_and_reported():
     model, ids = gpt2()
     ref = model(ids).logits
+    before = co.report(model)  # the whole model's weights, each tensor once (biases aside)
+    biases = sum(model.get_submodule(n).bias.numel() * 4 for n in PROJ)
+    assert before.stored_bytes == sum(p.numel() * 4 for p in model.parameters()) - biases
     co.compress_(model, co.QuantConfig(bits=8, group_size=None))
-    rows = {r.name: r for r in co.report(model)}
-    assert [n for n in rows if n != "lm_head"] == PROJ
+    report = co.report(model)
+    rows = {r.name: r for r in report}
+    assert [n for n, r in rows.items() if r.compressible and n != "lm_head"] == PROJ
     assert all(rows[n].kind == "quant" for n in PROJ)
     assert rows["lm_head"].kind == "dense" and "tied to transformer.wte" in rows["lm_head"].note
+    # every other weight-bearing layer is listed, with why it stays dense, counted once
+    others = {n: r.note for n, r in rows.items() if not r.compressible}
+    assert sorted(others) == sorted(["transformer.wte", "transformer.wpe", "transformer.ln_f",
+                                     *(f"transformer.h.{i}.ln_{j}" for i in range(2)
+                                       for j in (1, 2))])
+    assert others["transformer.wte"].startswith("Embedding: a table lookup")
+    assert others["transformer.ln_f"].startswith("LayerNorm: a normalization")
+    assert rows["lm_head"].stored_bytes == 0  # (stored once, at the embedding)
+    listed = [p for n, m in model.named_modules() if n in others for p in m.parameters()]
+    assert report.stored_bytes == sum(rows[n].stored_bytes for n in PROJ) + sum(
+        p.numel() * 4 for p in listed)
+    assert report.dense_bytes == before.dense_bytes
     out = model(ids).logits
     assert ((out - ref).norm() / ref.norm()) < 0.02  # 8-bit: close to the dense model
     # the README's sequence run twice is an error naming the layers, not a silent no-op
@@ -160,12 +176,14 @@ def test_plan_takes_conv1d_layers():
 def test_gpt2_mlp_channels_are_groups_through_conv1d_and_gelu_new():
     model, ids = gpt2()
     groups, skipped = co.structured.channel_groups(model, (ids,))
-    assert [(g.producers, g.consumers, g.width) for g in groups] == [
-        ([f"transformer.h.{i}.mlp.c_fc"], [f"transformer.h.{i}.mlp.c_proj"], 256)
+    assert [(g.unit, g.producers, g.consumers, g.width) for g in groups] == [
+        ("channel", [f"transformer.h.{i}.mlp.c_fc"], [f"transformer.h.{i}.mlp.c_proj"], 256)
+        for i in range(2)] + [  # q, k, v in one Conv1D, split: a head group
+        ("head", [f"transformer.h.{i}.attn.c_attn"], [f"transformer.h.{i}.attn.c_proj"], 4)
         for i in range(2)]
-    assert "split" in skipped["transformer.h.0.attn.c_attn"]  # q, k, v in one Conv1D
+    assert "transformer.h.0.attn.c_attn" not in skipped
     with torch.no_grad():
-        for g in groups:  # gelu_new(0) = 0: the first half of the channels contributes nothing
+        for g in groups[:2]:  # gelu_new(0) = 0: the first half of the channels contributes nothing
             m = model.get_submodule(g.producers[0])
             m.weight[:, :128] = 0
             m.bias[:128] = 0

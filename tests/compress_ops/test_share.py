@@ -330,14 +330,15 @@ def test_report_counts_a_tied_weight_once():
 
 def test_report_lists_tied_convs_and_shared_modules_once():
     model = Convs()
-    assert co.report(model) == []  # untied convs: not listed until a conv config looks
+    assert [(r.name, r.note) for r in co.report(model)] == [("c1", ""), ("c2", ""), ("c3", "")]
     share.tie_(model, ["c1", "c3"], share_module=False)
     rows = {r.name: r for r in co.report(model)}
-    assert sorted(rows) == ["c1", "c3"] and rows["c3"].stored_bytes == 0
+    assert sorted(rows) == ["c1", "c2", "c3"] and rows["c3"].stored_bytes == 0
+    assert rows["c3"].note == "weight tied to c1" and rows["c1"].stored_bytes == 8 * 8 * 9 * 4
     model = Convs()
     share.tie_(model, ["c1", "c2"])
     rows = co.report(model)
-    assert [r.name for r in rows] == ["c1"] and rows[0].note == "also at c2"
+    assert [r.name for r in rows] == ["c1", "c3"] and rows[0].note == "also at c2"
 
 
 def test_compress_after_a_module_tie_builds_one_compressed_module():
@@ -347,7 +348,7 @@ def test_compress_after_a_module_tie_builds_one_compressed_module():
         dense_out = model(X)
     co.compress_(model, co.QuantConfig(bits=4, group_size=None))
     assert isinstance(model.a, QuantLinear) and model.b is model.a and model.c is model.a
-    rows = co.report(model)
+    rows = [r for r in co.report(model) if r.compressible]
     assert [r.name for r in rows] == ["a", "head"]
     assert rows[0].note == "also at b, c"
     with torch.no_grad():
@@ -376,7 +377,7 @@ def test_tie_blocks_ties_every_bert_layer_to_the_first_and_compresses_once():
     co.compress_(model, co.QuantConfig(bits=4, group_size=None))
     assert isinstance(layers[0].intermediate.dense, QuantLinear)
     assert layers[2].intermediate.dense is layers[0].intermediate.dense
-    names = [r.name for r in co.report(model)]
+    names = [r.name for r in co.report(model) if r.compressible]  # (norms are not tied)
     assert not any(n.startswith(("encoder.layer.1", "encoder.layer.2")) for n in names)
     with torch.no_grad():
         assert model(ids).last_hidden_state.isfinite().all()

@@ -501,6 +501,20 @@ def _fuse_dwsep(model: nn.Module, config: DWSepFuseConfig,
     if fused:
         _swap.record_config(model, config)
         _swap.after_compress(model)
+        return model
+    # never silently: why each depthwise conv stayed unfused, or that there is none
+    depthwise = {n: reasons[n] for n, m in model.named_modules()
+                 if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+                 and n in reasons}
+    if depthwise:
+        listed = "; ".join(f"{n}: {why}" for n, why in list(depthwise.items())[:3])
+        warnings.warn(f"compress_(DWSepFuseConfig) changed nothing: {len(depthwise)} depthwise "
+                      f"convs stayed unfused ({listed}{'; ...' if len(depthwise) > 3 else ''})"
+                      f"; see report()", UserWarning, stacklevel=3)
+    else:
+        warnings.warn("compress_(DWSepFuseConfig) changed nothing: the model has no depthwise "
+                      "conv (nn.Conv2d with groups == in_channels > 1) followed by a 1x1 conv "
+                      "to fuse", UserWarning, stacklevel=3)
     return model
 
 

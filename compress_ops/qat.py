@@ -412,10 +412,13 @@ def prepare_qat(model: nn.Module, config: QATConfig | Recipe, *,
         return FakeQuantLinear.from_linear(plain_linear(module), cfg, codebook=codebook,
                                            refresh_every=refresh_every)
 
-    return _swap.replace_layers(
+    out = _swap.replace_layers(
         model, lambda name: config_for(config, name), idx=index(model, config),
         in_scope=in_scope, prepare=prepare, build=build,
         reason=lambda idx, module, aliases, cfg: _reason(idx, module, aliases, cfg, filter_fn))
+    # (a Hugging Face model's save_pretrained then refuses it until finalize_qat, as co.save)
+    _swap.after_compress(out)
+    return out
 
 
 def _reason(idx: _swap.Index, module: nn.Module, aliases: list[str], cfg: object,

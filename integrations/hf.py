@@ -191,6 +191,10 @@ def _classes() -> tuple[type, type]:
             return True
 
         @property
+        def is_qat_trainable(self) -> bool:
+            return True  # (quantization-aware training, low-rank factors, hashed buckets)
+
+        @property
         def is_compileable(self) -> bool:
             return True
 
@@ -354,7 +358,11 @@ def _kept(model: nn.Module, patterns: list[str]) -> dict[str, str]:
 def _link(model: nn.Module, quantizer: object) -> None:
     model.config.quantization_config = quantizer.quantization_config
     model.hf_quantizer = quantizer
-    model.is_quantized = True
+    # False: transformers refuses .half() / .float() of a model it calls quantized, and its
+    # Trainer one without adapters; compressed modules convert with .to() / .half() as any
+    # module does (scales, factors, codebooks; FP8 weights stay FP8) and train their own
+    # parameters. save_pretrained goes through hf_quantizer either way.
+    model.is_quantized = False
     model.quantization_method = QUANT_METHOD
 
 

@@ -324,6 +324,9 @@ class Pruner:
                 parametrize.register_parametrization(module, key[1], mask)
                 self._masks[key] = mask
         self.apply()
+        # (a Hugging Face model's save_pretrained then refuses the masked model, as co.save
+        # does, instead of writing weights a reload would re-initialise)
+        after_compress(self.model)
 
     @property
     def masks(self) -> dict[tuple[str, str], torch.Tensor]:

@@ -267,6 +267,35 @@ def test_pruner_and_qat_results_save_with_their_manifest(tmp_path):
     assert torch.equal(run(type(model).from_pretrained(tmp_path / "qat")), ref)
 
 
+def test_save_pretrained_refuses_a_pruner_or_qat_still_in_progress(tmp_path):
+    model = gpt2()
+    p = co.prune.Pruner(model, sparsity=0.5)  # masks are parametrizations until finalize()
+    with pytest.raises(co.CheckpointError, match=r"c_attn carries parametrizations.*finalize"):
+        model.save_pretrained(tmp_path / "masked")
+    model = p.finalize()
+    model.save_pretrained(tmp_path / "masked")  # (then it saves, and reloads exactly)
+    assert torch.equal(run(type(model).from_pretrained(tmp_path / "masked")), run(model))
+    model = co.qat.prepare_qat(llama(), co.QuantConfig(bits=4, group_size=32))
+    with pytest.raises(co.CheckpointError, match=r"FakeQuantLinear.*finalize_qat"):
+        model.save_pretrained(tmp_path / "qat")
+
+
+def test_compressed_models_convert_with_half_and_float_and_may_train(tmp_path):
+    """transformers refuses .half() / .float() and Trainer of a model it calls quantized: a
+    compressed model is not one to it (its modules convert as .to() converts them)."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    model = co.compress_(llama(), co.QuantConfig(bits=4, group_size=32))
+    model.save_pretrained(tmp_path)
+    for m in (model, type(model).from_pretrained(tmp_path)):
+        layer = m.model.layers[0].mlp.up_proj
+        assert m.half() is m and layer.scales.dtype == torch.float16
+        assert run(m).dtype == torch.float16
+        assert m.float() is m and layer.scales.dtype == torch.float32
+        validate_quantization_for_training(m)  # (raises for a model it cannot train)
+        assert isinstance(m.hf_quantizer, hf.CompressOpsHfQuantizer)
+
+
 def test_smoothquant_static_llama_roundtrips_with_its_notes(tmp_path):
     model = llama()
     calib = [{"input_ids": IDS}, {"input_ids": IDS.flip(1)}]

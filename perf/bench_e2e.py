@@ -112,9 +112,11 @@ _LLAMA_COMMON = dict(max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_
                      eos_token_id=2, pad_token_id=0)
 
 #: ``--configs`` names, in run order (``2:4`` is also accepted for ``sparse24``).
-CONFIGS: tuple[str, ...] = ("dense", "int4", "int8", "sparse24", "lowrank", "codebook")
+CONFIGS: tuple[str, ...] = ("dense", "int4", "int8", "sparse24", "lowrank", "codebook", "w8a8",
+                             "fp8", "ternary", "int2", "hashed")
 _ALIASES = {"2:4": "sparse24", "int4-g128": "int4", "int8-row": "int8", "codebook4": "codebook",
-            "codebook-4bit": "codebook"}
+            "codebook-4bit": "codebook", "w8a8-int8": "w8a8", "w8a8-fp8": "fp8",
+            "int2-g64": "int2", "hashed-1/8": "hashed"}
 
 
 def make_config(name: str, hidden: int, lowrank_rank: int | None = None) -> tuple[str, Any]:
@@ -123,7 +125,10 @@ def make_config(name: str, hidden: int, lowrank_rank: int | None = None) -> tupl
     int4: ``QuantConfig(bits=4, group_size=128)``; int8: ``QuantConfig(bits=8,
     group_size=None)`` (one scale per row; group sizes are 32, 64, 128, 256 or None);
     ``Sparse24Config()``; ``LowRankConfig(rank=hidden // 4)`` (or ``--lowrank-rank``; a layer
-    whose factors would not be smaller stays dense); ``CodebookConfig(bits=4)``.
+    whose factors would not be smaller stays dense); ``CodebookConfig(bits=4)``; w8a8:
+    ``W8A8Config()`` (int8 weights and per-token int8 activations); fp8: ``W8A8Config(
+    dtype="fp8")`` (e4m3 weights and activations); ``TernaryConfig()``; int2:
+    ``QuantConfig(bits=2, group_size=64)``; hashed: ``HashedConfig(compression=1/8)``.
     """
     import compress_ops as co
 
@@ -140,6 +145,16 @@ def make_config(name: str, hidden: int, lowrank_rank: int | None = None) -> tupl
         return f"lowrank-r{r}", co.LowRankConfig(rank=r)
     if name == "codebook":
         return "codebook-4bit", co.CodebookConfig(bits=4)
+    if name == "w8a8":
+        return "w8a8-int8", co.W8A8Config()
+    if name == "fp8":
+        return "w8a8-fp8", co.W8A8Config(dtype="fp8")
+    if name == "ternary":
+        return "ternary", co.TernaryConfig()
+    if name == "int2":
+        return "int2-g64", co.QuantConfig(bits=2, group_size=64)
+    if name == "hashed":
+        return "hashed-1/8", co.HashedConfig(compression=0.125)
     raise ValueError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
 
 

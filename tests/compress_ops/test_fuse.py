@@ -124,8 +124,14 @@ def test_aliases_hooks_crops_train_mode_and_filter_fn():
                                       pad=nn.ZeroPad2d((-1, 0, 0, 0)))
     # BatchNorm in training mode normalises with batch statistics: refused, with the reason
     train = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1))
-    co.compress_(train.train(), co.DWSepFuseConfig())
+    with pytest.warns(UserWarning, match=r"changed nothing: 1 depthwise convs stayed unfused "
+                                         r"\(0: BatchNorm runs in training mode"):
+        co.compress_(train.train(), co.DWSepFuseConfig())
     assert "model.eval()" in {r.name: r.note for r in co.report(train)}["0"]
+    # nothing to fuse at all: said, never silent
+    for plain in (nn.Sequential(nn.Linear(8, 8)), nn.Sequential(nn.Conv2d(4, 4, 3))):
+        with pytest.warns(UserWarning, match="changed nothing: the model has no depthwise conv"):
+            co.compress_(plain.eval(), co.DWSepFuseConfig())
     # filter_fn keeps chains unfused
     kept = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 4, 1)).eval()
     co.compress_(kept, co.DWSepFuseConfig(), filter_fn=lambda m, name: name != "0")

@@ -37,6 +37,7 @@ import importlib.abc
 import importlib.machinery
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -279,15 +280,27 @@ def _compress_the_rest(model: nn.Module, recipe: object, keep: dict[str, str]) -
     rest = [n for n, m in model.named_modules() if n and n not in keep
             and isinstance(m, _handled(recipe)) and not isinstance(m, CompressedModule)
             and config_for(recipe, n)[1] is not None]
+    streamed = any(isinstance(m, CompressedModule) for m in model.modules())
     try:
         if not rest:
             raise AlreadyCompressedError("every layer was compressed as it loaded")
-        compress_(model, recipe, filter_fn=lambda m, name: name in rest)
+        with warnings.catch_warnings():
+            if streamed:  # (layers were compressed while loading: the rest may all stay
+                # dense, each with its note, without this pass having "changed nothing")
+                warnings.filterwarnings("ignore", r"compress_\(.*\) changed nothing",
+                                        UserWarning)
+            compress_(model, recipe, filter_fn=lambda m, name: name in rest)
     except AlreadyCompressedError:  # the rest stayed dense (notes recorded): streamed layers
         _swap.record_config(model, recipe)
     notes = _swap.notes(model)
+    idx = _swap.index(model)
     for name, why in keep.items():
         if notes.get(name, "excluded by filter_fn") == "excluded by filter_fn":
+            # a kept layer that compress_ would keep too (a tied output embedding) gets
+            # compress_'s own reason, so the report equals compressing after loading
+            module, (matched, cfg) = model.get_submodule(name), config_for(recipe, name)
+            if matched and cfg is not None and isinstance(module, transform_for(cfg).handles):
+                why = _swap.dense_reason(idx, module, idx.names[id(module)], cfg, None) or why
             notes[name] = why
     _swap.record_notes(model, notes)
 
@@ -414,8 +427,6 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
             try:
                 register()
             except Exception as exc:  # a transformers this code does not know: say so
-                import warnings
-
                 warnings.warn(f"compress_ops could not register with transformers: {exc}",
                               RuntimeWarning, stacklevel=2)
 

@@ -8,6 +8,7 @@ import json
 import logging
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -113,32 +114,53 @@ def test_generate_gives_equal_tokens_after_reload(name, tmp_path):
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # the tie holds
 
 
-@pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+ON_LOAD = [(n, c) for n in ("gpt2", "llama") for c in [*CONFIGS, "hashed"]] + [
+    (n, c) for n in ("bert", "vit") for c in ("int4", "2:4", "lowrank", "codebook", "hashed")]
+
+
+@pytest.mark.parametrize(("name", "config"), ON_LOAD)
 def test_compress_on_load_equals_compress_after_load(name, config, tmp_path, monkeypatch):
+    recipe = CONFIGS.get(config) or co.HashedConfig(compression=0.25)
     dense = MODELS[name]()
     dense.save_pretrained(tmp_path / "dense")
     cls = type(dense)
-    after = co.compress_(cls.from_pretrained(tmp_path / "dense"), CONFIGS[config])
+    after = co.compress_(cls.from_pretrained(tmp_path / "dense"), recipe)
     calls = []
     monkeypatch.setattr(hf, "compress_", lambda *a, **k: calls.append(a) or co.compress_(*a, **k))
-    on_load, info = cls.from_pretrained(
-        tmp_path / "dense", quantization_config=hf.CompressOpsConfig(recipe=CONFIGS[config]),
-        output_loading_info=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no warning: ViT's patch embedding stays dense too)
+        on_load, info = cls.from_pretrained(
+            tmp_path / "dense", quantization_config=hf.CompressOpsConfig(recipe=recipe),
+            output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert torch.equal(run(on_load), run(after))
+    # the same layers, bytes and reasons (a tied head: compress_'s reason on both paths)
+    assert str(co.report(on_load)) == str(co.report(after))
     shared = config == "codebook"  # one table over every layer: after loading
-    assert bool(calls) == shared and bool(on_load.hf_quantizer.streamed) != shared
+    assert bool(on_load.hf_quantizer.streamed) != shared
+    # (ViT with low rank: its patch conv, a conv the config takes, is tried after loading)
+    assert bool(calls) == (shared or (name, config) == ("vit", "lowrank"))
     if config != "int4":
         return
-    rows = {r.name: r for r in co.report(on_load)}
-    assert rows["lm_head"].kind == "dense" and "output embeddings" in rows["lm_head"].note
-    theirs = {r.name: r for r in co.report(after)}  # the same layers, the same bytes
-    assert [(n, r.kind, r.stored_bytes) for n, r in rows.items()] == \
-        [(n, r.kind, r.stored_bytes) for n, r in theirs.items()]
     on_load.save_pretrained(tmp_path / "q")  # and the compressed-on-load model saves
     again = cls.from_pretrained(tmp_path / "q")
     assert torch.equal(run(again), run(on_load))
+
+
+def test_an_untied_output_embedding_stays_dense_on_load_as_transformers_keeps_it(tmp_path):
+    cfg = llama().config
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    recipe = co.QuantConfig(bits=4, group_size=32)
+    on_load = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path, quantization_config=hf.CompressOpsConfig(recipe=recipe))
+    assert type(on_load.lm_head) is torch.nn.Linear
+    assert {r.name: r.note for r in co.report(on_load)}["lm_head"] == (
+        "output embeddings: kept dense, as transformers' quantizers keep them")
+    after = co.compress_(transformers.LlamaForCausalLM.from_pretrained(tmp_path), recipe,
+                         filter_fn=lambda m, name: name != "lm_head")
+    assert torch.equal(run(on_load), run(after))  # (compress_ alone would take lm_head too)
 
 
 def test_layers_refused_while_loading_are_noted(tmp_path):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compress_ops._linear import is_conv1d
 from compress_ops.configs import UnsupportedModule, UnsupportedWeight
 
 __all__ = ["SKIPPED_ATTR", "CONFIGS_ATTR", "AFTER_COMPRESS", "after_compress",
@@ -105,6 +106,7 @@ def dense_reason(idx: Index, module: nn.Module, aliases: list[str], cfg: object,
 
 def carry_state(old: nn.Module, new: nn.Module) -> nn.Module:
     """Give ``new`` (built from ``old``) the state a replacement must keep: the train/eval mode;
+    a Hugging Face ``Conv1D``'s ``[in, out]`` layout of ``.weight`` (``weight_layout``);
     ``old``'s bias Parameter itself where ``new`` holds an equal copy (so bias ties, its
     ``requires_grad`` and optimizer references carry over); and a frozen weight stays frozen
     (every other parameter of ``new`` then has ``requires_grad=False``). Returns ``new``.
@@ -113,6 +115,8 @@ def carry_state(old: nn.Module, new: nn.Module) -> nn.Module:
     resized skeleton of :func:`compress_ops.integrations.serialization.apply_manifest` under
     ``from_pretrained``): ``new`` keeps its own bias, which the load fills."""
     new.train(old.training)
+    if is_conv1d(old) and getattr(new, "weight_layout", None) == "out_in":
+        new.weight_layout = "in_out"  # (.weight reads as the Conv1D's [in, out])
     old_bias, new_bias = getattr(old, "bias", None), getattr(new, "bias", None)
     if (isinstance(old_bias, nn.Parameter) and isinstance(new_bias, nn.Parameter)
             and old_bias.shape == new_bias.shape and old_bias.dtype == new_bias.dtype

@@ -84,6 +84,20 @@ class CompressedLinear(CompressedModule):
     in_features: int
     out_features: int
 
+    #: the layout of :attr:`weight`: ``"out_in"`` (``nn.Linear``'s), or ``"in_out"`` for a
+    #: module that replaced a Hugging Face ``Conv1D`` (set when it is swapped in, kept by
+    #: checkpoints), so code reading ``.weight`` of GPT-2's ``c_attn`` sees ``[in, out]``.
+    #: :meth:`dense_weight` is ``[out, in]`` either way.
+    weight_layout: str = "out_in"
+    saved_attrs: tuple[str, ...] = ("note", "weight_layout")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A decompressed copy of the weight, in the layout of the layer it replaced
+        (:attr:`weight_layout`; see :attr:`CompressedModule.weight`)."""
+        w = self.dense_weight()
+        return w.t() if self.weight_layout == "in_out" else w
+
     def dense_weight_bytes(self) -> int:
         return self.out_features * self.in_features * self.weight_dtype.itemsize
 

@@ -173,6 +173,7 @@ class LowRankConv2d(CompressedModule):
         self.dilation = _pair(dilation)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         self.padding_mode = padding_mode
+        self.groups = 1  # (nn.Conv2d's attribute, for code that reads it: .weight is dense)
         self._pad = list(conv_padding(self.padding, self.kernel_size, self.dilation))
         kw = {"device": device, "dtype": dtype}
         self.reduce_weight = nn.Parameter(torch.empty(r_in, in_channels, 1, 1, **kw))

@@ -190,6 +190,7 @@ class SharedFilterConv2d(CompressedModule):
         if self.padding == "same" and self.stride != (1, 1):
             raise ValueError("padding='same' needs stride 1 (as nn.Conv2d)")
         self.padding_mode = padding_mode
+        self.groups = 1  # (nn.Conv2d's attribute, for code that reads it: .weight is dense)
         self._pad = list(conv_padding(self.padding, self.kernel_size, self.dilation))
         kw = {"device": device, "dtype": dtype}
         self.bank = nn.Parameter(torch.empty(filters, in_channels, *self.kernel_size, **kw))

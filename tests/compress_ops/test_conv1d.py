@@ -207,3 +207,25 @@ def test_channel_pruner_masks_conv1d_rows_and_removes_them():
     assert model.transformer.h[0].mlp.c_fc.nf == 192
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, masked, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_of_a_compressed_conv1d_keeps_the_conv1d_layout(tmp_path):
+    """Code that reads ``.weight`` of GPT-2's layers expects Conv1D's [in, out]: every path
+    that swaps a compressed module in for a Conv1D keeps that layout, and checkpoints too."""
+    model, ids = gpt2()
+    dense_w = model.transformer.h[0].attn.c_attn.weight.detach().clone()  # [64, 192]
+    co.compress_(model, co.QuantConfig(bits=8, group_size=None))
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert c_attn.weight_layout == "in_out" and c_attn.weight.shape == (64, 192)
+    assert c_attn.dense_weight().shape == (192, 64)  # (the op's reference stays [out, in])
+    assert torch.equal(c_attn.weight, c_attn.dense_weight().t())
+    assert float((c_attn.weight - dense_w).abs().max()) < 0.02 * float(dense_w.abs().max())
+    co.save(model, tmp_path / "m.safetensors")
+    loaded = co.load(lambda: gpt2()[0], tmp_path / "m.safetensors")
+    assert loaded.transformer.h[0].attn.c_attn.weight.shape == (64, 192)
+    model.save_pretrained(tmp_path / "hf")
+    again = type(model).from_pretrained(tmp_path / "hf")
+    assert again.transformer.h[1].mlp.c_fc.weight.shape == (64, 256)
+    pruned = co.prune.Pruner(gpt2()[0], pattern="2:4", sparsity=None).finalize()
+    assert pruned.transformer.h[0].mlp.c_proj.weight.shape == (256, 64)
+    assert co.nn.QuantLinear(4, 8).weight.shape == (8, 4)  # an nn.Linear's stays [out, in]

@@ -42,6 +42,21 @@ def test_tucker_conv_weight_and_hf_style_reads():
     torch.testing.assert_close(new(x), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["tucker", "shared"])
+def test_compressed_convs_answer_every_conv2d_attribute_a_reference_reads(kind):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, stride=2, padding=1, dilation=1)
+    if kind == "tucker":
+        new = co.compress_(nn.Sequential(conv), co.LowRankConfig(rank=4))[0]
+    else:
+        new = co.nn.SharedFilterConv2d.from_dense(conv, filters=8)
+    x = torch.randn(2, 16, 9, 9)
+    ref = nn.functional.conv2d(x, new.weight, new.bias, new.stride, new.padding, new.dilation,
+                               new.groups)
+    torch.testing.assert_close(new(x), ref, rtol=1e-4, atol=1e-4)
+    assert new.groups == conv.groups and new.weight.shape == conv.weight.shape
+
+
 def test_fused_unit_has_no_single_weight():
     m = FusedDWSepConv2d(8, 16)
     assert not hasattr(m, "weight") and hasattr(m, "dw_weight")

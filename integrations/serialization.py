@@ -395,8 +395,10 @@ def load(model: nn.Module | Callable[[], nn.Module], path: str | Path) -> nn.Mod
     built the way it was built before ``compress_`` (its values are replaced), or a factory
     returning it. Returns the model: same outputs bit for bit, same ``report()``.
 
-    ``CheckpointError`` names the problem: a missing or unexpected tensor, a wrong shape, an
-    unknown format version, a manifest module the model does not have or that does not fit.
+    ``CheckpointError`` names the problem: a missing or unexpected tensor, a wrong shape, a
+    compressed module's tensor in another dtype, a format record (``_extra_state``) that does
+    not fit, an unknown format version, a manifest module the model does not have or that
+    does not fit.
     """
     from safetensors import safe_open
 
@@ -433,11 +435,23 @@ def load_into(model: nn.Module, man: dict[str, Any],
             + ("; " if missing and unexpected else "")
             + (f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
                if unexpected else ""))
+    built = tuple(f"{n}." for e in man["modules"] for n in e["names"])  # compressed modules
     for key, value in expected.items():
-        if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(state[key].shape):
+        if not isinstance(value, torch.Tensor):
+            continue
+        if tuple(value.shape) != tuple(state[key].shape):
             raise CheckpointError(f"{key}: the checkpoint holds {tuple(state[key].shape)}, the "
                                   f"model {tuple(value.shape)}")
-    model.load_state_dict(state, strict=True, assign=True)
+        # a compressed module is built in the manifest's dtype, its packed tensors in theirs:
+        # another dtype in the file is a corrupt or foreign checkpoint (a dense layer takes
+        # the file's dtype, as load_state_dict(assign=True) does)
+        if key.startswith(built) and value.dtype != state[key].dtype:
+            raise CheckpointError(f"{key}: the checkpoint holds {state[key].dtype}, the "
+                                  f"compressed module {value.dtype}")
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except (ValueError, RuntimeError) as exc:  # (a format record that does not fit)
+        raise CheckpointError(f"the checkpoint does not fit the model: {exc}") from exc
     return finish_load(model, man)
 
 

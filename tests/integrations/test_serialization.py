@@ -167,6 +167,31 @@ def test_wrong_shape_is_named(saved, tmp_path):
         co.load(build(), bad)
 
 
+def test_wrong_dtype_and_bad_format_record_are_named(saved, tmp_path):
+    def half(t):
+        t["fc1.scales"] = t["fc1.scales"].half()
+
+    bad = _rewrite(saved, tmp_path / "d.safetensors", edit_tensors=half)
+    with pytest.raises(co.CheckpointError, match=r"fc1.scales: the checkpoint holds "
+                                                 r"torch.float16, the compressed module "
+                                                 r"torch.float32"):
+        co.load(build(), bad)
+
+    def widen(t):
+        t["fc1.zeros"] = t["fc1.zeros"].to(torch.int32)
+
+    bad = _rewrite(saved, tmp_path / "z.safetensors", edit_tensors=widen)
+    with pytest.raises(co.CheckpointError, match=r"fc1.zeros: the checkpoint holds torch.int32"):
+        co.load(build(), bad)
+
+    def corrupt(t):
+        t["fc1._extra_state"] = -t["fc1._extra_state"]
+
+    bad = _rewrite(saved, tmp_path / "e.safetensors", edit_tensors=corrupt)
+    with pytest.raises(co.CheckpointError, match="does not fit the model.*QuantLinear"):
+        co.load(build(), bad)
+
+
 def test_a_model_that_does_not_fit_the_manifest(saved):
     class Other(nn.Module):
         def __init__(self):

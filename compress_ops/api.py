@@ -246,7 +246,9 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
     """``{id(layer): its compressed module, or the UnsupportedModule keeping it dense}`` for
     the layers whose config needs calibration, built block by block on ``calib``
     (:func:`~compress_ops.calibrate.sequential_build`); ``ValueError`` naming them without
-    it."""
+    it. With any such layer, the linears whose config needs no data (a mixed Recipe or Plan)
+    are built in the same walk (shared codebooks excepted), so every calibrated layer sees
+    every earlier block compressed."""
     wanted: dict[str, nn.Module] = {}
     configs: dict[str, object] = {}
     for mid, aliases in idx.names.items():
@@ -255,33 +257,44 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
         if len(decisions) != 1 or not in_scope(module, decisions):
             continue
         ((_, cfg),) = decisions
-        if getattr(cfg, "needs_calibration", False) and isinstance(module, LINEAR_TYPES) \
+        if isinstance(module, LINEAR_TYPES) and cfg is not None \
                 and _swap.dense_reason(idx, module, aliases, cfg, filter_fn) is None:
             wanted[aliases[0]] = module
             configs[aliases[0]] = cfg
-    if not wanted:
+    # a mixed Recipe / Plan: the layers whose config needs no data are built in their block
+    # too (no Hessian), so the calibrated layers after them see their compressed outputs; a
+    # shared codebook is fitted over all its layers first, so it is built after the walk
+    plain = frozenset(n for n, c in configs.items()
+                      if not getattr(c, "needs_calibration", False))
+    if len(plain) == len(wanted):
         return {}
+    for n in [n for n in plain if getattr(configs[n], "shared", False)]:
+        del wanted[n], configs[n]
+    plain = frozenset(n for n in plain if n in wanted)
     if calib is None:
-        raise ValueError(f"{len(wanted)} layers ({', '.join(list(wanted)[:4])}"
-                         f"{', ...' if len(wanted) > 4 else ''}) have a config that needs "
+        need = [n for n in wanted if n not in plain]
+        raise ValueError(f"{len(need)} layers ({', '.join(need[:4])}"
+                         f"{', ...' if len(need) > 4 else ''}) have a config that needs "
                          f"calibration data (GPTQ: each layer's input Hessian): pass "
                          f"compress_(model, config, calib=batches[, forward=fn])")
 
     awq = [n for n, c in configs.items() if isinstance(c, QuantConfig) and c.method == "awq"]
-    w8a8 = [n for n, c in configs.items() if isinstance(c, W8A8Config)]
+    w8a8 = [n for n, c in configs.items() if isinstance(c, W8A8Config) and n not in plain]
     smooth = [n for n in w8a8 if configs[n].smoothing is not None]
     unfolded: dict[str, str] = {}
     smoothing: dict[str, dict] = {}  # SmoothQuant: {name: {"smooth_scales"?, "note"}}
     absmax: dict[str, torch.Tensor] | None = {} if w8a8 else None
 
-    def build(name: str, module: nn.Module, hessian: torch.Tensor) -> nn.Module | Exception:
+    def build(name: str, module: nn.Module, hessian: torch.Tensor | None
+              ) -> nn.Module | Exception:
         extras: dict[str, object] = {"awq_applied": True} if name in awq else {}
         if name in w8a8:
             extras = {"calibrated": True, "absmax": absmax.get(name),
                       **smoothing.get(name, {})}
+        if name not in plain:
+            extras["hessian"] = hessian
         try:
-            return transform_for(configs[name]).build(module, configs[name], hessian=hessian,
-                                                      **extras)
+            return transform_for(configs[name]).build(module, configs[name], **extras)
         except UnsupportedWeight:
             raise
         except UnsupportedModule as exc:
@@ -305,7 +318,8 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
 
     built = sequential_build(model, wanted, calib, forward, build, sequential=sequential,
                              progress=progress, on_fallback=fallback,
-                             prepare=prepare if awq or smooth else None, absmax=absmax)
+                             prepare=prepare if awq or smooth else None, absmax=absmax,
+                             plain=plain)
     if unfolded:
         listed = "; ".join(f"{n}: {why}" for n, why in list(unfolded.items())[:4])
         warnings.warn(f"compress_: AWQ found no exact fold for {len(unfolded)} of {len(awq)} "

@@ -76,6 +76,8 @@ def input_hessians(model: nn.Module, layers: dict[str, nn.Module], batches: Iter
     (``strict=False``: it is left out), for non-finite inputs (named), and for no batches.
     ``absmax``: a dict that also receives ``{name: max |x| per input channel}`` (float32
     ``[K]``, SmoothQuant's and the static activation scales' statistic)."""
+    if not layers:  # (nothing to record: no pass)
+        return {}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -321,7 +323,8 @@ def sequential_build(model: nn.Module, layers: dict[str, nn.Module], batches: It
                      sequential: bool = True, progress: bool | None = None,
                      on_fallback: Callable[[str], None] | None = None,
                      prepare: Prepare | None = None,
-                     absmax: dict[str, torch.Tensor] | None = None
+                     absmax: dict[str, torch.Tensor] | None = None,
+                     plain: frozenset[str] = frozenset()
                      ) -> dict[str, nn.Module | Exception]:
     """Compress ``layers`` (``{name: linear}``) of ``model`` one block at a time:
     ``{name: build(name, layer, H)}``, where ``H`` is the layer's input Hessian (as
@@ -346,6 +349,9 @@ def sequential_build(model: nn.Module, layers: dict[str, nn.Module], batches: It
     ``prepare`` (see :data:`Prepare`) runs before each group of layers (a block's, or those
     calibrated on the whole model) is built. ``absmax``: a dict that also receives each
     layer's input absmax per channel, from the same passes (see :func:`input_hessians`).
+    ``plain``: names of ``layers`` whose config needs no data (a mixed Recipe's
+    round-to-nearest layers): no Hessian is taken for them, ``build`` gets ``None``, and they
+    are built in their block like the others, so later blocks see their compressed outputs.
     """
     batches = list(batches)
     if not batches:
@@ -369,12 +375,19 @@ def sequential_build(model: nn.Module, layers: dict[str, nn.Module], batches: It
         if why is not None:
             if on_fallback is not None:
                 on_fallback(why)
-            hessians = input_hessians(model, layers, batches, forward, absmax=absmax)
+            hessians = input_hessians(model, _data(layers, plain), batches, forward,
+                                      absmax=absmax)
             if prepare is not None:
                 prepare(model, layers, hessians, _runner(model, batches[0], forward))
-            return {n: build(n, layers[n], h) for n, h in hessians.items()}
+            return {**{n: build(n, layers[n], h) for n, h in hessians.items()},
+                    **{n: build(n, layers[n], None) for n in layers if n in plain}}
         return _walk(model, chain, layers, inside, ahead, batches, forward, build, progress,
-                     prepare, absmax)
+                     prepare, absmax, plain)
+
+
+def _data(layers: dict[str, nn.Module], plain: frozenset[str]) -> dict[str, nn.Module]:
+    """The layers that need their input Hessian (not ``plain``)."""
+    return {n: m for n, m in layers.items() if n not in plain}
 
 
 def _runner(model: nn.Module, batch: object, forward) -> Callable[[], object]:
@@ -384,7 +397,8 @@ def _runner(model: nn.Module, batch: object, forward) -> Callable[[], object]:
 def _walk(model: nn.Module, chain: Blocks, layers: dict[str, nn.Module], inside: set[str],
           ahead: list[str], batches: list, forward, build: Build,
           progress: bool | None, prepare: Prepare | None,
-          absmax: dict[str, torch.Tensor] | None) -> dict[str, nn.Module | Exception]:
+          absmax: dict[str, torch.Tensor] | None,
+          plain: frozenset[str] = frozenset()) -> dict[str, nn.Module | Exception]:
     """:func:`sequential_build` on a checked chain; ``ahead``: the layers that ran before
     the first block on the probe batch."""
     before = {n: layers[n] for n in dict.fromkeys(ahead)}
@@ -397,15 +411,16 @@ def _walk(model: nn.Module, chain: Blocks, layers: dict[str, nn.Module], inside:
               container: nn.Module, run: Callable[[], object]) -> None:
         if prepare is not None:
             prepare(container, group, hessians, run)
-        for n, h in hessians.items():
-            built[n] = new = build(n, group[n], h)
+        for n in [n for n in group if n in hessians or n in plain]:
+            built[n] = new = build(n, group[n], hessians.get(n))
             if isinstance(new, nn.Module):
                 live[id(group[n])] = (group[n], new)
                 handles.extend(_replaced({id(group[n]): live[id(group[n])]}))
 
     try:
         if before:
-            adopt(before, input_hessians(model, before, batches, forward, absmax=absmax), model,
+            adopt(before, input_hessians(model, _data(before, plain), batches, forward,
+                                         absmax=absmax), model,
                   _runner(model, batches[0], forward))
         inputs = _first_inputs(model, chain.blocks[0], batches, forward)
         tick = _progress(len(chain.blocks), progress, chain.container or "model")
@@ -413,7 +428,8 @@ def _walk(model: nn.Module, chain: Blocks, layers: dict[str, nn.Module], inside:
             mine = {n: m for n, m in layers.items() if n in inside
                     and any(m is x for x in block.modules())}
             if mine:
-                adopt(mine, input_hessians(block, mine, inputs, _call_block, absmax=absmax),
+                adopt(mine, input_hessians(block, _data(mine, plain), inputs, _call_block,
+                                           absmax=absmax),
                       block,
                       _runner(block, inputs[0], _call_block))
             if i + 1 < len(chain.blocks):
@@ -421,7 +437,8 @@ def _walk(model: nn.Module, chain: Blocks, layers: dict[str, nn.Module], inside:
             tick()
         del inputs
         if after:
-            adopt(after, input_hessians(model, after, batches, forward, absmax=absmax), model,
+            adopt(after, input_hessians(model, _data(after, plain), batches, forward,
+                                        absmax=absmax), model,
                   _runner(model, batches[0], forward))
     finally:
         for h in handles:

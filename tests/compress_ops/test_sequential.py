@@ -190,14 +190,35 @@ def test_progress_bar_and_errors(capsys):
     assert type(co.compress_(model(), GPTQ, calib=gen).head).__name__ == "QuantLinear"
 
 
-def test_mixed_recipe_keeps_uncalibrated_layers_out_of_the_pipeline():
+@torch.no_grad()
+def test_mixed_recipe_builds_uncalibrated_layers_in_their_block():
+    """A Recipe of calibrated (GPTQ) and data-free (2:4 magnitude) layers: the data-free ones
+    are built in the walk too, so each GPTQ layer is calibrated on the model with every
+    earlier layer compressed, 2:4 ones included: equal to doing it by hand, in order."""
     calib = data()
-    rec = co.Recipe({"blocks[.].*[.]up": GPTQ, "blocks[.].*[.]down": co.Sparse24Config(),
-                     "head": None})
+    two4 = co.Sparse24Config()
+    rec = co.Recipe({"blocks[.].*[.]up": GPTQ, "blocks[.].*[.]down": two4, "head": None})
     m = co.compress_(model(), rec, calib=calib)
     assert type(m.blocks[1].up).__name__ == "QuantLinear"
     assert type(m.blocks[1].down).__name__ == "Sparse24Linear"
     assert isinstance(m.head, nn.Linear) and isinstance(m.inp, nn.Linear)
+    ref = model()
+    for i in range(3):
+        by_hand(ref, calib, [f"blocks[.]{i}[.]up"])
+        co.compress_(ref, co.Recipe({f"blocks[.]{i}[.]down": two4}))
+    x = data(seed=9, n=1)[0]
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(m.blocks[2].up.qweight, ref.blocks[2].up.qweight)
+    # not what calibrating on the dense down projections gives (the old order)
+    old = model()
+    by_hand(old, calib, ["blocks[.].*[.]up"])
+    co.compress_(old, co.Recipe({"blocks[.].*[.]down": two4}))
+    assert not torch.equal(m.blocks[2].up.qweight, old.blocks[2].up.qweight)
+    # a shared codebook is fitted over all its layers: after the walk, as before
+    shared = co.Recipe({"blocks[.].*[.]up": GPTQ,
+                        "blocks[.].*[.]down": co.CodebookConfig(bits=3, shared=True)})
+    s = co.compress_(model(), shared, calib=calib)
+    assert s.blocks[0].down.codebook is s.blocks[2].down.codebook
 
 
 # -- Hugging Face models built from configs --------------------------------------------------

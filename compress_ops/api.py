@@ -299,6 +299,8 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
             raise
         except UnsupportedModule as exc:
             return exc
+        except ValueError as exc:  # (a Hessian not positive definite, ...: name the layer)
+            raise ValueError(f"{name}: {exc}") from exc
 
     def fallback(why: str) -> None:  # (silent without a stack; no_grad adds a frame)
         if sequential and why != NO_BLOCKS:

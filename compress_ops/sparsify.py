@@ -88,8 +88,9 @@ def sparsegpt_2to4(w: torch.Tensor, hessian: torch.Tensor, *, block_size: int = 
                    damp: float = 0.01) -> torch.Tensor:
     """SparseGPT at 2:4: columns in order, blocks of ``block_size`` (a multiple of 4); at each
     group of four, the two weights of a row with the least Optimal-Brain-Surgeon saliency
-    ``w^2 / [H^-1]_jj^2`` are pruned, and every removal's error is spread over the columns not
-    yet visited through ``H^-1`` (its upper Cholesky factor), so the layer's output on the
+    ``w^2 / U_jj^2`` (``U`` the upper Cholesky factor of the dampened ``H^-1``) are
+    pruned, and every removal's error is spread over the columns not yet visited through
+    ``U``, so the layer's output on the
     calibration inputs changes as little as it can. With a diagonal Hessian nothing spreads
     and the mask is magnitude pruning's. Dampening and dead inputs as
     :func:`compress_ops.quantize.gptq_affine`.

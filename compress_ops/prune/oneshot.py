@@ -68,6 +68,11 @@ def pruning_step(sparsity: float, method: str = "sparsegpt", *, damp: float = 0.
             else:
                 new = sparsegpt_unstructured(w, hessian, sparsity, block_size=block_size,
                                              damp=damp)
+                # SparseGPT's block masks can lose to Wanda's at high sparsity when the
+                # calibration rows are few: keep whichever changes the layer's output less
+                alt = wanda_unstructured(w, hessian, sparsity)
+                if output_error(w, alt, hessian) < output_error(w, new, hessian):
+                    new = alt
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from exc
         return from_oriented(module, new)
@@ -100,6 +105,13 @@ def prunable_layers(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool
     return out
 
 
+def output_error(w: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr((W - W') H (W - W')^T)``: how much replacing ``w [N, K]`` by ``new`` changes the
+    layer's output on the inputs whose Hessian is ``hessian`` (float64)."""
+    d = (w.detach().double() - new.detach().double())
+    return float(((d @ hessian.detach().double().to(d.device)) * d).sum())
+
+
 @torch.no_grad()
 def prune_one_shot_(
     model: nn.Module,
@@ -122,7 +134,11 @@ def prune_one_shot_(
       least-saliency weights over each ``[out, block_size]`` block of columns are removed and
       the kept weights updated to keep the layer's output on the calibration inputs (a layer
       with at most ``block_size`` inputs is one block: its mask is chosen once, from the
-      original weights; smaller blocks let the mask adapt to the updates); ``"wanda"``
+      original weights; smaller blocks let the mask adapt to the updates), or Wanda's mask
+      where that changes the layer's output on the calibration inputs less
+      (``tr(dW H dW^T)``, :func:`output_error`: SparseGPT's block masks can lose at high
+      sparsity with few calibration rows), so it is never worse than ``"wanda"`` there;
+      ``"wanda"``
       (:func:`~compress_ops.sparsify.wanda_unstructured`): per output row, the least
       ``|w| * ||x||``, no update; ``"magnitude"``
       (:func:`~compress_ops.sparsify.magnitude_unstructured`): per row, the least ``|w|``,

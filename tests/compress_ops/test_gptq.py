@@ -3,6 +3,8 @@ levels chosen with error feedback through the layer's input Hessian."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,3 +202,18 @@ def test_plan_weighs_calibrated_candidates_and_applies_with_calib():
     m, _ = mlp_and_data()
     co.compress_(m, pl, calib=batches)
     assert type(m.up).__name__ == "QuantLinear"
+
+
+def test_nan_calibration_and_singular_hessians_are_named_without_a_false_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (NaN != NaN once read as "not a chain of blocks")
+        with pytest.raises(ValueError, match="inputs of 0 hold NaN or Inf"):
+            co.compress_(model, co.QuantConfig(bits=4, group_size=32, method="gptq"),
+                         calib=[torch.full((4, 64), float("nan"))])
+    # 2 rows, 64 inputs, no dampening: H is singular; the error names the layer
+    with pytest.raises(ValueError, match=r"^0: GPTQ: the Hessian is not positive definite"):
+        co.compress_(model, co.QuantConfig(bits=4, group_size=32, method="gptq", damp=0.0),
+                     calib=[torch.randn(2, 64)])
+    assert type(model[0]) is nn.Linear  # nothing changed

@@ -9,7 +9,9 @@ must cost nothing at run time, so it is *folded* into whatever produces the inpu
   ``weight`` whose output the layer reads as it is), divided by ``s``;
 - or the rows (and bias) of an earlier linear whose output reaches the layer through
   channel-wise operations only (attention's value projection before its output projection, an
-  MLP's up projection before its down projection), divided by ``s``.
+  MLP's up projection before its down projection), divided by ``s``; for a fused q/k/v
+  projection (GPT-2's ``c_attn``, split into equal chunks) the rows of the chunk that reaches
+  the layer, the value one.
 
 A fold is kept only if it is exact: the container's output (a block, or the whole model) on a
 calibration batch is recomputed with random test scales folded in and must not change (to a
@@ -99,10 +101,13 @@ def awq_scales(weights: list[torch.Tensor], hessian: torch.Tensor, bits: int,
 @dataclass
 class Fold:
     """Where the scales of ``consumers`` (layer names reading one input) fold: into
-    ``producer`` (a norm or a linear of the container, by name)."""
+    ``producer`` (a norm or a linear of the container, by name); ``offset``: for a linear
+    producer, the first of the ``K`` output rows the fold scales (a fused q/k/v projection
+    whose value chunk the consumer reads; 0 for the whole output)."""
 
     producer: str
     consumers: list[str]
+    offset: int = 0
 
 
 def _norm_like(m: nn.Module) -> bool:
@@ -130,6 +135,7 @@ def apply_fold(container: nn.Module, fold: Fold, s: torch.Tensor) -> None:
                 continue
             if name == "weight" and isinstance(prod, LINEAR_TYPES):
                 t = linear_weight(prod)  # [out, in] (a view: the copy reaches the module)
+            t = t[fold.offset:fold.offset + s.numel()]  # (a view: the rows of the fold)
             shape = (-1,) + (1,) * (t.dim() - 1)
             t.copy_((t.to(torch.float64) / s.to(t.device, torch.float64).reshape(shape))
                     .to(t.dtype))
@@ -228,9 +234,12 @@ def find_folds(container: nn.Module, consumers: dict[str, nn.Module],
         k = in_features(consumers[c])
         mine = ran.index(c) if c in ran else len(ran)
         tried = [p for p in reversed(ran[:mine]) if p not in consumers or p != c]
-        tried = [p for p in dict.fromkeys(tried)
-                 if _out_size(container.get_submodule(p)) == k]
-        fold = next((Fold(p, [c]) for p in tried if exact(Fold(p, [c]), k)), None)
+        # a linear with k outputs, or one whose outputs are whole chunks of k (a fused q/k/v
+        # projection split into equal chunks: the chunk the consumer reads, the value one)
+        tried = [Fold(p, [c], off) for p in dict.fromkeys(tried)
+                 for off in range(0, _out_size(container.get_submodule(p)), k)
+                 if _out_size(container.get_submodule(p)) % k == 0]
+        fold = next((f for f in tried if exact(f, k)), None)
         if fold is None:
             why.setdefault(c, "no norm or earlier linear feeds it through channel-wise "
                               "operations only")

@@ -210,8 +210,33 @@ def test_gpt2_awq_folds_the_norms_into_conv1d_and_smoothquant_too():
             if p.dim() == 1:
                 p.normal_(1.0, 0.2)
         ref = dense(**batches[0]).logits
-    # c_attn reads ln_1, c_fc reads ln_2; attn.c_proj reads heads, mlp.c_proj reads a gelu
-    with pytest.warns(UserWarning, match=r"no exact fold for 2 of 4 layers.*h\.0\.attn\.c_proj"):
+    # c_attn reads ln_1, c_fc reads ln_2, attn.c_proj the value chunk of c_attn (through the
+    # attention, linear in v); mlp.c_proj reads a gelu: no fold
+    block = dense.transformer.h[0]
+    h = dense.transformer.wte(batches[0]["input_ids"]) + dense.transformer.wpe.weight[:12]
+    layers = {n: m for n, m in block.named_modules() if type(m).__name__ == "Conv1D"}
+    def run() -> torch.Tensor:
+        out = block(h)
+        return out[0] if isinstance(out, tuple) else out
+
+    with torch.no_grad():
+        ref_block = run()
+        folds, why = awq.find_folds(block, layers, run, torch.float32)
+        assert {(f.producer, f.offset): f.consumers for f in folds} == {
+            ("ln_1", 0): ["attn.c_attn"], ("ln_2", 0): ["mlp.c_fc"],
+            ("attn.c_attn", 128): ["attn.c_proj"]}  # (the value chunk: rows 128..191)
+        assert list(why) == ["mlp.c_proj"]
+        gen = torch.Generator().manual_seed(2)
+        for f in folds:
+            awq.apply_fold(block, f, torch.exp(0.3 * torch.randn(64, generator=gen)))
+        torch.testing.assert_close(run(), ref_block, rtol=1e-4, atol=1e-5)
+    torch.manual_seed(0)  # (the same weights again, the folds undone)
+    dense = tf.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in dense.parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.2)
+    with pytest.warns(UserWarning, match=r"no exact fold for 1 of 4 layers.*h\.0\.mlp\.c_proj"):
         m = co.compress_(copy.deepcopy(dense), co.QuantConfig(
             bits=3, group_size=32, method="awq", search_steps=0), calib=batches)  # (quick grid)
     assert type(m.transformer.h[0].attn.c_attn).__name__ == "QuantLinear"
@@ -219,6 +244,7 @@ def test_gpt2_awq_folds_the_norms_into_conv1d_and_smoothquant_too():
     notes = {r.name.removeprefix("transformer.h.0."): r.note for r in co.report(w)}
     assert notes["attn.c_attn"].endswith("SmoothQuant folded into transformer.h.0.ln_1")
     assert notes["mlp.c_fc"].endswith("SmoothQuant folded into transformer.h.0.ln_2")
+    assert notes["attn.c_proj"].endswith("SmoothQuant folded into transformer.h.0.attn.c_attn")
     assert "in the op" in notes["mlp.c_proj"]
     assert not torch.equal(w.transformer.h[0].ln_2.weight, dense.transformer.h[0].ln_2.weight)
     with torch.no_grad():  # folds change nothing but the rounding: both stay close to dense

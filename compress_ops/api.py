@@ -586,6 +586,23 @@ def _kept_reason(module: nn.Module) -> str:
             "compress_ops replaces")
 
 
+def _own_tensors(module: nn.Module, listed: bool) -> list[torch.Tensor]:
+    """The stored tensors a dense row of :func:`report` counts: a linear's or conv's weight
+    (``listed``), else every parameter of the module's own; a parametrized one's originals
+    (a ``Pruner``'s mask, ``weight_norm``: what ``state_dict`` holds)."""
+    from torch.nn.utils import parametrize
+
+    plists = module.parametrizations if parametrize.is_parametrized(module) else {}
+    if listed:
+        if "weight" in plists:
+            return list(plists["weight"].parameters(recurse=False))
+        return [module.weight]
+    out = [t for t in module.parameters(recurse=False) if t is not None]
+    for plist in plists.values():
+        out += list(plist.parameters(recurse=False))
+    return out
+
+
 def report(model: nn.Module) -> Report:
     """Per weight-bearing layer: name, kind, dense bytes, stored bytes (weights only), ratio.
 
@@ -601,9 +618,10 @@ def report(model: nn.Module) -> Report:
     Every tensor is counted once. A module registered under several names is one row (at its
     first name, noted ``"also at <other names>"``). A dense weight held by several layers
     (tied: ``co.share.tie_`` with ``share_module=False``, or an output embedding tied to the
-    input one) is counted at its first holder; each later holder reports 0 stored bytes with
-    the note ``"weight tied to <first holder>"``, as a shared codebook is counted at its
-    first holder.
+    input one) is counted at its first holder; each later holder reports 0 dense and 0 stored
+    bytes (the dense model holds it once too) with the note ``"weight tied to <first
+    holder>"``. A shared codebook is counted at its first holder (its layers' dense bytes
+    each, their own weights).
     """
     from torch.nn.utils.parametrize import ParametrizationList
 
@@ -620,6 +638,7 @@ def report(model: nn.Module) -> Report:
     rows = Report()
     tables: dict[int, str] = {}  # id(shared codebook) -> first layer that holds it
     weights: dict[int, str] = {}  # id(dense tensor) -> first layer that holds it
+    keep: list[torch.Tensor] = []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
@@ -645,18 +664,17 @@ def report(model: nn.Module) -> Report:
         listed = qat or isinstance(module, (*LINEAR_TYPES, nn.Conv2d))
         if listed:
             inside.append(name)
-            tensors = [module.weight]
-        else:
-            tensors = [t for t in module.parameters(recurse=False) if t is not None]
+        tensors = _own_tensors(module, listed)
         if tensors:
-            nbytes = sum(t.numel() * t.element_size() for t in tensors)
             stored, ties = 0, []
             for t in tensors:
+                keep.append(t)  # (alive until the end: no id is reused)
                 first = weights.setdefault(id(t), name)
                 if first == name:
                     stored += t.numel() * t.element_size()
-                else:  # a tied tensor is stored once: count it at its first holder
+                else:  # a tied tensor is stored once, dense too: at its first holder
                     ties.append(first)
+            nbytes = stored
             tie = f"weight tied to {ties[0]}" if ties else ""
             note = skipped.get(name, "")
             if qat:

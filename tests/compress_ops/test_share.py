@@ -318,7 +318,7 @@ def test_report_counts_a_tied_weight_once():
     nbytes = 24 * 24 * 4
     assert rows["a"].stored_bytes == nbytes and rows["a"].note == ""
     assert rows["b"].stored_bytes == 0 and rows["b"].note == "weight tied to a"
-    assert rows["c"].dense_bytes == nbytes and rows["c"].note == "weight tied to a"
+    assert rows["c"].dense_bytes == 0 and rows["c"].note == "weight tied to a"
     assert co.report(model).stored_bytes == dense.stored_bytes - 2 * nbytes
     # compress_ keeps weight-tied layers dense with its reason, counted once still
     co.compress_(model, co.QuantConfig(bits=4, group_size=None))
@@ -470,3 +470,21 @@ def test_a_compressed_module_tie_roundtrips_through_co_save(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(X), model(X))
     assert str(co.report(loaded)) == str(co.report(model))
+
+
+def test_report_under_parametrizations_counts_the_originals_once():
+    """A Pruner's masks and weight_norm keep their tensors in parametrizations: report()
+    counts those (what state_dict holds), never a recomputed weight's id as a tie."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32))
+                            for _ in range(20)])
+    dense = co.report(model)
+    co.prune.Pruner(model, sparsity=0.5)
+    rows = co.report(model)
+    assert not [r for r in rows if "tied" in r.note]
+    assert rows.stored_bytes == rows.dense_bytes == dense.stored_bytes == 20 * (32 * 32 + 64) * 4
+    wn = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 16, 3)),
+                       nn.utils.parametrizations.weight_norm(nn.Embedding(10, 4)))
+    total = sum(p.numel() * 4 for p in wn.parameters())
+    assert co.report(wn).stored_bytes == total  # (g, v and the bias; the table's g, v)
+    assert [r.name for r in co.report(wn)] == ["0", "1"]

@@ -131,6 +131,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from compress_ops._linear import is_conv1d, plain_linear
 from compress_ops.kernels.formats.dequant import (
     AFFINE_BITS,
     GROUP_SIZES,
@@ -347,7 +348,12 @@ def _zero_points(name: str, zp: torch.Tensor, bits: int, strategy: str, n: int,
 
 def _quant_linear(name: str, linear: nn.Module, scheme: dict[str, Any],
                   tensors: dict[str, torch.Tensor]) -> QuantLinear:
-    """The QuantLinear holding layer ``name``'s compressed-tensors weight exactly."""
+    """The QuantLinear holding layer ``name``'s compressed-tensors weight exactly (for a
+    Hugging Face ``Conv1D``, one answering ``.weight`` in its ``[in, out]`` layout)."""
+    if is_conv1d(linear, exact=True):
+        mod = _quant_linear(name, plain_linear(linear), scheme, tensors)
+        mod.weight_layout = "in_out"
+        return mod
     if not isinstance(linear, nn.Linear):
         raise CompressedTensorsError(f"{name}: the checkpoint quantizes it but the model's "
                                      f"module is a {type(linear).__name__}, not an nn.Linear")
@@ -639,7 +645,8 @@ def to_compressed_tensors(model: nn.Module, directory: str | Path, *,
             report.dense.setdefault(name, _dense_reason(mod))
             ignore.append(name)
             with torch.no_grad():
-                out[f"{name}.weight"] = mod.dense_weight().detach().clone().contiguous()
+                # (.weight: the replaced layer's layout, a Conv1D's [in, out])
+                out[f"{name}.weight"] = mod.weight.detach().clone().contiguous()
                 if mod.bias is not None:
                     out[f"{name}.bias"] = mod.bias.detach().clone()
         elif isinstance(mod, nn.Linear) and not any(name.startswith(p) for p in skip_prefixes):

@@ -394,3 +394,25 @@ def test_transformers_llama_round_trip(tmp_path):
     ids = torch.randint(0, 128, (1, 7))
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("config", [co.QuantConfig(bits=4, group_size=32, symmetric=True),
+                                    co.Sparse24Config()], ids=["int4", "2:4"])
+def test_gpt2_conv1d_round_trips_in_its_layout(tmp_path, config):
+    """GPT-2's Conv1D: a quantized layer loads back as a QuantLinear answering .weight [in,
+    out]; a layer written dense (2:4) is written in Conv1D's [in, out], as the model reads it."""
+    tf = pytest.importorskip("transformers")
+
+    def gpt2():
+        torch.manual_seed(0)
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=96,
+                                                n_positions=32)).eval()
+
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(1))
+    model = co.compress_(gpt2(), config)
+    to_compressed_tensors(model, tmp_path)
+    back = from_compressed_tensors(gpt2(), tmp_path)
+    c_attn = back.transformer.h[0].attn.c_attn
+    assert c_attn.weight.shape == (64, 192)  # (Conv1D's [in, out] either way)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)

@@ -115,8 +115,12 @@ def carry_state(old: nn.Module, new: nn.Module) -> nn.Module:
     resized skeleton of :func:`compress_ops.integrations.serialization.apply_manifest` under
     ``from_pretrained``): ``new`` keeps its own bias, which the load fills."""
     new.train(old.training)
-    if is_conv1d(old) and getattr(new, "weight_layout", None) == "out_in":
-        new.weight_layout = "in_out"  # (.weight reads as the Conv1D's [in, out])
+    if is_conv1d(old) or getattr(old, "weight_layout", None) == "in_out" \
+            or old.__dict__.get("_conv1d_layout"):  # (a Conv1D, or what replaced one)
+        if getattr(new, "weight_layout", None) == "out_in":
+            new.weight_layout = "in_out"  # (.weight reads as the Conv1D's [in, out])
+        elif not hasattr(new, "weight_layout"):  # (a FakeQuantLinear: passed on at finalize)
+            new._conv1d_layout = True
     old_bias, new_bias = getattr(old, "bias", None), getattr(new, "bias", None)
     if (isinstance(old_bias, nn.Parameter) and isinstance(new_bias, nn.Parameter)
             and old_bias.shape == new_bias.shape and old_bias.dtype == new_bias.dtype

@@ -229,3 +229,29 @@ def test_weight_of_a_compressed_conv1d_keeps_the_conv1d_layout(tmp_path):
     pruned = co.prune.Pruner(gpt2()[0], pattern="2:4", sparsity=None).finalize()
     assert pruned.transformer.h[0].mlp.c_proj.weight.shape == (256, 64)
     assert co.nn.QuantLinear(4, 8).weight.shape == (8, 4)  # an nn.Linear's stays [out, in]
+
+
+def test_weight_layout_survives_qat_and_old_checkpoints(tmp_path):
+    model, _ = gpt2()
+    co.qat.prepare_qat(model, co.QuantConfig(bits=4, group_size=32))
+    model = co.qat.finalize_qat(model)
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert type(c_attn).__name__ == "QuantLinear" and c_attn.weight.shape == (64, 192)
+    co.save(model, tmp_path / "m.safetensors")  # a checkpoint written before weight_layout:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from compress_ops.integrations import serialization as ser
+
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    import json
+
+    man = json.loads(meta[ser.METADATA_KEY])
+    for e in man["modules"]:
+        e["attrs"].pop("weight_layout")
+    save_file(tensors, str(tmp_path / "old.safetensors"),
+              metadata={ser.METADATA_KEY: json.dumps(man)})
+    old = co.load(lambda: gpt2()[0], tmp_path / "old.safetensors")
+    assert old.transformer.h[0].mlp.c_fc.weight.shape == (64, 256)

@@ -248,7 +248,8 @@ def _calibrate(model: nn.Module, config: object, idx: _swap.Index,
     (:func:`~compress_ops.calibrate.sequential_build`); ``ValueError`` naming them without
     it. With any such layer, the linears whose config needs no data (a mixed Recipe or Plan)
     are built in the same walk (shared codebooks excepted), so every calibrated layer sees
-    every earlier block compressed."""
+    every earlier block compressed, whatever its configs. (Within a block, every layer's
+    Hessian is taken on the block's dense pass, as for a uniform config.)"""
     wanted: dict[str, nn.Module] = {}
     configs: dict[str, object] = {}
     for mid, aliases in idx.names.items():

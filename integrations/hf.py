@@ -33,6 +33,7 @@ placeholders are skipped (not unexpected keys); checkpoints written before them 
 
 from __future__ import annotations
 
+import copy
 import importlib.abc
 import importlib.machinery
 import re
@@ -411,7 +412,19 @@ def attach(model: nn.Module) -> None:
         return
     register()
     config, quantizer = _classes()
+    _own_config(model)
     _link(model, quantizer(config(), pre_quantized=True))
+
+
+def _own_config(model: nn.Module) -> None:
+    """Give ``model`` (and every submodule holding the same object) a copy of its config
+    before the quantization config is set on it: a config object the user built the model
+    from, and builds other (dense) models from, must not become a compress_ops one."""
+    old = model.config
+    new = copy.deepcopy(old)
+    for m in model.modules():
+        if m.__dict__.get("config") is old:
+            m.config = new
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):

@@ -380,3 +380,15 @@ def test_channel_pruned_models_with_biases_roundtrip_through_save_pretrained(nam
     loaded = load_reporting(type(model), tmp_path)
     assert torch.equal(run(loaded), ref)
     assert str(co.report(loaded)) == str(co.report(model))
+
+
+def test_compress_leaves_the_users_config_object_alone(tmp_path):
+    cfg = gpt2().config
+    model = co.compress_(transformers.GPT2LMHeadModel(cfg).eval(), co.QuantConfig(bits=4))
+    assert getattr(cfg, "quantization_config", None) is None  # (the object the user holds)
+    assert model.config.quantization_config.quant_method == "compress_ops"
+    assert model.transformer.config is model.config  # (submodules see the model's copy)
+    dense = transformers.GPT2LMHeadModel(cfg).eval()  # a dense model from the same object
+    dense.save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    assert torch.equal(run(type(dense).from_pretrained(tmp_path)), run(dense))

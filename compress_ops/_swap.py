@@ -23,7 +23,8 @@ from compress_ops.configs import UnsupportedModule, UnsupportedWeight
 
 __all__ = ["SKIPPED_ATTR", "CONFIGS_ATTR", "AFTER_COMPRESS", "after_compress",
            "applied_configs", "record_config", "RESIZED_ATTR", "resized", "record_resized",
-           "Index", "index", "dense_reason", "hooks_reason", "carry_state", "set_submodule",
+           "Index", "index", "dense_reason", "hooks_reason", "carry_state", "keep_layout",
+           "set_submodule",
            "replace_everywhere", "notes", "record_notes", "replace_layers"]
 
 #: Attribute of a model holding ``{name: why it stays dense}`` for ``report()``.
@@ -104,6 +105,18 @@ def dense_reason(idx: Index, module: nn.Module, aliases: list[str], cfg: object,
     return None
 
 
+def keep_layout(old: nn.Module, new: nn.Module) -> None:
+    """``new`` replaces ``old``, a Hugging Face ``Conv1D`` or a module that replaced one: its
+    ``.weight`` reads in the Conv1D's ``[in, out]`` layout (``weight_layout``); a module
+    without that attribute (a ``FakeQuantLinear``) carries the mark to its own replacement."""
+    if is_conv1d(old) or getattr(old, "weight_layout", None) == "in_out" \
+            or old.__dict__.get("_conv1d_layout"):
+        if getattr(new, "weight_layout", None) == "out_in":
+            new.weight_layout = "in_out"
+        elif not hasattr(new, "weight_layout"):
+            new._conv1d_layout = True
+
+
 def carry_state(old: nn.Module, new: nn.Module) -> nn.Module:
     """Give ``new`` (built from ``old``) the state a replacement must keep: the train/eval mode;
     a Hugging Face ``Conv1D``'s ``[in, out]`` layout of ``.weight`` (``weight_layout``);
@@ -115,12 +128,7 @@ def carry_state(old: nn.Module, new: nn.Module) -> nn.Module:
     resized skeleton of :func:`compress_ops.integrations.serialization.apply_manifest` under
     ``from_pretrained``): ``new`` keeps its own bias, which the load fills."""
     new.train(old.training)
-    if is_conv1d(old) or getattr(old, "weight_layout", None) == "in_out" \
-            or old.__dict__.get("_conv1d_layout"):  # (a Conv1D, or what replaced one)
-        if getattr(new, "weight_layout", None) == "out_in":
-            new.weight_layout = "in_out"  # (.weight reads as the Conv1D's [in, out])
-        elif not hasattr(new, "weight_layout"):  # (a FakeQuantLinear: passed on at finalize)
-            new._conv1d_layout = True
+    keep_layout(old, new)
     old_bias, new_bias = getattr(old, "bias", None), getattr(new, "bias", None)
     if (isinstance(old_bias, nn.Parameter) and isinstance(new_bias, nn.Parameter)
             and old_bias.shape == new_bias.shape and old_bias.dtype == new_bias.dtype

@@ -131,6 +131,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from compress_ops import _swap
 from compress_ops._linear import is_conv1d, plain_linear
 from compress_ops.kernels.formats.dequant import (
     AFFINE_BITS,
@@ -352,7 +353,7 @@ def _quant_linear(name: str, linear: nn.Module, scheme: dict[str, Any],
     Hugging Face ``Conv1D``, one answering ``.weight`` in its ``[in, out]`` layout)."""
     if is_conv1d(linear, exact=True):
         mod = _quant_linear(name, plain_linear(linear), scheme, tensors)
-        mod.weight_layout = "in_out"
+        _swap.keep_layout(linear, mod)
         return mod
     if not isinstance(linear, nn.Linear):
         raise CompressedTensorsError(f"{name}: the checkpoint quantizes it but the model's "

@@ -47,7 +47,6 @@ import torch
 from torch import nn
 
 from compress_ops import _swap
-from compress_ops._linear import is_conv1d
 from compress_ops.api import Recipe, compress_, config_for
 from compress_ops.configs import (
     AlreadyCompressedError,
@@ -348,8 +347,7 @@ def _compress_op_class() -> type:
             if isinstance(bias, nn.Parameter):
                 new.bias = bias  # loaded before or after the weight, into the same Parameter
             new.train(old.training)
-            if is_conv1d(old) and getattr(new, "weight_layout", None) == "out_in":
-                new.weight_layout = "in_out"  # (as compress_ swaps one in: carry_state)
+            _swap.keep_layout(old, new)  # (as compress_ swaps one in: carry_state)
             _swap.set_submodule(model, name, new)
             if missing_keys is not None:
                 missing_keys.discard(key)

@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compress_ops import _swap
-from compress_ops._linear import LINEAR_TYPES, is_conv1d, linear_weight
+from compress_ops._linear import LINEAR_TYPES, linear_weight
 from compress_ops.api import Recipe, report
 from compress_ops.configs import DWSepFuseConfig, per_layer_configs
 from compress_ops.nn import FusedDWSepConv2d, LowRankConv2d, SharedFilterConv2d
@@ -364,9 +364,8 @@ def apply_manifest(model: nn.Module, man: dict[str, Any]) -> nn.Module:
             setattr(module, attr, tuple(value) if isinstance(value, list) else value)
         old = names[entry["names"][0]]
         module.train(old.training)
-        if "weight_layout" not in entry.get("attrs", {}) and is_conv1d(old) \
-                and getattr(module, "weight_layout", None) == "out_in":
-            module.weight_layout = "in_out"  # (a checkpoint from before weight_layout)
+        if "weight_layout" not in entry.get("attrs", {}):  # (a checkpoint from before it)
+            _swap.keep_layout(old, module)
         for name in entry["names"]:
             _swap.set_submodule(model, name, module)
     for name in man["identity"]:
